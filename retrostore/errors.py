@@ -1,0 +1,98 @@
+"""Errors raised by retrostore.
+
+Every public failure raises a subclass of :class:`RetrostoreError`. Where a
+built-in exception has the same meaning, the subclass also inherits it, so
+``except FileNotFoundError`` or ``except ValueError`` keep working (the
+pattern of ``zarr.errors``). Messages name the offending value, the limit and
+the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RetrostoreError",
+    "NotAStoreError",
+    "StoreExistsError",
+    "InvalidInputError",
+    "InvalidDocumentError",
+    "InvalidEmbeddingsError",
+    "InvalidMetadataError",
+    "EmbedderMismatchError",
+    "ModelChecksumError",
+    "CorruptStoreError",
+    "FormatVersionError",
+    "WriterLockedError",
+    "ReadOnlyStoreError",
+    "StoreClosedError",
+    "ForkedStoreError",
+    "IndexTrainingError",
+    "CommitError",
+]
+
+
+class RetrostoreError(Exception):
+    """Base class of every error retrostore raises on purpose."""
+
+
+class NotAStoreError(RetrostoreError, FileNotFoundError):
+    """The path does not hold a retrostore store (no valid manifest)."""
+
+
+class StoreExistsError(RetrostoreError, FileExistsError):
+    """``create`` was asked to create a store where something already exists."""
+
+
+class InvalidInputError(RetrostoreError, ValueError):
+    """An argument has the wrong type, shape, range or content."""
+
+
+class InvalidDocumentError(InvalidInputError):
+    """A document is not a ``str`` (or cannot be stored as one)."""
+
+
+class InvalidEmbeddingsError(InvalidInputError):
+    """Precomputed embeddings have the wrong shape, dimension or values."""
+
+
+class InvalidMetadataError(InvalidInputError):
+    """Document metadata cannot be stored and read back unchanged."""
+
+
+class EmbedderMismatchError(RetrostoreError):
+    """The embedder given does not match the one the store was built with."""
+
+
+class ModelChecksumError(RetrostoreError):
+    """A model file's sha256 differs from the pinned value."""
+
+
+class CorruptStoreError(RetrostoreError):
+    """A file of the store is damaged: wrong size, checksum or structure."""
+
+
+class FormatVersionError(RetrostoreError):
+    """The store was written by a newer, incompatible format version."""
+
+
+class WriterLockedError(RetrostoreError, BlockingIOError):
+    """Another writer holds the store's lock."""
+
+
+class ReadOnlyStoreError(RetrostoreError, PermissionError):
+    """A write was attempted on a store opened read-only."""
+
+
+class StoreClosedError(RetrostoreError):
+    """The store was used after ``close()``."""
+
+
+class ForkedStoreError(RetrostoreError):
+    """A store handle opened in a parent process was used after ``fork()``."""
+
+
+class IndexTrainingError(RetrostoreError):
+    """An index cannot be trained with the data available."""
+
+
+class CommitError(RetrostoreError, OSError):
+    """A commit failed (disk full, I/O error); the previous version is intact."""

@@ -1,0 +1,181 @@
+"""The ``retrostore`` command line: a thin click front end over the library.
+
+Every command calls the public API and nothing else; library errors become a
+one-line message and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+import retrostore
+from retrostore import RetrostoreError
+
+__all__ = ["main", "cli"]
+
+
+def _friendly(fn):
+    """Turn RetrostoreError into click's one-line ``Error: ...`` (exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RetrostoreError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(retrostore.__version__, prog_name="retrostore")
+def cli() -> None:
+    """retrostore: the on-disk retrieval database for RETRO-style models.
+
+    Build a store from text, search it, and look inside it.
+    """
+
+
+@cli.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
+              help="HF tokenizer.json used to cut chunks (default: the embedder's tokenizer). New stores only.")
+@click.option("--chunk-tokens", type=int, default=None,
+              help="Tokens per chunk (default 64, the RETRO value). New stores only.")
+@click.option("--text-field", default="text", show_default=True, help="JSON field holding a document's text.")
+@click.option("--meta-field", default="meta", show_default=True, help="JSON field stored as document metadata.")
+@click.option("--index", "factory", default=None, help="FAISS factory string (default 'Flat', exact). New stores only.")
+@click.option("--commit-every", type=int, default=20_000, show_default=True,
+              help="Commit after this many chunks, so an interrupted build keeps its committed part.")
+@click.option("--threads", type=int, default=None, help="FAISS/onnxruntime threads (default: CPUs available).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factory, commit_every, threads, quiet):
+    """Build (or append to) STORE from INPUT files: .txt (one document per file),
+    .jsonl, .jsonl.gz, .jsonl.zst (The Pile's {"text", "meta"} lines) and
+    directories of these."""
+    from retrostore.build import build_store
+
+    if commit_every < 1:
+        raise click.BadParameter(f"{commit_every} must be >= 1", param_hint="--commit-every")
+    result = build_store(
+        store, list(inputs), tokenizer=tokenizer, chunk_tokens=chunk_tokens, text_field=text_field,
+        meta_field=meta_field, index=factory, commit_every=commit_every, threads=threads, progress=not quiet,
+    )
+    verb = "interrupted; kept" if result.interrupted else "built"
+    click.echo(
+        f"{verb} {store}: version {result.version}, +{result.documents} documents, +{result.chunks} chunks "
+        f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s)"
+    )
+    if result.interrupted:
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("query")
+@click.option("-k", "k", type=int, default=5, show_default=True, help="Number of neighbours.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object with the hits).")
+@_friendly
+def search(store, query, k, as_json):
+    """Search STORE for the chunks nearest to QUERY text."""
+    with retrostore.open(store) as st:
+        t0 = time.perf_counter()
+        hits = st.search(query, k=k)
+        ms = (time.perf_counter() - t0) * 1e3
+        metas = st.get_metadata([h.doc_id for h in hits])
+        if as_json:
+            out = [dict(h.to_dict(), metadata=m) for h, m in zip(hits, metas)]
+            click.echo(json.dumps({"query": query, "k": k, "version": st.version, "hits": out}, ensure_ascii=False))
+            return
+        if not hits:
+            click.echo("no hits (the store is empty)")
+        for rank, (h, meta) in enumerate(zip(hits, metas), 1):
+            source = meta.get("source") if isinstance(meta, dict) else None
+            head = f"#{rank}  score {h.score:.4f}  chunk {h.chunk_id}  doc {h.doc_id}"
+            click.echo(head + (f"  {source}" if source else ""))
+            text = " ".join(h.text.split())
+            click.echo(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
+        click.echo(f"({len(hits)} hits in {ms:.1f} ms)", err=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def inspect(store, as_json):
+    """Show what STORE holds: versions, counts, fingerprints, index, files."""
+    with retrostore.open(store) as st:
+        info = st.info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    emb, tok, idx, files = info["embedder"], info["tokenizer"], info["index"], info["files"]
+    rows = [
+        ("path", info["path"]),
+        ("format", f"{info['format_version']} (readers >= {info['min_reader_version']})"),
+        ("version", f"{info['version']} (retained: {', '.join(map(str, info['retained_versions']))})"),
+        ("documents", f"{info['documents']:,}"),
+        ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens"),
+        ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
+        ("embedder", f"{emb.get('name', emb.get('kind'))} sha256 {str(emb.get('model_sha256'))[:16]}... "
+                     f"pooling={emb.get('pooling')} normalize={emb.get('normalize')}"),
+        ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} pad id {tok['pad_id']}"),
+        ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
+                  f"({idx['bytes_per_vector']} bytes/vector)"),
+        ("files", f"index {_human(files['index_bytes'])}, vectors {_human(files['vectors_bytes'])} "
+                  f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
+        ("created", info["created_at"]),
+        ("committed", info["committed_at"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {ok, version, problems}.")
+@_friendly
+def verify(store, as_json):
+    """Check STORE's integrity: manifest, checksums, LMDB records, index counts.
+
+    Exit status 0 only when every check holds; each problem is one line."""
+    try:
+        with retrostore.open(store) as st:
+            problems = st.verify()
+            version = st.version
+    except retrostore.CorruptStoreError as exc:
+        problems, version = [str(exc)], None
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "version": version, "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            click.echo(p)
+        if not problems:
+            click.echo(f"ok: {store} version {version} is intact")
+    if problems:
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="retrostore")
+
+
+if __name__ == "__main__":
+    main()

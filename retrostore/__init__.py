@@ -1,0 +1,74 @@
+"""retrostore: the embedded, on-disk retrieval database for RETRO-style models.
+
+One directory on disk: an LMDB chunk table, immutable FAISS index segments,
+the chunking tokenizer and a manifest that is the single commit point.
+
+>>> import retrostore
+>>> with retrostore.create("wiki.rstore") as store:          # doctest: +SKIP
+...     store.append(["First document ...", "Second ..."])
+...     store.commit()
+>>> with retrostore.open("wiki.rstore") as store:            # doctest: +SKIP
+...     hits = store.search("a question", k=5)
+"""
+
+from __future__ import annotations
+
+from ._chunking import Chunker
+from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
+from ._store import Store, create
+from ._store import open_store as open
+from ._types import Chunk, Document, Hit
+from .errors import (
+    CommitError,
+    CorruptStoreError,
+    EmbedderMismatchError,
+    ForkedStoreError,
+    FormatVersionError,
+    IndexTrainingError,
+    InvalidDocumentError,
+    InvalidEmbeddingsError,
+    InvalidInputError,
+    InvalidMetadataError,
+    ModelChecksumError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RetrostoreError,
+    StoreClosedError,
+    StoreExistsError,
+    WriterLockedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "create",
+    "open",
+    "Store",
+    "Hit",
+    "Chunk",
+    "Document",
+    "Chunker",
+    "Embedder",
+    "OnnxEmbedder",
+    "default_embedder",
+    "default_tokenizer_path",
+    "DEFAULT_MODEL_SHA256",
+    "RetrostoreError",
+    "NotAStoreError",
+    "StoreExistsError",
+    "InvalidInputError",
+    "InvalidDocumentError",
+    "InvalidEmbeddingsError",
+    "InvalidMetadataError",
+    "EmbedderMismatchError",
+    "ModelChecksumError",
+    "CorruptStoreError",
+    "FormatVersionError",
+    "WriterLockedError",
+    "ReadOnlyStoreError",
+    "StoreClosedError",
+    "ForkedStoreError",
+    "IndexTrainingError",
+    "CommitError",
+]

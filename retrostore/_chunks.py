@@ -1,0 +1,413 @@
+"""The LMDB chunk table: chunks, documents and per-commit content hashes.
+
+Layout (named databases in one LMDB environment ``chunks.lmdb/``):
+
+``chunks``   8-byte big-endian chunk id -> msgpack
+             ``{"d": doc id, "p": position in the document, "o": character
+             offset of the span, "s": the exact text span, "t": token ids as
+             little-endian bytes of the manifest's ``token_dtype``}``
+``docs``     8-byte big-endian doc id -> msgpack
+             ``{"c": first chunk id, "n": number of chunks, "m": metadata,
+             "x": the text, only for documents with no chunks}``
+``commits``  8-byte big-endian version -> msgpack ``{"c": [first, end) chunk
+             ids, "d": [first, end) doc ids, "h": sha256 of the records}``
+
+Records are append-only and immutable once committed: readers filter by the
+manifest's high-water marks and never see a record beyond them. The map grows
+on demand (starting small, so an idle store's data file stays compact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import lmdb
+import msgpack
+import numpy as np
+
+from .errors import CorruptStoreError, RetrostoreError
+
+__all__ = ["ChunkTable", "ChunkRecord", "DocRecord", "check_lmdb_file", "LMDB_DIR"]
+
+LMDB_DIR = "chunks.lmdb"
+_INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
+_MAX_DBS = 8
+_TXN_RECORDS = 20_000  # records per LMDB write transaction during append
+
+_registry: dict[str, list] = {}  # realpath -> [env, refcount, pid]; py-lmdb allows one env per path per process
+_registry_lock = threading.Lock()
+
+
+def _key(i: int) -> bytes:
+    return int(i).to_bytes(8, "big")
+
+
+def check_lmdb_file(path: Path) -> None:
+    """Cheap structural check of ``data.mdb`` before LMDB maps it.
+
+    Reads the two meta pages (LMDB's ``MDB_meta``: magic ``0xBEEFC0DE``,
+    page size, last page number, transaction id) and checks that the file is
+    at least as long as the newest meta page says. Mapping a truncated file
+    would crash the process with SIGBUS on first access.
+
+    Raises
+    ------
+    CorruptStoreError
+        Naming the file, when the magic is wrong or the file is truncated.
+    """
+    name = f"{LMDB_DIR}/data.mdb"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(2 * 65536)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{name}: the LMDB data file is missing") from None
+    if len(head) < 160:
+        raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
+    magic, _version = struct.unpack_from("<II", head, 16)
+    psize = struct.unpack_from("<I", head, 40)[0]
+    if magic != 0xBEEFC0DE or psize < 512 or psize > 65536 or psize & (psize - 1):
+        raise CorruptStoreError(f"{name}: not an LMDB data file (bad meta page: magic {magic:#x}, page size {psize})")
+    metas = []
+    for off in (0, psize):
+        if off + 152 > len(head):
+            raise CorruptStoreError(f"{name}: truncated to {size} bytes; the second meta page is missing")
+        m, _ = struct.unpack_from("<II", head, off + 16)
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        if m == 0xBEEFC0DE:
+            metas.append((txnid, last_pg))
+    if not metas:
+        raise CorruptStoreError(f"{name}: both LMDB meta pages are damaged")
+    _txn, last_pg = max(metas)
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise CorruptStoreError(
+            f"{name}: truncated to {size} bytes but its meta page references {need} bytes; the file is damaged"
+        )
+
+
+class ChunkRecord:
+    """One stored chunk (see module docstring for the on-disk fields)."""
+
+    __slots__ = ("chunk_id", "doc_id", "position", "start", "text", "token_ids")
+
+    def __init__(self, chunk_id: int, doc_id: int, position: int, start: int, text: str, token_ids: np.ndarray):
+        self.chunk_id = chunk_id
+        self.doc_id = doc_id
+        self.position = position
+        self.start = start
+        self.text = text
+        self.token_ids = token_ids
+
+
+class DocRecord:
+    """One stored document: its first chunk id, chunk count and metadata."""
+
+    __slots__ = ("doc_id", "first_chunk", "n_chunks", "metadata", "text")
+
+    def __init__(self, doc_id: int, first_chunk: int, n_chunks: int, metadata: Any, text: str | None):
+        self.doc_id = doc_id
+        self.first_chunk = first_chunk
+        self.n_chunks = n_chunks
+        self.metadata = metadata
+        self.text = text
+
+
+class ChunkTable:
+    """Access to the store's LMDB environment.
+
+    Parameters
+    ----------
+    root : Path
+        The store directory.
+    token_dtype : str
+        numpy dtype of packed token ids (``"<u2"`` or ``"<u4"``).
+    write : bool
+        Open for the writer.
+    readonly_media : bool
+        The store is on read-only media: open LMDB with ``readonly=True,
+        lock=False`` so that nothing (not even ``lock.mdb``) is written.
+    """
+
+    def __init__(self, root: Path, token_dtype: str, *, write: bool, readonly_media: bool = False):
+        self.path = root / LMDB_DIR
+        self.token_dtype = np.dtype(token_dtype)
+        self.write = write
+        self._pid = os.getpid()
+        check_lmdb_file(self.path / "data.mdb")
+        real = os.path.realpath(self.path)
+        with _registry_lock:
+            entry = _registry.get(real)
+            if entry is not None and entry[2] != os.getpid():
+                entry = None  # inherited across fork: never reuse the parent's handle
+            if entry is None:
+                try:
+                    env = lmdb.open(
+                        os.fspath(self.path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
+                        readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
+                        readahead=False, create=False, map_async=False,
+                    )
+                except lmdb.Error as exc:
+                    raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
+                entry = [env, 0, os.getpid(), readonly_media]
+                _registry[real] = entry
+            elif write and entry[3]:
+                raise RetrostoreError(f"{self.path} is open read-only in this process; close it before writing")
+            entry[1] += 1
+            self._real = real
+            self.env: lmdb.Environment = entry[0]
+        try:
+            # open_db without a txn commits its own (handles opened in an aborted
+            # read txn would be closed again).
+            self._chunks = self.env.open_db(b"chunks", create=False)
+            self._docs = self.env.open_db(b"docs", create=False)
+            self._commits = self.env.open_db(b"commits", create=False)
+        except lmdb.Error as exc:
+            self.close()
+            raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
+
+    # -- creation ---------------------------------------------------------
+    @staticmethod
+    def initialise(root: Path) -> None:
+        """Create an empty LMDB environment with its three tables (for ``create``)."""
+        path = root / LMDB_DIR
+        path.mkdir()
+        env = lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS, sync=True)
+        try:
+            with env.begin(write=True) as txn:
+                for name in (b"chunks", b"docs", b"commits"):
+                    env.open_db(name, txn=txn)
+            env.sync(True)
+        finally:
+            env.close()
+
+    # -- transactions -----------------------------------------------------
+    def _begin(self, write: bool = False) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # another process grew the map: adopt its size
+            return self.env.begin(write=write)
+
+    def _write_txn(self, fn) -> None:
+        """Run ``fn(txn)`` in a write transaction, growing the map when full."""
+        while True:
+            try:
+                with self._begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def sync(self) -> None:
+        """Force LMDB's data to disk (``mdb_env_sync(force=1)``)."""
+        self.env.sync(True)
+
+    # -- writing ----------------------------------------------------------
+    def put_records(self, chunks: list[tuple[int, bytes]], docs: list[tuple[int, bytes]]) -> None:
+        """Write packed records (already encoded with :meth:`pack_chunk` / :meth:`pack_doc`)."""
+        for i in range(0, max(len(chunks), len(docs)), _TXN_RECORDS):
+            part_c = chunks[i : i + _TXN_RECORDS]
+            part_d = docs[i : i + _TXN_RECORDS]
+
+            def fn(txn, part_c=part_c, part_d=part_d):
+                cur = txn.cursor(self._chunks)
+                cur.putmulti([(_key(k), v) for k, v in part_c], append=False)
+                cur = txn.cursor(self._docs)
+                cur.putmulti([(_key(k), v) for k, v in part_d], append=False)
+
+            self._write_txn(fn)
+
+    def put_commit(self, version: int, chunk_range: tuple[int, int], doc_range: tuple[int, int], digest: str) -> None:
+        rec = msgpack.packb({"c": list(chunk_range), "d": list(doc_range), "h": digest})
+        self._write_txn(lambda txn: txn.put(_key(version), rec, db=self._commits))
+
+    def truncate(self, next_chunk_id: int, next_doc_id: int, version: int) -> int:
+        """Delete every record beyond the committed high-water marks.
+
+        Returns the number of records removed (orphans of a crashed writer).
+        """
+        removed = 0
+
+        def fn(txn):
+            nonlocal removed
+            for db, first in ((self._chunks, next_chunk_id), (self._docs, next_doc_id), (self._commits, version + 1)):
+                cur = txn.cursor(db)
+                if cur.set_range(_key(first)):
+                    while cur.delete():
+                        removed += 1
+
+        self._write_txn(fn)
+        return removed
+
+    def pack_chunk(self, doc_id: int, position: int, start: int, text: str, token_ids: np.ndarray) -> bytes:
+        return msgpack.packb(
+            {"d": doc_id, "p": position, "o": start, "s": text,
+             "t": np.ascontiguousarray(token_ids, dtype=self.token_dtype).tobytes()},
+            use_bin_type=True,
+        )
+
+    @staticmethod
+    def pack_doc(first_chunk: int, n_chunks: int, metadata: Any, text: str | None) -> bytes:
+        rec = {"c": first_chunk, "n": n_chunks, "m": metadata}
+        if text is not None:
+            rec["x"] = text
+        return msgpack.packb(rec, use_bin_type=True)
+
+    # -- reading ----------------------------------------------------------
+    def _unpack_chunk(self, cid: int, raw: bytes) -> ChunkRecord:
+        try:
+            r = msgpack.unpackb(raw, raw=False)
+            toks = np.frombuffer(r["t"], dtype=self.token_dtype).astype(np.int64)
+            return ChunkRecord(cid, r["d"], r["p"], r["o"], r["s"], toks)
+        except Exception as exc:  # msgpack raises several types on damaged bytes
+            raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: chunk {cid} record is damaged ({exc})") from exc
+
+    def get_chunks(self, ids, limit: int) -> list[ChunkRecord | None]:
+        """Chunk records for ``ids`` (None for ids < 0 or >= ``limit``)."""
+        out: list[ChunkRecord | None] = []
+        with self._begin() as txn:
+            for cid in ids:
+                cid = int(cid)
+                if cid < 0 or cid >= limit:
+                    out.append(None)
+                    continue
+                raw = txn.get(_key(cid), db=self._chunks)
+                if raw is None:
+                    raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: committed chunk {cid} is missing")
+                out.append(self._unpack_chunk(cid, raw))
+        return out
+
+    def iter_chunks(self, first: int, end: int) -> Iterator[ChunkRecord]:
+        with self._begin() as txn:
+            cur = txn.cursor(self._chunks)
+            if not cur.set_range(_key(first)):
+                return
+            for k, v in cur:
+                cid = int.from_bytes(k, "big")
+                if cid >= end:
+                    break
+                yield self._unpack_chunk(cid, v)
+
+    def get_doc(self, doc_id: int) -> DocRecord | None:
+        with self._begin() as txn:
+            raw = txn.get(_key(doc_id), db=self._docs)
+        if raw is None:
+            return None
+        try:
+            r = msgpack.unpackb(raw, raw=False)
+            return DocRecord(doc_id, r["c"], r["n"], r["m"], r.get("x"))
+        except Exception as exc:
+            raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: document {doc_id} record is damaged ({exc})") from exc
+
+    def stats(self) -> dict:
+        """Entry counts and key ranges of the three tables (all records, committed or not)."""
+        out = {}
+        with self._begin() as txn:
+            for name, db in (("chunks", self._chunks), ("docs", self._docs), ("commits", self._commits)):
+                cur = txn.cursor(db)
+                first = int.from_bytes(cur.key(), "big") if cur.first() else None
+                last = int.from_bytes(cur.key(), "big") if cur.last() else None
+                out[name] = {"entries": txn.stat(db)["entries"], "first": first, "last": last}
+        return out
+
+    def count_below(self, table: str, end: int) -> int:
+        """Number of records with id < ``end`` in ``"chunks"`` or ``"docs"``."""
+        db = {"chunks": self._chunks, "docs": self._docs}[table]
+        n = 0
+        with self._begin() as txn:
+            cur = txn.cursor(db)
+            for k in cur.iternext(keys=True, values=False):
+                if int.from_bytes(k, "big") >= end:
+                    break
+                n += 1
+        return n
+
+    def content_hashes(self, version: int) -> tuple[str, list[str]]:
+        """Recompute the hash chain of every commit up to ``version``.
+
+        Returns the chain head and a list of problems found (empty when the
+        records match their commit entries).
+        """
+        problems: list[str] = []
+        chain = hashlib.sha256(b"retrostore").hexdigest()
+        with self._begin() as txn:
+            cur = txn.cursor(self._commits)
+            for k, v in cur:
+                ver = int.from_bytes(k, "big")
+                if ver > version:
+                    break
+                try:
+                    entry = msgpack.unpackb(v, raw=False)
+                    (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
+                except Exception as exc:
+                    problems.append(f"{LMDB_DIR}/data.mdb: commit record of version {ver} is damaged ({exc})")
+                    continue
+                actual = records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1)
+                if actual != recorded:
+                    problems.append(
+                        f"{LMDB_DIR}/data.mdb: records of version {ver} (chunks {c0}..{c1 - 1}, documents "
+                        f"{d0}..{d1 - 1}) do not match their checksum; the LMDB data file is damaged"
+                    )
+                chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
+        return chain, problems
+
+    def close(self) -> None:
+        """Drop this handle; the environment closes when its last user in this process goes."""
+        if self.env is None:
+            return
+        env, self.env = self.env, None
+        if os.getpid() != self._pid:
+            return  # a forked child must not close the parent's environment
+        with _registry_lock:
+            entry = _registry.get(self._real)
+            if entry is not None and entry[0] is env:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _registry[self._real]
+                    env.close()
+
+
+def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int) -> str:
+    """Digest of chunks ``[c0, c1)`` and documents ``[d0, d1)`` as stored.
+
+    ``sha256(sha256(chunk records) || sha256(document records))``, each inner
+    hash over ``key || len(value) || value`` in key order; the same value
+    :class:`RecordHasher` computes while appending.
+    """
+    hashes = []
+    for db, first, end in ((chunks_db, c0, c1), (docs_db, d0, d1)):
+        h = hashlib.sha256()
+        cur = txn.cursor(db)
+        if first < end and cur.set_range(_key(first)):
+            for k, v in cur:
+                if int.from_bytes(k, "big") >= end:
+                    break
+                h.update(k + len(v).to_bytes(8, "big"))
+                h.update(v)
+        hashes.append(h.digest())
+    return hashlib.sha256(hashes[0] + hashes[1]).hexdigest()
+
+
+class RecordHasher:
+    """Incremental version of :func:`records_digest` fed while appending."""
+
+    def __init__(self) -> None:
+        self.chunks = hashlib.sha256()
+        self.docs = hashlib.sha256()
+
+    def add_chunk(self, cid: int, v: bytes) -> None:
+        self.chunks.update(_key(cid) + len(v).to_bytes(8, "big"))
+        self.chunks.update(v)
+
+    def add_doc(self, did: int, v: bytes) -> None:
+        self.docs.update(_key(did) + len(v).to_bytes(8, "big"))
+        self.docs.update(v)
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self.chunks.digest() + self.docs.digest()).hexdigest()

@@ -1,0 +1,229 @@
+"""Durable file I/O for the commit path: atomic writes, fsync of files and
+directories, checksums and the writer lock.
+
+Every write, fsync and rename on the commit path goes through the small
+functions here (``_write``, ``_fsync``, ``_rename``), so that the fault-injection
+tests can make each one fail in turn (ENOSPC, EIO) without touching the rest
+of the interpreter.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .errors import CommitError, WriterLockedError
+
+__all__ = [
+    "write_durable",
+    "atomic_write",
+    "fsync_dir",
+    "sha256_file",
+    "WriterLock",
+    "TMP_PREFIX",
+]
+
+#: Prefix of every temporary file; a writer removes leftovers on open.
+TMP_PREFIX = ".tmp-"
+_BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
+
+
+def _write(fd: int, data: memoryview) -> int:
+    return os.write(fd, data)
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.replace(src, dst)
+
+
+def sync_lmdb(env) -> None:
+    """Force an LMDB environment's data to disk (``mdb_env_sync(force=1)``).
+
+    Raises
+    ------
+    OSError
+        With the errno LMDB reported (ENOSPC, EIO, ...).
+    """
+    import lmdb
+
+    try:
+        env.sync(True)
+    except lmdb.Error as exc:
+        raise OSError(getattr(exc, "errno", None) or 5, f"LMDB sync failed: {exc}") from exc
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so that renames and new entries in it are durable.
+
+    Raises
+    ------
+    OSError
+        From ``open(2)`` or ``fsync(2)``.
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Write ``parts`` to a new file ``path`` and fsync it (not its directory).
+
+    Parameters
+    ----------
+    path : path-like
+        File to create; it must not exist.
+    parts : iterable of bytes-like
+        The content, in order.
+
+    Returns
+    -------
+    size_bytes : int
+    sha256 : str
+        Hex digest of the content, computed while writing.
+
+    Raises
+    ------
+    OSError
+        From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...); the partial
+        file is removed.
+    """
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            digest.update(view)
+            while len(view):
+                n = _write(fd, view[:_BLOCK])
+                view = view[n:]
+                size += n
+        _fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return size, digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Atomically put a file in place: temporary file, fsync, rename, fsync dir.
+
+    After a crash at any instant ``path`` holds either its old content or the
+    new content, never a mix.
+
+    Returns
+    -------
+    size_bytes : int
+    sha256 : str
+
+    Raises
+    ------
+    OSError
+        From any step; the temporary file is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    size, sha = write_durable(tmp, parts)
+    try:
+        _rename(os.fspath(tmp), os.fspath(path))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return size, sha
+
+
+def sha256_file(path: str | os.PathLike) -> tuple[int, str]:
+    """Size in bytes and sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            block = fh.read(_BLOCK)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def commit_error(exc: Exception, what: str) -> CommitError:
+    """Wrap an OSError from the commit path in a :class:`CommitError`."""
+    hint = ""
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC:
+        hint = " The disk is full: free space and commit again."
+    elif code == errno.EIO:
+        hint = " The device reported an I/O error: check it and commit again."
+    err = CommitError(
+        code,
+        f"commit failed while {what}: {getattr(exc, 'strerror', None) or exc}.{hint} "
+        "The previous version is intact; the appended data is kept and a later "
+        "commit() retries it.",
+    )
+    return err
+
+
+class WriterLock:
+    """The one-writer lock: ``flock(LOCK_EX)`` on the store's ``LOCK`` file.
+
+    A second writer, in another process or in this one (``flock`` locks belong
+    to the open file description), fails at once with
+    :class:`~retrostore.errors.WriterLockedError`, or waits up to ``timeout_s``.
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float | None = None):
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    os.close(fd)
+                    waited = f" after waiting {timeout_s:g} s" if timeout_s else ""
+                    raise WriterLockedError(
+                        errno.EWOULDBLOCK,
+                        f"another writer holds {self.path}{waited}; only one writer may "
+                        "open a store with mode='a' at a time. Close the other writer, "
+                        "open with mode='r' to read, or pass timeout_s=... to wait.",
+                    ) from None
+                time.sleep(0.05)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent). In a forked child it does nothing:
+        the lock belongs to the parent's open file description."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        if os.getpid() != self._pid:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)

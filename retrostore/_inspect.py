@@ -1,0 +1,149 @@
+"""What ``retrostore inspect`` shows and what ``retrostore verify`` checks."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from typing import TYPE_CHECKING
+
+from . import _manifest
+from ._chunks import LMDB_DIR, check_lmdb_file
+from ._index import check_file
+from .errors import CorruptStoreError, RetrostoreError
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["store_info", "verify_store"]
+
+
+def _dir_bytes(path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def store_info(store: "Store") -> dict:
+    """A JSON-ready description of the store's current version."""
+    m = store._manifest
+    root = store.path
+    idx = m["index"]
+    files = _manifest.referenced_files(m)
+    index_bytes = sum(e["size"] for e in idx["segments"])
+    vectors_bytes = sum(e["size"] for e in m["vectors"]["files"])
+    lmdb_bytes = _dir_bytes(root / LMDB_DIR)
+    manifest_mtime = (root / _manifest.MANIFEST).stat().st_mtime
+    versions = sorted(
+        int(p.name[9:21]) for p in (root / _manifest.VERSIONS_DIR).glob("manifest-*.json") if p.name[9:21].isdigit()
+    )
+    n_vectors = m["counts"]["vectors"]
+    return {
+        "path": str(root),
+        "format_version": m["format_version"],
+        "min_reader_version": m["min_reader_version"],
+        "version": m["version"],
+        "retained_versions": versions,
+        "documents": m["counts"]["documents"],
+        "chunks": m["counts"]["chunks"],
+        "vectors": n_vectors,
+        "dim": idx["dim"],
+        "metric": m["metric"],
+        "chunk_tokens": m["chunk_tokens"],
+        "tokenizer": {k: v for k, v in m["tokenizer"].items() if k != "path"},
+        "embedder": m["embedder"],
+        "index": {
+            "factory": idx["factory"],
+            "params": idx["params"],
+            "segments": len(idx["segments"]),
+            "bytes_per_vector": round(index_bytes / n_vectors, 2) if n_vectors else None,
+        },
+        "files": {
+            "index_bytes": index_bytes,
+            "vectors_bytes": vectors_bytes,
+            "vectors_dtype": m["vectors"]["dtype"],
+            "lmdb_bytes": lmdb_bytes,
+            "tokenizer_bytes": m["tokenizer"]["size"],
+            "referenced_files": len(files),
+            "total_bytes": _dir_bytes(root),
+        },
+        "settings": m["settings"],
+        "created_at": m["created_at"],
+        "committed_at": m["committed_at"],
+        "modified_at": _dt.datetime.fromtimestamp(manifest_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "readonly_media": store.readonly_media,
+    }
+
+
+def verify_store(store: "Store") -> list[str]:
+    """Every integrity problem of the store's current version, one line each.
+
+    Checks: every referenced path stays inside the store; every referenced
+    file's size and sha256; the LMDB data file's structure; LMDB chunk and
+    document records exist for every committed id with no gaps; the content
+    hash chain of all commits matches the manifest; index segments cover the
+    chunk ids contiguously and hold as many vectors as there are chunks; raw
+    vectors files cover the same ids.
+    """
+    root = store.path
+    m = store._manifest
+    problems: list[str] = []
+    for entry in _manifest.referenced_files(m):
+        try:
+            _manifest.safe_path(root, entry["path"], _manifest.MANIFEST)
+        except CorruptStoreError as exc:
+            problems.append(str(exc))
+            continue
+        problem = check_file(root, entry)
+        if problem:
+            problems.append(problem)
+    try:
+        check_lmdb_file(root / LMDB_DIR / "data.mdb")
+    except CorruptStoreError as exc:
+        problems.append(str(exc))
+        return problems
+    n_chunks, n_docs = m["next_chunk_id"], m["next_doc_id"]
+    if m["counts"]["chunks"] != n_chunks or m["counts"]["documents"] != n_docs:
+        problems.append(
+            f"{_manifest.MANIFEST}: counts {m['counts']} disagree with the high-water marks "
+            f"(chunks {n_chunks}, documents {n_docs})"
+        )
+    try:
+        stats = store._table.stats()
+        for name, hwm in (("chunks", n_chunks), ("docs", n_docs)):
+            st = stats[name]
+            committed = store._table.count_below(name, hwm)
+            if committed != hwm:
+                problems.append(
+                    f"{LMDB_DIR}/data.mdb: {committed} {name} records below id {hwm}, the manifest says {hwm}"
+                )
+            if hwm and st["first"] != 0:
+                problems.append(f"{LMDB_DIR}/data.mdb: the first {name} id is {st['first']}, expected 0")
+        chain, chain_problems = store._table.content_hashes(m["version"])
+        problems += chain_problems
+        if chain != m["lmdb"]["chain"]:
+            problems.append(
+                f"{LMDB_DIR}/data.mdb: content hash chain {chain[:16]}... differs from the manifest's "
+                f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
+            )
+    except RetrostoreError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # LMDB reports damaged pages with several exception types
+        problems.append(f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({type(exc).__name__}: {exc})")
+    for kind, entries in (("index segments", m["index"]["segments"]), ("vectors files", m["vectors"]["files"])):
+        if kind == "vectors files" and not m["settings"]["keep_vectors"]:
+            continue
+        expect = 0
+        for e in entries:
+            if e["first_id"] != expect:
+                problems.append(f"{e['path']}: starts at chunk id {e['first_id']}, expected {expect} ({kind} must tile the ids)")
+            expect = e["first_id"] + e["count"]
+        if expect != n_chunks:
+            problems.append(f"{_manifest.MANIFEST}: {kind} cover {expect} chunk ids, the store has {n_chunks}")
+    if store._index.ntotal != n_chunks:
+        problems.append(f"index: {store._index.ntotal} vectors loaded, the store has {n_chunks} chunks")
+    return problems

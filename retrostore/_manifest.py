@@ -1,0 +1,202 @@
+"""The manifest: the single commit point of a store.
+
+``manifest.json`` names one consistent version: settings, fingerprints, counts,
+the id high-water marks and, for every file the version references, its size
+and sha256. A copy of each committed manifest is kept in ``versions/`` while
+that version is retained. The manifest carries a checksum of its own canonical
+JSON, so a flipped byte is detected before anything else is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ._fileio import atomic_write
+from .errors import CorruptStoreError, FormatVersionError, NotAStoreError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MIN_READER_VERSION",
+    "MANIFEST",
+    "VERSIONS_DIR",
+    "read_manifest",
+    "write_manifest",
+    "version_path",
+    "safe_path",
+    "referenced_files",
+]
+
+#: Format version written by this code; see docs/format.md.
+FORMAT_VERSION = 1
+#: Oldest reader format version that can read what this code writes.
+MIN_READER_VERSION = 1
+MANIFEST = "manifest.json"
+VERSIONS_DIR = "versions"
+
+_REQUIRED = {
+    "format_version": int,
+    "min_reader_version": int,
+    "version": int,
+    "chunk_tokens": int,
+    "metric": str,
+    "tokenizer": dict,
+    "embedder": dict,
+    "index": dict,
+    "vectors": dict,
+    "lmdb": dict,
+    "counts": dict,
+    "next_chunk_id": int,
+    "next_doc_id": int,
+    "settings": dict,
+    "created_at": str,
+    "committed_at": str,
+}
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def version_path(root: Path, version: int) -> Path:
+    """Path of the retained copy of manifest ``version``."""
+    return root / VERSIONS_DIR / f"manifest-{version:012d}.json"
+
+
+def safe_path(root: Path, rel: Any, where: str) -> Path:
+    """Resolve a manifest path, refusing anything that escapes the store.
+
+    Raises
+    ------
+    CorruptStoreError
+        For absolute paths, ``..`` components, or links leading outside.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise CorruptStoreError(f"{where}: file path {rel!r} in the manifest is not a relative path")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+        raise CorruptStoreError(
+            f"{where}: file path {rel!r} in the manifest escapes the store directory; "
+            "a store may only reference files inside itself"
+        )
+    path = root / pure
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CorruptStoreError(
+            f"{where}: file path {rel!r} in the manifest resolves outside the store ({real})"
+        )
+    return path
+
+
+def referenced_files(manifest: dict) -> list[dict]:
+    """Every ``{"path", "size", "sha256"}`` entry a manifest references."""
+    files = [manifest["tokenizer"]]
+    files += manifest["index"].get("segments", [])
+    files += manifest["vectors"].get("files", [])
+    if manifest["index"].get("template"):
+        files.append(manifest["index"]["template"])
+    return files
+
+
+def _check_schema(body: dict, where: str) -> None:
+    for key, typ in _REQUIRED.items():
+        if key not in body:
+            raise CorruptStoreError(f"{where}: manifest lacks the field {key!r}")
+        if not isinstance(body[key], typ) or (typ is int and isinstance(body[key], bool)):
+            raise CorruptStoreError(
+                f"{where}: manifest field {key!r} is {type(body[key]).__name__}, expected {typ.__name__}"
+            )
+    for entry in referenced_files(body):
+        if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
+            raise CorruptStoreError(f"{where}: file entry {entry!r} lacks path, size or sha256")
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """Decode and check a manifest's bytes.
+
+    Raises
+    ------
+    CorruptStoreError
+        Not JSON, checksum mismatch, missing or mistyped fields.
+    FormatVersionError
+        Written by a newer, incompatible format.
+    """
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStoreError(f"{where}: manifest is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(doc, dict) or "body" not in doc or "sha256" not in doc:
+        raise CorruptStoreError(f"{where}: manifest lacks its 'body' and 'sha256' fields; the file is damaged")
+    body = doc["body"]
+    if not isinstance(body, dict):
+        raise CorruptStoreError(f"{where}: manifest body is not an object")
+    actual = hashlib.sha256(_canonical(body)).hexdigest()
+    if actual != doc["sha256"]:
+        raise CorruptStoreError(
+            f"{where}: manifest checksum mismatch (recorded {str(doc['sha256'])[:16]}..., "
+            f"actual {actual[:16]}...); the file is damaged"
+        )
+    reader = body.get("min_reader_version")
+    if isinstance(reader, int) and reader > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: the store has format_version {body.get('format_version')} and needs a reader of "
+            f"format version >= {reader}; this retrostore reads format version {FORMAT_VERSION}. "
+            "Upgrade retrostore (pip install -U retrostore)."
+        )
+    _check_schema(body, where)
+    return body
+
+
+def read_manifest(root: Path, version: int | None = None) -> dict:
+    """Read and check the current manifest, or a retained version's.
+
+    Raises
+    ------
+    NotAStoreError
+        No manifest (the path is not a store, or the version is not retained).
+    CorruptStoreError, FormatVersionError
+        See :func:`parse_manifest`.
+    """
+    path = root / MANIFEST if version is None else version_path(root, version)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if version is not None:
+            raise NotAStoreError(
+                f"version {version} of {root} is not retained (no {path.relative_to(root)}); "
+                "open without version= for the newest, or see Store.info()['retained_versions']"
+            ) from None
+        raise NotAStoreError(
+            f"{root} is not a retrostore store (no {MANIFEST}); create one with "
+            "retrostore.create() or `retrostore build`"
+        ) from None
+    except (NotADirectoryError, IsADirectoryError):
+        raise NotAStoreError(f"{root} is not a retrostore store (not a directory with a {MANIFEST})") from None
+    return parse_manifest(raw, os.fspath(path.relative_to(root)) if version is not None else MANIFEST)
+
+
+def encode_manifest(body: dict) -> bytes:
+    """Serialise a manifest body with its checksum (pretty JSON, stable keys)."""
+    doc = {"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}
+    return (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode()
+
+
+def write_manifest(root: Path, body: dict) -> None:
+    """Publish ``body`` as the current version: the one commit point.
+
+    The retained copy in ``versions/`` is written (durably) first, then
+    ``manifest.json`` is atomically replaced (temporary file, fsync, rename,
+    fsync of the directory).
+
+    Raises
+    ------
+    OSError
+        From any write, fsync or rename; the previous manifest stays current.
+    """
+    raw = encode_manifest(body)
+    atomic_write(version_path(root, body["version"]), [raw])
+    atomic_write(root / MANIFEST, [raw])

@@ -1,0 +1,961 @@
+"""The Store: one directory on disk, opened for reading or by the one writer.
+
+The Store composes the parts (manifest, LMDB chunk table, index segments, raw
+vectors, chunker, embedder) and owns their lifetimes; no part reaches into
+another's files. See docs/format.md for the on-disk layout and the commit
+protocol.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faiss
+import lmdb
+import numpy as np
+
+from . import _fileio, _manifest
+from ._chunking import Chunker
+from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
+from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_tokenizer_path
+from ._index import Segment, SegmentSet, build_segment, load_segment, merge_segments, plan_merge, serialize
+from ._metadata import clean_metadata
+from ._types import Chunk, Document, Hit
+from ._vectors import write_vectors
+from .errors import (
+    CommitError,
+    CorruptStoreError,
+    EmbedderMismatchError,
+    ForkedStoreError,
+    InvalidDocumentError,
+    InvalidEmbeddingsError,
+    InvalidInputError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RetrostoreError,
+    StoreClosedError,
+    StoreExistsError,
+)
+
+__all__ = ["Store", "create", "open_store", "DEFAULTS"]
+
+#: Store settings and their defaults (persisted in the manifest's "settings").
+DEFAULTS: dict[str, Any] = {
+    "retain_versions": 3,      # committed versions kept for open(version=...) and readers in flight
+    "keep_vectors": True,      # keep raw vectors for reindex and recall measurement
+    "vector_dtype": "float16", # dtype of the raw vectors files (half the bytes of float32)
+}
+INDEX_DIR = "index"
+VECTORS_DIR = "vectors"
+TOKENIZER = "tokenizer.json"
+LOCK = "LOCK"
+_GENESIS = "retrostore"  # seed of the LMDB content hash chain
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _readonly_media(root: Path) -> bool:
+    """True when the store directory cannot or must not be written.
+
+    Read-only file systems (``ST_RDONLY``), directories this user cannot
+    write, and directories with no write bit at all (``chmod -R a-w``, which
+    root could otherwise ignore) are all treated as read-only media.
+    """
+    try:
+        if os.statvfs(root).f_flag & os.ST_RDONLY:
+            return True
+        mode = os.stat(root).st_mode
+    except OSError:
+        return False
+    return not os.access(root, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _genesis_chain() -> str:
+    import hashlib
+
+    return hashlib.sha256(_GENESIS.encode()).hexdigest()
+
+
+def create(
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    embedder: Embedder | None = None,
+    chunk_tokens: int = 64,
+    metric: str = "ip",
+    index: str = "Flat",
+    keep_vectors: bool = DEFAULTS["keep_vectors"],
+    vector_dtype: str = DEFAULTS["vector_dtype"],
+    retain_versions: int = DEFAULTS["retain_versions"],
+    threads: int | None = None,
+) -> "Store":
+    """Create a new, empty store and open it for writing.
+
+    Creating is committing: the store is assembled in a temporary directory
+    beside ``path`` and renamed into place, so a crash leaves either nothing
+    or a valid empty store (version 0).
+
+    Parameters
+    ----------
+    path : path-like
+        Directory to create. It must not exist (an existing empty directory
+        is accepted and replaced).
+    tokenizer : path-like, optional
+        HF ``tokenizer.json`` used to cut documents into chunks (the language
+        model's tokenizer). Default: the embedder's tokenizer (all-MiniLM-L6-v2
+        WordPiece for the default embedder).
+    embedder : Embedder, optional
+        Default: :func:`retrostore.default_embedder` (all-MiniLM-L6-v2, 384-d,
+        mean pooling, L2-normalised).
+    chunk_tokens : int, default 64
+        Tokens per chunk; 64 is RETRO's value (Borgeaud et al. 2021, §2.3).
+    metric : {"ip", "l2"}, default "ip"
+        Inner product (cosine for normalised vectors) or squared L2.
+    index : str, default "Flat"
+        FAISS factory string of each index segment; ``"Flat"`` is exact search.
+    keep_vectors : bool, default True
+        Keep raw vectors (``vector_dtype``) beside the index.
+    vector_dtype : {"float16", "float32"}, default "float16"
+    retain_versions : int, default 3
+        Committed versions kept readable with ``open(path, version=V)``.
+    threads : int, optional
+        FAISS and onnxruntime threads; default the CPUs this process may use.
+
+    Returns
+    -------
+    Store
+        Open with ``mode="a"`` at version 0.
+
+    Raises
+    ------
+    StoreExistsError
+        ``path`` exists and is not an empty directory.
+    InvalidInputError
+        A setting is out of range (named in the message).
+    """
+    root = Path(path)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise StoreExistsError(
+            f"{root} already exists; open it with retrostore.open({str(root)!r}, mode='a') to add to it, "
+            "or choose a new path"
+        )
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= 4096:
+        raise InvalidInputError(f"chunk_tokens={chunk_tokens!r} must be an int in [1, 4096]; RETRO uses 64")
+    if metric not in ("ip", "l2"):
+        raise InvalidInputError(f"metric={metric!r} must be 'ip' (inner product) or 'l2'")
+    if vector_dtype not in ("float16", "float32"):
+        raise InvalidInputError(f"vector_dtype={vector_dtype!r} must be 'float16' or 'float32'")
+    if not isinstance(retain_versions, int) or retain_versions < 1:
+        raise InvalidInputError(f"retain_versions={retain_versions!r} must be an int >= 1")
+    if not isinstance(index, str) or not index.strip():
+        raise InvalidInputError(f"index={index!r} must be a FAISS factory string such as 'Flat'")
+    emb = embedder if embedder is not None else default_embedder(threads=threads)
+    _check_embedder(emb)
+    tok_path = Path(tokenizer) if tokenizer is not None else _embedder_tokenizer_path(emb)
+    chunker = Chunker(tok_path, chunk_tokens)
+    # Refuse a factory string FAISS cannot build now, not at the first commit.
+    try:
+        probe = faiss.index_factory(int(emb.dim), index, faiss.METRIC_INNER_PRODUCT)
+        del probe
+    except RuntimeError as exc:
+        raise InvalidInputError(f"FAISS cannot build the factory string {index!r} for dimension {emb.dim}: {exc}") from exc
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        tsize, tsha = _fileio.write_durable(tmp / TOKENIZER, [Path(tok_path).read_bytes()])
+        for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR):
+            (tmp / sub).mkdir()
+        ChunkTable.initialise(tmp)
+        now = _now()
+        body = {
+            "format_version": _manifest.FORMAT_VERSION,
+            "min_reader_version": _manifest.MIN_READER_VERSION,
+            "version": 0,
+            "created_at": now,
+            "committed_at": now,
+            "chunk_tokens": chunk_tokens,
+            "metric": metric,
+            "tokenizer": {
+                "path": TOKENIZER, "size": tsize, "sha256": tsha,
+                "vocab_size": chunker.vocab_size, "pad_id": chunker.pad_id,
+                "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
+            },
+            "embedder": _json_fingerprint(emb),
+            "index": {"factory": index, "params": {}, "dim": int(emb.dim), "segments": [], "template": None},
+            "vectors": {"dtype": vector_dtype, "files": []},
+            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain()},
+            "counts": {"documents": 0, "chunks": 0, "vectors": 0},
+            "next_chunk_id": 0,
+            "next_doc_id": 0,
+            "settings": {"retain_versions": retain_versions, "keep_vectors": bool(keep_vectors)},
+        }
+        _manifest.write_manifest(tmp, body)
+        for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):
+            _fileio.fsync_dir(tmp / sub)
+        os.replace(tmp, root)  # atomic; replaces an empty directory
+        _fileio.fsync_dir(root.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Store(root, mode="a", embedder=emb, threads=threads)
+
+
+def open_store(
+    path: str | os.PathLike,
+    mode: str = "r",
+    *,
+    embedder: Embedder | None = None,
+    version: int | None = None,
+    timeout_s: float | None = None,
+    threads: int | None = None,
+) -> "Store":
+    """Open an existing store (``retrostore.open``).
+
+    Parameters
+    ----------
+    path : path-like
+        The store directory.
+    mode : {"r", "a"}, default "r"
+        ``"r"`` reads (any number of processes); ``"a"`` is the one writer.
+    embedder : Embedder, optional
+        Must match the manifest's embedder fingerprint. Default: the default
+        embedder, when the store was built with it (loaded on first use).
+    version : int, optional
+        Open a retained earlier version, read-only.
+    timeout_s : float, optional
+        With ``mode="a"``, wait up to this many seconds for another writer.
+    threads : int, optional
+        FAISS and onnxruntime threads; default the CPUs this process may use.
+
+    Raises
+    ------
+    NotAStoreError
+        ``path`` holds no store, or ``version`` is not retained.
+    CorruptStoreError, FormatVersionError
+        The manifest or a file it references is damaged / too new.
+    WriterLockedError
+        ``mode="a"`` and another writer holds the store.
+    EmbedderMismatchError
+        ``embedder`` differs from the one the store was built with.
+    InvalidInputError
+        Bad ``mode`` or ``version``.
+    """
+    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads)
+
+
+def _check_embedder(emb: Any) -> None:
+    for attr in ("dim", "fingerprint", "embed"):
+        if not hasattr(emb, attr):
+            raise InvalidInputError(
+                f"embedder {type(emb).__name__} lacks {attr!r}; an Embedder has dim, fingerprint and embed(texts)"
+            )
+
+
+def _embedder_tokenizer_path(emb: Any) -> Path:
+    path = getattr(emb, "tokenizer_path", None)
+    if path is None:
+        if getattr(emb, "fingerprint", {}).get("model_sha256") == DEFAULT_MODEL_SHA256:
+            return default_tokenizer_path()
+        raise InvalidInputError(
+            f"embedder {type(emb).__name__} has no tokenizer_path; pass tokenizer=PATH to create() "
+            "to choose the chunk tokenizer"
+        )
+    return Path(path)
+
+
+def _json_fingerprint(emb: Any) -> dict:
+    import json
+
+    return json.loads(json.dumps(dict(emb.fingerprint), sort_keys=True))
+
+
+def _fingerprint_diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: store {a.get(k)!r} vs given {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class Store:
+    """An open retrostore store. Create with :func:`retrostore.create` or
+    :func:`retrostore.open`; use as a context manager; ``close()`` is
+    idempotent.
+
+    A reader sees one committed version (``Store.version``) until
+    :meth:`refresh`. The writer (``mode="a"``) appends with :meth:`append`
+    and publishes with :meth:`commit`; appended data is invisible to every
+    reader, including the writer's own searches, until then.
+    """
+
+    def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None):
+        if mode not in ("r", "a"):
+            raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
+        if version is not None and (mode != "r" or not isinstance(version, int) or version < 0):
+            raise InvalidInputError(f"version={version!r} must be an int >= 0 and needs mode='r'")
+        self.path = Path(path)
+        self.mode = mode
+        self._pid = os.getpid()
+        self._closed = False
+        self._lock: _fileio.WriterLock | None = None
+        self._table: ChunkTable | None = None
+        self._pinned_version = version
+        self.threads = int(threads) if threads else _cpu_count()
+        faiss.omp_set_num_threads(self.threads)
+        if not (self.path / _manifest.MANIFEST).is_file():
+            raise NotAStoreError(
+                f"{self.path} is not a retrostore store (no {_manifest.MANIFEST}); create one with "
+                "retrostore.create() or `retrostore build`"
+            )
+        self.readonly_media = _readonly_media(self.path)
+        try:
+            if mode == "a":
+                if self.readonly_media:
+                    raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
+                self._lock = _fileio.WriterLock(self.path / LOCK, timeout_s)
+            self._manifest = _manifest.read_manifest(self.path, version)
+            m = self._manifest
+            self._table = ChunkTable(self.path, m["tokenizer"]["token_dtype"], write=mode == "a",
+                                     readonly_media=self.readonly_media)
+            self._embedder = None
+            self._bind_embedder(embedder)
+            self._chunker: Chunker | None = None
+            self._segments_cache: dict[str, Any] = {}
+            self._load_segments()
+            if mode == "a":
+                self._recover()
+                self._reset_pending()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"mode={self.mode!r}, version={self._manifest['version']}"
+        return f"<retrostore.Store {str(self.path)!r} {state}>"
+
+    def close(self) -> None:
+        """Close the store; safe to call twice. A writer's uncommitted appends are
+        discarded (their LMDB records are removed)."""
+        if self._closed:
+            return
+        if self.mode == "a" and os.getpid() == self._pid and self._table is not None and self._pending_chunks:
+            try:
+                self._table.truncate(self._manifest["next_chunk_id"], self._manifest["next_doc_id"],
+                                     self._manifest["version"])
+            except Exception:
+                pass  # the next writer removes them
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check(self, write: bool = False) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")
+        if os.getpid() != self._pid:
+            raise ForkedStoreError(
+                f"this handle to {self.path} was opened in process {self._pid} and used in process "
+                f"{os.getpid()} after fork(); LMDB and FAISS handles do not survive fork: call "
+                "retrostore.open() in the child"
+            )
+        if write and self.mode != "a":
+            raise ReadOnlyStoreError(f"{self.path} is open read-only; open it with mode='a' to write")
+
+    # -- embedder and chunker ----------------------------------------------
+    def _bind_embedder(self, embedder) -> None:
+        want = self._manifest["embedder"]
+        if embedder is not None:
+            _check_embedder(embedder)
+            got = _json_fingerprint(embedder)
+            # "name" is a label (often the file name); the weights are pinned by model_sha256.
+            if {k: v for k, v in got.items() if k != "name"} != {k: v for k, v in want.items() if k != "name"}:
+                raise EmbedderMismatchError(
+                    f"the embedder given does not match the one {self.path} was built with "
+                    f"({_fingerprint_diff(want, got)}); open it with the store's embedder"
+                )
+            self._embedder = embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        """The store's embedder (the default one is loaded on first use).
+
+        Raises
+        ------
+        EmbedderMismatchError
+            The store was built with another model and none was given to open().
+        """
+        if self._embedder is None:
+            want = self._manifest["embedder"]
+            if want.get("model_sha256") != DEFAULT_MODEL_SHA256:
+                raise EmbedderMismatchError(
+                    f"{self.path} was built with the embedder {want.get('name', want.get('kind'))!r} "
+                    f"(model sha256 {want.get('model_sha256')}, dim {want.get('dim')}); pass "
+                    "embedder=OnnxEmbedder(model_path, tokenizer_path, ...) with that model file to open()"
+                )
+            emb = default_embedder(threads=self.threads)
+            self._bind_embedder(emb)
+        return self._embedder
+
+    @property
+    def chunker(self) -> Chunker:
+        """The store's chunker (its own ``tokenizer.json`` and ``chunk_tokens``)."""
+        if self._chunker is None:
+            entry = self._manifest["tokenizer"]
+            problem = _index_check_file(self.path, entry)
+            if problem:
+                raise CorruptStoreError(problem)
+            self._chunker = Chunker(self.path / entry["path"], self._manifest["chunk_tokens"])
+        return self._chunker
+
+    # -- state -------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The committed version this handle sees."""
+        return int(self._manifest["version"])
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the current manifest body."""
+        import copy
+
+        return copy.deepcopy(self._manifest)
+
+    def __len__(self) -> int:
+        """Number of committed chunks."""
+        return int(self._manifest["next_chunk_id"])
+
+    def _load_segments(self) -> None:
+        m = self._manifest
+        cache = {}
+        segs = []
+        for entry in m["index"]["segments"]:
+            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
+            seg = self._segments_cache.get(entry["sha256"])
+            if seg is None:
+                seg = load_segment(self.path, entry)
+            cache[entry["sha256"]] = seg
+            segs.append(seg)
+        for entry in _manifest.referenced_files(m):
+            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
+        self._segments_cache = cache
+        self._index = SegmentSet(segs, m["metric"], m["index"]["dim"])
+
+    def refresh(self) -> int:
+        """Move a reader to the newest committed version.
+
+        Returns
+        -------
+        int
+            The version now seen.
+
+        Raises
+        ------
+        CorruptStoreError
+            The new manifest or a file it references is damaged.
+        """
+        self._check()
+        if self.mode == "a" or self._pinned_version is not None:
+            return self.version
+        for attempt in range(5):
+            m = _manifest.read_manifest(self.path)
+            if m["version"] == self._manifest["version"]:
+                return self.version
+            old = self._manifest
+            self._manifest = m
+            try:
+                self._load_segments()
+                return self.version
+            except CorruptStoreError:
+                # A writer may have garbage-collected files of a version that was
+                # current when we read the manifest; read it again.
+                self._manifest = old
+                if attempt == 4:
+                    raise
+        return self.version
+
+    # -- writing -----------------------------------------------------------
+    def _reset_pending(self) -> None:
+        self._pending_vectors: list[np.ndarray] = []
+        self._pending_chunks = 0
+        self._pending_docs = 0
+        self._hasher = RecordHasher()
+
+    def _recover(self) -> None:
+        """Writer start-up: remove what a crashed writer left behind."""
+        m = self._manifest
+        self._table.truncate(m["next_chunk_id"], m["next_doc_id"], m["version"])
+        self._table.sync()
+        self._collect_garbage()
+
+    def append(
+        self,
+        docs: str | Iterable[str],
+        *,
+        metadata: Any = None,
+        embeddings: np.ndarray | None = None,
+    ) -> list[int]:
+        """Chunk, embed and stage documents; they become visible at :meth:`commit`.
+
+        Parameters
+        ----------
+        docs : str or iterable of str
+            Documents. Empty or whitespace-only documents get an id and no chunks.
+        metadata : JSON-like or sequence of JSON-like, optional
+            One value per document (a single value when ``docs`` is one string).
+            Numpy scalars are converted; see :func:`retrostore._metadata.clean_metadata`.
+        embeddings : ndarray, shape (n_chunks, dim), optional
+            Precomputed vectors, one row per chunk in order (for users who embed
+            elsewhere). float64 is converted to float32; NaN/inf rejected.
+
+        Returns
+        -------
+        list of int
+            The documents' ids, in order.
+
+        Raises
+        ------
+        InvalidDocumentError
+            A document is not a ``str``.
+        InvalidMetadataError
+            Metadata count differs from documents, or a value cannot round-trip.
+        InvalidEmbeddingsError
+            Wrong shape, dimension or non-finite values.
+        ReadOnlyStoreError, StoreClosedError, ForkedStoreError
+        """
+        self._check(write=True)
+        single = isinstance(docs, str)
+        if single:
+            docs = [docs]
+            metas = [metadata]
+        else:
+            if isinstance(docs, (bytes, bytearray)) or not isinstance(docs, Iterable):
+                raise InvalidDocumentError(
+                    f"docs is a {type(docs).__name__}; pass a str or an iterable of str (decode bytes first)"
+                )
+            docs = list(docs)
+            if metadata is None:
+                metas = [None] * len(docs)
+            else:
+                if isinstance(metadata, (dict, str)) or not isinstance(metadata, Sequence):
+                    raise InvalidInputError(
+                        "metadata must be a sequence with one value per document when docs is a list "
+                        f"(got a {type(metadata).__name__})"
+                    )
+                metas = list(metadata)
+                if len(metas) != len(docs):
+                    raise InvalidInputError(f"{len(metas)} metadata values for {len(docs)} documents; give one each")
+        for i, d in enumerate(docs):
+            if not isinstance(d, str):
+                raise InvalidDocumentError(
+                    f"document {i} is a {type(d).__name__}, not a str; decode bytes and convert values to text"
+                )
+        metas = [clean_metadata(v, f"metadata[{i}]") for i, v in enumerate(metas)]
+        per_doc = self.chunker.chunk_many(docs)
+        n_chunks = sum(len(c) for c in per_doc)
+        vectors = self._vectors_for(docs, per_doc, n_chunks, embeddings)
+
+        m = self._manifest
+        next_chunk = m["next_chunk_id"] + self._pending_chunks
+        next_doc = m["next_doc_id"] + self._pending_docs
+        chunk_recs: list[tuple[int, bytes]] = []
+        doc_recs: list[tuple[int, bytes]] = []
+        ids = []
+        for text, chunks, meta in zip(docs, per_doc, metas):
+            first = next_chunk
+            for c in chunks:
+                rec = self._table.pack_chunk(next_doc, c.position, c.start, text[c.start : c.end], c.token_ids)
+                chunk_recs.append((next_chunk, rec))
+                next_chunk += 1
+            drec = ChunkTable.pack_doc(first, len(chunks), meta, None if chunks else text)
+            doc_recs.append((next_doc, drec))
+            ids.append(next_doc)
+            next_doc += 1
+        self._table.put_records(chunk_recs, doc_recs)
+        for cid, rec in chunk_recs:
+            self._hasher.add_chunk(cid, rec)
+        for did, rec in doc_recs:
+            self._hasher.add_doc(did, rec)
+        if n_chunks:
+            self._pending_vectors.append(vectors)
+        self._pending_chunks += n_chunks
+        self._pending_docs += len(docs)
+        return ids
+
+    def _vectors_for(self, docs, per_doc, n_chunks: int, embeddings) -> np.ndarray:
+        dim = self._manifest["index"]["dim"]
+        if embeddings is not None:
+            arr = np.asarray(embeddings)
+            if arr.ndim != 2 or arr.shape != (n_chunks, dim):
+                raise InvalidEmbeddingsError(
+                    f"embeddings have shape {arr.shape}; these documents make {n_chunks} chunks and the store's "
+                    f"dimension is {dim}, so shape ({n_chunks}, {dim}) is needed (one row per chunk, in order)"
+                )
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise InvalidEmbeddingsError(f"embeddings have dtype {arr.dtype}; a float dtype is needed")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        else:
+            if n_chunks == 0:
+                return np.zeros((0, dim), np.float32)
+            emb = self.embedder
+            flat = [c for chunks in per_doc for c in chunks]
+            if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == self._manifest["tokenizer"]["sha256"]:
+                arr = emb.embed_token_ids([c.token_ids for c in flat])
+            else:
+                arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if arr.shape != (n_chunks, dim):
+                raise InvalidEmbeddingsError(f"the embedder returned shape {arr.shape}, expected ({n_chunks}, {dim})")
+        if not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise InvalidEmbeddingsError(f"embeddings row {bad} holds NaN or inf; every value must be finite")
+        return arr
+
+    def commit(self) -> int:
+        """Publish everything appended since the last commit as a new version.
+
+        All or nothing: every new file is written and fsynced, LMDB is synced,
+        then the manifest is atomically replaced (docs/format.md, "Commit
+        protocol"). With nothing appended, returns the current version.
+
+        Returns
+        -------
+        int
+            The new version number.
+
+        Raises
+        ------
+        CommitError
+            An I/O error (ENOSPC, EIO, ...); the previous version is intact and
+            the appended data stays staged for a later ``commit()``.
+        """
+        self._check(write=True)
+        if not self._pending_chunks and not self._pending_docs:
+            return self.version
+        m = self._manifest
+        new = _copy_body(m)
+        version = m["version"] + 1
+        first_id = m["next_chunk_id"]
+        new_files: list[Path] = []
+        try:
+            vectors = (np.concatenate(self._pending_vectors) if self._pending_vectors
+                       else np.zeros((0, m["index"]["dim"]), np.float32))
+            tag = f"{version:08d}-{secrets.token_hex(4)}"
+            if len(vectors):
+                if m["settings"]["keep_vectors"]:
+                    vpath = self.path / VECTORS_DIR / f"vec-{tag}.npy"
+                    new_files.append(vpath)
+                    size, sha = write_vectors(vpath, vectors, m["vectors"]["dtype"])
+                    new["vectors"]["files"].append(
+                        {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
+                         "first_id": first_id, "count": len(vectors)})
+                index = build_segment(vectors, m["index"]["factory"], m["metric"])
+                segments = list(self._index.segments) + [None]
+                entry = self._write_segment(index, tag, first_id, len(vectors), new_files)
+                new["index"]["segments"].append(entry)
+                n_merge = plan_merge([e["count"] for e in new["index"]["segments"]])
+                if n_merge:
+                    loaded = segments[-n_merge:-1] + [Segment(entry, index)]
+                    merged = merge_segments(loaded)
+                    mentry = self._write_segment(merged, tag + "m", loaded[0].first_id,
+                                                 sum(s.count for s in loaded), new_files)
+                    new["index"]["segments"] = new["index"]["segments"][:-n_merge] + [mentry]
+                _fileio.fsync_dir(self.path / INDEX_DIR)
+                _fileio.fsync_dir(self.path / VECTORS_DIR)
+            chunk_range = (first_id, first_id + self._pending_chunks)
+            doc_range = (m["next_doc_id"], m["next_doc_id"] + self._pending_docs)
+            digest = self._hasher.hexdigest()
+            self._table.put_commit(version, chunk_range, doc_range, digest)
+            _fileio.sync_lmdb(self._table.env)
+            import hashlib
+
+            new["lmdb"]["chain"] = hashlib.sha256((m["lmdb"]["chain"] + digest).encode()).hexdigest()
+            new["version"] = version
+            new["committed_at"] = _now()
+            new["next_chunk_id"] = chunk_range[1]
+            new["next_doc_id"] = doc_range[1]
+            new["counts"] = {"documents": doc_range[1], "chunks": chunk_range[1],
+                             "vectors": sum(e["count"] for e in new["index"]["segments"])}
+            _manifest.write_manifest(self.path, new)
+        except (OSError, lmdb.Error) as exc:
+            for f in new_files:
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+            raise _fileio.commit_error(exc, "writing version files") from exc
+        except RuntimeError as exc:  # FAISS failures while building or merging
+            for f in new_files:
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+            raise RetrostoreError(f"commit failed while building the index: {exc}") from exc
+        self._manifest = new
+        self._reset_pending()
+        self._load_segments()
+        try:
+            self._collect_garbage()
+        except OSError:
+            pass  # garbage is collected by a later commit or writer
+        return version
+
+    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+        path = self.path / INDEX_DIR / f"seg-{tag}.faiss"
+        new_files.append(path)
+        size, sha = _fileio.write_durable(path, [serialize(index)])
+        entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
+        self._segments_cache[sha] = Segment(entry, index)
+        return entry
+
+    def _collect_garbage(self) -> None:
+        """Drop manifests beyond ``retain_versions`` and files no retained version references."""
+        keep = int(self._manifest["settings"]["retain_versions"])
+        vdir = self.path / _manifest.VERSIONS_DIR
+        versions = sorted(int(p.name[9:21]) for p in vdir.glob("manifest-*.json") if p.name[9:21].isdigit())
+        current = self._manifest["version"]
+        retained = [v for v in versions if v <= current][-keep:]
+        referenced = set()
+        for v in versions:
+            p = _manifest.version_path(self.path, v)
+            if v not in retained or v > current:
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                body = _manifest.read_manifest(self.path, v)
+            except RetrostoreError:
+                continue
+            referenced.update(e["path"] for e in _manifest.referenced_files(body))
+        referenced.update(e["path"] for e in _manifest.referenced_files(self._manifest))
+        for sub in (INDEX_DIR, VECTORS_DIR):
+            for p in (self.path / sub).iterdir():
+                if f"{sub}/{p.name}" not in referenced:
+                    p.unlink(missing_ok=True)
+        for p in list(self.path.glob(f"{_fileio.TMP_PREFIX}*")) + list(vdir.glob(f"{_fileio.TMP_PREFIX}*")):
+            p.unlink(missing_ok=True)
+
+    # -- reading -----------------------------------------------------------
+    def _limit(self) -> int:
+        return int(self._manifest["next_chunk_id"])
+
+    def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:
+        """Committed chunks by id.
+
+        Parameters
+        ----------
+        chunk_ids : iterable of int
+
+        Returns
+        -------
+        list of Chunk
+
+        Raises
+        ------
+        InvalidInputError
+            An id is negative or not committed (``>= len(store)``).
+        """
+        self._check()
+        ids = [int(i) for i in chunk_ids]
+        limit = self._limit()
+        for i in ids:
+            if not 0 <= i < limit:
+                raise InvalidInputError(f"chunk id {i} is outside the committed range [0, {limit})")
+        return [Chunk(r.chunk_id, r.doc_id, r.position, r.start, r.text, r.token_ids)
+                for r in self._table.get_chunks(ids, limit)]
+
+    def get_document(self, doc_id: int) -> Document:
+        """A committed document: its exact text (joined chunk spans) and metadata.
+
+        Raises
+        ------
+        InvalidInputError
+            ``doc_id`` is negative or not committed.
+        """
+        self._check()
+        limit = int(self._manifest["next_doc_id"])
+        if not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
+            raise InvalidInputError(f"document id {doc_id!r} is outside the committed range [0, {limit})")
+        rec = self._table.get_doc(int(doc_id))
+        if rec is None:
+            raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: committed document {doc_id} is missing")
+        ids = range(rec.first_chunk, rec.first_chunk + rec.n_chunks)
+        if rec.text is not None:
+            text = rec.text
+        else:
+            text = "".join(r.text for r in self._table.iter_chunks(ids.start, ids.stop))
+        return Document(int(doc_id), text, rec.metadata, ids)
+
+    def get_metadata(self, doc_ids: Iterable[int]) -> list[Any]:
+        """Metadata of committed documents (without reading their text).
+
+        Raises
+        ------
+        InvalidInputError
+            An id is negative or not committed.
+        """
+        self._check()
+        limit = int(self._manifest["next_doc_id"])
+        out = []
+        for d in doc_ids:
+            if not 0 <= int(d) < limit:
+                raise InvalidInputError(f"document id {d!r} is outside the committed range [0, {limit})")
+            rec = self._table.get_doc(int(d))
+            if rec is None:
+                raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: committed document {d} is missing")
+            out.append(rec.metadata)
+        return out
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest committed chunks of query vectors.
+
+        Parameters
+        ----------
+        vectors : ndarray, shape (n, dim) or (dim,)
+            Query vectors; float64 is converted to float32.
+        k : int, default 5
+
+        Returns
+        -------
+        scores : ndarray, shape (n, k), float32
+        chunk_ids : ndarray, shape (n, k), int64
+            -1 where fewer than k chunks exist (never looked up).
+
+        Raises
+        ------
+        InvalidInputError
+            ``k < 1``, wrong dimension, or non-finite values.
+        """
+        self._check()
+        k = _check_k(k)
+        dim = self._manifest["index"]["dim"]
+        q = np.asarray(vectors)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != dim or not np.issubdtype(q.dtype, np.number):
+            raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) floats")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
+        return self._index.search(q, k)
+
+    def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit] | list[list[Hit]]:
+        """Embed query text and return the k nearest chunks with continuations.
+
+        Parameters
+        ----------
+        query : str or sequence of str
+        k : int, default 5
+
+        Returns
+        -------
+        list of Hit (for one string) or list of list of Hit (for a sequence),
+        nearest first; fewer than k when the store holds fewer chunks.
+
+        Raises
+        ------
+        InvalidInputError
+            ``k < 1`` or a query that is not a str.
+        EmbedderMismatchError
+            The store's embedder is not available (see :attr:`embedder`).
+        """
+        self._check()
+        k = _check_k(k)
+        single = isinstance(query, str)
+        queries = [query] if single else list(query)
+        for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
+        if not queries:
+            return []
+        if self._limit() == 0:
+            return [] if single else [[] for _ in queries]
+        vecs = self.embedder.embed(queries)
+        scores, ids = self.search_vectors(vecs, k)
+        hits = self._hits(scores, ids)
+        return hits[0] if single else hits
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        limit = self._limit()
+        flat = [int(i) for i in ids.ravel() if i >= 0]
+        wanted = sorted(set(flat) | {i + 1 for i in flat if i + 1 < limit})
+        recs = dict(zip(wanted, self._table.get_chunks(wanted, limit)))
+        out = []
+        for row_s, row_i in zip(scores, ids):
+            row = []
+            for s, i in zip(row_s, row_i):
+                if i < 0:
+                    continue
+                r = recs[int(i)]
+                nxt = recs.get(int(i) + 1)
+                if nxt is not None and nxt.doc_id != r.doc_id:
+                    nxt = None
+                row.append(Hit(r.chunk_id, r.doc_id, r.position, float(s), r.text, r.token_ids,
+                               nxt.text if nxt else "", nxt.token_ids if nxt else np.zeros(0, np.int64)))
+            out.append(row)
+        return out
+
+    def info(self) -> dict:
+        """Everything ``retrostore inspect`` shows, as a JSON-ready dict."""
+        self._check()
+        from ._inspect import store_info
+
+        return store_info(self)
+
+    def verify(self) -> list[str]:
+        """Check the store's integrity (what ``retrostore verify`` runs).
+
+        Returns
+        -------
+        list of str
+            One precise line per problem; empty when the store is intact.
+        """
+        self._check()
+        from ._inspect import verify_store
+
+        return verify_store(self)
+
+
+def _copy_body(m: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+    if k > 100_000:
+        raise InvalidInputError(f"k={k} exceeds the limit of 100000 results per query; page with a smaller k")
+    return int(k)
+
+
+def _index_check_file(root: Path, entry: dict) -> str | None:
+    from ._index import check_file
+
+    return check_file(root, entry)

@@ -1,0 +1,67 @@
+"""Raw vector files: the embeddings as computed, kept beside the index.
+
+Each commit writes its batch as one ``.npy`` file (float16 by default) under
+``vectors/``, covering chunk ids ``[first_id, first_id + count)``. They let the
+index be retrained or rebuilt without re-embedding and recall be measured
+against exact search. ``.npy`` is read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ._fileio import write_durable
+from .errors import CorruptStoreError
+
+__all__ = ["write_vectors", "load_vectors"]
+
+
+def write_vectors(path: Path, vectors: np.ndarray, dtype: str) -> tuple[int, str]:
+    """Write ``vectors`` (n, dim) as a ``.npy`` file of ``dtype``, fsynced.
+
+    Returns
+    -------
+    size_bytes : int
+    sha256 : str
+
+    Raises
+    ------
+    OSError
+        From the write or fsync.
+    """
+    arr = np.ascontiguousarray(vectors, dtype=np.dtype(dtype))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    return write_durable(path, [header.getvalue(), memoryview(arr).cast("B")])
+
+
+def load_vectors(root: Path, entry: dict, *, mmap: bool = True) -> np.ndarray:
+    """Load one vectors file (memory-mapped by default), checking its size.
+
+    Returns
+    -------
+    ndarray, shape (count, dim), float16 or float32
+
+    Raises
+    ------
+    CorruptStoreError
+        Missing file, wrong size, or not a valid ``.npy`` of the expected shape.
+    """
+    rel = entry["path"]
+    path = root / rel
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing") from None
+    if size != entry["size"]:
+        raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CorruptStoreError(f"{rel}: not a readable .npy vectors file ({exc})") from exc
+    if arr.ndim != 2 or arr.shape[0] != entry["count"]:
+        raise CorruptStoreError(f"{rel}: holds shape {arr.shape}, the manifest says {entry['count']} rows")
+    return arr

@@ -1,0 +1,166 @@
+"""Building a store from input files (``retrostore build``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from . import _manifest
+from ._inputs import count_input_bytes, iter_documents
+from ._store import Store, create, open_store
+from .errors import InvalidInputError
+
+__all__ = ["build_store", "BuildResult"]
+
+#: Characters handed to one ``Store.append`` call (~1,000 chunks of 64 WordPiece tokens).
+BATCH_CHARS = 250_000
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What one build run added.
+
+    Attributes
+    ----------
+    version : int
+        The store's version after the run.
+    documents, chunks : int
+        Documents and chunks committed by this run.
+    seconds : float
+        Wall time of the run.
+    interrupted : bool
+        True when stopped by Ctrl-C; everything committed before stays.
+    """
+
+    version: int
+    documents: int
+    chunks: int
+    seconds: float
+    interrupted: bool = False
+
+
+def build_store(
+    store: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    chunk_tokens: int | None = None,
+    text_field: str = "text",
+    meta_field: str = "meta",
+    index: str | None = None,
+    commit_every: int = 20_000,
+    threads: int | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Chunk, embed and commit every document of ``inputs`` into ``store``.
+
+    Creates the store when it does not exist, appends otherwise. Commits every
+    ``commit_every`` chunks and at the end, so an interrupted build keeps what
+    it committed.
+
+    Parameters
+    ----------
+    store : path-like
+    inputs : sequence of path-like
+        ``.txt``, ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` files or directories.
+    tokenizer, chunk_tokens, index
+        Settings of a new store (see :func:`retrostore.create`); for an
+        existing store they must be omitted or equal to the stored ones.
+    text_field, meta_field : str
+        JSON fields of a document's text and metadata.
+    commit_every : int, default 20000
+        Chunks between commits.
+    threads : int, optional
+    progress : bool, default True
+        Show a tqdm progress bar (input bytes, documents, chunks, chunks/s).
+
+    Returns
+    -------
+    BuildResult
+
+    Raises
+    ------
+    InvalidInputError
+        Bad inputs (see :func:`retrostore._inputs.iter_documents`) or settings
+        that contradict an existing store.
+    """
+    t0 = time.perf_counter()
+    root = Path(store)
+    docs = iter_documents(inputs, text_field=text_field, meta_field=meta_field,
+                          on_progress=lambda n: bar.update(n))
+    if (root / _manifest.MANIFEST).exists():
+        st = open_store(root, "a", threads=threads)
+        _check_same_settings(st, tokenizer, chunk_tokens, index)
+    else:
+        st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
+                    index=index or "Flat", threads=threads)
+    bar = tqdm(total=count_input_bytes(inputs), unit="B", unit_scale=True, disable=not progress,
+               desc="build", dynamic_ncols=True)
+    n_docs = n_chunks = since_commit = 0
+    committed_docs = committed_chunks = 0
+    interrupted = False
+    texts: list[str] = []
+    metas: list = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal texts, metas, size, n_docs, n_chunks, since_commit, committed_docs, committed_chunks
+        if not texts:
+            return
+        before = len(st) + st._pending_chunks
+        st.append(texts, metadata=metas)
+        added = len(st) + st._pending_chunks - before
+        n_docs += len(texts)
+        n_chunks += added
+        since_commit += added
+        texts, metas, size = [], [], 0
+        if since_commit >= commit_every:
+            st.commit()
+            since_commit = 0
+            committed_docs, committed_chunks = n_docs, n_chunks
+        rate = n_chunks / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(docs=n_docs, chunks=n_chunks, chunks_per_s=f"{rate:.0f}", refresh=False)
+
+    try:
+        with st:
+            for doc in docs:
+                texts.append(doc.text)
+                metas.append(doc.metadata)
+                size += len(doc.text)
+                if size >= BATCH_CHARS:
+                    flush()
+            flush()
+            st.commit()
+            committed_docs, committed_chunks = n_docs, n_chunks
+            version = st.version
+    except KeyboardInterrupt:
+        interrupted = True
+        version = _manifest.read_manifest(root)["version"]
+    finally:
+        bar.close()
+    return BuildResult(version, committed_docs, committed_chunks, time.perf_counter() - t0, interrupted)
+
+
+def _check_same_settings(st: Store, tokenizer, chunk_tokens, index) -> None:
+    m = st.manifest
+    problems = []
+    if chunk_tokens is not None and chunk_tokens != m["chunk_tokens"]:
+        problems.append(f"--chunk-tokens {chunk_tokens} (the store uses {m['chunk_tokens']})")
+    if index is not None and index != m["index"]["factory"]:
+        problems.append(f"--index {index!r} (the store uses {m['index']['factory']!r})")
+    if tokenizer is not None:
+        from ._fileio import sha256_file
+
+        if sha256_file(tokenizer)[1] != m["tokenizer"]["sha256"]:
+            problems.append(f"--tokenizer {tokenizer} (differs from the store's tokenizer.json)")
+    if problems:
+        st.close()
+        raise InvalidInputError(
+            f"{st.path} already exists with other settings: {'; '.join(problems)}. Omit these options "
+            "to append with the store's own settings, or build into a new path"
+        )

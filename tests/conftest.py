@@ -1,0 +1,54 @@
+"""Shared fixtures: the real corpus, the real default embedder, small real stores."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PYDOCS = SHARED / "data" / "pydocs.jsonl.zst"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+def read_pydocs() -> list[dict]:
+    """All 497 records of the real corpus, in file order."""
+    with open(PYDOCS, "rb") as fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh)
+        return [json.loads(line) for line in io.TextIOWrapper(reader, encoding="utf-8")]
+
+
+@pytest.fixture(scope="session")
+def pydocs() -> list[dict]:
+    return read_pydocs()
+
+
+@pytest.fixture(scope="session")
+def small_docs(pydocs) -> list[dict]:
+    """20 real documents, the smallest of the corpus plus library/base64.rst (cheap to embed)."""
+    by_size = sorted(pydocs, key=lambda d: len(d["text"]))
+    picked = [d for d in by_size if d["text"].strip()][:19]
+    base64 = next(d for d in pydocs if d["meta"]["source"].endswith("library/base64.rst"))
+    return picked + [base64]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    import retrostore
+
+    return retrostore.default_embedder()
+
+
+@pytest.fixture(scope="session")
+def built_store(tmp_path_factory, small_docs, embedder):
+    """A committed store of the 20 small real documents (read-only use in tests)."""
+    import retrostore
+
+    path = tmp_path_factory.mktemp("stores") / "small.rstore"
+    with retrostore.create(path, embedder=embedder) as st:
+        st.append([d["text"] for d in small_docs], metadata=[d["meta"] for d in small_docs])
+        st.commit()
+    return path

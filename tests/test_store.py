@@ -1,0 +1,308 @@
+"""The core store: create/open, append, commit, search, read back, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import (
+    EmbedderMismatchError,
+    InvalidDocumentError,
+    InvalidEmbeddingsError,
+    InvalidInputError,
+    InvalidMetadataError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    RetrostoreError,
+    StoreClosedError,
+    StoreExistsError,
+)
+
+
+def _unit(rng, n, dim=384):
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+class ConstantEmbedder:
+    """An embedder with another fingerprint (for mismatch tests)."""
+
+    dim = 384
+    fingerprint = {"kind": "test", "name": "constant", "model_sha256": "0" * 64, "dim": 384}
+
+    def embed(self, texts):
+        return np.ones((len(texts), 384), np.float32) / np.sqrt(384)
+
+
+def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
+    path = tmp_path / "s.rstore"
+    st = retrostore.create(path, embedder=embedder)
+    assert st.version == 0 and len(st) == 0
+    docs = [d["text"] for d in small_docs[:5]]
+    ids = st.append(docs, metadata=[d["meta"] for d in small_docs[:5]])
+    assert ids == [0, 1, 2, 3, 4]
+    assert st.commit() == 1
+    st.close()
+    st.close()  # idempotent
+    with pytest.raises(StoreClosedError):
+        st.search("anything")
+    with retrostore.open(path) as st:
+        assert st.version == 1
+        for i, d in enumerate(docs):
+            doc = st.get_document(i)
+            assert doc.text == d  # byte for byte
+            assert doc.metadata == small_docs[i]["meta"]
+            chunks = st.get_chunks(doc.chunk_ids)
+            assert "".join(c.text for c in chunks) == d
+            assert [c.position for c in chunks] == list(range(len(chunks)))
+            assert all(c.doc_id == i for c in chunks)
+            assert all(1 <= len(c.tokens) <= 64 for c in chunks)
+            assert all(len(c.tokens) == 64 for c in chunks[:-1])
+        info = st.info()
+        assert info["documents"] == 5 and info["chunks"] == len(st) == info["vectors"]
+        assert info["dim"] == 384 and info["metric"] == "ip"
+        assert info["embedder"]["model_sha256"] == retrostore.DEFAULT_MODEL_SHA256
+        assert st.verify() == []
+
+
+def test_manifest_pins_format_and_fingerprints(built_store):
+    raw = json.loads((built_store / "manifest.json").read_text())
+    body = raw["body"]
+    assert body["format_version"] == 1 and body["min_reader_version"] == 1
+    assert body["chunk_tokens"] == 64
+    emb = body["embedder"]
+    assert emb["dim"] == 384 and emb["pooling"] == "mean" and emb["normalize"] is True
+    assert emb["model_sha256"] == retrostore.DEFAULT_MODEL_SHA256
+    assert body["metric"] == "ip"
+    assert body["index"]["factory"] == "Flat"
+    for entry in body["index"]["segments"] + body["vectors"]["files"] + [body["tokenizer"]]:
+        assert (built_store / entry["path"]).stat().st_size == entry["size"]
+        assert len(entry["sha256"]) == 64
+    assert body["next_chunk_id"] == body["counts"]["chunks"]
+
+
+def test_create_refuses_existing(tmp_path, embedder):
+    path = tmp_path / "s"
+    retrostore.create(path, embedder=embedder).close()
+    with pytest.raises(StoreExistsError, match="already exists"):
+        retrostore.create(path, embedder=embedder)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreExistsError):
+        retrostore.create(tmp_path / "file", embedder=embedder)
+    assert isinstance(StoreExistsError("x"), FileExistsError)
+
+
+def test_create_accepts_empty_directory(tmp_path, embedder):
+    (tmp_path / "empty").mkdir()
+    with retrostore.create(tmp_path / "empty", embedder=embedder) as st:
+        assert st.version == 0
+
+
+def test_open_not_a_store(tmp_path):
+    with pytest.raises(NotAStoreError, match="not a retrostore store"):
+        retrostore.open(tmp_path)
+    with pytest.raises(NotAStoreError):
+        retrostore.open(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):  # also the built-in
+        retrostore.open(tmp_path / "missing")
+
+
+def test_bad_create_settings(tmp_path, embedder):
+    with pytest.raises(InvalidInputError, match="chunk_tokens"):
+        retrostore.create(tmp_path / "a", embedder=embedder, chunk_tokens=0)
+    with pytest.raises(InvalidInputError, match="metric"):
+        retrostore.create(tmp_path / "b", embedder=embedder, metric="cosine")
+    with pytest.raises(InvalidInputError, match="factory"):
+        retrostore.create(tmp_path / "c", embedder=embedder, index="NotAFactory")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_append_invisible_until_commit(tmp_path, small_docs, embedder):
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder) as w:
+        w.append(small_docs[0]["text"])
+        w.commit()
+        reader = retrostore.open(path, embedder=embedder)
+        n = len(reader)
+        w.append([small_docs[1]["text"]])
+        # neither the reader nor the writer's own search sees uncommitted chunks
+        assert len(w) == n
+        _, ids = w.search_vectors(_unit(np.random.default_rng(0), 3), k=50)
+        assert ids.max() < n
+        assert reader.refresh() == 1
+        w.commit()
+        assert reader.refresh() == 2 and len(reader) > n
+        reader.close()
+
+
+def test_uncommitted_appends_are_discarded_on_close(tmp_path, small_docs, embedder):
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder) as w:
+        w.append(small_docs[0]["text"])
+        w.commit()
+        n = len(w)
+        w.append(small_docs[1]["text"])
+    with retrostore.open(path, "a", embedder=embedder) as w:
+        assert len(w) == n and w.verify() == []
+        w.append(small_docs[2]["text"])
+        w.commit()
+        assert w.get_document(1).text == small_docs[2]["text"]
+
+
+def test_bad_documents_and_metadata(tmp_path, embedder):
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        with pytest.raises(InvalidDocumentError, match="document 1 is a bytes"):
+            st.append(["ok", b"bytes"])
+        with pytest.raises(InvalidDocumentError, match="document 0 is a int"):
+            st.append([3])
+        with pytest.raises(InvalidDocumentError):
+            st.append(b"raw bytes")
+        with pytest.raises(InvalidMetadataError, match=r"metadata\[0\]\['a'\]"):
+            st.append(["x"], metadata=[{"a": {1: "int key"}}])
+        with pytest.raises(InvalidMetadataError, match="not finite"):
+            st.append(["x"], metadata=[{"score": float("nan")}])
+        with pytest.raises(InvalidMetadataError, match="set"):
+            st.append(["x"], metadata=[{"tags": {"a"}}])
+        with pytest.raises(InvalidInputError, match="2 metadata values for 1 documents"):
+            st.append(["x"], metadata=[{}, {}])
+        assert st.commit() == 0  # nothing was staged by the failed appends
+        ids = st.append(["numpy metadata"], metadata=[{"n": np.int64(3), "f": np.float32(0.5), "a": np.arange(2)}])
+        st.commit()
+        assert st.get_document(ids[0]).metadata == {"n": 3, "f": 0.5, "a": [0, 1]}
+        assert isinstance(InvalidMetadataError("x"), ValueError)
+
+
+def test_empty_and_whitespace_documents(tmp_path, embedder):
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        ids = st.append(["", "   \n\t ", "real text here"])
+        st.commit()
+        assert ids == [0, 1, 2]
+        assert st.get_document(0).text == "" and len(st.get_document(0).chunk_ids) == 0
+        assert st.get_document(1).text == "   \n\t "
+        assert len(st) == 1 and st.verify() == []
+
+
+def test_precomputed_embeddings(tmp_path, small_docs, embedder):
+    rng = np.random.default_rng(1)
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        n = len(st.chunker.chunk(small_docs[-1]["text"]))
+        with pytest.raises(InvalidEmbeddingsError, match=rf"\({n}, 384\)"):
+            st.append(small_docs[-1]["text"], embeddings=np.zeros((n + 1, 384), np.float32))
+        with pytest.raises(InvalidEmbeddingsError, match="shape"):
+            st.append(small_docs[-1]["text"], embeddings=np.zeros((n, 128), np.float32))
+        bad = _unit(rng, n)
+        bad[0, 5] = np.nan
+        with pytest.raises(InvalidEmbeddingsError, match="NaN or inf"):
+            st.append(small_docs[-1]["text"], embeddings=bad)
+        vecs = _unit(rng, n).astype(np.float64)  # float64 is converted
+        st.append(small_docs[-1]["text"], embeddings=vecs)
+        st.commit()
+        scores, ids = st.search_vectors(vecs[:2], k=1)
+        assert ids[:, 0].tolist() == [0, 1]
+        assert scores.dtype == np.float32 and ids.dtype == np.int64
+        np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+
+
+def test_search_empty_store_and_k(tmp_path, embedder):
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        assert st.search("anything") == []
+        assert st.search(["a", "b"]) == [[], []]
+        with pytest.raises(InvalidInputError, match="k=0"):
+            st.search("x", k=0)
+        with pytest.raises(InvalidInputError):
+            st.search_vectors(np.zeros((1, 384), np.float32), k=-1)
+        with pytest.raises(InvalidInputError, match="384"):
+            st.search_vectors(np.zeros((1, 10), np.float32), k=1)
+        with pytest.raises(InvalidInputError, match="NaN"):
+            st.search_vectors(np.full((1, 384), np.nan, np.float32), k=1)
+        scores, ids = st.search_vectors(np.zeros((2, 384), np.float32), k=3)
+        assert ids.shape == (2, 3) and (ids == -1).all()
+
+
+def test_k_larger_than_store(built_store, embedder):
+    with retrostore.open(built_store, embedder=embedder) as st:
+        n = len(st)
+        hits = st.search("base64", k=n + 10)
+        assert len(hits) == n
+        assert len({h.chunk_id for h in hits}) == n
+        scores, ids = st.search_vectors(embedder.embed(["base64"]), k=n + 10)
+        assert (ids[0, n:] == -1).all() and (ids[0, :n] >= 0).all()
+
+
+def test_search_hits_and_continuations(built_store, embedder):
+    with retrostore.open(built_store, embedder=embedder) as st:
+        hits = st.search("decode base64 encoded data back into bytes", k=5)
+        assert len(hits) == 5
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        metas = st.get_metadata([h.doc_id for h in hits])
+        assert any(m["source"].endswith("library/base64.rst") for m in metas)
+        for h in hits:
+            doc = st.get_document(h.doc_id)
+            chunk = st.get_chunks([h.chunk_id])[0]
+            assert h.text == chunk.text and np.array_equal(h.tokens, chunk.tokens)
+            if h.chunk_id + 1 in doc.chunk_ids:
+                nxt = st.get_chunks([h.chunk_id + 1])[0]
+                assert h.continuation_text == nxt.text
+                assert np.array_equal(h.continuation_tokens, nxt.tokens)
+            else:
+                assert h.continuation_text == "" and len(h.continuation_tokens) == 0
+        batch = st.search(["base64 decoding", "unrelated question about gardens"], k=3)
+        assert len(batch) == 2 and all(len(b) == 3 for b in batch)
+        assert batch[0][0].chunk_id == st.search("base64 decoding", k=1)[0].chunk_id
+
+
+def test_last_chunk_of_document_has_empty_continuation(built_store, embedder):
+    with retrostore.open(built_store, embedder=embedder) as st:
+        doc = st.get_document(0)
+        last = st.get_chunks([doc.chunk_ids[-1]])[0]
+        vec = embedder.embed_token_ids([last.tokens])
+        hit = st.search_vectors(vec, k=1)[1][0, 0]
+        assert hit == last.chunk_id
+        hits = st._hits(*st.search_vectors(vec, k=1))
+        assert hits[0][0].continuation_text == ""
+
+
+def test_embedder_mismatch(built_store):
+    with pytest.raises(EmbedderMismatchError, match="model_sha256"):
+        retrostore.open(built_store, embedder=ConstantEmbedder())
+
+
+def test_store_with_other_embedder_needs_it(tmp_path, small_docs):
+    path = tmp_path / "other"
+    with retrostore.create(path, embedder=ConstantEmbedder(), tokenizer=retrostore.default_tokenizer_path()) as st:
+        st.append(small_docs[0]["text"])
+        st.commit()
+    with retrostore.open(path) as st:
+        with pytest.raises(EmbedderMismatchError, match="0000000000"):
+            st.search("x")
+        assert st.search_vectors(np.ones((1, 384), np.float32), k=1)[1][0, 0] == 0
+    with retrostore.open(path, embedder=ConstantEmbedder()) as st:
+        assert len(st.search("x", k=2)) == 1  # the store holds one chunk
+
+
+def test_reader_cannot_write(built_store):
+    with retrostore.open(built_store) as st:
+        with pytest.raises(ReadOnlyStoreError):
+            st.append("x")
+        with pytest.raises(ReadOnlyStoreError):
+            st.commit()
+
+
+def test_bad_mode_and_errors_share_a_base(built_store):
+    with pytest.raises(InvalidInputError, match="mode"):
+        retrostore.open(built_store, "w")
+    for name in retrostore.__all__:
+        obj = getattr(retrostore, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, RetrostoreError)
+
+
+def test_get_out_of_range(built_store):
+    with retrostore.open(built_store) as st:
+        with pytest.raises(InvalidInputError, match="outside the committed range"):
+            st.get_chunks([len(st)])
+        with pytest.raises(InvalidInputError):
+            st.get_document(-1)

@@ -172,6 +172,30 @@ def verify(store, as_json):
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .npy (int64, -1 padded).")
+@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
+@click.option("--exclude-same-doc", is_flag=True, help="Skip neighbours from the query chunk's own document.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False),
+              help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def neighbors(store, out, k, exclude_same_doc, batch_size, queries, quiet):
+    """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
+    file) into a .npy array for RETRO training. Interrupt and re-run to resume."""
+    if exclude_same_doc and queries:
+        raise click.UsageError("--exclude-same-doc applies to the store's own chunks, not to --queries")
+    with retrostore.open(store) as st:
+        path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
+                                       queries=queries, progress=not quiet)
+    import numpy as np
+
+    arr = np.load(path, mmap_mode="r")
+    click.echo(f"wrote {path}: shape {arr.shape} int64")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="retrostore")

@@ -17,6 +17,7 @@ from ._chunking import Chunker
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
 from ._store import Store, create
 from ._store import open_store as open
+from ._retro import Neighbors
 from ._types import Chunk, Document, Hit
 from .errors import (
     CommitError,
@@ -46,6 +47,7 @@ __all__ = [
     "open",
     "Store",
     "Hit",
+    "Neighbors",
     "Chunk",
     "Document",
     "Chunker",

@@ -316,6 +316,19 @@ class ChunkTable:
                 out[name] = {"entries": txn.stat(db)["entries"], "first": first, "last": last}
         return out
 
+    def chunk_doc_ids(self, n_chunks: int, n_docs: int) -> np.ndarray:
+        """Document id of every committed chunk, shape (n_chunks,), int64 (from the docs table)."""
+        out = np.full(n_chunks, -1, np.int64)
+        with self._begin() as txn:
+            cur = txn.cursor(self._docs)
+            for k, v in cur:
+                did = int.from_bytes(k, "big")
+                if did >= n_docs:
+                    break
+                r = msgpack.unpackb(v, raw=False)
+                out[r["c"] : r["c"] + r["n"]] = did
+        return out
+
     def count_below(self, table: str, end: int) -> int:
         """Number of records with id < ``end`` in ``"chunks"`` or ``"docs"``."""
         db = {"chunks": self._chunks, "docs": self._docs}[table]

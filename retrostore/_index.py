@@ -12,7 +12,6 @@ Checksums are verified before FAISS deserialises any file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

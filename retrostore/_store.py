@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import secrets
-import shutil
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 from . import _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
-from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_tokenizer_path
+from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
 from ._index import Segment, SegmentSet, build_segment, load_segment, merge_segments, plan_merge, serialize
 from ._metadata import clean_metadata
 from ._types import Chunk, Document, Hit
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from ._retro import Neighbors
 from ._vectors import write_vectors
 from .errors import (
-    CommitError,
     CorruptStoreError,
     EmbedderMismatchError,
     ForkedStoreError,
@@ -43,10 +41,9 @@ from .errors import (
     ReadOnlyStoreError,
     RetrostoreError,
     StoreClosedError,
-    StoreExistsError,
 )
 
-__all__ = ["Store", "create", "open_store", "DEFAULTS"]
+__all__ = ["Store", "open_store", "DEFAULTS"]
 
 #: Store settings and their defaults (persisted in the manifest's "settings").
 DEFAULTS: dict[str, Any] = {
@@ -94,132 +91,6 @@ def _genesis_chain() -> str:
     return hashlib.sha256(_GENESIS.encode()).hexdigest()
 
 
-def create(
-    path: str | os.PathLike,
-    *,
-    tokenizer: str | os.PathLike | None = None,
-    embedder: Embedder | None = None,
-    chunk_tokens: int = 64,
-    metric: str = "ip",
-    index: str = "Flat",
-    keep_vectors: bool = DEFAULTS["keep_vectors"],
-    vector_dtype: str = DEFAULTS["vector_dtype"],
-    retain_versions: int = DEFAULTS["retain_versions"],
-    threads: int | None = None,
-) -> "Store":
-    """Create a new, empty store and open it for writing.
-
-    Creating is committing: the store is assembled in a temporary directory
-    beside ``path`` and renamed into place, so a crash leaves either nothing
-    or a valid empty store (version 0).
-
-    Parameters
-    ----------
-    path : path-like
-        Directory to create. It must not exist (an existing empty directory
-        is accepted and replaced).
-    tokenizer : path-like, optional
-        HF ``tokenizer.json`` used to cut documents into chunks (the language
-        model's tokenizer). Default: the embedder's tokenizer (all-MiniLM-L6-v2
-        WordPiece for the default embedder).
-    embedder : Embedder, optional
-        Default: :func:`retrostore.default_embedder` (all-MiniLM-L6-v2, 384-d,
-        mean pooling, L2-normalised).
-    chunk_tokens : int, default 64
-        Tokens per chunk; 64 is RETRO's value (Borgeaud et al. 2021, §2.3).
-    metric : {"ip", "l2"}, default "ip"
-        Inner product (cosine for normalised vectors) or squared L2.
-    index : str, default "Flat"
-        FAISS factory string of each index segment; ``"Flat"`` is exact search.
-    keep_vectors : bool, default True
-        Keep raw vectors (``vector_dtype``) beside the index.
-    vector_dtype : {"float16", "float32"}, default "float16"
-    retain_versions : int, default 3
-        Committed versions kept readable with ``open(path, version=V)``.
-    threads : int, optional
-        FAISS and onnxruntime threads; default the CPUs this process may use.
-
-    Returns
-    -------
-    Store
-        Open with ``mode="a"`` at version 0.
-
-    Raises
-    ------
-    StoreExistsError
-        ``path`` exists and is not an empty directory.
-    InvalidInputError
-        A setting is out of range (named in the message).
-    """
-    root = Path(path)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise StoreExistsError(
-            f"{root} already exists; open it with retrostore.open({str(root)!r}, mode='a') to add to it, "
-            "or choose a new path"
-        )
-    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= 4096:
-        raise InvalidInputError(f"chunk_tokens={chunk_tokens!r} must be an int in [1, 4096]; RETRO uses 64")
-    if metric not in ("ip", "l2"):
-        raise InvalidInputError(f"metric={metric!r} must be 'ip' (inner product) or 'l2'")
-    if vector_dtype not in ("float16", "float32"):
-        raise InvalidInputError(f"vector_dtype={vector_dtype!r} must be 'float16' or 'float32'")
-    if not isinstance(retain_versions, int) or retain_versions < 1:
-        raise InvalidInputError(f"retain_versions={retain_versions!r} must be an int >= 1")
-    if not isinstance(index, str) or not index.strip():
-        raise InvalidInputError(f"index={index!r} must be a FAISS factory string such as 'Flat'")
-    emb = embedder if embedder is not None else default_embedder(threads=threads)
-    _check_embedder(emb)
-    tok_path = Path(tokenizer) if tokenizer is not None else _embedder_tokenizer_path(emb)
-    chunker = Chunker(tok_path, chunk_tokens)
-    # Refuse a factory string FAISS cannot build now, not at the first commit.
-    try:
-        probe = faiss.index_factory(int(emb.dim), index, faiss.METRIC_INNER_PRODUCT)
-        del probe
-    except RuntimeError as exc:
-        raise InvalidInputError(f"FAISS cannot build the factory string {index!r} for dimension {emb.dim}: {exc}") from exc
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        tsize, tsha = _fileio.write_durable(tmp / TOKENIZER, [Path(tok_path).read_bytes()])
-        for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR):
-            (tmp / sub).mkdir()
-        ChunkTable.initialise(tmp)
-        now = _now()
-        body = {
-            "format_version": _manifest.FORMAT_VERSION,
-            "min_reader_version": _manifest.MIN_READER_VERSION,
-            "version": 0,
-            "created_at": now,
-            "committed_at": now,
-            "chunk_tokens": chunk_tokens,
-            "metric": metric,
-            "tokenizer": {
-                "path": TOKENIZER, "size": tsize, "sha256": tsha,
-                "vocab_size": chunker.vocab_size, "pad_id": chunker.pad_id,
-                "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
-            },
-            "embedder": _json_fingerprint(emb),
-            "index": {"factory": index, "params": {}, "dim": int(emb.dim), "segments": [], "template": None},
-            "vectors": {"dtype": vector_dtype, "files": []},
-            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain()},
-            "counts": {"documents": 0, "chunks": 0, "vectors": 0},
-            "next_chunk_id": 0,
-            "next_doc_id": 0,
-            "settings": {"retain_versions": retain_versions, "keep_vectors": bool(keep_vectors)},
-        }
-        _manifest.write_manifest(tmp, body)
-        for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):
-            _fileio.fsync_dir(tmp / sub)
-        os.replace(tmp, root)  # atomic; replaces an empty directory
-        _fileio.fsync_dir(root.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Store(root, mode="a", embedder=emb, threads=threads)
-
-
 def open_store(
     path: str | os.PathLike,
     mode: str = "r",
@@ -261,32 +132,6 @@ def open_store(
         Bad ``mode`` or ``version``.
     """
     return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads)
-
-
-def _check_embedder(emb: Any) -> None:
-    for attr in ("dim", "fingerprint", "embed"):
-        if not hasattr(emb, attr):
-            raise InvalidInputError(
-                f"embedder {type(emb).__name__} lacks {attr!r}; an Embedder has dim, fingerprint and embed(texts)"
-            )
-
-
-def _embedder_tokenizer_path(emb: Any) -> Path:
-    path = getattr(emb, "tokenizer_path", None)
-    if path is None:
-        if getattr(emb, "fingerprint", {}).get("model_sha256") == DEFAULT_MODEL_SHA256:
-            return default_tokenizer_path()
-        raise InvalidInputError(
-            f"embedder {type(emb).__name__} has no tokenizer_path; pass tokenizer=PATH to create() "
-            "to choose the chunk tokenizer"
-        )
-    return Path(path)
-
-
-def _json_fingerprint(emb: Any) -> dict:
-    import json
-
-    return json.loads(json.dumps(dict(emb.fingerprint), sort_keys=True))
 
 
 def _fingerprint_diff(a: dict, b: dict) -> str:
@@ -395,6 +240,8 @@ class Store:
     def _bind_embedder(self, embedder) -> None:
         want = self._manifest["embedder"]
         if embedder is not None:
+            from ._create import _check_embedder, _json_fingerprint
+
             _check_embedder(embedder)
             got = _json_fingerprint(embedder)
             # "name" is a label (often the file name); the weights are pinned by model_sha256.

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from . import _manifest
 from ._inputs import count_input_bytes, iter_documents
-from ._store import Store, create, open_store
+from ._create import create
+from ._store import Store, open_store
 from .errors import InvalidInputError
 
 __all__ = ["build_store", "BuildResult"]

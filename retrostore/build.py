@@ -108,6 +108,8 @@ def build_store(
     texts: list[str] = []
     metas: list = []
     size = 0
+    # ~4 characters per token: keep batches below one commit's worth of chunks.
+    batch_chars = min(BATCH_CHARS, max(1_000, commit_every * 4 * 16))
 
     def flush() -> None:
         nonlocal texts, metas, size, n_docs, n_chunks, since_commit, committed_docs, committed_chunks
@@ -133,7 +135,7 @@ def build_store(
                 texts.append(doc.text)
                 metas.append(doc.metadata)
                 size += len(doc.text)
-                if size >= BATCH_CHARS:
+                if size >= batch_chars:
                     flush()
             flush()
             st.commit()

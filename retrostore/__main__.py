@@ -1,6 +1,23 @@
-"""``python -m retrostore``: the command-line interface."""
+"""``python -m retrostore``: the command-line interface.
 
-from retrostore.cli import main
+An install maps the project's ``cli/`` folder to ``retrostore.cli``. Run from a
+source checkout, the local ``retrostore/`` folder shadows the install and has
+no ``cli`` subpackage, so the front end is then loaded from ``../cli``.
+"""
+
+try:
+    from retrostore.cli import main
+except ModuleNotFoundError:  # source checkout: cli/ sits beside retrostore/
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _init = Path(__file__).resolve().parents[1] / "cli" / "__init__.py"
+    _spec = importlib.util.spec_from_file_location("retrostore.cli", _init)
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["retrostore.cli"] = _mod
+    _spec.loader.exec_module(_mod)
+    main = _mod.main
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from ._chunking import Chunker
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
+from ._artifact import pack
 from ._create import create
 from ._store import Store
 from ._store import open_store as open
+from ._unpack import unpack
 from ._retro import Neighbors
 from ._types import Chunk, Document, Hit
 from .errors import (
@@ -32,11 +34,13 @@ from .errors import (
     InvalidInputError,
     InvalidMetadataError,
     ModelChecksumError,
+    NoRawVectorsError,
     NotAStoreError,
     ReadOnlyStoreError,
     RetrostoreError,
     StoreClosedError,
     StoreExistsError,
+    UnsafeArchiveError,
     WriterLockedError,
 )
 
@@ -46,6 +50,8 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "pack",
+    "unpack",
     "Store",
     "Hit",
     "Neighbors",
@@ -74,4 +80,6 @@ __all__ = [
     "ForkedStoreError",
     "IndexTrainingError",
     "CommitError",
+    "UnsafeArchiveError",
+    "NoRawVectorsError",
 ]

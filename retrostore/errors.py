@@ -27,6 +27,8 @@ __all__ = [
     "ForkedStoreError",
     "IndexTrainingError",
     "CommitError",
+    "UnsafeArchiveError",
+    "NoRawVectorsError",
 ]
 
 
@@ -96,3 +98,15 @@ class IndexTrainingError(RetrostoreError):
 
 class CommitError(RetrostoreError, OSError):
     """A commit failed (disk full, I/O error); the previous version is intact."""
+
+
+class UnsafeArchiveError(RetrostoreError):
+    """An archive given to ``unpack`` was refused: path traversal, an absolute
+    path, a link or device file, a name outside the store layout, a size
+    limit, a member bigger than declared, or a manifest naming a file outside
+    the store."""
+
+
+class NoRawVectorsError(RetrostoreError):
+    """An operation (``reindex``) needs raw vectors the store does not keep
+    (dropped by ``pack --no-vectors``, or created with ``keep_vectors=False``)."""

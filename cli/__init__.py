@@ -139,6 +139,7 @@ def inspect(store, as_json):
                   f"({idx['bytes_per_vector']} bytes/vector)"),
         ("files", f"index {_human(files['index_bytes'])}, vectors {_human(files['vectors_bytes'])} "
                   f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
+        ("manifest", f"sha256 {info['manifest_sha256']}"),
         ("created", info["created_at"]),
         ("committed", info["committed_at"]),
     ]
@@ -192,8 +193,64 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, quiet):
                                        queries=queries, progress=not quiet)
     import numpy as np
 
-    arr = np.load(path, mmap_mode="r")
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
     click.echo(f"wrote {path}: shape {arr.shape} int64")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--no-vectors", is_flag=True,
+              help="Leave out the raw vectors (a slim artifact; the manifest records it and reindex will refuse).")
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
+              help="zstd compression level for .tar.zst.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_friendly
+def pack(store, out, no_vectors, level, force):
+    """Pack the current version of STORE into one archive OUT (.tar, or .tar.zst
+    for zstd): compacted LMDB with only committed records, the referenced index
+    and vector files, tokenizer and manifest. Packing the same version twice
+    gives the same bytes."""
+    try:
+        res = retrostore.pack(store, out, vectors=not no_vectors, overwrite=force, level=level)
+    except RetrostoreError:
+        raise
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc}") from None
+    click.echo(f"packed {store} version {res.version} into {res.path}: {res.files} files, "
+               f"{_human(res.size_bytes)}{'' if res.vectors else ', raw vectors dropped'}")
+    click.echo(f"manifest sha256 {res.manifest_sha256}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--expect-manifest-sha256", "expected", default=None, metavar="HEX",
+              help="Refuse the archive unless its manifest.json has this sha256 (the published value).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse archives that extract to more bytes than this (default 1 TiB).")
+@click.option("--max-member-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse archives with a member larger than this (default 256 GiB).")
+@_friendly
+def unpack(archive, dest, expected, max_bytes, max_member_bytes):
+    """Safely extract a store ARCHIVE (made by `retrostore pack`) into the new
+    directory DEST and verify every checksum before reporting success. Hostile
+    archives (absolute paths, '..', links, device files, oversized members) are
+    refused and nothing is written outside DEST."""
+    limits = {}
+    if max_bytes is not None:
+        limits["max_total_bytes"] = max_bytes
+    if max_member_bytes is not None:
+        limits["max_member_bytes"] = max_member_bytes
+    try:
+        res = retrostore.unpack(archive, dest, expected_manifest_sha256=expected, **limits)
+    except RetrostoreError:
+        raise
+    except OSError as exc:
+        raise click.ClickException(f"cannot unpack {archive}: {exc}") from None
+    click.echo(f"unpacked {archive} into {res.path}: version {res.version}, {res.files} files, "
+               f"{_human(res.size_bytes)}, verified intact{'' if res.vectors else ' (raw vectors dropped at pack)'}")
+    click.echo(f"manifest sha256 {res.manifest_sha256}")
 
 
 def main() -> None:

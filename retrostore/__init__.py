@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from ._chunking import Chunker
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
+from ._artifact import pack
 from ._create import create
 from ._store import Store
 from ._store import open_store as open
+from ._unpack import unpack
 from ._retro import Neighbors
 from ._types import Chunk, Document, Hit
 from .errors import (
@@ -35,11 +37,13 @@ from .errors import (
     InvalidMetadataError,
     ModelChecksumError,
     ModelNotInstalledError,
+    NoRawVectorsError,
     NotAStoreError,
     ReadOnlyStoreError,
     RetrostoreError,
     StoreClosedError,
     StoreExistsError,
+    UnsafeArchiveError,
     WriterLockedError,
 )
 
@@ -49,6 +53,8 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "pack",
+    "unpack",
     "Store",
     "Hit",
     "Neighbors",
@@ -80,4 +86,6 @@ __all__ = [
     "InputNotFoundError",
     "InputReadError",
     "ModelNotInstalledError",
+    "UnsafeArchiveError",
+    "NoRawVectorsError",
 ]

@@ -67,6 +67,10 @@ def check_lmdb_file(path: Path) -> None:
             head = fh.read(2 * 65536)
     except FileNotFoundError:
         raise CorruptStoreError(f"{name}: the LMDB data file is missing") from None
+    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
+        from ._artifact import git_lfs_pointer
+
+        raise CorruptStoreError(f"{name}: {git_lfs_pointer(path) or 'it is a Git LFS pointer file'}")
     if len(head) < 160:
         raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
     magic, _version = struct.unpack_from("<II", head, 16)

@@ -96,7 +96,8 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True) -> Segment:
     except FileNotFoundError:
         raise CorruptStoreError(f"{rel}: index file referenced by the manifest is missing") from None
     if size != entry["size"]:
-        raise CorruptStoreError(f"{rel}: index file is {size} bytes, the manifest says {entry['size']}; it is damaged")
+        raise CorruptStoreError(f"{rel}: index file is {size} bytes, the manifest says {entry['size']}; "
+                                f"{_lfs_pointer(path) or 'it is damaged'}")
     raw = np.fromfile(path, dtype=np.uint8)
     if verify:
         import hashlib
@@ -236,7 +237,15 @@ def check_file(root: Path, entry: dict) -> str | None:
     except OSError as exc:
         return f"{rel}: cannot be read ({exc})"
     if size != entry["size"]:
-        return f"{rel}: {size} bytes, the manifest says {entry['size']}"
+        lfs = _lfs_pointer(path)
+        return f"{rel}: {size} bytes, the manifest says {entry['size']}" + (f"; {lfs}" if lfs else "")
     if sha != entry["sha256"]:
         return f"{rel}: checksum mismatch (manifest {entry['sha256'][:16]}..., file {sha[:16]}...)"
     return None
+
+
+def _lfs_pointer(path: Path) -> str | None:
+    """Why a file of the wrong size is a Git LFS pointer, if it is one."""
+    from ._artifact import git_lfs_pointer
+
+    return git_lfs_pointer(path)

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from . import _manifest
+from ._artifact import manifest_sha256
 from ._chunks import LMDB_DIR, check_lmdb_file
 from ._index import check_file
 from .errors import CorruptStoreError, RetrostoreError
@@ -72,6 +73,7 @@ def store_info(store: "Store") -> dict:
             "total_bytes": _dir_bytes(root),
         },
         "settings": m["settings"],
+        "manifest_sha256": manifest_sha256(root, m),
         "created_at": m["created_at"],
         "committed_at": m["committed_at"],
         "modified_at": _dt.datetime.fromtimestamp(manifest_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),

@@ -900,6 +900,9 @@ class Store:
             vec = next((e for e in self._manifest["vectors"]["files"]
                         if e["first_id"] <= lo and hi <= e["first_id"] + e["count"]), None)
             if vec is None:
+                from ._artifact import require_raw_vectors  # says when they were dropped at pack time
+
+                require_raw_vectors(self._manifest, "precomputing store neighbours over this index")
                 raise RetrostoreError(
                     f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
                     "precomputing store neighbours needs keep_vectors=True or a reconstructible index"

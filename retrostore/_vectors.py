@@ -57,7 +57,11 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True) -> np.ndarray:
     except FileNotFoundError:
         raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing") from None
     if size != entry["size"]:
-        raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}")
+        from ._artifact import git_lfs_pointer
+
+        lfs = git_lfs_pointer(path)
+        raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}"
+                                + (f"; {lfs}" if lfs else ""))
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError) as exc:

@@ -30,6 +30,8 @@ __all__ = [
     "InputNotFoundError",
     "InputReadError",
     "ModelNotInstalledError",
+    "UnsafeArchiveError",
+    "NoRawVectorsError",
 ]
 
 
@@ -111,3 +113,15 @@ class InputReadError(InvalidInputError):
 
 class ModelNotInstalledError(RetrostoreError, ImportError):
     """The package that provides a model is not installed."""
+
+
+class UnsafeArchiveError(RetrostoreError):
+    """An archive given to ``unpack`` was refused: path traversal, an absolute
+    path, a link or device file, a name outside the store layout, a size
+    limit, a member bigger than declared, or a manifest naming a file outside
+    the store."""
+
+
+class NoRawVectorsError(RetrostoreError):
+    """An operation (``reindex``) needs raw vectors the store does not keep
+    (dropped by ``pack --no-vectors``, or created with ``keep_vectors=False``)."""

@@ -1,0 +1,118 @@
+"""Generate docs/api.md and docs/cli.md from the docstrings and click help.
+
+Run after changing a public name, docstring, command or option:
+
+    python docs/gen_reference.py
+
+tests/test_docs.py fails when the committed files differ from what this
+script writes, so the references never fall behind the code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import click
+
+import retrostore
+
+DOCS = Path(__file__).resolve().parent
+
+
+def _cli_group():
+    try:
+        from retrostore.cli import cli
+    except ModuleNotFoundError:  # source checkout without install
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("retrostore.cli", DOCS.parent / "cli" / "__init__.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["retrostore.cli"] = mod
+        spec.loader.exec_module(mod)
+        cli = mod.cli
+    return cli
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _doc(obj) -> str:
+    return inspect.cleandoc(obj.__doc__ or "").strip()
+
+
+def api_markdown() -> str:
+    out = [
+        "# Python API reference",
+        "",
+        "Generated from the docstrings by `python docs/gen_reference.py`; every name in",
+        "`retrostore.__all__` is listed here. Shapes, dtypes, units and errors are in each entry.",
+        "",
+    ]
+    names = [n for n in retrostore.__all__ if n != "__version__"]
+    errors = [n for n in names if isinstance(getattr(retrostore, n), type)
+              and issubclass(getattr(retrostore, n), BaseException)]
+    others = [n for n in names if n not in errors]
+    out += ["## Contents", ""]
+    out += [f"- [`{n}`](#{n.lower()})" for n in others]
+    out += ["- [Errors](#errors)", ""]
+    for name in others:
+        obj = getattr(retrostore, name)
+        out += [f"## {name}", ""]
+        if inspect.isclass(obj):
+            out += ["```python", f"class {name}{_signature(obj)}", "```", "", _doc(obj), ""]
+            for attr, member in sorted(vars(obj).items()):
+                if attr.startswith("_") or not (callable(member) or isinstance(member, property)):
+                    continue
+                target = member.fget if isinstance(member, property) else member
+                if not target.__doc__:
+                    continue
+                kind = "property" if isinstance(member, property) else "method"
+                sig = "" if kind == "property" else _signature(member)
+                out += [f"### {name}.{attr}", "", "```python", f"{attr}{sig}", "```", "", _doc(target), ""]
+        elif callable(obj):
+            out += ["```python", f"{name}{_signature(obj)}", "```", "", _doc(obj), ""]
+        else:
+            out += ["```python", f"{name} = {obj!r}", "```", ""]
+    out += ["## Errors", "", "Every public failure raises a subclass of `RetrostoreError`; where a built-in",
+            "exception has the same meaning the class inherits it too.", "",
+            "| error | also a | raised when |", "| --- | --- | --- |"]
+    for name in errors:
+        cls = getattr(retrostore, name)
+        builtins = [b.__name__ for b in cls.__mro__[1:] if b.__module__ == "builtins"
+                    and b not in (Exception, BaseException, object)]
+        doc = " ".join(_doc(cls).split())
+        out.append(f"| <a id=\"{name.lower()}\"></a>`{name}` | {', '.join(builtins) or '-'} | {doc} |")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def cli_markdown() -> str:
+    cli = _cli_group()
+    out = [
+        "# Command-line reference",
+        "",
+        "Generated from the click help by `python docs/gen_reference.py`. Every command is also",
+        "`python -m retrostore COMMAND`. Library errors print one line `Error: ...` and exit 1.",
+        "",
+    ]
+    ctx = click.Context(cli, info_name="retrostore", terminal_width=100, max_content_width=100)
+    for name in sorted(cli.commands):
+        cmd = cli.commands[name]
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100, max_content_width=100)
+        out += [f"## retrostore {name}", "", "```text", cmd.get_help(sub).rstrip(), "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main() -> None:
+    (DOCS / "api.md").write_text(api_markdown())
+    (DOCS / "cli.md").write_text(cli_markdown())
+    print(f"wrote {DOCS / 'api.md'} and {DOCS / 'cli.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -354,7 +354,7 @@ def build_sharded(
                 _remove_work(work, work_dir is None)  # left over from a crash after the last commit
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
-        own_dir = work_dir is None and not work.exists()
+        own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
         work.mkdir(parents=True, exist_ok=True)
         lock = _fileio.WriterLock(work / "LOCK")
         _shards.clean_temporaries(work)

@@ -166,7 +166,8 @@ class _RayEngine:
     def map(self, fn, calls: list[tuple]) -> list:
         task = self.ray.remote(_ray_call).options(num_cpus=1, max_retries=self.max_retries,
                                                   retry_exceptions=[OSError])
-        return self._get([task.remote(fn, *args) for args in calls])
+        refs = [task.remote(fn, *args) for args in calls]
+        return self._get(lambda: self.ray.get(refs))
 
     def start(self, indices: list[int]) -> None:
         ray = self.ray
@@ -183,22 +184,26 @@ class _RayEngine:
                                                    max_task_retries=self.max_retries)
         self._actors = [cls.remote(plan_ref, os.fspath(self.work), self.cpus) for _ in range(max(1, min(n_gpus,
                                                                                                         len(indices))))]
-        for why in set(self._get([a.fallback.remote() for a in self._actors])):
-            if why:
-                _fallback(why)
+        whys = self._get(lambda: ray.get([a.fallback.remote() for a in self._actors]))
+        for why in sorted(set(w for w in whys if w)):
+            _fallback(why)
+        if all(whys):
+            self.device = "cpu"
         pool = ActorPool(self._actors)
-        self._ordered = iter(zip(indices, pool.map(lambda a, i: a.run.remote(i), indices)))
+        self._ordered = zip(indices, pool.map(lambda a, i: a.run.remote(i), indices))
 
     def result(self, index: int) -> dict:
         if self._ordered is not None:
-            i, out = next(self._ordered)  # ActorPool.map yields in submission (= shard) order
-            assert i == index
+            i, out = self._get(lambda: next(self._ordered))  # ActorPool.map yields in shard order
+            assert i == index, (i, index)
             return out
-        return self._get(self._refs.pop(index))
+        ref = self._refs.pop(index)
+        return self._get(lambda: self.ray.get(ref))
 
-    def _get(self, refs):
+    def _get(self, fn):
+        """``fn()`` (a ``ray.get``), with Ray's errors turned into retrostore's."""
         try:
-            return self.ray.get(refs)
+            return fn()
         except self.ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, RetrostoreError):
@@ -251,6 +256,20 @@ def _remove_work(work: Path, own_dir: bool) -> None:
             work.rmdir()
         except OSError:
             pass
+
+
+def _untrainable(factory: str) -> bool:
+    """Whether ``factory`` needs training (probed at the default embedder's 384 dimensions)."""
+    try:
+        return _shards.needs_training(factory, 384, "ip")
+    except RuntimeError:
+        return False  # create() reports a factory string FAISS rejects
+
+
+def _training_error(factory: str) -> IndexTrainingError:
+    return IndexTrainingError(
+        f"the index {factory!r} needs training, and this retrostore cannot yet give a store a trained "
+        "template (Store.set_index_template, the stage-2 hook); build with the default 'Flat' index")
 
 
 def build_sharded(
@@ -334,6 +353,10 @@ def build_sharded(
         st = open_store(root, "a", threads=threads)
         _check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
+        from ._store import Store
+
+        if index and not hasattr(Store, "set_index_template") and _untrainable(index):
+            raise _training_error(index)  # before creating a store that could never take a vector
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
                     index=index or "Flat", threads=threads)
     eng = None
@@ -387,9 +410,7 @@ def build_sharded(
         # Stage 2: the index template, when the factory needs training.
         if _shards.needs_training(settings["index"], settings["dim"], settings["metric"]):
             if not hasattr(st, "set_index_template"):
-                raise IndexTrainingError(
-                    f"the index {settings['index']!r} needs training, and this retrostore cannot yet give a store "
-                    "a trained template (Store.set_index_template); build with the default 'Flat' index")
+                raise _training_error(settings["index"])
             local = eng if isinstance(eng, _LocalEngine) else _LocalEngine(plan, work, "cpu", threads)
             path = _shards.train_template(plan, work, local.embedder)
             st.set_index_template(path)  # hook for trained indexes (see docs/scaling.md)
@@ -402,7 +423,8 @@ def build_sharded(
         todo = list(range(record["merged"], n_shards))
         missing = [i for i in todo if not _shards.shard_complete(work, plan, i)]
         reused = len(todo) - len(missing)
-        eng.start(missing)
+        if missing:
+            eng.start(missing)
         from tqdm import tqdm
 
         bar = tqdm(total=n_shards, initial=record["merged"], unit="shard", disable=not progress,

@@ -274,7 +274,7 @@ def test_index_training_stage(tmp_path, corpus, embedder, local_store):
 def test_untrained_index_is_refused_before_any_shard(tmp_path, corpus):
     with pytest.raises(IndexTrainingError, match="IVF4,Flat.*needs training"):
         build_store(tmp_path / "s.rstore", [corpus], engine="local", index="IVF4,Flat", progress=False)
-    assert not list((tmp_path / "s.rstore.build").glob("shard-*"))
+    assert not (tmp_path / "s.rstore").exists() and not (tmp_path / "s.rstore.build").exists()
 
 
 def test_work_dir_of_another_build_is_refused(tmp_path, corpus, monkeypatch):
@@ -316,8 +316,10 @@ def ray_session(tmp_path_factory):
     ray = pytest.importorskip("ray")
     marker = tmp_path_factory.mktemp("fault") / "fired"
     # Shard 1's first attempt kills its worker while marker is absent (see _shards.FAULT_ENV).
-    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {_shards.FAULT_ENV: f"1:exit:{marker}"}})
+    # One declared GPU (there is none): the model-holding actor path runs, and falls back to CPU.
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=256 << 20, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {_shards.FAULT_ENV: f"1:exit:{marker}"}})
     try:
         yield marker
     finally:
@@ -344,10 +346,32 @@ def test_ray_retries_a_killed_shard_task(ray_session, tmp_path, corpus, local_st
     assert not (tmp_path / "killed.rstore.build").exists()
 
 
-def test_ray_device_cuda_without_gpus_falls_back(ray_session, tmp_path, slice30):
+def test_ray_gpu_actors_fall_back_to_cpu(ray_session, tmp_path, corpus, local_snap):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: no fallback to test")
     ray_session.write_text("disabled")
+    with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*onnxruntime-gpu.*Embedding on CPU"):
+        res = build_store(tmp_path / "gpu.rstore", [corpus], engine="ray", shards=3, device="cuda", progress=False)
+    assert (res.engine, res.device, res.documents) == ("ray", "cpu", 30)
+    _assert_same(_snapshot(tmp_path / "gpu.rstore"), local_snap)  # batches of 256 embed the same vectors
+
+
+def test_ray_cluster_without_gpus_falls_back(ray_session, tmp_path, slice30, monkeypatch):
+    import ray
+
+    ray_session.write_text("disabled")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     src = tmp_path / "few.jsonl"
     src.write_text("".join(json.dumps(d) + "\n" for d in slice30[:3]))
     with pytest.warns(RuntimeWarning, match="no GPUs.*Embedding on CPU"):
         res = build_store(tmp_path / "s.rstore", [src], engine="ray", device="cuda", progress=False)
     assert (res.engine, res.device, res.documents) == ("ray", "cpu", 3)
+
+
+def test_ray_bad_input_raises_the_library_error(ray_session, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(retrostore.InvalidDocumentError, match="bad.jsonl:2"):
+        build_store(tmp_path / "s.rstore", [bad], engine="ray", progress=False)

@@ -54,24 +54,59 @@ def cli() -> None:
 @click.option("--commit-every", type=int, default=20_000, show_default=True,
               help="Commit after this many chunks, so an interrupted build keeps its committed part.")
 @click.option("--threads", type=int, default=None, help="FAISS/onnxruntime threads (default: CPUs available).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+              help="Build in shards (plan, train, shard, merge): 'local' in this process, 'ray' as Ray tasks "
+                   "(pip install \"retrostore[ray]\"). Re-running resumes; see docs/scaling.md.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+@click.option("--shards", type=int, default=None,
+              help="Number of shards (default: one per 64 M characters of input). Implies --engine local.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Embed shards on GPUs with onnxruntime's CUDA provider (one model per GPU); falls back to CPU.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where shards wait to be merged (default STORE.build; shared storage on a cluster).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
-def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factory, commit_every, threads, quiet):
+def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factory, commit_every, threads,
+          engine, address, shards, device, work_dir, quiet):
     """Build (or append to) STORE from INPUT files: .txt (one document per file),
     .jsonl, .jsonl.gz, .jsonl.zst (The Pile's {"text", "meta"} lines) and
-    directories of these."""
+    directories of these.
+
+    With --engine (or --shards/--work-dir/--device cuda) the build runs in
+    stages that give the same store: plan shards, train the index if needed,
+    tokenize and embed each shard (on Ray with --engine ray), merge in order
+    and verify. Running it again after an interruption reuses finished shards;
+    after success it does nothing."""
+    import warnings
+
     from retrostore.build import build_store
 
     if commit_every < 1:
         raise click.BadParameter(f"{commit_every} must be >= 1", param_hint="--commit-every")
-    result = build_store(
-        store, list(inputs), tokenizer=tokenizer, chunk_tokens=chunk_tokens, text_field=text_field,
-        meta_field=meta_field, index=factory, commit_every=commit_every, threads=threads, progress=not quiet,
-    )
+    if shards is not None and shards < 1:
+        raise click.BadParameter(f"{shards} must be >= 1", param_hint="--shards")
+    if address is not None and engine != "ray":
+        raise click.UsageError("--address needs --engine ray")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = build_store(
+            store, list(inputs), tokenizer=tokenizer, chunk_tokens=chunk_tokens, text_field=text_field,
+            meta_field=meta_field, index=factory, commit_every=commit_every, threads=threads, progress=not quiet,
+            engine=engine, shards=shards, address=address, device=device, work_dir=work_dir,
+        )
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            click.echo(f"warning: {w.message}", err=True)
     verb = "interrupted; kept" if result.interrupted else "built"
+    if result.engine and not result.interrupted and result.documents == 0 and result.shards:
+        verb = "already built"
+    sharded = ""
+    if result.engine:
+        sharded = (f" [{result.engine}, {result.shards} shards"
+                   f"{f', {result.reused_shards} reused' if result.reused_shards else ''}, {result.device}]")
     click.echo(
         f"{verb} {store}: version {result.version}, +{result.documents} documents, +{result.chunks} chunks "
-        f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s)"
+        f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s){sharded}"
     )
     if result.interrupted:
         sys.exit(130)

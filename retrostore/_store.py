@@ -356,6 +356,7 @@ class Store:
         self._pending_chunks = 0
         self._pending_docs = 0
         self._hasher = RecordHasher()
+        self._pending_fields: dict[str, Any] = {}  # top-level manifest fields the next commit sets
 
     def _recover(self) -> None:
         """Writer start-up: remove what a crashed writer left behind."""
@@ -427,7 +428,15 @@ class Store:
                     f"document {i} is a {type(d).__name__}, not a str; decode bytes and convert values to text"
                 )
         metas = [clean_metadata(v, f"metadata[{i}]") for i, v in enumerate(metas)]
-        per_doc = self.chunker.chunk_many(docs)
+        return self._append_chunked(docs, self.chunker.chunk_many(docs), metas, embeddings)
+
+    def _append_chunked(self, docs: list[str], per_doc: list, metas: list, embeddings: np.ndarray | None) -> list[int]:
+        """Stage documents already cut by this store's chunker (``append``'s second half).
+
+        ``metas`` must already be cleaned. Sharded builds (``retrostore._distributed``)
+        merge their shards through here, so merged records are byte-identical to
+        those ``append`` writes, without tokenizing again.
+        """
         n_chunks = sum(len(c) for c in per_doc)
         vectors = self._vectors_for(docs, per_doc, n_chunks, embeddings)
 
@@ -473,13 +482,7 @@ class Store:
         else:
             if n_chunks == 0:
                 return np.zeros((0, dim), np.float32)
-            emb = self.embedder
-            flat = [c for chunks in per_doc for c in chunks]
-            if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == self._manifest["tokenizer"]["sha256"]:
-                arr = emb.embed_token_ids([c.token_ids for c in flat])
-            else:
-                arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr = embed_chunks(self.embedder, self._manifest["tokenizer"]["sha256"], docs, per_doc)
             if arr.shape != (n_chunks, dim):
                 raise InvalidEmbeddingsError(f"the embedder returned shape {arr.shape}, expected ({n_chunks}, {dim})")
         if not np.isfinite(arr).all():
@@ -510,6 +513,7 @@ class Store:
             return self.version
         m = self._manifest
         new = _copy_body(m)
+        new.update(_copy_body(self._pending_fields))  # e.g. "builds" (retrostore._distributed)
         version = m["version"] + 1
         first_id = m["next_chunk_id"]
         new_files: list[Path] = []
@@ -931,6 +935,25 @@ class Store:
         from ._inspect import verify_store
 
         return verify_store(self)
+
+
+def embed_chunks(emb: Embedder, tokenizer_sha256: str, docs: Sequence[str], per_doc: Sequence[Sequence]) -> np.ndarray:
+    """Vectors of every chunk of ``docs``, in order, as ``Store.append`` computes them.
+
+    Token ids are fed directly when the chunk tokenizer (``tokenizer_sha256``)
+    is the embedder's own, else the chunks' text spans are embedded. Shard
+    tasks of a sharded build call this too, so their vectors equal append's.
+
+    Returns
+    -------
+    ndarray, shape (n_chunks, dim), float32, C-contiguous
+    """
+    flat = [c for chunks in per_doc for c in chunks]
+    if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == tokenizer_sha256:
+        arr = emb.embed_token_ids([c.token_ids for c in flat])
+    else:
+        arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _copy_body(m: dict) -> dict:

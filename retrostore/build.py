@@ -36,6 +36,15 @@ class BuildResult:
         Wall time of the run.
     interrupted : bool
         True when stopped by Ctrl-C; everything committed before stays.
+    shards, reused_shards : int
+        Sharded builds (``engine=``): shards in the plan, and finished shards
+        of an earlier, interrupted run that this run reused.
+    build_id : str or None
+        Sharded builds: sha256 of the plan, recorded in the manifest's ``builds``.
+    engine : str or None
+        ``"local"``, ``"ray"``, or None for the plain streaming build.
+    device : str
+        Where shards were embedded (``"cpu"`` after a fallback from ``"cuda"``).
     """
 
     version: int
@@ -43,6 +52,11 @@ class BuildResult:
     chunks: int
     seconds: float
     interrupted: bool = False
+    shards: int = 0
+    reused_shards: int = 0
+    build_id: str | None = None
+    engine: str | None = None
+    device: str = "cpu"
 
 
 def build_store(
@@ -57,12 +71,25 @@ def build_store(
     commit_every: int = 20_000,
     threads: int | None = None,
     progress: bool = True,
+    engine: str | None = None,
+    shards: int | None = None,
+    address: str | None = None,
+    device: str = "cpu",
+    work_dir: str | os.PathLike | None = None,
 ) -> BuildResult:
     """Chunk, embed and commit every document of ``inputs`` into ``store``.
 
     Creates the store when it does not exist, appends otherwise. Commits every
     ``commit_every`` chunks and at the end, so an interrupted build keeps what
     it committed.
+
+    With ``engine`` (or any of ``shards``, ``work_dir``, ``device="cuda"``,
+    which imply ``engine="local"``) the build runs in stages: plan shards,
+    train the index template if needed, build the shards in this process
+    (``"local"``) or as Ray tasks (``"ray"``), merge them in shard order and
+    verify (:func:`retrostore._distributed.build_sharded`). The records equal
+    those of the plain build; re-running a finished sharded build does
+    nothing, re-running an interrupted one reuses its finished shards.
 
     Parameters
     ----------
@@ -79,6 +106,10 @@ def build_store(
     threads : int, optional
     progress : bool, default True
         Show a tqdm progress bar (input bytes, documents, chunks, chunks/s).
+    engine : {None, "local", "ray"}
+        None: the plain streaming build. See above and ``docs/scaling.md``.
+    shards, address, device, work_dir
+        Sharded builds only; see :func:`retrostore._distributed.build_sharded`.
 
     Returns
     -------
@@ -90,6 +121,17 @@ def build_store(
         Bad inputs (see :func:`retrostore._inputs.iter_documents`) or settings
         that contradict an existing store.
     """
+    if engine is None and (shards is not None or work_dir is not None or device != "cpu"):
+        engine = "local"
+    if engine is not None:
+        from ._distributed import build_sharded
+
+        return build_sharded(store, inputs, engine=engine, shards=shards, address=address, device=device,
+                             work_dir=work_dir, tokenizer=tokenizer, chunk_tokens=chunk_tokens,
+                             text_field=text_field, meta_field=meta_field, index=index,
+                             commit_every=commit_every, threads=threads, progress=progress)
+    if address is not None:
+        raise InvalidInputError("address= (--address) needs engine='ray'")
     t0 = time.perf_counter()
     root = Path(store)
     docs = iter_documents(inputs, text_field=text_field, meta_field=meta_field,

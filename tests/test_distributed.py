@@ -1,0 +1,376 @@
+"""Sharded builds (retrostore build --engine local|ray) on a real 30-document slice.
+
+In-process and Ray builds of the same slice must give the same store as the plain
+streaming build: the same chunk ids, tokens, document ids and record bytes, the
+same vectors and the same exact-search results. A shard task that dies part-way is
+retried (Ray) or redone on the next run (in-process) without duplicates or
+half-written shards. Ray tests skip when Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from click.testing import CliRunner
+
+import retrostore
+from retrostore import _shards
+from retrostore._distributed import _settings
+from retrostore.build import build_store
+from retrostore.errors import IndexTrainingError, InvalidInputError
+
+QUERIES = ["decode base64 encoded data back into bytes", "what is a tuple", "raise an exception",
+           "iterate over a dictionary", "regular expression syntax"]
+
+
+def _load_cli():
+    """This checkout's click group (``retrostore.cli`` may resolve to another checkout)."""
+    path = Path(__file__).resolve().parents[1] / "cli" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("_retrostore_cli_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cli
+
+
+@pytest.fixture(scope="module")
+def slice30(pydocs) -> list[dict]:
+    """The 30 smallest documents of the real corpus (cheap to embed: ~74 chunks)."""
+    return sorted(pydocs, key=lambda d: len(d["text"]))[:30]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, slice30) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "slice30.jsonl.zst"
+    lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in slice30)
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory, corpus) -> Path:
+    path = tmp_path_factory.mktemp("plain") / "plain.rstore"
+    build_store(path, [corpus], progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory, corpus) -> Path:
+    path = tmp_path_factory.mktemp("local") / "local.rstore"
+    res = build_store(path, [corpus], engine="local", shards=3, progress=False)
+    assert (res.engine, res.shards, res.documents, res.reused_shards) == ("local", 3, 30, 0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_snap(local_store) -> dict:
+    return _snapshot(local_store)
+
+
+def _snapshot(path: Path) -> dict:
+    """Everything two equal builds must share (commit boundaries aside)."""
+    with retrostore.open(path) as st:
+        m = st.manifest
+        n, n_docs = len(st), m["next_doc_id"]
+        env = st._table.env
+        raw = {}
+        with env.begin() as txn:
+            for name, db, end in (("chunks", st._table._chunks, n), ("docs", st._table._docs, n_docs)):
+                raw[name] = [(k, v) for k, v in txn.cursor(db) if int.from_bytes(k, "big") < end]
+        chunks = st.get_chunks(range(n))
+        hits = st.search(QUERIES, k=8)
+        assert st.verify() == []
+        return {
+            "counts": (n, n_docs),
+            "chunk_ids": [c.chunk_id for c in chunks],
+            "doc_ids": [c.doc_id for c in chunks],
+            "tokens": [c.tokens.tolist() for c in chunks],
+            "records": raw,
+            "documents": [(d.text, d.metadata) for d in map(st.get_document, range(n_docs))],
+            "vectors": st._stored_vectors(0, n),
+            "hits": [[(h.chunk_id, h.doc_id, h.score) for h in row] for row in hits],
+        }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for key in ("counts", "chunk_ids", "doc_ids", "tokens", "records", "documents", "hits"):
+        assert a[key] == b[key], key
+    assert np.array_equal(a["vectors"], b["vectors"])
+
+
+# -- in-process engine ---------------------------------------------------------------
+def test_in_process_sharded_build_equals_plain_build(plain_store, local_store, slice30, local_snap):
+    a, b = _snapshot(plain_store), local_snap
+    _assert_same(a, b)
+    assert a["counts"][1] == 30 and a["counts"][0] > 30
+    assert not (local_store.parent / "local.rstore.build").exists()  # the work directory is removed
+    with retrostore.open(local_store) as st:
+        (bid, rec), = st.manifest["builds"].items()
+        assert (rec["shards"], rec["merged"], rec["documents"], rec["first_chunk_id"]) == (3, 3, 30, 0)
+        assert len(bid) == 64
+
+
+def test_plan_is_deterministic(corpus, local_store, tmp_path):
+    with retrostore.open(local_store) as st:
+        settings = _settings(st.manifest, "text", "meta")
+        recorded = next(iter(st.manifest["builds"]))
+
+    def plan(inputs, shards):
+        files = _shards.input_files(inputs)
+        counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+        key = _shards.plan_key(files, settings, shards, _shards.SHARD_CHARS)
+        return _shards.make_plan(files, counts, settings, shards=shards, key=key)
+
+    p1, p2 = plan([corpus], 3), plan([corpus], 3)
+    assert p1 == p2 and p1["build_id"] == recorded
+    bounds = p1["body"]["shards"]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 30 and all(a < b for a, b in bounds)
+    assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+    assert plan([corpus], 4)["build_id"] != p1["build_id"]
+    assert [len(r) for r in [plan([corpus], 100)["body"]["shards"]]] == [30]  # at most one shard per document
+    # A copy (other path and mtime) keeps the build id but not the cheap key.
+    copy = tmp_path / corpus.name
+    shutil.copy(corpus, copy)
+    os.utime(copy, ns=(1, 1))
+    p3 = plan([copy], 3)
+    assert p3["build_id"] == p1["build_id"] and p3["key"] != p1["key"]
+    # Shards are balanced by characters, not by document count.
+    chars = [sum(len(d.text) for d in _shards.read_documents(p1, a, b)) for a, b in bounds]
+    assert max(chars) < 2 * min(chars)
+
+
+def test_rerun_of_finished_build_does_nothing(local_store, corpus):
+    with retrostore.open(local_store) as st:
+        version = st.version
+    res = build_store(local_store, [corpus], engine="local", shards=3, progress=False)
+    assert (res.documents, res.chunks, res.version) == (0, 0, version)
+    assert not (local_store.parent / "local.rstore.build").exists()
+
+
+def test_interrupted_build_reuses_finished_shards(tmp_path, corpus, local_store, monkeypatch, local_snap):
+    path, work = tmp_path / "s.rstore", tmp_path / "s.rstore.build"
+    monkeypatch.setenv(_shards.FAULT_ENV, f"1:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError, match="fault injected in shard 1"):
+        build_store(path, [corpus], engine="local", shards=3, progress=False)
+    assert (tmp_path / "fired").exists()
+    # Shard 0 is finished; shard 1 left nothing (not even a temporary directory); nothing is committed.
+    assert sorted(p.name for p in work.iterdir()) == ["LOCK", "plan.json", "shard-00000", "tokenizer.json"]
+    with retrostore.open(path) as st:
+        assert len(st) == 0 and st.version == 0
+    res = build_store(path, [corpus], engine="local", shards=3, progress=False)
+    assert (res.reused_shards, res.documents) == (1, 30)
+    _assert_same(_snapshot(path), local_snap)
+    assert not work.exists()
+
+
+def test_interrupted_merge_resumes_after_its_last_commit(tmp_path, corpus, local_store, monkeypatch, local_snap):
+    path = tmp_path / "s.rstore"
+    monkeypatch.setenv(_shards.FAULT_ENV, f"2:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError):
+        build_store(path, [corpus], engine="local", shards=3, commit_every=1, progress=False)
+    with retrostore.open(path) as st:  # shards 0 and 1 were merged and committed one by one
+        (rec,) = st.manifest["builds"].values()
+        assert rec["merged"] == 2 and st.version == 2
+        first = len(st)
+    res = build_store(path, [corpus], engine="local", shards=3, commit_every=1, progress=False)
+    assert res.documents < 30 and res.chunks == local_snap["counts"][0] - first
+    _assert_same(_snapshot(path), local_snap)
+
+
+def test_retried_or_duplicated_shard_task_leaves_one_shard(tmp_path, corpus, embedder, local_store):
+    with retrostore.open(local_store) as st:
+        settings = _settings(st.manifest, "text", "meta")
+        (tmp_path / _shards.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
+    files = _shards.input_files([corpus])
+    counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+    plan = _shards.make_plan(files, counts, settings, shards=3, key="k")
+    # A killed attempt's half-written directory is never taken for a shard.
+    half = tmp_path / ".tmp-shard-00001.123.abcd"
+    half.mkdir()
+    (half / "chunks.msgpack").write_bytes(b"\x00")
+    assert not _shards.shard_complete(tmp_path, plan, 1)
+    first = _shards.run_shard(plan, 1, tmp_path, embedder)
+    again = _shards.run_shard(plan, 1, tmp_path, embedder)  # a retry after success: nothing to do
+    assert not first["reused"] and again["reused"] and again["chunks"] == first["chunks"]
+    # A duplicate that finishes second is discarded, the first copy stays.
+    before = _shards.load_shard(tmp_path, plan, 1)
+    dup = tmp_path / ".tmp-shard-00001.999.dup"
+    shutil.copytree(_shards.shard_dir(tmp_path, 1), dup)
+    (dup / "docs.msgpack").write_bytes(b"garbage")
+    _shards._publish(dup, _shards.shard_dir(tmp_path, 1))
+    assert not dup.exists()
+    after = _shards.load_shard(tmp_path, plan, 1)
+    assert before[0] == after[0] and np.array_equal(before[3], after[3])
+    assert _shards.clean_temporaries(tmp_path) == 1 and not half.exists()
+    # Damage is detected before a merge reads the shard.
+    (_shards.shard_dir(tmp_path, 1) / "vectors.npy").write_bytes(b"x" * 10)
+    with pytest.raises(retrostore.CorruptStoreError, match="shard-00001"):
+        _shards.load_shard(tmp_path, plan, 1)
+
+
+def test_shard_records_use_the_store_encoding(local_store):
+    with retrostore.open(local_store) as st:
+        c = st.get_chunks([3])[0]
+        dtype = st.manifest["tokenizer"]["token_dtype"]
+        assert _shards.pack_chunk(dtype, c.doc_id, c.position, c.start, c.text, c.tokens) == \
+            st._table.pack_chunk(c.doc_id, c.position, c.start, c.text, c.tokens)
+
+
+def test_txt_directories_and_empty_documents(tmp_path, slice30):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text(slice30[0]["text"])
+    (docs / "sub" / "b.txt").write_text("   \n")  # no chunks: the text is kept in the document record
+    (docs / "sub" / "c.txt").write_text(slice30[1]["text"])
+    extra = tmp_path / "more.jsonl"
+    extra.write_text("".join(json.dumps(d) + "\n" for d in slice30[2:5]))
+    build_store(tmp_path / "plain.rstore", [docs, extra], progress=False)
+    res = build_store(tmp_path / "sharded.rstore", [docs, extra], shards=4, progress=False)  # --shards: in-process
+    assert res.engine == "local" and res.shards == 4
+    a, b = _snapshot(tmp_path / "plain.rstore"), _snapshot(tmp_path / "sharded.rstore")
+    _assert_same(a, b)
+    assert b["documents"][1] == ("   \n", {"source": "sub/b.txt"})
+
+
+def test_device_cuda_falls_back_to_cpu(tmp_path, slice30):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: no fallback to test")
+    src = tmp_path / "few.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in slice30[:3]))
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider.*onnxruntime-gpu.*Embedding on CPU"):
+        res = build_store(tmp_path / "s.rstore", [src], device="cuda", progress=False)
+    assert (res.engine, res.device, res.documents) == ("local", "cpu", 3)
+
+
+def test_index_training_stage(tmp_path, corpus, embedder, local_store):
+    assert not _shards.needs_training("Flat", 384, "ip")
+    assert _shards.needs_training("IVF4,Flat", 384, "ip")
+    with retrostore.open(local_store) as st:
+        settings = _settings(st.manifest, "text", "meta")
+        (tmp_path / _shards.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
+    files = _shards.input_files([corpus])
+    counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+    flat = _shards.make_plan(files, counts, settings, shards=2, key="k")
+    assert _shards.train_template(flat, tmp_path, embedder) is None  # Flat: the stage is skipped
+    ivf = _shards.make_plan(files, counts, dict(settings, index="IVF4,Flat"), shards=2, key="k")
+    t1 = _shards.train_template(ivf, tmp_path, embedder, train_vectors=40, seed=7).read_bytes()
+    t2 = _shards.train_template(ivf, tmp_path, embedder, train_vectors=40, seed=7).read_bytes()
+    assert t1 == t2  # seeded sample, same template
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(t1, dtype=np.uint8))
+    assert index.is_trained and index.ntotal == 0
+
+
+def test_untrained_index_is_refused_before_any_shard(tmp_path, corpus):
+    with pytest.raises(IndexTrainingError, match="IVF4,Flat.*needs training"):
+        build_store(tmp_path / "s.rstore", [corpus], engine="local", index="IVF4,Flat", progress=False)
+    assert not (tmp_path / "s.rstore").exists() and not (tmp_path / "s.rstore.build").exists()
+
+
+def test_work_dir_of_another_build_is_refused(tmp_path, corpus, monkeypatch):
+    work = tmp_path / "w"
+    monkeypatch.setenv(_shards.FAULT_ENV, f"0:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError):
+        build_store(tmp_path / "a.rstore", [corpus], shards=2, work_dir=work, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    with pytest.raises(InvalidInputError, match="unfinished build of other inputs"):
+        build_store(tmp_path / "a.rstore", [corpus], shards=3, work_dir=work, progress=False)
+    with pytest.raises(InvalidInputError, match="engine"):
+        build_store(tmp_path / "b.rstore", [corpus], engine="spark", progress=False)
+    with pytest.raises(InvalidInputError, match="address"):
+        build_store(tmp_path / "b.rstore", [corpus], address="auto", progress=False)
+
+
+def test_cli_build_with_shards(tmp_path, corpus, local_store, local_snap):
+    cli = _load_cli()
+    path = tmp_path / "cli.rstore"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "--engine", "local", "--shards", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "built" in res.output and "[local, 3 shards, cpu]" in res.output
+    _assert_same(_snapshot(path), local_snap)
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "--engine", "local", "--shards", "3", "-q"])
+    assert res.exit_code == 0 and res.output.startswith("already built")
+    res = runner.invoke(cli, ["build", str(tmp_path / "x"), str(corpus), "--address", "auto"])
+    assert res.exit_code == 2 and "--address needs --engine ray" in res.output
+    res = runner.invoke(cli, ["build", str(tmp_path / "x"), str(corpus), "--shards", "0"])
+    assert res.exit_code == 2 and "--shards" in res.output
+    for name in ("--engine", "--address", "--shards", "--device", "--work-dir"):
+        opt = next(p for p in cli.commands["build"].params if name in p.opts)
+        assert opt.help
+
+
+# -- Ray, in local mode, started by the tests ----------------------------------------------
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    marker = tmp_path_factory.mktemp("fault") / "fired"
+    # Shard 1's first attempt kills its worker while marker is absent (see _shards.FAULT_ENV).
+    # One declared GPU (there is none): the model-holding actor path runs, and falls back to CPU.
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=256 << 20, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {_shards.FAULT_ENV: f"1:exit:{marker}"}})
+    try:
+        yield marker
+    finally:
+        ray.shutdown()
+
+
+def test_ray_build_equals_in_process_build(ray_session, tmp_path, corpus, local_store, plain_store, local_snap):
+    ray_session.write_text("disabled")  # no fault here
+    res = build_store(tmp_path / "ray.rstore", [corpus], engine="ray", shards=3, progress=False)
+    assert (res.engine, res.shards, res.documents, res.device) == ("ray", 3, 30, "cpu")
+    snap = _snapshot(tmp_path / "ray.rstore")
+    _assert_same(snap, local_snap)
+    _assert_same(snap, _snapshot(plain_store))
+    with retrostore.open(tmp_path / "ray.rstore") as r, retrostore.open(local_store) as loc:
+        assert r.manifest["builds"].keys() == loc.manifest["builds"].keys()  # the same plan, the same build id
+
+
+def test_ray_retries_a_killed_shard_task(ray_session, tmp_path, corpus, local_store, local_snap):
+    ray_session.unlink(missing_ok=True)  # arm the fault: shard 1's worker dies part-way through writing
+    res = build_store(tmp_path / "killed.rstore", [corpus], engine="ray", shards=3, progress=False)
+    assert ray_session.exists()  # the fault fired, the task was retried
+    assert res.documents == 30
+    _assert_same(_snapshot(tmp_path / "killed.rstore"), local_snap)
+    assert not (tmp_path / "killed.rstore.build").exists()
+
+
+def test_ray_gpu_actors_fall_back_to_cpu(ray_session, tmp_path, corpus, local_snap):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: no fallback to test")
+    ray_session.write_text("disabled")
+    with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*onnxruntime-gpu.*Embedding on CPU"):
+        res = build_store(tmp_path / "gpu.rstore", [corpus], engine="ray", shards=3, device="cuda", progress=False)
+    assert (res.engine, res.device, res.documents) == ("ray", "cpu", 30)
+    _assert_same(_snapshot(tmp_path / "gpu.rstore"), local_snap)  # batches of 256 embed the same vectors
+
+
+def test_ray_cluster_without_gpus_falls_back(ray_session, tmp_path, slice30, monkeypatch):
+    import ray
+
+    ray_session.write_text("disabled")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    src = tmp_path / "few.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in slice30[:3]))
+    with pytest.warns(RuntimeWarning, match="no GPUs.*Embedding on CPU"):
+        res = build_store(tmp_path / "s.rstore", [src], engine="ray", device="cuda", progress=False)
+    assert (res.engine, res.device, res.documents) == ("ray", "cpu", 3)
+
+
+def test_ray_bad_input_raises_the_library_error(ray_session, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(retrostore.InvalidDocumentError, match="bad.jsonl:2"):
+        build_store(tmp_path / "s.rstore", [bad], engine="ray", progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -171,6 +172,9 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield tail
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _decode(data: bytes, where: str, line_offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
@@ -195,6 +199,9 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
     except json.JSONDecodeError as e:
         msg = f"invalid JSON ({e.msg} at column {e.colno})"
         raise InvalidDocumentError(f"{source}: {msg}; each line must be {layout}") from e
+    except RecursionError:
+        raise InvalidDocumentError(
+            f"{source}: the JSON is nested too deeply to read; each line must be {layout}") from None
     if not isinstance(obj, dict):
         raise InvalidDocumentError(
             f"{source}: the line is a JSON {_JSON[type(obj)]}; each line must be {layout}")
@@ -207,6 +214,10 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
         raise InvalidDocumentError(
             f"{source}: field {text_field!r} is a JSON {_JSON[type(text)]}, not a string; fix "
             "the line, or pass --text-field NAME to read the text from another field")
+    if not text.isascii() and (bad := _SURROGATE.search(text)):
+        raise InvalidDocumentError(
+            f"{source}: field {text_field!r} holds the lone surrogate escape \\u{ord(bad.group()):04x} "
+            f"at character {bad.start()}, which is not text; fix the escape in the file")
     if (meta := obj.get(meta_field)) is not None and not isinstance(meta, dict):
         raise InvalidMetadataError(
             f"{source}: field {meta_field!r} is a JSON {_JSON[type(meta)]}; it must be an "

@@ -59,7 +59,12 @@ class Neighbors:
 
 
 def _as_token_array(token_ids: Any, vocab_size: int) -> np.ndarray:
-    arr = np.asarray(token_ids)
+    try:
+        arr = np.asarray(token_ids)
+    except ValueError as exc:  # ragged nested lists
+        raise InvalidInputError(
+            f"token_ids cannot form a (B, L) array ({exc}); every row must have the same length L"
+        ) from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
@@ -100,14 +105,26 @@ def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
             "(an int, an iterable of ints, or None)"
         )
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         if r is None:
             out.append(set())
-        elif isinstance(r, (int, np.integer)):
+        elif _is_int(r):
             out.append({int(r)})
+        elif isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
+            raise InvalidInputError(
+                f"exclude_doc_ids[{i}] is {r!r}; give a doc id (int), an iterable of doc ids, or None per row"
+            )
         else:
-            out.append({int(x) for x in r})
+            ids = list(r)
+            bad = [x for x in ids if not _is_int(x)]
+            if bad:
+                raise InvalidInputError(f"exclude_doc_ids[{i}] holds {bad[0]!r}; doc ids are ints")
+            out.append({int(x) for x in ids})
     return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def search_excluding(store: "Store", vectors: np.ndarray, k: int, excluded: list[set[int]] | None,
@@ -214,19 +231,31 @@ def precompute_neighbors(
     from ._store import _check_k
 
     k = _check_k(k)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise InvalidInputError(f"batch_size={batch_size!r} must be an int >= 1")
+    if not isinstance(exclude_same_doc, bool):
+        raise InvalidInputError(f"exclude_same_doc={exclude_same_doc!r} must be True or False")
+    if exclude_same_doc and queries is not None:
+        raise InvalidInputError("exclude_same_doc applies to the store's own chunks, not to queries=; drop one")
+    if not isinstance(out, (str, os.PathLike)):
+        raise InvalidInputError(f"out={out!r} must be a path to a .npy file")
     out = Path(out)
+    if out.suffix != ".npy":
+        raise InvalidInputError(f"out={str(out)!r} must end in .npy (the file is a NumPy array)")
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
+    if out.is_dir():
+        raise InvalidInputError(f"out={str(out)!r} is a directory; give a file name ending in .npy")
     m = store._manifest
     t = m["chunk_tokens"]
     if queries is not None:
         try:
             qarr = np.load(queries, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise InvalidInputError(f"--queries {queries}: not a readable .npy array ({exc})") from exc
+            raise InvalidInputError(f"queries {queries}: not a readable .npy array ({exc})") from exc
         if qarr.ndim != 2 or qarr.shape[1] % t or not np.issubdtype(qarr.dtype, np.integer):
             raise InvalidInputError(
-                f"--queries {queries} has shape {qarr.shape} dtype {qarr.dtype}; expected integer token ids "
+                f"queries {queries} has shape {qarr.shape} dtype {qarr.dtype}; expected integer token ids "
                 f"shaped (n, L) with L a multiple of {t}"
             )
         n_rows, shape = qarr.shape[0], (qarr.shape[0], qarr.shape[1] // t, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,8 @@ def build_store(
     root = Path(store)
     docs = iter_documents(inputs, text_field=text_field, meta_field=meta_field,
                           on_progress=lambda n: bar.update(n))
-    if (root / _manifest.MANIFEST).exists():
+    created = not (root / _manifest.MANIFEST).exists()
+    if not created:
         st = open_store(root, "a", threads=threads)
         _check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
@@ -186,6 +188,12 @@ def build_store(
     except KeyboardInterrupt:
         interrupted = True
         version = _manifest.read_manifest(root)["version"]
+    except BaseException:
+        # A build that created the store and failed before its first commit leaves
+        # nothing behind, so that fixing the input and re-running starts clean.
+        if created and _manifest.read_manifest(root)["version"] == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     finally:
         bar.close()
     return BuildResult(version, committed_docs, committed_chunks, time.perf_counter() - t0, interrupted)

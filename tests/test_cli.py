@@ -140,3 +140,19 @@ def test_python_dash_m_and_no_top_level_cli():
     spec = importlib.util.find_spec("cli")
     # The project's cli/ folder must never be importable as a top-level module from an install.
     assert spec is None or "site-packages" not in (spec.origin or "")
+
+
+def test_failed_new_build_leaves_nothing(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "s"), str(bad), "-q"])
+    assert res.exit_code == 1 and "bad.jsonl:2" in res.output and "surrogate" in res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_neighbors_out_must_be_npy_in_existing_dir(cli_store, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["neighbors", str(cli_store), "--out", str(tmp_path / "x.txt"), "-q"])
+    assert res.exit_code == 1 and ".npy" in res.output
+    res = runner.invoke(cli, ["neighbors", str(cli_store), "--out", str(tmp_path / "nodir" / "x.npy"), "-q"])
+    assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output

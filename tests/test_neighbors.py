@@ -257,3 +257,14 @@ def test_example_retro_model_input_runs(built_store):
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert "(2, 4, 2, 128) (B, C, k, 2*64)" in res.stdout
+
+
+def test_bad_exclusions_and_ragged_rows(store):
+    toks = np.ones((1, 64), np.int64)
+    for bad in (["a"], [1.5], [[1.5]], [[None]], [b"x"]):
+        with pytest.raises(InvalidInputError, match="exclude_doc_ids"):
+            store.neighbors(toks, k=1, exclude_doc_ids=bad)
+    with pytest.raises(InvalidInputError, match="same length"):
+        store.neighbors([[1] * 64, [1] * 3], k=1)
+    with pytest.raises(InvalidInputError, match="exclude_same_doc"):
+        store.precompute_neighbors("x.npy", exclude_same_doc="no", progress=False)

@@ -306,3 +306,17 @@ def test_get_out_of_range(built_store):
             st.get_chunks([len(st)])
         with pytest.raises(InvalidInputError):
             st.get_document(-1)
+
+
+def test_metadata_depth_and_surrogates(tmp_path, embedder):
+    deep: dict = {}
+    cur = deep
+    for _ in range(1000):
+        cur["a"] = {}
+        cur = cur["a"]
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        with pytest.raises(InvalidMetadataError, match="nested deeper than 64"):
+            st.append(["x"], metadata=[deep])
+        with pytest.raises(InvalidMetadataError, match="surrogate"):
+            st.append(["x"], metadata=[{"k": "a\ud800"}])
+        assert st.commit() == 0

@@ -105,6 +105,7 @@ def create(
         raise InvalidInputError(f"FAISS cannot build the factory string {index!r} for dimension {emb.dim}: {exc}") from exc
 
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
     tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -129,7 +130,7 @@ def create(
             "embedder": _json_fingerprint(emb),
             "index": {"factory": index, "params": {}, "dim": int(emb.dim), "segments": [], "template": None},
             "vectors": {"dtype": vector_dtype, "files": []},
-            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain()},
+            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain(), "record_checksum": "crc32"},
             "counts": {"documents": 0, "chunks": 0, "vectors": 0},
             "next_chunk_id": 0,
             "next_doc_id": 0,
@@ -138,12 +139,27 @@ def create(
         _manifest.write_manifest(tmp, body)
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):
             _fileio.fsync_dir(tmp / sub)
-        os.replace(tmp, root)  # atomic; replaces an empty directory
+        _fileio._rename(os.fspath(tmp), os.fspath(root))  # the commit point; replaces an empty directory
         _fileio.fsync_dir(root.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Store(root, mode="a", embedder=emb, threads=threads)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Remove the temporary directories of earlier create() calls for ``root``
+    whose process is gone (a create killed before its rename)."""
+    for p in root.parent.glob(f"{_fileio.TMP_PREFIX}{root.name}.*.*"):
+        pid = p.name[len(_fileio.TMP_PREFIX) + len(root.name) + 1 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _check_embedder(emb: Any) -> None:

@@ -29,11 +29,13 @@ from ._types import Chunk, Document, Hit
 
 if TYPE_CHECKING:
     from ._retro import Neighbors
-from ._vectors import write_vectors
+from ._vectors import load_vectors, write_vectors
 from .errors import (
+    CommitError,
     CorruptStoreError,
     EmbedderMismatchError,
     ForkedStoreError,
+    FormatVersionError,
     InvalidDocumentError,
     InvalidEmbeddingsError,
     InvalidInputError,
@@ -176,14 +178,23 @@ class Store:
                     raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
                 self._lock = _fileio.WriterLock(self.path / LOCK, timeout_s)
             self._manifest = _manifest.read_manifest(self.path, version)
+            if version is not None:
+                self._check_committed(version)
             m = self._manifest
+            if mode == "a" and m["format_version"] > _manifest.FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{self.path} has format_version {m['format_version']}; this retrostore writes format version "
+                    f"{_manifest.FORMAT_VERSION} and may only read it: open it with mode='r' or upgrade retrostore"
+                )
             self._table = ChunkTable(self.path, m["tokenizer"]["token_dtype"], write=mode == "a",
-                                     readonly_media=self.readonly_media)
+                                     readonly_media=self.readonly_media,
+                                     sealed=m["lmdb"].get("record_checksum") == "crc32")
             self._embedder = None
             self._bind_embedder(embedder)
             self._chunker: Chunker | None = None
             self._segments_cache: dict[str, Any] = {}
-            self._load_segments()
+            self._verified_vectors: set[str] = set()
+            self._load_current()
             if mode == "a":
                 self._recover()
                 self._reset_pending()
@@ -301,19 +312,59 @@ class Store:
         """Number of committed chunks."""
         return int(self._manifest["next_chunk_id"])
 
+    def _check_committed(self, version: int) -> None:
+        """Refuse a pinned version newer than the current one: its manifest copy
+        belongs to a commit that failed or was interrupted before its commit point."""
+        try:
+            current = _manifest.read_manifest(self.path)["version"]
+        except CorruptStoreError:
+            return  # a damaged manifest.json: retained copies are self-checked and may be opened
+        if version > current:
+            raise NotAStoreError(
+                f"version {version} of {self.path} was never committed (the newest committed version is "
+                f"{current}); open without version= for the newest"
+            )
+
+    def _load_current(self) -> None:
+        """Load the segments of the manifest read at open. A reader that finds a
+        file gone (a writer committed and collected garbage meanwhile) reads
+        the newer manifest and tries again."""
+        for attempt in range(5):
+            try:
+                self._load_segments()
+                return
+            except CorruptStoreError:
+                if self.mode == "a" or self._pinned_version is not None or attempt == 4:
+                    raise
+                newer = _manifest.read_manifest(self.path)
+                if newer["version"] == self._manifest["version"]:
+                    raise
+                self._manifest = newer
+
     def _load_segments(self) -> None:
+        """Load the current manifest's index segments (checksummed before FAISS
+        reads them) and cheaply check every other referenced file: its path
+        stays inside the store and its size is the manifest's."""
         m = self._manifest
+        _manifest.safe_path(self.path, LMDB_DIR, _manifest.MANIFEST)
+        for entry in _manifest.referenced_files(m):
+            path = _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{entry['path']}: missing (referenced by the manifest)") from None
+            if size != entry["size"]:
+                raise CorruptStoreError(
+                    f"{entry['path']}: {size} bytes, the manifest says {entry['size']}; the file is damaged"
+                )
         cache = {}
         segs = []
         for entry in m["index"]["segments"]:
-            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
             seg = self._segments_cache.get(entry["sha256"])
             if seg is None:
                 seg = load_segment(self.path, entry)
             cache[entry["sha256"]] = seg
             segs.append(seg)
-        for entry in _manifest.referenced_files(m):
-            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
         self._segments_cache = cache
         self._index = SegmentSet(segs, m["metric"], m["index"]["dim"])
 
@@ -440,10 +491,11 @@ class Store:
         for text, chunks, meta in zip(docs, per_doc, metas):
             first = next_chunk
             for c in chunks:
-                rec = self._table.pack_chunk(next_doc, c.position, c.start, text[c.start : c.end], c.token_ids)
+                rec = self._table.pack_chunk(next_chunk, next_doc, c.position, c.start, text[c.start : c.end],
+                                             c.token_ids)
                 chunk_recs.append((next_chunk, rec))
                 next_chunk += 1
-            drec = ChunkTable.pack_doc(first, len(chunks), meta, None if chunks else text)
+            drec = self._table.pack_doc(next_doc, first, len(chunks), meta, None if chunks else text)
             doc_recs.append((next_doc, drec))
             ids.append(next_doc)
             next_doc += 1
@@ -492,7 +544,9 @@ class Store:
 
         All or nothing: every new file is written and fsynced, LMDB is synced,
         then the manifest is atomically replaced (docs/format.md, "Commit
-        protocol"). With nothing appended, returns the current version.
+        protocol and guarantees"). With nothing appended, returns the current
+        version. Its cost is proportional to the batch (plus, amortised, the
+        tiered segment merges), not to the number of earlier versions.
 
         Returns
         -------
@@ -503,7 +557,9 @@ class Store:
         ------
         CommitError
             An I/O error (ENOSPC, EIO, ...); the previous version is intact and
-            the appended data stays staged for a later ``commit()``.
+            the appended data stays staged for a later ``commit()``. In the one
+            case where the failure left it unknown which version is current,
+            the message says so and this handle is closed: open the store again.
         """
         self._check(write=True)
         if not self._pending_chunks and not self._pending_docs:
@@ -513,34 +569,20 @@ class Store:
         version = m["version"] + 1
         first_id = m["next_chunk_id"]
         new_files: list[Path] = []
+        self._stage = "preparing the batch"
         try:
             vectors = (np.concatenate(self._pending_vectors) if self._pending_vectors
                        else np.zeros((0, m["index"]["dim"]), np.float32))
             tag = f"{version:08d}-{secrets.token_hex(4)}"
             if len(vectors):
-                if m["settings"]["keep_vectors"]:
-                    vpath = self.path / VECTORS_DIR / f"vec-{tag}.npy"
-                    new_files.append(vpath)
-                    size, sha = write_vectors(vpath, vectors, m["vectors"]["dtype"])
-                    new["vectors"]["files"].append(
-                        {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
-                         "first_id": first_id, "count": len(vectors)})
-                index = build_segment(vectors, m["index"]["factory"], m["metric"])
-                segments = list(self._index.segments) + [None]
-                entry = self._write_segment(index, tag, first_id, len(vectors), new_files)
-                new["index"]["segments"].append(entry)
-                n_merge = plan_merge([e["count"] for e in new["index"]["segments"]])
-                if n_merge:
-                    loaded = segments[-n_merge:-1] + [Segment(entry, index)]
-                    merged = merge_segments(loaded)
-                    mentry = self._write_segment(merged, tag + "m", loaded[0].first_id,
-                                                 sum(s.count for s in loaded), new_files)
-                    new["index"]["segments"] = new["index"]["segments"][:-n_merge] + [mentry]
+                self._write_batch_files(new, vectors, first_id, tag, new_files)
+                self._stage = "syncing the index and vectors directories"
                 _fileio.fsync_dir(self.path / INDEX_DIR)
                 _fileio.fsync_dir(self.path / VECTORS_DIR)
             chunk_range = (first_id, first_id + self._pending_chunks)
             doc_range = (m["next_doc_id"], m["next_doc_id"] + self._pending_docs)
             digest = self._hasher.hexdigest()
+            self._stage = "committing the LMDB records"
             self._table.put_commit(version, chunk_range, doc_range, digest)
             _fileio.sync_lmdb(self._table.env)
             import hashlib
@@ -552,21 +594,16 @@ class Store:
             new["next_doc_id"] = doc_range[1]
             new["counts"] = {"documents": doc_range[1], "chunks": chunk_range[1],
                              "vectors": sum(e["count"] for e in new["index"]["segments"])}
+            self._stage = "publishing the manifest"
             _manifest.write_manifest(self.path, new)
-        except (OSError, lmdb.Error) as exc:
-            for f in new_files:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
-            raise _fileio.commit_error(exc, "writing version files") from exc
-        except RuntimeError as exc:  # FAISS failures while building or merging
-            for f in new_files:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
-            raise RetrostoreError(f"commit failed while building the index: {exc}") from exc
+        except BaseException as exc:
+            stage = self._stage
+            self._abort_commit(new, new_files, stage, exc)
+            if isinstance(exc, (OSError, lmdb.Error)):
+                raise _fileio.commit_error(exc, stage) from exc
+            if isinstance(exc, RuntimeError):  # FAISS failures while building or merging
+                raise RetrostoreError(f"commit failed while {stage}: {exc}") from exc
+            raise
         self._manifest = new
         self._reset_pending()
         self._load_segments()
@@ -575,6 +612,71 @@ class Store:
         except OSError:
             pass  # garbage is collected by a later commit or writer
         return version
+
+    def _write_batch_files(self, new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list) -> None:
+        """Write the batch's index segment and vectors file into ``new``.
+
+        When the tiered policy merges segments, the batch goes straight into
+        the merged segment (and its vectors into the merged vectors file), so
+        segments and vectors files stay aligned and O(log n) in number.
+        """
+        m = self._manifest
+        self._stage = "building the index segment"
+        index = build_segment(vectors, m["index"]["factory"], m["metric"])
+        n_merge = plan_merge([e["count"] for e in m["index"]["segments"]] + [len(vectors)])
+        merged = list(self._index.segments[len(self._index.segments) - (n_merge - 1):]) if n_merge else []
+        start = merged[0].first_id if merged else first_id
+        if merged:
+            self._stage = "merging index segments"
+            index = merge_segments(merged + [Segment({"first_id": first_id, "count": len(vectors)}, index)])
+        count = first_id + len(vectors) - start
+        self._stage = "writing the index segment"
+        entry = self._write_segment(index, tag + ("m" if merged else ""), start, count, new_files)
+        segs = new["index"]["segments"]
+        new["index"]["segments"] = segs[: len(segs) - len(merged)] + [entry]
+        if m["settings"]["keep_vectors"]:
+            self._stage = "writing the vectors file"
+            files = new["vectors"]["files"]
+            parts = [load_vectors(self.path, e, verify=True) for e in files if e["first_id"] >= start] + [vectors]
+            vpath = self.path / VECTORS_DIR / f"vec-{tag}.npy"
+            new_files.append(vpath)
+            size, sha = write_vectors(vpath, parts, m["vectors"]["dtype"])
+            new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
+                {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
+                 "first_id": start, "count": count}]
+
+    def _abort_commit(self, new: dict, new_files: list[Path], stage: str, exc: BaseException) -> None:
+        """Undo a failed commit so that the previous version stays current.
+
+        If the failure came after ``manifest.json`` was renamed into place (its
+        directory fsync failed), the previous manifest is put back first. When
+        that is impossible the new files are kept (the manifest on disk may
+        name them), this handle is closed and CommitError says so.
+        """
+        published: bool | None = False
+        if stage == "publishing the manifest":
+            try:
+                published = (self.path / _manifest.MANIFEST).read_bytes() == _manifest.encode_manifest(new)
+                if published:
+                    _manifest.write_current(self.path, self._manifest)
+                    published = False
+            except OSError:
+                published = None
+        if published is None:
+            self._release()
+            raise CommitError(
+                getattr(exc, "errno", None),
+                f"commit of version {new['version']} failed while {stage} ({exc}) and the previous manifest could "
+                "not be put back, so which version is current is unknown; this writer was closed. Open the store "
+                "again: it opens at whichever version manifest.json names, and the next writer removes the rest.",
+            ) from exc
+        if stage == "publishing the manifest":
+            new_files = new_files + [_manifest.version_path(self.path, new["version"])]
+        for f in new_files:
+            try:
+                f.unlink()
+            except OSError:
+                pass
 
     def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
         path = self.path / INDEX_DIR / f"seg-{tag}.faiss"
@@ -885,8 +987,6 @@ class Store:
         RetrostoreError
             Neither the index can reconstruct nor raw vectors are kept.
         """
-        from ._vectors import load_vectors
-
         parts = []
         for seg in self._index.segments:
             lo, hi = max(first, seg.first_id), min(end, seg.first_id + seg.count)
@@ -897,15 +997,22 @@ class Store:
                 continue
             except RuntimeError:
                 pass
-            vec = next((e for e in self._manifest["vectors"]["files"]
-                        if e["first_id"] <= lo and hi <= e["first_id"] + e["count"]), None)
-            if vec is None:
+            # Raw vectors files tile the ids; older stores have one per commit, so
+            # a merged segment's range may span several.
+            files = [e for e in self._manifest["vectors"]["files"]
+                     if e["first_id"] < hi and lo < e["first_id"] + e["count"]]
+            if not self._manifest["settings"]["keep_vectors"] or sum(
+                    min(hi, e["first_id"] + e["count"]) - max(lo, e["first_id"]) for e in files) != hi - lo:
                 raise RetrostoreError(
                     f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
                     "precomputing store neighbours needs keep_vectors=True or a reconstructible index"
                 )
-            raw = load_vectors(self.path, vec)
-            parts.append(np.asarray(raw[lo - vec["first_id"] : hi - vec["first_id"]], dtype=np.float32))
+            for vec in sorted(files, key=lambda e: e["first_id"]):
+                # checksummed once per handle, so damaged vectors are never returned
+                raw = load_vectors(self.path, vec, verify=vec["sha256"] not in self._verified_vectors)
+                self._verified_vectors.add(vec["sha256"])
+                a, b = max(lo, vec["first_id"]) - vec["first_id"], min(hi, vec["first_id"] + vec["count"]) - vec["first_id"]
+                parts.append(np.asarray(raw[a:b], dtype=np.float32))
         return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self._manifest["index"]["dim"]),
                                                                               np.float32))
 

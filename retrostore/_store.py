@@ -664,8 +664,9 @@ class Store:
                 published = None
         if published is None:
             self._release()
+            code = getattr(exc, "errno", None)
             raise CommitError(
-                getattr(exc, "errno", None),
+                *([code] if code is not None else []),
                 f"commit of version {new['version']} failed while {stage} ({exc}) and the previous manifest could "
                 "not be put back, so which version is current is unknown; this writer was closed. Open the store "
                 "again: it opens at whichever version manifest.json names, and the next writer removes the rest.",

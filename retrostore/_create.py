@@ -15,7 +15,7 @@ from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_tokenizer_path
 from ._store import DEFAULTS, INDEX_DIR, TOKENIZER, VECTORS_DIR, Store, _genesis_chain, _now
-from .errors import InvalidInputError, StoreExistsError
+from .errors import CommitError, InvalidInputError, StoreExistsError
 
 __all__ = ["create"]
 
@@ -76,6 +76,8 @@ def create(
         ``path`` exists and is not an empty directory.
     InvalidInputError
         A setting is out of range (named in the message).
+    CommitError
+        An I/O error (ENOSPC, EIO, ...); nothing was created at ``path``.
     """
     root = Path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -108,6 +110,7 @@ def create(
     _remove_stale_tmp(root)
     tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     tmp.mkdir()
+    stage = "writing the store's files"
     try:
         tsize, tsha = _fileio.write_durable(tmp / TOKENIZER, [Path(tok_path).read_bytes()])
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR):
@@ -139,10 +142,23 @@ def create(
         _manifest.write_manifest(tmp, body)
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):
             _fileio.fsync_dir(tmp / sub)
+        stage = "publishing the store"
+        was_empty_dir = root.is_dir()
         _fileio._rename(os.fspath(tmp), os.fspath(root))  # the commit point; replaces an empty directory
-        _fileio.fsync_dir(root.parent)
-    except BaseException:
+        try:
+            _fileio.fsync_dir(root.parent)
+        except BaseException:
+            # Not durable: undo, so that a failed create() leaves what was there before.
+            shutil.rmtree(root, ignore_errors=True)
+            if was_empty_dir:
+                root.mkdir(exist_ok=True)
+            raise
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CommitError(
+                exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
+            ) from exc
         raise
     return Store(root, mode="a", embedder=emb, threads=threads)
 

@@ -79,7 +79,7 @@ def store_info(store: "Store") -> dict:
     }
 
 
-def verify_store(store: "Store") -> list[str]:
+def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
     """Every integrity problem of the store's current version, one line each.
 
     Checks: the manifest's schema and self-checksum (already at open); every
@@ -90,8 +90,11 @@ def verify_store(store: "Store") -> list[str]:
     record checksums, documents tiling the chunk ids, commit records and the
     content hash chain against the manifest; index segments and raw vectors
     files tiling the chunk ids; the loaded index holding one vector per chunk.
+
+    ``isolate=False`` runs the LMDB scan in this process (for tests that
+    sweep many damaged files; a damaged page can then crash this process).
     """
-    from ._lmdbscan import scan_in_child
+    from ._lmdbscan import scan, scan_in_child
 
     root = store.path
     m = store._manifest
@@ -123,7 +126,16 @@ def verify_store(store: "Store") -> list[str]:
         )
     if m["counts"]["vectors"] != n_chunks:
         problems.append(f"{_manifest.MANIFEST}: counts say {m['counts']['vectors']} vectors for {n_chunks} chunks")
-    found = scan_in_child(os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
+    args = (os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
+    if isolate:
+        found = scan_in_child(*args)
+    else:
+        import lmdb
+
+        try:
+            found = scan(*args)
+        except lmdb.Error as exc:
+            found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({exc})"]}
     problems += found["problems"]
     if found["chain"] is not None and found["chain"] != m["lmdb"]["chain"]:
         problems.append(

@@ -158,6 +158,9 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     FormatVersionError
         Written by a newer, incompatible format.
     """
+    if not raw.endswith(b"}\n"):
+        raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
+                                "the file is damaged")
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

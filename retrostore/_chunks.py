@@ -223,7 +223,18 @@ class ChunkTable:
         with _registry_lock:
             entry = _registry.get(real)
             if entry is not None and entry[2] != os.getpid():
-                entry = None  # inherited across fork: never reuse the parent's handle
+                # Inherited across fork(): never reuse the parent's handle. py-lmdb
+                # refuses a second open of files it has open, so close this
+                # process's copy first. That is safe for the parent: it unmaps
+                # the child's mapping and closes the child's descriptors; the
+                # parent's fcntl locks and reader slots belong to its own pid
+                # (retrostore never keeps a transaction open across calls).
+                try:
+                    entry[0].close()
+                except lmdb.Error:
+                    pass
+                del _registry[real]
+                entry = None
             if entry is None:
                 try:
                     env = lmdb.open(
@@ -243,9 +254,17 @@ class ChunkTable:
         try:
             # open_db without a txn commits its own (handles opened in an aborted
             # read txn would be closed again).
-            self._chunks = self.env.open_db(b"chunks", create=False)
-            self._docs = self.env.open_db(b"docs", create=False)
-            self._commits = self.env.open_db(b"commits", create=False)
+            for attempt in range(100):
+                try:
+                    self._chunks = self.env.open_db(b"chunks", create=False)
+                    self._docs = self.env.open_db(b"docs", create=False)
+                    self._commits = self.env.open_db(b"commits", create=False)
+                    break
+                except lmdb.MapResizedError:
+                    # a writer grew the map since lmdb.open() read the meta page
+                    if attempt == 99:
+                        raise
+                    self.env.set_mapsize(0)
         except lmdb.Error as exc:
             self.close()
             raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
@@ -267,11 +286,12 @@ class ChunkTable:
 
     # -- transactions -----------------------------------------------------
     def _begin(self, write: bool = False) -> lmdb.Transaction:
-        try:
-            return self.env.begin(write=write)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # another process grew the map: adopt its size
-            return self.env.begin(write=write)
+        for _attempt in range(99):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+        return self.env.begin(write=write)
 
     def _write_txn(self, fn) -> None:
         """Run ``fn(txn)`` in a write transaction, growing the map when full."""

@@ -87,6 +87,23 @@ def _readonly_media(root: Path) -> bool:
     return not os.access(root, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
 
+#: True in a process forked from one that imported retrostore. GNU OpenMP's
+#: thread pool does not survive fork(): a child whose parent had run a parallel
+#: FAISS search hangs in its own first one (seen in the fork test), so FAISS
+#: runs single-threaded there.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+    faiss.omp_set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _genesis_chain() -> str:
     import hashlib
 
@@ -165,7 +182,7 @@ class Store:
         self._table: ChunkTable | None = None
         self._pinned_version = version
         self.threads = int(threads) if threads else _cpu_count()
-        faiss.omp_set_num_threads(self.threads)
+        faiss.omp_set_num_threads(1 if _forked_child else self.threads)
         if not (self.path / _manifest.MANIFEST).is_file():
             raise NotAStoreError(
                 f"{self.path} is not a retrostore store (no {_manifest.MANIFEST}); create one with "

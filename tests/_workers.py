@@ -147,6 +147,7 @@ def conc_reader(path: str, stop_path: str, out_path: str, seed: int, reopen_ever
                     out["resolved"] += 1
             if stopping:
                 break
+            time.sleep(0.003)  # continuous, but leaving the 2-core CI machine to the writer too
     except Exception:
         out["errors"].append(traceback.format_exc())
     finally:
@@ -224,3 +225,29 @@ def lmdb_sweep(root: str, original: str, positions: list[int], xor: int, isolate
         _line(fd, f"R {pos} {outcome}")
     with open(data, "r+b") as fh:
         fh.write(orig)
+
+
+def try_writer(path: str, timeout_s: float | None, out_path: str) -> None:
+    """Try to become the writer; record ``opened``/``locked`` and the seconds it took."""
+    t0 = time.perf_counter()
+    try:
+        with retrostore.open(path, "a", timeout_s=timeout_s):
+            result = "opened"
+    except retrostore.WriterLockedError:
+        result = "locked"
+    with open(out_path, "w") as fh:
+        fh.write(f"{result} {time.perf_counter() - t0:.3f}")
+
+
+def slow_reader(path: str, stop_path: str, out_path: str) -> None:
+    """Hold one LMDB read transaction (a reader in the middle of a long read)
+    until ``stop_path`` exists; the writer must not wait for it."""
+    with retrostore.open(path) as st:
+        txn = st._table.env.begin()
+        held_version = st.version
+        n = len(st)
+        while not os.path.exists(stop_path):
+            time.sleep(0.01)
+        txn.abort()
+    with open(out_path, "w") as fh:
+        json.dump({"held_version": held_version, "chunks": n}, fh)

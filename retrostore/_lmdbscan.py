@@ -74,15 +74,16 @@ def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int) 
     return hashlib.sha256(hashes[0] + hashes[1]).hexdigest()
 
 
-def _decode(k: bytes, raw: bytes, sealed: bool) -> dict | None:
+def _decode(k: bytes, raw: bytes, sealed: bool) -> tuple[dict | None, str]:
+    """The record and "" , or None and why it is damaged."""
     payload = unseal(k, raw) if sealed else raw
     if payload is None:
-        return None
+        return None, "fails its checksum"
     try:
         rec = msgpack.unpackb(payload, raw=False)
     except Exception:
-        return None
-    return rec if isinstance(rec, dict) else None
+        return None, "cannot be decoded"
+    return (rec, "") if isinstance(rec, dict) else (None, "is not a record")
 
 
 def _is_int(v) -> bool:
@@ -121,9 +122,9 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                     if i != did:
                         problems.append(f"{DATA}: document records {did}..{i - 1} are missing")
                         did = i
-                    rec = _decode(k, v, sealed)
+                    rec, why = _decode(k, v, sealed)
                     if rec is None or not _is_int(rec.get("c")) or not _is_int(rec.get("n")):
-                        problems.append(f"{DATA}: document {i} record is damaged")
+                        problems.append(f"{DATA}: document {i} record {why or 'lacks its fields'}")
                         owner.append((-1, 0))
                     else:
                         if rec["c"] != expect_chunk:
@@ -151,10 +152,10 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                     if i != cid:
                         problems.append(f"{DATA}: chunk records {cid}..{i - 1} are missing")
                         cid = i
-                    rec = _decode(k, v, sealed)
+                    rec, why = _decode(k, v, sealed)
                     if (rec is None or not _is_int(rec.get("d")) or not _is_int(rec.get("p"))
                             or not isinstance(rec.get("s"), str) or not isinstance(rec.get("t"), bytes)):
-                        problems.append(f"{DATA}: chunk {i} record is damaged")
+                        problems.append(f"{DATA}: chunk {i} record {why or 'lacks its fields'}")
                     elif rec["d"] != doc_of[i] and doc_of[i] >= 0:
                         problems.append(f"{DATA}: chunk {i} names document {rec['d']}, its document record says {doc_of[i]}")
                     elif doc_of[i] >= 0 and rec["p"] != i - owner[doc_of[i]][0]:

@@ -194,9 +194,9 @@ class Store:
                 if self.readonly_media:
                     raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
                 self._lock = _fileio.WriterLock(self.path / LOCK, timeout_s)
-            self._manifest = _manifest.read_manifest(self.path, version)
             if version is not None:
                 self._check_committed(version)
+            self._manifest = _manifest.read_manifest(self.path, version)
             m = self._manifest
             if mode == "a" and m["format_version"] > _manifest.FORMAT_VERSION:
                 raise FormatVersionError(

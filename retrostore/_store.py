@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import faiss
-import lmdb
 import numpy as np
 
-from . import _fileio, _manifest
+from . import _commit, _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
-from ._index import Segment, SegmentSet, build_segment, load_segment, merge_segments, plan_merge, serialize
+from ._index import SegmentSet, load_segment
 from ._metadata import clean_metadata
 from ._types import Chunk, Document, Hit
 
 if TYPE_CHECKING:
     from ._retro import Neighbors
-from ._vectors import load_vectors, write_vectors
+from ._vectors import load_vectors
 from .errors import (
-    CommitError,
     CorruptStoreError,
     EmbedderMismatchError,
     ForkedStoreError,
@@ -430,7 +427,7 @@ class Store:
         m = self._manifest
         self._table.truncate(m["next_chunk_id"], m["next_doc_id"], m["version"])
         self._table.sync()
-        self._collect_garbage()
+        _commit.collect_garbage(self)
 
     def append(
         self,
@@ -579,156 +576,7 @@ class Store:
             the message says so and this handle is closed: open the store again.
         """
         self._check(write=True)
-        if not self._pending_chunks and not self._pending_docs:
-            return self.version
-        m = self._manifest
-        new = _copy_body(m)
-        version = m["version"] + 1
-        first_id = m["next_chunk_id"]
-        new_files: list[Path] = []
-        self._stage = "preparing the batch"
-        try:
-            vectors = (np.concatenate(self._pending_vectors) if self._pending_vectors
-                       else np.zeros((0, m["index"]["dim"]), np.float32))
-            tag = f"{version:08d}-{secrets.token_hex(4)}"
-            if len(vectors):
-                self._write_batch_files(new, vectors, first_id, tag, new_files)
-                self._stage = "syncing the index and vectors directories"
-                _fileio.fsync_dir(self.path / INDEX_DIR)
-                _fileio.fsync_dir(self.path / VECTORS_DIR)
-            chunk_range = (first_id, first_id + self._pending_chunks)
-            doc_range = (m["next_doc_id"], m["next_doc_id"] + self._pending_docs)
-            digest = self._hasher.hexdigest()
-            self._stage = "committing the LMDB records"
-            self._table.put_commit(version, chunk_range, doc_range, digest)
-            _fileio.sync_lmdb(self._table.env)
-            import hashlib
-
-            new["lmdb"]["chain"] = hashlib.sha256((m["lmdb"]["chain"] + digest).encode()).hexdigest()
-            new["version"] = version
-            new["committed_at"] = _now()
-            new["next_chunk_id"] = chunk_range[1]
-            new["next_doc_id"] = doc_range[1]
-            new["counts"] = {"documents": doc_range[1], "chunks": chunk_range[1],
-                             "vectors": sum(e["count"] for e in new["index"]["segments"])}
-            self._stage = "publishing the manifest"
-            _manifest.write_manifest(self.path, new)
-        except BaseException as exc:
-            stage = self._stage
-            self._abort_commit(new, new_files, stage, exc)
-            if isinstance(exc, (OSError, lmdb.Error)):
-                raise _fileio.commit_error(exc, stage) from exc
-            if isinstance(exc, RuntimeError):  # FAISS failures while building or merging
-                raise RetrostoreError(f"commit failed while {stage}: {exc}") from exc
-            raise
-        self._manifest = new
-        self._reset_pending()
-        self._load_segments()
-        try:
-            self._collect_garbage()
-        except OSError:
-            pass  # garbage is collected by a later commit or writer
-        return version
-
-    def _write_batch_files(self, new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list) -> None:
-        """Write the batch's index segment and vectors file into ``new``.
-
-        When the tiered policy merges segments, the batch goes straight into
-        the merged segment (and its vectors into the merged vectors file), so
-        segments and vectors files stay aligned and O(log n) in number.
-        """
-        m = self._manifest
-        self._stage = "building the index segment"
-        index = build_segment(vectors, m["index"]["factory"], m["metric"])
-        n_merge = plan_merge([e["count"] for e in m["index"]["segments"]] + [len(vectors)])
-        merged = list(self._index.segments[len(self._index.segments) - (n_merge - 1):]) if n_merge else []
-        start = merged[0].first_id if merged else first_id
-        if merged:
-            self._stage = "merging index segments"
-            index = merge_segments(merged + [Segment({"first_id": first_id, "count": len(vectors)}, index)])
-        count = first_id + len(vectors) - start
-        self._stage = "writing the index segment"
-        entry = self._write_segment(index, tag + ("m" if merged else ""), start, count, new_files)
-        segs = new["index"]["segments"]
-        new["index"]["segments"] = segs[: len(segs) - len(merged)] + [entry]
-        if m["settings"]["keep_vectors"]:
-            self._stage = "writing the vectors file"
-            files = new["vectors"]["files"]
-            parts = [load_vectors(self.path, e, verify=True) for e in files if e["first_id"] >= start] + [vectors]
-            vpath = self.path / VECTORS_DIR / f"vec-{tag}.npy"
-            new_files.append(vpath)
-            size, sha = write_vectors(vpath, parts, m["vectors"]["dtype"])
-            new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
-                {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
-                 "first_id": start, "count": count}]
-
-    def _abort_commit(self, new: dict, new_files: list[Path], stage: str, exc: BaseException) -> None:
-        """Undo a failed commit so that the previous version stays current.
-
-        If the failure came after ``manifest.json`` was renamed into place (its
-        directory fsync failed), the previous manifest is put back first. When
-        that is impossible the new files are kept (the manifest on disk may
-        name them), this handle is closed and CommitError says so.
-        """
-        published: bool | None = False
-        if stage == "publishing the manifest":
-            try:
-                published = (self.path / _manifest.MANIFEST).read_bytes() == _manifest.encode_manifest(new)
-                if published:
-                    _manifest.write_current(self.path, self._manifest)
-                    published = False
-            except OSError:
-                published = None
-        if published is None:
-            self._release()
-            code = getattr(exc, "errno", None)
-            raise CommitError(
-                *([code] if code is not None else []),
-                f"commit of version {new['version']} failed while {stage} ({exc}) and the previous manifest could "
-                "not be put back, so which version is current is unknown; this writer was closed. Open the store "
-                "again: it opens at whichever version manifest.json names, and the next writer removes the rest.",
-            ) from exc
-        if stage == "publishing the manifest":
-            new_files = new_files + [_manifest.version_path(self.path, new["version"])]
-        for f in new_files:
-            try:
-                f.unlink()
-            except OSError:
-                pass
-
-    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
-        path = self.path / INDEX_DIR / f"seg-{tag}.faiss"
-        new_files.append(path)
-        size, sha = _fileio.write_durable(path, [serialize(index)])
-        entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
-        self._segments_cache[sha] = Segment(entry, index)
-        return entry
-
-    def _collect_garbage(self) -> None:
-        """Drop manifests beyond ``retain_versions`` and files no retained version references."""
-        keep = int(self._manifest["settings"]["retain_versions"])
-        vdir = self.path / _manifest.VERSIONS_DIR
-        versions = sorted(int(p.name[9:21]) for p in vdir.glob("manifest-*.json") if p.name[9:21].isdigit())
-        current = self._manifest["version"]
-        retained = [v for v in versions if v <= current][-keep:]
-        referenced = set()
-        for v in versions:
-            p = _manifest.version_path(self.path, v)
-            if v not in retained or v > current:
-                p.unlink(missing_ok=True)
-                continue
-            try:
-                body = _manifest.read_manifest(self.path, v)
-            except RetrostoreError:
-                continue
-            referenced.update(e["path"] for e in _manifest.referenced_files(body))
-        referenced.update(e["path"] for e in _manifest.referenced_files(self._manifest))
-        for sub in (INDEX_DIR, VECTORS_DIR):
-            for p in (self.path / sub).iterdir():
-                if f"{sub}/{p.name}" not in referenced:
-                    p.unlink(missing_ok=True)
-        for p in list(self.path.glob(f"{_fileio.TMP_PREFIX}*")) + list(vdir.glob(f"{_fileio.TMP_PREFIX}*")):
-            p.unlink(missing_ok=True)
+        return _commit.commit(self)
 
     # -- reading -----------------------------------------------------------
     def _limit(self) -> int:
@@ -1053,12 +901,6 @@ class Store:
         from ._inspect import verify_store
 
         return verify_store(self)
-
-
-def _copy_body(m: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(m)
 
 
 def _check_k(k: Any) -> int:

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import faiss
-import numpy as np
 import pytest
 
 import retrostore

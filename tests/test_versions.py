@@ -3,7 +3,6 @@ format checks, LMDB map growth, commit cost, and read-only media."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat

@@ -37,7 +37,7 @@ import msgpack
 import numpy as np
 
 from ._lmdbscan import key as _key
-from ._lmdbscan import seal, unseal
+from ._lmdbscan import records_digest, seal, unseal
 from .errors import CorruptStoreError, RetrostoreError
 
 __all__ = ["ChunkTable", "ChunkRecord", "DocRecord", "check_lmdb_file", "LMDB_DIR"]
@@ -454,6 +454,35 @@ class ChunkTable:
                 except Exception as exc:
                     raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: document {did} record is damaged ({exc})") from exc
         return out
+
+    @_reads
+    def content_hashes(self, version: int) -> tuple[str, list[str]]:
+        """Recompute the hash chain of every commit up to ``version``.
+
+        Returns the chain head and a list of problems found (empty when the
+        records match their commit entries). In this process: for untrusted
+        files use ``verify``, which scans in a child (:mod:`retrostore._lmdbscan`).
+        """
+        problems: list[str] = []
+        chain = hashlib.sha256(b"retrostore").hexdigest()
+        with self._begin() as txn:
+            for k, v in txn.cursor(self._commits):
+                ver = int.from_bytes(k, "big")
+                if ver > version:
+                    break
+                try:
+                    entry = msgpack.unpackb(v, raw=False)
+                    (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
+                except Exception as exc:
+                    problems.append(f"{LMDB_DIR}/data.mdb: commit record of version {ver} is damaged ({exc})")
+                    continue
+                if records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1) != recorded:
+                    problems.append(
+                        f"{LMDB_DIR}/data.mdb: records of version {ver} (chunks {c0}..{c1 - 1}, documents "
+                        f"{d0}..{d1 - 1}) do not match their checksum; the LMDB data file is damaged"
+                    )
+                chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
+        return chain, problems
 
     def close(self) -> None:
         """Drop this handle; the environment closes when its last user in this process goes."""

@@ -58,6 +58,7 @@ def test_retention_and_pinned_versions(tmp_path, small_docs, embedder):
             w.commit()
             marks[w.version] = (len(w), w.info()["documents"])
         assert _versions(path) == [4, 5]
+        assert w._table.content_hashes(5) == (w.manifest["lmdb"]["chain"], [])  # the in-process chain check
         names = {e["path"] for v in (4, 5) for e in _manifest.referenced_files(_manifest.read_manifest(path, v))}
         assert {f"{d}/{p.name}" for d in ("index", "vectors") for p in (path / d).iterdir()} <= names
         with pytest.raises(NotAStoreError, match="not retained"):

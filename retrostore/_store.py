@@ -232,7 +232,8 @@ class Store:
         discarded (their LMDB records are removed)."""
         if self._closed:
             return
-        if self.mode == "a" and os.getpid() == self._pid and self._table is not None and self._pending_chunks:
+        if (self.mode == "a" and os.getpid() == self._pid and self._table is not None
+                and (self._pending_chunks or self._pending_docs)):
             try:
                 self._table.truncate(self._manifest["next_chunk_id"], self._manifest["next_doc_id"],
                                      self._manifest["version"])

@@ -126,6 +126,19 @@ def test_default_retention_and_readers_never_collect(tmp_path, small_docs, embed
     assert not (path / "index" / "seg-orphan.faiss").exists() and _versions(path) == [3, 4, 5]
 
 
+def test_close_discards_staged_records(tmp_path, small_docs, embedder):
+    """Staged records (documents without chunks included) leave LMDB at close."""
+    rng = np.random.default_rng(4)
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder) as w:
+        _append(w, [small_docs[0]["text"]], rng)
+        w.commit()
+        w.append(["", "   "])  # documents without chunks only
+    with retrostore.open(path) as r:
+        stats = r._table.stats()
+        assert stats["docs"]["last"] == 0 and stats["chunks"]["last"] == len(r) - 1 and stats["commits"]["last"] == 1
+
+
 def test_newer_format_is_refused_naming_both_versions(tmp_path, embedder):
     path = tmp_path / "s"
     retrostore.create(path, embedder=embedder).close()

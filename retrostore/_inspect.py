@@ -133,7 +133,7 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
         import lmdb
 
         try:
-            found = scan(*args)
+            found = scan(*args, env=store._table.env)
         except lmdb.Error as exc:
             found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({exc})"]}
     problems += found["problems"]

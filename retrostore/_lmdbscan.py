@@ -90,7 +90,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool) -> dict:
+def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool, env=None) -> dict:
     """Check every committed LMDB record of a store.
 
     Returns ``{"chain": head of the content hash chain of commits <= version,
@@ -99,11 +99,16 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
     documents' chunk ranges tile ``[0, n_chunks)`` in order and each chunk
     names its document and position; commit records are contiguous, end at
     the high-water marks and match their content digests.
+
+    ``env``: an environment already open on the store in this process (LMDB
+    and py-lmdb forbid opening one twice in a process); default: open one.
     """
     problems: list[str] = []
     chain = hashlib.sha256(GENESIS.encode()).hexdigest()
-    env = lmdb.open(os.path.join(root, LMDB_DIR), subdir=True, readonly=True, lock=not readonly,
-                    max_dbs=MAX_DBS, create=False, readahead=False)
+    own = env is None
+    if own:
+        env = lmdb.open(os.path.join(root, LMDB_DIR), subdir=True, readonly=True, lock=not readonly,
+                        max_dbs=MAX_DBS, create=False, readahead=False)
     try:
         chunks_db = env.open_db(b"chunks", create=False)
         docs_db = env.open_db(b"docs", create=False)
@@ -194,7 +199,8 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                 problems.append(f"{DATA}: commit records end at chunk {ends[0]} / document {ends[1]}, "
                                 f"the manifest says {n_chunks} / {n_docs}")
     finally:
-        env.close()
+        if own:
+            env.close()
     return {"chain": chain, "problems": problems}
 
 

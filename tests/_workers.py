@@ -188,6 +188,8 @@ def lmdb_sweep(root: str, original: str, positions: list[int], xor: int, isolate
     data = os.path.join(root, "chunks.lmdb", "data.mdb")
     with open(original, "rb") as fh:
         orig = fh.read()
+    with open(data, "r+b") as fh:  # a previous worker may have died with a byte flipped
+        fh.write(orig)
     with retrostore.open(root) as st:
         baseline = store_snapshot(st)
     fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

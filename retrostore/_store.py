@@ -893,10 +893,19 @@ class Store:
     def verify(self) -> list[str]:
         """Check the store's integrity (what ``retrostore verify`` runs).
 
+        Checks the manifest schema and paths, every referenced file's size and
+        sha256, the LMDB file's structure and every committed record (ids,
+        crc32 seals, documents tiling the chunks, commit records and the
+        content hash chain against the manifest), and that the index holds one
+        vector per chunk. The LMDB records are scanned in a short-lived child
+        process, so a damaged page that makes LMDB crash is reported as a
+        problem instead of ending this process. Writes nothing.
+
         Returns
         -------
         list of str
-            One precise line per problem; empty when the store is intact.
+            One precise line per problem, starting with the file it concerns;
+            empty when the store is intact.
         """
         self._check()
         from ._inspect import verify_store

@@ -114,6 +114,10 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
         docs_db = env.open_db(b"docs", create=False)
         commits_db = env.open_db(b"commits", create=False)
         with env.begin(buffers=False) as txn:
+            # Iteration walks the leaves in order; reads look ids up through the
+            # branch pages. A damaged separator key in a branch page breaks the
+            # lookups only, so every record is also looked up by its key.
+            unfindable: dict[str, list[int]] = {"documents": [], "chunks": []}
             # documents: dense ids, chunk ranges tiling [0, n_chunks)
             owner: list[tuple[int, int]] = []  # (first_chunk, n) per doc
             expect_chunk = 0
@@ -136,6 +140,8 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                             problems.append(f"{DATA}: document {i} starts at chunk {rec['c']}, expected {expect_chunk}")
                         owner.append((rec["c"], rec["n"]))
                         expect_chunk = rec["c"] + rec["n"]
+                    if txn.get(k, db=docs_db) != v:
+                        unfindable["documents"].append(i)
                     did += 1
             if did < n_docs:
                 problems.append(f"{DATA}: {n_docs - did} document records below id {n_docs} are missing "
@@ -165,10 +171,16 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                         problems.append(f"{DATA}: chunk {i} names document {rec['d']}, its document record says {doc_of[i]}")
                     elif doc_of[i] >= 0 and rec["p"] != i - owner[doc_of[i]][0]:
                         problems.append(f"{DATA}: chunk {i} has position {rec['p']}, expected {i - owner[doc_of[i]][0]}")
+                    if txn.get(k, db=chunks_db) != v:
+                        unfindable["chunks"].append(i)
                     cid += 1
             if cid < n_chunks:
                 problems.append(f"{DATA}: {n_chunks - cid} chunk records below id {n_chunks} are missing "
                                 f"(found {cid}, the manifest says {n_chunks})")
+            for table, ids in unfindable.items():
+                if ids:
+                    problems.append(f"{DATA}: {len(ids)} {table} records cannot be found by their id (first: "
+                                    f"{ids[0]}); a B-tree branch page is damaged")
             # commits: contiguous ranges whose digests match the records
             ends = (0, 0)
             cur = txn.cursor(commits_db)

@@ -473,6 +473,8 @@ class ChunkTable:
                 try:
                     entry = msgpack.unpackb(v, raw=False)
                     (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
+                    if not all(isinstance(x, int) and 0 <= x for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1:
+                        raise ValueError(f"bad id ranges {entry['c']} {entry['d']}")
                 except Exception as exc:
                     problems.append(f"{LMDB_DIR}/data.mdb: commit record of version {ver} is damaged ({exc})")
                     continue

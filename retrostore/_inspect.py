@@ -130,12 +130,11 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
     if isolate:
         found = scan_in_child(*args)
     else:
-        import lmdb
-
         try:
             found = scan(*args, env=store._table.env)
-        except lmdb.Error as exc:
-            found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({exc})"]}
+        except Exception as exc:  # as _lmdbscan._main reports it from the child
+            found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it "
+                                                 f"({type(exc).__name__}: {exc})"]}
     problems += found["problems"]
     if found["chain"] is not None and found["chain"] != m["lmdb"]["chain"]:
         problems.append(

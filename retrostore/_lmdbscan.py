@@ -191,8 +191,9 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                 try:
                     entry = msgpack.unpackb(v, raw=False)
                     (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
-                    if not all(_is_int(x) for x in (c0, c1, d0, d1)) or not isinstance(recorded, str):
-                        raise ValueError("bad field types")
+                    if (not all(_is_int(x) and x >= 0 for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1
+                            or not isinstance(recorded, str)):
+                        raise ValueError("bad id ranges or digest")
                 except Exception as exc:
                     problems.append(f"{DATA}: commit record of version {ver} is damaged ({type(exc).__name__})")
                     continue
@@ -247,7 +248,7 @@ def _main() -> None:
     a = json.loads(sys.stdin.read())
     try:
         out = scan(a["root"], a["n_chunks"], a["n_docs"], a["version"], a["sealed"], a["readonly"])
-    except lmdb.Error as exc:
+    except Exception as exc:  # LMDB errors, or damage the checks above did not foresee
         out = {"chain": None, "problems": [f"{DATA}: LMDB cannot read it ({type(exc).__name__}: "
                                            f"{' '.join(str(exc).split())})"]}
     sys.stdout.write(json.dumps(out))

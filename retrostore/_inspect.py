@@ -127,9 +127,8 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
     if m["counts"]["vectors"] != n_chunks:
         problems.append(f"{_manifest.MANIFEST}: counts say {m['counts']['vectors']} vectors for {n_chunks} chunks")
     args = (os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
-    if isolate:
-        found = scan_in_child(*args)
-    else:
+    found = scan_in_child(*args) if isolate else None
+    if found is None:
         try:
             found = scan(*args, env=store._table.env)
         except Exception as exc:  # as _lmdbscan._main reports it from the child

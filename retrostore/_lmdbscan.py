@@ -218,17 +218,21 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
 
 
 def scan_in_child(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool,
-                  timeout_s: float | None = None) -> dict:
+                  timeout_s: float | None = None) -> dict | None:
     """Run :func:`scan` in a child process; a crash there becomes a problem line.
 
     Returns the same dict as :func:`scan` (``chain`` is None when the child
-    did not finish).
+    did not finish), or None when no child process can be started.
     """
     args = json.dumps({"root": os.fspath(root), "n_chunks": n_chunks, "n_docs": n_docs, "version": version,
                        "sealed": sealed, "readonly": readonly})
+    if not sys.executable:
+        return None  # an embedded interpreter: the caller scans in its own process
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=args, capture_output=True,
                               text=True, timeout=timeout_s)
+    except OSError:
+        return None
     except subprocess.TimeoutExpired:
         return {"chain": None, "problems": [f"{DATA}: the LMDB check did not finish within {timeout_s:g} s"]}
     if proc.returncode < 0:

@@ -12,6 +12,11 @@ Layout (named databases in one LMDB environment ``chunks.lmdb/``):
 ``commits``  8-byte big-endian version -> msgpack ``{"c": [first, end) chunk
              ids, "d": [first, end) doc ids, "h": sha256 of the records}``
 
+With the manifest's ``"record_checksum": "crc32"`` (every store created by
+this version), each value is sealed: ``msgpack || crc32(key || msgpack)``
+(see :mod:`retrostore._lmdbscan`), and a record whose checksum fails raises
+:class:`CorruptStoreError` instead of returning damaged text or tokens.
+
 Records are append-only and immutable once committed: readers filter by the
 manifest's high-water marks and never see a record beyond them. The map grows
 on demand (starting small, so an idle store's data file stays compact).
@@ -19,17 +24,20 @@ on demand (starting small, so an idle store's data file stays compact).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lmdb
 import msgpack
 import numpy as np
 
+from ._lmdbscan import key as _key
+from ._lmdbscan import records_digest, seal, unseal
 from .errors import CorruptStoreError, RetrostoreError
 
 __all__ = ["ChunkTable", "ChunkRecord", "DocRecord", "check_lmdb_file", "LMDB_DIR"]
@@ -43,56 +51,123 @@ _registry: dict[str, list] = {}  # realpath -> [env, refcount, pid]; py-lmdb all
 _registry_lock = threading.Lock()
 
 
-def _key(i: int) -> bytes:
-    return int(i).to_bytes(8, "big")
+_MAGIC = 0xBEEFC0DE
+_P_BRANCH, _P_LEAF, _P_META = 0x01, 0x02, 0x08
+_F_BIGDATA = 0x01
+_P_INVALID = (1 << 64) - 1
 
 
 def check_lmdb_file(path: Path) -> None:
     """Cheap structural check of ``data.mdb`` before LMDB maps it.
 
-    Reads the two meta pages (LMDB's ``MDB_meta``: magic ``0xBEEFC0DE``,
-    page size, last page number, transaction id) and checks that the file is
-    at least as long as the newest meta page says. Mapping a truncated file
-    would crash the process with SIGBUS on first access.
+    Reads the two meta pages (LMDB 0.9's ``MDB_meta``: magic ``0xBEEFC0DE``,
+    page size, the free and main B-tree roots, last page number, transaction
+    id), checks that the file is at least as long as the newest meta page
+    says (mapping a truncated file crashes the process with SIGBUS on first
+    access) and that the root pages LMDB reads on open keep every node inside
+    the page (a damaged root page made ``open_db`` crash in the corruption
+    tests). Pages deeper in the trees are checked by ``verify``, in a child
+    process.
 
     Raises
     ------
     CorruptStoreError
-        Naming the file, when the magic is wrong or the file is truncated.
+        Naming the file, when a meta or root page is damaged or the file is
+        truncated.
     """
     name = f"{LMDB_DIR}/data.mdb"
     try:
-        size = path.stat().st_size
+        # Meta pages first, size second: a writer extends the file before it
+        # writes the meta page naming the new pages, so in this order a
+        # concurrent commit can never look like a truncation.
         with open(path, "rb") as fh:
             head = fh.read(2 * 65536)
+            size = os.fstat(fh.fileno()).st_size
+            if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
+                from ._artifact import git_lfs_pointer
+
+                raise CorruptStoreError(f"{name}: {git_lfs_pointer(path) or 'it is a Git LFS pointer file'}")
+            if len(head) < 160:
+                raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
+            psize = struct.unpack_from("<I", head, 40)[0]
+            if psize < 512 or psize > 65536 or psize & (psize - 1):
+                raise CorruptStoreError(f"{name}: not an LMDB data file (bad meta page: page size {psize})")
+            metas = []
+            for off in (0, psize):
+                if off + 152 > len(head):
+                    raise CorruptStoreError(f"{name}: truncated to {size} bytes; the second meta page is missing")
+                flags = struct.unpack_from("<H", head, off + 10)[0]
+                magic, version = struct.unpack_from("<II", head, off + 16)
+                if not flags & _P_META or magic != _MAGIC or version != 1:
+                    raise CorruptStoreError(
+                        f"{name}: LMDB meta page {off // psize} is damaged (magic {magic:#x}, version {version})")
+                free_root, main_root = struct.unpack_from("<Q", head, off + 80)[0], struct.unpack_from("<Q", head, off + 128)[0]
+                last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+                metas.append((txnid, last_pg, free_root, main_root))
+            _txn, last_pg, free_root, main_root = max(metas)
+            need = (last_pg + 1) * psize
+            if size < need:
+                raise CorruptStoreError(
+                    f"{name}: truncated to {size} bytes but its meta page references {need} bytes; the file is damaged"
+                )
+            for what, root in (("free-list", free_root), ("main", main_root)):
+                if root == _P_INVALID:
+                    continue
+                if not 2 <= root <= last_pg:
+                    raise CorruptStoreError(f"{name}: the {what} B-tree root is page {root}, outside pages 2..{last_pg}")
+                fh.seek(root * psize)
+                problem = _page_problem(fh.read(psize), root, psize, last_pg)
+                if problem:
+                    raise CorruptStoreError(f"{name}: the {what} B-tree root page {root} is damaged ({problem})")
     except FileNotFoundError:
         raise CorruptStoreError(f"{name}: the LMDB data file is missing") from None
-    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
-        from ._artifact import git_lfs_pointer
 
-        raise CorruptStoreError(f"{name}: {git_lfs_pointer(path) or 'it is a Git LFS pointer file'}")
-    if len(head) < 160:
-        raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
-    magic, _version = struct.unpack_from("<II", head, 16)
-    psize = struct.unpack_from("<I", head, 40)[0]
-    if magic != 0xBEEFC0DE or psize < 512 or psize > 65536 or psize & (psize - 1):
-        raise CorruptStoreError(f"{name}: not an LMDB data file (bad meta page: magic {magic:#x}, page size {psize})")
-    metas = []
-    for off in (0, psize):
-        if off + 152 > len(head):
-            raise CorruptStoreError(f"{name}: truncated to {size} bytes; the second meta page is missing")
-        m, _ = struct.unpack_from("<II", head, off + 16)
-        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
-        if m == 0xBEEFC0DE:
-            metas.append((txnid, last_pg))
-    if not metas:
-        raise CorruptStoreError(f"{name}: both LMDB meta pages are damaged")
-    _txn, last_pg = max(metas)
-    need = (last_pg + 1) * psize
-    if size < need:
-        raise CorruptStoreError(
-            f"{name}: truncated to {size} bytes but its meta page references {need} bytes; the file is damaged"
-        )
+
+def _page_problem(page: bytes, pgno: int, psize: int, last_pg: int) -> str | None:
+    """Why an LMDB branch or leaf page would make LMDB read outside it, or None."""
+    if len(page) != psize:
+        return "short read"
+    got, _pad, flags, lower, upper = struct.unpack_from("<QHHHH", page, 0)
+    if got != pgno:
+        return f"it says it is page {got}"
+    if not flags & (_P_BRANCH | _P_LEAF) or flags & _P_META:
+        return f"flags {flags:#x}"
+    if not 16 <= lower <= upper <= psize or lower % 2:
+        return f"bounds lower={lower} upper={upper}"
+    for i in range((lower - 16) // 2):
+        ptr = struct.unpack_from("<H", page, 16 + 2 * i)[0]
+        if not upper <= ptr <= psize - 8:
+            return f"node {i} at offset {ptr}"
+        lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, ptr)
+        end = ptr + 8 + ksize
+        if flags & _P_BRANCH:
+            child = lo | hi << 16 | nflags << 32
+            if not 2 <= child <= last_pg:
+                return f"node {i} points to page {child}"
+        elif nflags & _F_BIGDATA:
+            end += 8
+        else:
+            end += lo | hi << 16
+        if end > psize:
+            return f"node {i} overruns the page"
+    return None
+
+
+def _reads(fn):
+    """Report LMDB's own errors on a damaged file (MDB_CORRUPTED,
+    MDB_PAGE_NOTFOUND, ...) as :class:`CorruptStoreError` naming the file."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except lmdb.Error as exc:
+            raise CorruptStoreError(
+                f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "the file is damaged: run `retrostore verify`"
+            ) from exc
+
+    return wrapper
 
 
 class ChunkRecord:
@@ -136,19 +211,34 @@ class ChunkTable:
     readonly_media : bool
         The store is on read-only media: open LMDB with ``readonly=True,
         lock=False`` so that nothing (not even ``lock.mdb``) is written.
+    sealed : bool
+        Values carry a crc32 (the manifest's ``"record_checksum": "crc32"``).
     """
 
-    def __init__(self, root: Path, token_dtype: str, *, write: bool, readonly_media: bool = False):
+    def __init__(self, root: Path, token_dtype: str, *, write: bool, readonly_media: bool = False,
+                 sealed: bool = False):
         self.path = root / LMDB_DIR
         self.token_dtype = np.dtype(token_dtype)
         self.write = write
+        self.sealed = sealed
         self._pid = os.getpid()
         check_lmdb_file(self.path / "data.mdb")
         real = os.path.realpath(self.path)
         with _registry_lock:
             entry = _registry.get(real)
             if entry is not None and entry[2] != os.getpid():
-                entry = None  # inherited across fork: never reuse the parent's handle
+                # Inherited across fork(): never reuse the parent's handle. py-lmdb
+                # refuses a second open of files it has open, so close this
+                # process's copy first. That is safe for the parent: it unmaps
+                # the child's mapping and closes the child's descriptors; the
+                # parent's fcntl locks and reader slots belong to its own pid
+                # (retrostore never keeps a transaction open across calls).
+                try:
+                    entry[0].close()
+                except lmdb.Error:
+                    pass
+                del _registry[real]
+                entry = None
             if entry is None:
                 try:
                     env = lmdb.open(
@@ -168,9 +258,17 @@ class ChunkTable:
         try:
             # open_db without a txn commits its own (handles opened in an aborted
             # read txn would be closed again).
-            self._chunks = self.env.open_db(b"chunks", create=False)
-            self._docs = self.env.open_db(b"docs", create=False)
-            self._commits = self.env.open_db(b"commits", create=False)
+            for attempt in range(100):
+                try:
+                    self._chunks = self.env.open_db(b"chunks", create=False)
+                    self._docs = self.env.open_db(b"docs", create=False)
+                    self._commits = self.env.open_db(b"commits", create=False)
+                    break
+                except lmdb.MapResizedError:
+                    # a writer grew the map since lmdb.open() read the meta page
+                    if attempt == 99:
+                        raise
+                    self.env.set_mapsize(0)
         except lmdb.Error as exc:
             self.close()
             raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
@@ -192,11 +290,12 @@ class ChunkTable:
 
     # -- transactions -----------------------------------------------------
     def _begin(self, write: bool = False) -> lmdb.Transaction:
-        try:
-            return self.env.begin(write=write)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # another process grew the map: adopt its size
-            return self.env.begin(write=write)
+        for _attempt in range(99):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+        return self.env.begin(write=write)
 
     def _write_txn(self, fn) -> None:
         """Run ``fn(txn)`` in a write transaction, growing the map when full."""
@@ -249,22 +348,35 @@ class ChunkTable:
         self._write_txn(fn)
         return removed
 
-    def pack_chunk(self, doc_id: int, position: int, start: int, text: str, token_ids: np.ndarray) -> bytes:
-        return msgpack.packb(
+    def pack_chunk(self, chunk_id: int, doc_id: int, position: int, start: int, text: str,
+                   token_ids: np.ndarray) -> bytes:
+        """The stored value of chunk ``chunk_id`` (sealed when the store seals records)."""
+        raw = msgpack.packb(
             {"d": doc_id, "p": position, "o": start, "s": text,
              "t": np.ascontiguousarray(token_ids, dtype=self.token_dtype).tobytes()},
             use_bin_type=True,
         )
+        return seal(_key(chunk_id), raw) if self.sealed else raw
 
-    @staticmethod
-    def pack_doc(first_chunk: int, n_chunks: int, metadata: Any, text: str | None) -> bytes:
+    def pack_doc(self, doc_id: int, first_chunk: int, n_chunks: int, metadata: Any, text: str | None) -> bytes:
+        """The stored value of document ``doc_id`` (sealed when the store seals records)."""
         rec = {"c": first_chunk, "n": n_chunks, "m": metadata}
         if text is not None:
             rec["x"] = text
-        return msgpack.packb(rec, use_bin_type=True)
+        raw = msgpack.packb(rec, use_bin_type=True)
+        return seal(_key(doc_id), raw) if self.sealed else raw
 
     # -- reading ----------------------------------------------------------
+    def _payload(self, what: str, i: int, raw: bytes) -> bytes:
+        if not self.sealed:
+            return raw
+        payload = unseal(_key(i), raw)
+        if payload is None:
+            raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: {what} {i} record fails its checksum; the file is damaged")
+        return payload
+
     def _unpack_chunk(self, cid: int, raw: bytes) -> ChunkRecord:
+        raw = self._payload("chunk", cid, raw)
         try:
             r = msgpack.unpackb(raw, raw=False)
             toks = np.frombuffer(r["t"], dtype=self.token_dtype).astype(np.int64)
@@ -272,6 +384,7 @@ class ChunkTable:
         except Exception as exc:  # msgpack raises several types on damaged bytes
             raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: chunk {cid} record is damaged ({exc})") from exc
 
+    @_reads
     def get_chunks(self, ids, limit: int) -> list[ChunkRecord | None]:
         """Chunk records for ``ids`` (None for ids < 0 or >= ``limit``)."""
         out: list[ChunkRecord | None] = []
@@ -287,28 +400,35 @@ class ChunkTable:
                 out.append(self._unpack_chunk(cid, raw))
         return out
 
-    def iter_chunks(self, first: int, end: int) -> Iterator[ChunkRecord]:
+    @_reads
+    def iter_chunks(self, first: int, end: int) -> list[ChunkRecord]:
+        """The chunk records with ids in ``[first, end)``, in order."""
+        out = []
         with self._begin() as txn:
             cur = txn.cursor(self._chunks)
             if not cur.set_range(_key(first)):
-                return
+                return out
             for k, v in cur:
                 cid = int.from_bytes(k, "big")
                 if cid >= end:
                     break
-                yield self._unpack_chunk(cid, v)
+                out.append(self._unpack_chunk(cid, v))
+        return out
 
+    @_reads
     def get_doc(self, doc_id: int) -> DocRecord | None:
         with self._begin() as txn:
             raw = txn.get(_key(doc_id), db=self._docs)
         if raw is None:
             return None
+        raw = self._payload("document", doc_id, raw)
         try:
             r = msgpack.unpackb(raw, raw=False)
             return DocRecord(doc_id, r["c"], r["n"], r["m"], r.get("x"))
         except Exception as exc:
             raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: document {doc_id} record is damaged ({exc})") from exc
 
+    @_reads
     def stats(self) -> dict:
         """Entry counts and key ranges of the three tables (all records, committed or not)."""
         out = {}
@@ -320,6 +440,7 @@ class ChunkTable:
                 out[name] = {"entries": txn.stat(db)["entries"], "first": first, "last": last}
         return out
 
+    @_reads
     def chunk_doc_ids(self, n_chunks: int, n_docs: int) -> np.ndarray:
         """Document id of every committed chunk, shape (n_chunks,), int64 (from the docs table)."""
         out = np.full(n_chunks, -1, np.int64)
@@ -329,44 +450,39 @@ class ChunkTable:
                 did = int.from_bytes(k, "big")
                 if did >= n_docs:
                     break
-                r = msgpack.unpackb(v, raw=False)
-                out[r["c"] : r["c"] + r["n"]] = did
+                try:
+                    r = msgpack.unpackb(self._payload("document", did, v), raw=False)
+                    out[r["c"] : r["c"] + r["n"]] = did
+                except CorruptStoreError:
+                    raise
+                except Exception as exc:
+                    raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: document {did} record is damaged ({exc})") from exc
         return out
 
-    def count_below(self, table: str, end: int) -> int:
-        """Number of records with id < ``end`` in ``"chunks"`` or ``"docs"``."""
-        db = {"chunks": self._chunks, "docs": self._docs}[table]
-        n = 0
-        with self._begin() as txn:
-            cur = txn.cursor(db)
-            for k in cur.iternext(keys=True, values=False):
-                if int.from_bytes(k, "big") >= end:
-                    break
-                n += 1
-        return n
-
+    @_reads
     def content_hashes(self, version: int) -> tuple[str, list[str]]:
         """Recompute the hash chain of every commit up to ``version``.
 
         Returns the chain head and a list of problems found (empty when the
-        records match their commit entries).
+        records match their commit entries). In this process: for untrusted
+        files use ``verify``, which scans in a child (:mod:`retrostore._lmdbscan`).
         """
         problems: list[str] = []
         chain = hashlib.sha256(b"retrostore").hexdigest()
         with self._begin() as txn:
-            cur = txn.cursor(self._commits)
-            for k, v in cur:
+            for k, v in txn.cursor(self._commits):
                 ver = int.from_bytes(k, "big")
                 if ver > version:
                     break
                 try:
                     entry = msgpack.unpackb(v, raw=False)
                     (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
+                    if not all(isinstance(x, int) and 0 <= x for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1:
+                        raise ValueError(f"bad id ranges {entry['c']} {entry['d']}")
                 except Exception as exc:
                     problems.append(f"{LMDB_DIR}/data.mdb: commit record of version {ver} is damaged ({exc})")
                     continue
-                actual = records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1)
-                if actual != recorded:
+                if records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1) != recorded:
                     problems.append(
                         f"{LMDB_DIR}/data.mdb: records of version {ver} (chunks {c0}..{c1 - 1}, documents "
                         f"{d0}..{d1 - 1}) do not match their checksum; the LMDB data file is damaged"
@@ -390,29 +506,8 @@ class ChunkTable:
                     env.close()
 
 
-def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int) -> str:
-    """Digest of chunks ``[c0, c1)`` and documents ``[d0, d1)`` as stored.
-
-    ``sha256(sha256(chunk records) || sha256(document records))``, each inner
-    hash over ``key || len(value) || value`` in key order; the same value
-    :class:`RecordHasher` computes while appending.
-    """
-    hashes = []
-    for db, first, end in ((chunks_db, c0, c1), (docs_db, d0, d1)):
-        h = hashlib.sha256()
-        cur = txn.cursor(db)
-        if first < end and cur.set_range(_key(first)):
-            for k, v in cur:
-                if int.from_bytes(k, "big") >= end:
-                    break
-                h.update(k + len(v).to_bytes(8, "big"))
-                h.update(v)
-        hashes.append(h.digest())
-    return hashlib.sha256(hashes[0] + hashes[1]).hexdigest()
-
-
 class RecordHasher:
-    """Incremental version of :func:`records_digest` fed while appending."""
+    """Incremental version of :func:`retrostore._lmdbscan.records_digest` fed while appending."""
 
     def __init__(self) -> None:
         self.chunks = hashlib.sha256()

@@ -15,7 +15,7 @@ from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_tokenizer_path
 from ._store import DEFAULTS, INDEX_DIR, TOKENIZER, VECTORS_DIR, Store, _genesis_chain, _now
-from .errors import InvalidInputError, StoreExistsError
+from .errors import CommitError, InvalidInputError, StoreExistsError
 
 __all__ = ["create"]
 
@@ -76,6 +76,8 @@ def create(
         ``path`` exists and is not an empty directory.
     InvalidInputError
         A setting is out of range (named in the message).
+    CommitError
+        An I/O error (ENOSPC, EIO, ...); nothing was created at ``path``.
     """
     root = Path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -105,8 +107,10 @@ def create(
         raise InvalidInputError(f"FAISS cannot build the factory string {index!r} for dimension {emb.dim}: {exc}") from exc
 
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
     tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     tmp.mkdir()
+    stage = "writing the store's files"
     try:
         tsize, tsha = _fileio.write_durable(tmp / TOKENIZER, [Path(tok_path).read_bytes()])
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR):
@@ -129,7 +133,7 @@ def create(
             "embedder": _json_fingerprint(emb),
             "index": {"factory": index, "params": {}, "dim": int(emb.dim), "segments": [], "template": None},
             "vectors": {"dtype": vector_dtype, "files": []},
-            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain()},
+            "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain(), "record_checksum": "crc32"},
             "counts": {"documents": 0, "chunks": 0, "vectors": 0},
             "next_chunk_id": 0,
             "next_doc_id": 0,
@@ -138,12 +142,40 @@ def create(
         _manifest.write_manifest(tmp, body)
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):
             _fileio.fsync_dir(tmp / sub)
-        os.replace(tmp, root)  # atomic; replaces an empty directory
-        _fileio.fsync_dir(root.parent)
-    except BaseException:
+        stage = "publishing the store"
+        was_empty_dir = root.is_dir()
+        _fileio._rename(os.fspath(tmp), os.fspath(root))  # the commit point; replaces an empty directory
+        try:
+            _fileio.fsync_dir(root.parent)
+        except BaseException:
+            # Not durable: undo, so that a failed create() leaves what was there before.
+            shutil.rmtree(root, ignore_errors=True)
+            if was_empty_dir:
+                root.mkdir(exist_ok=True)
+            raise
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CommitError(
+                exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
+            ) from exc
         raise
     return Store(root, mode="a", embedder=emb, threads=threads)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Remove the temporary directories of earlier create() calls for ``root``
+    whose process is gone (a create killed before its rename)."""
+    for p in root.parent.glob(f"{_fileio.TMP_PREFIX}{root.name}.*.*"):
+        pid = p.name[len(_fileio.TMP_PREFIX) + len(root.name) + 1 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _check_embedder(emb: Any) -> None:

@@ -12,6 +12,7 @@ import importlib.resources
 import os
 import pathlib
 import threading
+import weakref
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -63,6 +64,32 @@ def _sha256_file(path: pathlib.Path) -> str:
                     h.update(block)
             _hash_cache[key] = h.hexdigest()
         return _hash_cache[key]
+
+
+#: Embedders with an onnxruntime session, for the fork handler below.
+_WITH_SESSION: "weakref.WeakSet[OnnxEmbedder]" = weakref.WeakSet()
+
+
+def _abandon_sessions_in_child() -> None:
+    """``fork()`` handler: a child must never destroy a session it inherited.
+
+    The session's destructor joins its intra-op threads, which exist only in
+    the parent; in the child it waits forever (the store's fork test hung in
+    the child's first ``embed``, whose new session replaced the inherited one).
+    Each inherited session gets one reference that is never dropped, so it is
+    not destroyed even at interpreter exit, and the embedder builds its own
+    session on first use.
+    """
+    import ctypes
+
+    for emb in list(_WITH_SESSION):
+        sess, emb._session = emb._session, None
+        if sess is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(sess))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_sessions_in_child)
 
 
 def _default_threads() -> int:
@@ -223,6 +250,7 @@ class OnnxEmbedder:
             raise InvalidInputError("model has no 3-D output (batch, seq, dim) to pool")
         self._output = ([o for o in outs if o.name == "last_hidden_state"] or outs)[0]
         self._session, self._pid = sess, os.getpid()
+        _WITH_SESSION.add(self)
 
     def _probe_dim(self) -> int:
         """Run one sequence of ``max_tokens`` ids to check the length and read dim."""

@@ -175,13 +175,10 @@ def commit_error(exc: Exception, what: str) -> CommitError:
         hint = " The disk is full: free space and commit again."
     elif code == errno.EIO:
         hint = " The device reported an I/O error: check it and commit again."
-    err = CommitError(
-        code,
-        f"commit failed while {what}: {getattr(exc, 'strerror', None) or exc}.{hint} "
-        "The previous version is intact; the appended data is kept and a later "
-        "commit() retries it.",
-    )
-    return err
+    msg = (f"commit failed while {what}: {getattr(exc, 'strerror', None) or exc}.{hint} "
+           "The previous version is intact; the appended data is kept and a later "
+           "commit() retries it.")
+    return CommitError(code, msg) if code is not None else CommitError(msg)
 
 
 class WriterLock:

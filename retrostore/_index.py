@@ -118,10 +118,25 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True) -> Segment:
 
 
 def merge_segments(segments: list[Segment]) -> faiss.Index:
-    """One index holding the segments' vectors in id order (FAISS ``merge_from``)."""
+    """One index holding the segments' vectors in id order (FAISS ``merge_from``).
+
+    An index built by ``index_factory`` and the same index read back from a
+    file can differ in C++ type (``IndexFlat`` with the inner-product metric
+    vs ``IndexFlatIP``), which ``merge_from`` refuses; such segments are
+    normalised through a serialisation round trip first.
+    """
     base = faiss.clone_index(segments[0].index)
     for seg in segments[1:]:
-        base.merge_from(seg.index, 0)
+        # merge_from *moves* the other index's vectors out of it: merge a copy,
+        # so the loaded segments of the current version stay whole (a commit
+        # that fails after merging must leave them usable for its retry).
+        if type(seg.index) is type(base):
+            other = faiss.clone_index(seg.index)
+        else:
+            other = faiss.deserialize_index(faiss.serialize_index(seg.index))
+            if type(base) is not type(other):
+                base = faiss.deserialize_index(faiss.serialize_index(base))
+        base.merge_from(other, 0)
     return base
 
 

@@ -10,7 +10,7 @@ from . import _manifest
 from ._artifact import manifest_sha256
 from ._chunks import LMDB_DIR, check_lmdb_file
 from ._index import check_file
-from .errors import CorruptStoreError, RetrostoreError
+from .errors import CorruptStoreError
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -81,19 +81,30 @@ def store_info(store: "Store") -> dict:
     }
 
 
-def verify_store(store: "Store") -> list[str]:
+def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
     """Every integrity problem of the store's current version, one line each.
 
-    Checks: every referenced path stays inside the store; every referenced
-    file's size and sha256; the LMDB data file's structure; LMDB chunk and
-    document records exist for every committed id with no gaps; the content
-    hash chain of all commits matches the manifest; index segments cover the
-    chunk ids contiguously and hold as many vectors as there are chunks; raw
-    vectors files cover the same ids.
+    Checks: the manifest's schema and self-checksum (already at open); every
+    referenced path, and the LMDB directory, stays inside the store; every
+    referenced file's size and sha256; the LMDB data file's structure (meta
+    pages, size); every committed LMDB record, in a child process (see
+    :func:`retrostore._lmdbscan.scan`): ids dense up to the high-water marks,
+    record checksums, documents tiling the chunk ids, commit records and the
+    content hash chain against the manifest; index segments and raw vectors
+    files tiling the chunk ids; the loaded index holding one vector per chunk.
+
+    ``isolate=False`` runs the LMDB scan in this process (for tests that
+    sweep many damaged files; a damaged page can then crash this process).
     """
+    from ._lmdbscan import scan, scan_in_child
+
     root = store.path
     m = store._manifest
     problems: list[str] = []
+    try:
+        _manifest.check_schema(m, _manifest.MANIFEST)
+    except CorruptStoreError as exc:
+        problems.append(str(exc))
     for entry in _manifest.referenced_files(m):
         try:
             _manifest.safe_path(root, entry["path"], _manifest.MANIFEST)
@@ -104,38 +115,33 @@ def verify_store(store: "Store") -> list[str]:
         if problem:
             problems.append(problem)
     try:
+        _manifest.safe_path(root, LMDB_DIR, LMDB_DIR)
         check_lmdb_file(root / LMDB_DIR / "data.mdb")
     except CorruptStoreError as exc:
         problems.append(str(exc))
-        return problems
+        return _one_line(problems)
     n_chunks, n_docs = m["next_chunk_id"], m["next_doc_id"]
     if m["counts"]["chunks"] != n_chunks or m["counts"]["documents"] != n_docs:
         problems.append(
             f"{_manifest.MANIFEST}: counts {m['counts']} disagree with the high-water marks "
             f"(chunks {n_chunks}, documents {n_docs})"
         )
-    try:
-        stats = store._table.stats()
-        for name, hwm in (("chunks", n_chunks), ("docs", n_docs)):
-            st = stats[name]
-            committed = store._table.count_below(name, hwm)
-            if committed != hwm:
-                problems.append(
-                    f"{LMDB_DIR}/data.mdb: {committed} {name} records below id {hwm}, the manifest says {hwm}"
-                )
-            if hwm and st["first"] != 0:
-                problems.append(f"{LMDB_DIR}/data.mdb: the first {name} id is {st['first']}, expected 0")
-        chain, chain_problems = store._table.content_hashes(m["version"])
-        problems += chain_problems
-        if chain != m["lmdb"]["chain"]:
-            problems.append(
-                f"{LMDB_DIR}/data.mdb: content hash chain {chain[:16]}... differs from the manifest's "
-                f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
-            )
-    except RetrostoreError as exc:
-        problems.append(str(exc))
-    except Exception as exc:  # LMDB reports damaged pages with several exception types
-        problems.append(f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({type(exc).__name__}: {exc})")
+    if m["counts"]["vectors"] != n_chunks:
+        problems.append(f"{_manifest.MANIFEST}: counts say {m['counts']['vectors']} vectors for {n_chunks} chunks")
+    args = (os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
+    found = scan_in_child(*args) if isolate else None
+    if found is None:
+        try:
+            found = scan(*args, env=store._table.env)
+        except Exception as exc:  # as _lmdbscan._main reports it from the child
+            found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it "
+                                                 f"({type(exc).__name__}: {exc})"]}
+    problems += found["problems"]
+    if found["chain"] is not None and found["chain"] != m["lmdb"]["chain"]:
+        problems.append(
+            f"{LMDB_DIR}/data.mdb: content hash chain {found['chain'][:16]}... differs from the manifest's "
+            f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
+        )
     for kind, entries in (("index segments", m["index"]["segments"]), ("vectors files", m["vectors"]["files"])):
         if kind == "vectors files" and not m["settings"]["keep_vectors"]:
             continue
@@ -148,4 +154,8 @@ def verify_store(store: "Store") -> list[str]:
             problems.append(f"{_manifest.MANIFEST}: {kind} cover {expect} chunk ids, the store has {n_chunks}")
     if store._index.ntotal != n_chunks:
         problems.append(f"index: {store._index.ntotal} vectors loaded, the store has {n_chunks} chunks")
-    return problems
+    return _one_line(problems)
+
+
+def _one_line(problems: list[str]) -> list[str]:
+    return [" ".join(p.split()) for p in problems]

@@ -28,6 +28,8 @@ __all__ = [
     "version_path",
     "safe_path",
     "referenced_files",
+    "check_schema",
+    "write_current",
 ]
 
 #: Format version written by this code; see docs/format.md.
@@ -102,7 +104,18 @@ def referenced_files(manifest: dict) -> list[dict]:
     return files
 
 
-def _check_schema(body: dict, where: str) -> None:
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_schema(body: dict, where: str) -> None:
+    """Check a manifest body's fields, types and ranges.
+
+    Raises
+    ------
+    CorruptStoreError
+        Naming ``where`` and the first field that is missing or wrong.
+    """
     for key, typ in _REQUIRED.items():
         if key not in body:
             raise CorruptStoreError(f"{where}: manifest lacks the field {key!r}")
@@ -110,9 +123,29 @@ def _check_schema(body: dict, where: str) -> None:
             raise CorruptStoreError(
                 f"{where}: manifest field {key!r} is {type(body[key]).__name__}, expected {typ.__name__}"
             )
+    for key in ("version", "next_chunk_id", "next_doc_id", "format_version", "min_reader_version"):
+        if not _is_int(body[key]):
+            raise CorruptStoreError(f"{where}: manifest field {key!r} is {body[key]!r}, expected an int >= 0")
+    if not isinstance(body["index"].get("segments"), list) or not isinstance(body["vectors"].get("files"), list):
+        raise CorruptStoreError(f"{where}: manifest lacks the lists index.segments and vectors.files")
+    if not _is_int(body["index"].get("dim"), 1):
+        raise CorruptStoreError(f"{where}: manifest field index.dim is {body['index'].get('dim')!r}, expected an int >= 1")
+    if not _is_int(body["settings"].get("retain_versions"), 1):
+        raise CorruptStoreError(f"{where}: manifest setting retain_versions is "
+                                f"{body['settings'].get('retain_versions')!r}, expected an int >= 1")
+    for name in ("documents", "chunks", "vectors"):
+        if not _is_int(body["counts"].get(name)):
+            raise CorruptStoreError(f"{where}: manifest count {name!r} is {body['counts'].get(name)!r}, expected an int >= 0")
     for entry in referenced_files(body):
         if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
             raise CorruptStoreError(f"{where}: file entry {entry!r} lacks path, size or sha256")
+        sha = entry["sha256"]
+        if (not isinstance(entry["path"], str) or not _is_int(entry["size"]) or not isinstance(sha, str)
+                or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise CorruptStoreError(f"{where}: file entry {entry!r} has a bad path, size or sha256")
+    for entry in body["index"]["segments"] + body["vectors"]["files"]:
+        if not _is_int(entry.get("first_id")) or not _is_int(entry.get("count")):
+            raise CorruptStoreError(f"{where}: file entry {entry['path']!r} lacks an int first_id or count")
 
 
 def parse_manifest(raw: bytes, where: str) -> dict:
@@ -125,6 +158,9 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     FormatVersionError
         Written by a newer, incompatible format.
     """
+    if not raw.endswith(b"}\n"):
+        raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
+                                "the file is damaged")
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -147,7 +183,7 @@ def parse_manifest(raw: bytes, where: str) -> dict:
             f"format version >= {reader}; this retrostore reads format version {FORMAT_VERSION}. "
             "Upgrade retrostore (pip install -U retrostore)."
         )
-    _check_schema(body, where)
+    check_schema(body, where)
     return body
 
 
@@ -200,3 +236,15 @@ def write_manifest(root: Path, body: dict) -> None:
     raw = encode_manifest(body)
     atomic_write(version_path(root, body["version"]), [raw])
     atomic_write(root / MANIFEST, [raw])
+
+
+def write_current(root: Path, body: dict) -> None:
+    """Atomically replace ``manifest.json`` alone (used to put the previous
+    manifest back when a commit fails after its rename).
+
+    Raises
+    ------
+    OSError
+        From any write, fsync or rename.
+    """
+    atomic_write(root / MANIFEST, [encode_manifest(body)])

@@ -10,30 +10,29 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import faiss
-import lmdb
 import numpy as np
 
-from . import _fileio, _manifest
+from . import _commit, _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
-from ._index import Segment, SegmentSet, build_segment, load_segment, merge_segments, plan_merge, serialize
+from ._index import SegmentSet, load_segment
 from ._metadata import clean_metadata
 from ._types import Chunk, Document, Hit
 
 if TYPE_CHECKING:
     from ._retro import Neighbors
-from ._vectors import write_vectors
+from ._vectors import load_vectors
 from .errors import (
     CorruptStoreError,
     EmbedderMismatchError,
     ForkedStoreError,
+    FormatVersionError,
     InvalidDocumentError,
     InvalidEmbeddingsError,
     InvalidInputError,
@@ -83,6 +82,23 @@ def _readonly_media(root: Path) -> bool:
     except OSError:
         return False
     return not os.access(root, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+#: True in a process forked from one that imported retrostore. GNU OpenMP's
+#: thread pool does not survive fork(): a child whose parent had run a parallel
+#: FAISS search hangs in its own first one (seen in the fork test), so FAISS
+#: runs single-threaded there.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+    faiss.omp_set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _genesis_chain() -> str:
@@ -163,7 +179,7 @@ class Store:
         self._table: ChunkTable | None = None
         self._pinned_version = version
         self.threads = int(threads) if threads else _cpu_count()
-        faiss.omp_set_num_threads(self.threads)
+        faiss.omp_set_num_threads(1 if _forked_child else self.threads)
         if not (self.path / _manifest.MANIFEST).is_file():
             raise NotAStoreError(
                 f"{self.path} is not a retrostore store (no {_manifest.MANIFEST}); create one with "
@@ -175,15 +191,24 @@ class Store:
                 if self.readonly_media:
                     raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
                 self._lock = _fileio.WriterLock(self.path / LOCK, timeout_s)
+            if version is not None:
+                self._check_committed(version)
             self._manifest = _manifest.read_manifest(self.path, version)
             m = self._manifest
+            if mode == "a" and m["format_version"] > _manifest.FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{self.path} has format_version {m['format_version']}; this retrostore writes format version "
+                    f"{_manifest.FORMAT_VERSION} and may only read it: open it with mode='r' or upgrade retrostore"
+                )
             self._table = ChunkTable(self.path, m["tokenizer"]["token_dtype"], write=mode == "a",
-                                     readonly_media=self.readonly_media)
+                                     readonly_media=self.readonly_media,
+                                     sealed=m["lmdb"].get("record_checksum") == "crc32")
             self._embedder = None
             self._bind_embedder(embedder)
             self._chunker: Chunker | None = None
             self._segments_cache: dict[str, Any] = {}
-            self._load_segments()
+            self._verified_vectors: set[str] = set()
+            self._load_current()
             if mode == "a":
                 self._recover()
                 self._reset_pending()
@@ -207,7 +232,8 @@ class Store:
         discarded (their LMDB records are removed)."""
         if self._closed:
             return
-        if self.mode == "a" and os.getpid() == self._pid and self._table is not None and self._pending_chunks:
+        if (self.mode == "a" and os.getpid() == self._pid and self._table is not None
+                and (self._pending_chunks or self._pending_docs)):
             try:
                 self._table.truncate(self._manifest["next_chunk_id"], self._manifest["next_doc_id"],
                                      self._manifest["version"])
@@ -301,19 +327,62 @@ class Store:
         """Number of committed chunks."""
         return int(self._manifest["next_chunk_id"])
 
+    def _check_committed(self, version: int) -> None:
+        """Refuse a pinned version newer than the current one: its manifest copy
+        belongs to a commit that failed or was interrupted before its commit point."""
+        try:
+            current = _manifest.read_manifest(self.path)["version"]
+        except CorruptStoreError:
+            return  # a damaged manifest.json: retained copies are self-checked and may be opened
+        if version > current:
+            raise NotAStoreError(
+                f"version {version} of {self.path} was never committed (the newest committed version is "
+                f"{current}); open without version= for the newest"
+            )
+
+    def _load_current(self) -> None:
+        """Load the segments of the manifest read at open. A reader that finds a
+        file gone (a writer committed and collected garbage meanwhile) reads
+        the newer manifest and tries again."""
+        for attempt in range(5):
+            try:
+                self._load_segments()
+                return
+            except CorruptStoreError:
+                if self.mode == "a" or self._pinned_version is not None or attempt == 4:
+                    raise
+                newer = _manifest.read_manifest(self.path)
+                if newer["version"] == self._manifest["version"]:
+                    raise
+                self._manifest = newer
+
     def _load_segments(self) -> None:
+        """Load the current manifest's index segments (checksummed before FAISS
+        reads them) and cheaply check every other referenced file: its path
+        stays inside the store and its size is the manifest's."""
         m = self._manifest
+        _manifest.safe_path(self.path, LMDB_DIR, _manifest.MANIFEST)
+        for entry in _manifest.referenced_files(m):
+            path = _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{entry['path']}: missing (referenced by the manifest)") from None
+            if size != entry["size"]:
+                from ._artifact import git_lfs_pointer
+
+                raise CorruptStoreError(
+                    f"{entry['path']}: {size} bytes, the manifest says {entry['size']}; "
+                    f"{git_lfs_pointer(path) or 'the file is damaged'}"
+                )
         cache = {}
         segs = []
         for entry in m["index"]["segments"]:
-            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
             seg = self._segments_cache.get(entry["sha256"])
             if seg is None:
                 seg = load_segment(self.path, entry)
             cache[entry["sha256"]] = seg
             segs.append(seg)
-        for entry in _manifest.referenced_files(m):
-            _manifest.safe_path(self.path, entry["path"], _manifest.MANIFEST)
         self._segments_cache = cache
         self._index = SegmentSet(segs, m["metric"], m["index"]["dim"])
 
@@ -363,7 +432,7 @@ class Store:
         m = self._manifest
         self._table.truncate(m["next_chunk_id"], m["next_doc_id"], m["version"])
         self._table.sync()
-        self._collect_garbage()
+        _commit.collect_garbage(self)
 
     def append(
         self,
@@ -449,10 +518,11 @@ class Store:
         for text, chunks, meta in zip(docs, per_doc, metas):
             first = next_chunk
             for c in chunks:
-                rec = self._table.pack_chunk(next_doc, c.position, c.start, text[c.start : c.end], c.token_ids)
+                rec = self._table.pack_chunk(next_chunk, next_doc, c.position, c.start, text[c.start : c.end],
+                                             c.token_ids)
                 chunk_recs.append((next_chunk, rec))
                 next_chunk += 1
-            drec = ChunkTable.pack_doc(first, len(chunks), meta, None if chunks else text)
+            drec = self._table.pack_doc(next_doc, first, len(chunks), meta, None if chunks else text)
             doc_recs.append((next_doc, drec))
             ids.append(next_doc)
             next_doc += 1
@@ -495,7 +565,9 @@ class Store:
 
         All or nothing: every new file is written and fsynced, LMDB is synced,
         then the manifest is atomically replaced (docs/format.md, "Commit
-        protocol"). With nothing appended, returns the current version.
+        protocol and guarantees"). With nothing appended, returns the current
+        version. Its cost is proportional to the batch (plus, amortised, the
+        tiered segment merges), not to the number of earlier versions.
 
         Returns
         -------
@@ -506,113 +578,12 @@ class Store:
         ------
         CommitError
             An I/O error (ENOSPC, EIO, ...); the previous version is intact and
-            the appended data stays staged for a later ``commit()``.
+            the appended data stays staged for a later ``commit()``. In the one
+            case where the failure left it unknown which version is current,
+            the message says so and this handle is closed: open the store again.
         """
         self._check(write=True)
-        if not self._pending_chunks and not self._pending_docs:
-            return self.version
-        m = self._manifest
-        new = _copy_body(m)
-        new.update(_copy_body(self._pending_fields))  # e.g. "builds" (retrostore._distributed)
-        version = m["version"] + 1
-        first_id = m["next_chunk_id"]
-        new_files: list[Path] = []
-        try:
-            vectors = (np.concatenate(self._pending_vectors) if self._pending_vectors
-                       else np.zeros((0, m["index"]["dim"]), np.float32))
-            tag = f"{version:08d}-{secrets.token_hex(4)}"
-            if len(vectors):
-                if m["settings"]["keep_vectors"]:
-                    vpath = self.path / VECTORS_DIR / f"vec-{tag}.npy"
-                    new_files.append(vpath)
-                    size, sha = write_vectors(vpath, vectors, m["vectors"]["dtype"])
-                    new["vectors"]["files"].append(
-                        {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
-                         "first_id": first_id, "count": len(vectors)})
-                index = build_segment(vectors, m["index"]["factory"], m["metric"])
-                segments = list(self._index.segments) + [None]
-                entry = self._write_segment(index, tag, first_id, len(vectors), new_files)
-                new["index"]["segments"].append(entry)
-                n_merge = plan_merge([e["count"] for e in new["index"]["segments"]])
-                if n_merge:
-                    loaded = segments[-n_merge:-1] + [Segment(entry, index)]
-                    merged = merge_segments(loaded)
-                    mentry = self._write_segment(merged, tag + "m", loaded[0].first_id,
-                                                 sum(s.count for s in loaded), new_files)
-                    new["index"]["segments"] = new["index"]["segments"][:-n_merge] + [mentry]
-                _fileio.fsync_dir(self.path / INDEX_DIR)
-                _fileio.fsync_dir(self.path / VECTORS_DIR)
-            chunk_range = (first_id, first_id + self._pending_chunks)
-            doc_range = (m["next_doc_id"], m["next_doc_id"] + self._pending_docs)
-            digest = self._hasher.hexdigest()
-            self._table.put_commit(version, chunk_range, doc_range, digest)
-            _fileio.sync_lmdb(self._table.env)
-            import hashlib
-
-            new["lmdb"]["chain"] = hashlib.sha256((m["lmdb"]["chain"] + digest).encode()).hexdigest()
-            new["version"] = version
-            new["committed_at"] = _now()
-            new["next_chunk_id"] = chunk_range[1]
-            new["next_doc_id"] = doc_range[1]
-            new["counts"] = {"documents": doc_range[1], "chunks": chunk_range[1],
-                             "vectors": sum(e["count"] for e in new["index"]["segments"])}
-            _manifest.write_manifest(self.path, new)
-        except (OSError, lmdb.Error) as exc:
-            for f in new_files:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
-            raise _fileio.commit_error(exc, "writing version files") from exc
-        except RuntimeError as exc:  # FAISS failures while building or merging
-            for f in new_files:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
-            raise RetrostoreError(f"commit failed while building the index: {exc}") from exc
-        self._manifest = new
-        self._reset_pending()
-        self._load_segments()
-        try:
-            self._collect_garbage()
-        except OSError:
-            pass  # garbage is collected by a later commit or writer
-        return version
-
-    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
-        path = self.path / INDEX_DIR / f"seg-{tag}.faiss"
-        new_files.append(path)
-        size, sha = _fileio.write_durable(path, [serialize(index)])
-        entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
-        self._segments_cache[sha] = Segment(entry, index)
-        return entry
-
-    def _collect_garbage(self) -> None:
-        """Drop manifests beyond ``retain_versions`` and files no retained version references."""
-        keep = int(self._manifest["settings"]["retain_versions"])
-        vdir = self.path / _manifest.VERSIONS_DIR
-        versions = sorted(int(p.name[9:21]) for p in vdir.glob("manifest-*.json") if p.name[9:21].isdigit())
-        current = self._manifest["version"]
-        retained = [v for v in versions if v <= current][-keep:]
-        referenced = set()
-        for v in versions:
-            p = _manifest.version_path(self.path, v)
-            if v not in retained or v > current:
-                p.unlink(missing_ok=True)
-                continue
-            try:
-                body = _manifest.read_manifest(self.path, v)
-            except RetrostoreError:
-                continue
-            referenced.update(e["path"] for e in _manifest.referenced_files(body))
-        referenced.update(e["path"] for e in _manifest.referenced_files(self._manifest))
-        for sub in (INDEX_DIR, VECTORS_DIR):
-            for p in (self.path / sub).iterdir():
-                if f"{sub}/{p.name}" not in referenced:
-                    p.unlink(missing_ok=True)
-        for p in list(self.path.glob(f"{_fileio.TMP_PREFIX}*")) + list(vdir.glob(f"{_fileio.TMP_PREFIX}*")):
-            p.unlink(missing_ok=True)
+        return _commit.commit(self)
 
     # -- reading -----------------------------------------------------------
     def _limit(self) -> int:
@@ -889,8 +860,6 @@ class Store:
         RetrostoreError
             Neither the index can reconstruct nor raw vectors are kept.
         """
-        from ._vectors import load_vectors
-
         parts = []
         for seg in self._index.segments:
             lo, hi = max(first, seg.first_id), min(end, seg.first_id + seg.count)
@@ -901,9 +870,12 @@ class Store:
                 continue
             except RuntimeError:
                 pass
-            vec = next((e for e in self._manifest["vectors"]["files"]
-                        if e["first_id"] <= lo and hi <= e["first_id"] + e["count"]), None)
-            if vec is None:
+            # Raw vectors files tile the ids; older stores have one per commit, so
+            # a merged segment's range may span several.
+            files = [e for e in self._manifest["vectors"]["files"]
+                     if e["first_id"] < hi and lo < e["first_id"] + e["count"]]
+            if not self._manifest["settings"]["keep_vectors"] or sum(
+                    min(hi, e["first_id"] + e["count"]) - max(lo, e["first_id"]) for e in files) != hi - lo:
                 from ._artifact import require_raw_vectors  # says when they were dropped at pack time
 
                 require_raw_vectors(self._manifest, "precomputing store neighbours over this index")
@@ -911,8 +883,12 @@ class Store:
                     f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
                     "precomputing store neighbours needs keep_vectors=True or a reconstructible index"
                 )
-            raw = load_vectors(self.path, vec)
-            parts.append(np.asarray(raw[lo - vec["first_id"] : hi - vec["first_id"]], dtype=np.float32))
+            for vec in sorted(files, key=lambda e: e["first_id"]):
+                # checksummed once per handle, so damaged vectors are never returned
+                raw = load_vectors(self.path, vec, verify=vec["sha256"] not in self._verified_vectors)
+                self._verified_vectors.add(vec["sha256"])
+                a, b = max(lo, vec["first_id"]) - vec["first_id"], min(hi, vec["first_id"] + vec["count"]) - vec["first_id"]
+                parts.append(np.asarray(raw[a:b], dtype=np.float32))
         return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self._manifest["index"]["dim"]),
                                                                               np.float32))
 
@@ -926,10 +902,19 @@ class Store:
     def verify(self) -> list[str]:
         """Check the store's integrity (what ``retrostore verify`` runs).
 
+        Checks the manifest schema and paths, every referenced file's size and
+        sha256, the LMDB file's structure and every committed record (ids,
+        crc32 seals, documents tiling the chunks, commit records and the
+        content hash chain against the manifest), and that the index holds one
+        vector per chunk. The LMDB records are scanned in a short-lived child
+        process, so a damaged page that makes LMDB crash is reported as a
+        problem instead of ending this process. Writes nothing.
+
         Returns
         -------
         list of str
-            One precise line per problem; empty when the store is intact.
+            One precise line per problem, starting with the file it concerns;
+            empty when the store is intact.
         """
         self._check()
         from ._inspect import verify_store
@@ -954,12 +939,6 @@ def embed_chunks(emb: Embedder, tokenizer_sha256: str, docs: Sequence[str], per_
     else:
         arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _copy_body(m: dict) -> dict:
-    import copy
-
-    return copy.deepcopy(m)
 
 
 def _check_k(k: Any) -> int:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._fileio import write_durable
+from ._fileio import sha256_file, write_durable
 from .errors import CorruptStoreError
 
 __all__ = ["write_vectors", "load_vectors"]
 
 
-def write_vectors(path: Path, vectors: np.ndarray, dtype: str) -> tuple[int, str]:
-    """Write ``vectors`` (n, dim) as a ``.npy`` file of ``dtype``, fsynced.
+def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str) -> tuple[int, str]:
+    """Write ``vectors`` (n, dim), or the rows of several such arrays in order,
+    as one ``.npy`` file of ``dtype``, fsynced.
 
     Returns
     -------
@@ -32,14 +33,26 @@ def write_vectors(path: Path, vectors: np.ndarray, dtype: str) -> tuple[int, str
     OSError
         From the write or fsync.
     """
-    arr = np.ascontiguousarray(vectors, dtype=np.dtype(dtype))
+    parts = vectors if isinstance(vectors, list) else [vectors]
+    dt = np.dtype(dtype)
+    dim = parts[0].shape[1]
+    n = sum(len(p) for p in parts)
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
-    return write_durable(path, [header.getvalue(), memoryview(arr).cast("B")])
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, dim)})
+
+    def chunks():
+        yield header.getvalue()
+        for p in parts:
+            for i in range(0, len(p), 65536):  # bounded memory for large merged files
+                yield memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B")
+
+    return write_durable(path, chunks())
 
 
-def load_vectors(root: Path, entry: dict, *, mmap: bool = True) -> np.ndarray:
-    """Load one vectors file (memory-mapped by default), checking its size.
+def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = False) -> np.ndarray:
+    """Load one vectors file (memory-mapped by default), checking its size
+    and, with ``verify``, its sha256 (before numpy parses it).
 
     Returns
     -------
@@ -48,7 +61,8 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True) -> np.ndarray:
     Raises
     ------
     CorruptStoreError
-        Missing file, wrong size, or not a valid ``.npy`` of the expected shape.
+        Missing file, wrong size or checksum, or not a valid ``.npy`` of the
+        expected shape.
     """
     rel = entry["path"]
     path = root / rel
@@ -62,6 +76,13 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True) -> np.ndarray:
         lfs = git_lfs_pointer(path)
         raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}"
                                 + (f"; {lfs}" if lfs else ""))
+    if verify:
+        _size, sha = sha256_file(path)
+        if sha != entry["sha256"]:
+            raise CorruptStoreError(
+                f"{rel}: vectors file checksum mismatch (manifest {entry['sha256'][:16]}..., file {sha[:16]}...); "
+                "it is damaged"
+            )
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError) as exc:

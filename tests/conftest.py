@@ -52,3 +52,15 @@ def built_store(tmp_path_factory, small_docs, embedder):
         st.append([d["text"] for d in small_docs], metadata=[d["meta"] for d in small_docs])
         st.commit()
     return path
+
+
+@pytest.fixture(scope="session")
+def workers():
+    """A multiprocessing forkserver context whose server has imported retrostore
+    and tests/_workers.py once, so child processes (writers to kill, readers,
+    sweeps) start with a fork instead of an interpreter start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["_workers"])
+    return ctx

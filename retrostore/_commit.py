@@ -1,0 +1,200 @@
+"""The commit protocol: a writer publishes its staged batch as a new version.
+
+Order (docs/format.md, "Commit protocol and guarantees"): the batch's index
+segment and raw vectors file are written and fsynced, their directories
+fsynced; the LMDB records (written by ``append``) and the commit's record are
+synced; then the manifest is published: its retained copy in ``versions/`` and
+``manifest.json`` itself, each by temporary file, fsync, rename and directory
+fsync. The rename of ``manifest.json`` is the commit point. Every write, fsync
+and rename goes through :mod:`retrostore._fileio`, where the fault-injection
+tests make each one fail in turn.
+
+These functions are the writer half of :class:`retrostore._store.Store` and
+use its private state.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lmdb
+import numpy as np
+
+from . import _fileio, _manifest
+from ._index import Segment, build_segment, merge_segments, plan_merge, serialize
+from ._vectors import load_vectors, write_vectors
+from .errors import CommitError, RetrostoreError
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["commit", "collect_garbage"]
+
+INDEX_DIR = "index"  # the same names as retrostore._store's
+VECTORS_DIR = "vectors"
+
+
+def commit(store: "Store") -> int:
+    """Publish the writer's staged batch; see :meth:`Store.commit`."""
+    if not store._pending_chunks and not store._pending_docs:
+        return store.version
+    m = store._manifest
+    new = copy.deepcopy(m)
+    new.update(copy.deepcopy(store._pending_fields))  # e.g. "builds" (retrostore._distributed)
+    version = m["version"] + 1
+    first_id = m["next_chunk_id"]
+    new_files: list[Path] = []
+    store._stage = "preparing the batch"
+    try:
+        vectors = (np.concatenate(store._pending_vectors) if store._pending_vectors
+                   else np.zeros((0, m["index"]["dim"]), np.float32))
+        tag = f"{version:08d}-{secrets.token_hex(4)}"
+        if len(vectors):
+            _write_batch_files(store, new, vectors, first_id, tag, new_files)
+            store._stage = "syncing the index and vectors directories"
+            _fileio.fsync_dir(store.path / INDEX_DIR)
+            _fileio.fsync_dir(store.path / VECTORS_DIR)
+        chunk_range = (first_id, first_id + store._pending_chunks)
+        doc_range = (m["next_doc_id"], m["next_doc_id"] + store._pending_docs)
+        digest = store._hasher.hexdigest()
+        store._stage = "committing the LMDB records"
+        store._table.put_commit(version, chunk_range, doc_range, digest)
+        _fileio.sync_lmdb(store._table.env)
+        new["lmdb"]["chain"] = hashlib.sha256((m["lmdb"]["chain"] + digest).encode()).hexdigest()
+        new["version"] = version
+        new["committed_at"] = _now()
+        new["next_chunk_id"] = chunk_range[1]
+        new["next_doc_id"] = doc_range[1]
+        new["counts"] = {"documents": doc_range[1], "chunks": chunk_range[1],
+                         "vectors": sum(e["count"] for e in new["index"]["segments"])}
+        store._stage = "publishing the manifest"
+        _manifest.write_manifest(store.path, new)
+    except BaseException as exc:
+        stage = store._stage
+        _abort_commit(store, new, new_files, stage, exc)
+        if isinstance(exc, (OSError, lmdb.Error)):
+            raise _fileio.commit_error(exc, stage) from exc
+        if isinstance(exc, RuntimeError):  # FAISS failures while building or merging
+            raise RetrostoreError(f"commit failed while {stage}: {exc}") from exc
+        raise
+    store._manifest = new
+    store._reset_pending()
+    store._load_segments()
+    try:
+        collect_garbage(store)
+    except OSError:
+        pass  # garbage is collected by a later commit or writer
+    return version
+
+
+def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list) -> None:
+    """Write the batch's index segment and vectors file into ``new``.
+
+    When the tiered policy merges segments, the batch goes straight into
+    the merged segment (and its vectors into the merged vectors file), so
+    segments and vectors files stay aligned and O(log n) in number.
+    """
+    m = store._manifest
+    store._stage = "building the index segment"
+    index = build_segment(vectors, m["index"]["factory"], m["metric"])
+    n_merge = plan_merge([e["count"] for e in m["index"]["segments"]] + [len(vectors)])
+    merged = list(store._index.segments[len(store._index.segments) - (n_merge - 1):]) if n_merge else []
+    start = merged[0].first_id if merged else first_id
+    if merged:
+        store._stage = "merging index segments"
+        index = merge_segments(merged + [Segment({"first_id": first_id, "count": len(vectors)}, index)])
+    count = first_id + len(vectors) - start
+    store._stage = "writing the index segment"
+    entry = _write_segment(store, index, tag + ("m" if merged else ""), start, count, new_files)
+    segs = new["index"]["segments"]
+    new["index"]["segments"] = segs[: len(segs) - len(merged)] + [entry]
+    if m["settings"]["keep_vectors"]:
+        store._stage = "writing the vectors file"
+        files = new["vectors"]["files"]
+        parts = [load_vectors(store.path, e, verify=True) for e in files if e["first_id"] >= start] + [vectors]
+        vpath = store.path / VECTORS_DIR / f"vec-{tag}.npy"
+        new_files.append(vpath)
+        size, sha = write_vectors(vpath, parts, m["vectors"]["dtype"])
+        new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
+            {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
+             "first_id": start, "count": count}]
+
+
+def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, exc: BaseException) -> None:
+    """Undo a failed commit so that the previous version stays current.
+
+    If the failure came after ``manifest.json`` was renamed into place (its
+    directory fsync failed), the previous manifest is put back first. When
+    that is impossible the new files are kept (the manifest on disk may
+    name them), this handle is closed and CommitError says so.
+    """
+    published: bool | None = False
+    if stage == "publishing the manifest":
+        try:
+            published = (store.path / _manifest.MANIFEST).read_bytes() == _manifest.encode_manifest(new)
+            if published:
+                _manifest.write_current(store.path, store._manifest)
+                published = False
+        except OSError:
+            published = None
+    if published is None:
+        store._release()
+        code = getattr(exc, "errno", None)
+        raise CommitError(
+            *([code] if code is not None else []),
+            f"commit of version {new['version']} failed while {stage} ({exc}) and the previous manifest could "
+            "not be put back, so which version is current is unknown; this writer was closed. Open the store "
+            "again: it opens at whichever version manifest.json names, and the next writer removes the rest.",
+        ) from exc
+    if stage == "publishing the manifest":
+        new_files = new_files + [_manifest.version_path(store.path, new["version"])]
+    for f in new_files:
+        try:
+            f.unlink()
+        except OSError:
+            pass
+
+
+def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+    path = store.path / INDEX_DIR / f"seg-{tag}.faiss"
+    new_files.append(path)
+    size, sha = _fileio.write_durable(path, [serialize(index)])
+    entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
+    store._segments_cache[sha] = Segment(entry, index)
+    return entry
+
+
+def collect_garbage(store: "Store") -> None:
+    """Drop manifests beyond ``retain_versions`` and files no retained version references."""
+    keep = int(store._manifest["settings"]["retain_versions"])
+    vdir = store.path / _manifest.VERSIONS_DIR
+    versions = sorted(int(p.name[9:21]) for p in vdir.glob("manifest-*.json") if p.name[9:21].isdigit())
+    current = store._manifest["version"]
+    retained = [v for v in versions if v <= current][-keep:]
+    referenced = set()
+    for v in versions:
+        p = _manifest.version_path(store.path, v)
+        if v not in retained or v > current:
+            p.unlink(missing_ok=True)
+            continue
+        try:
+            body = _manifest.read_manifest(store.path, v)
+        except RetrostoreError:
+            continue
+        referenced.update(e["path"] for e in _manifest.referenced_files(body))
+    referenced.update(e["path"] for e in _manifest.referenced_files(store._manifest))
+    for sub in (INDEX_DIR, VECTORS_DIR):
+        for p in (store.path / sub).iterdir():
+            if f"{sub}/{p.name}" not in referenced:
+                p.unlink(missing_ok=True)
+    for p in list(store.path.glob(f"{_fileio.TMP_PREFIX}*")) + list(vdir.glob(f"{_fileio.TMP_PREFIX}*")):
+        p.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

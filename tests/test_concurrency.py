@@ -1,0 +1,194 @@
+"""One writer, many readers, and fork(): real processes on a real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import ForkedStoreError, WriterLockedError
+
+import _workers
+
+
+def _result(path, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"no result in {path}"
+        time.sleep(0.01)
+    return path.read_text()
+
+
+# -- one writer -------------------------------------------------------------
+def test_second_writer_in_this_process_fails_at_once(tmp_path, embedder):
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder):
+        t0 = time.perf_counter()
+        with pytest.raises(WriterLockedError, match="another writer holds") as info:
+            retrostore.open(path, "a")
+        assert time.perf_counter() - t0 < 1.0
+        assert isinstance(info.value, BlockingIOError)
+        with retrostore.open(path) as reader:  # readers are never refused
+            assert reader.version == 0
+    with retrostore.open(path, "a") as again:  # released by close()
+        assert again.version == 0
+
+
+def test_writer_waits_up_to_timeout(tmp_path, embedder):
+    import threading
+
+    path = tmp_path / "s"
+    first = retrostore.create(path, embedder=embedder)
+    t0 = time.perf_counter()
+    with pytest.raises(WriterLockedError, match="after waiting 0.5 s"):
+        retrostore.open(path, "a", timeout_s=0.5)
+    assert 0.45 <= time.perf_counter() - t0 < 5
+    threading.Timer(0.3, first.close).start()
+    t0 = time.perf_counter()
+    with retrostore.open(path, "a", timeout_s=20) as second:
+        assert 0.25 <= time.perf_counter() - t0 < 20 and second.version == 0
+
+
+def test_second_writer_in_another_process(tmp_path, embedder, workers):
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder):
+        for timeout_s, name in ((None, "a"), (0.5, "b")):
+            proc = workers.Process(target=_workers.try_writer, args=(str(path), timeout_s, str(tmp_path / name)))
+            proc.start()
+            proc.join(60)
+            result, seconds = _result(tmp_path / name).split()
+            assert result == "locked"
+            if timeout_s:
+                assert float(seconds) >= 0.45
+        proc = workers.Process(target=_workers.try_writer, args=(str(path), 30, str(tmp_path / "c")))
+        proc.start()
+        time.sleep(0.5)
+    proc.join(60)  # the writer above closed: the waiting process got the lock
+    assert _result(tmp_path / "c").split()[0] == "opened"
+
+
+# -- readers and a writer -----------------------------------------------------
+def test_readers_see_whole_versions_in_order_while_writer_commits(tmp_path, pydocs, embedder, workers):
+    """One writer process commits 50 times while 4 reader processes search
+    continuously (2 refresh, 2 also reopen the store) and a 5th holds a read
+    transaction open all along. LMDB maps start at 64 KiB in every process, so
+    the writer grows the map and readers adopt the new size mid-run."""
+    path = tmp_path / "s"
+    retrostore.create(path, embedder=embedder).close()
+    texts = [d["text"] for d in pydocs if 1000 <= len(d["text"]) <= 4000][:30]
+    stop = tmp_path / "stop"
+    map_bytes = 64 << 10
+    slow = workers.Process(target=_workers.slow_reader, args=(str(path), str(stop), str(tmp_path / "slow.json")))
+    slow.start()
+    readers = [workers.Process(target=_workers.conc_reader,
+                               args=(str(path), str(stop), str(tmp_path / f"r{i}.json"), i, 7 if i % 2 else 0, map_bytes))
+               for i in range(4)]
+    for r in readers:
+        r.start()
+    writer = workers.Process(target=_workers.conc_writer, args=(str(path), texts, 50, str(tmp_path / "w.json"), map_bytes))
+    writer.start()
+    writer.join(300)
+    stop.touch()
+    for p in readers + [slow]:
+        p.join(120)
+    w = json.loads(_result(tmp_path / "w.json"))
+    assert w["errors"] == [] and w["version"] == 50
+    assert w["map_size"] > map_bytes  # the map grew
+    seen = []
+    for i in range(4):
+        r = json.loads(_result(tmp_path / f"r{i}.json"))
+        assert r["errors"] == [], r["errors"]
+        assert r["versions"] == sorted(set(r["versions"])), r["versions"]  # strictly increasing
+        assert r["versions"][-1] == 50 and r["resolved"] > 0
+        seen.append(len(r["versions"]))
+    assert max(seen) >= 3, seen  # readers ran while versions were being committed
+    assert json.loads(_result(tmp_path / "slow.json"))["held_version"] <= 50
+    with retrostore.open(path) as st:
+        assert st.version == 50 and st.verify() == []
+
+
+# -- fork -----------------------------------------------------------------------
+def _in_child(fn, log_path, timeout_s=120) -> None:
+    """Run ``fn`` in a forked child; fail if it raises, exits non-zero or hangs."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            with open(log_path, "w") as fh:
+                fh.write(traceback.format_exc())
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child hung for {timeout_s} s (deadlock after fork)")
+        time.sleep(0.02)
+    log = log_path.read_text() if log_path.exists() else ""
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child failed ({status}):\n{log}"
+
+
+def test_reader_after_fork_and_tokenizer_before_fork(built_store, small_docs, embedder, tmp_path):
+    """The inherited handle refuses with a clear error, closing it is safe, a
+    store opened in the child works, the tokenizer and embedder used before
+    the fork do not deadlock the child, and the parent's handle is unharmed."""
+    st = retrostore.open(built_store, embedder=embedder)
+    texts = [d["text"] for d in small_docs]
+    st.chunker.chunk_many(texts * 4)  # parallel (Rust) tokenization before the fork
+    before = st.search("decode base64 data", k=3)
+
+    def child():
+        with pytest.raises(ForkedStoreError, match=r"call retrostore.open\(\) in the child"):
+            st.search_vectors(np.ones((1, 384), np.float32))
+        with pytest.raises(ForkedStoreError):
+            st.get_document(0)
+        st.close()  # safe in the child: the parent's LMDB environment is left alone
+        assert len(st.chunker.chunk_many(texts * 2)) == 2 * len(texts)  # tokenizer works in the child
+        with retrostore.open(built_store, embedder=embedder) as mine:
+            hits = mine.search("decode base64 data", k=3)
+            assert [h.chunk_id for h in hits] == [h.chunk_id for h in before]
+
+    _in_child(child, tmp_path / "child.log")
+    after = st.search("decode base64 data", k=3)
+    assert [h.chunk_id for h in after] == [h.chunk_id for h in before]
+    assert st.get_document(0).text == small_docs[0]["text"] and st.verify() == []
+    st.close()
+
+
+def test_writer_after_fork(tmp_path, small_docs, embedder, workers):
+    """A forked child cannot write through, truncate or unlock the parent's
+    writer; the parent commits its staged data afterwards."""
+    path = tmp_path / "s"
+    w = retrostore.create(path, embedder=embedder)
+    ids = w.append([small_docs[0]["text"]])
+
+    def child():
+        with pytest.raises(ForkedStoreError):
+            w.append("from the child")
+        with pytest.raises(ForkedStoreError):
+            w.commit()
+        w.close()  # must neither drop the parent's staged records nor release its lock
+        with pytest.raises(WriterLockedError):
+            retrostore.open(path, "a")
+
+    _in_child(child, tmp_path / "child.log")
+    proc = workers.Process(target=_workers.try_writer, args=(str(path), None, str(tmp_path / "lock")))
+    proc.start()
+    proc.join(60)
+    assert _result(tmp_path / "lock").split()[0] == "locked"  # the parent still holds the lock
+    assert w.commit() == 1
+    assert w.get_document(ids[0]).text == small_docs[0]["text"] and w.verify() == []
+    w.close()

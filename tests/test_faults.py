@@ -1,0 +1,226 @@
+"""Fault injection on the commit path: every write, fsync and rename fails in turn.
+
+The fault layer replaces ``_fileio._write``, ``_fileio._fsync``,
+``_fileio._rename`` and ``_fileio.sync_lmdb`` (the only ways the commit and
+create paths write, sync and rename) with wrappers that count calls and raise
+OSError(ENOSPC or EIO) at a chosen one. Everything else is real: real files,
+real LMDB, real FAISS, real text.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import CommitError, NotAStoreError, StoreClosedError, _fileio
+
+ERRNOS = [errno.ENOSPC, errno.EIO]
+
+
+class Faults:
+    """Counts commit-path I/O calls; fails call number ``fail_at`` (and, when
+    ``sticky``, every later one) with ``OSError(code)``."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.fail_at: int | None = None
+        self.code = errno.EIO
+        self.sticky = False
+        for name in ("_write", "_fsync", "_rename", "sync_lmdb"):
+            monkeypatch.setattr(_fileio, name, self._wrap(name, getattr(_fileio, name)))
+
+    def _wrap(self, name, real):
+        def call(*args):
+            i = len(self.calls)
+            self.calls.append(name)
+            if self.fail_at is not None and (i == self.fail_at or (self.sticky and i > self.fail_at)):
+                raise OSError(self.code, f"{os.strerror(self.code)} (injected into {name})")
+            return real(*args)
+
+        return call
+
+    def arm(self, at: int, code: int, sticky: bool = False) -> None:
+        self.calls, self.fail_at, self.code, self.sticky = [], at, code, sticky
+
+    def disarm(self) -> None:
+        self.fail_at = None
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    return Faults(monkeypatch)
+
+
+def _unit(rng, n):
+    v = rng.standard_normal((n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _append(st, docs, rng):
+    n = sum(len(c) for c in st.chunker.chunk_many(docs))
+    return st.append(docs, metadata=[{"i": i} for i in range(len(docs))], embeddings=_unit(rng, n))
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb"
+                  and p.name != "data.mdb")
+
+
+def _intact(path, version, listing, manifest_bytes, full=True):
+    """The previous version is current, verifies (when ``full``) and searches;
+    the failed commit left no file behind and no readable manifest of its version."""
+    assert (path / "manifest.json").read_bytes() == manifest_bytes
+    assert _listing(path) == listing
+    with retrostore.open(path) as r:
+        assert r.version == version
+        if full:
+            assert r.verify() == []
+        if len(r):
+            _scores, ids = r.search_vectors(_unit(np.random.default_rng(0), 2), k=3)
+            assert ((ids >= 0) & (ids < len(r))).all()
+            assert all(c.text for c in r.get_chunks(ids.ravel()))
+    with pytest.raises(NotAStoreError):
+        retrostore.open(path, version=version + 1)
+
+
+def test_each_commit_step_failing(tmp_path, small_docs, embedder, faults):
+    """Fail each I/O call of a commit in turn, with ENOSPC and then EIO; each
+    time the commit raises a clear CommitError, the previous version stays
+    intact, and commit() once the fault is gone publishes exactly the staged
+    batch."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "s"
+    texts = [d["text"] for d in small_docs]
+    with retrostore.create(path, embedder=embedder) as st:
+        _append(st, texts[:3], rng)
+        st.commit()
+        kinds = set()
+        i = 0
+        while True:
+            version, listing = st.version, _listing(path)
+            manifest_bytes = (path / "manifest.json").read_bytes()
+            docs = [texts[(3 + i) % len(texts)], texts[(4 + i) % len(texts)]]
+            ids = _append(st, docs, rng)
+            published = False
+            for code in ERRNOS:
+                faults.arm(i, code)
+                try:
+                    st.commit()
+                except CommitError as exc:
+                    assert exc.errno == code
+                    msg = str(exc)
+                    assert "commit failed while " in msg and "previous version is intact" in msg, msg
+                    kinds.add(faults.calls[i])
+                    faults.disarm()
+                    _intact(path, version, listing, manifest_bytes, full=code == errno.ENOSPC)
+                else:
+                    published = True
+                    break
+            faults.disarm()
+            if published:
+                assert st.version == version + 1
+                break
+            assert st.commit() == version + 1  # the staged batch, now that the fault is gone
+            assert [st.get_document(d).text for d in ids] == docs
+            if i % 4 == 0:
+                assert st.verify() == []
+            i += 1
+        assert i >= 12 and kinds == {"_write", "_fsync", "_rename", "sync_lmdb"}, (i, kinds)
+    with retrostore.open(path) as r:
+        assert r.version == i + 2 and r.verify() == []
+        assert r.info()["documents"] == 3 + 2 * (i + 1)
+
+
+def test_merging_commit_failing_at_each_step(tmp_path, small_docs, embedder, faults):
+    """A commit that merges segments (and vectors files) fails at every step
+    in turn while its batch stays staged; the store stays at the previous
+    version throughout, and the commit succeeds once the faults stop."""
+    rng = np.random.default_rng(9)
+    path = tmp_path / "s"
+    texts = [d["text"] for d in small_docs[:8]]
+    with retrostore.create(path, embedder=embedder) as st:
+        for t in texts[:7]:
+            _append(st, [t], rng)
+            st.commit()
+        assert len(st.manifest["index"]["segments"]) == 7
+        version, listing = st.version, _listing(path)
+        manifest_bytes = (path / "manifest.json").read_bytes()
+        ids = _append(st, texts[7:], rng)
+        i = 0
+        while True:
+            faults.arm(i, errno.EIO if i % 2 else errno.ENOSPC)
+            try:
+                st.commit()
+                break
+            except CommitError:
+                faults.disarm()
+                _intact(path, version, listing, manifest_bytes, full=i % 3 == 0)
+                i += 1
+        faults.disarm()
+        assert i >= 12 and st.version == version + 1
+        m = st.manifest
+        assert len(m["index"]["segments"]) == 1 and len(m["vectors"]["files"]) == 1
+        assert m["index"]["segments"][0]["count"] == len(st)
+        assert st.get_document(ids[0]).text == texts[7]
+        assert st.verify() == []
+
+
+def test_failure_after_rename_whose_rollback_also_fails(tmp_path, small_docs, embedder, faults):
+    """The directory fsync after manifest.json's rename fails and so does every
+    later call (putting the old manifest back): the writer says the current
+    version is unknown and closes; reopening finds a consistent store."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "s"
+    st = retrostore.create(path, embedder=embedder)
+    _append(st, [small_docs[0]["text"]], rng)
+    st.commit()
+    ids = _append(st, [small_docs[1]["text"]], rng)
+    faults.arm(10_000, errno.EIO)
+    st.commit()  # count the calls of a plain commit
+    n_calls = len(faults.calls)
+    assert faults.calls[-2:] == ["_rename", "_fsync"]
+    ids = _append(st, [small_docs[2]["text"]], rng)
+    faults.arm(n_calls - 1, errno.EIO, sticky=True)
+    with pytest.raises(CommitError, match="unknown; this writer was closed"):
+        st.commit()
+    faults.disarm()
+    with pytest.raises(StoreClosedError):
+        st.append("more")
+    st.close()
+    with retrostore.open(path, "a") as w:  # manifest.json names the new version: its files were kept
+        assert w.version == 3 and w.verify() == []
+        assert w.get_document(ids[0]).text == small_docs[2]["text"]
+        _append(w, [small_docs[3]["text"]], rng)
+        assert w.commit() == 4
+
+
+def test_create_failing_at_each_step(tmp_path, embedder, faults):
+    """create() fails at each write, fsync and rename in turn (ENOSPC and EIO
+    alternately): nothing is left at the path (nor a temporary directory
+    beside it), and a later create works."""
+    faults.arm(10_000, errno.EIO)
+    retrostore.create(tmp_path / "probe", embedder=embedder).close()
+    n_calls = len(faults.calls)
+    assert n_calls >= 8 and "_rename" in faults.calls
+    for i in range(n_calls):
+        path = tmp_path / f"s{i}"
+        if i % 2:
+            path.mkdir()  # an existing empty directory is replaced, or left as it was
+        code = ERRNOS[i % 2]
+        faults.arm(i, code)
+        with pytest.raises(CommitError, match="nothing was created") as info:
+            retrostore.create(path, embedder=embedder)
+        faults.disarm()
+        assert info.value.errno == code
+        assert (path.is_dir() and not any(path.iterdir())) if i % 2 else not path.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+        with retrostore.create(path, embedder=embedder) as st:
+            assert st.version == 0
+            if i == n_calls - 1:
+                assert st.verify() == []
+        shutil.rmtree(path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import hashlib
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,7 +52,10 @@ def commit(store: "Store") -> int:
     try:
         vectors = (np.concatenate(store._pending_vectors) if store._pending_vectors
                    else np.zeros((0, m["index"]["dim"]), np.float32))
-        tag = f"{version:08d}-{secrets.token_hex(4)}"
+        # Names depend only on the version, so building the same inputs twice gives
+        # the same files and manifests (reproducible artifacts). A failed attempt's
+        # files are removed by _abort_commit or, after a crash, by the next writer.
+        tag = f"{version:08d}"
         if len(vectors):
             _write_batch_files(store, new, vectors, first_id, tag, new_files)
             store._stage = "syncing the index and vectors directories"
@@ -118,6 +120,7 @@ def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id:
         files = new["vectors"]["files"]
         parts = [load_vectors(store.path, e, verify=True) for e in files if e["first_id"] >= start] + [vectors]
         vpath = store.path / VECTORS_DIR / f"vec-{tag}.npy"
+        vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
         new_files.append(vpath)
         size, sha = write_vectors(vpath, parts, m["vectors"]["dtype"])
         new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
@@ -162,6 +165,7 @@ def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, 
 
 def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, new_files: list) -> dict:
     path = store.path / INDEX_DIR / f"seg-{tag}.faiss"
+    path.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
     new_files.append(path)
     size, sha = _fileio.write_durable(path, [serialize(index)])
     entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}

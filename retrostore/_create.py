@@ -99,12 +99,7 @@ def create(
     _check_embedder(emb)
     tok_path = Path(tokenizer) if tokenizer is not None else _embedder_tokenizer_path(emb)
     chunker = Chunker(tok_path, chunk_tokens)
-    # Refuse a factory string FAISS cannot build now, not at the first commit.
-    try:
-        probe = faiss.index_factory(int(emb.dim), index, faiss.METRIC_INNER_PRODUCT)
-        del probe
-    except RuntimeError as exc:
-        raise InvalidInputError(f"FAISS cannot build the factory string {index!r} for dimension {emb.dim}: {exc}") from exc
+    _probe_factory(index, int(emb.dim), metric)
 
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -202,3 +197,47 @@ def _json_fingerprint(emb: Any) -> dict:
     import json
 
     return json.loads(json.dumps(dict(emb.fingerprint), sort_keys=True))
+
+
+def _probe_factory(factory: str, dim: int, metric: str) -> None:
+    """Refuse now, not at some later commit, a factory string the store cannot use.
+
+    Segments are built from each commit's batch and merged with FAISS
+    ``merge_from`` (see retrostore/_index.py), so the index must build without
+    training and support merging.
+
+    Raises
+    ------
+    InvalidInputError
+        FAISS cannot build it, it needs training, or its segments cannot merge.
+    """
+    import numpy as np
+
+    from ._index import METRICS
+
+    try:
+        probe = faiss.index_factory(dim, factory, METRICS[metric])
+    except RuntimeError as exc:
+        raise InvalidInputError(f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}") from exc
+    if not probe.is_trained:
+        raise InvalidInputError(
+            f"factory string {factory!r} needs training, which a store's segments cannot do at commit; "
+            "use an index that needs none (e.g. 'Flat')"
+        )
+    other = faiss.clone_index(probe)
+    rng = np.random.default_rng(0)
+    try:
+        probe.add(rng.standard_normal((2, dim)).astype(np.float32))
+        other.add(rng.standard_normal((2, dim)).astype(np.float32))
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            f"factory string {factory!r} cannot add vectors by position ({' '.join(str(exc).split())[:120]}); "
+            "chunk ids are positions within segments, so leave out IDMap"
+        ) from exc
+    try:
+        probe.merge_from(other, 0)
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            f"factory string {factory!r} builds indexes FAISS cannot merge ({' '.join(str(exc).split())[:120]}); "
+            "the store's segments are merged as it grows: use e.g. 'Flat'"
+        ) from exc

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "keep_vectors": True,      # keep raw vectors for reindex and recall measurement
     "vector_dtype": "float16", # dtype of the raw vectors files (half the bytes of float32)
 }
+_FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 INDEX_DIR = "index"
 VECTORS_DIR = "vectors"
 TOKENIZER = "tokenizer.json"
@@ -558,6 +559,15 @@ class Store:
         if not np.isfinite(arr).all():
             bad = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise InvalidEmbeddingsError(f"embeddings row {bad} holds NaN or inf; every value must be finite")
+        if self._manifest["settings"]["keep_vectors"] and self._manifest["vectors"]["dtype"] == "float16" and len(arr):
+            peak = float(np.abs(arr).max())
+            if peak > _FLOAT16_MAX:
+                bad = int(np.argmax(np.abs(arr).max(axis=1)))
+                raise InvalidEmbeddingsError(
+                    f"embeddings row {bad} holds {peak:.6g}, beyond float16's largest value {_FLOAT16_MAX:g}; the "
+                    "store keeps raw vectors as float16: normalise the vectors, or create the store with "
+                    "vector_dtype='float32'"
+                )
         return arr
 
     def commit(self) -> int:

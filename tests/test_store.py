@@ -320,3 +320,25 @@ def test_metadata_depth_and_surrogates(tmp_path, embedder):
         with pytest.raises(InvalidMetadataError, match="surrogate"):
             st.append(["x"], metadata=[{"k": "a\ud800"}])
         assert st.commit() == 0
+
+
+def test_factories_the_store_cannot_use_are_refused_at_create(tmp_path, embedder):
+    for factory, why in (("HNSW32", "cannot merge"), ("IVF16,Flat", "needs training"), ("IDMap,Flat", "IDMap"),
+                         ("PQ8", "needs training")):
+        with pytest.raises(InvalidInputError, match=why):
+            retrostore.create(tmp_path / factory.replace(",", "_"), embedder=embedder, index=factory)
+        assert not (tmp_path / factory.replace(",", "_")).exists()
+    with retrostore.create(tmp_path / "sq", embedder=embedder, index="SQfp16", metric="l2") as st:
+        assert st.manifest["index"]["factory"] == "SQfp16"
+
+
+def test_float16_overflow_is_refused(tmp_path, embedder):
+    rng = np.random.default_rng(3)
+    with retrostore.create(tmp_path / "s", embedder=embedder) as st:
+        vecs = _unit(rng, 1) * 1e6
+        with pytest.raises(InvalidEmbeddingsError, match="float16"):
+            st.append("one chunk", embeddings=vecs)
+    with retrostore.create(tmp_path / "s32", embedder=embedder, vector_dtype="float32") as st:
+        st.append("one chunk", embeddings=_unit(rng, 1) * 1e6)
+        st.commit()
+        assert st.verify() == []

@@ -100,10 +100,11 @@ def cli_markdown() -> str:
         "`python -m retrostore COMMAND`. Library errors print one line `Error: ...` and exit 1.",
         "",
     ]
-    ctx = click.Context(cli, info_name="retrostore", terminal_width=100, max_content_width=100)
+    opts = dict(terminal_width=100, max_content_width=100, help_option_names=["-h", "--help"])
+    ctx = click.Context(cli, info_name="retrostore", **opts)
     for name in sorted(cli.commands):
         cmd = cli.commands[name]
-        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100, max_content_width=100)
+        sub = click.Context(cmd, info_name=name, parent=ctx, **opts)
         out += [f"## retrostore {name}", "", "```text", cmd.get_help(sub).rstrip(), "```", ""]
     return "\n".join(out).rstrip() + "\n"
 

@@ -232,7 +232,10 @@ def pack(
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
         raise InvalidInputError(f"level={level!r} must be an int in [1, 22] (zstd compression level)")
     if out.exists() and not overwrite:
-        raise StoreExistsError(f"{out} already exists; choose another name or pass overwrite=True (--force)")
+        raise StoreExistsError(
+            f"the archive {out} already exists; choose another name, or replace it with "
+            "`retrostore pack --force` (overwrite=True in Python)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}"
     work = out.parent / f"{_fileio.TMP_PREFIX}pack-{out.name}.{tag}"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 import zstandard
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The shared corpus and model files sit in ../shared beside the checkout (as in CI);
+# RETROSTORE_SHARED points elsewhere.
+SHARED = Path(os.environ.get("RETROSTORE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 PYDOCS = SHARED / "data" / "pydocs.jsonl.zst"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 

@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from retrostore._chunking import Chunk, Chunker
 from retrostore.errors import InvalidDocumentError, InvalidInputError, RetrostoreError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402  (RETROSTORE_SHARED or ../shared)
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from retrostore._embed import (
 )
 from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import SHAKESPEARE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from retrostore.errors import (
     RetrostoreError,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED  # noqa: E402
+
+DATA = SHARED / "data"
 CORPUS = DATA / "pydocs.jsonl.zst"
 
 

@@ -11,7 +11,11 @@ import zstandard
 from click.testing import CliRunner
 
 import retrostore
-from retrostore.cli import cli
+
+try:  # the checkout's own CLI: an editable install may map retrostore.cli to another checkout
+    from cli import cli
+except ImportError:  # installed without the source tree
+    from retrostore.cli import cli
 
 
 @pytest.fixture(scope="module")

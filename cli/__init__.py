@@ -286,6 +286,104 @@ def unpack(archive, dest, expected, max_bytes, max_member_bytes):
     click.echo(f"unpacked {archive} into {res.path}: version {res.version}, {res.files} files, "
                f"{_human(res.size_bytes)}, verified intact{'' if res.vectors else ' (raw vectors dropped at pack)'}")
     click.echo(f"manifest sha256 {res.manifest_sha256}")
+def _params(pairs) -> dict | None:
+    """``--param name=value`` options as a dict (None when none given)."""
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} must look like name=value, e.g. nprobe=16", param_hint="--param")
+        try:
+            out[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: {value!r} is not a number", param_hint="--param") from None
+    return out
+
+
+_PARAM_HELP = "Search parameter name=value (nprobe, efSearch, quantizer_efSearch, max_codes, rerank, ...); repeatable."
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("doc_ids", nargs=-1, required=True, type=int)
+@_friendly
+def delete(store, doc_ids):
+    """Delete documents DOC_IDS from STORE (a take-down): from the committed
+    version on, their chunks are never returned; `retrostore compact` purges them
+    from every file."""
+    with retrostore.open(store, "a") as st:
+        n = st.delete(list(doc_ids))
+        version = st.commit()
+    click.echo(f"deleted {n} documents ({len(doc_ids) - n} already deleted); version {version}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--index", "factory", default=None,
+              help="FAISS factory string, or 'auto' (size-following default). Default: the store's current choice.")
+@click.option("--train-size", type=int, default=None, help="Vectors in the seeded training sample (default 64 per centroid).")
+@click.option("--seed", type=int, default=None, help="Seed of the training sample (default: the store's, 0).")
+@click.option("--param", "params", multiple=True, help=_PARAM_HELP + " Stored as the store's parameters.")
+@click.option("--mmap/--no-mmap", default=None, help="Record whether readers memory-map the index files.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def reindex(store, factory, train_size, seed, params, mmap, quiet):
+    """Retrain and rebuild STORE's index from its stored vectors (no re-embedding)."""
+    import logging
+
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    with retrostore.open(store, "a") as st:
+        version = st.reindex(factory, train_size=train_size, seed=seed, params=_params(params), mmap=mmap,
+                             progress=not quiet)
+        idx = st.info()["index"]
+    click.echo(f"reindexed {store}: version {version}, {idx['factory']} params {json.dumps(idx['params'])} "
+               f"({idx['bytes_per_vector']} bytes/vector) in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@_friendly
+def compact(store, quiet):
+    """Merge STORE's index segments into one and purge deleted documents from
+    every file (index, raw vectors, LMDB records). Chunk ids stay stable."""
+    with retrostore.open(store, "a") as st:
+        before = st.version
+        version = st.compact(progress=not quiet)
+        info = st.info()
+    if version == before:
+        click.echo(f"nothing to compact in {store} (version {version})")
+    else:
+        click.echo(f"compacted {store}: version {version}, {info['index']['segments']} segment(s), "
+                   f"{info['deletes'].get('purged_documents', 0)} documents purged in all")
+
+
+@cli.command(name="eval")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--queries", type=int, default=1000, show_default=True, help="Stored vectors sampled as queries.")
+@click.option("--k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option("--param", "params", multiple=True, help=_PARAM_HELP)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def eval_(store, queries, k, params, seed, as_json):
+    """Recall@k of STORE's index against exact search over its stored vectors,
+    and single-query latency p50/p99."""
+    with retrostore.open(store) as st:
+        res = st.evaluate(queries=queries, k=k, params=_params(params), seed=seed)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    lat = res["latency_ms"]
+    click.echo(f"index      {res['factory']} params {json.dumps(res['params'])} ({res['vectors']:,} vectors)")
+    click.echo(f"recall@{res['k']:<3} {res['recall_at_k']:.4f}  ({res['queries']} stored vectors as queries, "
+               f"own chunk left out; exact nearest found in {res['nn_in_top_k']:.1%})")
+    click.echo(f"latency    p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms (one query per call); "
+               f"batch {res['batch_qps']:,.0f} queries/s")
 
 
 def main() -> None:

@@ -490,6 +490,57 @@ class ChunkTable:
                 chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
         return chain, problems
 
+    def purge(self, docs: list[tuple[int, int, int]], before_commit, version: int) -> str:
+        """Delete documents' records and re-digest the commits that held them, in one transaction.
+
+        Parameters
+        ----------
+        docs : list of (doc_id, first_chunk, n_chunks)
+        before_commit : callable(chain: str)
+            Run inside the write transaction once the new content hash chain
+            is known (``compact`` publishes its manifest here: if it raises,
+            LMDB is left unchanged).
+        version : int
+            Commits up to this version form the chain.
+
+        Returns
+        -------
+        str
+            The new head of the content hash chain.
+        """
+        spans = sorted(docs)
+        chunk_ranges = [(c, c + n) for _, c, n in spans]
+        doc_ids = [d for d, _, _ in spans]
+        result = []
+
+        def fn(txn):
+            for d in doc_ids:
+                txn.delete(_key(d), db=self._docs)
+            for c0, c1 in chunk_ranges:
+                for c in range(c0, c1):
+                    txn.delete(_key(c), db=self._chunks)
+            chain = hashlib.sha256(b"retrostore").hexdigest()
+            cur = txn.cursor(self._commits)
+            updates = []
+            for k, v in cur:
+                ver = int.from_bytes(k, "big")
+                if ver > version:
+                    break
+                entry = msgpack.unpackb(v, raw=False)
+                (e0, e1), (f0, f1) = entry["c"], entry["d"]
+                if any(c0 < e1 and e0 < c1 for c0, c1 in chunk_ranges) or any(f0 <= d < f1 for d in doc_ids):
+                    entry["h"] = records_digest(txn, self._chunks, e0, e1, self._docs, f0, f1)
+                    updates.append((k, msgpack.packb(entry)))
+                chain = hashlib.sha256((chain + entry["h"]).encode()).hexdigest()
+            for k, v in updates:
+                txn.put(k, v, db=self._commits)
+            before_commit(chain)
+            result[:] = [chain]
+
+        self._write_txn(fn)
+        self.sync()
+        return result[0]
+
     def close(self) -> None:
         """Drop this handle; the environment closes when its last user in this process goes."""
         if self.env is None:

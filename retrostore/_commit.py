@@ -25,8 +25,10 @@ import lmdb
 import numpy as np
 
 from . import _fileio, _manifest
-from ._index import Segment, build_segment, merge_segments, plan_merge, serialize
-from ._vectors import load_vectors, write_vectors
+from ._deletes import commit_deletes
+from ._index import Segment, serialize
+from ._maintenance import commit_index
+from ._vectors import write_vectors
 from .errors import CommitError, RetrostoreError
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ VECTORS_DIR = "vectors"
 
 def commit(store: "Store") -> int:
     """Publish the writer's staged batch; see :meth:`Store.commit`."""
-    if not store._pending_chunks and not store._pending_docs:
+    if not store._pending_chunks and not store._pending_docs and not store._pending_deletes:
         return store.version
     m = store._manifest
     new = copy.deepcopy(m)
@@ -56,8 +58,11 @@ def commit(store: "Store") -> int:
         # the same files and manifests (reproducible artifacts). A failed attempt's
         # files are removed by _abort_commit or, after a crash, by the next writer.
         tag = f"{version:08d}"
-        if len(vectors):
-            _write_batch_files(store, new, vectors, first_id, tag, new_files)
+        store._stage = "writing the deletes"
+        tomb = commit_deletes(store, new, tag, new_files)
+        if len(vectors) or store._pending_deletes:
+            if len(vectors):
+                _write_batch_files(store, new, vectors, first_id, tag, new_files, tomb)
             store._stage = "syncing the index and vectors directories"
             _fileio.fsync_dir(store.path / INDEX_DIR)
             _fileio.fsync_dir(store.path / VECTORS_DIR)
@@ -69,6 +74,7 @@ def commit(store: "Store") -> int:
         _fileio.sync_lmdb(store._table.env)
         new["lmdb"]["chain"] = hashlib.sha256((m["lmdb"]["chain"] + digest).encode()).hexdigest()
         new["version"] = version
+        new["format_version"] = _manifest.FORMAT_VERSION
         new["committed_at"] = _now()
         new["next_chunk_id"] = chunk_range[1]
         new["next_doc_id"] = doc_range[1]
@@ -94,38 +100,25 @@ def commit(store: "Store") -> int:
     return version
 
 
-def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list) -> None:
-    """Write the batch's index segment and vectors file into ``new``.
+def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list,
+                       tomb) -> None:
+    """Write the batch's raw vectors file and its index segment into ``new``.
 
-    When the tiered policy merges segments, the batch goes straight into
-    the merged segment (and its vectors into the merged vectors file), so
-    segments and vectors files stay aligned and O(log n) in number.
+    The index part (a segment cloned from the trained template, tiered
+    merges, training once the store is large enough) is
+    :func:`retrostore._maintenance.commit_index`.
     """
     m = store._manifest
-    store._stage = "building the index segment"
-    index = build_segment(vectors, m["index"]["factory"], m["metric"])
-    n_merge = plan_merge([e["count"] for e in m["index"]["segments"]] + [len(vectors)])
-    merged = list(store._index.segments[len(store._index.segments) - (n_merge - 1):]) if n_merge else []
-    start = merged[0].first_id if merged else first_id
-    if merged:
-        store._stage = "merging index segments"
-        index = merge_segments(merged + [Segment({"first_id": first_id, "count": len(vectors)}, index)])
-    count = first_id + len(vectors) - start
-    store._stage = "writing the index segment"
-    entry = _write_segment(store, index, tag + ("m" if merged else ""), start, count, new_files)
-    segs = new["index"]["segments"]
-    new["index"]["segments"] = segs[: len(segs) - len(merged)] + [entry]
     if m["settings"]["keep_vectors"]:
         store._stage = "writing the vectors file"
-        files = new["vectors"]["files"]
-        parts = [load_vectors(store.path, e, verify=True) for e in files if e["first_id"] >= start] + [vectors]
         vpath = store.path / VECTORS_DIR / f"vec-{tag}.npy"
         vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
         new_files.append(vpath)
-        size, sha = write_vectors(vpath, parts, m["vectors"]["dtype"])
-        new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
-            {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
-             "first_id": start, "count": count}]
+        size, sha = write_vectors(vpath, vectors, m["vectors"]["dtype"])
+        new["vectors"]["files"].append({"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
+                                        "first_id": first_id, "count": len(vectors)})
+    store._stage = "building the index segment"
+    commit_index(store, new, vectors, tag, first_id, new_files, tomb)
 
 
 def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, exc: BaseException) -> None:

@@ -27,7 +27,10 @@ def create(
     embedder: Embedder | None = None,
     chunk_tokens: int = 64,
     metric: str = "ip",
-    index: str = "Flat",
+    index: str = "auto",
+    index_params: dict | None = None,
+    train_size: int | None = None,
+    mmap: bool = False,
     keep_vectors: bool = DEFAULTS["keep_vectors"],
     vector_dtype: str = DEFAULTS["vector_dtype"],
     retain_versions: int = DEFAULTS["retain_versions"],
@@ -55,10 +58,23 @@ def create(
         Tokens per chunk; 64 is RETRO's value (Borgeaud et al. 2021, §2.3).
     metric : {"ip", "l2"}, default "ip"
         Inner product (cosine for normalised vectors) or squared L2.
-    index : str, default "Flat"
-        FAISS factory string of each index segment; ``"Flat"`` is exact search.
+    index : str, default "auto"
+        ``"auto"``: exact ``Flat`` while the store is small, a trained IVF
+        index once it is large enough to train well, retrained as it grows
+        (docs/index.md). Or any FAISS factory string (``"Flat"``,
+        ``"HNSW32"``, ``"OPQ16_64,IVF4096,PQ16x4fs"``, ...): one that needs
+        training is served by an exact Flat index until the store holds
+        enough vectors to train every stage well, then trained at that commit.
+    index_params : dict, optional
+        The store's search parameters (``nprobe``, ``efSearch``, ``rerank``, ...).
+    train_size : int, optional
+        Vectors in the seeded training sample (default: 64 per centroid).
+    mmap : bool, default False
+        Serve search from memory-mapped index files (recorded in the manifest;
+        ``open(mmap=...)`` overrides per handle). Not for fast-scan factories.
     keep_vectors : bool, default True
-        Keep raw vectors (``vector_dtype``) beside the index.
+        Keep raw vectors (``vector_dtype``) beside the index: needed to
+        reindex without re-embedding, for ``rerank`` and for ``eval``.
     vector_dtype : {"float16", "float32"}, default "float16"
     retain_versions : int, default 3
         Committed versions kept readable with ``open(path, version=V)``.
@@ -99,7 +115,14 @@ def create(
     _check_embedder(emb)
     tok_path = Path(tokenizer) if tokenizer is not None else _embedder_tokenizer_path(emb)
     chunker = Chunker(tok_path, chunk_tokens)
-    _probe_factory(index, int(emb.dim), metric)
+    # Refuse a factory string FAISS cannot build now, not at the first commit.
+    from ._maintenance import check_index_arg
+    from ._params import check_params
+
+    target, factory = check_index_arg(index, int(emb.dim), keep_vectors=bool(keep_vectors), mmap=bool(mmap))
+    index_params = check_params(index_params, "index_params")
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
+        raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1 (vectors in the training sample)")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -126,13 +149,15 @@ def create(
                 "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
             },
             "embedder": _json_fingerprint(emb),
-            "index": {"factory": index, "params": {}, "dim": int(emb.dim), "segments": [], "template": None},
+            "index": {"factory": factory, "target": target, "params": index_params, "dim": int(emb.dim),
+                      "segments": [], "template": None, "trained": None},
             "vectors": {"dtype": vector_dtype, "files": []},
             "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain(), "record_checksum": "crc32"},
             "counts": {"documents": 0, "chunks": 0, "vectors": 0},
             "next_chunk_id": 0,
             "next_doc_id": 0,
-            "settings": {"retain_versions": retain_versions, "keep_vectors": bool(keep_vectors)},
+            "settings": {"retain_versions": retain_versions, "keep_vectors": bool(keep_vectors),
+                         "mmap": bool(mmap), "train_size": train_size, "train_seed": 0},
         }
         _manifest.write_manifest(tmp, body)
         for sub in (INDEX_DIR, VECTORS_DIR, _manifest.VERSIONS_DIR, LMDB_DIR, "."):

@@ -1,27 +1,42 @@
-"""FAISS lifecycle: build, save, load and search index segments.
+"""FAISS lifecycle: build, save, load, merge and search index segments.
 
 A store's vectors live in one or more *segments*: immutable FAISS index files,
-each holding the vectors of a contiguous range of chunk ids
-``[first_id, first_id + count)`` in order, so a segment's local FAISS id plus
-``first_id`` is the chunk id (no ID map needed, and every factory string can
-be used). A commit writes the batch as a new segment; small segments are
-merged in tiers (like an LSM tree) so that the number of segments stays
-logarithmic in the store size and commit cost stays proportional to the batch.
-Checksums are verified before FAISS deserialises any file.
+each covering a range of chunk ids ``[first_id, end_id)``. A segment's FAISS
+id plus ``first_id`` is the chunk id. Segments built by a commit hold their
+batch in order (FAISS's sequential ids, so every factory string works, even
+those that cannot take ids, such as HNSW); segments rewritten by ``compact``
+or ``reindex`` after deletes have holes: IVF indexes store the ids natively,
+other indexes are wrapped in ``IndexIDMap``. A commit writes its batch as a new
+segment (a clone of the store's trained *template* when the factory needs
+training, so a small batch costs time proportional to the batch); small
+segments are merged in tiers (like an LSM tree), so the number of segments
+stays logarithmic in the store size.
+
+Checksums are verified before FAISS deserialises any file. Search parameters
+(``nprobe``, ``efSearch``, ...) are set with ``faiss.ParameterSpace``, which
+reaches the inner IVF/HNSW index through OPQ/PCA pre-transforms, ID maps and
+refine wrappers (an attribute set on the wrapper would do nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import faiss
 import numpy as np
 
 from ._fileio import sha256_file
+from ._params import RERANK, RWLock, apply_params, effective_params
 from .errors import CorruptStoreError, InvalidInputError
 
-__all__ = ["Segment", "SegmentSet", "build_segment", "serialize", "load_segment", "METRICS", "plan_merge"]
+__all__ = [
+    "Segment", "SegmentSet", "build_segment", "serialize", "load_segment", "METRICS", "plan_merge",
+    "merge_segments", "new_index", "mmap_problem", "is_ivf", "is_exact", "unwrap",
+    "segment_vectors",
+]
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 #: Segments per tier before they are merged into one (see module docstring).
@@ -41,11 +56,99 @@ class Segment:
 
     @property
     def count(self) -> int:
+        """Vectors in the segment (``ntotal``)."""
         return int(self.entry["count"])
 
+    @property
+    def end_id(self) -> int:
+        """One past the last chunk id the segment covers (``first_id + count`` without holes)."""
+        return int(self.entry.get("end_id", self.first_id + self.count))
 
-def build_segment(vectors: np.ndarray, factory: str, metric: str) -> faiss.Index:
-    """Build an index over ``vectors`` (rows are consecutive chunk ids).
+    @property
+    def holes(self) -> bool:
+        return self.end_id - self.first_id != self.count
+
+
+def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    """``faiss.index_factory`` with a clear error.
+
+    Raises
+    ------
+    InvalidInputError
+        FAISS rejects the string, or it asks for an ID map (retrostore assigns ids).
+    """
+    if not isinstance(factory, str) or not factory.strip():
+        raise InvalidInputError(f"index={factory!r} must be a FAISS factory string such as 'Flat'")
+    if "IDMap" in factory:
+        raise InvalidInputError(
+            f"factory string {factory!r} asks for an ID map; retrostore assigns chunk ids itself "
+            f"(sequential ids per segment), so drop the IDMap prefix: {factory.replace('IDMap2,', '').replace('IDMap,', '')!r}"
+        )
+    try:
+        return faiss.index_factory(int(dim), factory, METRICS[metric])
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}"
+        ) from exc
+
+
+def _idmap(inner: faiss.Index) -> faiss.Index:
+    wrapped = faiss.IndexIDMap(inner)
+    inner.this.disown()
+    wrapped.own_fields = True
+    return wrapped
+
+
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The innermost index behind pre-transforms, ID maps and refine wrappers."""
+    index = faiss.downcast_index(index)
+    while True:
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return index
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    """True for IVF indexes (they store ids natively and merge with an id offset)."""
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def is_exact(index: faiss.Index) -> bool:
+    """True when the index stores the vectors uncompressed (Flat, HNSW-Flat), maybe behind an ID map."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return True
+    return type(index) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
+
+
+def mmap_problem(index: faiss.Index, factory: str) -> str | None:
+    """Why FAISS cannot serve ``index`` memory-mapped (None when it can).
+
+    ``faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)`` maps flat codes, HNSW
+    storage and IVF inverted lists from the file; fast-scan indexes keep their
+    codes in SIMD blocks (``BlockInvertedLists``) that are always read into RAM.
+    """
+    if "FastScan" in type(unwrap(index)).__name__:
+        return (f"FAISS cannot memory-map the fast-scan index {factory!r} (its PQ codes live in SIMD "
+                "blocks that are always read into RAM); use mmap=False, or a factory without the 'fs' "
+                "suffix such as 'IVF4096,PQ8' or 'IVF4096,SQ8'")
+    return None
+
+
+def build_segment(vectors: np.ndarray, factory: str, metric: str, *, template: faiss.Index | None = None,
+                  local_ids: np.ndarray | None = None) -> faiss.Index:
+    """Build an index over ``vectors``.
 
     Parameters
     ----------
@@ -53,26 +156,33 @@ def build_segment(vectors: np.ndarray, factory: str, metric: str) -> faiss.Index
     factory : str
         FAISS factory string, e.g. ``"Flat"`` (exact search).
     metric : {"ip", "l2"}
+    template : faiss.Index, optional
+        A trained empty index to clone (the store's template); required when
+        the factory needs training.
+    local_ids : ndarray of int64, optional
+        Ids relative to the segment's ``first_id`` when the rows are not
+        consecutive (after deletes); non-IVF indexes are then wrapped in an ID map.
 
     Raises
     ------
     InvalidInputError
-        When FAISS rejects the factory string.
+        When FAISS rejects the factory string, or it needs training and no template is given.
     """
     dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, factory, METRICS[metric])
-    except RuntimeError as exc:
-        raise InvalidInputError(
-            f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}"
-        ) from exc
+    index = faiss.clone_index(template) if template is not None else new_index(factory, dim, metric)
     if not index.is_trained:
         raise InvalidInputError(
-            f"factory string {factory!r} needs training; the store trains it at commit "
-            "once enough vectors exist (see docs/format.md)"
+            f"factory string {factory!r} needs training; the store trains it at commit once enough "
+            "vectors exist, or with Store.reindex() (see docs/index.md)"
         )
-    if len(vectors):
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    if local_ids is not None and not is_ivf(index):
+        index = _idmap(index)
+    for lo in range(0, len(vectors), 65536):
+        part = np.ascontiguousarray(vectors[lo : lo + 65536], dtype=np.float32)
+        if local_ids is None:
+            index.add(part)
+        else:
+            index.add_with_ids(part, np.ascontiguousarray(local_ids[lo : lo + 65536], dtype=np.int64))
     return index
 
 
@@ -81,8 +191,11 @@ def serialize(index: faiss.Index) -> np.ndarray:
     return faiss.serialize_index(index)
 
 
-def load_segment(root: Path, entry: dict, *, verify: bool = True) -> Segment:
-    """Load a segment file after checking its size and sha256.
+def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = False) -> Segment:
+    """Load a segment (or template) file after checking its size and sha256.
+
+    With ``mmap=True`` the file is hashed block by block, then FAISS maps it
+    (``IO_FLAG_MMAP_IFC``): the codes stay on disk and pages come in on demand.
 
     Raises
     ------
@@ -98,45 +211,73 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True) -> Segment:
     if size != entry["size"]:
         raise CorruptStoreError(f"{rel}: index file is {size} bytes, the manifest says {entry['size']}; "
                                 f"{_lfs_pointer(path) or 'it is damaged'}")
-    raw = np.fromfile(path, dtype=np.uint8)
-    if verify:
-        import hashlib
-
-        actual = hashlib.sha256(raw).hexdigest()
-        if actual != entry["sha256"]:
-            raise CorruptStoreError(
-                f"{rel}: index file checksum mismatch (manifest {entry['sha256'][:16]}..., "
-                f"file {actual[:16]}...); it is damaged"
-            )
+    raw = None
+    if mmap:
+        actual = sha256_file(path)[1] if verify else entry["sha256"]
+    else:
+        raw = np.fromfile(path, dtype=np.uint8)
+        actual = hashlib.sha256(raw).hexdigest() if verify else entry["sha256"]
+    if actual != entry["sha256"]:
+        raise CorruptStoreError(
+            f"{rel}: index file checksum mismatch (manifest {entry['sha256'][:16]}..., "
+            f"file {actual[:16]}...); it is damaged"
+        )
     try:
-        index = faiss.deserialize_index(raw)
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.deserialize_index(raw)
     except RuntimeError as exc:
         raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
-    if index.ntotal != entry["count"]:
+    if "count" in entry and index.ntotal != entry["count"]:
         raise CorruptStoreError(f"{rel}: index holds {index.ntotal} vectors, the manifest says {entry['count']}")
     return Segment(entry, index)
 
 
-def merge_segments(segments: list[Segment]) -> faiss.Index:
-    """One index holding the segments' vectors in id order (FAISS ``merge_from``).
+def segment_vectors(seg: Segment) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact (local ids, vectors) of an uncompressed segment, or None when lossy."""
+    if not is_exact(seg.index):
+        return None
+    index = faiss.downcast_index(seg.index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        index = faiss.downcast_index(index.index)
+    else:
+        ids = np.arange(index.ntotal, dtype=np.int64)
+    vecs = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+    return ids, vecs
 
-    An index built by ``index_factory`` and the same index read back from a
-    file can differ in C++ type (``IndexFlat`` with the inner-product metric
-    vs ``IndexFlatIP``), which ``merge_from`` refuses; such segments are
-    normalised through a serialisation round trip first.
+
+def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index],
+                   vectors_of: Callable[[list[Segment]], tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
+    """One index holding the segments' vectors, ids relative to ``segments[0].first_id``.
+
+    IVF indexes (same trained quantizer) merge natively with an id offset;
+    Flat-code indexes without holes concatenate; anything else (HNSW, holes)
+    is rebuilt from ``vectors_of(segments)`` -> (local ids, vectors). Sources
+    are cloned first: FAISS's ``merge_from`` empties the index it merges from.
     """
-    base = faiss.clone_index(segments[0].index)
-    for seg in segments[1:]:
-        # merge_from *moves* the other index's vectors out of it: merge a copy,
-        # so the loaded segments of the current version stay whole (a commit
-        # that fails after merging must leave them usable for its retry).
-        if type(seg.index) is type(base):
-            other = faiss.clone_index(seg.index)
+    first = segments[0].first_id
+    base = make_empty()
+    if is_ivf(base):
+        for seg in segments:
+            if seg.count:
+                base.merge_from(faiss.clone_index(seg.index), seg.first_id - first)
+        return base
+    if not any(s.holes for s in segments):
+        try:
+            for seg in segments:
+                base.merge_from(faiss.clone_index(seg.index), 0)
+            return base
+        except RuntimeError:
+            base = make_empty()  # no native merge (HNSW): rebuild below
+    ids, vecs = vectors_of(segments)
+    holes = len(ids) != segments[-1].end_id - first
+    if holes:
+        base = _idmap(base)
+    for lo in range(0, len(vecs), 65536):
+        part = np.ascontiguousarray(vecs[lo : lo + 65536], dtype=np.float32)
+        if holes:
+            base.add_with_ids(part, np.ascontiguousarray(ids[lo : lo + 65536]))
         else:
-            other = faiss.deserialize_index(faiss.serialize_index(seg.index))
-            if type(base) is not type(other):
-                base = faiss.deserialize_index(faiss.serialize_index(base))
-        base.merge_from(other, 0)
+            base.add(part)
     return base
 
 
@@ -174,51 +315,169 @@ class SegmentSet:
         Scores are inner products (higher is nearer) or squared L2 distances
         (lower is nearer), as FAISS returns them.
     dim : int
+    params : dict, optional
+        The store's search parameters (set on every segment).
+    deleted : ndarray of int64, optional
+        Sorted chunk ids never to return (tombstones).
+    raw : RawVectors, optional
+        Raw vectors for the ``rerank`` parameter.
     """
 
-    def __init__(self, segments: list[Segment], metric: str, dim: int):
+    def __init__(self, segments: list[Segment], metric: str, dim: int, *, params: dict | None = None,
+                 deleted: np.ndarray | None = None, raw: Any = None):
         self.segments = segments
         self.metric = metric
         self.dim = dim
+        self.params = dict(params or {})
+        self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
+        self.raw = raw
+        self._lock = RWLock()
+        for seg in segments:
+            apply_params(seg.index, self.params)
 
     @property
     def ntotal(self) -> int:
         return sum(s.index.ntotal for s in self.segments)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest chunk ids of each query row.
+    @property
+    def exact(self) -> bool:
+        return all(type(unwrap(s.index)) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
+                   for s in self.segments)
+
+    def effective(self, params: dict | None = None) -> dict:
+        """Parameter values a search with ``params`` would use (what ``inspect`` shows)."""
+        eff = {**self.params, **(params or {})}
+        out = effective_params(self.segments[0].index) if self.segments else {}
+        if self.segments and params:
+            with self._lock.exclusive():
+                before = _current(self.segments[0].index, params)
+                apply_params(self.segments[0].index, eff)
+                out = effective_params(self.segments[0].index)
+                apply_params(self.segments[0].index, before)
+        rerank = int(eff.get(RERANK, 0) or 0)
+        out[RERANK] = rerank if rerank > 1 and self.raw is not None and not self.exact else 0
+        return out
+
+    def search(self, queries: np.ndarray, k: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest live chunk ids of each query row.
 
         Parameters
         ----------
         queries : ndarray, shape (n, dim), float32, C-contiguous
         k : int, >= 1
+        params : dict, optional
+            Per-query search parameters, over the store's.
 
         Returns
         -------
         scores : ndarray, shape (n, k), float32
         chunk_ids : ndarray, shape (n, k), int64
             -1 (with score -inf for "ip", +inf for "l2") where fewer than k
-            results exist.
+            results exist (or the probed IVF lists hold fewer than k).
         """
+        params = params or {}
+        eff = {**self.params, **params}
+        rerank = int(eff.get(RERANK, 0) or 0)
+        rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
+        kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
+        changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
+        if not changes:
+            with self._lock.shared():
+                D, I = self._search_live(queries, kk)
+        else:
+            with self._lock.exclusive():
+                saved = [_current(seg.index, changes) for seg in self.segments]
+                try:
+                    for seg in self.segments:
+                        apply_params(seg.index, eff)
+                    D, I = self._search_live(queries, kk)
+                finally:
+                    for seg, before in zip(self.segments, saved):
+                        apply_params(seg.index, before)
+        if rerank > 1:
+            D, I = self._rerank(queries, I, k)
+        if D.shape[1] < k:
+            D, I = _pad(D, I, k, self.metric == "ip")
+        return D[:, :k], I[:, :k]
+
+    def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = queries.shape[0]
         keep_max = self.metric == "ip"
-        if not self.segments or n == 0:
+        segs = [s for s in self.segments if s.index.ntotal]
+        if not segs or n == 0:
             fill = -np.inf if keep_max else np.inf
             return np.full((n, k), fill, np.float32), np.full((n, k), -1, np.int64)
-        if len(self.segments) == 1:
-            D, I = self.segments[0].index.search(queries, k)
-            _offset(I, self.segments[0].first_id)
+        if len(segs) == 1:
+            D, I = segs[0].index.search(queries, k)
+            _offset(I, segs[0].first_id)
             return _clean(D, I, keep_max)
         heap = faiss.ResultHeap(n, k, keep_max=keep_max)
-        for seg in self.segments:
-            kk = min(k, seg.index.ntotal)
-            if kk == 0:
-                continue
-            D, I = seg.index.search(queries, kk)
+        for seg in segs:
+            D, I = seg.index.search(queries, min(k, seg.index.ntotal))
             _offset(I, seg.first_id)
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
         return _clean(heap.D, heap.I, keep_max)
+
+    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_search_all` without tombstoned ids: fetch more candidates for rows that lose some."""
+        if not len(self.deleted):
+            return self._search_all(queries, k)
+        n, total = len(queries), max(self.ntotal, 1)
+        keep_max = self.metric == "ip"
+        out_d = np.full((n, k), -np.inf if keep_max else np.inf, np.float32)
+        out_i = np.full((n, k), -1, np.int64)
+        todo = np.arange(n)
+        fetch = min(total, k + max(8, k))
+        while len(todo):
+            D, I = self._search_all(queries[todo], fetch)
+            missing = I < 0  # FAISS had no more (probed lists exhausted)
+            dead = _in_sorted(I, self.deleted) & ~missing
+            I[dead] = -1
+            valid = I >= 0
+            done = (valid.sum(1) >= k) | missing.any(1) | (fetch >= total)
+            order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+            Dk, Ik = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+            Dk[Ik < 0] = -np.inf if keep_max else np.inf
+            out_d[todo[done], : Dk.shape[1]] = Dk[done]
+            out_i[todo[done], : Ik.shape[1]] = Ik[done]
+            todo = todo[~done]
+            fetch = min(total, fetch * 2)
+        return out_d, out_i
+
+    def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-score candidates exactly with the raw vectors; keep the best k."""
+        vecs = self.raw.take(ids)  # (n, kk, dim)
+        if self.metric == "ip":
+            scores = np.einsum("nkd,nd->nk", vecs, queries)
+            scores[ids < 0] = -np.inf
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        else:
+            scores = ((vecs - queries[:, None, :]) ** 2).sum(-1)
+            scores[ids < 0] = np.inf
+            order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        return (np.ascontiguousarray(np.take_along_axis(scores, order, 1), dtype=np.float32),
+                np.ascontiguousarray(np.take_along_axis(ids, order, 1)))
+
+
+def _current(index: faiss.Index, names: dict) -> dict:
+    """Values of ``names`` as set on ``index`` now (to restore after a per-query change)."""
+    now = effective_params(index)
+    return {n: now[n] for n in names if n in now}
+
+
+def _in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(sorted_ids, ids)
+    pos[pos >= len(sorted_ids)] = 0
+    return sorted_ids[pos] == ids
+
+
+def _pad(D: np.ndarray, I: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:
+    n = D.shape[0]
+    d2 = np.full((n, k), -np.inf if keep_max else np.inf, np.float32)
+    i2 = np.full((n, k), -1, np.int64)
+    d2[:, : D.shape[1]], i2[:, : I.shape[1]] = D, I
+    return d2, i2
 
 
 def _offset(ids: np.ndarray, first_id: int) -> None:

@@ -10,7 +10,7 @@ from . import _manifest
 from ._artifact import manifest_sha256
 from ._chunks import LMDB_DIR, check_lmdb_file
 from ._index import check_file
-from .errors import CorruptStoreError
+from .errors import CorruptStoreError, RetrostoreError
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -35,7 +35,7 @@ def store_info(store: "Store") -> dict:
     root = store.path
     idx = m["index"]
     files = _manifest.referenced_files(m)
-    index_bytes = sum(e["size"] for e in idx["segments"])
+    index_bytes = sum(e["size"] for e in idx["segments"]) + (idx["template"]["size"] if idx.get("template") else 0)
     vectors_bytes = sum(e["size"] for e in m["vectors"]["files"])
     lmdb_bytes = _dir_bytes(root / LMDB_DIR)
     manifest_mtime = (root / _manifest.MANIFEST).stat().st_mtime
@@ -57,12 +57,8 @@ def store_info(store: "Store") -> dict:
         "chunk_tokens": m["chunk_tokens"],
         "tokenizer": {k: v for k, v in m["tokenizer"].items() if k != "path"},
         "embedder": m["embedder"],
-        "index": {
-            "factory": idx["factory"],
-            "params": idx["params"],
-            "segments": len(idx["segments"]),
-            "bytes_per_vector": round(index_bytes / n_vectors, 2) if n_vectors else None,
-        },
+        "index": index_info(store, index_bytes),
+        "deletes": {k: v for k, v in (m.get("deletes") or {}).items() if k != "file"},
         "files": {
             "index_bytes": index_bytes,
             "vectors_bytes": vectors_bytes,
@@ -79,6 +75,37 @@ def store_info(store: "Store") -> dict:
         "modified_at": _dt.datetime.fromtimestamp(manifest_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
         "readonly_media": store.readonly_media,
     }
+
+
+def index_info(store: "Store", index_bytes: int) -> dict:
+    """The ``index`` part of :func:`store_info`: factory, policy, effective parameters, memory."""
+    from ._training import AUTO_TRAIN_MIN, RETRAIN_GROWTH, default_factory
+
+    m = store._manifest
+    idx = m["index"]
+    n = store._index.ntotal
+    target = idx.get("target", idx["factory"])
+    info = {
+        "factory": idx["factory"],
+        "target": target,
+        "params": store._index.effective(),
+        "stored_params": idx["params"],
+        "segments": len(idx["segments"]),
+        "trained": idx.get("trained"),
+        "mmap": bool(getattr(store, "_mmap_arg", None) if getattr(store, "_mmap_arg", None) is not None
+                     else m["settings"].get("mmap", False)),
+        "bytes_per_vector": round(index_bytes / n, 2) if n else None,
+    }
+    hint = None
+    if target == "auto" and not idx.get("template") and n < AUTO_TRAIN_MIN:
+        hint = f"exact Flat until {AUTO_TRAIN_MIN:,} vectors; then trained at commit"
+    elif target not in ("auto", idx["factory"]):
+        hint = f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"
+    elif target == "auto" and idx.get("trained") and n >= RETRAIN_GROWTH * idx["trained"]["vectors"] // 2:
+        hint = (f"the store has grown since training; `retrostore reindex` would train "
+                f"{default_factory(n, idx['dim'], keep_vectors=m['settings']['keep_vectors'])!r} now")
+    info["hint"] = hint
+    return info
 
 
 def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
@@ -121,27 +148,30 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
         problems.append(str(exc))
         return _one_line(problems)
     n_chunks, n_docs = m["next_chunk_id"], m["next_doc_id"]
+    deletes = m.get("deletes") or {}
+    holes = {"chunks": int(deletes.get("purged_chunks", 0)), "docs": int(deletes.get("purged_documents", 0))}
     if m["counts"]["chunks"] != n_chunks or m["counts"]["documents"] != n_docs:
         problems.append(
             f"{_manifest.MANIFEST}: counts {m['counts']} disagree with the high-water marks "
             f"(chunks {n_chunks}, documents {n_docs})"
         )
-    if m["counts"]["vectors"] != n_chunks:
-        problems.append(f"{_manifest.MANIFEST}: counts say {m['counts']['vectors']} vectors for {n_chunks} chunks")
-    args = (os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
-    found = scan_in_child(*args) if isolate else None
-    if found is None:
-        try:
-            found = scan(*args, env=store._table.env)
-        except Exception as exc:  # as _lmdbscan._main reports it from the child
-            found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it "
-                                                 f"({type(exc).__name__}: {exc})"]}
-    problems += found["problems"]
-    if found["chain"] is not None and found["chain"] != m["lmdb"]["chain"]:
-        problems.append(
-            f"{LMDB_DIR}/data.mdb: content hash chain {found['chain'][:16]}... differs from the manifest's "
-            f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
-        )
+    if holes["chunks"] or holes["docs"]:
+        problems += _lmdb_problems_with_holes(store, n_chunks, n_docs, holes)
+    else:
+        args = (os.fspath(root), n_chunks, n_docs, m["version"], store._table.sealed, store.readonly_media)
+        found = scan_in_child(*args) if isolate else None
+        if found is None:
+            try:
+                found = scan(*args, env=store._table.env)
+            except Exception as exc:  # as _lmdbscan._main reports it from the child
+                found = {"chain": None, "problems": [f"{LMDB_DIR}/data.mdb: LMDB cannot read it "
+                                                     f"({type(exc).__name__}: {exc})"]}
+        problems += found["problems"]
+        if found["chain"] is not None and found["chain"] != m["lmdb"]["chain"]:
+            problems.append(
+                f"{LMDB_DIR}/data.mdb: content hash chain {found['chain'][:16]}... differs from the manifest's "
+                f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
+            )
     for kind, entries in (("index segments", m["index"]["segments"]), ("vectors files", m["vectors"]["files"])):
         if kind == "vectors files" and not m["settings"]["keep_vectors"]:
             continue
@@ -149,12 +179,42 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
         for e in entries:
             if e["first_id"] != expect:
                 problems.append(f"{e['path']}: starts at chunk id {e['first_id']}, expected {expect} ({kind} must tile the ids)")
-            expect = e["first_id"] + e["count"]
+            expect = e.get("end_id", e["first_id"] + e["count"])
         if expect != n_chunks:
             problems.append(f"{_manifest.MANIFEST}: {kind} cover {expect} chunk ids, the store has {n_chunks}")
-    if store._index.ntotal != n_chunks:
-        problems.append(f"index: {store._index.ntotal} vectors loaded, the store has {n_chunks} chunks")
+    n_vec = sum(e["count"] for e in m["index"]["segments"])
+    if store._index.ntotal != n_vec or m["counts"]["vectors"] != n_vec:
+        problems.append(f"index: {store._index.ntotal} vectors loaded, the manifest says {m['counts']['vectors']}")
+    if not n_chunks - int(deletes.get("chunks", 0)) <= n_vec <= n_chunks:
+        problems.append(f"index: {n_vec} vectors for {n_chunks} chunks of which {deletes.get('chunks', 0)} are "
+                        "deleted; every chunk that is not deleted must be indexed")
     return _one_line(problems)
+
+
+def _lmdb_problems_with_holes(store: "Store", n_chunks: int, n_docs: int, holes: dict) -> list[str]:
+    """LMDB checks of a store whose deleted documents were purged by compact (ids stay, records go)."""
+    m = store._manifest
+    problems: list[str] = []
+    try:
+        for name, hwm in (("chunks", n_chunks), ("docs", n_docs)):
+            committed = store._table.count_below(name, hwm)
+            if committed != hwm - holes[name]:
+                problems.append(
+                    f"{LMDB_DIR}/data.mdb: {committed} {name} records below id {hwm}, the manifest says "
+                    f"{hwm - holes[name]} ({hwm} ids, {holes[name]} purged by deletes)"
+                )
+        chain, chain_problems = store._table.content_hashes(m["version"])
+        problems += chain_problems
+        if chain != m["lmdb"]["chain"]:
+            problems.append(
+                f"{LMDB_DIR}/data.mdb: content hash chain {chain[:16]}... differs from the manifest's "
+                f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
+            )
+    except RetrostoreError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # LMDB reports damaged pages with several exception types
+        problems.append(f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({type(exc).__name__}: {exc})")
+    return problems
 
 
 def _one_line(problems: list[str]) -> list[str]:

@@ -32,8 +32,11 @@ __all__ = [
     "write_current",
 ]
 
-#: Format version written by this code; see docs/format.md.
-FORMAT_VERSION = 1
+#: Format version written by this code; see docs/format.md. Version 2 adds the
+#: index template/target/trained entries, segment ``end_id`` (holes after
+#: deletes) and the ``deletes`` tombstone file; a store with deletes sets
+#: ``min_reader_version`` 2 so that older readers cannot serve deleted chunks.
+FORMAT_VERSION = 2
 #: Oldest reader format version that can read what this code writes.
 MIN_READER_VERSION = 1
 MANIFEST = "manifest.json"
@@ -101,6 +104,8 @@ def referenced_files(manifest: dict) -> list[dict]:
     files += manifest["vectors"].get("files", [])
     if manifest["index"].get("template"):
         files.append(manifest["index"]["template"])
+    if (manifest.get("deletes") or {}).get("file"):
+        files.append(manifest["deletes"]["file"])
     return files
 
 

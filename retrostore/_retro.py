@@ -198,7 +198,8 @@ def neighbors(store: "Store", token_ids: Any, k: int = 2, *, exclude_doc_ids: An
     doc_ids = np.full((b, c, k), -1, np.int64)
     flat = ids.ravel()
     limit = len(store)
-    wanted = sorted({int(i) for i in flat if i >= 0} | {int(i) + 1 for i in flat if 0 <= i and i + 1 < limit})
+    wanted = store._tombstones.drop(
+        sorted({int(i) for i in flat if i >= 0} | {int(i) + 1 for i in flat if 0 <= i and i + 1 < limit}))
     recs = dict(zip(wanted, store._table.get_chunks(wanted, limit)))
     for pos, cid in enumerate(flat):
         if cid < 0:
@@ -291,6 +292,7 @@ def precompute_neighbors(
                 excl = [{int(doc_of_all[i])} for i in range(done, end)] if exclude_same_doc else None
                 _, ids = search_excluding(store, vecs, k, excl, lambda x: doc_of_all[x] if doc_of_all is not None
                                           else store._doc_ids_of(x))
+                ids[store._tombstones.chunk_mask(np.arange(done, end))] = -1  # deleted chunks query nothing
                 arr[done:end] = ids
             else:
                 nb = neighbors(store, np.asarray(qarr[done:end]), k)

@@ -21,13 +21,13 @@ from . import _commit, _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
-from ._index import SegmentSet, load_segment
+from ._deletes import finish_purge
+from ._index import load_segment
+from ._maintenance import store_mmap, stored_vectors, version_index
 from ._metadata import clean_metadata
+from ._params import check_params
 from ._types import Chunk, Document, Hit
 
-if TYPE_CHECKING:
-    from ._retro import Neighbors
-from ._vectors import load_vectors
 from .errors import (
     CorruptStoreError,
     EmbedderMismatchError,
@@ -38,9 +38,11 @@ from .errors import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyStoreError,
-    RetrostoreError,
     StoreClosedError,
 )
+
+if TYPE_CHECKING:
+    from ._retro import Neighbors
 
 __all__ = ["Store", "open_store", "DEFAULTS"]
 
@@ -116,6 +118,7 @@ def open_store(
     version: int | None = None,
     timeout_s: float | None = None,
     threads: int | None = None,
+    mmap: bool | None = None,
 ) -> "Store":
     """Open an existing store (``retrostore.open``).
 
@@ -134,6 +137,10 @@ def open_store(
         With ``mode="a"``, wait up to this many seconds for another writer.
     threads : int, optional
         FAISS and onnxruntime threads; default the CPUs this process may use.
+    mmap : bool, optional
+        Serve search from index files that stay on disk (memory-mapped);
+        default: the store's ``mmap`` setting. See docs/index.md for the
+        factories FAISS can map (not fast-scan PQ).
 
     Raises
     ------
@@ -148,7 +155,8 @@ def open_store(
     InvalidInputError
         Bad ``mode`` or ``version``.
     """
-    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads)
+    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
+                 mmap=mmap)
 
 
 def _fingerprint_diff(a: dict, b: dict) -> str:
@@ -167,7 +175,7 @@ class Store:
     reader, including the writer's own searches, until then.
     """
 
-    def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None):
+    def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None, mmap=None):
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
         if version is not None and (mode != "r" or not isinstance(version, int) or version < 0):
@@ -179,6 +187,7 @@ class Store:
         self._lock: _fileio.WriterLock | None = None
         self._table: ChunkTable | None = None
         self._pinned_version = version
+        self._mmap_arg = None if mmap is None else bool(mmap)
         self.threads = int(threads) if threads else _cpu_count()
         faiss.omp_set_num_threads(1 if _forked_child else self.threads)
         if not (self.path / _manifest.MANIFEST).is_file():
@@ -381,11 +390,11 @@ class Store:
         for entry in m["index"]["segments"]:
             seg = self._segments_cache.get(entry["sha256"])
             if seg is None:
-                seg = load_segment(self.path, entry)
+                seg = load_segment(self.path, entry, mmap=store_mmap(self))
             cache[entry["sha256"]] = seg
             segs.append(seg)
         self._segments_cache = cache
-        self._index = SegmentSet(segs, m["metric"], m["index"]["dim"])
+        self._index, self._tombstones = version_index(self, segs)
 
     def refresh(self) -> int:
         """Move a reader to the newest committed version.
@@ -425,6 +434,7 @@ class Store:
         self._pending_vectors: list[np.ndarray] = []
         self._pending_chunks = 0
         self._pending_docs = 0
+        self._pending_deletes: set[int] = set()
         self._hasher = RecordHasher()
         self._pending_fields: dict[str, Any] = {}  # top-level manifest fields the next commit sets
 
@@ -433,6 +443,7 @@ class Store:
         m = self._manifest
         self._table.truncate(m["next_chunk_id"], m["next_doc_id"], m["version"])
         self._table.sync()
+        finish_purge(self)
         _commit.collect_garbage(self)
 
     def append(
@@ -595,6 +606,15 @@ class Store:
         self._check(write=True)
         return _commit.commit(self)
 
+    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+        """Write one index segment of a commit (see :mod:`retrostore._commit`)."""
+        return _commit._write_segment(self, index, tag, first_id, count, new_files)
+
+    def _collect_garbage(self) -> None:
+        """Drop unretained manifests and unreferenced files (see :mod:`retrostore._commit`)."""
+        _commit.collect_garbage(self)
+
+
     # -- reading -----------------------------------------------------------
     def _limit(self) -> int:
         return int(self._manifest["next_chunk_id"])
@@ -621,6 +641,7 @@ class Store:
         for i in ids:
             if not 0 <= i < limit:
                 raise InvalidInputError(f"chunk id {i} is outside the committed range [0, {limit})")
+        self._tombstones.check_chunks(ids)
         return [Chunk(r.chunk_id, r.doc_id, r.position, r.start, r.text, r.token_ids)
                 for r in self._table.get_chunks(ids, limit)]
 
@@ -636,6 +657,7 @@ class Store:
         limit = int(self._manifest["next_doc_id"])
         if not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
             raise InvalidInputError(f"document id {doc_id!r} is outside the committed range [0, {limit})")
+        self._tombstones.check_docs([doc_id])
         rec = self._table.get_doc(int(doc_id))
         if rec is None:
             raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: committed document {doc_id} is missing")
@@ -660,13 +682,15 @@ class Store:
         for d in doc_ids:
             if not 0 <= int(d) < limit:
                 raise InvalidInputError(f"document id {d!r} is outside the committed range [0, {limit})")
+            self._tombstones.check_docs([d])
             rec = self._table.get_doc(int(d))
             if rec is None:
                 raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: committed document {d} is missing")
             out.append(rec.metadata)
         return out
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, vectors: np.ndarray, k: int = 5, *,
+                       params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest committed chunks of query vectors.
 
         Parameters
@@ -674,12 +698,16 @@ class Store:
         vectors : ndarray, shape (n, dim) or (dim,)
             Query vectors; float64 is converted to float32.
         k : int, default 5
+        params : dict, optional
+            Search parameters for this call, over the store's (``nprobe``,
+            ``efSearch``, ``rerank``, ...; see docs/index.md).
 
         Returns
         -------
         scores : ndarray, shape (n, k), float32
         chunk_ids : ndarray, shape (n, k), int64
-            -1 where fewer than k chunks exist (never looked up).
+            -1 where fewer than k chunks exist or the probed IVF lists hold
+            fewer (never looked up). Deleted chunks are never returned.
 
         Raises
         ------
@@ -697,15 +725,18 @@ class Store:
         q = np.ascontiguousarray(q, dtype=np.float32)
         if not np.isfinite(q).all():
             raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
-        return self._index.search(q, k)
+        return self._index.search(q, k, check_params(params))
 
-    def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit] | list[list[Hit]]:
+    def search(self, query: str | Sequence[str], k: int = 5, *,
+               params: dict | None = None) -> list[Hit] | list[list[Hit]]:
         """Embed query text and return the k nearest chunks with continuations.
 
         Parameters
         ----------
         query : str or sequence of str
         k : int, default 5
+        params : dict, optional
+            Search parameters for this call (see :meth:`search_vectors`).
 
         Returns
         -------
@@ -730,15 +761,16 @@ class Store:
             return []
         if self._limit() == 0:
             return [] if single else [[] for _ in queries]
+        params = check_params(params)
         vecs = self.embedder.embed(queries)
-        scores, ids = self.search_vectors(vecs, k)
+        scores, ids = self.search_vectors(vecs, k, params=params)
         hits = self._hits(scores, ids)
         return hits[0] if single else hits
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         limit = self._limit()
         flat = [int(i) for i in ids.ravel() if i >= 0]
-        wanted = sorted(set(flat) | {i + 1 for i in flat if i + 1 < limit})
+        wanted = self._tombstones.drop(sorted(set(flat) | {i + 1 for i in flat if i + 1 < limit}))
         recs = dict(zip(wanted, self._table.get_chunks(wanted, limit)))
         out = []
         for row_s, row_i in zip(scores, ids):
@@ -862,45 +894,84 @@ class Store:
     def _stored_vectors(self, first: int, end: int) -> np.ndarray:
         """Vectors of chunks [first, end) as indexed, (end - first, dim) float32.
 
-        Reconstructed from the index segments where FAISS can (exact for Flat),
-        else read from the raw vectors files.
+        Reconstructed from exact (Flat) segments, else read from the raw
+        vectors files; zeros for purged chunks.
 
         Raises
         ------
         RetrostoreError
             Neither the index can reconstruct nor raw vectors are kept.
         """
-        parts = []
-        for seg in self._index.segments:
-            lo, hi = max(first, seg.first_id), min(end, seg.first_id + seg.count)
-            if lo >= hi:
-                continue
-            try:
-                parts.append(seg.index.reconstruct_n(lo - seg.first_id, hi - lo))
-                continue
-            except RuntimeError:
-                pass
-            # Raw vectors files tile the ids; older stores have one per commit, so
-            # a merged segment's range may span several.
-            files = [e for e in self._manifest["vectors"]["files"]
-                     if e["first_id"] < hi and lo < e["first_id"] + e["count"]]
-            if not self._manifest["settings"]["keep_vectors"] or sum(
-                    min(hi, e["first_id"] + e["count"]) - max(lo, e["first_id"]) for e in files) != hi - lo:
-                from ._artifact import require_raw_vectors  # says when they were dropped at pack time
+        return stored_vectors(self, first, end)
 
-                require_raw_vectors(self._manifest, "precomputing store neighbours over this index")
-                raise RetrostoreError(
-                    f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
-                    "precomputing store neighbours needs keep_vectors=True or a reconstructible index"
-                )
-            for vec in sorted(files, key=lambda e: e["first_id"]):
-                # checksummed once per handle, so damaged vectors are never returned
-                raw = load_vectors(self.path, vec, verify=vec["sha256"] not in self._verified_vectors)
-                self._verified_vectors.add(vec["sha256"])
-                a, b = max(lo, vec["first_id"]) - vec["first_id"], min(hi, vec["first_id"] + vec["count"]) - vec["first_id"]
-                parts.append(np.asarray(raw[a:b], dtype=np.float32))
-        return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self._manifest["index"]["dim"]),
-                                                                              np.float32))
+    # -- maintenance (retrostore/_maintenance.py, docs/index.md) ------------
+    def delete(self, doc_ids: int | Iterable[int]) -> int:
+        """Stage a take-down of committed documents; it takes effect at :meth:`commit`.
+
+        From that version on their chunks are never returned by search,
+        neighbours or precomputed neighbours, and reading them by id raises;
+        :meth:`compact` then purges them from every file. Returns the number
+        of documents newly staged (already deleted ones are skipped).
+
+        Raises
+        ------
+        InvalidInputError
+            An id is not an int or not committed.
+        ReadOnlyStoreError, StoreClosedError
+        """
+        self._check(write=True)
+        from ._deletes import stage_delete
+
+        return stage_delete(self, doc_ids)
+
+    def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
+                params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
+        """Retrain and rebuild the index from the stored vectors (no re-embedding); commits a new version.
+
+        ``index`` is a FAISS factory string or ``"auto"`` (default: the
+        store's current target). Training uses a seeded random sample of
+        ``train_size`` live vectors. ``params`` become the store's search
+        parameters; ``mmap`` changes the store's setting. Returns the version.
+
+        Raises
+        ------
+        IndexTrainingError
+            Too few vectors to train a stage (the message names a factory that fits).
+        RetrostoreError
+            No raw vectors are kept and the index cannot give its vectors back.
+        InvalidInputError
+            Bad factory string or parameters, or uncommitted appends/deletes.
+        """
+        from ._maintenance import reindex
+
+        return reindex(self, index, train_size=train_size, seed=seed, params=params, mmap=mmap, progress=progress)
+
+    def compact(self, *, progress: bool = True) -> int:
+        """Merge the index segments into one and purge deleted documents from every file.
+
+        Chunk ids stay stable (purged ids become documented holes). After a
+        purge, earlier versions are retired: they name files holding the
+        purged data. Returns the new version (the current one when there is
+        nothing to do).
+
+        Raises
+        ------
+        InvalidInputError
+            Uncommitted appends or deletes.
+        """
+        from ._maintenance import compact
+
+        return compact(self, progress=progress)
+
+    def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
+        """Recall@k of the index against exact search over the stored vectors, and latency.
+
+        See :func:`retrostore._evaluate.evaluate` (``retrostore eval``).
+        """
+        self._check()
+        from ._evaluate import evaluate
+
+        return evaluate(self, queries=queries, k=k, params=params, seed=seed)
 
     def info(self) -> dict:
         """Everything ``retrostore inspect`` shows, as a JSON-ready dict."""

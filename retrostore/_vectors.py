@@ -16,7 +16,7 @@ import numpy as np
 from ._fileio import sha256_file, write_durable
 from .errors import CorruptStoreError
 
-__all__ = ["write_vectors", "load_vectors"]
+__all__ = ["write_vectors", "load_vectors", "RawVectors"]
 
 
 def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str) -> tuple[int, str]:
@@ -90,3 +90,62 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
     if arr.ndim != 2 or arr.shape[0] != entry["count"]:
         raise CorruptStoreError(f"{rel}: holds shape {arr.shape}, the manifest says {entry['count']} rows")
     return arr
+
+
+class RawVectors:
+    """The raw vectors of one version, read on demand from their ``.npy`` files.
+
+    Files are memory-mapped (pages come from the OS page cache, not from this
+    process's heap) and opened on first use. Rows of purged chunks hold zeros
+    (see docs/index.md, "Deletes").
+
+    Parameters
+    ----------
+    root : Path
+    entries : list of dict
+        The manifest's ``vectors.files`` (``first_id``/``count``), tiling the ids.
+    dim : int
+    """
+
+    def __init__(self, root: Path, entries: list[dict], dim: int):
+        self.root = root
+        self.entries = sorted(entries, key=lambda e: e["first_id"])
+        self.dim = dim
+        self._firsts = np.array([e["first_id"] for e in self.entries], dtype=np.int64)
+        self._arrays: list[np.ndarray | None] = [None] * len(self.entries)
+        self.end = int(self.entries[-1]["first_id"] + self.entries[-1]["count"]) if self.entries else 0
+
+    def _array(self, i: int) -> np.ndarray:
+        arr = self._arrays[i]
+        if arr is None:
+            arr = self._arrays[i] = load_vectors(self.root, self.entries[i])
+        return arr
+
+    def rows(self, first: int, end: int) -> np.ndarray:
+        """Vectors of chunk ids ``[first, end)``, shape (end - first, dim), float32."""
+        out = np.zeros((max(0, end - first), self.dim), np.float32)
+        for i, e in enumerate(self.entries):
+            lo, hi = max(first, e["first_id"]), min(end, e["first_id"] + e["count"])
+            if lo < hi:
+                out[lo - first : hi - first] = self._array(i)[lo - e["first_id"] : hi - e["first_id"]]
+        return out
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Vectors of arbitrary chunk ids (any shape); zeros where an id is -1.
+
+        Returns
+        -------
+        ndarray, shape ``ids.shape + (dim,)``, float32
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.ravel()
+        out = np.zeros((flat.size, self.dim), np.float32)
+        ok = (flat >= 0) & (flat < self.end)
+        if ok.any():
+            which = np.searchsorted(self._firsts, flat, side="right") - 1
+            for i in np.unique(which[ok]):
+                sel = np.nonzero(ok & (which == i))[0]
+                local = flat[sel] - self.entries[i]["first_id"]
+                order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
+                out[sel[order]] = self._array(int(i))[local[order]]
+        return out.reshape(ids.shape + (self.dim,))

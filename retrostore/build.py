@@ -143,7 +143,7 @@ def build_store(
         _check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
-                    index=index or "Flat", threads=threads)
+                    index=index or "auto", threads=threads)
     bar = tqdm(total=count_input_bytes(inputs), unit="B", unit_scale=True, disable=not progress,
                desc="build", dynamic_ncols=True)
     n_docs = n_chunks = since_commit = 0
@@ -204,8 +204,9 @@ def _check_same_settings(st: Store, tokenizer, chunk_tokens, index) -> None:
     problems = []
     if chunk_tokens is not None and chunk_tokens != m["chunk_tokens"]:
         problems.append(f"--chunk-tokens {chunk_tokens} (the store uses {m['chunk_tokens']})")
-    if index is not None and index != m["index"]["factory"]:
-        problems.append(f"--index {index!r} (the store uses {m['index']['factory']!r})")
+    current = m["index"].get("target", m["index"]["factory"])
+    if index is not None and index != current:
+        problems.append(f"--index {index!r} (the store uses {current!r}; change it with `retrostore reindex`)")
     if tokenizer is not None:
         from ._fileio import sha256_file
 

@@ -71,7 +71,8 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
 def test_manifest_pins_format_and_fingerprints(built_store):
     raw = json.loads((built_store / "manifest.json").read_text())
     body = raw["body"]
-    assert body["format_version"] == 1 and body["min_reader_version"] == 1
+    # format 2 (issue 5: index template, deletes); a store without deletes stays readable by format-1 readers
+    assert body["format_version"] == 2 and body["min_reader_version"] == 1
     assert body["chunk_tokens"] == 64
     emb = body["embedder"]
     assert emb["dim"] == 384 and emb["pooling"] == "mean" and emb["normalize"] is True

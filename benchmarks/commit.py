@@ -1,0 +1,115 @@
+"""Commit cost vs store size: committing 1,000 chunks into a 10,000-chunk store
+and into a 200,000-chunk store (issue 5: the second may take at most 1.5x the first).
+
+Both stores use the default index ("auto"): the 10k store is exact Flat; the
+200k store crossed 100,000 vectors while it was built and was trained then
+(IVF + PQ8, template kept in the manifest), so a new batch is encoded by a
+clone of the trained template into a new segment: its cost follows the batch.
+Vectors are synthetic (clustered unit vectors, 384-d) and given to
+``append(embeddings=...)``, so nothing is embedded.
+
+    python benchmarks/commit.py [--repeats 5] [--out DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import retrostore  # noqa: E402
+
+DIM = 384
+
+
+class PrecomputedOnly:
+    """An embedder that is never called (vectors come with append)."""
+
+    dim = DIM
+    fingerprint = {"kind": "benchmark", "name": "synthetic", "model_sha256": "0" * 64, "dim": DIM}
+    tokenizer_path = retrostore.default_tokenizer_path()
+
+    def embed(self, texts):
+        raise AssertionError("benchmark vectors are precomputed")
+
+
+def vectors(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
+    x = centres[rng.integers(0, len(centres), n)] + 0.4 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(path: Path, n: int, rng, centres, batch: int = 20_000) -> float:
+    t0 = time.perf_counter()
+    with retrostore.create(path, embedder=PrecomputedOnly()) as st:
+        for lo in range(0, n, batch):
+            m = min(batch, n - lo)
+            st.append([f"doc {lo + i}" for i in range(m)], embeddings=vectors(rng, m, centres))
+            st.commit()
+    return time.perf_counter() - t0
+
+
+def commit_batches(path: Path, repeats: int, rng, centres, size: int = 1000) -> dict:
+    appends, commits = [], []
+    with retrostore.open(path, "a", embedder=PrecomputedOnly()) as st:
+        base = len(st)
+        for r in range(repeats):
+            texts = [f"new {r} {i}" for i in range(size)]
+            vecs = vectors(rng, size, centres)
+            t0 = time.perf_counter()
+            st.append(texts, embeddings=vecs)
+            t1 = time.perf_counter()
+            st.commit()
+            t2 = time.perf_counter()
+            appends.append(t1 - t0)
+            commits.append(t2 - t1)
+        info = st.info()
+    return {"chunks_before": base, "factory": info["index"]["factory"], "segments": info["index"]["segments"],
+            "append_s": appends, "commit_s": commits,
+            "median_commit_s": statistics.median(commits),
+            "median_append_commit_s": statistics.median(a + c for a, c in zip(appends, commits))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5, help="1,000-chunk commits measured per store")
+    ap.add_argument("--out", type=Path, default=None, help="directory for the stores (default: a temp dir)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((256, DIM)).astype(np.float32)
+    root = args.out or Path(tempfile.mkdtemp(prefix="rs-commit-"))
+    results = {}
+    try:
+        for n in (10_000, 200_000):
+            path = root / f"store-{n}.rstore"
+            shutil.rmtree(path, ignore_errors=True)
+            build_s = build(path, n, rng, centres)
+            res = commit_batches(path, args.repeats, rng, centres)
+            res["build_s"] = round(build_s, 1)
+            results[n] = res
+            if not args.json:
+                print(f"{n:>7,} chunks ({res['factory']}, {res['segments']} segments): commit of 1,000 chunks "
+                      f"median {res['median_commit_s'] * 1e3:.0f} ms "
+                      f"(each: {', '.join(f'{c * 1e3:.0f}' for c in res['commit_s'])} ms); "
+                      f"append+commit median {res['median_append_commit_s'] * 1e3:.0f} ms; built in {build_s:.0f} s")
+        ratio = results[200_000]["median_commit_s"] / results[10_000]["median_commit_s"]
+        ratio_all = results[200_000]["median_append_commit_s"] / results[10_000]["median_append_commit_s"]
+        if args.json:
+            print(json.dumps({"results": results, "ratio_commit": ratio, "ratio_append_commit": ratio_all}, indent=2))
+        else:
+            print(f"ratio 200k/10k: commit {ratio:.2f}x, append+commit {ratio_all:.2f}x (goal: <= 1.5x)")
+    finally:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Index memory at scale: bytes per vector of the default large-store factory,
+and resident memory of a memory-mapped search versus the index file size.
+
+Builds a store of N synthetic vectors (default 1,000,000 x 384, clustered unit
+vectors given to ``append(embeddings=...)``) with the factory the default
+("auto") index picks for N vectors, compacts it to one segment, then measures
+in fresh child processes (so that nothing else is resident):
+
+* ``ram``: ``open(mmap=False)``: anonymous memory added by loading the index
+  (the index in RAM), per vector;
+* ``mmap``: ``open(mmap=True)``: anonymous and file-backed resident memory
+  after opening and after 1,000 searches, against the index file size.
+
+    python benchmarks/memory.py [--n 1000000] [--out DIR] [--keep] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import retrostore  # noqa: E402
+
+DIM = 384
+
+
+class PrecomputedOnly:
+    dim = DIM
+    fingerprint = {"kind": "benchmark", "name": "synthetic", "model_sha256": "0" * 64, "dim": DIM}
+    tokenizer_path = retrostore.default_tokenizer_path()
+
+    def embed(self, texts):
+        raise AssertionError("benchmark vectors are precomputed")
+
+
+def vectors(rng, n, centres):
+    x = centres[rng.integers(0, len(centres), n)] + 0.4 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(path: Path, n: int, batch: int = 100_000) -> dict:
+    from retrostore._training import default_factory, default_params
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((1024, DIM)).astype(np.float32)
+    factory = default_factory(n, DIM)
+    t0 = time.perf_counter()
+    with retrostore.create(path, embedder=PrecomputedOnly(), index=factory,
+                           index_params=default_params(factory, auto=True, keep_vectors=True)) as st:
+        for lo in range(0, n, batch):
+            m = min(batch, n - lo)
+            st.append([f"d{lo + i}" for i in range(m)], embeddings=vectors(rng, m, centres))
+            st.commit()
+            print(f"  {lo + m:,} vectors committed ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        st.compact(progress=False)
+        info = st.info()
+        np.save(path.parent / "queries.npy", vectors(rng, 1000, centres))
+    return {"factory": factory, "build_s": round(time.perf_counter() - t0, 1), "index": info["index"],
+            "index_file_bytes": info["files"]["index_bytes"], "vectors_file_bytes": info["files"]["vectors_bytes"]}
+
+
+_CHILD = r"""
+import json, sys, numpy as np
+sys.path.insert(0, {root!r})
+def status():
+    out = {{}}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+            k, v = line.split(":")
+            out[k] = int(v.split()[0]) * 1024
+    return out
+import retrostore, faiss
+sys.path.insert(0, {bench!r})
+from memory import PrecomputedOnly
+q = np.load({queries!r})
+before = status()
+st = retrostore.open({path!r}, embedder=PrecomputedOnly(), mmap={mmap})
+opened = status()
+for i in range(len(q)):
+    st.search_vectors(q[i:i + 1], 10, params={params})
+searched = status()
+print(json.dumps({{"before": before, "opened": opened, "searched": searched}}))
+"""
+
+
+def measure(path: Path, mmap: bool, params: dict) -> dict:
+    code = _CHILD.format(root=str(ROOT), bench=str(Path(__file__).parent), queries=str(path.parent / "queries.npy"),
+                         path=str(path), mmap=mmap, params=params)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the store")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="rs-memory-"))
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "memory.rstore"
+    try:
+        if not (path / "manifest.json").exists():
+            built = build(path, args.n)
+        else:
+            with retrostore.open(path, embedder=PrecomputedOnly()) as st:
+                info = st.info()
+            built = {"factory": info["index"]["factory"], "index": info["index"],
+                     "index_file_bytes": info["files"]["index_bytes"], "vectors_file_bytes": info["files"]["vectors_bytes"]}
+        res = {"n": args.n, **built}
+        for label, mmap, params in (("ram", False, {}), ("mmap", True, {}), ("mmap_no_rerank", True, {"rerank": 0})):
+            m = measure(path, mmap, params)
+            res[label] = {
+                "anon_after_open": m["opened"]["RssAnon"] - m["before"]["RssAnon"],
+                "anon_after_search": m["searched"]["RssAnon"] - m["before"]["RssAnon"],
+                "file_after_open": m["opened"]["RssFile"] - m["before"]["RssFile"],
+                "file_after_search": m["searched"]["RssFile"] - m["before"]["RssFile"],
+            }
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return
+        n, size = args.n, res["index_file_bytes"]
+        print(f"{n:,} vectors x {DIM}, factory {res['factory']} params {json.dumps(res['index']['params'])}")
+        print(f"index files: {size / 2**20:.1f} MiB = {size / n:.2f} bytes/vector "
+              f"(raw float16 vectors on disk: {res['vectors_file_bytes'] / 2**20:.0f} MiB)")
+        r = res["ram"]
+        print(f"open(mmap=False): +{r['anon_after_open'] / 2**20:.1f} MiB anonymous = "
+              f"{r['anon_after_open'] / n:.2f} bytes/vector in RAM")
+        for label in ("mmap", "mmap_no_rerank"):
+            r = res[label]
+            print(f"open(mmap=True){' rerank=0' if 'no' in label else ''}: after open +{r['anon_after_open'] / 2**20:.1f} MiB anon, "
+                  f"+{r['file_after_open'] / 2**20:.1f} MiB file-backed; after 1,000 searches "
+                  f"+{r['anon_after_search'] / 2**20:.1f} MiB anon, +{r['file_after_search'] / 2**20:.1f} MiB "
+                  f"file-backed (index file {size / 2**20:.1f} MiB)")
+    finally:
+        if args.out is None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

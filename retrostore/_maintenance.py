@@ -1,0 +1,494 @@
+"""Index maintenance: the index part of a commit (template clones, tier merges,
+training when due), ``reindex``, ``compact`` and reading stored vectors back.
+
+The Store composes these; each function works on a Store and a manifest body
+being prepared, writes only new immutable files (listed in ``new_files`` so a
+failed commit removes them) and leaves publishing to the manifest write.
+See docs/index.md for the policy and the on-disk entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from . import _fileio, _manifest
+from ._deletes import Tombstones, write_tombstones
+from ._index import (Segment, SegmentSet, build_segment, is_exact, is_ivf, load_segment, merge_segments,
+                     mmap_problem, new_index, plan_merge, segment_vectors, serialize)
+from ._params import check_params
+from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
+                        default_train_size, progress_bar, sample_ids, train_template)
+from ._vectors import RawVectors, load_vectors, write_vectors
+from .errors import IndexTrainingError, InvalidInputError, RetrostoreError
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["version_index", "commit_index", "reindex", "compact", "stored_vectors", "VectorSource"]
+
+log = logging.getLogger("retrostore")
+_BATCH = 65536
+
+
+# -- loading ---------------------------------------------------------------
+def version_index(store: "Store", segments: list[Segment]) -> tuple[SegmentSet, Tombstones]:
+    """The searchable index of the store's current manifest, and its tombstones."""
+    m = store._manifest
+    tomb = Tombstones.load(store.path, m)
+    files = m["vectors"]["files"]
+    raw = RawVectors(store.path, files, m["index"]["dim"]) if m["settings"]["keep_vectors"] and files else None
+    if segments and store_mmap(store):
+        check_mmap(m["index"]["factory"], m["index"]["dim"], m["metric"])
+    index = SegmentSet(segments, m["metric"], m["index"]["dim"], params=m["index"]["params"],
+                       deleted=tomb.chunks, raw=raw)
+    return index, tomb
+
+
+def load_template(store: "Store", idx: dict) -> faiss.Index | None:
+    """The trained empty index of ``idx`` (cached on the store by checksum)."""
+    entry = idx.get("template")
+    if not entry:
+        return None
+    cached = getattr(store, "_template_cache", None)
+    if cached is None or cached[0] != entry["sha256"]:
+        _manifest.safe_path(store.path, entry["path"], _manifest.MANIFEST)
+        cached = (entry["sha256"], load_segment(store.path, entry).index)
+        store._template_cache = cached
+    return cached[1]
+
+
+def store_mmap(store: "Store") -> bool:
+    """Whether this handle serves segments memory-mapped (open(mmap=) over the manifest's setting)."""
+    arg = getattr(store, "_mmap_arg", None)
+    return bool(store._manifest["settings"].get("mmap", False) if arg is None else arg)
+
+
+def check_mmap(factory: str, dim: int, metric: str) -> None:
+    """Raise when ``factory`` cannot be memory-mapped (see :func:`retrostore._index.mmap_problem`)."""
+    problem = mmap_problem(new_index(factory, dim, metric), factory)
+    if problem:
+        raise InvalidInputError(problem)
+
+
+# -- vectors ---------------------------------------------------------------
+class VectorSource:
+    """Vectors of a manifest's chunks: read back from the segments when they are
+    exact (Flat, HNSW-Flat: float32, lossless), else from the raw vectors files.
+
+    Raises
+    ------
+    RetrostoreError
+        Neither is available (explaining why, for reindex and eval).
+    """
+
+    def __init__(self, store: "Store", manifest: dict, segments: list[Segment], what: str):
+        self.dim = manifest["index"]["dim"]
+        files = manifest["vectors"]["files"]
+        self.segments = [s for s in segments if s.count]
+        self.exact = all(is_exact(s.index) for s in self.segments)
+        self.raw = None
+        if not self.exact:
+            if not (manifest["settings"]["keep_vectors"] and files):
+                raise RetrostoreError(
+                    f"{what} needs the stored vectors, but this store keeps no raw vectors (keep_vectors=False) "
+                    f"and its index ({manifest['index']['factory']!r}) is compressed, so they cannot be read "
+                    "back; rebuild the store from its documents with keep_vectors=True"
+                )
+            self.raw = RawVectors(store.path, files, self.dim)
+        self._firsts = np.array([s.first_id for s in self.segments], np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if self.raw is not None:
+            return self.raw.take(ids)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        which = np.searchsorted(self._firsts, ids, side="right") - 1
+        for w in np.unique(which[which >= 0]):
+            seg = self.segments[int(w)]
+            sel = np.nonzero(which == w)[0]
+            local = ids[sel] - seg.first_id
+            index = faiss.downcast_index(seg.index)
+            if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+                idmap = self._maps.get(int(w))
+                if idmap is None:
+                    idmap = self._maps[int(w)] = faiss.vector_to_array(index.id_map).astype(np.int64)
+                pos = np.searchsorted(idmap, local)
+                ok = (pos < len(idmap)) & (idmap[np.minimum(pos, len(idmap) - 1)] == local)
+                sel, local = sel[ok], pos[ok]
+                index = faiss.downcast_index(index.index)
+            else:
+                ok = local < seg.count
+                sel, local = sel[ok], local[ok]
+            if len(local):
+                out[sel] = index.reconstruct_batch(np.ascontiguousarray(local))
+        return out
+
+
+def live_ids(end: int, tomb: Tombstones) -> np.ndarray:
+    """Chunk ids ``[0, end)`` not deleted."""
+    ids = np.arange(end, dtype=np.int64)
+    return ids[~tomb.chunk_mask(ids)] if len(tomb) else ids
+
+
+def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
+    """See ``Store._stored_vectors``: exact from Flat segments, else from the raw vectors files."""
+    m = store._manifest
+    out = np.zeros((max(0, end - first), m["index"]["dim"]), np.float32)
+    raw = store._index.raw
+    for seg in store._index.segments:
+        lo, hi = max(first, seg.first_id), min(end, seg.end_id)
+        if lo >= hi:
+            continue
+        plain = type(faiss.downcast_index(seg.index)) not in (faiss.IndexIDMap, faiss.IndexIDMap2)
+        if is_exact(seg.index) and not seg.holes and plain:
+            out[lo - first : hi - first] = seg.index.reconstruct_n(lo - seg.first_id, hi - lo)
+        elif raw is not None:
+            out[lo - first : hi - first] = raw.rows(lo, hi)
+        elif is_exact(seg.index):
+            ids, vecs = segment_vectors(seg)
+            sel = (ids + seg.first_id >= lo) & (ids + seg.first_id < hi)
+            out[ids[sel] + seg.first_id - first] = vecs[sel]
+        else:
+            raise RetrostoreError(
+                f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
+                "precomputing store neighbours needs keep_vectors=True or a reconstructible index"
+            )
+    return out
+
+
+# -- commit ----------------------------------------------------------------
+def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first_id: int,
+                 new_files: list, tomb: Tombstones) -> None:
+    """The index part of a commit: a segment for the batch, tier merges, training when due."""
+    m = store._manifest
+    idx = new["index"]
+    segments = list(store._index.segments)
+    if len(vectors):
+        template = load_template(store, idx)
+        index = build_segment(vectors, idx["factory"], m["metric"], template=template)
+        entry = store._write_segment(index, tag, first_id, len(vectors), new_files)
+        idx["segments"].append(entry)
+        segments.append(Segment(entry, index))
+        segments = _tier_merge(store, new, segments, tag, new_files, template)
+    due = training_due(store, new, segments)
+    if due:
+        factory, auto = due
+        settings = new["settings"]
+        rebuild(store, new, segments, factory, tag, new_files, tomb,
+                train_size=settings.get("train_size"), seed=int(settings.get("train_seed", 0)),
+                params=None if auto else idx["params"], auto=auto, progress=False)
+
+
+def _tier_merge(store: "Store", new: dict, segments: list[Segment], tag: str, new_files: list,
+                template: faiss.Index | None) -> list[Segment]:
+    idx = new["index"]
+    run = 0  # trailing segments that can merge: IVF ones always, others without holes
+    for seg in reversed(segments):
+        if seg.holes and not is_ivf(seg.index):
+            break
+        run += 1
+    n_merge = plan_merge([s.count for s in segments[len(segments) - run:]])
+    if not n_merge:
+        return segments
+    loaded = segments[-n_merge:]
+    dim, metric = idx["dim"], store._manifest["metric"]
+
+    def make_empty():
+        return faiss.clone_index(template) if template is not None else new_index(idx["factory"], dim, metric)
+
+    merged = merge_segments(loaded, make_empty, lambda segs: _segments_vectors(store, new, segs))
+    entry = store._write_segment(merged, tag + "m", loaded[0].first_id, int(merged.ntotal), new_files)
+    if merged.ntotal != loaded[-1].end_id - loaded[0].first_id:
+        entry["end_id"] = loaded[-1].end_id
+    idx["segments"] = idx["segments"][:-n_merge] + [entry]
+    return segments[:-n_merge] + [Segment(entry, merged)]
+
+
+def _segments_vectors(store: "Store", new: dict, segs: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids relative to segs[0].first_id, vectors) of segments that FAISS cannot merge natively."""
+    first = segs[0].first_id
+    all_ids, all_vecs = [], []
+    source = None
+    for seg in segs:
+        exact = segment_vectors(seg)
+        if exact is not None:
+            ids, vecs = exact
+        else:
+            inner = faiss.downcast_index(seg.index)
+            ids = (faiss.vector_to_array(inner.id_map).astype(np.int64)
+                   if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)) else np.arange(seg.count))
+            source = source or VectorSource(store, new, segs, "merging segments")
+            vecs = source.take(ids + seg.first_id)
+        all_ids.append(ids + seg.first_id - first)
+        all_vecs.append(vecs)
+    return np.concatenate(all_ids), np.concatenate(all_vecs)
+
+
+def training_due(store: "Store", new: dict, segments: list[Segment]) -> tuple[str, bool] | None:
+    """(factory, auto) when this commit should (re)train the index, else None.
+
+    ``auto``: Flat until :data:`AUTO_TRAIN_MIN` vectors, then retrain each time
+    the store grows :data:`RETRAIN_GROWTH`-fold. An explicit factory that needs
+    training: Flat until the sample can train every stage well, then once.
+    """
+    idx = new["index"]
+    target = idx.get("target", idx["factory"])
+    n = sum(s.count for s in segments)
+    keep = bool(new["settings"]["keep_vectors"])
+    can_read = (keep and new["vectors"]["files"]) or all(is_exact(s.index) for s in segments)
+    if target == "auto":
+        trained = idx.get("trained")
+        if not idx.get("template"):
+            due = n >= AUTO_TRAIN_MIN
+        else:
+            due = bool(trained) and n >= RETRAIN_GROWTH * int(trained["vectors"])
+        if due and not can_read:
+            log.warning("the store has grown to %s vectors; retraining needs raw vectors (keep_vectors=False)", n)
+            return None
+        return (default_factory(n, idx["dim"], keep_vectors=keep, trained=True), True) if due else None
+    if target == idx["factory"] or not can_read:
+        return None
+    size = min(n, int(new["settings"].get("train_size") or default_train_size(target, n, idx["dim"], new["metric"])))
+    try:
+        check_sample(target, size, idx["dim"], new["metric"])
+    except IndexTrainingError:
+        return None
+    return target, False
+
+
+def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, tag: str, new_files: list,
+            tomb: Tombstones, *, train_size: int | None, seed: int, params: dict | None, auto: bool,
+            progress: bool) -> None:
+    """Train ``factory`` (if it needs training) on a seeded sample and encode every live vector into one segment."""
+    from ._store import INDEX_DIR
+
+    idx = new["index"]
+    dim, metric = idx["dim"], new["metric"]
+    end = max((s.end_id for s in segments), default=int(new["next_chunk_id"]))
+    source = VectorSource(store, new, segments, "reindex")
+    live = live_ids(end, tomb)
+    probe = new_index(factory, dim, metric)
+    t0 = time.perf_counter()
+    template_entry, sample_n = None, 0
+    template = None
+    if not probe.is_trained:
+        size = int(train_size or default_train_size(factory, len(live), dim, metric))
+        size = min(size, len(live))
+        check_sample(factory, size, dim, metric)
+        sample = sample_ids(live, size, seed)
+        sample_n = len(sample)
+        template = train_template(factory, dim, metric, source.take(sample),
+                                  describe=f" (seeded sample {seed} of {len(live):,} stored vectors)")
+        path = store.path / INDEX_DIR / f"tpl-{tag}.faiss"
+        new_files.append(path)
+        size_b, sha = _fileio.write_durable(path, [serialize(template)])
+        template_entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size_b, "sha256": sha}
+    holes = len(live) != end
+    index = faiss.clone_index(template) if template is not None else probe
+    if holes and not is_ivf(index):
+        from ._index import _idmap
+
+        index = _idmap(index)
+    bar = progress_bar(len(live), f"encoding ({factory})", progress)
+    try:
+        for lo in range(0, len(live), _BATCH):
+            ids = live[lo : lo + _BATCH]
+            vecs = np.ascontiguousarray(source.take(ids), dtype=np.float32)
+            if holes:
+                index.add_with_ids(vecs, ids)
+            else:
+                index.add(vecs)
+            bar.update(len(ids))
+    finally:
+        bar.close()
+    entry = store._write_segment(index, tag + "r", 0, int(index.ntotal), new_files)
+    if holes:
+        entry["end_id"] = end
+    keep = bool(new["settings"]["keep_vectors"])
+    idx.update(factory=factory, template=template_entry, segments=[entry])
+    idx["params"] = {**default_params(factory, auto=auto, keep_vectors=keep), **(params or {})}
+    idx["trained"] = {"vectors": int(len(live)), "sample": int(sample_n), "seed": int(seed),
+                      "seconds": round(time.perf_counter() - t0, 1), "version": int(new["version"]) + 1}
+    log.info("index %s: %s vectors in %.1f s", factory, f"{len(live):,}", time.perf_counter() - t0)
+
+
+# -- reindex / compact -------------------------------------------------------
+def _begin(store: "Store", what: str) -> tuple[dict, int, str]:
+    store._check(write=True)
+    if store._pending_chunks or store._pending_docs or store._pending_deletes:
+        raise InvalidInputError(f"{what} needs a clean writer: commit() the appended or deleted documents first")
+    m = store._manifest
+    new = copy.deepcopy(m)
+    version = m["version"] + 1
+    return new, version, f"{version:08d}-{secrets.token_hex(4)}"
+
+
+def _publish(store: "Store", new: dict, version: int, new_files: list, before=None) -> None:
+    from ._store import INDEX_DIR, VECTORS_DIR, _now
+
+    new["version"] = version
+    new["committed_at"] = _now()
+    new["format_version"] = _manifest.FORMAT_VERSION
+    new["counts"]["vectors"] = sum(e["count"] for e in new["index"]["segments"])
+    try:
+        _fileio.fsync_dir(store.path / INDEX_DIR)
+        _fileio.fsync_dir(store.path / VECTORS_DIR)
+        if before is None:
+            _manifest.write_manifest(store.path, new)
+        else:
+            before(lambda chain: (new["lmdb"].__setitem__("chain", chain), _manifest.write_manifest(store.path, new)))
+    except BaseException:
+        for f in new_files:
+            f.unlink(missing_ok=True)
+        raise
+    store._manifest = new
+    store._load_segments()
+    try:
+        store._collect_garbage()
+    except OSError:
+        pass
+
+
+def reindex(store: "Store", index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
+            params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
+    """See :meth:`retrostore.Store.reindex`."""
+    new, version, tag = _begin(store, "reindex")
+    idx = new["index"]
+    dim, metric = idx["dim"], new["metric"]
+    target = index if index is not None else idx.get("target", idx["factory"])
+    params = check_params(params, "params") if params is not None else None
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
+        raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1")
+    auto = target == "auto"
+    n = sum(s.count for s in store._index.segments)
+    keep = bool(new["settings"]["keep_vectors"])
+    factory = default_factory(n, dim, keep_vectors=keep) if auto else target
+    new_index(factory, dim, metric)  # refuse a bad factory string before any work
+    if mmap is not None:
+        new["settings"]["mmap"] = bool(mmap)
+    if new["settings"].get("mmap"):
+        check_mmap(factory, dim, metric)
+    seed = int(new["settings"].get("train_seed", 0) if seed is None else seed)
+    new_files: list = []
+    try:
+        rebuild(store, new, list(store._index.segments), factory, tag, new_files, store._tombstones,
+                train_size=train_size or new["settings"].get("train_size"), seed=seed,
+                params=params if not auto else (params or {}), auto=auto, progress=progress)
+    except BaseException:
+        for f in new_files:
+            f.unlink(missing_ok=True)
+        raise
+    new["index"]["target"] = target
+    if not auto:
+        new["index"]["params"] = dict(params or {})
+    _publish(store, new, version, new_files)
+    return version
+
+
+def compact(store: "Store", *, progress: bool = True) -> int:
+    """See :meth:`retrostore.Store.compact`."""
+    from ._store import INDEX_DIR, VECTORS_DIR
+
+    new, version, tag = _begin(store, "compact")
+    m = store._manifest
+    tomb: Tombstones = store._tombstones
+    pending = tomb.pending()
+    segments = list(store._index.segments)
+    if len(segments) <= 1 and not len(pending):
+        return m["version"]
+    idx = new["index"]
+    purge = np.sort(np.concatenate([np.arange(c, c + k, dtype=np.int64) for _, c, k, _ in pending])) \
+        if len(pending) else np.zeros(0, np.int64)
+    new_files: list = []
+    try:
+        template = load_template(store, idx)
+        end = int(m["next_chunk_id"])
+
+        def make_empty():
+            return faiss.clone_index(template) if template is not None else new_index(idx["factory"], idx["dim"],
+                                                                                      m["metric"])
+
+        base = make_empty()
+        if is_ivf(base):
+            for seg in segments:
+                if seg.count:
+                    base.merge_from(faiss.clone_index(seg.index), seg.first_id)
+            if len(purge):
+                base.remove_ids(faiss.IDSelectorBatch(purge))
+            merged = base
+        else:
+            ids, vecs = _segments_vectors(store, new, segments) if segments else (np.zeros(0, np.int64), None)
+            keep_rows = ~np.isin(ids, purge)
+            merged = build_segment(vecs[keep_rows] if vecs is not None else np.zeros((0, idx["dim"]), np.float32),
+                                   idx["factory"], m["metric"], template=template,
+                                   local_ids=ids[keep_rows] if keep_rows.sum() != end else None)
+        entry = store._write_segment(merged, tag + "c", 0, int(merged.ntotal), new_files)
+        if merged.ntotal != end:
+            entry["end_id"] = end
+        idx["segments"] = [entry] if end else []
+        if len(purge):
+            files = []
+            for e in new["vectors"]["files"]:
+                lo, hi = e["first_id"], e["first_id"] + e["count"]
+                hit = purge[(purge >= lo) & (purge < hi)]
+                if not len(hit):
+                    files.append(e)
+                    continue
+                arr = np.array(load_vectors(store.path, e, mmap=True))
+                arr[hit - lo] = 0
+                path = store.path / VECTORS_DIR / f"vec-{tag}-{lo}.npy"
+                new_files.append(path)
+                size, sha = write_vectors(path, arr, m["vectors"]["dtype"])
+                files.append({**e, "path": f"{VECTORS_DIR}/{path.name}", "size": size, "sha256": sha})
+            new["vectors"]["files"] = files
+            rows = tomb.rows.copy()
+            rows[rows[:, 3] == 0, 3] = version
+            write_tombstones(store.path, new, Tombstones(rows), tag, new_files, INDEX_DIR)
+    except BaseException:
+        for f in new_files:
+            f.unlink(missing_ok=True)
+        raise
+    if not len(purge):
+        _publish(store, new, version, new_files)
+        return version
+    docs = [tuple(int(x) for x in r[:3]) for r in pending]
+    _publish(store, new, version, new_files, before=lambda publish: store._table.purge(docs, publish, version))
+    _drop_older_versions(store)
+    return version
+
+
+def _drop_older_versions(store: "Store") -> None:
+    """After a purge, earlier versions still name files holding the purged data: retire them."""
+    vdir = store.path / _manifest.VERSIONS_DIR
+    for p in vdir.glob("manifest-*.json"):
+        if p.name[9:21].isdigit() and int(p.name[9:21]) < store.version:
+            p.unlink(missing_ok=True)
+    _fileio.fsync_dir(vdir)
+    try:
+        store._collect_garbage()
+    except OSError:
+        pass
+
+
+def check_index_arg(index: Any, dim: int, *, keep_vectors: bool, mmap: bool) -> tuple[str, str]:
+    """(target, current factory) for ``create(index=...)``; validates the string.
+
+    Raises
+    ------
+    InvalidInputError
+        A factory string FAISS rejects, one with an ID map, or one that cannot be memory-mapped with ``mmap``.
+    """
+    if index == "auto":
+        return "auto", "Flat"
+    probe = new_index(index, dim, "ip")
+    if mmap:
+        check_mmap(index, dim, "ip")
+    return index, index if probe.is_trained else "Flat"

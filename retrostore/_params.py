@@ -1,0 +1,132 @@
+"""Search parameters: validation, setting them through FAISS wrappers, reading them back.
+
+Parameters are set with ``faiss.ParameterSpace().set_index_parameter``, which
+descends through ``IndexPreTransform`` (OPQ, PCA), ID maps, ``IndexRefine``
+and reaches the IVF (``nprobe``, ``max_codes``, ``quantizer_efSearch``) or
+HNSW (``efSearch``) index inside; setting ``index.nprobe`` on a wrapper would
+silently do nothing. ``rerank`` is retrostore's own: re-score ``k * rerank``
+candidates exactly with the raw vectors kept beside the index.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .errors import InvalidInputError
+
+__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "effective_params", "RWLock"]
+
+#: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
+#: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
+FAISS_PARAMS = ("nprobe", "max_codes", "efSearch", "k_factor_rf", "k_factor", "ht", "polysemous_ht")
+RERANK = "rerank"
+
+
+def check_params(params: Any, where: str = "params") -> dict:
+    """Validate a search-parameter dict; returns a clean copy.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a dict, an unknown name, or a value that is not a number >= 0.
+    """
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"{where} must be a dict such as {{'nprobe': 16}}, not a {type(params).__name__}")
+    out = {}
+    for name, value in params.items():
+        base = name[len("quantizer_"):] if isinstance(name, str) and name.startswith("quantizer_") else name
+        if name != RERANK and base not in FAISS_PARAMS:
+            raise InvalidInputError(
+                f"{where}: unknown search parameter {name!r}; known: {', '.join(FAISS_PARAMS + (RERANK,))} "
+                "(a 'quantizer_' prefix reaches an IVF's coarse quantizer, e.g. 'quantizer_efSearch')"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or value < 0:
+            raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number >= 0")
+        out[name] = int(value) if float(value).is_integer() else float(value)
+    return out
+
+
+def apply_params(index: faiss.Index, params: dict) -> None:
+    """Set FAISS search parameters on ``index`` (through any wrappers).
+
+    Names that do not apply to this index (``nprobe`` on a Flat index) are
+    skipped: the store's parameters outlive a reindex to another family.
+    """
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        if name == RERANK:
+            continue
+        try:
+            ps.set_index_parameter(index, name, float(value))
+        except RuntimeError:
+            pass
+
+
+def effective_params(index: faiss.Index) -> dict:
+    """The parameter values the index really searches with, read back from the inner indexes."""
+    out: dict[str, Any] = {}
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        out["nprobe"] = int(ivf.nprobe)
+        out["nlist"] = int(ivf.nlist)
+        if ivf.max_codes:
+            out["max_codes"] = int(ivf.max_codes)
+        q = faiss.downcast_index(ivf.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            out["quantizer_efSearch"] = int(q.hnsw.efSearch)
+    from ._index import unwrap
+
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        out["efSearch"] = int(inner.hnsw.efSearch)
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):
+        out["k_factor_rf"] = float(outer.k_factor)
+    return out
+
+
+class RWLock:
+    """Many searches at once, or one search that changes the parameters."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

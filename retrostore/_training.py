@@ -1,0 +1,270 @@
+"""Choosing and training the index: the size-following default, sample-size
+checks for every trained stage, and the seeded training sample.
+
+Thresholds (docs/index.md explains them with their sources):
+
+* below :data:`AUTO_TRAIN_MIN` vectors the default index is ``Flat`` (exact);
+* from there on it is ``IVF{nlist},PQ8`` with ``nlist`` the power of two
+  nearest ``4 * sqrt(N)`` (FAISS wiki, "Guidelines to choose an index": K
+  between 4 sqrt(N) and 16 sqrt(N), trained on 30 K to 256 K vectors), capped
+  so that the coarse centroids cost at most :data:`CENTROID_BYTES_PER_VECTOR`
+  bytes per vector on stores of 1M vectors and more; candidates are re-ranked
+  exactly with the raw vectors kept beside the index (``rerank``).
+* Every k-means stage needs at least :data:`MIN_POINTS_PER_CENTROID` (39)
+  training vectors per centroid, the number below which FAISS's clustering
+  warns that the result is poor; retrostore refuses instead of training badly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from ._index import new_index, unwrap
+from .errors import IndexTrainingError
+
+__all__ = [
+    "AUTO_TRAIN_MIN", "RETRAIN_GROWTH", "default_factory", "default_params", "requirements",
+    "check_sample", "default_train_size", "train_template", "sample_ids",
+]
+
+log = logging.getLogger("retrostore")
+
+#: The default index switches from Flat to a trained IVF index at this many vectors.
+AUTO_TRAIN_MIN = 100_000
+#: With the default ("auto") index, retrain once the store holds this many times
+#: the vectors it was trained at (nlist then lags 4 sqrt(N) by 2x at most).
+RETRAIN_GROWTH = 4
+#: FAISS's clustering warns below this many training points per centroid.
+MIN_POINTS_PER_CENTROID = 39
+#: FAISS's k-means subsamples above this many points per centroid.
+MAX_POINTS_PER_CENTROID = 256
+#: Training points per centroid of the default sample (the RETRO build used 64).
+DEFAULT_POINTS_PER_CENTROID = 64
+#: On stores of >= 1M vectors, the default's coarse centroids cost at most this much.
+CENTROID_BYTES_PER_VECTOR = 4.0
+#: Default search parameters of the default trained index.
+DEFAULT_RERANK = 50
+
+
+def default_nlist(n: int, dim: int) -> int:
+    """IVF lists for ``n`` vectors: the power of two nearest 4 sqrt(n), memory-capped from 1M vectors."""
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))
+    if n >= 1_000_000:
+        cap = n * CENTROID_BYTES_PER_VECTOR / (4 * dim)
+        while nlist > cap and nlist > 1:
+            nlist //= 2
+    while nlist > 1 and MIN_POINTS_PER_CENTROID * nlist > n:
+        nlist //= 2
+    return max(nlist, 1)
+
+
+def default_factory(n: int, dim: int, *, keep_vectors: bool = True, trained: bool = False) -> str:
+    """The factory string the default ("auto") index uses for ``n`` vectors.
+
+    Parameters
+    ----------
+    n : int
+        Vectors in the store.
+    dim : int
+    keep_vectors : bool
+        With raw vectors kept, PQ8 codes (8 bytes) are re-ranked exactly from
+        them; without, the codes must carry the precision: SQ8 (``dim`` bytes).
+    trained : bool
+        Return the trained factory even below :data:`AUTO_TRAIN_MIN`.
+    """
+    if n < AUTO_TRAIN_MIN and not trained:
+        return "Flat"
+    nlist = default_nlist(n, dim)
+    pq_ok = keep_vectors and dim % 8 == 0 and n >= MIN_POINTS_PER_CENTROID * 256
+    codes = "PQ8" if pq_ok else "SQ8"
+    return f"IVF{nlist},{codes}"
+
+
+def default_params(factory: str, *, auto: bool, keep_vectors: bool) -> dict:
+    """Search parameters stored with a freshly trained index.
+
+    The default index gets ``nprobe = nlist / 16`` (between 1 and 256) and
+    ``rerank`` (re-score ``k * 50`` candidates with the raw vectors); an
+    explicit factory string keeps FAISS's own defaults (``nprobe = 1``) unless
+    the user gives parameters.
+    """
+    if not auto:
+        return {}
+    m = re.search(r"IVF(\d+)", factory)
+    out: dict = {}
+    if m:
+        out["nprobe"] = int(min(256, max(1, int(m.group(1)) // 16)))
+    if keep_vectors and "PQ" in factory:
+        out["rerank"] = DEFAULT_RERANK
+    return out
+
+
+# -- sample-size requirements ----------------------------------------------
+def requirements(index: faiss.Index) -> list[tuple[str, int, int]]:
+    """(stage, centroids, vectors needed) for every trained stage of an untrained index.
+
+    ``vectors needed`` is :data:`MIN_POINTS_PER_CENTROID` times the centroids
+    of that stage's k-means (IVF lists, 2^nbits per PQ sub-quantizer, 256 for
+    OPQ's internal PQ, ``d_out`` for PCA), and at least 1 for other trained parts.
+    """
+    out: list[tuple[str, int, int]] = []
+    _walk(faiss.downcast_index(index), out)
+    return out
+
+
+def _pq_stage(name: str, pq, out) -> None:
+    k = 1 << int(pq.nbits)
+    out.append((f"{name} ({pq.M} sub-quantizers x {k} centroids)", k, MIN_POINTS_PER_CENTROID * k))
+
+
+def _walk(index, out) -> None:
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                out.append((f"OPQ{vt.M}_{vt.d_out} (rotation trained with 256-centroid PQ)", 256,
+                            MIN_POINTS_PER_CENTROID * 256))
+            elif isinstance(vt, faiss.PCAMatrix):
+                out.append((f"PCA to {vt.d_out} dims", vt.d_out, max(vt.d_in, vt.d_out)))
+            elif not vt.is_trained:
+                out.append((type(vt).__name__, 1, vt.d_in))
+        _walk(faiss.downcast_index(index.index), out)
+        return
+    if isinstance(index, faiss.IndexRefine):
+        _walk(faiss.downcast_index(index.base_index), out)
+        _walk(faiss.downcast_index(index.refine_index), out)
+        return
+    if isinstance(index, faiss.IndexIVF):
+        q = faiss.downcast_index(index.quantizer)
+        if isinstance(q, faiss.MultiIndexQuantizer):
+            _pq_stage("IMI coarse quantizer", q.pq, out)
+        elif not q.is_trained or q.ntotal == 0:
+            out.append((f"IVF{index.nlist} coarse quantizer", index.nlist, MIN_POINTS_PER_CENTROID * index.nlist))
+        if hasattr(index, "pq") and isinstance(index.pq, faiss.ProductQuantizer):
+            _pq_stage(f"PQ{index.pq.M}x{index.pq.nbits} codes", index.pq, out)
+        elif not isinstance(index, faiss.IndexIVFFlat):
+            out.append((f"{type(index).__name__} codes", 1, 1))
+        return
+    if isinstance(index, faiss.IndexHNSW):
+        _walk(faiss.downcast_index(index.storage), out)
+        return
+    if hasattr(index, "pq") and isinstance(getattr(index, "pq"), faiss.ProductQuantizer) and not index.is_trained:
+        _pq_stage(f"PQ{index.pq.M}x{index.pq.nbits}", index.pq, out)
+        return
+    if not index.is_trained:
+        out.append((type(index).__name__, 1, 1))
+
+
+def _needed(factory: str, dim: int, metric: str) -> tuple[list[tuple[str, int, int]], int]:
+    index = new_index(factory, dim, metric)
+    if index.is_trained:
+        return [], 0
+    reqs = requirements(index)
+    return reqs, max((r[2] for r in reqs), default=1)
+
+
+def suggest_factory(factory: str, n: int, dim: int, metric: str) -> str:
+    """A variant of ``factory`` that ``n`` training vectors can train well (or ``"Flat"``)."""
+    cand = factory
+    nlist_fit = 1 << max(0, int(math.log2(max(n // MIN_POINTS_PER_CENTROID, 1))))
+    cand = re.sub(r"IVF(\d+)", lambda m: f"IVF{min(int(m.group(1)), nlist_fit)}", cand)
+    bits_fit = max(0, int(math.log2(max(n // MIN_POINTS_PER_CENTROID, 1))))
+    if bits_fit < 8:
+        cand = re.sub(r"\bPQ(\d+)(?!x)", lambda m: f"PQ{m.group(1)}x{max(bits_fit, 1)}" if bits_fit >= 4 else m.group(0), cand)
+        cand = re.sub(r"^OPQ\d+(_\d+)?,", "", cand)
+    for c in (cand, f"IVF{nlist_fit},Flat", "Flat"):
+        try:
+            _, need = _needed(c, dim, metric)
+        except Exception:
+            continue
+        if need <= n and (c != f"IVF{nlist_fit},Flat" or nlist_fit >= 4):
+            return c
+    return "Flat"
+
+
+def check_sample(factory: str, n_sample: int, dim: int, metric: str) -> None:
+    """Refuse to train ``factory`` on ``n_sample`` vectors when any stage would train badly.
+
+    Raises
+    ------
+    IndexTrainingError
+        Naming each stage short of vectors, the counts, and a factory string that fits.
+    InvalidInputError
+        FAISS rejects the factory string.
+    """
+    reqs, need = _needed(factory, dim, metric)
+    short = [r for r in reqs if r[2] > n_sample]
+    if not short:
+        return
+    stages = "; ".join(f"{name} needs {req:,} ({MIN_POINTS_PER_CENTROID} per centroid x {cent:,})"
+                       for name, cent, req in short)
+    fit = suggest_factory(factory, n_sample, dim, metric)
+    raise IndexTrainingError(
+        f"cannot train {factory!r} well on {n_sample:,} vectors: {stages}. FAISS's k-means needs at least "
+        f"{MIN_POINTS_PER_CENTROID} training vectors per centroid. Use {fit!r} (fits {n_sample:,} vectors), "
+        f"or train once the store holds >= {need:,} vectors (train_size permitting)"
+    )
+
+
+def default_train_size(factory: str, n: int, dim: int, metric: str) -> int:
+    """Training sample for ``factory``: 64 vectors per centroid of its largest stage, all of ``n`` at most.
+
+    (FAISS subsamples beyond 256 per centroid anyway; the published RETRO
+    build trained 1M lists on 64M vectors, i.e. 64 per centroid.)
+    """
+    reqs, _ = _needed(factory, dim, metric)
+    cent = max((c for _, c, _ in reqs), default=1)
+    return int(min(n, max(DEFAULT_POINTS_PER_CENTROID * cent, max((r for *_, r in reqs), default=1))))
+
+
+def sample_ids(live_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample (without replacement) of ``size`` live chunk ids, sorted."""
+    rng = np.random.default_rng(seed)
+    if size >= len(live_ids):
+        return np.asarray(live_ids, np.int64)
+    return np.sort(rng.choice(np.asarray(live_ids, np.int64), size=size, replace=False))
+
+
+def train_template(factory: str, dim: int, metric: str, vectors: np.ndarray, *,
+                   describe: str = "") -> faiss.Index:
+    """Train an empty index of ``factory`` on ``vectors`` (checked first, never aborting).
+
+    Raises
+    ------
+    IndexTrainingError
+        Too few vectors for a stage (see :func:`check_sample`), or FAISS fails.
+    """
+    check_sample(factory, len(vectors), dim, metric)
+    index = new_index(factory, dim, metric)
+    if index.is_trained:
+        return index
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise IndexTrainingError("the training sample holds NaN or inf values")
+    log.info("training %s on %s vectors%s", factory, f"{len(x):,}", describe)
+    t0 = time.perf_counter()
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        raise IndexTrainingError(f"FAISS could not train {factory!r} on {len(x):,} vectors: {exc}") from exc
+    ivfpq = unwrap(index)
+    if isinstance(ivfpq, faiss.IndexIVFPQ) and metric == "l2":
+        # Precomputed tables cost nlist * M * 256 floats of RAM: not in the 20 B/vector budget.
+        ivfpq.use_precomputed_table = -1
+        ivfpq.precomputed_table.clear()
+    log.info("trained %s in %.1f s", factory, time.perf_counter() - t0)
+    return index
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Callable:
+    """A tqdm bar (or a no-op) for encoding progress."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vec", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,367 @@
+"""Index at scale (issue 5): training checks, template segments, search parameters
+through wrappers, deletes, compaction, reindex without re-embedding, mmap, eval.
+
+Synthetic vectors (``append(texts, embeddings=...)``) and a small fake embedder
+keep these fast; the real-embedder paths (search, neighbours) use a copy of the
+20-document store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import IndexTrainingError, InvalidInputError, RetrostoreError
+from retrostore._training import check_sample, default_factory, suggest_factory, train_template
+
+
+class FakeEmbedder:
+    """Fixed fingerprint, default tokenizer; embedding text is an error (vectors come precomputed)."""
+
+    def __init__(self, dim=64):
+        self.dim = dim
+        self.fingerprint = {"kind": "test", "name": "fake", "model_sha256": "f" * 64, "dim": dim}
+        self.tokenizer_path = retrostore.default_tokenizer_path()
+
+    def embed(self, texts):
+        raise AssertionError("the embedder was called")
+
+
+_CENTRES = np.random.default_rng(123).standard_normal((64, 64)).astype(np.float32)
+
+
+def _vectors(rng, n, dim=64, uniform=False):
+    """Unit vectors around 64 fixed centres (like text embeddings, clustered), or uniform on the sphere."""
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    if not uniform:
+        x = _CENTRES[rng.integers(0, len(_CENTRES), n), :dim] + 0.5 * x
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _fill(st, rng, n, dim=64, start=0):
+    """Append n one-chunk documents with synthetic vectors; returns the vectors."""
+    vecs = _vectors(rng, n, dim)
+    st.append([f"d{start + i}" for i in range(n)], embeddings=vecs)
+    return vecs
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+# -- training checks ---------------------------------------------------------
+@pytest.mark.parametrize("factory", ["IVF1024,Flat", "IVF64,PQ8", "OPQ16_64,IVF16,PQ16x4fs", "PQ16", "IVF16,PQ32x4fs",
+                                     "PCA32,IVF128,SQ8"])
+def test_too_small_training_set_is_a_clear_error(factory, rng):
+    x = _vectors(rng, 600)
+    with pytest.raises(IndexTrainingError) as err:
+        check_sample(factory, len(x), 64, "ip")
+    msg = str(err.value)
+    assert "600" in msg and "39 per centroid" in msg and "Use '" in msg
+    fit = suggest_factory(factory, len(x), 64, "ip")
+    assert f"'{fit}'" in msg
+    train_template(fit, 64, "ip", x)  # the suggestion really trains on these vectors
+
+
+def test_reindex_with_too_few_vectors_leaves_the_store_intact(tmp_path, rng):
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder()) as st:
+        _fill(st, rng, 500)
+        st.commit()
+        with pytest.raises(IndexTrainingError, match="IVF"):
+            st.reindex("IVF256,PQ8", progress=False)
+        assert st.version == 1 and st.manifest["index"]["factory"] == "Flat" and st.verify() == []
+        assert sorted(p.name for p in (tmp_path / "s" / "index").iterdir()) == \
+            sorted(e["path"].split("/")[1] for e in st.manifest["index"]["segments"])
+
+
+def test_factory_strings_that_cannot_take_ids(tmp_path, rng):
+    with pytest.raises(InvalidInputError, match="IDMap"):
+        retrostore.create(tmp_path / "idmap", embedder=FakeEmbedder(), index="IDMap,Flat")
+    with pytest.raises(InvalidInputError, match="cannot build"):
+        retrostore.create(tmp_path / "bad", embedder=FakeEmbedder(), index="IVF,NoSuchCodec")
+    # HNSW cannot take ids: segments use sequential ids, holes go through an ID map.
+    with retrostore.create(tmp_path / "hnsw", embedder=FakeEmbedder(), index="HNSW16",
+                           index_params={"efSearch": 64}) as st:
+        vecs = np.concatenate([_fill(st, rng, 300, start=i * 300) for i in range(1)])
+        st.commit()
+        for i in range(1, 9):  # enough commits for a tier merge (HNSW cannot merge natively: rebuilt)
+            vecs = np.concatenate([vecs, _fill(st, rng, 40, start=300 + i * 40)])
+            st.commit()
+        assert len(st.manifest["index"]["segments"]) < 9
+        _, ids = st.search_vectors(vecs[:20], 1)
+        assert (ids[:, 0] == np.arange(20)).all()
+        st.delete([3, 4])
+        st.commit()
+        st.compact(progress=False)
+        assert st.verify() == []
+        _, ids = st.search_vectors(vecs[:20], 1)
+        assert ids[3, 0] != 3 and ids[4, 0] != 4 and (ids[5:, 0] == np.arange(5, 20)).all()
+        assert st.info()["index"]["params"]["efSearch"] == 64
+
+
+def test_explicit_factory_trains_at_the_commit_with_enough_vectors(tmp_path, rng):
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF16,SQ8",
+                           index_params={"nprobe": 16}) as st:
+        _fill(st, rng, 300)
+        st.commit()
+        info = st.info()["index"]
+        assert info["factory"] == "Flat" and info["target"] == "IVF16,SQ8" and "Flat until" in info["hint"]
+        _fill(st, rng, 400, start=300)  # 700 >= 39 * 16
+        st.commit()
+        m = st.manifest["index"]
+        assert m["factory"] == "IVF16,SQ8" and m["template"] and m["trained"]["vectors"] == 700
+        assert m["params"] == {"nprobe": 16}
+        template = m["template"]
+        _fill(st, rng, 50, start=700)  # a small commit clones the template: one new segment of 50
+        st.commit()
+        m = st.manifest["index"]
+        assert m["template"] == template and m["segments"][-1]["count"] == 50
+        assert st.verify() == []
+
+
+# -- search parameters -------------------------------------------------------
+def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
+    dim = 16  # OPQ trains a 256-centroid PQ 50 times: keep it small
+    x = _vectors(rng, 10000, dim, uniform=True)
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(dim), index="OPQ4,IVF64,Flat") as st:
+        st.append([f"d{i}" for i in range(len(x))], embeddings=x)
+        st.commit()
+        assert st.manifest["index"]["factory"] == "OPQ4,IVF64,Flat"
+        assert st.info()["index"]["params"]["nprobe"] == 1  # FAISS's default for an explicit factory
+        q = _vectors(rng, 50, dim, uniform=True)
+        truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+
+        def recall(ids):
+            return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+
+        _, i1 = st.search_vectors(q, 10, params={"nprobe": 1})
+        _, i64 = st.search_vectors(q, 10, params={"nprobe": 64})
+        assert recall(i64) > 0.99 and recall(i1) < 0.9  # nprobe=64 probes every list: exact
+        assert st._index.effective({"nprobe": 64})["nprobe"] == 64
+        assert st._index.effective()["nprobe"] == 1  # the per-query value did not stick
+        _, again = st.search_vectors(q, 10)
+        assert (again == i1).all()
+        st.reindex(params={"nprobe": 64}, progress=False)  # the store's parameter
+        assert st.info()["index"]["params"]["nprobe"] == 64
+        assert recall(st.search_vectors(q, 10)[1]) > 0.99
+        with pytest.raises(InvalidInputError, match="unknown search parameter 'nprob'"):
+            st.search_vectors(q, 10, params={"nprob": 3})
+        with pytest.raises(InvalidInputError, match=">= 0"):
+            st.search_vectors(q, 10, params={"nprobe": -1})
+
+
+def test_k_larger_than_the_probed_lists_gives_minus_one(tmp_path, rng):
+    x = _vectors(rng, 2000)
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF32,Flat",
+                           index_params={"nprobe": 1}) as st:
+        st.append([f"d{i}" for i in range(1500)], embeddings=x[:1500])
+        st.commit()
+        st.append([f"d{i}" for i in range(1500, 2000)], embeddings=x[1500:])
+        st.commit()
+        st.delete([int(i) for i in range(0, 2000, 7)])
+        st.commit()
+        scores, ids = st.search_vectors(x[:5], 400)
+        assert (ids == -1).any(axis=1).all()  # one list (~60 vectors per segment) cannot fill 400
+        for row_s, row_i in zip(scores, ids):
+            valid = row_i[row_i >= 0]
+            assert len(valid) == len(set(valid.tolist())) and not (valid % 7 == 0).any()
+            assert np.isneginf(row_s[row_i < 0]).all() and (row_i[: len(valid)] >= 0).all()
+        # every id returned really is in a probed list: its exact score matches the returned one
+        s, i = st.search_vectors(x[:1], 400)
+        ok = i[0] >= 0
+        np.testing.assert_allclose(s[0][ok], x[i[0][ok]] @ x[0], atol=1e-4)
+
+
+# -- deletes and compaction ------------------------------------------------
+@pytest.fixture
+def real_store(tmp_path, built_store):
+    path = tmp_path / "copy.rstore"
+    shutil.copytree(built_store, path)
+    (path / "LOCK").unlink(missing_ok=True)
+    return path
+
+
+def test_deleted_documents_are_never_returned(real_store, embedder, small_docs):
+    base64_doc = 19  # library/base64.rst, the last of the 20 documents
+    query = "decode base64 encoded data back into bytes"
+    with retrostore.open(real_store, "a", embedder=embedder) as st:
+        hits = st.search(query, k=5)
+        assert any(h.doc_id == base64_doc for h in hits)
+        doc = st.get_document(base64_doc)
+        chunk_ids = np.array(doc.chunk_ids)
+        assert st.delete(base64_doc) == 1 and st.delete([base64_doc]) == 0
+        assert any(h.doc_id == base64_doc for h in st.search(query, k=5))  # staged, not committed
+        v_before = st.version
+        st.commit()
+        assert st.manifest["min_reader_version"] == 2
+        n = len(st)
+        for k in (5, n):
+            assert all(h.doc_id != base64_doc for h in st.search(query, k=k))
+        _, ids = st.search_vectors(st._stored_vectors(0, n), 10)
+        assert not np.isin(ids, chunk_ids).any()
+        tokens = st.chunker.chunk_many([small_docs[base64_doc]["text"]])[0][0].token_ids
+        nb = st.neighbors(np.asarray(tokens)[None, :], k=4)
+        assert not np.isin(nb.chunk_ids, chunk_ids).any() and (nb.chunk_ids >= 0).all()
+        out = st.precompute_neighbors(real_store.parent / "nb.npy", k=3, progress=False)
+        arr = np.load(out)
+        assert not np.isin(arr, chunk_ids).any()
+        assert (arr[chunk_ids] == -1).all()  # deleted chunks query nothing
+        with pytest.raises(InvalidInputError, match="deleted"):
+            st.get_document(base64_doc)
+        with pytest.raises(InvalidInputError, match="deleted"):
+            st.get_chunks([int(chunk_ids[0])])
+        with pytest.raises(InvalidInputError, match="outside the committed range"):
+            st.delete(len(small_docs) + 5)
+        assert st.verify() == []
+    with retrostore.open(real_store, version=v_before, embedder=embedder) as old:
+        assert any(h.doc_id == base64_doc for h in old.search(query, k=5))  # time travel until compact
+
+
+def test_compact_purges_every_file_and_keeps_ids(real_store, embedder):
+    with retrostore.open(real_store, "a", embedder=embedder) as st:
+        gone = [3, 19]
+        gone_chunks = np.concatenate([np.array(st.get_document(d).chunk_ids) for d in gone])
+        keep_doc = st.get_document(7)
+        st.delete(gone)
+        st.commit()
+        v = st.compact(progress=False)
+        assert st.version == v and st.verify() == []
+        info = st.info()
+        assert info["deletes"]["purged_documents"] == 2 and info["deletes"]["purged_chunks"] == len(gone_chunks)
+        assert info["vectors"] == len(st) - len(gone_chunks) and len(st.manifest["index"]["segments"]) == 1
+        assert [int(p.name[9:21]) for p in (real_store / "versions").glob("manifest-*.json")] == [v]
+        for d in gone:
+            assert st._table.get_doc(d) is None
+        assert all(r is None for r in [st._table.get_doc(d) for d in gone])
+        assert st.get_document(7).text == keep_doc.text and st.get_document(7).chunk_ids == keep_doc.chunk_ids
+        from retrostore._vectors import RawVectors
+
+        raw = RawVectors(real_store, st.manifest["vectors"]["files"], 384)
+        assert not raw.take(gone_chunks).any()
+        hits = st.search("decode base64 encoded data back into bytes", k=len(st))
+        assert not np.isin([h.chunk_id for h in hits], gone_chunks).any()
+        assert len(hits) == len(st) - len(gone_chunks)
+        st.append("a new document after the purge")
+        st.commit()
+        assert st.verify() == []
+    with retrostore.open(real_store) as r:
+        assert r.verify() == []
+
+
+def test_reindex_without_re_embedding(tmp_path, rng):
+    x = _vectors(rng, 3000)
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=FakeEmbedder()) as st:
+        st.append([f"d{i}" for i in range(len(x))], embeddings=x)
+        st.commit()
+        st.delete([10, 11])
+        st.commit()
+    with retrostore.open(path, "a", embedder=FakeEmbedder()) as st:  # embed() raises
+        v = st.reindex("IVF32,PQ16x4", train_size=2000, seed=7, params={"nprobe": 32, "rerank": 20}, progress=False)
+        m = st.manifest["index"]
+        assert v == 3 and m["factory"] == "IVF32,PQ16x4" and m["trained"]["sample"] == 2000
+        assert m["trained"]["seed"] == 7 and m["params"] == {"nprobe": 32, "rerank": 20}
+        assert st.verify() == []
+        ev = st.evaluate(queries=200, k=10)
+        assert ev["recall_at_k"] >= 0.95 and ev["params"]["nprobe"] == 32 and ev["params"]["rerank"] == 20
+        _, ids = st.search_vectors(x[:50], 5)
+        assert not np.isin(ids, [10, 11]).any()
+        assert (ids[:10, 0] == np.arange(10)).all()
+        st.reindex("auto", progress=False)  # small store: back to exact Flat
+        assert st.manifest["index"]["factory"] == "Flat" and st.verify() == []
+
+
+def test_reindex_needs_the_vectors(tmp_path, rng):
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), keep_vectors=False, index="IVF8,PQ8x4") as st:
+        _fill(st, rng, 1000)
+        st.commit()  # trained from the exact Flat phase, no raw vectors needed
+        assert st.manifest["index"]["factory"] == "IVF8,PQ8x4"
+        with pytest.raises(RetrostoreError, match="keep_vectors=False"):
+            st.reindex("IVF16,Flat", progress=False)
+        with pytest.raises(RetrostoreError, match="keep_vectors=False"):
+            st.evaluate(queries=10)
+
+
+def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
+    import retrostore._maintenance as maint
+
+    monkeypatch.setattr(maint, "AUTO_TRAIN_MIN", 3000)
+    assert default_factory(50_000, 384) == "Flat"
+    assert default_factory(51_429, 384, trained=True) == "IVF1024,PQ8"
+    assert default_factory(2_000_000, 384) == "IVF4096,PQ8"
+    assert default_factory(1_000_000, 384) == "IVF2048,PQ8"  # centroids <= 4 bytes/vector
+    assert default_factory(1_000_000, 384, keep_vectors=False) == "IVF2048,SQ8"
+    assert default_factory(3000, 64, trained=True) == "IVF64,SQ8"  # too few vectors for PQ8's 256 centroids
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder()) as st:
+        _fill(st, rng, 2000)
+        st.commit()
+        assert st.manifest["index"]["factory"] == "Flat" and st.manifest["index"]["target"] == "auto"
+        assert "Flat until" in st.info()["index"]["hint"]
+        _fill(st, rng, 1000, start=2000)
+        st.commit()
+        m = st.manifest["index"]
+        assert m["factory"] == "IVF64,SQ8" and m["template"] and m["trained"]["vectors"] == 3000
+        assert m["params"] == {"nprobe": 4}
+        assert st.verify() == []
+        ev = st.evaluate(queries=100, k=10)
+        assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 4
+        _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining
+        st.commit()
+        assert st.manifest["index"]["trained"]["vectors"] == 3000 and st.manifest["index"]["segments"][-1]["count"] == 100
+        _fill(st, rng, 9000, start=3100)  # 4x the trained size: retrained as the store grew
+        st.commit()
+        m = st.manifest["index"]
+        assert m["trained"]["vectors"] == 12100 and m["factory"] == "IVF256,PQ8" and m["params"]["rerank"] > 1
+
+
+# -- memory mapping ----------------------------------------------------------
+def test_mmap_search_matches_and_is_recorded(tmp_path, rng):
+    path = tmp_path / "s"
+    x = _vectors(rng, 1500)
+    with retrostore.create(path, embedder=FakeEmbedder(), index="IVF16,PQ8x4", mmap=True) as st:
+        st.append([f"d{i}" for i in range(len(x))], embeddings=x)
+        st.commit()
+    assert json.loads((path / "manifest.json").read_text())["body"]["settings"]["mmap"] is True
+    with retrostore.open(path, embedder=FakeEmbedder()) as a, retrostore.open(path, mmap=False) as b:
+        assert a.info()["index"]["mmap"] and not b.info()["index"]["mmap"]
+        for s in (a, b):
+            assert s.verify() == []
+        np.testing.assert_array_equal(a.search_vectors(x[:20], 5)[1], b.search_vectors(x[:20], 5)[1])
+    with pytest.raises(InvalidInputError, match="fast-scan"):
+        retrostore.create(tmp_path / "fs", embedder=FakeEmbedder(), index="IVF16,PQ16x4fs", mmap=True)
+
+
+def test_cli_reindex_compact_eval(tmp_path, rng):
+    import importlib.util
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location("wt_cli", Path(__file__).resolve().parents[1] / "cli" / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=FakeEmbedder()) as st:
+        _fill(st, rng, 2000)
+        st.commit()
+    runner = CliRunner()
+    res = runner.invoke(mod.cli, ["reindex", str(path), "--index", "IVF16,Flat", "--param", "nprobe=4", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(mod.cli, ["reindex", str(path), "--index", "IVF4096,PQ8", "-q"])
+    assert res.exit_code == 1 and "IndexTrainingError" in res.output and "Use '" in res.output
+    res = runner.invoke(mod.cli, ["delete", str(path), "1", "2"])
+    assert res.exit_code == 0 and "2 documents" in res.output, res.output
+    res = runner.invoke(mod.cli, ["compact", str(path), "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(mod.cli, ["eval", str(path), "--queries", "50", "--k", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["k"] == 5 and 0 <= out["recall_at_k"] <= 1 and out["params"]["nprobe"] == 4
+    assert out["latency_ms"]["p50"] > 0
+    res = runner.invoke(mod.cli, ["eval", str(path), "--queries", "50", "--param", "nprobe=16"])
+    assert res.exit_code == 0 and "recall@10" in res.output, res.output

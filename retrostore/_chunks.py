@@ -460,6 +460,18 @@ class ChunkTable:
         return out
 
     @_reads
+    @_reads
+    def count_below(self, table: str, end: int) -> int:
+        """Number of records with id < ``end`` in ``"chunks"`` or ``"docs"`` (verify after purges)."""
+        db = {"chunks": self._chunks, "docs": self._docs}[table]
+        n = 0
+        with self._begin() as txn:
+            for k in txn.cursor(db).iternext(keys=True, values=False):
+                if int.from_bytes(k, "big") >= end:
+                    break
+                n += 1
+        return n
+
     def content_hashes(self, version: int) -> tuple[str, list[str]]:
         """Recompute the hash chain of every commit up to ``version``.
 

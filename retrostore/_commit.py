@@ -28,7 +28,7 @@ from . import _fileio, _manifest
 from ._deletes import commit_deletes
 from ._index import Segment, serialize
 from ._maintenance import commit_index
-from ._vectors import write_vectors
+from ._vectors import load_vectors, write_vectors
 from .errors import CommitError, RetrostoreError
 
 if TYPE_CHECKING:
@@ -119,6 +119,33 @@ def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id:
                                         "first_id": first_id, "count": len(vectors)})
     store._stage = "building the index segment"
     commit_index(store, new, vectors, tag, first_id, new_files, tomb)
+    if m["settings"]["keep_vectors"]:
+        _align_vectors_files(store, new, tag, new_files)
+
+
+def _align_vectors_files(store: "Store", new: dict, tag: str, new_files: list) -> None:
+    """Merge the vectors files under the newest segment into one, as its segments were.
+
+    Keeps vectors files one per segment, so their number (and the manifest's
+    size) stays O(log n) instead of growing by one per commit.
+    """
+    segs = new["index"]["segments"]
+    if not segs:
+        return
+    start = segs[-1]["first_id"]
+    files = new["vectors"]["files"]
+    tail = [e for e in files if e["first_id"] >= start]
+    if len(tail) < 2:
+        return
+    store._stage = "merging vectors files"
+    parts = [load_vectors(store.path, e, verify=True) for e in tail]
+    vpath = store.path / VECTORS_DIR / f"vec-{tag}m.npy"
+    vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
+    new_files.append(vpath)
+    size, sha = write_vectors(vpath, parts, new["vectors"]["dtype"])
+    count = sum(e["count"] for e in tail)
+    new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
+        {"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha, "first_id": start, "count": count}]
 
 
 def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, exc: BaseException) -> None:

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import faiss
 
 from . import _fileio, _manifest
 from ._chunking import Chunker
@@ -222,47 +221,3 @@ def _json_fingerprint(emb: Any) -> dict:
     import json
 
     return json.loads(json.dumps(dict(emb.fingerprint), sort_keys=True))
-
-
-def _probe_factory(factory: str, dim: int, metric: str) -> None:
-    """Refuse now, not at some later commit, a factory string the store cannot use.
-
-    Segments are built from each commit's batch and merged with FAISS
-    ``merge_from`` (see retrostore/_index.py), so the index must build without
-    training and support merging.
-
-    Raises
-    ------
-    InvalidInputError
-        FAISS cannot build it, it needs training, or its segments cannot merge.
-    """
-    import numpy as np
-
-    from ._index import METRICS
-
-    try:
-        probe = faiss.index_factory(dim, factory, METRICS[metric])
-    except RuntimeError as exc:
-        raise InvalidInputError(f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}") from exc
-    if not probe.is_trained:
-        raise InvalidInputError(
-            f"factory string {factory!r} needs training, which a store's segments cannot do at commit; "
-            "use an index that needs none (e.g. 'Flat')"
-        )
-    other = faiss.clone_index(probe)
-    rng = np.random.default_rng(0)
-    try:
-        probe.add(rng.standard_normal((2, dim)).astype(np.float32))
-        other.add(rng.standard_normal((2, dim)).astype(np.float32))
-    except RuntimeError as exc:
-        raise InvalidInputError(
-            f"factory string {factory!r} cannot add vectors by position ({' '.join(str(exc).split())[:120]}); "
-            "chunk ids are positions within segments, so leave out IDMap"
-        ) from exc
-    try:
-        probe.merge_from(other, 0)
-    except RuntimeError as exc:
-        raise InvalidInputError(
-            f"factory string {factory!r} builds indexes FAISS cannot merge ({' '.join(str(exc).split())[:120]}); "
-            "the store's segments are merged as it grows: use e.g. 'Flat'"
-        ) from exc

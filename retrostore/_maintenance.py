@@ -157,6 +157,9 @@ def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
             sel = (ids + seg.first_id >= lo) & (ids + seg.first_id < hi)
             out[ids[sel] + seg.first_id - first] = vecs[sel]
         else:
+            from ._artifact import require_raw_vectors  # says when they were dropped at pack time
+
+            require_raw_vectors(m, "precomputing store neighbours over this index")
             raise RetrostoreError(
                 f"chunks {lo}..{hi - 1}: the index cannot reconstruct vectors and no raw vectors are kept; "
                 "precomputing store neighbours needs keep_vectors=True or a reconstructible index"

@@ -324,11 +324,9 @@ def test_metadata_depth_and_surrogates(tmp_path, embedder):
 
 
 def test_factories_the_store_cannot_use_are_refused_at_create(tmp_path, embedder):
-    for factory, why in (("HNSW32", "cannot merge"), ("IVF16,Flat", "needs training"), ("IDMap,Flat", "IDMap"),
-                         ("PQ8", "needs training")):
-        with pytest.raises(InvalidInputError, match=why):
-            retrostore.create(tmp_path / factory.replace(",", "_"), embedder=embedder, index=factory)
-        assert not (tmp_path / factory.replace(",", "_")).exists()
+    with pytest.raises(InvalidInputError, match="NotAFactory"):
+        retrostore.create(tmp_path / "bad", embedder=embedder, index="NotAFactory")
+    assert not (tmp_path / "bad").exists()
     with retrostore.create(tmp_path / "sq", embedder=embedder, index="SQfp16", metric="l2") as st:
         assert st.manifest["index"]["factory"] == "SQfp16"
 

@@ -147,15 +147,16 @@ def test_newer_format_is_refused_naming_both_versions(tmp_path, embedder):
     def _rewrite_manifest(path: Path, **changes) -> None:
         (path / "manifest.json").write_bytes(_manifest.encode_manifest(dict(original, **changes)))
 
-    _rewrite_manifest(path, format_version=2, min_reader_version=2)
+    ours, newer = _manifest.FORMAT_VERSION, _manifest.FORMAT_VERSION + 1
+    _rewrite_manifest(path, format_version=newer, min_reader_version=newer)
     with pytest.raises(FormatVersionError) as info:
         retrostore.open(path)
     msg = str(info.value)
-    assert "format_version 2" in msg and "reads format version 1" in msg and "Upgrade" in msg
-    _rewrite_manifest(path, format_version=2, min_reader_version=1)  # newer, readable by us
+    assert f"format_version {newer}" in msg and f"reads format version {ours}" in msg and "Upgrade" in msg
+    _rewrite_manifest(path, format_version=newer, min_reader_version=1)  # newer, readable by us
     with retrostore.open(path) as st:
-        assert st.manifest["format_version"] == 2
-    with pytest.raises(FormatVersionError, match="format_version 2.*writes format version 1"):
+        assert st.manifest["format_version"] == newer
+    with pytest.raises(FormatVersionError, match=f"format_version {newer}.*writes format version {ours}"):
         retrostore.open(path, "a")
 
 

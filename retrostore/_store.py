@@ -21,7 +21,7 @@ from . import _commit, _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
-from ._index import SegmentSet, load_segment
+from ._index import Segment, SegmentSet, load_segment
 from ._metadata import clean_metadata
 from ._types import Chunk, Document, Hit
 
@@ -207,7 +207,7 @@ class Store:
             self._embedder = None
             self._bind_embedder(embedder)
             self._chunker: Chunker | None = None
-            self._segments_cache: dict[str, Any] = {}
+            self._segments_cache: dict[str, Any] = {}  # sha256 -> loaded faiss.Index
             self._verified_vectors: set[str] = set()
             self._load_current()
             if mode == "a":
@@ -379,10 +379,12 @@ class Store:
         cache = {}
         segs = []
         for entry in m["index"]["segments"]:
-            seg = self._segments_cache.get(entry["sha256"])
-            if seg is None:
-                seg = load_segment(self.path, entry)
-            cache[entry["sha256"]] = seg
+            # Cached by content, but each entry gets its own Segment: two segments
+            # can be byte-identical (the same vectors committed twice) while
+            # covering different chunk ids.
+            index = self._segments_cache.get(entry["sha256"])
+            seg = Segment(entry, index) if index is not None else load_segment(self.path, entry)
+            cache[entry["sha256"]] = seg.index
             segs.append(seg)
         self._segments_cache = cache
         self._index = SegmentSet(segs, m["metric"], m["index"]["dim"])

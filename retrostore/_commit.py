@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import commit_deletes
-from ._index import Segment, serialize
+from ._index import serialize
 from ._maintenance import commit_index
 from ._vectors import load_vectors, write_vectors
 from .errors import CommitError, RetrostoreError
@@ -189,7 +189,7 @@ def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, n
     new_files.append(path)
     size, sha = _fileio.write_durable(path, [serialize(index)])
     entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
-    store._segments_cache[sha] = Segment(entry, index)
+    store._segments_cache[sha] = index
     return entry
 
 

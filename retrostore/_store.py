@@ -22,7 +22,7 @@ from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
 from ._deletes import finish_purge
-from ._index import load_segment
+from ._index import Segment, load_segment
 from ._maintenance import store_mmap, stored_vectors, version_index
 from ._metadata import clean_metadata
 from ._params import check_params
@@ -216,7 +216,7 @@ class Store:
             self._embedder = None
             self._bind_embedder(embedder)
             self._chunker: Chunker | None = None
-            self._segments_cache: dict[str, Any] = {}
+            self._segments_cache: dict[str, Any] = {}  # sha256 -> loaded faiss.Index
             self._verified_vectors: set[str] = set()
             self._load_current()
             if mode == "a":
@@ -388,10 +388,12 @@ class Store:
         cache = {}
         segs = []
         for entry in m["index"]["segments"]:
-            seg = self._segments_cache.get(entry["sha256"])
-            if seg is None:
-                seg = load_segment(self.path, entry, mmap=store_mmap(self))
-            cache[entry["sha256"]] = seg
+            # Cached by content, but each entry gets its own Segment: two segments
+            # can be byte-identical (the same vectors committed twice) while
+            # covering different chunk ids.
+            index = self._segments_cache.get(entry["sha256"])
+            seg = Segment(entry, index) if index is not None else load_segment(self.path, entry, mmap=store_mmap(self))
+            cache[entry["sha256"]] = seg.index
             segs.append(seg)
         self._segments_cache = cache
         self._index, self._tombstones = version_index(self, segs)

@@ -126,6 +126,31 @@ def test_default_retention_and_readers_never_collect(tmp_path, small_docs, embed
     assert not (path / "index" / "seg-orphan.faiss").exists() and _versions(path) == [3, 4, 5]
 
 
+def test_identical_batches_keep_their_own_chunk_ids(tmp_path, small_docs, embedder):
+    """The same documents with the same vectors committed several times make
+    byte-identical segment files; each must still map to its own chunk ids,
+    after refresh, reopen and merges (the long SIGKILL run found a merged
+    segment counted wrong because loaded segments were shared by checksum)."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "s"
+    docs = [small_docs[0]["text"], small_docs[1]["text"]]
+    with retrostore.create(path, embedder=embedder) as w:
+        n = sum(len(c) for c in w.chunker.chunk_many(docs))
+        vecs = _unit(rng, n)
+        for i in range(12):  # 8 identical segments merge at the 8th commit
+            w.append(docs, embeddings=vecs)
+            w.commit()
+            if i in (2, 9):
+                w.close()
+                w = retrostore.open(path, "a")
+            reader = retrostore.open(path)
+            _scores, ids = reader.search_vectors(vecs[:1], k=i + 1)
+            assert sorted(ids[0].tolist()) == [n * j for j in range(i + 1)]  # every copy, each at its own id
+            assert all(c.text == reader.get_chunks([0])[0].text for c in reader.get_chunks(ids[0]))
+            reader.close()
+        assert w.verify() == []
+
+
 def test_close_discards_staged_records(tmp_path, small_docs, embedder):
     """Staged records (documents without chunks included) leave LMDB at close."""
     rng = np.random.default_rng(4)

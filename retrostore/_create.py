@@ -117,6 +117,7 @@ def create(
     # Refuse a factory string FAISS cannot build now, not at the first commit.
     from ._maintenance import check_index_arg
     from ._params import check_params
+    from ._training import default_params
 
     target, factory = check_index_arg(index, int(emb.dim), keep_vectors=bool(keep_vectors), mmap=bool(mmap))
     index_params = check_params(index_params, "index_params")
@@ -148,7 +149,9 @@ def create(
                 "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
             },
             "embedder": _json_fingerprint(emb),
-            "index": {"factory": factory, "target": target, "params": index_params, "dim": int(emb.dim),
+            "index": {"factory": factory, "target": target, "param_overrides": index_params,
+                      "params": {**default_params(factory, keep_vectors=bool(keep_vectors)), **index_params},
+                      "dim": int(emb.dim),
                       "segments": [], "template": None, "trained": None},
             "vectors": {"dtype": vector_dtype, "files": []},
             "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain(), "record_checksum": "crc32"},

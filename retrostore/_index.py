@@ -245,6 +245,13 @@ def segment_vectors(seg: Segment) -> tuple[np.ndarray, np.ndarray] | None:
     return ids, vecs
 
 
+def owned_copy(index: faiss.Index) -> faiss.Index:
+    """A copy that owns its data. ``clone_index`` of a memory-mapped index still
+    views the file, and emptying a viewed vector (as ``merge_from`` does to its
+    source) aborts the process; a serialise/deserialise round trip owns it all."""
+    return faiss.deserialize_index(faiss.serialize_index(index))
+
+
 def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index],
                    vectors_of: Callable[[list[Segment]], tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
     """One index holding the segments' vectors, ids relative to ``segments[0].first_id``.
@@ -252,19 +259,20 @@ def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index
     IVF indexes (same trained quantizer) merge natively with an id offset;
     Flat-code indexes without holes concatenate; anything else (HNSW, holes)
     is rebuilt from ``vectors_of(segments)`` -> (local ids, vectors). Sources
-    are cloned first: FAISS's ``merge_from`` empties the index it merges from.
+    are copied first (:func:`owned_copy`): FAISS's ``merge_from`` empties the
+    index it merges from.
     """
     first = segments[0].first_id
     base = make_empty()
     if is_ivf(base):
         for seg in segments:
             if seg.count:
-                base.merge_from(faiss.clone_index(seg.index), seg.first_id - first)
+                base.merge_from(owned_copy(seg.index), seg.first_id - first)
         return base
     if not any(s.holes for s in segments):
         try:
             for seg in segments:
-                base.merge_from(faiss.clone_index(seg.index), 0)
+                base.merge_from(owned_copy(seg.index), 0)
             return base
         except RuntimeError:
             base = make_empty()  # no native merge (HNSW): rebuild below

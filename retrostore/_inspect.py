@@ -90,6 +90,7 @@ def index_info(store: "Store", index_bytes: int) -> dict:
         "target": target,
         "params": store._index.effective(),
         "stored_params": idx["params"],
+        "param_overrides": idx.get("param_overrides", {}),
         "segments": len(idx["segments"]),
         "trained": idx.get("trained"),
         "mmap": bool(getattr(store, "_mmap_arg", None) if getattr(store, "_mmap_arg", None) is not None

@@ -21,7 +21,7 @@ import numpy as np
 from . import _fileio, _manifest
 from ._deletes import Tombstones, write_tombstones
 from ._index import (Segment, SegmentSet, build_segment, is_exact, is_ivf, load_segment, merge_segments,
-                     mmap_problem, new_index, plan_merge, segment_vectors, serialize)
+                     mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, serialize)
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
                         default_train_size, progress_bar, sample_ids, train_template)
@@ -186,8 +186,7 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
         factory, auto = due
         settings = new["settings"]
         rebuild(store, new, segments, factory, tag, new_files, tomb,
-                train_size=settings.get("train_size"), seed=int(settings.get("train_seed", 0)),
-                params=None if auto else idx["params"], auto=auto, progress=False)
+                train_size=settings.get("train_size"), seed=int(settings.get("train_seed", 0)), progress=False)
 
 
 def _tier_merge(store: "Store", new: dict, segments: list[Segment], tag: str, new_files: list,
@@ -268,8 +267,7 @@ def training_due(store: "Store", new: dict, segments: list[Segment]) -> tuple[st
 
 
 def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, tag: str, new_files: list,
-            tomb: Tombstones, *, train_size: int | None, seed: int, params: dict | None, auto: bool,
-            progress: bool) -> None:
+            tomb: Tombstones, *, train_size: int | None, seed: int, progress: bool) -> None:
     """Train ``factory`` (if it needs training) on a seeded sample and encode every live vector into one segment."""
     from ._store import INDEX_DIR
 
@@ -317,7 +315,7 @@ def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, ta
         entry["end_id"] = end
     keep = bool(new["settings"]["keep_vectors"])
     idx.update(factory=factory, template=template_entry, segments=[entry])
-    idx["params"] = {**default_params(factory, auto=auto, keep_vectors=keep), **(params or {})}
+    idx["params"] = {**default_params(factory, keep_vectors=keep), **idx.get("param_overrides", {})}
     idx["trained"] = {"vectors": int(len(live)), "sample": int(sample_n), "seed": int(seed),
                       "seconds": round(time.perf_counter() - t0, 1), "version": int(new["version"]) + 1}
     log.info("index %s: %s vectors in %.1f s", factory, f"{len(live):,}", time.perf_counter() - t0)
@@ -335,22 +333,39 @@ def _begin(store: "Store", what: str) -> tuple[dict, int, str]:
 
 
 def _publish(store: "Store", new: dict, version: int, new_files: list, before=None) -> None:
+    """Write ``new`` as the current manifest (through ``before(publish)`` when the
+    LMDB purge must wrap it), then adopt it. New files are removed on failure
+    unless the manifest naming them was already published."""
     from ._store import INDEX_DIR, VECTORS_DIR, _now
 
     new["version"] = version
     new["committed_at"] = _now()
     new["format_version"] = _manifest.FORMAT_VERSION
     new["counts"]["vectors"] = sum(e["count"] for e in new["index"]["segments"])
+    published: list[bool] = []
+
+    def publish(chain: str | None = None) -> None:
+        if chain is not None:
+            new["lmdb"]["chain"] = chain
+        _manifest.write_manifest(store.path, new)
+        published.append(True)
+
     try:
         _fileio.fsync_dir(store.path / INDEX_DIR)
         _fileio.fsync_dir(store.path / VECTORS_DIR)
         if before is None:
-            _manifest.write_manifest(store.path, new)
+            publish()
         else:
-            before(lambda chain: (new["lmdb"].__setitem__("chain", chain), _manifest.write_manifest(store.path, new)))
+            before(publish)
     except BaseException:
-        for f in new_files:
-            f.unlink(missing_ok=True)
+        if not published:
+            for f in new_files:
+                f.unlink(missing_ok=True)
+            raise
+        # Published, but the LMDB purge did not commit: the next writer finishes it
+        # (retrostore._deletes.finish_purge); this handle adopts the new version.
+        store._manifest = new
+        store._load_segments()
         raise
     store._manifest = new
     store._load_segments()
@@ -367,7 +382,8 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
     idx = new["index"]
     dim, metric = idx["dim"], new["metric"]
     target = index if index is not None else idx.get("target", idx["factory"])
-    params = check_params(params, "params") if params is not None else None
+    if params is not None:
+        idx["param_overrides"] = check_params(params, "params")
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1")
     auto = target == "auto"
@@ -383,15 +399,12 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
     new_files: list = []
     try:
         rebuild(store, new, list(store._index.segments), factory, tag, new_files, store._tombstones,
-                train_size=train_size or new["settings"].get("train_size"), seed=seed,
-                params=params if not auto else (params or {}), auto=auto, progress=progress)
+                train_size=train_size or new["settings"].get("train_size"), seed=seed, progress=progress)
     except BaseException:
         for f in new_files:
             f.unlink(missing_ok=True)
         raise
     new["index"]["target"] = target
-    if not auto:
-        new["index"]["params"] = dict(params or {})
     _publish(store, new, version, new_files)
     return version
 
@@ -423,7 +436,7 @@ def compact(store: "Store", *, progress: bool = True) -> int:
         if is_ivf(base):
             for seg in segments:
                 if seg.count:
-                    base.merge_from(faiss.clone_index(seg.index), seg.first_id)
+                    base.merge_from(owned_copy(seg.index), seg.first_id)
             if len(purge):
                 base.remove_ids(faiss.IDSelectorBatch(purge))
             merged = base

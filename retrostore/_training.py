@@ -87,21 +87,21 @@ def default_factory(n: int, dim: int, *, keep_vectors: bool = True, trained: boo
     return f"IVF{nlist},{codes}"
 
 
-def default_params(factory: str, *, auto: bool, keep_vectors: bool) -> dict:
-    """Search parameters stored with a freshly trained index.
+def default_params(factory: str, *, keep_vectors: bool) -> dict:
+    """retrostore's search parameters for a factory (FAISS's own defaults are not used silently).
 
-    The default index gets ``nprobe = nlist / 16`` (between 1 and 256) and
-    ``rerank`` (re-score ``k * 50`` candidates with the raw vectors); an
-    explicit factory string keeps FAISS's own defaults (``nprobe = 1``) unless
-    the user gives parameters.
+    IVF: ``nprobe = nlist / 16`` (1 to 256; FAISS's default of 1 probes too
+    little for recall). HNSW: ``efSearch = 64`` (FAISS: 16). PQ codes with raw
+    vectors kept: ``rerank = 50`` (re-score ``k * 50`` candidates exactly).
+    Parameters given by the user (``index_params``, ``reindex(params=)``) win.
     """
-    if not auto:
-        return {}
-    m = re.search(r"IVF(\d+)", factory)
     out: dict = {}
+    m = re.search(r"IVF(\d+)", factory)
     if m:
         out["nprobe"] = int(min(256, max(1, int(m.group(1)) // 16)))
-    if keep_vectors and "PQ" in factory:
+    elif factory.startswith("HNSW") or ",HNSW" in factory:
+        out["efSearch"] = 64
+    if keep_vectors and re.search(r"PQ\d", factory):
         out["rerank"] = DEFAULT_RERANK
     return out
 
@@ -177,7 +177,7 @@ def suggest_factory(factory: str, n: int, dim: int, metric: str) -> str:
     cand = re.sub(r"IVF(\d+)", lambda m: f"IVF{min(int(m.group(1)), nlist_fit)}", cand)
     bits_fit = max(0, int(math.log2(max(n // MIN_POINTS_PER_CENTROID, 1))))
     if bits_fit < 8:
-        cand = re.sub(r"\bPQ(\d+)(?!x)", lambda m: f"PQ{m.group(1)}x{max(bits_fit, 1)}" if bits_fit >= 4 else m.group(0), cand)
+        cand = re.sub(r"\bPQ(\d+)(?![x\d])", lambda m: f"PQ{m.group(1)}x{max(bits_fit, 1)}" if bits_fit >= 4 else m.group(0), cand)
         cand = re.sub(r"^OPQ\d+(_\d+)?,", "", cand)
     for c in (cand, f"IVF{nlist_fit},Flat", "Flat"):
         try:

@@ -1,0 +1,261 @@
+"""One measurement of ``benchmarks/peers.py`` in its own process (not run by hand).
+
+Roles:
+
+``ingest``  load the split's vectors and texts, import the system, ingest into
+            ``--store``, fsync the whole tree; write times and peak RSS.
+``query``   import the system, open ``--store`` (reopen time and the first
+            query), then single-query latency over every query and batch
+            throughput, for each query variant; write times, the ids found
+            (for recall), whether the texts match, and peak RSS.
+``paired``  open several systems in this one process and alternate them
+            query by query (the fairest latency comparison on a noisy
+            machine); optionally cProfile each one's query path.
+
+A process per system keeps peak RSS and import cost per system: nothing one
+system loads is shared with another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from peers_systems import SYSTEMS, fsync_tree
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across exec, so a worker
+    started by a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _system(name: str, data: Path):
+    split = json.loads((data / "split.json").read_text())
+    return SYSTEMS[name](split["chunks"])
+
+
+def ingest(args) -> dict:
+    sysm = _system(args.system, args.data)
+    vectors = np.load(args.data / "vectors.npy")
+    data = json.loads((args.data / "texts.json").read_text())
+    rss_data = _rss_mb()
+    t0 = time.perf_counter()
+    sysm.load()
+    import_s = time.perf_counter() - t0
+    out = {"import_s": import_s, "rss_data_mb": rss_data, "versions": sysm.versions()}
+    t0 = time.perf_counter()
+    try:
+        phases = sysm.ingest(args.store, data, vectors)
+    except Exception as exc:  # e.g. a factory string this retrostore cannot train
+        return {**out, "unavailable": f"{type(exc).__name__}: {exc}"}
+    t1 = time.perf_counter()
+    fsync_tree(args.store)
+    t2 = time.perf_counter()
+    out.update(ingest_s=t2 - t0, phases={**phases, "fsync_tree_s": t2 - t1}, peak_rss_mb=_peak_rss_mb())
+    out["extra"] = sysm.after_ingest(args.store, data)
+    return out
+
+
+def _check_texts(ids: np.ndarray, texts: list[list[str]], chunk_text: list[str]) -> int:
+    """Number of returned texts that differ from the indexed chunk with the returned id."""
+    bad = 0
+    for row_i, row_t in zip(ids, texts):
+        valid = [int(i) for i in row_i if i >= 0]
+        if len(valid) != len(row_t):
+            bad += abs(len(valid) - len(row_t))
+        bad += sum(chunk_text[i] != t for i, t in zip(valid, row_t))
+    return bad
+
+
+def query(args) -> dict:
+    sysm = _system(args.system, args.data)
+    queries = np.load(args.data / "queries.npy")
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    sysm.load()
+    import_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    h = sysm.open(args.store)
+    t1 = time.perf_counter()
+    sysm.query_one(h, queries[0:1], args.k)
+    t2 = time.perf_counter()
+    out = {"import_s": import_s, "open_s": t1 - t0, "first_query_s": t2 - t1, "rss_start_mb": rss0,
+           "versions": sysm.versions(), "variants": {}}
+    chunk_text = None
+    if not args.no_text_check:
+        chunk_text = json.loads((args.data / "texts.json").read_text())["chunk_text"]
+    for suffix, _label, kw in sysm.variants:
+        for i in range(min(args.warmup, len(queries))):
+            sysm.query_one(h, queries[i:i + 1], args.k, **kw)
+        lat = np.empty(len(queries))
+        single_ids = np.full((len(queries), args.k), -1, np.int64)
+        single_texts = []
+        for i in range(len(queries)):
+            q = queries[i:i + 1]
+            s = time.perf_counter()
+            ids, texts = sysm.query_one(h, q, args.k, **kw)
+            lat[i] = time.perf_counter() - s
+            single_ids[i, :len(ids)] = ids
+            single_texts.append(texts)
+        batch_s = []
+        for _ in range(args.batch_repeats):
+            s = time.perf_counter()
+            b_ids, b_texts = sysm.query_batch(h, queries, args.k, **kw)
+            batch_s.append(time.perf_counter() - s)
+        v = {"latency_s": lat.tolist(), "batch_s": batch_s, "single_ids": single_ids.tolist(),
+             "batch_ids": np.asarray(b_ids).tolist()}
+        if chunk_text is not None:
+            v["bad_texts"] = _check_texts(single_ids, single_texts, chunk_text) + _check_texts(
+                np.asarray(b_ids), b_texts, chunk_text)
+        out["variants"][suffix] = v
+    sysm.close(h)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def paired(args) -> dict:
+    """Alternate systems query by query in one process; optionally profile each."""
+    queries = np.load(args.data / "queries.npy")
+    runs = []  # (key, system, handle, kw)
+    for spec in args.pair:
+        name, store = spec.split("=", 1)
+        sysm = _system(name, args.data)
+        sysm.load()
+        h = sysm.open(Path(store))
+        for suffix, _label, kw in sysm.variants:
+            runs.append((name + suffix, sysm, h, kw))
+    for key, sysm, h, kw in runs:  # warm up every path
+        for i in range(min(args.warmup, len(queries))):
+            sysm.query_one(h, queries[i:i + 1], args.k, **kw)
+    lat = {key: [] for key, *_ in runs}
+    for rep in range(args.repeats):
+        for i in range(len(queries)):
+            q = queries[i:i + 1]
+            # rotate the order per query so no system always runs first
+            order = runs[i % len(runs):] + runs[: i % len(runs)]
+            for key, sysm, h, kw in order:
+                s = time.perf_counter()
+                sysm.query_one(h, q, args.k, **kw)
+                lat[key].append(time.perf_counter() - s)
+    out = {"latency_s": lat, "order": [key for key, *_ in runs]}
+    handles = {key: h for key, _s, h, _kw in runs}
+    if "faiss-lmdb" in handles and "retrostore-flat" in handles:
+        out["steps_s"] = _steps(handles["faiss-lmdb"], handles["retrostore-flat"], queries, args)
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof = {}
+        for key, sysm, h, kw in runs:
+            pr = cProfile.Profile()
+            n = min(args.profile, len(queries))
+            pr.enable()
+            for i in range(n):
+                sysm.query_one(h, queries[i:i + 1], args.k, **kw)
+            pr.disable()
+            buf = io.StringIO()
+            st = pstats.Stats(pr, stream=buf)
+            st.sort_stats("tottime").print_stats(18)
+            prof[key] = {"queries": n, "text": buf.getvalue(),
+                         "total_s": sum(v[2] for v in st.stats.values())}
+        out["profile"] = prof
+    for key, sysm, h, kw in runs:
+        try:
+            sysm.close(h)
+        except Exception:
+            pass
+    return out
+
+
+def _steps(floor, st, queries, args) -> dict:
+    """Time each step of the floor's and retrostore's single-query paths, interleaved per query.
+
+    Steps: the floor's FAISS call and LMDB text fetch; the bare FAISS call on
+    retrostore's own (single) segment; ``Store.search_vectors``;
+    ``Store.get_chunks`` of the ids found; ``Store._hits`` (chunks plus
+    continuations, what ``Store.search`` does after embedding).
+    """
+    import msgpack
+
+    index, env = floor
+    segs = st._index.segments
+    seg = segs[0].index if len(segs) == 1 else None
+    k = args.k
+    steps = {n: [] for n in ("floor_faiss", "floor_texts", "retro_faiss_call", "retro_search_vectors",
+                             "retro_get_chunks", "retro_hits")}
+    pc = time.perf_counter
+    for _ in range(args.repeats):
+        for i in range(len(queries)):
+            q = queries[i:i + 1]
+            t0 = pc()
+            _, I = index.search(q, k)
+            t1 = pc()
+            ids = [int(x) for x in I[0] if x >= 0]
+            with env.begin() as txn:
+                [msgpack.unpackb(txn.get(x.to_bytes(8, "big")))["t"] for x in ids]
+            t2 = pc()
+            if seg is not None:
+                seg.search(q, k)
+            t3 = pc()
+            s, rid = st.search_vectors(q, k)
+            t4 = pc()
+            [c.text for c in st.get_chunks(rid[0][rid[0] >= 0])]
+            t5 = pc()
+            st._hits(s, rid)
+            t6 = pc()
+            for name, d in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                steps[name].append(d)
+    if seg is None:
+        del steps["retro_faiss_call"]
+    return {"segments": len(segs), **steps}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("role", choices=["ingest", "query", "paired"])
+    p.add_argument("--system", choices=sorted(SYSTEMS))
+    p.add_argument("--data", type=Path, required=True, help="the split directory written by peers.py")
+    p.add_argument("--store", type=Path)
+    p.add_argument("--pair", action="append", default=[], metavar="SYSTEM=STORE")
+    p.add_argument("--out", type=Path, required=True, help="JSON result file")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0, metavar="N")
+    p.add_argument("--no-text-check", action="store_true")
+    args = p.parse_args(argv)
+    res = {"ingest": ingest, "query": query, "paired": paired}[args.role](args)
+    args.out.write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

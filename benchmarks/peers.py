@@ -60,7 +60,8 @@ import peers_data  # noqa: E402
 import peers_report  # noqa: E402
 from peers_systems import SYSTEMS, ivf_lists  # noqa: E402
 
-DEFAULT_SYSTEMS = ["faiss-lmdb", "retrostore-flat", "retrostore-ivf", "lancedb-flat", "lancedb-ivfpq", "chroma"]
+DEFAULT_SYSTEMS = ["faiss-lmdb", "faiss-ivf-lmdb", "retrostore-flat", "retrostore-ivf", "lancedb-flat",
+                   "lancedb-ivfpq", "chroma"]
 FLOOR = "faiss-lmdb"
 
 
@@ -90,6 +91,8 @@ def disk_breakdown(root: Path) -> dict:
 def run_worker(role: str, args: argparse.Namespace, out: Path, extra: list[str], log: Path) -> dict:
     cmd = [sys.executable, str(HERE / "peers_worker.py"), role, "--data", str(args.work_dir / "data"),
            "--out", str(out), "--k", str(args.k), *extra]
+    if args.faiss_threads:
+        cmd += ["--faiss-threads", str(args.faiss_threads)]
     env = dict(os.environ, ANONYMIZED_TELEMETRY="False", RUST_LOG="error", LANCE_LOG="error")
     with open(log, "a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
@@ -158,6 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--paired-repeats", type=int, default=3, help="passes over the queries in the paired process")
     p.add_argument("--profile", type=int, default=300, metavar="N",
                    help="cProfile N single queries of each path in the paired process (0: off; default 300)")
+    p.add_argument("--faiss-threads", type=int, metavar="N",
+                   help="FAISS OpenMP threads for the floor and retrostore (default: the libraries' defaults, "
+                        "all usable CPUs)")
+    p.add_argument("--no-thread-sweep", action="store_true",
+                   help="do not also time the FAISS paths with 1 thread in the paired process")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the query sample")
     p.add_argument("--doc", type=Path, help="markdown file to update between its peers markers "
                                            "(default docs/benchmarks-peers.md for a full run, none for --quick)")
@@ -240,19 +248,22 @@ def main(argv=None) -> int:
             if r > 0:
                 extra.append("--no-text-check")
             res = run_worker("query", args, work / "results" / f"query-{s}-r{r}.json", extra, log)
-            v0 = res["variants"][""]
+            v0 = next(iter(res["variants"].values()))
             _log(f"  open {res['open_s'] * 1e3:.0f} ms + first query {res['first_query_s'] * 1e3:.0f} ms, "
                  f"p50 {np.median(v0['latency_s']) * 1e3:.3f} ms, peak RSS {res['peak_rss_mb']:.0f} MB")
             queries[s].append(res)
 
     # -- paired latency + profile -------------------------------------------------------------
     paired = None
-    pair = [s for s in (FLOOR, "retrostore-flat", "retrostore-ivf") if s in stores]
+    pair = [s for s in (FLOOR, "retrostore-flat") if s in stores]
+    if "retrostore-ivf" in stores:  # a trained retrostore index against the floor with the same index
+        pair += [s for s in ("faiss-ivf-lmdb", "retrostore-ivf") if s in stores]
     if len(pair) > 1:
         _log(f"paired latency: {', '.join(pair)} alternating, {args.paired_repeats} passes")
         paired = run_worker("paired", args, work / "results" / "paired.json",
                             [a for s in pair for a in ("--pair", f"{s}={stores[s]}")]
-                            + ["--repeats", str(args.paired_repeats), "--profile", str(args.profile)], log)
+                            + ["--repeats", str(args.paired_repeats), "--profile", str(args.profile)]
+                            + ([] if args.no_thread_sweep else ["--thread-sweep"]), log)
 
     # -- report -------------------------------------------------------------------------------
     base = np.load(work / "data" / "vectors.npy")
@@ -262,7 +273,8 @@ def main(argv=None) -> int:
             "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "machine": machine(),
             "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "quick": quick, "split": split, "rounds": args.rounds, "ingest_rounds": args.ingest_rounds,
-            "paired_repeats": args.paired_repeats, "ivf_lists": ivf_lists(split["chunks"])}
+            "paired_repeats": args.paired_repeats, "ivf_lists": ivf_lists(split["chunks"]),
+            "faiss_threads": args.faiss_threads}
     rows = peers_report.aggregate(systems, ingest, queries, base, qv, truth, args.k)
     report = peers_report.render(info, rows, ingest, paired, FLOOR)
     (work / "results.json").write_text(json.dumps({"info": info, "rows": rows, "paired": paired,

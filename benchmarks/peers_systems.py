@@ -49,8 +49,10 @@ class System:
     #: query-time variants: (suffix, label, kwargs); the first is the default
     variants: list[tuple[str, str, dict]] = [("", "", {})]
 
-    def __init__(self, n_chunks: int):
+    def __init__(self, n_chunks: int, faiss_threads: int | None = None):
         self.n_chunks = n_chunks
+        #: FAISS OpenMP threads (None: the library's default, which is what users get)
+        self.faiss_threads = faiss_threads
 
     def load(self) -> None:  # import the library
         raise NotImplementedError
@@ -92,14 +94,21 @@ class FaissLmdb(System):
         import lmdb
         import msgpack
 
+        if self.faiss_threads:
+            faiss.omp_set_num_threads(self.faiss_threads)
+
+    def build_index(self, vectors):
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return index
+
     def versions(self):
         return {"faiss-cpu": faiss.__version__, "lmdb": lmdb.__version__, "msgpack": ".".join(map(str, msgpack.version))}
 
     def ingest(self, path, data, vectors):
         t0 = time.perf_counter()
         path.mkdir(parents=True)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        index = self.build_index(vectors)
         faiss.write_index(index, str(path / "index.faiss"))
         t1 = time.perf_counter()
         env = lmdb.open(str(path / "texts.lmdb"), map_size=1 << 34, subdir=True)
@@ -120,20 +129,42 @@ class FaissLmdb(System):
     def close(self, h):
         h[1].close()
 
-    def query_one(self, h, q, k):
+    def query_one(self, h, q, k, nprobe=None):
         index, env = h
+        if nprobe:
+            index.nprobe = nprobe
         _, I = index.search(q.reshape(1, -1), k)
         ids = [int(i) for i in I[0] if i >= 0]
         with env.begin() as txn:
             texts = [msgpack.unpackb(txn.get(i.to_bytes(8, "big")))["t"] for i in ids]
         return ids, texts
 
-    def query_batch(self, h, qs, k):
+    def query_batch(self, h, qs, k, nprobe=None):
         index, env = h
+        if nprobe:
+            index.nprobe = nprobe
         _, I = index.search(qs, k)
         with env.begin() as txn:
             texts = [[msgpack.unpackb(txn.get(int(i).to_bytes(8, "big")))["t"] for i in row if i >= 0] for row in I]
         return I, texts
+
+
+class FaissIvfLmdb(FaissLmdb):
+    """The floor with a trained IVF index: what a trained retrostore index should match at equal recall."""
+
+    name = "faiss-ivf-lmdb"
+    variants = [("/np16", " nprobe=16", {"nprobe": 16}), ("/np64", " nprobe=64", {"nprobe": 64})]
+
+    @property
+    def label(self):
+        return f"raw FAISS IVF{ivf_lists(self.n_chunks)},Flat + LMDB"
+
+    def build_index(self, vectors):
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.index_factory(x.shape[1], f"IVF{ivf_lists(len(x))},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        return index
 
 
 # -- retrostore ----------------------------------------------------------------------------
@@ -173,7 +204,7 @@ class Retrostore(System):
         counts = np.bincount(np.asarray(data["chunk_doc"], np.int64), minlength=len(docs))
         starts = np.concatenate([[0], np.cumsum(counts)])
         t0 = time.perf_counter()
-        st = retrostore.create(path, index=self.factory())
+        st = retrostore.create(path, index=self.factory(), threads=self.faiss_threads)
         t1 = time.perf_counter()
         try:
             for a in range(0, len(docs), self.append_docs):
@@ -212,7 +243,7 @@ class Retrostore(System):
                 "model_sha256_s": time.perf_counter() - c0}
 
     def open(self, path):
-        return retrostore.open(path)
+        return retrostore.open(path, threads=self.faiss_threads)
 
     def close(self, h):
         h.close()
@@ -375,4 +406,4 @@ class Chroma(System):
         return ids, r["documents"]
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, Retrostore, RetrostoreTrained, Lance, LanceIvfPq, Chroma)}
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, FaissIvfLmdb, Retrostore, RetrostoreTrained, Lance, LanceIvfPq, Chroma)}

@@ -55,13 +55,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _system(name: str, data: Path):
-    split = json.loads((data / "split.json").read_text())
-    return SYSTEMS[name](split["chunks"])
+def _system(name: str, args):
+    split = json.loads((args.data / "split.json").read_text())
+    return SYSTEMS[name](split["chunks"], faiss_threads=args.faiss_threads)
 
 
 def ingest(args) -> dict:
-    sysm = _system(args.system, args.data)
+    sysm = _system(args.system, args)
     vectors = np.load(args.data / "vectors.npy")
     data = json.loads((args.data / "texts.json").read_text())
     rss_data = _rss_mb()
@@ -94,7 +94,7 @@ def _check_texts(ids: np.ndarray, texts: list[list[str]], chunk_text: list[str])
 
 
 def query(args) -> dict:
-    sysm = _system(args.system, args.data)
+    sysm = _system(args.system, args)
     queries = np.load(args.data / "queries.npy")
     rss0 = _rss_mb()
     t0 = time.perf_counter()
@@ -107,9 +107,7 @@ def query(args) -> dict:
     t2 = time.perf_counter()
     out = {"import_s": import_s, "open_s": t1 - t0, "first_query_s": t2 - t1, "rss_start_mb": rss0,
            "versions": sysm.versions(), "variants": {}}
-    chunk_text = None
-    if not args.no_text_check:
-        chunk_text = json.loads((args.data / "texts.json").read_text())["chunk_text"]
+    returned = {}
     for suffix, _label, kw in sysm.variants:
         for i in range(min(args.warmup, len(queries))):
             sysm.query_one(h, queries[i:i + 1], args.k, **kw)
@@ -128,43 +126,70 @@ def query(args) -> dict:
             s = time.perf_counter()
             b_ids, b_texts = sysm.query_batch(h, queries, args.k, **kw)
             batch_s.append(time.perf_counter() - s)
-        v = {"latency_s": lat.tolist(), "batch_s": batch_s, "single_ids": single_ids.tolist(),
-             "batch_ids": np.asarray(b_ids).tolist()}
-        if chunk_text is not None:
-            v["bad_texts"] = _check_texts(single_ids, single_texts, chunk_text) + _check_texts(
-                np.asarray(b_ids), b_texts, chunk_text)
-        out["variants"][suffix] = v
+        out["variants"][suffix] = {"latency_s": lat.tolist(), "batch_s": batch_s,
+                                   "single_ids": single_ids.tolist(), "batch_ids": np.asarray(b_ids).tolist()}
+        if not args.no_text_check:
+            returned[suffix] = (single_ids, single_texts, np.asarray(b_ids), b_texts)
     sysm.close(h)
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = _peak_rss_mb()  # before the check below loads every chunk text
+    if returned:
+        chunk_text = json.loads((args.data / "texts.json").read_text())["chunk_text"]
+        for suffix, (si, st, bi, bt) in returned.items():
+            out["variants"][suffix]["bad_texts"] = _check_texts(si, st, chunk_text) + _check_texts(bi, bt, chunk_text)
     return out
 
 
 def paired(args) -> dict:
-    """Alternate systems query by query in one process; optionally profile each."""
+    """Alternate paths query by query in one process; time their batches alternately; profile each.
+
+    With ``--thread-sweep``, the FAISS-based paths also run with one OpenMP
+    thread (``faiss.omp_set_num_threads(1)`` before the call, the default
+    restored after), alternated with the default like any other path.
+    """
     queries = np.load(args.data / "queries.npy")
-    runs = []  # (key, system, handle, kw)
+    runs = []  # dicts: key, sysm, h, kw, threads
     for spec in args.pair:
         name, store = spec.split("=", 1)
-        sysm = _system(name, args.data)
+        sysm = _system(name, args)
         sysm.load()
         h = sysm.open(Path(store))
-        for suffix, _label, kw in sysm.variants:
-            runs.append((name + suffix, sysm, h, kw))
-    for key, sysm, h, kw in runs:  # warm up every path
+        for j, (suffix, _label, kw) in enumerate(sysm.variants):
+            runs.append({"key": name + suffix, "sysm": sysm, "h": h, "kw": kw, "threads": None})
+            if args.thread_sweep and j == 0 and name in ("faiss-lmdb", "retrostore-flat"):
+                runs.append({"key": name + suffix + "@1t", "sysm": sysm, "h": h, "kw": kw, "threads": 1})
+    faiss = sys.modules.get("faiss")
+    default_threads = faiss.omp_get_max_threads() if faiss else None
+
+    def call(run, q, batch=False):
+        if run["threads"]:
+            faiss.omp_set_num_threads(run["threads"])
+        s = time.perf_counter()
+        if batch:
+            run["sysm"].query_batch(run["h"], q, args.k, **run["kw"])
+        else:
+            run["sysm"].query_one(run["h"], q, args.k, **run["kw"])
+        d = time.perf_counter() - s
+        if run["threads"]:
+            faiss.omp_set_num_threads(default_threads)
+        return d
+
+    for run in runs:  # warm up every path
         for i in range(min(args.warmup, len(queries))):
-            sysm.query_one(h, queries[i:i + 1], args.k, **kw)
-    lat = {key: [] for key, *_ in runs}
-    for rep in range(args.repeats):
+            call(run, queries[i:i + 1])
+    lat = {r["key"]: [] for r in runs}
+    for _rep in range(args.repeats):
         for i in range(len(queries)):
             q = queries[i:i + 1]
-            # rotate the order per query so no system always runs first
-            order = runs[i % len(runs):] + runs[: i % len(runs)]
-            for key, sysm, h, kw in order:
-                s = time.perf_counter()
-                sysm.query_one(h, q, args.k, **kw)
-                lat[key].append(time.perf_counter() - s)
-    out = {"latency_s": lat, "order": [key for key, *_ in runs]}
-    handles = {key: h for key, _s, h, _kw in runs}
+            # rotate the order per query so no path always runs first
+            for run in runs[i % len(runs):] + runs[: i % len(runs)]:
+                lat[run["key"]].append(call(run, q))
+    batch = {r["key"]: [] for r in runs}
+    for rep in range(args.batch_repeats):
+        for run in runs[rep % len(runs):] + runs[: rep % len(runs)]:
+            batch[run["key"]].append(call(run, queries, batch=True))
+    out = {"latency_s": lat, "batch_s": batch, "order": [r["key"] for r in runs],
+           "faiss_default_threads": default_threads}
+    handles = {r["key"]: r["h"] for r in runs}
     if "faiss-lmdb" in handles and "retrostore-flat" in handles:
         out["steps_s"] = _steps(handles["faiss-lmdb"], handles["retrostore-flat"], queries, args)
     if args.profile:
@@ -173,22 +198,24 @@ def paired(args) -> dict:
         import pstats
 
         prof = {}
-        for key, sysm, h, kw in runs:
+        for run in runs:
+            if run["threads"]:
+                continue
             pr = cProfile.Profile()
             n = min(args.profile, len(queries))
             pr.enable()
             for i in range(n):
-                sysm.query_one(h, queries[i:i + 1], args.k, **kw)
+                run["sysm"].query_one(run["h"], queries[i:i + 1], args.k, **run["kw"])
             pr.disable()
             buf = io.StringIO()
             st = pstats.Stats(pr, stream=buf)
             st.sort_stats("tottime").print_stats(18)
-            prof[key] = {"queries": n, "text": buf.getvalue(),
-                         "total_s": sum(v[2] for v in st.stats.values())}
+            prof[run["key"]] = {"queries": n, "text": buf.getvalue(),
+                                "total_s": sum(v[2] for v in st.stats.values())}
         out["profile"] = prof
-    for key, sysm, h, kw in runs:
+    for run in runs:
         try:
-            sysm.close(h)
+            run["sysm"].close(run["h"])
         except Exception:
             pass
     return out
@@ -234,7 +261,33 @@ def _steps(floor, st, queries, args) -> dict:
                 steps[name].append(d)
     if seg is None:
         del steps["retro_faiss_call"]
-    return {"segments": len(segs), **steps}
+    out = {"segments": len(segs), **steps}
+    if seg is not None:
+        # retrostore's own work around FAISS, with FAISS's share made negligible: swap the
+        # segment's index for a 64-vector copy of its head and time search_vectors against
+        # the bare call on that same tiny index (per query, interleaved).
+        import faiss
+
+        tiny = faiss.IndexFlat(seg.d, seg.metric_type)
+        tiny.add(seg.reconstruct_n(0, 64))
+        segs[0].index = tiny
+        try:
+            bare, wrapped = [], []
+            for _ in range(args.repeats):
+                for i in range(len(queries)):
+                    q = queries[i:i + 1]
+                    t0 = pc()
+                    tiny.search(q, k)
+                    t1 = pc()
+                    st.search_vectors(q, k)
+                    t2 = pc()
+                    bare.append(t1 - t0)
+                    wrapped.append(t2 - t1)
+        finally:
+            segs[0].index = seg
+        out["tiny_faiss_call"] = bare
+        out["tiny_search_vectors"] = wrapped
+    return out
 
 
 def main(argv=None) -> int:
@@ -251,6 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", type=int, default=0, metavar="N")
     p.add_argument("--no-text-check", action="store_true")
+    p.add_argument("--faiss-threads", type=int, help="FAISS OpenMP threads (default: each library's default)")
+    p.add_argument("--thread-sweep", action="store_true", help="paired: also run FAISS paths with 1 thread")
     args = p.parse_args(argv)
     res = {"ingest": ingest, "query": query, "paired": paired}[args.role](args)
     args.out.write_text(json.dumps(res))

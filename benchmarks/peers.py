@@ -28,7 +28,7 @@ Each system runs in its own subprocesses (so peak RSS and import costs are its
 own): ingest rounds, then query rounds, in an order that rotates per round so
 no system always runs first on this noisy machine; figures are medians over
 rounds. A final *paired* process opens the floor and retrostore together and
-alternates them query by query, the fairest latency comparison, and profiles
+alternates them query by query in random order, the fairest latency comparison, and profiles
 both paths with cProfile. Ratios are against raw FAISS + LMDB (the floor: the
 least any store built on FAISS and LMDB can cost).
 
@@ -188,6 +188,16 @@ def main(argv=None) -> int:
             p.error(f"unknown system {s!r}; choose from {', '.join(DEFAULT_SYSTEMS)}")
     if FLOOR not in systems:
         systems.insert(0, FLOOR)
+    import importlib.util
+
+    need = {"faiss": "faiss-cpu", "lmdb": "lmdb", "retrostore": "retrostore", "psutil": "psutil"}
+    if any(x.startswith("lancedb") for x in systems):
+        need.update(lancedb="lancedb", pyarrow="pyarrow")
+    if "chroma" in systems:
+        need["chromadb"] = "chromadb"
+    missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        p.error(f"{', '.join(missing)} not installed for {sys.executable}; pip install -e '.[bench]'")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_start = os.getloadavg()
 

@@ -149,7 +149,7 @@ def render(info, rows, ingest, paired, floor) -> str:
     pr = None
     if paired:
         lat = paired["latency_s"]
-        L.append(f"**Paired latency** (one process, the paths below alternated query by query, "
+        L.append(f"**Paired latency** (one process, the paths below alternated query by query in a random order, "
                  f"{info['paired_repeats']} passes over the {split['queries']} queries, after a warm-up):")
         L.append("")
         L.append("| path | p50 ms | p90 ms | p99 ms | p50 vs floor | median of per-query ratios to floor "
@@ -179,10 +179,10 @@ def render(info, rows, ingest, paired, floor) -> str:
                 "retro_faiss_call": f"retrostore: the bare FAISS call on its own segment ({st['segments']} segment)",
                 "retro_search_vectors": "retrostore: `Store.search_vectors` (checks, FAISS, `_clean`)",
                 "retro_get_chunks": "retrostore: `Store.get_chunks` of the 10 ids (records with tokens, `Chunk`s)",
-                "retro_hits": "retrostore: `Store._hits` instead (10 hits + continuations, 2 LMDB reads each)",
+                "retro_hits": "retrostore: `Store._hits` instead (10 hits + their continuations: ~19 records)",
             }
             n = len(next(iter(v for k, v in st.items() if k != "segments")))
-            L.append(f"Where a single query's time goes (same process, steps interleaved per query, "
+            L.append(f"Where a single query's time goes (same process, steps interleaved per query, each LMDB step right after a FAISS scan, "
                      f"medians of {n} queries, µs):")
             L.append("")
             L.append("| step | median µs |")
@@ -197,7 +197,8 @@ def render(info, rows, ingest, paired, floor) -> str:
                 wrap = float(np.median(np.asarray(st["tiny_search_vectors"]) - np.asarray(st["tiny_faiss_call"]))) * 1e6
                 total = wrap + texts_extra
                 line += (f"; `search_vectors` adds {wrap:.1f} µs around its FAISS call (measured with the segment "
-                         f"swapped for a 64-vector index, so FAISS's share is negligible); together {total:.1f} µs, "
+                         "swapped for a 64-vector index, so FAISS's share is negligible, each call right after a full "
+                         f"scan of the floor's index); together {total:.1f} µs, "
                          f"{total / 1e6 / float(np.median(f)) * 100:.1f}% of the floor's paired p50")
             L.append(line + ".")
             L.append("")

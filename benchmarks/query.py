@@ -224,7 +224,7 @@ def report(r: dict, args, store_path, source: str) -> str:
          [f"{b} single `search(q)` calls", f"{st_ * 1e3:.1f} ms", f"{b / st_:.0f}"],
          ["**batched / single throughput**", f"**{C.median(ratios):.2f}x**",
           "per round: " + ", ".join(f"{x:.2f}" for x in ratios)],
-         [f"batch parts: embed / search / fetch", " / ".join(f"{p * 1e3:.1f}" for p in parts_b) + " ms",
+         ["batch parts: embed / search / fetch", " / ".join(f"{p * 1e3:.1f}" for p in parts_b) + " ms",
           " / ".join(f"{100 * p / bt:.0f}%" for p in parts_b) + " of batched"]])
     where = f"`{store_path}` (read-only)" if store_path else "built in a temporary directory"
     thr_lines = []

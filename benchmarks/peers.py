@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--doc", type=Path, help="markdown file to update between its peers markers "
                                            "(default docs/benchmarks-peers.md for a full run, none for --quick)")
     p.add_argument("--no-doc", action="store_true", help="do not write the markdown file")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render the report (and --doc) from WORK_DIR/results.json without measuring")
     p.add_argument("--timeout-s", type=float, default=3600, help="limit per worker process (default 3600 s)")
     args = p.parse_args(argv)
 
@@ -182,6 +184,14 @@ def main(argv=None) -> int:
         args.doc = REPO / "docs" / "benchmarks-peers.md"
     if args.no_doc:
         args.doc = None
+    if args.report_only:
+        saved = json.loads((args.work_dir / "results.json").read_text())
+        report = peers_report.render(saved["info"], saved["rows"], saved["ingest"], saved["paired"], FLOOR)
+        print(report)
+        if args.doc and not saved["info"]["quick"]:
+            peers_report.update_doc(args.doc, report)
+            _log(f"updated {args.doc}")
+        return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in systems:
         if s not in SYSTEMS:

@@ -250,7 +250,9 @@ def _trim_profile(text: str) -> str:
     for ln in lines:
         if ln.lstrip().startswith(("Ordered by", "List reduced")):
             continue
-        keep.append(re.sub(r"/\S*/site-packages/", "", re.sub(r"/\S*/retrostore/", "retrostore/", ln)))
+        ln = re.sub(r"/\S*/site-packages/", "", ln)
+        ln = re.sub(r"/\S*/(retrostore|benchmarks)/", r"\1/", ln)
+        keep.append(ln)
     return "\n".join(keep)
 
 

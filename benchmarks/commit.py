@@ -8,13 +8,14 @@ clone of the trained template into a new segment: its cost follows the batch.
 Vectors are synthetic (clustered unit vectors, 384-d) and given to
 ``append(embeddings=...)``, so nothing is embedded.
 
-    python benchmarks/commit.py [--repeats 5] [--out DIR] [--json]
+    python benchmarks/commit.py [--repeats 11] [--threads 1] [--out DIR] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -56,50 +57,62 @@ def build(path: Path, n: int, rng, centres, batch: int = 20_000) -> float:
     return time.perf_counter() - t0
 
 
-def commit_batches(path: Path, repeats: int, rng, centres, size: int = 1000) -> dict:
-    appends, commits = [], []
-    with retrostore.open(path, "a", embedder=PrecomputedOnly()) as st:
-        base = len(st)
-        for r in range(repeats):
-            texts = [f"new {r} {i}" for i in range(size)]
-            vecs = vectors(rng, size, centres)
-            t0 = time.perf_counter()
-            st.append(texts, embeddings=vecs)
-            t1 = time.perf_counter()
-            st.commit()
-            t2 = time.perf_counter()
-            appends.append(t1 - t0)
-            commits.append(t2 - t1)
-        info = st.info()
-    return {"chunks_before": base, "factory": info["index"]["factory"], "segments": info["index"]["segments"],
-            "append_s": appends, "commit_s": commits,
-            "median_commit_s": statistics.median(commits),
-            "median_append_commit_s": statistics.median(a + c for a, c in zip(appends, commits))}
+def commit_batches(paths: dict, repeats: int, rng, centres, threads: int | None, size: int = 1000) -> dict:
+    """Alternate 1,000-chunk commits between the stores, so that both see the same machine noise."""
+    stores = {n: retrostore.open(p, "a", embedder=PrecomputedOnly(), threads=threads) for n, p in paths.items()}
+    times = {n: {"append_s": [], "commit_s": [], "chunks_before": len(st)} for n, st in stores.items()}
+    try:
+        for r in range(repeats + 1):  # the first round warms caches and is not counted
+            for n, st in stores.items():
+                texts = [f"new {r} {i}" for i in range(size)]
+                vecs = vectors(rng, size, centres)
+                t0 = time.perf_counter()
+                st.append(texts, embeddings=vecs)
+                t1 = time.perf_counter()
+                st.commit()
+                t2 = time.perf_counter()
+                if r:
+                    times[n]["append_s"].append(t1 - t0)
+                    times[n]["commit_s"].append(t2 - t1)
+        for n, st in stores.items():
+            info = st.info()
+            res = times[n]
+            res.update(factory=info["index"]["factory"], segments=info["index"]["segments"],
+                       median_commit_s=statistics.median(res["commit_s"]),
+                       median_append_commit_s=statistics.median(a + c for a, c in zip(res["append_s"], res["commit_s"])))
+    finally:
+        for st in stores.values():
+            st.close()
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5, help="1,000-chunk commits measured per store")
+    ap.add_argument("--repeats", type=int, default=11, help="1,000-chunk commits measured per store")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="FAISS threads of both stores (default 1: OpenMP barriers on a busy shared machine "
+                         "otherwise measure the neighbours' load, not the commit)")
     ap.add_argument("--out", type=Path, default=None, help="directory for the stores (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((256, DIM)).astype(np.float32)
     root = args.out or Path(tempfile.mkdtemp(prefix="rs-commit-"))
-    results = {}
     try:
+        paths, build_s = {}, {}
         for n in (10_000, 200_000):
-            path = root / f"store-{n}.rstore"
-            shutil.rmtree(path, ignore_errors=True)
-            build_s = build(path, n, rng, centres)
-            res = commit_batches(path, args.repeats, rng, centres)
-            res["build_s"] = round(build_s, 1)
-            results[n] = res
+            paths[n] = root / f"store-{n}.rstore"
+            shutil.rmtree(paths[n], ignore_errors=True)
+            build_s[n] = build(paths[n], n, rng, centres)
+        os.sync()  # the builds' dirty pages must not land in the measured fsyncs
+        results = commit_batches(paths, args.repeats, rng, centres, args.threads)
+        for n, res in results.items():
+            res["build_s"] = round(build_s[n], 1)
             if not args.json:
                 print(f"{n:>7,} chunks ({res['factory']}, {res['segments']} segments): commit of 1,000 chunks "
                       f"median {res['median_commit_s'] * 1e3:.0f} ms "
                       f"(each: {', '.join(f'{c * 1e3:.0f}' for c in res['commit_s'])} ms); "
-                      f"append+commit median {res['median_append_commit_s'] * 1e3:.0f} ms; built in {build_s:.0f} s")
+                      f"append+commit median {res['median_append_commit_s'] * 1e3:.0f} ms; built in {build_s[n]:.0f} s")
         ratio = results[200_000]["median_commit_s"] / results[10_000]["median_commit_s"]
         ratio_all = results[200_000]["median_append_commit_s"] / results[10_000]["median_append_commit_s"]
         if args.json:

@@ -368,12 +368,13 @@ def compact(store, quiet):
 @click.option("--k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option("--param", "params", multiple=True, help=_PARAM_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query sample.")
+@click.option("--threads", type=int, default=None, help="FAISS threads (default: CPUs available; 1 for serving-style latency).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly
-def eval_(store, queries, k, params, seed, as_json):
+def eval_(store, queries, k, params, seed, threads, as_json):
     """Recall@k of STORE's index against exact search over its stored vectors,
     and single-query latency p50/p99."""
-    with retrostore.open(store) as st:
+    with retrostore.open(store, threads=threads) as st:
         res = st.evaluate(queries=queries, k=k, params=_params(params), seed=seed)
     if as_json:
         click.echo(json.dumps(res, indent=2))

@@ -454,18 +454,26 @@ class SegmentSet:
         return out_d, out_i
 
     def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Re-score candidates exactly with the raw vectors; keep the best k."""
-        vecs = self.raw.take(ids)  # (n, kk, dim)
-        if self.metric == "ip":
-            scores = np.einsum("nkd,nd->nk", vecs, queries)
-            scores[ids < 0] = -np.inf
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        else:
-            scores = ((vecs - queries[:, None, :]) ** 2).sum(-1)
-            scores[ids < 0] = np.inf
-            order = np.argsort(scores, axis=1, kind="stable")[:, :k]
-        return (np.ascontiguousarray(np.take_along_axis(scores, order, 1), dtype=np.float32),
-                np.ascontiguousarray(np.take_along_axis(ids, order, 1)))
+        """Re-score candidates exactly with the raw vectors; keep the best k (blocks of rows bound the memory)."""
+        n, kk = ids.shape
+        out_d = np.empty((n, min(k, kk)), np.float32)
+        out_i = np.empty((n, min(k, kk)), np.int64)
+        step = max(1, (1 << 22) // max(1, kk * self.dim))  # <= 16 MiB of float32 candidates per block
+        for lo in range(0, n, step):
+            I = ids[lo : lo + step]
+            q = queries[lo : lo + step]
+            vecs = self.raw.take(I)  # (rows, kk, dim)
+            if self.metric == "ip":
+                scores = np.einsum("nkd,nd->nk", vecs, q)
+                scores[I < 0] = -np.inf
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            else:
+                scores = ((vecs - q[:, None, :]) ** 2).sum(-1)
+                scores[I < 0] = np.inf
+                order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+            out_d[lo : lo + step] = np.take_along_axis(scores, order, 1)
+            out_i[lo : lo + step] = np.take_along_axis(I, order, 1)
+        return out_d, out_i
 
 
 def _current(index: faiss.Index, names: dict) -> dict:

@@ -35,7 +35,7 @@ def store_info(store: "Store") -> dict:
     root = store.path
     idx = m["index"]
     files = _manifest.referenced_files(m)
-    index_bytes = sum(e["size"] for e in idx["segments"]) + (idx["template"]["size"] if idx.get("template") else 0)
+    index_bytes = sum(e["size"] for e in idx["segments"])
     vectors_bytes = sum(e["size"] for e in m["vectors"]["files"])
     lmdb_bytes = _dir_bytes(root / LMDB_DIR)
     manifest_mtime = (root / _manifest.MANIFEST).stat().st_mtime
@@ -96,6 +96,7 @@ def index_info(store: "Store", index_bytes: int) -> dict:
         "mmap": bool(getattr(store, "_mmap_arg", None) if getattr(store, "_mmap_arg", None) is not None
                      else m["settings"].get("mmap", False)),
         "bytes_per_vector": round(index_bytes / n, 2) if n else None,
+        "template_bytes": idx["template"]["size"] if idx.get("template") else 0,
     }
     hint = None
     if target == "auto" and not idx.get("template") and n < AUTO_TRAIN_MIN:

@@ -106,9 +106,12 @@ class VectorSource:
         self._maps: dict[int, np.ndarray] = {}
 
     def take(self, ids: np.ndarray) -> np.ndarray:
+        """Vectors of chunk ids (any shape), float32; zeros for ids not indexed."""
         ids = np.asarray(ids, np.int64)
         if self.raw is not None:
             return self.raw.take(ids)
+        if ids.ndim != 1:
+            return self.take(ids.ravel()).reshape(ids.shape + (self.dim,))
         out = np.zeros((len(ids), self.dim), np.float32)
         which = np.searchsorted(self._firsts, ids, side="right") - 1
         for w in np.unique(which[which >= 0]):

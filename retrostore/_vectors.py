@@ -9,6 +9,7 @@ against exact search. ``.npy`` is read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import io
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,12 @@ class RawVectors:
         arr = self._arrays[i]
         if arr is None:
             arr = self._arrays[i] = load_vectors(self.root, self.entries[i])
+            mm = getattr(arr, "_mmap", None)  # rows are read at random (re-ranking): no read-ahead
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                try:
+                    mm.madvise(mmap.MADV_RANDOM)
+                except OSError:
+                    pass
         return arr
 
     def rows(self, first: int, end: int) -> np.ndarray:
@@ -138,6 +145,10 @@ class RawVectors:
         ndarray, shape ``ids.shape + (dim,)``, float32
         """
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size > 64:  # many duplicates in a batch of candidate lists: read each row once
+            uniq, inverse = np.unique(ids.ravel(), return_inverse=True)
+            if len(uniq) < ids.size:
+                return self.take(uniq)[inverse].reshape(ids.shape + (self.dim,))
         flat = ids.ravel()
         out = np.zeros((flat.size, self.dim), np.float32)
         ok = (flat >= 0) & (flat < self.end)

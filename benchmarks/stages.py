@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import retrostore  # noqa: E402
 from retrostore import _shards  # noqa: E402
 from retrostore._distributed import _settings  # noqa: E402
-from retrostore._store import embed_chunks  # noqa: E402
+from retrostore._embed import embed_chunks  # noqa: E402
 
 PYDOCS = ROOT.parent / "shared" / "data" / "pydocs.jsonl.zst"
 

@@ -18,7 +18,7 @@ from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedd
 from ._artifact import pack
 from ._create import create
 from ._store import Store
-from ._store import open_store as open
+from ._create import open_store as open
 from ._unpack import unpack
 from ._retro import Neighbors
 from ._types import Chunk, Document, Hit

@@ -1,4 +1,4 @@
-"""``retrostore.create``: a new store, published atomically as version 0."""
+"""``retrostore.create`` and ``retrostore.open``: the entry points that make a Store (create publishes version 0 atomically)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_to
 from ._store import DEFAULTS, INDEX_DIR, TOKENIZER, VECTORS_DIR, Store, _genesis_chain, _now
 from .errors import CommitError, InvalidInputError, StoreExistsError
 
-__all__ = ["create"]
+__all__ = ["create", "open_store"]
 
 
 def create(
@@ -224,3 +224,52 @@ def _json_fingerprint(emb: Any) -> dict:
     import json
 
     return json.loads(json.dumps(dict(emb.fingerprint), sort_keys=True))
+
+
+def open_store(
+    path: str | os.PathLike,
+    mode: str = "r",
+    *,
+    embedder: Embedder | None = None,
+    version: int | None = None,
+    timeout_s: float | None = None,
+    threads: int | None = None,
+    mmap: bool | None = None,
+) -> "Store":
+    """Open an existing store (``retrostore.open``).
+
+    Parameters
+    ----------
+    path : path-like
+        The store directory.
+    mode : {"r", "a"}, default "r"
+        ``"r"`` reads (any number of processes); ``"a"`` is the one writer.
+    embedder : Embedder, optional
+        Must match the manifest's embedder fingerprint. Default: the default
+        embedder, when the store was built with it (loaded on first use).
+    version : int, optional
+        Open a retained earlier version, read-only.
+    timeout_s : float, optional
+        With ``mode="a"``, wait up to this many seconds for another writer.
+    threads : int, optional
+        FAISS and onnxruntime threads; default the CPUs this process may use.
+    mmap : bool, optional
+        Serve search from index files that stay on disk (memory-mapped);
+        default: the store's ``mmap`` setting. See docs/index.md for the
+        factories FAISS can map (not fast-scan PQ).
+
+    Raises
+    ------
+    NotAStoreError
+        ``path`` holds no store, or ``version`` is not retained.
+    CorruptStoreError, FormatVersionError
+        The manifest or a file it references is damaged / too new.
+    WriterLockedError
+        ``mode="a"`` and another writer holds the store.
+    EmbedderMismatchError
+        ``embedder`` differs from the one the store was built with.
+    InvalidInputError
+        Bad ``mode`` or ``version``.
+    """
+    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
+                 mmap=mmap)

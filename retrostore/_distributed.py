@@ -334,7 +334,7 @@ def build_sharded(
         A shard task failed for good (the message says why).
     """
     from ._create import create
-    from ._store import open_store
+    from ._create import open_store
     from .build import BuildResult, _check_same_settings
 
     t0 = time.perf_counter()

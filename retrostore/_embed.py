@@ -423,3 +423,22 @@ def default_embedder(*, threads: int | None = None, batch_size: int = 16,
     return OnnxEmbedder(model, tok, pooling="mean", normalize=True, max_tokens=256,
                         batch_size=batch_size, threads=threads, providers=providers,
                         expected_sha256=DEFAULT_MODEL_SHA256, name=_DEFAULT_NAME)
+
+
+def embed_chunks(emb: "Embedder", tokenizer_sha256: str, docs: Sequence[str], per_doc: Sequence[Sequence]) -> np.ndarray:
+    """Vectors of every chunk of ``docs``, in order, as ``Store.append`` computes them.
+
+    Token ids are fed directly when the chunk tokenizer (``tokenizer_sha256``)
+    is the embedder's own, else the chunks' text spans are embedded. Shard
+    tasks of a sharded build call this too, so their vectors equal append's.
+
+    Returns
+    -------
+    ndarray, shape (n_chunks, dim), float32, C-contiguous
+    """
+    flat = [c for chunks in per_doc for c in chunks]
+    if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == tokenizer_sha256:
+        arr = emb.embed_token_ids([c.token_ids for c in flat])
+    else:
+        arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
+    return np.ascontiguousarray(arr, dtype=np.float32)

@@ -410,7 +410,7 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
 
 
 def _embed(embedder: Any, settings: dict, texts: list[str], per_doc: list, n_chunks: int) -> np.ndarray:
-    from ._store import embed_chunks
+    from ._embed import embed_chunks
     from .errors import InvalidEmbeddingsError
 
     dim = settings["dim"]

@@ -20,7 +20,7 @@ import numpy as np
 from . import _commit, _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
-from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder
+from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, embed_chunks
 from ._deletes import finish_purge
 from ._index import Segment, load_segment
 from ._maintenance import store_mmap, stored_vectors, version_index
@@ -44,7 +44,7 @@ from .errors import (
 if TYPE_CHECKING:
     from ._retro import Neighbors
 
-__all__ = ["Store", "open_store", "DEFAULTS"]
+__all__ = ["Store", "DEFAULTS"]
 
 #: Store settings and their defaults (persisted in the manifest's "settings").
 DEFAULTS: dict[str, Any] = {
@@ -108,55 +108,6 @@ def _genesis_chain() -> str:
     import hashlib
 
     return hashlib.sha256(_GENESIS.encode()).hexdigest()
-
-
-def open_store(
-    path: str | os.PathLike,
-    mode: str = "r",
-    *,
-    embedder: Embedder | None = None,
-    version: int | None = None,
-    timeout_s: float | None = None,
-    threads: int | None = None,
-    mmap: bool | None = None,
-) -> "Store":
-    """Open an existing store (``retrostore.open``).
-
-    Parameters
-    ----------
-    path : path-like
-        The store directory.
-    mode : {"r", "a"}, default "r"
-        ``"r"`` reads (any number of processes); ``"a"`` is the one writer.
-    embedder : Embedder, optional
-        Must match the manifest's embedder fingerprint. Default: the default
-        embedder, when the store was built with it (loaded on first use).
-    version : int, optional
-        Open a retained earlier version, read-only.
-    timeout_s : float, optional
-        With ``mode="a"``, wait up to this many seconds for another writer.
-    threads : int, optional
-        FAISS and onnxruntime threads; default the CPUs this process may use.
-    mmap : bool, optional
-        Serve search from index files that stay on disk (memory-mapped);
-        default: the store's ``mmap`` setting. See docs/index.md for the
-        factories FAISS can map (not fast-scan PQ).
-
-    Raises
-    ------
-    NotAStoreError
-        ``path`` holds no store, or ``version`` is not retained.
-    CorruptStoreError, FormatVersionError
-        The manifest or a file it references is damaged / too new.
-    WriterLockedError
-        ``mode="a"`` and another writer holds the store.
-    EmbedderMismatchError
-        ``embedder`` differs from the one the store was built with.
-    InvalidInputError
-        Bad ``mode`` or ``version``.
-    """
-    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
-                 mmap=mmap)
 
 
 def _fingerprint_diff(a: dict, b: dict) -> str:
@@ -1003,25 +954,6 @@ class Store:
         from ._inspect import verify_store
 
         return verify_store(self)
-
-
-def embed_chunks(emb: Embedder, tokenizer_sha256: str, docs: Sequence[str], per_doc: Sequence[Sequence]) -> np.ndarray:
-    """Vectors of every chunk of ``docs``, in order, as ``Store.append`` computes them.
-
-    Token ids are fed directly when the chunk tokenizer (``tokenizer_sha256``)
-    is the embedder's own, else the chunks' text spans are embedded. Shard
-    tasks of a sharded build call this too, so their vectors equal append's.
-
-    Returns
-    -------
-    ndarray, shape (n_chunks, dim), float32, C-contiguous
-    """
-    flat = [c for chunks in per_doc for c in chunks]
-    if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == tokenizer_sha256:
-        arr = emb.embed_token_ids([c.token_ids for c in flat])
-    else:
-        arr = emb.embed([text[c.start : c.end] for text, chunks in zip(docs, per_doc) for c in chunks])
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _check_k(k: Any) -> int:

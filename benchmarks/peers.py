@@ -60,7 +60,7 @@ import peers_data  # noqa: E402
 import peers_report  # noqa: E402
 from peers_systems import SYSTEMS, ivf_lists  # noqa: E402
 
-DEFAULT_SYSTEMS = ["faiss-lmdb", "faiss-ivf-lmdb", "retrostore-flat", "retrostore-ivf", "lancedb-flat",
+DEFAULT_SYSTEMS = ["faiss-lmdb", "faiss-ivf-lmdb", "retrostore-flat", "retrostore-ivf", "retrostore-ivfsq", "lancedb-flat",
                    "lancedb-ivfpq", "chroma"]
 FLOOR = "faiss-lmdb"
 
@@ -276,8 +276,6 @@ def main(argv=None) -> int:
     # -- paired latency + profile -------------------------------------------------------------
     paired = None
     pair = [s for s in (FLOOR, "retrostore-flat") if s in stores]
-    if "retrostore-ivf" in stores:  # a trained retrostore index against the floor with the same index
-        pair += [s for s in ("faiss-ivf-lmdb", "retrostore-ivf") if s in stores]
     if len(pair) > 1:
         _log(f"paired latency: {', '.join(pair)} alternating, {args.paired_repeats} passes")
         paired = run_worker("paired", args, work / "results" / "paired.json",

@@ -199,12 +199,15 @@ class Retrostore(System):
                              capture_output=True, text=True).stdout.strip()
         return {"retrostore": f"{retrostore.__version__} ({rev or 'no git'})"}
 
+    #: create(index_params=...): store-wide search parameters
+    index_params: dict | None = None
+
     def ingest(self, path, data, vectors):
         docs = data["doc_texts"]
         counts = np.bincount(np.asarray(data["chunk_doc"], np.int64), minlength=len(docs))
         starts = np.concatenate([[0], np.cumsum(counts)])
         t0 = time.perf_counter()
-        st = retrostore.create(path, index=self.factory(), threads=self.faiss_threads)
+        st = retrostore.create(path, index=self.factory(), index_params=self.index_params, threads=self.faiss_threads)
         t1 = time.perf_counter()
         try:
             for a in range(0, len(docs), self.append_docs):
@@ -228,19 +231,14 @@ class Retrostore(System):
         for a in range(0, len(docs), self.append_docs):
             chunker.chunk_many(docs[a:a + self.append_docs])
         chunk_s = time.perf_counter() - c0
-        # create() loads the default embedder even when every vector is given: time that
-        # again, with the per-process sha256 cache emptied as in a fresh process.
+        # create() checks the default model's sha256 (it no longer loads the model when
+        # vectors are given): time that again, with the per-process cache emptied.
         from retrostore import _embed
 
         _embed._hash_cache.clear()
         c0 = time.perf_counter()
-        emb = retrostore.default_embedder()
-        load_s = time.perf_counter() - c0
-        _embed._hash_cache.clear()
-        c0 = time.perf_counter()
-        _embed._sha256_file(emb.model_path)
-        return {"chunking_s": chunk_s, "default_embedder_load_s": load_s,
-                "model_sha256_s": time.perf_counter() - c0}
+        _embed.default_fingerprint()
+        return {"chunking_s": chunk_s, "model_sha256_s": time.perf_counter() - c0}
 
     def open(self, path):
         return retrostore.open(path, threads=self.faiss_threads)
@@ -248,16 +246,16 @@ class Retrostore(System):
     def close(self, h):
         h.close()
 
-    def query_one(self, h, q, k, hits=False):
-        scores, ids = h.search_vectors(q, k)
+    def query_one(self, h, q, k, hits=False, params=None):
+        scores, ids = h.search_vectors(q, k, params=params)
         if hits:
             row = h._hits(scores, ids)[0]
             return [x.chunk_id for x in row], [x.text for x in row]
         chunks = h.get_chunks(ids[0][ids[0] >= 0])
         return [c.chunk_id for c in chunks], [c.text for c in chunks]
 
-    def query_batch(self, h, qs, k, hits=False):
-        scores, ids = h.search_vectors(qs, k)
+    def query_batch(self, h, qs, k, hits=False, params=None):
+        scores, ids = h.search_vectors(qs, k, params=params)
         if hits:
             rows = h._hits(scores, ids)
             return ids, [[x.text for x in row] for row in rows]
@@ -267,17 +265,42 @@ class Retrostore(System):
 
 
 class RetrostoreTrained(Retrostore):
-    """retrostore with a trained FAISS index, if the installed retrostore can train one at commit."""
+    """retrostore with the index ``index="auto"`` trains for a large store: ``IVF{nlist},PQ8``
+    (nlist from the store's size) searched with its default parameters (nprobe 64, re-ranking
+    ``k x 50`` candidates exactly from the float16 raw vectors). ``auto`` itself keeps this
+    corpus (< 100,000 chunks) exact; the factory string is given so that it trains at the commit."""
 
     name = "retrostore-ivf"
-    variants = [("", "", {"hits": False})]
+    variants = [("", "", {})]
 
     def factory(self):
-        return f"IVF{ivf_lists(self.n_chunks)},Flat"
+        from retrostore._training import default_factory
+
+        return default_factory(self.n_chunks, 384, trained=True)
 
     @property
     def label(self):
-        return f"retrostore, index=\"{self.factory()}\""
+        return f"retrostore, index=\"{self.factory()}\" (what auto trains at this size; default search parameters)"
+
+
+class RetrostoreSQ(Retrostore):
+    """retrostore with an 8-bit scalar-quantised IVF index (384 bytes/vector) tuned for recall:
+    ``IVF{nlist},SQ8``, nprobe 256 and 128, re-ranking ``k x 2`` candidates from the raw vectors.
+    Stated in ``index_params`` at create, as a user would."""
+
+    name = "retrostore-ivfsq"
+    variants = [("", " nprobe=256", {}), ("/np128", " nprobe=128", {"params": {"nprobe": 128}})]
+    index_params = {"nprobe": 256, "rerank": 2}
+
+    def factory(self):
+        from retrostore._training import default_factory
+
+        nlist = default_factory(self.n_chunks, 384, trained=True).split(",")[0]
+        return f"{nlist},SQ8"
+
+    @property
+    def label(self):
+        return f"retrostore, index=\"{self.factory()}\", rerank 2,"
 
 
 # -- LanceDB -------------------------------------------------------------------------------
@@ -406,4 +429,5 @@ class Chroma(System):
         return ids, r["documents"]
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, FaissIvfLmdb, Retrostore, RetrostoreTrained, Lance, LanceIvfPq, Chroma)}
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, FaissIvfLmdb, Retrostore, RetrostoreTrained,
+                                                          RetrostoreSQ, Lance, LanceIvfPq, Chroma)}

@@ -20,7 +20,6 @@ refine wrappers (an attribute set on the wrapper would do nothing).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -194,8 +193,10 @@ def serialize(index: faiss.Index) -> np.ndarray:
 def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = False) -> Segment:
     """Load a segment (or template) file after checking its size and sha256.
 
-    With ``mmap=True`` the file is hashed block by block, then FAISS maps it
-    (``IO_FLAG_MMAP_IFC``): the codes stay on disk and pages come in on demand.
+    The file is hashed block by block, then FAISS reads it (one copy in
+    memory) or, with ``mmap=True``, maps it (``IO_FLAG_MMAP_IFC``): the codes
+    stay on disk and pages come in on demand. Store files are never modified
+    in place (a commit writes new ones), so the hash holds for what is read.
 
     Raises
     ------
@@ -211,19 +212,16 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     if size != entry["size"]:
         raise CorruptStoreError(f"{rel}: index file is {size} bytes, the manifest says {entry['size']}; "
                                 f"{_lfs_pointer(path) or 'it is damaged'}")
-    raw = None
-    if mmap:
-        actual = sha256_file(path)[1] if verify else entry["sha256"]
-    else:
-        raw = np.fromfile(path, dtype=np.uint8)
-        actual = hashlib.sha256(raw).hexdigest() if verify else entry["sha256"]
+    # Hash block by block, then let FAISS read (or map) the file itself: one copy of the
+    # index in memory, where reading it into numpy and deserializing held three.
+    actual = sha256_file(path)[1] if verify else entry["sha256"]
     if actual != entry["sha256"]:
         raise CorruptStoreError(
             f"{rel}: index file checksum mismatch (manifest {entry['sha256'][:16]}..., "
             f"file {actual[:16]}...); it is damaged"
         )
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.deserialize_index(raw)
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.read_index(str(path))
     except RuntimeError as exc:
         raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
     if "count" in entry and index.ntotal != entry["count"]:

@@ -197,6 +197,17 @@ class DocRecord:
         self.text = text
 
 
+def _appendable(cur: "lmdb.Cursor", items: list[tuple[bytes, bytes]]) -> bool:
+    """Whether ``items`` may be written with MDB_APPEND: keys strictly increasing and all after
+    the table's last key. Appending fills B-tree pages (~10% smaller than ordinary puts on
+    pydocs), but a crash can leave uncommitted records at the ids a new append reuses, and
+    MDB_APPEND refuses (MDB_KEYEXIST) to overwrite them, so those writes go the ordinary way."""
+    keys = [k for k, _ in items]
+    if not keys or any(a >= b for a, b in zip(keys, keys[1:])):
+        return False
+    return not cur.last() or cur.key() < keys[0]
+
+
 class ChunkTable:
     """Access to the store's LMDB environment.
 
@@ -319,10 +330,10 @@ class ChunkTable:
             part_d = docs[i : i + _TXN_RECORDS]
 
             def fn(txn, part_c=part_c, part_d=part_d):
-                cur = txn.cursor(self._chunks)
-                cur.putmulti([(_key(k), v) for k, v in part_c], append=False)
-                cur = txn.cursor(self._docs)
-                cur.putmulti([(_key(k), v) for k, v in part_d], append=False)
+                for db, part in ((self._chunks, part_c), (self._docs, part_d)):
+                    cur = txn.cursor(db)
+                    items = [(_key(k), v) for k, v in part]
+                    cur.putmulti(items, append=_appendable(cur, items))
 
             self._write_txn(fn)
 

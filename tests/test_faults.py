@@ -224,3 +224,25 @@ def test_create_failing_at_each_step(tmp_path, embedder, faults):
             if i == n_calls - 1:
                 assert st.verify() == []
         shutil.rmtree(path)
+
+
+def test_lmdb_append_mode_only_past_the_last_key(tmp_path):
+    """put_records uses MDB_APPEND (full pages) only when every key sorts after the table's
+    last one; over leftovers of a failed commit it overwrites them the ordinary way."""
+    import lmdb
+
+    from retrostore._chunks import _appendable
+    from retrostore._lmdbscan import key
+
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24)
+    items = [(key(i), b"x" * 300) for i in range(100)]
+    with env.begin(write=True) as txn:
+        cur = txn.cursor()
+        assert _appendable(cur, items)
+        cur.putmulti(items, append=True)
+        assert not _appendable(cur, items[50:])  # leftovers at these ids: overwrite
+        assert not _appendable(cur, [(key(200), b""), (key(150), b"")])  # not increasing
+        assert _appendable(cur, [(key(100), b""), (key(101), b"")])
+        assert not _appendable(cur, [])
+        cur.putmulti([(k, b"y") for k, _ in items[50:]], append=_appendable(cur, items[50:]))
+        assert txn.get(key(60)) == b"y" and txn.get(key(10)) == b"x" * 300

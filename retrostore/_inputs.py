@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import re
+import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,13 +59,17 @@ class InputDocument:
     source: str
 
 
+_log = logging.getLogger("retrostore")
+
+
 def _kind(path: Path) -> str | None:
     name = path.name.lower()
     return next((s for s in reversed(SUPPORTED_SUFFIXES) if name.endswith(s)), None)
 
 
-def _expand(inputs: Sequence[PathArg] | PathArg) -> list[tuple[Path, str]]:
-    """Return ``(path, name relative to its input root)`` for every input file."""
+def _expand(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> list[tuple[Path, str]]:
+    """Return ``(path, name relative to its input root)`` for every input file; with ``warn``,
+    log a warning naming the files of a directory that were skipped."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
         raise InvalidInputError(f"no input given; pass files or directories ({_SUPPORTED})")
@@ -86,6 +91,10 @@ def _expand(inputs: Sequence[PathArg] | PathArg) -> list[tuple[Path, str]]:
                 raise InvalidInputError(
                     f"{root}: directory has no supported input files ({_SUPPORTED}){seen}; "
                     "rename or convert the files, or pass the files themselves")
+            if skipped and warn:  # documented, but a user should learn that these files were not read
+                _log.warning("%s: skipped %d file(s) without a supported suffix (%s), e.g. %s; rename or "
+                             "convert them, or pass them directly to get an error", root, len(skipped), _SUPPORTED,
+                             ", ".join(repr(n) for n in sorted(skipped)[:3]))
             out.extend((path, "/".join(parts)) for parts, path in sorted(found))
         elif not root.exists():
             raise InputNotFoundError(f"{root}: no such file or directory; check the input path")
@@ -108,6 +117,8 @@ def expand_inputs(inputs: Sequence[PathArg]) -> list[Path]:
         Directories are walked recursively, sorted by relative path, keeping
         files with a ``SUPPORTED_SUFFIXES`` suffix (case-insensitive), skipping
         hidden files and directories and not following symlinked directories.
+        Other files are skipped with a warning on the ``retrostore`` logger
+        naming up to three of them.
 
     Returns
     -------
@@ -134,7 +145,7 @@ def count_input_bytes(inputs: Sequence[PathArg]) -> int:
     InputNotFoundError, InvalidInputError
         As :func:`expand_inputs`.
     """
-    return sum(path.stat().st_size for path in expand_inputs(inputs))
+    return sum(path.stat().st_size for path, _ in _expand(inputs, warn=False))
 
 
 def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:

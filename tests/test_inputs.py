@@ -124,7 +124,7 @@ def test_txt_text_kept_exactly(tmp_path):
         assert doc.text == (DATA / "tinyshakespeare.txt").read_bytes().decode("utf-8")
 
 
-def test_directory_walk_order_and_filtering(tmp_path):
+def test_directory_walk_order_and_filtering(tmp_path, caplog):
     root = tmp_path / "corpus"
     for rel in ["b.txt", "a/z.jsonl", "a/y.txt", "a.txt", "c/d/e.jsonl.gz", "c/f.jsonl.zst",
                 "README.md", "data.json", "x.json.zst", "notes.txt.gz", ".hidden.txt",
@@ -146,6 +146,9 @@ def test_directory_walk_order_and_filtering(tmp_path):
                                           {"source": "a.txt"}, {"source": "b.txt"}, None, None]
     assert docs[1].text == "a/y.txt" and docs[1].source == str(root / "a" / "y.txt")
     assert expand_inputs(str(single)) == [single]  # a single path is accepted
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped and all("skipped 4 file(s)" in m and "'README.md', 'data.json', 'notes.txt.gz'" in m
+                           for m in skipped), skipped
     assert count_input_bytes([root]) == sum(p.stat().st_size for p in expand_inputs([root]))
 
 

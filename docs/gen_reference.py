@@ -46,6 +46,16 @@ def _doc(obj) -> str:
     return inspect.cleandoc(obj.__doc__ or "").strip()
 
 
+def class_members(cls: type) -> dict:
+    """Attributes defined by ``cls`` and its retrostore base classes (Store's mixins), as
+    ``vars`` would give them if everything were defined on ``cls``."""
+    out: dict = {}
+    for base in reversed(cls.__mro__):
+        if base.__module__.startswith("retrostore"):
+            out.update(vars(base))
+    return out
+
+
 def api_markdown() -> str:
     out = [
         "# Python API reference",
@@ -66,7 +76,7 @@ def api_markdown() -> str:
         out += [f"## {name}", ""]
         if inspect.isclass(obj):
             out += ["```python", f"class {name}{_signature(obj)}", "```", "", _doc(obj), ""]
-            for attr, member in sorted(vars(obj).items()):
+            for attr, member in sorted(class_members(obj).items()):
                 if attr.startswith("_") or not (callable(member) or isinstance(member, property)):
                     continue
                 target = member.fget if isinstance(member, property) else member

@@ -60,7 +60,7 @@ def evaluate(store: "Store", *, queries: int = 1000, k: int = 10, params: dict |
     RetrostoreError
         The stored vectors cannot be read (no raw vectors and a compressed index).
     """
-    from ._store import _check_k
+    from ._reading import _check_k
 
     k = _check_k(k)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:

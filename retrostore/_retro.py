@@ -175,7 +175,7 @@ def search_excluding(store: "Store", vectors: np.ndarray, k: int, excluded: list
 
 def neighbors(store: "Store", token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None) -> Neighbors:
     """See :meth:`retrostore.Store.neighbors`."""
-    from ._store import _check_k
+    from ._reading import _check_k
 
     k = _check_k(k)
     m = store._manifest
@@ -229,7 +229,7 @@ def precompute_neighbors(
     progress: bool = True,
 ) -> Path:
     """See :meth:`retrostore.Store.precompute_neighbors`."""
-    from ._store import _check_k
+    from ._reading import _check_k
 
     k = _check_k(k)
     if not _is_int(batch_size) or batch_size < 1:

@@ -51,12 +51,13 @@ def test_cli_reference_is_current_and_complete():
 
 
 def test_every_public_name_has_a_docstring():
+    gen = _gen()
     for name in retrostore.__all__:
         obj = getattr(retrostore, name)
         if callable(obj):
             assert inspect.getdoc(obj), f"{name} has no docstring"
             if inspect.isclass(obj) and not issubclass(obj, BaseException):
-                for attr, member in vars(obj).items():
+                for attr, member in gen.class_members(obj).items():
                     if attr.startswith("_"):
                         continue
                     target = member.fget if isinstance(member, property) else member

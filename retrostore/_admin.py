@@ -1,0 +1,110 @@
+"""Maintaining a store: deletes, reindex, compaction, evaluation, info and
+verify. Mixed into :class:`retrostore.Store` (retrostore/_store.py); the work
+itself lives in retrostore/_maintenance.py, _deletes.py, _evaluate.py and
+_inspect.py (docs/index.md).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class AdminMixin:
+    """The maintenance API of :class:`retrostore.Store` (documented there)."""
+
+    def delete(self, doc_ids: int | Iterable[int]) -> int:
+        """Stage a take-down of committed documents; it takes effect at :meth:`commit`.
+
+        From that version on their chunks are never returned by search,
+        neighbours or precomputed neighbours, and reading them by id raises;
+        :meth:`compact` then purges them from every file. Returns the number
+        of documents newly staged (already deleted ones are skipped).
+
+        Raises
+        ------
+        InvalidInputError
+            An id is not an int or not committed.
+        ReadOnlyStoreError, StoreClosedError
+        """
+        self._check(write=True)
+        from ._deletes import stage_delete
+
+        return stage_delete(self, doc_ids)
+
+    def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
+                params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
+        """Retrain and rebuild the index from the stored vectors (no re-embedding); commits a new version.
+
+        ``index`` is a FAISS factory string or ``"auto"`` (default: the
+        store's current target). Training uses a seeded random sample of
+        ``train_size`` live vectors. ``params`` become the store's search
+        parameters; ``mmap`` changes the store's setting. Returns the version.
+
+        Raises
+        ------
+        IndexTrainingError
+            Too few vectors to train a stage (the message names a factory that fits).
+        RetrostoreError
+            No raw vectors are kept and the index cannot give its vectors back.
+        InvalidInputError
+            Bad factory string or parameters, or uncommitted appends/deletes.
+        """
+        from ._maintenance import reindex
+
+        return reindex(self, index, train_size=train_size, seed=seed, params=params, mmap=mmap, progress=progress)
+
+    def compact(self, *, progress: bool = True) -> int:
+        """Merge the index segments into one and purge deleted documents from every file.
+
+        Chunk ids stay stable (purged ids become documented holes). After a
+        purge, earlier versions are retired: they name files holding the
+        purged data. Returns the new version (the current one when there is
+        nothing to do).
+
+        Raises
+        ------
+        InvalidInputError
+            Uncommitted appends or deletes.
+        """
+        from ._maintenance import compact
+
+        return compact(self, progress=progress)
+
+    def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
+        """Recall@k of the index against exact search over the stored vectors, and latency.
+
+        See :func:`retrostore._evaluate.evaluate` (``retrostore eval``).
+        """
+        self._check()
+        from ._evaluate import evaluate
+
+        return evaluate(self, queries=queries, k=k, params=params, seed=seed)
+
+    def info(self) -> dict:
+        """Everything ``retrostore inspect`` shows, as a JSON-ready dict."""
+        self._check()
+        from ._inspect import store_info
+
+        return store_info(self)
+
+    def verify(self) -> list[str]:
+        """Check the store's integrity (what ``retrostore verify`` runs).
+
+        Checks the manifest schema and paths, every referenced file's size and
+        sha256, the LMDB file's structure and every committed record (ids,
+        crc32 seals, documents tiling the chunks, commit records and the
+        content hash chain against the manifest), and that the index holds one
+        vector per chunk. The LMDB records are scanned in a short-lived child
+        process, so a damaged page that makes LMDB crash is reported as a
+        problem instead of ending this process. Writes nothing.
+
+        Returns
+        -------
+        list of str
+            One precise line per problem, starting with the file it concerns;
+            empty when the store is intact.
+        """
+        self._check()
+        from ._inspect import verify_store
+
+        return verify_store(self)

@@ -50,7 +50,9 @@ def cli() -> None:
               help="Tokens per chunk (default 64, the RETRO value). New stores only.")
 @click.option("--text-field", default="text", show_default=True, help="JSON field holding a document's text.")
 @click.option("--meta-field", default="meta", show_default=True, help="JSON field stored as document metadata.")
-@click.option("--index", "factory", default=None, help="FAISS factory string (default 'Flat', exact). New stores only.")
+@click.option("--index", "factory", default=None,
+              help="FAISS factory string, or 'auto' (the default: exact while small, trained IVF-PQ once large; "
+                   "docs/index.md). New stores only.")
 @click.option("--commit-every", type=int, default=20_000, show_default=True,
               help="Commit after this many chunks, so an interrupted build keeps its committed part.")
 @click.option("--threads", type=int, default=None, help="FAISS/onnxruntime threads (default: CPUs available).")

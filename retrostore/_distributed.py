@@ -5,7 +5,12 @@ or on a Ray cluster, merged into one ordinary store.
 
 1. plan the shards (input files counted in parallel) and save the plan in the
    work directory (default ``STORE.build/`` beside the store);
-2. train the index template when the factory needs it (hook; ``Flat`` skips);
+2. when the store is new and its factory string needs training, train a
+   template once on a seeded sample of the build's chunks and commit it
+   (``_maintenance.install_template``); the merge's commits then encode every
+   batch with clones of it. ``auto`` and ``Flat`` skip the stage (``auto``
+   trains at the commit that crosses its threshold, as in-process builds do),
+   and so does a sample too small for the factory;
 3. run one task per unfinished shard: a Ray task on CPUs, or a call on one of
    the model-holding actors (one per GPU) with ``device="cuda"``;
 4. merge the shards in shard order as they finish, through
@@ -23,6 +28,7 @@ merge where its last commit stopped.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -35,6 +41,8 @@ from ._embed import DEFAULT_MODEL_SHA256
 from .errors import CorruptStoreError, IndexTrainingError, InvalidInputError, RetrostoreError
 
 __all__ = ["build_sharded", "ENGINES", "DEVICES"]
+
+log = logging.getLogger("retrostore")
 
 ENGINES = ("local", "ray")
 DEVICES = ("cpu", "cuda")
@@ -234,7 +242,8 @@ class _RayEngine:
 def _settings(m: dict, text_field: str, meta_field: str) -> dict:
     return {
         "tokenizer_sha256": m["tokenizer"]["sha256"], "token_dtype": m["tokenizer"]["token_dtype"],
-        "chunk_tokens": m["chunk_tokens"], "embedder": m["embedder"], "index": m["index"]["factory"],
+        # the index policy (target), not the factory in force: stage 2 or a commit may train it
+        "chunk_tokens": m["chunk_tokens"], "embedder": m["embedder"], "index": m["index"].get("target", m["index"]["factory"]),
         "metric": m["metric"], "dim": m["index"]["dim"], "text_field": text_field, "meta_field": meta_field,
     }
 
@@ -258,18 +267,40 @@ def _remove_work(work: Path, own_dir: bool) -> None:
             pass
 
 
-def _untrainable(factory: str) -> bool:
-    """Whether ``factory`` needs training (probed at the default embedder's 384 dimensions)."""
+def _stage2_due(m: dict) -> bool:
+    """Whether stage 2 trains a template: an empty, untrained store whose index policy is a
+    factory string that needs training (``auto`` trains at the commit that crosses its threshold)."""
+    idx = m["index"]
+    target = idx.get("target", idx["factory"])
+    return (target != "auto" and not idx.get("template") and m["counts"]["vectors"] == 0
+            and _shards.needs_training(target, idx["dim"], m["metric"]))
+
+
+def _train_stage(st, plan: dict, work: Path, local: "_LocalEngine") -> None:
+    """Stage 2: train the store's factory on a seeded sample of the build's chunks, install it.
+
+    A sample too small for the factory (a small build) leaves the store as it is: served by
+    exact Flat until a commit has enough vectors to train it, as an in-process build does.
+    """
+    from ._maintenance import install_template
+
+    m = st.manifest
+    target, seed = m["index"]["target"], int(m["settings"].get("train_seed", 0))
+    t0 = time.perf_counter()
+    info: dict = {}
     try:
-        return _shards.needs_training(factory, 384, "ip")
-    except RuntimeError:
-        return False  # create() reports a factory string FAISS rejects
+        path = _shards.train_template(plan, work, local.embedder, factory=target,
+                                      train_vectors=m["settings"].get("train_size"), seed=seed, info=info)
+    except IndexTrainingError as exc:
+        log.info("stage 2 skipped, the store trains at a commit once it has enough vectors: %s", exc)
+        return
+    if path is None:
+        return
+    import faiss
 
-
-def _training_error(factory: str) -> IndexTrainingError:
-    return IndexTrainingError(
-        f"the index {factory!r} needs training, and this retrostore cannot yet give a store a trained "
-        "template (Store.set_index_template, the stage-2 hook); build with the default 'Flat' index")
+    template = faiss.read_index(str(path))
+    install_template(st, template, target, sample=info.get("sample", 0), seed=seed,
+                     seconds=time.perf_counter() - t0)
 
 
 def build_sharded(
@@ -353,12 +384,8 @@ def build_sharded(
         st = open_store(root, "a", threads=threads)
         _check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
-        from ._store import Store
-
-        if index and not hasattr(Store, "set_index_template") and _untrainable(index):
-            raise _training_error(index)  # before creating a store that could never take a vector
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
-                    index=index or "Flat", threads=threads)
+                    index=index or "auto", threads=threads)
     eng = None
     lock = None
     interrupted = False
@@ -407,13 +434,9 @@ def build_sharded(
         else:
             eng.plan = plan
 
-        # Stage 2: the index template, when the factory needs training.
-        if _shards.needs_training(settings["index"], settings["dim"], settings["metric"]):
-            if not hasattr(st, "set_index_template"):
-                raise _training_error(settings["index"])
-            local = eng if isinstance(eng, _LocalEngine) else _LocalEngine(plan, work, "cpu", threads)
-            path = _shards.train_template(plan, work, local.embedder)
-            st.set_index_template(path)  # hook for trained indexes (see docs/scaling.md)
+        # Stage 2: the index template, when the store is empty and its factory needs training.
+        if _stage2_due(st.manifest):
+            _train_stage(st, plan, work, eng if isinstance(eng, _LocalEngine) else _LocalEngine(plan, work, "cpu", threads))
 
         # Stages 3 and 4: shards run on the engine, merged here in shard order as they finish.
         builds = m.get("builds", {})

@@ -412,6 +412,45 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
     return version
 
 
+def install_template(store: "Store", template: faiss.Index, factory: str, *, sample: int, seed: int,
+                     seconds: float) -> int:
+    """Commit a trained empty ``template`` of ``factory`` as the index of an empty store.
+
+    Stage 2 of a sharded build (retrostore/_distributed.py): from the next commit
+    on, batches are encoded by clones of the template, as in a store trained at a
+    commit. Only for a store without vectors (a store with vectors is trained by
+    :func:`reindex` or at a commit).
+
+    Raises
+    ------
+    InvalidInputError
+        The store already holds vectors or a template, or has staged changes.
+    """
+    from ._store import INDEX_DIR
+
+    new, version, tag = _begin(store, "installing an index template")
+    idx = new["index"]
+    if store._index.segments and any(s.count for s in store._index.segments) or idx.get("template"):
+        raise InvalidInputError(f"{store.path}: an index template can only be installed in an empty, untrained "
+                                "store; use reindex() to retrain a store that holds vectors")
+    new_files: list = []
+    path = store.path / INDEX_DIR / f"tpl-{tag}.faiss"
+    new_files.append(path)
+    try:
+        size_b, sha = _fileio.write_durable(path, [serialize(template)])
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    keep = bool(new["settings"]["keep_vectors"])
+    idx.update(factory=factory, template={"path": f"{INDEX_DIR}/{path.name}", "size": size_b, "sha256": sha},
+               segments=[])
+    idx["params"] = {**default_params(factory, keep_vectors=keep), **idx.get("param_overrides", {})}
+    idx["trained"] = {"vectors": 0, "sample": int(sample), "seed": int(seed), "seconds": round(seconds, 1),
+                      "version": version}
+    _publish(store, new, version, new_files)
+    return version
+
+
 def compact(store: "Store", *, progress: bool = True) -> int:
     """See :meth:`retrostore.Store.compact`."""
     from ._store import INDEX_DIR, VECTORS_DIR

@@ -53,7 +53,7 @@ from ._chunking import Chunk, Chunker
 from ._inputs import InputDocument, _expand, _read_file
 from ._metadata import clean_metadata
 from ._vectors import write_vectors
-from .errors import CorruptStoreError, InvalidInputError, RetrostoreError
+from .errors import CorruptStoreError, InvalidInputError
 
 __all__ = [
     "PLAN", "SHARD_CHARS", "input_files", "plan_key", "count_file", "make_plan", "read_documents",
@@ -485,35 +485,48 @@ def load_shard(work: Path, plan: dict, index: int) -> tuple[list[str], list[list
 
 # -- stage 2: index template ------------------------------------------------------
 def needs_training(factory: str, dim: int, metric: str) -> bool:
-    """Whether FAISS needs a training pass before vectors can be added."""
+    """Whether FAISS needs a training pass before vectors can be added (``auto``: no, the
+    store trains at the commit that crosses its threshold; see docs/index.md)."""
     import faiss
+
+    if factory == "auto":
+        return False
 
     from ._index import METRICS
 
     return not faiss.index_factory(int(dim), factory, METRICS[metric]).is_trained
 
 
-def train_template(plan: dict, work: Path, embedder: Any, *, train_vectors: int = 65_536, seed: int = 0) -> Path | None:
-    """Train the store's index factory once, on a seeded sample (stage 2).
+def train_template(plan: dict, work: Path, embedder: Any, *, factory: str | None = None,
+                   train_vectors: int | None = None, seed: int = 0, info: dict | None = None) -> Path | None:
+    """Train an index factory once, on a seeded sample of the build's chunks (stage 2).
 
-    Returns None when the factory needs no training (``Flat``). Otherwise the
-    documents at ``train_vectors`` seeded random positions of the document
-    stream are chunked and embedded (one pass over the inputs), at most
-    ``train_vectors`` of their vectors train an empty index, and it is written
-    to ``work/template.faiss``. Same plan and seed, same template.
+    Returns None when ``factory`` (default: the plan's ``index`` setting)
+    needs no training (``Flat``). Otherwise documents at seeded random
+    positions of the document stream are chunked and embedded (one pass over
+    the inputs), ``train_vectors`` of their chunks (default: the store's
+    :func:`retrostore._training.default_train_size`, 64 per centroid) train an
+    empty index after the store's sample checks, and it is written to
+    ``work/template.faiss``. Same plan, factory and seed: same template.
+    ``info``, when given, receives ``sample``: the vectors trained on.
 
     Raises
     ------
-    RetrostoreError
-        FAISS cannot train on the sample (too few vectors for the factory).
+    IndexTrainingError
+        The sample is too small for a stage of ``factory`` (the message gives
+        the counts and a factory string that fits), or FAISS fails.
     """
-    import faiss
-
-    from ._index import METRICS, serialize
+    from ._index import serialize
+    from ._training import default_train_size
+    from ._training import train_template as train_index
 
     s = plan["body"]["settings"]
-    if not needs_training(s["index"], s["dim"], s["metric"]):
+    factory = factory or s["index"]
+    dim, metric = int(s["dim"]), s["metric"]
+    if not needs_training(factory, dim, metric):
         return None
+    if train_vectors is None:
+        train_vectors = default_train_size(factory, 1 << 62, dim, metric)
     n_docs = plan["body"]["documents"]
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(n_docs, size=min(n_docs, train_vectors), replace=False)) if n_docs else []
@@ -528,11 +541,9 @@ def train_template(plan: dict, work: Path, embedder: Any, *, train_vectors: int 
         d, j = order[k]
         sub[d].append(per_doc[d][j])
     x = _embed(embedder, s, texts, sub, sum(len(c) for c in sub))
-    index = faiss.index_factory(int(s["dim"]), s["index"], METRICS[s["metric"]])
-    try:
-        index.train(x)
-    except RuntimeError as exc:
-        raise RetrostoreError(f"training the index {s['index']!r} on {len(x)} sample vectors failed: {exc}") from exc
+    if info is not None:
+        info["sample"] = len(x)
+    index = train_index(factory, dim, metric, x, describe=f" (stage 2: seeded sample {seed} of the build's chunks)")
     path = work / TEMPLATE
     _fileio.atomic_write(path, [serialize(index)])
     return path

@@ -253,7 +253,7 @@ def test_device_cuda_falls_back_to_cpu(tmp_path, slice30):
 
 
 def test_index_training_stage(tmp_path, corpus, embedder, local_store):
-    assert not _shards.needs_training("Flat", 384, "ip")
+    assert not _shards.needs_training("Flat", 384, "ip") and not _shards.needs_training("auto", 384, "ip")
     assert _shards.needs_training("IVF4,Flat", 384, "ip")
     with retrostore.open(local_store) as st:
         settings = _settings(st.manifest, "text", "meta")
@@ -261,21 +261,54 @@ def test_index_training_stage(tmp_path, corpus, embedder, local_store):
     files = _shards.input_files([corpus])
     counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
     flat = _shards.make_plan(files, counts, settings, shards=2, key="k")
-    assert _shards.train_template(flat, tmp_path, embedder) is None  # Flat: the stage is skipped
-    ivf = _shards.make_plan(files, counts, dict(settings, index="IVF4,Flat"), shards=2, key="k")
-    t1 = _shards.train_template(ivf, tmp_path, embedder, train_vectors=40, seed=7).read_bytes()
-    t2 = _shards.train_template(ivf, tmp_path, embedder, train_vectors=40, seed=7).read_bytes()
-    assert t1 == t2  # seeded sample, same template
+    assert _shards.train_template(flat, tmp_path, embedder) is None  # auto: trains at a commit
+    assert _shards.train_template(flat, tmp_path, embedder, factory="Flat") is None  # nothing to train
+    info: dict = {}
+    t1 = _shards.train_template(flat, tmp_path, embedder, factory="IVF1,Flat", train_vectors=50, seed=7,
+                                info=info).read_bytes()
+    t2 = _shards.train_template(flat, tmp_path, embedder, factory="IVF1,Flat", train_vectors=50, seed=7).read_bytes()
+    assert t1 == t2 and info == {"sample": 50}  # seeded sample, same template
     import faiss
 
     index = faiss.deserialize_index(np.frombuffer(t1, dtype=np.uint8))
     assert index.is_trained and index.ntotal == 0
+    with pytest.raises(IndexTrainingError, match="IVF4,Flat"):  # the store's sample checks, never a FAISS abort
+        _shards.train_template(flat, tmp_path, embedder, factory="IVF4,Flat", train_vectors=50, seed=7)
 
 
-def test_untrained_index_is_refused_before_any_shard(tmp_path, corpus):
-    with pytest.raises(IndexTrainingError, match="IVF4,Flat.*needs training"):
-        build_store(tmp_path / "s.rstore", [corpus], engine="local", index="IVF4,Flat", progress=False)
-    assert not (tmp_path / "s.rstore").exists() and not (tmp_path / "s.rstore.build").exists()
+def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store):
+    """A trainable factory: stage 2 trains it once on a seeded sample of the build's chunks and
+    installs it before any shard is merged; shards' vectors are then encoded by its clones.
+    The chunk table equals the plain build's; the index answers; re-running does nothing."""
+    path = tmp_path / "s.rstore"
+    res = build_store(path, [corpus], engine="local", shards=2, index="IVF1,Flat", progress=False)
+    with retrostore.open(path) as st:
+        idx = st.manifest["index"]
+        assert (idx["factory"], idx["target"]) == ("IVF1,Flat", "IVF1,Flat")
+        assert idx["template"] and idx["trained"]["vectors"] == 0 and idx["trained"]["sample"] > 0
+        assert st.verify() == []
+        n = len(st)
+        _scores, ids = st.search_vectors(st._stored_vectors(0, 5), k=1)
+        assert ids[:, 0].tolist() == list(range(5))  # IVF1 probes its one list: exact
+    same = ("counts", "chunk_ids", "doc_ids", "tokens", "records", "documents")
+    snap = _snapshot(path)
+    plain = _snapshot(plain_store)
+    assert {k: snap[k] for k in same} == {k: plain[k] for k in same}
+    assert [[c for c, _d, _s in row] for row in snap["hits"]] == [[c for c, _d, _s in row] for row in plain["hits"]]
+    assert res.chunks == n
+    again = build_store(path, [corpus], engine="local", shards=2, index="IVF1,Flat", progress=False)
+    assert again.chunks == 0 and {k: _snapshot(path)[k] for k in same} == {k: snap[k] for k in same}
+
+
+def test_sharded_build_with_too_small_a_sample_trains_at_a_commit_later(tmp_path, corpus):
+    """Too few chunks for the factory: stage 2 steps aside, the store is served exactly (Flat)
+    and keeps the factory as its target, as an in-process build does."""
+    path = tmp_path / "s.rstore"
+    build_store(path, [corpus], engine="local", shards=2, index="IVF4096,Flat", progress=False)
+    with retrostore.open(path) as st:
+        idx = st.manifest["index"]
+        assert (idx["factory"], idx["target"], idx["template"]) == ("Flat", "IVF4096,Flat", None)
+        assert st.verify() == [] and len(st) > 0
 
 
 def test_work_dir_of_another_build_is_refused(tmp_path, corpus, monkeypatch):

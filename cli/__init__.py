@@ -173,7 +173,8 @@ def inspect(store, as_json):
                      f"pooling={emb.get('pooling')} normalize={emb.get('normalize')}"),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} pad id {tok['pad_id']}"),
         ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
-                  f"({idx['bytes_per_vector']} bytes/vector)"),
+                  f"({idx['bytes_per_vector']} bytes/vector)"
+                  + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
         ("files", f"index {_human(files['index_bytes'])}, vectors {_human(files['vectors_bytes'])} "
                   f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
         ("manifest", f"sha256 {info['manifest_sha256']}"),

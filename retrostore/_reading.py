@@ -155,7 +155,7 @@ class ReadMixin:
         Raises
         ------
         InvalidInputError
-            ``k < 1`` or a query that is not a str.
+            ``k < 1``, a query that is not a str, or an empty (whitespace) query.
         EmbedderMismatchError
             The store's embedder is not available (see :attr:`embedder`).
         """
@@ -166,6 +166,9 @@ class ReadMixin:
         for i, q in enumerate(queries):
             if not isinstance(q, str):
                 raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
+            if not q.strip():
+                raise InvalidInputError(f"query {i} is empty or whitespace ({q!r}); its embedding would match "
+                                        "arbitrary chunks: give the text to look up")
         if not queries:
             return []
         if self._limit() == 0:

@@ -248,10 +248,14 @@ class Store(ReadMixin, AdminMixin):
         if self._embedder is None:
             want = self._manifest["embedder"]
             if want.get("model_sha256") != DEFAULT_MODEL_SHA256:
+                model = (f"model sha256 {want['model_sha256']}" if want.get("model_sha256")
+                         else f"a {want.get('kind', 'custom')!r} embedder, no model file")
                 raise EmbedderMismatchError(
                     f"{self.path} was built with the embedder {want.get('name', want.get('kind'))!r} "
-                    f"(model sha256 {want.get('model_sha256')}, dim {want.get('dim')}); pass "
-                    "embedder=OnnxEmbedder(model_path, tokenizer_path, ...) with that model file to open()"
+                    f"({model}, dim {want.get('dim')}), not the default one, so this store cannot embed "
+                    "text by itself: in Python pass the same embedder to open(embedder=...) (for an ONNX "
+                    "model, OnnxEmbedder(model_path, tokenizer_path, ...)), or search with vectors from that "
+                    "model (Store.search_vectors); the CLI embeds only with the default model"
                 )
             emb = default_embedder(threads=self.threads)
             self._bind_embedder(emb)

@@ -213,6 +213,9 @@ def test_search_empty_store_and_k(tmp_path, embedder):
         assert st.search(["a", "b"]) == [[], []]
         with pytest.raises(InvalidInputError, match="k=0"):
             st.search("x", k=0)
+        for empty in ("", "  \n", ["fine", "\t"]):
+            with pytest.raises(InvalidInputError, match="empty or whitespace"):
+                st.search(empty)
         with pytest.raises(InvalidInputError):
             st.search_vectors(np.zeros((1, 384), np.float32), k=-1)
         with pytest.raises(InvalidInputError, match="384"):
@@ -277,7 +280,7 @@ def test_store_with_other_embedder_needs_it(tmp_path, small_docs):
         st.append(small_docs[0]["text"])
         st.commit()
     with retrostore.open(path) as st:
-        with pytest.raises(EmbedderMismatchError, match="0000000000"):
+        with pytest.raises(EmbedderMismatchError, match="0000000000.*open\\(embedder=.*search_vectors"):
             st.search("x")
         assert st.search_vectors(np.ones((1, 384), np.float32), k=1)[1][0, 0] == 0
     with retrostore.open(path, embedder=ConstantEmbedder()) as st:

@@ -90,15 +90,17 @@ def default_factory(n: int, dim: int, *, keep_vectors: bool = True, trained: boo
 def default_params(factory: str, *, keep_vectors: bool) -> dict:
     """retrostore's search parameters for a factory (FAISS's own defaults are not used silently).
 
-    IVF: ``nprobe = nlist / 16`` (1 to 256; FAISS's default of 1 probes too
-    little for recall). HNSW: ``efSearch = 64`` (FAISS: 16). PQ codes with raw
+    IVF: ``nprobe = nlist / 16``, at least ``min(nlist, 8)`` and at most 256
+    (FAISS's default of 1 probes too little for recall; small user-chosen
+    nlists get 8 lists rather than 1). HNSW: ``efSearch = 64`` (FAISS: 16). PQ codes with raw
     vectors kept: ``rerank = 50`` (re-score ``k * 50`` candidates exactly).
     Parameters given by the user (``index_params``, ``reindex(params=)``) win.
     """
     out: dict = {}
     m = re.search(r"IVF(\d+)", factory)
     if m:
-        out["nprobe"] = int(min(256, max(1, int(m.group(1)) // 16)))
+        nlist = int(m.group(1))
+        out["nprobe"] = int(min(256, max(min(nlist, 8), nlist // 16)))
     elif factory.startswith("HNSW") or ",HNSW" in factory:
         out["efSearch"] = 64
     if keep_vectors and re.search(r"PQ\d", factory):

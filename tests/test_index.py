@@ -140,7 +140,7 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
         st.append([f"d{i}" for i in range(len(x))], embeddings=x)
         st.commit()
         assert st.manifest["index"]["factory"] == "OPQ4,IVF64,Flat"
-        assert st.info()["index"]["params"]["nprobe"] == 4  # retrostore's default: nlist / 16
+        assert st.info()["index"]["params"]["nprobe"] == 8  # retrostore's default: max(8, nlist / 16)
         q = _vectors(rng, 50, dim, uniform=True)
         truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
 
@@ -151,7 +151,7 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
         _, i64 = st.search_vectors(q, 10, params={"nprobe": 64})
         assert recall(i64) > 0.99 and recall(i1) < 0.9  # nprobe=64 probes every list: exact
         assert st._index.effective({"nprobe": 64})["nprobe"] == 64
-        assert st._index.effective()["nprobe"] == 4  # the per-query value did not stick
+        assert st._index.effective()["nprobe"] == 8  # the per-query value did not stick
         _, again = st.search_vectors(q, 10)
         assert recall(i1) < recall(again) < recall(i64)
         st.reindex(params={"nprobe": 64}, progress=False)  # the store's parameter
@@ -342,10 +342,10 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
         st.commit()
         m = st.manifest["index"]
         assert m["factory"] == "IVF64,SQ8" and m["template"] and m["trained"]["vectors"] == 3000
-        assert m["params"] == {"nprobe": 4}
+        assert m["params"] == {"nprobe": 8}
         assert st.verify() == []
         ev = st.evaluate(queries=100, k=10)
-        assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 4
+        assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 8
         _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining
         st.commit()
         assert st.manifest["index"]["trained"]["vectors"] == 3000 and st.manifest["index"]["segments"][-1]["count"] == 100

@@ -243,7 +243,8 @@ def _settings(m: dict, text_field: str, meta_field: str) -> dict:
     return {
         "tokenizer_sha256": m["tokenizer"]["sha256"], "token_dtype": m["tokenizer"]["token_dtype"],
         # the index policy (target), not the factory in force: stage 2 or a commit may train it
-        "chunk_tokens": m["chunk_tokens"], "embedder": m["embedder"], "index": m["index"].get("target", m["index"]["factory"]),
+        "chunk_tokens": m["chunk_tokens"], "embedder": m["embedder"],
+        "index": m["index"].get("target", m["index"]["factory"]),
         "metric": m["metric"], "dim": m["index"]["dim"], "text_field": text_field, "meta_field": meta_field,
     }
 
@@ -285,7 +286,8 @@ def _train_stage(st, plan: dict, work: Path, local: "_LocalEngine") -> None:
     from ._maintenance import install_template
 
     m = st.manifest
-    target, seed = m["index"]["target"], int(m["settings"].get("train_seed", 0))
+    target = m["index"].get("target", m["index"]["factory"])
+    seed = int(m["settings"].get("train_seed", 0))
     t0 = time.perf_counter()
     info: dict = {}
     try:

@@ -430,7 +430,7 @@ def install_template(store: "Store", template: faiss.Index, factory: str, *, sam
 
     new, version, tag = _begin(store, "installing an index template")
     idx = new["index"]
-    if store._index.segments and any(s.count for s in store._index.segments) or idx.get("template"):
+    if any(s.count for s in store._index.segments) or idx.get("template"):
         raise InvalidInputError(f"{store.path}: an index template can only be installed in an empty, untrained "
                                 "store; use reindex() to retrain a store that holds vectors")
     new_files: list = []

@@ -47,7 +47,11 @@ _INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
 _MAX_DBS = 8
 _TXN_RECORDS = 20_000  # records per LMDB write transaction during append
 
-_registry: dict[str, list] = {}  # realpath -> [env, refcount, pid]; py-lmdb allows one env per path per process
+# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly]: py-lmdb allows one
+# env per file per process. The inode is part of the key because a store directory can be
+# replaced (rm -rf + unpack, rebuild) while a handle on the old one is open: new handles must
+# open the new file, never be served from the old, deleted one.
+_registry: dict[tuple, list] = {}
 _registry_lock = threading.Lock()
 
 
@@ -234,7 +238,11 @@ class ChunkTable:
         self.sealed = sealed
         self._pid = os.getpid()
         check_lmdb_file(self.path / "data.mdb")
-        real = os.path.realpath(self.path)
+        try:
+            st = os.stat(self.path / "data.mdb")
+        except OSError as exc:
+            raise CorruptStoreError(f"{LMDB_DIR}/data.mdb: cannot be read ({exc.strerror or exc})") from exc
+        real = (os.path.realpath(self.path), st.st_dev, st.st_ino)
         with _registry_lock:
             entry = _registry.get(real)
             if entry is not None and entry[2] != os.getpid():

@@ -192,3 +192,36 @@ def test_writer_after_fork(tmp_path, small_docs, embedder, workers):
     assert w.commit() == 1
     assert w.get_document(ids[0]).text == small_docs[0]["text"] and w.verify() == []
     w.close()
+
+
+def test_store_replaced_while_a_handle_is_open(tmp_path):
+    """rm -rf + a new store at the same path (a redeploy) while this process holds a handle on
+    the old one: new handles read the new files, a writer commits into them, and the old handle
+    keeps reading its own (deleted) files until closed."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+
+    def unit(n):
+        v = rng.standard_normal((n, 384)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    p = tmp_path / "s.rstore"
+    with retrostore.create(p) as st:
+        st.append(["OLD doc zero", "OLD doc one"], embeddings=unit(2))
+        st.commit()
+    old = retrostore.open(p)
+    shutil.rmtree(p)
+    with retrostore.create(p) as st:
+        st.append(["new A", "new B", "new C"], embeddings=unit(3))
+        st.commit()
+    new = retrostore.open(p)
+    assert [new.get_document(i).text for i in range(3)] == ["new A", "new B", "new C"]
+    assert old.get_document(0).text == "OLD doc zero"
+    with retrostore.open(p, mode="a") as w:
+        w.append(["x"], embeddings=unit(1))
+        w.commit()
+    new.close()
+    old.close()
+    with retrostore.open(p) as st:
+        assert st.verify() == [] and [st.get_document(i).text for i in range(4)] == ["new A", "new B", "new C", "x"]

@@ -20,6 +20,7 @@ refine wrappers (an attribute set on the wrapper would do nothing).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -83,12 +84,27 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
             f"factory string {factory!r} asks for an ID map; retrostore assigns chunk ids itself "
             f"(sequential ids per segment), so drop the IDMap prefix: {factory.replace('IDMap2,', '').replace('IDMap,', '')!r}"
         )
+    for name, low, high, what in _FACTORY_LIMITS:
+        for m in re.finditer(name + r"(\d+)", factory):
+            if not low <= int(m.group(1)) <= high:
+                raise InvalidInputError(
+                    f"factory string {factory!r}: {m.group(0)} has {what} {m.group(1)}, outside [{low}, {high}] "
+                    "(FAISS would crash or exhaust memory); choose a value in range")
     try:
         return faiss.index_factory(int(dim), factory, METRICS[metric])
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:
+        hint = ("; this index supports only squared L2: create the store with metric='l2'"
+                if "METRIC_L2" in str(exc) and metric != "l2" else "")
         raise InvalidInputError(
-            f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}"
+            f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}{hint}"
         ) from exc
+
+
+#: Numbers in factory strings that FAISS accepts but then aborts or segfaults on (HNSW0/1 at the
+#: first add) or tries to allocate without bound (IVF1000000000): (prefix, low, high, meaning).
+_FACTORY_LIMITS = (("HNSW", 2, 1024, "M (neighbours per node)"),
+                   ("IVF", 1, 1 << 24, "nlist (inverted lists)"),
+                   ("NSG", 2, 1024, "R (neighbours per node)"))
 
 
 def _idmap(inner: faiss.Index) -> faiss.Index:
@@ -475,9 +491,38 @@ class SegmentSet:
 
 
 def _current(index: faiss.Index, names: dict) -> dict:
-    """Values of ``names`` as set on ``index`` now (to restore after a per-query change)."""
-    now = effective_params(index)
-    return {n: now[n] for n in names if n in now}
+    """Values of ``names`` as set on ``index`` now (to restore after a per-query change),
+    read from the index that ParameterSpace would set (through wrappers; FAISS defaults
+    included, e.g. ``max_codes`` 0 = unlimited, ``ht`` = the PQ's ``polysemous_ht``)."""
+    out = {}
+    for name in names:
+        value = _read_param(index, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+_ATTR = {"ht": "polysemous_ht", "k_factor_rf": "k_factor"}
+
+
+def _read_param(index: faiss.Index, name: str) -> Any:
+    if name.startswith("quantizer_"):
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            return None
+        return _read_param(ivf.quantizer, name[len("quantizer_"):])
+    attr = _ATTR.get(name, name)
+    node = index
+    while node is not None:
+        node = faiss.downcast_index(node)
+        if name == "efSearch":
+            if hasattr(node, "hnsw"):
+                return int(node.hnsw.efSearch)
+        elif hasattr(node, attr):
+            return getattr(node, attr)
+        node = getattr(node, "index", None) or getattr(node, "base_index", None)
+    return None
 
 
 def _in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:

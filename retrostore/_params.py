@@ -26,6 +26,10 @@ __all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "effective_
 #: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
 FAISS_PARAMS = ("nprobe", "max_codes", "efSearch", "k_factor_rf", "k_factor", "ht", "polysemous_ht")
 RERANK = "rerank"
+#: Parameters FAISS needs >= 1 (nprobe 0 fails every IVF search); the rest may be 0
+#: (max_codes 0 = unlimited, rerank 0 = off, ht 0 = off).
+_AT_LEAST_ONE = {"nprobe": 1, "efSearch": 1, "k_factor_rf": 1, "k_factor": 1}
+_MAX_PARAM = 2**31 - 1  # FAISS stores these as int
 
 
 def check_params(params: Any, where: str = "params") -> dict:
@@ -34,7 +38,8 @@ def check_params(params: Any, where: str = "params") -> dict:
     Raises
     ------
     InvalidInputError
-        Not a dict, an unknown name, or a value that is not a number >= 0.
+        Not a dict, an unknown name, or a value out of range (``nprobe``,
+        ``efSearch``, ``k_factor``: >= 1; others >= 0; all < 2**31).
     """
     if params is None:
         return {}
@@ -48,9 +53,11 @@ def check_params(params: Any, where: str = "params") -> dict:
                 f"{where}: unknown search parameter {name!r}; known: {', '.join(FAISS_PARAMS + (RERANK,))} "
                 "(a 'quantizer_' prefix reaches an IVF's coarse quantizer, e.g. 'quantizer_efSearch')"
             )
+        low = _AT_LEAST_ONE.get(base, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(value) or value < 0:
-            raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number >= 0")
+                or not math.isfinite(value) or not low <= value <= _MAX_PARAM:
+            raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number in [{low}, {_MAX_PARAM}]"
+                                    + (f" ({base} = 0 would make every search fail)" if low and value == 0 else ""))
         out[name] = int(value) if float(value).is_integer() else float(value)
     return out
 

@@ -163,6 +163,35 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
             st.search_vectors(q, 10, params={"nprobe": -1})
 
 
+@pytest.mark.parametrize("factory", ["HNSW0", "HNSW1", "IVF16_HNSW0,Flat", "HNSW0,SQ8", "IVF0,Flat",
+                                     "IVF1000000000,Flat", "NSG1"])
+def test_factory_numbers_faiss_would_crash_on_are_refused(tmp_path, factory):
+    """FAISS accepts these strings, then aborts/segfaults at the first add (HNSW M < 2), fails
+    every search (nlist 0) or throws bad_alloc (a billion lists): refused at create."""
+    with pytest.raises(InvalidInputError, match="outside"):
+        retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=factory)
+    assert not (tmp_path / "s").exists()
+
+
+def test_per_query_params_are_restored_and_ranges_checked(tmp_path, rng):
+    """max_codes and ht given for one query must not stick (they made every later search
+    return -1); nprobe must be >= 1 and fit FAISS's int, per query and per store."""
+    for factory, once in (("IVF4,Flat", {"max_codes": 1}), ("IVF4,PQ8x4", {"ht": 1})):
+        with retrostore.create(tmp_path / factory, embedder=FakeEmbedder(), index=factory) as st:
+            _fill(st, rng, 1000)
+            st.commit()
+            q = _vectors(rng, 5)
+            before = st.search_vectors(q, 5)[1]
+            st.search_vectors(q, 5, params=once)
+            assert (st.search_vectors(q, 5)[1] == before).all()
+            assert set(st.info()["index"]["params"]) == {"nprobe", "nlist", "rerank"}
+            for bad in ({"nprobe": 0}, {"nprobe": 2**64}, {"efSearch": 0}):
+                with pytest.raises(InvalidInputError, match="must be a finite number in"):
+                    st.search_vectors(q, 5, params=bad)
+    with pytest.raises(InvalidInputError, match="nprobe = 0 would make every search fail"):
+        retrostore.create(tmp_path / "z", embedder=FakeEmbedder(), index="IVF4,Flat", index_params={"nprobe": 0})
+
+
 def test_k_larger_than_the_probed_lists_gives_minus_one(tmp_path, rng):
     x = _vectors(rng, 2000)
     with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF32,Flat",

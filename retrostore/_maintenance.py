@@ -184,7 +184,7 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
         idx["segments"].append(entry)
         segments.append(Segment(entry, index))
         segments = _tier_merge(store, new, segments, tag, new_files, template)
-    due = training_due(store, new, segments)
+    due = training_due(store, new, segments, tomb)
     if due:
         factory, auto = due
         settings = new["settings"]
@@ -237,16 +237,17 @@ def _segments_vectors(store: "Store", new: dict, segs: list[Segment]) -> tuple[n
     return np.concatenate(all_ids), np.concatenate(all_vecs)
 
 
-def training_due(store: "Store", new: dict, segments: list[Segment]) -> tuple[str, bool] | None:
+def training_due(store: "Store", new: dict, segments: list[Segment], tomb: Tombstones) -> tuple[str, bool] | None:
     """(factory, auto) when this commit should (re)train the index, else None.
 
+    Counts live vectors (deleted ones not yet compacted away are not trained on).
     ``auto``: Flat until :data:`AUTO_TRAIN_MIN` vectors, then retrain each time
     the store grows :data:`RETRAIN_GROWTH`-fold. An explicit factory that needs
     training: Flat until the sample can train every stage well, then once.
     """
     idx = new["index"]
     target = idx.get("target", idx["factory"])
-    n = sum(s.count for s in segments)
+    n = sum(s.count for s in segments) - int(tomb.pending()[:, 2].sum())
     keep = bool(new["settings"]["keep_vectors"])
     can_read = (keep and new["vectors"]["files"]) or all(is_exact(s.index) for s in segments)
     if target == "auto":

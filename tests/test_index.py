@@ -192,6 +192,31 @@ def test_per_query_params_are_restored_and_ranges_checked(tmp_path, rng):
         retrostore.create(tmp_path / "z", embedder=FakeEmbedder(), index="IVF4,Flat", index_params={"nprobe": 0})
 
 
+def test_training_waits_for_enough_live_vectors(tmp_path, rng):
+    """Deleted vectors do not count toward a factory's training threshold: crossing it by total
+    count with too few live vectors must not make every commit fail (it did)."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF16,Flat") as st:  # needs 624
+        _fill(st, rng, 400)
+        st.commit()
+        st.delete(range(0, 400, 2))
+        st.commit()
+        _fill(st, rng, 300, start=400)  # 700 in total, 500 live
+        st.commit()
+        assert st.manifest["index"]["factory"] == "Flat"
+        _fill(st, rng, 200, start=700)  # 700 live
+        st.commit()
+        assert st.manifest["index"]["factory"] == "IVF16,Flat" and st.manifest["index"]["trained"]["vectors"] == 700
+        assert st.verify() == []
+
+
+def test_scalar_quantizer_trains_on_more_than_64_vectors(tmp_path, rng):
+    from retrostore._training import MIN_TRAIN_SIZE, default_train_size
+
+    assert default_train_size("SQ8", 10**6, 64, "ip") == MIN_TRAIN_SIZE
+    assert default_train_size("SQ8", 5000, 64, "ip") == 5000
+    assert default_train_size("IVF4096,PQ8", 10**9, 64, "ip") == 64 * 4096
+
+
 def test_k_larger_than_the_probed_lists_gives_minus_one(tmp_path, rng):
     x = _vectors(rng, 2000)
     with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF32,Flat",

@@ -43,7 +43,8 @@ def version_index(store: "Store", segments: list[Segment]) -> tuple[SegmentSet, 
     m = store._manifest
     tomb = Tombstones.load(store.path, m)
     files = m["vectors"]["files"]
-    raw = RawVectors(store.path, files, m["index"]["dim"]) if m["settings"]["keep_vectors"] and files else None
+    raw = (RawVectors(store.path, files, m["index"]["dim"], verify=not store_mmap(store))
+           if m["settings"]["keep_vectors"] and files else None)
     if segments and store_mmap(store):
         check_mmap(m["index"]["factory"], m["index"]["dim"], m["metric"])
     index = SegmentSet(segments, m["metric"], m["index"]["dim"], params=m["index"]["params"],

@@ -51,6 +51,9 @@ def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str
     return write_durable(path, chunks())
 
 
+_verified: set[tuple] = set()  # vectors files whose sha256 matched, by identity and mtime
+
+
 def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = False) -> np.ndarray:
     """Load one vectors file (memory-mapped by default), checking its size
     and, with ``verify``, its sha256 (before numpy parses it).
@@ -68,26 +71,29 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
     rel = entry["path"]
     path = root / rel
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing") from None
+    size = st.st_size
     if size != entry["size"]:
         from ._artifact import git_lfs_pointer
 
         lfs = git_lfs_pointer(path)
         raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}"
                                 + (f"; {lfs}" if lfs else ""))
-    if verify:
+    seen = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
+    if verify and seen not in _verified:  # files are immutable: hashed once per process
         _size, sha = sha256_file(path)
         if sha != entry["sha256"]:
             raise CorruptStoreError(
                 f"{rel}: vectors file checksum mismatch (manifest {entry['sha256'][:16]}..., file {sha[:16]}...); "
                 "it is damaged"
             )
+        _verified.add(seen)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise CorruptStoreError(f"{rel}: not a readable .npy vectors file ({exc})") from exc
+    except Exception as exc:  # numpy parses the header with ast/tokenize: any error means damage
+        raise CorruptStoreError(f"{rel}: not a readable .npy vectors file ({type(exc).__name__}: {exc})") from exc
     if arr.ndim != 2 or arr.shape[0] != entry["count"]:
         raise CorruptStoreError(f"{rel}: holds shape {arr.shape}, the manifest says {entry['count']} rows")
     return arr
@@ -97,8 +103,10 @@ class RawVectors:
     """The raw vectors of one version, read on demand from their ``.npy`` files.
 
     Files are memory-mapped (pages come from the OS page cache, not from this
-    process's heap) and opened on first use. Rows of purged chunks hold zeros
-    (see docs/index.md, "Deletes").
+    process's heap) and opened on first use, after their sha256 is checked
+    against the manifest (``verify``; a handle opened with ``mmap=True`` skips
+    the hash, which would read the whole file: run ``verify`` on such stores).
+    Rows of purged chunks hold zeros (see docs/index.md, "Deletes").
 
     Parameters
     ----------
@@ -106,10 +114,13 @@ class RawVectors:
     entries : list of dict
         The manifest's ``vectors.files`` (``first_id``/``count``), tiling the ids.
     dim : int
+    verify : bool, default True
+        Check each file's sha256 when it is first used.
     """
 
-    def __init__(self, root: Path, entries: list[dict], dim: int):
+    def __init__(self, root: Path, entries: list[dict], dim: int, *, verify: bool = True):
         self.root = root
+        self.verify = verify
         self.entries = sorted(entries, key=lambda e: e["first_id"])
         self.dim = dim
         self._firsts = np.array([e["first_id"] for e in self.entries], dtype=np.int64)
@@ -119,7 +130,7 @@ class RawVectors:
     def _array(self, i: int) -> np.ndarray:
         arr = self._arrays[i]
         if arr is None:
-            arr = self._arrays[i] = load_vectors(self.root, self.entries[i])
+            arr = self._arrays[i] = load_vectors(self.root, self.entries[i], verify=self.verify)
             mm = getattr(arr, "_mmap", None)  # rows are read at random (re-ranking): no read-ahead
             if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 try:

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import faiss
+import numpy as np
 import pytest
 
 import retrostore
@@ -126,6 +127,32 @@ def test_vectors_file_damage(store):
             with pytest.raises(CorruptStoreError, match="checksum"):
                 _vectors.load_vectors(store, entry, verify=True)  # how stored vectors are read
     vec.write_bytes(raw)
+
+
+def test_damaged_raw_vectors_are_refused_before_reranking(tmp_path):
+    """Same size, damaged bytes: re-ranking, eval and reindex refuse the file (they returned NaN
+    scores, or trained on zeros, before); a header flip is a CorruptStoreError, not a TokenError."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "s.rstore"
+    with retrostore.create(path, index="IVF4,PQ8x4") as st:
+        st.append([f"d{i}" for i in range(1000)], embeddings=x)
+        st.commit()
+    vec = next((path / "vectors").iterdir())
+    raw = vec.read_bytes()
+    for pos, span in ((300, 200), (20, 1)):  # data bytes zeroed; a header byte flipped
+        b = bytearray(raw)
+        b[pos:pos + span] = bytes(v ^ 0xFF for v in b[pos:pos + span]) if span == 1 else b"\0" * span
+        vec.write_bytes(bytes(b))
+        with retrostore.open(path, mode="a") as st:
+            for call in (lambda: st.search_vectors(x[:2], k=3), lambda: st.evaluate(queries=10),
+                         lambda: st.reindex("IVF4,Flat", progress=False)):
+                with pytest.raises(CorruptStoreError, match=f"vectors/{vec.name}"):
+                    call()
+    vec.write_bytes(raw)
+    with retrostore.open(path) as st:
+        assert st.verify() == [] and st.search_vectors(x[:2], k=1)[1][:, 0].tolist() == [0, 1]
 
 
 def test_tokenizer_damage(store, embedder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 from . import _fileio, _manifest
 from ._chunking import Chunker
@@ -96,6 +98,9 @@ def create(
     CommitError
         An I/O error (ENOSPC, EIO, ...); nothing was created at ``path``.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise InvalidInputError(f"path must be a non-empty str or os.PathLike naming the store directory, "
+                                f"not {path!r}")
     root = Path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreExistsError(
@@ -131,10 +136,14 @@ def create(
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1 (vectors in the training sample)")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root)
     tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(root)
+        tmp.mkdir()
+    except OSError as exc:
+        raise CommitError(exc.errno, f"create failed while making {tmp}: {exc.strerror or exc}; "
+                          f"nothing was created at {root}") from exc
     stage = "writing the store's files"
     try:
         tsize, tsha = _fileio.write_durable(tmp / TOKENIZER, [Path(tok_path).read_bytes()])
@@ -184,6 +193,12 @@ def create(
             raise
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and stage == "publishing the store" and exc.errno in (
+                errno.ENOTEMPTY, errno.EEXIST) and root.is_dir():
+            raise StoreExistsError(
+                f"{root} was created by another process while this create() ran; open it with "
+                f"retrostore.open({str(root)!r}, mode='a') to add to it (re-running a build appends)"
+            ) from exc
         if isinstance(exc, OSError):
             raise CommitError(
                 exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
@@ -208,11 +223,23 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 def _check_embedder(emb: Any) -> None:
+    name = type(emb).__name__
     for attr in ("dim", "fingerprint", "embed"):
         if not hasattr(emb, attr):
             raise InvalidInputError(
-                f"embedder {type(emb).__name__} lacks {attr!r}; an Embedder has dim, fingerprint and embed(texts)"
+                f"embedder {name} lacks {attr!r}; an Embedder has dim, fingerprint and embed(texts)"
             )
+    dim = emb.dim
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= 65536:
+        raise InvalidInputError(f"embedder {name}.dim={dim!r} must be an int in [1, 65536] (the vector length)")
+    fp = emb.fingerprint
+    try:
+        ok = isinstance(fp, dict) and json.loads(json.dumps(fp, sort_keys=True, allow_nan=False)) is not None
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidInputError(f"embedder {name}.fingerprint must be a JSON-able dict naming the model "
+                                f"(e.g. {{'name': 'my-model', 'dim': {dim}}}), got {type(fp).__name__}")
 
 
 def _embedder_tokenizer_path(emb: Any) -> Path:

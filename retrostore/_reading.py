@@ -45,7 +45,7 @@ class ReadMixin:
             An id is negative or not committed (``>= len(store)``).
         """
         self._check()
-        ids = [int(i) for i in chunk_ids]
+        ids = _int_ids(chunk_ids, "chunk")
         limit = self._limit()
         for i in ids:
             if not 0 <= i < limit:
@@ -88,7 +88,7 @@ class ReadMixin:
         self._check()
         limit = int(self._manifest["next_doc_id"])
         out = []
-        for d in doc_ids:
+        for d in _int_ids(doc_ids, "document"):
             if not 0 <= int(d) < limit:
                 raise InvalidInputError(f"document id {d!r} is outside the committed range [0, {limit})")
             self._tombstones.check_docs([d])
@@ -162,6 +162,8 @@ class ReadMixin:
         self._check()
         k = _check_k(k)
         single = isinstance(query, str)
+        if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)):
+            raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
         queries = [query] if single else list(query)
         for i, q in enumerate(queries):
             if not isinstance(q, str):
@@ -323,3 +325,21 @@ def _check_k(k: Any) -> int:
     if k > 100_000:
         raise InvalidInputError(f"k={k} exceeds the limit of 100000 results per query; page with a smaller k")
     return int(k)
+
+
+def _int_ids(ids: Any, what: str) -> list[int]:
+    """``ids`` as a list of ints; refuses a str (it would iterate characters), non-iterables,
+    and values that are not integers (0.5 is not id 0)."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+        raise InvalidInputError(f"{what} ids must be an iterable of int, not {type(ids).__name__}")
+    if isinstance(ids, np.ndarray) and np.issubdtype(ids.dtype, np.integer):
+        return ids.ravel().tolist()
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            if isinstance(i, (float, np.floating)) and float(i).is_integer():
+                i = int(i)
+            else:
+                raise InvalidInputError(f"{what} id {i!r} is not an integer")
+        out.append(int(i))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -344,3 +345,59 @@ def test_float16_overflow_is_refused(tmp_path, embedder):
         st.append("one chunk", embeddings=_unit(rng, 1) * 1e6)
         st.commit()
         assert st.verify() == []
+
+
+def test_bad_paths_ids_and_embedders_are_clear_errors(tmp_path, built_store):
+    """Found by adversarial testing: these raised bare TypeError/ValueError/FileNotFoundError,
+    or silently read chunk 0 for id 0.5 and iterated the characters of '12'."""
+    for path in (None, 3, b"/tmp/x", ""):
+        with pytest.raises(InvalidInputError, match="path must be"):
+            retrostore.create(path)
+    with pytest.raises(retrostore.CommitError, match="nothing was created"):
+        retrostore.create("/proc/retrostore-test.rstore")
+
+    class Emb:
+        tokenizer_path = retrostore.default_tokenizer_path()
+
+        def __init__(self, dim, fingerprint):
+            self.dim, self.fingerprint = dim, fingerprint
+
+        def embed(self, texts):
+            raise AssertionError
+
+    for dim, fp, what in ((0, {}, "dim"), (1.5, {}, "dim"), (True, {}, "dim"), ("384", {}, "dim"),
+                          (384, "abc", "fingerprint"), (384, {"x": object()}, "fingerprint"),
+                          (384, {"x": float("nan")}, "fingerprint")):
+        with pytest.raises(InvalidInputError, match=f"Emb.{what}"):
+            retrostore.create(tmp_path / "e.rstore", embedder=Emb(dim, fp))
+    assert not (tmp_path / "e.rstore").exists()
+    with retrostore.open(built_store) as st:
+        for call, match in ((lambda: st.get_chunks(None), "iterable of int"),
+                            (lambda: st.get_chunks("12"), "iterable of int"),
+                            (lambda: st.get_chunks([0.5]), "not an integer"),
+                            (lambda: st.get_metadata([None]), "not an integer"),
+                            (lambda: st.search(None), "str or a sequence of str"),
+                            (lambda: st.search(b"abc"), "str or a sequence of str")):
+            with pytest.raises(InvalidInputError, match=match):
+                call()
+        assert [c.chunk_id for c in st.get_chunks(np.array([1, 0]))] == [1, 0]
+
+
+def test_create_racing_another_create_says_the_store_exists(tmp_path, monkeypatch):
+    """Two builds of a new store at once: the one that loses the rename gets StoreExistsError
+    (it said 'CommitError: Directory not empty')."""
+    from retrostore import _fileio
+
+    path = tmp_path / "s.rstore"
+    real = _fileio._rename
+
+    def other_process_wins(src, dst):
+        if os.fspath(dst) == os.fspath(path):  # the publishing rename: another create got there first
+            os.makedirs(dst, exist_ok=True)
+            open(os.path.join(dst, "manifest.json"), "w").close()
+        real(src, dst)
+
+    monkeypatch.setattr(_fileio, "_rename", other_process_wins)
+    with pytest.raises(retrostore.StoreExistsError, match="created by another process"):
+        retrostore.create(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.rstore"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -126,6 +127,11 @@ def create(
         emb_tok = default_tokenizer_path()
     tok_path = Path(tokenizer) if tokenizer is not None else emb_tok
     chunker = Chunker(tok_path, chunk_tokens)
+    window = fingerprint.get("max_tokens")
+    if isinstance(window, int) and chunk_tokens > window - 2:
+        logging.getLogger("retrostore").warning(
+            "chunk_tokens=%d exceeds what the embedder reads (max_tokens %d, less [CLS] and [SEP]): each chunk "
+            "is embedded from its first %d tokens only; RETRO uses 64", chunk_tokens, window, window - 2)
     # Refuse a factory string FAISS cannot build now, not at the first commit.
     from ._maintenance import check_index_arg
     from ._params import check_params

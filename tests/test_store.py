@@ -401,3 +401,11 @@ def test_create_racing_another_create_says_the_store_exists(tmp_path, monkeypatc
     with pytest.raises(retrostore.StoreExistsError, match="created by another process"):
         retrostore.create(path)
     assert [p.name for p in tmp_path.iterdir()] == ["s.rstore"]
+
+
+def test_chunks_longer_than_the_embedder_reads_are_warned(tmp_path, caplog):
+    retrostore.create(tmp_path / "s.rstore", chunk_tokens=4096).close()
+    assert any("embedded from its first 254 tokens" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    retrostore.create(tmp_path / "t.rstore", chunk_tokens=64).close()
+    assert not any("embedded from its first" in r.getMessage() for r in caplog.records)

@@ -109,8 +109,11 @@ def referenced_files(manifest: dict) -> list[dict]:
     return files
 
 
+_MAX_INT = 2**62  # ids, counts and sizes live in int64 arrays and LMDB's 8-byte keys
+
+
 def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < _MAX_INT
 
 
 def check_schema(body: dict, where: str) -> None:
@@ -130,7 +133,7 @@ def check_schema(body: dict, where: str) -> None:
             )
     for key in ("version", "next_chunk_id", "next_doc_id", "format_version", "min_reader_version"):
         if not _is_int(body[key]):
-            raise CorruptStoreError(f"{where}: manifest field {key!r} is {body[key]!r}, expected an int >= 0")
+            raise CorruptStoreError(f"{where}: manifest field {key!r} is {body[key]!r}, expected an int in [0, 2**62)")
     if not isinstance(body["index"].get("segments"), list) or not isinstance(body["vectors"].get("files"), list):
         raise CorruptStoreError(f"{where}: manifest lacks the lists index.segments and vectors.files")
     if not _is_int(body["index"].get("dim"), 1):

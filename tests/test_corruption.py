@@ -351,3 +351,15 @@ def test_lmdb_byte_sweep(store, workers):
     bad = {p: r for p, r in results.items() if r not in ("open", "verify", "intact", "read", "verify (crash in child)")}
     assert bad == {}
     assert summary.get("intact", 0) > len(positions) // 10  # free space and unused bytes: the sweep is real
+
+
+def test_resigned_manifest_with_huge_counters_is_refused(store):
+    """A hostile (validly checksummed) manifest with ids beyond int64: CorruptStoreError, not OverflowError."""
+    m = _manifest.read_manifest(store)
+    for key in ("next_chunk_id", "next_doc_id", "version"):
+        body = dict(m, **{key: 10**30})
+        _manifest.write_manifest(store, body)
+        assert _open_error(store).startswith("manifest.json: manifest field " + repr(key))
+    _manifest.write_manifest(store, m)
+    with retrostore.open(store) as st:
+        assert st.verify() == []

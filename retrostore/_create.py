@@ -145,7 +145,7 @@ def create(
     tmp = root.parent / f"{_fileio.TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(root)
+        _fileio.remove_stale_tmp(root.parent, root.name)
         tmp.mkdir()
     except OSError as exc:
         raise CommitError(exc.errno, f"create failed while making {tmp}: {exc.strerror or exc}; "
@@ -211,21 +211,6 @@ def create(
             ) from exc
         raise
     return Store(root, mode="a", embedder=embedder, threads=threads)
-
-
-def _remove_stale_tmp(root: Path) -> None:
-    """Remove the temporary directories of earlier create() calls for ``root``
-    whose process is gone (a create killed before its rename)."""
-    for p in root.parent.glob(f"{_fileio.TMP_PREFIX}{root.name}.*.*"):
-        pid = p.name[len(_fileio.TMP_PREFIX) + len(root.name) + 1 :].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _check_embedder(emb: Any) -> None:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +27,7 @@ __all__ = [
     "sha256_file",
     "WriterLock",
     "TMP_PREFIX",
+    "remove_stale_tmp",
 ]
 
 #: Prefix of every temporary file; a writer removes leftovers on open.
@@ -224,3 +226,21 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def remove_stale_tmp(parent: Path, stem: str) -> int:
+    """Remove ``parent/.tmp-{stem}.{pid}.{hex}`` directories whose process is gone (a create or
+    unpack killed before its rename); returns how many. Another live process's are kept."""
+    removed = 0
+    for p in parent.glob(f"{TMP_PREFIX}{stem}.*.*"):
+        pid = p.name[len(TMP_PREFIX) + len(stem) + 1 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        except OSError:
+            pass
+    return removed

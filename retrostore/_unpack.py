@@ -190,6 +190,7 @@ def unpack(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _fileio.remove_stale_tmp(dest.parent, f"unpack-{dest.name}")  # of an unpack killed before its rename
     tmp = dest.parent / f"{_fileio.TMP_PREFIX}unpack-{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
     with open(archive, "rb") as fh:
         tmp.mkdir(mode=0o700)

@@ -574,3 +574,21 @@ def test_no_pickle_in_the_package():
                     if not ok:
                         problems.append(f"{where} calls np.load without allow_pickle=False")
     assert problems == []
+
+
+def test_unpack_removes_the_temporary_directory_of_a_killed_unpack(tmp_path, hash_tar):
+    """A SIGKILLed unpack leaves .tmp-unpack-<dest>.<pid>.<hex>/ beside the destination; the next
+    unpack there removes it when its process is gone, and keeps a live process's."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = tmp_path / f".tmp-unpack-dest.{int(gone.stdout)}.deadbeef"
+    live = tmp_path / f".tmp-unpack-dest.{os.getppid()}.cafe0000"
+    for d in (dead, live):
+        (d / "index").mkdir(parents=True)
+    retrostore.unpack(hash_tar, tmp_path / "dest")
+    assert not dead.exists() and live.exists()
+    with retrostore.open(tmp_path / "dest") as st:
+        assert st.verify() == []

@@ -326,7 +326,7 @@ def delete(store, doc_ids):
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--index", "factory", default=None,
               help="FAISS factory string, or 'auto' (size-following default). Default: the store's current choice.")
-@click.option("--train-size", type=int, default=None, help="Vectors in the seeded training sample (default 64 per centroid).")
+@click.option("--train-size", type=int, default=None, help="Vectors in the seeded training sample (default 64 per centroid, at least 16,384).")
 @click.option("--seed", type=int, default=None, help="Seed of the training sample (default: the store's, 0).")
 @click.option("--param", "params", multiple=True, help=_PARAM_HELP + " Stored as the store's parameters.")
 @click.option("--mmap/--no-mmap", default=None, help="Record whether readers memory-map the index files.")

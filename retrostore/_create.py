@@ -72,7 +72,7 @@ def create(
     index_params : dict, optional
         The store's search parameters (``nprobe``, ``efSearch``, ``rerank``, ...).
     train_size : int, optional
-        Vectors in the seeded training sample (default: 64 per centroid).
+        Vectors in the seeded training sample (default: 64 per centroid, at least 16,384).
     mmap : bool, default False
         Serve search from memory-mapped index files (recorded in the manifest;
         ``open(mmap=...)`` overrides per handle). Not for fast-scan factories.

@@ -505,7 +505,8 @@ def train_template(plan: dict, work: Path, embedder: Any, *, factory: str | None
     needs no training (``Flat``). Otherwise documents at seeded random
     positions of the document stream are chunked and embedded (one pass over
     the inputs), ``train_vectors`` of their chunks (default: the store's
-    :func:`retrostore._training.default_train_size`, 64 per centroid) train an
+    :func:`retrostore._training.default_train_size`, 64 per centroid, at least
+    16,384) train an
     empty index after the store's sample checks, and it is written to
     ``work/template.faiss``. Same plan, factory and seed: same template.
     ``info``, when given, receives ``sample``: the vectors trained on.

@@ -7,8 +7,8 @@ or on a Ray cluster, merged into one ordinary store.
    work directory (default ``STORE.build/`` beside the store);
 2. when the store is new and its factory string needs training, train a
    template once on a seeded sample of the build's chunks and commit it
-   (``_maintenance.install_template``); the merge's commits then encode every
-   batch with clones of it. ``auto`` and ``Flat`` skip the stage (``auto``
+   (``_maintenance.install_template``); shard tasks then encode their vectors
+   with clones of it and the merge's commits adopt those codes. ``auto`` and ``Flat`` skip the stage (``auto``
    trains at the commit that crosses its threshold, as in-process builds do),
    and so does a sample too small for the factory;
 3. run one task per unfinished shard: a Ray task on CPUs, or a call on one of
@@ -298,10 +298,7 @@ def _train_stage(st, plan: dict, work: Path, local: "_LocalEngine") -> None:
         return
     if path is None:
         return
-    import faiss
-
-    template = faiss.read_index(str(path))
-    install_template(st, template, target, sample=info.get("sample", 0), seed=seed,
+    install_template(st, path.read_bytes(), target, sample=info.get("sample", 0), seed=seed,
                      seconds=time.perf_counter() - t0)
 
 
@@ -439,6 +436,9 @@ def build_sharded(
         # Stage 2: the index template, when the store is empty and its factory needs training.
         if _stage2_due(st.manifest):
             _train_stage(st, plan, work, eng if isinstance(eng, _LocalEngine) else _LocalEngine(plan, work, "cpu", threads))
+        tpl = st.manifest["index"].get("template")
+        if tpl and not (work / _shards.TEMPLATE).is_file():  # a trained store: shards encode with its template
+            _fileio.atomic_write(work / _shards.TEMPLATE, [(root / tpl["path"]).read_bytes()])
 
         # Stages 3 and 4: shards run on the engine, merged here in shard order as they finish.
         builds = m.get("builds", {})
@@ -460,7 +460,10 @@ def build_sharded(
                 if i in missing:
                     eng.result(i)
                 texts, per_doc, metas, vectors = _shards.load_shard(work, plan, i)
+                tpl = st.manifest["index"].get("template")
+                codes = _shards.load_codes(work, plan, i, tpl["sha256"]) if tpl else None
                 st._append_chunked(texts, per_doc, metas, vectors)
+                st._pending_codes.append(codes)  # encoded by the shard, or None: the commit encodes
                 n_docs += len(texts)
                 n_chunks += len(vectors)
                 record = dict(record, merged=i + 1)

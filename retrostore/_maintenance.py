@@ -180,7 +180,9 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
     segments = list(store._index.segments)
     if len(vectors):
         template = load_template(store, idx)
-        index = build_segment(vectors, idx["factory"], m["metric"], template=template)
+        index = _adopt_codes(store, template, vectors)
+        if index is None:
+            index = build_segment(vectors, idx["factory"], m["metric"], template=template)
         entry = store._write_segment(index, tag, first_id, len(vectors), new_files)
         idx["segments"].append(entry)
         segments.append(Segment(entry, index))
@@ -191,6 +193,27 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
         settings = new["settings"]
         rebuild(store, new, segments, factory, tag, new_files, tomb,
                 train_size=settings.get("train_size"), seed=int(settings.get("train_seed", 0)), progress=False)
+
+
+def _adopt_codes(store: "Store", template: faiss.Index | None, vectors: np.ndarray) -> faiss.Index | None:
+    """The batch's segment from codes its shards encoded with this store's template, or None.
+
+    A sharded build's shards encode their vectors with the stage-2 template
+    (retrostore/_shards.py); the merge appends one code index per shard
+    (``Store._pending_codes``). They are adopted only when every batch of the
+    commit has them and they hold exactly its vectors; IVF codes merge with id
+    offsets (the same lists, in the same order, as encoding here would give).
+    """
+    codes = getattr(store, "_pending_codes", [])
+    if template is None or not codes or any(c is None for c in codes) \
+            or sum(int(c.ntotal) for c in codes) != len(vectors):
+        return None
+    if len(codes) == 1:
+        return codes[0]
+    firsts = np.cumsum([0] + [int(c.ntotal) for c in codes[:-1]])
+    segs = [Segment({"first_id": int(f), "count": int(c.ntotal)}, c) for f, c in zip(firsts, codes)]
+    return merge_segments(segs, lambda: faiss.clone_index(template),
+                          lambda _segs: (np.arange(len(vectors), dtype=np.int64), vectors))
 
 
 def _tier_merge(store: "Store", new: dict, segments: list[Segment], tag: str, new_files: list,
@@ -414,9 +437,10 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
     return version
 
 
-def install_template(store: "Store", template: faiss.Index, factory: str, *, sample: int, seed: int,
+def install_template(store: "Store", template: bytes, factory: str, *, sample: int, seed: int,
                      seconds: float) -> int:
-    """Commit a trained empty ``template`` of ``factory`` as the index of an empty store.
+    """Commit a trained empty index of ``factory`` (its serialized bytes, ``template``) as the
+    index of an empty store.
 
     Stage 2 of a sharded build (retrostore/_distributed.py): from the next commit
     on, batches are encoded by clones of the template, as in a store trained at a
@@ -439,7 +463,10 @@ def install_template(store: "Store", template: faiss.Index, factory: str, *, sam
     path = store.path / INDEX_DIR / f"tpl-{tag}.faiss"
     new_files.append(path)
     try:
-        size_b, sha = _fileio.write_durable(path, [serialize(template)])
+        index = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8))
+        if index.ntotal or not index.is_trained:
+            raise InvalidInputError(f"the template for {factory!r} must be a trained, empty index")
+        size_b, sha = _fileio.write_durable(path, [template])
     except BaseException:
         path.unlink(missing_ok=True)
         raise

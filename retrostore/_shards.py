@@ -12,7 +12,8 @@ Ray tasks and actors):
 2. **train**: when the store's FAISS factory needs training, train an empty
    index template once on a seeded sample (:func:`train_template`); skipped
    for ``Flat``.
-3. **shard**: tokenize, embed and encode one shard's documents into a shard
+3. **shard**: tokenize, embed and encode (with the trained template, when
+   there is one) one shard's documents into a shard
    directory (:func:`run_shard`), written under a temporary name and renamed
    into place when complete, so a retried or duplicated task never leaves a
    duplicate or a half-written shard.
@@ -28,6 +29,10 @@ A shard directory ``shard-NNNNN/``::
     docs.msgpack    one record per document, the encoding of ChunkTable.pack_doc,
                     with first chunk ids local to the shard
     vectors.npy     float32 (chunks, dim), exactly as embedded
+    codes.faiss     when the work directory holds the store's trained template
+                    (``template.faiss``): the vectors encoded by a clone of it,
+                    adopted by the merge's commit instead of encoding there
+                    (``shard.json`` records the template's sha256)
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ FORMAT = 1
 PLAN = "plan.json"
 TOKENIZER = "tokenizer.json"
 TEMPLATE = "template.faiss"
+CODES = "codes.faiss"  # a shard's vectors encoded with TEMPLATE (when stage 2 trained one)
 #: Default characters of input text per shard (~16 M tokens, ~250 k chunks of 64 tokens).
 SHARD_CHARS = 64_000_000
 #: Most balancing marks kept per input file (see :func:`count_file`).
@@ -397,8 +403,13 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
         _fault_point(index)  # tests: die part-way, leaving a half-written temporary directory
         files["docs.msgpack"] = _fileio.write_durable(tmp / "docs.msgpack", doc_recs)
         files["vectors.npy"] = write_vectors(tmp / "vectors.npy", vectors, "float32")
+        tpl_sha = None
+        if n_chunks and (work / TEMPLATE).is_file():  # stage 2 trained the index: encode here, not at merge
+            tpl_sha, codes = _encode(work / TEMPLATE, vectors)
+            files[CODES] = _fileio.write_durable(tmp / CODES, [codes])
         meta = {"format": FORMAT, "build_id": plan["build_id"], "shard": index, "docs": [first, end],
                 "documents": len(texts), "chunks": n_chunks, "dim": int(vectors.shape[1]),
+                "template_sha256": tpl_sha,
                 "files": {name: {"size": s, "sha256": h} for name, (s, h) in files.items()}}
         _fileio.write_durable(tmp / "shard.json", [json.dumps(meta, indent=1, sort_keys=True).encode()])
         _fileio.fsync_dir(tmp)
@@ -407,6 +418,47 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"shard": index, "documents": len(texts), "chunks": n_chunks, "reused": False, "providers": providers}
+
+
+def _encode(template_path: Path, vectors: np.ndarray) -> tuple[str, bytes]:
+    """(sha256 of the template file, serialized index of ``vectors`` encoded by a clone of it)."""
+    import faiss
+
+    from ._index import serialize
+
+    raw = template_path.read_bytes()
+    index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+    for lo in range(0, len(vectors), 65536):
+        index.add(np.ascontiguousarray(vectors[lo : lo + 65536], dtype=np.float32))
+    return hashlib.sha256(raw).hexdigest(), bytes(serialize(index))
+
+
+def load_codes(work: Path, plan: dict, index: int, template_sha256: str) -> Any:
+    """The shard's vectors as encoded by the shard task (a FAISS index), when it encoded them
+    with the template whose sha256 is ``template_sha256`` (the store's); else None.
+
+    Raises
+    ------
+    CorruptStoreError
+        The codes file is damaged or holds another number of vectors.
+    """
+    import faiss
+
+    meta = _shard_meta(work, plan, index)
+    if meta is None or meta.get("template_sha256") != template_sha256 or CODES not in meta["files"]:
+        return None
+    path = shard_dir(work, index) / CODES
+    want = meta["files"][CODES]
+    try:
+        size, sha = _fileio.sha256_file(path)
+        if (size, sha) != (want["size"], want["sha256"]):
+            raise CorruptStoreError(f"{path}: shard codes are damaged; delete the shard and build again")
+        codes = faiss.read_index(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CorruptStoreError(f"{path}: shard codes cannot be read ({exc})") from exc
+    if codes.ntotal != meta["chunks"]:
+        raise CorruptStoreError(f"{path}: holds {codes.ntotal} vectors, the shard {meta['chunks']}")
+    return codes
 
 
 def _embed(embedder: Any, settings: dict, texts: list[str], per_doc: list, n_chunks: int) -> np.ndarray:

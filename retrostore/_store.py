@@ -391,6 +391,9 @@ class Store(ReadMixin, AdminMixin):
         self._pending_deletes: set[int] = set()
         self._hasher = RecordHasher()
         self._pending_fields: dict[str, Any] = {}  # top-level manifest fields the next commit sets
+        # Per appended batch, its vectors already encoded by the store's template (a sharded build's
+        # shards), or None: the commit adopts them when every batch has them (_maintenance.commit_index).
+        self._pending_codes: list[Any] = []
 
     def _recover(self) -> None:
         """Writer start-up: remove what a crashed writer left behind."""

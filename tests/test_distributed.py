@@ -276,12 +276,20 @@ def test_index_training_stage(tmp_path, corpus, embedder, local_store):
         _shards.train_template(flat, tmp_path, embedder, factory="IVF4,Flat", train_vectors=50, seed=7)
 
 
-def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store):
+def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store, monkeypatch):
     """A trainable factory: stage 2 trains it once on a seeded sample of the build's chunks and
-    installs it before any shard is merged; shards' vectors are then encoded by its clones.
-    The chunk table equals the plain build's; the index answers; re-running does nothing."""
+    installs it before any shard is merged; each shard task encodes its vectors with a clone of
+    it and the merge adopts those codes (it encodes nothing itself). The chunk table equals the
+    plain build's; the index answers; re-running does nothing."""
+    from retrostore import _maintenance
+
+    encoded_at_merge = []
+    real = _maintenance.build_segment
+    monkeypatch.setattr(_maintenance, "build_segment",
+                        lambda vectors, *a, **kw: encoded_at_merge.append(len(vectors)) or real(vectors, *a, **kw))
     path = tmp_path / "s.rstore"
     res = build_store(path, [corpus], engine="local", shards=2, index="IVF1,Flat", progress=False)
+    assert encoded_at_merge == []
     with retrostore.open(path) as st:
         idx = st.manifest["index"]
         assert (idx["factory"], idx["target"]) == ("IVF1,Flat", "IVF1,Flat")
@@ -298,6 +306,15 @@ def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store
     assert res.chunks == n
     again = build_store(path, [corpus], engine="local", shards=2, index="IVF1,Flat", progress=False)
     assert again.chunks == 0 and {k: _snapshot(path)[k] for k in same} == {k: snap[k] for k in same}
+    # Appending another sharded build to the trained store: its shards encode with the store's template.
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"text": "Another page, about the codes a shard encodes. " * 20}) + "\n")
+    added = build_store(path, [more], engine="local", shards=1, progress=False)
+    assert added.chunks > 0 and encoded_at_merge == []
+    with retrostore.open(path) as st:
+        assert st.verify() == [] and len(st) == n + added.chunks
+        v = st._stored_vectors(n, n + 1)
+        assert st.search_vectors(v, k=1)[1][0, 0] == n
 
 
 def test_sharded_build_with_too_small_a_sample_trains_at_a_commit_later(tmp_path, corpus):

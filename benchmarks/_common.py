@@ -29,6 +29,33 @@ PYDOCS = Path(os.environ.get("RETROSTORE_PYDOCS", "/work/shared/data/pydocs.json
 SAMPLE = REPO / "examples" / "pydocs-sample.jsonl.zst"
 
 
+# -- synthetic vectors -----------------------------------------------------------
+#: Dimension of the synthetic benchmark vectors (the default embedder's).
+SYNTH_DIM = 384
+
+
+class PrecomputedOnly:
+    """An embedder that is never called: the benchmark's vectors come with ``append(embeddings=...)``."""
+
+    dim = SYNTH_DIM
+    fingerprint = {"kind": "benchmark", "name": "synthetic", "model_sha256": "0" * 64, "dim": SYNTH_DIM}
+
+    @property
+    def tokenizer_path(self) -> Path:
+        import retrostore
+
+        return retrostore.default_tokenizer_path()
+
+    def embed(self, texts):
+        raise AssertionError("benchmark vectors are precomputed")
+
+
+def clustered_vectors(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
+    """``n`` unit vectors around random ``centres`` (like text embeddings, clustered), float32."""
+    x = centres[rng.integers(0, len(centres), n)] + 0.4 * rng.standard_normal((n, centres.shape[1])).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 # -- corpus ---------------------------------------------------------------------
 def corpus_path(path: str | None = None) -> Path:
     """The corpus file: ``path`` if given, else pydocs, else the shipped sample."""

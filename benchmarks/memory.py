@@ -31,21 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import retrostore  # noqa: E402
 
-DIM = 384
-
-
-class PrecomputedOnly:
-    dim = DIM
-    fingerprint = {"kind": "benchmark", "name": "synthetic", "model_sha256": "0" * 64, "dim": DIM}
-    tokenizer_path = retrostore.default_tokenizer_path()
-
-    def embed(self, texts):
-        raise AssertionError("benchmark vectors are precomputed")
-
-
-def vectors(rng, n, centres):
-    x = centres[rng.integers(0, len(centres), n)] + 0.4 * rng.standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from _common import SYNTH_DIM as DIM, PrecomputedOnly  # noqa: E402
+from _common import clustered_vectors as vectors  # noqa: E402
 
 
 def build(path: Path, n: int, threads: int | None, batch: int = 100_000) -> dict:

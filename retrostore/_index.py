@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from ._fileio import sha256_file
-from ._params import RERANK, RWLock, apply_params, effective_params
+from ._params import RERANK, RWLock, apply_params, current_params, effective_params
 from .errors import CorruptStoreError, InvalidInputError
 
 __all__ = [
@@ -372,7 +372,7 @@ class SegmentSet:
         out = effective_params(self.segments[0].index) if self.segments else {}
         if self.segments and params:
             with self._lock.exclusive():
-                before = _current(self.segments[0].index, params)
+                before = current_params(self.segments[0].index, params)
                 apply_params(self.segments[0].index, eff)
                 out = effective_params(self.segments[0].index)
                 apply_params(self.segments[0].index, before)
@@ -408,7 +408,7 @@ class SegmentSet:
                 D, I = self._search_live(queries, kk)
         else:
             with self._lock.exclusive():
-                saved = [_current(seg.index, changes) for seg in self.segments]
+                saved = [current_params(seg.index, changes) for seg in self.segments]
                 try:
                     for seg in self.segments:
                         apply_params(seg.index, eff)
@@ -488,41 +488,6 @@ class SegmentSet:
             out_d[lo : lo + step] = np.take_along_axis(scores, order, 1)
             out_i[lo : lo + step] = np.take_along_axis(I, order, 1)
         return out_d, out_i
-
-
-def _current(index: faiss.Index, names: dict) -> dict:
-    """Values of ``names`` as set on ``index`` now (to restore after a per-query change),
-    read from the index that ParameterSpace would set (through wrappers; FAISS defaults
-    included, e.g. ``max_codes`` 0 = unlimited, ``ht`` = the PQ's ``polysemous_ht``)."""
-    out = {}
-    for name in names:
-        value = _read_param(index, name)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-_ATTR = {"ht": "polysemous_ht", "k_factor_rf": "k_factor"}
-
-
-def _read_param(index: faiss.Index, name: str) -> Any:
-    if name.startswith("quantizer_"):
-        try:
-            ivf = faiss.extract_index_ivf(index)
-        except RuntimeError:
-            return None
-        return _read_param(ivf.quantizer, name[len("quantizer_"):])
-    attr = _ATTR.get(name, name)
-    node = index
-    while node is not None:
-        node = faiss.downcast_index(node)
-        if name == "efSearch":
-            if hasattr(node, "hnsw"):
-                return int(node.hnsw.efSearch)
-        elif hasattr(node, attr):
-            return getattr(node, attr)
-        node = getattr(node, "index", None) or getattr(node, "base_index", None)
-    return None
 
 
 def _in_sorted(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:

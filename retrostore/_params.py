@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "effective_params", "RWLock"]
+__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "current_params", "effective_params", "RWLock"]
 
 #: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
 #: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
@@ -76,6 +76,41 @@ def apply_params(index: faiss.Index, params: dict) -> None:
             ps.set_index_parameter(index, name, float(value))
         except RuntimeError:
             pass
+
+
+def current_params(index: faiss.Index, names: dict) -> dict:
+    """Values of ``names`` as set on ``index`` now (to restore after a per-query change),
+    read from the index that ParameterSpace would set (through wrappers; FAISS defaults
+    included, e.g. ``max_codes`` 0 = unlimited, ``ht`` = the PQ's ``polysemous_ht``)."""
+    out = {}
+    for name in names:
+        value = _read_param(index, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+_ATTR = {"ht": "polysemous_ht", "k_factor_rf": "k_factor"}
+
+
+def _read_param(index: faiss.Index, name: str) -> Any:
+    if name.startswith("quantizer_"):
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            return None
+        return _read_param(ivf.quantizer, name[len("quantizer_"):])
+    attr = _ATTR.get(name, name)
+    node = index
+    while node is not None:
+        node = faiss.downcast_index(node)
+        if name == "efSearch":
+            if hasattr(node, "hnsw"):
+                return int(node.hnsw.efSearch)
+        elif hasattr(node, attr):
+            return getattr(node, attr)
+        node = getattr(node, "index", None) or getattr(node, "base_index", None)
+    return None
 
 
 def effective_params(index: faiss.Index) -> dict:

@@ -37,6 +37,7 @@ import msgpack
 import numpy as np
 
 from ._lmdbscan import key as _key
+from ._lmdbscan import parse_commit
 from ._lmdbscan import records_digest, seal, unseal
 from .errors import CorruptStoreError, RetrostoreError
 
@@ -506,11 +507,8 @@ class ChunkTable:
                 if ver > version:
                     break
                 try:
-                    entry = msgpack.unpackb(v, raw=False)
-                    (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
-                    if not all(isinstance(x, int) and 0 <= x for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1:
-                        raise ValueError(f"bad id ranges {entry['c']} {entry['d']}")
-                except Exception as exc:
+                    c0, c1, d0, d1, recorded = parse_commit(v)
+                except ValueError as exc:
                     problems.append(f"{LMDB_DIR}/data.mdb: commit record of version {ver} is damaged ({exc})")
                     continue
                 if records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1) != recorded:

@@ -121,31 +121,16 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
             # documents: dense ids, chunk ranges tiling [0, n_chunks)
             owner: list[tuple[int, int]] = []  # (first_chunk, n) per doc
             expect_chunk = 0
-            cur = txn.cursor(docs_db)
-            did = 0
-            if cur.first():
-                for k, v in cur:
-                    i = int.from_bytes(k, "big")
-                    if i >= n_docs:
-                        break
-                    if i != did:
-                        problems.append(f"{DATA}: document records {did}..{i - 1} are missing")
-                        did = i
-                    rec, why = _decode(k, v, sealed)
-                    if rec is None or not _is_int(rec.get("c")) or not _is_int(rec.get("n")):
-                        problems.append(f"{DATA}: document {i} record {why or 'lacks its fields'}")
-                        owner.append((-1, 0))
-                    else:
-                        if rec["c"] != expect_chunk:
-                            problems.append(f"{DATA}: document {i} starts at chunk {rec['c']}, expected {expect_chunk}")
-                        owner.append((rec["c"], rec["n"]))
-                        expect_chunk = rec["c"] + rec["n"]
-                    if txn.get(k, db=docs_db) != v:
-                        unfindable["documents"].append(i)
-                    did += 1
-            if did < n_docs:
-                problems.append(f"{DATA}: {n_docs - did} document records below id {n_docs} are missing "
-                                f"(found {did}, the manifest says {n_docs})")
+            for i, k, v in _dense(txn, docs_db, n_docs, "document", problems, unfindable["documents"]):
+                rec, why = _decode(k, v, sealed)
+                if rec is None or not _is_int(rec.get("c")) or not _is_int(rec.get("n")):
+                    problems.append(f"{DATA}: document {i} record {why or 'lacks its fields'}")
+                    owner.append((-1, 0))
+                else:
+                    if rec["c"] != expect_chunk:
+                        problems.append(f"{DATA}: document {i} starts at chunk {rec['c']}, expected {expect_chunk}")
+                    owner.append((rec["c"], rec["n"]))
+                    expect_chunk = rec["c"] + rec["n"]
             if expect_chunk != n_chunks and not problems:
                 problems.append(f"{DATA}: documents cover {expect_chunk} chunks, the manifest says {n_chunks}")
             # chunks: dense ids, each naming its document and position
@@ -153,30 +138,15 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
             for d, (c, n) in enumerate(owner):
                 for j in range(max(c, 0), min(c + n, n_chunks)):
                     doc_of[j] = d
-            cid = 0
-            cur = txn.cursor(chunks_db)
-            if cur.first():
-                for k, v in cur:
-                    i = int.from_bytes(k, "big")
-                    if i >= n_chunks:
-                        break
-                    if i != cid:
-                        problems.append(f"{DATA}: chunk records {cid}..{i - 1} are missing")
-                        cid = i
-                    rec, why = _decode(k, v, sealed)
-                    if (rec is None or not _is_int(rec.get("d")) or not _is_int(rec.get("p"))
-                            or not isinstance(rec.get("s"), str) or not isinstance(rec.get("t"), bytes)):
-                        problems.append(f"{DATA}: chunk {i} record {why or 'lacks its fields'}")
-                    elif rec["d"] != doc_of[i] and doc_of[i] >= 0:
-                        problems.append(f"{DATA}: chunk {i} names document {rec['d']}, its document record says {doc_of[i]}")
-                    elif doc_of[i] >= 0 and rec["p"] != i - owner[doc_of[i]][0]:
-                        problems.append(f"{DATA}: chunk {i} has position {rec['p']}, expected {i - owner[doc_of[i]][0]}")
-                    if txn.get(k, db=chunks_db) != v:
-                        unfindable["chunks"].append(i)
-                    cid += 1
-            if cid < n_chunks:
-                problems.append(f"{DATA}: {n_chunks - cid} chunk records below id {n_chunks} are missing "
-                                f"(found {cid}, the manifest says {n_chunks})")
+            for i, k, v in _dense(txn, chunks_db, n_chunks, "chunk", problems, unfindable["chunks"]):
+                rec, why = _decode(k, v, sealed)
+                if (rec is None or not _is_int(rec.get("d")) or not _is_int(rec.get("p"))
+                        or not isinstance(rec.get("s"), str) or not isinstance(rec.get("t"), bytes)):
+                    problems.append(f"{DATA}: chunk {i} record {why or 'lacks its fields'}")
+                elif rec["d"] != doc_of[i] and doc_of[i] >= 0:
+                    problems.append(f"{DATA}: chunk {i} names document {rec['d']}, its document record says {doc_of[i]}")
+                elif doc_of[i] >= 0 and rec["p"] != i - owner[doc_of[i]][0]:
+                    problems.append(f"{DATA}: chunk {i} has position {rec['p']}, expected {i - owner[doc_of[i]][0]}")
             for table, ids in unfindable.items():
                 if ids:
                     problems.append(f"{DATA}: {len(ids)} {table} records cannot be found by their id (first: "
@@ -189,13 +159,9 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                 if ver > version:
                     break
                 try:
-                    entry = msgpack.unpackb(v, raw=False)
-                    (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
-                    if (not all(_is_int(x) and x >= 0 for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1
-                            or not isinstance(recorded, str)):
-                        raise ValueError("bad id ranges or digest")
-                except Exception as exc:
-                    problems.append(f"{DATA}: commit record of version {ver} is damaged ({type(exc).__name__})")
+                    c0, c1, d0, d1, recorded = parse_commit(v)
+                except ValueError as exc:
+                    problems.append(f"{DATA}: commit record of version {ver} is damaged ({exc})")
                     continue
                 if (c0, d0) != ends:
                     problems.append(f"{DATA}: commit record of version {ver} starts at chunk {c0} / document {d0}, "
@@ -215,6 +181,50 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
         if own:
             env.close()
     return {"chain": chain, "problems": problems}
+
+
+def _dense(txn, db, end: int, what: str, problems: list[str], unfindable: list[int]):
+    """Yield ``(id, key, value)`` of ``db``'s records with ids below ``end``, in key order.
+
+    Ids must be dense from 0: a problem line names each run of missing ids and a
+    missing tail; ids whose record a keyed lookup cannot find again (a damaged
+    branch page) go to ``unfindable``.
+    """
+    seen = 0
+    cur = txn.cursor(db)
+    if cur.first():
+        for k, v in cur:
+            i = int.from_bytes(k, "big")
+            if i >= end:
+                break
+            if i != seen:
+                problems.append(f"{DATA}: {what} records {seen}..{i - 1} are missing")
+            yield i, k, v
+            if txn.get(k, db=db) != v:
+                unfindable.append(i)
+            seen = i + 1
+    if seen < end:
+        problems.append(f"{DATA}: {end - seen} {what} records below id {end} are missing "
+                        f"(found {seen}, the manifest says {end})")
+
+
+def parse_commit(raw: bytes) -> tuple[int, int, int, int, str]:
+    """``(first_chunk, end_chunk, first_doc, end_doc, digest)`` of a commit record.
+
+    Raises
+    ------
+    ValueError
+        The record is not msgpack, lacks a field, or holds bad id ranges or digest.
+    """
+    try:
+        entry = msgpack.unpackb(raw, raw=False)
+        (c0, c1), (d0, d1), recorded = entry["c"], entry["d"], entry["h"]
+    except Exception as exc:
+        raise ValueError(type(exc).__name__) from exc
+    if (not all(_is_int(x) and x >= 0 for x in (c0, c1, d0, d1)) or c0 > c1 or d0 > d1
+            or not isinstance(recorded, str)):
+        raise ValueError(f"bad id ranges {[c0, c1]} {[d0, d1]} or digest")
+    return c0, c1, d0, d1, recorded
 
 
 def scan_in_child(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool,

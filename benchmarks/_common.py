@@ -192,20 +192,35 @@ def ms(seconds: float) -> str:
 
 
 # -- machine --------------------------------------------------------------------
-def machine() -> dict[str, str]:
-    """CPU model, cores, load and library versions, for every report."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), else all."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        usable = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def start(corpus: str | None) -> tuple[dict[str, str], list[tuple[str, dict | None]]]:
+    """A benchmark's preamble: describe and print the machine, read the corpus's documents."""
+    info = machine()
+    print_machine(info)
+    return info, read_docs(corpus_path(corpus))
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, load and library versions, for every report."""
+    cpu, usable = cpu_model(), usable_cpus()
     import faiss
     import lmdb
     import onnxruntime

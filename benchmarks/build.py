@@ -183,10 +183,8 @@ def main(argv=None) -> int:
     import retrostore
     from retrostore import default_embedder
 
-    info = C.machine()
-    C.print_machine(info)
+    info, docs = C.start(args.corpus)
     corpus = C.corpus_path(args.corpus)
-    docs = C.read_docs(corpus)
     with tempfile.TemporaryDirectory(prefix="rs-bench-build-") as tmp:
         tmp = Path(tmp)
         # The store's own chunker (its copy of tokenizer.json), from an empty scratch store.

@@ -257,10 +257,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import retrostore
 
-    info = C.machine()
-    C.print_machine(info)
-    corpus = C.corpus_path(args.corpus)
-    docs = C.read_docs(corpus)
+    info, docs = C.start(args.corpus)
     with tempfile.TemporaryDirectory(prefix="rs-bench-neighbors-") as tmp:
         tmp = Path(tmp)
         if args.store:

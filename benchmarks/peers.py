@@ -111,19 +111,9 @@ def run_worker(role: str, args: argparse.Namespace, out: Path, extra: list[str],
 def machine() -> dict:
     import psutil
 
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+    from _common import cpu_model, usable_cpus
+
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "numpy": np.__version__, "psutil": psutil.__version__}

@@ -76,10 +76,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import retrostore
 
-    info = C.machine()
-    C.print_machine(info)
-    corpus = C.corpus_path(args.corpus)
-    docs = C.read_docs(corpus)
+    info, docs = C.start(args.corpus)
     with tempfile.TemporaryDirectory(prefix="rs-bench-query-") as tmp:
         if args.store:
             path = Path(args.store)

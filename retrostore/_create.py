@@ -99,10 +99,7 @@ def create(
     CommitError
         An I/O error (ENOSPC, EIO, ...); nothing was created at ``path``.
     """
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise InvalidInputError(f"path must be a non-empty str or os.PathLike naming the store directory, "
-                                f"not {path!r}")
-    root = Path(path)
+    root = _store_path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreExistsError(
             f"{root} already exists; open it with retrostore.open({str(root)!r}, mode='a') to add to it, "
@@ -213,6 +210,14 @@ def create(
     return Store(root, mode="a", embedder=embedder, threads=threads)
 
 
+def _store_path(path: Any) -> Path:
+    """``path`` as a Path, refusing what is not a non-empty str or os.PathLike (create and open)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or not os.fspath(path):
+        raise InvalidInputError(f"path must be a non-empty str or os.PathLike naming the store directory, "
+                                f"not {path!r}")
+    return Path(path)
+
+
 def _check_embedder(emb: Any) -> None:
     name = type(emb).__name__
     for attr in ("dim", "fingerprint", "embed"):
@@ -294,7 +299,7 @@ def open_store(
     EmbedderMismatchError
         ``embedder`` differs from the one the store was built with.
     InvalidInputError
-        Bad ``mode`` or ``version``.
+        Bad ``path``, ``mode`` or ``version``.
     """
-    return Store(path, mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
+    return Store(_store_path(path), mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
                  mmap=mmap)

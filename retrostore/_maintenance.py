@@ -204,7 +204,7 @@ def _adopt_codes(store: "Store", template: faiss.Index | None, vectors: np.ndarr
     commit has them and they hold exactly its vectors; IVF codes merge with id
     offsets (the same lists, in the same order, as encoding here would give).
     """
-    codes = getattr(store, "_pending_codes", [])
+    codes = store._pending_codes
     if template is None or not codes or any(c is None for c in codes) \
             or sum(int(c.ntotal) for c in codes) != len(vectors):
         return None

@@ -353,6 +353,8 @@ def test_bad_paths_ids_and_embedders_are_clear_errors(tmp_path, built_store):
     for path in (None, 3, b"/tmp/x", ""):
         with pytest.raises(InvalidInputError, match="path must be"):
             retrostore.create(path)
+        with pytest.raises(InvalidInputError, match="path must be"):
+            retrostore.open(path)
     with pytest.raises(retrostore.CommitError, match="nothing was created"):
         retrostore.create("/proc/retrostore-test.rstore")
 

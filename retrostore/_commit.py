@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import commit_deletes
-from ._index import serialize
+from ._index import write_index
 from ._maintenance import commit_index
 from ._vectors import load_vectors, write_vectors
 from .errors import CommitError, RetrostoreError
@@ -187,7 +187,7 @@ def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, n
     path = store.path / INDEX_DIR / f"seg-{tag}.faiss"
     path.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
     new_files.append(path)
-    size, sha = _fileio.write_durable(path, [serialize(index)])
+    size, sha = write_index(path, index)
     entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
     store._segments_cache[sha] = index
     return entry

@@ -23,6 +23,7 @@ from .errors import CommitError, WriterLockedError
 
 __all__ = [
     "write_durable",
+    "DurableWriter",
     "atomic_write",
     "fsync_dir",
     "sha256_file",
@@ -80,6 +81,85 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class DurableWriter:
+    """A new file written in order, hashed while written and fsynced at the end.
+
+    Small writes are gathered into blocks of ``_BLOCK`` bytes, so a producer
+    that pushes many small pieces (``faiss.write_index`` through a
+    ``PyCallbackIOWriter``) makes few ``write(2)`` calls. As a context manager:
+    a clean exit flushes and fsyncs (its OSError also removes the file); an
+    exception removes the partial file.
+
+    Parameters
+    ----------
+    path : path-like
+        File to create; it must not exist.
+
+    Attributes
+    ----------
+    size : int
+        Bytes written so far.
+    sha256 : str
+        Hex digest of the content, set at the clean exit.
+
+    Raises
+    ------
+    OSError
+        From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.size = 0
+        self.sha256 = ""
+        self._digest = hashlib.sha256()
+        self._pending = bytearray()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, part: bytes | memoryview) -> None:
+        """Append ``part`` (any bytes-like object)."""
+        view = memoryview(part).cast("B")
+        if len(view) < _BLOCK:
+            self._pending += view
+            if len(self._pending) >= _BLOCK:
+                self._flush()
+            return
+        self._flush()
+        self._put(view)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._put(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def _put(self, view: memoryview) -> None:
+        self._digest.update(view)
+        while len(view):
+            n = _write(self._fd, view[:_BLOCK])
+            view = view[n:]
+            self.size += n
+
+    def __enter__(self) -> "DurableWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+                _fsync(self._fd)
+                self.sha256 = self._digest.hexdigest()
+        except BaseException:
+            exc_type = OSError
+            raise
+        finally:
+            os.close(self._fd)
+            if exc_type is not None:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+
+
 def write_durable(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
     """Write ``parts`` to a new file ``path`` and fsync it (not its directory).
 
@@ -102,28 +182,10 @@ def write_durable(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) 
         From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...); the partial
         file is removed.
     """
-    path = os.fspath(path)
-    digest = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
+    with DurableWriter(path) as out:
         for part in parts:
-            view = memoryview(part).cast("B")
-            digest.update(view)
-            while len(view):
-                n = _write(fd, view[:_BLOCK])
-                view = view[n:]
-                size += n
-        _fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    return size, digest.hexdigest()
+            out.write(part)
+    return out.size, out.sha256
 
 
 def atomic_write(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:

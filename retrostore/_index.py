@@ -28,12 +28,13 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
+from . import _fileio
 from ._fileio import sha256_file
 from ._params import RERANK, RWLock, apply_params, current_params, effective_params
 from .errors import CorruptStoreError, InvalidInputError
 
 __all__ = [
-    "Segment", "SegmentSet", "build_segment", "serialize", "load_segment", "METRICS", "plan_merge",
+    "Segment", "SegmentSet", "build_segment", "serialize", "write_index", "load_segment", "METRICS", "plan_merge",
     "merge_segments", "new_index", "mmap_problem", "is_ivf", "is_exact", "unwrap",
     "segment_vectors",
 ]
@@ -202,8 +203,22 @@ def build_segment(vectors: np.ndarray, factory: str, metric: str, *, template: f
 
 
 def serialize(index: faiss.Index) -> np.ndarray:
-    """The index as bytes (uint8 array) for :func:`retrostore._fileio.write_durable`."""
+    """The index as bytes (uint8 array), for small indexes held in memory."""
     return faiss.serialize_index(index)
+
+
+def write_index(path: Path, index: faiss.Index) -> tuple[int, str]:
+    """Write ``index`` as a new durable file; returns its size and sha256.
+
+    FAISS streams the index into :class:`retrostore._fileio.DurableWriter`
+    (``PyCallbackIOWriter``): no in-memory copy of the file, which
+    ``faiss.serialize_index`` makes twice (its writer's buffer, then the
+    numpy array), so a commit of a large segment needs no extra memory the
+    size of it. An OSError from a write (ENOSPC, EIO) comes through as itself.
+    """
+    with _fileio.DurableWriter(path) as out:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(out.write))
+    return out.size, out.sha256
 
 
 def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = False) -> Segment:

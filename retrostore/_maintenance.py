@@ -21,7 +21,7 @@ import numpy as np
 from . import _fileio, _manifest
 from ._deletes import Tombstones, write_tombstones
 from ._index import (Segment, SegmentSet, build_segment, is_exact, is_ivf, load_segment, merge_segments,
-                     mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, serialize)
+                     mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, write_index)
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
                         default_train_size, progress_bar, sample_ids, train_template)
@@ -318,7 +318,7 @@ def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, ta
                                   describe=f" (seeded sample {seed} of {len(live):,} stored vectors)")
         path = store.path / INDEX_DIR / f"tpl-{tag}.faiss"
         new_files.append(path)
-        size_b, sha = _fileio.write_durable(path, [serialize(template)])
+        size_b, sha = write_index(path, template)
         template_entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size_b, "sha256": sha}
     holes = len(live) != end
     index = faiss.clone_index(template) if template is not None else probe

@@ -29,6 +29,7 @@ class Faults:
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
         self.fail_at: int | None = None
+        self.fail_name: str | None = None  # fail the first call of this name instead
         self.code = errno.EIO
         self.sticky = False
         for name in ("_write", "_fsync", "_rename", "sync_lmdb"):
@@ -38,6 +39,8 @@ class Faults:
         def call(*args):
             i = len(self.calls)
             self.calls.append(name)
+            if name == self.fail_name and self.calls.count(name) == 1:
+                raise OSError(self.code, f"{os.strerror(self.code)} (injected into {name})")
             if self.fail_at is not None and (i == self.fail_at or (self.sticky and i > self.fail_at)):
                 raise OSError(self.code, f"{os.strerror(self.code)} (injected into {name})")
             return real(*args)
@@ -47,8 +50,11 @@ class Faults:
     def arm(self, at: int, code: int, sticky: bool = False) -> None:
         self.calls, self.fail_at, self.code, self.sticky = [], at, code, sticky
 
+    def arm_name(self, name: str, code: int) -> None:
+        self.calls, self.fail_name, self.code = [], name, code
+
     def disarm(self) -> None:
-        self.fail_at = None
+        self.fail_at = self.fail_name = None
 
 
 @pytest.fixture
@@ -130,10 +136,23 @@ def test_each_commit_step_failing(tmp_path, small_docs, embedder, faults):
             if i % 4 == 0:
                 assert st.verify() == []
             i += 1
+        # Which call comes at position i depends on the commit (tiered merges write more):
+        # fail the first call of each kind once more, so that every kind is seen failing.
+        for name in ("_write", "_fsync", "_rename", "sync_lmdb"):
+            version, listing = st.version, _listing(path)
+            manifest_bytes = (path / "manifest.json").read_bytes()
+            _append(st, texts[:1], rng)
+            faults.arm_name(name, errno.EIO)
+            with pytest.raises(CommitError, match="previous version is intact"):
+                st.commit()
+            kinds.add(name)
+            faults.disarm()
+            _intact(path, version, listing, manifest_bytes)
+            assert st.commit() == version + 1
         assert i >= 12 and kinds == {"_write", "_fsync", "_rename", "sync_lmdb"}, (i, kinds)
     with retrostore.open(path) as r:
-        assert r.version == i + 2 and r.verify() == []
-        assert r.info()["documents"] == 3 + 2 * (i + 1)
+        assert r.version == i + 6 and r.verify() == []
+        assert r.info()["documents"] == 3 + 2 * (i + 1) + 4
 
 
 def test_merging_commit_failing_at_each_step(tmp_path, small_docs, embedder, faults):

@@ -243,6 +243,88 @@ class Chunker:
             result[i] = self._split(len(docs[i]), ids, offsets)
         return result
 
+    def check_chunks(self, texts: Sequence[str], chunks: Any) -> list[list[Chunk]]:
+        """Check chunks made elsewhere as :meth:`chunk_many` would make them of ``texts``.
+
+        For a caller that chunked documents already (to count or embed their
+        chunks) and hands the chunks back instead of having them cut again.
+        Checked: one list of :class:`Chunk` per text; positions ``0, 1, ...``;
+        spans that tile their text; 1-D integer token ids in
+        ``[0, vocab_size)``, ``chunk_tokens`` of them in every chunk but the
+        last (1 to ``chunk_tokens`` there). Not every text is tokenized again
+        (that would cost what the caller saved): the shortest text with
+        chunks is, and must give exactly its chunks, which catches chunks
+        from another tokenizer.
+
+        Parameters
+        ----------
+        texts : sequence of str
+            The documents, already checked to be ``str``.
+        chunks : sequence of sequence of Chunk
+            ``chunks[i]`` are the chunks of ``texts[i]``.
+
+        Returns
+        -------
+        list of list of Chunk
+            ``chunks`` as lists.
+
+        Raises
+        ------
+        InvalidInputError
+            A check fails; the message names the document, the chunk and
+            the rule, and says to pass ``chunk_many(texts)``.
+        """
+        fix = "pass what this store's chunker makes: store.chunker.chunk_many(docs)"
+        if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
+            raise InvalidInputError(f"chunks is a {type(chunks).__name__}; {fix} (a list of lists of Chunk)")
+        if len(chunks) != len(texts):
+            raise InvalidInputError(f"{len(chunks)} lists of chunks for {len(texts)} documents; {fix}")
+        k, out, probe, recheck = self.chunk_tokens, [], None, []
+        for i, (text, cs) in enumerate(zip(texts, chunks)):
+            if isinstance(cs, (str, bytes)) or not isinstance(cs, Sequence):
+                raise InvalidInputError(f"chunks[{i}] is a {type(cs).__name__}, not a list of Chunk; {fix}")
+            cs = list(cs)
+            out.append(cs)
+            if not cs:
+                if text and not text.isspace():
+                    recheck.append(i)  # rare (no tokens at all): only chunk_many can say
+                continue
+            where = f"chunks[{i}]"
+            if not all(type(c) is Chunk for c in cs):
+                bad = next(j for j, c in enumerate(cs) if type(c) is not Chunk)
+                raise InvalidInputError(f"{where}[{bad}] is a {type(cs[bad]).__name__}, not a Chunk; {fix}")
+            bounds = [c.start for c in cs] + [len(text)]
+            if [c.position for c in cs] != list(range(len(cs))) or bounds[0] != 0 or \
+                    [c.end for c in cs] != bounds[1:] or any(a > b for a, b in zip(bounds, bounds[1:])):
+                raise InvalidInputError(
+                    f"{where} do not tile document {i} ({len(text)} characters): positions must run 0, 1, ... and "
+                    "spans [start, end) must follow each other from 0 to the document's length; "
+                    f"{fix} for these very documents"
+                )
+            ids = [c.token_ids for c in cs]
+            if not all(isinstance(t, np.ndarray) and t.ndim == 1 and len(t) == k for t in ids[:-1]) or \
+                    not isinstance(ids[-1], np.ndarray) or ids[-1].ndim != 1 or not 1 <= len(ids[-1]) <= k:
+                raise InvalidInputError(
+                    f"{where}: every chunk must hold a 1-D array of {k} token ids (the last 1 to {k}); "
+                    f"were they cut with another chunk_tokens? {fix}"
+                )
+            flat = np.concatenate(ids)
+            if not np.issubdtype(flat.dtype, np.integer) or flat.min() < 0 or flat.max() >= self.vocab_size:
+                raise InvalidInputError(
+                    f"{where}: token ids must be integers in [0, {self.vocab_size}) (this tokenizer's vocabulary); "
+                    f"{fix}"
+                )
+            if probe is None or len(text) < len(texts[probe]):
+                probe = i
+        recheck += [] if probe is None else [probe]
+        for i, made in zip(recheck, self.chunk_many([texts[i] for i in recheck])):
+            if made != out[i]:
+                raise InvalidInputError(
+                    f"chunks[{i}] are not what this store's chunker (tokenizer sha256 {self.sha256[:12]}..., "
+                    f"{k} tokens per chunk) makes of document {i}; were they cut with another tokenizer? {fix}"
+                )
+        return out
+
     def decode(self, ids: Any, *, skip_special_tokens: bool = True) -> str:
         """Turn token ids back into text.
 

@@ -332,8 +332,8 @@ class ChunkTable:
         self.env.sync(True)
 
     # -- writing ----------------------------------------------------------
-    def put_records(self, chunks: list[tuple[int, bytes]], docs: list[tuple[int, bytes]]) -> None:
-        """Write packed records (already encoded with :meth:`pack_chunk` / :meth:`pack_doc`)."""
+    def put_records(self, chunks: list[tuple[bytes, bytes]], docs: list[tuple[bytes, bytes]]) -> None:
+        """Write (key, value) records made by :meth:`pack_chunks` / :meth:`pack_doc`."""
         for i in range(0, max(len(chunks), len(docs)), _TXN_RECORDS):
             part_c = chunks[i : i + _TXN_RECORDS]
             part_d = docs[i : i + _TXN_RECORDS]
@@ -341,8 +341,7 @@ class ChunkTable:
             def fn(txn, part_c=part_c, part_d=part_d):
                 for db, part in ((self._chunks, part_c), (self._docs, part_d)):
                     cur = txn.cursor(db)
-                    items = [(_key(k), v) for k, v in part]
-                    cur.putmulti(items, append=_appendable(cur, items))
+                    cur.putmulti(part, append=_appendable(cur, part))
 
             self._write_txn(fn)
 
@@ -368,23 +367,23 @@ class ChunkTable:
         self._write_txn(fn)
         return removed
 
-    def pack_chunk(self, chunk_id: int, doc_id: int, position: int, start: int, text: str,
-                   token_ids: np.ndarray) -> bytes:
-        """The stored value of chunk ``chunk_id`` (sealed when the store seals records)."""
-        raw = msgpack.packb(
-            {"d": doc_id, "p": position, "o": start, "s": text,
-             "t": np.ascontiguousarray(token_ids, dtype=self.token_dtype).tobytes()},
-            use_bin_type=True,
-        )
-        return seal(_key(chunk_id), raw) if self.sealed else raw
+    def pack_chunks(self, first_id: int, doc_id: int, text: str, chunks: list) -> list[tuple[bytes, bytes]]:
+        """(key, stored value) of one document's chunk records, ids from ``first_id``
+        (values sealed when the store seals records)."""
+        values = encode_chunks(self.token_dtype, doc_id, text, chunks)
+        keys = [_key(i) for i in range(first_id, first_id + len(values))]
+        if self.sealed:
+            values = [seal(k, v) for k, v in zip(keys, values)]
+        return list(zip(keys, values))
 
-    def pack_doc(self, doc_id: int, first_chunk: int, n_chunks: int, metadata: Any, text: str | None) -> bytes:
-        """The stored value of document ``doc_id`` (sealed when the store seals records)."""
+    def pack_doc(self, doc_id: int, first_chunk: int, n_chunks: int, metadata: Any,
+                 text: str | None) -> tuple[bytes, bytes]:
+        """(key, stored value) of document ``doc_id`` (sealed when the store seals records)."""
         rec = {"c": first_chunk, "n": n_chunks, "m": metadata}
         if text is not None:
             rec["x"] = text
-        raw = msgpack.packb(rec, use_bin_type=True)
-        return seal(_key(doc_id), raw) if self.sealed else raw
+        raw, k = msgpack.packb(rec, use_bin_type=True), _key(doc_id)
+        return k, seal(k, raw) if self.sealed else raw
 
     # -- reading ----------------------------------------------------------
     def _payload(self, what: str, i: int, raw: bytes) -> bytes:
@@ -586,6 +585,26 @@ class ChunkTable:
                     env.close()
 
 
+def encode_chunks(token_dtype: Any, doc_id: int, text: str, chunks: list) -> list[bytes]:
+    """The msgpack values (unsealed) of one document's chunk records, as laid out above.
+
+    Sharded builds write their records with it too, so merged records are
+    byte-identical to appended ones. Token ids are converted to ``token_dtype``
+    once per document.
+    """
+    if not chunks:
+        return []
+    dtype = np.dtype(token_dtype)
+    tokens = np.concatenate([c.token_ids for c in chunks]).astype(dtype, copy=False).tobytes()
+    pack = msgpack.Packer(use_bin_type=True).pack
+    out, at = [], 0
+    for c in chunks:
+        end = at + len(c.token_ids) * dtype.itemsize
+        out.append(pack({"d": doc_id, "p": c.position, "o": c.start, "s": text[c.start : c.end], "t": tokens[at:end]}))
+        at = end
+    return out
+
+
 class RecordHasher:
     """Incremental version of :func:`retrostore._lmdbscan.records_digest` fed while appending."""
 
@@ -593,13 +612,10 @@ class RecordHasher:
         self.chunks = hashlib.sha256()
         self.docs = hashlib.sha256()
 
-    def add_chunk(self, cid: int, v: bytes) -> None:
-        self.chunks.update(_key(cid) + len(v).to_bytes(8, "big"))
-        self.chunks.update(v)
-
-    def add_doc(self, did: int, v: bytes) -> None:
-        self.docs.update(_key(did) + len(v).to_bytes(8, "big"))
-        self.docs.update(v)
+    def add(self, chunks: list[tuple[bytes, bytes]], docs: list[tuple[bytes, bytes]]) -> None:
+        """Feed (key, value) records, in id order; one hash update per table."""
+        for h, items in ((self.chunks, chunks), (self.docs, docs)):
+            h.update(b"".join([b for k, v in items for b in (k, len(v).to_bytes(8, "big"), v)]))
 
     def hexdigest(self) -> str:
         return hashlib.sha256(self.chunks.digest() + self.docs.digest()).hexdigest()

@@ -25,7 +25,7 @@ A shard directory ``shard-NNNNN/``::
     shard.json      {"format", "build_id", "shard", "docs": [first, end), counts,
                      "files": {name: {"size", "sha256"}}}
     chunks.msgpack  one msgpack record per chunk, the encoding of
-                    ChunkTable.pack_chunk, with doc ids local to the shard
+                    retrostore._chunks.encode_chunks, with doc ids local to the shard
     docs.msgpack    one record per document, the encoding of ChunkTable.pack_doc,
                     with first chunk ids local to the shard
     vectors.npy     float32 (chunks, dim), exactly as embedded
@@ -55,6 +55,7 @@ import numpy as np
 
 from . import _fileio
 from ._chunking import Chunk, Chunker
+from ._chunks import encode_chunks
 from ._inputs import InputDocument, _expand, _read_file
 from ._metadata import clean_metadata
 from ._vectors import write_vectors
@@ -330,13 +331,6 @@ def _fault_point(index: int) -> None:
     raise RuntimeError(f"fault injected in shard {index} ({FAULT_ENV})")
 
 
-def pack_chunk(token_dtype: str, doc_id: int, position: int, start: int, text: str, token_ids: np.ndarray) -> bytes:
-    """The encoding of :meth:`ChunkTable.pack_chunk` (kept equal to it by a test)."""
-    return msgpack.packb({"d": doc_id, "p": position, "o": start, "s": text,
-                          "t": np.ascontiguousarray(token_ids, dtype=np.dtype(token_dtype)).tobytes()},
-                         use_bin_type=True)
-
-
 def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) -> dict:
     """Tokenize, embed and encode shard ``index`` into ``work/shard-NNNNN/``.
 
@@ -395,9 +389,8 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
         for did, (text, chunks, m) in enumerate(zip(texts, per_doc, metas)):
             doc_recs.append(msgpack.packb({"c": cid, "n": len(chunks), "m": m, **({} if chunks else {"x": text})},
                                           use_bin_type=True))
-            for c in chunks:
-                chunk_recs.append(pack_chunk(dtype, did, c.position, c.start, text[c.start : c.end], c.token_ids))
-                cid += 1
+            chunk_recs += encode_chunks(dtype, did, text, chunks)
+            cid += len(chunks)
         files = {}
         files["chunks.msgpack"] = _fileio.write_durable(tmp / "chunks.msgpack", chunk_recs)
         _fault_point(index)  # tests: die part-way, leaving a half-written temporary directory

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from . import _commit, _fileio, _manifest
-from ._chunking import Chunker
+from ._chunking import Chunk, Chunker
 from ._chunks import LMDB_DIR, ChunkTable, RecordHasher
 from ._embed import DEFAULT_MODEL_SHA256, Embedder, default_embedder, embed_chunks
 from ._deletes import finish_purge
@@ -409,6 +409,7 @@ class Store(ReadMixin, AdminMixin):
         *,
         metadata: Any = None,
         embeddings: np.ndarray | None = None,
+        chunks: Sequence[Sequence[Chunk]] | None = None,
     ) -> list[int]:
         """Chunk, embed and stage documents; they become visible at :meth:`commit`.
 
@@ -422,6 +423,13 @@ class Store(ReadMixin, AdminMixin):
         embeddings : ndarray, shape (n_chunks, dim), optional
             Precomputed vectors, one row per chunk in order (for users who embed
             elsewhere). float64 is converted to float32; NaN/inf rejected.
+        chunks : list of list of Chunk, optional
+            The documents' chunks as ``store.chunker.chunk_many(docs)`` made
+            them, for a caller who chunked already (to count or embed the
+            chunks): the documents are then not tokenized again. Checked by
+            :meth:`Chunker.check_chunks` (tiling spans, token counts and
+            range, and the shortest document re-chunked), not re-tokenized
+            in full. One list when ``docs`` is one string.
 
         Returns
         -------
@@ -436,6 +444,8 @@ class Store(ReadMixin, AdminMixin):
             Metadata count differs from documents, or a value cannot round-trip.
         InvalidEmbeddingsError
             Wrong shape, dimension or non-finite values.
+        InvalidInputError
+            ``chunks`` are not this store's chunker's chunks of ``docs``.
         ReadOnlyStoreError, StoreClosedError, ForkedStoreError
         """
         self._check(write=True)
@@ -466,7 +476,11 @@ class Store(ReadMixin, AdminMixin):
                     f"document {i} is a {type(d).__name__}, not a str; decode bytes and convert values to text"
                 )
         metas = [clean_metadata(v, f"metadata[{i}]") for i, v in enumerate(metas)]
-        return self._append_chunked(docs, self.chunker.chunk_many(docs), metas, embeddings)
+        if chunks is None:
+            per_doc = self.chunker.chunk_many(docs)
+        else:
+            per_doc = self.chunker.check_chunks(docs, [chunks] if single else chunks)
+        return self._append_chunked(docs, per_doc, metas, embeddings)
 
     def _append_chunked(self, docs: list[str], per_doc: list, metas: list, embeddings: np.ndarray | None) -> list[int]:
         """Stage documents already cut by this store's chunker (``append``'s second half).
@@ -481,25 +495,15 @@ class Store(ReadMixin, AdminMixin):
         m = self._manifest
         next_chunk = m["next_chunk_id"] + self._pending_chunks
         next_doc = m["next_doc_id"] + self._pending_docs
-        chunk_recs: list[tuple[int, bytes]] = []
-        doc_recs: list[tuple[int, bytes]] = []
-        ids = []
-        for text, chunks, meta in zip(docs, per_doc, metas):
-            first = next_chunk
-            for c in chunks:
-                rec = self._table.pack_chunk(next_chunk, next_doc, c.position, c.start, text[c.start : c.end],
-                                             c.token_ids)
-                chunk_recs.append((next_chunk, rec))
-                next_chunk += 1
-            drec = self._table.pack_doc(next_doc, first, len(chunks), meta, None if chunks else text)
-            doc_recs.append((next_doc, drec))
-            ids.append(next_doc)
-            next_doc += 1
+        chunk_recs: list[tuple[bytes, bytes]] = []
+        doc_recs: list[tuple[bytes, bytes]] = []
+        ids = list(range(next_doc, next_doc + len(docs)))
+        for doc_id, text, chunks, meta in zip(ids, docs, per_doc, metas):
+            chunk_recs += self._table.pack_chunks(next_chunk, doc_id, text, chunks)
+            doc_recs.append(self._table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
+            next_chunk += len(chunks)
         self._table.put_records(chunk_recs, doc_recs)
-        for cid, rec in chunk_recs:
-            self._hasher.add_chunk(cid, rec)
-        for did, rec in doc_recs:
-            self._hasher.add_doc(did, rec)
+        self._hasher.add(chunk_recs, doc_recs)
         if n_chunks:
             self._pending_vectors.append(vectors)
         self._pending_chunks += n_chunks
@@ -524,18 +528,20 @@ class Store(ReadMixin, AdminMixin):
             arr = embed_chunks(self.embedder, self._manifest["tokenizer"]["sha256"], docs, per_doc)
             if arr.shape != (n_chunks, dim):
                 raise InvalidEmbeddingsError(f"the embedder returned shape {arr.shape}, expected ({n_chunks}, {dim})")
-        if not np.isfinite(arr).all():
+        # max/min propagate NaN and reach inf: one pass each, no temporary array
+        hi, lo = (float(arr.max()), float(arr.min())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(hi) and np.isfinite(lo)):
             bad = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise InvalidEmbeddingsError(f"embeddings row {bad} holds NaN or inf; every value must be finite")
-        if self._manifest["settings"]["keep_vectors"] and self._manifest["vectors"]["dtype"] == "float16" and len(arr):
-            peak = float(np.abs(arr).max())
-            if peak > _FLOAT16_MAX:
-                bad = int(np.argmax(np.abs(arr).max(axis=1)))
-                raise InvalidEmbeddingsError(
-                    f"embeddings row {bad} holds {peak:.6g}, beyond float16's largest value {_FLOAT16_MAX:g}; the "
-                    "store keeps raw vectors as float16: normalise the vectors, or create the store with "
-                    "vector_dtype='float32'"
-                )
+        peak = max(hi, -lo)
+        if self._manifest["settings"]["keep_vectors"] and self._manifest["vectors"]["dtype"] == "float16" \
+                and peak > _FLOAT16_MAX:
+            bad = int(np.argmax(np.abs(arr).max(axis=1)))
+            raise InvalidEmbeddingsError(
+                f"embeddings row {bad} holds {peak:.6g}, beyond float16's largest value {_FLOAT16_MAX:g}; the "
+                "store keeps raw vectors as float16: normalise the vectors, or create the store with "
+                "vector_dtype='float32'"
+            )
         return arr
 
     def commit(self) -> int:

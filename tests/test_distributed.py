@@ -214,14 +214,21 @@ def test_retried_or_duplicated_shard_task_leaves_one_shard(tmp_path, corpus, emb
         _shards.load_shard(tmp_path, plan, 1)
 
 
-def test_shard_records_use_the_store_encoding(local_store):
+def test_shard_records_use_the_store_encoding(local_store, tmp_path):
+    """Shards write chunk records with the encoder the store's append uses (one function)."""
+    from retrostore._chunks import encode_chunks
+
     with retrostore.open(local_store) as st:
-        c = st.get_chunks([3])[0]
-        dtype = st.manifest["tokenizer"]["token_dtype"]
-        stored = st._table.pack_chunk(c.chunk_id, c.doc_id, c.position, c.start, c.text, c.tokens)
+        doc = st.get_document(1)
+        chunks = st.chunker.chunk(doc.text)
+        first = doc.chunk_ids.start
+        keyed = st._table.pack_chunks(first, 1, doc.text, chunks)
+        assert [k for k, _ in keyed] == [(first + j).to_bytes(8, "big") for j in range(len(chunks))]
+        stored = [st._table.env.begin().get(k, db=st._table._chunks) for k, _ in keyed]
+        assert [v for _, v in keyed] == stored  # re-packing gives the committed bytes
         if st._table.sealed:  # the store appends a crc32 of key || msgpack (retrostore._chunks.seal)
-            stored = stored[:-4]
-        assert _shards.pack_chunk(dtype, c.doc_id, c.position, c.start, c.text, c.tokens) == stored
+            stored = [v[:-4] for v in stored]
+        assert encode_chunks(st.manifest["tokenizer"]["token_dtype"], 1, doc.text, chunks) == stored
 
 
 def test_txt_directories_and_empty_documents(tmp_path, slice30):

@@ -208,6 +208,54 @@ def test_precomputed_embeddings(tmp_path, small_docs, embedder):
         np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
 
 
+def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
+    """append(docs, chunks=chunk_many(docs)) stores exactly what append(docs) stores
+    (same records, same content hash), without tokenizing again; chunks that are not
+    the store's chunker's chunks of these documents are refused before anything is staged."""
+    import dataclasses
+
+    texts = [d["text"] for d in small_docs[:4]] + ["   "]
+    with retrostore.create(tmp_path / "a", embedder=embedder) as a, \
+            retrostore.create(tmp_path / "b", embedder=embedder) as b:
+        per_doc = b.chunker.chunk_many(texts)
+        vecs = _unit(np.random.default_rng(2), sum(len(c) for c in per_doc))
+        a.append(texts, embeddings=vecs, metadata=list(range(5)))
+        calls = []
+        real = b.chunker.chunk_many
+        b.chunker.chunk_many = lambda t: calls.append(len(t)) or real(t)
+        b.append(texts, embeddings=vecs, metadata=list(range(5)), chunks=per_doc)
+        assert calls == [1]  # only the shortest document with chunks, as a check
+        last = small_docs[5]["text"]
+        b.append(last, chunks=b.chunker.chunk(last))  # one document: its list of chunks; embedded here
+        a.append(last)
+        a.commit(), b.commit()
+        assert a.manifest["lmdb"]["chain"] == b.manifest["lmdb"]["chain"]
+        assert b.verify() == [] and b.get_document(5).text == last
+        other = retrostore.Chunker(retrostore.default_tokenizer_path(), 32)
+        two = [d["text"] for d in small_docs if len(b.chunker.chunk(d["text"])) >= 2][:2]
+        short = b.chunker.chunk_many(two)
+        cases = [
+            ([], "0 lists of chunks for 2 documents"),
+            ("abc", "chunks is a str"),
+            ([short[0], "x"], r"chunks\[1\] is a str"),
+            ([short[0], [1, 2]], r"chunks\[1\]\[0\] is a int, not a Chunk"),
+            ([short[1], short[0]], r"chunks\[0\] do not tile document 0"),
+            ([short[0], short[1][1:]], r"chunks\[1\] do not tile"),
+            ([short[0], []], r"chunks\[1\] are not what this store's chunker"),
+            (other.chunk_many(two), "another chunk_tokens"),
+            ([short[0], [dataclasses.replace(c, token_ids=c.token_ids + 40_000) for c in short[1]]],
+             r"integers in \[0, 30522\)"),
+            ([[dataclasses.replace(c, token_ids=c.token_ids[::-1].copy()) for c in cs] for cs in short],
+             "another tokenizer"),  # what another tokenizer's ids look like: wrong in every document
+        ]
+        before = b._pending_docs
+        for chunks, message in cases:
+            with pytest.raises(retrostore.InvalidInputError, match=message) as err:
+                b.append(two, chunks=chunks, embeddings=np.zeros((0, 384), np.float32))
+            assert "store.chunker.chunk_many(docs)" in str(err.value)
+        assert b._pending_docs == before
+
+
 def test_search_empty_store_and_k(tmp_path, embedder):
     with retrostore.create(tmp_path / "s", embedder=embedder) as st:
         assert st.search("anything") == []

@@ -69,6 +69,7 @@ def ingest(args) -> dict:
     sysm.load()
     import_s = time.perf_counter() - t0
     out = {"import_s": import_s, "rss_data_mb": rss_data, "versions": sysm.versions()}
+    sysm.prepare(data)
     t0 = time.perf_counter()
     try:
         phases = sysm.ingest(args.store, data, vectors)
@@ -78,7 +79,7 @@ def ingest(args) -> dict:
     fsync_tree(args.store)
     t2 = time.perf_counter()
     out.update(ingest_s=t2 - t0, phases={**phases, "fsync_tree_s": t2 - t1}, peak_rss_mb=_peak_rss_mb())
-    out["extra"] = sysm.after_ingest(args.store, data)
+    out["extra"] = sysm.after_ingest(args.store, data, vectors)
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,17 +110,40 @@ def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id:
     :func:`retrostore._maintenance.commit_index`.
     """
     m = store._manifest
-    if m["settings"]["keep_vectors"]:
-        store._stage = "writing the vectors file"
+    keep = m["settings"]["keep_vectors"]
+    pool = future = None
+    if keep:
+        # The raw vectors file is written in a second thread while this one builds and writes
+        # the batch's index segment: both are mostly numpy, hashlib, write(2) and FAISS calls
+        # that release the GIL. Anything that may read raw vectors files (tier merges,
+        # training) waits for it through vectors_ready().
         vpath = store.path / VECTORS_DIR / f"vec-{tag}.npy"
         vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
         new_files.append(vpath)
-        size, sha = write_vectors(vpath, vectors, m["vectors"]["dtype"])
+        pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-vectors")
+        future = pool.submit(write_vectors, vpath, vectors, m["vectors"]["dtype"])
+
+    def vectors_ready() -> None:
+        nonlocal future
+        if future is None:
+            return
+        try:
+            size, sha = future.result()
+        except BaseException:
+            store._stage = "writing the vectors file"
+            raise
+        future = None
         new["vectors"]["files"].append({"path": f"{VECTORS_DIR}/{vpath.name}", "size": size, "sha256": sha,
                                         "first_id": first_id, "count": len(vectors)})
-    store._stage = "building the index segment"
-    commit_index(store, new, vectors, tag, first_id, new_files, tomb)
-    if m["settings"]["keep_vectors"]:
+
+    try:
+        store._stage = "building the index segment"
+        commit_index(store, new, vectors, tag, first_id, new_files, tomb, vectors_ready)
+        vectors_ready()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # after an error too: the abort removes the file once it is closed
+    if keep:
         _align_vectors_files(store, new, tag, new_files)
 
 

@@ -13,7 +13,7 @@ import copy
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import faiss
 import numpy as np
@@ -173,8 +173,13 @@ def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
 
 # -- commit ----------------------------------------------------------------
 def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first_id: int,
-                 new_files: list, tomb: Tombstones) -> None:
-    """The index part of a commit: a segment for the batch, tier merges, training when due."""
+                 new_files: list, tomb: Tombstones, vectors_ready: Callable[[], None] = lambda: None) -> None:
+    """The index part of a commit: a segment for the batch, tier merges, training when due.
+
+    ``vectors_ready()`` returns once the batch's raw vectors file is written and
+    in ``new`` (the commit writes it in another thread); it is called before
+    anything that may read raw vectors files.
+    """
     m = store._manifest
     idx = new["index"]
     segments = list(store._index.segments)
@@ -186,7 +191,9 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
         entry = store._write_segment(index, tag, first_id, len(vectors), new_files)
         idx["segments"].append(entry)
         segments.append(Segment(entry, index))
+        vectors_ready()
         segments = _tier_merge(store, new, segments, tag, new_files, template)
+    vectors_ready()
     due = training_due(store, new, segments, tomb)
     if due:
         factory, auto = due

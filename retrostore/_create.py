@@ -207,7 +207,10 @@ def create(
                 exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
             ) from exc
         raise
-    return Store(root, mode="a", embedder=embedder, threads=threads)
+    store = Store(root, mode="a", embedder=embedder, threads=threads)
+    chunker.path = root / TOKENIZER  # the bytes just written from tok_path: not parsed a second time
+    store._chunker = chunker
+    return store
 
 
 def _store_path(path: Any) -> Path:

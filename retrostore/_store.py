@@ -423,9 +423,10 @@ class Store(ReadMixin, AdminMixin):
         embeddings : ndarray, shape (n_chunks, dim), optional
             Precomputed vectors, one row per chunk in order (for users who embed
             elsewhere). float64 is converted to float32; NaN/inf rejected.
-        chunks : list of list of Chunk, optional
+        chunks : list of list of chunks, optional
             The documents' chunks as ``store.chunker.chunk_many(docs)`` made
-            them, for a caller who chunked already (to count or embed the
+            them (``retrostore._chunking.Chunk``, not the stored
+            :class:`Chunk`), for a caller who chunked already (to count or embed the
             chunks): the documents are then not tokenized again. Checked by
             :meth:`Chunker.check_chunks` (tiling spans, token counts and
             range, and the shortest document re-chunked), not re-tokenized

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-chunks", type=int, help="index about this many chunks (default all; 5000 with --quick)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--rounds", type=int, help="query rounds, each a fresh process per system (default 3; 2 quick)")
-    p.add_argument("--ingest-rounds", type=int, help="ingest rounds per system (default 2; 1 quick)")
+    p.add_argument("--ingest-rounds", type=int, help="ingest rounds per system (default 3; 1 quick)")
     p.add_argument("--paired-repeats", type=int, default=3, help="passes over the queries in the paired process")
     p.add_argument("--profile", type=int, default=300, metavar="N",
                    help="cProfile N single queries of each path in the paired process (0: off; default 300)")
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     args.queries = args.queries or (100 if quick else 500)
     args.max_chunks = args.max_chunks or (5000 if quick else None)
     args.rounds = args.rounds or (2 if quick else 3)
-    args.ingest_rounds = args.ingest_rounds or (1 if quick else 2)
+    args.ingest_rounds = args.ingest_rounds or (1 if quick else 3)
     if args.doc is None and not quick:
         args.doc = REPO / "docs" / "benchmarks-peers.md"
     if args.no_doc:

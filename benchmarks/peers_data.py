@@ -163,6 +163,8 @@ def prepare_split(cache_dir: Path, out: Path, *, heldout_docs: int, n_queries: i
 
     Files written: ``vectors.npy`` (n, dim) float32, ``texts.json``
     (``doc_texts``, ``chunk_doc`` local to ``doc_texts``, ``chunk_text``),
+    ``chunks.npz`` (the indexed chunks as retrostore's chunker cuts them, see
+    :func:`load_chunks`),
     ``queries.npy`` (q, dim) float32, ``truth.npz`` (``ids``, ``scores``
     (q, k)), ``split.json`` (the split's description).
     """
@@ -195,6 +197,8 @@ def prepare_split(cache_dir: Path, out: Path, *, heldout_docs: int, n_queries: i
         "chunk_doc": [local[int(chunk_doc[r])] for r in indexed_rows],
         "chunk_text": [chunks["chunk_text"][r] for r in indexed_rows],
     }, ensure_ascii=False))
+    _save_chunks(out / "chunks.npz", [chunks["doc_texts"][d] for d in rest],
+                 [chunks["chunk_text"][r] for r in indexed_rows])
     ids, scores = exact_topk(base, queries, k)
     np.savez(out / "truth.npz", ids=ids, scores=scores)
     split = {"documents": int(len(rest)), "chunks": int(len(indexed_rows)), "dim": int(base.shape[1]),
@@ -202,6 +206,35 @@ def prepare_split(cache_dir: Path, out: Path, *, heldout_docs: int, n_queries: i
              "queries": int(n_queries), "k": k, "seed": seed, "cache": chunks["meta"]}
     (out / "split.json").write_text(json.dumps(split, indent=1))
     return split
+
+
+def _save_chunks(path: Path, doc_texts: list[str], chunk_text: list[str]) -> None:
+    """The chunks retrostore's default chunker cuts from ``doc_texts`` (what a pipeline keeps
+    from embedding them): token ids (n, 64) int64 padded with -1, position, start, end."""
+    import retrostore
+
+    chunker = retrostore.Chunker(retrostore.default_tokenizer_path(), 64)
+    rows = [(text, c) for text, cs in zip(doc_texts, chunker.chunk_many(doc_texts)) for c in cs]
+    if [text[c.start:c.end] for text, c in rows] != chunk_text:
+        raise SystemExit("the default chunker no longer cuts the cached chunks; delete the cache")
+    tokens = np.full((len(rows), 64), -1, np.int64)
+    for i, (_, c) in enumerate(rows):
+        tokens[i, :len(c.token_ids)] = c.token_ids
+    np.savez(path, tokens=tokens, position=[c.position for _, c in rows], start=[c.start for _, c in rows],
+             end=[c.end for _, c in rows])
+
+
+def load_chunks(path: Path) -> list[list]:
+    """``chunks.npz`` as ``chunk_many`` returns it: per document, its ``retrostore.Chunk`` list."""
+    from retrostore._chunking import Chunk  # what Chunker.chunk_many returns (not retrostore.Chunk)
+
+    z = np.load(path)
+    per_doc: list[list] = []
+    for row, p, a, b in zip(z["tokens"], z["position"].tolist(), z["start"].tolist(), z["end"].tolist()):
+        if p == 0:
+            per_doc.append([])
+        per_doc[-1].append(Chunk(p, row[row >= 0], a, b))
+    return per_doc
 
 
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ class System:
     def versions(self) -> dict:
         return {}
 
-    def prepare(self, data: dict) -> None:
+    def prepare(self, data_dir: Path, data: dict) -> None:
         """Input preparation before the ingest clock starts (as the chunk texts are prepared)."""
 
     def ingest(self, path: Path, data: dict, vectors: np.ndarray) -> dict:
@@ -176,9 +176,9 @@ class Retrostore(System):
     ``commit``; ``open`` / ``search_vectors`` / ``get_chunks``.
 
     Documents go in, with the chunks the store's chunker makes of them
-    (``chunk_many``, done before the clock starts, as the peers' chunk texts
-    are made before theirs): the chunks a pipeline made to embed, handed back
-    so the documents are not tokenized again. The chunks it stores are the
+    (``chunk_many``, cut when the split was prepared and loaded before the
+    clock starts, as the peers' chunk texts are): the chunks a pipeline made
+    to embed, handed back so the documents are not tokenized again. The chunks it stores are the
     cached ones (asserted), so chunk ids equal row numbers. ``after_ingest``
     also times the same ingest from documents alone (tokenizing included).
     The ``hits`` variant returns what ``Store.search`` returns after
@@ -230,9 +230,10 @@ class Retrostore(System):
             raise RuntimeError(f"retrostore made {n} chunks, the cache has {len(vectors)}")
         return {"create_s": t1 - t0, "append_s": t2 - t1, "commit_s": t3 - t2}
 
-    def prepare(self, data):
-        chunker = retrostore.Chunker(retrostore.default_tokenizer_path(), 64)
-        self.per_doc = chunker.chunk_many(data["doc_texts"])
+    def prepare(self, data_dir, data):
+        from peers_data import load_chunks
+
+        self.per_doc = load_chunks(data_dir / "chunks.npz")
 
     def ingest(self, path, data, vectors):
         return self._build(path, data, vectors, self.per_doc)

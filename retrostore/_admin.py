@@ -109,7 +109,8 @@ class AdminMixin:
         Parameters
         ----------
         retokenize : bool, default False
-            Also re-tokenize every document and compare its chunks.
+            Also re-tokenize every document and compare its chunks (once
+            every other check holds: damaged records are reported first).
 
         Returns
         -------

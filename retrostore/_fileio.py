@@ -204,9 +204,23 @@ def atomic_write(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -
     OSError
         From any step; the temporary file is removed and ``path`` is unchanged.
     """
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp = temporary_name(path)
     size, sha = write_durable(tmp, parts)
+    put_in_place(tmp, path)
+    return size, sha
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A temporary file name beside ``path`` (``TMP_PREFIX``, pid, clock), for :func:`put_in_place`."""
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+
+
+def put_in_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the durable file ``tmp`` to ``path`` and fsync the directory (the second half
+    of :func:`atomic_write`, for a file written some other way, e.g. an index streamed by
+    :func:`retrostore._index.write_index`). On failure ``tmp`` is removed."""
+    path = Path(path)
     try:
         _rename(os.fspath(tmp), os.fspath(path))
     except BaseException:
@@ -216,7 +230,6 @@ def atomic_write(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -
             pass
         raise
     fsync_dir(path.parent)
-    return size, sha
 
 
 def sha256_file(path: str | os.PathLike) -> tuple[int, str]:

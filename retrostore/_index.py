@@ -34,7 +34,7 @@ from ._params import RERANK, RWLock, apply_params, current_params, effective_par
 from .errors import CorruptStoreError, InvalidInputError
 
 __all__ = [
-    "Segment", "SegmentSet", "build_segment", "serialize", "write_index", "load_segment", "METRICS", "plan_merge",
+    "Segment", "SegmentSet", "build_segment", "write_index", "load_segment", "METRICS", "plan_merge",
     "merge_segments", "new_index", "mmap_problem", "is_ivf", "is_exact", "unwrap",
     "segment_vectors",
 ]
@@ -200,11 +200,6 @@ def build_segment(vectors: np.ndarray, factory: str, metric: str, *, template: f
         else:
             index.add_with_ids(part, np.ascontiguousarray(local_ids[lo : lo + 65536], dtype=np.int64))
     return index
-
-
-def serialize(index: faiss.Index) -> np.ndarray:
-    """The index as bytes (uint8 array), for small indexes held in memory."""
-    return faiss.serialize_index(index)
 
 
 def write_index(path: Path, index: faiss.Index) -> tuple[int, str]:

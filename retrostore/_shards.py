@@ -398,8 +398,10 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
         files["vectors.npy"] = write_vectors(tmp / "vectors.npy", vectors, "float32")
         tpl_sha = None
         if n_chunks and (work / TEMPLATE).is_file():  # stage 2 trained the index: encode here, not at merge
+            from ._index import write_index
+
             tpl_sha, codes = _encode(work / TEMPLATE, vectors)
-            files[CODES] = _fileio.write_durable(tmp / CODES, [codes])
+            files[CODES] = write_index(tmp / CODES, codes)  # streamed: no in-memory copy of the file
         meta = {"format": FORMAT, "build_id": plan["build_id"], "shard": index, "docs": [first, end],
                 "documents": len(texts), "chunks": n_chunks, "dim": int(vectors.shape[1]),
                 "template_sha256": tpl_sha,
@@ -413,17 +415,15 @@ def run_shard(plan: dict, index: int, work: str | os.PathLike, embedder: Any) ->
     return {"shard": index, "documents": len(texts), "chunks": n_chunks, "reused": False, "providers": providers}
 
 
-def _encode(template_path: Path, vectors: np.ndarray) -> tuple[str, bytes]:
-    """(sha256 of the template file, serialized index of ``vectors`` encoded by a clone of it)."""
+def _encode(template_path: Path, vectors: np.ndarray) -> tuple[str, Any]:
+    """(sha256 of the template file, an index of ``vectors`` encoded by a clone of it)."""
     import faiss
-
-    from ._index import serialize
 
     raw = template_path.read_bytes()
     index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
     for lo in range(0, len(vectors), 65536):
         index.add(np.ascontiguousarray(vectors[lo : lo + 65536], dtype=np.float32))
-    return hashlib.sha256(raw).hexdigest(), bytes(serialize(index))
+    return hashlib.sha256(raw).hexdigest(), index
 
 
 def load_codes(work: Path, plan: dict, index: int, template_sha256: str) -> Any:
@@ -562,7 +562,7 @@ def train_template(plan: dict, work: Path, embedder: Any, *, factory: str | None
         The sample is too small for a stage of ``factory`` (the message gives
         the counts and a factory string that fits), or FAISS fails.
     """
-    from ._index import serialize
+    from ._index import write_index
     from ._training import default_train_size
     from ._training import train_template as train_index
 
@@ -591,5 +591,7 @@ def train_template(plan: dict, work: Path, embedder: Any, *, factory: str | None
         info["sample"] = len(x)
     index = train_index(factory, dim, metric, x, describe=f" (stage 2: seeded sample {seed} of the build's chunks)")
     path = work / TEMPLATE
-    _fileio.atomic_write(path, [serialize(index)])
+    tmp = _fileio.temporary_name(path)
+    write_index(tmp, index)  # streamed: a template of a large nlist is large
+    _fileio.put_in_place(tmp, path)
     return path

@@ -27,9 +27,9 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import commit_deletes
-from ._index import write_index
+from ._index import FP16, flat_fp16, write_index
 from ._maintenance import commit_index
-from ._vectors import load_vectors, write_vectors
+from ._vectors import keeps_files, load_vectors, write_vectors
 from .errors import CommitError, RetrostoreError
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id:
     :func:`retrostore._maintenance.commit_index`.
     """
     m = store._manifest
-    keep = m["settings"]["keep_vectors"]
+    keep = keeps_files(m)
     pool = future = None
     if keep:
         # The raw vectors file is written in a second thread while this one builds and writes
@@ -208,11 +208,21 @@ def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, 
 
 
 def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+    """Write ``index`` as a new segment file; its manifest entry.
+
+    A Flat index of a store whose ``vector_dtype`` is float16 is written as
+    float16 (codec ``fp16``, :func:`retrostore._index.flat_fp16`, which rounds
+    ``index`` in place to what the file holds): half the bytes, the precision
+    the store keeps its raw vectors at.
+    """
     path = store.path / INDEX_DIR / f"seg-{tag}.faiss"
     path.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
     new_files.append(path)
-    size, sha = write_index(path, index)
+    half = flat_fp16(index) if store._manifest["vectors"]["dtype"] == "float16" else None
+    size, sha = write_index(path, index if half is None else half)
     entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
+    if half is not None:
+        entry["codec"] = FP16
     store._segments_cache[sha] = index
     return entry
 

@@ -78,8 +78,15 @@ def create(
         ``open(mmap=...)`` overrides per handle). Not for fast-scan factories.
     keep_vectors : bool, default True
         Keep raw vectors (``vector_dtype``) beside the index: needed to
-        reindex without re-embedding, for ``rerank`` and for ``eval``.
+        reindex without re-embedding, for ``rerank`` and for ``eval``. With
+        ``index="Flat"`` they are kept in the Flat segments themselves (no
+        second copy in ``vectors/``) until a ``reindex`` to another index
+        writes them out (docs/format.md, "Raw vectors").
     vector_dtype : {"float16", "float32"}, default "float16"
+        Precision vectors are kept at on disk: the raw vectors files and the
+        Flat (exact) segments, searched as float32 once read (format 3,
+        docs/format.md "Index segments"). ``"float32"`` keeps vectors exactly
+        as given, at twice the bytes.
     retain_versions : int, default 3
         Committed versions kept readable with ``open(path, version=V)``.
     threads : int, optional

@@ -36,12 +36,17 @@ from .errors import CorruptStoreError, InvalidInputError
 __all__ = [
     "Segment", "SegmentSet", "build_segment", "write_index", "load_segment", "METRICS", "plan_merge",
     "merge_segments", "new_index", "mmap_problem", "is_ivf", "is_exact", "unwrap",
-    "segment_vectors",
+    "segment_vectors", "FP16", "flat_fp16",
 ]
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 #: Segments per tier before they are merged into one (see module docstring).
 MERGE_FACTOR = 8
+#: ``codec`` of a segment entry whose exact (Flat) index is stored as float16: the file is a
+#: FAISS ``IndexScalarQuantizer`` of type ``QT_fp16`` (maybe in an ``IndexIDMap``), read back
+#: into a float32 ``IndexFlat`` holding exactly the same values (docs/format.md, "Index segments").
+FP16 = "fp16"
+_FLAT_TYPES = (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
 
 
 @dataclass
@@ -139,13 +144,77 @@ def is_ivf(index: faiss.Index) -> bool:
 
 
 def is_exact(index: faiss.Index) -> bool:
-    """True when the index stores the vectors uncompressed (Flat, HNSW-Flat), maybe behind an ID map."""
+    """True when the index stores the vectors uncompressed (Flat, HNSW-Flat), or as exact
+    float16 values (``SQfp16``: an fp16 segment served memory-mapped), maybe behind an ID map."""
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.downcast_index(index.index)
-    if isinstance(index, faiss.IndexHNSWFlat):
+    if isinstance(index, faiss.IndexHNSWFlat) or _is_sq_fp16(index):
         return True
-    return type(index) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
+    return type(index) in _FLAT_TYPES
+
+
+def _is_sq_fp16(index: faiss.Index) -> bool:
+    return isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+
+
+def _split_idmap(index: faiss.Index) -> tuple[faiss.Index, faiss.Index | None]:
+    """(inner index, its ID map wrapper or None)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.downcast_index(index.index), index
+    return index, None
+
+
+def _codes(index: faiss.Index, dtype: type) -> np.ndarray:
+    """Zero-copy (ntotal, d) view of an ``IndexFlatCodes``' codes as ``dtype``."""
+    raw = faiss.rev_swig_ptr(index.codes.data(), index.codes.size()) if index.ntotal else np.zeros(0, np.uint8)
+    return raw.view(dtype).reshape(index.ntotal, index.d)
+
+
+def _filled(inner: faiss.Index, values: np.ndarray, like: faiss.Index | None) -> faiss.Index:
+    """Empty ``IndexFlatCodes`` ``inner`` holding ``values`` (ntotal, d) as its codes (cast to
+    its code type), in a copy of ``like``'s ID map (none when ``like`` is None)."""
+    wrapped = _idmap(inner) if like is not None else inner  # FAISS wraps only an empty index
+    n = len(values)
+    inner.codes.resize(n * inner.code_size)
+    inner.ntotal = n
+    _codes(inner, np.float32 if inner.code_size == 4 * inner.d else np.float16)[...] = values
+    if like is not None:
+        faiss.copy_array_to_vector(faiss.vector_to_array(like.id_map), wrapped.id_map)
+        wrapped.ntotal = n
+    return wrapped
+
+
+def flat_fp16(index: faiss.Index) -> faiss.Index | None:
+    """The float16 form of a plain (or ID-mapped) Flat index, for writing; None for other indexes.
+
+    ``index``'s own float32 values are first rounded to float16 in place, so
+    the index in memory holds exactly what its file holds (a handle that
+    wrote the segment and one that reads it search the same vectors).
+
+    Returns
+    -------
+    faiss.IndexScalarQuantizer (``QT_fp16``, the same metric), in the ID map
+    ``index`` had; or None when ``index`` is not an ``IndexFlat``.
+    """
+    inner, idmap = _split_idmap(index)
+    if type(inner) not in _FLAT_TYPES:
+        return None
+    values = _codes(inner, np.float32)
+    half = values.astype(np.float16)
+    values[...] = half
+    sq = faiss.IndexScalarQuantizer(inner.d, faiss.ScalarQuantizer.QT_fp16, inner.metric_type)
+    return _filled(sq, half, idmap)
+
+
+def _flat_from_fp16(index: faiss.Index, rel: str) -> faiss.Index:
+    """The float32 ``IndexFlat`` (ID map kept) of an fp16 segment read from ``rel``."""
+    inner, idmap = _split_idmap(index)
+    if not _is_sq_fp16(inner):
+        raise CorruptStoreError(f"{rel}: the manifest says codec {FP16!r}, but the file holds a "
+                                f"{type(inner).__name__}, not a float16 scalar quantizer")
+    return _filled(faiss.IndexFlat(inner.d, inner.metric_type), _codes(inner, np.float16), idmap)
 
 
 def mmap_problem(index: faiss.Index, factory: str) -> str | None:
@@ -223,6 +292,9 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     memory) or, with ``mmap=True``, maps it (``IO_FLAG_MMAP_IFC``): the codes
     stay on disk and pages come in on demand. Store files are never modified
     in place (a commit writes new ones), so the hash holds for what is read.
+    A segment of codec :data:`FP16` is read into a float32 ``IndexFlat``
+    (searched like any Flat index); mapped, it is served as the file's
+    ``SQfp16`` index, an exact scan of the same float16 values.
 
     Raises
     ------
@@ -250,6 +322,8 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.read_index(str(path))
     except RuntimeError as exc:
         raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
+    if entry.get("codec") == FP16 and not mmap:
+        index = _flat_from_fp16(index, rel)
     if "count" in entry and index.ntotal != entry["count"]:
         raise CorruptStoreError(f"{rel}: index holds {index.ntotal} vectors, the manifest says {entry['count']}")
     return Segment(entry, index)
@@ -373,8 +447,7 @@ class SegmentSet:
 
     @property
     def exact(self) -> bool:
-        return all(type(unwrap(s.index)) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2)
-                   for s in self.segments)
+        return all(type(unwrap(s.index)) in _FLAT_TYPES or _is_sq_fp16(unwrap(s.index)) for s in self.segments)
 
     def effective(self, params: dict | None = None) -> dict:
         """Parameter values a search with ``params`` would use (what ``inspect`` shows)."""

@@ -10,6 +10,7 @@ from . import _manifest
 from ._artifact import manifest_sha256
 from ._chunks import LMDB_DIR, check_lmdb_file
 from ._index import check_file
+from ._vectors import keeps_files
 from .errors import CorruptStoreError, RetrostoreError
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def verify_store(store: "Store", *, isolate: bool = True) -> list[str]:
                 f"{m['lmdb']['chain'][:16]}...; commit records are missing or damaged"
             )
     for kind, entries in (("index segments", m["index"]["segments"]), ("vectors files", m["vectors"]["files"])):
-        if kind == "vectors files" and not m["settings"]["keep_vectors"]:
+        if kind == "vectors files" and not keeps_files(m):
             continue
         expect = 0
         for e in entries:

@@ -25,7 +25,7 @@ from ._index import (Segment, SegmentSet, build_segment, is_exact, is_ivf, load_
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
                         default_train_size, progress_bar, sample_ids, train_template)
-from ._vectors import RawVectors, load_vectors, write_vectors
+from ._vectors import RawVectors, keeps_files, load_vectors, write_vectors
 from .errors import IndexTrainingError, InvalidInputError, RetrostoreError
 
 if TYPE_CHECKING:
@@ -154,12 +154,12 @@ def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
         plain = type(faiss.downcast_index(seg.index)) not in (faiss.IndexIDMap, faiss.IndexIDMap2)
         if is_exact(seg.index) and not seg.holes and plain:
             out[lo - first : hi - first] = seg.index.reconstruct_n(lo - seg.first_id, hi - lo)
-        elif raw is not None:
-            out[lo - first : hi - first] = raw.rows(lo, hi)
         elif is_exact(seg.index):
             ids, vecs = segment_vectors(seg)
             sel = (ids + seg.first_id >= lo) & (ids + seg.first_id < hi)
             out[ids[sel] + seg.first_id - first] = vecs[sel]
+        elif raw is not None:
+            out[lo - first : hi - first] = raw.rows(lo, hi)
         else:
             from ._artifact import require_raw_vectors  # says when they were dropped at pack time
 
@@ -310,6 +310,8 @@ def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, ta
     dim, metric = idx["dim"], new["metric"]
     end = max((s.end_id for s in segments), default=int(new["next_chunk_id"]))
     source = VectorSource(store, new, segments, "reindex")
+    if end and keeps_files(new) and not new["vectors"]["files"]:
+        _write_all_vectors(store, new, source, end, tag, new_files)
     live = live_ids(end, tomb)
     probe = new_index(factory, dim, metric)
     t0 = time.perf_counter()
@@ -354,6 +356,26 @@ def rebuild(store: "Store", new: dict, segments: list[Segment], factory: str, ta
     idx["trained"] = {"vectors": int(len(live)), "sample": int(sample_n), "seed": int(seed),
                       "seconds": round(time.perf_counter() - t0, 1), "version": int(new["version"]) + 1}
     log.info("index %s: %s vectors in %.1f s", factory, f"{len(live):,}", time.perf_counter() - t0)
+
+
+def _write_all_vectors(store: "Store", new: dict, source: VectorSource, end: int, tag: str,
+                       new_files: list) -> None:
+    """Write the raw vectors of chunk ids ``[0, end)`` as one vectors file (zeros for ids not indexed).
+
+    For a store that kept none because its Flat segments held them
+    (:func:`retrostore._vectors.keeps_files`) and is reindexed to an index
+    that needs them (re-ranking, retraining, recall measurement).
+    """
+    from ._store import VECTORS_DIR
+
+    path = store.path / VECTORS_DIR / f"vec-{tag}a.npy"
+    new_files.append(path)
+    dtype = new["vectors"]["dtype"]
+    parts = [source.take(np.arange(lo, min(end, lo + _BATCH), dtype=np.int64)).astype(dtype)
+             for lo in range(0, end, _BATCH)]
+    size, sha = write_vectors(path, parts, dtype)
+    new["vectors"]["files"] = [{"path": f"{VECTORS_DIR}/{path.name}", "size": size, "sha256": sha,
+                                "first_id": 0, "count": end}]
 
 
 # -- reindex / compact -------------------------------------------------------
@@ -431,6 +453,7 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
     if new["settings"].get("mmap"):
         check_mmap(factory, dim, metric)
     seed = int(new["settings"].get("train_seed", 0) if seed is None else seed)
+    new["index"]["target"] = target  # before rebuild: whether the store must now keep vectors files
     new_files: list = []
     try:
         rebuild(store, new, list(store._index.segments), factory, tag, new_files, store._tombstones,
@@ -439,7 +462,6 @@ def reindex(store: "Store", index: str | None = None, *, train_size: int | None 
         for f in new_files:
             f.unlink(missing_ok=True)
         raise
-    new["index"]["target"] = target
     _publish(store, new, version, new_files)
     return version
 

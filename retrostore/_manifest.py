@@ -36,9 +36,13 @@ __all__ = [
 #: index template/target/trained entries, segment ``end_id`` (holes after
 #: deletes) and the ``deletes`` tombstone file; a store with deletes sets
 #: ``min_reader_version`` 2 so that older readers cannot serve deleted chunks.
-FORMAT_VERSION = 2
+#: Version 3 adds the segment ``codec`` (below).
+FORMAT_VERSION = 3
 #: Oldest reader format version that can read what this code writes.
 MIN_READER_VERSION = 1
+#: Format 3 adds segments of codec ``fp16`` (Flat indexes stored as float16); a store holding
+#: one sets ``min_reader_version`` 3, since an older reader would not read it back as Flat.
+CODEC_READER_VERSION = 3
 MANIFEST = "manifest.json"
 VERSIONS_DIR = "versions"
 
@@ -241,6 +245,8 @@ def write_manifest(root: Path, body: dict) -> None:
     OSError
         From any write, fsync or rename; the previous manifest stays current.
     """
+    if any("codec" in e for e in body["index"]["segments"]):
+        body["min_reader_version"] = max(int(body["min_reader_version"]), CODEC_READER_VERSION)
     raw = encode_manifest(body)
     atomic_write(version_path(root, body["version"]), [raw])
     atomic_write(root / MANIFEST, [raw])

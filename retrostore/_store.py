@@ -539,13 +539,12 @@ class Store(ReadMixin, AdminMixin):
             bad = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise InvalidEmbeddingsError(f"embeddings row {bad} holds NaN or inf; every value must be finite")
         peak = max(hi, -lo)
-        if self._manifest["settings"]["keep_vectors"] and self._manifest["vectors"]["dtype"] == "float16" \
-                and peak > _FLOAT16_MAX:
+        if self._manifest["vectors"]["dtype"] == "float16" and peak > _FLOAT16_MAX:
             bad = int(np.argmax(np.abs(arr).max(axis=1)))
             raise InvalidEmbeddingsError(
                 f"embeddings row {bad} holds {peak:.6g}, beyond float16's largest value {_FLOAT16_MAX:g}; the "
-                "store keeps raw vectors as float16: normalise the vectors, or create the store with "
-                "vector_dtype='float32'"
+                "store keeps vectors as float16 (raw vectors files, Flat segments): normalise the vectors, or "
+                "create the store with vector_dtype='float32'"
             )
         return arr
 

@@ -17,7 +17,21 @@ import numpy as np
 from ._fileio import sha256_cached, write_durable
 from .errors import CorruptStoreError
 
-__all__ = ["write_vectors", "load_vectors", "RawVectors"]
+__all__ = ["write_vectors", "load_vectors", "RawVectors", "keeps_files"]
+
+
+def keeps_files(manifest: dict) -> bool:
+    """Whether the store keeps raw vectors files (commits write them, ``verify`` wants them to tile the ids).
+
+    ``keep_vectors`` stores do, except a store that is exact by choice
+    (``index="Flat"``) and has none: its Flat segments hold the vectors at
+    ``vector_dtype`` precision already, so files would be a second copy. A
+    ``reindex`` of such a store to anything else writes them first
+    (``retrostore._maintenance.rebuild``); once present, files are kept.
+    """
+    idx = manifest["index"]
+    return bool(manifest["settings"]["keep_vectors"]) and (
+        idx.get("target", idx["factory"]) != "Flat" or bool(manifest["vectors"]["files"]))
 
 
 def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str) -> tuple[int, str]:

@@ -416,7 +416,7 @@ def test_member_data_bigger_than_its_header(tmp_path, hash_tar):
     buf = io.BytesIO()
     for ti, data in _members(hash_tar):
         ti = copy.copy(ti)
-        if ti.name.startswith("index/"):
+        if ti.name == "chunks.lmdb/data.mdb":  # tens of KiB (this store's index segments are < 1 KiB)
             ti.size = len(data) - 1024  # understated by two blocks
         buf.write(ti.tobuf(tarfile.PAX_FORMAT))
         if data is not None:

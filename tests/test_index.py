@@ -236,7 +236,9 @@ def test_k_larger_than_the_probed_lists_gives_minus_one(tmp_path, rng):
         # every id returned really is in a probed list: its exact score matches the returned one
         s, i = st.search_vectors(x[:1], 400)
         ok = i[0] >= 0
-        np.testing.assert_allclose(s[0][ok], x[i[0][ok]] @ x[0], atol=1e-4)
+        stored = x.copy()  # the first batch was re-encoded from the float16 Flat phase, the second as given
+        stored[:1500] = x[:1500].astype(np.float16)
+        np.testing.assert_allclose(s[0][ok], stored[i[0][ok]] @ x[0], atol=1e-5)
 
 
 # -- deletes and compaction ------------------------------------------------
@@ -260,7 +262,7 @@ def test_deleted_documents_are_never_returned(real_store, embedder, small_docs):
         assert any(h.doc_id == base64_doc for h in st.search(query, k=5))  # staged, not committed
         v_before = st.version
         st.commit()
-        assert st.manifest["min_reader_version"] == 2
+        assert st.manifest["min_reader_version"] == 3  # deletes need 2, float16 Flat segments 3
         n = len(st)
         for k in (5, n):
             assert all(h.doc_id != base64_doc for h in st.search(query, k=k))
@@ -407,6 +409,101 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
         st.commit()
         m = st.manifest["index"]
         assert m["trained"]["vectors"] == 12100 and m["factory"] == "IVF256,PQ8" and m["params"]["rerank"] > 1
+
+
+# -- exact segments at vector_dtype precision (format 3) ----------------------
+def test_flat_segments_are_float16_and_every_handle_searches_the_same(tmp_path, small_docs, embedder):
+    from retrostore._index import FP16
+
+    texts = [d["text"] for d in small_docs]
+    queries = embedder.embed(["How do I encode bytes as base64?", "a list of strings", "print a float"])
+    found = {}
+    for dtype in ("float16", "float32"):
+        path = tmp_path / dtype
+        with retrostore.create(path, embedder=embedder, vector_dtype=dtype) as st:
+            chunks = st.chunker.chunk_many(texts)
+            vecs = embedder.embed([t[c.start : c.end] for t, doc in zip(texts, chunks) for c in doc])  # float32
+            half = vecs.astype(np.float16).astype(np.float32)
+            st.append(texts[:10], embeddings=vecs[:sum(map(len, chunks[:10]))], chunks=chunks[:10])
+            st.commit()
+            st.append(texts[10:], embeddings=vecs[sum(map(len, chunks[:10])):], chunks=chunks[10:])
+            st.commit()
+            m = st.manifest
+            writer = st.search_vectors(queries, 10)
+            stored = st._stored_vectors(0, len(vecs))
+        segs = m["index"]["segments"]
+        if dtype == "float16":
+            assert all(e["codec"] == FP16 for e in segs) and m["min_reader_version"] == 3
+            assert m["format_version"] == 3
+            # the file holds 2 bytes per value (plus FAISS's header), the index in memory exactly those values
+            assert sum(e["size"] for e in segs) < len(vecs) * 384 * 2 + 1024 * len(segs)
+            np.testing.assert_array_equal(stored, half)
+        else:
+            assert not any("codec" in e for e in segs)
+            np.testing.assert_array_equal(stored, vecs)
+        for kw in ({}, {"mmap": True}):  # a fresh reader (decoded to float32 Flat), a mapped one (SQfp16)
+            with retrostore.open(path, **kw) as st:
+                assert st.verify() == []
+                scores, ids = st.search_vectors(queries, 10)
+                np.testing.assert_array_equal(ids, writer[1])
+                np.testing.assert_allclose(scores, writer[0], rtol=0, atol=1e-6)
+        found[dtype] = writer
+    # float16 storage of real embeddings: the same top-10 sets as float32, scores within 1e-3
+    for a, b in zip(found["float16"][1], found["float32"][1]):
+        assert set(a) == set(b)
+    np.testing.assert_allclose(np.sort(found["float16"][0]), np.sort(found["float32"][0]), atol=1e-3)
+
+
+def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
+    from retrostore._vectors import RawVectors
+
+    path = tmp_path / "s"
+    x = _vectors(rng, 1600)
+    half = x.astype(np.float16).astype(np.float32)
+    with retrostore.create(path, embedder=FakeEmbedder(), index="Flat") as st:
+        for i in range(8):  # eight commits of one tier: a merge
+            st.append([f"d{j}" for j in range(200 * i, 200 * i + 200)], embeddings=x[200 * i : 200 * i + 200])
+            st.commit()
+        assert len(st.manifest["index"]["segments"]) == 1 and st.manifest["vectors"]["files"] == []
+        assert not any((path / "vectors").iterdir()) and st.verify() == []
+        np.testing.assert_array_equal(st._stored_vectors(0, 1600), half)
+        assert st.evaluate(queries=50, k=10)["recall_at_k"] == 1.0
+        st.delete([5, 6])
+        st.commit()
+        st.compact(progress=False)
+        assert st.manifest["vectors"]["files"] == [] and st.verify() == []
+        st.reindex("IVF16,SQ8", progress=False)  # needs raw vectors from now on: written from the segments
+        files = st.manifest["vectors"]["files"]
+        assert [(e["first_id"], e["count"]) for e in files] == [(0, 1600)] and st.verify() == []
+        raw = RawVectors(path, files, 64).rows(0, 1600)
+        assert not raw[[5, 6]].any()  # purged chunks: zeros, as compact leaves them
+        live = np.setdiff1d(np.arange(1600), [5, 6])
+        np.testing.assert_array_equal(raw[live], half[live])
+        st.append(["d1600"], embeddings=_vectors(rng, 1))  # files, once written, keep tiling the ids
+        st.commit()
+        assert [(e["first_id"], e["count"]) for e in st.manifest["vectors"]["files"]] == [(0, 1600), (1600, 1)]
+        assert st.verify() == []
+    with retrostore.create(tmp_path / "a", embedder=FakeEmbedder(), index="Flat") as st:
+        _fill(st, rng, 300)
+        st.commit()
+        st.reindex("auto", progress=False)  # still Flat, but auto will train: files from now on
+        assert st.manifest["index"]["factory"] == "Flat"
+        assert [(e["first_id"], e["count"]) for e in st.manifest["vectors"]["files"]] == [(0, 300)]
+        assert st.verify() == []
+
+
+def test_a_codec_the_file_does_not_hold_is_corruption(tmp_path, rng):
+    from retrostore import CorruptStoreError, _manifest
+
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=FakeEmbedder(), vector_dtype="float32") as st:
+        _fill(st, rng, 100)
+        st.commit()
+        body = st.manifest
+    body["index"]["segments"][0]["codec"] = "fp16"  # the file is a float32 IndexFlat
+    (path / "manifest.json").write_bytes(_manifest.encode_manifest(body))
+    with pytest.raises(CorruptStoreError, match=r"seg-.*codec 'fp16'.*IndexFlat"):
+        retrostore.open(path)
 
 
 # -- memory mapping ----------------------------------------------------------

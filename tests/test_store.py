@@ -72,8 +72,9 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
 def test_manifest_pins_format_and_fingerprints(built_store):
     raw = json.loads((built_store / "manifest.json").read_text())
     body = raw["body"]
-    # format 2 (issue 5: index template, deletes); a store without deletes stays readable by format-1 readers
-    assert body["format_version"] == 2 and body["min_reader_version"] == 1
+    # format 3: its Flat segments are float16 (codec "fp16"), which format-2 readers would not read back as Flat
+    assert body["format_version"] == 3 and body["min_reader_version"] == 3
+    assert all(e["codec"] == "fp16" for e in body["index"]["segments"])
     assert body["chunk_tokens"] == 64
     emb = body["embedder"]
     assert emb["dim"] == 384 and emb["pooling"] == "mean" and emb["normalize"] is True
@@ -205,7 +206,7 @@ def test_precomputed_embeddings(tmp_path, small_docs, embedder):
         scores, ids = st.search_vectors(vecs[:2], k=1)
         assert ids[:, 0].tolist() == [0, 1]
         assert scores.dtype == np.float32 and ids.dtype == np.int64
-        np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-3)  # kept as float16
 
 
 def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
@@ -416,6 +417,9 @@ def test_float16_overflow_is_refused(tmp_path, embedder):
     with retrostore.create(tmp_path / "s", embedder=embedder) as st:
         vecs = _unit(rng, 1) * 1e6
         with pytest.raises(InvalidEmbeddingsError, match="float16"):
+            st.append("one chunk", embeddings=vecs)
+    with retrostore.create(tmp_path / "nokeep", embedder=embedder, keep_vectors=False) as st:
+        with pytest.raises(InvalidEmbeddingsError, match="Flat segments"):  # Flat segments are float16 too
             st.append("one chunk", embeddings=vecs)
     with retrostore.create(tmp_path / "s32", embedder=embedder, vector_dtype="float32") as st:
         st.append("one chunk", embeddings=_unit(rng, 1) * 1e6)

@@ -174,8 +174,10 @@ def inspect(store, as_json):
         ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
                   f"({idx['bytes_per_vector']} bytes/vector)"
                   + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
-        ("files", f"index {_human(files['index_bytes'])}, vectors {_human(files['vectors_bytes'])} "
-                  f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
+        ("files", f"index {_human(files['index_bytes'])}, "
+                  + ("vectors in the Flat segments " if files.get("vectors_in_index")
+                     else f"vectors {_human(files['vectors_bytes'])} ")
+                  + f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
         ("manifest", f"sha256 {info['manifest_sha256']}"),
         ("created", info["created_at"]),
         ("committed", info["committed_at"]),

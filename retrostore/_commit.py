@@ -207,23 +207,27 @@ def _abort_commit(store: "Store", new: dict, new_files: list[Path], stage: str, 
             pass
 
 
-def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+def _write_segment(store: "Store", index, tag: str, first_id: int, count: int, new_files: list,
+                   half=None) -> dict:
     """Write ``index`` as a new segment file; its manifest entry.
 
     A Flat index of a store whose ``vector_dtype`` is float16 is written as
     float16 (codec ``fp16``, :func:`retrostore._index.flat_fp16`, which rounds
     ``index`` in place to what the file holds): half the bytes, the precision
-    the store keeps its raw vectors at.
+    the store keeps its raw vectors at. ``half``: that float16 form, when the
+    caller built it already (``index`` may then be None: the caller caches it).
     """
     path = store.path / INDEX_DIR / f"seg-{tag}.faiss"
     path.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
     new_files.append(path)
-    half = flat_fp16(index) if store._manifest["vectors"]["dtype"] == "float16" else None
+    if half is None and store._manifest["vectors"]["dtype"] == "float16":
+        half = flat_fp16(index)
     size, sha = write_index(path, index if half is None else half)
     entry = {"path": f"{INDEX_DIR}/{path.name}", "size": size, "sha256": sha, "first_id": first_id, "count": count}
     if half is not None:
         entry["codec"] = FP16
-    store._segments_cache[sha] = index
+    if index is not None:
+        store._segments_cache[sha] = index
     return entry
 
 

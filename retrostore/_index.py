@@ -36,7 +36,7 @@ from .errors import CorruptStoreError, InvalidInputError
 __all__ = [
     "Segment", "SegmentSet", "build_segment", "write_index", "load_segment", "METRICS", "plan_merge",
     "merge_segments", "new_index", "mmap_problem", "is_ivf", "is_exact", "unwrap",
-    "segment_vectors", "FP16", "flat_fp16",
+    "segment_vectors", "FP16", "flat_fp16", "fp16_codes", "fp16_flat",
 ]
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -206,6 +206,17 @@ def flat_fp16(index: faiss.Index) -> faiss.Index | None:
     values[...] = half
     sq = faiss.IndexScalarQuantizer(inner.d, faiss.ScalarQuantizer.QT_fp16, inner.metric_type)
     return _filled(sq, half, idmap)
+
+
+def fp16_codes(half: np.ndarray, metric: str) -> faiss.Index:
+    """An ``SQfp16`` index whose codes are ``half`` (n, dim) float16: what an fp16 segment file holds."""
+    index = faiss.IndexScalarQuantizer(half.shape[1], faiss.ScalarQuantizer.QT_fp16, METRICS[metric])
+    return _filled(index, half, None)
+
+
+def fp16_flat(half: np.ndarray, metric: str) -> faiss.Index:
+    """A float32 ``IndexFlat`` holding exactly the values of ``half`` (n, dim) float16."""
+    return _filled(faiss.IndexFlat(half.shape[1], METRICS[metric]), half, None)
 
 
 def _flat_from_fp16(index: faiss.Index, rel: str) -> faiss.Index:

@@ -64,6 +64,7 @@ def store_info(store: "Store") -> dict:
             "index_bytes": index_bytes,
             "vectors_bytes": vectors_bytes,
             "vectors_dtype": m["vectors"]["dtype"],
+            "vectors_in_index": bool(m["settings"]["keep_vectors"]) and not keeps_files(m),
             "lmdb_bytes": lmdb_bytes,
             "tokenizer_bytes": m["tokenizer"]["size"],
             "referenced_files": len(files),

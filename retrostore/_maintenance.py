@@ -13,6 +13,7 @@ import copy
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
 import faiss
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import Tombstones, write_tombstones
-from ._index import (Segment, SegmentSet, build_segment, is_exact, is_ivf, load_segment, merge_segments,
+from ._index import (Segment, SegmentSet, build_segment, fp16_codes, fp16_flat, is_exact, is_ivf, load_segment, merge_segments,
                      mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, write_index)
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
@@ -186,9 +187,12 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
     if len(vectors):
         template = load_template(store, idx)
         index = _adopt_codes(store, template, vectors)
-        if index is None:
-            index = build_segment(vectors, idx["factory"], m["metric"], template=template)
-        entry = store._write_segment(index, tag, first_id, len(vectors), new_files)
+        if index is None and idx["factory"] == "Flat" and m["vectors"]["dtype"] == "float16":
+            index, entry = _write_fp16_batch(store, vectors, tag, first_id, new_files)
+        else:
+            if index is None:
+                index = build_segment(vectors, idx["factory"], m["metric"], template=template)
+            entry = store._write_segment(index, tag, first_id, len(vectors), new_files)
         idx["segments"].append(entry)
         segments.append(Segment(entry, index))
         vectors_ready()
@@ -200,6 +204,25 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
         settings = new["settings"]
         rebuild(store, new, segments, factory, tag, new_files, tomb,
                 train_size=settings.get("train_size"), seed=int(settings.get("train_seed", 0)), progress=False)
+
+
+def _write_fp16_batch(store: "Store", vectors: np.ndarray, tag: str, first_id: int,
+                      new_files: list) -> tuple[faiss.Index, dict]:
+    """The batch's Flat segment of a float16 store (the hot path of an exact store): (index, entry).
+
+    One float16 cast of the vectors; from it, the file's ``SQfp16`` codes are
+    built and written in this thread while a second builds the in-memory
+    float32 Flat (FAISS and numpy release the GIL): what
+    ``flat_fp16(build_segment(...))`` gives, in about half the time.
+    """
+    metric = store._manifest["metric"]
+    half = np.ascontiguousarray(vectors).astype(np.float16)
+    with ThreadPoolExecutor(1, thread_name_prefix="retrostore-flat") as pool:
+        flat = pool.submit(fp16_flat, half, metric)
+        entry = store._write_segment(None, tag, first_id, len(half), new_files, fp16_codes(half, metric))
+        index = flat.result()
+    store._segments_cache[entry["sha256"]] = index
+    return index, entry
 
 
 def _adopt_codes(store: "Store", template: faiss.Index | None, vectors: np.ndarray) -> faiss.Index | None:

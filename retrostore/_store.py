@@ -573,9 +573,9 @@ class Store(ReadMixin, AdminMixin):
         self._check(write=True)
         return _commit.commit(self)
 
-    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list) -> dict:
+    def _write_segment(self, index, tag: str, first_id: int, count: int, new_files: list, half=None) -> dict:
         """Write one index segment of a commit (see :mod:`retrostore._commit`)."""
-        return _commit._write_segment(self, index, tag, first_id, count, new_files)
+        return _commit._write_segment(self, index, tag, first_id, count, new_files, half)
 
     def _collect_garbage(self) -> None:
         """Drop unretained manifests and unreferenced files (see :mod:`retrostore._commit`)."""

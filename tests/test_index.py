@@ -466,6 +466,7 @@ def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
             st.commit()
         assert len(st.manifest["index"]["segments"]) == 1 and st.manifest["vectors"]["files"] == []
         assert not any((path / "vectors").iterdir()) and st.verify() == []
+        assert st.info()["files"]["vectors_in_index"]
         np.testing.assert_array_equal(st._stored_vectors(0, 1600), half)
         assert st.evaluate(queries=50, k=10)["recall_at_k"] == 1.0
         st.delete([5, 6])
@@ -475,6 +476,7 @@ def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
         st.reindex("IVF16,SQ8", progress=False)  # needs raw vectors from now on: written from the segments
         files = st.manifest["vectors"]["files"]
         assert [(e["first_id"], e["count"]) for e in files] == [(0, 1600)] and st.verify() == []
+        assert not st.info()["files"]["vectors_in_index"]
         raw = RawVectors(path, files, 64).rows(0, 1600)
         assert not raw[[5, 6]].any()  # purged chunks: zeros, as compact leaves them
         live = np.setdiff1d(np.arange(1600), [5, 6])

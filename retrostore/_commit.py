@@ -53,8 +53,7 @@ def commit(store: "Store") -> int:
     new_files: list[Path] = []
     store._stage = "preparing the batch"
     try:
-        vectors = (np.concatenate(store._pending_vectors) if store._pending_vectors
-                   else np.zeros((0, m["index"]["dim"]), np.float32))
+        vectors = _staged_vectors(store)
         # Names depend only on the version, so building the same inputs twice gives
         # the same files and manifests (reproducible artifacts). A failed attempt's
         # files are removed by _abort_commit or, after a crash, by the next writer.
@@ -99,6 +98,23 @@ def commit(store: "Store") -> int:
     except OSError:
         pass  # garbage is collected by a later commit or writer
     return version
+
+
+def _staged_vectors(store: "Store") -> np.ndarray:
+    """The batch's vectors, shape (n, dim): float32, or float16 when they become a float16 Flat
+    segment (each appended part cast into one array: no float32 copy of the whole batch)."""
+    m = store._manifest
+    parts = store._pending_vectors
+    if not parts:
+        return np.zeros((0, m["index"]["dim"]), np.float32)
+    if not (m["index"]["factory"] == "Flat" and m["vectors"]["dtype"] == "float16"):
+        return np.concatenate(parts)
+    out = np.empty((sum(len(p) for p in parts), m["index"]["dim"]), np.float16)
+    at = 0
+    for p in parts:
+        out[at : at + len(p)] = p
+        at += len(p)
+    return out
 
 
 def _write_batch_files(store: "Store", new: dict, vectors: np.ndarray, first_id: int, tag: str, new_files: list,

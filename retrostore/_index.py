@@ -74,6 +74,12 @@ class Segment:
     def holes(self) -> bool:
         return self.end_id - self.first_id != self.count
 
+    @property
+    def exact(self) -> bool:
+        """Whether the segment holds the stored vectors losslessly (:func:`is_exact`, or a
+        segment of codec :data:`FP16`, served as its ``SQfp16`` index when memory-mapped)."""
+        return is_exact(self.index) or self.entry.get("codec") == FP16
+
 
 def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """``faiss.index_factory`` with a clear error.
@@ -144,12 +150,16 @@ def is_ivf(index: faiss.Index) -> bool:
 
 
 def is_exact(index: faiss.Index) -> bool:
-    """True when the index stores the vectors uncompressed (Flat, HNSW-Flat), or as exact
-    float16 values (``SQfp16``: an fp16 segment served memory-mapped), maybe behind an ID map."""
+    """True when the index stores the vectors uncompressed (Flat, HNSW-Flat), maybe behind an ID map.
+
+    A user's ``SQfp16`` index is not exact (its float16 codes round the
+    vectors given); a segment stored as float16 by retrostore is, see
+    :attr:`Segment.exact`.
+    """
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.downcast_index(index.index)
-    if isinstance(index, faiss.IndexHNSWFlat) or _is_sq_fp16(index):
+    if isinstance(index, faiss.IndexHNSWFlat):
         return True
     return type(index) in _FLAT_TYPES
 
@@ -219,12 +229,9 @@ def fp16_flat(half: np.ndarray, metric: str) -> faiss.Index:
     return _filled(faiss.IndexFlat(half.shape[1], METRICS[metric]), half, None)
 
 
-def _flat_from_fp16(index: faiss.Index, rel: str) -> faiss.Index:
-    """The float32 ``IndexFlat`` (ID map kept) of an fp16 segment read from ``rel``."""
+def _flat_from_fp16(index: faiss.Index) -> faiss.Index:
+    """The float32 ``IndexFlat`` (ID map kept) of an fp16 segment's ``SQfp16`` index."""
     inner, idmap = _split_idmap(index)
-    if not _is_sq_fp16(inner):
-        raise CorruptStoreError(f"{rel}: the manifest says codec {FP16!r}, but the file holds a "
-                                f"{type(inner).__name__}, not a float16 scalar quantizer")
     return _filled(faiss.IndexFlat(inner.d, inner.metric_type), _codes(inner, np.float16), idmap)
 
 
@@ -296,7 +303,7 @@ def write_index(path: Path, index: faiss.Index) -> tuple[int, str]:
     return out.size, out.sha256
 
 
-def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = False) -> Segment:
+def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = False, flat: bool = False) -> Segment:
     """Load a segment (or template) file after checking its size and sha256.
 
     The file is hashed block by block, then FAISS reads it (one copy in
@@ -305,12 +312,15 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     in place (a commit writes new ones), so the hash holds for what is read.
     A segment of codec :data:`FP16` is read into a float32 ``IndexFlat``
     (searched like any Flat index); mapped, it is served as the file's
-    ``SQfp16`` index, an exact scan of the same float16 values.
+    ``SQfp16`` index, an exact scan of the same float16 values. ``flat``:
+    the store's factory is ``"Flat"``, so a segment without a codec must be
+    a Flat index.
 
     Raises
     ------
     CorruptStoreError
-        Missing file, wrong size or checksum, or FAISS cannot read it.
+        Missing file, wrong size or checksum, FAISS cannot read it, or it is
+        not what the manifest says (its codec, a Flat store's index type).
     """
     rel = entry["path"]
     path = root / rel
@@ -333,8 +343,20 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.read_index(str(path))
     except RuntimeError as exc:
         raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
-    if entry.get("codec") == FP16 and not mmap:
-        index = _flat_from_fp16(index, rel)
+    codec = entry.get("codec")
+    if codec is not None:
+        if codec != FP16:
+            raise CorruptStoreError(f"{rel}: the manifest gives it codec {codec!r}; the only codec is {FP16!r} "
+                                    "(format 3): the manifest is damaged")
+        inner = _split_idmap(index)[0]
+        if not _is_sq_fp16(inner):
+            raise CorruptStoreError(f"{rel}: the manifest says codec {FP16!r}, but the file holds a "
+                                    f"{type(inner).__name__}, not a float16 scalar quantizer")
+        if not mmap:
+            index = _flat_from_fp16(index)
+    elif flat and type(_split_idmap(index)[0]) not in _FLAT_TYPES:
+        raise CorruptStoreError(f"{rel}: the store's index is Flat, but the file holds a "
+                                f"{type(_split_idmap(index)[0]).__name__} and the manifest gives it no codec")
     if "count" in entry and index.ntotal != entry["count"]:
         raise CorruptStoreError(f"{rel}: index holds {index.ntotal} vectors, the manifest says {entry['count']}")
     return Segment(entry, index)
@@ -342,7 +364,7 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
 
 def segment_vectors(seg: Segment) -> tuple[np.ndarray, np.ndarray] | None:
     """Exact (local ids, vectors) of an uncompressed segment, or None when lossy."""
-    if not is_exact(seg.index):
+    if not seg.exact:
         return None
     index = faiss.downcast_index(seg.index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
@@ -458,7 +480,7 @@ class SegmentSet:
 
     @property
     def exact(self) -> bool:
-        return all(type(unwrap(s.index)) in _FLAT_TYPES or _is_sq_fp16(unwrap(s.index)) for s in self.segments)
+        return all(type(unwrap(s.index)) in _FLAT_TYPES or s.entry.get("codec") == FP16 for s in self.segments)
 
     def effective(self, params: dict | None = None) -> dict:
         """Parameter values a search with ``params`` would use (what ``inspect`` shows)."""

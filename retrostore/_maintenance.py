@@ -21,8 +21,8 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import Tombstones, write_tombstones
-from ._index import (Segment, SegmentSet, build_segment, fp16_codes, fp16_flat, is_exact, is_ivf, load_segment, merge_segments,
-                     mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, write_index)
+from ._index import (Segment, SegmentSet, build_segment, fp16_codes, fp16_flat, is_ivf, load_segment,
+                     merge_segments, mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, write_index)
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
                         default_train_size, progress_bar, sample_ids, train_template)
@@ -82,7 +82,9 @@ def check_mmap(factory: str, dim: int, metric: str) -> None:
 # -- vectors ---------------------------------------------------------------
 class VectorSource:
     """Vectors of a manifest's chunks: read back from the segments when they are
-    exact (Flat, HNSW-Flat: float32, lossless), else from the raw vectors files.
+    exact (Flat, HNSW-Flat, segments stored as float16: the stored vectors,
+    lossless; :attr:`retrostore._index.Segment.exact`), else from the raw
+    vectors files.
 
     Raises
     ------
@@ -94,7 +96,7 @@ class VectorSource:
         self.dim = manifest["index"]["dim"]
         files = manifest["vectors"]["files"]
         self.segments = [s for s in segments if s.count]
-        self.exact = all(is_exact(s.index) for s in self.segments)
+        self.exact = all(s.exact for s in self.segments)
         self.raw = None
         if not self.exact:
             if not (manifest["settings"]["keep_vectors"] and files):
@@ -153,9 +155,9 @@ def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
         if lo >= hi:
             continue
         plain = type(faiss.downcast_index(seg.index)) not in (faiss.IndexIDMap, faiss.IndexIDMap2)
-        if is_exact(seg.index) and not seg.holes and plain:
+        if seg.exact and not seg.holes and plain:
             out[lo - first : hi - first] = seg.index.reconstruct_n(lo - seg.first_id, hi - lo)
-        elif is_exact(seg.index):
+        elif seg.exact:
             ids, vecs = segment_vectors(seg)
             sel = (ids + seg.first_id >= lo) & (ids + seg.first_id < hi)
             out[ids[sel] + seg.first_id - first] = vecs[sel]
@@ -210,13 +212,14 @@ def _write_fp16_batch(store: "Store", vectors: np.ndarray, tag: str, first_id: i
                       new_files: list) -> tuple[faiss.Index, dict]:
     """The batch's Flat segment of a float16 store (the hot path of an exact store): (index, entry).
 
-    One float16 cast of the vectors; from it, the file's ``SQfp16`` codes are
-    built and written in this thread while a second builds the in-memory
-    float32 Flat (FAISS and numpy release the GIL): what
+    ``vectors`` come float16 (the commit casts the staged parts into one
+    array, ``_commit._staged_vectors``). From them the file's ``SQfp16``
+    codes are built and written in this thread while a second builds the
+    in-memory float32 Flat (FAISS and numpy release the GIL): what
     ``flat_fp16(build_segment(...))`` gives, in about half the time.
     """
     metric = store._manifest["metric"]
-    half = np.ascontiguousarray(vectors).astype(np.float16)
+    half = np.ascontiguousarray(vectors, dtype=np.float16)  # the commit staged them as float16
     with ThreadPoolExecutor(1, thread_name_prefix="retrostore-flat") as pool:
         flat = pool.submit(fp16_flat, half, metric)
         entry = store._write_segment(None, tag, first_id, len(half), new_files, fp16_codes(half, metric))
@@ -303,7 +306,7 @@ def training_due(store: "Store", new: dict, segments: list[Segment], tomb: Tombs
     target = idx.get("target", idx["factory"])
     n = sum(s.count for s in segments) - int(tomb.pending()[:, 2].sum())
     keep = bool(new["settings"]["keep_vectors"])
-    can_read = (keep and new["vectors"]["files"]) or all(is_exact(s.index) for s in segments)
+    can_read = (keep and new["vectors"]["files"]) or all(s.exact for s in segments)
     if target == "auto":
         trained = idx.get("trained")
         if not idx.get("template"):

@@ -344,7 +344,8 @@ class Store(ReadMixin, AdminMixin):
             # can be byte-identical (the same vectors committed twice) while
             # covering different chunk ids.
             index = self._segments_cache.get(entry["sha256"])
-            seg = Segment(entry, index) if index is not None else load_segment(self.path, entry, mmap=store_mmap(self))
+            seg = Segment(entry, index) if index is not None else load_segment(
+                self.path, entry, mmap=store_mmap(self), flat=m["index"]["factory"] == "Flat")
             cache[entry["sha256"]] = seg.index
             segs.append(seg)
         self._segments_cache = cache

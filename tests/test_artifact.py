@@ -301,15 +301,15 @@ def test_no_vectors_slim_artifact(tmp_path, hash_store):
     with retrostore.open(hash_store, embedder=HashEmbedder()) as st:
         require_raw_vectors(st.manifest, "reindex")  # the full store keeps them
     with retrostore.open(dest, embedder=HashEmbedder()) as st:
-        import retrostore._maintenance as maintenance
+        from retrostore._index import Segment
 
         # as if the index could not give its vectors back (IVF-PQ, LSH, ...)
-        real, maintenance.is_exact = maintenance.is_exact, lambda index: False
+        real, Segment.exact = Segment.exact, property(lambda self: False)
         try:
             with pytest.raises(NoRawVectorsError, match="dropped when this store was packed"):
                 st._stored_vectors(0, len(st))
         finally:
-            maintenance.is_exact = real
+            Segment.exact = real
     with retrostore.open(dest, mode="a", embedder=HashEmbedder()) as st:
         st.append("a slim store still takes new documents")
         st.commit()

@@ -497,15 +497,41 @@ def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
 def test_a_codec_the_file_does_not_hold_is_corruption(tmp_path, rng):
     from retrostore import CorruptStoreError, _manifest
 
-    path = tmp_path / "s"
-    with retrostore.create(path, embedder=FakeEmbedder(), vector_dtype="float32") as st:
-        _fill(st, rng, 100)
+    def damaged(name, dtype, edit):
+        path = tmp_path / name
+        with retrostore.create(path, embedder=FakeEmbedder(), vector_dtype=dtype) as st:
+            _fill(st, rng, 100)
+            st.commit()
+            body = st.manifest
+        edit(body["index"]["segments"][0])
+        (path / "manifest.json").write_bytes(_manifest.encode_manifest(body))
+        return path
+
+    cases = [
+        (damaged("f32", "float32", lambda e: e.update(codec="fp16")), r"codec 'fp16'.*IndexFlat"),
+        (damaged("fp8", "float16", lambda e: e.update(codec="fp8")), r"codec 'fp8'.*only codec is 'fp16'"),
+        (damaged("none", "float16", lambda e: e.pop("codec")), r"index is Flat.*IndexScalarQuantizer.*no codec"),
+    ]
+    for path, match in cases:
+        for mmap in (False, True):  # a mapped handle serves fp16 files as they are: checked all the same
+            with pytest.raises(CorruptStoreError, match=r"seg-.*" + match):
+                retrostore.open(path, mmap=mmap)
+
+
+def test_a_users_sqfp16_index_is_not_exact(tmp_path, rng):
+    """Only segments retrostore stored as float16 count as exact: an ``SQfp16`` factory rounds
+    the vectors it is given, so reading them back, evaluating and re-ranking use the raw vectors."""
+    x = _vectors(rng, 500, uniform=True)
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="SQfp16", vector_dtype="float32",
+                           index_params={"rerank": 4}) as st:
+        st.append([f"d{i}" for i in range(len(x))], embeddings=x)
         st.commit()
-        body = st.manifest
-    body["index"]["segments"][0]["codec"] = "fp16"  # the file is a float32 IndexFlat
-    (path / "manifest.json").write_bytes(_manifest.encode_manifest(body))
-    with pytest.raises(CorruptStoreError, match=r"seg-.*codec 'fp16'.*IndexFlat"):
-        retrostore.open(path)
+        assert st.manifest["index"]["factory"] == "SQfp16" and "codec" not in st.manifest["index"]["segments"][0]
+        np.testing.assert_array_equal(st._stored_vectors(0, len(x)), x)  # the float32 files, not the codes
+        assert st.info()["index"]["params"]["rerank"] == 4
+        scores, _ = st.search_vectors(x[:5], 3)
+        # re-scored from the float32 vectors: 1 to float32 precision (the float16 codes give ~1e-4 off)
+        np.testing.assert_allclose(scores[:, 0], np.einsum("nd,nd->n", x[:5], x[:5]), rtol=0, atol=1e-6)
 
 
 # -- memory mapping ----------------------------------------------------------

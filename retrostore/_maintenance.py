@@ -100,6 +100,10 @@ class VectorSource:
         self.raw = None
         if not self.exact:
             if not (manifest["settings"]["keep_vectors"] and files):
+                if manifest["vectors"].get("dropped_at_pack"):
+                    from ._artifact import require_raw_vectors  # says they were dropped by pack --no-vectors
+
+                    require_raw_vectors(manifest, what)
                 raise RetrostoreError(
                     f"{what} needs the stored vectors, but this store keeps no raw vectors (keep_vectors=False) "
                     f"and its index ({manifest['index']['factory']!r}) is compressed, so they cannot be read "

@@ -314,6 +314,9 @@ def test_no_vectors_slim_artifact(tmp_path, hash_store):
         st.append("a slim store still takes new documents")
         st.commit()
         assert st.verify() == [] and st.manifest["vectors"]["files"] == []
+        st.reindex("SQfp16", progress=False)  # from the exact segments; a float16 codec rounds them
+        with pytest.raises(NoRawVectorsError, match="dropped when this store was packed"):
+            st.reindex("Flat", progress=False)
 
 
 def test_keep_vectors_false_explains_reindex(tmp_path):

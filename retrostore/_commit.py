@@ -28,7 +28,7 @@ import numpy as np
 from . import _fileio, _manifest
 from ._deletes import commit_deletes
 from ._index import FP16, flat_fp16, write_index
-from ._maintenance import commit_index
+from ._maintenance import commit_index, fp16_batches
 from ._vectors import keeps_files, load_vectors, write_vectors
 from .errors import CommitError, RetrostoreError
 
@@ -107,7 +107,7 @@ def _staged_vectors(store: "Store") -> np.ndarray:
     parts = store._pending_vectors
     if not parts:
         return np.zeros((0, m["index"]["dim"]), np.float32)
-    if not (m["index"]["factory"] == "Flat" and m["vectors"]["dtype"] == "float16"):
+    if not fp16_batches(m):
         return np.concatenate(parts)
     out = np.empty((sum(len(p) for p in parts), m["index"]["dim"]), np.float16)
     at = 0

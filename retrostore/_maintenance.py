@@ -32,7 +32,7 @@ from .errors import IndexTrainingError, InvalidInputError, RetrostoreError
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["version_index", "commit_index", "reindex", "compact", "stored_vectors", "VectorSource"]
+__all__ = ["version_index", "commit_index", "reindex", "compact", "stored_vectors", "VectorSource", "fp16_batches"]
 
 log = logging.getLogger("retrostore")
 _BATCH = 65536
@@ -179,6 +179,12 @@ def stored_vectors(store: "Store", first: int, end: int) -> np.ndarray:
 
 
 # -- commit ----------------------------------------------------------------
+def fp16_batches(manifest: dict) -> bool:
+    """Whether a commit's batch becomes a float16 Flat segment (:func:`_write_fp16_batch`);
+    the commit then stages the batch's vectors as float16."""
+    return manifest["index"]["factory"] == "Flat" and manifest["vectors"]["dtype"] == "float16"
+
+
 def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first_id: int,
                  new_files: list, tomb: Tombstones, vectors_ready: Callable[[], None] = lambda: None) -> None:
     """The index part of a commit: a segment for the batch, tier merges, training when due.
@@ -193,7 +199,7 @@ def commit_index(store: "Store", new: dict, vectors: np.ndarray, tag: str, first
     if len(vectors):
         template = load_template(store, idx)
         index = _adopt_codes(store, template, vectors)
-        if index is None and idx["factory"] == "Flat" and m["vectors"]["dtype"] == "float16":
+        if index is None and fp16_batches(m):
             index, entry = _write_fp16_batch(store, vectors, tag, first_id, new_files)
         else:
             if index is None:

@@ -155,7 +155,22 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly
 def inspect(store, as_json):
-    """Show what STORE holds: versions, counts, fingerprints, index, files."""
+    """Show what STORE holds: versions, counts, fingerprints, index, files.
+
+    \b
+    format     the store's format version (readers >= the oldest reader format that can read it)
+    version    the current version (retained: versions open(path, version=V) can still read)
+    documents, chunks, vectors   counts of the current version (vectors: indexed chunks)
+    embedder, tokenizer          the fingerprints a store opened later must match
+    index      factory string, search parameters in force, segments, segment bytes per vector
+               (the trained template apart); for a store that trains later, the policy and a hint
+    files      bytes of the current version's index, raw vectors (or "in the Flat segments":
+               an index="Flat" store keeps them there) and LMDB; total: the whole directory,
+               retained versions' files and the tokenizer included
+    manifest   sha256 of manifest.json, as sha256sum prints it (for unpack --expect-manifest-sha256)
+
+    --json prints Store.info(), the same and more (docs/api.md).
+    """
     with retrostore.open(store) as st:
         info = st.info()
     if as_json:

@@ -81,7 +81,32 @@ class AdminMixin:
         return evaluate(self, queries=queries, k=k, params=params, seed=seed)
 
     def info(self) -> dict:
-        """Everything ``retrostore inspect`` shows, as a JSON-ready dict."""
+        """Everything ``retrostore inspect`` shows, as a JSON-ready dict.
+
+        Returns
+        -------
+        dict
+            ``path``; ``format_version``, ``min_reader_version`` (docs/format.md);
+            ``version``, ``retained_versions``; counts ``documents``, ``chunks``,
+            ``vectors`` (indexed chunks); ``dim``, ``metric``, ``chunk_tokens``;
+            ``tokenizer`` and ``embedder`` (the manifest's fingerprints);
+            ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
+            reports them), ``stored_params`` (the manifest's), ``param_overrides``
+            (the user's), ``segments`` (count), ``trained``, ``mmap`` (this
+            handle), ``bytes_per_vector`` (segment bytes / vectors),
+            ``template_bytes``, ``hint`` (the training policy's advice, or None);
+            ``deletes`` (counts, purged included); ``files`` (bytes):
+            ``index_bytes``, ``vectors_bytes``, ``vectors_dtype``,
+            ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
+            vectors in its segments), ``lmdb_bytes``, ``tokenizer_bytes``,
+            ``referenced_files`` (files the current manifest names),
+            ``total_bytes`` (the whole directory, retained versions included);
+            ``settings``; ``manifest_sha256`` (of ``manifest.json``, as
+            ``sha256sum`` prints it); ``created_at``, ``committed_at`` (manifest,
+            UTC ISO-8601), ``modified_at`` (``manifest.json``'s mtime);
+            ``readonly_media`` (the directory cannot or must not be written:
+            LMDB is read without its lock file and a writer is refused).
+        """
         self._check()
         from ._inspect import store_info
 

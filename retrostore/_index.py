@@ -214,25 +214,20 @@ def flat_fp16(index: faiss.Index) -> faiss.Index | None:
     values = _codes(inner, np.float32)
     half = values.astype(np.float16)
     values[...] = half
-    sq = faiss.IndexScalarQuantizer(inner.d, faiss.ScalarQuantizer.QT_fp16, inner.metric_type)
+    return fp16_codes(half, inner.metric_type, idmap)
+
+
+def fp16_codes(half: np.ndarray, metric: int, idmap: faiss.Index | None = None) -> faiss.Index:
+    """An ``SQfp16`` index whose codes are ``half`` (n, dim) float16 (FAISS ``metric``), in a copy
+    of ``idmap``'s ID map when given: what an fp16 segment file holds."""
+    sq = faiss.IndexScalarQuantizer(half.shape[1], faiss.ScalarQuantizer.QT_fp16, metric)
     return _filled(sq, half, idmap)
 
 
-def fp16_codes(half: np.ndarray, metric: str) -> faiss.Index:
-    """An ``SQfp16`` index whose codes are ``half`` (n, dim) float16: what an fp16 segment file holds."""
-    index = faiss.IndexScalarQuantizer(half.shape[1], faiss.ScalarQuantizer.QT_fp16, METRICS[metric])
-    return _filled(index, half, None)
-
-
-def fp16_flat(half: np.ndarray, metric: str) -> faiss.Index:
-    """A float32 ``IndexFlat`` holding exactly the values of ``half`` (n, dim) float16."""
-    return _filled(faiss.IndexFlat(half.shape[1], METRICS[metric]), half, None)
-
-
-def _flat_from_fp16(index: faiss.Index) -> faiss.Index:
-    """The float32 ``IndexFlat`` (ID map kept) of an fp16 segment's ``SQfp16`` index."""
-    inner, idmap = _split_idmap(index)
-    return _filled(faiss.IndexFlat(inner.d, inner.metric_type), _codes(inner, np.float16), idmap)
+def fp16_flat(half: np.ndarray, metric: int, idmap: faiss.Index | None = None) -> faiss.Index:
+    """A float32 ``IndexFlat`` (FAISS ``metric``) holding exactly the values of ``half`` (n, dim)
+    float16, in a copy of ``idmap``'s ID map when given: an fp16 segment as it is searched."""
+    return _filled(faiss.IndexFlat(half.shape[1], metric), half, idmap)
 
 
 def mmap_problem(index: faiss.Index, factory: str) -> str | None:
@@ -344,19 +339,19 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     except RuntimeError as exc:
         raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
     codec = entry.get("codec")
+    inner, idmap = _split_idmap(index)
     if codec is not None:
         if codec != FP16:
             raise CorruptStoreError(f"{rel}: the manifest gives it codec {codec!r}; the only codec is {FP16!r} "
                                     "(format 3): the manifest is damaged")
-        inner = _split_idmap(index)[0]
         if not _is_sq_fp16(inner):
             raise CorruptStoreError(f"{rel}: the manifest says codec {FP16!r}, but the file holds a "
                                     f"{type(inner).__name__}, not a float16 scalar quantizer")
         if not mmap:
-            index = _flat_from_fp16(index)
-    elif flat and type(_split_idmap(index)[0]) not in _FLAT_TYPES:
+            index = fp16_flat(_codes(inner, np.float16), inner.metric_type, idmap)
+    elif flat and type(inner) not in _FLAT_TYPES:
         raise CorruptStoreError(f"{rel}: the store's index is Flat, but the file holds a "
-                                f"{type(_split_idmap(index)[0]).__name__} and the manifest gives it no codec")
+                                f"{type(inner).__name__} and the manifest gives it no codec")
     if "count" in entry and index.ntotal != entry["count"]:
         raise CorruptStoreError(f"{rel}: index holds {index.ntotal} vectors, the manifest says {entry['count']}")
     return Segment(entry, index)

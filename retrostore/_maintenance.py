@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _fileio, _manifest
 from ._deletes import Tombstones, write_tombstones
-from ._index import (Segment, SegmentSet, build_segment, fp16_codes, fp16_flat, is_ivf, load_segment,
+from ._index import (METRICS, Segment, SegmentSet, build_segment, fp16_codes, fp16_flat, is_ivf, load_segment,
                      merge_segments, mmap_problem, new_index, owned_copy, plan_merge, segment_vectors, write_index)
 from ._params import check_params
 from ._training import (AUTO_TRAIN_MIN, RETRAIN_GROWTH, check_sample, default_factory, default_params,
@@ -228,7 +228,7 @@ def _write_fp16_batch(store: "Store", vectors: np.ndarray, tag: str, first_id: i
     in-memory float32 Flat (FAISS and numpy release the GIL): what
     ``flat_fp16(build_segment(...))`` gives, in about half the time.
     """
-    metric = store._manifest["metric"]
+    metric = METRICS[store._manifest["metric"]]
     half = np.ascontiguousarray(vectors, dtype=np.float16)  # the commit staged them as float16
     with ThreadPoolExecutor(1, thread_name_prefix="retrostore-flat") as pool:
         flat = pool.submit(fp16_flat, half, metric)

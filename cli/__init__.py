@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
+import warnings
 
 import click
+import numpy as np
 
 import retrostore
 from retrostore import RetrostoreError
+from retrostore.build import build_store
 
 __all__ = ["main", "cli"]
 
@@ -79,10 +83,6 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
     tokenize and embed each shard (on Ray with --engine ray), merge in order
     and verify. Running it again after an interruption reuses finished shards;
     after success it does nothing."""
-    import warnings
-
-    from retrostore.build import build_store
-
     if commit_every < 1:
         raise click.BadParameter(f"{commit_every} must be >= 1", param_hint="--commit-every")
     if shards is not None and shards < 1:
@@ -259,8 +259,6 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, quiet):
     with retrostore.open(store) as st:
         path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
                                        queries=queries, progress=not quiet)
-    import numpy as np
-
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     click.echo(f"wrote {path}: shape {arr.shape} int64")
 
@@ -364,8 +362,6 @@ def delete(store, doc_ids):
 @_friendly
 def reindex(store, factory, train_size, seed, params, mmap, quiet):
     """Retrain and rebuild STORE's index from its stored vectors (no re-embedding)."""
-    import logging
-
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Sharded builds: the stages of :mod:`retrostore._shards` run in this process
-or on a Ray cluster, merged into one ordinary store.
+"""Sharded builds: the stages of :mod:`retrostore.build.plan` and
+:mod:`retrostore.build.shards` run in this process or on a Ray cluster, merged
+into one ordinary store.
 
 ``build_sharded`` is what ``retrostore build --engine local|ray`` runs
 (the stages' work is in :mod:`.plan` and :mod:`.shards`, where it runs in

@@ -58,7 +58,7 @@ def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int) 
 
     ``sha256(sha256(chunk records) || sha256(document records))``, each inner
     hash over ``key || len(value) || value`` in key order; the same value
-    ``retrostore._chunks.RecordHasher`` computes while appending.
+    ``retrostore.storage.records.RecordHasher`` computes while appending.
     """
     hashes = []
     for db, first, end in ((chunks_db, c0, c1), (docs_db, d0, d1)):

@@ -688,9 +688,39 @@ class Store:
         return maintenance.compact(self._writer, progress=progress)
 
     def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
-        """Recall@k of the index against exact search over the stored vectors, and latency.
+        """Recall@k of the index against exact search over the stored vectors, and latency
+        (``retrostore eval``).
 
-        See :func:`retrostore._evaluate.evaluate` (``retrostore eval``).
+        Queries are a seeded sample of the store's own live vectors (the RETRO
+        workload: neighbours of stored chunks); each query's own chunk is left
+        out of both result lists, and recall is tie-aware (a result counts when
+        its exact score reaches the k-th exact score, so duplicate chunks are
+        no misses).
+
+        Parameters
+        ----------
+        queries : int, default 1000
+            Query vectors sampled (seeded) from the live stored vectors.
+        k : int, default 10
+        params : dict, optional
+            Search parameters for the measured searches (over the store's).
+        seed : int, default 0
+
+        Returns
+        -------
+        dict
+            ``recall_at_k`` (tie-aware k-recall@k), ``nn_in_top_k`` (share of
+            queries whose exact nearest neighbour is found), ``latency_ms``
+            (``p50``, ``p99``, ``mean`` of single-query searches, up to 1,000
+            of them), ``batch_qps``, ``queries``, ``k``, ``vectors``,
+            ``factory``, ``params`` (effective).
+
+        Raises
+        ------
+        InvalidInputError
+            ``queries`` or ``k`` out of range, or bad ``params``.
+        RetrostoreError
+            The stored vectors cannot be read (no raw vectors and a compressed index).
         """
         self._check()
         return evaluate(self._reader, queries=queries, k=k, params=params, seed=seed)

@@ -20,7 +20,7 @@ from ..storage.records import ChunkRecord
 from ..types import Chunk, Document, Hit
 from .version import Head, Version
 
-__all__ = ["Reader", "check_k", "int_ids"]
+__all__ = ["Reader", "check_k", "check_queries", "int_ids"]
 
 #: Most results one query may ask for.
 MAX_K = 100_000
@@ -148,6 +148,27 @@ class Reader:
     def doc_ids_of(self, chunk_ids: np.ndarray) -> np.ndarray:
         """Document ids of committed chunk ids (an int64 array of any shape, all >= 0)."""
         return self.all_doc_ids()[np.asarray(chunk_ids, dtype=np.int64)]
+
+
+def check_queries(query: Any) -> tuple[list[str], bool]:
+    """``search``'s query as a list of strings, and whether one ``str`` was given.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a str or a sequence of str, or an empty (whitespace) query.
+    """
+    single = isinstance(query, str)
+    if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)):
+        raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
+    queries = [query] if single else list(query)
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
+        if not q.strip():
+            raise InvalidInputError(f"query {i} is empty or whitespace ({q!r}); its embedding would match "
+                                    "arbitrary chunks: give the text to look up")
+    return queries, single
 
 
 def check_k(k: Any) -> int:

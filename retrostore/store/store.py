@@ -25,18 +25,17 @@ from ..errors import (
     EmbedderMismatchError,
     ForkedStoreError,
     FormatVersionError,
-    InvalidDocumentError,
     InvalidEmbeddingsError,
     InvalidInputError,
     NotAStoreError,
     ReadOnlyStoreError,
     StoreClosedError,
 )
+from ..index.params import check_params
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
 from ..storage.layout import LOCK, MANIFEST
-from ..storage.metadata import clean_metadata
 from ..storage.segments import check_file
 from ..text.chunking import Chunker
 from ..text.embed import Embedder, check_embedder, json_fingerprint
@@ -46,11 +45,12 @@ from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
 from .precompute import precompute_neighbors
-from .reading import Reader, check_k
+from .reading import Reader, check_k, check_queries
 from .retrieval import neighbors
 from .verify import retokenize_problems, verify_version
 from .version import Head
-from .writer import Writer, check_embeddings
+from .staging import check_embeddings, documents
+from .writer import Writer
 
 __all__ = ["Store", "DEFAULTS"]
 
@@ -355,33 +355,7 @@ class Store:
         ReadOnlyStoreError, StoreClosedError, ForkedStoreError
         """
         self._check(write=True)
-        single = isinstance(docs, str)
-        if single:
-            docs = [docs]
-            metas = [metadata]
-        else:
-            if isinstance(docs, (bytes, bytearray)) or not isinstance(docs, Iterable):
-                raise InvalidDocumentError(
-                    f"docs is a {type(docs).__name__}; pass a str or an iterable of str (decode bytes first)"
-                )
-            docs = list(docs)
-            if metadata is None:
-                metas = [None] * len(docs)
-            else:
-                if isinstance(metadata, (dict, str)) or not isinstance(metadata, Sequence):
-                    raise InvalidInputError(
-                        "metadata must be a sequence with one value per document when docs is a list "
-                        f"(got a {type(metadata).__name__})"
-                    )
-                metas = list(metadata)
-                if len(metas) != len(docs):
-                    raise InvalidInputError(f"{len(metas)} metadata values for {len(docs)} documents; give one each")
-        for i, d in enumerate(docs):
-            if not isinstance(d, str):
-                raise InvalidDocumentError(
-                    f"document {i} is a {type(d).__name__}, not a str; decode bytes and convert values to text"
-                )
-        metas = [clean_metadata(v, f"metadata[{i}]") for i, v in enumerate(metas)]
+        docs, metas, single = documents(docs, metadata)
         if chunks is None:
             per_doc = self.chunker.chunk_many(docs)
         else:
@@ -521,20 +495,12 @@ class Store:
         """
         self._check()
         k = check_k(k)
-        single = isinstance(query, str)
-        if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)):
-            raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
-        queries = [query] if single else list(query)
-        for i, q in enumerate(queries):
-            if not isinstance(q, str):
-                raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
-            if not q.strip():
-                raise InvalidInputError(f"query {i} is empty or whitespace ({q!r}); its embedding would match "
-                                        "arbitrary chunks: give the text to look up")
+        queries, single = check_queries(query)
         if not queries:
             return []
         if len(self) == 0:
             return [] if single else [[] for _ in queries]
+        params = check_params(params)  # before the embedding, which costs more
         vecs = self.embedder.embed(queries)
         scores, ids = self._reader.search_vectors(vecs, k, params)
         hits = self._reader.hits(scores, ids)

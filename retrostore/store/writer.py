@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,87 +26,17 @@ from ..errors import CorruptStoreError, InvalidEmbeddingsError, InvalidInputErro
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
-from ..storage.layout import DATA_MDB, INDEX_DIR, VECTORS_DIR, vectors_name, version_tag
-from ..storage.records import RecordHasher
+from ..storage.layout import DATA_MDB, INDEX_DIR, VECTORS_DIR, version_tag
 from ..storage.tombstones import Tombstones, write_tombstones
-from ..storage.vectors import keeps_files, load_vectors, write_vectors
 from .commit import Commit, collect_garbage
-from .indexer import commit_index, fp16_batches
+from .batch import write_batch_files
+from .indexer import fp16_batches
+from .staging import Batch
 from .version import Head
 
-__all__ = ["Batch", "Writer", "check_embeddings"]
+__all__ = ["Writer"]
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-class Batch:
-    """What the writer staged since the last commit.
-
-    Attributes
-    ----------
-    vectors : list of ndarray
-        The appended parts' vectors, (n_i, dim) float32, in order.
-    chunks, docs : int
-        Chunks and documents staged (their LMDB records are written already,
-        beyond the committed high-water marks).
-    deletes : set of int
-        Committed document ids to delete.
-    hasher : RecordHasher
-        Content digest of the staged records.
-    fields : dict
-        Top-level manifest fields the commit sets (a sharded build's ``builds``).
-    codes : list
-        Per appended part, its vectors encoded by the store's template (a
-        sharded build's shards), or None: the commit adopts them when every
-        part has them (:func:`retrostore.store.indexer.commit_index`).
-    """
-
-    def __init__(self) -> None:
-        self.vectors: list[np.ndarray] = []
-        self.chunks = 0
-        self.docs = 0
-        self.deletes: set[int] = set()
-        self.hasher = RecordHasher()
-        self.fields: dict[str, Any] = {}
-        self.codes: list[Any] = []
-
-    @property
-    def empty(self) -> bool:
-        """Nothing to commit."""
-        return not self.chunks and not self.docs and not self.deletes
-
-    def stacked(self, dim: int, fp16: bool) -> np.ndarray:
-        """The batch's vectors, shape (n, dim): float32, or float16 when they become a float16
-        Flat segment (each part cast into one array: no float32 copy of the whole batch)."""
-        if not self.vectors:
-            return np.zeros((0, dim), np.float32)
-        if not fp16:
-            return np.concatenate(self.vectors)
-        out = np.empty((sum(len(p) for p in self.vectors), dim), np.float16)
-        at = 0
-        for p in self.vectors:
-            out[at : at + len(p)] = p
-            at += len(p)
-        return out
-
-
-def check_embeddings(arr: Any, n_chunks: int, dim: int) -> np.ndarray:
-    """Precomputed embeddings given to ``append`` as C-contiguous float32 (n_chunks, dim).
-
-    Raises
-    ------
-    InvalidEmbeddingsError
-        Wrong shape or a non-float dtype.
-    """
-    arr = np.asarray(arr)
-    if arr.ndim != 2 or arr.shape != (n_chunks, dim):
-        raise InvalidEmbeddingsError(
-            f"embeddings have shape {arr.shape}; these documents make {n_chunks} chunks and the store's "
-            f"dimension is {dim}, so shape ({n_chunks}, {dim}) is needed (one row per chunk, in order)"
-        )
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InvalidEmbeddingsError(f"embeddings have dtype {arr.dtype}; a float dtype is needed")
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 class Writer:
@@ -249,7 +178,7 @@ class Writer:
             tomb = self._write_deletes(c)
             if len(vectors) or b.deletes:
                 if len(vectors):
-                    self._write_batch_files(c, vectors, first_id, tomb)
+                    write_batch_files(c, vectors, first_id, tomb, b.codes)
                 c.stage = "syncing the index and vectors directories"
                 fileio.fsync_dir(self.root / INDEX_DIR)
                 fileio.fsync_dir(self.root / VECTORS_DIR)
@@ -295,74 +224,6 @@ class Writer:
         tomb = Tombstones(merged)
         write_tombstones(self.root, c.new, tomb, c.tag, c.new_files)
         return tomb
-
-    def _write_batch_files(self, c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones) -> None:
-        """Write the batch's raw vectors file and its index segment into ``c.new``.
-
-        The raw vectors file is written in a second thread while this one
-        builds and writes the batch's index segment: both are mostly numpy,
-        hashlib, write(2) and FAISS calls that release the GIL. Anything that
-        may read raw vectors files (tier merges, training) waits for it through
-        ``vectors_ready()``.
-        """
-        m = c.base.manifest
-        keep = keeps_files(m)
-        pool = future = None
-        if keep:
-            rel = vectors_name(c.tag)
-            vpath = self.root / rel
-            vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
-            c.new_files.append(vpath)
-            pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-vectors")
-            future = pool.submit(write_vectors, vpath, vectors, m["vectors"]["dtype"])
-
-        def vectors_ready() -> None:
-            nonlocal future
-            if future is None:
-                return
-            try:
-                size, sha = future.result()
-            except BaseException:
-                c.stage = "writing the vectors file"
-                raise
-            future = None
-            c.new["vectors"]["files"].append({"path": rel, "size": size, "sha256": sha,
-                                              "first_id": first_id, "count": len(vectors)})
-
-        try:
-            c.stage = "building the index segment"
-            commit_index(c, vectors, first_id, tomb, self.batch.codes, vectors_ready)
-            vectors_ready()
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)  # after an error too: the abort removes the file once it is closed
-        if keep:
-            self._align_vectors_files(c)
-
-    def _align_vectors_files(self, c: Commit) -> None:
-        """Merge the vectors files under the newest segment into one, as its segments were.
-
-        Keeps vectors files one per segment, so their number (and the manifest's
-        size) stays O(log n) instead of growing by one per commit.
-        """
-        segs = c.new["index"]["segments"]
-        if not segs:
-            return
-        start = segs[-1]["first_id"]
-        files = c.new["vectors"]["files"]
-        tail = [e for e in files if e["first_id"] >= start]
-        if len(tail) < 2:
-            return
-        c.stage = "merging vectors files"
-        parts = [load_vectors(self.root, e, verify=True) for e in tail]
-        rel = vectors_name(c.tag + "m")
-        vpath = self.root / rel
-        vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
-        c.new_files.append(vpath)
-        size, sha = write_vectors(vpath, parts, c.new["vectors"]["dtype"])
-        count = sum(e["count"] for e in tail)
-        c.new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
-            {"path": rel, "size": size, "sha256": sha, "first_id": start, "count": count}]
 
     # -- maintenance versions ----------------------------------------------------
     def begin(self, what: str) -> Commit:

@@ -51,6 +51,7 @@ from . import plan as _plan
 from . import shards as _shards
 from .common import BuildResult, check_same_settings
 from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
+from .records import BUILDS, Records, file_digest
 
 __all__ = ["build_sharded"]
 
@@ -68,8 +69,8 @@ def _settings(m: dict, text_field: str, meta_field: str) -> dict:
 
 
 def _finished(m: dict, *, key: str | None = None, build_id: str | None = None) -> dict | None:
-    for bid, rec in m.get("builds", {}).items():
-        if (bid == build_id or rec.get("key") == key) and rec["merged"] == rec["shards"]:
+    for bid, rec in m.get(BUILDS, {}).items():
+        if "shards" in rec and (bid == build_id or rec.get("key") == key) and rec["merged"] == rec["shards"]:
             return dict(rec, build_id=bid)
     return None
 
@@ -138,6 +139,7 @@ def build_sharded(
     max_retries: int = 3,
     shard_chars: int = _plan.SHARD_CHARS,
     progress: bool = True,
+    append: bool = False,
 ):
     """Build ``store`` from ``inputs`` in shards (see the module docstring).
 
@@ -162,6 +164,10 @@ def build_sharded(
         CPUs (and onnxruntime threads) of each Ray shard task.
     max_retries : int, default 3
         Ray retries of a shard task whose worker died (or raised OSError).
+    append : bool, default False
+        Build even when the store holds documents of some inputs already
+        (from another build); a finished build of these very inputs is not
+        repeated (build the copy without an engine, ``append=True``).
     Other parameters as :func:`retrostore.build.build_store`.
 
     Returns
@@ -171,7 +177,8 @@ def build_sharded(
     Raises
     ------
     InvalidInputError
-        Bad arguments, inputs or settings; a work directory holding another build.
+        Bad arguments, inputs or settings; a work directory holding another build; inputs
+        the store holds documents of already (without ``append``).
     IndexTrainingError
         The index factory needs training and this store cannot take a template.
     CorruptStoreError
@@ -214,8 +221,13 @@ def build_sharded(
         if done is not None:
             if work.is_dir() and (_plan.read_plan(work) or {}).get("build_id") == done["build_id"]:
                 _remove_work(work, work_dir is None)  # left over from a crash after the last commit
+            if append:
+                raise InvalidInputError(
+                    f"{root} holds a finished sharded build of these very inputs ({done['build_id'][:12]}); to add "
+                    "a second copy of their documents, build without --engine and with --append")
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
+        digests = [file_digest(Path(f["path"]), f["rel"]) for f in files]
         own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
         work.mkdir(parents=True, exist_ok=True)
         lock = fileio.WriterLock(work / "LOCK")
@@ -241,6 +253,16 @@ def build_sharded(
             _remove_work(work, own_dir)
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=n_shards, build_id=build_id,
                                engine=engine, device=device)
+        if not append:
+            records = Records(m)
+            held = [(d["rel"], records.holder(d["sha256"], text_field, meta_field, exclude=build_id))
+                    for d in digests]
+            held = [(rel, how) for rel, how in held if how]
+            if held:
+                raise InvalidInputError(
+                    f"{root} holds the documents of {len(held)} of these inputs already (e.g. {held[0][0]!r}: "
+                    f"{held[0][1]}); building them again would store a second copy of each (RETRO would "
+                    "retrieve the text it is trained on): build only the new inputs, or pass --append")
         if eng is None:
             eng = LocalEngine(plan, work, device, threads)
         else:
@@ -254,10 +276,11 @@ def build_sharded(
             fileio.atomic_write(work / _shards.TEMPLATE, [(root / tpl["path"]).read_bytes()])
 
         # Stages 3 and 4: shards run on the engine, merged here in shard order as they finish.
-        builds = m.get("builds", {})
+        builds = m.get(BUILDS, {})
         record = builds.get(build_id) or {"key": key, "shards": n_shards, "merged": 0, "documents":
                                           plan["body"]["documents"], "first_doc_id": m["next_doc_id"],
-                                          "first_chunk_id": m["next_chunk_id"]}
+                                          "first_chunk_id": m["next_chunk_id"], "files": digests,
+                                          "text_field": text_field, "meta_field": meta_field}
         todo = list(range(record["merged"], n_shards))
         missing = [i for i in todo if not _shards.shard_complete(work, plan, i)]
         reused = len(todo) - len(missing)
@@ -277,7 +300,7 @@ def build_sharded(
                 n_docs += len(texts)
                 n_chunks += len(vectors)
                 record = dict(record, merged=i + 1)
-                writer.batch.fields["builds"] = dict(st.manifest.get("builds", {}), **{build_id: record})
+                writer.batch.fields[BUILDS] = dict(st.manifest.get(BUILDS, {}), **{build_id: record})
                 merged_dirs.append(_shards.shard_dir(work, i))
                 if writer.batch.chunks >= commit_every or i == n_shards - 1:
                     st.commit()
@@ -319,7 +342,7 @@ def _committed(root: Path, plan: dict | None) -> tuple[int, int]:
     if plan is None:
         return 0, 0
     m = _manifest.read_manifest(root)
-    rec = m.get("builds", {}).get(plan["build_id"])
+    rec = m.get(BUILDS, {}).get(plan["build_id"])
     if rec is None:
         return 0, 0
     return m["next_doc_id"] - rec["first_doc_id"], m["next_chunk_id"] - rec["first_chunk_id"]

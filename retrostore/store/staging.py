@@ -49,8 +49,8 @@ class Batch:
 
     @property
     def empty(self) -> bool:
-        """Nothing to commit."""
-        return not self.chunks and not self.docs and not self.deletes
+        """Nothing to commit (no appends, deletes or manifest fields)."""
+        return not self.chunks and not self.docs and not self.deletes and not self.fields
 
     def stacked(self, dim: int, fp16: bool) -> np.ndarray:
         """The batch's vectors, shape (n, dim): float32, or float16 when they become a float16

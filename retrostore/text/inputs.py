@@ -29,7 +29,8 @@ from ..errors import (
     InvalidMetadataError,
 )
 
-__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "iter_documents"]
+__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named", "iter_documents",
+           "read_file"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
@@ -67,9 +68,19 @@ def _kind(path: Path) -> str | None:
     return next((s for s in reversed(SUPPORTED_SUFFIXES) if name.endswith(s)), None)
 
 
-def _expand(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> list[tuple[Path, str]]:
-    """Return ``(path, name relative to its input root)`` for every input file; with ``warn``,
-    log a warning naming the files of a directory that were skipped."""
+def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> list[tuple[Path, str]]:
+    """``(path, name)`` of every input file, in reading order (see :func:`expand_inputs`).
+
+    ``name`` is the file's path relative to the directory given, or its file
+    name when the file itself was given (what ``build`` records as a ``.txt``
+    document's source). With ``warn``, a warning names the files of a
+    directory that were skipped.
+
+    Raises
+    ------
+    InputNotFoundError, InvalidInputError
+        As :func:`expand_inputs`.
+    """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
         raise InvalidInputError(f"no input given; pass files or directories ({_SUPPORTED})")
@@ -132,7 +143,7 @@ def expand_inputs(inputs: Sequence[PathArg]) -> list[Path]:
     InvalidInputError
         No inputs, an unsupported suffix, or a directory without supported files.
     """
-    return [path for path, _ in _expand(inputs)]
+    return [path for path, _ in expand_named(inputs)]
 
 
 def count_input_bytes(inputs: Sequence[PathArg]) -> int:
@@ -145,7 +156,7 @@ def count_input_bytes(inputs: Sequence[PathArg]) -> int:
     InputNotFoundError, InvalidInputError
         As :func:`expand_inputs`.
     """
-    return sum(path.stat().st_size for path, _ in _expand(inputs, warn=False))
+    return sum(path.stat().st_size for path, _ in expand_named(inputs, warn=False))
 
 
 def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:
@@ -249,8 +260,16 @@ def _docs(path: Path, rel: str, text_field: str,
                 yield doc, fh.tell()
 
 
-def _read_file(path: Path, rel: str, text_field: str, meta_field: str,
-               on_progress: Callable[[int], None] | None) -> Iterator[InputDocument]:
+def read_file(path: Path, rel: str, text_field: str, meta_field: str,
+              on_progress: Callable[[int], None] | None) -> Iterator[InputDocument]:
+    """The documents of one input file (``name`` from :func:`expand_named`), as
+    :func:`iter_documents` reads them; ``on_progress`` as there.
+
+    Raises
+    ------
+    InvalidDocumentError, InvalidMetadataError, InputReadError
+        As :func:`iter_documents`, while iterating.
+    """
     done, doc = 0, None
     with contextlib.closing(_docs(path, rel, text_field, meta_field)) as docs:
         while True:
@@ -312,6 +331,6 @@ def iter_documents(inputs: Sequence[PathArg], *, text_field: str = "text", meta_
     if not isinstance(meta_field, str) or meta_field == text_field:
         raise InvalidInputError(f"meta_field must be a string other than text_field "
                                 f"({text_field!r}), got {meta_field!r}")
-    files = _expand(inputs)
+    files = expand_named(inputs)
     return (doc for path, rel in files
-            for doc in _read_file(path, rel, text_field, meta_field, on_progress))
+            for doc in read_file(path, rel, text_field, meta_field, on_progress))

@@ -175,7 +175,9 @@ def inspect(store, as_json):
     format     the store's format version (readers >= the oldest reader format that can read it)
     version    the current version (retained: versions open(path, version=V) can still read)
     documents, chunks, vectors   counts of the current version (vectors: indexed chunks)
-    embedder, tokenizer          the fingerprints a store opened later must match
+    embedder, tokenizer          the fingerprints a store opened later must match; the tokenizer's
+                                 vocabulary (a RETRO model's num_tokens must cover it) and the id
+                                 that pads neighbour tokens
     index      factory string, search parameters in force, segments, segment bytes per vector
                (the trained template apart); for a store that trains later, the policy and a hint
     files      bytes of the current version's index, raw vectors (or "in the Flat segments":
@@ -199,7 +201,7 @@ def inspect(store, as_json):
         ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens"),
         ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
         ("embedder", _describe_embedder(emb)),
-        ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} pad id {tok['pad_id']}"),
+        ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
         ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
                   f"({idx['bytes_per_vector']} bytes/vector)"
                   + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
@@ -214,6 +216,17 @@ def inspect(store, as_json):
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _describe_pad(tok: dict) -> str:
+    """The pad id, its token, and a warning when it is a real token (the tokenizer has none)."""
+    token = tok.get("pad_token")
+    out = f"pad id {tok['pad_id']}" + (f" {token!r}" if token is not None else "")
+    if str(tok.get("pad_source", "")).startswith("none"):
+        out += " (not a padding token: the tokenizer has none; masks of tokens != pad id hide it)"
+    elif tok.get("pad_source") == "argument":
+        out += " (given at create)"
+    return out
 
 
 def _describe_embedder(emb: dict) -> str:
@@ -263,16 +276,18 @@ def verify(store, as_json, retokenize):
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
 @click.option("--queries", type=click.Path(exists=True, dir_okay=False),
               help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
+@click.option("--label-token", is_flag=True,
+              help="--queries rows are L + 1 tokens (training rows: inputs, then the label); the last is dropped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
-def neighbors(store, out, k, exclude_same_doc, batch_size, queries, quiet):
+def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, quiet):
     """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
     file) into a .npy array for RETRO training. Interrupt and re-run to resume."""
     if exclude_same_doc and queries:
         raise click.UsageError("--exclude-same-doc applies to the store's own chunks, not to --queries")
     with retrostore.open(store) as st:
         path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
-                                       queries=queries, progress=not quiet)
+                                       queries=queries, label_token=label_token, progress=not quiet)
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     click.echo(f"wrote {path}: shape {arr.shape} int64")
 

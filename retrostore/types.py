@@ -123,7 +123,8 @@ class Neighbors:
         Their documents; -1 with ``chunk_ids``.
     scores : ndarray, shape (B, C, k), float32
         Inner products (higher is nearer) or squared L2 distances (lower is
-        nearer); -inf / +inf where there is no neighbour.
+        nearer); -inf / +inf where there is no neighbour; NaN when the
+        neighbours were given by id (``Store.neighbor_tokens``).
     """
 
     tokens: np.ndarray

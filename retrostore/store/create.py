@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def create(
     tokenizer: str | os.PathLike | None = None,
     embedder: Embedder | None = None,
     chunk_tokens: int = 64,
+    pad_id: int | None = None,
     metric: str = "ip",
     index: str = "auto",
     index_params: dict | None = None,
@@ -95,6 +97,13 @@ def create(
         as given, at twice the bytes.
     retain_versions : int, default 3
         Committed versions kept readable with ``open(path, version=V)``.
+    pad_id : int, optional
+        The id that pads neighbour tokens (``Neighbors.tokens``; RETRO
+        trainers such as retro-pytorch mask ``tokens != pad_id``), in the
+        tokenizer's vocabulary. Default: the tokenizer's padding token (see
+        :class:`Chunker`). A tokenizer without one (many LM tokenizers) would
+        pad with id 0, a real token: a ``RuntimeWarning`` says so, and
+        ``inspect`` shows it; give an id your text never holds.
     threads : int, optional
         FAISS and onnxruntime threads; default the CPUs this process may use.
 
@@ -108,9 +117,15 @@ def create(
     StoreExistsError
         ``path`` exists and is not an empty directory.
     InvalidInputError
-        A setting is out of range (named in the message).
+        A setting is out of range (named in the message), e.g. ``pad_id``
+        outside the tokenizer's vocabulary.
     CommitError
         An I/O error (ENOSPC, EIO, ...); nothing was created at ``path``.
+
+    Warns
+    -----
+    RuntimeWarning
+        The chunk tokenizer has no padding token and no ``pad_id`` was given.
     """
     root = _store_path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -136,7 +151,12 @@ def create(
         fingerprint, dim = json.loads(json.dumps(default_fingerprint(), sort_keys=True)), DEFAULT_DIM
         emb_tok = default_tokenizer_path()
     tok_path = Path(tokenizer) if tokenizer is not None else emb_tok
-    chunker = Chunker(tok_path, chunk_tokens)
+    chunker = Chunker(tok_path, chunk_tokens, pad_id=pad_id)
+    if pad_id is None and not chunker.has_pad_token:
+        warnings.warn(
+            f"the chunk tokenizer {str(tok_path)!r} has no padding token, so neighbour tokens are padded with id 0, "
+            f"the real token {chunker.pad_token!r}: a mask computed as tokens != 0 (retro-pytorch's) hides it. Pass "
+            "create(pad_id=...) the id of a token your text never holds", RuntimeWarning, stacklevel=2)
     window = fingerprint.get("max_tokens")
     if isinstance(window, int) and chunk_tokens > window - 2:
         logging.getLogger("retrostore").warning(
@@ -173,7 +193,9 @@ def create(
             "metric": metric,
             "tokenizer": {
                 "path": TOKENIZER, "size": tsize, "sha256": tsha,
-                "vocab_size": chunker.vocab_size, "pad_id": chunker.pad_id,
+                "vocab_size": chunker.vocab_size, "pad_id": chunker.pad_id, "pad_token": chunker.pad_token,
+                "pad_source": "argument" if pad_id is not None else ("tokenizer" if chunker.has_pad_token
+                                                                     else "none: id 0"),
                 "token_dtype": "<u2" if chunker.vocab_size <= 65536 else "<u4",
             },
             "embedder": fingerprint,

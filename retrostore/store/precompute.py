@@ -27,22 +27,27 @@ __all__ = ["precompute_neighbors"]
 
 def precompute_neighbors(
     reader: Reader,
-    query_neighbors: Callable[[np.ndarray, int], Neighbors],
+    query_neighbors: Callable[[np.ndarray, int, bool], Neighbors],
     out: str | os.PathLike,
     *,
     k: int = 2,
     exclude_same_doc: bool = False,
     batch_size: int = 1024,
     queries: str | os.PathLike | None = None,
+    label_token: bool = False,
     progress: bool = True,
 ) -> Path:
-    """See :meth:`retrostore.Store.precompute_neighbors`; ``query_neighbors(rows, k)`` retrieves
-    for token rows (``Store.neighbors``)."""
+    """See :meth:`retrostore.Store.precompute_neighbors`; ``query_neighbors(rows, k, label_token)``
+    retrieves for token rows (``Store.neighbors``)."""
     k = check_k(k)
     if not _is_int(batch_size) or batch_size < 1:
         raise InvalidInputError(f"batch_size={batch_size!r} must be an int >= 1")
     if not isinstance(exclude_same_doc, bool):
         raise InvalidInputError(f"exclude_same_doc={exclude_same_doc!r} must be True or False")
+    if not isinstance(label_token, bool):
+        raise InvalidInputError(f"label_token={label_token!r} must be True or False")
+    if label_token and queries is None:
+        raise InvalidInputError("label_token applies to token rows given as queries=, not to the store's chunks")
     if exclude_same_doc and queries is not None:
         raise InvalidInputError("exclude_same_doc applies to the store's own chunks, not to queries=; drop one")
     if not isinstance(out, (str, os.PathLike)):
@@ -61,18 +66,24 @@ def precompute_neighbors(
             qarr = np.load(queries, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InvalidInputError(f"queries {queries}: not a readable .npy array ({exc})") from exc
-        if qarr.ndim != 2 or qarr.shape[1] % t or not np.issubdtype(qarr.dtype, np.integer):
+        width = qarr.shape[1] - int(label_token) if qarr.ndim == 2 else 0
+        if qarr.ndim != 2 or width < t or width % t or not np.issubdtype(qarr.dtype, np.integer):
+            what = f"L + 1 (label_token) with L a multiple of {t}" if label_token else f"L a multiple of {t}"
             raise InvalidInputError(
                 f"queries {queries} has shape {qarr.shape} dtype {qarr.dtype}; expected integer token ids "
-                f"shaped (n, L) with L a multiple of {t}"
+                f"shaped (n, {'L + 1' if label_token else 'L'}) with {what}"
+                + ("" if label_token or qarr.ndim != 2 or (qarr.shape[1] - 1) % t else
+                   f"; rows of {qarr.shape[1]} = {qarr.shape[1] - 1} + 1 tokens are training rows: pass "
+                   "label_token=True (--label-token)")
             )
-        n_rows, shape = qarr.shape[0], (qarr.shape[0], qarr.shape[1] // t, k)
-        rows_per_batch = max(1, batch_size // (qarr.shape[1] // t))
+        n_rows, shape = qarr.shape[0], (qarr.shape[0], width // t, k)
+        rows_per_batch = max(1, batch_size // (width // t))
     else:
         qarr = None
         n_rows, shape = reader.limit, (reader.limit, k)
         rows_per_batch = batch_size
     params = {"store_version": version.number, "k": k, "exclude_same_doc": bool(exclude_same_doc),
+              "label_token": label_token,
               "queries": None if queries is None else os.path.abspath(queries), "shape": list(shape)}
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".progress.json")
@@ -102,7 +113,7 @@ def precompute_neighbors(
                 ids[version.tombstones.chunk_mask(np.arange(done, end))] = -1  # deleted chunks query nothing
                 arr[done:end] = ids
             else:
-                nb = query_neighbors(np.asarray(qarr[done:end]), k)
+                nb = query_neighbors(np.asarray(qarr[done:end]), k, label_token)
                 arr[done:end] = nb.chunk_ids
             arr.flush()
             done = end

@@ -102,6 +102,40 @@ class Reader:
         wanted = self.version.tombstones.drop(sorted(set(flat) | {i + 1 for i in flat if i + 1 < limit}))
         return dict(zip(wanted, self.table.get_chunks(wanted, limit)))
 
+    def neighbor_tokens(self, chunk_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens of chunks given by id, each followed by its continuation; see ``Store.neighbor_tokens``.
+
+        Returns
+        -------
+        tokens : ndarray, shape ``chunk_ids.shape + (2 * T,)``, int64
+        mask : ndarray, same shape, bool
+        chunk_ids : ndarray, ``chunk_ids.shape``, int64 (-1 for none or deleted)
+        doc_ids : ndarray, ``chunk_ids.shape``, int64 (-1 with chunk_ids)
+        """
+        ids = _id_array(chunk_ids, self.limit)
+        m = self.version.manifest
+        t, pad = int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"])
+        flat = ids.reshape(-1)
+        uniq = np.unique(flat[flat >= 0])
+        need = np.union1d(uniq, (uniq + 1)[uniq + 1 < self.limit])
+        need = np.asarray(self.version.tombstones.drop(need.tolist()), np.int64)
+        toks = np.full((len(need) + 1, t), pad, np.int64)  # the last row: nothing (pad, unmasked)
+        lens = np.zeros(len(need) + 1, np.int64)
+        docs = np.full(len(need) + 1, -1, np.int64)
+        for j, r in enumerate(self.table.get_chunks(need, self.limit)):
+            n = len(r.token_ids)
+            toks[j, :n], lens[j], docs[j] = r.token_ids, n, r.doc_id
+        pos = _positions(need, flat)
+        nxt = _positions(need, np.where(pos < len(need), flat + 1, -1))
+        nxt[docs[nxt] != docs[pos]] = len(need)  # a continuation never comes from another document
+        out = np.concatenate([toks[pos], toks[nxt]], axis=1)
+        cols = np.arange(t)
+        mask = np.concatenate([cols < lens[pos][:, None], cols < lens[nxt][:, None]], axis=1)
+        shape = ids.shape
+        found = np.where(pos < len(need), flat, -1)
+        return (out.reshape(shape + (2 * t,)), mask.reshape(shape + (2 * t,)), found.reshape(shape),
+                docs[pos].reshape(shape))
+
     # -- search --------------------------------------------------------------
     def search_vectors(self, vectors: Any, k: Any, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`retrostore.Store.search_vectors`."""
@@ -148,6 +182,40 @@ class Reader:
     def doc_ids_of(self, chunk_ids: np.ndarray) -> np.ndarray:
         """Document ids of committed chunk ids (an int64 array of any shape, all >= 0)."""
         return self.all_doc_ids()[np.asarray(chunk_ids, dtype=np.int64)]
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index of each id in ``sorted_ids``, or ``len(sorted_ids)`` where it is absent (or < 0)."""
+    pos = np.searchsorted(sorted_ids, ids)
+    at = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+    ok = (ids >= 0) & (pos < len(sorted_ids))
+    if len(sorted_ids):
+        ok &= sorted_ids[at] == ids
+    return np.where(ok, pos, len(sorted_ids))
+
+
+def _id_array(chunk_ids: Any, limit: int) -> np.ndarray:
+    """``chunk_ids`` as an int64 array of shape (..., k), k >= 1; -1 allowed.
+
+    Raises
+    ------
+    InvalidInputError
+        Not integers, no trailing k axis, or an id below -1 or not committed.
+    """
+    try:
+        arr = np.asarray(chunk_ids)
+    except ValueError as exc:
+        raise InvalidInputError(f"chunk_ids cannot form an array ({exc}); give a rectangular (..., k) array") from None
+    if arr.ndim < 1 or arr.shape[-1] < 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise InvalidInputError(
+            f"chunk_ids has shape {arr.shape} and dtype {arr.dtype}; expected integer chunk ids shaped (..., k), "
+            "k >= 1, -1 for no neighbour (what precompute_neighbors writes)")
+    if arr.size and (arr.min() < -1 or arr.max() >= limit):
+        bad = int(arr.min()) if arr.min() < -1 else int(arr.max())
+        raise InvalidInputError(
+            f"chunk id {bad} is outside [-1, {limit}): the store's committed chunks are 0..{limit - 1} (-1 means "
+            "none); were the ids computed on another store or a later version?")
+    return arr.astype(np.int64, copy=False)
 
 
 def check_queries(query: Any) -> tuple[list[str], bool]:

@@ -18,7 +18,7 @@ from ..errors import InvalidInputError
 from ..types import Neighbors
 from .reading import Reader, check_k
 
-__all__ = ["neighbors", "search_excluding"]
+__all__ = ["neighbors", "search_excluding", "TAILS"]
 
 
 def _as_token_array(token_ids: Any, vocab_size: int) -> np.ndarray:
@@ -127,41 +127,45 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     return out_s, out_i
 
 
+#: What ``neighbors`` does with the last L % chunk_tokens tokens of a row (see ``Store.neighbors``).
+TAILS = ("query", "drop", "pad")
+
+
 def neighbors(reader: Reader, query_vectors: Callable[[list[np.ndarray]], np.ndarray], token_ids: Any,
-              k: Any = 2, *, exclude_doc_ids: Any = None) -> Neighbors:
+              k: Any = 2, *, exclude_doc_ids: Any = None, label_token: bool = False, tail: str = "query") -> Neighbors:
     """See :meth:`retrostore.Store.neighbors`; ``query_vectors`` embeds a list of token-id chunks."""
     k = check_k(k)
+    if not isinstance(label_token, bool):
+        raise InvalidInputError(f"label_token={label_token!r} must be True or False")
+    if tail not in TAILS:
+        raise InvalidInputError(f"tail={tail!r} must be one of {', '.join(map(repr, TAILS))}: query the last "
+                                "ragged chunk, drop it, or give it an empty (padded) slot")
     m = reader.version.manifest
     t = m["chunk_tokens"]
-    pad = int(m["tokenizer"]["pad_id"])
     arr = _as_token_array(token_ids, int(m["tokenizer"]["vocab_size"]))
-    b = arr.shape[0]
+    if label_token:
+        if arr.shape[1] < 2:
+            raise InvalidInputError(f"rows of {arr.shape[1]} token with label_token=True hold no input token; "
+                                    "a training row is L + 1 tokens (inputs, then the last label)")
+        arr = arr[:, :-1]
+    b, length = arr.shape
+    full = length // t
+    padded_tail = tail == "pad" and length % t
+    if tail != "query":
+        arr = arr[:, : full * t]
     excluded = _exclusion_sets(exclude_doc_ids, b)
     chunks, c = _split_chunks(arr, t)
-    if reader.limit == 0:
+    if reader.limit == 0 or not chunks:
         vec_s = np.full((b * c, k), -np.inf if m["metric"] == "ip" else np.inf, np.float32)
         vec_i = np.full((b * c, k), -1, np.int64)
     else:
         vecs = query_vectors(chunks)
         per_chunk_excl = None if excluded is None else [excluded[i] for i in range(b) for _ in range(c)]
         vec_s, vec_i = search_excluding(reader, vecs, k, per_chunk_excl, reader.doc_ids_of)
-    ids = vec_i.reshape(b, c, k)
-    tokens = np.full((b, c, k, 2 * t), pad, np.int64)
-    mask = np.zeros((b, c, k, 2 * t), bool)
-    doc_ids = np.full((b, c, k), -1, np.int64)
-    recs = reader.records_with_continuations(ids)
-    for pos, cid in enumerate(ids.ravel()):
-        if cid < 0:
-            continue
-        bi, ci, ki = np.unravel_index(pos, ids.shape)
-        r = recs[int(cid)]
-        doc_ids[bi, ci, ki] = r.doc_id
-        n = len(r.token_ids)
-        tokens[bi, ci, ki, :n] = r.token_ids
-        mask[bi, ci, ki, :n] = True
-        nxt = recs.get(int(cid) + 1)
-        if nxt is not None and nxt.doc_id == r.doc_id:  # never cross into another document
-            n2 = len(nxt.token_ids)
-            tokens[bi, ci, ki, t : t + n2] = nxt.token_ids
-            mask[bi, ci, ki, t : t + n2] = True
-    return Neighbors(tokens, mask, ids, doc_ids, vec_s.reshape(b, c, k))
+    ids, scores = vec_i.reshape(b, c, k), vec_s.reshape(b, c, k)
+    if padded_tail:  # an empty slot for the ragged tail: no neighbours
+        ids = np.concatenate([ids, np.full((b, 1, k), -1, np.int64)], axis=1)
+        scores = np.concatenate([scores, np.full((b, 1, k), -np.inf if m["metric"] == "ip" else np.inf,
+                                                 np.float32)], axis=1)
+    tokens, mask, ids, doc_ids = reader.neighbor_tokens(ids)
+    return Neighbors(tokens, mask, ids, doc_ids, scores)

@@ -244,7 +244,7 @@ class Store:
             problem = check_file(self.path, entry)
             if problem:
                 raise CorruptStoreError(problem)
-            self._chunker = Chunker(self.path / entry["path"], self._manifest["chunk_tokens"])
+            self._chunker = Chunker(self.path / entry["path"], self._manifest["chunk_tokens"], pad_id=entry["pad_id"])
         return self._chunker
 
     def _query_vectors(self, chunks: list[np.ndarray]) -> np.ndarray:
@@ -506,7 +506,8 @@ class Store:
         hits = self._reader.hits(scores, ids)
         return hits[0] if single else hits
 
-    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None) -> "Neighbors":
+    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None, label_token: bool = False,
+                  tail: str = "query") -> "Neighbors":
         """RETRO neighbours with continuations for every chunk of token sequences.
 
         Each row of ``token_ids`` is cut into chunks of ``chunk_tokens``; each
@@ -515,36 +516,87 @@ class Store:
         nearest committed chunks are returned with their continuations
         (Borgeaud et al. 2021, §2.2-2.4).
 
+        Rows as a RETRO trainer has them: a training row is L + 1 tokens (the
+        inputs and, last, the label of the last input): pass
+        ``label_token=True`` and that last token is dropped before chunking,
+        so C = L / chunk_tokens. A prompt in generation grows one token at a
+        time; RETRO retrieves for each complete chunk (a chunk's neighbours are
+        attended to by the following chunk, §2.4): ``tail="drop"`` gives
+        C = floor(L / chunk_tokens), the shape retro-pytorch's generation
+        expects, so the loop can call this at every token or every 64.
+
         Parameters
         ----------
         token_ids : array-like of int, shape (B, L) or (L,)
-            Ids in the store's chunk-tokenizer space. L should be a multiple of
-            ``chunk_tokens``; a ragged tail (L % chunk_tokens tokens) is queried
-            as one shorter chunk, so C = ceil(L / chunk_tokens).
+            Ids in the store's chunk-tokenizer space.
         k : int, default 2
             Neighbours per chunk (RETRO trains with k = 2).
         exclude_doc_ids : sequence of length B, optional
             Per row: a doc id, an iterable of doc ids, or None. Neighbours from
             those documents are skipped; extra candidates are fetched so that k
             neighbours are still returned when the store has them.
+        label_token : bool, default False
+            Drop each row's last token first (it is the label of a training row).
+        tail : {"query", "drop", "pad"}, default "query"
+            The last L % chunk_tokens tokens (after the label is dropped):
+            ``"query"`` queries them as one shorter chunk (C = ceil(L / T));
+            ``"drop"`` retrieves nothing for them (C = floor(L / T)); ``"pad"``
+            gives them a slot with no neighbours (C = ceil(L / T), ids -1,
+            mask False): fixed shapes without a partial query.
 
         Returns
         -------
         Neighbors
-            ``tokens`` (B, C, k, 2 * chunk_tokens) int64, ``mask`` of the same
-            shape (bool), ``chunk_ids`` / ``doc_ids`` (B, C, k) int64 (-1 where
-            fewer than k exist), ``scores`` (B, C, k) float32.
+            ``tokens`` (B, C, k, 2 * chunk_tokens) int64 (T tokens of the
+            neighbour, then T of its continuation, each padded with the
+            store's pad id), ``mask`` of the same shape (bool), ``chunk_ids`` /
+            ``doc_ids`` (B, C, k) int64 (-1 where fewer than k exist),
+            ``scores`` (B, C, k) float32.
 
         Raises
         ------
         InvalidInputError
-            Bad shape, non-integer or out-of-vocabulary ids, ``k < 1``, or
-            ``exclude_doc_ids`` of the wrong length.
+            Bad shape, non-integer or out-of-vocabulary ids, ``k < 1``,
+            ``exclude_doc_ids`` of the wrong length, a bad ``tail``, or
+            ``label_token`` with rows of one token.
         EmbedderMismatchError
             The store's embedder is not available.
         """
         self._check()
-        return neighbors(self._reader, self._query_vectors, token_ids, k, exclude_doc_ids=exclude_doc_ids)
+        return neighbors(self._reader, self._query_vectors, token_ids, k, exclude_doc_ids=exclude_doc_ids,
+                         label_token=label_token, tail=tail)
+
+    def neighbor_tokens(self, chunk_ids: Any) -> "Neighbors":
+        """RETRO neighbour tokens of chunks given by id (precomputed neighbours), without embedding anything.
+
+        Each id's chunk tokens are followed by its continuation (the next
+        chunk of the same document, never another's), as :meth:`neighbors`
+        returns them (Borgeaud et al. 2021, §2.3). For the ``.npy`` of
+        :meth:`precompute_neighbors` read by row range (``np.load(path,
+        mmap_mode="r")[rows]``): a data loader's tokens cost LMDB reads, not
+        the embedder.
+
+        Parameters
+        ----------
+        chunk_ids : array-like of int, shape (..., k)
+            Committed chunk ids; -1 for none.
+
+        Returns
+        -------
+        Neighbors
+            ``tokens`` and ``mask`` shaped ``chunk_ids.shape + (2 * chunk_tokens,)``
+            (int64 and bool), ``chunk_ids`` (-1 also where a chunk was deleted
+            since the ids were computed: it is not served) and ``doc_ids``
+            shaped like ``chunk_ids`` (int64), ``scores`` NaN (float32; not known).
+
+        Raises
+        ------
+        InvalidInputError
+            Not integers, no k axis, or an id below -1 or not committed.
+        """
+        self._check()
+        tokens, mask, ids, doc_ids = self._reader.neighbor_tokens(chunk_ids)
+        return Neighbors(tokens, mask, ids, doc_ids, np.full(ids.shape, np.nan, np.float32))
 
     def precompute_neighbors(
         self,
@@ -554,6 +606,7 @@ class Store:
         exclude_same_doc: bool = False,
         batch_size: int = 1024,
         queries: str | os.PathLike | None = None,
+        label_token: bool = False,
         progress: bool = True,
     ) -> Path:
         """Write the k nearest chunk ids of every chunk (or of a token file) to ``.npy``.
@@ -571,7 +624,8 @@ class Store:
         out : path-like
             Destination ``.npy``: int64, shape (N, k) for the store's chunks, or
             (n, L / chunk_tokens, k) for ``queries``; -1 padded. Loads with
-            ``np.load(out, mmap_mode="r")``.
+            ``np.load(out, mmap_mode="r")``; :meth:`neighbor_tokens` turns rows
+            of it into RETRO's tokens.
         k : int, default 2
         exclude_same_doc : bool, default False
             Store chunks only.
@@ -579,6 +633,9 @@ class Store:
             Query chunks per search call.
         queries : path-like, optional
             ``.npy`` of int token ids shaped (n, L), L a multiple of ``chunk_tokens``.
+        label_token : bool, default False
+            ``queries`` rows are L + 1 tokens, the last a label (training rows):
+            it is dropped (see :meth:`neighbors`).
         progress : bool, default True
             Show a tqdm progress bar.
 
@@ -593,9 +650,10 @@ class Store:
             Bad ``k``, ``batch_size`` or query file.
         """
         self._check()
-        return precompute_neighbors(self._reader, lambda rows, kk: self.neighbors(rows, kk), out, k=k,
-                                    exclude_same_doc=exclude_same_doc, batch_size=batch_size, queries=queries,
-                                    progress=progress)
+        return precompute_neighbors(
+            self._reader, lambda rows, kk, label: self.neighbors(rows, kk, label_token=label), out, k=k,
+            exclude_same_doc=exclude_same_doc, batch_size=batch_size, queries=queries, label_token=label_token,
+            progress=progress)
 
     # -- maintenance -------------------------------------------------------
     def delete(self, doc_ids: int | Iterable[int]) -> int:

@@ -95,6 +95,9 @@ class Chunker:
     window_chars : int, default 100_000
         Documents longer than this are tokenized in windows of about this
         many characters (see :meth:`encode`); at least 1.
+    pad_id : int, optional
+        The padding id to use instead of the tokenizer's (a store's
+        ``create(pad_id=...)``); in ``[0, vocab_size)``.
 
     Attributes
     ----------
@@ -110,15 +113,20 @@ class Chunker:
         Vocabulary size, added tokens included.
     pad_id : int
         Id of the padding token, by the first rule that applies: the
-        ``pad_id`` of the padding settings stored in the file; the id of the
-        first of ``"[PAD]"``, ``"<pad>"``, ``"<|endoftext|>"`` in the
-        vocabulary; 0.
+        ``pad_id`` given; the ``pad_id`` of the padding settings stored in
+        the file; the id of the first of ``"[PAD]"``, ``"<pad>"``,
+        ``"<|endoftext|>"`` in the vocabulary; 0, a real token, when the
+        tokenizer has no padding token (``has_pad_token`` is then False).
+    has_pad_token : bool
+        Whether the tokenizer itself names a padding token (the rule above
+        stopped before 0).
 
     Raises
     ------
     InvalidInputError
-        If ``chunk_tokens`` or ``window_chars`` is not an integer >= 1, or the
-        file is missing, unreadable or not a valid ``tokenizer.json``.
+        If ``chunk_tokens`` or ``window_chars`` is not an integer >= 1, the
+        file is missing, unreadable or not a valid ``tokenizer.json``, or
+        ``pad_id`` is not an id of its vocabulary.
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class Chunker:
         tokenizer_path: str | os.PathLike[str],
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         window_chars: int = 100_000,
+        pad_id: int | None = None,
     ) -> None:
         self.chunk_tokens = _positive_int("chunk_tokens", chunk_tokens)
         self.window_chars = _positive_int("window_chars", window_chars)
@@ -150,8 +159,15 @@ class Chunker:
         self.tokenizer = tokenizer
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.pad_id = _pad_id(tokenizer, padding)
+        found = _pad_id(tokenizer, padding)
+        self.has_pad_token = found is not None
+        self.pad_id = check_pad_id(pad_id, self.vocab_size) if pad_id is not None else (found or 0)
         self._windowed = _windowing_is_exact(tokenizer)
+
+    @property
+    def pad_token(self) -> str | None:
+        """The token string of ``pad_id`` (None if the vocabulary has no such id)."""
+        return self.tokenizer.id_to_token(self.pad_id)
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize one document, without special tokens.
@@ -441,3 +457,20 @@ class Chunker:
             size = self.window_chars
         cuts.append(n)
         return cuts
+
+
+def check_pad_id(pad_id: Any, vocab_size: int) -> int:
+    """``pad_id`` as an int in ``[0, vocab_size)``.
+
+    Raises
+    ------
+    InvalidInputError
+        Not an int (bools refused) or outside the vocabulary.
+    """
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab_size:
+        raise InvalidInputError(
+            f"pad_id={pad_id!r} is not a token id of the tokenizer's vocabulary [0, {vocab_size}); give the id of "
+            "a token that never occurs in your text (the padding of neighbour tokens, masked out by "
+            "tokens != pad_id)"
+        )
+    return int(pad_id)

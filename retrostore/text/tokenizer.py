@@ -51,12 +51,13 @@ def check_document(text: Any, index: int | None) -> str:
     return str(text)
 
 
-def pad_id(tokenizer: tokenizers.Tokenizer, padding: dict[str, Any] | None) -> int:
-    """Padding token id; the rule is under ``pad_id`` in :class:`retrostore.Chunker`."""
+def pad_id(tokenizer: tokenizers.Tokenizer, padding: dict[str, Any] | None) -> int | None:
+    """The tokenizer's padding token id (the rule is under ``pad_id`` in
+    :class:`retrostore.Chunker`), or None when it has none."""
     if padding is not None and padding.get("pad_id") is not None:
         return int(padding["pad_id"])
     found = (tokenizer.token_to_id(token) for token in PAD_TOKENS)
-    return next((int(token_id) for token_id in found if token_id is not None), 0)
+    return next((int(token_id) for token_id in found if token_id is not None), None)
 
 
 def windowing_is_exact(tokenizer: tokenizers.Tokenizer) -> bool:

@@ -1,0 +1,105 @@
+"""What a store remembers of its builds: the input files it holds the documents of.
+
+Every build records, in the manifest's ``builds`` (published with each of its
+commits), what it has committed of which input file, identified by the
+file's sha256 (not its path or time: a moved or touched file is the same
+input) and the fields its documents were read from. A plain build then
+skips input files a finished build holds already, resumes a file an
+interrupted one stopped in after its last committed document, and builds the
+rest; adding the same documents again needs ``append=True`` (``--append``),
+because a second copy of every document puts the answer into RETRO's
+retrieval (Borgeaud et al. 2021, §4.4: leakage between training and
+retrieval data). Sharded builds list their files in their own record
+(:mod:`.sharded`), so each kind sees the other's.
+
+A plain build's record of one input file::
+
+    {"kind": "file", "rel": name, "size": bytes, "sha256": hex, "text_field": ..., "meta_field": ...,
+     "copy": 0, "documents": committed so far, "first_doc_id": id of its first document, "done": bool}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+from ..storage.fileio import sha256_file
+
+__all__ = ["BUILDS", "file_digest", "Records"]
+
+#: The manifest field holding the build records.
+BUILDS = "builds"
+
+
+def file_digest(path: Path, rel: str) -> dict:
+    """``{"rel", "size", "sha256"}`` of an input file (sha256 of its bytes as stored, compressed or not)."""
+    size, sha = sha256_file(path)
+    return {"rel": rel, "size": size, "sha256": sha}
+
+
+class Records:
+    """The build records of a manifest, as a build changes them (a copy: publish with a commit).
+
+    Parameters
+    ----------
+    manifest : dict
+        The store's current manifest body.
+    """
+
+    def __init__(self, manifest: dict):
+        self.all: dict[str, dict] = copy.deepcopy(manifest.get(BUILDS, {}))
+
+    @staticmethod
+    def file_id(sha256: str, text_field: str, meta_field: str, copy_no: int) -> str:
+        """The record id of one copy of one input file read with these fields."""
+        key = json.dumps([sha256, text_field, meta_field, copy_no]).encode()
+        return "file-" + hashlib.sha256(key).hexdigest()[:32]
+
+    def copies(self, sha256: str, text_field: str, meta_field: str) -> list[tuple[str, dict]]:
+        """The plain builds' records of this file and fields, by copy number."""
+        out = [(rid, r) for rid, r in self.all.items() if r.get("kind") == "file" and r.get("sha256") == sha256
+               and r.get("text_field") == text_field and r.get("meta_field") == meta_field]
+        return sorted(out, key=lambda x: x[1].get("copy", 0))
+
+    def sharded_with(self, sha256: str) -> list[tuple[str, dict]]:
+        """Sharded builds' records that list this file (finished or not)."""
+        return [(rid, r) for rid, r in self.all.items() if "shards" in r
+                and any(f.get("sha256") == sha256 for f in r.get("files", []))]
+
+    def holder(self, sha256: str, text_field: str, meta_field: str, *, exclude: str | None = None) -> str | None:
+        """How the store holds this file's documents already, in words, or None (the record
+        ``exclude`` left out: a build resuming itself)."""
+        for rid, r in self.copies(sha256, text_field, meta_field):
+            first, n = r["first_doc_id"], r["documents"]
+            ids = f"documents {first}..{first + n - 1}" if n else "no documents"
+            state = "built" if r["done"] else "partly built"
+            return f"{state} before as {r['rel']!r}, {ids}"
+        for rid, r in self.sharded_with(sha256):
+            if rid == exclude:
+                continue
+            done = r["merged"] == r["shards"]
+            return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}"
+        return None
+
+    def to_build(self, digest: dict, text_field: str, meta_field: str, *, append: bool) -> tuple[str, dict] | None:
+        """The record a plain build continues for this file: (id, record) to resume or start,
+        or None when the store holds the file's documents already and ``append`` is False.
+
+        A file is resumed when a copy of it is unfinished (with or without ``append``); with
+        ``append`` and every copy finished, a new copy starts. A file a sharded build lists
+        is never built again without ``append``.
+        """
+        sha = digest["sha256"]
+        copies = self.copies(sha, text_field, meta_field)
+        open_ = [(rid, r) for rid, r in copies if not r["done"]]
+        if open_:
+            return open_[0]
+        if (copies or self.sharded_with(sha)) and not append:
+            return None
+        n = len(copies)
+        rid = self.file_id(sha, text_field, meta_field, n)
+        return rid, {"kind": "file", "rel": digest["rel"], "size": digest["size"], "sha256": sha,
+                     "text_field": text_field, "meta_field": meta_field, "copy": n, "documents": 0,
+                     "first_doc_id": None, "done": False}

@@ -185,3 +185,17 @@ def _imports_of_source(module: str, path: Path, src: str) -> list[tuple[str, int
     inside = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f) if n is not f}
     return [(m, node.lineno, id(node) in inside) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
             for m in _resolve(module, path, node)]
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A .gitignore pattern must never hide a module (``build/`` once hid retrostore/build/'s new files)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--others", "--ignored", "--exclude-standard",
+                          "retrostore", "cli", "tests", "docs", "benchmarks", "examples"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    hidden = [p for p in out if "__pycache__" not in p and not p.endswith(".pyc")]
+    assert not hidden, f"ignored by .gitignore, so never committed: {hidden}"

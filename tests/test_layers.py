@@ -197,5 +197,6 @@ def test_no_source_file_is_ignored_by_git():
     out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--others", "--ignored", "--exclude-standard",
                           "retrostore", "cli", "tests", "docs", "benchmarks", "examples"],
                          capture_output=True, text=True, check=True).stdout.split()
-    hidden = [p for p in out if "__pycache__" not in p and not p.endswith(".pyc")]
+    hidden = [p for p in out if not any(part.startswith((".", "__pycache__")) for part in p.split("/"))
+              and not p.endswith(".pyc")]  # caches of tools (.ruff_cache, __pycache__) are ignored on purpose
     assert not hidden, f"ignored by .gitignore, so never committed: {hidden}"

@@ -235,6 +235,7 @@ def test_archive_layout_and_reproducible_bytes(tmp_path, hash_store, hash_tar):
         m = st.manifest
     want = {"manifest.json", "chunks.lmdb/data.mdb", f"versions/manifest-{m['version']:012d}.json", "tokenizer.json"}
     want |= {e["path"] for e in m["index"]["segments"] + m["vectors"]["files"]}
+    want |= {e["sums"]["path"] for e in m["vectors"]["files"]}  # format 4: block checksums of raw vectors
     assert {n for (mm, _), n in zip(members, names) if mm.isreg()} == want
     mtimes = {mm.mtime for mm, _ in members}
     assert len(mtimes) == 1

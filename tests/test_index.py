@@ -441,7 +441,7 @@ def test_flat_segments_are_float16_and_every_handle_searches_the_same(tmp_path, 
         segs = m["index"]["segments"]
         if dtype == "float16":
             assert all(e["codec"] == FP16 for e in segs) and m["min_reader_version"] == 3
-            assert m["format_version"] == 3
+            assert m["format_version"] == 4  # format 4: raw vectors files with block checksums
             # the file holds 2 bytes per value (plus FAISS's header), the index in memory exactly those values
             assert sum(e["size"] for e in segs) < len(vecs) * 384 * 2 + 1024 * len(segs)
             np.testing.assert_array_equal(stored, half)

@@ -72,8 +72,10 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
 def test_manifest_pins_format_and_fingerprints(built_store):
     raw = json.loads((built_store / "manifest.json").read_text())
     body = raw["body"]
-    # format 3: its Flat segments are float16 (codec "fp16"), which format-2 readers would not read back as Flat
-    assert body["format_version"] == 3 and body["min_reader_version"] == 3
+    # format 3: its Flat segments are float16 (codec "fp16"), which format-2 readers would not read back as Flat;
+    # format 4: raw vectors files have block checksums (sidecars format-3 readers ignore: they still read it)
+    assert body["format_version"] == 4 and body["min_reader_version"] == 3
+    assert body["vectors"]["files"] and all(e["sums"]["path"].endswith(".sums.npy") for e in body["vectors"]["files"])
     assert all(e["codec"] == "fp16" for e in body["index"]["segments"])
     assert body["chunk_tokens"] == 64
     emb = body["embedder"]
@@ -81,7 +83,8 @@ def test_manifest_pins_format_and_fingerprints(built_store):
     assert emb["model_sha256"] == retrostore.DEFAULT_MODEL_SHA256
     assert body["metric"] == "ip"
     assert body["index"]["factory"] == "Flat"
-    for entry in body["index"]["segments"] + body["vectors"]["files"] + [body["tokenizer"]]:
+    for entry in (body["index"]["segments"] + body["vectors"]["files"] + [body["tokenizer"]]
+                  + [e["sums"] for e in body["vectors"]["files"]]):
         assert (built_store / entry["path"]).stat().st_size == entry["size"]
         assert len(entry["sha256"]) == 64
     assert body["next_chunk_id"] == body["counts"]["chunks"]

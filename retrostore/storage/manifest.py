@@ -38,8 +38,10 @@ __all__ = [
 #: index template/target/trained entries, segment ``end_id`` (holes after
 #: deletes) and the ``deletes`` tombstone file; a store with deletes sets
 #: ``min_reader_version`` 2 so that older readers cannot serve deleted chunks.
-#: Version 3 adds the segment ``codec`` (below).
-FORMAT_VERSION = 3
+#: Version 3 adds the segment ``codec`` (below). Version 4 adds block checksums of raw vectors files
+#: (``vectors.files[].sums``, storage/blocksums.py); readers of version 3 read such stores (they ignore
+#: the sidecars), but a version-3 writer would collect the sidecars as garbage: writers refuse newer formats.
+FORMAT_VERSION = 4
 #: Oldest reader format version that can read what this code writes.
 MIN_READER_VERSION = 1
 #: Format 3 adds segments of codec ``fp16`` (Flat indexes stored as float16); a store holding
@@ -100,6 +102,7 @@ def referenced_files(manifest: dict) -> list[dict]:
     files = [manifest["tokenizer"]]
     files += manifest["index"].get("segments", [])
     files += manifest["vectors"].get("files", [])
+    files += [e["sums"] for e in manifest["vectors"].get("files", []) if isinstance(e, dict) and "sums" in e]
     if manifest["index"].get("template"):
         files.append(manifest["index"]["template"])
     if (manifest.get("deletes") or {}).get("file"):
@@ -152,6 +155,9 @@ def check_schema(body: dict, where: str) -> None:
     for entry in body["index"]["segments"] + body["vectors"]["files"]:
         if not _is_int(entry.get("first_id")) or not _is_int(entry.get("count")):
             raise CorruptStoreError(f"{where}: file entry {entry['path']!r} lacks an int first_id or count")
+    for entry in body["vectors"]["files"]:
+        if "sums" in entry and not _is_int(entry["sums"].get("rows_per_block"), 1):
+            raise CorruptStoreError(f"{where}: the block checksums of {entry['path']!r} lack an int rows_per_block")
 
 
 def parse_manifest(raw: bytes, where: str) -> dict:

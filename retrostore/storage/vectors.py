@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CorruptStoreError, NoRawVectorsError
+from .blocksums import BlockChecker, CrcStream, rows_per_block, sums_name, write_sums
 from .fileio import git_lfs_pointer, sha256_cached, write_durable
 
-__all__ = ["write_vectors", "load_vectors", "RawVectors", "keeps_files", "require_raw_vectors"]
+__all__ = ["write_vectors", "write_store_vectors", "load_vectors", "RawVectors", "keeps_files", "require_raw_vectors"]
 
 
 def keeps_files(manifest: dict) -> bool:
@@ -81,6 +82,10 @@ def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str
     OSError
         From the write or fsync.
     """
+    return _write(path, vectors, dtype, None)
+
+
+def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: CrcStream | None) -> tuple[int, str]:
     parts = vectors if isinstance(vectors, list) else [vectors]
     dt = np.dtype(dtype)
     dim = parts[0].shape[1]
@@ -93,9 +98,43 @@ def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str
         yield header.getvalue()
         for p in parts:
             for i in range(0, len(p), 65536):  # bounded memory for large merged files
-                yield memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B")
+                view = memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B")
+                if crc is not None:
+                    crc.feed(view)
+                yield view
 
     return write_durable(path, chunks())
+
+
+def write_store_vectors(root: Path, rel: str, vectors: np.ndarray | list[np.ndarray], dtype: str,
+                        new_files: list) -> dict:
+    """Write a store's raw vectors file ``rel`` and its block checksums (:mod:`.blocksums`).
+
+    Both paths go to ``new_files`` before anything is written (a failed
+    commit removes them).
+
+    Returns
+    -------
+    dict
+        The manifest fields of the file: ``path``, ``size``, ``sha256`` and
+        ``sums`` (``path``, ``size``, ``sha256``, ``rows_per_block``).
+
+    Raises
+    ------
+    OSError
+        From a write or fsync.
+    """
+    parts = vectors if isinstance(vectors, list) else [vectors]
+    rpb = rows_per_block(parts[0].shape[1] * np.dtype(dtype).itemsize)
+    path, sums_rel = root / rel, sums_name(rel)
+    for p in (path, root / sums_rel):
+        p.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
+        new_files.append(p)
+    crc = CrcStream(rpb * parts[0].shape[1] * np.dtype(dtype).itemsize)
+    size, sha = _write(path, parts, dtype, crc)
+    s_size, s_sha = write_sums(root / sums_rel, crc.finish())
+    return {"path": rel, "size": size, "sha256": sha,
+            "sums": {"path": sums_rel, "size": s_size, "sha256": s_sha, "rows_per_block": rpb}}
 
 
 def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = False) -> np.ndarray:
@@ -142,10 +181,13 @@ class RawVectors:
     """The raw vectors of one version, read on demand from their ``.npy`` files.
 
     Files are memory-mapped (pages come from the OS page cache, not from this
-    process's heap) and opened on first use, after their sha256 is checked
-    against the manifest (``verify``; a handle opened with ``mmap=True`` skips
-    the hash, which would read the whole file: run ``verify`` on such stores).
-    Rows of purged chunks hold zeros (see docs/index.md, "Deletes").
+    process's heap) and opened on first use. A file with block checksums
+    (format 4, :mod:`.blocksums`) is checked block by block, the first time a
+    row of the block is read: a damaged row is never served, and the first
+    query costs what it reads, not the whole file. A file without them (older
+    stores) is hashed whole on first use (``verify``; a handle opened with
+    ``mmap=True`` skips that hash: run ``verify`` on such stores). Rows of
+    purged chunks hold zeros (see docs/index.md, "Deletes").
 
     Parameters
     ----------
@@ -154,7 +196,13 @@ class RawVectors:
         The manifest's ``vectors.files`` (``first_id``/``count``), tiling the ids.
     dim : int
     verify : bool, default True
-        Check each file's sha256 when it is first used.
+        Check a file without block checksums by its sha256 when it is first used.
+
+    Raises
+    ------
+    CorruptStoreError
+        From a read: a file or its checksums are missing or damaged, or a
+        block read differs from its checksum.
     """
 
     def __init__(self, root: Path, entries: list[dict], dim: int, *, verify: bool = True):
@@ -164,19 +212,33 @@ class RawVectors:
         self.dim = dim
         self._firsts = np.array([e["first_id"] for e in self.entries], dtype=np.int64)
         self._arrays: list[np.ndarray | None] = [None] * len(self.entries)
+        self._checkers: list[BlockChecker | None] = [None] * len(self.entries)
         self.end = int(self.entries[-1]["first_id"] + self.entries[-1]["count"]) if self.entries else 0
 
     def _array(self, i: int) -> np.ndarray:
         arr = self._arrays[i]
         if arr is None:
-            arr = self._arrays[i] = load_vectors(self.root, self.entries[i], verify=self.verify)
+            entry = self.entries[i]
+            blocks = "sums" in entry
+            arr = load_vectors(self.root, entry, verify=self.verify and not blocks)
             mm = getattr(arr, "_mmap", None)  # rows are read at random (re-ranking): no read-ahead
             if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 try:
                     mm.madvise(mmap.MADV_RANDOM)
                 except OSError:
                     pass
+            if blocks:
+                self._checkers[i] = BlockChecker(self.root, entry, arr)
+            self._arrays[i] = arr
         return arr
+
+    def _read(self, i: int, local: np.ndarray | slice) -> np.ndarray:
+        """Rows ``local`` (sorted row numbers, or a slice) of file ``i``, their blocks checked."""
+        arr = self._array(i)
+        checker = self._checkers[i]
+        if checker is not None:
+            checker.check(np.arange(len(arr))[local] if isinstance(local, slice) else local)
+        return arr[local]
 
     def rows(self, first: int, end: int) -> np.ndarray:
         """Vectors of chunk ids ``[first, end)``, shape (end - first, dim), float32."""
@@ -184,7 +246,7 @@ class RawVectors:
         for i, e in enumerate(self.entries):
             lo, hi = max(first, e["first_id"]), min(end, e["first_id"] + e["count"])
             if lo < hi:
-                out[lo - first : hi - first] = self._array(i)[lo - e["first_id"] : hi - e["first_id"]]
+                out[lo - first : hi - first] = self._read(i, slice(lo - e["first_id"], hi - e["first_id"]))
         return out
 
     def take(self, ids: np.ndarray) -> np.ndarray:
@@ -208,5 +270,5 @@ class RawVectors:
                 sel = np.nonzero(ok & (which == i))[0]
                 local = flat[sel] - self.entries[i]["first_id"]
                 order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
-                out[sel[order]] = self._array(int(i))[local[order]]
+                out[sel[order]] = self._read(int(i), local[order])
         return out.reshape(ids.shape + (self.dim,))

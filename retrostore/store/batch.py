@@ -11,7 +11,7 @@ import numpy as np
 
 from ..storage.layout import vectors_name
 from ..storage.tombstones import Tombstones
-from ..storage.vectors import keeps_files, load_vectors, write_vectors
+from ..storage.vectors import keeps_files, load_vectors, write_store_vectors
 from .commit import Commit
 from .indexer import commit_index
 
@@ -31,25 +31,21 @@ def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombs
     keep = keeps_files(m)
     pool = future = None
     if keep:
-        rel = vectors_name(c.tag)
-        vpath = c.root / rel
-        vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
-        c.new_files.append(vpath)
         pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-vectors")
-        future = pool.submit(write_vectors, vpath, vectors, m["vectors"]["dtype"])
+        future = pool.submit(write_store_vectors, c.root, vectors_name(c.tag), vectors, m["vectors"]["dtype"],
+                             c.new_files)
 
     def vectors_ready() -> None:
         nonlocal future
         if future is None:
             return
         try:
-            size, sha = future.result()
+            fields = future.result()
         except BaseException:
             c.stage = "writing the vectors file"
             raise
         future = None
-        c.new["vectors"]["files"].append({"path": rel, "size": size, "sha256": sha,
-                                          "first_id": first_id, "count": len(vectors)})
+        c.new["vectors"]["files"].append({**fields, "first_id": first_id, "count": len(vectors)})
 
     try:
         c.stage = "building the index segment"
@@ -77,11 +73,7 @@ def _align_vectors_files(c: Commit) -> None:
         return
     c.stage = "merging vectors files"
     parts = [load_vectors(c.root, e, verify=True) for e in tail]
-    rel = vectors_name(c.tag + "m")
-    vpath = c.root / rel
-    vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
-    c.new_files.append(vpath)
-    size, sha = write_vectors(vpath, parts, c.new["vectors"]["dtype"])
+    fields = write_store_vectors(c.root, vectors_name(c.tag + "m"), parts, c.new["vectors"]["dtype"], c.new_files)
     count = sum(e["count"] for e in tail)
     c.new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
-        {"path": rel, "size": size, "sha256": sha, "first_id": start, "count": count}]
+        {**fields, "first_id": start, "count": count}]

@@ -29,7 +29,7 @@ from ..storage.faisstypes import METRICS, is_ivf, with_idmap
 from ..storage.layout import template_name, vectors_name
 from ..storage.segments import Segment, fp16_codes, fp16_flat, write_index
 from ..storage.tombstones import Tombstones
-from ..storage.vectors import keeps_files, write_vectors
+from ..storage.vectors import keeps_files, write_store_vectors
 from .commit import Commit
 
 __all__ = ["commit_index", "fp16_batches", "rebuild", "training_due", "segments_vectors"]
@@ -257,11 +257,8 @@ def _write_all_vectors(c: Commit, source: VectorSource, end: int) -> None:
     (:func:`retrostore.storage.vectors.keeps_files`) and is reindexed to an index
     that needs them (re-ranking, retraining, recall measurement).
     """
-    rel = vectors_name(c.tag + "a")
-    path = c.root / rel
-    c.new_files.append(path)
     dtype = c.new["vectors"]["dtype"]
     parts = [source.take(np.arange(lo, min(end, lo + _BATCH), dtype=np.int64)).astype(dtype)
              for lo in range(0, end, _BATCH)]
-    size, sha = write_vectors(path, parts, dtype)
-    c.new["vectors"]["files"] = [{"path": rel, "size": size, "sha256": sha, "first_id": 0, "count": end}]
+    fields = write_store_vectors(c.root, vectors_name(c.tag + "a"), parts, dtype, c.new_files)
+    c.new["vectors"]["files"] = [{**fields, "first_id": 0, "count": end}]

@@ -20,7 +20,7 @@ from ..storage.faisstypes import is_ivf
 from ..storage.fileio import fsync_dir, write_durable
 from ..storage.layout import VERSIONS_DIR, retained_versions, template_name, vectors_name, version_path
 from ..storage.tombstones import Tombstones, write_tombstones
-from ..storage.vectors import load_vectors, write_vectors
+from ..storage.vectors import load_vectors, write_store_vectors
 from .indexer import rebuild, segments_vectors
 from .writer import Writer
 
@@ -146,13 +146,11 @@ def compact(writer: Writer, *, progress: bool = True) -> int:
                 if not len(hit):
                     files.append(e)
                     continue
-                arr = np.array(load_vectors(c.root, e, mmap=True))
+                arr = np.array(load_vectors(c.root, e, mmap=True, verify=True))
                 arr[hit - lo] = 0
-                rel = vectors_name(f"{tag}-{lo}")
-                path = c.root / rel
-                c.new_files.append(path)
-                size, sha = write_vectors(path, arr, m["vectors"]["dtype"])
-                files.append({**e, "path": rel, "size": size, "sha256": sha})
+                fields = write_store_vectors(c.root, vectors_name(f"{tag}-{lo}"), arr, m["vectors"]["dtype"],
+                                             c.new_files)
+                files.append({**e, **fields})
             new["vectors"]["files"] = files
             rows = tomb.rows.copy()
             rows[rows[:, 3] == 0, 3] = version

@@ -71,8 +71,9 @@ FACTORIES = [
     pytest.param("IVF16,Flat,Refine(Flat)", marks=pytest.mark.xfail(strict=True, reason=_WEDGE)),
     pytest.param("NSG8,Flat", marks=pytest.mark.xfail(strict=True, reason=_NSG)),
     "HNSW16",
-    "IVF16,PQ8",
-    "PQ8",
+    # PQ8 trains 256 centroids per sub-quantizer on 10,000 vectors (30 s on a loaded 2-core machine): -m slow
+    pytest.param("IVF16,PQ8", marks=pytest.mark.slow),
+    pytest.param("PQ8", marks=pytest.mark.slow),
     "SQ8",
     "LSH",
     "IVF16,SQ8",

@@ -47,8 +47,9 @@ goes on after a cut point is not disturbed: one run of a workload yields a crash
 image at every point asked for. ``--cut-at sync`` asks for a ``strict`` image after
 every fsync of a file or directory (in strict mode the durable state changes only
 there, so these are all the distinct strict images). A JSON object combines them:
-``{"at": [...], "sync": true, "random_every": K, "random_offset": R}`` also asks for a
-``random`` image (seed ``n``) after every operation ``n`` with ``n % K == R``.
+``{"at": [...], "sync": true, "random_every": K, "random_offset": R, "random_seed": S}`` also
+asks for a ``random`` image (seed ``n + 1000003 S``) after every operation ``n`` with
+``n % K == R``.
 
 Marks: a ``stat`` of ``/.powerfs-mark-LABEL`` (which fails with ENOENT)
 records ``LABEL`` with the number of operations done so far in the log: a
@@ -122,6 +123,7 @@ class PowerFS:
         self.cut_sync = bool(cut_at.get("sync"))
         self.random_every = int(cut_at.get("random_every") or 0)
         self.random_offset = int(cut_at.get("random_offset") or 0)
+        self.random_seed = int(cut_at.get("random_seed") or 0)
         self.cuts: dict[int, list] = {}
         for n, mode, seed in cut_at.get("at", []):
             self.cuts.setdefault(int(n), []).append((mode, int(seed)))
@@ -189,7 +191,7 @@ class PowerFS:
         if self.cut_sync and kind in ("fsync", "fdatasync", "fsyncdir"):
             wanted.append(("strict", 0))
         if self.random_every and self.ops % self.random_every == self.random_offset:
-            wanted.append(("random", self.ops))
+            wanted.append(("random", self.ops + 1_000_003 * self.random_seed))
         for mode, seed in wanted:
             name = f"{self.ops}-{mode}-{seed}"
             self.write_image(os.path.join(self.images, name), mode, seed)

@@ -186,7 +186,7 @@ def test_power_cut_at_every_operation(tmp_path, workers, texts):
     total: dict = {}
     for seed_offset in (0, 1):
         summary = _power_cut_summary(tmp_path / f"r{seed_offset}", workers, texts,
-                                     {"sync": seed_offset == 0, "random_every": 1})
+                                     {"sync": seed_offset == 0, "random_every": 1, "random_seed": seed_offset})
         _report(summary, f"power cut (every operation, run {seed_offset})")
         _assert_survived(summary)
         total[seed_offset] = summary["cut_points"]

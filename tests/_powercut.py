@@ -191,9 +191,9 @@ def break_file_fsync() -> None:
 
 def workload(mount: str, texts: list[str], digests_path: str, broken: bool = False, steps: str = "all") -> None:
     """The writer: create, commits (a tier merge at the 8th), delete + commit, compact,
-    reindex, commits after them, pack. After each acknowledged step it marks the
-    powerfs log (``vN`` for a version, ``pack``) and appends ``{"version", "digest"}`` to
-    ``digests_path`` (on the real disk)."""
+    reindex, commits after them, pack, unpack of the archive. After each acknowledged step it
+    marks the powerfs log (``vN`` for a version, ``pack``, ``unpack``) and appends
+    ``{"version", "digest"}`` to ``digests_path`` (on the real disk)."""
     import retrostore
 
     if broken:
@@ -201,9 +201,9 @@ def workload(mount: str, texts: list[str], digests_path: str, broken: bool = Fal
     path = os.path.join(mount, "s.rstore")
     out = open(digests_path, "a", buffering=1)
 
-    def acked(st) -> None:
-        mark(mount, f"v{st.version}")
+    def acked(st) -> None:  # the content first: a marked version always has its digest
         out.write(json.dumps({"version": st.version, "digest": digest(st)}) + "\n")
+        mark(mount, f"v{st.version}")
 
     st = retrostore.create(path, embedder=retrostore.default_embedder(threads=1), threads=1)
     acked(st)
@@ -233,9 +233,11 @@ def workload(mount: str, texts: list[str], digests_path: str, broken: bool = Fal
     version = st.version
     st.close()
     if steps == "all":
+        out.write(json.dumps({"pack": version}) + "\n")
         retrostore.pack(path, os.path.join(mount, "s.tar"))
         mark(mount, "pack")
-        out.write(json.dumps({"pack": version}) + "\n")
+        retrostore.unpack(os.path.join(mount, "s.tar"), os.path.join(mount, "u.rstore"))
+        mark(mount, "unpack")
     out.close()
 
 
@@ -251,17 +253,17 @@ def read_digests(path: Path) -> tuple[dict[int, str], int | None]:
     return digests, packed
 
 
-def acked_before(records: list[dict], ops: int) -> tuple[int | None, bool]:
-    """The newest version acknowledged (commit returned) and whether pack returned,
-    by the time operation ``ops`` was done."""
-    version, packed = None, False
+def acked_before(records: list[dict], ops: int) -> tuple[int | None, set[str]]:
+    """The newest version acknowledged (commit returned) and which of pack and unpack
+    had returned, by the time operation ``ops`` was done."""
+    version, done = None, set()
     for r in records:
         if "mark" in r and r["ops"] <= ops:
-            if r["mark"] == "pack":
-                packed = True
+            if r["mark"] in ("pack", "unpack"):
+                done.add(r["mark"])
             else:
                 version = max(version if version is not None else -1, int(r["mark"][1:]))
-    return version, packed
+    return version, done
 
 
 def check_image(image: Path, ops: int, records: list[dict], digests: dict[int, str], packed_version: int | None,
@@ -278,7 +280,8 @@ def check_image(image: Path, ops: int, records: list[dict], digests: dict[int, s
     """
     import retrostore
 
-    acked, packed = acked_before(records, ops)
+    acked, returned = acked_before(records, ops)
+    packed = "pack" in returned
     store = image / "s.rstore"
     found: dict = {"image": image.name, "ops": ops, "acked": acked, "problems": []}
     problems = found["problems"]
@@ -292,8 +295,14 @@ def check_image(image: Path, ops: int, records: list[dict], digests: dict[int, s
             v = found["version"] = st.version
             if acked is not None and v < acked:
                 problems.append(f"opened at version {v}, but version {acked} was acknowledged: committed data lost")
+            if acked is not None and v > acked + 1:
+                problems.append(f"opened at version {v}, beyond the one in flight ({acked + 1})")
+            in_flight = v == (acked + 1 if acked is not None else 0)
             if v not in digests:
-                problems.append(f"opened at version {v}, which the writer never committed")
+                # a live cut may kill the writer after its commit point but before it recorded
+                # the version's content: then only the checks below apply to it
+                if not in_flight:
+                    problems.append(f"opened at version {v}, which the writer never committed")
             elif digest(st) != digests[v]:
                 problems.append(f"version {v}: the content differs from what the writer committed")
             bad = st.verify()
@@ -337,4 +346,17 @@ def check_image(image: Path, ops: int, records: list[dict], digests: dict[int, s
                     problems.append(f"verify of the unpacked archive: {bad}")
         except Exception as exc:  # any failure is a finding, named (not a crash of the checking pool)
             problems.append(f"the archive at the final name does not unpack: {type(exc).__name__}: {exc}")
+    unpacked = image / "u.rstore"
+    if "unpack" in returned and not unpacked.exists():
+        problems.append("unpack() returned, but the store it made is gone")
+    if unpacked.exists():  # an unpack renames a whole, verified store into place: all or nothing
+        try:
+            with retrostore.open(unpacked) as u:
+                if u.version != packed_version or digest(u) != digests.get(packed_version):
+                    problems.append(f"the unpacked store holds version {u.version}, not the packed {packed_version}")
+                bad = u.verify()
+                if bad:
+                    problems.append(f"verify of the store unpack() made: {bad}")
+        except Exception as exc:
+            problems.append(f"the store unpack() made does not open: {type(exc).__name__}: {exc}")
     return found

@@ -409,6 +409,7 @@ def test_get_document_refuses_a_bool(built_store):
 
 @pytest.mark.xfail(strict=True, reason="#16: complex query vectors are cast to float32 silently (imaginary part "
                    "dropped)")
+@pytest.mark.filterwarnings("ignore:Casting complex values")  # numpy's ComplexWarning: the very cast
 def test_complex_query_vectors_are_refused(built_store):
     with retrostore.open(built_store) as st:
         q = np.ones((1, st.manifest["index"]["dim"]), np.complex64) * (1 + 1j)

@@ -173,23 +173,24 @@ def digest(st) -> str:
     return h.hexdigest()
 
 
-def break_file_fsync() -> None:
-    """The deliberately broken writer: fsync of regular files does nothing (directories
-    are still fsynced), as if ``write_durable`` forgot its fsync."""
+def break_fsync(which: str = "files") -> None:
+    """The deliberately broken writer: the library's fsync of regular files (``"files"``:
+    directories are still fsynced, as if ``write_durable`` forgot its fsync) or of
+    everything (``"all"``) does nothing. LMDB's own syncs are untouched."""
     import stat as _stat
 
     fileio = internal("fileio")
     real = fileio._fsync
 
     def _fsync(fd: int) -> None:
-        if _stat.S_ISREG(os.fstat(fd).st_mode):
+        if which == "all" or _stat.S_ISREG(os.fstat(fd).st_mode):
             return
         real(fd)
 
     fileio._fsync = _fsync
 
 
-def workload(mount: str, texts: list[str], digests_path: str, broken: bool = False, steps: str = "all") -> None:
+def workload(mount: str, texts: list[str], digests_path: str, broken: str | None = None, steps: str = "all") -> None:
     """The writer: create, commits (a tier merge at the 8th), delete + commit, compact,
     reindex, commits after them, pack, unpack of the archive. After each acknowledged step it
     marks the powerfs log (``vN`` for a version, ``pack``, ``unpack``) and appends
@@ -197,7 +198,7 @@ def workload(mount: str, texts: list[str], digests_path: str, broken: bool = Fal
     import retrostore
 
     if broken:
-        break_file_fsync()
+        break_fsync(broken)
     path = os.path.join(mount, "s.rstore")
     out = open(digests_path, "a", buffering=1)
 

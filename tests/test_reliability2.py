@@ -1,0 +1,426 @@
+"""Regression tests for the failures listed in issue #16 (reliability, round 2).
+
+Each test shows one failure on the code it was written against and is marked
+``xfail(strict=True, reason="#16.N: ...")``: the suite stays green while the
+failure is there, and turns red (XPASS) once it is fixed, when the fixer
+removes the mark. Everything is real: real stores, files, LMDB, FAISS, text
+of the shared corpus where text matters (random unit vectors where only the
+vectors matter, through ``append(..., embeddings=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import CorruptStoreError, InvalidInputError, RetrostoreError
+
+import _powercut
+
+DIM = 32
+
+
+class Embedder32:
+    """A fixed 32-d embedder (the tests pass vectors; nothing is embedded)."""
+
+    dim = DIM
+    fingerprint = {"kind": "test", "name": "fixed32", "model_sha256": "3" * 64, "dim": DIM}
+
+    def embed(self, texts):
+        return np.ones((len(texts), DIM), np.float32) / np.sqrt(DIM)
+
+
+def unit(seed: int, n: int, dim: int = DIM) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def make_store(path: Path, **kw) -> retrostore.Store:
+    return retrostore.create(path, embedder=Embedder32(), tokenizer=retrostore.default_tokenizer_path(), **kw)
+
+
+def add(st, docs: list[str], seed: int) -> list[int]:
+    n = sum(len(c) for c in st.chunker.chunk_many(docs))
+    return st.append(docs, metadata=[{"seed": seed, "j": j} for j in range(len(docs))], embeddings=unit(seed, n))
+
+
+def words(n: int, offset: int = 0) -> list[str]:
+    """``n`` one-chunk documents."""
+    return [f"document number {offset + i} about topic {(offset + i) % 97}" for i in range(n)]
+
+
+# -- #16.1: every factory create accepts survives small commits, merges, compaction ------------
+_WEDGE = "#16.1: a tier merge of this factory fails (merge_from on the wrapper), wedging every later commit"
+_NSG = "#16.1: NSG's NNDescent fails on every batch under 100 vectors"
+FACTORIES = [
+    "Flat",
+    "IVF16,Flat",
+    "IVF16,RFlat",  # FAISS rejects it: refused at create
+    pytest.param("IVF16,Flat,RFlat", marks=pytest.mark.xfail(strict=True, reason=_WEDGE)),
+    pytest.param("IVF16,Flat,Refine(Flat)", marks=pytest.mark.xfail(strict=True, reason=_WEDGE)),
+    pytest.param("NSG8,Flat", marks=pytest.mark.xfail(strict=True, reason=_NSG)),
+    "HNSW16",
+    # PQ8 trains 256 centroids per sub-quantizer on 10,000 vectors (30 s on a loaded 2-core machine): -m slow
+    pytest.param("IVF16,PQ8", marks=pytest.mark.slow),
+    pytest.param("PQ8", marks=pytest.mark.slow),
+    "SQ8",
+    "LSH",
+    "IVF16,SQ8",
+]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_every_accepted_factory_survives_small_commits_and_compaction(tmp_path, factory):
+    """create(index=F), a first batch big enough to train F, 50 small commits (tier merges),
+    a delete, compact, search and verify: all work, or create refused F."""
+    try:
+        st = make_store(tmp_path / "s", index=factory)
+    except InvalidInputError:
+        return  # refused at create: allowed
+    with st:
+        add(st, words(10_000 if "PQ" in factory else 700), 0)  # PQ8 trains on 39 x 256 vectors, IVF16 on 39 x 16
+        st.commit()
+        for i in range(50):
+            add(st, words(1 + i % 3, 10_000 + 10 * i), i + 1)
+            st.commit()  # the 8th, 16th, ... merge segments
+        assert st.version == 51
+        st.delete([3])
+        st.commit()
+        st.compact(progress=False)
+        _scores, ids = st.search_vectors(unit(99, 2), k=5)
+        assert (ids >= 0).all() and 3 not in ids
+        assert st.verify() == []
+
+
+# -- #16.2: a reader opened before delete + compact keeps working -------------------------------
+def _three_doc_store(path: Path, texts: list[str]) -> np.ndarray:
+    """A store of three real documents whose chunk vectors are known; returns them."""
+    with make_store(path) as st:
+        chunks = st.chunker.chunk_many(texts[:3])
+        vecs = unit(7, sum(len(c) for c in chunks))
+        st.append(texts[:3], embeddings=vecs)
+        st.commit()
+    return vecs
+
+
+@pytest.mark.xfail(strict=True, reason="#16.2: compact purges LMDB records that a reader on an older version "
+                   "still resolves: CorruptStoreError 'committed chunk N is missing'")
+def test_reader_opened_before_compact_keeps_working(tmp_path, small_docs):
+    """docs/format.md: a reader on a version that left the window keeps working (its segments are in
+    memory, LMDB records below its marks are immutable). compact breaks that for purged chunks."""
+    texts = [d["text"] for d in small_docs]
+    path = tmp_path / "s"
+    vecs = _three_doc_store(path, texts)
+    with retrostore.open(path) as reader:
+        first = reader.get_document(1).chunk_ids[0]
+        with retrostore.open(path, "a") as w:
+            w.delete([1])
+            w.commit()
+            w.compact(progress=False)
+        _scores, ids = reader.search_vectors(vecs[first], k=1)
+        assert int(ids[0, 0]) == first
+        assert reader.get_chunks([first])[0].doc_id == 1  # raises CorruptStoreError now
+        assert reader.get_document(1).text == texts[1]
+
+
+@pytest.mark.xfail(strict=True, reason="#16.2: readers in another process fail once compact purges what they see")
+def test_reader_processes_through_compactions(tmp_path, small_docs, workers):
+    """A reader process opened before three rounds of delete + commit + compact searches the
+    vectors of the deleted documents the whole time, without an error."""
+    import _rel2_workers
+
+    texts = [d["text"] for d in small_docs]
+    path = tmp_path / "s"
+    with make_store(path) as st:
+        docs = texts[:8]
+        vecs = unit(8, sum(len(c) for c in st.chunker.chunk_many(docs)))
+        st.append(docs, embeddings=vecs)
+        st.commit()
+    np.save(tmp_path / "q.npy", vecs)
+    ready, stop, out = tmp_path / "ready", tmp_path / "stop", tmp_path / "out.json"
+    proc = workers.Process(target=_rel2_workers.old_reader,
+                           args=(str(path), str(tmp_path / "q.npy"), str(ready), str(stop), str(out)))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists(), "the reader did not start"
+        with retrostore.open(path, "a") as w:
+            for round_, doc in enumerate((1, 4, 6)):
+                w.delete([doc])
+                w.commit()
+                w.compact(progress=False)
+                add(w, [texts[10 + round_]], 50 + round_)
+                w.commit()
+                time.sleep(0.2)  # the reader searches this version's aftermath
+    finally:
+        stop.touch()
+        proc.join(60)
+    result = json.loads(out.read_text())
+    assert result["searches"] > 0
+    assert result["errors"] == [], result.get("trace", result["errors"])
+
+
+# -- #16.3: compact killed right after its manifest rename --------------------------------------
+@pytest.mark.xfail(strict=True, reason="#16.3: until a writer opens the store, verify (Python and CLI) reports "
+                   "'content hash chain differs' and pack refuses")
+def test_compact_killed_after_manifest_rename_verifies_and_packs(tmp_path, small_docs, workers):
+    import _rel2_workers
+
+    texts = [d["text"] for d in small_docs]
+    path = tmp_path / "s"
+    _three_doc_store(path, texts)
+    with retrostore.open(path, "a") as w:
+        w.delete([1])
+        w.commit()
+    proc = workers.Process(target=_rel2_workers.compact_killed_after_manifest_rename, args=(str(path),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    with retrostore.open(path) as st:
+        assert st.version == 3  # the compact's version is published
+        problems = st.verify()
+    cli = subprocess.run([sys.executable, "-m", "retrostore", "verify", str(path)], capture_output=True, text=True)
+    packed = None
+    try:
+        retrostore.pack(path, tmp_path / "s.tar")
+        packed = True
+    except RetrostoreError as exc:
+        packed = f"{type(exc).__name__}: {exc}"
+    assert problems == [], problems
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert packed is True, packed
+
+
+# -- #16.4: compact of an IVF...,RFlat store ------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="#16.4: compact() merges with merge_from() on the IndexRefineFlat wrapper: "
+                   "a bare RuntimeError 'merge_from() not implemented'")
+def test_compact_of_a_refine_flat_store(tmp_path):
+    path = tmp_path / "s"
+    with make_store(path, index="IVF16,Flat,RFlat") as st:
+        add(st, words(700), 0)
+        st.commit()  # trains IVF16 (39 x 16 vectors needed)
+        assert st.manifest["index"]["factory"] == "IVF16,Flat,RFlat"
+        add(st, words(3, 700), 1)
+        st.commit()  # a second segment: compact has something to merge
+        st.delete([2])
+        st.commit()
+        st.compact(progress=False)
+        assert len(st.manifest["index"]["segments"]) == 1
+        _scores, ids = st.search_vectors(unit(3, 2), k=5)
+        assert (ids >= 0).all() and 2 not in ids
+        assert st.verify() == []
+
+
+# -- #16.5: precompute_neighbors and stale or foreign partial files ------------------------------
+def _save(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # np.save(name) would append ".npy"
+        np.save(fh, arr)
+
+
+def _neighbors_store(path: Path, n: int, seed: int) -> None:
+    with make_store(path) as st:
+        add(st, words(n), seed)
+        st.commit()
+
+
+@pytest.mark.xfail(strict=True, reason="#16.5: a stale OUT.partial of another shape whose progress file matches "
+                   "is trusted: a (20, 2) output for a 10-chunk store, rows of neighbour 0")
+def test_precompute_ignores_a_stale_partial_of_another_shape(tmp_path):
+    path = tmp_path / "s"
+    _neighbors_store(path, 10, 1)
+    out = tmp_path / "nb.npy"
+    with retrostore.open(path) as st:
+        fresh = np.load(st.precompute_neighbors(tmp_path / "fresh.npy", k=2, progress=False))
+        # what an earlier run against another 20-chunk store of the same version left behind
+        _save(tmp_path / "nb.npy.partial", np.zeros((20, 2), np.int64))
+        params = {"store_version": st.version, "k": 2, "exclude_same_doc": False, "queries": None, "shape": [10, 2]}
+        (tmp_path / "nb.npy.progress.json").write_text(json.dumps({"params": params, "done": 5}))
+        try:
+            got = np.load(st.precompute_neighbors(out, k=2, progress=False))
+        except RetrostoreError:
+            return  # refusing the leftovers is fine
+    assert got.shape == (10, 2), got.shape
+    assert (got == fresh).all()
+
+
+@pytest.mark.xfail(strict=True, reason="#16.5: a leftover OUT.partial with other columns gives a bare broadcast "
+                   "ValueError")
+def test_precompute_ignores_a_foreign_partial(tmp_path):
+    path = tmp_path / "s"
+    _neighbors_store(path, 10, 2)
+    out = tmp_path / "nb.npy"
+    with retrostore.open(path) as st:
+        fresh = np.load(st.precompute_neighbors(tmp_path / "fresh.npy", k=2, progress=False))
+        _save(tmp_path / "nb.npy.partial", np.zeros((10, 3), np.int64))  # a k=3 run's file
+        params = {"store_version": st.version, "k": 2, "exclude_same_doc": False, "queries": None, "shape": [10, 2]}
+        (tmp_path / "nb.npy.progress.json").write_text(json.dumps({"params": params, "done": 5}))
+        try:
+            got = np.load(st.precompute_neighbors(out, k=2, progress=False))
+        except RetrostoreError:
+            return
+    assert (got == fresh).all()
+
+
+# -- #16.6: a full disk ---------------------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path, small_docs, request):
+    """A store on a powerfs mount whose byte quota leaves ``request.param`` bytes free (a real
+    ENOSPC from write(2), no root mount needed); yields (mount, store path)."""
+    reason = _powercut.fuse_unavailable()
+    if reason:
+        pytest.skip(f"a full disk is made with powerfs's byte quota, which needs FUSE: {reason}")
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    _three_doc_store(backing / "s", [d["text"] for d in small_docs])
+    used = sum(p.stat().st_size for p in backing.rglob("*") if p.is_file())
+    with _powercut.Mount(backing, tmp_path / "mnt", tmp_path / "images", quota_bytes=used + request.param) as m:
+        yield m, tmp_path / "mnt" / "s"
+
+
+def _is_disk_full_error(exc: BaseException) -> bool:
+    import errno as _errno
+
+    return isinstance(exc, RetrostoreError) and isinstance(exc, OSError) and exc.errno == _errno.ENOSPC
+
+
+@pytest.mark.xfail(strict=True, reason="#16.6: append() on a full disk raises a bare lmdb.DiskError / lmdb.Error")
+@pytest.mark.parametrize("full_disk", [256 << 10], indirect=True)
+def test_append_on_a_full_disk_raises_a_documented_error(full_disk, small_docs):
+    _mount, path = full_disk
+    texts = [d["text"] for d in small_docs]
+    with retrostore.open(path, "a") as st:
+        docs = texts * 20  # far more than 256 KiB of LMDB records
+        with pytest.raises(BaseException) as info:
+            add(st, docs, 5)
+        assert _is_disk_full_error(info.value), repr(info.value)
+    with retrostore.open(path) as r:
+        assert r.version == 1 and r.verify() == []
+
+
+@pytest.mark.xfail(strict=True, reason="#16.6: pack() on a full disk raises lmdb.DiskError, not the documented "
+                   "OSError")
+@pytest.mark.parametrize("full_disk", [8 << 10], indirect=True)  # too little for pack's LMDB copy
+def test_pack_on_a_full_disk_raises_oserror(full_disk):
+    mount, path = full_disk
+    out = mount.mountpoint / "s.tar"
+    with pytest.raises(BaseException) as info:
+        retrostore.pack(path, out)
+    assert isinstance(info.value, OSError), repr(info.value)  # docs: "OSError: writing the archive failed"
+    assert not out.exists()
+    assert not [p.name for p in mount.mountpoint.iterdir() if p.name.startswith(".tmp-")]
+
+
+# -- #16.7: a FIFO or a directory where a store file should be ---------------------------------
+_OPEN_IN_CHILD = textwrap.dedent("""
+    import signal, sys, retrostore
+    signal.alarm(8)  # a hang dies with SIGALRM; an open of this small store takes well under a second
+    try:
+        retrostore.open(sys.argv[1], sys.argv[2]).close()
+        print("opened")
+    except retrostore.RetrostoreError as exc:
+        print("RetrostoreError", type(exc).__name__, exc)
+    except BaseException as exc:
+        print("OTHER", type(exc).__name__, exc)
+""")
+
+
+def _replace(path: Path, kind: str) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("target,kind,mode", [
+    pytest.param("segment", "fifo", "r", marks=pytest.mark.xfail(
+        strict=True, reason="#16.7: a FIFO in place of a segment makes open() hang (reading it for an LFS check)")),
+    pytest.param("tokenizer.json", "fifo", "r", marks=pytest.mark.xfail(
+        strict=True, reason="#16.7: a FIFO in place of tokenizer.json makes open() hang")),
+    pytest.param("chunks.lmdb/data.mdb", "dir", "r", marks=pytest.mark.xfail(
+        strict=True, reason="#16.7: data.mdb as a directory gives a bare IsADirectoryError")),
+    pytest.param("LOCK", "dir", "a", marks=pytest.mark.xfail(
+        strict=True, reason="#16.7: LOCK as a directory gives a bare IsADirectoryError")),
+])
+def test_special_files_in_a_store_are_refused_promptly(tmp_path, small_docs, target, kind, mode):
+    path = tmp_path / "s"
+    _three_doc_store(path, [d["text"] for d in small_docs])
+    if target == "segment":
+        target = retrostore.open(path).manifest["index"]["segments"][0]["path"]
+    _replace(path / target, kind)
+    r = subprocess.run([sys.executable, "-c", _OPEN_IN_CHILD, str(path), mode], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != -signal.SIGALRM, f"open(mode={mode!r}) hung with a {kind} at {target}"
+    assert r.stdout.startswith("RetrostoreError CorruptStoreError") and target.split("/")[-1] in r.stdout, \
+        r.stdout + r.stderr[-2000:]
+
+
+# -- #16.8: unpack where tarfile.data_filter is missing ------------------------------------------
+@pytest.mark.xfail(strict=True, reason="#16.8: on Python < 3.11.4 (Debian 12's 3.11.2), < 3.10.12, ... tarfile has "
+                   "no data_filter/FilterError: unpack dies with AttributeError")
+def test_unpack_without_tarfile_data_filter(tmp_path, built_store, monkeypatch):
+    """Python 3.12 added tarfile.data_filter; 3.11.4, 3.10.12, 3.9.17 and 3.8.17 back-ported it.
+    Debian 12's python3 (3.11.2) lacks it, and requires-python is >=3.10."""
+    import tarfile
+
+    retrostore.pack(built_store, tmp_path / "a.tar")
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.delattr(tarfile, "FilterError")
+    retrostore.unpack(tmp_path / "a.tar", tmp_path / "u")
+    with retrostore.open(tmp_path / "u") as st:
+        assert st.verify() == []
+
+
+# -- also noted in #16 ------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="#16: reindex of a keep_vectors=False store raises plain RetrostoreError, "
+                   "not the NoRawVectorsError its docstring names for exactly this case")
+def test_reindex_without_raw_vectors_raises_no_raw_vectors_error(tmp_path):
+    path = tmp_path / "s"
+    with make_store(path, keep_vectors=False) as st:
+        add(st, words(700), 0)
+        st.commit()
+        st.reindex("IVF16,SQ8", progress=False)  # a compressed index: the vectors are gone
+        with pytest.raises(retrostore.NoRawVectorsError):
+            st.reindex("IVF16,Flat", progress=False)
+
+
+@pytest.mark.xfail(strict=True, reason="#16: get_document(True) is taken as document 1 (bool is an int)")
+def test_get_document_refuses_a_bool(built_store):
+    with retrostore.open(built_store) as st:
+        with pytest.raises(InvalidInputError):
+            st.get_document(True)
+
+
+@pytest.mark.xfail(strict=True, reason="#16: complex query vectors are cast to float32 silently (imaginary part "
+                   "dropped)")
+@pytest.mark.filterwarnings("ignore:Casting complex values")  # numpy's ComplexWarning: the very cast
+def test_complex_query_vectors_are_refused(built_store):
+    with retrostore.open(built_store) as st:
+        q = np.ones((1, st.manifest["index"]["dim"]), np.complex64) * (1 + 1j)
+        with pytest.raises(InvalidInputError):
+            st.search_vectors(q, k=1)
+
+
+@pytest.mark.xfail(strict=True, reason="#16: the manifest records no FAISS version, so a store cannot say which "
+                   "FAISS wrote its segments")
+def test_manifest_records_the_faiss_version(built_store):
+    import faiss
+
+    m = retrostore.open(built_store).manifest
+    assert faiss.__version__ in json.dumps(m["index"])

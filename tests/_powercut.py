@@ -17,32 +17,25 @@ import sys
 import time
 from pathlib import Path
 
+import importlib
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MARK_PREFIX = ".powerfs-mark-"
 
-#: private modules by their role: (path after the move into subpackages, path before)
+#: private modules by their role
 _INTERNALS = {
-    "fileio": ("retrostore.storage.fileio", "retrostore._fileio"),
-    "manifest": ("retrostore.storage.manifest", "retrostore._manifest"),
-    "chunks": ("retrostore.storage.chunks", "retrostore._chunks"),
-    "retro": ("retrostore.retro.precompute", "retrostore._retro"),
+    "fileio": "retrostore.storage.fileio",
+    "manifest": "retrostore.storage.manifest",
+    "chunks": "retrostore.storage.chunktable",
+    "retro": "retrostore.store.precompute",
 }
 
 
 def internal(role: str):
-    """The library's private module for ``role`` (``"fileio"``, ``"manifest"``, ...),
-    wherever the current layout keeps it."""
-    import importlib
-
-    last = None
-    for name in _INTERNALS[role]:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            last = exc
-    raise last
+    """The library's private module for ``role`` (``"fileio"``, ``"manifest"``, ...)."""
+    return importlib.import_module(_INTERNALS[role])
 
 
 def fuse_unavailable() -> str | None:

@@ -61,15 +61,13 @@ def words(n: int, offset: int = 0) -> list[str]:
 
 
 # -- #16.1: every factory create accepts survives small commits, merges, compaction ------------
-_WEDGE = "#16.1: a tier merge of this factory fails (merge_from on the wrapper), wedging every later commit"
-_NSG = "#16.1: NSG's NNDescent fails on every batch under 100 vectors"
 FACTORIES = [
     "Flat",
     "IVF16,Flat",
     "IVF16,RFlat",  # FAISS rejects it: refused at create
-    pytest.param("IVF16,Flat,RFlat", marks=pytest.mark.xfail(strict=True, reason=_WEDGE)),
-    pytest.param("IVF16,Flat,Refine(Flat)", marks=pytest.mark.xfail(strict=True, reason=_WEDGE)),
-    pytest.param("NSG8,Flat", marks=pytest.mark.xfail(strict=True, reason=_NSG)),
+    "IVF16,Flat,RFlat",  # refine wrappers merge by rebuilding from the stored vectors (they wedged the store)
+    "IVF16,Flat,Refine(Flat)",
+    "NSG8,Flat",  # cannot add small batches: refused at create
     "HNSW16",
     # PQ8 trains 256 centroids per sub-quantizer on 10,000 vectors (30 s on a loaded 2-core machine): -m slow
     pytest.param("IVF16,PQ8", marks=pytest.mark.slow),
@@ -205,8 +203,6 @@ def test_compact_killed_after_manifest_rename_verifies_and_packs(tmp_path, small
 
 
 # -- #16.4: compact of an IVF...,RFlat store ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="#16.4: compact() merges with merge_from() on the IndexRefineFlat wrapper: "
-                   "a bare RuntimeError 'merge_from() not implemented'")
 def test_compact_of_a_refine_flat_store(tmp_path):
     path = tmp_path / "s"
     with make_store(path, index="IVF16,Flat,RFlat") as st:
@@ -236,41 +232,50 @@ def _neighbors_store(path: Path, n: int, seed: int) -> None:
         st.commit()
 
 
-@pytest.mark.xfail(strict=True, reason="#16.5: a stale OUT.partial of another shape whose progress file matches "
-                   "is trusted: a (20, 2) output for a 10-chunk store, rows of neighbour 0")
-def test_precompute_ignores_a_stale_partial_of_another_shape(tmp_path):
+def _interrupted_run(st, out: Path, monkeypatch) -> None:
+    """A real precompute of ``st`` into ``out`` stopped after its first batch: it leaves
+    ``OUT.partial`` and a progress file with the real parameters."""
+    from retrostore.store import precompute
+
+    real = precompute.atomic_write
+
+    def stop(*a, **kw):
+        real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute, "atomic_write", stop)
+    with pytest.raises(KeyboardInterrupt):
+        st.precompute_neighbors(out, k=2, batch_size=4, progress=False)
+    monkeypatch.setattr(precompute, "atomic_write", real)
+    assert (out.parent / (out.name + ".partial")).exists() and (out.parent / (out.name + ".progress.json")).exists()
+
+
+def test_precompute_ignores_a_stale_partial_of_another_shape(tmp_path, monkeypatch):
+    """#16.5: a partial file of another shape beside a progress file that matches is not trusted."""
     path = tmp_path / "s"
     _neighbors_store(path, 10, 1)
     out = tmp_path / "nb.npy"
     with retrostore.open(path) as st:
         fresh = np.load(st.precompute_neighbors(tmp_path / "fresh.npy", k=2, progress=False))
-        # what an earlier run against another 20-chunk store of the same version left behind
-        _save(tmp_path / "nb.npy.partial", np.zeros((20, 2), np.int64))
-        params = {"store_version": st.version, "k": 2, "exclude_same_doc": False, "queries": None, "shape": [10, 2]}
-        (tmp_path / "nb.npy.progress.json").write_text(json.dumps({"params": params, "done": 5}))
-        try:
-            got = np.load(st.precompute_neighbors(out, k=2, progress=False))
-        except RetrostoreError:
-            return  # refusing the leftovers is fine
-    assert got.shape == (10, 2), got.shape
-    assert (got == fresh).all()
+        _interrupted_run(st, out, monkeypatch)
+        _save(tmp_path / "nb.npy.partial", np.zeros((20, 2), np.int64))  # another run's file in its place
+        got = np.load(st.precompute_neighbors(out, k=2, progress=False))
+    assert got.shape == (10, 2) and (got == fresh).all()
 
 
-@pytest.mark.xfail(strict=True, reason="#16.5: a leftover OUT.partial with other columns gives a bare broadcast "
-                   "ValueError")
-def test_precompute_ignores_a_foreign_partial(tmp_path):
+def test_precompute_ignores_a_foreign_partial(tmp_path, monkeypatch):
+    """#16.5: the leftovers of a run on another store (same version number, same arguments) are not
+    trusted: the progress file names the store by its manifest's sha256."""
+    out = tmp_path / "nb.npy"
+    _neighbors_store(tmp_path / "other", 10, 3)
+    with retrostore.open(tmp_path / "other") as other:
+        _interrupted_run(other, out, monkeypatch)
+    _save(tmp_path / "nb.npy.partial", np.full((10, 2), 7, np.int64))
     path = tmp_path / "s"
     _neighbors_store(path, 10, 2)
-    out = tmp_path / "nb.npy"
     with retrostore.open(path) as st:
         fresh = np.load(st.precompute_neighbors(tmp_path / "fresh.npy", k=2, progress=False))
-        _save(tmp_path / "nb.npy.partial", np.zeros((10, 3), np.int64))  # a k=3 run's file
-        params = {"store_version": st.version, "k": 2, "exclude_same_doc": False, "queries": None, "shape": [10, 2]}
-        (tmp_path / "nb.npy.progress.json").write_text(json.dumps({"params": params, "done": 5}))
-        try:
-            got = np.load(st.precompute_neighbors(out, k=2, progress=False))
-        except RetrostoreError:
-            return
+        got = np.load(st.precompute_neighbors(out, k=2, progress=False))
     assert (got == fresh).all()
 
 

@@ -8,11 +8,12 @@ import re
 from typing import Any
 
 import faiss
+import numpy as np
 
 from ..errors import InvalidInputError
 from ..storage.faisstypes import METRICS, unwrap
 
-__all__ = ["new_index", "mmap_problem", "check_mmap", "check_index_arg"]
+__all__ = ["new_index", "mmap_problem", "check_mmap", "check_index_arg", "check_small_batches"]
 
 def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """``faiss.index_factory`` with a clear error.
@@ -95,4 +96,19 @@ def check_index_arg(index: Any, dim: int, *, mmap: bool) -> tuple[str, str]:
     probe = new_index(index, dim, "ip")
     if mmap:
         check_mmap(index, dim, "ip")
+    if probe.is_trained:
+        check_small_batches(probe, index)
     return index, index if probe.is_trained else "Flat"
+
+
+def check_small_batches(probe: faiss.Index, factory: str) -> None:
+    """Refuse an index that cannot take a commit of 2 vectors (NSG builds its graph once from
+    enough vectors: every small commit would fail and wedge the store)."""
+    x = np.random.default_rng(0).standard_normal((2, probe.d)).astype(np.float32)
+    try:
+        faiss.clone_index(probe).add(x)
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            f"factory string {factory!r} cannot add a batch of 2 vectors ({' '.join(str(exc).split())[:200]}); "
+            "a store commits batches of any size, so use an index that grows, e.g. 'HNSW32' for a graph"
+        ) from None

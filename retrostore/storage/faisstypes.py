@@ -45,12 +45,13 @@ def unwrap(index: faiss.Index) -> faiss.Index:
 
 
 def is_ivf(index: faiss.Index) -> bool:
-    """True for IVF indexes (they store ids natively and merge with an id offset)."""
-    try:
-        faiss.extract_index_ivf(index)
-        return True
-    except RuntimeError:
-        return False
+    """True for an index that stores ids natively and merges with an id offset: an IVF index,
+    maybe behind pre-transforms (OPQ, PCA). Not a refine wrapper around one (``IVF...,RFlat``):
+    FAISS implements neither ``add_with_ids``, ``merge_from`` nor ``remove_ids`` for those."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
 
 
 def is_exact(index: faiss.Index) -> bool:

@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..index.factory import check_mmap, new_index
+from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, owned_copy
 from ..index.params import check_params
 from ..index.policy import default_factory, default_params
@@ -43,7 +43,9 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
     n = sum(s.count for s in c.base.segments)
     keep = bool(new["settings"]["keep_vectors"])
     factory = default_factory(n, dim, keep_vectors=keep) if auto else target
-    new_index(factory, dim, metric)  # refuse a bad factory string before any work
+    probe = new_index(factory, dim, metric)  # refuse a bad factory string before any work
+    if probe.is_trained:
+        check_small_batches(probe, factory)  # later commits add batches of any size
     if mmap is not None:
         new["settings"]["mmap"] = bool(mmap)
     if new["settings"].get("mmap"):

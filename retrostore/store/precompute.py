@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InvalidInputError
-from ..storage.fileio import atomic_write, fsync_dir
+from ..storage.fileio import atomic_write, fsync_dir, sha256_file
+from ..storage.manifest import manifest_sha256
 from ..types import Neighbors
 from .reading import Reader, check_k
 from .retrieval import _is_int, search_excluding
@@ -82,20 +83,18 @@ def precompute_neighbors(
         qarr = None
         n_rows, shape = reader.limit, (reader.limit, k)
         rows_per_batch = batch_size
-    params = {"store_version": version.number, "k": k, "exclude_same_doc": bool(exclude_same_doc),
-              "label_token": label_token,
-              "queries": None if queries is None else os.path.abspath(queries), "shape": list(shape)}
+    # What the rows depend on: this very store version (the manifest's sha256 tells two stores apart
+    # at the same version number), the arguments, the queries file's content and the output shape.
+    params = {"store": manifest_sha256(version.root, version.manifest), "store_version": version.number, "k": k,
+              "exclude_same_doc": bool(exclude_same_doc), "label_token": label_token,
+              "queries": None if queries is None else {"path": os.path.abspath(queries),
+                                                       "sha256": sha256_file(queries)[1]},
+              "shape": list(shape)}
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".progress.json")
-    done = 0
-    if partial.exists() and state_path.exists():
-        try:
-            state = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            state = {}
-        if state.get("params") == params:
-            done = int(state.get("done", 0))
+    done = _resume_point(partial, state_path, params, tuple(shape), n_rows)
     if done == 0:
+        partial.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int64, shape=tuple(shape))
     else:
         arr = np.load(partial, mmap_mode="r+", allow_pickle=False)
@@ -126,3 +125,25 @@ def precompute_neighbors(
     fsync_dir(out.parent if str(out.parent) else ".")
     state_path.unlink(missing_ok=True)
     return out
+
+
+def _resume_point(partial: Path, state_path: Path, params: dict, shape: tuple, n_rows: int) -> int:
+    """Rows an earlier run of these very parameters finished, or 0 to start afresh: a progress
+    file of other parameters (another store, version, k, queries file...) or a partial file that
+    is not an int64 array of the expected shape (a leftover of another run) is not trusted."""
+    if not (partial.exists() and state_path.exists()):
+        return 0
+    try:
+        state = json.loads(state_path.read_text())
+        done = int(state.get("done", 0)) if isinstance(state, dict) and state.get("params") == params else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+    if not 0 < done <= n_rows:
+        return 0
+    try:
+        arr = np.load(partial, mmap_mode="r", allow_pickle=False)
+    except Exception:  # numpy parses the header with ast: anything else is not our file
+        return 0
+    ok = arr.shape == shape and arr.dtype == np.int64
+    del arr
+    return done if ok else 0

@@ -29,6 +29,7 @@ from ..errors import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyStoreError,
+    RetrostoreError,
     StoreClosedError,
 )
 from ..index.params import check_params
@@ -692,8 +693,12 @@ class Store:
             Bad factory string or parameters, or uncommitted appends/deletes.
         """
         self._check(write=True)
-        return maintenance.reindex(self._writer, index, train_size=train_size, seed=seed, params=params, mmap=mmap,
-                                   progress=progress)
+        try:
+            return maintenance.reindex(self._writer, index, train_size=train_size, seed=seed, params=params,
+                                       mmap=mmap, progress=progress)
+        except RuntimeError as exc:  # FAISS: nothing was published
+            raise RetrostoreError(f"reindex failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
+                                  "unchanged") from exc
 
     def compact(self, *, progress: bool = True) -> int:
         """Merge the index segments into one and purge deleted documents from every file.
@@ -709,7 +714,11 @@ class Store:
             Uncommitted appends or deletes.
         """
         self._check(write=True)
-        return maintenance.compact(self._writer, progress=progress)
+        try:
+            return maintenance.compact(self._writer, progress=progress)
+        except RuntimeError as exc:  # FAISS: nothing was published
+            raise RetrostoreError(f"compact failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
+                                  "unchanged") from exc
 
     def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
         """Recall@k of the index against exact search over the stored vectors, and latency

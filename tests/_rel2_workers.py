@@ -29,12 +29,20 @@ def old_reader(path: str, query_path: str, ready_path: str, stop_path: str, out_
             while True:
                 stopping = stopping or os.path.exists(stop_path)
                 _scores, ids = st.search_vectors(queries, k=3)
-                for c in st.get_chunks([int(i) for i in ids.ravel() if i >= 0]):
-                    st.get_document(c.doc_id)
+                found = st.neighbor_tokens(ids)  # hits with continuations; a chunk purged meanwhile is -1
+                for d in {int(x) for x in found.doc_ids.ravel() if x >= 0}:
+                    try:
+                        st.get_document(d)
+                    except retrostore.InvalidInputError as exc:  # purged between the two calls: deleted
+                        if "deleted" not in str(exc):
+                            raise
+                        out["deleted_meanwhile"] = out.get("deleted_meanwhile", 0) + 1
                 out["searches"] += 1
                 if stopping:
                     break
                 time.sleep(0.005)
+            out["last_ids"] = [int(i) for i in st.search_vectors(queries, k=3)[1].ravel()]
+            out["learned"] = st._head.version.tombstones.chunks.tolist()
     except Exception as exc:
         out["errors"].append(f"{type(exc).__name__}: {exc}")
         out["trace"] = traceback.format_exc()

@@ -43,7 +43,7 @@ def test_intact_store(store):
 
 
 def test_each_problem_is_one_line(store):
-    vec = next((store / "vectors").iterdir())
+    vec = next(p for p in (store / "vectors").iterdir() if not p.name.endswith(".sums.npy"))
     _flip(vec, 200)
     _flip(store / "tokenizer.json", 10)
     code, out = _verify(store)

@@ -38,9 +38,6 @@ from _powercut import Mount, check_image, read_digests
 _reason = _powercut.fuse_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"power-cut tests need FUSE: {_reason}")
 
-#: the known reader-side failure during compact (#16.3): verify before a writer has
-#: recovered the store reports the records that compact's manifest says are purged
-KNOWN_16_3 = ("content hash chain", "purged by deletes")
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +133,9 @@ def check_images(run: dict, workers, recover: bool = True, processes: int = 2, l
 
 
 def _unexpected(summary: dict) -> list[dict]:
-    """Findings other than #16.3 (verify before recovery right after compact published)."""
-    out = []
-    for f in summary["findings"]:
-        rest = [p for p in f["problems"]
-                if not (p.startswith("verify (before recovery)") and all(
-                    any(k in line for k in KNOWN_16_3) for line in f.get("verify_before_recovery", [])))]
-        if rest:
-            out.append({**f, "problems": rest})
-    return out
+    """Every finding: no cut point may leave a problem (#16.3, verify before recovery right after
+    compact published, was the last one)."""
+    return [f for f in summary["findings"] if f["problems"]]
 
 
 def _report(summary: dict, name: str) -> None:
@@ -197,10 +188,10 @@ def test_power_cut_at_every_operation(tmp_path, workers, texts):
     assert sum(total.values()) >= 1000
 
 
-@pytest.mark.xfail(strict=True, reason="#16.3: between compact's manifest rename and its LMDB purge commit, "
-                   "verify (reader side) reports a hash-chain mismatch until a writer opens the store")
 def test_power_cut_during_compact_reader_verify(tmp_path, workers, texts):
-    """Every crash image of the compact step verifies clean before any writer opens it."""
+    """#16.3: every crash image of the compact step verifies clean before any writer opens it
+    (between compact's manifest rename and its LMDB purge commit, verify and pack treat the
+    records the manifest says are purged as purged)."""
     run = run_with_cuts(tmp_path / "run", workers, texts, {"sync": True}, steps="maintenance")
     marks = {r["mark"]: r["ops"] for r in run["records"] if "mark" in r}
     run["images"] = [r for r in run["images"] if marks["v10"] < r["ops"] <= marks["v11"]]
@@ -245,7 +236,7 @@ def test_live_power_cut_and_remount(tmp_path, workers, texts):
         with Mount(root / "images" / "cut", root / "mnt2", root / "images2") as m2:
             found = check_image(root / "mnt2", ops, records, digests, packed)
         unexpected = _unexpected({"findings": [found] if found["problems"] else []})
-        assert unexpected == [], found  # (#16.3's verify before recovery, during compact, is known)
+        assert unexpected == [], found
         outcomes.append((ops, found.get("version"), found["acked"], len(found["problems"])))
-    print("\nlive cuts (ops, version, acknowledged, known #16.3 problems):", outcomes)
+    print("\nlive cuts (ops, version, acknowledged, problems):", outcomes)
     assert all(ops > 0 and version is not None for ops, version, *_ in outcomes), outcomes

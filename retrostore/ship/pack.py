@@ -38,6 +38,7 @@ from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
 from ..storage.fileio import git_lfs_pointer
 from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
+from ..storage.tombstones import Tombstones
 
 __all__ = [
     "pack",
@@ -201,32 +202,25 @@ def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path)
     (batch sizes, aborted writers, free pages), so equal records give an equal
     file. The content hash chain of the result is checked against the manifest.
     """
-    # ChunkTable's handles (same package): the raw records, copied without decoding them.
-    limits = ((b"chunks", table._chunks, body["next_chunk_id"]), (b"docs", table._docs, body["next_doc_id"]),
-              (b"commits", table._commits, body["version"] + 1))
+    pending = table.pending_purge(Tombstones.load(root, body).rows, body["version"])  # a compact cut short
     stage = dest.with_name(dest.name + ".stage")
     stage.mkdir()
     env = lmdb.open(os.fspath(stage), subdir=True, map_size=_LMDB_MAP_BYTES, max_dbs=8, lock=False,
                     sync=False, metasync=False, readahead=False)
     try:
-        dbs = {}
         with env.begin(write=True) as txn:
-            for name, _src, _end in limits:
-                dbs[name] = env.open_db(name, txn=txn)
-        with table._begin() as src_txn:  # one read transaction: one consistent snapshot
-            for name, src_db, end in limits:
-                batch: list[tuple[bytes, bytes]] = []
-                cur = src_txn.cursor(src_db)
-                if cur.first():
-                    for key, value in cur:
-                        if int.from_bytes(key, "big") >= end:
-                            break
-                        batch.append((bytes(key), bytes(value)))
-                        if len(batch) == _LMDB_TXN_RECORDS:
-                            _put_batch(env, dbs[name], batch)
-                            batch = []
+            dbs = {name: env.open_db(name, txn=txn) for name in (b"chunks", b"docs", b"commits")}
+        batch: list[tuple[bytes, bytes]] = []
+        current = None
+        for name, key, value in table.committed_records(body["next_chunk_id"], body["next_doc_id"],
+                                                        body["version"], pending):
+            if name != current or len(batch) == _LMDB_TXN_RECORDS:
                 if batch:
-                    _put_batch(env, dbs[name], batch)
+                    _put_batch(env, dbs[current], batch)
+                batch, current = [], name
+            batch.append((key, value))
+        if batch:
+            _put_batch(env, dbs[current], batch)
         dest.mkdir()
         env.copy(os.fspath(dest), compact=True)
     finally:

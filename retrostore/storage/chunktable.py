@@ -29,7 +29,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lmdb
 import msgpack
@@ -42,7 +42,7 @@ from .lmdbscan import key as _key
 from .lmdbscan import parse_commit, records_digest, seal, unseal
 from .records import ChunkRecord, DocRecord, encode_chunks, encode_doc
 
-__all__ = ["ChunkTable"]
+__all__ = ["ChunkTable", "MissingRecordError", "pending_keys"]
 
 _INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
 _MAX_DBS = 8
@@ -54,6 +54,16 @@ _TXN_RECORDS = 20_000  # records per LMDB write transaction during append
 # open the new file, never be served from the old, deleted one.
 _registry: dict[tuple, list] = {}
 _registry_lock = threading.Lock()
+
+
+class MissingRecordError(CorruptStoreError):
+    """A committed record is not in LMDB: damage, or (for a reader of an older version) the
+    purge of a deleted document by ``compact`` since; ``ids`` names them, ``table`` says which."""
+
+    def __init__(self, message: str, table: str, ids: list[int]):
+        super().__init__(message)
+        self.table = table
+        self.ids = ids
 
 
 def _reads(fn):
@@ -283,7 +293,7 @@ class ChunkTable:
                     continue
                 raw = txn.get(_key(cid), db=self._chunks)
                 if raw is None:
-                    raise CorruptStoreError(f"{DATA_MDB}: committed chunk {cid} is missing")
+                    raise MissingRecordError(f"{DATA_MDB}: committed chunk {cid} is missing", "chunks", [cid])
                 out.append(self._unpack_chunk(cid, raw))
         return out
 
@@ -358,15 +368,21 @@ class ChunkTable:
                 n += 1
         return n
 
-    def content_hashes(self, version: int) -> tuple[str, list[str]]:
+    def content_hashes(self, version: int, pending: list[tuple[int, int, int]] = ()) -> tuple[str, list[str]]:
         """Recompute the hash chain of every commit up to ``version``.
 
         Returns the chain head and a list of problems found (empty when the
-        records match their commit entries). In this process: for untrusted
-        files use ``verify``, which scans in a child (:mod:`retrostore.storage.lmdbscan`).
+        records match their commit entries). ``pending``: documents
+        ``(doc_id, first_chunk, n_chunks)`` whose purge the manifest records
+        but whose records are still here (``compact`` published its manifest,
+        then stopped before its LMDB transaction committed): the chain is the
+        one the purge makes, the records are checked against their digests as
+        stored. In this process: for untrusted files use ``verify``, which
+        scans in a child (:mod:`retrostore.storage.lmdbscan`).
         """
         problems: list[str] = []
         chain = hashlib.sha256(GENESIS.encode()).hexdigest()
+        skip = pending_keys(pending)
         with self._begin() as txn:
             for k, v in txn.cursor(self._commits):
                 ver = int.from_bytes(k, "big")
@@ -382,8 +398,54 @@ class ChunkTable:
                         f"{DATA_MDB}: records of version {ver} (chunks {c0}..{c1 - 1}, documents "
                         f"{d0}..{d1 - 1}) do not match their checksum; the LMDB data file is damaged"
                     )
+                if _overlaps(skip, c0, c1, d0, d1):
+                    recorded = records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1, skip)
                 chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
         return chain, problems
+
+    @_reads
+    def committed_records(self, n_chunks: int, n_docs: int, version: int,
+                          pending: list[tuple[int, int, int]] = ()) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """``(table, key, value)`` of every committed record as stored (tables ``chunks``,
+        ``docs``, ``commits``, each in key order), from one read snapshot: what ``pack`` copies.
+
+        ``pending``: documents whose purge the manifest records but whose records are still
+        here (see :meth:`content_hashes`): left out, and the commit records that held them
+        carry the digests the purge writes.
+        """
+        skip = pending_keys(pending)
+        with self._begin() as txn:
+            for name, db, end, left_out in ((b"chunks", self._chunks, n_chunks, skip[0]),
+                                            (b"docs", self._docs, n_docs, skip[1]),
+                                            (b"commits", self._commits, version + 1, set())):
+                cur = txn.cursor(db)
+                if not cur.first():
+                    continue
+                for k, v in cur:
+                    i = int.from_bytes(k, "big")
+                    if i >= end:
+                        break
+                    if i in left_out:
+                        continue
+                    if name == b"commits" and pending:
+                        c0, c1, d0, d1, _ = parse_commit(v)
+                        if _overlaps(skip, c0, c1, d0, d1):
+                            entry = msgpack.unpackb(v, raw=False)
+                            entry["h"] = records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1, skip)
+                            v = msgpack.packb(entry)  # byte for byte what purge() writes
+                    yield name, bytes(k), bytes(v)
+
+    @_reads
+    def pending_purge(self, rows: np.ndarray, version: int) -> list[tuple[int, int, int]]:
+        """The documents of tombstone ``rows`` purged at ``version`` whose records are still
+        here: ``compact`` published that version, then stopped before its LMDB purge committed
+        (the next writer finishes it)."""
+        out = []
+        with self._begin() as txn:
+            for d, c, n, purged in np.asarray(rows, np.int64).reshape(-1, 4):
+                if purged == version and txn.get(_key(int(d)), db=self._docs) is not None:
+                    out.append((int(d), int(c), int(n)))
+        return out
 
     def purge(self, docs: list[tuple[int, int, int]], before_commit, version: int) -> str:
         """Delete documents' records and re-digest the commits that held them, in one transaction.
@@ -452,3 +514,10 @@ class ChunkTable:
                     env.close()
 
 
+def pending_keys(docs) -> tuple[set, set]:
+    """(chunk ids, doc ids) of documents ``(doc_id, first_chunk, n_chunks)``."""
+    return ({c for _, first, n in docs for c in range(first, first + n)}, {d for d, _, _ in docs})
+
+
+def _overlaps(skip: tuple[set, set], c0: int, c1: int, d0: int, d1: int) -> bool:
+    return any(c0 <= c < c1 for c in skip[0]) or any(d0 <= d < d1 for d in skip[1])

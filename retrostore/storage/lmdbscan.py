@@ -53,21 +53,26 @@ def unseal(k: bytes, raw: bytes) -> bytes | None:
     return payload
 
 
-def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int) -> str:
+def records_digest(txn, chunks_db, c0: int, c1: int, docs_db, d0: int, d1: int,
+                   skip: tuple[set, set] = (set(), set())) -> str:
     """Digest of chunks ``[c0, c1)`` and documents ``[d0, d1)`` as stored.
 
     ``sha256(sha256(chunk records) || sha256(document records))``, each inner
     hash over ``key || len(value) || value`` in key order; the same value
     ``retrostore.storage.records.RecordHasher`` computes while appending.
+    ``skip``: (chunk ids, doc ids) left out, as if purged already.
     """
     hashes = []
-    for db, first, end in ((chunks_db, c0, c1), (docs_db, d0, d1)):
+    for db, first, end, left_out in ((chunks_db, c0, c1, skip[0]), (docs_db, d0, d1, skip[1])):
         h = hashlib.sha256()
         cur = txn.cursor(db)
         if first < end and cur.set_range(key(first)):
             for k, v in cur:
-                if int.from_bytes(k, "big") >= end:
+                i = int.from_bytes(k, "big")
+                if i >= end:
                     break
+                if i in left_out:
+                    continue
                 h.update(k + len(v).to_bytes(8, "big"))
                 h.update(v)
         hashes.append(h.digest())

@@ -8,6 +8,7 @@ against exact search. ``.npy`` is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 from pathlib import Path
@@ -181,13 +182,15 @@ class RawVectors:
     """The raw vectors of one version, read on demand from their ``.npy`` files.
 
     Files are memory-mapped (pages come from the OS page cache, not from this
-    process's heap) and opened on first use. A file with block checksums
-    (format 4, :mod:`.blocksums`) is checked block by block, the first time a
-    row of the block is read: a damaged row is never served, and the first
-    query costs what it reads, not the whole file. A file without them (older
-    stores) is hashed whole on first use (``verify``; a handle opened with
-    ``mmap=True`` skips that hash: run ``verify`` on such stores). Rows of
-    purged chunks hold zeros (see docs/index.md, "Deletes").
+    process's heap), all of them when the version is loaded (:meth:`open_all`):
+    a handle keeps reading them after a writer's garbage collection unlinks
+    them (``compact`` retires every older version at once). A file with block
+    checksums (format 4, :mod:`.blocksums`) is checked block by block, the
+    first time a row of the block is read: a damaged row is never served, and
+    the first query costs what it reads, not the whole file. A file without
+    them (older stores) is hashed whole on first read (``verify``; a handle
+    opened with ``mmap=True`` skips that hash: run ``verify`` on such stores).
+    Rows of purged chunks hold zeros (see docs/index.md, "Deletes").
 
     Parameters
     ----------
@@ -196,48 +199,52 @@ class RawVectors:
         The manifest's ``vectors.files`` (``first_id``/``count``), tiling the ids.
     dim : int
     verify : bool, default True
-        Check a file without block checksums by its sha256 when it is first used.
+        Check a file without block checksums by its sha256 when it is first read.
+    cache : dict, optional
+        Opened files by sha256, shared between the versions a handle loads, so
+        that a file's checked blocks stay checked across commits and refreshes.
 
     Raises
     ------
     CorruptStoreError
-        From a read: a file or its checksums are missing or damaged, or a
-        block read differs from its checksum.
+        From :meth:`open_all` or a read: a file or its checksums are missing or
+        damaged, or a block read differs from its checksum.
     """
 
-    def __init__(self, root: Path, entries: list[dict], dim: int, *, verify: bool = True):
+    def __init__(self, root: Path, entries: list[dict], dim: int, *, verify: bool = True,
+                 cache: dict | None = None):
         self.root = root
         self.verify = verify
         self.entries = sorted(entries, key=lambda e: e["first_id"])
         self.dim = dim
         self._firsts = np.array([e["first_id"] for e in self.entries], dtype=np.int64)
-        self._arrays: list[np.ndarray | None] = [None] * len(self.entries)
-        self._checkers: list[BlockChecker | None] = [None] * len(self.entries)
+        self._cache = {} if cache is None else cache
         self.end = int(self.entries[-1]["first_id"] + self.entries[-1]["count"]) if self.entries else 0
 
-    def _array(self, i: int) -> np.ndarray:
-        arr = self._arrays[i]
-        if arr is None:
-            entry = self.entries[i]
-            blocks = "sums" in entry
-            arr = load_vectors(self.root, entry, verify=self.verify and not blocks)
-            mm = getattr(arr, "_mmap", None)  # rows are read at random (re-ranking): no read-ahead
-            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-                try:
-                    mm.madvise(mmap.MADV_RANDOM)
-                except OSError:
-                    pass
-            if blocks:
-                self._checkers[i] = BlockChecker(self.root, entry, arr)
-            self._arrays[i] = arr
-        return arr
+    def open_all(self) -> None:
+        """Map every file now (and check block checksum files). A file that cannot be mapped
+        (damaged) is reported by the first read of it, as before: the store still opens, so
+        that ``verify`` can say what is wrong."""
+        for entry in self.entries:
+            try:
+                self._open(entry)
+            except CorruptStoreError:
+                pass
+
+    def _open(self, entry: dict) -> "_Opened":
+        opened = self._cache.get(entry["sha256"])
+        if opened is None or opened.count != entry["count"]:
+            opened = self._cache[entry["sha256"]] = _Opened(self.root, entry)
+        return opened
 
     def _read(self, i: int, local: np.ndarray | slice) -> np.ndarray:
         """Rows ``local`` (sorted row numbers, or a slice) of file ``i``, their blocks checked."""
-        arr = self._array(i)
-        checker = self._checkers[i]
-        if checker is not None:
-            checker.check(np.arange(len(arr))[local] if isinstance(local, slice) else local)
+        opened = self._open(self.entries[i])
+        arr = opened.rows
+        if opened.checker is not None:
+            opened.checker.check(np.arange(len(arr))[local] if isinstance(local, slice) else local)
+        elif self.verify and not opened.hashed:
+            opened.check_whole()
         return arr[local]
 
     def rows(self, first: int, end: int) -> np.ndarray:
@@ -272,3 +279,38 @@ class RawVectors:
                 order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
                 out[sel[order]] = self._read(int(i), local[order])
         return out.reshape(ids.shape + (self.dim,))
+
+
+class _Opened:
+    """One raw vectors file, mapped: its rows, its block checker (format 4) or the header bytes
+    to hash it whole from the mapping (older files: the path may be unlinked by then)."""
+
+    def __init__(self, root: Path, entry: dict):
+        self.entry = entry
+        self.count = entry["count"]
+        self.rows = load_vectors(root, entry)
+        mm = getattr(self.rows, "_mmap", None)  # rows are read at random (re-ranking): no read-ahead
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            try:
+                mm.madvise(mmap.MADV_RANDOM)
+            except OSError:
+                pass
+        self.checker = BlockChecker(root, entry, self.rows) if "sums" in entry else None
+        self.hashed = False
+        self._header = b""
+        if self.checker is None:
+            with open(root / entry["path"], "rb") as fh:
+                self._header = fh.read(int(getattr(self.rows, "offset", 0)))
+
+    def check_whole(self) -> None:
+        """Hash the whole file (header, then the mapped rows) against the manifest's sha256."""
+        digest = hashlib.sha256(self._header)
+        view = memoryview(np.ascontiguousarray(self.rows)).cast("B") if self.rows.size else memoryview(b"")
+        for at in range(0, len(view), 1 << 20):
+            digest.update(view[at : at + (1 << 20)])
+        sha = digest.hexdigest()
+        if sha != self.entry["sha256"]:
+            rel = self.entry["path"]
+            raise CorruptStoreError(f"{rel}: vectors file checksum mismatch (manifest {self.entry['sha256'][:16]}..., "
+                                    f"file {sha[:16]}...); it is damaged")
+        self.hashed = True

@@ -8,14 +8,16 @@ vector search, and search hits with their continuations.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..errors import CorruptStoreError, InvalidInputError
 from ..index.params import check_params
-from ..storage.chunktable import ChunkTable
-from ..storage.layout import DATA_MDB
+from ..storage import manifest as _manifest
+from ..storage.chunktable import ChunkTable, MissingRecordError
+from ..storage.tombstones import Tombstones
+from ..storage.layout import DATA_MDB, MANIFEST
 from ..storage.records import ChunkRecord
 from ..types import Chunk, Document, Hit
 from .version import Head, Version
@@ -37,10 +39,12 @@ class Reader:
         The handle's served version (it moves on refresh and commit).
     """
 
-    def __init__(self, table: ChunkTable, head: Head):
+    def __init__(self, table: ChunkTable, head: Head, *, follow_purges: bool = True):
         self.table = table
         self._head = head
         self._doc_ids: tuple[tuple[int, int], np.ndarray] | None = None
+        self._follow = follow_purges
+        self._seen = _manifest_stat(head.root)
 
     @property
     def version(self) -> Version:
@@ -51,6 +55,52 @@ class Reader:
     def limit(self) -> int:
         """Committed chunk ids: ``[0, limit)``."""
         return self.version.n_chunks
+
+    def retrying(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, once more after learning of a purge when a committed record is missing.
+
+        A reader of an older version can ask for records that ``compact`` has
+        purged since (a take-down): the newest tombstones then name them, the
+        version served adopts them (those chunks and documents are deleted for
+        this handle too, :meth:`follow_purges`) and ``fn`` runs again. A record
+        missing for any other reason is damage: the ``CorruptStoreError`` stands.
+        """
+        try:
+            return fn()
+        except MissingRecordError as exc:
+            purged = self.follow_purges(force=True)
+            ids = np.asarray(exc.ids, np.int64)
+            if purged is None or not (purged.chunk_mask(ids) if exc.table == "chunks" else purged.doc_mask(ids)).all():
+                raise
+        return fn()
+
+    def follow_purges(self, force: bool = False) -> Tombstones | None:
+        """Adopt the documents ``compact`` purged since this version as deleted; the purged ones.
+
+        Take-downs win over time travel: a reader of an older version (opened
+        before a compaction, or pinned) keeps working, but never serves purged
+        data. A purge changes ``manifest.json``, so one ``stat`` per search tells
+        whether to read the newest manifest's tombstones (``force``: read them).
+        """
+        if not self._follow and not force:
+            return None
+        seen = _manifest_stat(self._head.root)
+        if seen == self._seen and not force:
+            return None
+        try:
+            newest = Tombstones.load(self.version.root, _manifest.read_manifest(self.version.root))
+        except CorruptStoreError:
+            return None
+        self._seen = seen
+        purged = newest.rows[newest.rows[:, 3] > 0]
+        tomb = self.version.tombstones
+        new = purged[~np.isin(purged[:, 0], tomb.rows[tomb.rows[:, 3] > 0, 0])]
+        if len(new):
+            rows = np.concatenate([tomb.rows[~np.isin(tomb.docs, new[:, 0])], new])
+            merged = Tombstones(rows[np.argsort(rows[:, 0], kind="stable")])
+            self.version.tombstones = merged
+            self.version.index.deleted = merged.chunks
+        return Tombstones(purged)
 
     # -- by id ---------------------------------------------------------------
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:
@@ -72,7 +122,7 @@ class Reader:
         self.version.tombstones.check_docs([doc_id])
         rec = self.table.get_doc(int(doc_id))
         if rec is None:
-            raise CorruptStoreError(f"{DATA_MDB}: committed document {doc_id} is missing")
+            raise MissingRecordError(f"{DATA_MDB}: committed document {doc_id} is missing", "docs", [int(doc_id)])
         ids = range(rec.first_chunk, rec.first_chunk + rec.n_chunks)
         if rec.text is not None:
             text = rec.text
@@ -90,7 +140,7 @@ class Reader:
             self.version.tombstones.check_docs([d])
             rec = self.table.get_doc(int(d))
             if rec is None:
-                raise CorruptStoreError(f"{DATA_MDB}: committed document {d} is missing")
+                raise MissingRecordError(f"{DATA_MDB}: committed document {d} is missing", "docs", [int(d)])
             out.append(rec.metadata)
         return out
 
@@ -149,6 +199,7 @@ class Reader:
         q = np.ascontiguousarray(q, dtype=np.float32)
         if not np.isfinite(q).all():
             raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
+        self.follow_purges()
         return self.version.index.search(q, k, check_params(params))
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
@@ -182,6 +233,15 @@ class Reader:
     def doc_ids_of(self, chunk_ids: np.ndarray) -> np.ndarray:
         """Document ids of committed chunk ids (an int64 array of any shape, all >= 0)."""
         return self.all_doc_ids()[np.asarray(chunk_ids, dtype=np.int64)]
+
+
+def _manifest_stat(root) -> tuple | None:
+    """What changes when ``manifest.json`` is replaced (a commit, a compaction)."""
+    try:
+        st = (root / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
 from .precompute import precompute_neighbors
-from .reading import Reader, check_k, check_queries
+from .reading import Reader, check_k, check_queries, int_ids
 from .retrieval import neighbors
 from .verify import retokenize_problems, verify_version
 from .version import Head
@@ -145,7 +145,7 @@ class Store:
             self._chunker: Chunker | None = None
             self._head = Head(self.path, mmap_arg=None if mmap is None else bool(mmap))
             self._head.load_newest(m, follow=mode == "r" and version is None)
-            self._reader = Reader(self._table, self._head)
+            self._reader = Reader(self._table, self._head, follow_purges=mode == "r")
             if mode == "a":
                 self._writer = Writer(self.path, self._table, self._head, on_lost=self._release)
                 self._writer.recover()
@@ -419,7 +419,8 @@ class Store:
             An id is negative or not committed (``>= len(store)``).
         """
         self._check()
-        return self._reader.get_chunks(chunk_ids)
+        ids = int_ids(chunk_ids, "chunk")
+        return self._reader.retrying(lambda: self._reader.get_chunks(ids))
 
     def get_document(self, doc_id: int) -> Document:
         """A committed document: its exact text (joined chunk spans) and metadata.
@@ -430,7 +431,7 @@ class Store:
             ``doc_id`` is negative or not committed.
         """
         self._check()
-        return self._reader.get_document(doc_id)
+        return self._reader.retrying(lambda: self._reader.get_document(doc_id))
 
     def get_metadata(self, doc_ids: Iterable[int]) -> list[Any]:
         """Metadata of committed documents (without reading their text).
@@ -441,7 +442,8 @@ class Store:
             An id is negative or not committed.
         """
         self._check()
-        return self._reader.get_metadata(doc_ids)
+        ids = int_ids(doc_ids, "document")
+        return self._reader.retrying(lambda: self._reader.get_metadata(ids))
 
     def search_vectors(self, vectors: np.ndarray, k: int = 5, *,
                        params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -503,8 +505,7 @@ class Store:
             return [] if single else [[] for _ in queries]
         params = check_params(params)  # before the embedding, which costs more
         vecs = self.embedder.embed(queries)
-        scores, ids = self._reader.search_vectors(vecs, k, params)
-        hits = self._reader.hits(scores, ids)
+        hits = self._reader.retrying(lambda: self._reader.hits(*self._reader.search_vectors(vecs, k, params)))
         return hits[0] if single else hits
 
     def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None, label_token: bool = False,
@@ -564,8 +565,9 @@ class Store:
             The store's embedder is not available.
         """
         self._check()
-        return neighbors(self._reader, self._query_vectors, token_ids, k, exclude_doc_ids=exclude_doc_ids,
-                         label_token=label_token, tail=tail)
+        return self._reader.retrying(lambda: neighbors(
+            self._reader, self._query_vectors, token_ids, k, exclude_doc_ids=exclude_doc_ids,
+            label_token=label_token, tail=tail))
 
     def neighbor_tokens(self, chunk_ids: Any) -> "Neighbors":
         """RETRO neighbour tokens of chunks given by id (precomputed neighbours), without embedding anything.
@@ -596,7 +598,7 @@ class Store:
             Not integers, no k axis, or an id below -1 or not committed.
         """
         self._check()
-        tokens, mask, ids, doc_ids = self._reader.neighbor_tokens(chunk_ids)
+        tokens, mask, ids, doc_ids = self._reader.retrying(lambda: self._reader.neighbor_tokens(chunk_ids))
         return Neighbors(tokens, mask, ids, doc_ids, np.full(ids.shape, np.nan, np.float32))
 
     def precompute_neighbors(

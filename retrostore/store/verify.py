@@ -16,6 +16,7 @@ from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST
 from ..storage.lmdbfile import check_lmdb_file
 from ..storage.lmdbscan import scan, scan_in_child
 from ..storage.segments import check_file
+from ..storage.tombstones import Tombstones
 from ..storage.vectors import keeps_files
 from ..text.chunking import Chunker
 from .version import Version
@@ -69,7 +70,7 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
             f"(chunks {n_chunks}, documents {n_docs})"
         )
     if holes["chunks"] or holes["docs"]:
-        problems += _lmdb_problems_with_holes(m, table, n_chunks, n_docs, holes)
+        problems += _lmdb_problems_with_holes(m, table, n_chunks, n_docs, holes, version.tombstones)
     else:
         args = (os.fspath(root), n_chunks, n_docs, m["version"], table.sealed, readonly_media)
         found = scan_in_child(*args) if isolate else None
@@ -104,18 +105,26 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
     return _one_line(problems)
 
 
-def _lmdb_problems_with_holes(m: dict, table: ChunkTable, n_chunks: int, n_docs: int, holes: dict) -> list[str]:
-    """LMDB checks of a store whose deleted documents were purged by compact (ids stay, records go)."""
+def _lmdb_problems_with_holes(m: dict, table: ChunkTable, n_chunks: int, n_docs: int, holes: dict,
+                              tombstones: Tombstones) -> list[str]:
+    """LMDB checks of a store whose deleted documents were purged by compact (ids stay, records go).
+
+    A compaction that published its manifest and stopped before its LMDB purge
+    committed (the next writer finishes it, ``Writer.recover``) is consistent:
+    those records are counted as purged and the chain is the one the purge makes.
+    """
     problems: list[str] = []
     try:
+        pending = table.pending_purge(tombstones.rows, m["version"])
+        still = {"chunks": sum(n for _, _, n in pending), "docs": len(pending)}
         for name, hwm in (("chunks", n_chunks), ("docs", n_docs)):
-            committed = table.count_below(name, hwm)
+            committed = table.count_below(name, hwm) - still[name]
             if committed != hwm - holes[name]:
                 problems.append(
                     f"{DATA_MDB}: {committed} {name} records below id {hwm}, the manifest says "
                     f"{hwm - holes[name]} ({hwm} ids, {holes[name]} purged by deletes)"
                 )
-        chain, chain_problems = table.content_hashes(m["version"])
+        chain, chain_problems = table.content_hashes(m["version"], pending)
         problems += chain_problems
         if chain != m["lmdb"]["chain"]:
             problems.append(

@@ -108,6 +108,7 @@ class Head:
         self.version: Version | None = None
         self._segments: dict[str, faiss.Index] = {}  # sha256 -> loaded index, of the version served
         self._template: tuple[str, faiss.Index] | None = None
+        self._raw: dict = {}  # sha256 -> a mapped raw vectors file (RawVectors' cache)
 
     def mmap(self, manifest: dict) -> bool:
         """Whether segments of ``manifest`` are served memory-mapped (``open(mmap=)`` over the setting)."""
@@ -168,8 +169,12 @@ class Head:
             segs.append(seg)
         tomb = Tombstones.load(self.root, m)
         files = m["vectors"]["files"]
-        raw = (RawVectors(self.root, files, m["index"]["dim"], verify=not mmap)
-               if m["settings"]["keep_vectors"] and files else None)
+        raw = None
+        if m["settings"]["keep_vectors"] and files:
+            kept = {e["sha256"] for e in files}
+            self._raw = {sha: f for sha, f in self._raw.items() if sha in kept}
+            raw = RawVectors(self.root, files, m["index"]["dim"], verify=not mmap, cache=self._raw)
+            raw.open_all()  # mapped now: a reader keeps them after a writer's GC (compact retires older versions)
         if segs and mmap:
             check_mmap(m["index"]["factory"], m["index"]["dim"], m["metric"])
         index = SegmentSet(segs, m["metric"], m["index"]["dim"], params=m["index"]["params"],

@@ -43,6 +43,7 @@ from .errors import (
     RetrostoreError,
     StoreClosedError,
     StoreExistsError,
+    StoreIOError,
     UnsafeArchiveError,
     WriterLockedError,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "ForkedStoreError",
     "IndexTrainingError",
     "CommitError",
+    "StoreIOError",
     "InputNotFoundError",
     "InputReadError",
     "ModelNotInstalledError",

@@ -27,6 +27,7 @@ __all__ = [
     "ForkedStoreError",
     "IndexTrainingError",
     "CommitError",
+    "StoreIOError",
     "InputNotFoundError",
     "InputReadError",
     "ModelNotInstalledError",
@@ -99,7 +100,12 @@ class IndexTrainingError(RetrostoreError):
     """An index cannot be trained with the data available."""
 
 
-class CommitError(RetrostoreError, OSError):
+class StoreIOError(RetrostoreError, OSError):
+    """Writing failed (disk full, I/O error): staging documents, a commit, an archive. ``errno``
+    says why (``errno.ENOSPC`` for a full disk); what was committed is intact."""
+
+
+class CommitError(StoreIOError):
     """A commit failed (disk full, I/O error); the previous version is intact."""
 
 

@@ -1,11 +1,10 @@
 """Regression tests for the failures listed in issue #16 (reliability, round 2).
 
-Each test shows one failure on the code it was written against and is marked
-``xfail(strict=True, reason="#16.N: ...")``: the suite stays green while the
-failure is there, and turns red (XPASS) once it is fixed, when the fixer
-removes the mark. Everything is real: real stores, files, LMDB, FAISS, text
-of the shared corpus where text matters (random unit vectors where only the
-vectors matter, through ``append(..., embeddings=...)``).
+Each test showed one failure on the code it was written against (as a strict
+xfail, red once fixed) and now guards its fix. Everything is real: real stores,
+files, LMDB, FAISS, a full disk made by powerfs's quota, text of the shared
+corpus where text matters (random unit vectors where only the vectors matter,
+through ``append(..., embeddings=...)``).
 """
 
 from __future__ import annotations
@@ -308,7 +307,6 @@ def _is_disk_full_error(exc: BaseException) -> bool:
     return isinstance(exc, RetrostoreError) and isinstance(exc, OSError) and exc.errno == _errno.ENOSPC
 
 
-@pytest.mark.xfail(strict=True, reason="#16.6: append() on a full disk raises a bare lmdb.DiskError / lmdb.Error")
 @pytest.mark.parametrize("full_disk", [256 << 10], indirect=True)
 def test_append_on_a_full_disk_raises_a_documented_error(full_disk, small_docs):
     _mount, path = full_disk
@@ -322,8 +320,6 @@ def test_append_on_a_full_disk_raises_a_documented_error(full_disk, small_docs):
         assert r.version == 1 and r.verify() == []
 
 
-@pytest.mark.xfail(strict=True, reason="#16.6: pack() on a full disk raises lmdb.DiskError, not the documented "
-                   "OSError")
 @pytest.mark.parametrize("full_disk", [8 << 10], indirect=True)  # too little for pack's LMDB copy
 def test_pack_on_a_full_disk_raises_oserror(full_disk):
     mount, path = full_disk
@@ -361,14 +357,10 @@ def _replace(path: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("target,kind,mode", [
-    pytest.param("segment", "fifo", "r", marks=pytest.mark.xfail(
-        strict=True, reason="#16.7: a FIFO in place of a segment makes open() hang (reading it for an LFS check)")),
-    pytest.param("tokenizer.json", "fifo", "r", marks=pytest.mark.xfail(
-        strict=True, reason="#16.7: a FIFO in place of tokenizer.json makes open() hang")),
-    pytest.param("chunks.lmdb/data.mdb", "dir", "r", marks=pytest.mark.xfail(
-        strict=True, reason="#16.7: data.mdb as a directory gives a bare IsADirectoryError")),
-    pytest.param("LOCK", "dir", "a", marks=pytest.mark.xfail(
-        strict=True, reason="#16.7: LOCK as a directory gives a bare IsADirectoryError")),
+    ("segment", "fifo", "r"),
+    ("tokenizer.json", "fifo", "r"),
+    ("chunks.lmdb/data.mdb", "dir", "r"),
+    ("LOCK", "dir", "a"),
 ])
 def test_special_files_in_a_store_are_refused_promptly(tmp_path, small_docs, target, kind, mode):
     path = tmp_path / "s"
@@ -384,8 +376,6 @@ def test_special_files_in_a_store_are_refused_promptly(tmp_path, small_docs, tar
 
 
 # -- #16.8: unpack where tarfile.data_filter is missing ------------------------------------------
-@pytest.mark.xfail(strict=True, reason="#16.8: on Python < 3.11.4 (Debian 12's 3.11.2), < 3.10.12, ... tarfile has "
-                   "no data_filter/FilterError: unpack dies with AttributeError")
 def test_unpack_without_tarfile_data_filter(tmp_path, built_store, monkeypatch):
     """Python 3.12 added tarfile.data_filter; 3.11.4, 3.10.12, 3.9.17 and 3.8.17 back-ported it.
     Debian 12's python3 (3.11.2) lacks it, and requires-python is >=3.10."""
@@ -400,8 +390,6 @@ def test_unpack_without_tarfile_data_filter(tmp_path, built_store, monkeypatch):
 
 
 # -- also noted in #16 ------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="#16: reindex of a keep_vectors=False store raises plain RetrostoreError, "
-                   "not the NoRawVectorsError its docstring names for exactly this case")
 def test_reindex_without_raw_vectors_raises_no_raw_vectors_error(tmp_path):
     path = tmp_path / "s"
     with make_store(path, keep_vectors=False) as st:
@@ -412,15 +400,12 @@ def test_reindex_without_raw_vectors_raises_no_raw_vectors_error(tmp_path):
             st.reindex("IVF16,Flat", progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="#16: get_document(True) is taken as document 1 (bool is an int)")
 def test_get_document_refuses_a_bool(built_store):
     with retrostore.open(built_store) as st:
         with pytest.raises(InvalidInputError):
             st.get_document(True)
 
 
-@pytest.mark.xfail(strict=True, reason="#16: complex query vectors are cast to float32 silently (imaginary part "
-                   "dropped)")
 @pytest.mark.filterwarnings("ignore:Casting complex values")  # numpy's ComplexWarning: the very cast
 def test_complex_query_vectors_are_refused(built_store):
     with retrostore.open(built_store) as st:
@@ -429,8 +414,6 @@ def test_complex_query_vectors_are_refused(built_store):
             st.search_vectors(q, k=1)
 
 
-@pytest.mark.xfail(strict=True, reason="#16: the manifest records no FAISS version, so a store cannot say which "
-                   "FAISS wrote its segments")
 def test_manifest_records_the_faiss_version(built_store):
     import faiss
 

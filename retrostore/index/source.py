@@ -10,7 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..errors import RetrostoreError
+from ..errors import NoRawVectorsError, RetrostoreError
 from ..storage.segments import Segment
 from ..storage.tombstones import Tombstones
 from ..storage.vectors import RawVectors, require_raw_vectors
@@ -41,7 +41,7 @@ class VectorSource:
             if not (manifest["settings"]["keep_vectors"] and files):
                 if manifest["vectors"].get("dropped_at_pack"):
                     require_raw_vectors(manifest, what)  # says they were dropped by pack --no-vectors
-                raise RetrostoreError(
+                raise NoRawVectorsError(
                     f"{what} needs the stored vectors, but this store keeps no raw vectors (keep_vectors=False) "
                     f"and its index ({manifest['index']['factory']!r}) is compressed, so they cannot be read "
                     "back; rebuild the store from its documents with keep_vectors=True"

@@ -131,7 +131,8 @@ def pack(
         The store cannot be opened, or a file differs from its manifest entry
         (damaged, or removed by a writer while packing: pack again).
     OSError
-        Writing the archive failed; nothing is left at ``out``.
+        Writing the archive failed (``StoreIOError``, an OSError, for its copy
+        of the LMDB records on a full disk); nothing is left at ``out``.
     """
     root = Path(store_path)
     out = Path(out)
@@ -205,6 +206,31 @@ def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path)
     pending = table.pending_purge(Tombstones.load(root, body).rows, body["version"])  # a compact cut short
     stage = dest.with_name(dest.name + ".stage")
     stage.mkdir()
+    with fileio.lmdb_writes("the archive's copy of the LMDB records"):
+        _copy_records(table, body, pending, stage, dest)
+    check = ChunkTable(dest.parent, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
+    try:
+        chain, problems = check.content_hashes(body["version"])
+        stats = check.stats()
+    finally:
+        check.close()
+    if problems or chain != body["lmdb"]["chain"]:
+        raise CorruptStoreError(
+            f"{root}: the committed LMDB records do not match the manifest's content hash chain "
+            f"({'; '.join(problems) or 'chain differs'}); run `retrostore verify` on the store"
+        )
+    deletes = body.get("deletes") or {}
+    for name, end, purged in (("chunks", body["next_chunk_id"], int(deletes.get("purged_chunks", 0))),
+                              ("docs", body["next_doc_id"], int(deletes.get("purged_documents", 0)))):
+        if stats[name]["entries"] != end - purged:  # compact removed the purged documents' records
+            raise CorruptStoreError(
+                f"{root}: {stats[name]['entries']} committed {name} records, the manifest says {end - purged} "
+                f"({end} ids, {purged} purged by deletes); run `retrostore verify` on the store"
+            )
+
+
+def _copy_records(table: ChunkTable, body: dict, pending: list, stage: Path, dest: Path) -> None:
+    """Copy the committed records into a new environment in ``stage``, then compacted into ``dest``."""
     env = lmdb.open(os.fspath(stage), subdir=True, map_size=_LMDB_MAP_BYTES, max_dbs=8, lock=False,
                     sync=False, metasync=False, readahead=False)
     try:
@@ -226,25 +252,6 @@ def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path)
     finally:
         env.close()
         shutil.rmtree(stage, ignore_errors=True)
-    check = ChunkTable(dest.parent, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
-    try:
-        chain, problems = check.content_hashes(body["version"])
-        stats = check.stats()
-    finally:
-        check.close()
-    if problems or chain != body["lmdb"]["chain"]:
-        raise CorruptStoreError(
-            f"{root}: the committed LMDB records do not match the manifest's content hash chain "
-            f"({'; '.join(problems) or 'chain differs'}); run `retrostore verify` on the store"
-        )
-    deletes = body.get("deletes") or {}
-    for name, end, purged in (("chunks", body["next_chunk_id"], int(deletes.get("purged_chunks", 0))),
-                              ("docs", body["next_doc_id"], int(deletes.get("purged_documents", 0)))):
-        if stats[name]["entries"] != end - purged:  # compact removed the purged documents' records
-            raise CorruptStoreError(
-                f"{root}: {stats[name]['entries']} committed {name} records, the manifest says {end - purged} "
-                f"({end} ids, {purged} purged by deletes); run `retrostore verify` on the store"
-            )
 
 
 def _put_batch(env, db, batch: list[tuple[bytes, bytes]]) -> None:

@@ -36,6 +36,7 @@ import msgpack
 import numpy as np
 
 from ..errors import CorruptStoreError, RetrostoreError
+from .fileio import lmdb_writes
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file
 from .lmdbscan import key as _key
@@ -199,10 +200,16 @@ class ChunkTable:
         return self.env.begin(write=write)
 
     def _write_txn(self, fn) -> None:
-        """Run ``fn(txn)`` in a write transaction, growing the map when full."""
+        """Run ``fn(txn)`` in a write transaction, growing the map when full.
+
+        Raises
+        ------
+        StoreIOError
+            LMDB could not write (a full disk: ``errno.ENOSPC``); the transaction was aborted.
+        """
         while True:
             try:
-                with self._begin(write=True) as txn:
+                with lmdb_writes(DATA_MDB), self._begin(write=True) as txn:
                     fn(txn)
                 return
             except lmdb.MapFullError:

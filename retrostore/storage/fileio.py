@@ -9,6 +9,7 @@ of the interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -22,7 +23,7 @@ from typing import Iterable
 
 import lmdb
 
-from ..errors import CommitError, WriterLockedError
+from ..errors import CommitError, CorruptStoreError, StoreIOError, WriterLockedError
 from .layout import TMP_PREFIX
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "sha256_cached",
     "readonly_media",
     "git_lfs_pointer",
+    "lmdb_writes",
+    "regular_file",
 ]
 
 _BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
@@ -51,6 +54,35 @@ def _fsync(fd: int) -> None:
 
 def _rename(src: str, dst: str) -> None:
     os.replace(src, dst)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path: str | os.PathLike, rel: str) -> os.stat_result | None:
+    """``stat`` of a store file, None when it does not exist; checked before anything opens it
+    (opening a FIFO blocks, a directory fails with a bare IsADirectoryError).
+
+    Raises
+    ------
+    CorruptStoreError
+        ``path`` exists and is not a regular file (a directory, a FIFO, a device...).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CorruptStoreError(f"{rel}: cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptStoreError(f"{rel}: is {_kind(st.st_mode)}, not a regular file; the store is damaged "
+                                "(restore the file from a copy of the store)")
+    return st
 
 
 def sync_lmdb(env) -> None:
@@ -263,6 +295,26 @@ def sha256_cached(path: str | os.PathLike) -> str:
         return _sha_cache[key]
 
 
+_IO_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def lmdb_writes(what: str):
+    """Turn LMDB's write errors of the I/O kind (``lmdb.DiskError`` on a full disk, a panic after
+    a failed write, an ``lmdb.Error`` with an I/O errno) into :class:`StoreIOError` carrying the
+    errno and naming ``what`` was being written; other LMDB errors pass through."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        code = getattr(exc, "errno", None)
+        if not isinstance(exc, (lmdb.DiskError, lmdb.PanicError)) and code not in _IO_ERRNOS:
+            raise
+        code = code if code in _IO_ERRNOS else (errno.ENOSPC if isinstance(exc, lmdb.DiskError) else errno.EIO)
+        hint = " The disk is full: free space and try again." if code == errno.ENOSPC else ""
+        raise StoreIOError(code, f"writing {what} failed: {' '.join(str(exc).split())}.{hint} What was "
+                                 "committed is intact.") from exc
+
+
 def commit_error(exc: Exception, what: str) -> CommitError:
     """Wrap an OSError from the commit path in a :class:`CommitError`."""
     hint = ""
@@ -289,7 +341,12 @@ class WriterLock:
         self.path = os.fspath(path)
         self._fd: int | None = None
         self._pid = os.getpid()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        regular_file(self.path, os.path.basename(self.path))
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise CorruptStoreError(f"{os.path.basename(self.path)}: the writer lock file cannot be opened "
+                                    f"({exc.strerror or exc}); remove it if no writer runs") from exc
         deadline = None if not timeout_s else time.monotonic() + timeout_s
         while True:
             try:
@@ -368,6 +425,8 @@ def git_lfs_pointer(path: str | os.PathLike) -> str | None:
     https://git-lfs.github.com/spec/v1`` / ``oid sha256:...`` / ``size N``).
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO (it would block)
+            return None
         with open(path, "rb") as fh:
             head = fh.read(_LFS_MAX_BYTES + 1)
     except OSError:

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from ..errors import CorruptStoreError
-from .fileio import git_lfs_pointer
+from .fileio import git_lfs_pointer, regular_file
 from .layout import DATA_MDB
 
 __all__ = ["check_lmdb_file"]
@@ -44,6 +44,8 @@ def check_lmdb_file(path: Path) -> None:
         truncated.
     """
     name = DATA_MDB
+    if regular_file(path, name) is None:
+        raise CorruptStoreError(f"{name}: the LMDB data file is missing")
     try:
         # Meta pages first, size second: a writer extends the file before it
         # writes the meta page naming the new pages, so in this order a

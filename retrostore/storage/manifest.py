@@ -211,6 +211,8 @@ def read_manifest(root: Path, version: int | None = None) -> dict:
     """
     path = root / MANIFEST if version is None else version_path(root, version)
     try:
+        if os.path.exists(path) and not os.path.isfile(path):  # never read a FIFO (it would block)
+            raise CorruptStoreError(f"{path.relative_to(root)}: is not a regular file; the store is damaged")
         raw = path.read_bytes()
     except FileNotFoundError:
         if version is not None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError
 from .faisstypes import FLAT_TYPES, is_exact, split_idmap, with_idmap
-from .fileio import DurableWriter, git_lfs_pointer, sha256_file
+from .fileio import DurableWriter, git_lfs_pointer, regular_file, sha256_file
 from .layout import segment_name
 
 __all__ = [
@@ -161,10 +161,10 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     """
     rel = entry["path"]
     path = root / rel
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptStoreError(f"{rel}: index file referenced by the manifest is missing") from None
+    st = regular_file(path, rel)
+    if st is None:
+        raise CorruptStoreError(f"{rel}: index file referenced by the manifest is missing")
+    size = st.st_size
     if size != entry["size"]:
         raise CorruptStoreError(f"{rel}: index file is {size} bytes, the manifest says {entry['size']}; "
                                 f"{git_lfs_pointer(path) or 'it is damaged'}")
@@ -179,7 +179,11 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC) if mmap else faiss.read_index(str(path))
     except RuntimeError as exc:
-        raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({exc})") from exc
+        wrote = entry.get("faiss")
+        newer = (f"; it was written by FAISS {wrote} and this is FAISS {faiss.__version__}: upgrade faiss-cpu"
+                 if wrote and wrote != faiss.__version__ else "")
+        raise CorruptStoreError(f"{rel}: FAISS cannot read the index file ({' '.join(str(exc).split())}){newer}") \
+            from exc
     codec = entry.get("codec")
     inner, idmap = split_idmap(index)
     if codec is not None:
@@ -204,9 +208,11 @@ def check_file(root: Path, entry: dict) -> str | None:
     rel = entry["path"]
     path = root / rel
     try:
+        if regular_file(path, rel) is None:
+            return f"{rel}: missing (referenced by the manifest)"
         size, sha = sha256_file(path)
-    except FileNotFoundError:
-        return f"{rel}: missing (referenced by the manifest)"
+    except CorruptStoreError as exc:
+        return str(exc)
     except OSError as exc:
         return f"{rel}: cannot be read ({exc})"
     if size != entry["size"]:
@@ -240,7 +246,8 @@ def write_segment(root: Path, index: faiss.Index | None, tag: str, first_id: int
     if half is None and vector_dtype == "float16":
         half = flat_fp16(index)
     size, sha = write_index(path, index if half is None else half)
-    entry = {"path": rel, "size": size, "sha256": sha, "first_id": first_id, "count": count}
+    entry = {"path": rel, "size": size, "sha256": sha, "first_id": first_id, "count": count,
+             "faiss": faiss.__version__}
     if half is not None:
         entry["codec"] = FP16
     return entry

@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import CorruptStoreError, InvalidInputError
-from .fileio import write_durable
+from .fileio import regular_file, write_durable
 from .layout import tombstone_name
 
 __all__ = ["Tombstones", "write_tombstones", "in_sorted", "EMPTY_DELETES", "DELETES_READER_VERSION"]
@@ -60,10 +60,9 @@ class Tombstones:
         if not entry:
             return cls()
         rel = entry["path"]
-        try:
-            raw = (root / rel).read_bytes()
-        except FileNotFoundError:
-            raise CorruptStoreError(f"{rel}: tombstone file referenced by the manifest is missing") from None
+        if regular_file(root / rel, rel) is None:
+            raise CorruptStoreError(f"{rel}: tombstone file referenced by the manifest is missing")
+        raw = (root / rel).read_bytes()
         if len(raw) != entry["size"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
             raise CorruptStoreError(f"{rel}: tombstone file size or checksum differs from the manifest; it is damaged")
         try:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError, NoRawVectorsError
 from .blocksums import BlockChecker, CrcStream, rows_per_block, sums_name, write_sums
-from .fileio import git_lfs_pointer, sha256_cached, write_durable
+from .fileio import git_lfs_pointer, regular_file, sha256_cached, write_durable
 
 __all__ = ["write_vectors", "write_store_vectors", "load_vectors", "RawVectors", "keeps_files", "require_raw_vectors"]
 
@@ -154,10 +154,10 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
     """
     rel = entry["path"]
     path = root / rel
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing") from None
+    st = regular_file(path, rel)
+    if st is None:
+        raise CorruptStoreError(f"{rel}: vectors file referenced by the manifest is missing")
+    size = st.st_size
     if size != entry["size"]:
         lfs = git_lfs_pointer(path)
         raise CorruptStoreError(f"{rel}: vectors file is {size} bytes, the manifest says {entry['size']}"

@@ -222,7 +222,7 @@ def rebuild(c: Commit, segments: list[Segment], factory: str, tomb: Tombstones, 
         path = c.root / rel
         c.new_files.append(path)
         size_b, sha = write_index(path, template)
-        template_entry = {"path": rel, "size": size_b, "sha256": sha}
+        template_entry = {"path": rel, "size": size_b, "sha256": sha, "faiss": faiss.__version__}
     holes = len(live) != end
     index = faiss.clone_index(template) if template is not None else probe
     if holes and not is_ivf(index):

@@ -94,7 +94,8 @@ def install_template(writer: Writer, template: bytes, factory: str, *, sample: i
         path.unlink(missing_ok=True)
         raise
     keep = bool(new["settings"]["keep_vectors"])
-    idx.update(factory=factory, template={"path": rel, "size": size_b, "sha256": sha}, segments=[])
+    idx.update(factory=factory, template={"path": rel, "size": size_b, "sha256": sha, "faiss": faiss.__version__},
+               segments=[])
     idx["params"] = {**default_params(factory, keep_vectors=keep), **idx.get("param_overrides", {})}
     idx["trained"] = {"vectors": 0, "sample": int(sample), "seed": int(seed), "seconds": round(seconds, 1),
                       "version": c.version}

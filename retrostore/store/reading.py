@@ -117,7 +117,7 @@ class Reader:
     def get_document(self, doc_id: int) -> Document:
         """See :meth:`retrostore.Store.get_document`."""
         limit = self.version.n_docs
-        if not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
             raise InvalidInputError(f"document id {doc_id!r} is outside the committed range [0, {limit})")
         self.version.tombstones.check_docs([doc_id])
         rec = self.table.get_doc(int(doc_id))
@@ -194,8 +194,9 @@ class Reader:
         q = np.asarray(vectors)
         if q.ndim == 1:
             q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != dim or not np.issubdtype(q.dtype, np.number):
-            raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) floats")
+        if q.ndim != 2 or q.shape[1] != dim or not (np.issubdtype(q.dtype, np.floating)
+                                                    or np.issubdtype(q.dtype, np.integer)):
+            raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) real numbers (floats)")
         q = np.ascontiguousarray(q, dtype=np.float32)
         if not np.isfinite(q).all():
             raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")

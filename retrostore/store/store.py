@@ -353,6 +353,9 @@ class Store:
             Wrong shape, dimension or non-finite values.
         InvalidInputError
             ``chunks`` are not this store's chunker's chunks of ``docs``.
+        StoreIOError
+            The records could not be written (a full disk: ``errno.ENOSPC``);
+            nothing of this call is staged, what was staged before stays.
         ReadOnlyStoreError, StoreClosedError, ForkedStoreError
         """
         self._check(write=True)

@@ -20,7 +20,7 @@ from ..index.factory import check_mmap
 from ..index.search import SegmentSet
 from ..index.source import VectorSource, stored_vectors
 from ..storage import manifest as _manifest
-from ..storage.fileio import git_lfs_pointer
+from ..storage.fileio import git_lfs_pointer, regular_file
 from ..storage.layout import LMDB_DIR, MANIFEST
 from ..storage.segments import Segment, load_segment
 from ..storage.tombstones import Tombstones
@@ -146,10 +146,10 @@ class Head:
         _manifest.safe_path(self.root, LMDB_DIR, MANIFEST)
         for entry in _manifest.referenced_files(m):
             path = _manifest.safe_path(self.root, entry["path"], MANIFEST)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise CorruptStoreError(f"{entry['path']}: missing (referenced by the manifest)") from None
+            st = regular_file(path, entry["path"])
+            if st is None:
+                raise CorruptStoreError(f"{entry['path']}: missing (referenced by the manifest)")
+            size = st.st_size
             if size != entry["size"]:
                 raise CorruptStoreError(
                     f"{entry['path']}: {size} bytes, the manifest says {entry['size']}; "

@@ -81,6 +81,8 @@ class Writer:
         ------
         InvalidEmbeddingsError
             The vectors hold NaN or inf, or values beyond float16 in a float16 store.
+        StoreIOError
+            LMDB could not write the records (a full disk); nothing of this call is staged.
         """
         n_chunks = sum(len(c) for c in per_doc)
         self._check_values(vectors)
@@ -95,7 +97,14 @@ class Writer:
             chunk_recs += self.table.pack_chunks(next_chunk, doc_id, text, chunks)
             doc_recs.append(self.table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
             next_chunk += len(chunks)
-        self.table.put_records(chunk_recs, doc_recs)
+        try:
+            self.table.put_records(chunk_recs, doc_recs)
+        except BaseException:  # a full disk part-way: no record of this call stays beyond the staged ones
+            try:
+                self.table.truncate(m["next_chunk_id"] + b.chunks, m["next_doc_id"] + b.docs, m["version"])
+            except Exception:
+                pass  # the next writer removes them at start-up
+            raise
         b.hasher.add(chunk_recs, doc_recs)
         if n_chunks:
             b.vectors.append(vectors)

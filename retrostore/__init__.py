@@ -46,6 +46,7 @@ from .errors import (
     UnsafeArchiveError,
     WriterLockedError,
 )
+from .serve.client import connect
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "connect",
     "pack",
     "unpack",
     "Store",

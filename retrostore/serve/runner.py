@@ -15,7 +15,7 @@ import os
 import tempfile
 
 import retrostore
-from retrostore.errors import CorruptStoreError
+from retrostore.errors import CorruptStoreError, FormatVersionError
 
 from .errors import MissingDependencyError
 from .settings import SETTINGS_ENV, ServeSettings
@@ -34,7 +34,11 @@ def check_store(settings: ServeSettings) -> dict:
         The store cannot be served; for a failed verification the message
         lists the problems ``retrostore verify`` reports.
     """
-    with retrostore.open(settings.store) as store:
+    try:
+        store = retrostore.open(settings.store)
+    except (CorruptStoreError, FormatVersionError) as exc:
+        raise type(exc)(f"{settings.store} cannot be served: {exc}") from None
+    with store:
         if settings.verify:
             problems = store.verify()
             if problems:

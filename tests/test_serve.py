@@ -9,13 +9,17 @@ import subprocess
 import sys
 import threading
 
-import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import retrostore
+
 from retrostore import InvalidInputError
+
+pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from retrostore.serve import ServerUnavailableError
 
 import _serving

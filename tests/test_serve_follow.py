@@ -11,11 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 import retrostore
+
+pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
+
+import httpx
 
 import _serving
 

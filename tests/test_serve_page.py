@@ -9,6 +9,9 @@ import pytest
 
 import retrostore
 
+pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
+
+
 import _serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,6 +10,7 @@ count every worker's requests.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -60,13 +61,11 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
     NotAStoreError, FormatVersionError, CorruptStoreError
         The store cannot be opened, or fails verification.
     """
-    try:
-        import starlette  # noqa: F401
-        import uvicorn
-        import prometheus_client  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(f"retrostore serve needs the serve extra ({exc.name} is missing): "
-                                     "pip install 'retrostore[serve]'") from None
+    missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(f"retrostore serve needs the serve extra ({', '.join(missing)} missing): "
+                                     "pip install 'retrostore[serve]'")
+    import uvicorn
     info = check_store(settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %s: version %d, %d documents, %d chunks, index %s, on http://%s:%d with %d worker(s)",

@@ -82,5 +82,8 @@ def serving(store, *args: str, **kwargs):
     try:
         yield server
     finally:
-        stop(server)
+        status = stop(server)
+        log = server.log()
         server.log_path.unlink(missing_ok=True)
+    # on SIGTERM the server finishes what it was doing and exits normally
+    assert status == 0, f"the server exited with {status}:\n{log[-3000:]}"

@@ -10,9 +10,11 @@ count every worker's requests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import tempfile
 
 import retrostore
@@ -72,12 +74,21 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
              settings.store, info["version"], info["documents"], info["chunks"], info["index"]["factory"],
              settings.host, settings.port, settings.workers)
     os.environ[SETTINGS_ENV] = settings.to_json()
-    with tempfile.TemporaryDirectory(prefix="retrostore-metrics-") as metrics_dir:
-        if settings.workers > 1:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        try:
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with the handler
+    # found before it started: this one, so that the process exits normally and cleans up after itself.
+    previous = signal.signal(signal.SIGTERM, _exit_quietly)
+    try:
+        with contextlib.ExitStack() as stack:
+            if settings.workers > 1:  # every worker writes its metrics here; a scrape sums them
+                metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="retrostore-metrics-"))
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+                stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
             uvicorn.run("retrostore.serve.app:app_from_environ", factory=True, host=settings.host,
                         port=settings.port, workers=settings.workers, log_level=log_level, access_log=False,
                         timeout_graceful_shutdown=10)
-        finally:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_quietly(signum, frame) -> None:
+    raise SystemExit(0)

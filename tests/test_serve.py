@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -370,3 +371,28 @@ def test_workers_share_mapped_index_and_sum_metrics(built_store, embedder):
         searches = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                        if s.name == "retrostore_requests_total" and s.labels["endpoint"] in ("search", "info"))
         assert searches >= len(QUERIES) + len(pids)
+
+
+def test_empty_store_then_its_first_commit(tmp_path, small_docs, embedder):
+    path = tmp_path / "empty.rstore"
+    retrostore.create(path, embedder=embedder).close()  # version 0, no chunks
+    with _serving.serving(path) as srv, retrostore.connect(srv.url) as remote:
+        with retrostore.open(path, embedder=embedder) as local:
+            assert remote.search(QUERIES[0], k=3) == local.search(QUERIES[0], k=3) == []
+            assert remote.search(QUERIES[:2], k=3) == [[], []]
+            vec = np.ones((2, 384), np.float32)
+            (gs, gi), (ws, wi) = remote.search_vectors(vec, k=3), local.search_vectors(vec, k=3)
+            assert np.array_equal(gi, wi) and np.array_equal(gs, ws)  # -1 and -inf
+            got, want = remote.neighbors([[1, 2, 3]], k=2), local.neighbors([[1, 2, 3]], k=2)
+            assert np.array_equal(got.chunk_ids, want.chunk_ids) and np.array_equal(got.scores, want.scores)
+        with retrostore.open(path, "a", embedder=embedder) as writer:  # a writer commits meanwhile
+            writer.append([d["text"] for d in small_docs[-3:]], metadata=[d["meta"] for d in small_docs[-3:]])
+            version = writer.commit()
+        for _ in range(200):
+            if remote.refresh() == version:
+                break
+            time.sleep(0.05)
+        assert remote.version == version
+        with retrostore.open(path, embedder=embedder) as local:
+            _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
+            assert len(remote) == len(local) > 0

@@ -143,28 +143,28 @@ class Engine:
         vecs: list[np.ndarray | None] = [None] * len(reqs)
         for i, r in enumerate(reqs):
             if r.n == 0 or self.len == 0:  # as Store.search: no queries, or an empty store
-                out[i] = _empty_answer(r, self.facts.metric)
-        reqs = [r if out[i] is None else _SKIP for i, r in enumerate(reqs)]
-        self._embed_group(reqs, out, vecs, "texts", lambda items: self.store.embedder.embed(items))
-        self._embed_group(reqs, out, vecs, "token_rows", self._embed_tokens)
-        for i, r in enumerate(reqs):
-            if r.vectors is not None:
-                vecs[i] = r.vectors
+                out[i] = _empty_answer(r)
+        todo = [i for i in range(len(reqs)) if out[i] is None]
+        self._embed_group(reqs, todo, out, vecs, "texts", lambda items: self.store.embedder.embed(items))
+        self._embed_group(reqs, todo, out, vecs, "token_rows", self._embed_tokens)
+        for i in todo:
+            if reqs[i].vectors is not None:
+                vecs[i] = reqs[i].vectors
         found: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, r in enumerate(reqs):
-            if out[i] is None and not r.exclude:
-                groups[(r.k, r.params_key)].append(i)
+        for i in todo:
+            if out[i] is None and not reqs[i].exclude:
+                groups[(reqs[i].k, reqs[i].params_key)].append(i)
         for idx in groups.values():
             self._search_group(reqs, idx, vecs, out, found)
         records: dict[int, Any] = {}
-        for i, r in enumerate(reqs):
-            if out[i] is None and r.exclude:
+        for i in todo:
+            if out[i] is None and reqs[i].exclude:
                 try:
-                    found[i] = self._search_excluding(vecs[i], r, records)
+                    found[i] = self._search_excluding(vecs[i], reqs[i], records)
                 except RetrostoreError as exc:
-                    out[i] = _as_request_error(exc, "params", r.params)
-        live = [i for i in range(len(reqs)) if out[i] is None]
+                    out[i] = _as_request_error(exc, "params", reqs[i].params)
+        live = [i for i in todo if out[i] is None]
         try:
             self._answer(reqs, live, found, records, out)
         except RetrostoreError as exc:
@@ -172,8 +172,8 @@ class Engine:
                 out[i] = exc
         return out
 
-    def _embed_group(self, reqs, out, vecs, attr: str, embed) -> None:
-        idx = [i for i, r in enumerate(reqs) if getattr(r, attr) is not None]
+    def _embed_group(self, reqs, todo: list[int], out, vecs, attr: str, embed) -> None:
+        idx = [i for i in todo if getattr(reqs[i], attr) is not None]
         if not idx:
             return
         items = [x for i in idx for x in getattr(reqs[i], attr)]
@@ -358,23 +358,11 @@ class Engine:
                                "chunk_ids": [d.chunk_ids.start, d.chunk_ids.stop]} for d in docs]}
 
 
-class _Skip:
-    """Stands for a request already answered: contributes nothing to a batch."""
-
-    texts = token_rows = vectors = None
-    exclude = frozenset()
-    output = "skip"
-    n = 0
-
-
-_SKIP = _Skip()
-
-
-def _empty_answer(r: SearchRequest, metric: str) -> dict:
+def _empty_answer(r: SearchRequest) -> dict:
+    """The answer of a request with no queries, or to an empty store (no neighbours)."""
     if r.output == "hits":
         return {"results": [[] for _ in range(r.n)]}
-    fill = None  # -inf / +inf: no neighbour
-    return {"scores": [[fill] * r.k for _ in range(r.n)], "chunk_ids": [[-1] * r.k for _ in range(r.n)]}
+    return {"scores": [[None] * r.k for _ in range(r.n)], "chunk_ids": [[-1] * r.k for _ in range(r.n)]}
 
 
 def _as_request_error(exc: RetrostoreError, field: str, value: Any, status: int = 400) -> RetrostoreError:

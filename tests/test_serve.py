@@ -229,6 +229,8 @@ BAD = [
     ("/search", b'{"query": "x", "n_docs": 0}', 400, "n_docs", "[1, 50]"),
     ("/search", b'{"n_docs": 3}', 400, "query", "required"),
     ("/v1/nothing", b"{}", 404, "path", "no such endpoint"),
+    ("/v1/search", b"[" * 100_000 + b"]" * 100_000, 413, "body", "65536 bytes"),
+    ("/v1/search", b"[" * 30_000 + b"]" * 30_000, 400, "body", "too deeply"),
 ]
 
 
@@ -396,3 +398,33 @@ def test_empty_store_then_its_first_commit(tmp_path, small_docs, embedder):
         with retrostore.open(path, embedder=embedder) as local:
             _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
             assert len(remote) == len(local) > 0
+
+
+class OtherModel:
+    """An embedder the server does not have: the store is searched by vectors only."""
+
+    dim = 384
+    fingerprint = {"kind": "test", "name": "other-model", "dim": 384}
+
+    def embed(self, texts):
+        raise AssertionError("not called: vectors come with the documents")
+
+
+def test_store_of_another_model_answers_vectors_and_refuses_text(tmp_path, small_docs):
+    path = tmp_path / "other.rstore"
+    docs = [d["text"] for d in small_docs[:3]]
+    with retrostore.create(path, embedder=OtherModel(), tokenizer=retrostore.default_tokenizer_path()) as st:
+        chunks = st.chunker.chunk_many(docs)
+        vecs = np.random.default_rng(0).standard_normal((sum(map(len, chunks)), 384)).astype(np.float32)
+        st.append(docs, embeddings=vecs, chunks=chunks)
+        st.commit()
+    with _serving.serving(path) as srv, retrostore.connect(srv.url) as remote:
+        with pytest.raises(retrostore.EmbedderMismatchError, match="send vectors instead") as info:
+            remote.search("some text")
+        assert info.value.status == 409
+        res = _post(srv, "/v1/search", {"token_ids": [1, 2, 3]})
+        assert res.status_code == 409 and res.json()["error"]["field"] == "token_ids"
+        with retrostore.open(path, embedder=OtherModel()) as local:
+            (gs, gi), (ws, wi) = remote.search_vectors(vecs[:2], k=3), local.search_vectors(vecs[:2], k=3)
+            assert np.array_equal(gi, wi) and gi[0, 0] == 0 and gi[1, 0] == 1
+        assert "text queries will be refused" in srv.log()

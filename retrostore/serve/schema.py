@@ -122,6 +122,9 @@ def parse_json(body: bytes) -> Any:
     except ValueError as exc:
         raise RequestError(f"the request body is malformed JSON: {exc}", field="body",
                            value=body[:80].decode("utf-8", "replace")) from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON arrays or objects too deeply to read", field="body",
+                           value=body[:80].decode("utf-8", "replace")) from None
 
 
 def _object(body: Any, known: tuple[str, ...]) -> dict:

@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure RSS/PSS per worker with 1, 2, 4 workers (default on)")
     p.add_argument("--workers", default="1,2,4", help="worker counts of the memory section (default 1,2,4)")
+    p.add_argument("--memory-chunks", type=int, default=200_000,
+                   help="the memory section also runs on a store this large: the benchmark's documents copied "
+                        "over and over with random unit vectors (default 200000; 0 = only the benchmark store)")
     p.add_argument("--quick", action="store_true", help="a short run: 3 s cells, one round, 200 queries")
     p.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     args = p.parse_args(argv)
@@ -132,6 +135,34 @@ def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
     print(f"built {store} and the baseline's files: {len(docs)} documents, {n} chunks in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return store
+
+
+def prepare_big(work: Path, docs: list[tuple[str, dict | None]], n_chunks: int) -> Path:
+    """A store of about ``n_chunks`` chunks for the memory section: ``docs`` appended again and
+    again, each chunk with a random unit vector (an exact Flat index, float16 on disk). Cached."""
+    import numpy as np
+
+    import retrostore
+
+    path = work / f"big{n_chunks}.rstore"
+    if (path / "manifest.json").exists():
+        return path
+    t0 = time.perf_counter()
+    texts = [t for t, _ in docs]
+    rng = np.random.default_rng(0)
+    with retrostore.create(path, index="Flat") as st:
+        per = st.chunker.chunk_many(texts)
+        n = sum(map(len, per))
+        for copy in range(-(-n_chunks // n)):
+            vecs = rng.standard_normal((n, st.info()["dim"])).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            st.append(texts, metadata=[{"copy": copy, **(m or {})} for _, m in docs], embeddings=vecs, chunks=per)
+            if copy % 8 == 7:
+                st.commit()
+        st.commit()
+        total = len(st)
+    print(f"built {path}: {total} chunks (random vectors) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
 
 
 # -- servers -----------------------------------------------------------------------
@@ -275,7 +306,7 @@ def memory(store: Path, work: Path, queries: list[str], args) -> list[dict]:
                 info = httpx.get(url + "/v1/info").json()
             finally:
                 stop_server(proc)
-            rows.append({"mmap": mmap_flag == "--mmap", "workers": workers, "seen": len(pids),
+            rows.append({"store": info["chunks"], "mmap": mmap_flag == "--mmap", "workers": workers, "seen": len(pids),
                          "rss": sum(m["rss"] for m in mem), "pss": sum(m["pss"] for m in mem),
                          "index_bytes": info["files"]["index_bytes"], "mapped": info["index"]["mmap"]})
             print(f"memory: {rows[-1]}", flush=True)
@@ -298,7 +329,11 @@ def main(argv=None) -> int:
         n_chunks = len(st)
     if args.load:
         results, batches = run_load(store_path, work, queries, n_docs, args)
-    mem = memory(store_path, work, queries, args) if args.memory else []
+    mem = []
+    if args.memory:
+        mem = memory(store_path, work, queries, args)
+        if args.memory_chunks > n_chunks:
+            mem += memory(prepare_big(work, docs[:n_docs], args.memory_chunks), work, queries, args)
     body = report(results, batches, mem, args, n_docs, n_chunks)
     print()
     print(body)
@@ -399,21 +434,22 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
                "full hits (text, token ids, continuation, metadata); the baseline answers passages and scores.")
     if mem:
         out += ["", "Memory of the worker processes (after each worker answered searches):", ""]
-        base = {m["mmap"]: m for m in mem if m["workers"] == min(args.workers)}
         rows = []
-        for m in mem:
-            b = base[m["mmap"]]
-            extra = m["workers"] - b["workers"]
-            per_rss = (m["rss"] - b["rss"]) / extra if extra else float("nan")
-            per_pss = (m["pss"] - b["pss"]) / extra if extra else float("nan")
-            rows.append(["yes" if m["mapped"] else "no", m["workers"], f"{m['rss'] / 2**20:.1f}",
-                         f"{m['pss'] / 2**20:.1f}", "-" if not extra else f"{per_rss / 2**20:.1f}",
-                         "-" if not extra else f"{per_pss / 2**20:.1f}"])
-        out.append(C.table(["index mmap", "workers", "RSS MiB (sum)", "PSS MiB (sum)", "RSS per extra worker MiB",
-                            "PSS per extra worker MiB"], rows))
+        for size in sorted({m["store"] for m in mem}):
+            base = {m["mmap"]: m for m in mem if m["store"] == size and m["workers"] == min(args.workers)}
+            for m in (m for m in mem if m["store"] == size):
+                b = base[m["mmap"]]
+                extra = m["workers"] - b["workers"]
+                per = [(m[x] - b[x]) / extra / 2**20 if extra else None for x in ("rss", "pss")]
+                rows.append([f"{size:,}", f"{m['index_bytes'] / 2**20:.1f}", "yes" if m["mapped"] else "no",
+                             m["workers"], f"{m['rss'] / 2**20:.0f}", f"{m['pss'] / 2**20:.0f}",
+                             "-" if per[0] is None else f"{per[0]:.0f}", "-" if per[1] is None else f"{per[1]:.0f}"])
+        out.append(C.table(["store chunks", "index MiB", "index mmap", "workers", "RSS MiB (sum)", "PSS MiB (sum)",
+                            "RSS per extra worker MiB", "PSS per extra worker MiB"], rows))
         out.append("")
-        out.append(f"Index files: {mem[0]['index_bytes'] / 2**20:.1f} MiB. RSS counts shared pages in every process "
-                   "that maps them; PSS splits them among those processes.")
+        out.append("RSS counts shared pages in every process that maps them; PSS splits them among those processes. "
+                   f"The {max(m['store'] for m in mem):,}-chunk store holds the benchmark's documents copied over "
+                   "and over with random unit vectors (memory only; its answers are not measured).")
     return "\n".join(out)
 
 

@@ -16,14 +16,8 @@ from __future__ import annotations
 
 from .client import RemoteStore, connect
 from .errors import MissingDependencyError, ServerError, ServerStoppingError, ServerUnavailableError
+from .runner import run
 from .settings import ServeSettings
 
 __all__ = ["connect", "RemoteStore", "ServeSettings", "run", "ServerUnavailableError", "ServerError",
            "ServerStoppingError", "MissingDependencyError"]
-
-
-def run(settings: ServeSettings, *, log_level: str = "info") -> None:
-    """Verify the store, then serve it until interrupted (see :func:`retrostore.serve.runner.run`)."""
-    from .runner import run as _run  # uvicorn and starlette are optional: imported when serving
-
-    _run(settings, log_level=log_level)

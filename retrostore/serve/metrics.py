@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
@@ -66,8 +67,6 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (all workers' in multiprocess mode)."""
         if self.multiprocess:
-            from prometheus_client import multiprocess
-
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
@@ -76,6 +75,4 @@ class Metrics:
     def close(self) -> None:
         """Drop this process's live gauges from the multiprocess files (a worker exiting)."""
         if self.multiprocess:
-            from prometheus_client import multiprocess
-
             multiprocess.mark_process_dead(os.getpid())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .app import create_app
 from .errors import MissingDependencyError
 from .settings import ServeSettings
 
@@ -64,11 +65,8 @@ def deployment(store: str | os.PathLike, *, replicas: int = 2, name: str = "retr
     settings.setdefault("threads", max(1, int(options.get("num_cpus", 1) or 1)))
     config = ServeSettings(store=os.path.abspath(os.fspath(store)), **settings).to_json()
 
-    def build_app():  # runs on each replica
-        from retrostore.serve.app import create_app
-        from retrostore.serve.settings import ServeSettings as Settings
-
-        return create_app(Settings.from_json(config))
+    def build_app():  # runs on each replica: the store is opened there
+        return create_app(ServeSettings.from_json(config))
 
     ingress = serve.ingress(build_app)()
     return serve.deployment(ingress, name=name, num_replicas=replicas, ray_actor_options=options).bind()

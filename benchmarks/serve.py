@@ -15,14 +15,16 @@ documents that are not in the store), k = 5, answered by:
   one request at a time (embed, FAISS ``IndexFlatIP`` search, LMDB passages),
   with the same model and the same vectors, threads=2 like the server.
 
-Each HTTP system is loaded by C client threads (C = 1, 8, 32), each with its
-own keep-alive ``httpx`` connection, sending one query after another for
-``--seconds`` (after a warm-up second). Both servers run during the whole
-benchmark; the concurrency levels run in ``--rounds`` rounds, alternating
-serve and Flask (and the in-process floor at C = 1) so that the machine's load
-affects them alike; each cell reports the round with the median throughput.
-Reported per cell: throughput (answers/s), p50 and p99 latency (ms), failed
-requests. Targets (issue #18): at 32 clients retrostore serve >= 3x the Flask
+Both servers run during the whole benchmark. With one client (C = 1), each
+query is asked of the three systems in turn, the order rotating, for 3 x
+``--seconds``: paired samples, so that the machine's load swings hit all three
+alike. With C = 8 and 32, C client threads, each with its own keep-alive
+``httpx`` connection, send one query after another for ``--seconds`` (after a
+warm-up second), serve and Flask alternating. The levels run in ``--rounds``
+rounds; each cell reports the round with the median throughput. Reported per
+cell: throughput (answers/s), p50 and p99 latency (ms), the server's CPU time
+per answer (all its threads; less sensitive to other jobs on the machine than
+wall time), failed requests. Targets (issue #18): at 32 clients retrostore serve >= 3x the Flask
 baseline's throughput; at 1 client its p50 within 1.3x of in-process.
 
 Memory (``--memory``, on by default): ``retrostore serve`` started with 1, 2
@@ -207,8 +209,15 @@ def serve_argv(store: Path, port: int, threads: int, extra: list[str], workers: 
 
 
 # -- load ------------------------------------------------------------------------------
-def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """``clients`` threads, each on its own keep-alive connection, for 1 s + ``seconds``."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float, pid: int) -> dict:
+    """``clients`` threads, each on its own keep-alive connection, for 1 s + ``seconds``; the
+    server's CPU time (process ``pid``) over the measured ``seconds`` too."""
     import httpx
 
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -247,23 +256,37 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float)
     now = time.perf_counter()
     times["start"], times["end"] = now + 1.0, now + 1.0 + seconds
     barrier.wait()
+    time.sleep(max(0.0, times["start"] - time.perf_counter()))
+    cpu0 = cpu_seconds(pid)
+    time.sleep(max(0.0, times["end"] - time.perf_counter()))
+    cpu1 = cpu_seconds(pid)
     for t in threads:
         t.join()
     lat = [x for per in latencies for x in per]
     return {"qps": len(lat) / seconds, "p50": C.pct(lat, 50) if lat else float("nan"),
-            "p99": C.pct(lat, 99) if lat else float("nan"), "n": len(lat), "errors": sum(errors)}
+            "p99": C.pct(lat, 99) if lat else float("nan"), "n": len(lat), "errors": sum(errors),
+            "cpu_ms": (cpu1 - cpu0) * 1e3 / max(1, len(lat))}
 
 
-def in_process(store, queries: list[str], k: int, seconds: float) -> dict:
-    lat = []
+def paired_one_client(systems: list[tuple[str, object]], queries: list[str], seconds: float) -> dict:
+    """One client: each query asked of every system in turn (order rotating), for ``seconds`` in
+    all, so that the machine's load swings hit every system alike. ``systems``: (name, call)
+    where ``call(q)`` answers one query and returns the CPU seconds it cost."""
+    lat: dict[str, list[float]] = {name: [] for name, _ in systems}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in systems}
     end = time.perf_counter() + seconds
     i = 0
     while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        store.search(queries[i % len(queries)], k=k)
-        lat.append(time.perf_counter() - t0)
+        q = queries[i % len(queries)]
+        order = systems[i % len(systems):] + systems[:i % len(systems)]
+        for name, call in order:
+            t0 = time.perf_counter()
+            c = call(q)
+            lat[name].append(time.perf_counter() - t0)
+            cpu[name].append(c)
         i += 1
-    return {"qps": len(lat) / sum(lat), "p50": C.pct(lat, 50), "p99": C.pct(lat, 99), "n": len(lat), "errors": 0}
+    return {name: {"qps": len(xs) / sum(xs), "p50": C.pct(xs, 50), "p99": C.pct(xs, 99), "n": len(xs), "errors": 0,
+                   "cpu_ms": 1e3 * sum(cpu[name]) / len(xs)} for name, xs in lat.items()}
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -357,23 +380,45 @@ def run_load(store_path: Path, work: Path, queries: list[str], n_docs: int, args
     flask = start_server([sys.executable, str(HERE / "_flask_baseline.py"), str(work), str(fp), str(args.threads)],
                          flask_url, work / "flask.log")
     try:
-        with retrostore.open(store_path, threads=args.threads) as st:
-            n_chunks = len(st)
+        with retrostore.open(store_path, threads=args.threads) as st, \
+                httpx.Client(base_url=serve_url, timeout=120) as sc, httpx.Client(base_url=flask_url, timeout=120) as fc:
             st.search(queries[0], k=args.k)
-            print(f"store {store_path}: {n_docs} documents, {n_chunks} chunks; {len(queries)} queries", flush=True)
+
+            def http_call(client, path, key, pid):
+                def call(q):
+                    c0 = cpu_seconds(pid)
+                    res = client.post(path, content=json.dumps({"query": q, key: args.k}).encode(),
+                                      headers={"Content-Type": "application/json"})
+                    assert res.status_code == 200 and res.json()["results"], res.text
+                    return cpu_seconds(pid) - c0
+                return call
+
+            def local_call(q):
+                c0 = time.process_time()
+                st.search(q, k=args.k)
+                return time.process_time() - c0
+
+            one = [("retrostore serve", http_call(sc, "/v1/search", "k", serve.pid)),
+                   ("Flask baseline", http_call(fc, "/search", "n_docs", flask.pid)),
+                   ("in-process", local_call)]
+            print(f"store {store_path}: {n_docs} documents, {len(st)} chunks; {len(queries)} queries", flush=True)
             for rnd in range(args.rounds):
                 for c in args.clients:
-                    runs = [("retrostore serve", lambda: load(serve_url, "/v1/search", serve_bodies, c, args.seconds)),
-                            ("Flask baseline", lambda: load(flask_url, "/search", flask_bodies, c, args.seconds))]
                     if c == 1:
-                        runs.append(("in-process", lambda: in_process(st, queries, args.k, args.seconds)))
-                    if rnd % 2:
-                        runs.reverse()
-                    for name, fn in runs:
-                        r = fn()
+                        cells = paired_one_client(one, queries, 3 * args.seconds)
+                    else:
+                        runs = [("retrostore serve", lambda: load(serve_url, "/v1/search", serve_bodies, c,
+                                                                  args.seconds, serve.pid)),
+                                ("Flask baseline", lambda: load(flask_url, "/search", flask_bodies, c,
+                                                                args.seconds, flask.pid))]
+                        if rnd % 2:
+                            runs.reverse()
+                        cells = {name: fn() for name, fn in runs}
+                    for name, r in cells.items():
                         results.setdefault((name, c), []).append(r)
                         print(f"round {rnd + 1} {name:16s} C={c:<3d} {r['qps']:8.1f} q/s  p50 {C.ms(r['p50'])} ms  "
-                              f"p99 {C.ms(r['p99'])} ms  failed {r['errors']}", flush=True)
+                              f"p99 {C.ms(r['p99'])} ms  CPU {r['cpu_ms']:.2f} ms/answer  failed {r['errors']}",
+                              flush=True)
         metrics = httpx.get(serve_url + "/metrics").text
     finally:
         stop_server(serve)
@@ -404,9 +449,10 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
         for c in args.clients:
             r = cell.get((name, c))
             if r:
-                rows.append([name, c, f"{r['qps']:.1f}", C.ms(r["p50"]), C.ms(r["p99"]), r["n"], r["errors"]])
-    out = [C.table(["system", "clients", "answers/s", "p50 ms", "p99 ms", "answers", "failed"], rows), ""] \
-        if rows else []
+                rows.append([name, c, f"{r['qps']:.1f}", C.ms(r["p50"]), C.ms(r["p99"]), f"{r['cpu_ms']:.2f}",
+                             r["n"], r["errors"]])
+    out = [C.table(["system", "clients", "answers/s", "p50 ms", "p99 ms", "CPU ms/answer", "answers", "failed"],
+                   rows), ""] if rows else []
     top = max(args.clients)
     s, f = cell.get(("retrostore serve", top)), cell.get(("Flask baseline", top))
     one, floor = cell.get(("retrostore serve", 1)), cell.get(("in-process", 1))
@@ -414,7 +460,9 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
     if s and f:
         ratio = s["qps"] / f["qps"]
         lines.append(f"* at {top} clients: retrostore serve {s['qps']:.1f} answers/s = **{ratio:.2f}x** the Flask "
-                     f"baseline's {f['qps']:.1f} (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+                     f"baseline's {f['qps']:.1f} (target >= 3x: {'met' if ratio >= 3 else 'NOT met'}); in server CPU "
+                     f"time per answer, {s['cpu_ms']:.2f} ms against {f['cpu_ms']:.2f} ms: "
+                     f"**{f['cpu_ms'] / s['cpu_ms']:.2f}x** less")
     if one and floor:
         ratio = one["p50"] / floor["p50"]
         lines.append(f"* at 1 client: retrostore serve p50 {C.ms(one['p50'])} ms = **{ratio:.2f}x** in-process "
@@ -429,9 +477,12 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
         lines.append(f"* failed requests in all rounds: {failed}")
     out += lines + [""]
     out.append(f"{n_docs} pydocs documents ({n_chunks} chunks, exact Flat index), {args.queries} held-out query "
-               f"sentences, k = {args.k}, {args.threads} threads per system, {args.seconds:g} s per cell after a 1 s "
-               f"warm-up, median of {args.rounds} rounds (serve and Flask alternating). retrostore serve answers "
-               "full hits (text, token ids, continuation, metadata); the baseline answers passages and scores.")
+               f"sentences, k = {args.k}, {args.threads} threads per system; median of {args.rounds} rounds. One "
+               f"client: each query asked of the three systems in turn (rotating order), {3 * args.seconds:g} s. "
+               f"8 and 32 clients: {args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. "
+               "CPU ms/answer: the server process's CPU time (all threads) over the measured time / answers (for "
+               "in-process, this process's). retrostore serve answers full hits (text, token ids, continuation, "
+               "metadata); the baseline answers passages and scores.")
     if mem:
         out += ["", "Memory of the worker processes (after each worker answered searches):", ""]
         rows = []

@@ -66,7 +66,7 @@ def corpus_path(path: str | None = None) -> Path:
 
 def read_docs(path: Path) -> list[tuple[str, dict | None]]:
     """All documents of a ``.jsonl[.gz|.zst]`` file as ``(text, metadata)``, in order."""
-    from retrostore._inputs import iter_documents
+    from retrostore.text.inputs import iter_documents
 
     return [(d.text, d.metadata) for d in iter_documents([path])]
 

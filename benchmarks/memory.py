@@ -36,7 +36,7 @@ from _common import clustered_vectors as vectors  # noqa: E402
 
 
 def build(path: Path, n: int, threads: int | None, batch: int = 100_000) -> dict:
-    from retrostore._training import default_factory
+    from retrostore.index.policy import default_factory
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1024, DIM)).astype(np.float32)

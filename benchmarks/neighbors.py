@@ -101,7 +101,7 @@ def fetch(st, ids: np.ndarray) -> list:
 
 
 def bench_neighbors(st, rows: np.ndarray, args) -> dict:
-    from retrostore._retro import _split_chunks
+    from retrostore.store.retrieval import _split_chunks
 
     t = int(st.manifest["chunk_tokens"])
     k = args.k
@@ -137,13 +137,15 @@ def bench_neighbors(st, rows: np.ndarray, args) -> dict:
 
 
 def bench_precompute(st, tmp: Path, k: int) -> dict:
-    import retrostore._retro as _retro
+    import retrostore.store.precompute as _precompute
+    from retrostore.store.reading import Reader
+    from retrostore.store.version import Version
 
     out = tmp / "neighbors.npy"
     n = len(st)
     # Instrumented run: every index search it makes (rows, candidates) and its other parts.
     timer, calls = C.Timer(), []
-    search = st.search_vectors
+    search = st._reader.search_vectors  # what the precompute calls
 
     def counted(v, kk):
         t0 = time.perf_counter()
@@ -152,14 +154,14 @@ def bench_precompute(st, tmp: Path, k: int) -> dict:
         finally:
             calls.append((len(v), kk, time.perf_counter() - t0))
 
-    st.search_vectors = timer.wrap("search", counted)  # instance attribute: this handle only
+    st._reader.search_vectors = timer.wrap("search", counted)  # instance attribute: this handle only
     try:
-        with C.patched((_retro, "atomic_write", timer.wrap("progress file", _retro.atomic_write)),
-                       (type(st), "_stored_vectors", timer.wrap("vectors", type(st)._stored_vectors)),
-                       (type(st), "_all_doc_ids", timer.wrap("doc ids", type(st)._all_doc_ids))):
+        with C.patched((_precompute, "atomic_write", timer.wrap("progress file", _precompute.atomic_write)),
+                       (Version, "stored_vectors", timer.wrap("vectors", Version.stored_vectors)),
+                       (Reader, "all_doc_ids", timer.wrap("doc ids", Reader.all_doc_ids))):
             t_pre, _ = C.timed(st.precompute_neighbors, out, k=k, exclude_same_doc=True, progress=False)
     finally:
-        del st.search_vectors
+        del st._reader.search_vectors
     first = [c for c in calls if c[1] == k + max(8, k)]
     retries = [c for c in calls if c[1] != k + max(8, k)]
     per_k: dict[int, list] = {}
@@ -169,12 +171,12 @@ def bench_precompute(st, tmp: Path, k: int) -> dict:
         agg[1] += rows
         agg[2] += dt
     got = np.load(out, mmap_mode="r")
-    doc = st._all_doc_ids()
+    doc = st._reader.all_doc_ids()
     valid = got >= 0
     same = int((doc[np.where(valid, got, 0)] == doc[:, None])[valid].sum())
     missing = int((~valid).sum())
     # Reference, same run: plain exact search of every stored vector, k neighbours, no exclusion.
-    t_vec, vecs = C.timed(st._stored_vectors, 0, n)
+    t_vec, vecs = C.timed(st._head.version.stored_vectors, 0, n)
     t0 = time.perf_counter()
     for s in range(0, n, 1024):
         st.search_vectors(vecs[s : s + 1024], k)
@@ -224,7 +226,7 @@ def report(res: dict, pre: dict | None, args, meta: dict) -> str:
               f"{n / pre['plain']:.0f}", "1.00x"],
              [f"same with k={args.k + max(8, args.k)} (the candidates precompute fetches)", f"{pre['cand']:.2f}",
               f"{n / pre['cand']:.0f}", f"{pre['cand'] / pre['plain']:.2f}x"],
-             ["reading all stored vectors (`_stored_vectors`)", f"{pre['vec']:.2f}", f"{n / pre['vec']:.0f}", ""]])
+             ["reading all stored vectors (`Version.stored_vectors`)", f"{pre['vec']:.2f}", f"{n / pre['vec']:.0f}", ""]])
         p = pre["parts"]
         rest = pre["pre"] - sum(p.values())
         split = C.table(
@@ -232,9 +234,9 @@ def report(res: dict, pre: dict | None, args, meta: dict) -> str:
             [[f"index search: {pre['first_calls']} first calls (k + 8 candidates) + {pre['retry_calls']} retries "
               f"({pre['retry_rows']} rows, up to k = {pre['retry_max_k']})", f"{p.get('search', 0):.2f}",
               f"{100 * p.get('search', 0) / pre['pre']:.1f}%"],
-             ["stored vectors (`_stored_vectors`)", f"{p.get('vectors', 0):.2f}",
+             ["stored vectors (`Version.stored_vectors`)", f"{p.get('vectors', 0):.2f}",
               f"{100 * p.get('vectors', 0) / pre['pre']:.1f}%"],
-             ["document ids (`_all_doc_ids`)", f"{p.get('doc ids', 0):.2f}",
+             ["document ids (`Reader.all_doc_ids`)", f"{p.get('doc ids', 0):.2f}",
               f"{100 * p.get('doc ids', 0) / pre['pre']:.1f}%"],
              ["progress file (`atomic_write`, once per batch)", f"{p.get('progress file', 0):.2f}",
               f"{100 * p.get('progress file', 0) / pre['pre']:.1f}%"],

@@ -41,7 +41,7 @@ def _sha256(path: Path) -> str:
 
 
 def _read_corpus(corpus: Path) -> list[str]:
-    from retrostore._inputs import iter_documents
+    from retrostore.text.inputs import iter_documents
 
     return [d.text for d in iter_documents([corpus])]
 
@@ -68,7 +68,7 @@ def cache_from_store(cache_dir: Path, store_path: Path, corpus: Path) -> dict:
     """Fill the cache from a complete store built from ``corpus`` with the default model.
 
     Reads only through the store's read API (``retrostore.open(path)`` in mode
-    "r"): the vectors of its Flat index (``Store._stored_vectors``; float32 as
+    "r"): the vectors of its Flat index (``Version.stored_vectors``; float32 as
     embedded for a store with ``vector_dtype="float32"`` or of format 2, their
     float16 values otherwise: the cache's source line says which), its chunk
     texts and document texts. The store is never written.
@@ -91,7 +91,7 @@ def cache_from_store(cache_dir: Path, store_path: Path, corpus: Path) -> dict:
             raise SystemExit(f"{store_path} holds {m['next_doc_id']} documents, the corpus {len(docs)}: "
                              "it is incomplete (still building?)")
         n = len(st)
-        vectors = st._stored_vectors(0, n)
+        vectors = st._head.version.stored_vectors(0, n)
         chunk_doc = np.empty(n, np.int64)
         chunk_text: list[str] = []
         for a in range(0, n, 10_000):
@@ -230,7 +230,7 @@ def _save_chunks(path: Path, doc_texts: list[str], chunk_text: list[str]) -> Non
 
 def load_chunks(path: Path) -> list[list]:
     """``chunks.npz`` as ``chunk_many`` returns it: per document, its ``retrostore.Chunk`` list."""
-    from retrostore._chunking import Chunk  # what Chunker.chunk_many returns (not retrostore.Chunk)
+    from retrostore.text.chunking import Chunk  # what Chunker.chunk_many returns (not retrostore.Chunk)
 
     z = np.load(path)
     per_doc: list[list] = []

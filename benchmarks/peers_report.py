@@ -179,7 +179,7 @@ def render(info, rows, ingest, paired, floor) -> str:
                 "retro_faiss_call": f"retrostore: the bare FAISS call on its own segment ({st['segments']} segment)",
                 "retro_search_vectors": "retrostore: `Store.search_vectors` (checks, FAISS, `_clean`)",
                 "retro_get_chunks": "retrostore: `Store.get_chunks` of the 10 ids (records with tokens, `Chunk`s)",
-                "retro_hits": "retrostore: `Store._hits` instead (10 hits + their continuations: ~19 records)",
+                "retro_hits": "retrostore: `Reader.hits` instead (10 hits + their continuations: ~19 records)",
             }
             n = len(next(iter(v for k, v in st.items() if k != "segments")))
             L.append(f"Where a single query's time goes (same process, steps interleaved per query, each LMDB step right after a FAISS scan, "

@@ -182,7 +182,7 @@ class Retrostore(System):
     cached ones (asserted), so chunk ids equal row numbers. ``after_ingest``
     also times the same ingest from documents alone (tokenizing included).
     The ``hits`` variant returns what ``Store.search`` returns after
-    embedding (``Store._hits``: each hit with its continuation chunk).
+    embedding (``Reader.hits``: each hit with its continuation chunk).
     """
 
     name = "retrostore-flat"
@@ -266,7 +266,7 @@ class Retrostore(System):
     def query_one(self, h, q, k, hits=False, params=None):
         scores, ids = h.search_vectors(q, k, params=params)
         if hits:
-            row = h._hits(scores, ids)[0]
+            row = h._reader.hits(scores, ids)[0]
             return [x.chunk_id for x in row], [x.text for x in row]
         chunks = h.get_chunks(ids[0][ids[0] >= 0])
         return [c.chunk_id for c in chunks], [c.text for c in chunks]
@@ -274,7 +274,7 @@ class Retrostore(System):
     def query_batch(self, h, qs, k, hits=False, params=None):
         scores, ids = h.search_vectors(qs, k, params=params)
         if hits:
-            rows = h._hits(scores, ids)
+            rows = h._reader.hits(scores, ids)
             return ids, [[x.text for x in row] for row in rows]
         flat = ids[ids >= 0]
         by_id = {c.chunk_id: c.text for c in h.get_chunks(np.unique(flat))}
@@ -291,7 +291,7 @@ class RetrostoreTrained(Retrostore):
     variants = [("", "", {})]
 
     def factory(self):
-        from retrostore._training import default_factory
+        from retrostore.index.policy import default_factory
 
         return default_factory(self.n_chunks, 384, trained=True)
 
@@ -310,7 +310,7 @@ class RetrostoreSQ(Retrostore):
     index_params = {"nprobe": 256, "rerank": 2}
 
     def factory(self):
-        from retrostore._training import default_factory
+        from retrostore.index.policy import default_factory
 
         nlist = default_factory(self.n_chunks, 384, trained=True).split(",")[0]
         return f"{nlist},SQ8"

@@ -238,13 +238,13 @@ def _steps(floor, st, queries, args) -> dict:
 
     Steps: the floor's FAISS call and LMDB text fetch; the bare FAISS call on
     retrostore's own (single) segment; ``Store.search_vectors``;
-    ``Store.get_chunks`` of the ids found; ``Store._hits`` (chunks plus
+    ``Store.get_chunks`` of the ids found; ``Reader.hits`` (chunks plus
     continuations, what ``Store.search`` does after embedding).
     """
     import msgpack
 
     index, env = floor
-    segs = st._index.segments
+    segs = st._head.version.segments
     seg = segs[0].index if len(segs) == 1 else None
     k = args.k
     steps = {n: [] for n in ("floor_faiss", "floor_texts", "retro_faiss_call", "retro_search_vectors",
@@ -268,7 +268,7 @@ def _steps(floor, st, queries, args) -> dict:
             if seg is not None:
                 seg.search(q, k)
             t3 = pc()
-            st._hits(s, rid)
+            st._reader.hits(s, rid)
             t6 = pc()
             for name, d in zip(steps, (t1 - t0, t2 - t1, t3 - t5, t4 - t2, t5 - t4, t6 - t3)):
                 steps[name].append(d)

@@ -11,7 +11,7 @@ is timed, in the same loop:
 * end to end: ``store.search(q, k=5)``;
 * embedding: ``store.embedder.embed([q])``;
 * index search: ``store.search_vectors(vec, 5)``;
-* LMDB fetch: ``store._hits(scores, ids)`` (chunk records and continuations);
+* LMDB fetch: ``store._reader.hits(scores, ids)`` (chunk records and continuations);
 
 alternating which comes first from one query to the next. p50 and p99 are
 reported per part, and each part's share of the end-to-end time (ratio of
@@ -114,7 +114,7 @@ def run(st, queries: list[str], args) -> dict:
         t_emb.append(dt)
         dt, (s, ids) = C.timed(st.search_vectors, v, k)
         t_search.append(dt)
-        dt, hits = C.timed(st._hits, s, ids)
+        dt, hits = C.timed(st._reader.hits, s, ids)
         t_fetch.append(dt)
         return hits
 
@@ -148,7 +148,7 @@ def run(st, queries: list[str], args) -> dict:
         b_emb.append(dt)
         dt, (s, ids) = C.timed(st.search_vectors, v, k)
         b_search.append(dt)
-        dt, _ = C.timed(st._hits, s, ids)
+        dt, _ = C.timed(st._reader.hits, s, ids)
         b_fetch.append(dt)
     threads = None if args.no_threads or st.threads < 2 else compare_threads(st, queries, args)
     return {"threads": threads, "e2e": e2e, "embed": t_emb, "search": t_search, "fetch": t_fetch,
@@ -196,7 +196,7 @@ def report(r: dict, args, store_path, source: str) -> str:
     n_chunks, n_docs = r["n_chunks"], r["n_docs"]
     e2e = np.asarray(r["e2e"])
     names = [("embedding: `embedder.embed([q])`", "embed"), ("index search: `search_vectors(vec, k)`", "search"),
-             ("LMDB fetch: `_hits(scores, ids)`", "fetch")]
+             ("LMDB fetch: `Reader.hits(scores, ids)`", "fetch")]
     rows = []
     mean_e2e = float(e2e.mean())
     summed = np.zeros_like(e2e)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrostore  # noqa: E402
-from retrostore._evaluate import evaluate  # noqa: E402
+from retrostore.store.evaluate import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
                     params["nprobe"] = nprobe
                 if rerank is not None:
                     params["rerank"] = rerank
-                res = evaluate(st, queries=args.queries, k=args.k, params=params,
+                res = evaluate(st._reader, queries=args.queries, k=args.k, params=params,
                                latency_queries=args.latency_queries)
                 rows.append(res)
                 print(json.dumps(res), file=sys.stderr, flush=True)

@@ -4,14 +4,14 @@ The numbers feed docs/scaling.md, which plans a Pile-sized build on paper.
 One run takes the leading ``--docs`` documents of ``../shared/data/pydocs.jsonl.zst``
 and times, on this machine, the real functions a sharded build calls:
 
-read      stage 1/3: decompress + parse the JSON lines (``_shards.count_file``)
+read      stage 1/3: decompress + parse the JSON lines (``build.plan.count_file``)
 tokenize  stage 3: ``Chunker.chunk_many`` (64-token chunks, HF tokenizers, Rust)
 embed     stage 3: ``embed_chunks`` with the default int8 all-MiniLM-L6-v2 on CPU,
           with 1 onnxruntime thread (what one Ray task with num_cpus=1 sees)
           and with every CPU of this process
 encode    stage 3: pack the msgpack chunk/doc records and write the shard files
           (fsynced), i.e. ``run_shard`` minus reading, tokenizing and embedding
-merge     stage 4: ``load_shard`` (checksums, unpack) + ``Store._append_chunked``
+merge     stage 4: ``load_shard`` (checksums, unpack) + ``Writer.stage``
           (pack, LMDB put, hash) + ``commit`` (vectors .npy, Flat segment, LMDB
           sync, manifest)
 verify    stage 4: ``Store.verify`` (every checksum, record hash chain, counts)
@@ -39,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import retrostore  # noqa: E402
-from retrostore import _shards  # noqa: E402
-from retrostore._distributed import _settings  # noqa: E402
-from retrostore._embed import embed_chunks  # noqa: E402
+from retrostore.build import plan as _plan  # noqa: E402
+from retrostore.build import shards as _shards  # noqa: E402
+from retrostore.build.sharded import _settings  # noqa: E402
+from retrostore.text.models import embed_chunks  # noqa: E402
 
 PYDOCS = ROOT.parent / "shared" / "data" / "pydocs.jsonl.zst"
 
@@ -79,14 +80,14 @@ def main() -> None:
     settings = _settings(st.manifest, "text", "meta")
     work = tmp / "work"
     work.mkdir()
-    (work / _shards.TOKENIZER).write_bytes((tmp / "s.rstore" / "tokenizer.json").read_bytes())
-    files = _shards.input_files([src])
+    (work / _plan.TOKENIZER).write_bytes((tmp / "s.rstore" / "tokenizer.json").read_bytes())
+    files = _plan.input_files([src])
     rows: list[tuple[str, float]] = []
 
-    t_read, counts = _best(lambda: [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files],
+    t_read, counts = _best(lambda: [_plan.count_file(f["path"], f["rel"], "text", "meta") for f in files],
                            args.rounds)
-    plan = _shards.make_plan(files, counts, settings, shards=1, key="bench")
-    docs = list(_shards.read_documents(plan, 0, plan["body"]["documents"]))
+    plan = _plan.make_plan(files, counts, settings, shards=1, key="bench")
+    docs = list(_plan.read_documents(plan, 0, plan["body"]["documents"]))
     texts = [d.text for d in docs]
     chunker = st.chunker
     t_tok, per_doc = _best(lambda: chunker.chunk_many(texts), args.rounds)
@@ -120,7 +121,7 @@ def main() -> None:
                  tuple(max(a - b - c, 0.0) for a, b, c in zip(t_shard, t_read, t_tok))))
 
     t_load, loaded = _best(lambda: _shards.load_shard(work, plan, 0), 1)
-    t_append, _ = _best(lambda: st._append_chunked(*loaded), 1)
+    t_append, _ = _best(lambda: st._writer.stage(*loaded), 1)
     t_commit, _ = _best(st.commit, 1)
     rows += [("merge: load shard (sha256, unpack)", t_load), ("merge: append (pack, LMDB put, hash)", t_append),
              ("merge: commit (vectors, Flat add, sync, manifest)", t_commit)]

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
+import warnings
 
 import click
+import numpy as np
 
 import retrostore
 from retrostore import RetrostoreError
+from retrostore.build import build_store
 
 __all__ = ["main", "cli"]
 
@@ -56,6 +60,9 @@ def cli() -> None:
 @click.option("--commit-every", type=int, default=20_000, show_default=True,
               help="Commit after this many chunks, so an interrupted build keeps its committed part.")
 @click.option("--threads", type=int, default=None, help="FAISS/onnxruntime threads (default: CPUs available).")
+@click.option("--append", is_flag=True,
+              help="Add the documents of inputs the store holds already once more (without it, inputs a build "
+                   "finished are skipped and an interrupted build resumes).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
               help="Build in shards (plan, train, shard, merge): 'local' in this process, 'ray' as Ray tasks "
                    "(pip install \"retrostore[ray]\"). Re-running resumes; see docs/scaling.md.")
@@ -69,20 +76,21 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
 def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factory, commit_every, threads,
-          engine, address, shards, device, work_dir, quiet):
+          append, engine, address, shards, device, work_dir, quiet):
     """Build (or append to) STORE from INPUT files: .txt (one document per file),
     .jsonl, .jsonl.gz, .jsonl.zst (The Pile's {"text", "meta"} lines) and
     directories of these.
+
+    Running it again is safe: input files whose documents the store holds
+    already (recorded by sha256) are skipped, an interrupted build resumes
+    after its last commit, and new files are added; --append adds the same
+    documents once more.
 
     With --engine (or --shards/--work-dir/--device cuda) the build runs in
     stages that give the same store: plan shards, train the index if needed,
     tokenize and embed each shard (on Ray with --engine ray), merge in order
     and verify. Running it again after an interruption reuses finished shards;
     after success it does nothing."""
-    import warnings
-
-    from retrostore.build import build_store
-
     if commit_every < 1:
         raise click.BadParameter(f"{commit_every} must be >= 1", param_hint="--commit-every")
     if shards is not None and shards < 1:
@@ -94,13 +102,13 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
         result = build_store(
             store, list(inputs), tokenizer=tokenizer, chunk_tokens=chunk_tokens, text_field=text_field,
             meta_field=meta_field, index=factory, commit_every=commit_every, threads=threads, progress=not quiet,
-            engine=engine, shards=shards, address=address, device=device, work_dir=work_dir,
+            append=append, engine=engine, shards=shards, address=address, device=device, work_dir=work_dir,
         )
     for w in caught:
         if issubclass(w.category, RuntimeWarning):
             click.echo(f"warning: {w.message}", err=True)
     verb = "interrupted; kept" if result.interrupted else "built"
-    if result.engine and not result.interrupted and result.documents == 0 and result.shards:
+    if result.already_built:
         verb = "already built"
     sharded = ""
     if result.engine:
@@ -110,6 +118,12 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
         f"{verb} {store}: version {result.version}, +{result.documents} documents, +{result.chunks} chunks "
         f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s){sharded}"
     )
+    if result.resumed_documents:
+        click.echo(f"resumed: {result.resumed_documents} documents of these inputs were committed by an earlier, "
+                   "interrupted run")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} input(s) the store holds already (pass --append to add their "
+                   f"documents again): {'; '.join(result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''}")
     if result.interrupted:
         sys.exit(130)
 
@@ -259,8 +273,6 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, quiet):
     with retrostore.open(store) as st:
         path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
                                        queries=queries, progress=not quiet)
-    import numpy as np
-
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     click.echo(f"wrote {path}: shape {arr.shape} int64")
 
@@ -364,8 +376,6 @@ def delete(store, doc_ids):
 @_friendly
 def reindex(store, factory, train_size, seed, params, mmap, quiet):
     """Retrain and rebuild STORE's index from its stored vectors (no re-embedding)."""
-    import logging
-
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()

@@ -13,15 +13,15 @@ the chunking tokenizer and a manifest that is the single commit point.
 
 from __future__ import annotations
 
-from ._chunking import Chunker
-from ._embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder, default_embedder, default_tokenizer_path
-from ._artifact import pack
-from ._create import create
-from ._store import Store
-from ._create import open_store as open
-from ._unpack import unpack
-from ._retro import Neighbors
-from ._types import Chunk, Document, Hit
+from .ship.pack import pack
+from .ship.unpack import unpack
+from .store.create import create
+from .store.create import open_store as open
+from .store.store import Store
+from .text.chunking import Chunker
+from .text.embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder
+from .text.models import default_embedder, default_tokenizer_path
+from .types import Chunk, Document, Hit, Neighbors
 from .errors import (
     CommitError,
     CorruptStoreError,

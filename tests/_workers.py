@@ -18,7 +18,7 @@ import traceback
 import numpy as np
 
 import retrostore
-from retrostore import _chunks
+from retrostore.storage import chunktable as _chunks
 
 
 def batch_plan(b: int, n_docs: int) -> list[int]:
@@ -183,7 +183,7 @@ def lmdb_sweep(root: str, original: str, positions: list[int], xor: int, isolate
     ``SILENT`` (verify clean, reads differ) or ``OTHER:...`` (any other error).
     If the process dies, the last ``P`` line says in which phase.
     """
-    from retrostore._inspect import verify_store
+    from retrostore.store.verify import verify_version
 
     data = os.path.join(root, "chunks.lmdb", "data.mdb")
     with open(original, "rb") as fh:
@@ -210,7 +210,7 @@ def lmdb_sweep(root: str, original: str, positions: list[int], xor: int, isolate
             continue
         try:
             _line(fd, f"P {pos} verify")
-            problems = verify_store(st, isolate=isolate)
+            problems = verify_version(st._head.version, st._table, readonly_media=st.readonly_media, isolate=isolate)
             if problems:
                 bad = [p for p in problems if not p.startswith("chunks.lmdb/data.mdb:")]
                 outcome = "verify" if not bad else f"OTHER:verify names {bad[0]}"

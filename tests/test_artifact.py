@@ -32,8 +32,8 @@ from retrostore import (
     StoreExistsError,
     UnsafeArchiveError,
 )
-from retrostore._artifact import require_raw_vectors
-from retrostore._manifest import FORMAT_VERSION, encode_manifest
+from retrostore.storage.vectors import require_raw_vectors
+from retrostore.storage.manifest import FORMAT_VERSION, encode_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 LFS_POINTER = (
@@ -301,13 +301,13 @@ def test_no_vectors_slim_artifact(tmp_path, hash_store):
     with retrostore.open(hash_store, embedder=HashEmbedder()) as st:
         require_raw_vectors(st.manifest, "reindex")  # the full store keeps them
     with retrostore.open(dest, embedder=HashEmbedder()) as st:
-        from retrostore._index import Segment
+        from retrostore.storage.segments import Segment
 
         # as if the index could not give its vectors back (IVF-PQ, LSH, ...)
         real, Segment.exact = Segment.exact, property(lambda self: False)
         try:
             with pytest.raises(NoRawVectorsError, match="dropped when this store was packed"):
-                st._stored_vectors(0, len(st))
+                st._head.version.stored_vectors(0, len(st))
         finally:
             Segment.exact = real
     with retrostore.open(dest, mode="a", embedder=HashEmbedder()) as st:

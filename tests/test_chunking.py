@@ -1,4 +1,4 @@
-"""Tests of retrostore._chunking: tokenizer loading and document -> chunks."""
+"""Tests of retrostore.text.chunking: tokenizer loading and document -> chunks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from retrostore._chunking import Chunk, Chunker
+from retrostore.text.chunking import Chunk, Chunker
 from retrostore.errors import InvalidDocumentError, InvalidInputError, RetrostoreError
 
 from conftest import SHARED  # noqa: E402  (RETROSTORE_SHARED or ../shared)

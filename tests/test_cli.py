@@ -86,7 +86,7 @@ def test_verify_ok(cli_store):
     assert json.loads(res.output)["ok"] is True
 
 
-def test_build_appends_and_refuses_other_settings(tmp_path, corpus):
+def test_build_is_idempotent_appends_when_asked_and_refuses_other_settings(tmp_path, corpus):
     path = tmp_path / "s"
     runner = CliRunner()
     assert runner.invoke(cli, ["build", str(path), str(corpus), "-q", "--commit-every", "1"]).exit_code == 0
@@ -94,6 +94,10 @@ def test_build_appends_and_refuses_other_settings(tmp_path, corpus):
         n, v = len(st), st.version
         assert v > 1  # periodic commits
     res = runner.invoke(cli, ["build", str(path), str(corpus), "-q"])
+    assert res.exit_code == 0 and res.output.startswith("already built"), res.output
+    with retrostore.open(path) as st:
+        assert len(st) == n and st.version == v  # the same inputs again add nothing
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "-q", "--append"])
     assert res.exit_code == 0, res.output
     with retrostore.open(path) as st:
         assert len(st) == 2 * n and st.info()["documents"] == 40

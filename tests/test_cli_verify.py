@@ -9,7 +9,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from retrostore import _manifest
+from retrostore.storage import manifest as _manifest
 from retrostore.cli import cli
 
 from test_corruption import targeted_positions

@@ -22,7 +22,10 @@ import numpy as np
 import pytest
 
 import retrostore
-from retrostore import CorruptStoreError, _manifest, _vectors
+from retrostore import CorruptStoreError
+from retrostore.storage import layout as _layout
+from retrostore.storage import manifest as _manifest
+from retrostore.storage import vectors as _vectors
 
 import _workers
 
@@ -75,7 +78,7 @@ def test_manifest_truncation_is_refused(store):
         mpath.write_bytes(raw[:n])
         msg = _open_error(store)
         assert msg.startswith("manifest.json:"), msg
-    version_copy = _manifest.version_path(store, 1)
+    version_copy = _layout.version_path(store, 1)
     version_copy.write_bytes(raw[:-5])
     mpath.write_bytes(raw)
     with pytest.raises(CorruptStoreError, match="versions/manifest-000000000001.json"):

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 import retrostore
-from retrostore import _manifest
+from retrostore.storage import layout as _layout
+from retrostore.storage import manifest as _manifest
 
 import _workers
 
@@ -77,7 +78,7 @@ def leftovers(path: Path) -> dict:
     current = _manifest.read_manifest(path)
     referenced = {e["path"] for e in _manifest.referenced_files(current)}
     future = []
-    for p in (path / _manifest.VERSIONS_DIR).glob("manifest-*.json"):
+    for p in (path / _layout.VERSIONS_DIR).glob("manifest-*.json"):
         v = int(p.name[9:21])
         if v > current["version"]:
             future.append(p.name)

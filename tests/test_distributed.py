@@ -21,8 +21,9 @@ import zstandard
 from click.testing import CliRunner
 
 import retrostore
-from retrostore import _shards
-from retrostore._distributed import _settings
+from retrostore.build import plan as _plan
+from retrostore.build import shards as _shards
+from retrostore.build.sharded import _settings
 from retrostore.build import build_store
 from retrostore.errors import IndexTrainingError, InvalidInputError
 
@@ -93,7 +94,7 @@ def _snapshot(path: Path) -> dict:
             "tokens": [c.tokens.tolist() for c in chunks],
             "records": raw,
             "documents": [(d.text, d.metadata) for d in map(st.get_document, range(n_docs))],
-            "vectors": st._stored_vectors(0, n),
+            "vectors": st._head.version.stored_vectors(0, n),
             "hits": [[(h.chunk_id, h.doc_id, h.score) for h in row] for row in hits],
         }
 
@@ -122,10 +123,10 @@ def test_plan_is_deterministic(corpus, local_store, tmp_path):
         recorded = next(iter(st.manifest["builds"]))
 
     def plan(inputs, shards):
-        files = _shards.input_files(inputs)
-        counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
-        key = _shards.plan_key(files, settings, shards, _shards.SHARD_CHARS)
-        return _shards.make_plan(files, counts, settings, shards=shards, key=key)
+        files = _plan.input_files(inputs)
+        counts = [_plan.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+        key = _plan.plan_key(files, settings, shards, _plan.SHARD_CHARS)
+        return _plan.make_plan(files, counts, settings, shards=shards, key=key)
 
     p1, p2 = plan([corpus], 3), plan([corpus], 3)
     assert p1 == p2 and p1["build_id"] == recorded
@@ -141,7 +142,7 @@ def test_plan_is_deterministic(corpus, local_store, tmp_path):
     p3 = plan([copy], 3)
     assert p3["build_id"] == p1["build_id"] and p3["key"] != p1["key"]
     # Shards are balanced by characters, not by document count.
-    chars = [sum(len(d.text) for d in _shards.read_documents(p1, a, b)) for a, b in bounds]
+    chars = [sum(len(d.text) for d in _plan.read_documents(p1, a, b)) for a, b in bounds]
     assert max(chars) < 2 * min(chars)
 
 
@@ -186,10 +187,10 @@ def test_interrupted_merge_resumes_after_its_last_commit(tmp_path, corpus, local
 def test_retried_or_duplicated_shard_task_leaves_one_shard(tmp_path, corpus, embedder, local_store):
     with retrostore.open(local_store) as st:
         settings = _settings(st.manifest, "text", "meta")
-        (tmp_path / _shards.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
-    files = _shards.input_files([corpus])
-    counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
-    plan = _shards.make_plan(files, counts, settings, shards=3, key="k")
+        (tmp_path / _plan.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
+    files = _plan.input_files([corpus])
+    counts = [_plan.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+    plan = _plan.make_plan(files, counts, settings, shards=3, key="k")
     # A killed attempt's half-written directory is never taken for a shard.
     half = tmp_path / ".tmp-shard-00001.123.abcd"
     half.mkdir()
@@ -216,7 +217,7 @@ def test_retried_or_duplicated_shard_task_leaves_one_shard(tmp_path, corpus, emb
 
 def test_shard_records_use_the_store_encoding(local_store, tmp_path):
     """Shards write chunk records with the encoder the store's append uses (one function)."""
-    from retrostore._chunks import encode_chunks
+    from retrostore.storage.records import encode_chunks
 
     with retrostore.open(local_store) as st:
         doc = st.get_document(1)
@@ -226,7 +227,7 @@ def test_shard_records_use_the_store_encoding(local_store, tmp_path):
         assert [k for k, _ in keyed] == [(first + j).to_bytes(8, "big") for j in range(len(chunks))]
         stored = [st._table.env.begin().get(k, db=st._table._chunks) for k, _ in keyed]
         assert [v for _, v in keyed] == stored  # re-packing gives the committed bytes
-        if st._table.sealed:  # the store appends a crc32 of key || msgpack (retrostore._chunks.seal)
+        if st._table.sealed:  # the store appends a crc32 of key || msgpack (retrostore.storage.lmdbscan.seal)
             stored = [v[:-4] for v in stored]
         assert encode_chunks(st.manifest["tokenizer"]["token_dtype"], 1, doc.text, chunks) == stored
 
@@ -264,10 +265,10 @@ def test_index_training_stage(tmp_path, corpus, embedder, local_store):
     assert _shards.needs_training("IVF4,Flat", 384, "ip")
     with retrostore.open(local_store) as st:
         settings = _settings(st.manifest, "text", "meta")
-        (tmp_path / _shards.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
-    files = _shards.input_files([corpus])
-    counts = [_shards.count_file(f["path"], f["rel"], "text", "meta") for f in files]
-    flat = _shards.make_plan(files, counts, settings, shards=2, key="k")
+        (tmp_path / _plan.TOKENIZER).write_bytes((local_store / "tokenizer.json").read_bytes())
+    files = _plan.input_files([corpus])
+    counts = [_plan.count_file(f["path"], f["rel"], "text", "meta") for f in files]
+    flat = _plan.make_plan(files, counts, settings, shards=2, key="k")
     assert _shards.train_template(flat, tmp_path, embedder) is None  # auto: trains at a commit
     assert _shards.train_template(flat, tmp_path, embedder, factory="Flat") is None  # nothing to train
     info: dict = {}
@@ -288,7 +289,7 @@ def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store
     installs it before any shard is merged; each shard task encodes its vectors with a clone of
     it and the merge adopts those codes (it encodes nothing itself). The chunk table equals the
     plain build's; the index answers; re-running does nothing."""
-    from retrostore import _maintenance
+    from retrostore.store import indexer as _maintenance
 
     encoded_at_merge = []
     real = _maintenance.build_segment
@@ -303,7 +304,7 @@ def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store
         assert idx["template"] and idx["trained"]["vectors"] == 0 and idx["trained"]["sample"] > 0
         assert st.verify() == []
         n = len(st)
-        _scores, ids = st.search_vectors(st._stored_vectors(0, 5), k=1)
+        _scores, ids = st.search_vectors(st._head.version.stored_vectors(0, 5), k=1)
         assert ids[:, 0].tolist() == list(range(5))  # IVF1 probes its one list: exact
     same = ("counts", "chunk_ids", "doc_ids", "tokens", "records", "documents")
     snap = _snapshot(path)
@@ -320,7 +321,7 @@ def test_sharded_build_trains_its_index_at_stage_2(tmp_path, corpus, plain_store
     assert added.chunks > 0 and encoded_at_merge == []
     with retrostore.open(path) as st:
         assert st.verify() == [] and len(st) == n + added.chunks
-        v = st._stored_vectors(n, n + 1)
+        v = st._head.version.stored_vectors(n, n + 1)
         assert st.search_vectors(v, k=1)[1][0, 0] == n
 
 

@@ -65,8 +65,36 @@ def test_every_public_name_has_a_docstring():
                         assert inspect.getdoc(target), f"{name}.{attr} has no docstring"
 
 
+def test_architecture_names_the_module_of_every_public_method():
+    """docs/architecture.md: every public name and Store method has a row naming the module and
+    the function or class that implements it, and that implementation is there."""
+    import ast
+
+    text = (DOCS / "architecture.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`(?:[^|]*)) \| `(retrostore/[\w/]+\.py)` \| `([\w.]+)` \|$", text, flags=re.M)
+    assert rows, "no implementation table in docs/architecture.md"
+    named = {n.strip("`").removeprefix("retrostore.") for first, _, _ in rows for n in re.findall(r"`[^`]+`", first)}
+    gen = _gen()
+    errors = {n for n in retrostore.__all__ if isinstance(getattr(retrostore, n), type)
+              and issubclass(getattr(retrostore, n), BaseException)}
+    for name in retrostore.__all__:
+        if name not in ("__version__",) and name not in errors - {"RetrostoreError"}:
+            assert name in named, f"{name} has no row in docs/architecture.md"
+    for attr, member in gen.class_members(retrostore.Store).items():
+        if not attr.startswith("_") and (callable(member) or isinstance(member, property)):
+            assert f"Store.{attr}" in named, f"Store.{attr} has no row in docs/architecture.md"
+    for _, module, impl in rows:
+        tree = ast.parse((ROOT / module).read_text())
+        defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        owner, _, member = impl.partition(".")
+        assert owner in defs, f"{module} defines no {owner}"
+        if member:
+            assert member in {n.name for n in defs[owner].body if isinstance(n, ast.FunctionDef)}, \
+                f"{module}: {owner} has no {member}"
+
+
 def test_docs_pages_exist():
-    for page in ("quickstart", "concepts", "api", "cli", "format"):
+    for page in ("quickstart", "concepts", "api", "cli", "format", "architecture"):
         assert (DOCS / f"{page}.md").stat().st_size > 500, page
 
 

@@ -1,4 +1,4 @@
-"""Tests of retrostore._embed with the real default model (all-MiniLM-L6-v2 int8)."""
+"""Tests of retrostore.text.embed with the real default model (all-MiniLM-L6-v2 int8)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from retrostore._embed import (
-    DEFAULT_MODEL_SHA256,
-    DEFAULT_TOKENIZER_SHA256,
-    Embedder,
-    OnnxEmbedder,
-    default_embedder,
-    default_tokenizer_path,
-)
+from retrostore.text.embed import DEFAULT_MODEL_SHA256, DEFAULT_TOKENIZER_SHA256, Embedder, OnnxEmbedder
+from retrostore.text.models import default_embedder, default_tokenizer_path
 from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
 
 from conftest import SHAKESPEARE  # noqa: E402
@@ -203,7 +197,7 @@ def test_create_defers_the_default_model_to_the_first_embedding(emb, tmp_path, m
     import json
 
     import retrostore
-    from retrostore import _embed
+    from retrostore.text import models as _embed
 
     assert _embed.default_fingerprint() == emb.fingerprint
     loads = []

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import retrostore
-from retrostore import CommitError, NotAStoreError, StoreClosedError, _fileio
+from retrostore import CommitError, NotAStoreError, StoreClosedError
+from retrostore.storage import fileio as _fileio
 
 ERRNOS = [errno.ENOSPC, errno.EIO]
 
@@ -250,8 +251,8 @@ def test_lmdb_append_mode_only_past_the_last_key(tmp_path):
     last one; over leftovers of a failed commit it overwrites them the ordinary way."""
     import lmdb
 
-    from retrostore._chunks import _appendable
-    from retrostore._lmdbscan import key
+    from retrostore.storage.chunktable import _appendable
+    from retrostore.storage.lmdbscan import key
 
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24)
     items = [(key(i), b"x" * 300) for i in range(100)]

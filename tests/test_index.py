@@ -16,7 +16,8 @@ import pytest
 
 import retrostore
 from retrostore import IndexTrainingError, InvalidInputError, RetrostoreError
-from retrostore._training import check_sample, default_factory, suggest_factory, train_template
+from retrostore.index.policy import default_factory
+from retrostore.index.training import check_sample, suggest_factory, train_template
 
 
 class FakeEmbedder:
@@ -126,7 +127,7 @@ def test_explicit_factory_trains_at_the_commit_with_enough_vectors(tmp_path, rng
             st.commit()
         m = st.manifest["index"]
         assert [e["count"] for e in m["segments"]] == [700, 400] and m["template"] == template
-        x = st._stored_vectors(0, len(st))
+        x = st._head.version.stored_vectors(0, len(st))
         _, ids = st.search_vectors(x[700:720], 1)
         assert (ids[:, 0] == np.arange(700, 720)).mean() > 0.9
         assert st.verify() == []
@@ -150,8 +151,8 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
         _, i1 = st.search_vectors(q, 10, params={"nprobe": 1})
         _, i64 = st.search_vectors(q, 10, params={"nprobe": 64})
         assert recall(i64) > 0.99 and recall(i1) < 0.9  # nprobe=64 probes every list: exact
-        assert st._index.effective({"nprobe": 64})["nprobe"] == 64
-        assert st._index.effective()["nprobe"] == 8  # the per-query value did not stick
+        assert st._head.version.index.effective({"nprobe": 64})["nprobe"] == 64
+        assert st._head.version.index.effective()["nprobe"] == 8  # the per-query value did not stick
         _, again = st.search_vectors(q, 10)
         assert recall(i1) < recall(again) < recall(i64)
         st.reindex(params={"nprobe": 64}, progress=False)  # the store's parameter
@@ -210,7 +211,7 @@ def test_training_waits_for_enough_live_vectors(tmp_path, rng):
 
 
 def test_scalar_quantizer_trains_on_more_than_64_vectors(tmp_path, rng):
-    from retrostore._training import MIN_TRAIN_SIZE, default_train_size
+    from retrostore.index.training import MIN_TRAIN_SIZE, default_train_size
 
     assert default_train_size("SQ8", 10**6, 64, "ip") == MIN_TRAIN_SIZE
     assert default_train_size("SQ8", 5000, 64, "ip") == 5000
@@ -266,7 +267,7 @@ def test_deleted_documents_are_never_returned(real_store, embedder, small_docs):
         n = len(st)
         for k in (5, n):
             assert all(h.doc_id != base64_doc for h in st.search(query, k=k))
-        _, ids = st.search_vectors(st._stored_vectors(0, n), 10)
+        _, ids = st.search_vectors(st._head.version.stored_vectors(0, n), 10)
         assert not np.isin(ids, chunk_ids).any()
         tokens = st.chunker.chunk_many([small_docs[base64_doc]["text"]])[0][0].token_ids
         nb = st.neighbors(np.asarray(tokens)[None, :], k=4)
@@ -303,7 +304,7 @@ def test_compact_purges_every_file_and_keeps_ids(real_store, embedder):
             assert st._table.get_doc(d) is None
         assert all(r is None for r in [st._table.get_doc(d) for d in gone])
         assert st.get_document(7).text == keep_doc.text and st.get_document(7).chunk_ids == keep_doc.chunk_ids
-        from retrostore._vectors import RawVectors
+        from retrostore.storage.vectors import RawVectors
 
         raw = RawVectors(real_store, st.manifest["vectors"]["files"], 384)
         assert not raw.take(gone_chunks).any()
@@ -324,7 +325,7 @@ def test_compact_purges_every_file_and_keeps_ids(real_store, embedder):
 
 
 def test_compact_interrupted_after_its_manifest_is_finished_by_the_next_writer(real_store, embedder, monkeypatch):
-    from retrostore._chunks import ChunkTable
+    from retrostore.storage.chunktable import ChunkTable
 
     class Crash(Exception):
         pass
@@ -386,7 +387,7 @@ def test_reindex_needs_the_vectors(tmp_path, rng):
 
 
 def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
-    import retrostore._maintenance as maint
+    import retrostore.store.indexer as maint
 
     monkeypatch.setattr(maint, "AUTO_TRAIN_MIN", 3000)
     assert default_factory(50_000, 384) == "Flat"
@@ -419,7 +420,7 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
 
 # -- exact segments at vector_dtype precision (format 3) ----------------------
 def test_flat_segments_are_float16_and_every_handle_searches_the_same(tmp_path, small_docs, embedder):
-    from retrostore._index import FP16
+    from retrostore.storage.segments import FP16
 
     texts = [d["text"] for d in small_docs]
     queries = embedder.embed(["How do I encode bytes as base64?", "a list of strings", "print a float"])
@@ -436,7 +437,7 @@ def test_flat_segments_are_float16_and_every_handle_searches_the_same(tmp_path, 
             st.commit()
             m = st.manifest
             writer = st.search_vectors(queries, 10)
-            stored = st._stored_vectors(0, len(vecs))
+            stored = st._head.version.stored_vectors(0, len(vecs))
         segs = m["index"]["segments"]
         if dtype == "float16":
             assert all(e["codec"] == FP16 for e in segs) and m["min_reader_version"] == 3
@@ -461,7 +462,7 @@ def test_flat_segments_are_float16_and_every_handle_searches_the_same(tmp_path, 
 
 
 def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
-    from retrostore._vectors import RawVectors
+    from retrostore.storage.vectors import RawVectors
 
     path = tmp_path / "s"
     x = _vectors(rng, 1600)
@@ -473,7 +474,7 @@ def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
         assert len(st.manifest["index"]["segments"]) == 1 and st.manifest["vectors"]["files"] == []
         assert not any((path / "vectors").iterdir()) and st.verify() == []
         assert st.info()["files"]["vectors_in_index"]
-        np.testing.assert_array_equal(st._stored_vectors(0, 1600), half)
+        np.testing.assert_array_equal(st._head.version.stored_vectors(0, 1600), half)
         assert st.evaluate(queries=50, k=10)["recall_at_k"] == 1.0
         st.delete([5, 6])
         st.commit()
@@ -501,7 +502,8 @@ def test_exact_store_keeps_its_vectors_in_its_segments(tmp_path, rng):
 
 
 def test_a_codec_the_file_does_not_hold_is_corruption(tmp_path, rng):
-    from retrostore import CorruptStoreError, _manifest
+    from retrostore import CorruptStoreError
+    from retrostore.storage import manifest as _manifest
 
     def damaged(name, dtype, edit):
         path = tmp_path / name
@@ -533,7 +535,7 @@ def test_a_users_sqfp16_index_is_not_exact(tmp_path, rng):
         st.append([f"d{i}" for i in range(len(x))], embeddings=x)
         st.commit()
         assert st.manifest["index"]["factory"] == "SQfp16" and "codec" not in st.manifest["index"]["segments"][0]
-        np.testing.assert_array_equal(st._stored_vectors(0, len(x)), x)  # the float32 files, not the codes
+        np.testing.assert_array_equal(st._head.version.stored_vectors(0, len(x)), x)  # the float32 files, not the codes
         assert st.info()["index"]["params"]["rerank"] == 4
         scores, _ = st.search_vectors(x[:5], 3)
         # re-scored from the float32 vectors: 1 to float32 precision (the float16 codes give ~1e-4 off)

@@ -1,4 +1,4 @@
-"""Tests of retrostore._inputs: reading documents for ``retrostore build``."""
+"""Tests of retrostore.text.inputs: reading documents for ``retrostore build``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from retrostore._inputs import (
+from retrostore.text.inputs import (
     SUPPORTED_SUFFIXES,
     InputDocument,
     count_input_bytes,

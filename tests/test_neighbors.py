@@ -20,8 +20,8 @@ from conftest import SHAKESPEARE
 
 def _brute(store, queries, k, excluded=None):
     """Exact top-k chunk ids by numpy over the store's stored vectors."""
-    vecs = store._stored_vectors(0, len(store))
-    docs = store._all_doc_ids()
+    vecs = store._head.version.stored_vectors(0, len(store))
+    docs = store._reader.all_doc_ids()
     scores = queries @ vecs.T
     out = np.full((len(queries), k), -1, np.int64)
     for i, row in enumerate(scores):
@@ -180,7 +180,7 @@ def test_bpe_chunk_tokenizer(tmp_path, bpe_tokenizer, small_docs, embedder):
             assert st.get_document(i).text == d
         # chunk vectors were embedded from the exact text spans, re-tokenized by the embedder
         c = st.get_chunks([1])[0]
-        np.testing.assert_allclose(st._stored_vectors(1, 2)[0], embedder.embed([c.text])[0], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(st._head.version.stored_vectors(1, 2)[0], embedder.embed([c.text])[0], rtol=1e-3, atol=1e-5)
         ids, _ = st.chunker.encode(docs[-1])
         toks = ids[None, :128]
         nb = st.neighbors(toks, k=2)
@@ -198,8 +198,8 @@ def test_precompute_store_neighbours_matches_brute_force(store, tmp_path):
     path = store.precompute_neighbors(out, k=2, exclude_same_doc=True, batch_size=37, progress=False)
     arr = np.load(path, mmap_mode="r")
     assert arr.shape == (len(store), 2) and arr.dtype == np.int64
-    vecs = store._stored_vectors(0, len(store))
-    docs = store._all_doc_ids()
+    vecs = store._head.version.stored_vectors(0, len(store))
+    docs = store._reader.all_doc_ids()
     want, scores = _brute(store, vecs, 2, excluded=[{int(d)} for d in docs])
     _same_up_to_ties(np.asarray(arr), want, scores)
     assert all(docs[j] != docs[i] for i, row in enumerate(arr) for j in row if j >= 0)
@@ -213,7 +213,7 @@ def test_precompute_resumes_after_kill(built_store, tmp_path):
         st.precompute_neighbors(full, k=2, exclude_same_doc=True, batch_size=16, progress=False)
     out = tmp_path / "resumed.npy"
     script = textwrap.dedent(f"""
-        import os, signal, retrostore, retrostore._retro as r
+        import os, signal, retrostore, retrostore.store.precompute as r
         calls = 0
         real = r.atomic_write
         def kill_after_three(*a, **kw):

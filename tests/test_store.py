@@ -265,12 +265,12 @@ def test_append_with_chunks_already_made(tmp_path, small_docs, embedder):
             b.append(["Short.", "abc\ud800def"], chunks=[b.chunker.chunk("Short."), []])
         with pytest.raises(retrostore.InvalidInputError, match=r"store.chunker.chunk\(doc\)"):
             b.append(two[0], chunks=b.chunker.chunk_many([two[0]]))
-        before = b._pending_docs
+        before = b._writer.batch.docs
         for chunks, message in cases:
             with pytest.raises(retrostore.InvalidInputError, match=message) as err:
                 b.append(two, chunks=chunks, embeddings=np.zeros((0, 384), np.float32))
             assert "store.chunker.chunk_many(docs)" in str(err.value)
-        assert b._pending_docs == before
+        assert b._writer.batch.docs == before
         assert b.verify(retokenize=True) == []
         # Only the shortest document is re-chunked at append: wrong ids in another pass there
         # (documented), and verify(retokenize=True) is what finds them.
@@ -343,7 +343,7 @@ def test_last_chunk_of_document_has_empty_continuation(built_store, embedder):
         vec = embedder.embed_token_ids([last.tokens])
         hit = st.search_vectors(vec, k=1)[1][0, 0]
         assert hit == last.chunk_id
-        hits = st._hits(*st.search_vectors(vec, k=1))
+        hits = st._reader.hits(*st.search_vectors(vec, k=1))
         assert hits[0][0].continuation_text == ""
 
 
@@ -468,7 +468,7 @@ def test_bad_paths_ids_and_embedders_are_clear_errors(tmp_path, built_store):
 def test_create_racing_another_create_says_the_store_exists(tmp_path, monkeypatch):
     """Two builds of a new store at once: the one that loses the rename gets StoreExistsError
     (it said 'CommitError: Directory not empty')."""
-    from retrostore import _fileio
+    from retrostore.storage import fileio as _fileio
 
     path = tmp_path / "s.rstore"
     real = _fileio._rename

@@ -17,11 +17,11 @@ from retrostore import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyStoreError,
-    _chunks,
-    _fileio,
-    _manifest,
 )
-from retrostore._index import MERGE_FACTOR
+from retrostore.index.merge import MERGE_FACTOR
+from retrostore.storage import chunktable as _chunks
+from retrostore.storage import fileio as _fileio
+from retrostore.storage import manifest as _manifest
 
 from conftest import SHAKESPEARE
 

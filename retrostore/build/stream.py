@@ -1,0 +1,215 @@
+"""Building a store from input files (``retrostore build``): the plain
+streaming build, which reads, chunks, embeds and commits in this process, or a
+sharded build (:mod:`.sharded`) when an engine is asked for. Both record what
+they built (:mod:`.records`): building the same inputs again adds nothing
+unless asked to, and an interrupted build resumes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ..errors import InvalidInputError
+from ..storage import manifest as _manifest
+from ..storage.layout import MANIFEST
+from ..store.create import create, open_store
+from ..text.inputs import expand_named, read_file
+from .common import BuildResult, check_same_settings
+from .records import BUILDS, Records, file_digest
+from .sharded import build_sharded
+
+__all__ = ["build_store"]
+
+#: Characters handed to one ``Store.append`` call (~1,000 chunks of 64 WordPiece tokens).
+BATCH_CHARS = 250_000
+
+
+def build_store(
+    store: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    chunk_tokens: int | None = None,
+    text_field: str = "text",
+    meta_field: str = "meta",
+    index: str | None = None,
+    commit_every: int = 20_000,
+    threads: int | None = None,
+    progress: bool = True,
+    append: bool = False,
+    engine: str | None = None,
+    shards: int | None = None,
+    address: str | None = None,
+    device: str = "cpu",
+    work_dir: str | os.PathLike | None = None,
+) -> BuildResult:
+    """Chunk, embed and commit every document of ``inputs`` into ``store``.
+
+    Creates the store when it does not exist, adds to it otherwise. Commits
+    every ``commit_every`` chunks and at the end, so an interrupted build keeps
+    what it committed.
+
+    Re-running is safe: the store records which input files it holds the
+    documents of (by sha256, with the fields read; :mod:`retrostore.build.records`).
+    An input file a finished build holds already is skipped (a second copy of
+    each document would let RETRO retrieve the very text it is trained on); a
+    file an interrupted build stopped in is resumed after its last committed
+    document; the rest are built. ``append=True`` adds the documents of files
+    built before once more, as a new copy.
+
+    With ``engine`` (or any of ``shards``, ``work_dir``, ``device="cuda"``,
+    which imply ``engine="local"``) the build runs in stages: plan shards,
+    train the index template if needed, build the shards in this process
+    (``"local"``) or as Ray tasks (``"ray"``), merge them in shard order and
+    verify (:func:`retrostore.build.sharded.build_sharded`). The records equal
+    those of the plain build; re-running a finished sharded build does
+    nothing, re-running an interrupted one reuses its finished shards.
+
+    Parameters
+    ----------
+    store : path-like
+    inputs : sequence of path-like
+        ``.txt``, ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` files or directories.
+    tokenizer, chunk_tokens, index
+        Settings of a new store (see :func:`retrostore.create`); for an
+        existing store they must be omitted or equal to the stored ones.
+    text_field, meta_field : str
+        JSON fields of a document's text and metadata.
+    commit_every : int, default 20000
+        Chunks between commits.
+    threads : int, optional
+    progress : bool, default True
+        Show a tqdm progress bar (input bytes, documents, chunks, chunks/s).
+    append : bool, default False
+        Add the documents of input files the store holds already, once more.
+    engine : {None, "local", "ray"}
+        None: the plain streaming build. See above and ``docs/scaling.md``.
+    shards, address, device, work_dir
+        Sharded builds only; see :func:`retrostore.build.sharded.build_sharded`.
+
+    Returns
+    -------
+    BuildResult
+
+    Raises
+    ------
+    InvalidInputError
+        Bad inputs (see :func:`retrostore.text.inputs.iter_documents`) or settings
+        that contradict an existing store.
+    """
+    if not isinstance(append, bool):
+        raise InvalidInputError(f"append={append!r} must be True or False")
+    if engine is None and (shards is not None or work_dir is not None or device != "cpu"):
+        engine = "local"
+    if engine is not None:
+        return build_sharded(store, inputs, engine=engine, shards=shards, address=address, device=device,
+                             work_dir=work_dir, tokenizer=tokenizer, chunk_tokens=chunk_tokens,
+                             text_field=text_field, meta_field=meta_field, index=index,
+                             commit_every=commit_every, threads=threads, progress=progress, append=append)
+    if address is not None:
+        raise InvalidInputError("address= (--address) needs engine='ray'")
+    t0 = time.perf_counter()
+    root = Path(store)
+    files = expand_named(inputs)  # checks the inputs before anything is created
+    digests = [file_digest(path, rel) for path, rel in files]
+    created = not (root / MANIFEST).exists()
+    if not created:
+        st = open_store(root, "a", threads=threads)
+        check_same_settings(st, tokenizer, chunk_tokens, index)
+    else:
+        st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
+                    index=index or "auto", threads=threads)
+    records = Records(st.manifest)
+    todo: list[tuple[Path, dict, str, dict]] = []  # (path, digest, record id, record)
+    skipped: list[str] = []
+    for (path, _), digest in zip(files, digests):
+        if any(d["sha256"] == digest["sha256"] for _, d, _, _ in todo) and not append:
+            skipped.append(f"{digest['rel']}: the same content as an input before it")
+            continue
+        found = records.to_build(digest, text_field, meta_field, append=append)
+        if found is None:
+            skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], text_field, meta_field)}")
+            continue
+        rid, rec = found
+        records.all[rid] = rec
+        todo.append((path, digest, rid, rec))
+    resumed = sum(rec["documents"] for _, _, _, rec in todo)
+    bar = tqdm(total=sum(d["size"] for _, d, _, _ in todo), unit="B", unit_scale=True, disable=not progress,
+               desc="build", dynamic_ncols=True)
+    writer = st._writer  # build records ride on the commits (the sanctioned internal interface)
+    n_docs = n_chunks = since_commit = 0
+    committed_docs = committed_chunks = 0
+    interrupted = False
+    texts: list[str] = []
+    metas: list = []
+    owners: list[str] = []  # the record id of each buffered document
+    size = 0
+    # ~4 characters per token: keep batches below one commit's worth of chunks.
+    batch_chars = min(BATCH_CHARS, max(1_000, commit_every * 4 * 16))
+
+    def commit() -> None:
+        nonlocal since_commit, committed_docs, committed_chunks
+        writer.batch.fields[BUILDS] = records.all  # what this commit makes true
+        st.commit()
+        since_commit = 0
+        committed_docs, committed_chunks = n_docs, n_chunks
+
+    def flush() -> None:
+        nonlocal texts, metas, owners, size, n_docs, n_chunks, since_commit
+        if not texts:
+            return
+        first_doc = st.manifest["next_doc_id"] + writer.batch.docs
+        before = writer.batch.chunks
+        st.append(texts, metadata=metas)
+        per_doc_first = first_doc
+        for rid in owners:  # documents were appended in order: count them per input file
+            rec = records.all[rid]
+            if rec["first_doc_id"] is None:
+                rec["first_doc_id"] = per_doc_first
+            rec["documents"] += 1
+            per_doc_first += 1
+        added = writer.batch.chunks - before
+        n_docs += len(texts)
+        n_chunks += added
+        since_commit += added
+        texts, metas, owners, size = [], [], [], 0
+        if since_commit >= commit_every:
+            commit()
+        rate = n_chunks / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(docs=n_docs, chunks=n_chunks, chunks_per_s=f"{rate:.0f}", refresh=False)
+
+    try:
+        with st:
+            for path, digest, rid, rec in todo:
+                docs = read_file(path, digest["rel"], text_field, meta_field, lambda n: bar.update(n))
+                for doc in itertools.islice(docs, rec["documents"], None):  # resume after the committed ones
+                    texts.append(doc.text)
+                    metas.append(doc.metadata)
+                    owners.append(rid)
+                    size += len(doc.text)
+                    if size >= batch_chars:
+                        flush()
+                flush()
+                rec["done"] = True  # published by the next commit, with the file's last documents
+            if todo:
+                commit()
+            version = st.version
+    except KeyboardInterrupt:
+        interrupted = True
+        version = _manifest.read_manifest(root)["version"]
+    except BaseException:
+        # A build that created the store and failed before its first commit leaves
+        # nothing behind, so that fixing the input and re-running starts clean.
+        if created and _manifest.read_manifest(root)["version"] == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return BuildResult(version, committed_docs, committed_chunks, time.perf_counter() - t0, interrupted,
+                       skipped=tuple(skipped), resumed_documents=resumed)

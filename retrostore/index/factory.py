@@ -1,0 +1,98 @@
+"""FAISS factory strings: building an empty index with clear errors, the limits
+FAISS does not check, and whether an index can be memory-mapped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import faiss
+
+from ..errors import InvalidInputError
+from ..storage.faisstypes import METRICS, unwrap
+
+__all__ = ["new_index", "mmap_problem", "check_mmap", "check_index_arg"]
+
+def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    """``faiss.index_factory`` with a clear error.
+
+    Raises
+    ------
+    InvalidInputError
+        FAISS rejects the string, or it asks for an ID map (retrostore assigns ids).
+    """
+    if not isinstance(factory, str) or not factory.strip():
+        raise InvalidInputError(f"index={factory!r} must be a FAISS factory string such as 'Flat'")
+    if "IDMap" in factory:
+        raise InvalidInputError(
+            f"factory string {factory!r} asks for an ID map; retrostore assigns chunk ids itself "
+            f"(sequential ids per segment), so drop the IDMap prefix: {factory.replace('IDMap2,', '').replace('IDMap,', '')!r}"
+        )
+    for name, low, high, what in _FACTORY_LIMITS:
+        for m in re.finditer(name + r"(\d+)", factory):
+            if not low <= int(m.group(1)) <= high:
+                raise InvalidInputError(
+                    f"factory string {factory!r}: {m.group(0)} has {what} {m.group(1)}, outside [{low}, {high}] "
+                    "(FAISS would crash or exhaust memory); choose a value in range")
+    try:
+        return faiss.index_factory(int(dim), factory, METRICS[metric])
+    except (RuntimeError, MemoryError) as exc:
+        hint = ("; this index supports only squared L2: create the store with metric='l2'"
+                if "METRIC_L2" in str(exc) and metric != "l2" else "")
+        raise InvalidInputError(
+            f"FAISS cannot build the factory string {factory!r} for dimension {dim}: {exc}{hint}"
+        ) from exc
+
+
+#: Numbers in factory strings that FAISS accepts but then aborts or segfaults on (HNSW0/1 at the
+#: first add) or tries to allocate without bound (IVF1000000000): (prefix, low, high, meaning).
+_FACTORY_LIMITS = (("HNSW", 2, 1024, "M (neighbours per node)"),
+                   ("IVF", 1, 1 << 24, "nlist (inverted lists)"),
+                   ("NSG", 2, 1024, "R (neighbours per node)"))
+
+
+def mmap_problem(index: faiss.Index, factory: str) -> str | None:
+    """Why FAISS cannot serve ``index`` memory-mapped (None when it can).
+
+    ``faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)`` maps flat codes, HNSW
+    storage and IVF inverted lists from the file; fast-scan indexes keep their
+    codes in SIMD blocks (``BlockInvertedLists``) that are always read into RAM.
+    """
+    if "FastScan" in type(unwrap(index)).__name__:
+        return (f"FAISS cannot memory-map the fast-scan index {factory!r} (its PQ codes live in SIMD "
+                "blocks that are always read into RAM); use mmap=False, or a factory without the 'fs' "
+                "suffix such as 'IVF4096,PQ8' or 'IVF4096,SQ8'")
+    return None
+
+
+def check_mmap(factory: str, dim: int, metric: str) -> None:
+    """Raise when ``factory`` cannot be memory-mapped (see :func:`mmap_problem`).
+
+    Raises
+    ------
+    InvalidInputError
+        Naming the factory and a factory string that can be mapped.
+    """
+    problem = mmap_problem(new_index(factory, dim, metric), factory)
+    if problem:
+        raise InvalidInputError(problem)
+
+
+def check_index_arg(index: Any, dim: int, *, mmap: bool) -> tuple[str, str]:
+    """(target, current factory) for ``create(index=...)``; validates the string.
+
+    ``"auto"`` starts exact (``Flat``); a factory that needs training is served
+    by ``Flat`` until the store can train it.
+
+    Raises
+    ------
+    InvalidInputError
+        A factory string FAISS rejects, one with an ID map, or one that cannot be memory-mapped with ``mmap``.
+    """
+    if index == "auto":
+        return "auto", "Flat"
+    probe = new_index(index, dim, "ip")
+    if mmap:
+        check_mmap(index, dim, "ip")
+    return index, index if probe.is_trained else "Flat"

@@ -1,0 +1,147 @@
+"""Merging index segments: building a segment from vectors, the tiered merge
+policy, and merging segments into one.
+
+A commit writes its batch as a new segment (a clone of the store's trained
+*template* when the factory needs training, so a small batch costs time
+proportional to the batch); small segments are merged in tiers (like an LSM
+tree), so the number of segments stays logarithmic in the store size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..storage.faisstypes import is_ivf, with_idmap
+from ..storage.segments import Segment
+from .factory import new_index
+
+__all__ = ["MERGE_FACTOR", "build_segment", "merge_segments", "plan_merge", "owned_copy", "segment_vectors"]
+
+#: Segments per tier before they are merged into one (see module docstring).
+MERGE_FACTOR = 8
+
+
+def build_segment(vectors: np.ndarray, factory: str, metric: str, *, template: faiss.Index | None = None,
+                  local_ids: np.ndarray | None = None) -> faiss.Index:
+    """Build an index over ``vectors``.
+
+    Parameters
+    ----------
+    vectors : ndarray, shape (n, dim), float32
+    factory : str
+        FAISS factory string, e.g. ``"Flat"`` (exact search).
+    metric : {"ip", "l2"}
+    template : faiss.Index, optional
+        A trained empty index to clone (the store's template); required when
+        the factory needs training.
+    local_ids : ndarray of int64, optional
+        Ids relative to the segment's ``first_id`` when the rows are not
+        consecutive (after deletes); non-IVF indexes are then wrapped in an ID map.
+
+    Raises
+    ------
+    InvalidInputError
+        When FAISS rejects the factory string, or it needs training and no template is given.
+    """
+    dim = vectors.shape[1]
+    index = faiss.clone_index(template) if template is not None else new_index(factory, dim, metric)
+    if not index.is_trained:
+        raise InvalidInputError(
+            f"factory string {factory!r} needs training; the store trains it at commit once enough "
+            "vectors exist, or with Store.reindex() (see docs/index.md)"
+        )
+    if local_ids is not None and not is_ivf(index):
+        index = with_idmap(index)
+    for lo in range(0, len(vectors), 65536):
+        part = np.ascontiguousarray(vectors[lo : lo + 65536], dtype=np.float32)
+        if local_ids is None:
+            index.add(part)
+        else:
+            index.add_with_ids(part, np.ascontiguousarray(local_ids[lo : lo + 65536], dtype=np.int64))
+    return index
+
+
+def segment_vectors(seg: Segment) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact (local ids, vectors) of an uncompressed segment, or None when lossy."""
+    if not seg.exact:
+        return None
+    index = faiss.downcast_index(seg.index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        index = faiss.downcast_index(index.index)
+    else:
+        ids = np.arange(index.ntotal, dtype=np.int64)
+    vecs = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+    return ids, vecs
+
+
+def owned_copy(index: faiss.Index) -> faiss.Index:
+    """A copy that owns its data. ``clone_index`` of a memory-mapped index still
+    views the file, and emptying a viewed vector (as ``merge_from`` does to its
+    source) aborts the process; a serialise/deserialise round trip owns it all."""
+    return faiss.deserialize_index(faiss.serialize_index(index))
+
+
+def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index],
+                   vectors_of: Callable[[list[Segment]], tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
+    """One index holding the segments' vectors, ids relative to ``segments[0].first_id``.
+
+    IVF indexes (same trained quantizer) merge natively with an id offset;
+    Flat-code indexes without holes concatenate; anything else (HNSW, holes)
+    is rebuilt from ``vectors_of(segments)`` -> (local ids, vectors). Sources
+    are copied first (:func:`owned_copy`): FAISS's ``merge_from`` empties the
+    index it merges from.
+    """
+    first = segments[0].first_id
+    base = make_empty()
+    if is_ivf(base):
+        for seg in segments:
+            if seg.count:
+                base.merge_from(owned_copy(seg.index), seg.first_id - first)
+        return base
+    if not any(s.holes for s in segments):
+        try:
+            for seg in segments:
+                base.merge_from(owned_copy(seg.index), 0)
+            return base
+        except RuntimeError:
+            base = make_empty()  # no native merge (HNSW): rebuild below
+    ids, vecs = vectors_of(segments)
+    holes = len(ids) != segments[-1].end_id - first
+    if holes:
+        base = with_idmap(base)
+    for lo in range(0, len(vecs), 65536):
+        part = np.ascontiguousarray(vecs[lo : lo + 65536], dtype=np.float32)
+        if holes:
+            base.add_with_ids(part, np.ascontiguousarray(ids[lo : lo + 65536]))
+        else:
+            base.add(part)
+    return base
+
+
+def plan_merge(counts: list[int]) -> int:
+    """How many trailing segments to merge after a commit (0 for none).
+
+    Tiered policy: segment sizes are bucketed by ``floor(log_MERGE_FACTOR(count))``;
+    when the newest ``MERGE_FACTOR`` segments share a tier they merge into one of
+    the next tier. Each vector is therefore rewritten O(log n) times in all.
+    """
+    if len(counts) < MERGE_FACTOR:
+        return 0
+    tail = counts[-MERGE_FACTOR:]
+    tiers = {_tier(c) for c in tail}
+    if len(tiers) == 1:
+        return MERGE_FACTOR
+    return 0
+
+
+def _tier(count: int) -> int:
+    t = 0
+    while count >= MERGE_FACTOR:
+        count //= MERGE_FACTOR
+        t += 1
+    return t

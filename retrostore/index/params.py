@@ -1,0 +1,173 @@
+"""Search parameters: validation, setting them through FAISS wrappers, reading them back.
+
+Parameters are set with ``faiss.ParameterSpace().set_index_parameter``, which
+descends through ``IndexPreTransform`` (OPQ, PCA), ID maps, ``IndexRefine``
+and reaches the IVF (``nprobe``, ``max_codes``, ``quantizer_efSearch``) or
+HNSW (``efSearch``) index inside; setting ``index.nprobe`` on a wrapper would
+silently do nothing. ``rerank`` is retrostore's own: re-score ``k * rerank``
+candidates exactly with the raw vectors kept beside the index.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..storage.faisstypes import unwrap
+
+__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "current_params", "effective_params", "RWLock"]
+
+#: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
+#: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
+FAISS_PARAMS = ("nprobe", "max_codes", "efSearch", "k_factor_rf", "k_factor", "ht", "polysemous_ht")
+RERANK = "rerank"
+#: Parameters FAISS needs >= 1 (nprobe 0 fails every IVF search); the rest may be 0
+#: (max_codes 0 = unlimited, rerank 0 = off, ht 0 = off).
+_AT_LEAST_ONE = {"nprobe": 1, "efSearch": 1, "k_factor_rf": 1, "k_factor": 1}
+_MAX_PARAM = 2**31 - 1  # FAISS stores these as int
+
+
+def check_params(params: Any, where: str = "params") -> dict:
+    """Validate a search-parameter dict; returns a clean copy.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a dict, an unknown name, or a value out of range (``nprobe``,
+        ``efSearch``, ``k_factor``: >= 1; others >= 0; all < 2**31).
+    """
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"{where} must be a dict such as {{'nprobe': 16}}, not a {type(params).__name__}")
+    out = {}
+    for name, value in params.items():
+        base = name[len("quantizer_"):] if isinstance(name, str) and name.startswith("quantizer_") else name
+        if name != RERANK and base not in FAISS_PARAMS:
+            raise InvalidInputError(
+                f"{where}: unknown search parameter {name!r}; known: {', '.join(FAISS_PARAMS + (RERANK,))} "
+                "(a 'quantizer_' prefix reaches an IVF's coarse quantizer, e.g. 'quantizer_efSearch')"
+            )
+        low = _AT_LEAST_ONE.get(base, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or not low <= value <= _MAX_PARAM:
+            raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number in [{low}, {_MAX_PARAM}]"
+                                    + (f" ({base} = 0 would make every search fail)" if low and value == 0 else ""))
+        out[name] = int(value) if float(value).is_integer() else float(value)
+    return out
+
+
+def apply_params(index: faiss.Index, params: dict) -> None:
+    """Set FAISS search parameters on ``index`` (through any wrappers).
+
+    Names that do not apply to this index (``nprobe`` on a Flat index) are
+    skipped: the store's parameters outlive a reindex to another family.
+    """
+    ps = faiss.ParameterSpace()
+    for name, value in params.items():
+        if name == RERANK:
+            continue
+        try:
+            ps.set_index_parameter(index, name, float(value))
+        except RuntimeError:
+            pass
+
+
+def current_params(index: faiss.Index, names: dict) -> dict:
+    """Values of ``names`` as set on ``index`` now (to restore after a per-query change),
+    read from the index that ParameterSpace would set (through wrappers; FAISS defaults
+    included, e.g. ``max_codes`` 0 = unlimited, ``ht`` = the PQ's ``polysemous_ht``)."""
+    out = {}
+    for name in names:
+        value = _read_param(index, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+_ATTR = {"ht": "polysemous_ht", "k_factor_rf": "k_factor"}
+
+
+def _read_param(index: faiss.Index, name: str) -> Any:
+    if name.startswith("quantizer_"):
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            return None
+        return _read_param(ivf.quantizer, name[len("quantizer_"):])
+    attr = _ATTR.get(name, name)
+    node = index
+    while node is not None:
+        node = faiss.downcast_index(node)
+        if name == "efSearch":
+            if hasattr(node, "hnsw"):
+                return int(node.hnsw.efSearch)
+        elif hasattr(node, attr):
+            return getattr(node, attr)
+        node = getattr(node, "index", None) or getattr(node, "base_index", None)
+    return None
+
+
+def effective_params(index: faiss.Index) -> dict:
+    """The parameter values the index really searches with, read back from the inner indexes."""
+    out: dict[str, Any] = {}
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        out["nprobe"] = int(ivf.nprobe)
+        out["nlist"] = int(ivf.nlist)
+        if ivf.max_codes:
+            out["max_codes"] = int(ivf.max_codes)
+        q = faiss.downcast_index(ivf.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            out["quantizer_efSearch"] = int(q.hnsw.efSearch)
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        out["efSearch"] = int(inner.hnsw.efSearch)
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):
+        out["k_factor_rf"] = float(outer.k_factor)
+    return out
+
+
+class RWLock:
+    """Many searches at once, or one search that changes the parameters."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

@@ -1,0 +1,323 @@
+"""Stores as artifacts: pack one version into a single file.
+
+``pack`` writes the current version of a store as one tar file (zstd-compressed
+when the name ends with ``.tar.zst``):
+
+``manifest.json`` first, then in name order ``chunks.lmdb/``,
+``chunks.lmdb/data.mdb``, ``index/``, the index files, ``tokenizer.json``,
+``vectors/``, the vectors files (unless dropped) and ``versions/`` with a copy
+of the one manifest. The LMDB file holds only the committed records (nothing
+beyond the high-water marks) rewritten in key order and compacted (no free
+pages, no ``lock.mdb``). Every member has the same owner (0/0, no names),
+permissions (0644 files, 0755 directories) and mtime (the version's
+``committed_at``), so packing the same version twice gives the same bytes.
+
+The way back, with its checks against hostile archives, is
+:mod:`retrostore.ship.unpack`. See docs/artifacts.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import zstandard
+
+from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError
+from ..storage import fileio
+from ..storage import manifest as _manifest
+from ..storage.chunktable import ChunkTable
+from ..storage.fileio import git_lfs_pointer
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
+
+__all__ = [
+    "pack",
+    "ArtifactInfo",
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "DEFAULT_MAX_MEMBER_BYTES",
+    "DEFAULT_MAX_MEMBERS",
+]
+
+#: Default limit on the bytes ``unpack`` extracts in all (1 TiB).
+DEFAULT_MAX_TOTAL_BYTES = 1 << 40
+#: Default limit on the bytes of one archive member (256 GiB).
+DEFAULT_MAX_MEMBER_BYTES = 1 << 38
+#: Default limit on the number of archive members.
+DEFAULT_MAX_MEMBERS = 100_000
+
+_LMDB_TXN_RECORDS = 10_000  # records per write transaction of the packed LMDB (fixed: part of its layout)
+_LMDB_MAP_BYTES = 32 << 20  # first map size of the packed LMDB; doubled (deterministically) when full
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What :func:`pack` wrote or :func:`unpack` put in place.
+
+    Attributes
+    ----------
+    path : Path
+        The archive (pack) or the store directory (unpack).
+    version : int
+        The store version it holds.
+    manifest_sha256 : str
+        sha256 of its ``manifest.json`` bytes: the value to publish and compare.
+    files : int
+        Regular files in the artifact.
+    size_bytes : int
+        Size of the archive (pack) or of the store's files (unpack).
+    vectors : bool
+        Whether raw vectors are included.
+    """
+
+    path: Path
+    version: int
+    manifest_sha256: str
+    files: int
+    size_bytes: int
+    vectors: bool
+
+
+# -- pack ------------------------------------------------------------------------
+def pack(
+    store_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    vectors: bool = True,
+    overwrite: bool = False,
+    level: int = 3,
+) -> ArtifactInfo:
+    """Write the current version of a store as one archive file.
+
+    Parameters
+    ----------
+    store_path : path-like
+        The store directory (it may be open by a writer; only committed data
+        is packed).
+    out : path-like
+        Archive to write: ``*.tar``, or ``*.tar.zst`` for zstd compression.
+        Written to a temporary file beside it and renamed into place.
+    vectors : bool, default True
+        Include the raw vectors. ``False`` makes a slim artifact: the manifest
+        records ``vectors.files = []``, ``vectors.dropped_at_pack = true`` and
+        ``settings.keep_vectors = false`` (with its checksum recomputed), and a
+        later reindex explains why it cannot run.
+    overwrite : bool, default False
+        Replace an existing ``out``.
+    level : int, default 3
+        zstd compression level (1-22) for ``.tar.zst``.
+
+    Returns
+    -------
+    ArtifactInfo
+
+    Raises
+    ------
+    InvalidInputError
+        ``out`` does not end with ``.tar`` or ``.tar.zst``, or a bad ``level``.
+    StoreExistsError
+        ``out`` exists and ``overwrite`` is False.
+    NotAStoreError, CorruptStoreError, FormatVersionError
+        The store cannot be opened, or a file differs from its manifest entry
+        (damaged, or removed by a writer while packing: pack again).
+    OSError
+        Writing the archive failed; nothing is left at ``out``.
+    """
+    root = Path(store_path)
+    out = Path(out)
+    compressed = out.name.endswith(".tar.zst")
+    if not compressed and not out.name.endswith(".tar"):
+        raise InvalidInputError(f"{out}: the archive name must end with .tar or .tar.zst (zstd-compressed)")
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
+        raise InvalidInputError(f"level={level!r} must be an int in [1, 22] (zstd compression level)")
+    if out.exists() and not overwrite:
+        raise StoreExistsError(
+            f"the archive {out} already exists; choose another name, or replace it with "
+            "`retrostore pack --force` (overwrite=True in Python)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    work = out.parent / f"{TMP_PREFIX}pack-{out.name}.{tag}"
+    tmp_out = out.parent / f"{TMP_PREFIX}{out.name}.{tag}"
+    # Not a Store: that would load every index segment into memory just to copy its file.
+    body = _manifest.read_manifest(root)
+    table = ChunkTable(root, body["tokenizer"]["token_dtype"], write=False, readonly_media=fileio.readonly_media(root))
+    try:
+        version = int(body["version"])
+        if not vectors:
+            body["vectors"]["files"] = []
+            body["vectors"]["dropped_at_pack"] = True
+            body["settings"]["keep_vectors"] = False
+        # unchanged, the manifest ships byte for byte, so its sha256 is the source store's
+        raw_manifest = _manifest.encode_manifest(body) if not vectors else _manifest.manifest_bytes(root, body)
+        mtime = _epoch(body["committed_at"])
+        work.mkdir()
+        try:
+            _write_committed_lmdb(root, table, body, work / LMDB_DIR)
+            members: list[tuple[str, Any]] = [(d, None) for d in STORE_DIRS]
+            members.append((DATA_MDB, work / DATA_MDB))
+            for entry in _manifest.referenced_files(body):
+                members.append((entry["path"], entry))
+            members.append((version_path(Path(), version).as_posix(), raw_manifest))
+            members.sort(key=lambda m: m[0])
+            members.insert(0, (MANIFEST, raw_manifest))
+            n_files = _write_archive(root, tmp_out, members, mtime, compressed, level)
+            os.replace(tmp_out, out)
+            fileio.fsync_dir(out.parent)
+        except BaseException:
+            tmp_out.unlink(missing_ok=True)
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        table.close()
+    return ArtifactInfo(out, version, hashlib.sha256(raw_manifest).hexdigest(), n_files,
+                        out.stat().st_size, bool(vectors))
+
+
+def _epoch(stamp: str) -> int:
+    try:
+        return max(0, int(_dt.datetime.fromisoformat(stamp).timestamp()))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path) -> None:
+    """Write the committed records of ``table`` as a fresh, compacted LMDB in ``dest``.
+
+    Records are copied byte for byte in key order, in transactions of a fixed
+    number of records, into a new environment whose map starts at a fixed size
+    and doubles when full; that environment is then copied with compaction.
+    The result depends only on the records, not on how the source was written
+    (batch sizes, aborted writers, free pages), so equal records give an equal
+    file. The content hash chain of the result is checked against the manifest.
+    """
+    # ChunkTable's handles (same package): the raw records, copied without decoding them.
+    limits = ((b"chunks", table._chunks, body["next_chunk_id"]), (b"docs", table._docs, body["next_doc_id"]),
+              (b"commits", table._commits, body["version"] + 1))
+    stage = dest.with_name(dest.name + ".stage")
+    stage.mkdir()
+    env = lmdb.open(os.fspath(stage), subdir=True, map_size=_LMDB_MAP_BYTES, max_dbs=8, lock=False,
+                    sync=False, metasync=False, readahead=False)
+    try:
+        dbs = {}
+        with env.begin(write=True) as txn:
+            for name, _src, _end in limits:
+                dbs[name] = env.open_db(name, txn=txn)
+        with table._begin() as src_txn:  # one read transaction: one consistent snapshot
+            for name, src_db, end in limits:
+                batch: list[tuple[bytes, bytes]] = []
+                cur = src_txn.cursor(src_db)
+                if cur.first():
+                    for key, value in cur:
+                        if int.from_bytes(key, "big") >= end:
+                            break
+                        batch.append((bytes(key), bytes(value)))
+                        if len(batch) == _LMDB_TXN_RECORDS:
+                            _put_batch(env, dbs[name], batch)
+                            batch = []
+                if batch:
+                    _put_batch(env, dbs[name], batch)
+        dest.mkdir()
+        env.copy(os.fspath(dest), compact=True)
+    finally:
+        env.close()
+        shutil.rmtree(stage, ignore_errors=True)
+    check = ChunkTable(dest.parent, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
+    try:
+        chain, problems = check.content_hashes(body["version"])
+        stats = check.stats()
+    finally:
+        check.close()
+    if problems or chain != body["lmdb"]["chain"]:
+        raise CorruptStoreError(
+            f"{root}: the committed LMDB records do not match the manifest's content hash chain "
+            f"({'; '.join(problems) or 'chain differs'}); run `retrostore verify` on the store"
+        )
+    deletes = body.get("deletes") or {}
+    for name, end, purged in (("chunks", body["next_chunk_id"], int(deletes.get("purged_chunks", 0))),
+                              ("docs", body["next_doc_id"], int(deletes.get("purged_documents", 0)))):
+        if stats[name]["entries"] != end - purged:  # compact removed the purged documents' records
+            raise CorruptStoreError(
+                f"{root}: {stats[name]['entries']} committed {name} records, the manifest says {end - purged} "
+                f"({end} ids, {purged} purged by deletes); run `retrostore verify` on the store"
+            )
+
+
+def _put_batch(env, db, batch: list[tuple[bytes, bytes]]) -> None:
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                txn.cursor(db).putmulti(batch, append=True)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+class _HashingReader:
+    def __init__(self, fh):
+        self.fh = fh
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        return data
+
+
+def _tarinfo(name: str, mtime: int, size: int | None) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    if size is None:
+        ti.type, ti.mode, ti.size = tarfile.DIRTYPE, 0o755, 0
+    else:
+        ti.type, ti.mode, ti.size = tarfile.REGTYPE, 0o644, size
+    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = mtime, 0, 0, "", ""
+    return ti
+
+
+def _write_archive(root: Path, path: Path, members: list, mtime: int, compressed: bool, level: int) -> int:
+    """Write ``members`` (name, None | bytes | Path | manifest entry) to ``path``; returns the file count."""
+    n_files = 0
+    with open(path, "xb") as fh:
+        sink = zstandard.ZstdCompressor(level=level).stream_writer(fh, closefd=False) if compressed else fh
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+            for name, src in members:
+                if src is None:
+                    tf.addfile(_tarinfo(name, mtime, None))
+                    continue
+                n_files += 1
+                if isinstance(src, bytes):
+                    tf.addfile(_tarinfo(name, mtime, len(src)), io.BytesIO(src))
+                    continue
+                entry = src if isinstance(src, dict) else None
+                file_path = _manifest.safe_path(root, entry["path"], MANIFEST) if entry else src
+                with open(file_path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if entry is not None and size != entry["size"]:
+                        lfs = git_lfs_pointer(file_path)
+                        raise CorruptStoreError(
+                            f"{entry['path']}: {size} bytes, the manifest says {entry['size']}"
+                            + (f"; {lfs}" if lfs else "; run `retrostore verify` on the store")
+                        )
+                    reader = _HashingReader(f)
+                    tf.addfile(_tarinfo(name, mtime, size), reader)
+                if entry is not None and reader.sha.hexdigest() != entry["sha256"]:
+                    raise CorruptStoreError(
+                        f"{entry['path']}: checksum differs from the manifest's; the file is damaged or was "
+                        "replaced while packing. Run `retrostore verify` on the store and pack again"
+                    )
+        if compressed:
+            sink.flush(zstandard.FLUSH_FRAME)
+            sink.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+    return n_files

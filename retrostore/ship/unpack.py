@@ -1,0 +1,411 @@
+"""``retrostore.unpack``: extract a store archive from a stranger safely.
+
+It refuses absolute paths, ``..``, links, device files, names outside the
+store layout, members larger than the limits or than the manifest declares,
+data past a member's declared size, files the manifest does not reference and
+a manifest naming a file outside the store; it extracts into a temporary
+directory beside DEST, checks every size and checksum, runs ``Store.verify``
+and only then renames the directory into place. On any failure nothing is left
+behind. The archive layout is described in :mod:`retrostore.ship.pack`; see
+docs/artifacts.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import tarfile
+from pathlib import Path
+
+import zstandard
+
+from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, UnsafeArchiveError
+from ..storage import fileio
+from ..storage import manifest as _manifest
+from ..storage.fileio import git_lfs_pointer
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
+from ..store.store import Store
+from .pack import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, ArtifactInfo
+
+__all__ = ["unpack"]
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
+_HEADER_ALLOWANCE = 1 << 20  # bytes tarfile may read for one member's headers (pax, long names) + read-ahead
+_TRAILER_MAX = 1 << 20  # zero padding accepted after the end-of-archive marker
+_MANIFEST_MAX_BYTES = 64 << 20
+_BLOCK = 1 << 20
+
+
+class _GuardedReader:
+    """A read-only stream that counts bytes, keeps the last ones seen and
+    refuses to go past a moving limit (so a forged header cannot make tarfile
+    buffer gigabytes)."""
+
+    _RING = 1 << 20
+
+    def __init__(self, raw, archive: str):
+        self.raw = raw
+        self.archive = archive
+        self.count = 0
+        self.limit = _HEADER_ALLOWANCE
+        self.tail = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = _BLOCK
+        n = min(n, self.limit - self.count)
+        if n <= 0:
+            raise UnsafeArchiveError(
+                f"{self.archive}: an archive header or trailer runs past {self.limit:,} bytes "
+                "(a forged size or padding); refusing it"
+            )
+        data = self.raw.read(n)
+        self.count += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self._RING:
+            del self.tail[: -self._RING]
+        return data
+
+
+def _check_member(m: tarfile.TarInfo, archive: str) -> str | None:
+    """The member's path inside the store, or None for the root entry ``.``.
+
+    Raises
+    ------
+    UnsafeArchiveError
+        Absolute path, ``..``, odd characters, a name outside the store
+        layout, or anything but a regular file or a directory.
+    """
+    name = m.name
+    where = f"{archive}: member {name!r}"
+    if "\x00" in name or "\\" in name:
+        raise UnsafeArchiveError(f"{where} holds a NUL or backslash; refusing the archive")
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"{where} has an absolute path; a store archive only holds relative paths")
+    parts = name.split("/")
+    while len(parts) > 1 and parts[0] == ".":
+        parts = parts[1:]
+    if parts == ["."]:
+        if not m.isdir():
+            raise UnsafeArchiveError(f"{where} is not a directory")
+        return None
+    if ".." in parts:
+        raise UnsafeArchiveError(f"{where} contains '..' (path traversal); refusing the archive")
+    kind = _member_kind(m)
+    if kind:
+        raise UnsafeArchiveError(
+            f"{where} is {kind}; a store archive holds only regular files and directories"
+        )
+    for p in parts:
+        if not _NAME_RE.match(p):
+            raise UnsafeArchiveError(f"{where}: {p!r} is not a plain file name (letters, digits, '.', '_', '-')")
+    top_dir = len(parts) == 1 and parts[0] in STORE_DIRS
+    if len(parts) > 2 or (len(parts) == 2 and (parts[0] not in STORE_DIRS or m.isdir())) or (
+        len(parts) == 1 and m.isdir() != top_dir
+    ):
+        raise UnsafeArchiveError(f"{where} is not part of a retrostore store's layout; refusing the archive")
+    return "/".join(parts)
+
+
+def _member_kind(m: tarfile.TarInfo) -> str | None:
+    if m.issym():
+        return f"a symbolic link (to {m.linkname!r})"
+    if m.islnk():
+        return f"a hard link (to {m.linkname!r})"
+    if m.ischr() or m.isblk():
+        return "a device file"
+    if m.isfifo():
+        return "a FIFO"
+    if m.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not m.issparse():
+        return None
+    if m.isdir():
+        return None
+    return f"an unsupported member type ({m.type!r})"
+
+
+def unpack(
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    expected_manifest_sha256: str | None = None,
+) -> ArtifactInfo:
+    """Extract a store archive into ``dest`` safely and verify it.
+
+    Members are checked before any byte is written (see the module
+    docstring), extracted into a temporary directory beside ``dest``, checked
+    against the manifest's sizes and checksums, opened and verified with
+    :meth:`Store.verify`, and only then renamed to ``dest``.
+
+    Parameters
+    ----------
+    archive : path-like
+        A ``.tar`` or ``.tar.zst`` written by :func:`pack` (compression is
+        recognised by content, not by name).
+    dest : path-like
+        The store directory to create; it must not exist (or be empty).
+    max_total_bytes, max_member_bytes, max_members : int
+        Refuse archives that would extract more bytes in all, a larger member,
+        or more members.
+    expected_manifest_sha256 : str, optional
+        The published sha256 of the store's ``manifest.json``; refuse the
+        archive when it differs.
+
+    Returns
+    -------
+    ArtifactInfo
+
+    Raises
+    ------
+    UnsafeArchiveError
+        Path traversal, absolute paths, links, device files, names outside the
+        store layout, size limits, a member bigger than declared, a manifest
+        naming a file outside the store, or a manifest sha256 that differs from
+        ``expected_manifest_sha256``.
+    CorruptStoreError
+        Not a (complete) tar archive, a missing file, a size or checksum
+        mismatch, a Git LFS pointer file in place of a store file (the message
+        says so), or ``Store.verify`` found problems.
+    FormatVersionError
+        The store needs a newer retrostore (both version numbers are named).
+    StoreExistsError
+        ``dest`` exists and is not empty.
+    OSError
+        Reading the archive or writing the files failed; nothing is left behind.
+    """
+    archive = Path(archive)
+    dest = Path(dest)
+    for name, val in (("max_total_bytes", max_total_bytes), ("max_member_bytes", max_member_bytes),
+                      ("max_members", max_members)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise InvalidInputError(f"{name}={val!r} must be an int >= 1")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fileio.remove_stale_tmp(dest.parent, f"unpack-{dest.name}")  # of an unpack killed before its rename
+    tmp = dest.parent / f"{TMP_PREFIX}unpack-{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    with open(archive, "rb") as fh:
+        tmp.mkdir(mode=0o700)
+        try:
+            manifest_raw, body, files = _extract(fh, archive, tmp, max_total_bytes, max_member_bytes, max_members)
+            digest = hashlib.sha256(manifest_raw).hexdigest()
+            if expected_manifest_sha256 is not None and digest != expected_manifest_sha256.strip().lower():
+                raise UnsafeArchiveError(
+                    f"{archive}: manifest sha256 {digest} differs from the expected "
+                    f"{expected_manifest_sha256.strip()}; this is not the published store"
+                )
+            _check_extracted(tmp, archive, body, manifest_raw, files)
+            _verify_unpacked(tmp, archive)
+            for sub in STORE_DIRS:
+                fileio.fsync_dir(tmp / sub)
+            tmp.chmod(0o755)
+            fileio.fsync_dir(tmp)
+            try:
+                os.replace(tmp, dest)
+            except OSError as exc:
+                if dest.exists():
+                    raise StoreExistsError(f"{dest} appeared while unpacking; unpack into a new directory") from exc
+                raise
+            fileio.fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    vectors = not body["vectors"].get("dropped_at_pack", False)
+    return ArtifactInfo(dest, int(body["version"]), digest, len(files), sum(v[0] for v in files.values()), vectors)
+
+
+def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_members: int):
+    """Stream the archive's members into ``tmp``; returns (manifest bytes, body, {path: (size, sha256)})."""
+    where = str(archive)
+    head = fh.read(4)
+    fh.seek(0)
+    raw = fh
+    if head == _ZSTD_MAGIC:
+        raw = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
+    reader = _GuardedReader(raw, where)
+    files: dict[str, tuple[int, str]] = {}
+    seen: set[str] = set()
+    manifest_raw: bytes | None = None
+    body: dict | None = None
+    declared: dict[str, int] = {}
+    total = 0
+    count = 0
+    last = None
+    try:
+        tf = tarfile.open(fileobj=reader, mode="r|")
+        while True:
+            reader.limit = tf.offset + _HEADER_ALLOWANCE
+            m = tf.next()
+            if m is None:
+                break
+            count += 1
+            if count > max_members:
+                raise UnsafeArchiveError(f"{where}: more than {max_members:,} members; refusing the archive")
+            rel = _check_member(m, where)
+            try:
+                tarfile.data_filter(m, os.fspath(tmp))  # the standard library's own checks, on top of ours
+            except tarfile.FilterError as exc:
+                raise UnsafeArchiveError(f"{where}: member {m.name!r} refused: {exc}") from exc
+            if rel is None:
+                continue
+            if rel in seen:
+                raise UnsafeArchiveError(f"{where}: member {rel!r} appears twice; refusing the archive")
+            seen.add(rel)
+            last = (rel, m.size)
+            target = tmp / rel
+            if m.isdir():
+                target.mkdir(mode=0o755, exist_ok=True)
+                continue
+            if m.size > max_member:
+                raise UnsafeArchiveError(
+                    f"{where}: member {rel!r} is {m.size:,} bytes, over the limit of {max_member:,} "
+                    "(max_member_bytes / --max-member-bytes)"
+                )
+            total += m.size
+            if total > max_total:
+                raise UnsafeArchiveError(
+                    f"{where}: the members add up to more than {max_total:,} bytes, the limit "
+                    "(max_total_bytes / --max-bytes)"
+                )
+            if rel in declared and m.size > declared[rel]:
+                raise UnsafeArchiveError(
+                    f"{where}: member {rel!r} is {m.size:,} bytes, bigger than the {declared[rel]:,} bytes "
+                    "the manifest declares; refusing it before writing"
+                )
+            if rel == MANIFEST and m.size > _MANIFEST_MAX_BYTES:
+                raise UnsafeArchiveError(f"{where}: manifest.json is {m.size:,} bytes; a manifest is far smaller")
+            if "/" in rel:
+                (tmp / rel.split("/")[0]).mkdir(mode=0o755, exist_ok=True)
+            reader.limit = m.offset_data + m.size + _HEADER_ALLOWANCE
+            keep = rel == MANIFEST
+            size, sha, kept = _copy_member(tf, m, target, keep)
+            files[rel] = (size, sha)
+            if keep:
+                manifest_raw = kept
+                body = _read_manifest(manifest_raw, where, tmp)
+                declared = {e["path"]: int(e["size"]) for e in _manifest.referenced_files(body)}
+                for other in seen & set(declared):
+                    if files.get(other, (0,))[0] > declared[other]:
+                        raise UnsafeArchiveError(
+                            f"{where}: member {other!r} is {files[other][0]:,} bytes, bigger than the "
+                            f"{declared[other]:,} bytes the manifest declares"
+                        )
+        _check_trailer(tf, reader, where, last)
+    except tarfile.TarError as exc:
+        raise CorruptStoreError(f"{where}: not a readable tar archive ({exc}); the file is damaged or truncated") from exc
+    except zstandard.ZstdError as exc:
+        raise CorruptStoreError(f"{where}: not valid zstd data ({exc}); the file is damaged or truncated") from exc
+    if manifest_raw is None or body is None:
+        raise CorruptStoreError(f"{where}: holds no manifest.json; it is not a retrostore store archive")
+    return manifest_raw, body, files
+
+
+def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bool):
+    src = tf.extractfile(m)
+    sha = hashlib.sha256()
+    kept = bytearray() if keep else None
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        while size < m.size:
+            block = src.read(min(_BLOCK, m.size - size))
+            if not block:
+                raise tarfile.ReadError(f"unexpected end of data in member {m.name!r}")
+            sha.update(block)
+            if kept is not None:
+                kept += block
+            view = memoryview(block)
+            while len(view):
+                view = view[os.write(fd, view):]
+            size += len(block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return (size, sha.hexdigest(), bytes(kept) if kept is not None else None)
+
+
+def _read_manifest(raw: bytes, where: str, tmp: Path) -> dict:
+    body = _manifest.parse_manifest(raw, f"{where}: {MANIFEST}")
+    for entry in _manifest.referenced_files(body):
+        try:
+            _manifest.safe_path(tmp, entry["path"], f"{where}: {MANIFEST}")
+        except CorruptStoreError as exc:
+            raise UnsafeArchiveError(str(exc)) from exc
+    return body
+
+
+def _check_trailer(tf: tarfile.TarFile, reader: _GuardedReader, where: str, last) -> None:
+    """After the last member only zero padding may follow: anything else is data
+    past a member's declared size (or a damaged archive)."""
+    pending = reader.count - tf.offset
+    if pending > len(reader.tail):
+        raise UnsafeArchiveError(f"{where}: cannot check the archive's end; refusing it")
+    rest = bytes(reader.tail[len(reader.tail) - pending:]) if pending > 0 else b""
+    reader.limit = reader.count + _TRAILER_MAX + 1
+    while not any(rest):
+        try:
+            more = reader.read(_BLOCK)
+        except UnsafeArchiveError:
+            raise UnsafeArchiveError(f"{where}: more than {_TRAILER_MAX:,} bytes follow the end of the archive") from None
+        if not more:
+            return
+        rest = more
+    after = f"after member {last[0]!r} (declared {last[1]:,} bytes)" if last else "at its start"
+    raise UnsafeArchiveError(
+        f"{where}: data continues {after} where the next header or the end of the archive should be: "
+        "a member is bigger than its header declares, or the archive is damaged; refusing it"
+    )
+
+
+def _check_extracted(tmp: Path, archive: Path, body: dict, manifest_raw: bytes, files: dict) -> None:
+    where = str(archive)
+    version_copy = version_path(Path(), body["version"]).as_posix()
+    referenced = {e["path"]: e for e in _manifest.referenced_files(body)}
+    allowed = set(referenced) | {MANIFEST, DATA_MDB, version_copy}
+    extra = sorted(set(files) - allowed)
+    if extra:
+        raise UnsafeArchiveError(
+            f"{where}: holds files the manifest does not reference: {', '.join(extra[:5])}"
+            f"{' ...' if len(extra) > 5 else ''}; only store files are accepted (make archives with "
+            "`retrostore pack`)"
+        )
+    problems = []
+    for rel, entry in referenced.items():
+        if rel not in files:
+            problems.append(f"{rel}: missing from the archive (referenced by the manifest)")
+            continue
+        size, sha = files[rel]
+        if size != entry["size"] or sha != entry["sha256"]:
+            lfs = git_lfs_pointer(tmp / rel)
+            if lfs:
+                problems.append(f"{rel}: {lfs}")
+            elif size != entry["size"]:
+                problems.append(f"{rel}: {size} bytes, the manifest says {entry['size']}")
+            else:
+                problems.append(f"{rel}: checksum mismatch (manifest {entry['sha256'][:16]}..., file {sha[:16]}...)")
+    if DATA_MDB not in files:
+        problems.append(f"{DATA_MDB}: missing from the archive")
+    if version_copy in files and files[version_copy][1] != hashlib.sha256(manifest_raw).hexdigest():
+        problems.append(f"{version_copy}: differs from manifest.json")
+    if problems:
+        raise CorruptStoreError(f"{where}: " + "; ".join(problems))
+    for sub in STORE_DIRS:
+        (tmp / sub).mkdir(mode=0o755, exist_ok=True)
+
+
+def _verify_unpacked(tmp: Path, archive: Path) -> None:
+    """Open the extracted store, run verify, and leave no lock file behind."""
+    lock = tmp / LMDB_DIR / "lock.mdb"  # not in the archive (refused there), created by this open
+    try:
+        with Store(tmp, mode="r") as st:
+            problems = st.verify()
+    finally:
+        lock.unlink(missing_ok=True)
+    if problems:
+        raise CorruptStoreError(f"{archive}: the unpacked store does not verify: " + "; ".join(problems))

@@ -1,0 +1,454 @@
+"""The LMDB chunk table: chunks, documents and per-commit content hashes.
+
+Layout (named databases in one LMDB environment ``chunks.lmdb/``):
+
+``chunks``   8-byte big-endian chunk id -> msgpack
+             ``{"d": doc id, "p": position in the document, "o": character
+             offset of the span, "s": the exact text span, "t": token ids as
+             little-endian bytes of the manifest's ``token_dtype``}``
+``docs``     8-byte big-endian doc id -> msgpack
+             ``{"c": first chunk id, "n": number of chunks, "m": metadata,
+             "x": the text, only for documents with no chunks}``
+``commits``  8-byte big-endian version -> msgpack ``{"c": [first, end) chunk
+             ids, "d": [first, end) doc ids, "h": sha256 of the records}``
+
+With the manifest's ``"record_checksum": "crc32"`` (every store created by
+this version), each value is sealed: ``msgpack || crc32(key || msgpack)``
+(see :mod:`retrostore.storage.lmdbscan`), and a record whose checksum fails raises
+:class:`CorruptStoreError` instead of returning damaged text or tokens.
+
+Records are append-only and immutable once committed: readers filter by the
+manifest's high-water marks and never see a record beyond them. The map grows
+on demand (starting small, so an idle store's data file stays compact).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import numpy as np
+
+from ..errors import CorruptStoreError, RetrostoreError
+from .layout import DATA_MDB, GENESIS, LMDB_DIR
+from .lmdbfile import check_lmdb_file
+from .lmdbscan import key as _key
+from .lmdbscan import parse_commit, records_digest, seal, unseal
+from .records import ChunkRecord, DocRecord, encode_chunks, encode_doc
+
+__all__ = ["ChunkTable"]
+
+_INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
+_MAX_DBS = 8
+_TXN_RECORDS = 20_000  # records per LMDB write transaction during append
+
+# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly]: py-lmdb allows one
+# env per file per process. The inode is part of the key because a store directory can be
+# replaced (rm -rf + unpack, rebuild) while a handle on the old one is open: new handles must
+# open the new file, never be served from the old, deleted one.
+_registry: dict[tuple, list] = {}
+_registry_lock = threading.Lock()
+
+
+def _reads(fn):
+    """Report LMDB's own errors on a damaged file (MDB_CORRUPTED,
+    MDB_PAGE_NOTFOUND, ...) as :class:`CorruptStoreError` naming the file."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except lmdb.Error as exc:
+            raise CorruptStoreError(
+                f"{DATA_MDB}: LMDB cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "the file is damaged: run `retrostore verify`"
+            ) from exc
+
+    return wrapper
+
+
+def _appendable(cur: "lmdb.Cursor", items: list[tuple[bytes, bytes]]) -> bool:
+    """Whether ``items`` may be written with MDB_APPEND: keys strictly increasing and all after
+    the table's last key. Appending fills B-tree pages (~10% smaller than ordinary puts on
+    pydocs), but a crash can leave uncommitted records at the ids a new append reuses, and
+    MDB_APPEND refuses (MDB_KEYEXIST) to overwrite them, so those writes go the ordinary way."""
+    keys = [k for k, _ in items]
+    if not keys or any(a >= b for a, b in zip(keys, keys[1:])):
+        return False
+    return not cur.last() or cur.key() < keys[0]
+
+
+class ChunkTable:
+    """Access to the store's LMDB environment.
+
+    Parameters
+    ----------
+    root : Path
+        The store directory.
+    token_dtype : str
+        numpy dtype of packed token ids (``"<u2"`` or ``"<u4"``).
+    write : bool
+        Open for the writer.
+    readonly_media : bool
+        The store is on read-only media: open LMDB with ``readonly=True,
+        lock=False`` so that nothing (not even ``lock.mdb``) is written.
+    sealed : bool
+        Values carry a crc32 (the manifest's ``"record_checksum": "crc32"``).
+    """
+
+    def __init__(self, root: Path, token_dtype: str, *, write: bool, readonly_media: bool = False,
+                 sealed: bool = False):
+        self.path = root / LMDB_DIR
+        self.token_dtype = np.dtype(token_dtype)
+        self.write = write
+        self.sealed = sealed
+        self._pid = os.getpid()
+        check_lmdb_file(root / DATA_MDB)
+        try:
+            st = os.stat(root / DATA_MDB)
+        except OSError as exc:
+            raise CorruptStoreError(f"{DATA_MDB}: cannot be read ({exc.strerror or exc})") from exc
+        real = (os.path.realpath(self.path), st.st_dev, st.st_ino)
+        with _registry_lock:
+            entry = _registry.get(real)
+            if entry is not None and entry[2] != os.getpid():
+                # Inherited across fork(): never reuse the parent's handle. py-lmdb
+                # refuses a second open of files it has open, so close this
+                # process's copy first. That is safe for the parent: it unmaps
+                # the child's mapping and closes the child's descriptors; the
+                # parent's fcntl locks and reader slots belong to its own pid
+                # (retrostore never keeps a transaction open across calls).
+                try:
+                    entry[0].close()
+                except lmdb.Error:
+                    pass
+                del _registry[real]
+                entry = None
+            if entry is None:
+                try:
+                    env = lmdb.open(
+                        os.fspath(self.path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
+                        readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
+                        readahead=False, create=False, map_async=False,
+                    )
+                except lmdb.Error as exc:
+                    raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
+                entry = [env, 0, os.getpid(), readonly_media]
+                _registry[real] = entry
+            elif write and entry[3]:
+                raise RetrostoreError(f"{self.path} is open read-only in this process; close it before writing")
+            entry[1] += 1
+            self._real = real
+            self.env: lmdb.Environment = entry[0]
+        try:
+            # open_db without a txn commits its own (handles opened in an aborted
+            # read txn would be closed again).
+            for attempt in range(100):
+                try:
+                    self._chunks = self.env.open_db(b"chunks", create=False)
+                    self._docs = self.env.open_db(b"docs", create=False)
+                    self._commits = self.env.open_db(b"commits", create=False)
+                    break
+                except lmdb.MapResizedError:
+                    # a writer grew the map since lmdb.open() read the meta page
+                    if attempt == 99:
+                        raise
+                    self.env.set_mapsize(0)
+        except lmdb.Error as exc:
+            self.close()
+            raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
+
+    # -- creation ---------------------------------------------------------
+    @staticmethod
+    def initialise(root: Path) -> None:
+        """Create an empty LMDB environment with its three tables (for ``create``)."""
+        path = root / LMDB_DIR
+        path.mkdir()
+        env = lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS, sync=True)
+        try:
+            with env.begin(write=True) as txn:
+                for name in (b"chunks", b"docs", b"commits"):
+                    env.open_db(name, txn=txn)
+            env.sync(True)
+        finally:
+            env.close()
+
+    # -- transactions -----------------------------------------------------
+    def _begin(self, write: bool = False) -> lmdb.Transaction:
+        for _attempt in range(99):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+        return self.env.begin(write=write)
+
+    def _write_txn(self, fn) -> None:
+        """Run ``fn(txn)`` in a write transaction, growing the map when full."""
+        while True:
+            try:
+                with self._begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def sync(self) -> None:
+        """Force LMDB's data to disk (``mdb_env_sync(force=1)``)."""
+        self.env.sync(True)
+
+    # -- writing ----------------------------------------------------------
+    def put_records(self, chunks: list[tuple[bytes, bytes]], docs: list[tuple[bytes, bytes]]) -> None:
+        """Write (key, value) records made by :meth:`pack_chunks` / :meth:`pack_doc`."""
+        for i in range(0, max(len(chunks), len(docs)), _TXN_RECORDS):
+            part_c = chunks[i : i + _TXN_RECORDS]
+            part_d = docs[i : i + _TXN_RECORDS]
+
+            def fn(txn, part_c=part_c, part_d=part_d):
+                for db, part in ((self._chunks, part_c), (self._docs, part_d)):
+                    cur = txn.cursor(db)
+                    cur.putmulti(part, append=_appendable(cur, part))
+
+            self._write_txn(fn)
+
+    def put_commit(self, version: int, chunk_range: tuple[int, int], doc_range: tuple[int, int], digest: str) -> None:
+        rec = msgpack.packb({"c": list(chunk_range), "d": list(doc_range), "h": digest})
+        self._write_txn(lambda txn: txn.put(_key(version), rec, db=self._commits))
+
+    def truncate(self, next_chunk_id: int, next_doc_id: int, version: int) -> int:
+        """Delete every record beyond the committed high-water marks.
+
+        Returns the number of records removed (orphans of a crashed writer).
+        """
+        removed = 0
+
+        def fn(txn):
+            nonlocal removed
+            for db, first in ((self._chunks, next_chunk_id), (self._docs, next_doc_id), (self._commits, version + 1)):
+                cur = txn.cursor(db)
+                if cur.set_range(_key(first)):
+                    while cur.delete():
+                        removed += 1
+
+        self._write_txn(fn)
+        return removed
+
+    def pack_chunks(self, first_id: int, doc_id: int, text: str, chunks: list) -> list[tuple[bytes, bytes]]:
+        """(key, stored value) of one document's chunk records, ids from ``first_id``
+        (values sealed when the store seals records)."""
+        values = encode_chunks(self.token_dtype, doc_id, text, chunks)
+        keys = [_key(i) for i in range(first_id, first_id + len(values))]
+        if self.sealed:
+            values = [seal(k, v) for k, v in zip(keys, values)]
+        return list(zip(keys, values))
+
+    def pack_doc(self, doc_id: int, first_chunk: int, n_chunks: int, metadata: Any,
+                 text: str | None) -> tuple[bytes, bytes]:
+        """(key, stored value) of document ``doc_id`` (sealed when the store seals records)."""
+        raw, k = encode_doc(first_chunk, n_chunks, metadata, text), _key(doc_id)
+        return k, seal(k, raw) if self.sealed else raw
+
+    # -- reading ----------------------------------------------------------
+    def _payload(self, what: str, i: int, raw: bytes) -> bytes:
+        if not self.sealed:
+            return raw
+        payload = unseal(_key(i), raw)
+        if payload is None:
+            raise CorruptStoreError(f"{DATA_MDB}: {what} {i} record fails its checksum; the file is damaged")
+        return payload
+
+    def _unpack_chunk(self, cid: int, raw: bytes) -> ChunkRecord:
+        raw = self._payload("chunk", cid, raw)
+        try:
+            r = msgpack.unpackb(raw, raw=False)
+            toks = np.frombuffer(r["t"], dtype=self.token_dtype).astype(np.int64)
+            return ChunkRecord(cid, r["d"], r["p"], r["o"], r["s"], toks)
+        except Exception as exc:  # msgpack raises several types on damaged bytes
+            raise CorruptStoreError(f"{DATA_MDB}: chunk {cid} record is damaged ({exc})") from exc
+
+    @_reads
+    def get_chunks(self, ids, limit: int) -> list[ChunkRecord | None]:
+        """Chunk records for ``ids`` (None for ids < 0 or >= ``limit``)."""
+        out: list[ChunkRecord | None] = []
+        with self._begin() as txn:
+            for cid in ids:
+                cid = int(cid)
+                if cid < 0 or cid >= limit:
+                    out.append(None)
+                    continue
+                raw = txn.get(_key(cid), db=self._chunks)
+                if raw is None:
+                    raise CorruptStoreError(f"{DATA_MDB}: committed chunk {cid} is missing")
+                out.append(self._unpack_chunk(cid, raw))
+        return out
+
+    @_reads
+    def iter_chunks(self, first: int, end: int) -> list[ChunkRecord]:
+        """The chunk records with ids in ``[first, end)``, in order."""
+        out = []
+        with self._begin() as txn:
+            cur = txn.cursor(self._chunks)
+            if not cur.set_range(_key(first)):
+                return out
+            for k, v in cur:
+                cid = int.from_bytes(k, "big")
+                if cid >= end:
+                    break
+                out.append(self._unpack_chunk(cid, v))
+        return out
+
+    @_reads
+    def get_doc(self, doc_id: int) -> DocRecord | None:
+        with self._begin() as txn:
+            raw = txn.get(_key(doc_id), db=self._docs)
+        if raw is None:
+            return None
+        raw = self._payload("document", doc_id, raw)
+        try:
+            r = msgpack.unpackb(raw, raw=False)
+            return DocRecord(doc_id, r["c"], r["n"], r["m"], r.get("x"))
+        except Exception as exc:
+            raise CorruptStoreError(f"{DATA_MDB}: document {doc_id} record is damaged ({exc})") from exc
+
+    @_reads
+    def stats(self) -> dict:
+        """Entry counts and key ranges of the three tables (all records, committed or not)."""
+        out = {}
+        with self._begin() as txn:
+            for name, db in (("chunks", self._chunks), ("docs", self._docs), ("commits", self._commits)):
+                cur = txn.cursor(db)
+                first = int.from_bytes(cur.key(), "big") if cur.first() else None
+                last = int.from_bytes(cur.key(), "big") if cur.last() else None
+                out[name] = {"entries": txn.stat(db)["entries"], "first": first, "last": last}
+        return out
+
+    @_reads
+    def chunk_doc_ids(self, n_chunks: int, n_docs: int) -> np.ndarray:
+        """Document id of every committed chunk, shape (n_chunks,), int64 (from the docs table)."""
+        out = np.full(n_chunks, -1, np.int64)
+        with self._begin() as txn:
+            cur = txn.cursor(self._docs)
+            for k, v in cur:
+                did = int.from_bytes(k, "big")
+                if did >= n_docs:
+                    break
+                try:
+                    r = msgpack.unpackb(self._payload("document", did, v), raw=False)
+                    out[r["c"] : r["c"] + r["n"]] = did
+                except CorruptStoreError:
+                    raise
+                except Exception as exc:
+                    raise CorruptStoreError(f"{DATA_MDB}: document {did} record is damaged ({exc})") from exc
+        return out
+
+    @_reads
+    def count_below(self, table: str, end: int) -> int:
+        """Number of records with id < ``end`` in ``"chunks"`` or ``"docs"`` (verify after purges)."""
+        db = {"chunks": self._chunks, "docs": self._docs}[table]
+        n = 0
+        with self._begin() as txn:
+            for k in txn.cursor(db).iternext(keys=True, values=False):
+                if int.from_bytes(k, "big") >= end:
+                    break
+                n += 1
+        return n
+
+    def content_hashes(self, version: int) -> tuple[str, list[str]]:
+        """Recompute the hash chain of every commit up to ``version``.
+
+        Returns the chain head and a list of problems found (empty when the
+        records match their commit entries). In this process: for untrusted
+        files use ``verify``, which scans in a child (:mod:`retrostore.storage.lmdbscan`).
+        """
+        problems: list[str] = []
+        chain = hashlib.sha256(GENESIS.encode()).hexdigest()
+        with self._begin() as txn:
+            for k, v in txn.cursor(self._commits):
+                ver = int.from_bytes(k, "big")
+                if ver > version:
+                    break
+                try:
+                    c0, c1, d0, d1, recorded = parse_commit(v)
+                except ValueError as exc:
+                    problems.append(f"{DATA_MDB}: commit record of version {ver} is damaged ({exc})")
+                    continue
+                if records_digest(txn, self._chunks, c0, c1, self._docs, d0, d1) != recorded:
+                    problems.append(
+                        f"{DATA_MDB}: records of version {ver} (chunks {c0}..{c1 - 1}, documents "
+                        f"{d0}..{d1 - 1}) do not match their checksum; the LMDB data file is damaged"
+                    )
+                chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
+        return chain, problems
+
+    def purge(self, docs: list[tuple[int, int, int]], before_commit, version: int) -> str:
+        """Delete documents' records and re-digest the commits that held them, in one transaction.
+
+        Parameters
+        ----------
+        docs : list of (doc_id, first_chunk, n_chunks)
+        before_commit : callable(chain: str)
+            Run inside the write transaction once the new content hash chain
+            is known (``compact`` publishes its manifest here: if it raises,
+            LMDB is left unchanged).
+        version : int
+            Commits up to this version form the chain.
+
+        Returns
+        -------
+        str
+            The new head of the content hash chain.
+        """
+        spans = sorted(docs)
+        chunk_ranges = [(c, c + n) for _, c, n in spans]
+        doc_ids = [d for d, _, _ in spans]
+        result = []
+
+        def fn(txn):
+            for d in doc_ids:
+                txn.delete(_key(d), db=self._docs)
+            for c0, c1 in chunk_ranges:
+                for c in range(c0, c1):
+                    txn.delete(_key(c), db=self._chunks)
+            chain = hashlib.sha256(GENESIS.encode()).hexdigest()
+            cur = txn.cursor(self._commits)
+            updates = []
+            for k, v in cur:
+                ver = int.from_bytes(k, "big")
+                if ver > version:
+                    break
+                entry = msgpack.unpackb(v, raw=False)
+                (e0, e1), (f0, f1) = entry["c"], entry["d"]
+                if any(c0 < e1 and e0 < c1 for c0, c1 in chunk_ranges) or any(f0 <= d < f1 for d in doc_ids):
+                    entry["h"] = records_digest(txn, self._chunks, e0, e1, self._docs, f0, f1)
+                    updates.append((k, msgpack.packb(entry)))
+                chain = hashlib.sha256((chain + entry["h"]).encode()).hexdigest()
+            for k, v in updates:
+                txn.put(k, v, db=self._commits)
+            before_commit(chain)
+            result[:] = [chain]
+
+        self._write_txn(fn)
+        self.sync()
+        return result[0]
+
+    def close(self) -> None:
+        """Drop this handle; the environment closes when its last user in this process goes."""
+        if self.env is None:
+            return
+        env, self.env = self.env, None
+        if os.getpid() != self._pid:
+            return  # a forked child must not close the parent's environment
+        with _registry_lock:
+            entry = _registry.get(self._real)
+            if entry is not None and entry[0] is env:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _registry[self._real]
+                    env.close()
+
+

@@ -1,0 +1,390 @@
+"""Durable file I/O for the commit path: atomic writes, fsync of files and
+directories, checksums and the writer lock.
+
+Every write, fsync and rename on the commit path goes through the small
+functions here (``_write``, ``_fsync``, ``_rename``), so that the fault-injection
+tests can make each one fail in turn (ENOSPC, EIO) without touching the rest
+of the interpreter.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+import lmdb
+
+from ..errors import CommitError, WriterLockedError
+from .layout import TMP_PREFIX
+
+__all__ = [
+    "write_durable",
+    "DurableWriter",
+    "atomic_write",
+    "fsync_dir",
+    "sha256_file",
+    "WriterLock",
+    "remove_stale_tmp",
+    "sha256_cached",
+    "readonly_media",
+    "git_lfs_pointer",
+]
+
+_BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
+
+
+def _write(fd: int, data: memoryview) -> int:
+    return os.write(fd, data)
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.replace(src, dst)
+
+
+def sync_lmdb(env) -> None:
+    """Force an LMDB environment's data to disk (``mdb_env_sync(force=1)``).
+
+    Raises
+    ------
+    OSError
+        With the errno LMDB reported (ENOSPC, EIO, ...).
+    """
+    try:
+        env.sync(True)
+    except lmdb.Error as exc:
+        raise OSError(getattr(exc, "errno", None) or 5, f"LMDB sync failed: {exc}") from exc
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so that renames and new entries in it are durable.
+
+    Raises
+    ------
+    OSError
+        From ``open(2)`` or ``fsync(2)``.
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableWriter:
+    """A new file written in order, hashed while written and fsynced at the end.
+
+    Small writes are gathered into blocks of ``_BLOCK`` bytes, so a producer
+    that pushes many small pieces (``faiss.write_index`` through a
+    ``PyCallbackIOWriter``) makes few ``write(2)`` calls. As a context manager:
+    a clean exit flushes and fsyncs (its OSError also removes the file); an
+    exception removes the partial file.
+
+    Parameters
+    ----------
+    path : path-like
+        File to create; it must not exist.
+
+    Attributes
+    ----------
+    size : int
+        Bytes written so far.
+    sha256 : str
+        Hex digest of the content, set at the clean exit.
+
+    Raises
+    ------
+    OSError
+        From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.size = 0
+        self.sha256 = ""
+        self._digest = hashlib.sha256()
+        self._pending = bytearray()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, part: bytes | memoryview) -> None:
+        """Append ``part`` (any bytes-like object)."""
+        view = memoryview(part).cast("B")
+        if len(view) < _BLOCK:
+            self._pending += view
+            if len(self._pending) >= _BLOCK:
+                self._flush()
+            return
+        self._flush()
+        self._put(view)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._put(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def _put(self, view: memoryview) -> None:
+        self._digest.update(view)
+        while len(view):
+            n = _write(self._fd, view[:_BLOCK])
+            view = view[n:]
+            self.size += n
+
+    def __enter__(self) -> "DurableWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+                _fsync(self._fd)
+                self.sha256 = self._digest.hexdigest()
+        except BaseException:
+            exc_type = OSError
+            raise
+        finally:
+            os.close(self._fd)
+            if exc_type is not None:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+
+
+def write_durable(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Write ``parts`` to a new file ``path`` and fsync it (not its directory).
+
+    Parameters
+    ----------
+    path : path-like
+        File to create; it must not exist.
+    parts : iterable of bytes-like
+        The content, in order.
+
+    Returns
+    -------
+    size_bytes : int
+    sha256 : str
+        Hex digest of the content, computed while writing.
+
+    Raises
+    ------
+    OSError
+        From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...); the partial
+        file is removed.
+    """
+    with DurableWriter(path) as out:
+        for part in parts:
+            out.write(part)
+    return out.size, out.sha256
+
+
+def atomic_write(path: str | os.PathLike, parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Atomically put a file in place: temporary file, fsync, rename, fsync dir.
+
+    After a crash at any instant ``path`` holds either its old content or the
+    new content, never a mix.
+
+    Returns
+    -------
+    size_bytes : int
+    sha256 : str
+
+    Raises
+    ------
+    OSError
+        From any step; the temporary file is removed and ``path`` is unchanged.
+    """
+    tmp = temporary_name(path)
+    size, sha = write_durable(tmp, parts)
+    put_in_place(tmp, path)
+    return size, sha
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A temporary file name beside ``path`` (``TMP_PREFIX``, pid, clock), for :func:`put_in_place`."""
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+
+
+def put_in_place(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the durable file ``tmp`` to ``path`` and fsync the directory (the second half
+    of :func:`atomic_write`, for a file written some other way, e.g. an index streamed by
+    :func:`retrostore.storage.segments.write_index`). On failure ``tmp`` is removed."""
+    path = Path(path)
+    try:
+        _rename(os.fspath(tmp), os.fspath(path))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike) -> tuple[int, str]:
+    """Size in bytes and sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            block = fh.read(_BLOCK)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+_sha_cache: dict[tuple, str] = {}
+_sha_lock = threading.Lock()
+
+
+def sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, hashed once per process per file identity and
+    version (resolved path, device, inode, size, mtime_ns): for immutable files
+    (the pinned model, a store's raw vectors) checked again on every use."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _sha_lock:
+        if key not in _sha_cache:
+            _sha_cache[key] = sha256_file(path)[1]
+        return _sha_cache[key]
+
+
+def commit_error(exc: Exception, what: str) -> CommitError:
+    """Wrap an OSError from the commit path in a :class:`CommitError`."""
+    hint = ""
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC:
+        hint = " The disk is full: free space and commit again."
+    elif code == errno.EIO:
+        hint = " The device reported an I/O error: check it and commit again."
+    msg = (f"commit failed while {what}: {getattr(exc, 'strerror', None) or exc}.{hint} "
+           "The previous version is intact; the appended data is kept and a later "
+           "commit() retries it.")
+    return CommitError(code, msg) if code is not None else CommitError(msg)
+
+
+class WriterLock:
+    """The one-writer lock: ``flock(LOCK_EX)`` on the store's ``LOCK`` file.
+
+    A second writer, in another process or in this one (``flock`` locks belong
+    to the open file description), fails at once with
+    :class:`~retrostore.errors.WriterLockedError`, or waits up to ``timeout_s``.
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float | None = None):
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    os.close(fd)
+                    waited = f" after waiting {timeout_s:g} s" if timeout_s else ""
+                    raise WriterLockedError(
+                        errno.EWOULDBLOCK,
+                        f"another writer holds {self.path}{waited}; only one writer may "
+                        "open a store with mode='a' at a time. Close the other writer, "
+                        "open with mode='r' to read, or pass timeout_s=... to wait.",
+                    ) from None
+                time.sleep(0.05)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent). In a forked child it does nothing:
+        the lock belongs to the parent's open file description."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        if os.getpid() != self._pid:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_tmp(parent: Path, stem: str) -> int:
+    """Remove ``parent/.tmp-{stem}.{pid}.{hex}`` directories whose process is gone (a create or
+    unpack killed before its rename); returns how many. Another live process's are kept."""
+    removed = 0
+    for p in parent.glob(f"{TMP_PREFIX}{stem}.*.*"):
+        pid = p.name[len(TMP_PREFIX) + len(stem) + 1 :].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def readonly_media(root: Path) -> bool:
+    """True when the store directory cannot or must not be written.
+
+    Read-only file systems (``ST_RDONLY``), directories this user cannot
+    write, and directories with no write bit at all (``chmod -R a-w``, which
+    root could otherwise ignore) are all treated as read-only media.
+    """
+    try:
+        if os.statvfs(root).f_flag & os.ST_RDONLY:
+            return True
+        mode = os.stat(root).st_mode
+    except OSError:
+        return False
+    return not os.access(root, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+_LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+_LFS_MAX_BYTES = 1024  # a Git LFS pointer file is ~130 bytes; the spec caps it at 1024
+
+
+def git_lfs_pointer(path: str | os.PathLike) -> str | None:
+    """Describe ``path`` if it is a Git LFS pointer file, else None.
+
+    A pointer is the small text file Git leaves in place of a large file when
+    the repository was cloned without Git LFS (``version
+    https://git-lfs.github.com/spec/v1`` / ``oid sha256:...`` / ``size N``).
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_LFS_MAX_BYTES + 1)
+    except OSError:
+        return None
+    if len(head) > _LFS_MAX_BYTES or not head.startswith(_LFS_MAGIC):
+        return None
+    fields = dict(
+        line.split(" ", 1) for line in head.decode("utf-8", "replace").splitlines() if " " in line
+    )
+    what = ""
+    if fields.get("size", "").strip().isdigit():
+        what = f" to a {int(fields['size']):,}-byte object"
+    oid = fields.get("oid", "").strip()
+    if oid:
+        what += f" ({oid[:23]}...)"
+    return (
+        f"it is a Git LFS pointer file{what}, not the file itself: the store was cloned or downloaded "
+        "without Git LFS. Run `git lfs pull` in the repository (or `git lfs install` first), or "
+        "download the real file"
+    )

@@ -1,0 +1,281 @@
+"""The manifest: the single commit point of a store.
+
+``manifest.json`` names one consistent version: settings, fingerprints, counts,
+the id high-water marks and, for every file the version references, its size
+and sha256. A copy of each committed manifest is kept in ``versions/`` while
+that version is retained. The manifest carries a checksum of its own canonical
+JSON, so a flipped byte is detected before anything else is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..errors import CorruptStoreError, FormatVersionError, NotAStoreError
+from .fileio import atomic_write
+from .layout import MANIFEST, version_path
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MIN_READER_VERSION",
+    "read_manifest",
+    "write_manifest",
+    "safe_path",
+    "referenced_files",
+    "check_schema",
+    "write_current",
+    "encode_manifest",
+    "parse_manifest",
+    "manifest_sha256",
+    "manifest_bytes",
+]
+
+#: Format version written by this code; see docs/format.md. Version 2 adds the
+#: index template/target/trained entries, segment ``end_id`` (holes after
+#: deletes) and the ``deletes`` tombstone file; a store with deletes sets
+#: ``min_reader_version`` 2 so that older readers cannot serve deleted chunks.
+#: Version 3 adds the segment ``codec`` (below).
+FORMAT_VERSION = 3
+#: Oldest reader format version that can read what this code writes.
+MIN_READER_VERSION = 1
+#: Format 3 adds segments of codec ``fp16`` (Flat indexes stored as float16); a store holding
+#: one sets ``min_reader_version`` 3, since an older reader would not read it back as Flat.
+CODEC_READER_VERSION = 3
+_REQUIRED = {
+    "format_version": int,
+    "min_reader_version": int,
+    "version": int,
+    "chunk_tokens": int,
+    "metric": str,
+    "tokenizer": dict,
+    "embedder": dict,
+    "index": dict,
+    "vectors": dict,
+    "lmdb": dict,
+    "counts": dict,
+    "next_chunk_id": int,
+    "next_doc_id": int,
+    "settings": dict,
+    "created_at": str,
+    "committed_at": str,
+}
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def safe_path(root: Path, rel: Any, where: str) -> Path:
+    """Resolve a manifest path, refusing anything that escapes the store.
+
+    Raises
+    ------
+    CorruptStoreError
+        For absolute paths, ``..`` components, or links leading outside.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise CorruptStoreError(f"{where}: file path {rel!r} in the manifest is not a relative path")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+        raise CorruptStoreError(
+            f"{where}: file path {rel!r} in the manifest escapes the store directory; "
+            "a store may only reference files inside itself"
+        )
+    path = root / pure
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CorruptStoreError(
+            f"{where}: file path {rel!r} in the manifest resolves outside the store ({real})"
+        )
+    return path
+
+
+def referenced_files(manifest: dict) -> list[dict]:
+    """Every ``{"path", "size", "sha256"}`` entry a manifest references."""
+    files = [manifest["tokenizer"]]
+    files += manifest["index"].get("segments", [])
+    files += manifest["vectors"].get("files", [])
+    if manifest["index"].get("template"):
+        files.append(manifest["index"]["template"])
+    if (manifest.get("deletes") or {}).get("file"):
+        files.append(manifest["deletes"]["file"])
+    return files
+
+
+_MAX_INT = 2**62  # ids, counts and sizes live in int64 arrays and LMDB's 8-byte keys
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < _MAX_INT
+
+
+def check_schema(body: dict, where: str) -> None:
+    """Check a manifest body's fields, types and ranges.
+
+    Raises
+    ------
+    CorruptStoreError
+        Naming ``where`` and the first field that is missing or wrong.
+    """
+    for key, typ in _REQUIRED.items():
+        if key not in body:
+            raise CorruptStoreError(f"{where}: manifest lacks the field {key!r}")
+        if not isinstance(body[key], typ) or (typ is int and isinstance(body[key], bool)):
+            raise CorruptStoreError(
+                f"{where}: manifest field {key!r} is {type(body[key]).__name__}, expected {typ.__name__}"
+            )
+    for key in ("version", "next_chunk_id", "next_doc_id", "format_version", "min_reader_version"):
+        if not _is_int(body[key]):
+            raise CorruptStoreError(f"{where}: manifest field {key!r} is {body[key]!r}, expected an int in [0, 2**62)")
+    if not isinstance(body["index"].get("segments"), list) or not isinstance(body["vectors"].get("files"), list):
+        raise CorruptStoreError(f"{where}: manifest lacks the lists index.segments and vectors.files")
+    if not _is_int(body["index"].get("dim"), 1):
+        raise CorruptStoreError(f"{where}: manifest field index.dim is {body['index'].get('dim')!r}, expected an int >= 1")
+    if not _is_int(body["settings"].get("retain_versions"), 1):
+        raise CorruptStoreError(f"{where}: manifest setting retain_versions is "
+                                f"{body['settings'].get('retain_versions')!r}, expected an int >= 1")
+    for name in ("documents", "chunks", "vectors"):
+        if not _is_int(body["counts"].get(name)):
+            raise CorruptStoreError(f"{where}: manifest count {name!r} is {body['counts'].get(name)!r}, expected an int >= 0")
+    for entry in referenced_files(body):
+        if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
+            raise CorruptStoreError(f"{where}: file entry {entry!r} lacks path, size or sha256")
+        sha = entry["sha256"]
+        if (not isinstance(entry["path"], str) or not _is_int(entry["size"]) or not isinstance(sha, str)
+                or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise CorruptStoreError(f"{where}: file entry {entry!r} has a bad path, size or sha256")
+    for entry in body["index"]["segments"] + body["vectors"]["files"]:
+        if not _is_int(entry.get("first_id")) or not _is_int(entry.get("count")):
+            raise CorruptStoreError(f"{where}: file entry {entry['path']!r} lacks an int first_id or count")
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """Decode and check a manifest's bytes.
+
+    Raises
+    ------
+    CorruptStoreError
+        Not JSON, checksum mismatch, missing or mistyped fields.
+    FormatVersionError
+        Written by a newer, incompatible format.
+    """
+    if not raw.endswith(b"}\n"):
+        raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
+                                "the file is damaged")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStoreError(f"{where}: manifest is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(doc, dict) or "body" not in doc or "sha256" not in doc:
+        raise CorruptStoreError(f"{where}: manifest lacks its 'body' and 'sha256' fields; the file is damaged")
+    body = doc["body"]
+    if not isinstance(body, dict):
+        raise CorruptStoreError(f"{where}: manifest body is not an object")
+    actual = hashlib.sha256(_canonical(body)).hexdigest()
+    if actual != doc["sha256"]:
+        raise CorruptStoreError(
+            f"{where}: manifest checksum mismatch (recorded {str(doc['sha256'])[:16]}..., "
+            f"actual {actual[:16]}...); the file is damaged"
+        )
+    reader = body.get("min_reader_version")
+    if isinstance(reader, int) and reader > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: the store has format_version {body.get('format_version')} and needs a reader of "
+            f"format version >= {reader}; this retrostore reads format version {FORMAT_VERSION}. "
+            "Upgrade retrostore (pip install -U retrostore)."
+        )
+    check_schema(body, where)
+    return body
+
+
+def read_manifest(root: Path, version: int | None = None) -> dict:
+    """Read and check the current manifest, or a retained version's.
+
+    Raises
+    ------
+    NotAStoreError
+        No manifest (the path is not a store, or the version is not retained).
+    CorruptStoreError, FormatVersionError
+        See :func:`parse_manifest`.
+    """
+    path = root / MANIFEST if version is None else version_path(root, version)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if version is not None:
+            raise NotAStoreError(
+                f"version {version} of {root} is not retained (no {path.relative_to(root)}); "
+                "open without version= for the newest, or see Store.info()['retained_versions']"
+            ) from None
+        raise NotAStoreError(
+            f"{root} is not a retrostore store (no {MANIFEST}); create one with "
+            "retrostore.create() or `retrostore build`"
+        ) from None
+    except (NotADirectoryError, IsADirectoryError):
+        raise NotAStoreError(f"{root} is not a retrostore store (not a directory with a {MANIFEST})") from None
+    return parse_manifest(raw, os.fspath(path.relative_to(root)) if version is not None else MANIFEST)
+
+
+def encode_manifest(body: dict) -> bytes:
+    """Serialise a manifest body with its checksum (pretty JSON, stable keys)."""
+    doc = {"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}
+    return (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode()
+
+
+def write_manifest(root: Path, body: dict) -> None:
+    """Publish ``body`` as the current version: the one commit point.
+
+    The retained copy in ``versions/`` is written (durably) first, then
+    ``manifest.json`` is atomically replaced (temporary file, fsync, rename,
+    fsync of the directory).
+
+    Raises
+    ------
+    OSError
+        From any write, fsync or rename; the previous manifest stays current.
+    """
+    if any("codec" in e for e in body["index"]["segments"]):
+        body["min_reader_version"] = max(int(body["min_reader_version"]), CODEC_READER_VERSION)
+    raw = encode_manifest(body)
+    atomic_write(version_path(root, body["version"]), [raw])
+    atomic_write(root / MANIFEST, [raw])
+
+
+def write_current(root: Path, body: dict) -> None:
+    """Atomically replace ``manifest.json`` alone (used to put the previous
+    manifest back when a commit fails after its rename).
+
+    Raises
+    ------
+    OSError
+        From any write, fsync or rename.
+    """
+    atomic_write(root / MANIFEST, [encode_manifest(body)])
+
+
+def manifest_sha256(root: str | os.PathLike, body: dict) -> str:
+    """sha256 of the ``manifest.json`` bytes of version ``body`` (as ``sha256sum`` shows).
+
+    The retained copy ``versions/manifest-V.json`` or ``manifest.json`` is
+    hashed when it holds this very body; a store whose files have moved on
+    falls back to the canonical encoding, which is what retrostore writes.
+    """
+    return hashlib.sha256(manifest_bytes(Path(root), body)).hexdigest()
+
+
+def manifest_bytes(root: Path, body: dict) -> bytes:
+    """The stored bytes of the manifest of version ``body`` (its canonical encoding if no file holds it)."""
+    want = hashlib.sha256(_canonical(body)).hexdigest()
+    for path in (version_path(root, body["version"]), root / MANIFEST):
+        try:
+            raw = path.read_bytes()
+            if json.loads(raw).get("sha256") == want:
+                return raw
+        except (OSError, ValueError, AttributeError):
+            continue
+    return encode_manifest(body)

@@ -1,0 +1,87 @@
+"""The files of a commit's batch: its raw vectors file, written in a second
+thread while its index segment is built and written (:mod:`.indexer`), and the
+merge of the vectors files under the newest segment into one.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..storage.layout import vectors_name
+from ..storage.tombstones import Tombstones
+from ..storage.vectors import keeps_files, load_vectors, write_vectors
+from .commit import Commit
+from .indexer import commit_index
+
+__all__ = ["write_batch_files"]
+
+
+def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list) -> None:
+    """Write the batch's raw vectors file and its index segment into ``c.new``.
+
+    The raw vectors file is written in a second thread while this one
+    builds and writes the batch's index segment: both are mostly numpy,
+    hashlib, write(2) and FAISS calls that release the GIL. Anything that
+    may read raw vectors files (tier merges, training) waits for it through
+    ``vectors_ready()``. ``codes``: the batch's parts encoded by a sharded build, or None each.
+    """
+    m = c.base.manifest
+    keep = keeps_files(m)
+    pool = future = None
+    if keep:
+        rel = vectors_name(c.tag)
+        vpath = c.root / rel
+        vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
+        c.new_files.append(vpath)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-vectors")
+        future = pool.submit(write_vectors, vpath, vectors, m["vectors"]["dtype"])
+
+    def vectors_ready() -> None:
+        nonlocal future
+        if future is None:
+            return
+        try:
+            size, sha = future.result()
+        except BaseException:
+            c.stage = "writing the vectors file"
+            raise
+        future = None
+        c.new["vectors"]["files"].append({"path": rel, "size": size, "sha256": sha,
+                                          "first_id": first_id, "count": len(vectors)})
+
+    try:
+        c.stage = "building the index segment"
+        commit_index(c, vectors, first_id, tomb, codes, vectors_ready)
+        vectors_ready()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # after an error too: the abort removes the file once it is closed
+    if keep:
+        _align_vectors_files(c)
+
+def _align_vectors_files(c: Commit) -> None:
+    """Merge the vectors files under the newest segment into one, as its segments were.
+
+    Keeps vectors files one per segment, so their number (and the manifest's
+    size) stays O(log n) instead of growing by one per commit.
+    """
+    segs = c.new["index"]["segments"]
+    if not segs:
+        return
+    start = segs[-1]["first_id"]
+    files = c.new["vectors"]["files"]
+    tail = [e for e in files if e["first_id"] >= start]
+    if len(tail) < 2:
+        return
+    c.stage = "merging vectors files"
+    parts = [load_vectors(c.root, e, verify=True) for e in tail]
+    rel = vectors_name(c.tag + "m")
+    vpath = c.root / rel
+    vpath.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
+    c.new_files.append(vpath)
+    size, sha = write_vectors(vpath, parts, c.new["vectors"]["dtype"])
+    count = sum(e["count"] for e in tail)
+    c.new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
+        {"path": rel, "size": size, "sha256": sha, "first_id": start, "count": count}]

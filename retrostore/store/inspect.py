@@ -1,0 +1,102 @@
+"""What ``retrostore inspect`` shows (``Store.info``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+
+from ..index.policy import AUTO_TRAIN_MIN, RETRAIN_GROWTH, default_factory
+from ..storage import manifest as _manifest
+from ..storage.layout import LMDB_DIR, MANIFEST, retained_versions
+from ..storage.vectors import keeps_files
+from .version import Version
+
+__all__ = ["store_info"]
+
+
+def _dir_bytes(path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def store_info(version: Version, *, readonly_media: bool) -> dict:
+    """A JSON-ready description of ``version`` (what ``Store.info`` documents)."""
+    m = version.manifest
+    root = version.root
+    idx = m["index"]
+    files = _manifest.referenced_files(m)
+    index_bytes = sum(e["size"] for e in idx["segments"])
+    vectors_bytes = sum(e["size"] for e in m["vectors"]["files"])
+    lmdb_bytes = _dir_bytes(root / LMDB_DIR)
+    manifest_mtime = (root / MANIFEST).stat().st_mtime
+    versions = retained_versions(root)
+    n_vectors = m["counts"]["vectors"]
+    return {
+        "path": str(root),
+        "format_version": m["format_version"],
+        "min_reader_version": m["min_reader_version"],
+        "version": m["version"],
+        "retained_versions": versions,
+        "documents": m["counts"]["documents"],
+        "chunks": m["counts"]["chunks"],
+        "vectors": n_vectors,
+        "dim": idx["dim"],
+        "metric": m["metric"],
+        "chunk_tokens": m["chunk_tokens"],
+        "tokenizer": {k: v for k, v in m["tokenizer"].items() if k != "path"},
+        "embedder": m["embedder"],
+        "index": index_info(version, index_bytes),
+        "deletes": {k: v for k, v in (m.get("deletes") or {}).items() if k != "file"},
+        "files": {
+            "index_bytes": index_bytes,
+            "vectors_bytes": vectors_bytes,
+            "vectors_dtype": m["vectors"]["dtype"],
+            "vectors_in_index": bool(m["settings"]["keep_vectors"]) and not keeps_files(m),
+            "lmdb_bytes": lmdb_bytes,
+            "tokenizer_bytes": m["tokenizer"]["size"],
+            "referenced_files": len(files),
+            "total_bytes": _dir_bytes(root),
+        },
+        "settings": m["settings"],
+        "manifest_sha256": _manifest.manifest_sha256(root, m),
+        "created_at": m["created_at"],
+        "committed_at": m["committed_at"],
+        "modified_at": _dt.datetime.fromtimestamp(manifest_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "readonly_media": readonly_media,
+    }
+
+
+def index_info(version: Version, index_bytes: int) -> dict:
+    """The ``index`` part of :func:`store_info`: factory, policy, effective parameters, memory."""
+    m = version.manifest
+    idx = m["index"]
+    n = version.index.ntotal
+    target = idx.get("target", idx["factory"])
+    info = {
+        "factory": idx["factory"],
+        "target": target,
+        "params": version.index.effective(),
+        "stored_params": idx["params"],
+        "param_overrides": idx.get("param_overrides", {}),
+        "segments": len(idx["segments"]),
+        "trained": idx.get("trained"),
+        "mmap": version.mmap,
+        "bytes_per_vector": round(index_bytes / n, 2) if n else None,
+        "template_bytes": idx["template"]["size"] if idx.get("template") else 0,
+    }
+    hint = None
+    if target == "auto" and not idx.get("template") and n < AUTO_TRAIN_MIN:
+        hint = f"exact Flat until {AUTO_TRAIN_MIN:,} vectors; then trained at commit"
+    elif target not in ("auto", idx["factory"]):
+        hint = f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"
+    elif target == "auto" and idx.get("trained") and n >= RETRAIN_GROWTH * idx["trained"]["vectors"] // 2:
+        hint = (f"the store has grown since training; `retrostore reindex` would train "
+                f"{default_factory(n, idx['dim'], keep_vectors=m['settings']['keep_vectors'])!r} now")
+    info["hint"] = hint
+    return info

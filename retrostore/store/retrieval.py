@@ -1,0 +1,167 @@
+"""RETRO retrieval on the store's read path: the neighbours, with
+continuations, of every chunk of token sequences, with per-row document
+exclusion (``Store.neighbors``).
+
+A RETRO model splits its input of L tokens into C = L / 64 chunks and, for each
+chunk, attends to k neighbours of 2 x 64 tokens: the neighbour chunk followed
+by its continuation, the next chunk of the same document (Borgeaud et al.
+2021, §2.2-2.4). Training excludes neighbours from the query's own document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..types import Neighbors
+from .reading import Reader, check_k
+
+__all__ = ["neighbors", "search_excluding"]
+
+
+def _as_token_array(token_ids: Any, vocab_size: int) -> np.ndarray:
+    try:
+        arr = np.asarray(token_ids)
+    except ValueError as exc:  # ragged nested lists
+        raise InvalidInputError(
+            f"token_ids cannot form a (B, L) array ({exc}); every row must have the same length L"
+        ) from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise InvalidInputError(
+            f"token_ids has shape {arr.shape} and dtype {arr.dtype}; expected integer ids shaped (B, L) with L >= 1"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise InvalidInputError(
+            f"token_ids hold ids in [{arr.min()}, {arr.max()}], outside the store's vocabulary [0, {vocab_size}); "
+            "tokenize with the store's own tokenizer (Store.chunker)"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def _split_chunks(arr: np.ndarray, t: int) -> tuple[list[np.ndarray], int]:
+    """Row-major list of the chunks of each row; the ragged tail is its own shorter chunk."""
+    b, length = arr.shape
+    c = -(-length // t)
+    return [arr[i, j * t : (j + 1) * t] for i in range(b) for j in range(c)], c
+
+
+def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
+    if exclude_doc_ids is None:
+        return None
+    rows = list(exclude_doc_ids)
+    if len(rows) != batch:
+        raise InvalidInputError(
+            f"exclude_doc_ids has {len(rows)} rows for a batch of {batch}; give one entry per row "
+            "(an int, an iterable of ints, or None)"
+        )
+    out = []
+    for i, r in enumerate(rows):
+        if r is None:
+            out.append(set())
+        elif _is_int(r):
+            out.append({int(r)})
+        elif isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
+            raise InvalidInputError(
+                f"exclude_doc_ids[{i}] is {r!r}; give a doc id (int), an iterable of doc ids, or None per row"
+            )
+        else:
+            ids = list(r)
+            bad = [x for x in ids if not _is_int(x)]
+            if bad:
+                raise InvalidInputError(f"exclude_doc_ids[{i}] holds {bad[0]!r}; doc ids are ints")
+            out.append({int(x) for x in ids})
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list[set[int]] | None,
+                     doc_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest chunks per row whose document is not in that row's excluded set.
+
+    Fetches ``k + extra`` candidates and doubles ``extra`` for rows that still
+    lack k admissible neighbours, up to every chunk of the store.
+
+    Parameters
+    ----------
+    vectors : ndarray, shape (n, dim), float32
+    excluded : list of set of int, length n, or None
+    doc_of : callable
+        Maps an int64 array of chunk ids (all >= 0) to their doc ids.
+
+    Returns
+    -------
+    scores : ndarray, shape (n, k), float32
+    chunk_ids : ndarray, shape (n, k), int64 (-1 padded)
+    """
+    n = len(vectors)
+    total = reader.limit
+    if excluded is None or not any(excluded):
+        return reader.search_vectors(vectors, k) if n else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+    fill = -np.inf if reader.version.manifest["metric"] == "ip" else np.inf
+    out_s = np.full((n, k), fill, np.float32)
+    out_i = np.full((n, k), -1, np.int64)
+    todo = np.arange(n)
+    fetch = min(total, k + max(8, k))
+    while len(todo):
+        s, ids = reader.search_vectors(vectors[todo], fetch)
+        valid = ids >= 0
+        docs = np.full(ids.shape, -1, np.int64)
+        docs[valid] = doc_of(ids[valid])
+        still = []
+        for row, q in enumerate(todo):
+            keep = [j for j in range(fetch) if valid[row, j] and int(docs[row, j]) not in excluded[q]][:k]
+            if len(keep) < k and fetch < total:
+                still.append(q)
+                continue
+            out_s[q, : len(keep)] = s[row, keep]
+            out_i[q, : len(keep)] = ids[row, keep]
+        todo = np.array(still, dtype=np.int64)
+        fetch = min(total, fetch * 2)
+    return out_s, out_i
+
+
+def neighbors(reader: Reader, query_vectors: Callable[[list[np.ndarray]], np.ndarray], token_ids: Any,
+              k: Any = 2, *, exclude_doc_ids: Any = None) -> Neighbors:
+    """See :meth:`retrostore.Store.neighbors`; ``query_vectors`` embeds a list of token-id chunks."""
+    k = check_k(k)
+    m = reader.version.manifest
+    t = m["chunk_tokens"]
+    pad = int(m["tokenizer"]["pad_id"])
+    arr = _as_token_array(token_ids, int(m["tokenizer"]["vocab_size"]))
+    b = arr.shape[0]
+    excluded = _exclusion_sets(exclude_doc_ids, b)
+    chunks, c = _split_chunks(arr, t)
+    if reader.limit == 0:
+        vec_s = np.full((b * c, k), -np.inf if m["metric"] == "ip" else np.inf, np.float32)
+        vec_i = np.full((b * c, k), -1, np.int64)
+    else:
+        vecs = query_vectors(chunks)
+        per_chunk_excl = None if excluded is None else [excluded[i] for i in range(b) for _ in range(c)]
+        vec_s, vec_i = search_excluding(reader, vecs, k, per_chunk_excl, reader.doc_ids_of)
+    ids = vec_i.reshape(b, c, k)
+    tokens = np.full((b, c, k, 2 * t), pad, np.int64)
+    mask = np.zeros((b, c, k, 2 * t), bool)
+    doc_ids = np.full((b, c, k), -1, np.int64)
+    recs = reader.records_with_continuations(ids)
+    for pos, cid in enumerate(ids.ravel()):
+        if cid < 0:
+            continue
+        bi, ci, ki = np.unravel_index(pos, ids.shape)
+        r = recs[int(cid)]
+        doc_ids[bi, ci, ki] = r.doc_id
+        n = len(r.token_ids)
+        tokens[bi, ci, ki, :n] = r.token_ids
+        mask[bi, ci, ki, :n] = True
+        nxt = recs.get(int(cid) + 1)
+        if nxt is not None and nxt.doc_id == r.doc_id:  # never cross into another document
+            n2 = len(nxt.token_ids)
+            tokens[bi, ci, ki, t : t + n2] = nxt.token_ids
+            mask[bi, ci, ki, t : t + n2] = True
+    return Neighbors(tokens, mask, ids, doc_ids, vec_s.reshape(b, c, k))

@@ -1,0 +1,759 @@
+"""The Store: one directory on disk, opened for reading or by the one writer.
+
+The Store composes the parts and owns their lifetimes: the LMDB chunk table
+(:class:`~retrostore.storage.chunktable.ChunkTable`), the version it serves
+(:class:`~retrostore.store.version.Head`), the reads of that version
+(:class:`~retrostore.store.reading.Reader`), the writer's staging and commits
+(:class:`~retrostore.store.writer.Writer`), the chunker and the embedder. Its
+methods check the handle and delegate; docs/architecture.md names the module
+that implements each. See docs/format.md for the on-disk layout and the
+commit protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from ..errors import (
+    CorruptStoreError,
+    EmbedderMismatchError,
+    ForkedStoreError,
+    FormatVersionError,
+    InvalidEmbeddingsError,
+    InvalidInputError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreClosedError,
+)
+from ..index.params import check_params
+from ..storage import fileio
+from ..storage import manifest as _manifest
+from ..storage.chunktable import ChunkTable
+from ..storage.layout import LOCK, MANIFEST
+from ..storage.segments import check_file
+from ..text.chunking import Chunker
+from ..text.embed import Embedder, check_embedder, json_fingerprint
+from ..text.models import DEFAULT_MODEL_SHA256, default_embedder, embed_chunks
+from ..types import Chunk, Document, Hit, Neighbors
+from . import maintenance
+from .evaluate import evaluate
+from .inspect import store_info
+from .precompute import precompute_neighbors
+from .reading import Reader, check_k, check_queries
+from .retrieval import neighbors
+from .verify import retokenize_problems, verify_version
+from .version import Head
+from .staging import check_embeddings, documents
+from .writer import Writer
+
+__all__ = ["Store", "DEFAULTS"]
+
+#: Store settings and their defaults (persisted in the manifest's "settings").
+DEFAULTS: dict[str, Any] = {
+    "retain_versions": 3,      # committed versions kept for open(version=...) and readers in flight
+    "keep_vectors": True,      # keep raw vectors for reindex and recall measurement
+    "vector_dtype": "float16", # dtype of the raw vectors files (half the bytes of float32)
+}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+#: True in a process forked from one that imported retrostore. GNU OpenMP's
+#: thread pool does not survive fork(): a child whose parent had run a parallel
+#: FAISS search hangs in its own first one (seen in the fork test), so FAISS
+#: runs single-threaded there.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+    faiss.omp_set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _fingerprint_diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: store {a.get(k)!r} vs given {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class Store:
+    """An open retrostore store. Create with :func:`retrostore.create` or
+    :func:`retrostore.open`; use as a context manager; ``close()`` is
+    idempotent.
+
+    A reader sees one committed version (``Store.version``) until
+    :meth:`refresh`. The writer (``mode="a"``) appends with :meth:`append`
+    and publishes with :meth:`commit`; appended data is invisible to every
+    reader, including the writer's own searches, until then.
+    """
+
+    def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None, mmap=None):
+        if mode not in ("r", "a"):
+            raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
+        if version is not None and (mode != "r" or not isinstance(version, int) or version < 0):
+            raise InvalidInputError(f"version={version!r} must be an int >= 0 and needs mode='r'")
+        self.path = Path(path)
+        self.mode = mode
+        self._pid = os.getpid()
+        self._closed = False
+        self._lock: fileio.WriterLock | None = None
+        self._table: ChunkTable | None = None
+        self._writer: Writer | None = None
+        self._pinned_version = version
+        self.threads = int(threads) if threads else _cpu_count()
+        faiss.omp_set_num_threads(1 if _forked_child else self.threads)
+        if not (self.path / MANIFEST).is_file():
+            raise NotAStoreError(
+                f"{self.path} is not a retrostore store (no {MANIFEST}); create one with "
+                "retrostore.create() or `retrostore build`"
+            )
+        self.readonly_media = fileio.readonly_media(self.path)
+        try:
+            if mode == "a":
+                if self.readonly_media:
+                    raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
+                self._lock = fileio.WriterLock(self.path / LOCK, timeout_s)
+            if version is not None:
+                self._check_committed(version)
+            m = _manifest.read_manifest(self.path, version)
+            if mode == "a" and m["format_version"] > _manifest.FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{self.path} has format_version {m['format_version']}; this retrostore writes format version "
+                    f"{_manifest.FORMAT_VERSION} and may only read it: open it with mode='r' or upgrade retrostore"
+                )
+            self._table = ChunkTable(self.path, m["tokenizer"]["token_dtype"], write=mode == "a",
+                                     readonly_media=self.readonly_media,
+                                     sealed=m["lmdb"].get("record_checksum") == "crc32")
+            self._embedder = None
+            self._bind_embedder(embedder, m)
+            self._chunker: Chunker | None = None
+            self._head = Head(self.path, mmap_arg=None if mmap is None else bool(mmap))
+            self._head.load_newest(m, follow=mode == "r" and version is None)
+            self._reader = Reader(self._table, self._head)
+            if mode == "a":
+                self._writer = Writer(self.path, self._table, self._head, on_lost=self._release)
+                self._writer.recover()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"mode={self.mode!r}, version={self.version}"
+        return f"<retrostore.Store {str(self.path)!r} {state}>"
+
+    def close(self) -> None:
+        """Close the store; safe to call twice. A writer's uncommitted appends are
+        discarded (their LMDB records are removed)."""
+        if self._closed:
+            return
+        if self._writer is not None and os.getpid() == self._pid and self._table is not None:
+            self._writer.discard()
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check(self, write: bool = False) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")
+        if os.getpid() != self._pid:
+            raise ForkedStoreError(
+                f"this handle to {self.path} was opened in process {self._pid} and used in process "
+                f"{os.getpid()} after fork(); LMDB and FAISS handles do not survive fork: call "
+                "retrostore.open() in the child"
+            )
+        if write and self.mode != "a":
+            raise ReadOnlyStoreError(f"{self.path} is open read-only; open it with mode='a' to write")
+
+    @property
+    def _manifest(self) -> dict:
+        """The served version's manifest body (not a copy: never modify it)."""
+        return self._head.version.manifest
+
+    # -- embedder and chunker ----------------------------------------------
+    def _bind_embedder(self, embedder, manifest: dict) -> None:
+        want = manifest["embedder"]
+        if embedder is not None:
+            check_embedder(embedder)
+            got = json_fingerprint(embedder)
+            # "name" is a label (often the file name); the weights are pinned by model_sha256.
+            if {k: v for k, v in got.items() if k != "name"} != {k: v for k, v in want.items() if k != "name"}:
+                raise EmbedderMismatchError(
+                    f"the embedder given does not match the one {self.path} was built with "
+                    f"({_fingerprint_diff(want, got)}); open it with the store's embedder"
+                )
+            self._embedder = embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        """The store's embedder (the default one is loaded on first use).
+
+        Raises
+        ------
+        EmbedderMismatchError
+            The store was built with another model and none was given to open().
+        """
+        if self._embedder is None:
+            want = self._manifest["embedder"]
+            if want.get("model_sha256") != DEFAULT_MODEL_SHA256:
+                model = (f"model sha256 {want['model_sha256']}" if want.get("model_sha256")
+                         else f"a {want.get('kind', 'custom')!r} embedder, no model file")
+                raise EmbedderMismatchError(
+                    f"{self.path} was built with the embedder {want.get('name', want.get('kind'))!r} "
+                    f"({model}, dim {want.get('dim')}), not the default one, so this store cannot embed "
+                    "text by itself: in Python pass the same embedder to open(embedder=...) (for an ONNX "
+                    "model, OnnxEmbedder(model_path, tokenizer_path, ...)), or search with vectors from that "
+                    "model (Store.search_vectors); the CLI embeds only with the default model"
+                )
+            self._bind_embedder(default_embedder(threads=self.threads), self._manifest)
+        return self._embedder
+
+    @property
+    def chunker(self) -> Chunker:
+        """The store's chunker (its own ``tokenizer.json`` and ``chunk_tokens``)."""
+        if self._chunker is None:
+            entry = self._manifest["tokenizer"]
+            problem = check_file(self.path, entry)
+            if problem:
+                raise CorruptStoreError(problem)
+            self._chunker = Chunker(self.path / entry["path"], self._manifest["chunk_tokens"])
+        return self._chunker
+
+    def _query_vectors(self, chunks: list[np.ndarray]) -> np.ndarray:
+        """Vectors of token-id chunks (``neighbors``): the ids fed directly when the chunk
+        tokenizer is the embedder's own, else decoded and re-tokenized by the embedder."""
+        emb = self.embedder
+        if hasattr(emb, "embed_token_ids") and getattr(emb, "tokenizer_sha256", None) == \
+                self._manifest["tokenizer"]["sha256"]:
+            return emb.embed_token_ids(chunks)
+        # Another chunk tokenizer (e.g. the LM's BPE): decode, then the embedder re-tokenizes.
+        return emb.embed([self.chunker.decode(c) for c in chunks])
+
+    # -- state -------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The committed version this handle sees."""
+        return self._head.version.number
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the current manifest body."""
+        return copy.deepcopy(self._manifest)
+
+    def __len__(self) -> int:
+        """Number of committed chunks."""
+        return self._head.version.n_chunks
+
+    def _check_committed(self, version: int) -> None:
+        """Refuse a pinned version newer than the current one: its manifest copy
+        belongs to a commit that failed or was interrupted before its commit point."""
+        try:
+            current = _manifest.read_manifest(self.path)["version"]
+        except CorruptStoreError:
+            return  # a damaged manifest.json: retained copies are self-checked and may be opened
+        if version > current:
+            raise NotAStoreError(
+                f"version {version} of {self.path} was never committed (the newest committed version is "
+                f"{current}); open without version= for the newest"
+            )
+
+    def refresh(self) -> int:
+        """Move a reader to the newest committed version.
+
+        Returns
+        -------
+        int
+            The version now seen.
+
+        Raises
+        ------
+        CorruptStoreError
+            The new manifest or a file it references is damaged.
+        """
+        self._check()
+        if self.mode == "a" or self._pinned_version is not None:
+            return self.version
+        return self._head.refresh().number
+
+    # -- writing -----------------------------------------------------------
+    def append(
+        self,
+        docs: str | Iterable[str],
+        *,
+        metadata: Any = None,
+        embeddings: np.ndarray | None = None,
+        chunks: Sequence[Sequence[Chunk]] | None = None,  # the chunker's chunks (text.chunking.Chunk)
+    ) -> list[int]:
+        """Chunk, embed and stage documents; they become visible at :meth:`commit`.
+
+        Parameters
+        ----------
+        docs : str or iterable of str
+            Documents. Empty or whitespace-only documents get an id and no chunks.
+        metadata : JSON-like or sequence of JSON-like, optional
+            One value per document (a single value when ``docs`` is one string).
+            Accepted: ``None``, ``bool``, ``int`` (int64/uint64 range), finite
+            ``float``, ``str``, ``list``/``tuple`` (stored as lists), ``dict`` with
+            ``str`` keys, nested at most 64 levels; numpy scalars and arrays are
+            converted to their Python equivalents.
+        embeddings : ndarray, shape (n_chunks, dim), optional
+            Precomputed vectors, one row per chunk in order (for users who embed
+            elsewhere). float64 is converted to float32; NaN/inf rejected.
+        chunks : list of list of chunks, optional
+            The documents' chunks as ``store.chunker.chunk_many(docs)`` made
+            them (see :meth:`Chunker.chunk`), for a caller who chunked already
+            (to count or embed the chunks): the documents are then not
+            tokenized again. Checked by :meth:`Chunker.check_chunks` (tiling
+            spans, token counts and range, the shortest document re-chunked),
+            not re-tokenized in full: token ids that are not those of their
+            text are found later only by ``verify(retokenize=True)``. One list
+            when ``docs`` is one string.
+
+        Returns
+        -------
+        list of int
+            The documents' ids, in order.
+
+        Raises
+        ------
+        InvalidDocumentError
+            A document is not a ``str``.
+        InvalidMetadataError
+            Metadata count differs from documents, or a value cannot round-trip.
+        InvalidEmbeddingsError
+            Wrong shape, dimension or non-finite values.
+        InvalidInputError
+            ``chunks`` are not this store's chunker's chunks of ``docs``.
+        ReadOnlyStoreError, StoreClosedError, ForkedStoreError
+        """
+        self._check(write=True)
+        docs, metas, single = documents(docs, metadata)
+        if chunks is None:
+            per_doc = self.chunker.chunk_many(docs)
+        else:
+            per_doc = self.chunker.check_chunks(docs, [chunks] if single else chunks)
+        return self._writer.stage(docs, per_doc, metas, self._vectors_for(docs, per_doc, embeddings))
+
+    def _vectors_for(self, docs: list[str], per_doc: list, embeddings: Any) -> np.ndarray:
+        """The chunks' vectors: ``embeddings`` checked, or computed by the store's embedder."""
+        n_chunks = sum(len(c) for c in per_doc)
+        dim = self._manifest["index"]["dim"]
+        if embeddings is not None:
+            return check_embeddings(embeddings, n_chunks, dim)
+        if n_chunks == 0:
+            return np.zeros((0, dim), np.float32)
+        arr = embed_chunks(self.embedder, self._manifest["tokenizer"]["sha256"], docs, per_doc)
+        if arr.shape != (n_chunks, dim):
+            raise InvalidEmbeddingsError(f"the embedder returned shape {arr.shape}, expected ({n_chunks}, {dim})")
+        return arr
+
+    def commit(self) -> int:
+        """Publish everything appended since the last commit as a new version.
+
+        All or nothing: every new file is written and fsynced, LMDB is synced,
+        then the manifest is atomically replaced (docs/format.md, "Commit
+        protocol and guarantees"). With nothing appended, returns the current
+        version. Its cost is proportional to the batch (plus, amortised, the
+        tiered segment merges), not to the number of earlier versions.
+
+        Returns
+        -------
+        int
+            The new version number.
+
+        Raises
+        ------
+        CommitError
+            An I/O error (ENOSPC, EIO, ...); the previous version is intact and
+            the appended data stays staged for a later ``commit()``. In the one
+            case where the failure left it unknown which version is current,
+            the message says so and this handle is closed: open the store again.
+        """
+        self._check(write=True)
+        return self._writer.commit()
+
+    # -- reading -----------------------------------------------------------
+    def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:
+        """Committed chunks by id.
+
+        Parameters
+        ----------
+        chunk_ids : iterable of int
+
+        Returns
+        -------
+        list of Chunk
+
+        Raises
+        ------
+        InvalidInputError
+            An id is negative or not committed (``>= len(store)``).
+        """
+        self._check()
+        return self._reader.get_chunks(chunk_ids)
+
+    def get_document(self, doc_id: int) -> Document:
+        """A committed document: its exact text (joined chunk spans) and metadata.
+
+        Raises
+        ------
+        InvalidInputError
+            ``doc_id`` is negative or not committed.
+        """
+        self._check()
+        return self._reader.get_document(doc_id)
+
+    def get_metadata(self, doc_ids: Iterable[int]) -> list[Any]:
+        """Metadata of committed documents (without reading their text).
+
+        Raises
+        ------
+        InvalidInputError
+            An id is negative or not committed.
+        """
+        self._check()
+        return self._reader.get_metadata(doc_ids)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 5, *,
+                       params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest committed chunks of query vectors.
+
+        Parameters
+        ----------
+        vectors : ndarray, shape (n, dim) or (dim,)
+            Query vectors; float64 is converted to float32.
+        k : int, default 5
+        params : dict, optional
+            Search parameters for this call, over the store's (``nprobe``,
+            ``efSearch``, ``rerank``, ...; see docs/index.md).
+
+        Returns
+        -------
+        scores : ndarray, shape (n, k), float32
+        chunk_ids : ndarray, shape (n, k), int64
+            -1 where fewer than k chunks exist or the probed IVF lists hold
+            fewer (never looked up). Deleted chunks are never returned.
+
+        Raises
+        ------
+        InvalidInputError
+            ``k < 1``, wrong dimension, or non-finite values.
+        """
+        self._check()
+        return self._reader.search_vectors(vectors, k, params)
+
+    def search(self, query: str | Sequence[str], k: int = 5, *,
+               params: dict | None = None) -> list[Hit] | list[list[Hit]]:
+        """Embed query text and return the k nearest chunks with continuations.
+
+        Parameters
+        ----------
+        query : str or sequence of str
+        k : int, default 5
+        params : dict, optional
+            Search parameters for this call (see :meth:`search_vectors`).
+
+        Returns
+        -------
+        list of Hit (for one string) or list of list of Hit (for a sequence),
+        nearest first; fewer than k when the store holds fewer chunks.
+
+        Raises
+        ------
+        InvalidInputError
+            ``k < 1``, a query that is not a str, or an empty (whitespace) query.
+        EmbedderMismatchError
+            The store's embedder is not available (see :attr:`embedder`).
+        """
+        self._check()
+        k = check_k(k)
+        queries, single = check_queries(query)
+        if not queries:
+            return []
+        if len(self) == 0:
+            return [] if single else [[] for _ in queries]
+        params = check_params(params)  # before the embedding, which costs more
+        vecs = self.embedder.embed(queries)
+        scores, ids = self._reader.search_vectors(vecs, k, params)
+        hits = self._reader.hits(scores, ids)
+        return hits[0] if single else hits
+
+    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None) -> "Neighbors":
+        """RETRO neighbours with continuations for every chunk of token sequences.
+
+        Each row of ``token_ids`` is cut into chunks of ``chunk_tokens``; each
+        chunk is embedded (token ids fed directly when the chunk tokenizer is
+        the embedder's, else decoded and re-tokenized by the embedder) and its k
+        nearest committed chunks are returned with their continuations
+        (Borgeaud et al. 2021, §2.2-2.4).
+
+        Parameters
+        ----------
+        token_ids : array-like of int, shape (B, L) or (L,)
+            Ids in the store's chunk-tokenizer space. L should be a multiple of
+            ``chunk_tokens``; a ragged tail (L % chunk_tokens tokens) is queried
+            as one shorter chunk, so C = ceil(L / chunk_tokens).
+        k : int, default 2
+            Neighbours per chunk (RETRO trains with k = 2).
+        exclude_doc_ids : sequence of length B, optional
+            Per row: a doc id, an iterable of doc ids, or None. Neighbours from
+            those documents are skipped; extra candidates are fetched so that k
+            neighbours are still returned when the store has them.
+
+        Returns
+        -------
+        Neighbors
+            ``tokens`` (B, C, k, 2 * chunk_tokens) int64, ``mask`` of the same
+            shape (bool), ``chunk_ids`` / ``doc_ids`` (B, C, k) int64 (-1 where
+            fewer than k exist), ``scores`` (B, C, k) float32.
+
+        Raises
+        ------
+        InvalidInputError
+            Bad shape, non-integer or out-of-vocabulary ids, ``k < 1``, or
+            ``exclude_doc_ids`` of the wrong length.
+        EmbedderMismatchError
+            The store's embedder is not available.
+        """
+        self._check()
+        return neighbors(self._reader, self._query_vectors, token_ids, k, exclude_doc_ids=exclude_doc_ids)
+
+    def precompute_neighbors(
+        self,
+        out: str | os.PathLike,
+        *,
+        k: int = 2,
+        exclude_same_doc: bool = False,
+        batch_size: int = 1024,
+        queries: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Write the k nearest chunk ids of every chunk (or of a token file) to ``.npy``.
+
+        For every committed chunk, its stored vector is searched (no
+        re-embedding) and its k nearest chunk ids are written, excluding chunks
+        of its own document when ``exclude_same_doc`` (RETRO's training setup,
+        Borgeaud et al. 2021, §2.4). Resumable: rows are written to
+        ``OUT.partial`` with progress in ``OUT.progress.json``; running again
+        with the same arguments continues where it stopped, and the finished
+        file is renamed to ``OUT``.
+
+        Parameters
+        ----------
+        out : path-like
+            Destination ``.npy``: int64, shape (N, k) for the store's chunks, or
+            (n, L / chunk_tokens, k) for ``queries``; -1 padded. Loads with
+            ``np.load(out, mmap_mode="r")``.
+        k : int, default 2
+        exclude_same_doc : bool, default False
+            Store chunks only.
+        batch_size : int, default 1024
+            Query chunks per search call.
+        queries : path-like, optional
+            ``.npy`` of int token ids shaped (n, L), L a multiple of ``chunk_tokens``.
+        progress : bool, default True
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        Path
+            ``out``.
+
+        Raises
+        ------
+        InvalidInputError
+            Bad ``k``, ``batch_size`` or query file.
+        """
+        self._check()
+        return precompute_neighbors(self._reader, lambda rows, kk: self.neighbors(rows, kk), out, k=k,
+                                    exclude_same_doc=exclude_same_doc, batch_size=batch_size, queries=queries,
+                                    progress=progress)
+
+    # -- maintenance -------------------------------------------------------
+    def delete(self, doc_ids: int | Iterable[int]) -> int:
+        """Stage a take-down of committed documents; it takes effect at :meth:`commit`.
+
+        From that version on their chunks are never returned by search,
+        neighbours or precomputed neighbours, and reading them by id raises;
+        :meth:`compact` then purges them from every file. Returns the number
+        of documents newly staged (already deleted ones are skipped).
+
+        Raises
+        ------
+        InvalidInputError
+            An id is not an int or not committed.
+        ReadOnlyStoreError, StoreClosedError
+        """
+        self._check(write=True)
+        return self._writer.delete(doc_ids)
+
+    def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
+                params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
+        """Retrain and rebuild the index from the stored vectors (no re-embedding); commits a new version.
+
+        ``index`` is a FAISS factory string or ``"auto"`` (default: the
+        store's current target). Training uses a seeded random sample of
+        ``train_size`` live vectors. ``params`` become the store's search
+        parameters; ``mmap`` changes the store's setting. Returns the version.
+
+        Raises
+        ------
+        IndexTrainingError
+            Too few vectors to train a stage (the message names a factory that fits).
+        RetrostoreError
+            No raw vectors are kept and the index cannot give its vectors back.
+        InvalidInputError
+            Bad factory string or parameters, or uncommitted appends/deletes.
+        """
+        self._check(write=True)
+        return maintenance.reindex(self._writer, index, train_size=train_size, seed=seed, params=params, mmap=mmap,
+                                   progress=progress)
+
+    def compact(self, *, progress: bool = True) -> int:
+        """Merge the index segments into one and purge deleted documents from every file.
+
+        Chunk ids stay stable (purged ids become documented holes). After a
+        purge, earlier versions are retired: they name files holding the
+        purged data. Returns the new version (the current one when there is
+        nothing to do).
+
+        Raises
+        ------
+        InvalidInputError
+            Uncommitted appends or deletes.
+        """
+        self._check(write=True)
+        return maintenance.compact(self._writer, progress=progress)
+
+    def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
+        """Recall@k of the index against exact search over the stored vectors, and latency
+        (``retrostore eval``).
+
+        Queries are a seeded sample of the store's own live vectors (the RETRO
+        workload: neighbours of stored chunks); each query's own chunk is left
+        out of both result lists, and recall is tie-aware (a result counts when
+        its exact score reaches the k-th exact score, so duplicate chunks are
+        no misses).
+
+        Parameters
+        ----------
+        queries : int, default 1000
+            Query vectors sampled (seeded) from the live stored vectors.
+        k : int, default 10
+        params : dict, optional
+            Search parameters for the measured searches (over the store's).
+        seed : int, default 0
+
+        Returns
+        -------
+        dict
+            ``recall_at_k`` (tie-aware k-recall@k), ``nn_in_top_k`` (share of
+            queries whose exact nearest neighbour is found), ``latency_ms``
+            (``p50``, ``p99``, ``mean`` of single-query searches, up to 1,000
+            of them), ``batch_qps``, ``queries``, ``k``, ``vectors``,
+            ``factory``, ``params`` (effective).
+
+        Raises
+        ------
+        InvalidInputError
+            ``queries`` or ``k`` out of range, or bad ``params``.
+        RetrostoreError
+            The stored vectors cannot be read (no raw vectors and a compressed index).
+        """
+        self._check()
+        return evaluate(self._reader, queries=queries, k=k, params=params, seed=seed)
+
+    def info(self) -> dict:
+        """Everything ``retrostore inspect`` shows, as a JSON-ready dict.
+
+        Returns
+        -------
+        dict
+            ``path``; ``format_version``, ``min_reader_version`` (docs/format.md);
+            ``version``, ``retained_versions``; counts ``documents``, ``chunks``,
+            ``vectors`` (indexed chunks); ``dim``, ``metric``, ``chunk_tokens``;
+            ``tokenizer`` and ``embedder`` (the manifest's fingerprints);
+            ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
+            reports them), ``stored_params`` (the manifest's), ``param_overrides``
+            (the user's), ``segments`` (count), ``trained``, ``mmap`` (this
+            handle), ``bytes_per_vector`` (segment bytes / vectors),
+            ``template_bytes``, ``hint`` (the training policy's advice, or None);
+            ``deletes`` (counts, purged included); ``files`` (bytes):
+            ``index_bytes``, ``vectors_bytes``, ``vectors_dtype``,
+            ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
+            vectors in its segments), ``lmdb_bytes``, ``tokenizer_bytes``,
+            ``referenced_files`` (files the current manifest names),
+            ``total_bytes`` (the whole directory, retained versions included);
+            ``settings``; ``manifest_sha256`` (of ``manifest.json``, as
+            ``sha256sum`` prints it); ``created_at``, ``committed_at`` (manifest,
+            UTC ISO-8601), ``modified_at`` (``manifest.json``'s mtime);
+            ``readonly_media`` (the directory cannot or must not be written:
+            LMDB is read without its lock file and a writer is refused).
+        """
+        self._check()
+        return store_info(self._head.version, readonly_media=self.readonly_media)
+
+    def verify(self, *, retokenize: bool = False) -> list[str]:
+        """Check the store's integrity (what ``retrostore verify`` runs).
+
+        Checks the manifest schema and paths, every referenced file's size and
+        sha256, the LMDB file's structure and every committed record (ids,
+        crc32 seals, documents tiling the chunks, commit records and the
+        content hash chain against the manifest), and that the index holds one
+        vector per chunk. The LMDB records are scanned in a short-lived child
+        process, so a damaged page that makes LMDB crash is reported as a
+        problem instead of ending this process. Writes nothing.
+
+        Checksums prove the files are those that were committed, not that
+        each chunk's token ids are those of its text: with ``retokenize``,
+        every document is also cut again by the store's tokenizer and its
+        chunks compared (token ids and spans), for stores fed
+        ``append(chunks=...)`` (checked only in part there) or received from
+        elsewhere. That costs what tokenizing the corpus costs (about 3 s for
+        11 M characters on 2 cores).
+
+        Parameters
+        ----------
+        retokenize : bool, default False
+            Also re-tokenize every document and compare its chunks (once
+            every other check holds: damaged records are reported first).
+
+        Returns
+        -------
+        list of str
+            One precise line per problem, starting with the file it concerns;
+            empty when the store is intact.
+        """
+        self._check()
+        problems = verify_version(self._head.version, self._table, readonly_media=self.readonly_media)
+        if retokenize and not problems:  # records known to be intact first
+            problems += retokenize_problems(self._head.version, self._table, self.chunker)
+        return problems

@@ -1,0 +1,221 @@
+"""The committed version a handle serves, and moving a handle to a newer one.
+
+A :class:`Version` is one committed manifest as loaded: its index segments
+(checksummed before FAISS reads them), searched together as a
+:class:`~retrostore.index.search.SegmentSet`, its tombstones and its raw
+vectors. The :class:`Head` holds the version one handle serves and the caches
+(index segments and the trained template, by checksum) that make loading the
+next version cost only its new files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ..errors import CorruptStoreError
+from ..index.factory import check_mmap
+from ..index.search import SegmentSet
+from ..index.source import VectorSource, stored_vectors
+from ..storage import manifest as _manifest
+from ..storage.fileio import git_lfs_pointer
+from ..storage.layout import LMDB_DIR, MANIFEST
+from ..storage.segments import Segment, load_segment
+from ..storage.tombstones import Tombstones
+from ..storage.vectors import RawVectors
+
+__all__ = ["Version", "Head"]
+
+#: Attempts of a reader to load the newest version when a writer collects files meanwhile.
+_ATTEMPTS = 5
+
+
+class Version:
+    """One committed version, as a handle serves it.
+
+    Attributes
+    ----------
+    root : Path
+        The store directory.
+    manifest : dict
+        The version's manifest body (shared: never modify it; copy to change).
+    segments : list of Segment
+        Its index segments, in chunk-id order.
+    index : SegmentSet
+        The segments searched together, with the version's tombstones and raw vectors.
+    tombstones : Tombstones
+        Its deleted documents.
+    mmap : bool
+        Whether the segments are served memory-mapped.
+    """
+
+    def __init__(self, root: Path, manifest: dict, segments: list[Segment], index: SegmentSet,
+                 tombstones: Tombstones, mmap: bool):
+        self.root = root
+        self.manifest = manifest
+        self.segments = segments
+        self.index = index
+        self.tombstones = tombstones
+        self.mmap = mmap
+
+    @property
+    def number(self) -> int:
+        """The version number."""
+        return int(self.manifest["version"])
+
+    @property
+    def n_chunks(self) -> int:
+        """Committed chunk ids: ``[0, next_chunk_id)`` (purged ones are holes)."""
+        return int(self.manifest["next_chunk_id"])
+
+    @property
+    def n_docs(self) -> int:
+        """Committed document ids: ``[0, next_doc_id)``."""
+        return int(self.manifest["next_doc_id"])
+
+    def vector_source(self, what: str, manifest: dict | None = None) -> VectorSource:
+        """Reads this version's stored vectors back (``what`` names the caller in errors)."""
+        return VectorSource(self.root, manifest or self.manifest, self.segments, what)
+
+    def stored_vectors(self, first: int, end: int) -> np.ndarray:
+        """Vectors of chunks ``[first, end)`` as indexed, shape (end - first, dim), float32
+        (see :func:`retrostore.index.source.stored_vectors`)."""
+        return stored_vectors(self.manifest, self.segments, self.index.raw, first, end)
+
+
+class Head:
+    """The version one handle serves, and the caches that make loading the next one cheap.
+
+    Parameters
+    ----------
+    root : Path
+        The store directory.
+    mmap_arg : bool or None
+        ``open(mmap=...)``: serve segments memory-mapped, or None for the
+        manifest's ``mmap`` setting.
+
+    Attributes
+    ----------
+    version : Version
+        The version served (set by :meth:`load`).
+    """
+
+    def __init__(self, root: Path, *, mmap_arg: bool | None):
+        self.root = root
+        self.mmap_arg = mmap_arg
+        self.version: Version | None = None
+        self._segments: dict[str, faiss.Index] = {}  # sha256 -> loaded index, of the version served
+        self._template: tuple[str, faiss.Index] | None = None
+
+    def mmap(self, manifest: dict) -> bool:
+        """Whether segments of ``manifest`` are served memory-mapped (``open(mmap=)`` over the setting)."""
+        return bool(manifest["settings"].get("mmap", False) if self.mmap_arg is None else self.mmap_arg)
+
+    def remember(self, sha256: str, index: faiss.Index) -> None:
+        """Keep an index the writer just built and wrote (file checksum ``sha256``), so that
+        loading the version that names it does not read the file back."""
+        self._segments[sha256] = index
+
+    def template(self, idx: dict) -> faiss.Index | None:
+        """The trained empty index of a manifest's ``index`` entry (cached by checksum), or None."""
+        entry = idx.get("template")
+        if not entry:
+            return None
+        if self._template is None or self._template[0] != entry["sha256"]:
+            _manifest.safe_path(self.root, entry["path"], MANIFEST)
+            self._template = (entry["sha256"], load_segment(self.root, entry).index)
+        return self._template[1]
+
+    def load(self, manifest: dict) -> Version:
+        """Serve ``manifest``: check its files, load its segments, tombstones and raw vectors.
+
+        Every referenced file is checked cheaply (its path stays inside the
+        store, its size is the manifest's); index segments are checksummed
+        before FAISS reads them (unless cached). The caches then keep only
+        what this version uses.
+
+        Raises
+        ------
+        CorruptStoreError
+            A file is missing, of the wrong size or checksum, or not what the manifest says.
+        """
+        m = manifest
+        _manifest.safe_path(self.root, LMDB_DIR, MANIFEST)
+        for entry in _manifest.referenced_files(m):
+            path = _manifest.safe_path(self.root, entry["path"], MANIFEST)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{entry['path']}: missing (referenced by the manifest)") from None
+            if size != entry["size"]:
+                raise CorruptStoreError(
+                    f"{entry['path']}: {size} bytes, the manifest says {entry['size']}; "
+                    f"{git_lfs_pointer(path) or 'the file is damaged'}"
+                )
+        mmap = self.mmap(m)
+        cache: dict[str, faiss.Index] = {}
+        segs = []
+        for entry in m["index"]["segments"]:
+            # Cached by content, but each entry gets its own Segment: two segments
+            # can be byte-identical (the same vectors committed twice) while
+            # covering different chunk ids.
+            index = self._segments.get(entry["sha256"])
+            seg = Segment(entry, index) if index is not None else load_segment(
+                self.root, entry, mmap=mmap, flat=m["index"]["factory"] == "Flat")
+            cache[entry["sha256"]] = seg.index
+            segs.append(seg)
+        tomb = Tombstones.load(self.root, m)
+        files = m["vectors"]["files"]
+        raw = (RawVectors(self.root, files, m["index"]["dim"], verify=not mmap)
+               if m["settings"]["keep_vectors"] and files else None)
+        if segs and mmap:
+            check_mmap(m["index"]["factory"], m["index"]["dim"], m["metric"])
+        index = SegmentSet(segs, m["metric"], m["index"]["dim"], params=m["index"]["params"],
+                           deleted=tomb.chunks, raw=raw)
+        self._segments = cache
+        self.version = Version(self.root, m, segs, index, tomb, mmap)
+        return self.version
+
+    def load_newest(self, manifest: dict, *, follow: bool) -> Version:
+        """:meth:`load` ``manifest``; with ``follow`` (a reader), when a file is gone because a
+        writer committed and collected garbage meanwhile, load the newer manifest instead.
+
+        Raises
+        ------
+        CorruptStoreError
+            A file is damaged, or still missing after the manifest stopped changing.
+        """
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self.load(manifest)
+            except CorruptStoreError:
+                if not follow or attempt == _ATTEMPTS - 1:
+                    raise
+                newer = _manifest.read_manifest(self.root)
+                if newer["version"] == manifest["version"]:
+                    raise
+                manifest = newer
+        raise AssertionError("unreachable")
+
+    def refresh(self) -> Version:
+        """Move to the newest committed version (a reader's ``Store.refresh``).
+
+        Raises
+        ------
+        CorruptStoreError
+            The new manifest or a file it references is damaged.
+        """
+        for attempt in range(_ATTEMPTS):
+            m = _manifest.read_manifest(self.root)
+            if m["version"] == self.version.number:
+                return self.version
+            try:
+                return self.load(m)
+            except CorruptStoreError:
+                # A writer may have garbage-collected files of a version that was
+                # current when we read the manifest; read it again.
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        return self.version

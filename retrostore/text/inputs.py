@@ -1,0 +1,336 @@
+"""Reading documents from input files for ``retrostore build STORE INPUT...``.
+
+Inputs: ``.txt`` (one document per file), ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``
+(streamed; one object per line, The Pile layout ``{"text": ..., "meta": {...}}``),
+and directories of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from ..errors import (
+    InputNotFoundError,
+    InputReadError,
+    InvalidDocumentError,
+    InvalidInputError,
+    InvalidMetadataError,
+)
+
+__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named", "iter_documents",
+           "read_file"]
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
+_CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
+_SUPPORTED = ", ".join(SUPPORTED_SUFFIXES)
+PathArg = str | os.PathLike[str]
+_JSON = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+         float: "number", type(None): "null"}  # names of the types json.loads returns
+
+
+@dataclass(frozen=True)
+class InputDocument:
+    """One document read from an input file.
+
+    Attributes
+    ----------
+    text : str
+        The text exactly as stored (not stripped, no newline translation).
+    metadata : dict or None
+        JSON lines: the line's ``meta`` object (``None`` if absent or null). ``.txt``:
+        ``{"source": path relative to the directory given, or the file's name}``.
+    source : str
+        ``"path:line"`` (1-based) for JSON lines, the path for ``.txt``; for messages.
+    """
+
+    text: str
+    metadata: dict | None
+    source: str
+
+
+_log = logging.getLogger("retrostore")
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in reversed(SUPPORTED_SUFFIXES) if name.endswith(s)), None)
+
+
+def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> list[tuple[Path, str]]:
+    """``(path, name)`` of every input file, in reading order (see :func:`expand_inputs`).
+
+    ``name`` is the file's path relative to the directory given, or its file
+    name when the file itself was given (what ``build`` records as a ``.txt``
+    document's source). With ``warn``, a warning names the files of a
+    directory that were skipped.
+
+    Raises
+    ------
+    InputNotFoundError, InvalidInputError
+        As :func:`expand_inputs`.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise InvalidInputError(f"no input given; pass files or directories ({_SUPPORTED})")
+    out: list[tuple[Path, str]] = []
+    for item in items:
+        root = Path(item)
+        if root.is_dir():
+            found: list[tuple[tuple[str, ...], Path]] = []
+            skipped: list[str] = []
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for path in (Path(dirpath, f) for f in filenames if not f.startswith(".")):
+                    if path.is_file() and _kind(path):
+                        found.append((path.relative_to(root).parts, path))
+                    elif path.is_file():
+                        skipped.append(path.name)
+            if not found:
+                seen = f"; it holds other files, e.g. {min(skipped)!r}" if skipped else ""
+                raise InvalidInputError(
+                    f"{root}: directory has no supported input files ({_SUPPORTED}){seen}; "
+                    "rename or convert the files, or pass the files themselves")
+            if skipped and warn:  # documented, but a user should learn that these files were not read
+                _log.warning("%s: skipped %d file(s) without a supported suffix (%s), e.g. %s; rename or "
+                             "convert them, or pass them directly to get an error", root, len(skipped), _SUPPORTED,
+                             ", ".join(repr(n) for n in sorted(skipped)[:3]))
+            out.extend((path, "/".join(parts)) for parts, path in sorted(found))
+        elif not root.exists():
+            raise InputNotFoundError(f"{root}: no such file or directory; check the input path")
+        elif _kind(root) is None:
+            raise InvalidInputError(
+                f"{root}: unsupported input file type; supported are {_SUPPORTED} "
+                "(and directories of these); convert the file or rename it")
+        else:
+            out.append((root, root.name))
+    return out
+
+
+def expand_inputs(inputs: Sequence[PathArg]) -> list[Path]:
+    """List the input files, in the order they will be read.
+
+    Parameters
+    ----------
+    inputs : sequence of str or os.PathLike
+        Files and directories, in the order given (a single path is accepted).
+        Directories are walked recursively, sorted by relative path, keeping
+        files with a ``SUPPORTED_SUFFIXES`` suffix (case-insensitive), skipping
+        hidden files and directories and not following symlinked directories.
+        Other files are skipped with a warning on the ``retrostore`` logger
+        naming up to three of them.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files (a file given twice is listed twice).
+
+    Raises
+    ------
+    InputNotFoundError
+        A path does not exist.
+    InvalidInputError
+        No inputs, an unsupported suffix, or a directory without supported files.
+    """
+    return [path for path, _ in expand_named(inputs)]
+
+
+def count_input_bytes(inputs: Sequence[PathArg]) -> int:
+    """Total size on disk (compressed bytes) of all inputs, for a progress bar.
+
+    Equals the sum of the values ``iter_documents`` passes to ``on_progress``.
+
+    Raises
+    ------
+    InputNotFoundError, InvalidInputError
+        As :func:`expand_inputs`.
+    """
+    return sum(path.stat().st_size for path, _ in expand_named(inputs, warn=False))
+
+
+def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:
+    """Yield the decompressed bytes of ``fh`` according to the suffix of ``path``."""
+    kind = _kind(path)
+    if kind == ".jsonl.zst":
+        data = fh.read(_CHUNK)
+        while data:  # a decompressobj per frame, so that a truncated last frame is detected
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            while not dobj.eof:
+                if not data:
+                    raise EOFError("the zstd stream ends inside a frame")
+                if out := dobj.decompress(data):
+                    yield out
+                data = dobj.unused_data if dobj.eof else fh.read(_CHUNK)
+            data = data or fh.read(_CHUNK)
+    else:
+        src = gzip.GzipFile(fileobj=fh, mode="rb") if kind == ".jsonl.gz" else fh
+        while data := src.read(_CHUNK):
+            yield data
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Split a byte stream on ``b"\\n"`` only (the last line may lack it)."""
+    pieces: list[bytes] = []
+    for chunk in chunks:
+        if b"\n" not in chunk:
+            pieces.append(chunk)
+            continue
+        parts = chunk.split(b"\n")
+        parts[0] = b"".join(pieces + [parts[0]])
+        pieces = [parts.pop()]
+        yield from parts
+    if tail := b"".join(pieces):
+        yield tail
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _decode(data: bytes, where: str, line_offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line_offset + data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise InvalidDocumentError(
+            f"{where}:{line}: invalid UTF-8 ({e.reason} at byte {column} of the line); inputs "
+            "must be UTF-8: re-encode the file, e.g. with `iconv -f LATIN1 -t UTF-8`") from e
+
+
+def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
+                meta_field: str) -> InputDocument | None:
+    if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]  # a UTF-8 byte-order mark before the first object
+    s = _decode(line, where, lineno - 1)
+    if not s.strip(" \t\r\n"):
+        return None
+    source, layout = f"{where}:{lineno}", 'one JSON object such as {"text": "...", "meta": {...}}'
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        msg = f"invalid JSON ({e.msg} at column {e.colno})"
+        raise InvalidDocumentError(f"{source}: {msg}; each line must be {layout}") from e
+    except RecursionError:
+        raise InvalidDocumentError(
+            f"{source}: the JSON is nested too deeply to read; each line must be {layout}") from None
+    if not isinstance(obj, dict):
+        raise InvalidDocumentError(
+            f"{source}: the line is a JSON {_JSON[type(obj)]}; each line must be {layout}")
+    if text_field not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
+        raise InvalidDocumentError(
+            f"{source}: the object has no {text_field!r} field (its keys: {keys}); "
+            "pass --text-field NAME to read the text from another field")
+    if not isinstance(text := obj[text_field], str):
+        raise InvalidDocumentError(
+            f"{source}: field {text_field!r} is a JSON {_JSON[type(text)]}, not a string; fix "
+            "the line, or pass --text-field NAME to read the text from another field")
+    if not text.isascii() and (bad := _SURROGATE.search(text)):
+        raise InvalidDocumentError(
+            f"{source}: field {text_field!r} holds the lone surrogate escape \\u{ord(bad.group()):04x} "
+            f"at character {bad.start()}, which is not text; fix the escape in the file")
+    if (meta := obj.get(meta_field)) is not None and not isinstance(meta, dict):
+        raise InvalidMetadataError(
+            f"{source}: field {meta_field!r} is a JSON {_JSON[type(meta)]}; it must be an "
+            'object or null: wrap the value in an object, e.g. {"value": ...}')
+    return InputDocument(text, meta, source)
+
+
+def _docs(path: Path, rel: str, text_field: str,
+          meta_field: str) -> Iterator[tuple[InputDocument, int]]:
+    """Yield each document of one file with the file position after it."""
+    where = str(path)
+    with open(path, "rb") as fh:
+        if _kind(path) == ".txt":
+            yield InputDocument(_decode(fh.read(), where), {"source": rel}, where), fh.tell()
+            return
+        for lineno, line in enumerate(_lines(_raw_chunks(path, fh)), 1):
+            if (doc := _parse_line(line, where, lineno, text_field, meta_field)) is not None:
+                yield doc, fh.tell()
+
+
+def read_file(path: Path, rel: str, text_field: str, meta_field: str,
+              on_progress: Callable[[int], None] | None) -> Iterator[InputDocument]:
+    """The documents of one input file (``name`` from :func:`expand_named`), as
+    :func:`iter_documents` reads them; ``on_progress`` as there.
+
+    Raises
+    ------
+    InvalidDocumentError, InvalidMetadataError, InputReadError
+        As :func:`iter_documents`, while iterating.
+    """
+    done, doc = 0, None
+    with contextlib.closing(_docs(path, rel, text_field, meta_field)) as docs:
+        while True:
+            try:
+                doc, pos = next(docs)
+            except StopIteration:
+                break
+            except (zstandard.ZstdError, EOFError, zlib.error, OSError) as e:  # incl. BadGzipFile
+                after = f" after line {doc.source.rsplit(':', 1)[1]}" if doc else ""
+                raise InputReadError(
+                    f"{path}: cannot read the file{after} ({e}); it is truncated, corrupt or "
+                    "unreadable: re-create or re-download it") from e
+            if on_progress is not None and pos > done:
+                on_progress(pos - done)
+                done = pos
+            yield doc
+    if on_progress is not None and (size := path.stat().st_size) > done:
+        on_progress(size - done)
+
+
+def iter_documents(inputs: Sequence[PathArg], *, text_field: str = "text", meta_field: str = "meta",
+                   on_progress: Callable[[int], None] | None = None) -> Iterator[InputDocument]:
+    """Read the documents of all inputs, in a deterministic order.
+
+    Parameters
+    ----------
+    inputs : sequence of str or os.PathLike
+        Files and directories, expanded as by :func:`expand_inputs`. They are
+        checked when this function is called, before the first document.
+    text_field : str, default "text"
+        The field of each JSON-lines object that holds the document text.
+    meta_field : str, default "meta"
+        The field that holds the metadata object (optional; null allowed).
+    on_progress : callable, optional
+        Called with the number of input (compressed) bytes consumed since the
+        previous call; the calls add up to :func:`count_input_bytes`.
+
+    Returns
+    -------
+    Iterator of InputDocument
+        Files in order; the lines of a JSON-lines file in order, blank lines
+        skipped; a ``.txt`` file as one document, however empty.
+
+    Raises
+    ------
+    InputNotFoundError, InvalidInputError
+        As :func:`expand_inputs`, on the call; ``InvalidInputError`` also for
+        an empty ``text_field`` or ``text_field == meta_field``.
+    InvalidDocumentError
+        While iterating: invalid UTF-8, invalid JSON, a line that is not an
+        object, lacks ``text_field``, or whose ``text_field`` is not a string.
+    InvalidMetadataError
+        While iterating: ``meta_field`` is neither an object nor null.
+    InputReadError
+        While iterating: an I/O error, or a truncated or corrupt ``.gz``/``.zst`` stream.
+    """
+    if not isinstance(text_field, str) or not text_field:
+        raise InvalidInputError(f"text_field must be a non-empty string, got {text_field!r}")
+    if not isinstance(meta_field, str) or meta_field == text_field:
+        raise InvalidInputError(f"meta_field must be a string other than text_field "
+                                f"({text_field!r}), got {meta_field!r}")
+    files = expand_named(inputs)
+    return (doc for path, rel in files
+            for doc in read_file(path, rel, text_field, meta_field, on_progress))

@@ -1,0 +1,90 @@
+"""Tokenizer facts the chunker relies on: the padding id, whether a long text
+may be tokenized in windows, and what a document must be (a ``str`` without
+lone surrogates).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from typing import Any
+
+import tokenizers
+
+from ..errors import InvalidDocumentError, InvalidInputError
+
+__all__ = ["positive_int", "check_document", "pad_id", "windowing_is_exact", "PAD_TOKENS"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Normalizers that act on the ends of the input, so differ window by window.
+_UNSAFE_NORMALIZERS = {"Prepend", "Strip"}
+_SPLITTING_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Split"}
+#: Tokens taken as padding when the tokenizer's padding settings name none, in this order.
+PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int >= 1, or raise InvalidInputError."""
+    try:
+        number = -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = -1
+    if number < 1:
+        got = f"{type(value).__name__} {value!r}"
+        raise InvalidInputError(f"{name} must be an integer >= 1, got {got}")
+    return number
+
+
+def check_document(text: Any, index: int | None) -> str:
+    """Return ``text`` as a plain ``str``, or raise InvalidDocumentError."""
+    where = "document" if index is None else f"document {index}"
+    if not isinstance(text, str):
+        hint = ", decode it first" if isinstance(text, (bytes, bytearray)) else ""
+        raise InvalidDocumentError(f"{where} is a {type(text).__name__}, not a str{hint}")
+    bad = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
+    if bad is not None:
+        raise InvalidDocumentError(
+            f"{where} holds a lone surrogate {bad.group()!r} at character {bad.start()}, "
+            "which is not valid Unicode; decode the source with errors='replace'"
+        )
+    return str(text)
+
+
+def pad_id(tokenizer: tokenizers.Tokenizer, padding: dict[str, Any] | None) -> int:
+    """Padding token id; the rule is under ``pad_id`` in :class:`retrostore.Chunker`."""
+    if padding is not None and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    found = (tokenizer.token_to_id(token) for token in PAD_TOKENS)
+    return next((int(token_id) for token_id in found if token_id is not None), 0)
+
+
+def windowing_is_exact(tokenizer: tokenizers.Tokenizer) -> bool:
+    """Whether cutting before a space that ends a word keeps one-shot results.
+
+    True when the pre-tokenizer is one known to split there (BERT, Whitespace,
+    regex ByteLevel, splitting Metaspace, or a ``Split`` regex, assumed to be
+    of the GPT-2 / GPT-4 / Llama-3 kind that never matches across such a
+    space), no normalizer acts on the ends of the input (``Prepend``,
+    ``Strip``), and no added token holds whitespace or strips it on its right.
+    """
+    pre, norm = tokenizer.pre_tokenizer, tokenizer.normalizer
+    if pre is None or not _splits_at_spaces(json.loads(pre.__getstate__())):
+        return False
+    kinds = set(re.findall(r'"type":"(\w+)"', norm.__getstate__().decode())) if norm else set()
+    if kinds & _UNSAFE_NORMALIZERS:
+        return False
+    added = tokenizer.get_added_tokens_decoder().values()
+    return not any(a.rstrip or any(c.isspace() for c in a.content) for a in added)
+
+
+def _splits_at_spaces(spec: dict[str, Any]) -> bool:
+    """Whether a serialized pre-tokenizer splits before a word-ending space."""
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return any(_splits_at_spaces(p) for p in spec.get("pretokenizers", []))
+    if kind == "ByteLevel":
+        return bool(spec.get("use_regex", True))
+    if kind == "Metaspace":
+        return bool(spec.get("split", True))
+    return kind in _SPLITTING_PRE_TOKENIZERS

@@ -1,0 +1,118 @@
+"""Building the same inputs again: nothing is duplicated silently, an interrupted build resumes.
+
+A second copy of every document would put each training chunk's own text into
+its retrieval set (RETRO, Borgeaud et al. 2021, §4.4), so re-running a build
+must be idempotent and ``--append`` is needed to add the same documents again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import retrostore
+from retrostore.build import build_store
+from retrostore.cli import cli
+from retrostore.storage import manifest as _manifest
+
+
+def _jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"text": d["text"], "meta": d["meta"]}) + "\n" for d in docs))
+    return path
+
+
+def _texts(store: Path) -> list[str]:
+    with retrostore.open(store) as st:
+        return [st.get_document(i).text for i in range(st.info()["documents"])]
+
+
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory, small_docs):
+    d = tmp_path_factory.mktemp("inputs")
+    return _jsonl(d / "a.jsonl", small_docs[:6]), _jsonl(d / "b.jsonl", small_docs[6:10])
+
+
+def test_rerun_adds_nothing_and_append_adds_a_copy(tmp_path, two_files):
+    a, _ = two_files
+    path = tmp_path / "s.rstore"
+    first = build_store(path, [a], progress=False)
+    assert first.documents == 6 and not first.already_built
+    with retrostore.open(path) as st:
+        version, n_chunks = st.version, len(st)
+    again = build_store(path, [a], progress=False)
+    assert again.already_built and again.documents == 0 and again.version == version
+    assert "built before as 'a.jsonl', documents 0..5" in again.skipped[0]
+    with retrostore.open(path) as st:
+        assert (st.version, len(st)) == (version, n_chunks)
+    res = CliRunner().invoke(cli, ["build", str(path), str(a), "-q"])
+    assert res.exit_code == 0 and res.output.startswith("already built") and "--append" in res.output
+    copy = build_store(path, [a], append=True, progress=False)
+    assert copy.documents == 6 and copy.version > version
+    assert _texts(path) == _texts(path)[:6] * 2
+    assert build_store(path, [a], progress=False).already_built  # both copies recorded as finished
+
+
+def test_new_files_are_built_and_known_ones_skipped(tmp_path, two_files, small_docs):
+    a, b = two_files
+    path = tmp_path / "s.rstore"
+    build_store(path, [a], progress=False)
+    moved = tmp_path / "renamed.jsonl"  # same content, another name and time: still the same input
+    shutil.copy(a, moved)
+    os.utime(moved, (time.time() + 100, time.time() + 100))
+    res = build_store(path, [moved, b], progress=False)
+    assert res.documents == 4 and len(res.skipped) == 1 and res.skipped[0].startswith("renamed.jsonl")
+    assert _texts(path) == [d["text"] for d in small_docs[:10]]
+    dup = build_store(tmp_path / "t.rstore", [a, moved], progress=False)  # the same content twice in one run
+    assert dup.documents == 6 and "the same content as an input before it" in dup.skipped[0]
+
+
+def test_killed_build_resumes_after_its_last_commit(tmp_path, pydocs):
+    """A real build process killed (SIGKILL) after some commits; the re-run adds exactly the rest."""
+    docs = [d for d in pydocs if 3000 <= len(d["text"]) <= 6000][:12]  # ~20 chunks each, a commit every ~2
+    src = _jsonl(tmp_path / "in.jsonl", docs)
+    path = tmp_path / "s.rstore"
+    proc = subprocess.Popen([sys.executable, "-m", "retrostore", "build", str(path), str(src), "-q",
+                             "--commit-every", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if _manifest.read_manifest(path)["version"] >= 2:
+                    break
+            except retrostore.RetrostoreError:
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    body = _manifest.read_manifest(path)
+    rec = next(iter(body["builds"].values()))
+    assert not rec["done"] and 0 < rec["documents"] < 12 and rec["documents"] == body["next_doc_id"]
+    res = build_store(path, [src], progress=False)
+    assert res.resumed_documents == rec["documents"] and res.documents == 12 - rec["documents"]
+    assert _texts(path) == [d["text"] for d in docs]
+    with retrostore.open(path) as st:
+        assert st.verify() == []
+    assert build_store(path, [src], progress=False).already_built
+
+
+def test_sharded_and_plain_builds_see_each_other(tmp_path, two_files):
+    a, b = two_files
+    path = tmp_path / "s.rstore"
+    build_store(path, [a], progress=False)
+    with pytest.raises(retrostore.InvalidInputError, match="holds the documents of 1 of these inputs already.*--append"):
+        build_store(path, [a, b], engine="local", progress=False)
+    other = tmp_path / "sharded.rstore"
+    build_store(other, [a, b], engine="local", shards=2, progress=False)
+    res = build_store(other, [b], progress=False)  # a plain build of a file the sharded build holds
+    assert res.already_built and "sharded build" in res.skipped[0]
+    assert len(_texts(other)) == 10

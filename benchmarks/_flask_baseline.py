@@ -7,10 +7,10 @@ embedder (all-MiniLM-L6-v2 int8 through retrostore.default_embedder) and the
 same vectors as the retrostore store it is compared with, in a float32
 ``IndexFlatIP``.
 
-    python benchmarks/_flask_baseline.py WORK_DIR PORT [THREADS]
+    python benchmarks/_flask_baseline.py WORK_DIR PORT [THREADS [NAME]]
 
-WORK_DIR holds ``baseline.faiss`` and ``baseline.lmdb`` (written by
-benchmarks/serve.py).
+WORK_DIR holds ``NAME.faiss`` and ``NAME.lmdb`` (NAME defaults to
+``baseline``; written by benchmarks/serve.py).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from flask import Flask, jsonify, request
 import retrostore
 
 
-def make_app(work: Path, threads: int) -> Flask:
+def make_app(work: Path, threads: int, name: str = "baseline") -> Flask:
     faiss.omp_set_num_threads(threads)
-    index = faiss.read_index(str(work / "baseline.faiss"))
-    env = lmdb.open(str(work / "baseline.lmdb"), readonly=True, lock=False, max_readers=512)
+    index = faiss.read_index(str(work / f"{name}.faiss"))
+    env = lmdb.open(str(work / f"{name}.lmdb"), readonly=True, lock=False, max_readers=512)
     embedder = retrostore.default_embedder(threads=threads)
     embedder.embed(["warm up"])
     lock = threading.Lock()
@@ -62,4 +62,5 @@ def make_app(work: Path, threads: int) -> Flask:
 if __name__ == "__main__":
     work, port = Path(sys.argv[1]), int(sys.argv[2])
     threads = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    make_app(work, threads).run(host="127.0.0.1", port=port, threaded=True)
+    name = sys.argv[4] if len(sys.argv) > 4 else "baseline"
+    make_app(work, threads, name).run(host="127.0.0.1", port=port, threaded=True)

@@ -30,13 +30,15 @@ baseline's throughput; at 1 client its p50 within 1.3x of in-process.
 Memory (``--memory``, on by default): ``retrostore serve`` started with 1, 2
 and 4 workers, each worker warmed up, then the RSS and PSS of every worker
 process (``/proc/PID/smaps_rollup``; PSS splits shared pages among the
-processes that map them). With several workers the index is memory-mapped
-(``--mmap``); the same is measured with ``--no-mmap`` for comparison.
+processes that map them), with the index memory-mapped (``--mmap``) and not.
 
-The store is built from the first ``--docs`` (default 100) pydocs documents
-into ``--work-dir`` (kept and reused: the store, the baseline's FAISS index
-and LMDB, built from one embedding pass), or ``--store PATH`` (read-only;
-the baseline is then embedded from its chunks).
+Stores: the first ``--docs`` (default 100) pydocs documents, embedded once;
+the store and the baseline's FAISS index and LMDB are built from the same
+vectors into ``--work-dir`` and reused. Then the same measurements on a store
+of ``--big-chunks`` (default 200,000) chunks: those documents copied over and
+over, each chunk with a random unit vector (and the baseline's files of the
+same vectors), where exact search costs more than embedding a query and where
+the index is large enough for memory mapping to show.
 
 The machine is shared and noisy: read the ratios of one run, not absolute
 numbers between runs. ``--record`` writes the result into docs/benchmarks.md.
@@ -80,9 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure RSS/PSS per worker with 1, 2, 4 workers (default on)")
     p.add_argument("--workers", default="1,2,4", help="worker counts of the memory section (default 1,2,4)")
-    p.add_argument("--memory-chunks", type=int, default=200_000,
-                   help="the memory section also runs on a store this large: the benchmark's documents copied "
-                        "over and over with random unit vectors (default 200000; 0 = only the benchmark store)")
+    p.add_argument("--big-chunks", type=int, default=200_000,
+                   help="load and memory are also measured on a store this large, where exact search costs more "
+                        "than embedding a query: the benchmark's documents copied over and over with random unit "
+                        "vectors (default 200000; 0 = only the benchmark store)")
     p.add_argument("--quick", action="store_true", help="a short run: 3 s cells, one round, 200 queries")
     p.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     args = p.parse_args(argv)
@@ -94,11 +97,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- the store and the baseline's files ---------------------------------------------
-def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
-    """The store of ``docs`` and the baseline's index and LMDB, from one embedding pass (cached)."""
+def write_baseline(work: Path, name: str, vecs, texts: list[str], chunks: list[list]) -> None:
+    """The baseline's files: a float32 ``IndexFlatIP`` of ``vecs`` and an LMDB of chunk id -> text."""
     import faiss
     import lmdb
     import msgpack
+
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(vecs)
+    faiss.write_index(index, str(work / f"{name}.faiss"))
+    env = lmdb.open(str(work / f"{name}.lmdb"), map_size=1 << 34)
+    with env.begin(write=True) as txn:
+        cid = 0
+        for doc_id, (text, per) in enumerate(zip(texts, chunks)):
+            for c in per:
+                txn.put(cid.to_bytes(8, "big"), msgpack.packb({"s": text[c.start:c.end], "d": doc_id}))
+                cid += 1
+    env.close()
+    assert cid == len(vecs)
+
+
+def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
+    """The store of ``docs`` and the baseline's index and LMDB, from one embedding pass (cached)."""
+    import shutil
 
     import retrostore
 
@@ -107,8 +128,6 @@ def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
     want = {"docs": len(docs), "chars": sum(len(t) for t, _ in docs)}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return store
-    import shutil
-
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -121,18 +140,7 @@ def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
         st.append(texts, metadata=[m for _, m in docs], embeddings=vecs, chunks=chunks)
         st.commit()
         n = len(st)
-    assert n == len(vecs)
-    index = faiss.IndexFlatIP(vecs.shape[1])
-    index.add(vecs)
-    faiss.write_index(index, str(work / "baseline.faiss"))
-    env = lmdb.open(str(work / "baseline.lmdb"), map_size=1 << 32)
-    with env.begin(write=True) as txn:
-        cid = 0
-        for doc_id, (text, per) in enumerate(zip(texts, chunks)):
-            for c in per:
-                txn.put(cid.to_bytes(8, "big"), msgpack.packb({"s": text[c.start:c.end], "d": doc_id}))
-                cid += 1
-    env.close()
+    write_baseline(work, "baseline", vecs, texts, chunks)
     stamp.write_text(json.dumps(want))
     print(f"built {store} and the baseline's files: {len(docs)} documents, {n} chunks in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -140,18 +148,25 @@ def prepare(work: Path, docs: list[tuple[str, dict | None]]) -> Path:
 
 
 def prepare_big(work: Path, docs: list[tuple[str, dict | None]], n_chunks: int) -> Path:
-    """A store of about ``n_chunks`` chunks for the memory section: ``docs`` appended again and
-    again, each chunk with a random unit vector (an exact Flat index, float16 on disk). Cached."""
+    """A store of about ``n_chunks`` chunks where exact search costs more than embedding a query:
+    ``docs`` appended again and again, each chunk with a random unit vector (an exact Flat index,
+    float16 on disk), and the baseline's files of the same vectors (``big{n_chunks}.faiss`` /
+    ``.lmdb``). Cached."""
+    import shutil
+
     import numpy as np
 
     import retrostore
 
     path = work / f"big{n_chunks}.rstore"
-    if (path / "manifest.json").exists():
+    stamp = work / f"big{n_chunks}.json"
+    if stamp.exists():
         return path
+    shutil.rmtree(path, ignore_errors=True)
     t0 = time.perf_counter()
     texts = [t for t, _ in docs]
     rng = np.random.default_rng(0)
+    all_vecs, all_texts, all_chunks = [], [], []
     with retrostore.create(path, index="Flat") as st:
         per = st.chunker.chunk_many(texts)
         n = sum(map(len, per))
@@ -159,11 +174,17 @@ def prepare_big(work: Path, docs: list[tuple[str, dict | None]], n_chunks: int) 
             vecs = rng.standard_normal((n, st.info()["dim"])).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             st.append(texts, metadata=[{"copy": copy, **(m or {})} for _, m in docs], embeddings=vecs, chunks=per)
+            all_vecs.append(vecs)
+            all_texts += texts
+            all_chunks += per
             if copy % 8 == 7:
                 st.commit()
         st.commit()
         total = len(st)
-    print(f"built {path}: {total} chunks (random vectors) in {time.perf_counter() - t0:.0f} s", flush=True)
+    write_baseline(work, f"big{n_chunks}", np.concatenate(all_vecs), all_texts, all_chunks)
+    stamp.write_text(json.dumps({"chunks": total}))
+    print(f"built {path}: {total} chunks (random vectors) and its baseline in {time.perf_counter() - t0:.0f} s",
+          flush=True)
     return path
 
 
@@ -344,29 +365,28 @@ def main(argv=None) -> int:
     info, docs = C.start(args.corpus)
     work = Path(args.work_dir)
     n_docs = min(args.docs, len(docs))
-    store_path = prepare(work, docs[:n_docs])
+    stores = [(prepare(work, docs[:n_docs]), "baseline")]
+    if args.big_chunks:
+        stores.append((prepare_big(work, docs[:n_docs], args.big_chunks), f"big{args.big_chunks}"))
     queries = C.sample_sentences([t for t, _ in docs[n_docs:]] or [t for t, _ in docs], args.queries, seed=0)
-    results: dict[tuple[str, int], list[dict]] = {}
-    batches: dict = {}
-    with retrostore.open(store_path) as st:
-        n_chunks = len(st)
-    if args.load:
-        results, batches = run_load(store_path, work, queries, n_docs, args)
-    mem = []
-    if args.memory:
-        mem = memory(store_path, work, queries, args)
-        if args.memory_chunks > n_chunks:
-            mem += memory(prepare_big(work, docs[:n_docs], args.memory_chunks), work, queries, args)
-    body = report(results, batches, mem, args, n_docs, n_chunks)
+    sections = []
+    for path, baseline in stores:
+        with retrostore.open(path) as st:
+            n_chunks = len(st)
+        results, batches = run_load(path, baseline, work, queries, args) if args.load else ({}, {})
+        mem = memory(path, work, queries, args) if args.memory else []
+        sections.append((n_chunks, results, batches, mem))
+    body = report(sections, args, n_docs)
     print()
     print(body)
     if args.record:
-        C.record("serve-quick" if args.quick else "serve",
-                 f"serving ({n_docs} documents, {n_chunks} chunks, k = {args.k})", body, info)
+        key = "serve-quick" if args.quick else "serve" if args.threads == 2 else f"serve-threads{args.threads}"
+        C.record(key, f"serving ({n_docs} pydocs documents, k = {args.k}, {args.threads} threads per system)",
+                 body, info)
     return 0
 
 
-def run_load(store_path: Path, work: Path, queries: list[str], n_docs: int, args) -> tuple[dict, dict]:
+def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], args) -> tuple[dict, dict]:
     import httpx
 
     import retrostore
@@ -377,8 +397,8 @@ def run_load(store_path: Path, work: Path, queries: list[str], n_docs: int, args
     sp, fp = free_port(), free_port()
     serve_url, flask_url = f"http://127.0.0.1:{sp}", f"http://127.0.0.1:{fp}"
     serve = start_server(serve_argv(store_path, sp, args.threads, args.serve_arg), serve_url, work / "serve.log")
-    flask = start_server([sys.executable, str(HERE / "_flask_baseline.py"), str(work), str(fp), str(args.threads)],
-                         flask_url, work / "flask.log")
+    flask = start_server([sys.executable, str(HERE / "_flask_baseline.py"), str(work), str(fp), str(args.threads),
+                          baseline], flask_url, work / "flask.log")
     try:
         with retrostore.open(store_path, threads=args.threads) as st, \
                 httpx.Client(base_url=serve_url, timeout=120) as sc, httpx.Client(base_url=flask_url, timeout=120) as fc:
@@ -401,7 +421,7 @@ def run_load(store_path: Path, work: Path, queries: list[str], n_docs: int, args
             one = [("retrostore serve", http_call(sc, "/v1/search", "k", serve.pid)),
                    ("Flask baseline", http_call(fc, "/search", "n_docs", flask.pid)),
                    ("in-process", local_call)]
-            print(f"store {store_path}: {n_docs} documents, {len(st)} chunks; {len(queries)} queries", flush=True)
+            print(f"store {store_path}: {len(st)} chunks; {len(queries)} queries", flush=True)
             for rnd in range(args.rounds):
                 for c in args.clients:
                     if c == 1:
@@ -442,7 +462,7 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["qps"])[len(runs) // 2]
 
 
-def report(results, batches, mem, args, n_docs, n_chunks) -> str:
+def _load_table(n_chunks: int, results: dict, batches: dict, args) -> list[str]:
     cell = {key: _median_run(runs) for key, runs in results.items()}
     rows = []
     for name in ("in-process", "retrostore serve", "Flask baseline"):
@@ -452,37 +472,48 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
                 rows.append([name, c, f"{r['qps']:.1f}", C.ms(r["p50"]), C.ms(r["p99"]), f"{r['cpu_ms']:.2f}",
                              r["n"], r["errors"]])
     out = [C.table(["system", "clients", "answers/s", "p50 ms", "p99 ms", "CPU ms/answer", "answers", "failed"],
-                   rows), ""] if rows else []
+                   rows), ""]
     top = max(args.clients)
     s, f = cell.get(("retrostore serve", top)), cell.get(("Flask baseline", top))
     one, floor = cell.get(("retrostore serve", 1)), cell.get(("in-process", 1))
-    lines = []
     if s and f:
         ratio = s["qps"] / f["qps"]
-        lines.append(f"* at {top} clients: retrostore serve {s['qps']:.1f} answers/s = **{ratio:.2f}x** the Flask "
-                     f"baseline's {f['qps']:.1f} (target >= 3x: {'met' if ratio >= 3 else 'NOT met'}); in server CPU "
-                     f"time per answer, {s['cpu_ms']:.2f} ms against {f['cpu_ms']:.2f} ms: "
-                     f"**{f['cpu_ms'] / s['cpu_ms']:.2f}x** less")
+        out.append(f"* at {top} clients: retrostore serve {s['qps']:.1f} answers/s = **{ratio:.2f}x** the Flask "
+                   f"baseline's {f['qps']:.1f} (target >= 3x: {'met' if ratio >= 3 else 'NOT met'}); server CPU time "
+                   f"per answer {s['cpu_ms']:.2f} ms against {f['cpu_ms']:.2f} ms: **{f['cpu_ms'] / s['cpu_ms']:.2f}x** "
+                   "less")
     if one and floor:
         ratio = one["p50"] / floor["p50"]
-        lines.append(f"* at 1 client: retrostore serve p50 {C.ms(one['p50'])} ms = **{ratio:.2f}x** in-process "
-                     f"{C.ms(floor['p50'])} ms (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
+        out.append(f"* at 1 client: retrostore serve p50 {C.ms(one['p50'])} ms = **{ratio:.2f}x** in-process "
+                   f"{C.ms(floor['p50'])} ms (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
     if batches.get("retrostore_batch_requests_count"):
         mean = batches["retrostore_batch_requests_sum"] / batches["retrostore_batch_requests_count"]
-        lines.append(f"* the server answered {batches['retrostore_batch_requests_sum']:.0f} search requests in "
-                     f"{batches['retrostore_batch_requests_count']:.0f} batches ({mean:.1f} requests per batch on "
-                     "average over the whole run, from /metrics)")
-    if results:
-        failed = sum(r["errors"] for runs in results.values() for r in runs)
-        lines.append(f"* failed requests in all rounds: {failed}")
-    out += lines + [""]
-    out.append(f"{n_docs} pydocs documents ({n_chunks} chunks, exact Flat index), {args.queries} held-out query "
-               f"sentences, k = {args.k}, {args.threads} threads per system; median of {args.rounds} rounds. One "
-               f"client: each query asked of the three systems in turn (rotating order), {3 * args.seconds:g} s. "
-               f"8 and 32 clients: {args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. "
-               "CPU ms/answer: the server process's CPU time (all threads) over the measured time / answers (for "
-               "in-process, this process's). retrostore serve answers full hits (text, token ids, continuation, "
-               "metadata); the baseline answers passages and scores.")
+        out.append(f"* the server answered {batches['retrostore_batch_requests_sum']:.0f} search requests in "
+                   f"{batches['retrostore_batch_requests_count']:.0f} batches ({mean:.1f} requests per batch over the "
+                   "whole run, all client counts, from /metrics)")
+    failed = sum(r["errors"] for runs in results.values() for r in runs)
+    out += [f"* failed requests in all rounds: {failed}", ""]
+    return out
+
+
+def report(sections: list, args, n_docs: int) -> str:
+    out = []
+    for i, (n_chunks, results, batches, _) in enumerate(sections):
+        if not results:
+            continue
+        what = (f"{n_docs} pydocs documents, {n_chunks:,} chunks, exact Flat index" if i == 0 else
+                f"{n_chunks:,} chunks: the same documents copied over and over with random unit vectors, exact Flat "
+                "index (exact search now costs more than embedding the query)")
+        out += [f"**{what}**", ""] + _load_table(n_chunks, results, batches, args)
+    if out:
+        out.append(f"{args.queries} held-out query sentences (pydocs documents not in the store), k = {args.k}, "
+                   f"{args.threads} threads per system; median of {args.rounds} rounds. One client: each query asked "
+                   f"of the three systems in turn (rotating order), {3 * args.seconds:g} s. 8 and 32 clients: "
+                   f"{args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. CPU ms/answer: the "
+                   "server process's CPU time (all threads) over the measured time / answers (for in-process, this "
+                   "process's). retrostore serve answers full hits (text, token ids, continuation, metadata); the "
+                   "baseline answers passages and scores.")
+    mem = [m for *_, ms in sections for m in ms]
     if mem:
         out += ["", "Memory of the worker processes (after each worker answered searches):", ""]
         rows = []
@@ -498,9 +529,7 @@ def report(results, batches, mem, args, n_docs, n_chunks) -> str:
         out.append(C.table(["store chunks", "index MiB", "index mmap", "workers", "RSS MiB (sum)", "PSS MiB (sum)",
                             "RSS per extra worker MiB", "PSS per extra worker MiB"], rows))
         out.append("")
-        out.append("RSS counts shared pages in every process that maps them; PSS splits them among those processes. "
-                   f"The {max(m['store'] for m in mem):,}-chunk store holds the benchmark's documents copied over "
-                   "and over with random unit vectors (memory only; its answers are not measured).")
+        out.append("RSS counts shared pages in every process that maps them; PSS splits them among those processes.")
     return "\n".join(out)
 
 

@@ -445,6 +445,46 @@ def eval_(store, queries, k, params, seed, threads, as_json):
                f"batch {res['batch_qps']:,.0f} queries/s")
 
 
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; only this machine can connect unless told otherwise (e.g. 0.0.0.0).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8808, show_default=True, help="TCP port.")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes; each opens the store read-only (memory-mapped, sharing the index pages).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="FAISS/onnxruntime threads per worker (default: CPUs available / workers).")
+@click.option("--batch-window-ms", type=click.FloatRange(0, 60_000), default=2.0, show_default=True,
+              help="How long a batch waits for more concurrent requests (only while others are on their way).")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True,
+              help="Most queries one batch gathers from several requests.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=8 << 20, show_default=True,
+              help="Largest request body accepted (HTTP 413 beyond).")
+@click.option("--max-queries", type=click.IntRange(1), default=1024, show_default=True,
+              help="Most queries (or neighbour query chunks) in one request.")
+@click.option("--max-k", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Largest k (n_docs) a request may ask for.")
+@click.option("--mmap/--no-mmap", default=None,
+              help="Memory-map the index files (default: with several workers, where the factory allows).")
+@click.option("--follow/--no-follow", default=True, show_default=True,
+              help="Move to each newly committed version between batches.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Verify the store before serving it; a store that fails is refused with the problems.")
+@_friendly
+def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, max_queries, max_k,
+          mmap, follow, verify):
+    """Serve STORE read-only over HTTP (JSON API under /v1, a page to try it at /,
+    Prometheus metrics at /metrics) until interrupted. Concurrent requests are
+    embedded and searched in batches; the server follows the writer's commits.
+    Clients: retrostore.connect(URL), or any HTTP client (docs/serving.md).
+    Needs the serve extra: pip install "retrostore[serve]"."""
+    from retrostore.serve import ServeSettings, run
+
+    run(ServeSettings(store=store, host=host, port=port, workers=workers, threads=threads,
+                      batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                      max_queries=max_queries, max_k=max_k, mmap=mmap, follow=follow, verify=verify))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="retrostore")

@@ -47,6 +47,7 @@ from .errors import (
     UnsafeArchiveError,
     WriterLockedError,
 )
+from .serve.client import connect
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "connect",
     "pack",
     "unpack",
     "Store",

@@ -1,0 +1,191 @@
+"""Dynamic batching: one thread owns the store and answers queued requests in batches.
+
+Request handlers (on the event loop) put :class:`Job` objects on the queue and
+await their futures. The batcher thread takes every job waiting, and, while
+more requests are known to be on their way (handlers still reading or checking
+a body, or the previous batch held several requests), waits up to
+``batch_window_ms`` for more, up to ``max_batch`` queries. A lone client never
+waits: with nothing else in flight the batch runs at once. Between batches the
+thread moves the store to the newest committed version, so a batch is answered
+from one version, never from a half-switched one.
+
+FAISS and onnxruntime run their own thread pools inside each call, so one
+thread issuing the calls keeps the CPUs busy; it also means the store is never
+used from two threads (``Store`` handles are not documented as thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .engine import Engine
+from .errors import ServerStoppingError
+from .metrics import Metrics
+
+__all__ = ["Batcher", "Job"]
+
+log = logging.getLogger("retrostore.serve")
+
+
+@dataclass
+class Job:
+    """One request's work. ``kind``: "search" and "neighbors" batch with their kind;
+    "call" runs ``payload(engine)`` alone. ``done(result, exc, version)`` is called
+    once, from the batcher thread."""
+
+    kind: str
+    payload: Any
+    n: int
+    done: Callable[[Any, BaseException | None, int], None]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """The thread that owns the :class:`Engine` and answers :class:`Job` batches."""
+
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        s = engine.settings
+        self.window_s = s.batch_window_ms / 1000.0
+        self.max_batch = s.max_batch
+        self.tick_s = s.refresh_interval_s if s.follow else 1.0
+        #: Requests a handler is reading or checking, not yet queued (updated on the event loop).
+        self.arriving = 0
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="retrostore-batcher", daemon=True)
+
+    # -- control (any thread) ------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread; it opens the store. Raises what opening raised."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the batch in progress, refuse what is queued, close the store."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stop:
+                stopping = True
+            else:
+                stopping = False
+                self._queue.append(job)
+                self._cond.notify()
+        if stopping:
+            job.done(None, ServerStoppingError("the server is shutting down; retry"), self.engine.version)
+
+    # -- the thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine.open()
+            self.metrics.set_store(self.engine.version, self.engine.len)
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        last_requests = 1
+        try:
+            while True:
+                batch = self._take(last_requests)
+                if batch is None:
+                    break
+                self._refresh()
+                if batch:
+                    self._execute(batch)
+                last_requests = max(1, len(batch))
+        finally:
+            with self._cond:
+                left = list(self._queue)
+                self._queue.clear()
+            for job in left:
+                job.done(None, ServerStoppingError("the server is shutting down; retry"), self.engine.version)
+            self.engine.close()
+
+    def _take(self, last_requests: int) -> list[Job] | None:
+        """The next batch; [] after an idle tick (time to look for a new version); None to stop."""
+        with self._cond:
+            if not self._queue and not self._stop:
+                self._cond.wait(self.tick_s)
+            if self._stop:
+                return None
+            if not self._queue:
+                return []
+            batch = [self._queue.popleft()]
+            n = batch[0].n
+            n = self._drain(batch, n)
+            if self.window_s > 0 and n < self.max_batch and (self.arriving > 0 or last_requests > 1):
+                deadline = time.monotonic() + self.window_s
+                while n < self.max_batch and not self._stop:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    if not self._queue:
+                        self._cond.wait(remaining)
+                    n = self._drain(batch, n)
+            return batch
+
+    def _drain(self, batch: list[Job], n: int) -> int:
+        while self._queue and n + self._queue[0].n <= self.max_batch:
+            job = self._queue.popleft()
+            batch.append(job)
+            n += job.n
+        return n
+
+    def _refresh(self) -> None:
+        try:
+            if self.engine.maybe_refresh():
+                self.metrics.set_store(self.engine.version, self.engine.len)
+                self.metrics.refreshed()
+        except Exception:  # logged by the engine; the current version keeps serving
+            self.metrics.refresh_failed()
+
+    def _execute(self, batch: list[Job]) -> None:
+        engine = self.engine
+        version = engine.version
+        pending = list(batch)
+        try:
+            for job in [j for j in batch if j.kind == "call"]:
+                pending.remove(job)
+                try:
+                    result = job.payload(engine)
+                except Exception as exc:
+                    job.done(None, exc, version)
+                else:
+                    job.done(result, None, version)
+            for kind, run in (("search", engine.search), ("neighbors", engine.neighbors)):
+                jobs = [j for j in batch if j.kind == kind]
+                if not jobs:
+                    continue
+                results = run([j.payload for j in jobs])
+                self.metrics.batch(kind, requests=len(jobs), queries=sum(j.n for j in jobs))
+                for job, result in zip(jobs, results):
+                    pending.remove(job)
+                    if isinstance(result, BaseException):
+                        job.done(None, result, version)
+                    else:
+                        job.done(result, None, version)
+        except Exception as exc:  # a bug or an unexpected library failure: answer 500, keep serving
+            log.exception("batch failed")
+            for job in pending:
+                job.done(None, exc, version)

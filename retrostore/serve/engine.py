@@ -1,0 +1,372 @@
+"""The store side of a server: one read-only Store, used by one thread (the batcher's).
+
+:class:`Engine` opens the store, answers batches of search and neighbours
+requests with as few embedder and FAISS calls as the requests allow, looks
+chunks and documents up by id, and moves to each newly committed version
+between batches. It uses the public API only (``retrostore.open`` and
+``Store`` methods); every answer is built from one committed version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+import retrostore
+from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError
+
+from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
+from .settings import ServeSettings
+from .wire import scores_to_json
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("retrostore.serve")
+
+#: Store.search_vectors' own ceiling on k (candidates fetched when excluding documents).
+_MAX_FETCH = 100_000
+
+
+class Engine:
+    """A read-only store and the batch operations a server runs on it.
+
+    Not thread-safe: one thread (the batcher's) opens it and makes every call.
+    """
+
+    def __init__(self, settings: ServeSettings, embedder: Any = None) -> None:
+        self.settings = settings
+        self._embedder = embedder
+        self.store: retrostore.Store | None = None
+        self.facts: StoreFacts | None = None
+        self.version = -1
+        self.len = 0
+        self.doc_limit = 0
+        self.mmap = False
+        self.started_at = time.time()
+        self._info: dict | None = None
+        self._last_refresh = 0.0
+
+    # -- lifecycle -----------------------------------------------------------
+    def open(self) -> None:
+        """Open the store read-only (memory-mapped when asked, or by default with several workers)."""
+        s = self.settings
+        kwargs = dict(embedder=self._embedder, threads=s.worker_threads())
+        mmap = s.mmap
+        if mmap is None and s.workers > 1:
+            try:
+                self.store = retrostore.open(s.store, mmap=True, **kwargs)
+            except InvalidInputError as exc:  # a factory FAISS cannot map (fast-scan PQ)
+                log.warning("serving %s without memory mapping: %s", s.store, exc)
+        if self.store is None:
+            self.store = retrostore.open(s.store, mmap=mmap, **kwargs)
+        info = self.store.info()
+        self.mmap = bool(info["index"]["mmap"])
+        self.facts = StoreFacts(dim=int(info["dim"]), chunk_tokens=int(info["chunk_tokens"]),
+                                vocab_size=int(info["tokenizer"]["vocab_size"]), metric=str(info["metric"]))
+        self._on_version()
+        try:  # load the model now, not on the first request
+            self.store.embedder.embed(["warm up"])
+        except EmbedderMismatchError:
+            log.warning("%s was built with an embedder this server does not have: text queries will be refused; "
+                        "search with vectors, or serve it from Python with create_app(..., embedder=...)", s.store)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _on_version(self) -> None:
+        store = self.store
+        self.version = store.version
+        self.len = len(store)
+        self.doc_limit = int(store.manifest["next_doc_id"])
+        self._info = None
+
+    def maybe_refresh(self, force: bool = False) -> bool:
+        """Move to the newest committed version when ``follow`` and the interval has passed.
+
+        Returns True when the version changed. A failing refresh (a damaged new
+        version) is logged and the current version keeps serving.
+        """
+        s = self.settings
+        now = time.monotonic()
+        if not s.follow or (not force and now - self._last_refresh < s.refresh_interval_s):
+            return False
+        self._last_refresh = now
+        before = self.version
+        try:
+            self.store.refresh()
+        except RetrostoreError as exc:
+            log.error("staying at version %d: moving to the newest version failed: %s", before, exc)
+            raise
+        if self.store.version == before:
+            return False
+        self._on_version()
+        log.info("now serving version %d (%d chunks)", self.version, self.len)
+        return True
+
+    # -- facts -----------------------------------------------------------------
+    def server_facts(self) -> dict:
+        s = self.settings
+        return {"pid": os.getpid(), "workers": s.workers, "threads": s.worker_threads(), "mmap": self.mmap,
+                "follow": s.follow, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch,
+                "max_body_bytes": s.max_body_bytes, "max_queries": s.max_queries, "max_k": s.max_k,
+                "max_ids": s.max_ids, "len": self.len, "next_doc_id": self.doc_limit,
+                "retrostore_version": retrostore.__version__,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))}
+
+    def info(self) -> dict:
+        """``Store.info()`` of the version served, with a ``server`` section (cached per version)."""
+        if self._info is None:
+            self._info = self.store.info()
+        return {**self._info, "server": self.server_facts()}
+
+    # -- search ----------------------------------------------------------------
+    def _embed_tokens(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """Vectors of token-id chunks, as ``Store.neighbors`` embeds them."""
+        store = self.store
+        emb = store.embedder
+        fingerprint = getattr(emb, "fingerprint", None) or {}
+        if hasattr(emb, "embed_token_ids") and fingerprint.get("tokenizer_sha256") == store.chunker.sha256:
+            return emb.embed_token_ids(list(rows))
+        return emb.embed([store.chunker.decode(r) for r in rows])
+
+    def search(self, reqs: Sequence[SearchRequest]) -> list:
+        """Answer search requests together: one embedder call per kind of input, one FAISS
+        call per (k, params) group. Returns, per request, its answer dict or the exception
+        that refused it (one bad request never fails the others)."""
+        out: list[Any] = [None] * len(reqs)
+        vecs: list[np.ndarray | None] = [None] * len(reqs)
+        for i, r in enumerate(reqs):
+            if r.n == 0 or self.len == 0:  # as Store.search: no queries, or an empty store
+                out[i] = _empty_answer(r)
+        todo = [i for i in range(len(reqs)) if out[i] is None]
+        self._embed_group(reqs, todo, out, vecs, "texts", lambda items: self.store.embedder.embed(items))
+        self._embed_group(reqs, todo, out, vecs, "token_rows", self._embed_tokens)
+        for i in todo:
+            if reqs[i].vectors is not None:
+                vecs[i] = reqs[i].vectors
+        found: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(reqs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in todo:
+            if out[i] is None and not reqs[i].exclude:
+                groups[(reqs[i].k, reqs[i].params_key)].append(i)
+        for idx in groups.values():
+            self._search_group(reqs, idx, vecs, out, found)
+        records: dict[int, Any] = {}
+        for i in todo:
+            if out[i] is None and reqs[i].exclude:
+                try:
+                    found[i] = self._search_excluding(vecs[i], reqs[i], records)
+                except RetrostoreError as exc:
+                    out[i] = _as_request_error(exc, "params", reqs[i].params)
+        live = [i for i in todo if out[i] is None]
+        try:
+            self._answer(reqs, live, found, records, out)
+        except RetrostoreError as exc:
+            for i in live:
+                out[i] = exc
+        return out
+
+    def _embed_group(self, reqs, todo: list[int], out, vecs, attr: str, embed) -> None:
+        idx = [i for i in todo if getattr(reqs[i], attr) is not None]
+        if not idx:
+            return
+        items = [x for i in idx for x in getattr(reqs[i], attr)]
+        try:
+            allv = embed(items)
+        except EmbedderMismatchError as exc:
+            err = RequestError(f"{exc} (this server cannot embed {'text' if attr == 'texts' else 'token ids'}: "
+                               "send vectors instead)", field="query" if attr == "texts" else "token_ids",
+                               status=409, kind="EmbedderMismatchError")
+            for i in idx:
+                out[i] = err
+            return
+        start = 0
+        for i in idx:
+            n = reqs[i].n
+            vecs[i] = allv[start:start + n]
+            start += n
+
+    def _search_group(self, reqs, idx: list[int], vecs, out, found) -> None:
+        r0 = reqs[idx[0]]
+        try:
+            scores, ids = self.store.search_vectors(np.concatenate([vecs[i] for i in idx]), r0.k, params=r0.params)
+        except RetrostoreError as exc:
+            # Vectors and k were checked before queueing; what is left to refuse is the
+            # search parameters, which every request of the group shares.
+            err = _as_request_error(exc, "params", r0.params)
+            for i in idx:
+                out[i] = err
+            return
+        start = 0
+        for i in idx:
+            n = reqs[i].n
+            found[i] = (scores[start:start + n], ids[start:start + n])
+            start += n
+
+    def _search_excluding(self, vectors: np.ndarray, r: SearchRequest, records: dict) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest chunks per query outside ``r.exclude``: ``k + max(8, k)`` candidates,
+        doubled for the queries still short of k (what ``Store.neighbors`` does)."""
+        store = self.store
+        n, k = len(vectors), r.k
+        total = min(self.len, _MAX_FETCH)
+        fill = -np.inf if self.facts.metric == "ip" else np.inf
+        out_s = np.full((n, k), fill, np.float32)
+        out_i = np.full((n, k), -1, np.int64)
+        todo = np.arange(n)
+        fetch = min(total, k + max(8, k))
+        while len(todo) and fetch > 0:
+            s, ids = store.search_vectors(vectors[todo], fetch, params=r.params)
+            self._fetch_chunks({int(i) for i in ids.ravel() if i >= 0}, records)
+            still = []
+            for row, q in enumerate(todo):
+                keep = [j for j in range(ids.shape[1])
+                        if ids[row, j] >= 0 and records[int(ids[row, j])].doc_id not in r.exclude][:k]
+                if len(keep) < k and fetch < total:
+                    still.append(q)
+                    continue
+                out_s[q, :len(keep)] = s[row, keep]
+                out_i[q, :len(keep)] = ids[row, keep]
+            todo = np.array(still, dtype=np.int64)
+            fetch = min(total, fetch * 2)
+        return out_s, out_i
+
+    def _fetch_chunks(self, ids: set, records: dict, *, missing_ok: bool = False) -> None:
+        """Read the chunks ``ids`` not yet in ``records`` (one LMDB pass). With
+        ``missing_ok``, ids that cannot be read (chunks of a deleted document) are skipped."""
+        want = sorted(i for i in ids if i not in records)
+        if not want:
+            return
+        try:
+            records.update(zip(want, self.store.get_chunks(want)))
+        except InvalidInputError:
+            if not missing_ok:
+                raise
+            for i in want:
+                try:
+                    records[i] = self.store.get_chunks([i])[0]
+                except InvalidInputError:
+                    records[i] = None
+
+    def _answer(self, reqs, live: list[int], found, records: dict, out) -> None:
+        """Turn (scores, ids) into answers: hits with text, continuation and metadata, or id arrays."""
+        hit_reqs = [i for i in live if reqs[i].output == "hits"]
+        ids = {int(c) for i in hit_reqs for c in found[i][1].ravel() if c >= 0}
+        self._fetch_chunks(ids, records)
+        nexts = {c + 1 for c in ids if c + 1 < self.len}
+        self._fetch_chunks(nexts, records, missing_ok=True)
+        docs = sorted({records[c].doc_id for i in hit_reqs if reqs[i].metadata
+                       for c in (int(x) for x in found[i][1].ravel()) if c >= 0})
+        meta = dict(zip(docs, self.store.get_metadata(docs))) if docs else {}
+        for i in live:
+            r = reqs[i]
+            scores, chunk_ids = found[i]
+            if r.output == "ids":
+                out[i] = {"scores": scores_to_json(scores), "chunk_ids": chunk_ids.tolist()}
+                continue
+            results = []
+            for row_s, row_i in zip(scores.tolist(), chunk_ids.tolist()):
+                hits = []
+                for s, c in zip(row_s, row_i):
+                    if c < 0:
+                        continue
+                    rec = records[c]
+                    nxt = records.get(c + 1)
+                    if nxt is not None and nxt.doc_id != rec.doc_id:
+                        nxt = None
+                    hit = {"chunk_id": c, "doc_id": rec.doc_id, "position": rec.position, "score": s,
+                           "text": rec.text, "continuation_text": nxt.text if nxt else ""}
+                    if r.tokens:
+                        hit["tokens"] = rec.tokens.tolist()
+                        hit["continuation_tokens"] = nxt.tokens.tolist() if nxt else []
+                    if r.metadata:
+                        hit["metadata"] = meta[rec.doc_id]
+                    hits.append(hit)
+                results.append(hits)
+            out[i] = {"results": results}
+
+    # -- neighbours ------------------------------------------------------------
+    def neighbors(self, reqs: Sequence[NeighborsRequest]) -> list:
+        """``Store.neighbors`` for requests of equal (L, k) stacked into one call."""
+        out: list[Any] = [None] * len(reqs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(reqs):
+            groups[(r.tokens.shape[1], r.k)].append(i)
+        for idx in groups.values():
+            self._neighbors_group(reqs, idx, out)
+        return out
+
+    def _neighbors_group(self, reqs, idx: list[int], out) -> None:
+        parts = [reqs[i] for i in idx]
+        tokens = parts[0].tokens if len(parts) == 1 else np.concatenate([p.tokens for p in parts])
+        exclude = None
+        if any(p.exclude is not None for p in parts):
+            exclude = [row for p in parts for row in (p.exclude if p.exclude is not None else [None] * len(p.tokens))]
+        try:
+            nb = self.store.neighbors(tokens, parts[0].k, exclude_doc_ids=exclude)
+        except EmbedderMismatchError as exc:
+            for i in idx:
+                out[i] = RequestError(f"{exc} (this server cannot embed token ids)", field="token_ids", status=409,
+                                      kind="EmbedderMismatchError")
+            return
+        except RetrostoreError as exc:
+            if len(idx) > 1:
+                for i in idx:
+                    self._neighbors_group(reqs, [i], out)
+                return
+            out[idx[0]] = _as_request_error(exc, "token_ids", None)
+            return
+        start = 0
+        for i, p in zip(idx, parts):
+            b = len(p.tokens)
+            sl = slice(start, start + b)
+            out[i] = retrostore.Neighbors(nb.tokens[sl], nb.mask[sl], nb.chunk_ids[sl], nb.doc_ids[sl], nb.scores[sl])
+            start += b
+
+    # -- by id -------------------------------------------------------------------
+    def chunks(self, req: IdsRequest) -> dict:
+        for i in req.ids:
+            if i >= self.len:
+                raise RequestError(f"chunk id {i} is outside the committed range [0, {self.len}) of version "
+                                   f"{self.version}", field="ids", value=i, limit=[0, self.len - 1], status=404)
+        try:
+            chunks = self.store.get_chunks(req.ids)
+        except InvalidInputError as exc:
+            raise _as_request_error(exc, "ids", None, status=404) from None
+        return {"chunks": [{"chunk_id": c.chunk_id, "doc_id": c.doc_id, "position": c.position, "start": c.start,
+                            "text": c.text, "tokens": c.tokens.tolist()} for c in chunks]}
+
+    def documents(self, req: IdsRequest) -> dict:
+        for i in req.ids:
+            if i >= self.doc_limit:
+                raise RequestError(f"document id {i} is outside the committed range [0, {self.doc_limit}) of "
+                                   f"version {self.version}", field="ids", value=i, limit=[0, self.doc_limit - 1],
+                                   status=404)
+        try:
+            if not req.text:
+                metas = self.store.get_metadata(req.ids)
+                return {"documents": [{"doc_id": i, "metadata": m} for i, m in zip(req.ids, metas)]}
+            docs = [self.store.get_document(i) for i in req.ids]
+        except InvalidInputError as exc:
+            raise _as_request_error(exc, "ids", None, status=404) from None
+        return {"documents": [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata,
+                               "chunk_ids": [d.chunk_ids.start, d.chunk_ids.stop]} for d in docs]}
+
+
+def _empty_answer(r: SearchRequest) -> dict:
+    """The answer of a request with no queries, or to an empty store (no neighbours)."""
+    if r.output == "hits":
+        return {"results": [[] for _ in range(r.n)]}
+    return {"scores": [[None] * r.k for _ in range(r.n)], "chunk_ids": [[-1] * r.k for _ in range(r.n)]}
+
+
+def _as_request_error(exc: RetrostoreError, field: str, value: Any, status: int = 400) -> RetrostoreError:
+    """The store's refusal of a request, as a 4xx naming the field (other errors pass through)."""
+    if isinstance(exc, RequestError) or not isinstance(exc, InvalidInputError):
+        return exc
+    return RequestError(str(exc), field=field, value=value, status=status, kind=type(exc).__name__)

@@ -1,0 +1,399 @@
+"""Request bodies of the HTTP API, checked field by field before anything is queued.
+
+Every problem raises :class:`RequestError` naming the field, the value, the
+limit and the fix; the app turns it into a 4xx JSON answer. Checks that need
+the store (ids beyond the committed range, unknown search parameters) happen in
+the engine, which raises the store's own errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrostore.errors import InvalidInputError
+
+__all__ = ["RequestError", "StoreFacts", "SearchRequest", "NeighborsRequest", "IdsRequest", "parse_json",
+           "parse_search", "parse_compat_search", "parse_neighbors", "parse_ids", "show"]
+
+
+class RequestError(InvalidInputError):
+    """A request the server refuses (HTTP ``status``), naming ``field``, ``value`` and ``limit``."""
+
+    def __init__(self, message: str, *, field: str, value: Any = None, limit: Any = None, status: int = 400,
+                 kind: str = "InvalidInputError") -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = show(value)
+        self.limit = limit
+        self.status = status
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    """What checking a request needs to know of the store; fixed for its lifetime
+    (the tokenizer and the embedder are pinned by the manifest)."""
+
+    dim: int
+    chunk_tokens: int
+    vocab_size: int
+    metric: str
+
+
+@dataclass
+class SearchRequest:
+    """One ``/v1/search`` request: exactly one of ``texts``, ``token_rows``, ``vectors``."""
+
+    single: bool
+    k: int
+    params: dict
+    texts: list[str] | None = None
+    token_rows: list[np.ndarray] | None = None
+    vectors: np.ndarray | None = None
+    exclude: frozenset = frozenset()
+    tokens: bool = True
+    metadata: bool = True
+    output: str = "hits"
+    params_key: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.params_key = json.dumps(self.params, sort_keys=True)
+
+    @property
+    def n(self) -> int:
+        if self.texts is not None:
+            return len(self.texts)
+        if self.token_rows is not None:
+            return len(self.token_rows)
+        return len(self.vectors)
+
+
+@dataclass
+class NeighborsRequest:
+    tokens: np.ndarray  # (B, L) int64
+    k: int
+    exclude: list | None  # per row: set of doc ids (possibly empty), or None for the whole request
+    chunks: int  # C = ceil(L / chunk_tokens)
+
+
+@dataclass
+class IdsRequest:
+    ids: list[int]
+    text: bool = True
+
+
+def show(value: Any, limit: int = 80) -> Any:
+    """A short JSON-able rendering of a refused value, for error answers."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8:
+            return f"a list of {len(value)} items"
+        text = json.dumps(value, default=repr)
+        return value if len(text) <= limit else f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        text = json.dumps(value, default=repr)
+        return value if len(text) <= limit else f"an object with {len(value)} keys"
+    return repr(value)[:limit]
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body (UTF-8)."""
+    if not body.strip():
+        raise RequestError("the request body is empty; send a JSON object", field="body", value="")
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request body is not UTF-8 ({exc})", field="body") from None
+    except ValueError as exc:
+        raise RequestError(f"the request body is malformed JSON: {exc}", field="body",
+                           value=body[:80].decode("utf-8", "replace")) from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON arrays or objects too deeply to read", field="body",
+                           value=body[:80].decode("utf-8", "replace")) from None
+
+
+def _object(body: Any, known: tuple[str, ...]) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object with the fields {', '.join(known)}, "
+                           f"not {_type_name(body)}", field="body", value=body)
+    for name in body:
+        if name not in known:
+            raise RequestError(f"unknown field {name!r}; this endpoint takes {', '.join(known)}", field=name,
+                               value=body[name], limit=list(known))
+    return body
+
+
+def _int(body: dict, name: str, default: int, low: int, high: int, what: str) -> int:
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer ({what}), not {_type_name(value)}", field=name, value=value,
+                           limit=[low, high])
+    if not low <= value <= high:
+        raise RequestError(f"{name}={value} is out of range: {what} must be in [{low}, {high}]"
+                           + (" (the server's max_k; ask with a smaller k)" if name in ("k", "n_docs") else ""),
+                           field=name, value=value, limit=[low, high])
+    return value
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, not {_type_name(value)}", field=name, value=value)
+    return value
+
+
+def _params(body: dict) -> dict:
+    params = body.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RequestError("params must be an object of search parameters such as {\"nprobe\": 16}, not "
+                           f"{_type_name(params)}", field="params", value=params)
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"params.{name} must be a finite number, not {show(value)!r}", field=f"params.{name}",
+                               value=value)
+    params = dict(params)
+    if body.get("nprobe") is not None:
+        nprobe = _int(body, "nprobe", 1, 1, 2**31 - 1, "IVF lists probed per query")
+        if "nprobe" in params and params["nprobe"] != nprobe:
+            raise RequestError(f"nprobe={nprobe} and params.nprobe={params['nprobe']} disagree; give one",
+                               field="nprobe", value=nprobe)
+        params["nprobe"] = nprobe
+    return params
+
+
+def _texts(value: Any, name: str, max_queries: int) -> tuple[list[str], bool]:
+    if isinstance(value, str):
+        texts, single = [value], True
+    elif isinstance(value, list):
+        texts, single = value, False
+    else:
+        raise RequestError(f"{name} must be a string or a list of strings, not {_type_name(value)}", field=name,
+                           value=value)
+    if len(texts) > max_queries:
+        raise RequestError(f"{name} holds {len(texts)} queries; the server's limit is {max_queries} per request "
+                           "(max_queries): split it", field=name, value=len(texts), limit=max_queries)
+    for i, text in enumerate(texts):
+        where = name if single else f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise RequestError(f"{where} is {_type_name(text)}, not a string", field=where, value=text)
+        if not text.strip():
+            raise RequestError(f"{where} is empty or whitespace; its embedding would match arbitrary chunks: give "
+                               "the text to look up", field=where, value=text)
+    return texts, single
+
+
+def _int_matrix(value: Any, name: str) -> np.ndarray:
+    """A list (one row) or list of equal-length lists of JSON integers as (B, L) int64."""
+    nested = bool(value) and isinstance(value[0], list)
+    rows = value if nested else [value]
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise RequestError(f"{name}[{i}] is {_type_name(row)}; every row must be a list of token ids",
+                               field=f"{name}[{i}]", value=row)
+        for j, x in enumerate(row):
+            if type(x) is not int:
+                where = f"{name}[{i}][{j}]" if nested else f"{name}[{j}]"
+                raise RequestError(f"{where} is {_type_name(x)} {show(x)!r}; token ids are integers", field=where,
+                                   value=x)
+    lengths = {len(r) for r in rows}
+    if len(lengths) > 1:
+        raise RequestError(f"{name} rows have different lengths {sorted(lengths)[:4]}; every row must have the "
+                           "same length L (pad them)", field=name, value=sorted(lengths)[:8])
+    try:
+        return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+    except OverflowError:
+        raise RequestError(f"{name} holds an id beyond int64", field=name) from None
+
+
+def _check_vocab(arr: np.ndarray, name: str, vocab_size: int) -> None:
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise RequestError(f"{name} holds the id {bad}, outside the store's vocabulary [0, {vocab_size}); tokenize "
+                           "with the store's own tokenizer", field=name, value=bad, limit=[0, vocab_size - 1])
+
+
+def _vectors(value: Any, facts: StoreFacts, max_queries: int) -> tuple[np.ndarray, bool]:
+    if not isinstance(value, list) or not value:
+        raise RequestError(f"vectors must be a list of {facts.dim} numbers or a list of such lists, not "
+                           f"{_type_name(value)}", field="vectors", value=value, limit=facts.dim)
+    single = not isinstance(value[0], list)
+    rows = [value] if single else value
+    if len(rows) > max_queries:
+        raise RequestError(f"vectors holds {len(rows)} queries; the server's limit is {max_queries} per request "
+                           "(max_queries): split it", field="vectors", value=len(rows), limit=max_queries)
+    for i, row in enumerate(rows):
+        where = "vectors" if single else f"vectors[{i}]"
+        if not isinstance(row, list) or len(row) != facts.dim:
+            got = f"{len(row)} values" if isinstance(row, list) else _type_name(row)
+            raise RequestError(f"{where} has {got}; the store's vectors have {facts.dim} dimensions", field=where,
+                               value=len(row) if isinstance(row, list) else row, limit=facts.dim)
+        for j, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise RequestError(f"{where}[{j}] is {_type_name(x)}; vector values are numbers",
+                                   field=f"{where}[{j}]", value=x)
+    arr = np.array(rows, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        where = f"vectors[{j}]" if single else f"vectors[{i}][{j}]"
+        raise RequestError(f"{where} is {float(arr[i, j])!r}; every value must be finite", field=where,
+                           value=float(arr[i, j]))
+    return arr.astype(np.float32), single
+
+
+def _doc_id_list(value: Any, name: str, max_ids: int) -> list[int]:
+    if not isinstance(value, list):
+        raise RequestError(f"{name} must be a list of document ids, not {_type_name(value)}", field=name, value=value)
+    if len(value) > max_ids:
+        raise RequestError(f"{name} holds {len(value)} ids; the server's limit is {max_ids} (max_ids)", field=name,
+                           value=len(value), limit=max_ids)
+    for i, x in enumerate(value):
+        if type(x) is not int or x < 0:
+            raise RequestError(f"{name}[{i}] is {show(x)!r}; document ids are integers >= 0", field=f"{name}[{i}]",
+                               value=x)
+    return value
+
+
+SEARCH_FIELDS = ("query", "token_ids", "vectors", "k", "params", "nprobe", "exclude_doc_ids", "tokens", "metadata",
+                 "output")
+
+
+def parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int) -> SearchRequest:
+    """Check a ``POST /v1/search`` body."""
+    body = _object(body, SEARCH_FIELDS)
+    given = [name for name in ("query", "token_ids", "vectors") if body.get(name) is not None]
+    if len(given) != 1:
+        raise RequestError("give exactly one of query (text), token_ids or vectors"
+                           + (f"; got {', '.join(given)}" if given else ""), field="query",
+                           value=given or None)
+    k = _int(body, "k", 5, 1, max_k, "neighbours per query")
+    params = _params(body)
+    exclude = frozenset(_doc_id_list(body.get("exclude_doc_ids") or [], "exclude_doc_ids", max_ids))
+    output = body.get("output", "hits")
+    if output not in ("hits", "ids"):
+        raise RequestError(f"output={show(output)!r} must be \"hits\" (chunks with text and continuation) or "
+                           "\"ids\" (score and chunk id arrays)", field="output", value=output,
+                           limit=["hits", "ids"])
+    common = dict(k=k, params=params, exclude=exclude, tokens=_bool(body, "tokens", True),
+                  metadata=_bool(body, "metadata", True), output=output)
+    name = given[0]
+    if name == "query":
+        texts, single = _texts(body["query"], "query", max_queries)
+        return SearchRequest(single=single, texts=texts, **common)
+    if name == "vectors":
+        vectors, single = _vectors(body["vectors"], facts, max_queries)
+        return SearchRequest(single=single, vectors=vectors, **common)
+    value = body["token_ids"]
+    if not isinstance(value, list) or not value:
+        raise RequestError("token_ids must be a list of token ids (one query chunk) or a list of such lists, not "
+                           f"{_type_name(value)}", field="token_ids", value=value)
+    single = not isinstance(value[0], list)
+    rows = [value] if single else value
+    if len(rows) > max_queries:
+        raise RequestError(f"token_ids holds {len(rows)} queries; the server's limit is {max_queries} per request "
+                           "(max_queries): split it", field="token_ids", value=len(rows), limit=max_queries)
+    out = []
+    for i, row in enumerate(rows):
+        where = "token_ids" if single else f"token_ids[{i}]"
+        if not isinstance(row, list) or not 1 <= len(row) <= facts.chunk_tokens:
+            got = f"{len(row)} ids" if isinstance(row, list) else _type_name(row)
+            raise RequestError(f"{where} has {got}; a query chunk holds 1 to {facts.chunk_tokens} token ids "
+                               "(chunk_tokens); for longer sequences use /v1/neighbors", field=where,
+                               value=len(row) if isinstance(row, list) else row, limit=[1, facts.chunk_tokens])
+        arr = _int_matrix(row, where)[0]
+        _check_vocab(arr, where, facts.vocab_size)
+        out.append(arr)
+    return SearchRequest(single=single, token_rows=out, **common)
+
+
+COMPAT_FIELDS = ("query", "n_docs", "nprobe", "domains")
+
+
+def parse_compat_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int) -> SearchRequest:
+    """Check a massive-serve style ``POST /search`` body (``query``, ``n_docs``, ``nprobe``; ``domains`` ignored)."""
+    body = _object(body, COMPAT_FIELDS)
+    if body.get("query") is None:
+        raise RequestError("query is required: a string or a list of strings", field="query")
+    texts, single = _texts(body["query"], "query", max_queries)
+    k = _int(body, "n_docs", 1, 1, max_k, "passages per query")
+    return SearchRequest(single=single, texts=texts, k=k, params=_params(body), tokens=False, metadata=False)
+
+
+NEIGHBORS_FIELDS = ("token_ids", "k", "exclude_doc_ids")
+
+
+def parse_neighbors(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int) -> NeighborsRequest:
+    """Check a ``POST /v1/neighbors`` body: ``token_ids`` (L,) or (B, L), ``k``, ``exclude_doc_ids`` per row."""
+    body = _object(body, NEIGHBORS_FIELDS)
+    value = body.get("token_ids")
+    if not isinstance(value, list) or not value or (isinstance(value[0], list) and not value[0]):
+        raise RequestError("token_ids must be a non-empty list of token ids (L,) or a list of equal-length rows "
+                           f"(B, L), not {_type_name(value) if not isinstance(value, list) else 'an empty list'}",
+                           field="token_ids", value=value)
+    arr = _int_matrix(value, "token_ids")
+    b, length = arr.shape
+    c = -(-length // facts.chunk_tokens)
+    if b * c > max_queries:
+        raise RequestError(f"token_ids make {b} x {c} = {b * c} query chunks of {facts.chunk_tokens} tokens; the "
+                           f"server's limit is {max_queries} per request (max_queries): split the batch",
+                           field="token_ids", value=[b, length], limit=max_queries)
+    _check_vocab(arr, "token_ids", facts.vocab_size)
+    k = _int(body, "k", 2, 1, max_k, "neighbours per chunk")
+    exclude = body.get("exclude_doc_ids")
+    rows = None
+    if exclude is not None:
+        if not isinstance(exclude, list) or len(exclude) != b:
+            raise RequestError(f"exclude_doc_ids must be a list with one entry per row ({b} rows): a doc id, a list "
+                               "of doc ids, or null", field="exclude_doc_ids",
+                               value=len(exclude) if isinstance(exclude, list) else exclude, limit=b)
+        rows = []
+        total = 0
+        for i, entry in enumerate(exclude):
+            if entry is None:
+                rows.append(set())
+            elif type(entry) is int and entry >= 0:
+                rows.append({entry})
+            else:
+                ids = _doc_id_list(entry, f"exclude_doc_ids[{i}]", max_ids)
+                rows.append(set(ids))
+            total += len(rows[-1])
+        if total > max_ids:
+            raise RequestError(f"exclude_doc_ids holds {total} ids in all; the server's limit is {max_ids} (max_ids)",
+                               field="exclude_doc_ids", value=total, limit=max_ids)
+    return NeighborsRequest(tokens=arr, k=k, exclude=rows, chunks=c)
+
+
+def parse_ids(body: Any, *, max_ids: int, documents: bool) -> IdsRequest:
+    """Check a ``POST /v1/chunks`` (``ids``) or ``/v1/documents`` (``ids``, ``text``) body."""
+    body = _object(body, ("ids", "text") if documents else ("ids",))
+    ids = body.get("ids")
+    if not isinstance(ids, list):
+        raise RequestError(f"ids must be a list of integer ids, not {_type_name(ids)}", field="ids", value=ids)
+    if len(ids) > max_ids:
+        raise RequestError(f"ids holds {len(ids)} ids; the server's limit is {max_ids} per request (max_ids)",
+                           field="ids", value=len(ids), limit=max_ids)
+    for i, x in enumerate(ids):
+        if type(x) is not int or x < 0:
+            raise RequestError(f"ids[{i}] is {show(x)!r}; ids are integers >= 0", field=f"ids[{i}]", value=x)
+    return IdsRequest(ids=ids, text=_bool(body, "text", True) if documents else True)

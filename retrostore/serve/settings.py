@@ -1,0 +1,112 @@
+"""Settings of a retrostore server: one dataclass, checked once, passed to each worker as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from retrostore.errors import InvalidInputError
+
+__all__ = ["ServeSettings", "SETTINGS_ENV"]
+
+#: Environment variable through which ``retrostore serve`` hands its settings to
+#: uvicorn's worker processes (each builds its app from them).
+SETTINGS_ENV = "RETROSTORE_SERVE_SETTINGS"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How a server opens its store, batches requests and bounds what a request may ask.
+
+    Attributes
+    ----------
+    store : str
+        The store directory; opened read-only by every worker.
+    host : str, default "127.0.0.1"
+        Address to bind. Only loopback unless told otherwise.
+    port : int, default 8808
+    workers : int, default 1
+        Worker processes (uvicorn's); each opens the store and runs its own batcher.
+    threads : int, optional
+        FAISS and onnxruntime threads per worker; default: the CPUs this process
+        may use divided by ``workers`` (at least 1).
+    mmap : bool, optional
+        Serve search from memory-mapped index files, so workers share the index
+        pages. Default: on when ``workers > 1`` (falling back to reading the index
+        when its factory cannot be mapped), else the store's own setting.
+    follow : bool, default True
+        Move to each newly committed version (``Store.refresh``) between batches.
+    refresh_interval_s : float, default 0.05
+        How often, at most, the batcher looks for a new committed version (seconds).
+    batch_window_ms : float, default 2.0
+        How long a batch waits for more requests once one arrived, and only while
+        other requests are known to be on their way (milliseconds; 0 = never wait).
+    max_batch : int, default 64
+        Most queries (texts, token rows, vectors, or neighbour query chunks) one
+        batch gathers from several requests; one larger request runs alone.
+    max_body_bytes : int, default 8 MiB
+        Largest request body accepted (HTTP 413 beyond it).
+    max_queries : int, default 1024
+        Most queries in one search request, and most query chunks (B x C) in one
+        neighbours request.
+    max_k : int, default 1000
+        Largest ``k`` (``n_docs``) a request may ask for.
+    max_ids : int, default 10000
+        Most ids in one chunks/documents request, and most excluded doc ids.
+    verify : bool, default True
+        Verify the store (``Store.verify``) before serving it; refuse it with the
+        problems when it fails.
+    """
+
+    store: str
+    host: str = "127.0.0.1"
+    port: int = 8808
+    workers: int = 1
+    threads: int | None = None
+    mmap: bool | None = None
+    follow: bool = True
+    refresh_interval_s: float = 0.05
+    batch_window_ms: float = 2.0
+    max_batch: int = 64
+    max_body_bytes: int = 8 << 20
+    max_queries: int = 1024
+    max_k: int = 1000
+    max_ids: int = 10_000
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", os.fspath(self.store))
+        ints = {"port": (0, 65535), "workers": (1, 256), "max_batch": (1, 1 << 20), "max_body_bytes": (1, 1 << 40),
+                "max_queries": (1, 1 << 24), "max_k": (1, 100_000), "max_ids": (1, 1 << 24)}
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidInputError(f"{name}={value!r} must be an int in [{low}, {high}]")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InvalidInputError(f"threads={self.threads!r} must be an int >= 1 (or None: CPUs / workers)")
+        for name in ("refresh_interval_s", "batch_window_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60_000:
+                raise InvalidInputError(f"{name}={value!r} must be a number in [0, 60000]")
+
+    def worker_threads(self) -> int:
+        """FAISS/onnxruntime threads for one worker (``threads``, else CPUs / workers)."""
+        if self.threads:
+            return self.threads
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, cpus // self.workers)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServeSettings":
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)

@@ -1,0 +1,66 @@
+"""What travels between a retrostore server and its clients: JSON shapes and ``.npy`` bodies.
+
+Shared by the server (``retrostore.serve.app``) and the client
+(``retrostore.serve.client``), so both read and write the same shapes. Needs
+numpy only.
+
+Neighbours in binary form (``Accept: application/x-npy``) are the five arrays of
+:class:`retrostore.Neighbors`, each written by ``numpy.save`` one after the other
+in :data:`NEIGHBOR_FIELDS` order; ``numpy.load(f, allow_pickle=False)`` called
+five times on the body reads them back.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["NPY_MEDIA", "JSON_MEDIA", "NEIGHBOR_FIELDS", "VERSION_HEADER", "pack_arrays", "unpack_arrays",
+           "finite_or_none", "scores_to_json", "scores_from_json"]
+
+NPY_MEDIA = "application/x-npy"
+JSON_MEDIA = "application/json"
+#: Response header naming the committed version that answered (every endpoint).
+VERSION_HEADER = "X-Retrostore-Version"
+#: The arrays of a binary neighbours answer, in body order.
+NEIGHBOR_FIELDS = ("tokens", "mask", "chunk_ids", "doc_ids", "scores")
+
+
+def pack_arrays(arrays: Sequence[np.ndarray]) -> bytes:
+    """``numpy.save`` of each array, one after the other (no pickles)."""
+    out = io.BytesIO()
+    for arr in arrays:
+        np.save(out, np.ascontiguousarray(arr), allow_pickle=False)
+    return out.getvalue()
+
+
+def unpack_arrays(data: bytes, count: int) -> list[np.ndarray]:
+    """Read ``count`` arrays written by :func:`pack_arrays` (never unpickles)."""
+    buf = io.BytesIO(data)
+    return [np.load(buf, allow_pickle=False) for _ in range(count)]
+
+
+def finite_or_none(value: float) -> float | None:
+    """A float JSON can carry: ``None`` for NaN and the infinities."""
+    return value if math.isfinite(value) else None
+
+
+def scores_to_json(scores: np.ndarray) -> Any:
+    """Nested lists of floats, ``None`` where a score is not finite (no neighbour)."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if np.isfinite(arr).all():
+        return arr.tolist()
+    obj = arr.astype(object)
+    obj[~np.isfinite(arr)] = None
+    return obj.tolist()
+
+
+def scores_from_json(values: Any, missing: float) -> np.ndarray:
+    """float32 array from :func:`scores_to_json` output, ``missing`` where it holds ``None``."""
+    arr = np.array(values, dtype=object)
+    if arr.size:
+        arr[np.equal(arr, None)] = missing
+    return arr.astype(np.float32)

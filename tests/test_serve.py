@@ -1,0 +1,430 @@
+"""retrostore serve: a real server in a subprocess on 127.0.0.1, queried with the client and raw
+HTTP; every answer is compared with the embedded Store on the same store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import retrostore
+
+from retrostore import InvalidInputError
+
+pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from retrostore.serve import ServerUnavailableError
+
+import _serving
+
+QUERIES = [
+    "decode base64 encoded data back into bytes",
+    "how do I upload a package to the index",
+    "run a function in a pool of threads",
+    "the license and copyright of python",
+]
+#: Limits the module's server runs with, small enough to test cheaply.
+LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50")
+
+
+@pytest.fixture(scope="module")
+def server(built_store):
+    with _serving.serving(built_store, *LIMITS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    with retrostore.connect(server.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def local(built_store, embedder):
+    with retrostore.open(built_store, embedder=embedder) as st:
+        yield st
+
+
+def _post(server, path, body=None, *, content=None, headers=None):
+    if content is None:
+        content = json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers=headers or {"Content-Type": "application/json"},
+                      timeout=30)
+
+
+def _same_hits(got, want):
+    assert [h.chunk_id for h in got] == [h.chunk_id for h in want]
+    for g, w in zip(got, want):
+        assert (g.doc_id, g.position, g.text, g.continuation_text) == (w.doc_id, w.position, w.text,
+                                                                        w.continuation_text)
+        assert g.score == pytest.approx(w.score, abs=1e-5)
+        assert np.array_equal(g.tokens, w.tokens) and g.tokens.dtype == np.int64
+        assert np.array_equal(g.continuation_tokens, w.continuation_tokens)
+
+
+def test_client_search_equals_embedded(remote, local):
+    for k in (1, 3, 10):
+        for q in QUERIES:
+            _same_hits(remote.search(q, k=k), local.search(q, k=k))
+        got, want = remote.search(QUERIES, k=k), local.search(QUERIES, k=k)
+        assert len(got) == len(want) == len(QUERIES)
+        for g, w in zip(got, want):
+            _same_hits(g, w)
+    assert remote.search([], k=3) == local.search([], k=3) == []
+    assert remote.version == local.version
+
+
+def test_raw_http_search_by_text_tokens_and_vectors(server, local):
+    body = _post(server, "/v1/search", {"query": QUERIES[0], "k": 4}).json()
+    want = local.search(QUERIES[0], k=4)
+    assert body["version"] == local.version
+    hits = body["results"][0]
+    assert [h["chunk_id"] for h in hits] == [h.chunk_id for h in want]
+    assert [h["metadata"] for h in hits] == local.get_metadata([h.doc_id for h in want])
+    assert [h["continuation_text"] for h in hits] == [h.continuation_text for h in want]
+
+    # token ids: one query chunk per row, embedded as Store.neighbors embeds a chunk
+    rows = [c.tokens.tolist() for c in local.get_chunks([3, 40, 70])]
+    rows[1] = rows[1][:20]  # a short chunk
+    body = _post(server, "/v1/search", {"token_ids": rows, "k": 3, "tokens": False}).json()
+    for row, hits in zip(rows, body["results"]):
+        want_ids = local.neighbors(np.array([row]), k=3).chunk_ids[0, 0].tolist()
+        assert [h["chunk_id"] for h in hits] == want_ids
+        assert "tokens" not in hits[0]
+
+    # vectors, answered as hits and as id arrays
+    vecs = local.embedder.embed(QUERIES[:2])
+    scores, ids = local.search_vectors(vecs, k=5)
+    body = _post(server, "/v1/search", {"vectors": vecs.tolist(), "k": 5}).json()
+    assert [[h["chunk_id"] for h in r] for r in body["results"]] == ids.tolist()
+    body = _post(server, "/v1/search", {"vectors": vecs.tolist(), "k": 5, "output": "ids"}).json()
+    assert body["chunk_ids"] == ids.tolist()
+    assert np.allclose(body["scores"], scores, atol=1e-6)
+
+
+def test_client_search_vectors_equals_embedded(remote, local):
+    vecs = local.embedder.embed(QUERIES).astype(np.float64)  # float64 is converted, as Store does
+    got_s, got_i = remote.search_vectors(vecs, k=6)
+    want_s, want_i = local.search_vectors(vecs, k=6)
+    assert got_i.dtype == np.int64 and got_s.dtype == np.float32 and got_i.shape == want_i.shape == (4, 6)
+    assert np.array_equal(got_i, want_i)
+    assert np.allclose(got_s, want_s, atol=1e-6)
+    # more than the store holds: -1 padded like the embedded store
+    got_s, got_i = remote.search_vectors(vecs[0], k=50)
+    want_s, want_i = local.search_vectors(vecs[0], k=50)
+    assert np.array_equal(got_i, want_i)
+
+
+def test_search_params_and_excluded_documents(server, local):
+    want = local.search(QUERIES[0], k=3, params={"rerank": 0})
+    body = _post(server, "/v1/search", {"query": QUERIES[0], "k": 3, "params": {"rerank": 0}, "nprobe": 4}).json()
+    assert [h["chunk_id"] for h in body["results"][0]] == [h.chunk_id for h in want]
+    # exclusion: the k best of the store's ranking outside the excluded documents
+    excluded = sorted({h.doc_id for h in want[:2]})
+    ranking = local.search(QUERIES[0], k=len(local))
+    expect = [h.chunk_id for h in ranking if h.doc_id not in excluded][:5]
+    body = _post(server, "/v1/search", {"query": QUERIES[0], "k": 5, "exclude_doc_ids": excluded}).json()
+    got = body["results"][0]
+    assert [h["chunk_id"] for h in got] == expect
+    assert not {h["doc_id"] for h in got} & set(excluded)
+
+
+def test_neighbors_equal_embedded_as_npy_and_json(server, remote, local):
+    ids, _ = local.chunker.encode(local.get_document(19).text)
+    tokens = np.stack([ids[:256], ids[256:512]])  # (2, 256): four 64-token chunks per row
+    for exclude in (None, [19, [19, 3]]):
+        want = local.neighbors(tokens, k=2, exclude_doc_ids=exclude)
+        got = remote.neighbors(tokens, k=2, exclude_doc_ids=exclude)  # .npy over the wire
+        for name in ("tokens", "mask", "chunk_ids", "doc_ids", "scores"):
+            g, w = getattr(got, name), getattr(want, name)
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            assert np.array_equal(g, w), name
+        body = _post(server, "/v1/neighbors", {"token_ids": tokens.tolist(), "k": 2,
+                                               "exclude_doc_ids": exclude}).json()
+        assert body["shape"] == list(want.tokens.shape) == [2, 4, 2, 128]
+        assert body["tokens"] == want.tokens.tolist() and body["mask"] == want.mask.tolist()
+        assert body["chunk_ids"] == want.chunk_ids.tolist() and body["doc_ids"] == want.doc_ids.tolist()
+    if exclude:
+        assert not (got.doc_ids[0] == 19).any()
+    # one row (L,) and a ragged tail, as Store.neighbors takes them
+    row = ids[:100]
+    got, want = remote.neighbors(row, k=3), local.neighbors(row, k=3)
+    assert got.tokens.shape == want.tokens.shape == (1, 2, 3, 128)
+    assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.chunk_ids, want.chunk_ids)
+
+
+def test_chunks_documents_and_info(server, remote, local):
+    for g, w in zip(remote.get_chunks([0, 5, 89]), local.get_chunks([0, 5, 89])):
+        assert (g.chunk_id, g.doc_id, g.position, g.start, g.text) == (w.chunk_id, w.doc_id, w.position, w.start,
+                                                                      w.text)
+        assert np.array_equal(g.tokens, w.tokens)
+    for doc_id in (0, 7, 19):
+        g, w = remote.get_document(doc_id), local.get_document(doc_id)
+        assert (g.doc_id, g.text, g.metadata, g.chunk_ids) == (w.doc_id, w.text, w.metadata, w.chunk_ids)
+    assert remote.get_metadata([1, 2, 19]) == local.get_metadata([1, 2, 19])
+    info, want = remote.info(), local.info()
+    server_facts = info.pop("server")
+    assert info == want
+    assert server_facts["len"] == len(local) == len(remote)
+    assert server_facts["max_k"] == 50 and server_facts["max_queries"] == 40
+    assert remote.refresh() == local.version
+
+
+def test_massive_serve_compatible_route(server, local):
+    # the request shape of massive-serve's README, sent as its clients send it (requests/curl style)
+    body = _post(server, "/search", {"query": QUERIES[1], "n_docs": 2, "domains": "demo"}).json()
+    want = local.search([QUERIES[1]], k=2)[0]
+    res = body["results"]["results"]
+    assert body["n_docs"] == 2 and body["query"] == QUERIES[1]
+    assert res["IDs"] == [[[h.doc_id, h.chunk_id] for h in want]]
+    assert res["passages"] == [[h.text for h in want]]
+    assert np.allclose(res["scores"], [[h.score for h in want]], atol=1e-6)
+    body = _post(server, "/search", {"query": QUERIES[:3], "n_docs": 3, "nprobe": 8}).json()
+    assert [[i[1] for i in row] for row in body["results"]["results"]["IDs"]] == \
+        [[h.chunk_id for h in hits] for hits in local.search(QUERIES[:3], k=3)]
+
+
+BAD = [
+    # (path, raw body, status, field, words in the message)
+    ("/v1/search", b'{"query": "x", "k": ', 400, "body", "malformed JSON"),
+    ("/v1/search", b"", 400, "body", "empty"),
+    ("/v1/search", b'["a list"]', 400, "body", "JSON object"),
+    ("/v1/search", b'{"query": 5}', 400, "query", "string"),
+    ("/v1/search", b'{"query": ["ok", 7]}', 400, "query[1]", "not a string"),
+    ("/v1/search", b'{"query": "  "}', 400, "query", "empty or whitespace"),
+    ("/v1/search", b'{"query": "x", "k": 0}', 400, "k", "[1, 50]"),
+    ("/v1/search", b'{"query": "x", "k": 51}', 400, "k", "max_k"),
+    ("/v1/search", b'{"query": "x", "k": "5"}', 400, "k", "integer"),
+    ("/v1/search", b'{"query": "x", "k": true}', 400, "k", "integer"),
+    ("/v1/search", b'{"query": "x", "kk": 5}', 400, "kk", "unknown field"),
+    ("/v1/search", b'{"query": "x", "token_ids": [1]}', 400, "query", "exactly one"),
+    ("/v1/search", b'{"query": "x", "params": {"bogus": 1}}', 400, "params", "unknown search parameter"),
+    ("/v1/search", b'{"query": "x", "params": {"nprobe": 0}}', 400, "params", "nprobe=0"),
+    ("/v1/search", b'{"query": "x", "params": [1]}', 400, "params", "object"),
+    ("/v1/search", b'{"vectors": [[0.1, 0.2]]}', 400, "vectors[0]", "384 dimensions"),
+    ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'NaN]}', 400, "vectors[383]", "finite"),
+    ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'"a"]}', 400, "vectors[383]", "numbers"),
+    ("/v1/search", b'{"token_ids": [[1, 2.5]]}', 400, "token_ids[0][1]", "integers"),
+    ("/v1/search", b'{"token_ids": [99999999]}', 400, "token_ids", "vocabulary"),
+    ("/v1/search", b'{"token_ids": [' + b"5, " * 64 + b'5]}', 400, "token_ids", "1 to 64"),
+    ("/v1/search", json.dumps({"query": ["q"] * 41}).encode(), 400, "query", "limit is 40"),
+    ("/v1/search", b'{"query": "x", "exclude_doc_ids": [-1]}', 400, "exclude_doc_ids[0]", ">= 0"),
+    ("/v1/search", json.dumps({"query": "x" * 70_000}).encode(), 413, "body", "65536 bytes"),
+    ("/v1/neighbors", b'{"token_ids": [[1, 2], [3]]}', 400, "token_ids", "same length"),
+    ("/v1/neighbors", b'{"token_ids": [1, 2], "exclude_doc_ids": [1, 2]}', 400, "exclude_doc_ids", "one entry per row"),
+    ("/v1/neighbors", b'{"token_ids": [1, 2], "k": 0}', 400, "k", "[1, 50]"),
+    ("/v1/neighbors", json.dumps({"token_ids": [[1] * 64] * 41}).encode(), 400, "token_ids", "limit is 40"),
+    ("/v1/chunks", b'{"ids": [1, 90]}', 404, "ids", "[0, 90)"),
+    ("/v1/chunks", b'{"ids": "1"}', 400, "ids", "list"),
+    ("/v1/chunks", b'{"ids": [1.5]}', 400, "ids[0]", "integers"),
+    ("/v1/documents", b'{"ids": [20]}', 404, "ids", "[0, 20)"),
+    ("/search", b'{"query": "x", "n_docs": 0}', 400, "n_docs", "[1, 50]"),
+    ("/search", b'{"n_docs": 3}', 400, "query", "required"),
+    ("/v1/nothing", b"{}", 404, "path", "no such endpoint"),
+    ("/v1/search", b"[" * 100_000 + b"]" * 100_000, 413, "body", "65536 bytes"),
+    ("/v1/search", b"[" * 30_000 + b"]" * 30_000, 400, "body", "too deeply"),
+]
+
+
+def test_bad_input_is_a_4xx_naming_field_value_and_limit(server, remote, local):
+    for path, raw, status, field, words in BAD:
+        res = _post(server, path, content=raw)
+        assert res.status_code == status, (path, raw[:60], res.text)
+        err = res.json()["error"]
+        assert err["field"] == field, (raw[:60], err)
+        assert words in err["message"], (raw[:60], err)
+        assert err["type"] == "InvalidInputError"
+    # limits name the limit; values name the value
+    err = _post(server, "/v1/search", {"query": "x", "k": 51}).json()["error"]
+    assert (err["value"], err["limit"]) == (51, [1, 50])
+    # the server kept serving throughout
+    _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
+
+
+def test_client_maps_errors_to_retrostore_errors(remote):
+    with pytest.raises(InvalidInputError, match=r"k=0 .*\[1, 50\]") as info:
+        remote.search("x", k=0)
+    assert (info.value.status, info.value.field, info.value.value) == (400, "k", 0)
+    with pytest.raises(InvalidInputError, match="outside the committed range") as info:
+        remote.get_chunks([10_000])
+    assert info.value.status == 404 and info.value.limit == [0, 89]
+    with pytest.raises(InvalidInputError, match="384 dimensions"):
+        remote.search_vectors(np.zeros((2, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="finite"):
+        remote.search_vectors(np.full(384, np.nan))
+    with pytest.raises(InvalidInputError, match="vocabulary"):
+        remote.neighbors([[1, 2, 10**8]])
+    with pytest.raises(InvalidInputError, match="limit is 40"):
+        remote.search(["q"] * 41)
+    with pytest.raises(InvalidInputError, match="document id 20 is outside"):
+        remote.get_document(20)
+    with pytest.raises(ServerUnavailableError, match="cannot reach"):
+        retrostore.connect(f"http://127.0.0.1:{_serving.free_port()}")
+    assert isinstance(ServerUnavailableError("x"), retrostore.RetrostoreError)
+
+
+def test_no_endpoint_writes(server, local):
+    for path in ("/v1/search", "/v1/neighbors", "/v1/chunks", "/v1/documents", "/v1/info", "/search", "/"):
+        for method in ("PUT", "DELETE", "PATCH"):
+            res = httpx.request(method, server.url + path, content=b"{}", timeout=10)
+            assert res.status_code == 405, (method, path)
+            assert res.json()["error"]["field"] == "path"
+    assert httpx.get(server.url + "/healthz").json()["version"] == local.version
+
+
+def test_concurrent_requests_are_batched_and_counted(server, local):
+    want = {q: [h.chunk_id for h in local.search(q, k=3)] for q in QUERIES}
+    failures, answers = [], []
+
+    def client(i):
+        with retrostore.connect(server.url) as c:
+            for j in range(6):
+                q = QUERIES[(i + j) % len(QUERIES)]
+                try:
+                    answers.append(([h.chunk_id for h in c.search(q, k=3)], want[q]))
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+    assert len(answers) == 72 and all(got == exp for got, exp in answers)
+
+    text = httpx.get(server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("retrostore_requests_total", (("endpoint", "search"), ("status", "200")))] >= 72
+    assert samples[("retrostore_requests_total", (("endpoint", "search"), ("status", "400")))] >= 1
+    assert samples[("retrostore_request_seconds_count", (("endpoint", "search"),))] >= 72
+    assert ("retrostore_request_seconds_bucket", (("endpoint", "search"), ("le", "0.05"))) in samples
+    assert samples[("retrostore_store_version", ())] == local.version
+    assert samples[("retrostore_store_chunks", ())] == len(local)
+    n_batches = samples[("retrostore_batch_requests_count", (("kind", "search"),))]
+    n_requests = samples[("retrostore_batch_requests_sum", (("kind", "search"),))]
+    assert n_requests >= 72
+    assert n_batches < n_requests, "12 concurrent clients never shared a batch"
+
+
+def test_binds_loopback_by_default(server):
+    assert "Uvicorn running on http://127.0.0.1:" in server.log()
+
+
+def _refused(store) -> str:
+    res = subprocess.run([sys.executable, "-m", "retrostore", "serve", str(store), "--port",
+                          str(_serving.free_port())], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Uvicorn running" not in res.stderr + res.stdout
+    return res.stderr
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes: only a checksum can tell
+    path.write_bytes(bytes(data))
+
+
+def test_store_failing_verification_is_refused(built_store, tmp_path):
+    bad = tmp_path / "vectors.rstore"
+    shutil.copytree(built_store, bad)
+    vec = next((bad / "vectors").glob("*"))
+    _flip_a_byte(vec)  # opens (sizes match), only verify reads it
+    err = _refused(bad)
+    assert "failed verification" in err and vec.name in err and "retrostore verify" in err
+    bad = tmp_path / "index.rstore"
+    shutil.copytree(built_store, bad)
+    seg = next((bad / "index").glob("*"))
+    _flip_a_byte(seg)  # refused at open already
+    err = _refused(bad)
+    assert "cannot be served" in err and seg.name in err and "checksum" in err
+    err = _refused(tmp_path)
+    assert "NotAStoreError" in err
+
+
+def test_workers_share_mapped_index_and_sum_metrics(built_store, embedder):
+    with _serving.serving(built_store, "--workers", "2") as srv, \
+            retrostore.open(built_store, embedder=embedder, mmap=True) as mapped:
+        pids = set()
+        for i in range(40):  # a new connection each time, so both workers get some
+            res = httpx.get(srv.url + "/v1/info", headers={"Connection": "close"}, timeout=30).json()
+            pids.add(res["server"]["pid"])
+            assert res["server"]["mmap"] is True and res["index"]["mmap"] is True
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, "one worker answered every connection"
+        for q in QUERIES:
+            body = httpx.post(srv.url + "/v1/search", json={"query": q, "k": 5},
+                              headers={"Connection": "close"}, timeout=30).json()
+            assert [h["chunk_id"] for h in body["results"][0]] == [h.chunk_id for h in mapped.search(q, k=5)]
+        text = httpx.get(srv.url + "/metrics").text
+        versions = [s for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "retrostore_store_version"]
+        assert {s.labels["pid"] for s in versions} == {str(p) for p in pids}
+        searches = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                       if s.name == "retrostore_requests_total" and s.labels["endpoint"] in ("search", "info"))
+        assert searches >= len(QUERIES) + len(pids)
+
+
+def test_empty_store_then_its_first_commit(tmp_path, small_docs, embedder):
+    path = tmp_path / "empty.rstore"
+    retrostore.create(path, embedder=embedder).close()  # version 0, no chunks
+    with _serving.serving(path) as srv, retrostore.connect(srv.url) as remote:
+        with retrostore.open(path, embedder=embedder) as local:
+            assert remote.search(QUERIES[0], k=3) == local.search(QUERIES[0], k=3) == []
+            assert remote.search(QUERIES[:2], k=3) == [[], []]
+            vec = np.ones((2, 384), np.float32)
+            (gs, gi), (ws, wi) = remote.search_vectors(vec, k=3), local.search_vectors(vec, k=3)
+            assert np.array_equal(gi, wi) and np.array_equal(gs, ws)  # -1 and -inf
+            got, want = remote.neighbors([[1, 2, 3]], k=2), local.neighbors([[1, 2, 3]], k=2)
+            assert np.array_equal(got.chunk_ids, want.chunk_ids) and np.array_equal(got.scores, want.scores)
+        with retrostore.open(path, "a", embedder=embedder) as writer:  # a writer commits meanwhile
+            writer.append([d["text"] for d in small_docs[-3:]], metadata=[d["meta"] for d in small_docs[-3:]])
+            version = writer.commit()
+        for _ in range(200):
+            if remote.refresh() == version:
+                break
+            time.sleep(0.05)
+        assert remote.version == version
+        with retrostore.open(path, embedder=embedder) as local:
+            _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
+            assert len(remote) == len(local) > 0
+
+
+class OtherModel:
+    """An embedder the server does not have: the store is searched by vectors only."""
+
+    dim = 384
+    fingerprint = {"kind": "test", "name": "other-model", "dim": 384}
+
+    def embed(self, texts):
+        raise AssertionError("not called: vectors come with the documents")
+
+
+def test_store_of_another_model_answers_vectors_and_refuses_text(tmp_path, small_docs):
+    path = tmp_path / "other.rstore"
+    docs = [d["text"] for d in small_docs[:3]]
+    with retrostore.create(path, embedder=OtherModel(), tokenizer=retrostore.default_tokenizer_path()) as st:
+        chunks = st.chunker.chunk_many(docs)
+        vecs = np.random.default_rng(0).standard_normal((sum(map(len, chunks)), 384)).astype(np.float32)
+        st.append(docs, embeddings=vecs, chunks=chunks)
+        st.commit()
+    with _serving.serving(path) as srv, retrostore.connect(srv.url) as remote:
+        with pytest.raises(retrostore.EmbedderMismatchError, match="send vectors instead") as info:
+            remote.search("some text")
+        assert info.value.status == 409
+        res = _post(srv, "/v1/search", {"token_ids": [1, 2, 3]})
+        assert res.status_code == 409 and res.json()["error"]["field"] == "token_ids"
+        with retrostore.open(path, embedder=OtherModel()) as local:
+            (gs, gi), (ws, wi) = remote.search_vectors(vecs[:2], k=3), local.search_vectors(vecs[:2], k=3)
+            assert np.array_equal(gi, wi) and gi[0, 0] == 0 and gi[1, 0] == 1
+        assert "text queries will be refused" in srv.log()

@@ -62,7 +62,7 @@ def test_a_damaged_block_is_refused_where_read_and_found_by_verify(store):
             _, got = st.search_vectors(vecs[safe], 1)  # reads blocks the damage is not in: answers
             assert got[0, 0] == safe
             raw = st._head.version.index.raw
-            assert raw._checkers[0].checked.sum() <= 8  # only the blocks this query read were checked
+            assert raw._open(entry).checker.checked.sum() <= 8  # only the blocks this query read were checked
             with pytest.raises(retrostore.CorruptStoreError, match=rf"{entry['path']}: rows \d+\.\.\d+ differ"):
                 st.search_vectors(vecs[hit], 1)  # re-ranking reads row 100: never a wrong answer
             problems = st.verify()

@@ -412,7 +412,11 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
         _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining
         st.commit()
         assert st.manifest["index"]["trained"]["vectors"] == 3000 and st.manifest["index"]["segments"][-1]["count"] == 100
-        _fill(st, rng, 9000, start=3100)  # 4x the trained size: retrained as the store grew
+        assert st.info()["index"]["hint"] is None  # the policy picks this very factory for 3,100 vectors
+        _fill(st, rng, 2900, start=3100)
+        st.commit()  # 6,000: the policy would pick a bigger nlist now, a commit retrains at 12,000
+        assert "would train 'IVF128,SQ8' now" in st.info()["index"]["hint"]
+        _fill(st, rng, 6100, start=6000)  # 4x the trained size: retrained as the store grew
         st.commit()
         m = st.manifest["index"]
         assert m["trained"]["vectors"] == 12100 and m["factory"] == "IVF256,PQ8" and m["params"]["rerank"] > 1

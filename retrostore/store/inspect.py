@@ -95,8 +95,11 @@ def index_info(version: Version, index_bytes: int) -> dict:
         hint = f"exact Flat until {AUTO_TRAIN_MIN:,} vectors; then trained at commit"
     elif target not in ("auto", idx["factory"]):
         hint = f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"
-    elif target == "auto" and idx.get("trained") and n >= RETRAIN_GROWTH * idx["trained"]["vectors"] // 2:
-        hint = (f"the store has grown since training; `retrostore reindex` would train "
-                f"{default_factory(n, idx['dim'], keep_vectors=m['settings']['keep_vectors'])!r} now")
+    elif target == "auto" and idx.get("trained"):
+        trained = int(idx["trained"]["vectors"])
+        want = default_factory(n, idx["dim"], keep_vectors=m["settings"]["keep_vectors"], trained=True)
+        if want != idx["factory"]:  # what the policy picks for this size, not merely a bigger store
+            hint = (f"the store has grown from {trained:,} vectors at training to {n:,}; `retrostore reindex` "
+                    f"would train {want!r} now (a commit retrains at {RETRAIN_GROWTH * trained:,})")
     info["hint"] = hint
     return info

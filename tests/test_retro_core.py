@@ -258,3 +258,25 @@ def test_duplicates_never_leak_the_query(tmp_path_factory, tmp_path, pydocs, emb
                  for a, b in zip(qa, na)]
         assert max(overl) < retro.DEFAULT_OVERLAP_THRESHOLD
         assert summary["dropped"]["duplicates"] >= 30 and summary["dropped"]["overlap"] > 0
+
+
+def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):
+    texts = [d["text"] for d in small_docs[-3:]]
+    with retrostore.create(tmp_path / "d.rstore", embedder=embedder) as st:
+        st.append(texts)
+        st.commit()
+        gone = list(st.get_document(1).chunk_ids)
+        st.delete(1)
+        st.commit()
+        tab = retro.chunk_table(st)
+        assert not tab.live[gone].any() and tab.live.sum() == len(st) - len(gone)
+        last0 = gone[0] - 1                      # document 0's last chunk: its id + 1 is deleted
+        nt = retro.neighbor_tokens(st, [[last0, -1]])
+        assert nt.doc_ids[0, 0] == 0 and not nt.mask[0, 0, T:].any()
+        np.testing.assert_array_equal(nt.tokens, retro.neighbor_tokens(st, [[last0, -1]], table=tab).tokens)
+        with pytest.raises(InvalidInputError, match="deleted"):
+            retro.neighbor_tokens(st, [[gone[0]]])
+        seqs = retro.training_sequences(st, 2 * T, mode="document", table=tab)
+        assert not set(seqs.chunk_ids.ravel().tolist()) & set(gone)
+        retro.sequence_neighbors(st, seqs, tmp_path / "k.npy", k=2)
+        assert not set(np.load(tmp_path / "k.npy").ravel().tolist()) & set(gone)

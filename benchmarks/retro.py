@@ -1,0 +1,226 @@
+"""RETRO training and generation on a store: tokens from precomputed ids vs ``neighbors()``,
+per-chunk retrieval latency at generation time, and the cost of an LM chunk tokenizer.
+
+What is measured (one run, side by side; public API only)
+-----------------------------------------------------------
+1. **Tokens from precomputed ids vs** ``Store.neighbors``, per query chunk, k = 2:
+
+   * ``neighbors``: ``store.neighbors(rows, k)`` on ``--rows`` rows of L = 512 stored tokens
+     (C = 8 chunks each): embed + search + LMDB reads;
+   * ``ids -> tokens (LMDB)``: ``retro.NeighborFile(store, knn.npy).tokens(a, b)`` over
+     row ranges of ``precompute_neighbors`` output (``--batch`` rows a call): reads the
+     distinct neighbour chunks and continuations with ``Store.get_chunks``;
+   * ``ids -> tokens (table)``: the same with a ``retro.chunk_table`` in memory (no reads).
+
+   The ratio neighbors / ids->tokens is the speed-up of training from precomputed ids.
+
+2. **Generation-time retrieval of one 64-token chunk** (B = 1, k = 2), split into
+   ``embed`` (``embedder.embed_token_ids``), ``search`` (``store.search_vectors``),
+   ``fetch`` (``retro.neighbor_tokens`` of the k ids: chunks + continuations), and the end to
+   end ``retro.fetch_fn(store, k)`` call (what retro-pytorch's ``TrainingWrapper.generate``
+   makes every 64 tokens). Medians over ``--gen`` chunks of stored documents.
+
+3. **LM chunk tokenizer** (``--lm-tokenizer FILE``, e.g. GPT-2's ``tokenizer.json``): two
+   stores of the same ``--lm-docs`` documents, one cut by the default WordPiece, one by the LM
+   tokenizer; ``neighbors()`` per query chunk on each, split into decode (LM ids -> text),
+   embed (the embedder tokenizes the text again and runs), and the embedder tokens per chunk.
+
+The store is opened read-only with ``--store PATH`` (e.g. a full build of pydocs:
+``retrostore build pydocs.rstore ../shared/data/pydocs.jsonl.zst``), or built from the first
+``--docs`` pydocs documents into a temporary directory. The machine is shared and noisy:
+compare ratios within one run.
+
+Run ``python benchmarks/retro.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import _common as C
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", help="existing store (opened read-only); default: build one from --docs documents")
+    p.add_argument("--corpus", help="input .jsonl[.gz|.zst] (default: pydocs)")
+    p.add_argument("--docs", type=int, default=60, help="documents in the built store (default 60)")
+    p.add_argument("--k", type=int, default=2, help="neighbours per chunk (default 2)")
+    p.add_argument("--rows", type=int, default=16, help="rows of 512 tokens for neighbors() (default 16)")
+    p.add_argument("--batch", type=int, default=1024, help="precomputed rows per ids->tokens call (default 1024)")
+    p.add_argument("--gen", type=int, default=100, help="chunks timed at generation time (default 100)")
+    p.add_argument("--lm-tokenizer", help="an LM tokenizer.json (e.g. GPT-2 BPE) for part 3; skipped without")
+    p.add_argument("--lm-docs", type=int, default=20, help="documents in the two part-3 stores (default 20)")
+    p.add_argument("--threads", type=int, help="onnxruntime/FAISS threads (default: usable CPUs)")
+    return p.parse_args(argv)
+
+
+def stored_rows(st, length: int, n: int) -> np.ndarray:
+    """``n`` rows of ``length`` tokens: consecutive windows of stored documents."""
+    rows = []
+    for d in range(int(st.manifest["next_doc_id"])):
+        try:
+            doc = st.get_document(d)
+        except Exception:  # deleted
+            continue
+        ids = np.concatenate([c.tokens for c in st.get_chunks(list(doc.chunk_ids))]) if len(doc.chunk_ids) else []
+        for s in range(0, len(ids) - length + 1, length):
+            rows.append(ids[s:s + length])
+            if len(rows) == n:
+                return np.stack(rows)
+    if not rows:
+        raise SystemExit(f"no stored document has {length} tokens")
+    return np.stack(rows)
+
+
+def part1(st, args, tmp: Path) -> dict:
+    from retrostore import retro
+
+    k = args.k
+    t0 = time.perf_counter()
+    knn = st.precompute_neighbors(tmp / "knn.npy", k=k, exclude_same_doc=True, progress=False)
+    pre_s = time.perf_counter() - t0
+    rows = stored_rows(st, 512, args.rows)
+    st.neighbors(rows[:1], k=k)  # warm-up
+    nb_times = []
+    for i in range(len(rows)):
+        dt, _ = C.timed(st.neighbors, rows[i:i + 1], k=k)
+        nb_times.append(dt / 8)
+    t0 = time.perf_counter()
+    table = retro.chunk_table(st)
+    table_s = time.perf_counter() - t0
+    out = {"precompute_s": pre_s, "chunks": len(st), "table_s": table_s, "neighbors": nb_times}
+    for label, tab in (("lmdb", None), ("table", table)):
+        nf = retro.NeighborFile(st, knn, table=tab)
+        times, total = [], 0
+        for a in range(0, len(nf), args.batch):
+            b = min(len(nf), a + args.batch)
+            dt, nt = C.timed(nf.tokens, a, b)
+            times.append(dt / (b - a))
+            total += b - a
+        out[label] = times
+        # the same neighbours through neighbors() would give the same tokens
+    ids = np.load(knn)[:64]
+    assert (retro.neighbor_tokens(st, ids).tokens == retro.neighbor_tokens(st, ids, table=table).tokens).all()
+    return out
+
+
+def part2(st, args) -> dict:
+    from retrostore import retro
+
+    k = args.k
+    emb = st.embedder
+    rows = stored_rows(st, 64, args.gen)
+    fetch = retro.fetch_fn(st, k)
+    fetch(rows[:1])  # warm-up
+    res = {"embed": [], "search": [], "fetch": [], "e2e": []}
+    for i in range(len(rows)):
+        x = rows[i:i + 1]
+        dt, vec = C.timed(emb.embed_token_ids, [x[0]])
+        res["embed"].append(dt)
+        dt, (_, ids) = C.timed(st.search_vectors, vec, k)
+        res["search"].append(dt)
+        dt, _ = C.timed(retro.neighbor_tokens, st, ids)
+        res["fetch"].append(dt)
+        dt, _ = C.timed(fetch, x)
+        res["e2e"].append(dt)
+    return res
+
+
+def part3(args, docs, tmp: Path) -> dict | None:
+    if not args.lm_tokenizer:
+        return None
+    import retrostore
+
+    from tokenizers import Tokenizer
+
+    texts = [d for d, _ in docs if d.strip()][: args.lm_docs]
+    emb = retrostore.default_embedder(threads=args.threads)
+    wordpiece = Tokenizer.from_file(str(retrostore.default_tokenizer_path()))  # what the embedder runs on text
+    wordpiece.no_padding()
+    wordpiece.no_truncation()
+    res = {}
+    for label, tok in (("default", None), ("lm", args.lm_tokenizer)):
+        path = tmp / f"{label}.rstore"
+        t0 = time.perf_counter()
+        with retrostore.create(path, embedder=emb, tokenizer=tok) as st:
+            st.append(texts)
+            st.commit()
+        build_s = time.perf_counter() - t0
+        with retrostore.open(path, embedder=emb) as st:
+            chunks = st.get_chunks(list(range(0, len(st), max(1, len(st) // 64))))[:64]
+            full = [c.tokens for c in chunks if len(c.tokens) == int(st.manifest["chunk_tokens"])]
+            x = np.stack(full)
+            st.neighbors(x[:1], k=args.k)
+            e2e = [C.timed(st.neighbors, x[i:i + 1], k=args.k)[0] for i in range(len(x))]
+            dec = [C.timed(st.chunker.decode, x[i])[0] for i in range(len(x))]
+            texts_q = [st.chunker.decode(x[i]) for i in range(len(x))]
+            emb_text = [C.timed(emb.embed, [s])[0] for s in texts_q]
+            ntok = [len(wordpiece.encode(s).ids) for s in texts_q]  # with [CLS] and [SEP]
+            res[label] = {"chunks": len(st), "build_s": build_s, "e2e": e2e, "decode": dec, "embed_text": emb_text,
+                          "embed_ids": [C.timed(emb.embed_token_ids, [c])[0] for c in x] if label == "default" else None,
+                          "chars": float(np.mean([len(c.text) for c in chunks])), "embed_tokens": ntok,
+                          "vocab": int(st.manifest["tokenizer"]["vocab_size"]),
+                          "pad_id": int(st.manifest["tokenizer"]["pad_id"])}
+    return res
+
+
+def report(p1: dict, p2: dict, p3: dict | None, args) -> str:
+    med = C.median
+    nb = med(p1["neighbors"])
+    lines = [f"store: {p1['chunks']} chunks; precompute_neighbors(k={args.k}, exclude_same_doc) "
+             f"{p1['precompute_s']:.1f} s; chunk_table {p1['table_s']:.2f} s", "",
+             "**1. Tokens for one query chunk (k = %d), median per chunk**" % args.k, "",
+             C.table(["route", "us / chunk", "vs neighbors()"], [
+                 ["neighbors() (embed + search + read)", f"{nb * 1e6:.0f}", "1x"],
+                 [f"ids -> tokens, LMDB (NeighborFile, {args.batch} rows a call)", f"{med(p1['lmdb']) * 1e6:.1f}",
+                  f"{nb / med(p1['lmdb']):.0f}x faster"],
+                 ["ids -> tokens, ChunkTable in memory", f"{med(p1['table']) * 1e6:.1f}",
+                  f"{nb / med(p1['table']):.0f}x faster"]]), "",
+             "**2. Generation: retrieval of one 64-token chunk (B = 1, k = %d), median ms**" % args.k, "",
+             C.table(["embed", "search", "fetch", "search + fetch", "fetch_fn end to end"], [[
+                 C.ms(med(p2["embed"])), C.ms(med(p2["search"])), C.ms(med(p2["fetch"])),
+                 C.ms(med(np.add(p2["search"], p2["fetch"]))), C.ms(med(p2["e2e"]))]])]
+    if p3:
+        d, m = p3["default"], p3["lm"]
+        lines += ["", f"**3. LM chunk tokenizer** ({args.lm_docs} docs: {d['chunks']} WordPiece chunks vs "
+                  f"{m['chunks']} LM chunks; LM vocab {m['vocab']}, pad id {m['pad_id']}), median per 64-token "
+                  "query chunk", "",
+                  C.table(["chunk tokenizer", "neighbors() ms", "decode ms", "embed ms", "embedder tokens",
+                           "chars / chunk", "build s"], [
+                      ["default (WordPiece = embedder's)", C.ms(med(d["e2e"])), "-",
+                       C.ms(med(d["embed_ids"])) + " (ids)", f"{np.median(d['embed_tokens']):.0f}",
+                       f"{d['chars']:.0f}", f"{d['build_s']:.1f}"],
+                      ["LM tokenizer", C.ms(med(m["e2e"])), C.ms(med(m["decode"])),
+                       C.ms(med(m["embed_text"])) + " (text)", f"{np.median(m['embed_tokens']):.0f}",
+                       f"{m['chars']:.0f}", f"{m['build_s']:.1f}"]])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info, docs = C.start(args.corpus)
+    import retrostore
+
+    with tempfile.TemporaryDirectory(prefix="retro-bench-") as td:
+        tmp = Path(td)
+        path = Path(args.store) if args.store else C.build_tmp_store(tmp, docs[: args.docs])
+        with retrostore.open(path, threads=args.threads) as st:
+            p1 = part1(st, args, tmp)
+            p2 = part2(st, args)
+        p3 = part3(args, docs, tmp)
+    text = report(p1, p2, p3, args)
+    print(text)
+    print("\n" + C.command_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,7 +195,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         "retro_dataset": kwargs,
         "retro_model": {"num_tokens": int(store.manifest["tokenizer"]["vocab_size"]),
                         "chunk_size": table.chunk_tokens, "max_seq_len": int(seq_len), "pad_id": 0},
-        "store": {"path": str(getattr(store, "path", "")), "version": store.version,
+        "store": {"path": store.info()["path"], "version": store.version,
                   "tokenizer_sha256": store.manifest["tokenizer"]["sha256"],
                   "store_pad_id": int(store.manifest["tokenizer"]["pad_id"])},
         "mode": mode, "rows": len(rows), "pad_collisions": n_zero,

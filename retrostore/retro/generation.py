@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
-from ._checks import check_int, check_pad_id
+from ._checks import check_int, check_pad_id, settings
 
 if TYPE_CHECKING:
     from retrostore import Neighbors, Store
@@ -65,7 +65,7 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
         raise InvalidInputError(f"ragged={ragged!r}; expected one of {RAGGED}")
     k = check_int("k", k, 1, fix="RETRO uses k = 2")
     pad = check_pad_id(store, pad_id)
-    t = int(store.manifest["chunk_tokens"])
+    t = settings(store).chunk_tokens
     arr = np.asarray(token_ids)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -79,7 +79,7 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
                                         np.zeros((b, 0, k), np.int64), np.zeros((b, 0, k), np.int64),
                                         np.zeros((b, 0, k), np.float32))
     nb = store.neighbors(arr, k, exclude_doc_ids=exclude_doc_ids)
-    if pad != int(store.manifest["tokenizer"]["pad_id"]):
+    if pad != settings(store).pad_id:
         nb = retrostore.Neighbors(np.where(nb.mask, nb.tokens, pad), nb.mask, nb.chunk_ids, nb.doc_ids, nb.scores)
     return nb
 
@@ -118,7 +118,7 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
     """
     k = check_int("k", k, 1, fix="RETRO uses k = 2")
     pad = check_pad_id(store, pad_id)
-    t = int(store.manifest["chunk_tokens"])
+    t = settings(store).chunk_tokens
     excl = None if exclude_doc_ids is None else [int(d) for d in exclude_doc_ids]
 
     def fetch_knn_chunks(seq_chunks):

@@ -81,7 +81,9 @@ def _read_live(store: "Store", ids: list[int]) -> list:
 
 def live_chunks(store: "Store", ids: list[int]) -> list:
     """The chunks among ``ids`` that are served (deleted documents' chunks left out)."""
-    if not (store.manifest.get("deletes") or {}).get("documents"):
+    from ._checks import settings
+
+    if not settings(store).deletes:
         return store.get_chunks(ids)
     return _read_live(store, ids)
 

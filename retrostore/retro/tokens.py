@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ._checks import as_id_array, check_int, check_pad_id
+from ._checks import as_id_array, check_int, check_pad_id, settings
 from .table import ChunkTable, live_chunks
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
             raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
                                     "read a new one with chunk_table(store)")
         return _from_table(table, ids, pad)
-    t = int(store.manifest["chunk_tokens"])
+    t = settings(store).chunk_tokens
     n = len(store)
     flat = ids.ravel()
     uniq = np.unique(flat[flat >= 0])

@@ -22,7 +22,7 @@ into the retrieval input. Excluding the query's own document (Borgeaud et al.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -188,17 +188,6 @@ class FilterStats:
     duplicates: int = 0
     overlap: int = 0
     short_rows: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def add(self, other: "FilterStats") -> None:
-        self.excluded_docs += other.excluded_docs
-        self.duplicates += other.duplicates
-        self.overlap += other.overlap
-        self.short_rows += other.short_rows
-
-    def as_dict(self) -> dict:
-        return {"excluded_docs": self.excluded_docs, "duplicates": self.duplicates, "overlap": self.overlap,
-                "short_rows": self.short_rows, **self.extra}
 
 
 def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: np.ndarray,

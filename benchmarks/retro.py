@@ -20,7 +20,14 @@ What is measured (one run, side by side; public API only)
    end ``retro.fetch_fn(store, k)`` call (what retro-pytorch's ``TrainingWrapper.generate``
    makes every 64 tokens). Medians over ``--gen`` chunks of stored documents.
 
-3. **LM chunk tokenizer** (``--lm-tokenizer FILE``, e.g. GPT-2's ``tokenizer.json``): two
+3. **Export** (``--export``): ``retro.export_retro_pytorch(store, ..., seq_len=512, k)``
+   (packed windows, sequence exclusion, duplicate and 13-gram filters) end to end, with its
+   summary (candidates dropped per rule, chunks searched again), the store's exact-duplicate
+   chunks (``retro.duplicate_chunks``), and, where retro-pytorch is installed, the time
+   its ``RETRODataset`` takes to yield every row and whether every row equals
+   ``retro.TrainingSet``'s.
+
+4. **LM chunk tokenizer** (``--lm-tokenizer FILE``, e.g. GPT-2's ``tokenizer.json``): two
    stores of the same ``--lm-docs`` documents, one cut by the default WordPiece, one by the LM
    tokenizer; ``neighbors()`` per query chunk on each, split into decode (LM ids -> text),
    embed (the embedder tokenizes the text again and runs), and the embedder tokens per chunk.
@@ -56,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=16, help="rows of 512 tokens for neighbors() (default 16)")
     p.add_argument("--batch", type=int, default=1024, help="precomputed rows per ids->tokens call (default 1024)")
     p.add_argument("--gen", type=int, default=100, help="chunks timed at generation time (default 100)")
-    p.add_argument("--lm-tokenizer", help="an LM tokenizer.json (e.g. GPT-2 BPE) for part 3; skipped without")
-    p.add_argument("--lm-docs", type=int, default=20, help="documents in the two part-3 stores (default 20)")
+    p.add_argument("--export", action="store_true", help="part 3: time a retro-pytorch export of the store")
+    p.add_argument("--lm-tokenizer", help="an LM tokenizer.json (e.g. GPT-2 BPE) for part 4; skipped without")
+    p.add_argument("--lm-docs", type=int, default=20, help="documents in the two part-4 stores (default 20)")
     p.add_argument("--threads", type=int, help="onnxruntime/FAISS threads (default: usable CPUs)")
     return p.parse_args(argv)
 
@@ -134,6 +142,36 @@ def part2(st, args) -> dict:
     return res
 
 
+def part_export(st, args, tmp: Path) -> dict | None:
+    if not args.export:
+        return None
+    from retrostore import retro
+
+    t0 = time.perf_counter()
+    info = retro.export_retro_pytorch(st, tmp / "export", seq_len=512, k=args.k)
+    res = {"export_s": time.perf_counter() - t0, "summary": info["neighbors"], "rows": info["rows"]}
+    table = retro.chunk_table(st)
+    first = retro.duplicate_chunks(table.tokens, table.lengths, table.live)
+    res["duplicate_chunks"] = int((first != np.arange(len(first)))[table.live].sum())
+    try:
+        from retro_pytorch import RETRODataset
+    except ImportError:
+        return res
+    ds = RETRODataset(**retro.retro_dataset_kwargs(tmp / "export"))
+    ours = retro.TrainingSet(st, retro.training_sequences(st, 512, pad_id=0, table=table),
+                             tmp / "export" / "seq_knn.npy")
+    t0 = time.perf_counter()
+    theirs = [ds[i] for i in range(len(ds))]
+    res["retro_dataset_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mine = [ours[i] for i in range(len(ours))]
+    res["training_set_s"] = time.perf_counter() - t0
+    res["equal_rows"] = sum(np.array_equal(a.numpy(), c) and np.array_equal(b.numpy(), d)
+                            for (a, b), (c, d) in zip(theirs, mine))
+    res["sequences"] = len(ds)
+    return res
+
+
 def part3(args, docs, tmp: Path) -> dict | None:
     if not args.lm_tokenizer:
         return None
@@ -172,7 +210,7 @@ def part3(args, docs, tmp: Path) -> dict | None:
     return res
 
 
-def report(p1: dict, p2: dict, p3: dict | None, args) -> str:
+def report(p1: dict, p2: dict, p3: dict | None, args, pe: dict | None = None) -> str:
     med = C.median
     nb = med(p1["neighbors"])
     lines = [f"store: {p1['chunks']} chunks; precompute_neighbors(k={args.k}, exclude_same_doc) "
@@ -188,9 +226,19 @@ def report(p1: dict, p2: dict, p3: dict | None, args) -> str:
              C.table(["embed", "search", "fetch", "search + fetch", "fetch_fn end to end"], [[
                  C.ms(med(p2["embed"])), C.ms(med(p2["search"])), C.ms(med(p2["fetch"])),
                  C.ms(med(np.add(p2["search"], p2["fetch"]))), C.ms(med(p2["e2e"]))]])]
+    if pe:
+        sm = pe["summary"]
+        lines += ["", f"**3. Export** (seq_len 512, k = {args.k}, packed): {pe['export_s']:.1f} s for "
+                  f"{sm['rows']} windows ({sm['chunks']} chunks); candidates dropped: {sm['dropped']}; "
+                  f"searched again: {sm['research']}; short: {sm['short']}; exact-duplicate chunks in the store: "
+                  f"{pe['duplicate_chunks']}"]
+        if "equal_rows" in pe:
+            lines += [f"RETRODataset: {pe['equal_rows']} of {pe['sequences']} rows equal TrainingSet's; every row "
+                      f"read in {pe['retro_dataset_s']:.1f} s (RETRODataset) vs {pe['training_set_s']:.1f} s "
+                      "(TrainingSet)"]
     if p3:
         d, m = p3["default"], p3["lm"]
-        lines += ["", f"**3. LM chunk tokenizer** ({args.lm_docs} docs: {d['chunks']} WordPiece chunks vs "
+        lines += ["", f"**4. LM chunk tokenizer** ({args.lm_docs} docs: {d['chunks']} WordPiece chunks vs "
                   f"{m['chunks']} LM chunks; LM vocab {m['vocab']}, pad id {m['pad_id']}), median per 64-token "
                   "query chunk", "",
                   C.table(["chunk tokenizer", "neighbors() ms", "decode ms", "embed ms", "embedder tokens",
@@ -215,8 +263,9 @@ def main(argv=None) -> int:
         with retrostore.open(path, threads=args.threads) as st:
             p1 = part1(st, args, tmp)
             p2 = part2(st, args)
+            pe = part_export(st, args, tmp)
         p3 = part3(args, docs, tmp)
-    text = report(p1, p2, p3, args)
+    text = report(p1, p2, p3, args, pe)
     print(text)
     print("\n" + C.command_line())
     return 0

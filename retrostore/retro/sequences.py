@@ -347,10 +347,10 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
             totals["overlap"] += st.overlap
             # Slots short of k although their candidate list was full: search again, wider.
             short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
-            for r in short.tolist():
-                kept[r], more = _research(store, table, int(qi[r]), excl_all[done:end].reshape(
-                    -1, excl_all.shape[-1])[have][r], k, n_cand, overlap_threshold, ngram, drop_duplicates)
-                totals["research"] += 1
+            if len(short):
+                kept[short] = _research(store, table, qi[short], excl_all[done:end].reshape(
+                    -1, excl_all.shape[-1])[have][short], k, n_cand, overlap_threshold, ngram, drop_duplicates)
+                totals["research"] += len(short)
             totals["short"] += int((kept < 0).any(1).sum())
             block = np.full((len(q), k), -1, np.int64)
             block[have] = kept
@@ -373,31 +373,47 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     return summary
 
 
-def _research(store, table: ChunkTable, chunk_id: int, excluded: np.ndarray, k: int, start: int,
-              threshold, ngram: int, drop_duplicates: bool) -> tuple[np.ndarray, int]:
-    """k admissible neighbours of one chunk, searching ever more candidates (re-embedding its tokens)."""
+def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndarray, k: int, start: int,
+              threshold, ngram: int, drop_duplicates: bool) -> np.ndarray:
+    """k admissible neighbours of chunks whose candidates ran out: their tokens embedded again
+    (``Store.neighbors``, one call per chunk length) and searched ever wider.
+
+    Returns
+    -------
+    ndarray, shape (len(chunk_ids), k), int64, -1 padded.
+    """
     from ..errors import EmbedderMismatchError
 
-    tokens = table.tokens[chunk_id, :table.lengths[chunk_id]].astype(np.int64)
-    excl = [int(d) for d in np.unique(excluded) if d >= 0]
+    kept = np.full((len(chunk_ids), k), -1, np.int64)
+    todo = np.arange(len(chunk_ids))
     want = min(len(store), start * 2)
-    kept = np.full(k, -1, np.int64)
-    while True:
-        try:
-            nb = store.neighbors(tokens[None, :], k=want, exclude_doc_ids=[excl])
-        except EmbedderMismatchError:
-            return kept, want  # a store fed its own vectors cannot embed: leave the slot short
-        cand = nb.chunk_ids.reshape(1, -1)
-        safe = np.maximum(cand, 0)
-        kept_row, _ = filter_neighbors(
-            cand, k, q_tokens=table.tokens[[chunk_id]], q_len=table.lengths[[chunk_id]],
-            c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-            c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=None,
-            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
-        kept = kept_row[0]
-        if (kept >= 0).all() or want >= len(store) or (cand < 0).any():
-            return kept, want
+    while len(todo):
+        still = []
+        lengths = table.lengths[chunk_ids[todo]]
+        for length in np.unique(lengths).tolist():
+            rows = todo[lengths == length]
+            ids = chunk_ids[rows]
+            toks = table.tokens[ids, :length].astype(np.int64)
+            excl = [[int(d) for d in np.unique(e) if d >= 0] for e in excluded[rows]]
+            try:
+                nb = store.neighbors(toks, k=want, exclude_doc_ids=excl)
+            except EmbedderMismatchError:
+                return kept  # a store fed its own vectors cannot embed: leave these slots short
+            cand = nb.chunk_ids.reshape(len(rows), -1)
+            safe = np.maximum(cand, 0)
+            got, _ = filter_neighbors(
+                cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
+                c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
+                c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=None,
+                threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
+            kept[rows] = got
+            more = (got < 0).any(1) & (cand >= 0).all(1)
+            still.extend(rows[more].tolist())
+        if want >= len(store):
+            break
+        todo = np.array(still, np.int64)
         want = min(len(store), want * 2)
+    return kept
 
 
 def _digest(a: np.ndarray) -> str:

@@ -177,21 +177,20 @@ def test_sequence_neighbors_resume(store, table, tmp_path, monkeypatch):
     want = retro.sequence_neighbors(store, seqs, tmp_path / "a.npy", k=2, batch_size=16)
     from retrostore.retro import sequences as mod
 
-    real, calls = mod.filter_neighbors, []
+    real, calls = mod._atomic_json, []
 
-    def dies_after_two(cand, *a, **kw):
-        if kw.get("excluded") is not None:  # a batch of windows (not the re-search of short slots)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            calls.append(1)
-        return real(cand, *a, **kw)
+    def dies_after_two(path, obj):  # killed right after the second batch's progress record
+        real(path, obj)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(mod, "filter_neighbors", dies_after_two)
+    monkeypatch.setattr(mod, "_atomic_json", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         retro.sequence_neighbors(store, seqs, tmp_path / "b.npy", k=2, batch_size=16)
     state = json.loads((tmp_path / "b.npy.progress.json").read_text())
     assert state["done"] == 32 and not (tmp_path / "b.npy").exists()
-    monkeypatch.setattr(mod, "filter_neighbors", real)
+    monkeypatch.setattr(mod, "_atomic_json", real)
     got = retro.sequence_neighbors(store, seqs, tmp_path / "b.npy", k=2, batch_size=16)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     assert got["dropped"] == want["dropped"] and not (tmp_path / "b.npy.progress.json").exists()

@@ -237,10 +237,10 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     beside ``out`` as ``OUT.candidates-vVERSION-kM.npy``. Each window slot then keeps the
     first k candidates that are not from an excluded document, not an exact
     copy of the query chunk, and do not hold ``overlap_threshold`` of its
-    n-grams. A slot left with fewer than k (rare: the candidates ran out) is
-    searched again with the chunk's tokens re-embedded (``Store.neighbors``),
-    widening until k are found or the store is exhausted; the summary counts
-    these.
+    n-grams. A slot left with fewer than k (the candidates ran out: boilerplate
+    with many near copies) is searched again with the chunk's tokens embedded
+    once more (the stored vectors are not public), widening until k are found
+    or the store is exhausted; the summary counts these (``research``).
 
     Parameters
     ----------
@@ -373,10 +373,21 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     return summary
 
 
+def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:
+    """Vectors of chunk token ids, as ``Store.neighbors`` embeds a query chunk: the ids
+    themselves when the chunk tokenizer is the embedder's, else their decoded text."""
+    emb = store.embedder
+    fp = getattr(emb, "fingerprint", None) or {}
+    if hasattr(emb, "embed_token_ids") and fp.get("tokenizer_sha256") == store.manifest["tokenizer"]["sha256"]:
+        return emb.embed_token_ids(toks)
+    return emb.embed([store.chunker.decode(t) for t in toks])
+
+
 def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndarray, k: int, start: int,
               threshold, ngram: int, drop_duplicates: bool) -> np.ndarray:
-    """k admissible neighbours of chunks whose candidates ran out: their tokens embedded again
-    (``Store.neighbors``, one call per chunk length) and searched ever wider.
+    """k admissible neighbours of chunks whose candidates ran out: their tokens embedded once
+    more (the stored vectors are not public) and searched ever wider (8x the candidates, then
+    doubling) until k pass the filters or the store is exhausted.
 
     Returns
     -------
@@ -385,33 +396,25 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
     from ..errors import EmbedderMismatchError
 
     kept = np.full((len(chunk_ids), k), -1, np.int64)
+    try:
+        vecs = _query_vectors(store, [table.tokens[c, :table.lengths[c]].astype(np.int64) for c in chunk_ids])
+    except EmbedderMismatchError:
+        return kept  # a store fed its own vectors cannot embed: leave these slots short
     todo = np.arange(len(chunk_ids))
-    want = min(len(store), start * 2)
+    want = min(len(store), start * 8)
     while len(todo):
-        still = []
-        lengths = table.lengths[chunk_ids[todo]]
-        for length in np.unique(lengths).tolist():
-            rows = todo[lengths == length]
-            ids = chunk_ids[rows]
-            toks = table.tokens[ids, :length].astype(np.int64)
-            excl = [[int(d) for d in np.unique(e) if d >= 0] for e in excluded[rows]]
-            try:
-                nb = store.neighbors(toks, k=want, exclude_doc_ids=excl)
-            except EmbedderMismatchError:
-                return kept  # a store fed its own vectors cannot embed: leave these slots short
-            cand = nb.chunk_ids.reshape(len(rows), -1)
-            safe = np.maximum(cand, 0)
-            got, _ = filter_neighbors(
-                cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
-                c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-                c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=None,
-                threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
-            kept[rows] = got
-            more = (got < 0).any(1) & (cand >= 0).all(1)
-            still.extend(rows[more].tolist())
+        ids = chunk_ids[todo]
+        _, cand = store.search_vectors(vecs[todo], want)
+        safe = np.maximum(cand, 0)
+        got, _ = filter_neighbors(
+            cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
+            c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
+            c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=excluded[todo],
+            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
+        kept[todo] = got
         if want >= len(store):
             break
-        todo = np.array(still, np.int64)
+        todo = todo[(got < 0).any(1) & (cand >= 0).all(1)]
         want = min(len(store), want * 2)
     return kept
 

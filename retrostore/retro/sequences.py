@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ._checks import check_int, check_pad_id, is_int
-from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, FilterStats, filter_neighbors
+from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
 from .table import ChunkTable, chunk_table
 
 if TYPE_CHECKING:

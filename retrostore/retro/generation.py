@@ -13,6 +13,7 @@ lets chunk u's tokens attend to the neighbours of chunk u - 1 only
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -59,8 +60,6 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
     InvalidInputError
         Bad ``ragged``, ``k``, ``pad_id`` or ``token_ids`` (as ``Store.neighbors``).
     """
-    import retrostore
-
     if ragged not in RAGGED:
         raise InvalidInputError(f"ragged={ragged!r}; expected one of {RAGGED}")
     k = check_int("k", k, 1, fix="RETRO uses k = 2")
@@ -71,16 +70,15 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
         arr = arr[None, :]
     if arr.ndim != 2:
         raise InvalidInputError(f"token_ids has shape {arr.shape}; expected (B, n) or (n,)")
-    if ragged == "drop":
+    empty = ragged == "drop" and arr.shape[1] < t
+    if ragged == "drop" and not empty:
         arr = arr[:, : (arr.shape[1] // t) * t]
-        if arr.shape[1] == 0:
-            b = arr.shape[0]
-            return retrostore.Neighbors(np.zeros((b, 0, k, 2 * t), np.int64), np.zeros((b, 0, k, 2 * t), bool),
-                                        np.zeros((b, 0, k), np.int64), np.zeros((b, 0, k), np.int64),
-                                        np.zeros((b, 0, k), np.float32))
     nb = store.neighbors(arr, k, exclude_doc_ids=exclude_doc_ids)
+    if empty:  # no complete chunk: the shapes of C = 0 (the tail was queried only to get them)
+        nb = dataclasses.replace(nb, tokens=nb.tokens[:, :0], mask=nb.mask[:, :0], chunk_ids=nb.chunk_ids[:, :0],
+                                 doc_ids=nb.doc_ids[:, :0], scores=nb.scores[:, :0])
     if pad != settings(store).pad_id:
-        nb = retrostore.Neighbors(np.where(nb.mask, nb.tokens, pad), nb.mask, nb.chunk_ids, nb.doc_ids, nb.scores)
+        nb = dataclasses.replace(nb, tokens=np.where(nb.mask, nb.tokens, pad))
     return nb
 
 

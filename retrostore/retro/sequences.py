@@ -30,6 +30,7 @@ can feed the same training loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
-from ..errors import InvalidInputError
+from ..errors import EmbedderMismatchError, InvalidInputError
 from ._checks import check_int, check_pad_id, is_int
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
 from .table import ChunkTable, chunk_table
@@ -393,8 +395,6 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
     -------
     ndarray, shape (len(chunk_ids), k), int64, -1 padded.
     """
-    from ..errors import EmbedderMismatchError
-
     kept = np.full((len(chunk_ids), k), -1, np.int64)
     try:
         vecs = _query_vectors(store, [table.tokens[c, :table.lengths[c]].astype(np.int64) for c in chunk_ids])
@@ -420,8 +420,6 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
 
 
 def _digest(a: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
@@ -432,7 +430,5 @@ def _atomic_json(path: Path, obj: dict) -> None:
 
 
 def _bar(total: int, initial: int, show: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="seq", disable=not show, desc="sequence neighbors",
                 dynamic_ncols=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError
+from ._checks import settings
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -81,8 +82,6 @@ def _read_live(store: "Store", ids: list[int]) -> list:
 
 def live_chunks(store: "Store", ids: list[int]) -> list:
     """The chunks among ``ids`` that are served (deleted documents' chunks left out)."""
-    from ._checks import settings
-
     if not settings(store).deletes:
         return store.get_chunks(ids)
     return _read_live(store, ids)

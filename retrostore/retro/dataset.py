@@ -1,0 +1,66 @@
+"""A map-style training set: windows of ``L + 1`` tokens with their neighbour tokens.
+
+retrostore's own counterpart of retro-pytorch's ``RETRODataset``, for any pad
+id and with no export step: ``TrainingSet(store, seqs, "knn.npy")[i]`` is
+``(seq, retrieved)``, as ``RETRODataset`` returns over the export of the same
+windows. It holds numpy arrays, so a ``torch.utils.data.DataLoader`` batches
+it as it is (``default_collate`` turns the arrays into tensors).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ._checks import check_int
+from .sequences import Sequences
+from .tokens import NeighborFile
+
+if TYPE_CHECKING:
+    from retrostore import Store
+
+__all__ = ["TrainingSet"]
+
+
+class TrainingSet:
+    """Training windows and their precomputed neighbours, row by row.
+
+    Parameters
+    ----------
+    store : Store
+    seqs : Sequences
+        From :func:`training_sequences`; their ``pad_id`` pads the neighbour
+        tokens too.
+    neighbors : path-like
+        The ``.npy`` :func:`sequence_neighbors` wrote for ``seqs``: shape
+        ``(len(seqs), C, k)``.
+
+    Raises
+    ------
+    InvalidInputError
+        The neighbour file's shape does not fit ``seqs``.
+    """
+
+    def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike):
+        self.seqs = seqs
+        self.knn = NeighborFile(store, neighbors, pad_id=seqs.pad_id, table=seqs.table)
+        n, c = seqs.chunk_ids.shape
+        if self.knn.ids.ndim != 3 or self.knn.shape[:2] != (n, c):
+            raise InvalidInputError(f"{neighbors} has shape {self.knn.shape}; these {n} windows of {c} chunks need "
+                                    f"({n}, {c}, k): compute it with sequence_neighbors(store, seqs, ...)")
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(seq, retrieved)``: int64 ``(L + 1,)`` and ``(C, k, 2 * T)``."""
+        i = check_int("index", i, 0, len(self) - 1)
+        return self.seqs[i], self.knn[i].tokens
+
+    def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[start, stop)``: ``seq (b, L + 1)``, ``retrieved (b, C, k, 2T)`` and its mask."""
+        nt = self.knn.tokens(start, stop)
+        return self.seqs.tokens(start, stop), nt.tokens, nt.mask

@@ -1,0 +1,244 @@
+"""Export a store as the files retro-pytorch 0.3.9's ``RETRODataset`` reads.
+
+retro-pytorch (lucidrains, PyPI ``retro-pytorch==0.3.9``) reads three raw
+``int32`` memory maps (``np.memmap``, no header, C order; ``data.py``)::
+
+    train.chunks.dat      (num_chunks + C, T + 1)  one row per chunk: its T
+                          tokens padded with 0, then one extra column: the
+                          first token of the next chunk of the same document,
+                          or eos_id where the chunk ends its document
+                          (0 in a padding row)
+    train.chunks.knn.dat  (num_chunks + C, k)      each chunk's k neighbours
+                          as row numbers of train.chunks.dat, -1 for none
+    train.seq.dat         (num_sequences,)         the first row of each
+                          training window
+
+For window ``i`` starting at row ``s``, ``RETRODataset[i]`` returns ``seq``:
+rows ``s .. s+C-1``' T tokens, then the last row's extra column (``L + 1``
+tokens; everything after the first ``eos_id`` set to 0), and ``retrieved``
+``(C, k, 2T)``: each neighbour row's T tokens, then the next row's T tokens
+unless the neighbour row holds ``eos_id`` (document end: zeros), all 0 where
+the neighbour is -1. It pads with 0 whatever ``pad_id`` it is given, and
+``RETRO`` masks ``retrieved != pad_id`` and ignores label ``pad_id`` in the
+loss: the export therefore pads with 0, and refuses a store where token 0 is
+real text unless asked.
+
+Here rows are the windows of :func:`training_sequences` laid end to end (a
+window's empty slots are all-0 rows), followed by the C all-0 rows
+``RETRODataset`` expects past ``num_chunks``; ``train.seq.dat`` is
+``0, C, 2C, ...``. With ``eos_id`` never inside a chunk, ``RETRODataset``
+then yields exactly :class:`TrainingSet`'s ``(seq, retrieved)`` for every
+row, pad id 0.
+
+Beside them: ``train.doc_ids.dat`` (int32 ``(num_chunks + C,)``, each row's
+document, -1 for padding rows; retro-pytorch's own preprocessing writes it),
+``rows.npy`` (int64, each row's retrostore chunk id, -1 for padding),
+``seq_knn.npy`` (the windows' neighbours as retrostore chunk ids,
+``(num_sequences, C, k)``, readable with :class:`NeighborFile`),
+``retro_pytorch.json`` (the ``RETRODataset`` keyword arguments, memmap paths
+relative to it) and ``export.json`` (provenance, the ``RETRO(...)`` settings
+that fit the vocabulary, and the neighbour summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidInputError, StoreExistsError
+from ._checks import check_int
+from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
+from .sequences import MODES, sequence_neighbors, training_sequences
+from .table import chunk_table
+
+if TYPE_CHECKING:
+    from retrostore import Store
+
+__all__ = ["export_retro_pytorch", "retro_dataset_kwargs", "FILES"]
+
+#: File names, as retro-pytorch's own preprocessing names them (``TrainingWrapper`` defaults).
+FILES = {"chunks": "train.chunks.dat", "knn": "train.chunks.knn.dat", "seqs": "train.seq.dat",
+         "doc_ids": "train.doc_ids.dat"}
+KWARGS_FILE = "retro_pytorch.json"
+INFO_FILE = "export.json"
+
+
+def _write_memmap(path: Path, arr: np.ndarray) -> None:
+    """Raw little-endian int32, no header: what ``np.memmap(path, dtype=np.int32, shape=...)`` reads."""
+    with open(path, "wb") as fh:
+        fh.write(np.ascontiguousarray(arr, dtype="<i4").tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len: int, k: int = 2,
+                         mode: str = "packed", eos_id: int | None = None, exclude: str = "sequence",
+                         overlap_threshold: float | None = DEFAULT_OVERLAP_THRESHOLD, ngram: int = DEFAULT_NGRAM,
+                         allow_pad_collision: bool = False, force: bool = False, progress: bool = False) -> dict:
+    """Write the training windows and their neighbours for retro-pytorch's ``RETRODataset``.
+
+    Parameters
+    ----------
+    store : Store
+    out_dir : path-like
+        Directory to create (see the module docstring for its files). It
+        is assembled in ``OUT.partial`` beside it (kept on failure: running
+        again resumes the neighbour search) and renamed into place.
+    seq_len : int
+        L: ``RETRODataset(seq_len=...)`` and ``RETRO(max_seq_len=...)``; a
+        multiple of ``chunk_tokens``.
+    k : int, default 2
+        Neighbours per chunk (``num_neighbors``).
+    mode : {"packed", "document"}, default "packed"
+        As in :func:`training_sequences`.
+    eos_id : int, optional
+        Document-end marker (default: :func:`default_eos_id`, ``[SEP]`` =
+        102 for the default tokenizer, retro-pytorch's own ``EOS_ID``). It
+        must never occur inside a chunk.
+    exclude, overlap_threshold, ngram
+        As in :func:`sequence_neighbors`.
+    allow_pad_collision : bool, default False
+        Export although token id 0 occurs in the chunks (a tokenizer whose id
+        0 is real text, e.g. ``!`` in GPT-2 BPE): retro-pytorch would mask
+        those tokens as padding.
+    force : bool, default False
+        Replace an existing export at ``out_dir`` (only a directory holding
+        ``retro_pytorch.json`` is replaced).
+    progress : bool, default False
+
+    Returns
+    -------
+    dict
+        ``export.json``'s content: ``retro_dataset`` (the kwargs, paths
+        relative), ``retro_model`` (``num_tokens``, ``chunk_size``,
+        ``max_seq_len``, ``pad_id`` for ``RETRO(...)``), ``store``,
+        ``mode``, ``rows``, ``neighbors`` (the :func:`sequence_neighbors`
+        summary) and ``files``.
+
+    Raises
+    ------
+    StoreExistsError
+        ``out_dir`` exists and ``force`` is False, or it exists and is not an
+        export.
+    InvalidInputError
+        Bad ``seq_len`` / ``k`` / ``mode`` / ``eos_id``; ``eos_id`` occurs in
+        a chunk; token 0 occurs in a chunk (without ``allow_pad_collision``);
+        more rows than int32 holds.
+    """
+    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    if mode not in MODES:
+        raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InvalidInputError(f"out_dir={out_dir!r} must be a path")
+    out = Path(out_dir)
+    if out.exists():
+        if not force:
+            raise StoreExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "
+                                   "give another directory")
+        if not (out / KWARGS_FILE).is_file():
+            raise StoreExistsError(f"{out} exists and holds no {KWARGS_FILE}: it is not an export, so it is not "
+                                   "replaced even with force; remove it yourself or give another directory")
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"out_dir={str(out)!r}: the directory {str(out.parent)!r} does not exist")
+    table = chunk_table(store)
+    seqs = training_sequences(store, seq_len, mode=mode, pad_id=0, eos_id=eos_id, table=table)
+    real = np.arange(table.chunk_tokens) < table.lengths[:, None]
+    n_eos = int(((table.tokens == seqs.eos_id) & real).sum())
+    if n_eos:
+        first = int(np.flatnonzero(((table.tokens == seqs.eos_id) & real).any(1))[0])
+        raise InvalidInputError(
+            f"eos_id={seqs.eos_id} occurs {n_eos} times inside chunks (first in chunk {first}); retro-pytorch "
+            "treats it as a document end there (dropping that neighbour's continuation and zeroing the rest of the "
+            "sequence): pass an eos_id that never occurs in the text")
+    n_zero = int(((table.tokens == 0) & real).sum())
+    if n_zero and not allow_pad_collision:
+        name = store.chunker.tokenizer.id_to_token(0)
+        raise InvalidInputError(
+            f"token id 0 ({name!r}) occurs {n_zero} times in the store's chunks, but retro-pytorch's RETRODataset "
+            "pads with 0 and RETRO(pad_id=0) masks every 0 as padding, so those tokens would be hidden from the "
+            "model; use a chunk tokenizer whose id 0 is its pad token (BERT's [PAD]), train with "
+            "retrostore.retro.TrainingSet (any pad id) instead, or pass allow_pad_collision=True")
+    n, c = seqs.chunk_ids.shape
+    rows = np.concatenate([seqs.chunk_ids.ravel(), np.full(c, -1, np.int64)])
+    if len(rows) >= 2 ** 31:
+        raise InvalidInputError(f"{len(rows)} rows do not fit retro-pytorch's int32 row numbers")
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(exist_ok=True)
+    summary = sequence_neighbors(store, seqs, work / "seq_knn.npy", k=k, exclude=exclude,
+                                 overlap_threshold=overlap_threshold, ngram=ngram, progress=progress)
+    seq_knn = np.load(work / "seq_knn.npy")
+    row_of = np.full(len(store), -1, np.int64)
+    have = rows >= 0
+    row_of[rows[have]] = np.flatnonzero(have)
+    # Chunk rows: T tokens padded with 0, then the continuation's first token or the document-end marker.
+    safe = np.maximum(rows, 0)
+    extra = np.where(table.next_in_doc[safe], table.tokens[np.minimum(safe + 1, len(table) - 1), 0], seqs.eos_id)
+    chunks = np.concatenate([table.padded(rows, 0), np.where(have, extra, 0)[:, None]], axis=1)
+    knn = np.full((len(rows), k), -1, np.int64)
+    flat = seq_knn.reshape(n * c, k)
+    knn[: n * c] = np.where(flat >= 0, row_of[np.maximum(flat, 0)], -1)
+    _write_memmap(work / FILES["chunks"], chunks)
+    _write_memmap(work / FILES["knn"], knn)
+    _write_memmap(work / FILES["seqs"], np.arange(n, dtype=np.int64) * c)
+    _write_memmap(work / FILES["doc_ids"], np.where(have, table.doc_ids[safe], -1))
+    np.save(work / "rows.npy", rows)
+    kwargs = {"num_chunks": n * c, "chunk_size": table.chunk_tokens, "seq_len": int(seq_len), "num_sequences": n,
+              "num_neighbors": k, "chunk_memmap_path": FILES["chunks"], "chunk_nn_memmap_path": FILES["knn"],
+              "seq_memmap_path": FILES["seqs"], "pad_id": 0, "eos_id": seqs.eos_id}
+    info = {
+        "format": "retro-pytorch 0.3.9 RETRODataset",
+        "retro_dataset": kwargs,
+        "retro_model": {"num_tokens": int(store.manifest["tokenizer"]["vocab_size"]),
+                        "chunk_size": table.chunk_tokens, "max_seq_len": int(seq_len), "pad_id": 0},
+        "store": {"path": store.info()["path"], "version": store.version,
+                  "tokenizer_sha256": store.manifest["tokenizer"]["sha256"],
+                  "store_pad_id": int(store.manifest["tokenizer"]["pad_id"])},
+        "mode": mode, "rows": len(rows), "pad_collisions": n_zero,
+        "neighbors": summary,
+        "files": {**FILES, "rows": "rows.npy", "seq_knn": "seq_knn.npy", "kwargs": KWARGS_FILE},
+    }
+    (work / KWARGS_FILE).write_text(json.dumps(kwargs, indent=1) + "\n")
+    (work / INFO_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
+    for p in work.glob("seq_knn.candidates-*"):
+        p.unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return info
+
+
+def retro_dataset_kwargs(path: str | os.PathLike) -> dict:
+    """``RETRODataset`` keyword arguments of an export, memmap paths made absolute.
+
+    Parameters
+    ----------
+    path : path-like
+        The export directory or its ``retro_pytorch.json``.
+
+    Returns
+    -------
+    dict
+        ``RETRODataset(**retro_dataset_kwargs(path))`` opens the export
+        from any working directory.
+
+    Raises
+    ------
+    InvalidInputError
+        No readable ``retro_pytorch.json`` there.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / KWARGS_FILE
+    try:
+        kwargs = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{p}: not a readable {KWARGS_FILE} ({exc}); write it with "
+                                "retrostore.retro.export_retro_pytorch or `retrostore export`") from None
+    for key in ("chunk_memmap_path", "chunk_nn_memmap_path", "seq_memmap_path"):
+        kwargs[key] = str((p.parent / kwargs[key]).resolve())
+    return kwargs

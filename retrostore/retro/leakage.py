@@ -1,0 +1,245 @@
+"""Leakage controls: exact-duplicate chunks and RETRO's n-gram overlap filter.
+
+RETRO's training retrieves from a database that holds the training data, so
+a query chunk's nearest neighbour can be the chunk itself, or a verbatim copy
+of it in another document (the same page crawled twice, a build run twice).
+Its continuation then *is* the text the model must predict: the answer leaks
+into the retrieval input. Excluding the query's own document (Borgeaud et al.
+2021, §2.4) does not catch copies in other documents. Two checks here do:
+
+* **exact duplicates** -- a neighbour whose token ids equal the query
+  chunk's is always dropped (this also covers chunks shorter than n tokens);
+* **n-gram overlap** -- a neighbour containing at least ``threshold`` of the
+  query chunk's token n-grams (n = 13) is dropped. RETRO measures leakage
+  between evaluation and training data with 13-gram Jaccard similarity
+  (deduplication at >= 0.8) and, per chunk, as the share of the query chunk
+  found verbatim in its neighbours (§2.6). The measure here is that
+  query-relative share counted in 13-grams: ``|G(q) & G(n)| / |G(q)|`` over
+  the query's n-gram positions. It is not symmetric on purpose: a neighbour
+  that holds the whole query plus other text still leaks it, where Jaccard
+  would dilute it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ._checks import check_int
+
+__all__ = ["ngram_hashes", "ngram_overlap", "overlap_matrix", "duplicate_chunks", "FilterStats", "filter_neighbors",
+           "DEFAULT_NGRAM", "DEFAULT_OVERLAP_THRESHOLD"]
+
+#: RETRO's n-gram length for leakage (Borgeaud et al. 2021: 13-gram Jaccard similarity).
+DEFAULT_NGRAM = 13
+#: Share of the query chunk's 13-grams a neighbour may hold before it is dropped.
+DEFAULT_OVERLAP_THRESHOLD = 0.5
+
+_P = np.uint64(0x100000001B3)  # FNV-64 prime: mixes token ids into a 64-bit polynomial hash
+
+
+def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int = DEFAULT_NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every token n-gram of padded chunks.
+
+    Parameters
+    ----------
+    tokens : ndarray, shape (..., T), integer
+    lengths : ndarray, shape (...,), integer
+        Real tokens per row; positions beyond are ignored.
+    n : int, default 13
+
+    Returns
+    -------
+    hashes : ndarray, shape (..., max(T - n + 1, 1)), uint64
+    valid : ndarray, same shape, bool
+        The n-gram lies within the row's length. A row shorter than ``n``
+        has none.
+    """
+    t = tokens.shape[-1]
+    g = max(t - n + 1, 1)
+    if t < n:
+        return np.zeros(tokens.shape[:-1] + (g,), np.uint64), np.zeros(tokens.shape[:-1] + (g,), bool)
+    win = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.uint64), n, axis=-1)
+    powers = _P ** np.arange(n - 1, -1, -1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (win * powers).sum(axis=-1, dtype=np.uint64) + np.uint64(n)
+    valid = np.arange(g) + n <= np.asarray(lengths)[..., None]
+    return h, valid
+
+
+def overlap_matrix(q_tokens: np.ndarray, q_len: np.ndarray, nb_tokens: np.ndarray, nb_len: np.ndarray,
+                   n: int = DEFAULT_NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """Overlap of each query chunk with each of its candidate neighbours.
+
+    Parameters
+    ----------
+    q_tokens : ndarray, shape (B, T); q_len : ndarray, shape (B,)
+    nb_tokens : ndarray, shape (B, m, T); nb_len : ndarray, shape (B, m)
+    n : int, default 13
+
+    Returns
+    -------
+    overlap : ndarray, shape (B, m), float64
+        Share of the query's n-grams found in the neighbour (0 where the
+        query has fewer than ``n`` tokens).
+    identical : ndarray, shape (B, m), bool
+        The neighbour's tokens equal the query's (an exact duplicate).
+    """
+    qh, qv = ngram_hashes(q_tokens, q_len, n)
+    nh, nv = ngram_hashes(nb_tokens, nb_len, n)
+    # (B, m, Gq, Gn): every query n-gram against every neighbour n-gram.
+    eq = (qh[:, None, :, None] == nh[:, :, None, :]) & nv[:, :, None, :]
+    found = eq.any(axis=-1) & qv[:, None, :]
+    count = qv.sum(axis=-1)
+    overlap = found.sum(axis=-1) / np.maximum(count, 1)[:, None]
+    t = q_tokens.shape[-1]
+    real = np.arange(t) < q_len[:, None]
+    same = ((q_tokens[:, None, :] == nb_tokens) | ~real[:, None, :]).all(axis=-1) & (nb_len == q_len[:, None])
+    return overlap, same
+
+
+def ngram_overlap(query, neighbor, n: int = DEFAULT_NGRAM) -> float:
+    """Share of ``query``'s token n-grams that occur in ``neighbor``.
+
+    Parameters
+    ----------
+    query, neighbor : array-like of int, shape (len,)
+    n : int, default 13 (RETRO's n-gram length)
+
+    Returns
+    -------
+    float
+        In [0, 1]; 1.0 for identical sequences of any length (also shorter
+        than n); 0.0 when the query has fewer than n tokens and differs.
+
+    Raises
+    ------
+    InvalidInputError
+        Not 1-D integer sequences, or ``n < 1``.
+    """
+    n = check_int("n", n, 1)
+    q, b = np.asarray(query), np.asarray(neighbor)
+    for name, a in (("query", q), ("neighbor", b)):
+        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0) or a.dtype == bool:
+            raise InvalidInputError(f"{name} has shape {a.shape} dtype {a.dtype}; expected 1-D integer token ids")
+    if len(q) == len(b) and np.array_equal(q, b):
+        return 1.0
+    t = max(len(q), len(b), 1)
+    qt = np.zeros((1, t), np.int64)
+    bt = np.zeros((1, 1, t), np.int64)
+    qt[0, :len(q)] = q
+    bt[0, 0, :len(b)] = b
+    ov, _ = overlap_matrix(qt, np.array([len(q)]), bt, np.array([[len(b)]]), n)
+    return float(ov[0, 0])
+
+
+def duplicate_chunks(tokens: np.ndarray, lengths: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
+    """Exact-duplicate chunk detection: each chunk's first identical chunk.
+
+    Parameters
+    ----------
+    tokens : ndarray, shape (N, T), integer
+        Padded token ids (e.g. ``ChunkTable.tokens``).
+    lengths : ndarray, shape (N,)
+    live : ndarray, shape (N,), bool, optional
+        Chunks to consider (deleted ones map to -1).
+
+    Returns
+    -------
+    ndarray, shape (N,), int64
+        ``first[i]`` is the smallest chunk id whose tokens equal chunk
+        ``i``'s (``i`` itself when it is unique or the first copy; -1 for
+        chunks not ``live``). ``np.sum(first != np.arange(N))`` (live ones)
+        counts the redundant copies.
+    """
+    n, t = tokens.shape
+    live = np.ones(n, bool) if live is None else np.asarray(live, bool)
+    real = np.arange(t) < np.asarray(lengths)[:, None]
+    key = np.concatenate([np.where(real, tokens, -1).astype(np.int64), np.asarray(lengths, np.int64)[:, None]], 1)
+    first = np.full(n, -1, np.int64)
+    idx = np.flatnonzero(live)
+    if len(idx) == 0:
+        return first
+    rows = np.ascontiguousarray(key[idx]).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
+    _, first_pos, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    first[idx] = idx[first_pos[inverse.ravel()]]
+    return first
+
+
+@dataclass
+class FilterStats:
+    """What :func:`filter_neighbors` dropped (counts of candidate neighbours).
+
+    Attributes
+    ----------
+    excluded_docs : int
+        From an excluded document (the query's own, or its sequence's).
+    duplicates : int
+        Exact copies of the query chunk.
+    overlap : int
+        Holding at least ``threshold`` of the query's n-grams (not identical).
+    short_rows : int
+        Query chunks left with fewer than k neighbours after filtering.
+    """
+
+    excluded_docs: int = 0
+    duplicates: int = 0
+    overlap: int = 0
+    short_rows: int = 0
+
+
+def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: np.ndarray,
+                     c_tokens: np.ndarray, c_len: np.ndarray, c_docs: np.ndarray,
+                     excluded: np.ndarray | None = None, threshold: float | None = DEFAULT_OVERLAP_THRESHOLD,
+                     n: int = DEFAULT_NGRAM, drop_duplicates: bool = True) -> tuple[np.ndarray, FilterStats]:
+    """Keep the first k admissible candidates of each query chunk.
+
+    Parameters
+    ----------
+    cand : ndarray, shape (B, m), int64
+        Candidate chunk ids, nearest first, -1 padded.
+    k : int
+    q_tokens, q_len : ndarray, shapes (B, T), (B,)
+        The query chunks' padded tokens and lengths.
+    c_tokens, c_len, c_docs : ndarray, shapes (B, m, T), (B, m), (B, m)
+        The candidates' padded tokens, lengths and documents.
+    excluded : ndarray, shape (B, e), int64, optional
+        Per query, documents whose chunks are dropped (-1 padded).
+    threshold : float or None, default 0.5
+        Drop candidates holding at least this share of the query's n-grams
+        (:func:`ngram_overlap`); None turns the overlap filter off.
+    n : int, default 13
+    drop_duplicates : bool, default True
+        Drop candidates whose tokens equal the query's.
+
+    Returns
+    -------
+    kept : ndarray, shape (B, k), int64
+        -1 padded where fewer than k candidates are admissible.
+    stats : FilterStats
+    """
+    stats = FilterStats()
+    ok = cand >= 0
+    if excluded is not None and excluded.size:
+        ex = (c_docs[:, :, None] == excluded[:, None, :]).any(-1) & ok
+        stats.excluded_docs = int(ex.sum())
+        ok &= ~ex
+    if drop_duplicates or threshold is not None:
+        overlap, same = overlap_matrix(q_tokens, q_len, c_tokens, c_len, n)
+        if drop_duplicates:
+            dup = same & ok
+            stats.duplicates = int(dup.sum())
+            ok &= ~dup
+        if threshold is not None:
+            high = (overlap >= threshold) & ok
+            stats.overlap = int(high.sum())
+            ok &= ~high
+    # Stable: admissible candidates first, in their original (nearest-first) order.
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(np.where(ok, cand, -1), order, axis=1)
+    if kept.shape[1] < k:
+        kept = np.pad(kept, ((0, 0), (0, k - kept.shape[1])), constant_values=-1)
+    stats.short_rows = int((kept < 0).any(axis=1).sum())
+    return kept, stats

@@ -1,0 +1,434 @@
+"""Training sequences: the store's documents as RETRO training windows, and their neighbours.
+
+A RETRO model trains on rows of ``L + 1`` tokens: ``L`` inputs (C = L / T
+chunks of T tokens) and the label shift, the token after them
+(Borgeaud et al. 2021, §2.2-2.4). Here each window is **chunk-aligned**: its
+C slots are C stored chunks, so the neighbours of a window's chunks are
+neighbours of stored chunks, computed from the stored vectors without
+embedding anything.
+
+Layout of one window (T = ``chunk_tokens``)::
+
+    tokens[j*T : (j+1)*T]   slot j: the tokens of chunk chunk_ids[j], padded
+                            with pad_id to T (a document's last chunk is
+                            shorter); all pad_id where chunk_ids[j] == -1
+    tokens[L]               the label token: the first token of the chunk
+                            after the last slot when it continues the same
+                            document; eos_id when the last slot ends its
+                            document; pad_id after an empty slot
+
+``mode="document"``: windows never cross documents; each document gives
+``ceil(n_chunks / C)`` windows, the last padded with empty slots.
+``mode="packed"``: the chunks of all documents, in id order, cut every C
+chunks; a window may hold the end of one document and the start of the next
+(``doc_ids`` per slot says which), and only the store's last window is padded.
+
+This is exactly what retro-pytorch's ``RETRODataset`` builds from the files
+:func:`retrostore.retro.export_retro_pytorch` writes (pad_id 0), so either
+can feed the same training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import EmbedderMismatchError, InvalidInputError
+from ._checks import check_int, check_pad_id, is_int
+from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
+from .table import ChunkTable, chunk_table
+
+if TYPE_CHECKING:
+    from retrostore import Store
+
+__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "MODES"]
+
+MODES = ("document", "packed")
+_EOS_NAMES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+
+
+def default_eos_id(store: "Store") -> int:
+    """The store tokenizer's end-of-sequence token: the first of ``[SEP]``, ``</s>``,
+    ``<|endoftext|>``, ``<eos>``, ``<|end_of_text|>`` in its vocabulary.
+
+    Raises
+    ------
+    InvalidInputError
+        The tokenizer has none of them (pass ``eos_id=`` explicitly).
+    """
+    tok = store.chunker.tokenizer
+    for name in _EOS_NAMES:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return int(i)
+    raise InvalidInputError(
+        f"the store's tokenizer has none of {', '.join(_EOS_NAMES)}; pass eos_id= (a token id of the store's "
+        "tokenizer that never occurs inside a chunk) to mark document ends")
+
+
+def _check_eos(store: "Store", eos_id: Any, pad: int) -> int:
+    vocab = int(store.manifest["tokenizer"]["vocab_size"])
+    eos = default_eos_id(store) if eos_id is None else eos_id
+    if not is_int(eos) or not 0 <= eos < vocab:
+        raise InvalidInputError(f"eos_id={eos!r} is outside the store's vocabulary [0, {vocab}); give a token id of "
+                                "the store's tokenizer")
+    if eos == pad:
+        raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: the label at a document's end would be ignored "
+                                "as padding; give another eos_id or pad_id")
+    return int(eos)
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Chunk-aligned training windows of ``L + 1`` tokens over one store version.
+
+    Attributes
+    ----------
+    chunk_ids : ndarray, shape (n, C), int64
+        The stored chunk in each slot; -1 for an empty (padding) slot.
+    doc_ids : ndarray, shape (n, C), int64
+        Their documents; -1 for an empty slot.
+    labels : ndarray, shape (n,), int64
+        Each window's last token (``tokens[:, L]``).
+    seq_len : int
+        L (a multiple of ``chunk_tokens``).
+    mode : {"document", "packed"}
+    pad_id, eos_id : int
+    table : ChunkTable
+        The chunk tokens the windows are made of.
+    """
+
+    chunk_ids: np.ndarray
+    doc_ids: np.ndarray
+    labels: np.ndarray
+    seq_len: int
+    mode: str
+    pad_id: int
+    eos_id: int
+    table: ChunkTable
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    @property
+    def chunks_per_sequence(self) -> int:
+        return self.chunk_ids.shape[1]
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token rows ``[start, stop)``: shape ``(stop - start, L + 1)``, int64."""
+        n = len(self)
+        stop = n if stop is None else check_int("stop", stop, 0, n)
+        start = check_int("start", start, 0, stop)
+        ids = self.chunk_ids[start:stop]
+        body = self.table.padded(ids, self.pad_id).reshape(len(ids), self.seq_len)
+        return np.concatenate([body, self.labels[start:stop, None]], axis=1)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """One window's ``L + 1`` tokens, int64."""
+        i = check_int("index", i, 0, len(self) - 1)
+        return self.tokens(i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, tokens (b, L + 1))`` for consecutive batches of windows."""
+        batch_size = check_int("batch_size", batch_size, 1)
+        for s in range(0, len(self), batch_size):
+            yield s, self.tokens(s, min(len(self), s + batch_size))
+
+
+def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pad_id: int | None = None,
+                       eos_id: int | None = None, table: ChunkTable | None = None) -> Sequences:
+    """Cut the store's documents into chunk-aligned windows of ``seq_len + 1`` tokens.
+
+    Parameters
+    ----------
+    store : Store
+    seq_len : int
+        L, the model's input length (retro-pytorch's ``max_seq_len`` /
+        ``RETRODataset(seq_len=...)``): a positive multiple of
+        ``chunk_tokens``. Each window holds ``L + 1`` tokens.
+    mode : {"packed", "document"}, default "packed"
+        See the module docstring.
+    pad_id : int, optional
+        Default: the store's pad id.
+    eos_id : int, optional
+        Label after a document's last token. Default: :func:`default_eos_id`.
+    table : ChunkTable, optional
+        A :func:`chunk_table` of this version (read when not given).
+
+    Returns
+    -------
+    Sequences
+
+    Raises
+    ------
+    InvalidInputError
+        ``seq_len`` is not a positive multiple of ``chunk_tokens``, an unknown
+        ``mode``, a ``pad_id`` / ``eos_id`` outside the vocabulary or equal.
+    """
+    t = int(store.manifest["chunk_tokens"])
+    if not is_int(seq_len) or seq_len < t or seq_len % t:
+        raise InvalidInputError(
+            f"seq_len={seq_len!r} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
+            f"into chunks of {t} tokens: use e.g. {max(t, (seq_len // t) * t if is_int(seq_len) else t)} or "
+            f"{max(t, ((seq_len // t) + 1) * t if is_int(seq_len) else 2 * t)}")
+    if mode not in MODES:
+        raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
+    pad = check_pad_id(store, pad_id)
+    eos = _check_eos(store, eos_id, pad)
+    if table is None:
+        table = chunk_table(store)
+    elif table.version != store.version or len(table) != len(store):
+        raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
+                                "read a new one with chunk_table(store)")
+    c = int(seq_len) // t
+    live = np.flatnonzero(table.live)
+    if mode == "packed":
+        n = -(-len(live) // c)
+        slots = np.full(n * c, -1, np.int64)
+        slots[:len(live)] = live
+        chunk_ids = slots.reshape(n, c)
+    else:
+        docs = table.doc_ids[live]
+        starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]]) if len(live) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(live)]
+        rows = []
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            m = -(-(e - s) // c)
+            block = np.full(m * c, -1, np.int64)
+            block[:e - s] = live[s:e]
+            rows.append(block.reshape(m, c))
+        chunk_ids = np.concatenate(rows) if rows else np.zeros((0, c), np.int64)
+    doc_ids = np.where(chunk_ids >= 0, table.doc_ids[np.maximum(chunk_ids, 0)], -1)
+    last = chunk_ids[:, -1] if len(chunk_ids) else np.zeros(0, np.int64)
+    safe = np.maximum(last, 0)
+    nxt = np.minimum(safe + 1, max(len(table) - 1, 0))
+    labels = np.where(last < 0, pad, np.where(table.next_in_doc[safe], table.tokens[nxt, 0], eos)).astype(np.int64)
+    return Sequences(chunk_ids, doc_ids, labels, int(seq_len), mode, pad, eos, table)
+
+
+def _window_exclusions(seqs: Sequences, per: str) -> np.ndarray:
+    """Per window slot, the documents its neighbours may not come from, shape (n, C, e)."""
+    n, c = seqs.chunk_ids.shape
+    if per == "chunk":
+        return seqs.doc_ids[:, :, None]
+    # Every document of the window: a packed window's chunk must not retrieve
+    # a later (or earlier) part of the same training sequence.
+    docs = np.sort(seqs.doc_ids, axis=1)
+    return np.broadcast_to(docs[:, None, :], (n, c, c))
+
+
+def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, *, k: int = 2,
+                       exclude: str = "sequence", overlap_threshold: float | None = DEFAULT_OVERLAP_THRESHOLD,
+                       ngram: int = DEFAULT_NGRAM, drop_duplicates: bool = True, candidates: int | None = None,
+                       batch_size: int = 512, progress: bool = False) -> dict:
+    """Precompute the k neighbours of every chunk of every training window, leakage-filtered.
+
+    Candidates come from ``Store.precompute_neighbors(..., exclude_same_doc=True)``
+    (the stored vectors searched, nothing embedded; resumable), written once
+    beside ``out`` as ``OUT.candidates-vVERSION-kM.npy``. Each window slot then keeps the
+    first k candidates that are not from an excluded document, not an exact
+    copy of the query chunk, and do not hold ``overlap_threshold`` of its
+    n-grams. A slot left with fewer than k (the candidates ran out: boilerplate
+    with many near copies) is searched again with the chunk's tokens embedded
+    once more (the stored vectors are not public), widening until k are found
+    or the store is exhausted; the summary counts these (``research``).
+
+    Parameters
+    ----------
+    store : Store
+        The store ``seqs`` were cut from (same version).
+    seqs : Sequences
+    out : path-like
+        Destination ``.npy``: int64, shape ``(len(seqs), C, k)``, -1 for an
+        empty slot or a missing neighbour. Written to ``OUT.partial`` with
+        progress in ``OUT.progress.json`` and renamed when complete: run
+        again with the same arguments to resume.
+    k : int, default 2
+    exclude : {"sequence", "chunk"}, default "sequence"
+        ``"sequence"``: no neighbour from any document of the window (RETRO
+        excludes the training sequence's own document, §2.4; a packed window
+        has several). ``"chunk"``: only the slot's own document.
+    overlap_threshold : float or None, default 0.5
+        See :mod:`retrostore.retro.leakage`; None turns it off.
+    ngram : int, default 13
+    drop_duplicates : bool, default True
+    candidates : int, optional
+        Candidates per chunk searched (default ``2 * k + 8``).
+    batch_size : int, default 512
+        Windows per filtering step (and per progress record).
+    progress : bool, default False
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        The summary, also written to ``OUT.summary.json``: ``rows``,
+        ``chunks`` (non-empty slots), ``k``, ``exclude``,
+        ``overlap_threshold``, ``ngram``, ``dropped`` (``excluded_docs``,
+        ``duplicates``, ``overlap``: candidates dropped), ``research`` (slots
+        searched again), ``short`` (slots still with fewer than k).
+
+    Raises
+    ------
+    InvalidInputError
+        Bad ``k``, ``exclude``, ``overlap_threshold``, ``ngram``,
+        ``candidates``, ``batch_size`` or ``out``; ``seqs`` of another
+        store version.
+    """
+    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    if exclude not in ("sequence", "chunk"):
+        raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
+    if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(
+            overlap_threshold, (int, float, np.floating)) or not 0 < overlap_threshold <= 1):
+        raise InvalidInputError(f"overlap_threshold={overlap_threshold!r} must be a share in (0, 1], or None to "
+                                "turn the overlap filter off")
+    ngram = check_int("ngram", ngram, 1)
+    n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
+    batch_size = check_int("batch_size", batch_size, 1)
+    if seqs.table.version != store.version or len(seqs.table) != len(store):
+        raise InvalidInputError(f"seqs were cut from store version {seqs.table.version}; the store is at "
+                                f"{store.version}: cut them again with training_sequences(store, ...)")
+    if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
+        raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
+    n, c = seqs.chunk_ids.shape
+    table = seqs.table
+    n_cand = min(n_cand, max(len(store) - 1, 1))
+    # Named by version and width, so a finished file is never reused for another store version.
+    cand_path = out.with_name(f"{out.name[:-4]}.candidates-v{store.version}-k{n_cand}.npy")
+    if not cand_path.exists():
+        store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
+    cand_all = np.load(cand_path, mmap_mode="r")
+    params = {"store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
+              "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
+              "drop_duplicates": drop_duplicates, "candidates": n_cand,
+              "windows_sha": _digest(seqs.chunk_ids)}
+    partial = out.with_name(out.name + ".partial")
+    state_path = out.with_name(out.name + ".progress.json")
+    done, totals = 0, {"excluded_docs": 0, "duplicates": 0, "overlap": 0, "research": 0, "short": 0}
+    if partial.exists() and state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            state = {}
+        if state.get("params") == params:
+            done, totals = int(state["done"]), state["totals"]
+    arr = (np.lib.format.open_memmap(partial, mode="w+", dtype=np.int64, shape=(n, c, k)) if done == 0
+           else np.load(partial, mmap_mode="r+", allow_pickle=False))
+    excl_all = _window_exclusions(seqs, exclude)
+    bar = _bar(n, done, progress)
+    try:
+        while done < n:
+            end = min(n, done + batch_size)
+            q = seqs.chunk_ids[done:end].ravel()
+            have = q >= 0
+            qi = q[have]
+            cand = np.asarray(cand_all[qi], np.int64)
+            safe = np.maximum(cand, 0)
+            kept, st = filter_neighbors(
+                cand, k, q_tokens=table.tokens[qi], q_len=table.lengths[qi],
+                c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
+                c_docs=np.where(cand >= 0, table.doc_ids[safe], -1),
+                excluded=excl_all[done:end].reshape(-1, excl_all.shape[-1])[have],
+                threshold=overlap_threshold, n=ngram, drop_duplicates=drop_duplicates)
+            totals["excluded_docs"] += st.excluded_docs
+            totals["duplicates"] += st.duplicates
+            totals["overlap"] += st.overlap
+            # Slots short of k although their candidate list was full: search again, wider.
+            short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
+            if len(short):
+                kept[short] = _research(store, table, qi[short], excl_all[done:end].reshape(
+                    -1, excl_all.shape[-1])[have][short], k, n_cand, overlap_threshold, ngram, drop_duplicates)
+                totals["research"] += len(short)
+            totals["short"] += int((kept < 0).any(1).sum())
+            block = np.full((len(q), k), -1, np.int64)
+            block[have] = kept
+            arr[done:end] = block.reshape(end - done, c, k)
+            arr.flush()
+            done = end
+            _atomic_json(state_path, {"params": params, "done": done, "totals": totals})
+            bar.update(end - bar.n)
+    finally:
+        bar.close()
+    del arr
+    os.replace(partial, out)
+    state_path.unlink(missing_ok=True)
+    summary = {"rows": n, "chunks": int((seqs.chunk_ids >= 0).sum()), "k": k, "exclude": exclude,
+               "mode": seqs.mode, "seq_len": seqs.seq_len, "overlap_threshold": overlap_threshold, "ngram": ngram,
+               "drop_duplicates": drop_duplicates, "candidates": n_cand, "store_version": store.version,
+               "dropped": {key: totals[key] for key in ("excluded_docs", "duplicates", "overlap")},
+               "research": totals["research"], "short": totals["short"]}
+    _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
+    return summary
+
+
+def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:
+    """Vectors of chunk token ids, as ``Store.neighbors`` embeds a query chunk: the ids
+    themselves when the chunk tokenizer is the embedder's, else their decoded text."""
+    emb = store.embedder
+    fp = getattr(emb, "fingerprint", None) or {}
+    if hasattr(emb, "embed_token_ids") and fp.get("tokenizer_sha256") == store.manifest["tokenizer"]["sha256"]:
+        return emb.embed_token_ids(toks)
+    return emb.embed([store.chunker.decode(t) for t in toks])
+
+
+def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndarray, k: int, start: int,
+              threshold, ngram: int, drop_duplicates: bool) -> np.ndarray:
+    """k admissible neighbours of chunks whose candidates ran out: their tokens embedded once
+    more (the stored vectors are not public) and searched ever wider (8x the candidates, then
+    doubling) until k pass the filters or the store is exhausted.
+
+    Returns
+    -------
+    ndarray, shape (len(chunk_ids), k), int64, -1 padded.
+    """
+    kept = np.full((len(chunk_ids), k), -1, np.int64)
+    try:
+        vecs = _query_vectors(store, [table.tokens[c, :table.lengths[c]].astype(np.int64) for c in chunk_ids])
+    except EmbedderMismatchError:
+        return kept  # a store fed its own vectors cannot embed: leave these slots short
+    todo = np.arange(len(chunk_ids))
+    want = min(len(store), start * 8)
+    while len(todo):
+        ids = chunk_ids[todo]
+        _, cand = store.search_vectors(vecs[todo], want)
+        safe = np.maximum(cand, 0)
+        got, _ = filter_neighbors(
+            cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
+            c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
+            c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=excluded[todo],
+            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
+        kept[todo] = got
+        if want >= len(store):
+            break
+        todo = todo[(got < 0).any(1) & (cand >= 0).all(1)]
+        want = min(len(store), want * 2)
+    return kept
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _bar(total: int, initial: int, show: bool):
+    return tqdm(total=total, initial=initial, unit="seq", disable=not show, desc="sequence neighbors",
+                dynamic_ncols=True)

@@ -1,0 +1,124 @@
+"""Every committed chunk's tokens and document, read once through the public API.
+
+:class:`ChunkTable` is the in-memory view the training-side code works on:
+the token ids of all chunks as one ``(N, T)`` array, their lengths, documents
+and whether the next chunk id continues the same document. It costs
+``4 * T + 17`` bytes per chunk (272 B at T = 64: 11 MB for the 40,000 chunks
+of the pydocs corpus, 272 MB for a million).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ._checks import settings
+
+if TYPE_CHECKING:
+    from retrostore import Store
+
+__all__ = ["ChunkTable", "chunk_table", "live_chunks"]
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Token ids of every chunk of one committed store version.
+
+    Attributes
+    ----------
+    tokens : ndarray, shape (N, T), int32
+        Chunk ``i``'s token ids in ``tokens[i, :lengths[i]]``; 0 beyond.
+    lengths : ndarray, shape (N,), int16
+        Tokens per chunk (``T`` but for a document's last chunk); 0 for a
+        deleted chunk.
+    doc_ids : ndarray, shape (N,), int64
+        Document of each chunk; -1 for a deleted chunk.
+    next_in_doc : ndarray, shape (N,), bool
+        Chunk ``i + 1`` exists and belongs to the same document (``i`` has a
+        continuation, Borgeaud et al. 2021, §2.3).
+    live : ndarray, shape (N,), bool
+        Not deleted (``Store.delete``).
+    chunk_tokens : int
+        T.
+    version : int
+        The store version read.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    doc_ids: np.ndarray
+    next_in_doc: np.ndarray
+    live: np.ndarray
+    chunk_tokens: int
+    version: int
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def padded(self, ids: np.ndarray, pad_id: int) -> np.ndarray:
+        """Tokens of chunk ids (any shape, -1 allowed) padded with ``pad_id``: shape ``ids.shape + (T,)``, int64."""
+        ids = np.asarray(ids, np.int64)
+        safe = np.maximum(ids, 0)
+        out = self.tokens[safe].astype(np.int64)
+        real = np.arange(self.chunk_tokens) < self.lengths[safe][..., None]
+        real &= (ids >= 0)[..., None]
+        out[~real] = pad_id
+        return out
+
+
+def _read_live(store: "Store", ids: list[int]) -> list:
+    """``store.get_chunks(ids)``, skipping chunks of deleted documents (found by bisection)."""
+    try:
+        return store.get_chunks(ids)
+    except InvalidInputError:
+        if len(ids) == 1:
+            return []
+        mid = len(ids) // 2
+        return _read_live(store, ids[:mid]) + _read_live(store, ids[mid:])
+
+
+def live_chunks(store: "Store", ids: list[int]) -> list:
+    """The chunks among ``ids`` that are served (deleted documents' chunks left out)."""
+    if not settings(store).deletes:
+        return store.get_chunks(ids)
+    return _read_live(store, ids)
+
+
+def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:
+    """Read the tokens of every committed chunk (``Store.get_chunks`` in batches).
+
+    Parameters
+    ----------
+    store : Store
+    batch_size : int, default 8192
+        Chunks per ``get_chunks`` call.
+
+    Returns
+    -------
+    ChunkTable
+        Of ``store.version``; ``len(table) == len(store)``.
+
+    Notes
+    -----
+    ``get_chunks`` also decodes each chunk's text, which this does not need:
+    an internal read of the token ids alone would be about twice as fast.
+    """
+    n = len(store)
+    t = int(store.manifest["chunk_tokens"])
+    tokens = np.zeros((n, t), np.int32)
+    lengths = np.zeros(n, np.int16)
+    doc_ids = np.full(n, -1, np.int64)
+    for start in range(0, n, batch_size):
+        for ch in live_chunks(store, list(range(start, min(n, start + batch_size)))):
+            m = len(ch.tokens)
+            tokens[ch.chunk_id, :m] = ch.tokens
+            lengths[ch.chunk_id] = m
+            doc_ids[ch.chunk_id] = ch.doc_id
+    live = doc_ids >= 0
+    next_in_doc = np.zeros(n, bool)
+    if n > 1:
+        next_in_doc[:-1] = live[:-1] & (doc_ids[:-1] == doc_ids[1:])
+    return ChunkTable(tokens, lengths, doc_ids, next_in_doc, live, t, store.version)

@@ -1,0 +1,230 @@
+"""Neighbour tokens from chunk ids: RETRO's retrieval input without embedding anything.
+
+Precomputed neighbours (``Store.precompute_neighbors``, ``retrostore
+neighbors``, :func:`retrostore.retro.sequence_neighbors`) are chunk ids. A
+RETRO model consumes tokens: for each query chunk, k neighbours of
+``2 * T`` tokens, the neighbour chunk then its continuation, the next chunk
+of the same document (Borgeaud et al. 2021, §2.3). :func:`neighbor_tokens`
+turns ids of any shape ``(..., k)`` into exactly the arrays
+``Store.neighbors`` returns for the same neighbours, reading each distinct
+chunk once; :class:`NeighborFile` does it by row range over a memory-mapped
+``.npy`` file, for data loaders.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ._checks import as_id_array, check_int, check_pad_id, settings
+from .table import ChunkTable, live_chunks
+
+if TYPE_CHECKING:
+    from retrostore import Store
+
+__all__ = ["NeighborTokens", "neighbor_tokens", "NeighborFile"]
+
+
+@dataclass(frozen=True)
+class NeighborTokens:
+    """Neighbour and continuation tokens of chunk ids shaped ``(..., k)``.
+
+    Attributes
+    ----------
+    tokens : ndarray, shape (..., k, 2 * T), int64
+        Neighbour tokens (``[..., :T]``) then continuation tokens
+        (``[..., T:]``: the next chunk of the same document), each part
+        padded with ``pad_id`` where shorter or absent (document end, or
+        chunk id -1).
+    mask : ndarray, shape (..., k, 2 * T), bool
+        True where ``tokens`` holds a real token.
+    chunk_ids : ndarray, shape (..., k), int64
+        The ids given (-1: no neighbour).
+    doc_ids : ndarray, shape (..., k), int64
+        Their documents; -1 with ``chunk_ids``.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    chunk_ids: np.ndarray
+    doc_ids: np.ndarray
+
+
+def _from_table(table: ChunkTable, ids: np.ndarray, pad: int) -> NeighborTokens:
+    t = table.chunk_tokens
+    if np.any(ids >= len(table)):
+        raise InvalidInputError(f"chunk id {int(ids.max())} is outside the table's [0, {len(table)})")
+    safe = np.maximum(ids, 0)
+    have = ids >= 0
+    if have.any() and not table.live[safe[have]].all():
+        bad = int(safe[have][~table.live[safe[have]]][0])
+        raise InvalidInputError(f"chunk {bad} belongs to a deleted document (Store.delete); recompute the neighbours "
+                                "on the current version")
+    cont = np.where(have & table.next_in_doc[safe], safe + 1, -1)
+    tokens = np.concatenate([table.padded(ids, pad), table.padded(cont, pad)], axis=-1)
+    pos = np.arange(t)
+    mask = np.concatenate([(pos < table.lengths[safe][..., None]) & have[..., None],
+                           (pos < table.lengths[np.maximum(cont, 0)][..., None]) & (cont >= 0)[..., None]], axis=-1)
+    doc_ids = np.where(have, table.doc_ids[safe], -1)
+    return NeighborTokens(tokens, mask, ids, doc_ids)
+
+
+def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None,
+                    table: ChunkTable | None = None) -> NeighborTokens:
+    """Tokens, mask and documents of neighbour chunk ids, with continuations.
+
+    Nothing is embedded or searched: each distinct chunk among the ids and
+    their successors is read once (``Store.get_chunks``). The result equals
+    what ``Store.neighbors`` returns for the same neighbour ids.
+
+    Parameters
+    ----------
+    store : Store
+    chunk_ids : array-like of int, shape (..., k)
+        Neighbour chunk ids of any leading shape: ``(N, k)`` from
+        ``precompute_neighbors``, ``(n, C, k)`` from :func:`sequence_neighbors`
+        or ``(B, C, k)``; -1 where there is no neighbour.
+    pad_id : int, optional
+        Token id put where there is no token. Default: the store's pad id
+        (``store.manifest["tokenizer"]["pad_id"]``); give the model's
+        ``pad_id`` if it differs (retro-pytorch masks ``tokens != pad_id``).
+    table : ChunkTable, optional
+        A :func:`chunk_table` of this store version: read from memory
+        instead of the store (for many calls over one version).
+
+    Returns
+    -------
+    NeighborTokens
+        ``tokens`` / ``mask`` shaped ``chunk_ids.shape + (2 * T,)``;
+        ``doc_ids`` shaped like ``chunk_ids``.
+
+    Raises
+    ------
+    InvalidInputError
+        ``chunk_ids`` are not integers, have no dimension, hold an id outside
+        ``[-1, len(store))`` or a deleted document's chunk; ``pad_id`` is
+        outside the vocabulary.
+    """
+    pad = check_pad_id(store, pad_id)
+    ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
+    if table is not None:
+        if table.version != store.version or len(table) != len(store):
+            raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
+                                    "read a new one with chunk_table(store)")
+        return _from_table(table, ids, pad)
+    t = settings(store).chunk_tokens
+    n = len(store)
+    flat = ids.ravel()
+    uniq = np.unique(flat[flat >= 0])
+    got = {c.chunk_id: c for c in store.get_chunks(uniq.tolist())} if len(uniq) else {}
+    succ = np.setdiff1d(uniq + 1, uniq)
+    succ = succ[succ < n]
+    if len(succ):
+        got.update({c.chunk_id: c for c in live_chunks(store, succ.tolist())})
+    tokens = np.full(flat.shape + (2 * t,), pad, np.int64)
+    mask = np.zeros(flat.shape + (2 * t,), bool)
+    doc_ids = np.full(flat.shape, -1, np.int64)
+    # One row per distinct id, then gathered: the per-id work is done once.
+    rows_tok = np.full((len(uniq), 2 * t), pad, np.int64)
+    rows_mask = np.zeros((len(uniq), 2 * t), bool)
+    rows_doc = np.empty(len(uniq), np.int64)
+    for r, cid in enumerate(uniq.tolist()):
+        ch = got[cid]
+        m = len(ch.tokens)
+        rows_tok[r, :m] = ch.tokens
+        rows_mask[r, :m] = True
+        rows_doc[r] = ch.doc_id
+        nxt = got.get(cid + 1)
+        if nxt is not None and nxt.doc_id == ch.doc_id:  # never cross into another document
+            m2 = len(nxt.tokens)
+            rows_tok[r, t:t + m2] = nxt.tokens
+            rows_mask[r, t:t + m2] = True
+    have = flat >= 0
+    if have.any():
+        where = np.searchsorted(uniq, flat[have])
+        tokens[have] = rows_tok[where]
+        mask[have] = rows_mask[where]
+        doc_ids[have] = rows_doc[where]
+    shape = ids.shape
+    return NeighborTokens(tokens.reshape(shape + (2 * t,)), mask.reshape(shape + (2 * t,)), ids,
+                          doc_ids.reshape(shape))
+
+
+class NeighborFile:
+    """A precomputed neighbours ``.npy`` file read as tokens by row range.
+
+    The file is memory-mapped (``np.load(path, mmap_mode="r")``): a data
+    loader reading rows ``[start, stop)`` touches only those rows and the
+    chunks they name. Works for ``Store.precompute_neighbors`` output
+    (``(N, k)``, one row per stored chunk) and :func:`sequence_neighbors`
+    output (``(n, C, k)``, one row per training sequence).
+
+    Parameters
+    ----------
+    store : Store
+        The store (and version) the neighbours were computed on.
+    path : path-like
+        The ``.npy`` file of int chunk ids, last axis k, -1 padded.
+    pad_id : int, optional
+        As in :func:`neighbor_tokens`.
+    table : ChunkTable, optional
+        As in :func:`neighbor_tokens`.
+
+    Attributes
+    ----------
+    ids : ndarray (memory-mapped), shape (rows, ..., k)
+    shape : tuple of int
+
+    Raises
+    ------
+    InvalidInputError
+        The file is missing, not a ``.npy`` array of integers, or names a
+        chunk id outside ``[-1, len(store))``.
+    """
+
+    def __init__(self, store: "Store", path: str | os.PathLike, *, pad_id: int | None = None,
+                 table: ChunkTable | None = None):
+        self.store = store
+        self.path = Path(path)
+        self.pad_id = check_pad_id(store, pad_id)
+        self.table = table
+        try:
+            self.ids = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{self.path}: not a readable .npy file of neighbour ids ({exc}); write it with "
+                                    "Store.precompute_neighbors or retrostore.retro.sequence_neighbors") from None
+        if self.ids.ndim < 2 or not np.issubdtype(self.ids.dtype, np.integer):
+            raise InvalidInputError(f"{self.path} holds {self.ids.dtype} shaped {self.ids.shape}; expected integer "
+                                    "chunk ids shaped (rows, ..., k)")
+        self.shape = tuple(self.ids.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def tokens(self, start: int, stop: int | None = None) -> NeighborTokens:
+        """Neighbour tokens of rows ``[start, stop)`` (one row when ``stop`` is None).
+
+        Returns
+        -------
+        NeighborTokens
+            ``tokens`` shaped ``(stop - start,) + shape[1:] + (2 * T,)``.
+
+        Raises
+        ------
+        InvalidInputError
+            ``start`` / ``stop`` are not ints in ``[0, len(file)]`` with
+            ``start <= stop``.
+        """
+        n = len(self)
+        start = check_int("start", start, 0, n - 1 if stop is None else n)
+        stop = start + 1 if stop is None else check_int("stop", stop, start, n, fix=f"rows are [0, {n})")
+        return neighbor_tokens(self.store, np.asarray(self.ids[start:stop]), pad_id=self.pad_id, table=self.table)
+
+    def __getitem__(self, row: int) -> NeighborTokens:
+        nt = self.tokens(row)
+        return NeighborTokens(nt.tokens[0], nt.mask[0], nt.chunk_ids[0], nt.doc_ids[0])

@@ -1,0 +1,281 @@
+"""retrostore.retro without torch: neighbour tokens from ids, training windows, their
+neighbours (exclusion, duplicates, n-gram overlap, resume) and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore import retro
+from retrostore.errors import InvalidInputError
+
+from _retro_stores import duplicated_store, retro_store
+
+T = 64
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, pydocs, embedder):
+    with retrostore.open(retro_store(tmp_path_factory, pydocs, embedder), embedder=embedder) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def table(store):
+    return retro.chunk_table(store)
+
+
+def _row_of_tokens(store, doc_id, n_chunks):
+    ids = list(store.get_document(doc_id).chunk_ids)[:n_chunks]
+    return np.concatenate([c.tokens for c in store.get_chunks(ids)])
+
+
+# --- neighbour tokens from ids -------------------------------------------------------------
+
+def test_neighbor_tokens_equal_store_neighbors(store, table):
+    rows = np.stack([_row_of_tokens(store, 4, 4)[: 4 * T], _row_of_tokens(store, 0, 4)[: 4 * T]])
+    nb = store.neighbors(rows, k=3)
+    for tab in (None, table):  # read from the store, and from an in-memory table
+        nt = retro.neighbor_tokens(store, nb.chunk_ids, table=tab)
+        assert nt.tokens.shape == (2, 4, 3, 2 * T) and nt.tokens.dtype == np.int64
+        np.testing.assert_array_equal(nt.tokens, nb.tokens)
+        np.testing.assert_array_equal(nt.mask, nb.mask)
+        np.testing.assert_array_equal(nt.doc_ids, nb.doc_ids)
+
+
+def test_neighbor_tokens_any_shape_missing_and_continuations(store, table):
+    n = len(store)
+    last_of_doc = np.flatnonzero(~table.next_in_doc)[0]  # ends a document: no continuation
+    ids = np.array([[0, -1], [last_of_doc, n - 1], [1, 1]])
+    nt = retro.neighbor_tokens(store, ids)
+    assert nt.tokens.shape == (3, 2, 2 * T)
+    assert not nt.mask[0, 1].any() and (nt.tokens[0, 1] == 0).all() and nt.doc_ids[0, 1] == -1
+    c0, c1 = store.get_chunks([0, 1])
+    np.testing.assert_array_equal(nt.tokens[0, 0, : len(c0.tokens)], c0.tokens)
+    np.testing.assert_array_equal(nt.tokens[0, 0, T: T + len(c1.tokens)], c1.tokens)   # continuation
+    assert not nt.mask[1, 0, T:].any()                      # document end: no continuation
+    assert not nt.mask[1, 1, T:].any()                      # the store's last chunk
+    flat = retro.neighbor_tokens(store, [5, -1, 7])         # 1-D: (k,)
+    assert flat.tokens.shape == (3, 2 * T)
+    deep = retro.neighbor_tokens(store, np.arange(24).reshape(2, 3, 2, 2))
+    assert deep.tokens.shape == (2, 3, 2, 2, 2 * T)
+    padded = retro.neighbor_tokens(store, ids, pad_id=7)
+    assert (padded.tokens[~padded.mask] == 7).all()
+
+
+def test_neighbor_file_reads_row_ranges(store, table, tmp_path):
+    out = store.precompute_neighbors(tmp_path / "knn.npy", k=2, exclude_same_doc=True, progress=False)
+    nf = retro.NeighborFile(store, out, table=table)
+    assert len(nf) == len(store) and nf.shape == (len(store), 2)
+    part = nf.tokens(10, 20)
+    full = retro.neighbor_tokens(store, np.load(out))
+    np.testing.assert_array_equal(part.tokens, full.tokens[10:20])
+    np.testing.assert_array_equal(nf[3].tokens, full.tokens[3])
+    assert (part.doc_ids != table.doc_ids[10:20, None]).all()   # own document excluded
+    with pytest.raises(InvalidInputError, match="stop"):
+        nf.tokens(5, len(store) + 1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[0.0, 1.0]]), "dtype float64"),
+    (np.array([[True, False]]), "dtype bool"),
+    (np.int64(3), "shape"),
+    ([[0, 10**6]], r"chunk id 1000000, outside \[-1, "),
+    ([[-2, 0]], "chunk id -2"),
+])
+def test_neighbor_tokens_bad_input(store, bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        retro.neighbor_tokens(store, bad)
+
+
+def test_bad_pad_and_file(store, tmp_path):
+    with pytest.raises(InvalidInputError, match=r"pad_id=30522 is outside the store's vocabulary \[0, 30522\)"):
+        retro.neighbor_tokens(store, [[0]], pad_id=30522)
+    (tmp_path / "x.npy").write_bytes(b"not numpy")
+    with pytest.raises(InvalidInputError, match="not a readable .npy"):
+        retro.NeighborFile(store, tmp_path / "x.npy")
+    np.save(tmp_path / "f.npy", np.zeros((3, 2), np.float32))
+    with pytest.raises(InvalidInputError, match="integer"):
+        retro.NeighborFile(store, tmp_path / "f.npy")
+
+
+# --- training windows ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_windows_layout(store, table, mode):
+    seqs = retro.training_sequences(store, 4 * T, mode=mode, table=table)
+    c = seqs.chunks_per_sequence
+    assert c == 4 and seqs.eos_id == 102 and seqs.pad_id == 0
+    toks = seqs.tokens()
+    assert toks.shape == (len(seqs), 4 * T + 1)
+    used = seqs.chunk_ids[seqs.chunk_ids >= 0]
+    np.testing.assert_array_equal(np.sort(used), np.arange(len(store)))   # every chunk once
+    for i in range(len(seqs)):
+        for j, cid in enumerate(seqs.chunk_ids[i]):
+            slot = toks[i, j * T:(j + 1) * T]
+            if cid < 0:
+                assert (slot == 0).all() and seqs.doc_ids[i, j] == -1
+                continue
+            ch = store.get_chunks([int(cid)])[0]
+            np.testing.assert_array_equal(slot[: len(ch.tokens)], ch.tokens)
+            assert (slot[len(ch.tokens):] == 0).all() and seqs.doc_ids[i, j] == ch.doc_id
+        last = int(seqs.chunk_ids[i, -1])
+        if last < 0:
+            assert toks[i, -1] == 0
+        elif table.next_in_doc[last]:
+            assert toks[i, -1] == store.get_chunks([last + 1])[0].tokens[0]   # the label shift
+        else:
+            assert toks[i, -1] == 102                                        # document end: [SEP]
+    if mode == "document":
+        assert all(len(set(d[d >= 0].tolist())) == 1 for d in seqs.doc_ids)  # never crosses documents
+        assert all(seqs.chunk_ids[i, 0] >= 0 for i in range(len(seqs)))
+    else:
+        assert (seqs.chunk_ids[:-1] >= 0).all()                              # only the last is padded
+        assert any(len(set(d.tolist())) > 1 for d in seqs.doc_ids)
+
+
+@pytest.mark.parametrize("seq_len", [100, 0, -64, 64.0, "256"])
+def test_window_length_must_be_a_multiple_of_the_chunk(store, table, seq_len):
+    with pytest.raises(InvalidInputError, match="multiple of the store's chunk size 64"):
+        retro.training_sequences(store, seq_len, table=table)
+
+
+def test_window_bad_settings(store, table):
+    with pytest.raises(InvalidInputError, match="mode='rows'"):
+        retro.training_sequences(store, 128, mode="rows", table=table)
+    with pytest.raises(InvalidInputError, match="eos_id=0 equals pad_id=0"):
+        retro.training_sequences(store, 128, eos_id=0, table=table)
+    with pytest.raises(InvalidInputError, match=r"eos_id=99999 is outside the store's vocabulary \[0, 30522\)"):
+        retro.training_sequences(store, 128, eos_id=99999, table=table)
+
+
+# --- neighbours of the windows ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_sequence_neighbors_exclude_every_document_of_the_window(store, table, mode, tmp_path):
+    seqs = retro.training_sequences(store, 4 * T, mode=mode, table=table)
+    summary = retro.sequence_neighbors(store, seqs, tmp_path / "knn.npy", k=2)
+    knn = np.load(tmp_path / "knn.npy")
+    assert knn.shape == (len(seqs), 4, 2) and knn.dtype == np.int64
+    assert ((knn >= 0) == (seqs.chunk_ids >= 0)[..., None]).all()       # k for every real slot
+    docs = table.doc_ids[np.maximum(knn, 0)]
+    for i in range(len(seqs)):
+        window_docs = set(seqs.doc_ids[i][seqs.doc_ids[i] >= 0].tolist())
+        assert not window_docs & set(docs[i][knn[i] >= 0].tolist())
+    assert summary["rows"] == len(seqs) and summary["short"] == 0
+    saved = json.loads((tmp_path / "knn.summary.json").read_text())
+    assert saved["dropped"] == summary["dropped"]
+    if mode == "packed":  # the per-chunk exclusion of precompute_neighbors would not be enough
+        assert summary["dropped"]["excluded_docs"] > 0
+
+
+def test_sequence_neighbors_resume(store, table, tmp_path, monkeypatch):
+    seqs = retro.training_sequences(store, 2 * T, mode="packed", table=table)
+    want = retro.sequence_neighbors(store, seqs, tmp_path / "a.npy", k=2, batch_size=16)
+    from retrostore.retro import sequences as mod
+
+    real, calls = mod._atomic_json, []
+
+    def dies_after_two(path, obj):  # killed right after the second batch's progress record
+        real(path, obj)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "_atomic_json", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        retro.sequence_neighbors(store, seqs, tmp_path / "b.npy", k=2, batch_size=16)
+    state = json.loads((tmp_path / "b.npy.progress.json").read_text())
+    assert state["done"] == 32 and not (tmp_path / "b.npy").exists()
+    monkeypatch.setattr(mod, "_atomic_json", real)
+    got = retro.sequence_neighbors(store, seqs, tmp_path / "b.npy", k=2, batch_size=16)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert got["dropped"] == want["dropped"] and not (tmp_path / "b.npy.progress.json").exists()
+
+
+def test_sequence_neighbors_bad_input(store, table, tmp_path):
+    seqs = retro.training_sequences(store, 2 * T, table=table)
+    with pytest.raises(InvalidInputError, match="k=0"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", k=0)
+    with pytest.raises(InvalidInputError, match="overlap_threshold=1.5"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", overlap_threshold=1.5)
+    with pytest.raises(InvalidInputError, match="exclude='doc'"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", exclude="doc")
+    with pytest.raises(InvalidInputError, match="must be a path ending in .npy"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.bin")
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "no" / "k.npy")
+
+
+# --- leakage: duplicates and n-gram overlap ----------------------------------------------------
+
+def test_ngram_overlap_and_duplicate_detection():
+    a = np.arange(100, 164)
+    assert retro.ngram_overlap(a, a) == 1.0
+    assert retro.ngram_overlap(a[:5], a[:5]) == 1.0          # shorter than 13: exact copies still count
+    assert retro.ngram_overlap(a[:5], a[:6]) == 0.0
+    shifted = np.concatenate([np.arange(900, 910), a[:54]])  # the query's first 54 tokens, 10 later
+    assert retro.ngram_overlap(a, shifted) == pytest.approx(42 / 52)
+    assert retro.ngram_overlap(a, np.arange(500, 564)) == 0.0
+    with pytest.raises(InvalidInputError, match="1-D integer"):
+        retro.ngram_overlap(a.astype(float), a)
+    toks = np.zeros((4, 8), np.int32)
+    toks[0, :3] = toks[2, :3] = [5, 6, 7]
+    toks[1, :3] = [5, 6, 8]
+    toks[3, :2] = [5, 6]
+    first = retro.duplicate_chunks(toks, np.array([3, 3, 3, 2]))
+    np.testing.assert_array_equal(first, [0, 1, 0, 3])
+
+
+@pytest.mark.parametrize("mode", ["document", "packed"])
+def test_duplicates_never_leak_the_query(tmp_path_factory, tmp_path, pydocs, embedder, mode):
+    """Two documents stored twice and a half-page copied at another chunk alignment: with
+    own-document exclusion and the filters, no neighbour's tokens equal its query chunk's."""
+    with retrostore.open(duplicated_store(tmp_path_factory, pydocs, embedder), embedder=embedder) as st:
+        tab = retro.chunk_table(st)
+        first = retro.duplicate_chunks(tab.tokens, tab.lengths, tab.live)
+        assert (first != np.arange(len(tab))).sum() >= 34               # every chunk of the two copies
+        # Without the filters, the verbatim copies are what own-document exclusion returns:
+        plain = st.precompute_neighbors(tmp_path / "plain.npy", k=2, exclude_same_doc=True, progress=False)
+        plain = np.load(plain)
+        copies = sum(np.array_equal(tab.tokens[q], tab.tokens[plain[q, 0]]) for q in range(len(tab))
+                     if tab.lengths[q] == tab.lengths[plain[q, 0]])
+        assert copies >= 30
+        seqs = retro.training_sequences(st, 2 * T, mode=mode, table=tab)
+        summary = retro.sequence_neighbors(st, seqs, tmp_path / "knn.npy", k=2)
+        knn = np.load(tmp_path / "knn.npy")
+        q = np.broadcast_to(seqs.chunk_ids[..., None], knn.shape)
+        ok = (knn >= 0) & (q >= 0)
+        qa, na = q[ok], knn[ok]
+        same = [(tab.lengths[a] == tab.lengths[b]) and np.array_equal(tab.tokens[a], tab.tokens[b])
+                for a, b in zip(qa, na)]
+        assert not any(same)
+        overl = [retro.ngram_overlap(tab.tokens[a, :tab.lengths[a]], tab.tokens[b, :tab.lengths[b]])
+                 for a, b in zip(qa, na)]
+        assert max(overl) < retro.DEFAULT_OVERLAP_THRESHOLD
+        assert summary["dropped"]["duplicates"] >= 30 and summary["dropped"]["overlap"] > 0
+
+
+def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):
+    texts = [d["text"] for d in small_docs[-3:]]
+    with retrostore.create(tmp_path / "d.rstore", embedder=embedder) as st:
+        st.append(texts)
+        st.commit()
+        gone = list(st.get_document(1).chunk_ids)
+        st.delete(1)
+        st.commit()
+        tab = retro.chunk_table(st)
+        assert not tab.live[gone].any() and tab.live.sum() == len(st) - len(gone)
+        last0 = gone[0] - 1                      # document 0's last chunk: its id + 1 is deleted
+        nt = retro.neighbor_tokens(st, [[last0, -1]])
+        assert nt.doc_ids[0, 0] == 0 and not nt.mask[0, 0, T:].any()
+        np.testing.assert_array_equal(nt.tokens, retro.neighbor_tokens(st, [[last0, -1]], table=tab).tokens)
+        with pytest.raises(InvalidInputError, match="deleted"):
+            retro.neighbor_tokens(st, [[gone[0]]])
+        seqs = retro.training_sequences(st, 2 * T, mode="document", table=tab)
+        assert not set(seqs.chunk_ids.ravel().tolist()) & set(gone)
+        retro.sequence_neighbors(st, seqs, tmp_path / "k.npy", k=2)
+        assert not set(np.load(tmp_path / "k.npy").ravel().tolist()) & set(gone)

@@ -273,8 +273,9 @@ def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):
         nt = retro.neighbor_tokens(st, [[last0, -1]])
         assert nt.doc_ids[0, 0] == 0 and not nt.mask[0, 0, T:].any()
         np.testing.assert_array_equal(nt.tokens, retro.neighbor_tokens(st, [[last0, -1]], table=tab).tokens)
-        with pytest.raises(InvalidInputError, match="deleted"):
-            retro.neighbor_tokens(st, [[gone[0]]])
+        for kw in ({}, {"table": tab}):          # a deleted chunk is not served: no neighbour, as Store's rule
+            nt = retro.neighbor_tokens(st, [[gone[0], last0]], **kw)
+            assert nt.chunk_ids.tolist() == [[-1, last0]] and nt.doc_ids[0, 0] == -1 and not nt.mask[0, 0].any()
         seqs = retro.training_sequences(st, 2 * T, mode="document", table=tab)
         assert not set(seqs.chunk_ids.ravel().tolist()) & set(gone)
         retro.sequence_neighbors(st, seqs, tmp_path / "k.npy", k=2)

@@ -1,8 +1,8 @@
 """RETRO training on a store: training windows, neighbour tokens from ids, leakage
 controls, and an exporter for retro-pytorch 0.3.9 (docs/retro-training.md).
 
-Built on retrostore's public API only (``Store.get_chunks``,
-``precompute_neighbors``, ``neighbors``, ``manifest``). torch and
+Built on the store's public API only (``Store.neighbor_tokens``,
+``neighbors``, ``precompute_neighbors``, ``search_vectors``, ``manifest``). torch and
 retro-pytorch are optional: only :func:`fetch_fn` returns torch tensors, and
 only when torch is installed (``pip install "retrostore[retro]"``).
 """

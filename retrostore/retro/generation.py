@@ -31,7 +31,7 @@ RAGGED = ("drop", "query")
 
 def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str = "drop",
                     exclude_doc_ids: Any = None, pad_id: int | None = None) -> "Neighbors":
-    """``Store.neighbors`` with RETRO's chunk count for L + 1 rows and ragged prompts.
+    """``Store.neighbors(tail=ragged)`` with the model's pad id: RETRO's chunk count for L + 1 rows and prompts.
 
     Parameters
     ----------
@@ -64,19 +64,7 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
         raise InvalidInputError(f"ragged={ragged!r}; expected one of {RAGGED}")
     k = check_int("k", k, 1, fix="RETRO uses k = 2")
     pad = check_pad_id(store, pad_id)
-    t = settings(store).chunk_tokens
-    arr = np.asarray(token_ids)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise InvalidInputError(f"token_ids has shape {arr.shape}; expected (B, n) or (n,)")
-    empty = ragged == "drop" and arr.shape[1] < t
-    if ragged == "drop" and not empty:
-        arr = arr[:, : (arr.shape[1] // t) * t]
-    nb = store.neighbors(arr, k, exclude_doc_ids=exclude_doc_ids)
-    if empty:  # no complete chunk: the shapes of C = 0 (the tail was queried only to get them)
-        nb = dataclasses.replace(nb, tokens=nb.tokens[:, :0], mask=nb.mask[:, :0], chunk_ids=nb.chunk_ids[:, :0],
-                                 doc_ids=nb.doc_ids[:, :0], scores=nb.scores[:, :0])
+    nb = store.neighbors(token_ids, k, exclude_doc_ids=exclude_doc_ids, tail=ragged)
     if pad != settings(store).pad_id:
         nb = dataclasses.replace(nb, tokens=np.where(nb.mask, nb.tokens, pad))
     return nb

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError
 from ._checks import settings
 
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["ChunkTable", "chunk_table", "live_chunks"]
+__all__ = ["ChunkTable", "chunk_table"]
 
 
 @dataclass(frozen=True)
@@ -69,54 +68,32 @@ class ChunkTable:
         return out
 
 
-def _read_live(store: "Store", ids: list[int]) -> list:
-    """``store.get_chunks(ids)``, skipping chunks of deleted documents (found by bisection)."""
-    try:
-        return store.get_chunks(ids)
-    except InvalidInputError:
-        if len(ids) == 1:
-            return []
-        mid = len(ids) // 2
-        return _read_live(store, ids[:mid]) + _read_live(store, ids[mid:])
-
-
-def live_chunks(store: "Store", ids: list[int]) -> list:
-    """The chunks among ``ids`` that are served (deleted documents' chunks left out)."""
-    if not settings(store).deletes:
-        return store.get_chunks(ids)
-    return _read_live(store, ids)
-
-
 def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:
-    """Read the tokens of every committed chunk (``Store.get_chunks`` in batches).
+    """Read the tokens of every committed chunk (``Store.neighbor_tokens`` in batches: no text decoded).
 
     Parameters
     ----------
     store : Store
     batch_size : int, default 8192
-        Chunks per ``get_chunks`` call.
+        Chunks per read.
 
     Returns
     -------
     ChunkTable
-        Of ``store.version``; ``len(table) == len(store)``.
-
-    Notes
-    -----
-    ``get_chunks`` also decodes each chunk's text, which this does not need:
-    an internal read of the token ids alone would be about twice as fast.
+        Of ``store.version``; ``len(table) == len(store)``; deleted chunks
+        have length 0 and document -1.
     """
     n = len(store)
-    t = int(store.manifest["chunk_tokens"])
+    t = settings(store).chunk_tokens
     tokens = np.zeros((n, t), np.int32)
     lengths = np.zeros(n, np.int16)
     doc_ids = np.full(n, -1, np.int64)
     for start in range(0, n, batch_size):
-        for ch in live_chunks(store, list(range(start, min(n, start + batch_size)))):
-            m = len(ch.tokens)
-            tokens[ch.chunk_id, :m] = ch.tokens
-            lengths[ch.chunk_id] = m
-            doc_ids[ch.chunk_id] = ch.doc_id
+        stop = min(n, start + batch_size)
+        nb = store.neighbor_tokens(np.arange(start, stop)[:, None])
+        tokens[start:stop] = np.where(nb.mask[:, 0, :t], nb.tokens[:, 0, :t], 0)
+        lengths[start:stop] = nb.mask[:, 0, :t].sum(axis=1)
+        doc_ids[start:stop] = nb.doc_ids[:, 0]
     live = doc_ids >= 0
     next_in_doc = np.zeros(n, bool)
     if n > 1:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ._checks import as_id_array, check_int, check_pad_id, settings
-from .table import ChunkTable, live_chunks
+from .table import ChunkTable
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -57,14 +57,11 @@ class NeighborTokens:
 
 def _from_table(table: ChunkTable, ids: np.ndarray, pad: int) -> NeighborTokens:
     t = table.chunk_tokens
-    if np.any(ids >= len(table)):
-        raise InvalidInputError(f"chunk id {int(ids.max())} is outside the table's [0, {len(table)})")
+    ids = np.where(ids >= 0, ids, -1)
+    if ids.size:
+        ids = np.where(table.live[np.maximum(ids, 0)], ids, -1)  # a deleted chunk is not served (Store's rule)
     safe = np.maximum(ids, 0)
     have = ids >= 0
-    if have.any() and not table.live[safe[have]].all():
-        bad = int(safe[have][~table.live[safe[have]]][0])
-        raise InvalidInputError(f"chunk {bad} belongs to a deleted document (Store.delete); recompute the neighbours "
-                                "on the current version")
     cont = np.where(have & table.next_in_doc[safe], safe + 1, -1)
     tokens = np.concatenate([table.padded(ids, pad), table.padded(cont, pad)], axis=-1)
     pos = np.arange(t)
@@ -78,9 +75,9 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
                     table: ChunkTable | None = None) -> NeighborTokens:
     """Tokens, mask and documents of neighbour chunk ids, with continuations.
 
-    Nothing is embedded or searched: each distinct chunk among the ids and
-    their successors is read once (``Store.get_chunks``). The result equals
-    what ``Store.neighbors`` returns for the same neighbour ids.
+    ``Store.neighbor_tokens`` with the model's pad id, or read from an
+    in-memory :func:`chunk_table` (about 13x faster per call, for many calls
+    over one version). Nothing is embedded or searched.
 
     Parameters
     ----------
@@ -95,20 +92,23 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         ``pad_id`` if it differs (retro-pytorch masks ``tokens != pad_id``).
     table : ChunkTable, optional
         A :func:`chunk_table` of this store version: read from memory
-        instead of the store (for many calls over one version).
+        instead of the store.
 
     Returns
     -------
     NeighborTokens
-        ``tokens`` / ``mask`` shaped ``chunk_ids.shape + (2 * T,)``;
-        ``doc_ids`` shaped like ``chunk_ids``.
+        ``tokens`` / ``mask`` shaped ``chunk_ids.shape + (2 * T,)`` (int64,
+        bool); ``chunk_ids`` / ``doc_ids`` shaped like ``chunk_ids`` (int64),
+        -1 where there is no neighbour, also for a chunk whose document was
+        deleted since the ids were computed (it is not served, as in
+        ``Store.neighbor_tokens``).
 
     Raises
     ------
     InvalidInputError
-        ``chunk_ids`` are not integers, have no dimension, hold an id outside
-        ``[-1, len(store))`` or a deleted document's chunk; ``pad_id`` is
-        outside the vocabulary.
+        ``chunk_ids`` are not integers, have no dimension or hold an id
+        outside ``[-1, len(store))``; ``pad_id`` is outside the vocabulary;
+        ``table`` is of another store version.
     """
     pad = check_pad_id(store, pad_id)
     ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
@@ -117,42 +117,9 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
             raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
                                     "read a new one with chunk_table(store)")
         return _from_table(table, ids, pad)
-    t = settings(store).chunk_tokens
-    n = len(store)
-    flat = ids.ravel()
-    uniq = np.unique(flat[flat >= 0])
-    got = {c.chunk_id: c for c in store.get_chunks(uniq.tolist())} if len(uniq) else {}
-    succ = np.setdiff1d(uniq + 1, uniq)
-    succ = succ[succ < n]
-    if len(succ):
-        got.update({c.chunk_id: c for c in live_chunks(store, succ.tolist())})
-    tokens = np.full(flat.shape + (2 * t,), pad, np.int64)
-    mask = np.zeros(flat.shape + (2 * t,), bool)
-    doc_ids = np.full(flat.shape, -1, np.int64)
-    # One row per distinct id, then gathered: the per-id work is done once.
-    rows_tok = np.full((len(uniq), 2 * t), pad, np.int64)
-    rows_mask = np.zeros((len(uniq), 2 * t), bool)
-    rows_doc = np.empty(len(uniq), np.int64)
-    for r, cid in enumerate(uniq.tolist()):
-        ch = got[cid]
-        m = len(ch.tokens)
-        rows_tok[r, :m] = ch.tokens
-        rows_mask[r, :m] = True
-        rows_doc[r] = ch.doc_id
-        nxt = got.get(cid + 1)
-        if nxt is not None and nxt.doc_id == ch.doc_id:  # never cross into another document
-            m2 = len(nxt.tokens)
-            rows_tok[r, t:t + m2] = nxt.tokens
-            rows_mask[r, t:t + m2] = True
-    have = flat >= 0
-    if have.any():
-        where = np.searchsorted(uniq, flat[have])
-        tokens[have] = rows_tok[where]
-        mask[have] = rows_mask[where]
-        doc_ids[have] = rows_doc[where]
-    shape = ids.shape
-    return NeighborTokens(tokens.reshape(shape + (2 * t,)), mask.reshape(shape + (2 * t,)), ids,
-                          doc_ids.reshape(shape))
+    nb = store.neighbor_tokens(ids)
+    tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
+    return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
 
 
 class NeighborFile:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -17,7 +18,7 @@ import click
 import numpy as np
 
 import retrostore
-from retrostore import RetrostoreError
+from retrostore import RetrostoreError, retro
 from retrostore.build import build_store
 
 __all__ = ["main", "cli"]
@@ -268,6 +269,50 @@ def verify(store, as_json, retokenize):
         sys.exit(1)
 
 
+def _leakage_options(fn):
+    """Options shared by ``neighbors --sequences`` and ``export`` (retrostore.retro.sequence_neighbors)."""
+    for opt in reversed([
+        click.option("--seq-len", type=int, default=None,
+                     help="Training window length L (a multiple of the chunk size); windows are L + 1 tokens."),
+        click.option("--mode", type=click.Choice(["packed", "document"]), default="packed", show_default=True,
+                     help="Windows packed across documents, or each within one document (padded)."),
+        click.option("--eos-id", type=int, default=None,
+                     help="Label after a document's last token (default: the tokenizer's [SEP] / </s> / ...)."),
+        click.option("--exclude", type=click.Choice(["sequence", "chunk"]), default="sequence", show_default=True,
+                     help="Never retrieve from any document of the window (sequence) or the chunk's own (chunk)."),
+        click.option("--overlap-threshold", type=float, default=retro.DEFAULT_OVERLAP_THRESHOLD, show_default=True,
+                     help="Drop neighbours holding this share of the query chunk's 13-grams (RETRO's leakage "
+                          "measure, Borgeaud et al. 2021); exact copies are always dropped."),
+        click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filter off."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _threshold(overlap_threshold, no_overlap_filter):
+    return None if no_overlap_filter else overlap_threshold
+
+
+def _mask_path(path: str) -> str:
+    return (path[:-4] if path.endswith(".npy") else path) + ".mask.npy"
+
+
+def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tuple:
+    """RETRO tokens of a neighbour-id file, by row range: TOKENS (int32) and TOKENS.mask.npy (bool)."""
+    knn = retro.NeighborFile(st, ids_path)
+    t = int(st.manifest["chunk_tokens"])
+    shape = knn.shape + (2 * t,)
+    toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
+    mask = np.lib.format.open_memmap(_mask_path(tokens_path), mode="w+", dtype=bool, shape=shape)
+    for start in range(0, len(knn), rows):
+        nt = knn.tokens(start, min(len(knn), start + rows))
+        toks[start:start + len(nt.tokens)] = nt.tokens
+        mask[start:start + len(nt.tokens)] = nt.mask
+    toks.flush()
+    mask.flush()
+    return shape
+
+
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .npy (int64, -1 padded).")
@@ -278,18 +323,97 @@ def verify(store, as_json, retokenize):
               help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
 @click.option("--label-token", is_flag=True,
               help="--queries rows are L + 1 tokens (training rows: inputs, then the label); the last is dropped.")
+@click.option("--sequences", is_flag=True,
+              help="Neighbours of the store's training windows (--seq-len): OUT is (windows, L/chunk_tokens, k), "
+                   "leakage-filtered; the windows go to OUT's stem + .windows.npy (int32, (n, L + 1)), "
+                   ".window_chunks.npy and .window_docs.npy (int64, (n, C)); and a summary to .summary.json.")
+@_leakage_options
+@click.option("--tokens", "tokens_out", type=click.Path(dir_okay=False),
+              help="Also write the neighbours as RETRO tokens, read from the ids (nothing embedded): TOKENS "
+                   "(.npy, int32, OUT's shape + (2 * chunk_tokens,), neighbour then continuation, padded with the "
+                   "store's pad id) and TOKENS's stem + .mask.npy (bool).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
-def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, quiet):
+def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, sequences, seq_len, mode, eos_id,
+              exclude, overlap_threshold, no_overlap_filter, tokens_out, quiet):
     """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
-    file) into a .npy array for RETRO training. Interrupt and re-run to resume."""
+    file, or of training windows) into a .npy array for RETRO training.
+    Interrupt and re-run to resume."""
     if exclude_same_doc and queries:
         raise click.UsageError("--exclude-same-doc applies to the store's own chunks, not to --queries")
+    if sequences and (queries or exclude_same_doc or label_token):
+        raise click.UsageError("--sequences cuts the store's own windows and always excludes their documents "
+                               "(--exclude); it takes no --queries, --label-token or --exclude-same-doc")
+    if sequences and seq_len is None:
+        raise click.UsageError("--sequences needs --seq-len L (e.g. 512 for 8 chunks of 64 tokens)")
+    if not sequences and seq_len is not None:
+        raise click.UsageError("--seq-len applies with --sequences")
+    if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
+        raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
     with retrostore.open(store) as st:
-        path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
-                                       queries=queries, label_token=label_token, progress=not quiet)
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    click.echo(f"wrote {path}: shape {arr.shape} int64")
+        if sequences:
+            seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
+            summary = retro.sequence_neighbors(st, seqs, out, k=k, exclude=exclude,
+                                               overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                               progress=not quiet)
+            stem = out[:-4] if out.endswith(".npy") else out
+            windows = np.lib.format.open_memmap(stem + ".windows.npy", mode="w+", dtype=np.int32,
+                                                shape=(len(seqs), seq_len + 1))
+            for start, rows in seqs.batches(1024):
+                windows[start:start + len(rows)] = rows
+            windows.flush()
+            np.save(stem + ".window_chunks.npy", seqs.chunk_ids)
+            np.save(stem + ".window_docs.npy", seqs.doc_ids)
+            click.echo(f"wrote {stem}.windows.npy: {len(seqs)} windows of {seq_len} + 1 tokens ({mode})")
+            d = summary["dropped"]
+            click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
+                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold; "
+                       f"{summary['research']} searched again, {summary['short']} with fewer than k")
+            path = out
+        else:
+            path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
+                                           queries=queries, label_token=label_token, progress=not quiet)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        click.echo(f"wrote {path}: shape {arr.shape} int64")
+        if tokens_out:
+            try:
+                shape = _write_tokens(st, str(path), tokens_out)
+            except OSError as exc:
+                raise click.ClickException(f"cannot write --tokens {tokens_out}: {exc.strerror or exc}; give a path "
+                                           "in a writable directory") from None
+            click.echo(f"wrote {tokens_out}: shape {shape} int32, and {_mask_path(tokens_out)} (bool)")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,
+              help="The trainer whose files are written (retro-pytorch 0.3.9's RETRODataset).")
+@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
+@_leakage_options
+@click.option("--allow-pad-collision", is_flag=True,
+              help="Export although token id 0 is real text in this store (retro-pytorch pads with 0).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly
+def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold, no_overlap_filter,
+           allow_pad_collision, force, quiet):
+    """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
+    the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
+    keyword arguments (docs/retro-training.md)."""
+    if seq_len is None:
+        raise click.UsageError("export needs --seq-len L (the model's max_seq_len, a multiple of the chunk size)")
+    with retrostore.open(store) as st:
+        info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
+                                          overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                          allow_pad_collision=allow_pad_collision, force=force, progress=not quiet)
+    nb = info["neighbors"]
+    click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
+               f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
+               f"{nb['dropped']['duplicates']} exact copies and {nb['dropped']['overlap']} overlapping neighbours "
+               f"dropped")
+    click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
+               f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")
 
 
 @cli.command()

@@ -10,6 +10,8 @@ script writes, so the references never fall behind the code.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
@@ -25,7 +27,6 @@ def _cli_group():
     try:
         from retrostore.cli import cli
     except ModuleNotFoundError:  # source checkout without install
-        import importlib.util
 
         spec = importlib.util.spec_from_file_location("retrostore.cli", DOCS.parent / "cli" / "__init__.py")
         mod = importlib.util.module_from_spec(spec)
@@ -56,12 +57,52 @@ def class_members(cls: type) -> dict:
     return out
 
 
+#: Subpackages with public names of their own, listed after ``retrostore.__all__``.
+SUBPACKAGES = ("retrostore.build", "retrostore.retro", "retrostore.serve")
+
+
+def _entry(name: str, obj, level: str = "##") -> list[str]:
+    """The reference entry of one public name: signature and docstring (a class's public methods too)."""
+    short = name.rsplit(".", 1)[-1]
+    out = [f"{level} {name}", ""]
+    if inspect.isclass(obj):
+        out += ["```python", f"class {short}{_signature(obj)}", "```", "", _doc(obj), ""]
+        for attr, member in sorted(class_members(obj).items()):
+            if attr.startswith("_") or not (callable(member) or isinstance(member, property)):
+                continue
+            target = member.fget if isinstance(member, property) else member
+            if not target.__doc__:
+                continue
+            kind = "property" if isinstance(member, property) else "method"
+            sig = "" if kind == "property" else _signature(member)
+            out += [f"{level}# {name}.{attr}", "", "```python", f"{attr}{sig}", "```", "", _doc(target), ""]
+    elif callable(obj):
+        out += ["```python", f"{short}{_signature(obj)}", "```", "", _doc(obj), ""]
+    else:
+        out += ["```python", f"{short} = {obj!r}", "```", ""]
+    return out
+
+
+def _subpackage_markdown(modname: str) -> list[str]:
+    mod = importlib.import_module(modname)
+    out = [f"## {modname}", "", _doc(mod), ""]
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if getattr(retrostore, name, None) is obj:
+            out += [f"`{modname}.{name}` is [`retrostore.{name}`](#{name.lower()}).", ""]
+            continue
+        out += _entry(f"{modname}.{name}", obj, "###")
+    return out
+
+
 def api_markdown() -> str:
     out = [
         "# Python API reference",
         "",
         "Generated from the docstrings by `python docs/gen_reference.py`; every name in",
-        "`retrostore.__all__` is listed here. Shapes, dtypes, units and errors are in each entry.",
+        "`retrostore.__all__` is listed here, then those of the subpackages "
+        + ", ".join(f"`{m}`" for m in SUBPACKAGES) + ".",
+        "Shapes, dtypes, units and errors are in each entry.",
         "",
     ]
     names = [n for n in retrostore.__all__ if n != "__version__"]
@@ -70,25 +111,10 @@ def api_markdown() -> str:
     others = [n for n in names if n not in errors]
     out += ["## Contents", ""]
     out += [f"- [`{n}`](#{n.lower()})" for n in others]
-    out += ["- [Errors](#errors)", ""]
+    out += ["- [Errors](#errors)"]
+    out += [f"- [`{m}`](#{m.replace('.', '')})" for m in SUBPACKAGES] + [""]
     for name in others:
-        obj = getattr(retrostore, name)
-        out += [f"## {name}", ""]
-        if inspect.isclass(obj):
-            out += ["```python", f"class {name}{_signature(obj)}", "```", "", _doc(obj), ""]
-            for attr, member in sorted(class_members(obj).items()):
-                if attr.startswith("_") or not (callable(member) or isinstance(member, property)):
-                    continue
-                target = member.fget if isinstance(member, property) else member
-                if not target.__doc__:
-                    continue
-                kind = "property" if isinstance(member, property) else "method"
-                sig = "" if kind == "property" else _signature(member)
-                out += [f"### {name}.{attr}", "", "```python", f"{attr}{sig}", "```", "", _doc(target), ""]
-        elif callable(obj):
-            out += ["```python", f"{name}{_signature(obj)}", "```", "", _doc(obj), ""]
-        else:
-            out += ["```python", f"{name} = {obj!r}", "```", ""]
+        out += _entry(name, getattr(retrostore, name))
     out += ["## Errors", "", "Every public failure raises a subclass of `RetrostoreError`; where a built-in",
             "exception has the same meaning the class inherits it too.", "",
             "| error | also a | raised when |", "| --- | --- | --- |"]
@@ -98,6 +124,9 @@ def api_markdown() -> str:
                     and b not in (Exception, BaseException, object)]
         doc = " ".join(_doc(cls).split())
         out.append(f"| <a id=\"{name.lower()}\"></a>`{name}` | {', '.join(builtins) or '-'} | {doc} |")
+    out.append("")
+    for modname in SUBPACKAGES:
+        out += _subpackage_markdown(modname)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -43,7 +43,7 @@ LAYERS = [
 #: Optional dependencies a module may import inside the function that needs them.
 LAZY_OK = {"ray", "torch", "retro_pytorch", "uvicorn", "starlette", "httpx", "playwright"}
 #: What the CLI may import from the package: the public API.
-CLI_OK = {"retrostore", "retrostore.errors", "retrostore.build", "retrostore.serve"}
+CLI_OK = {"retrostore", "retrostore.errors", "retrostore.build", "retrostore.retro", "retrostore.serve"}
 
 
 def _modules() -> dict[str, Path]:

@@ -273,7 +273,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     Returns
     -------
     dict
-        The summary, also written to ``OUT.summary.json``: ``rows``,
+        The summary, also written beside ``out`` (``knn.npy``: ``knn.summary.json``): ``rows``,
         ``chunks`` (non-empty slots), ``k``, ``exclude``,
         ``overlap_threshold``, ``ngram``, ``dropped`` (``excluded_docs``,
         ``duplicates``, ``overlap``: candidates dropped), ``research`` (slots

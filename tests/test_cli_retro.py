@@ -1,0 +1,105 @@
+"""The RETRO training commands: ``neighbors --sequences`` / ``--tokens`` and ``export``, through click's
+CliRunner on real pydocs stores (issue 15)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import retrostore
+from retrostore import retro
+from retrostore.cli import cli
+
+from _retro_stores import duplicated_store, retro_store
+
+T = 64
+
+
+@pytest.fixture(scope="module")
+def dup(tmp_path_factory, pydocs, embedder):
+    return duplicated_store(tmp_path_factory, pydocs, embedder)
+
+
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory, pydocs, embedder):
+    return retro_store(tmp_path_factory, pydocs, embedder)
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_neighbors_sequences_writes_windows_filtered_ids_and_tokens(dup, tmp_path):
+    out, toks = tmp_path / "knn.npy", tmp_path / "tok.npy"
+    res = _run("neighbors", dup, "--out", out, "--sequences", "--seq-len", 2 * T, "--tokens", toks, "-q")
+    assert res.exit_code == 0, res.output
+    assert "exact copies" in res.output
+    knn = np.load(out)
+    windows = np.load(tmp_path / "knn.windows.npy")
+    with retrostore.open(dup) as st:
+        seqs = retro.training_sequences(st, 2 * T)
+        assert windows.dtype == np.int32 and np.array_equal(windows, seqs.tokens())
+        assert np.array_equal(np.load(tmp_path / "knn.window_chunks.npy"), seqs.chunk_ids)
+        assert np.array_equal(np.load(tmp_path / "knn.window_docs.npy"), seqs.doc_ids)
+        assert knn.shape == (len(seqs), 2, 2)
+        nt = retro.neighbor_tokens(st, knn)
+        tokens, mask = np.load(toks), np.load(tmp_path / "tok.mask.npy")
+        assert tokens.shape == knn.shape + (2 * T,) and tokens.dtype == np.int32
+        assert np.array_equal(tokens, nt.tokens) and np.array_equal(mask, nt.mask)
+        # The store holds two pages twice: no neighbour is the query chunk's verbatim copy, and none
+        # comes from a document of the window.
+        summary = json.loads((tmp_path / "knn.summary.json").read_text())
+        assert summary["dropped"]["duplicates"] > 0
+        for row in range(len(seqs)):
+            for slot in range(2):
+                cid = seqs.chunk_ids[row, slot]
+                if cid < 0:
+                    continue
+                query = seqs.table.padded(np.array([cid]), 0)[0]
+                for j in range(2):
+                    n = knn[row, slot, j]
+                    if n >= 0:
+                        assert not np.array_equal(seqs.table.padded(np.array([n]), 0)[0], query)
+                        assert seqs.table.doc_ids[n] not in set(seqs.doc_ids[row].tolist())
+
+
+def test_neighbors_tokens_of_store_chunks(sliced, tmp_path):
+    out, toks = tmp_path / "knn.npy", tmp_path / "tok.npy"
+    res = _run("neighbors", sliced, "--out", out, "--exclude-same-doc", "--tokens", toks, "-q")
+    assert res.exit_code == 0, res.output
+    with retrostore.open(sliced) as st:
+        nb = st.neighbor_tokens(np.load(out))
+    assert np.array_equal(np.load(toks), nb.tokens) and np.array_equal(np.load(tmp_path / "tok.mask.npy"), nb.mask)
+
+
+def test_neighbors_usage_errors(sliced, tmp_path):
+    out = tmp_path / "k.npy"
+    for args, msg in [(["--sequences"], "--seq-len"), (["--seq-len", 128], "with --sequences"),
+                      (["--sequences", "--seq-len", 128, "--exclude-same-doc"], "--exclude-same-doc"),
+                      (["--tokens", out], "would overwrite")]:
+        res = _run("neighbors", sliced, "--out", out, *args)
+        assert res.exit_code == 2 and msg in res.output, res.output
+    res = _run("neighbors", sliced, "--out", out, "--sequences", "--seq-len", 100, "-q")
+    assert res.exit_code == 1 and "seq_len=100" in res.output and "64" in res.output
+    res = _run("neighbors", sliced, "--out", out, "--tokens", tmp_path / "no" / "dir" / "t.npy", "-q")
+    assert res.exit_code == 1 and "cannot write --tokens" in res.output
+
+
+def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp_path):
+    out = tmp_path / "exp"
+    res = _run("export", sliced, out, "--seq-len", 2 * T, "--mode", "document", "-q")
+    assert res.exit_code == 0, res.output
+    kwargs = retro.retro_dataset_kwargs(out)
+    info = json.loads((out / "export.json").read_text())
+    assert kwargs["seq_len"] == 2 * T and kwargs["chunk_size"] == T and kwargs["num_neighbors"] == 2
+    assert info["mode"] == "document" and f"{kwargs['num_sequences']} windows" in res.output
+    for key in ("chunk_memmap_path", "chunk_nn_memmap_path", "seq_memmap_path"):
+        assert (out / kwargs[key]).stat().st_size > 0
+    again = _run("export", sliced, out, "--seq-len", 2 * T, "-q")
+    assert again.exit_code == 1 and "StoreExistsError" in again.output and "--force" in again.output
+    assert _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q").exit_code == 0
+    res = _run("export", sliced, tmp_path / "e2")
+    assert res.exit_code == 2 and "--seq-len" in res.output

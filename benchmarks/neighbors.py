@@ -27,6 +27,14 @@ What is measured
    search itself. The output is checked: no neighbour from the query's own
    document, no missing neighbour.
 
+3. RETRO training and generation (``benchmarks/retro.py``'s parts 1 and 2, issue 15):
+   tokens for a query chunk from precomputed neighbour ids (``retro.NeighborFile``: LMDB reads,
+   nothing embedded; and from an in-memory ``retro.chunk_table``) against ``neighbors()``
+   (target: >= 100x faster per chunk), and the retrieval of one 64-token chunk at generation
+   time (B = 1, k = 2) split into embed (the embedder alone) / search (``search_vectors``) /
+   fetch (``neighbor_tokens`` of the k ids), with retro-pytorch's ``fetch_fn`` end to end
+   (targets: search + fetch <= 1 ms; end to end minus search and fetch near the embedder alone).
+
 The store is built from the first ``--docs`` pydocs documents (default 100)
 into a temporary directory, or all 497 with ``--full``, or an existing store
 is opened read-only with ``--store PATH``; ``out`` is always written to a
@@ -50,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 import _common as C
+import retro as retro_bench  # benchmarks/retro.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows per batch size per round (default 32; at least the largest B)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the batch sizes (default 3)")
     p.add_argument("--no-precompute", action="store_true", help="skip the precompute_neighbors timing")
+    p.add_argument("--gen", type=int, default=100, help="chunks timed at generation time, part 3 (default 100)")
+    p.add_argument("--token-rows", type=int, default=16,
+                   help="rows of 512 stored tokens for neighbors() against ids -> tokens, part 3 (default 16)")
+    p.add_argument("--no-retro", action="store_true", help="skip part 3")
     p.add_argument("--threads", type=int, help="onnxruntime/FAISS threads (default: usable CPUs)")
     p.add_argument("--quick", action="store_true", help="small run: 20 docs, B in 1,8, 8 rows, 2 rounds")
     p.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
@@ -255,6 +268,23 @@ def report(res: dict, pre: dict | None, args, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def retro_report(p1: dict, p2: dict, k: int, batch: int) -> str:
+    """Part 3: benchmarks/retro.py's table and the issue's targets, judged."""
+    ns = argparse.Namespace(k=k, batch=batch)
+    med = C.median
+    ratio = med(p1["neighbors"]) / med(p1["lmdb"])
+    sf = med(np.add(p2["search"], p2["fetch"]))
+    embed_in_e2e = med(np.subtract(p2["e2e"], np.add(p2["search"], p2["fetch"])))
+    return "\n".join([
+        "RETRO training and generation (`benchmarks/retro.py` parts 1-2):", "",
+        retro_bench.report(p1, p2, None, ns), "",
+        f"Targets: tokens from precomputed ids {ratio:.0f}x faster per chunk than neighbors() (target >= 100x: "
+        f"{'met' if ratio >= 100 else 'NOT met'}); generation-time search + fetch {sf * 1e3:.2f} ms (target <= 1 ms: "
+        f"{'met' if sf <= 1e-3 else 'NOT met'}); fetch_fn end to end minus search and fetch "
+        f"{embed_in_e2e * 1e3:.1f} ms against the embedder alone {med(p2['embed']) * 1e3:.1f} ms "
+        f"({embed_in_e2e / med(p2['embed']):.2f}x)."])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import retrostore
@@ -281,7 +311,11 @@ def main(argv=None) -> int:
                   flush=True)
             res = bench_neighbors(st, rows, args)
             pre = None if args.no_precompute else bench_precompute(st, tmp, args.k)
-    body = report(res, pre, args, meta)
+            part3 = None
+            if not args.no_retro:
+                ns = argparse.Namespace(k=args.k, rows=args.token_rows, batch=1024, gen=args.gen)
+                part3 = retro_report(retro_bench.part1(st, ns, tmp), retro_bench.part2(st, ns), args.k, ns.batch)
+    body = report(res, pre, args, meta) + ("\n\n" + part3 if part3 else "")
     print()
     print(body)
     if args.record:

@@ -8,6 +8,8 @@ vector search, and search hits with their continuations.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -22,7 +24,7 @@ from ..storage.records import ChunkRecord
 from ..types import Chunk, Document, Hit
 from .version import Head, Version
 
-__all__ = ["Reader", "check_k", "check_queries", "int_ids"]
+__all__ = ["Reader", "check_k", "check_queries", "int_ids", "query_text_problem"]
 
 #: Most results one query may ask for.
 MAX_K = 100_000
@@ -294,10 +296,41 @@ def check_queries(query: Any) -> tuple[list[str], bool]:
     for i, q in enumerate(queries):
         if not isinstance(q, str):
             raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
-        if not q.strip():
-            raise InvalidInputError(f"query {i} is empty or whitespace ({q!r}); its embedding would match "
-                                    "arbitrary chunks: give the text to look up")
+        problem = query_text_problem(q)
+        if problem:
+            raise InvalidInputError(f"query {i} {problem}")
     return queries, single
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Unicode categories with nothing to embed: control, format (zero-width), and space characters.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def query_text_problem(text: str) -> str | None:
+    """What makes ``text`` unusable as a query, as the end of a sentence; None when it is fine.
+
+    A query must be valid Unicode (no lone UTF-16 surrogate, which no tokenizer
+    can encode) and hold at least one visible character: a query of whitespace,
+    control or zero-width characters only embeds to a vector that matches
+    arbitrary chunks.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    str or None
+    """
+    bad = _SURROGATE.search(text)
+    if bad:
+        return (f"holds a lone UTF-16 surrogate U+{ord(bad.group()):04X} at character {bad.start()}, which is not "
+                "text: send valid Unicode (a surrogate pair encodes one character)")
+    if not text.strip() or all(unicodedata.category(c) in _INVISIBLE for c in text):
+        return (f"is empty or whitespace ({text[:40]!r}: no visible character); its embedding would match "
+                "arbitrary chunks: give the text to look up")
+    return None
 
 
 def check_k(k: Any) -> int:

@@ -160,6 +160,26 @@ class Batcher:
         except Exception:  # logged by the engine; the current version keeps serving
             self.metrics.refresh_failed()
 
+    @staticmethod
+    def _run_isolated(run: Callable[[list], list], jobs: list[Job]) -> list:
+        """``run`` over the jobs' payloads together; when that call fails unexpectedly (not a refusal
+        the engine returns per request), each job is run alone, so one bad request gets the error and
+        never fails the others batched with it."""
+        try:
+            return run([j.payload for j in jobs])
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [exc]  # the app logs it with its traceback and answers 500
+            log.warning("a batch of %d %s requests failed (%s: %s); answering each alone", len(jobs),
+                        jobs[0].kind, type(exc).__name__, exc)
+        results = []
+        for job in jobs:
+            try:
+                results.append(run([job.payload])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
     def _execute(self, batch: list[Job]) -> None:
         engine = self.engine
         version = engine.version
@@ -177,7 +197,7 @@ class Batcher:
                 jobs = [j for j in batch if j.kind == kind]
                 if not jobs:
                     continue
-                results = run([j.payload for j in jobs])
+                results = self._run_isolated(run, jobs)
                 self.metrics.batch(kind, requests=len(jobs), queries=sum(j.n for j in jobs))
                 for job, result in zip(jobs, results):
                     pending.remove(job)

@@ -588,6 +588,8 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="Most queries (or neighbour query chunks) in one request.")
 @click.option("--max-k", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Largest k (n_docs) a request may ask for.")
+@click.option("--max-neighbors", type=click.IntRange(1, 1 << 30), default=16_384, show_default=True,
+              help="Most neighbours (rows x chunks x k) in one /v1/neighbors answer; bounds its size.")
 @click.option("--mmap/--no-mmap", default=None,
               help="Memory-map the index files (default: with several workers, where the factory allows).")
 @click.option("--follow/--no-follow", default=True, show_default=True,
@@ -596,7 +598,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="Verify the store before serving it; a store that fails is refused with the problems.")
 @_friendly
 def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, max_queries, max_k,
-          mmap, follow, verify):
+          max_neighbors, mmap, follow, verify):
     """Serve STORE read-only over HTTP (JSON API under /v1, a page to try it at /,
     Prometheus metrics at /metrics) until interrupted. Concurrent requests are
     embedded and searched in batches; the server follows the writer's commits.
@@ -606,7 +608,8 @@ def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_b
 
     run(ServeSettings(store=store, host=host, port=port, workers=workers, threads=threads,
                       batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                      max_queries=max_queries, max_k=max_k, mmap=mmap, follow=follow, verify=verify))
+                      max_queries=max_queries, max_k=max_k,
+                      max_neighbors=max_neighbors, mmap=mmap, follow=follow, verify=verify))
 
 
 def main() -> None:

@@ -47,9 +47,10 @@ from .batching import Batcher, Job
 from .engine import Engine
 from .errors import ServerStoppingError
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .schema import (RequestError, parse_compat_search, parse_ids, parse_json, parse_neighbors, parse_search)
+from .schema import (RequestError, jsonable, parse_compat_search, parse_ids, parse_json, parse_neighbors,
+                     parse_search)
 from .settings import SETTINGS_ENV, ServeSettings
-from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, VERSION_HEADER, pack_arrays, scores_to_json
+from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, VERSION_HEADER, pack_arrays, scores_to_json, wants_npy
 
 __all__ = ["create_app", "app_from_environ"]
 
@@ -80,7 +81,10 @@ def _error_body(exc: BaseException) -> tuple[int, dict]:
 
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = _error_body(exc)
-    return JSONResponse(body, status_code=status)
+    try:
+        return JSONResponse(body, status_code=status)
+    except (TypeError, ValueError):  # a value strict JSON cannot carry (NaN, a lone surrogate): render it safely
+        return JSONResponse(jsonable(body), status_code=status)
 
 
 class _Server:
@@ -162,10 +166,10 @@ def _json(body: dict, version: int, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers={VERSION_HEADER: str(version)})
 
 
-async def _json_big(body: dict, version: int) -> Response:
+async def _json_big(body: dict, headers: dict) -> Response:
     text = await anyio.to_thread.run_sync(functools.partial(
         json.dumps, body, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
-    return Response(text.encode("utf-8"), media_type="application/json", headers={VERSION_HEADER: str(version)})
+    return Response(text.encode("utf-8"), media_type="application/json", headers=headers)
 
 
 def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
@@ -237,18 +241,19 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
     @endpoint("neighbors")
     async def neighbors(request: Request) -> Response:
         req = await server.parsed(request, lambda body: parse_neighbors(
-            body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_ids=s.max_ids))
+            body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_ids=s.max_ids,
+            max_neighbors=s.max_neighbors))
         nb, version = await server.submit("neighbors", req, len(req.tokens) * req.chunks)
         headers = {VERSION_HEADER: str(version), "X-Retrostore-Shape": ",".join(map(str, nb.tokens.shape))}
-        if NPY_MEDIA in request.headers.get("accept", ""):
+        if wants_npy(request.headers.get("accept")):
             body = await anyio.to_thread.run_sync(pack_arrays, [getattr(nb, f) for f in NEIGHBOR_FIELDS])
             return Response(body, media_type=NPY_MEDIA, headers=headers)
         answer = {"version": version, "metric": facts().metric, "shape": list(nb.tokens.shape),
                   "tokens": nb.tokens.tolist(), "mask": nb.mask.tolist(), "chunk_ids": nb.chunk_ids.tolist(),
                   "doc_ids": nb.doc_ids.tolist(), "scores": scores_to_json(nb.scores)}
         if nb.tokens.size >= _BIG_ANSWER_VALUES:
-            return await _json_big(answer, version)
-        return _json(answer, version)
+            return await _json_big(answer, headers)
+        return JSONResponse(answer, headers=headers)
 
     @endpoint("chunks")
     async def chunks(request: Request) -> Response:
@@ -287,7 +292,15 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
         what = "no such endpoint" if exc.status_code == 404 else f"{request.method} is not allowed here"
         err = RequestError(f"{what}: {request.method} {request.url.path}; the server answers {known}", field="path",
                            value=request.url.path, status=exc.status_code)
-        return error_response(err)
+        response = error_response(err)
+        server.metrics.observe("unrouted", response.status_code, 0.0)
+        return response
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        """Last resort for a failure outside the endpoints' own handling: still a JSON 500, counted."""
+        response = error_response(exc)
+        server.metrics.observe("unhandled", response.status_code, 0.0)
+        return response
 
     routes = [
         Route("/", page, methods=["GET"]),
@@ -300,7 +313,8 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
         Route("/v1/documents", documents, methods=["POST"]),
         Route("/search", compat_search, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: not_found})
+    app = Starlette(routes=routes, lifespan=server.lifespan,
+                    exception_handlers={HTTPException: not_found, Exception: internal_error})
     app.state.server = server
     return app
 

@@ -115,7 +115,7 @@ class Engine:
         return {"pid": os.getpid(), "workers": s.workers, "threads": s.worker_threads(), "mmap": self.mmap,
                 "follow": s.follow, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch,
                 "max_body_bytes": s.max_body_bytes, "max_queries": s.max_queries, "max_k": s.max_k,
-                "max_ids": s.max_ids, "len": self.len, "next_doc_id": self.doc_limit,
+                "max_ids": s.max_ids, "max_neighbors": s.max_neighbors, "len": self.len, "next_doc_id": self.doc_limit,
                 "retrostore_version": retrostore.__version__,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))}
 
@@ -292,11 +292,11 @@ class Engine:
 
     # -- neighbours ------------------------------------------------------------
     def neighbors(self, reqs: Sequence[NeighborsRequest]) -> list:
-        """``Store.neighbors`` for requests of equal (L, k) stacked into one call."""
+        """``Store.neighbors`` for requests of equal (L, k, label_token, tail) stacked into one call."""
         out: list[Any] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(reqs):
-            groups[(r.tokens.shape[1], r.k)].append(i)
+            groups[(r.tokens.shape[1], r.k, r.label_token, r.tail)].append(i)
         for idx in groups.values():
             self._neighbors_group(reqs, idx, out)
         return out
@@ -308,7 +308,8 @@ class Engine:
         if any(p.exclude is not None for p in parts):
             exclude = [row for p in parts for row in (p.exclude if p.exclude is not None else [None] * len(p.tokens))]
         try:
-            nb = self.store.neighbors(tokens, parts[0].k, exclude_doc_ids=exclude)
+            p0 = parts[0]
+            nb = self.store.neighbors(tokens, p0.k, exclude_doc_ids=exclude, label_token=p0.label_token, tail=p0.tail)
         except EmbedderMismatchError as exc:
             for i in idx:
                 out[i] = RequestError(f"{exc} (this server cannot embed token ids)", field="token_ids", status=409,

@@ -16,9 +16,15 @@ from typing import Any
 import numpy as np
 
 from retrostore.errors import InvalidInputError
+from retrostore.store.reading import query_text_problem
+
+from .wire import TAILS
 
 __all__ = ["RequestError", "StoreFacts", "SearchRequest", "NeighborsRequest", "IdsRequest", "parse_json",
-           "parse_search", "parse_compat_search", "parse_neighbors", "parse_ids", "show"]
+           "parse_search", "parse_compat_search", "parse_neighbors", "parse_ids", "show", "jsonable", "FLOAT32_MAX"]
+
+#: Largest magnitude of a float32 (the store's vectors); a vector value beyond it is refused.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(InvalidInputError):
@@ -75,10 +81,12 @@ class SearchRequest:
 
 @dataclass
 class NeighborsRequest:
-    tokens: np.ndarray  # (B, L) int64
+    tokens: np.ndarray  # (B, L) int64, as sent (label token included)
     k: int
     exclude: list | None  # per row: set of doc ids (possibly empty), or None for the whole request
-    chunks: int  # C = ceil(L / chunk_tokens)
+    chunks: int  # C of the answer (after the label token is dropped and the tail handled)
+    label_token: bool = False
+    tail: str = "query"
 
 
 @dataclass
@@ -87,23 +95,63 @@ class IdsRequest:
     text: bool = True
 
 
-def show(value: Any, limit: int = 80) -> Any:
-    """A short JSON-able rendering of a refused value, for error answers."""
-    if value is None or isinstance(value, (bool, int)):
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` that strict JSON (no NaN/Infinity) can encode.
+
+    Non-finite floats become their ``repr`` (``"nan"``, ``"inf"``); strings lose
+    lone surrogates (replaced by U+FFFD); anything else not JSON becomes its
+    ``repr``; nesting deeper than 16 levels is cut (``"..."``).
+
+    Parameters
+    ----------
+    value : object
+    depth : int, default 0
+
+    Returns
+    -------
+    object
+    """
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**20 else f"an integer of {len(str(abs(value)))} digits"
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
-        return value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"
+        return value.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(value) else value
+    if depth >= 16:
+        return "..."
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {jsonable(str(k), depth + 1): jsonable(v, depth + 1) for k, v in value.items()}
+    return repr(value)[:80]
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def show(value: Any, limit: int = 80) -> Any:
+    """A short JSON-able rendering of a refused value, for error answers (strict JSON: no NaN)."""
+    if isinstance(value, str):
+        value = value if len(value) <= limit else value[:limit] + f"... ({len(value)} characters)"
+        return jsonable(value)
     if isinstance(value, (list, tuple)):
         if len(value) > 8:
             return f"a list of {len(value)} items"
-        text = json.dumps(value, default=repr)
-        return value if len(text) <= limit else f"a list of {len(value)} items"
+        value = jsonable(value)
+        return value if len(json.dumps(value)) <= limit else f"a list of {len(value)} items"
     if isinstance(value, dict):
-        text = json.dumps(value, default=repr)
-        return value if len(text) <= limit else f"an object with {len(value)} keys"
-    return repr(value)[:limit]
+        if len(value) > 8:
+            return f"an object with {len(value)} keys"
+        value = jsonable(value)
+        return value if len(json.dumps(value)) <= limit else f"an object with {len(value)} keys"
+    return jsonable(value)
 
 
 def _type_name(value: Any) -> str:
@@ -197,9 +245,9 @@ def _texts(value: Any, name: str, max_queries: int) -> tuple[list[str], bool]:
         where = name if single else f"{name}[{i}]"
         if not isinstance(text, str):
             raise RequestError(f"{where} is {_type_name(text)}, not a string", field=where, value=text)
-        if not text.strip():
-            raise RequestError(f"{where} is empty or whitespace; its embedding would match arbitrary chunks: give "
-                               "the text to look up", field=where, value=text)
+        problem = query_text_problem(text)
+        if problem:
+            raise RequestError(f"{where} {problem}", field=where, value=text)
     return texts, single
 
 
@@ -212,18 +260,19 @@ def _int_matrix(value: Any, name: str) -> np.ndarray:
             raise RequestError(f"{name}[{i}] is {_type_name(row)}; every row must be a list of token ids",
                                field=f"{name}[{i}]", value=row)
         for j, x in enumerate(row):
-            if type(x) is not int:
+            if type(x) is not int or not -_INT64 <= x < _INT64:
                 where = f"{name}[{i}][{j}]" if nested else f"{name}[{j}]"
-                raise RequestError(f"{where} is {_type_name(x)} {show(x)!r}; token ids are integers", field=where,
-                                   value=x)
+                what = "an integer beyond int64" if type(x) is int else _type_name(x)
+                raise RequestError(f"{where} is {what} {show(x)!r}; token ids are integers in the store's "
+                                   "vocabulary", field=where, value=x)
     lengths = {len(r) for r in rows}
     if len(lengths) > 1:
         raise RequestError(f"{name} rows have different lengths {sorted(lengths)[:4]}; every row must have the "
                            "same length L (pad them)", field=name, value=sorted(lengths)[:8])
-    try:
-        return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
-    except OverflowError:
-        raise RequestError(f"{name} holds an id beyond int64", field=name) from None
+    return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+
+
+_INT64 = 2**63
 
 
 def _check_vocab(arr: np.ndarray, name: str, vocab_size: int) -> None:
@@ -252,14 +301,26 @@ def _vectors(value: Any, facts: StoreFacts, max_queries: int) -> tuple[np.ndarra
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise RequestError(f"{where}[{j}] is {_type_name(x)}; vector values are numbers",
                                    field=f"{where}[{j}]", value=x)
+            if type(x) is int and not -FLOAT32_MAX <= x <= FLOAT32_MAX:  # also what float64 cannot hold
+                _beyond_float32(f"{where}[{j}]", x)
     arr = np.array(rows, dtype=np.float64)
     bad = ~np.isfinite(arr)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
         where = f"vectors[{j}]" if single else f"vectors[{i}][{j}]"
         raise RequestError(f"{where} is {float(arr[i, j])!r}; every value must be finite", field=where,
-                           value=float(arr[i, j]))
+                           value=float(arr[i, j]), limit=[-FLOAT32_MAX, FLOAT32_MAX])
+    big = np.abs(arr) > FLOAT32_MAX
+    if big.any():
+        i, j = (int(v) for v in np.argwhere(big)[0])
+        _beyond_float32(f"vectors[{j}]" if single else f"vectors[{i}][{j}]", float(arr[i, j]))
     return arr.astype(np.float32), single
+
+
+def _beyond_float32(where: str, value: Any) -> None:
+    raise RequestError(f"{where} is {show(value)}, beyond float32 (the store's vectors): every value must be in "
+                       f"[-{FLOAT32_MAX:.7g}, {FLOAT32_MAX:.7g}]", field=where, value=value,
+                       limit=[-FLOAT32_MAX, FLOAT32_MAX])
 
 
 def _doc_id_list(value: Any, name: str, max_ids: int) -> list[int]:
@@ -289,7 +350,12 @@ def parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, 
                            value=given or None)
     k = _int(body, "k", 5, 1, max_k, "neighbours per query")
     params = _params(body)
-    exclude = frozenset(_doc_id_list(body.get("exclude_doc_ids") or [], "exclude_doc_ids", max_ids))
+    exclude = body.get("exclude_doc_ids")
+    if exclude is not None and not isinstance(exclude, list):
+        raise RequestError(f"exclude_doc_ids is {_type_name(exclude)} {show(exclude)!r}; it must be a list of "
+                           "document ids (integers >= 0), e.g. [3, 17], or null / absent to exclude nothing",
+                           field="exclude_doc_ids", value=exclude)
+    exclude = frozenset(_doc_id_list(exclude or [], "exclude_doc_ids", max_ids))
     output = body.get("output", "hits")
     if output not in ("hits", "ids"):
         raise RequestError(f"output={show(output)!r} must be \"hits\" (chunks with text and continuation) or "
@@ -340,26 +406,49 @@ def parse_compat_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k
     return SearchRequest(single=single, texts=texts, k=k, params=_params(body), tokens=False, metadata=False)
 
 
-NEIGHBORS_FIELDS = ("token_ids", "k", "exclude_doc_ids")
+NEIGHBORS_FIELDS = ("token_ids", "k", "exclude_doc_ids", "label_token", "tail")
 
 
-def parse_neighbors(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int) -> NeighborsRequest:
-    """Check a ``POST /v1/neighbors`` body: ``token_ids`` (L,) or (B, L), ``k``, ``exclude_doc_ids`` per row."""
+def parse_neighbors(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int,
+                    max_neighbors: int | None = None) -> NeighborsRequest:
+    """Check a ``POST /v1/neighbors`` body: ``token_ids`` (L,) or (B, L), ``k``, ``exclude_doc_ids`` per row,
+    ``label_token`` and ``tail`` (as ``Store.neighbors``); B x C x k at most ``max_neighbors``."""
     body = _object(body, NEIGHBORS_FIELDS)
     value = body.get("token_ids")
     if not isinstance(value, list) or not value or (isinstance(value[0], list) and not value[0]):
         raise RequestError("token_ids must be a non-empty list of token ids (L,) or a list of equal-length rows "
                            f"(B, L), not {_type_name(value) if not isinstance(value, list) else 'an empty list'}",
                            field="token_ids", value=value)
+    label_token = _bool(body, "label_token", False)
+    tail = body.get("tail", "query")
+    if tail is None:
+        tail = "query"
+    if tail not in TAILS:
+        raise RequestError(f"tail={show(tail)!r} must be one of {', '.join(map(repr, TAILS))}: query the last "
+                           "ragged chunk, drop it, or give it an empty (padded) slot", field="tail", value=tail,
+                           limit=list(TAILS))
     arr = _int_matrix(value, "token_ids")
     b, length = arr.shape
-    c = -(-length // facts.chunk_tokens)
+    if label_token and length < 2:
+        raise RequestError(f"rows of {length} token with label_token=true hold no input token; a training row is "
+                           "L + 1 tokens (inputs, then the last label)", field="label_token", value=True,
+                           limit="rows of >= 2 tokens")
+    inputs = length - label_token
+    t = facts.chunk_tokens
+    c = inputs // t if tail == "drop" else -(-inputs // t)
     if b * c > max_queries:
-        raise RequestError(f"token_ids make {b} x {c} = {b * c} query chunks of {facts.chunk_tokens} tokens; the "
+        raise RequestError(f"token_ids make {b} x {c} = {b * c} query chunks of {t} tokens; the "
                            f"server's limit is {max_queries} per request (max_queries): split the batch",
                            field="token_ids", value=[b, length], limit=max_queries)
     _check_vocab(arr, "token_ids", facts.vocab_size)
     k = _int(body, "k", 2, 1, max_k, "neighbours per chunk")
+    if max_neighbors is not None and b * c * k > max_neighbors:
+        mib = b * c * k * 2 * t * 8 / (1 << 20)
+        raise RequestError(
+            f"token_ids make {b} x {c} = {b * c} query chunks; with k={k} the answer would hold {b * c} x {k} = "
+            f"{b * c * k} neighbours ({mib:.1f} MiB of int64 tokens); the server's limit is {max_neighbors} "
+            f"neighbours (B x C x k) per request (max_neighbors): ask with k <= {max(1, max_neighbors // (b * c))} "
+            f"or send fewer rows per request", field="k", value=k, limit=max_neighbors)
     exclude = body.get("exclude_doc_ids")
     rows = None
     if exclude is not None:
@@ -374,14 +463,18 @@ def parse_neighbors(body: Any, facts: StoreFacts, *, max_queries: int, max_k: in
                 rows.append(set())
             elif type(entry) is int and entry >= 0:
                 rows.append({entry})
+            elif isinstance(entry, list):
+                rows.append(set(_doc_id_list(entry, f"exclude_doc_ids[{i}]", max_ids)))
             else:
-                ids = _doc_id_list(entry, f"exclude_doc_ids[{i}]", max_ids)
-                rows.append(set(ids))
+                hint = " (null excludes nothing for this row)" if type(entry) is int else ""
+                raise RequestError(f"exclude_doc_ids[{i}] is {_type_name(entry)} {show(entry)!r}; each row's entry "
+                                   f"is a document id (an integer >= 0), a list of them, or null{hint}",
+                                   field=f"exclude_doc_ids[{i}]", value=entry)
             total += len(rows[-1])
         if total > max_ids:
             raise RequestError(f"exclude_doc_ids holds {total} ids in all; the server's limit is {max_ids} (max_ids)",
                                field="exclude_doc_ids", value=total, limit=max_ids)
-    return NeighborsRequest(tokens=arr, k=k, exclude=rows, chunks=c)
+    return NeighborsRequest(tokens=arr, k=k, exclude=rows, chunks=c, label_token=label_token, tail=tail)
 
 
 def parse_ids(body: Any, *, max_ids: int, documents: bool) -> IdsRequest:

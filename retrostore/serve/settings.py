@@ -56,6 +56,12 @@ class ServeSettings:
         Largest ``k`` (``n_docs``) a request may ask for.
     max_ids : int, default 10000
         Most ids in one chunks/documents request, and most excluded doc ids.
+    max_neighbors : int, default 16384
+        Most neighbours one ``/v1/neighbors`` answer may hold: B rows x C chunks
+        x k. ``max_queries`` and ``max_k`` alone would allow a small request to
+        ask for a gigabyte-sized answer; the default bounds the tokens array at
+        16 MiB for 64-token chunks (each neighbour is 2 x chunk_tokens int64),
+        and allows ``max_queries`` chunks at k = 16.
     verify : bool, default True
         Verify the store (``Store.verify``) before serving it; refuse it with the
         problems when it fails.
@@ -75,12 +81,14 @@ class ServeSettings:
     max_queries: int = 1024
     max_k: int = 1000
     max_ids: int = 10_000
+    max_neighbors: int = 16_384
     verify: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", os.fspath(self.store))
         ints = {"port": (0, 65535), "workers": (1, 256), "max_batch": (1, 1 << 20), "max_body_bytes": (1, 1 << 40),
-                "max_queries": (1, 1 << 24), "max_k": (1, 100_000), "max_ids": (1, 1 << 24)}
+                "max_queries": (1, 1 << 24), "max_k": (1, 100_000), "max_ids": (1, 1 << 24),
+                "max_neighbors": (1, 1 << 30)}
         for name, (low, high) in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

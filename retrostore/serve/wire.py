@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["NPY_MEDIA", "JSON_MEDIA", "NEIGHBOR_FIELDS", "VERSION_HEADER", "pack_arrays", "unpack_arrays",
-           "finite_or_none", "scores_to_json", "scores_from_json"]
+           "finite_or_none", "scores_to_json", "scores_from_json", "wants_npy", "TAILS"]
 
 NPY_MEDIA = "application/x-npy"
 JSON_MEDIA = "application/json"
@@ -27,6 +27,8 @@ JSON_MEDIA = "application/json"
 VERSION_HEADER = "X-Retrostore-Version"
 #: The arrays of a binary neighbours answer, in body order.
 NEIGHBOR_FIELDS = ("tokens", "mask", "chunk_ids", "doc_ids", "scores")
+#: What ``tail`` may be in a neighbours request (``Store.neighbors``' choices).
+TAILS = ("query", "drop", "pad")
 
 
 def pack_arrays(arrays: Sequence[np.ndarray]) -> bytes:
@@ -64,3 +66,47 @@ def scores_from_json(values: Any, missing: float) -> np.ndarray:
     if arr.size:
         arr[np.equal(arr, None)] = missing
     return arr.astype(np.float32)
+
+
+def _quality(params: list[str]) -> float:
+    for p in params:
+        name, _, value = p.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return min(1.0, max(0.0, float(value)))
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+def wants_npy(accept: str | None) -> bool:
+    """Whether an ``Accept`` header asks for ``.npy`` neighbours rather than JSON.
+
+    True when ``application/x-npy`` is listed with a quality above 0 and at least
+    the quality JSON gets (``application/json``, ``application/*`` or ``*/*``);
+    ``application/x-npy;q=0`` refuses it (RFC 9110, section 12.5.1).
+
+    Parameters
+    ----------
+    accept : str or None
+        The header's value.
+
+    Returns
+    -------
+    bool
+    """
+    if not accept:
+        return False
+    json_q = 0.0
+    specific: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        if media:
+            specific[media] = max(specific.get(media, 0.0), _quality(params))
+    npy = specific.get(NPY_MEDIA, 0.0)
+    for media in (JSON_MEDIA, "application/*", "*/*"):
+        if media in specific:
+            json_q = specific[media]
+            break
+    return npy > 0 and npy >= json_q

@@ -21,7 +21,7 @@ from retrostore.errors import InvalidInputError, RetrostoreError
 
 from . import errors as _serve_errors
 from .errors import MissingDependencyError, ServerError, ServerUnavailableError
-from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, VERSION_HEADER, scores_from_json, unpack_arrays
+from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, TAILS, VERSION_HEADER, scores_from_json, unpack_arrays
 
 __all__ = ["connect", "RemoteStore", "ServerError", "ServerUnavailableError"]
 
@@ -43,6 +43,26 @@ def _error_from(status: int, payload: Any) -> RetrostoreError:
         exc.field, exc.value, exc.limit = err.get("field"), err.get("value"), err.get("limit")
     exc.status = status
     return exc
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays as JSON (``json.dumps``' ``default``): what ``Store`` accepts, the client sends."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r:.60} is not JSON")
+
+
+def _check_k(k: Any) -> int:
+    """``k`` as ``Store`` takes it: an int or numpy integer >= 1 (bools refused)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+    return int(k)
 
 
 def _int_list(ids: Any, what: str) -> list[int]:
@@ -89,14 +109,26 @@ class RemoteStore:
             raise MissingDependencyError(
                 "retrostore.connect needs httpx: pip install 'retrostore[serve]' (or pip install httpx)") from exc
         self._httpx = httpx
+        if not isinstance(url, str):
+            raise InvalidInputError(f"url={url!r} must be a str such as 'http://127.0.0.1:8808'")
         self.url = url.rstrip("/")
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        try:
+            self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise InvalidInputError(f"cannot connect to {url!r}: it is not a valid URL ({exc}); give the server's "
+                                    "base URL, e.g. 'http://127.0.0.1:8808'") from None
         self._closed = False
-        self._metric: str | None = None
+        self._facts: dict | None = None
         self.version = -1
-        health = self._request("GET", "/healthz")
-        self.version = int(health["version"])
-        self._len = int(health["len"])
+        self._len = 0
+        try:
+            self.refresh()
+        except (ServerError, InvalidInputError) as exc:  # something answered, but not a retrostore server
+            self.close()
+            raise ServerUnavailableError(f"no retrostore server answers at {self.url}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
 
     # -- plumbing ----------------------------------------------------------------
     def _request(self, method: str, path: str, body: Any = None, *, accept: str | None = None) -> Any:
@@ -106,9 +138,9 @@ class RemoteStore:
         content = None
         if body is not None:
             try:
-                content = json.dumps(body, separators=(",", ":")).encode("utf-8")
-            except ValueError as exc:  # NaN/inf are sent as JSON's extensions; this is another failure
-                raise InvalidInputError(f"the request cannot be sent as JSON: {exc}") from None
+                content = json.dumps(body, separators=(",", ":"), default=_json_default).encode("utf-8")
+            except (TypeError, ValueError) as exc:  # NaN/inf are sent as JSON's extensions; this is another failure
+                raise InvalidInputError(f"the request to {path} cannot be sent as JSON: {exc}") from None
             headers = {**(headers or {}), "Content-Type": "application/json"}
         try:
             res = self._client.request(method, path, content=content, headers=headers)
@@ -118,6 +150,8 @@ class RemoteStore:
         except self._httpx.HTTPError as exc:
             raise ServerUnavailableError(f"cannot reach {self.url} ({type(exc).__name__}: {exc}); is "
                                          "`retrostore serve STORE` running there?") from None
+        except self._httpx.InvalidURL as exc:
+            raise InvalidInputError(f"cannot send a request to {self.url}{path}: invalid URL ({exc})") from None
         if res.status_code >= 400:
             try:
                 payload = res.json()
@@ -126,14 +160,26 @@ class RemoteStore:
             raise _error_from(res.status_code, payload)
         if VERSION_HEADER in res.headers:
             self.version = int(res.headers[VERSION_HEADER])
-        if accept == NPY_MEDIA and res.headers.get("content-type", "").startswith(NPY_MEDIA):
+        kind = res.headers.get("content-type", "")
+        if accept == NPY_MEDIA and kind.startswith(NPY_MEDIA):
             return res.content
-        return res.json()
+        try:
+            return res.json()
+        except ValueError:
+            raise ServerError(f"{method} {self.url}{path} answered HTTP {res.status_code} with "
+                              f"{kind or 'no content type'} that is not JSON ({res.text[:80]!r}): is this a "
+                              "retrostore server (`retrostore serve STORE`), and is the URL's path right?") from None
+
+    def _store_facts(self) -> dict:
+        """The store's metric, dim and chunk_tokens (fixed for its lifetime), read once from ``/v1/info``."""
+        if self._facts is None:
+            info = self.info()
+            self._facts = {"metric": info["metric"], "dim": int(info["dim"]),
+                           "chunk_tokens": int(info["chunk_tokens"])}
+        return self._facts
 
     def _missing_score(self) -> float:
-        if self._metric is None:
-            self._metric = self.info()["metric"]
-        return -np.inf if self._metric == "ip" else np.inf
+        return -np.inf if self._store_facts()["metric"] == "ip" else np.inf
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -164,7 +210,13 @@ class RemoteStore:
         int
         """
         health = self._request("GET", "/healthz")
-        self.version, self._len = int(health["version"]), int(health["len"])
+        if not (isinstance(health, dict) and isinstance(health.get("version"), int)
+                and isinstance(health.get("len"), int)):
+            raise ServerUnavailableError(
+                f"{self.url}/healthz answered {str(health)[:80]!r}, not a retrostore server's health "
+                "({\"status\": \"ok\", \"version\": V, \"len\": N}): is `retrostore serve STORE` running at that "
+                "URL (and is its path right)?")
+        self.version, self._len = health["version"], health["len"]
         return self.version
 
     # -- the Store API ---------------------------------------------------------------
@@ -208,8 +260,7 @@ class RemoteStore:
             raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
         queries = query if single else list(query)
         if not single and not queries:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+            _check_k(k)
             return []
         body: dict[str, Any] = {"query": queries, "k": k}
         if params is not None:
@@ -246,6 +297,13 @@ class RemoteStore:
             q = q[None, :]
         if q.ndim != 2 or not np.issubdtype(q.dtype, np.number):
             raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, dim) floats")
+        if len(q) == 0 and q.shape[1] > 0:  # as Store: no queries, no search (the width is still checked)
+            k = _check_k(k)
+            dim = self._store_facts()["dim"]
+            if q.shape[1] != dim:
+                raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) "
+                                        "real numbers (floats)")
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         q = q.astype(np.float32)
         body: dict[str, Any] = {"vectors": q.tolist(), "k": k, "output": "ids", "metadata": False, "tokens": False}
         if params is not None:
@@ -255,7 +313,8 @@ class RemoteStore:
         scores = scores_from_json(res["scores"], self._missing_score()).reshape(len(q), -1)
         return scores, ids
 
-    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None) -> Neighbors:
+    def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None, label_token: bool = False,
+                  tail: str = "query") -> Neighbors:
         """RETRO neighbours with continuations, as :meth:`retrostore.Store.neighbors`.
 
         Parameters
@@ -265,19 +324,28 @@ class RemoteStore:
         k : int, default 2
         exclude_doc_ids : sequence of length B, optional
             Per row: a doc id, an iterable of doc ids, or None.
+        label_token : bool, default False
+            Drop each row's last token first (it is the label of a training row).
+        tail : {"query", "drop", "pad"}, default "query"
+            The last L % chunk_tokens tokens: queried as one shorter chunk,
+            dropped (C = floor(L / chunk_tokens)), or given a slot with no
+            neighbours (ids -1, mask False).
 
         Returns
         -------
         Neighbors
             ``tokens`` (B, C, k, 2 * chunk_tokens) int64, ``mask`` (bool),
             ``chunk_ids`` / ``doc_ids`` (B, C, k) int64, ``scores`` (B, C, k)
-            float32; fetched as ``.npy`` arrays, bit for bit the server's.
+            float32; fetched as ``.npy`` arrays, bit for bit the server's. An
+            empty batch (B = 0) gives empty arrays of those shapes, as ``Store``.
 
         Raises
         ------
         InvalidInputError
             Bad shape, non-integer or out-of-vocabulary ids, ``k`` out of range,
-            ``exclude_doc_ids`` of the wrong length, or over the server's limits.
+            ``exclude_doc_ids`` of the wrong length, a bad ``tail``,
+            ``label_token`` with rows of one token, or over the server's limits
+            (``max_queries`` chunks, ``max_neighbors`` = B x C x k).
         ServerUnavailableError, ServerError
         """
         try:
@@ -285,7 +353,13 @@ class RemoteStore:
         except ValueError as exc:
             raise InvalidInputError(f"token_ids cannot form a (B, L) array ({exc}); every row must have the same "
                                     "length L") from None
+        if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
+            return self._no_neighbors(arr.shape[1], k, exclude_doc_ids, label_token, tail)
         body: dict[str, Any] = {"token_ids": arr.tolist(), "k": k}
+        if label_token:
+            body["label_token"] = True
+        if tail != "query":
+            body["tail"] = tail
         if exclude_doc_ids is not None:
             rows = []
             for entry in list(exclude_doc_ids):
@@ -305,6 +379,28 @@ class RemoteStore:
         return Neighbors(np.asarray(data["tokens"], np.int64), np.asarray(data["mask"], bool),
                          np.asarray(data["chunk_ids"], np.int64), np.asarray(data["doc_ids"], np.int64),
                          scores_from_json(data["scores"], missing))
+
+    def _no_neighbors(self, length: int, k: Any, exclude_doc_ids: Any, label_token: Any, tail: Any) -> Neighbors:
+        """What ``Store.neighbors`` returns for B = 0 rows of L tokens (JSON cannot carry a (0, L) shape),
+        after the checks it makes."""
+        k = _check_k(k)
+        if not isinstance(label_token, (bool, np.bool_)):
+            raise InvalidInputError(f"label_token={label_token!r} must be True or False")
+        if tail not in TAILS:
+            raise InvalidInputError(f"tail={tail!r} must be one of {', '.join(map(repr, TAILS))}: query the last "
+                                    "ragged chunk, drop it, or give it an empty (padded) slot")
+        label_token = bool(label_token)
+        if exclude_doc_ids is not None and len(list(exclude_doc_ids)) != 0:
+            raise InvalidInputError("exclude_doc_ids must have one entry per row of token_ids (0 rows)")
+        if label_token and length < 2:
+            raise InvalidInputError(f"rows of {length} token with label_token=True hold no input token; a training "
+                                    "row is L + 1 tokens (inputs, then the last label)")
+        t = self._store_facts()["chunk_tokens"]
+        inputs = length - label_token
+        c = inputs // t if tail == "drop" else -(-inputs // t)
+        ids = np.full((0, c, k), -1, np.int64)
+        tokens = np.zeros((0, c, k, 2 * t), np.int64)
+        return Neighbors(tokens, np.zeros(tokens.shape, bool), ids, ids.copy(), np.zeros((0, c, k), np.float32))
 
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:
         """Committed chunks by id, as :meth:`retrostore.Store.get_chunks`.
@@ -390,9 +486,13 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
     Raises
     ------
     ServerUnavailableError
-        Nothing answers at ``url`` (a subclass of ``RetrostoreError`` and
-        ``ConnectionError``; ``retrostore.serve.ServerUnavailableError``).
-    ModelNotInstalledError
+        Nothing answers at ``url``, or what answers is not a retrostore
+        server (``GET /healthz`` is not its JSON health); a subclass of
+        ``RetrostoreError`` and ``ConnectionError``
+        (``retrostore.serve.ServerUnavailableError``).
+    InvalidInputError
+        ``url`` is not a valid URL (e.g. ``http://256.0.0.1:8808``).
+    MissingDependencyError
         httpx is not installed (``pip install 'retrostore[serve]'``).
     """
     return RemoteStore(url, timeout_s=timeout_s, headers=headers)

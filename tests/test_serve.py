@@ -32,7 +32,7 @@ QUERIES = [
     "the license and copyright of python",
 ]
 #: Limits the module's server runs with, small enough to test cheaply.
-LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50")
+LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50", "--max-neighbors", "1000")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,36 @@ def test_neighbors_equal_embedded_as_npy_and_json(server, remote, local):
     assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.chunk_ids, want.chunk_ids)
 
 
+@pytest.mark.parametrize("kwargs, shape", [({"tail": "drop"}, (2, 1, 2, 128)), ({"tail": "pad"}, (2, 2, 2, 128)),
+                                           ({"label_token": True}, (2, 1, 2, 128)),
+                                           ({"label_token": True, "tail": "drop"}, (2, 1, 2, 128))])
+def test_neighbors_label_token_and_tail_equal_embedded(server, remote, local, kwargs, shape):
+    ids, _ = local.chunker.encode(local.get_document(19).text)
+    tokens = np.stack([ids[:65], ids[65:130]])  # L = 65: one chunk and one token (the label, or a ragged tail)
+    want = local.neighbors(tokens, k=2, **kwargs)
+    got = remote.neighbors(tokens, k=2, **kwargs)
+    assert want.tokens.shape == shape
+    for name in ("tokens", "mask", "chunk_ids", "doc_ids", "scores"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.shape == w.shape and g.dtype == w.dtype and np.array_equal(g, w), name
+    body = _post(server, "/v1/neighbors", {"token_ids": tokens.tolist(), "k": 2, **kwargs}).json()
+    assert body["shape"] == list(shape) and body["chunk_ids"] == want.chunk_ids.tolist()
+
+
+def test_neighbors_answers_negotiate_and_name_their_shape(server, local):
+    ids, _ = local.chunker.encode(local.get_document(19).text)
+    body = {"token_ids": [ids[:640].tolist()] * 4, "k": 10}  # 40 chunks x 10 = 400 neighbours, 51,200 tokens
+    for accept in ("application/x-npy;q=0", "application/json, application/x-npy;q=0.5", None):
+        res = _post(server, "/v1/neighbors", body, headers={"Content-Type": "application/json",
+                                                           **({"Accept": accept} if accept else {})})
+        assert res.headers["content-type"].startswith("application/json"), accept
+        assert res.headers["X-Retrostore-Shape"] == "4,10,10,128"  # also on a JSON answer big enough to stream
+        assert res.json()["shape"] == [4, 10, 10, 128]
+    res = _post(server, "/v1/neighbors", body, headers={"Content-Type": "application/json",
+                                                       "Accept": "application/json;q=0.9, application/x-npy"})
+    assert res.headers["content-type"].startswith("application/x-npy")
+
+
 def test_chunks_documents_and_info(server, remote, local):
     for g, w in zip(remote.get_chunks([0, 5, 89]), local.get_chunks([0, 5, 89])):
         assert (g.chunk_id, g.doc_id, g.position, g.start, g.text) == (w.chunk_id, w.doc_id, w.position, w.start,
@@ -222,6 +252,18 @@ BAD = [
     ("/v1/neighbors", b'{"token_ids": [1, 2], "exclude_doc_ids": [1, 2]}', 400, "exclude_doc_ids", "one entry per row"),
     ("/v1/neighbors", b'{"token_ids": [1, 2], "k": 0}', 400, "k", "[1, 50]"),
     ("/v1/neighbors", json.dumps({"token_ids": [[1] * 64] * 41}).encode(), 400, "token_ids", "limit is 40"),
+    ("/v1/neighbors", json.dumps({"token_ids": [[1] * 64] * 30, "k": 40}).encode(), 400, "k",
+     "30 x 40 = 1200 neighbours"),
+    ("/v1/neighbors", json.dumps({"token_ids": [[1] * 64] * 30, "k": 40}).encode(), 400, "k", "k <= 33"),
+    ("/v1/neighbors", b'{"token_ids": [[1, 2], [3, 4]], "exclude_doc_ids": [null, -1]}', 400,
+     "exclude_doc_ids[1]", "null excludes nothing"),
+    ("/v1/neighbors", b'{"token_ids": [1, 2], "tail": "cut"}', 400, "tail", "'query', 'drop', 'pad'"),
+    ("/v1/neighbors", b'{"token_ids": [1], "label_token": true}', 400, "label_token", "L + 1"),
+    ("/v1/neighbors", b'{"token_ids": [1, 2], "label_token": 1}', 400, "label_token", "true or false"),
+    ("/v1/search", b'{"query": "\\u0000\\u200b "}', 400, "query", "empty or whitespace"),
+    ("/v1/search", b'{"query": ["ok", "\\ud83d"]}', 400, "query[1]", "surrogate U+D83D"),
+    ("/v1/search", b'{"query": "x", "exclude_doc_ids": 0}', 400, "exclude_doc_ids", "a list of document ids"),
+    ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'1e39]}', 400, "vectors[383]", "float32"),
     ("/v1/chunks", b'{"ids": [1, 90]}', 404, "ids", "[0, 90)"),
     ("/v1/chunks", b'{"ids": "1"}', 400, "ids", "list"),
     ("/v1/chunks", b'{"ids": [1.5]}', 400, "ids[0]", "integers"),
@@ -309,6 +351,12 @@ def test_concurrent_requests_are_batched_and_counted(server, local):
     assert samples[("retrostore_request_seconds_count", (("endpoint", "search"),))] >= 72
     assert ("retrostore_request_seconds_bucket", (("endpoint", "search"), ("le", "0.05"))) in samples
     assert samples[("retrostore_store_version", ())] == local.version
+    httpx.get(server.url + "/v1/nothing")
+    httpx.delete(server.url + "/v1/search")
+    text = httpx.get(server.url + "/metrics").text
+    unrouted = {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "retrostore_requests_total" and s.labels["endpoint"] == "unrouted"}
+    assert unrouted["404"] >= 1 and unrouted["405"] >= 1
     assert samples[("retrostore_store_chunks", ())] == len(local)
     n_batches = samples[("retrostore_batch_requests_count", (("kind", "search"),))]
     n_requests = samples[("retrostore_batch_requests_sum", (("kind", "search"),))]

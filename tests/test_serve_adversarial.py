@@ -70,10 +70,6 @@ def _still_serving(remote, local):
 # -- the server ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a refused value holding NaN/Infinity inside a list or object is echoed in "
-                   "error.value; Starlette's JSONResponse (allow_nan=False) then raises inside the error handler, so "
-                   "the client gets a text/plain 500 'Internal Server Error' (not counted in /metrics) instead of a "
-                   "400 JSON error naming the field")
 def test_nan_inside_a_refused_value_is_a_400_json_error(server, remote, local):
     # Python's json (the server's parser) accepts NaN and Infinity; show() only sanitises a top-level float.
     for raw, field in [(b'{"query": "x", "k": [NaN]}', "k"),
@@ -86,9 +82,6 @@ def test_nan_inside_a_refused_value_is_a_400_json_error(server, remote, local):
     _still_serving(remote, local)
 
 
-@pytest.mark.xfail(strict=True, reason="a lone UTF-16 surrogate in query text (valid JSON: \"\\ud800\") reaches the "
-                   "tokenizer, which raises TypeError ('TextInputSequence must be str'): a 500 InternalError instead "
-                   "of a 400 naming query")
 def test_lone_surrogate_in_query_is_a_400(server):
     for path, raw in [("/v1/search", b'{"query": "a\\ud83d"}'),
                       ("/v1/search", b'{"query": ["ok", "\\udfff"]}'),
@@ -98,9 +91,6 @@ def test_lone_surrogate_in_query_is_a_400(server):
         assert _error(res)["field"].startswith("query")
 
 
-@pytest.mark.xfail(strict=True, reason="the lone-surrogate TypeError is raised by the batch's one embedder call and "
-                   "is not a RetrostoreError, so Batcher._execute fails every request of the batch with 500: one bad "
-                   "client makes the concurrent good searches fail (measured: 114 of 120 good requests answered 500)")
 def test_one_bad_text_query_never_fails_other_requests_in_its_batch(server):
     statuses: Counter = Counter()
 
@@ -125,9 +115,6 @@ def test_one_bad_text_query_never_fails_other_requests_in_its_batch(server):
     assert statuses == Counter({200: 48}), statuses
 
 
-@pytest.mark.xfail(strict=True, reason="a vector value finite as float64 but beyond float32 (1e39) passes the schema "
-                   "check, becomes inf in astype(float32) and is refused by the store, reported as field 'params' "
-                   "with value {} instead of the vector element, its value and the float32 range")
 def test_vector_value_beyond_float32_names_the_element(server):
     res = _post(server, "/v1/search", _vector_with_last("1e39"))
     assert res.status_code == 400
@@ -135,9 +122,6 @@ def test_vector_value_beyond_float32_names_the_element(server):
     assert err["field"] == "vectors[383]", err
 
 
-@pytest.mark.xfail(strict=True, reason="a vector value that is a huge JSON integer (10**400) passes the isinstance "
-                   "check; np.array(rows, float64) raises OverflowError in the handler: a 500 InternalError instead of "
-                   "a 400 naming vectors[383]")
 def test_huge_integer_in_vector_is_a_400(server, remote, local):
     res = _post(server, "/v1/search", _vector_with_last("1" + "0" * 400))
     assert res.status_code == 400, (res.status_code, res.text[:200])
@@ -145,10 +129,6 @@ def test_huge_integer_in_vector_is_a_400(server, remote, local):
     _still_serving(remote, local)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_search reads `body.get('exclude_doc_ids') or []`, so a falsy non-list "
-                   "(0, false, {}, \"\") is silently taken as 'exclude nothing' and answered 200, whereas "
-                   "exclude_doc_ids: 0 reads as 'exclude document 0' (neighbors accepts a bare id per row); a wrong "
-                   "type must be a 400 naming exclude_doc_ids")
 def test_exclude_doc_ids_of_the_wrong_type_is_refused(server):
     for value in (0, False, {}, ""):
         res = _post(server, "/v1/search", json.dumps({"query": QUERY, "k": 3, "exclude_doc_ids": value}).encode())
@@ -156,11 +136,6 @@ def test_exclude_doc_ids_of_the_wrong_type_is_refused(server):
         assert _error(res)["field"] == "exclude_doc_ids"
 
 
-@pytest.mark.xfail(strict=True, reason="no limit bounds k x B x C: max_k and max_queries are checked separately, so "
-                   "a ~12 KB neighbours request (32 chunks, k=1000, both within the limits) makes the server build "
-                   "and send 37 MB of arrays (measured in JSON: 34 MB answer, +200 MB server RSS; with the default "
-                   "limits, 1024 chunks x k=1000 is a 1 GB tokens array, several GB as JSON); such a request should "
-                   "be refused with a 4xx naming the limit")
 def test_neighbors_answer_size_is_bounded_by_a_limit(built_store):
     body = json.dumps({"token_ids": [[1012] * 64] * 32, "k": 1000}).encode()
     with _serving.serving(built_store, "--max-queries", "32", "--max-k", "1000") as srv:
@@ -174,8 +149,6 @@ def test_neighbors_answer_size_is_bounded_by_a_limit(built_store):
 # -- the client -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="RemoteStore sends k and params through json.dumps, which cannot encode numpy "
-                   "integers: search(q, k=np.int64(3)) raises a bare TypeError where Store.search answers")
 def test_client_takes_numpy_integers_as_store_does(remote, local):
     k = np.int64(3)
     assert [h.chunk_id for h in remote.search(QUERY, k=k)] == [h.chunk_id for h in local.search(QUERY, k=k)]
@@ -183,9 +156,6 @@ def test_client_takes_numpy_integers_as_store_does(remote, local):
     assert np.array_equal(remote.search_vectors(vec, k=k)[1], local.search_vectors(vec, k=k)[1])
 
 
-@pytest.mark.xfail(strict=True, reason="Store.search_vectors of (0, dim) and Store.neighbors of (0, L) return empty "
-                   "arrays; RemoteStore sends [] and the server refuses it, so the client raises InvalidInputError "
-                   "(search([]) is special-cased in the client, these are not)")
 def test_client_empty_batches_return_what_store_returns(remote, local):
     vec = np.zeros((0, 384), np.float32)
     (gs, gi), (ws, wi) = remote.search_vectors(vec, k=3), local.search_vectors(vec, k=3)
@@ -195,9 +165,6 @@ def test_client_empty_batches_return_what_store_returns(remote, local):
     assert got.tokens.shape == want.tokens.shape and got.chunk_ids.shape == want.chunk_ids.shape
 
 
-@pytest.mark.xfail(strict=True, reason="Store.neighbors takes label_token= and tail=; RemoteStore.neighbors (and "
-                   "/v1/neighbors) take neither, so code that passes them fails with TypeError on the remote store "
-                   "(the issue asks for the same signatures)")
 def test_client_neighbors_has_the_store_signature(remote, local):
     def params(fn):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
@@ -225,9 +192,6 @@ class _NotRetrostore(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="connect() to a server that is not retrostore's but answers 200 raises bare "
-                   "JSONDecodeError / KeyError('version') / TypeError, and an invalid host raises httpx.InvalidURL, "
-                   "instead of a RetrostoreError (ServerUnavailableError) saying no retrostore server answers there")
 def test_connect_to_something_else_raises_a_retrostore_error():
     httpd = http.server.HTTPServer(("127.0.0.1", 0), _NotRetrostore)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -240,3 +204,84 @@ def test_connect_to_something_else_raises_a_retrostore_error():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# -- units: the batcher's isolation and content negotiation ---------------------------------------------------
+
+
+class _FlakyEngine:
+    """An engine whose batched search raises a non-library error when any payload is "bad"."""
+
+    def __init__(self):
+        from retrostore.serve import ServeSettings
+
+        self.settings = ServeSettings(store="unused", follow=False, batch_window_ms=0)
+        self.version, self.len, self.calls = 7, 1, []
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def maybe_refresh(self):
+        return False
+
+    def search(self, payloads):
+        self.calls.append(list(payloads))
+        if "bad" in payloads:
+            raise TypeError("TextInputSequence must be str")
+        return [f"answer to {p}" for p in payloads]
+
+    neighbors = search
+
+
+def test_batcher_answers_each_request_of_a_failed_batch_alone():
+    from retrostore.serve.batching import Batcher, Job
+    from retrostore.serve.metrics import Metrics
+
+    engine = _FlakyEngine()
+    batcher = Batcher(engine, Metrics())
+    answers = {}
+    for p in ("a", "bad", "b"):  # queued before the thread starts, so they form one batch
+        batcher.submit(Job("search", p, 1, lambda r, e, v, p=p: answers.__setitem__(p, (r, e, v))))
+    batcher.start()
+    try:
+        for _ in range(200):
+            if len(answers) == 3:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        batcher.stop()
+    assert engine.calls[0] == ["a", "bad", "b"]  # batched first, then each alone
+    assert answers["a"] == ("answer to a", None, 7) and answers["b"] == ("answer to b", None, 7)
+    result, exc, _ = answers["bad"]
+    assert result is None and isinstance(exc, TypeError)
+
+
+@pytest.mark.parametrize("accept, npy", [("application/x-npy", True), ("application/x-npy;q=0", False),
+                                         ("application/json, application/x-npy;q=0.5", False),
+                                         ("application/json;q=0.5, application/x-npy", True),
+                                         ("*/*", False), (None, False), ("application/x-npy;q=bogus", False)])
+def test_accept_header_negotiation(accept, npy):
+    from retrostore.serve.wire import wants_npy
+
+    assert wants_npy(accept) is npy
+
+
+def test_client_sends_numpy_values_in_params_and_ids(remote, local):
+    params = {"nprobe": np.int32(4)}
+    got = remote.search(QUERY, k=np.int32(2), params=params)
+    assert [h.chunk_id for h in got] == [h.chunk_id for h in local.search(QUERY, k=2)]
+    assert [c.chunk_id for c in remote.get_chunks(np.array([3, 4]))] == [3, 4]
+    nb = remote.neighbors(np.array([[5, 6, 7]], np.int32), k=np.int64(2), label_token=np.bool_(True))
+    assert nb.tokens.shape == local.neighbors([[5, 6, 7]], k=2, label_token=True).tokens.shape
+
+
+def test_error_values_are_strict_json():
+    from retrostore.serve.schema import show
+
+    assert show([float("nan"), {"a": float("inf")}]) == ["nan", {"a": "inf"}]
+    assert show(10**400) == "an integer of 401 digits"
+    assert show("a\ud800") == "a?"
+    json.dumps(show({"x": [float("-inf")]}), allow_nan=False)

@@ -1,9 +1,8 @@
 """retrostore serve under hostile input (issue 18, adversarial review).
 
 Each test documents one defect found by attacking a real server (subprocess on a
-free 127.0.0.1 port, as tests/test_serve.py starts it) and is marked
-``xfail(strict=True)`` until the library is fixed: when a fix lands the test
-passes, strict xfail turns that into a failure, and the marker comes off.
+free 127.0.0.1 port, as tests/test_serve.py starts it); they were strict xfails
+until the library was fixed, and now guard against regressions.
 """
 
 from __future__ import annotations

@@ -589,7 +589,8 @@ def eval_(store, queries, k, params, seed, threads, as_json):
 @click.option("--max-k", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Largest k (n_docs) a request may ask for.")
 @click.option("--max-neighbors", type=click.IntRange(1, 1 << 30), default=16_384, show_default=True,
-              help="Most neighbours (rows x chunks x k) in one /v1/neighbors answer; bounds its size.")
+              help="Most neighbours (rows x chunks x k) in one /v1/neighbors answer, and most hits (queries x k) "
+                   "in one search answer; bounds their size.")
 @click.option("--mmap/--no-mmap", default=None,
               help="Memory-map the index files (default: with several workers, where the factory allows).")
 @click.option("--follow/--no-follow", default=True, show_default=True,

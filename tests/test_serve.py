@@ -264,6 +264,8 @@ BAD = [
     ("/v1/search", b'{"query": ["ok", "\\ud83d"]}', 400, "query[1]", "surrogate U+D83D"),
     ("/v1/search", b'{"query": "x", "exclude_doc_ids": 0}', 400, "exclude_doc_ids", "a list of document ids"),
     ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'1e39]}', 400, "vectors[383]", "float32"),
+    ("/v1/search", json.dumps({"query": ["q"] * 40, "k": 26}).encode(), 400, "k", "40 x 26 = 1040 hits"),
+    ("/search", json.dumps({"query": ["q"] * 40, "n_docs": 26}).encode(), 400, "n_docs", "n_docs <= 25"),
     ("/v1/chunks", b'{"ids": [1, 90]}', 404, "ids", "[0, 90)"),
     ("/v1/chunks", b'{"ids": "1"}', 400, "ids", "list"),
     ("/v1/chunks", b'{"ids": [1.5]}', 400, "ids[0]", "integers"),

@@ -220,14 +220,15 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
     @endpoint("search")
     async def search(request: Request) -> Response:
         req = await server.parsed(request, lambda body: parse_search(
-            body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_ids=s.max_ids))
+            body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_ids=s.max_ids,
+            max_neighbors=s.max_neighbors))
         result, version = await server.submit("search", req, req.n)
         return _json({"version": version, "k": req.k, **result}, version)
 
     @endpoint("compat_search")
     async def compat_search(request: Request) -> Response:
         req = await server.parsed(request, lambda body: parse_compat_search(
-            body, facts(), max_queries=s.max_queries, max_k=s.max_k))
+            body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_neighbors=s.max_neighbors))
         result, version = await server.submit("search", req, req.n)
         query = req.texts[0] if req.single else req.texts
         rows = result["results"]

@@ -340,8 +340,26 @@ SEARCH_FIELDS = ("query", "token_ids", "vectors", "k", "params", "nprobe", "excl
                  "output")
 
 
-def parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int) -> SearchRequest:
-    """Check a ``POST /v1/search`` body."""
+def _check_hits(req: SearchRequest, max_neighbors: int | None, field: str) -> SearchRequest:
+    """Queries x k at most ``max_neighbors``: the answer's size is bounded as /v1/neighbors' is."""
+    n = req.n
+    if max_neighbors is not None and n * req.k > max_neighbors:
+        raise RequestError(
+            f"{n} queries with {field}={req.k} would return {n} x {req.k} = {n * req.k} hits; the server's limit is "
+            f"{max_neighbors} hits (queries x k) per request (max_neighbors): ask with {field} <= "
+            f"{max(1, max_neighbors // n)} or send fewer queries per request", field=field, value=req.k,
+            limit=max_neighbors)
+    return req
+
+
+def parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int,
+                 max_neighbors: int | None = None) -> SearchRequest:
+    """Check a ``POST /v1/search`` body; queries x k at most ``max_neighbors``."""
+    return _check_hits(_parse_search(body, facts, max_queries=max_queries, max_k=max_k, max_ids=max_ids),
+                       max_neighbors, "k")
+
+
+def _parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, max_ids: int) -> SearchRequest:
     body = _object(body, SEARCH_FIELDS)
     given = [name for name in ("query", "token_ids", "vectors") if body.get(name) is not None]
     if len(given) != 1:
@@ -396,14 +414,17 @@ def parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int, 
 COMPAT_FIELDS = ("query", "n_docs", "nprobe", "domains")
 
 
-def parse_compat_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int) -> SearchRequest:
-    """Check a massive-serve style ``POST /search`` body (``query``, ``n_docs``, ``nprobe``; ``domains`` ignored)."""
+def parse_compat_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int,
+                        max_neighbors: int | None = None) -> SearchRequest:
+    """Check a massive-serve style ``POST /search`` body (``query``, ``n_docs``, ``nprobe``; ``domains`` ignored);
+    queries x n_docs at most ``max_neighbors``."""
     body = _object(body, COMPAT_FIELDS)
     if body.get("query") is None:
         raise RequestError("query is required: a string or a list of strings", field="query")
     texts, single = _texts(body["query"], "query", max_queries)
     k = _int(body, "n_docs", 1, 1, max_k, "passages per query")
-    return SearchRequest(single=single, texts=texts, k=k, params=_params(body), tokens=False, metadata=False)
+    return _check_hits(SearchRequest(single=single, texts=texts, k=k, params=_params(body), tokens=False,
+                                     metadata=False), max_neighbors, "n_docs")
 
 
 NEIGHBORS_FIELDS = ("token_ids", "k", "exclude_doc_ids", "label_token", "tail")

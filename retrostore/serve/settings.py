@@ -58,7 +58,8 @@ class ServeSettings:
         Most ids in one chunks/documents request, and most excluded doc ids.
     max_neighbors : int, default 16384
         Most neighbours one ``/v1/neighbors`` answer may hold: B rows x C chunks
-        x k. ``max_queries`` and ``max_k`` alone would allow a small request to
+        x k; and most hits one search answer may hold: queries x k
+        (``/v1/search``, ``/search``). ``max_queries`` and ``max_k`` alone would allow a small request to
         ask for a gigabyte-sized answer; the default bounds the tokens array at
         16 MiB for 64-token chunks (each neighbour is 2 x chunk_tokens int64),
         and allows ``max_queries`` chunks at k = 16.

@@ -25,7 +25,6 @@ import multiprocessing as mp
 import sys
 import time
 
-import numpy as np
 import onnxruntime as ort
 
 import _common as C

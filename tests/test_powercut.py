@@ -233,7 +233,7 @@ def test_live_power_cut_and_remount(tmp_path, workers, texts):
             proc.join(30)
         records = m.records()
         digests, packed = read_digests(root / "digests.jsonl")
-        with Mount(root / "images" / "cut", root / "mnt2", root / "images2") as m2:
+        with Mount(root / "images" / "cut", root / "mnt2", root / "images2"):
             found = check_image(root / "mnt2", ops, records, digests, packed)
         unexpected = _unexpected({"findings": [found] if found["problems"] else []})
         assert unexpected == [], found

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import retrostore
-from retrostore import CorruptStoreError, InvalidInputError, RetrostoreError
+from retrostore import InvalidInputError, RetrostoreError
 
 import _powercut
 

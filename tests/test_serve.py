@@ -477,4 +477,5 @@ def test_store_of_another_model_answers_vectors_and_refuses_text(tmp_path, small
         with retrostore.open(path, embedder=OtherModel()) as local:
             (gs, gi), (ws, wi) = remote.search_vectors(vecs[:2], k=3), local.search_vectors(vecs[:2], k=3)
             assert np.array_equal(gi, wi) and gi[0, 0] == 0 and gi[1, 0] == 1
+            assert np.allclose(gs, ws, atol=1e-5)
         assert "text queries will be refused" in srv.log()

@@ -66,7 +66,7 @@ def cli() -> None:
                    "finished are skipped and an interrupted build resumes).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
               help="Build in shards (plan, train, shard, merge): 'local' in this process, 'ray' as Ray tasks "
-                   "(pip install \"retrostore[ray]\"). Re-running resumes; see docs/scaling.md.")
+                   "(the ray extra: pip install \".[ray]\" in the retrostore checkout). Re-running resumes; see docs/scaling.md.")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
 @click.option("--shards", type=int, default=None,
               help="Number of shards (default: one per 64 M characters of input). Implies --engine local.")
@@ -132,7 +132,7 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("query")
-@click.option("-k", "k", type=int, default=5, show_default=True, help="Number of neighbours.")
+@click.option("-k", "--k", "k", type=int, default=5, show_default=True, help="Number of neighbours.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object with the hits).")
 @_friendly
 def search(store, query, k, as_json):
@@ -269,10 +269,11 @@ def verify(store, as_json, retokenize):
         sys.exit(1)
 
 
-def _leakage_options(fn):
+def _leakage_options(fn, seq_len_required: bool = False):
     """Options shared by ``neighbors --sequences`` and ``export`` (retrostore.retro.sequence_neighbors)."""
     for opt in reversed([
-        click.option("--seq-len", type=int, default=None,
+        # no default at all when required: click 8.3+ takes an explicit default=None as a value
+        click.option("--seq-len", type=int, **({"required": True} if seq_len_required else {"default": None}),
                      help="Training window length L (a multiple of the chunk size); windows are L + 1 tokens."),
         click.option("--mode", type=click.Choice(["packed", "document"]), default="packed", show_default=True,
                      help="Windows packed across documents, or each within one document (padded)."),
@@ -390,7 +391,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
 @click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,
               help="The trainer whose files are written (retro-pytorch 0.3.9's RETRODataset).")
 @click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
-@_leakage_options
+@functools.partial(_leakage_options, seq_len_required=True)
 @click.option("--allow-pad-collision", is_flag=True,
               help="Export although token id 0 is real text in this store (retro-pytorch pads with 0).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export.")
@@ -401,8 +402,6 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
     the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
     keyword arguments (docs/retro-training.md)."""
-    if seq_len is None:
-        raise click.UsageError("export needs --seq-len L (the model's max_seq_len, a multiple of the chunk size)")
     with retrostore.open(store) as st:
         info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
                                           overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
@@ -604,7 +603,7 @@ def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_b
     Prometheus metrics at /metrics) until interrupted. Concurrent requests are
     embedded and searched in batches; the server follows the writer's commits.
     Clients: retrostore.connect(URL), or any HTTP client (docs/serving.md).
-    Needs the serve extra: pip install "retrostore[serve]"."""
+    Needs the serve extra: pip install ".[serve]" in the retrostore checkout."""
     from retrostore.serve import ServeSettings, run
 
     run(ServeSettings(store=store, host=host, port=port, workers=workers, threads=threads,

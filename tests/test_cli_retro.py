@@ -102,4 +102,4 @@ def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp
     assert again.exit_code == 1 and "StoreExistsError" in again.output and "--force" in again.output
     assert _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q").exit_code == 0
     res = _run("export", sliced, tmp_path / "e2")
-    assert res.exit_code == 2 and "--seq-len" in res.output
+    assert res.exit_code == 2 and "Missing option '--seq-len'" in res.output

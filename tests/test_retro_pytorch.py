@@ -1,7 +1,7 @@
 """retro-pytorch 0.3.9 on a retrostore store: its own RETRODataset over the export equals
 retrostore's windows + neighbour tokens for every row; a tiny RETRO trains (forward +
 backward) on them; generation retrieves through retrostore. Skipped without retro-pytorch
-(pip install "retrostore[retro]")."""
+(pip install ".[retro]")."""
 
 from __future__ import annotations
 

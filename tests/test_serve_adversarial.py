@@ -10,6 +10,9 @@ from __future__ import annotations
 import http.server
 import inspect
 import json
+import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -203,6 +206,26 @@ def test_connect_to_something_else_raises_a_retrostore_error():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_connect_to_a_path_or_an_address_without_scheme_names_the_fix(built_store):
+    with pytest.raises(retrostore.InvalidInputError, match=r"not an http:// or https:// URL.*'http://127.0.0.1:9'"):
+        retrostore.connect("127.0.0.1:9")
+    with pytest.raises(retrostore.InvalidInputError, match="a store directory opens with retrostore.open"):
+        retrostore.connect(str(built_store))
+
+
+def test_serve_on_a_port_in_use_is_refused_before_it_starts(built_store):
+    """A second server on a busy port said "serving ... on" and died in uvicorn with exit 3."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "retrostore", "serve", str(built_store), "--port", str(port),
+                              "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in res.stderr and "--port" in res.stderr
+    assert "serving" not in res.stderr + res.stdout
 
 
 # -- units: the batcher's isolation and content negotiation ---------------------------------------------------

@@ -18,8 +18,8 @@ QUERIES = ["decode base64 encoded data back into bytes", "run a function in a po
 
 @pytest.mark.slow
 def test_ray_serve_replicas_answer_like_the_embedded_store(built_store, embedder):
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'retrostore[ray-serve]')")
-    serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'retrostore[ray-serve]')")
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray-serve]')")
+    serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray-serve]')")
     from retrostore.serve.ray_serve import deployment
 
     port = _serving.free_port()

@@ -126,7 +126,7 @@ class RayEngine:
         try:
             import ray
         except ImportError as exc:
-            raise InvalidInputError('--engine ray needs Ray: pip install "retrostore[ray]"') from exc
+            raise InvalidInputError('--engine ray needs Ray: pip install ".[ray]" in the retrostore checkout (the ray extra), or pip install ray') from exc
         self.ray = ray
         self.plan, self.work, self.device = plan, work, device
         self.max_retries, self.cpus = max_retries, cpus_per_task

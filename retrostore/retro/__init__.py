@@ -4,7 +4,7 @@ controls, and an exporter for retro-pytorch 0.3.9 (docs/retro-training.md).
 Built on the store's public API only (``Store.neighbor_tokens``,
 ``neighbors``, ``precompute_neighbors``, ``search_vectors``, ``manifest``). torch and
 retro-pytorch are optional: only :func:`fetch_fn` returns torch tensors, and
-only when torch is installed (``pip install "retrostore[retro]"``).
+only when torch is installed (``pip install ".[retro]"``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 - :func:`connect` returns a :class:`RemoteStore`, a client with the read API of
   :class:`retrostore.Store`; it needs only httpx and numpy.
 
-The server side needs the ``serve`` extra (``pip install 'retrostore[serve]'``):
+The server side needs the ``serve`` extra (``pip install '.[serve]'``):
 starlette, uvicorn, prometheus_client and httpx, imported only when used.
 See docs/serving.md.
 """

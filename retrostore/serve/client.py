@@ -10,6 +10,8 @@ store, FAISS or model is loaded on the client side.
 
 from __future__ import annotations
 
+import os
+
 import json
 from typing import Any, Iterable, Sequence
 
@@ -107,11 +109,16 @@ class RemoteStore:
             import httpx
         except ImportError as exc:  # pragma: no cover - httpx is in the serve extra
             raise MissingDependencyError(
-                "retrostore.connect needs httpx: pip install 'retrostore[serve]' (or pip install httpx)") from exc
+                "retrostore.connect needs httpx: pip install '.[serve]' in the retrostore checkout (or pip install httpx)") from exc
         self._httpx = httpx
         if not isinstance(url, str):
             raise InvalidInputError(f"url={url!r} must be a str such as 'http://127.0.0.1:8808'")
         self.url = url.rstrip("/")
+        if not self.url.lower().startswith(("http://", "https://")):
+            hint = (" (a store directory opens with retrostore.open)" if os.path.isdir(url) else "")
+            raise InvalidInputError(f"url={url!r} is not an http:// or https:// URL; give the server's base URL, "
+                                    f"e.g. 'http://{url if ':' in url and '/' not in url else '127.0.0.1:8808'}'"
+                                    + hint)
         try:
             self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
@@ -493,6 +500,6 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
     InvalidInputError
         ``url`` is not a valid URL (e.g. ``http://256.0.0.1:8808``).
     MissingDependencyError
-        httpx is not installed (``pip install 'retrostore[serve]'``).
+        httpx is not installed (``pip install '.[serve]'``).
     """
     return RemoteStore(url, timeout_s=timeout_s, headers=headers)

@@ -31,4 +31,4 @@ class ServerStoppingError(RetrostoreError):
 
 
 class MissingDependencyError(RetrostoreError, ImportError):
-    """A package that serving needs is not installed (``pip install 'retrostore[serve]'``)."""
+    """A package that serving needs is not installed (``pip install '.[serve]'``)."""

@@ -5,8 +5,8 @@ replica, not pickled from the driver), opens the store read-only at the same
 path, batches its own requests and follows commits; Ray Serve's HTTP proxy
 spreads requests over the replicas. Every node that hosts a replica needs the
 store at ``store`` (a shared file system, or a copy per node made with
-``retrostore pack`` / ``retrostore unpack``). Needs ``pip install
-'retrostore[ray-serve]'``.
+``retrostore pack`` / ``retrostore unpack``). Needs the ``ray-serve`` extra
+(``pip install '.[ray-serve]'`` in the retrostore checkout).
 
 >>> from ray import serve                                          # doctest: +SKIP
 >>> from retrostore.serve.ray_serve import deployment              # doctest: +SKIP
@@ -60,7 +60,7 @@ def deployment(store: str | os.PathLike, *, replicas: int = 2, name: str = "retr
         from ray import serve
     except ImportError as exc:
         raise MissingDependencyError(f"the Ray Serve deployment needs ray[serve] ({exc}): "
-                                     "pip install 'retrostore[ray-serve]'") from None
+                                     "pip install '.[ray-serve]' in the retrostore checkout") from None
     options = dict(ray_actor_options or {"num_cpus": 1})
     settings.setdefault("threads", max(1, int(options.get("num_cpus", 1) or 1)))
     config = ServeSettings(store=os.path.abspath(os.fspath(store)), **settings).to_json()

@@ -11,14 +11,16 @@ count every worker's requests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
 import signal
+import socket
 import tempfile
 
 import retrostore
-from retrostore.errors import CorruptStoreError, FormatVersionError
+from retrostore.errors import CorruptStoreError, FormatVersionError, InvalidInputError
 
 from .errors import MissingDependencyError
 from .settings import SETTINGS_ENV, ServeSettings
@@ -53,6 +55,30 @@ def check_store(settings: ServeSettings) -> dict:
         return store.info()
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on, before the store is opened and anything is logged.
+
+    Raises
+    ------
+    InvalidInputError
+        ``host:port`` cannot be bound (in use, or not an address of this machine).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise InvalidInputError(f"--host {host!r} is not an address of this machine ({exc}); use 127.0.0.1 "
+                                "(the default) or 0.0.0.0 for every address") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            what = "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
+            raise InvalidInputError(f"port {port} on {host} {what}: pass --port with a free port, or stop the "
+                                    "process that holds it") from None
+
+
 def run(settings: ServeSettings, *, log_level: str = "info") -> None:
     """Check the store, then serve it on ``settings.host:settings.port`` until SIGINT/SIGTERM.
 
@@ -60,14 +86,17 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
     ------
     MissingDependencyError
         uvicorn or starlette is not installed.
+    InvalidInputError
+        The port is in use (:func:`check_port`).
     NotAStoreError, FormatVersionError, CorruptStoreError
         The store cannot be opened, or fails verification.
     """
     missing = [name for name in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(f"retrostore serve needs the serve extra ({', '.join(missing)} missing): "
-                                     "pip install 'retrostore[serve]'")
+                                     "pip install '.[serve]' in the retrostore checkout")
     import uvicorn
+    check_port(settings.host, settings.port)
     info = check_store(settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %s: version %d, %d documents, %d chunks, index %s, on http://%s:%d with %d worker(s)",

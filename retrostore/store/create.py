@@ -20,7 +20,7 @@ from ..index.policy import default_params
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
-from ..storage.layout import GENESIS, INDEX_DIR, LMDB_DIR, TMP_PREFIX, TOKENIZER, VECTORS_DIR, VERSIONS_DIR
+from ..storage.layout import GENESIS, INDEX_DIR, LMDB_DIR, MANIFEST, TMP_PREFIX, TOKENIZER, VECTORS_DIR, VERSIONS_DIR
 from ..text.chunking import Chunker
 from ..text.embed import DEFAULT_MODEL_SHA256, Embedder, check_embedder, json_fingerprint
 from ..text.models import DEFAULT_DIM, default_fingerprint, default_tokenizer_path
@@ -129,10 +129,13 @@ def create(
     """
     root = _store_path(path)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise StoreExistsError(
-            f"{root} already exists; open it with retrostore.open({str(root)!r}, mode='a') to add to it, "
-            "or choose a new path"
-        )
+        if (root / MANIFEST).exists():
+            raise StoreExistsError(
+                f"{root} already exists; open it with retrostore.open({str(root)!r}, mode='a') to add to it "
+                "(retrostore build adds to it by itself), or choose a new path")
+        what = "a directory with other files" if root.is_dir() else "a file"
+        raise StoreExistsError(f"{root} exists and is not a store ({what}); choose a new path for the store, "
+                               "or an empty directory")
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= 4096:
         raise InvalidInputError(f"chunk_tokens={chunk_tokens!r} must be an int in [1, 4096]; RETRO uses 64")
     if metric not in ("ip", "l2"):

@@ -171,7 +171,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     work.mkdir(exist_ok=True)
     summary = sequence_neighbors(store, seqs, work / "seq_knn.npy", k=k, exclude=exclude,
                                  overlap_threshold=overlap_threshold, ngram=ngram, progress=progress)
-    seq_knn = np.load(work / "seq_knn.npy")
+    seq_knn = np.load(work / "seq_knn.npy", allow_pickle=False)
     row_of = np.full(len(store), -1, np.int64)
     have = rows >= 0
     row_of[rows[have]] = np.flatnonzero(have)

@@ -311,7 +311,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     cand_path = out.with_name(f"{out.name[:-4]}.candidates-v{store.version}-k{n_cand}.npy")
     if not cand_path.exists():
         store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
-    cand_all = np.load(cand_path, mmap_mode="r")
+    cand_all = np.load(cand_path, mmap_mode="r", allow_pickle=False)
     params = {"store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
               "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
               "drop_duplicates": drop_duplicates, "candidates": n_cand,

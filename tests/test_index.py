@@ -19,6 +19,8 @@ from retrostore import IndexTrainingError, InvalidInputError, RetrostoreError
 from retrostore.index.policy import default_factory
 from retrostore.index.training import check_sample, suggest_factory, train_template
 
+from faiss import clone_index as faiss_clone
+
 
 class FakeEmbedder:
     """Fixed fingerprint, default tokenizer; embedding text is an error (vectors come precomputed)."""
@@ -384,6 +386,58 @@ def test_reindex_needs_the_vectors(tmp_path, rng):
             st.reindex("IVF16,Flat", progress=False)
         with pytest.raises(RetrostoreError, match="keep_vectors=False"):
             st.evaluate(queries=10)
+
+
+def test_fast_scan_lists_merge_exactly(rng):
+    """FAISS 1.15's merge_from aborts the process on IVF fast-scan lists (BlockInvertedLists.add_entries
+    copies past a list whose length is a multiple of its block's bytes): merge_fast_scan merges them
+    list by list, to exactly the index that adding every vector with its id gives."""
+    from retrostore.index.merge import is_fast_scan, merge_fast_scan
+
+    x = _vectors(rng, 12_000, uniform=True)
+    for factory in ("IVF8,PQ8x4fs", "IVF16,PQ16x4fs"):
+        template = train_template(factory, 64, "ip", x[:2000])
+        parts = [(0, 1500), (1500, 1501), (3000, 3400), (4000, 7072), (8000, 12_000)]  # 3,072: 24 and 12 blocks
+        segs = []
+        for a, b in parts:
+            seg = faiss_clone(template)
+            seg.add(x[a:b])
+            segs.append((seg, a))
+        merged = faiss_clone(template)
+        assert is_fast_scan(merged)
+        merge_fast_scan(merged, segs)
+        ref = faiss_clone(template)
+        ids = np.concatenate([np.arange(a, b) for a, b in parts])
+        ref.add_with_ids(x[ids], ids)
+        assert merged.ntotal == ref.ntotal == len(ids)
+        for index in (merged, ref):
+            index.nprobe = 4
+        d1, i1 = merged.search(x[:200], 20)
+        d2, i2 = ref.search(x[:200], 20)
+        assert (i1 == i2).all() and (d1 == d2).all()
+
+
+def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):
+    """A fast-scan store through tier merges (8 segments of one tier) and a compaction with deletes."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF16,PQ8x4fs",
+                           index_params={"nprobe": 16, "rerank": 200}) as st:
+        parts = [_fill(st, rng, 1000)]
+        st.commit()
+        assert st.manifest["index"]["factory"] == "IVF16,PQ8x4fs"
+        for b in range(1, 10):
+            parts.append(_fill(st, rng, 600, start=1000 + 600 * (b - 1)))
+            st.commit()
+        assert len(st.manifest["index"]["segments"]) < 10  # eight 600-vector segments merged into one
+        x = np.concatenate(parts)
+        _, ids = st.search_vectors(x[::97], 1)
+        assert (ids[:, 0] == np.arange(0, len(x), 97)).mean() > 0.97
+        st.delete(range(0, 200))
+        st.commit()
+        st.compact(progress=False)
+        assert len(st.manifest["index"]["segments"]) == 1 and st.info()["vectors"] == len(x) - 200
+        _, ids = st.search_vectors(x[300::97], 1)
+        assert (ids[:, 0] == np.arange(300, len(x), 97)).mean() > 0.97
+        assert st.verify() == []
 
 
 def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):

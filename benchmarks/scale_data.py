@@ -26,11 +26,11 @@ every member of the query's topic, so the candidates needed grow in
 proportion to the store: the behaviour issue 19's probe found (recall@10
 0.51 at 5M with 500 candidates, 0.996 with 1,500).
 
-**Texts.** Row ``i`` is chunk text ``i mod T`` of a pool of real chunk texts:
-the 64-token chunks of pydocs (``benchmarks/.cache/pydocs-chunks.json`` when
-``peers.py`` filled it, else chunked from the corpus), each one document of
-exactly one chunk, handed to ``append`` with its chunk so nothing is tokenized
-during the benchmark.
+**Texts.** The pydocs documents (``benchmarks/.cache/pydocs-chunks.json`` when
+``peers.py`` filled it, else the corpus), cycled: document ``j`` of a store is
+pydocs document ``j mod 497`` with its 64-token chunks, handed to ``append``
+with its chunks so nothing is tokenized during the benchmark. Chunk id ``i``
+gets vector row ``i``.
 """
 
 from __future__ import annotations
@@ -98,40 +98,60 @@ class ClusteredVectors:
 
 
 class TextPool:
-    """Real chunk texts, each one document of exactly one chunk, with that chunk.
+    """Real documents cut into chunks by the store's chunker, cycled to any number of chunks.
+
+    Document ``j`` of a store is pool document ``j mod D`` (the whole pydocs
+    corpus, 497 pages and 51,429 chunks, when it is available), handed to
+    ``append`` with its chunks (``chunk_many``, made once here), so nothing is
+    tokenized while the benchmark runs and every chunk holds its real text and
+    token ids.
 
     Parameters
     ----------
     cache : Path
-        ``pydocs-chunks.json`` of the peers cache; used when it exists.
+        ``pydocs-chunks.json`` of the peers cache (its ``doc_texts``); used when it exists.
     corpus : Path
-        The ``.jsonl[.zst]`` corpus chunked otherwise.
+        The ``.jsonl[.zst]`` corpus read otherwise.
     """
 
     def __init__(self, cache: Path, corpus: Path):
         import retrostore
 
         if cache.is_file():
-            texts = json.loads(cache.read_text())["chunk_text"]
-            self.source = f"{len(texts):,} chunk texts of {cache.name}"
+            docs = json.loads(cache.read_text())["doc_texts"]
+            where = f"the documents of {cache.name}"
         else:
             from retrostore.text.inputs import iter_documents
 
-            chunker = retrostore.Chunker(retrostore.default_tokenizer_path(), 64)
             docs = [d.text for d in iter_documents([corpus])]
-            texts = [t[c.start:c.end] for t, cs in zip(docs, chunker.chunk_many(docs)) for c in cs]
-            self.source = f"{len(texts):,} chunks of {corpus.name}"
+            where = corpus.name
         chunker = retrostore.Chunker(retrostore.default_tokenizer_path(), 64)
-        keep = [(t, cs[0]) for t, cs in zip(texts, chunker.chunk_many(texts)) if len(cs) == 1]
-        self.texts = [t for t, _ in keep]
-        self.chunks = [c for _, c in keep]
-        self.source += f" ({len(self.texts):,} that are one chunk on their own)"
+        pairs = [(t, cs) for t, cs in zip(docs, chunker.chunk_many(docs)) if cs]
+        self.texts = [t for t, _ in pairs]
+        self.chunks = [cs for _, cs in pairs]
+        self.counts = np.array([len(cs) for cs in self.chunks], np.int64)
+        self.source = (f"{len(self.texts)} documents, {int(self.counts.sum()):,} chunks of 64 tokens ({where}), "
+                       "cycled")
 
-    def __len__(self) -> int:
-        return len(self.texts)
+    def plan(self, n: int, batch: int) -> list[tuple[int, int, int]]:
+        """Commits for a store of about ``n`` chunks: ``(first document, documents, chunks)`` each, whole
+        documents of about ``batch`` chunks; the last document may take the store past ``n``."""
+        out, doc, total = [], 0, 0
+        while total < n:
+            first, size = doc, 0
+            while size < batch and total + size < n:
+                size += int(self.counts[doc % len(self.texts)])
+                doc += 1
+            out.append((first, doc - first, size))
+            total += size
+        return out
 
-    def batch(self, lo: int, hi: int) -> tuple[list[str], list[list]]:
-        """Documents ``[lo, hi)`` (text ``i mod T``) and their chunks, for ``append(docs, chunks=...)``."""
-        n = len(self.texts)
-        idx = [i % n for i in range(lo, hi)]
-        return [self.texts[i] for i in idx], [[self.chunks[i]] for i in idx]
+    def docs(self, first: int, count: int) -> tuple[list[str], list[list]]:
+        """Documents ``[first, first + count)`` and their chunks, for ``append(docs, chunks=...)``."""
+        idx = [j % len(self.texts) for j in range(first, first + count)]
+        return [self.texts[i] for i in idx], [self.chunks[i] for i in idx]
+
+    def chunk_texts(self, first: int, count: int) -> list[str]:
+        """The chunk texts of documents ``[first, first + count)``, in chunk-id order."""
+        texts, chunks = self.docs(first, count)
+        return [t[c.start:c.end] for t, cs in zip(texts, chunks) for c in cs]

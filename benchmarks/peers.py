@@ -60,9 +60,11 @@ import peers_data  # noqa: E402
 import peers_report  # noqa: E402
 from peers_systems import SYSTEMS, ivf_lists  # noqa: E402
 
-DEFAULT_SYSTEMS = ["faiss-lmdb", "faiss-ivf-lmdb", "retrostore-flat", "retrostore-ivf", "retrostore-ivfsq", "lancedb-flat",
-                   "lancedb-ivfpq", "chroma"]
+DEFAULT_SYSTEMS = ["faiss-lmdb", "faiss-ivf-lmdb", "retrostore", "retrostore-flat", "retrostore-ivf", "retrostore-ivfsq",
+                   "lancedb-flat", "lancedb-ivfpq", "chroma"]
 FLOOR = "faiss-lmdb"
+#: ``--scale``: the floor, the store with its defaults, LanceDB's IVF_PQ and Chroma (issue 17, "peers at scale").
+SCALE_SYSTEMS = ["faiss-lmdb", "retrostore", "lancedb-ivfpq", "chroma"]
 
 
 def _log(msg: str) -> None:
@@ -98,7 +100,13 @@ def run_worker(role: str, args: argparse.Namespace, out: Path, extra: list[str],
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=args.timeout_s)
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=args.timeout_s)
+        except subprocess.TimeoutExpired:
+            if role != "ingest":
+                raise
+            return {"unavailable": f"ingest did not finish within the limit of {args.timeout_s:.0f} s "
+                                   f"(--timeout-s); stopped after {time.perf_counter() - t0:.0f} s"}
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
@@ -164,15 +172,21 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="re-render the report (and --doc) from WORK_DIR/results.json without measuring")
     p.add_argument("--timeout-s", type=float, default=3600, help="limit per worker process (default 3600 s)")
+    p.add_argument("--scale", type=int, metavar="N",
+                   help="peers at scale: N chunks of benchmarks/scale_data.py (real pydocs chunk texts, clustered "
+                        "vectors with near-ties, rounded to float16 values) instead of the pydocs vectors, queries "
+                        "drawn fresh; systems default to the floor, retrostore (defaults), LanceDB IVF_PQ and Chroma")
     args = p.parse_args(argv)
 
     quick = args.quick
+    if args.scale and args.systems == ",".join(DEFAULT_SYSTEMS):
+        args.systems = ",".join(SCALE_SYSTEMS)
     args.queries = args.queries or (100 if quick else 500)
     args.max_chunks = args.max_chunks or (5000 if quick else None)
     args.rounds = args.rounds or (2 if quick else 3)
     args.ingest_rounds = args.ingest_rounds or (1 if quick else 3)
     if args.doc is None and not quick:
-        args.doc = REPO / "docs" / "benchmarks-peers.md"
+        args.doc = REPO / "docs" / ("benchmarks-peers-scale.md" if args.scale else "benchmarks-peers.md")
     if args.no_doc:
         args.doc = None
     if args.report_only:
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
 
     # -- data -------------------------------------------------------------------------
-    if not peers_data.cache_ready(args.cache_dir):
+    if not args.scale and not peers_data.cache_ready(args.cache_dir):
         if args.from_store:
             _log(f"filling the cache {args.cache_dir} from {args.from_store}")
             meta = peers_data.cache_from_store(args.cache_dir, args.from_store, args.corpus)
@@ -218,10 +232,15 @@ def main(argv=None) -> int:
         (work / sub).mkdir(parents=True)
     log = work / "workers.log"
     log.write_text("")
-    split = peers_data.prepare_split(args.cache_dir, work / "data", heldout_docs=args.heldout_docs,
-                                     n_queries=args.queries, max_chunks=args.max_chunks, k=args.k, seed=args.seed)
+    if args.scale:
+        split = peers_data.prepare_scale_split(args.cache_dir, args.corpus, work / "data", n=args.scale,
+                                               n_queries=args.queries, k=args.k, seed=args.seed)
+    else:
+        split = peers_data.prepare_split(args.cache_dir, work / "data", heldout_docs=args.heldout_docs,
+                                         n_queries=args.queries, max_chunks=args.max_chunks, k=args.k, seed=args.seed)
     _log(f"split: {split['documents']} documents / {split['chunks']} chunks indexed, {split['queries']} queries "
-         f"from {len(split['heldout_documents'])} held-out documents")
+         f"from {len(split['heldout_documents'])} held-out documents" if not args.scale else
+         f"split: {split['chunks']:,} chunks of {split['scale']}, {split['queries']} fresh queries")
 
     # -- ingest rounds ----------------------------------------------------------------------
     ingest: dict[str, list[dict]] = {s: [] for s in systems}

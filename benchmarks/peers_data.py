@@ -278,3 +278,43 @@ def recall_at_k(found: np.ndarray, base: np.ndarray, queries: np.ndarray, truth_
 def id_overlap(found: np.ndarray, truth_ids: np.ndarray) -> float:
     k = truth_ids.shape[1]
     return sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth_ids)) / (k * len(found))
+
+
+def prepare_scale_split(cache_dir: Path, corpus: Path, out: Path, *, n: int, n_queries: int, k: int,
+                        seed: int) -> dict:
+    """Write the data of a peers run at scale (``peers.py --scale N``) in the layout of :func:`prepare_split`.
+
+    About ``n`` chunks of ``scale_data.py``: the pydocs documents cycled (whole documents, with
+    their real chunk texts and token ids) and clustered vectors with near-ties, rounded to float16
+    values (so that retrostore's float16 raw vectors hold exactly what every system is given);
+    ``n_queries`` fresh queries; exact top-``k`` by numpy.
+    """
+    from scale_data import ClusteredVectors, TextPool
+
+    gen = ClusteredVectors(seed=seed)
+    pool = TextPool(cache_dir / CACHE_CHUNKS, corpus)
+    _, n_docs, n_chunks = pool.plan(n, n)[0]
+    texts, chunks = pool.docs(0, n_docs)
+    base = gen.rows(0, n_chunks).astype(np.float16).astype(np.float32)
+    queries = gen.queries(n_queries)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "vectors.npy", base)
+    np.save(out / "queries.npy", queries)
+    chunk_doc = [d for d, cs in enumerate(chunks) for _ in cs]
+    (out / "texts.json").write_text(json.dumps({
+        "doc_texts": texts, "chunk_doc": chunk_doc,
+        "chunk_text": [t[c.start:c.end] for t, cs in zip(texts, chunks) for c in cs]}, ensure_ascii=False))
+    flat = [c for cs in chunks for c in cs]
+    tokens = np.full((len(flat), 64), -1, np.int64)
+    for i, c in enumerate(flat):
+        tokens[i, :len(c.token_ids)] = c.token_ids
+    np.savez(out / "chunks.npz", tokens=tokens, position=[c.position for c in flat], start=[c.start for c in flat],
+             end=[c.end for c in flat])
+    ids, scores = exact_topk(base, queries, k)
+    np.savez(out / "truth.npz", ids=ids, scores=scores)
+    split = {"documents": n_docs, "chunks": n_chunks, "dim": int(base.shape[1]), "heldout_documents": [],
+             "heldout_chunks": 0, "queries": int(n_queries), "k": k, "seed": seed,
+             "scale": f"{gen.describe()}, float16 values; texts: {pool.source}",
+             "cache": {"source": "benchmarks/scale_data.py"}}
+    (out / "split.json").write_text(json.dumps(split, indent=1))
+    return split

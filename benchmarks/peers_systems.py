@@ -213,7 +213,9 @@ class Retrostore(System):
         counts = np.bincount(np.asarray(data["chunk_doc"], np.int64), minlength=len(docs))
         starts = np.concatenate([[0], np.cumsum(counts)])
         t0 = time.perf_counter()
-        st = retrostore.create(path, index=self.factory(), index_params=self.index_params, threads=self.faiss_threads)
+        factory = self.factory()
+        kwargs = {} if factory is None else {"index": factory}
+        st = retrostore.create(path, index_params=self.index_params, threads=self.faiss_threads, **kwargs)
         t1 = time.perf_counter()
         try:
             for a in range(0, len(docs), self.append_docs):
@@ -279,6 +281,24 @@ class Retrostore(System):
         flat = ids[ids >= 0]
         by_id = {c.chunk_id: c.text for c in h.get_chunks(np.unique(flat))}
         return ids, [[by_id[int(i)] for i in row if i >= 0] for row in ids]
+
+
+class RetrostoreDefault(Retrostore):
+    """retrostore as a user gets it: ``retrostore.create(path)`` with no index argument (``auto``:
+    exact Flat, an HNSW graph or trained IVF fast-scan + re-ranking, by the store's size), default
+    search parameters."""
+
+    name = "retrostore"
+    variants = [("", "", {})]
+
+    def factory(self):
+        return None
+
+    @property
+    def label(self):
+        from retrostore.index.policy import default_factory
+
+        return f"retrostore, no index argument (auto: `{default_factory(self.n_chunks, 384)}` at this size)"
 
 
 class RetrostoreTrained(Retrostore):
@@ -446,5 +466,6 @@ class Chroma(System):
         return ids, r["documents"]
 
 
-SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, FaissIvfLmdb, Retrostore, RetrostoreTrained,
+SYSTEMS: dict[str, type[System]] = {c.name: c for c in (FaissLmdb, FaissIvfLmdb, Retrostore, RetrostoreDefault,
+                                                          RetrostoreTrained,
                                                           RetrostoreSQ, Lance, LanceIvfPq, Chroma)}

@@ -19,6 +19,8 @@ from retrostore import IndexTrainingError, InvalidInputError, RetrostoreError
 from retrostore.index.policy import default_factory
 from retrostore.index.training import check_sample, suggest_factory, train_template
 
+from faiss import clone_index as faiss_clone
+
 
 class FakeEmbedder:
     """Fixed fingerprint, default tokenizer; embedding text is an error (vectors come precomputed)."""
@@ -386,40 +388,113 @@ def test_reindex_needs_the_vectors(tmp_path, rng):
             st.evaluate(queries=10)
 
 
-def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
-    import retrostore.store.indexer as maint
+def test_fast_scan_lists_merge_exactly(rng):
+    """FAISS 1.15's merge_from aborts the process on IVF fast-scan lists (BlockInvertedLists.add_entries
+    copies past a list whose length is a multiple of its block's bytes): merge_fast_scan merges them
+    list by list, to exactly the index that adding every vector with its id gives."""
+    from retrostore.index.merge import is_fast_scan, merge_fast_scan
 
-    monkeypatch.setattr(maint, "AUTO_TRAIN_MIN", 3000)
-    assert default_factory(50_000, 384) == "Flat"
-    assert default_factory(51_429, 384, trained=True) == "IVF1024,PQ8"
-    assert default_factory(2_000_000, 384) == "IVF4096,PQ8"
-    assert default_factory(1_000_000, 384) == "IVF2048,PQ8"  # centroids <= 4 bytes/vector
-    assert default_factory(1_000_000, 384, keep_vectors=False) == "IVF2048,SQ8"
-    assert default_factory(3000, 64, trained=True) == "IVF64,SQ8"  # too few vectors for PQ8's 256 centroids
-    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder()) as st:
-        _fill(st, rng, 2000)
+    x = _vectors(rng, 12_000, uniform=True)
+    for factory in ("IVF8,PQ8x4fs", "IVF16,PQ16x4fs"):
+        template = train_template(factory, 64, "ip", x[:2000])
+        parts = [(0, 1500), (1500, 1501), (3000, 3400), (4000, 7072), (8000, 12_000)]  # 3,072: 24 and 12 blocks
+        segs = []
+        for a, b in parts:
+            seg = faiss_clone(template)
+            seg.add(x[a:b])
+            segs.append((seg, a))
+        merged = faiss_clone(template)
+        assert is_fast_scan(merged)
+        merge_fast_scan(merged, segs)
+        ref = faiss_clone(template)
+        ids = np.concatenate([np.arange(a, b) for a, b in parts])
+        ref.add_with_ids(x[ids], ids)
+        assert merged.ntotal == ref.ntotal == len(ids)
+        for index in (merged, ref):
+            index.nprobe = 4
+        d1, i1 = merged.search(x[:200], 20)
+        d2, i2 = ref.search(x[:200], 20)
+        assert (i1 == i2).all() and (d1 == d2).all()
+
+
+def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):
+    """A fast-scan store through tier merges (8 segments of one tier) and a compaction with deletes."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF16,PQ8x4fs",
+                           index_params={"nprobe": 16, "rerank": 200}) as st:
+        parts = [_fill(st, rng, 1000)]
         st.commit()
-        assert st.manifest["index"]["factory"] == "Flat" and st.manifest["index"]["target"] == "auto"
-        assert "Flat until" in st.info()["index"]["hint"]
-        _fill(st, rng, 1000, start=2000)
+        assert st.manifest["index"]["factory"] == "IVF16,PQ8x4fs"
+        for b in range(1, 10):
+            parts.append(_fill(st, rng, 600, start=1000 + 600 * (b - 1)))
+            st.commit()
+        assert len(st.manifest["index"]["segments"]) < 10  # eight 600-vector segments merged into one
+        x = np.concatenate(parts)
+        _, ids = st.search_vectors(x[::97], 1)
+        assert (ids[:, 0] == np.arange(0, len(x), 97)).mean() > 0.97
+        st.delete(range(0, 200))
+        st.commit()
+        st.compact(progress=False)
+        assert len(st.manifest["index"]["segments"]) == 1 and st.info()["vectors"] == len(x) - 200
+        _, ids = st.search_vectors(x[300::97], 1)
+        assert (ids[:, 0] == np.arange(300, len(x), 97)).mean() > 0.97
+        assert st.verify() == []
+
+
+def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
+    """Flat, then an HNSW graph, then IVF fast-scan + re-ranking trained once (issue 17); the re-ranking
+    depth follows the store's size at every commit (issue 19); inspect says what is pending."""
+    from retrostore.index import policy
+
+    assert default_factory(4_999, 384) == "Flat"
+    assert default_factory(5_000, 384) == "HNSW32,SQfp16"
+    assert default_factory(50_000, 384, keep_vectors=False) == "Flat"  # no raw vectors: nothing could train later
+    assert default_factory(51_429, 384, trained=True) == "IVF1024,PQ12x4fs"
+    assert default_factory(100_000, 384) == "IVF1024,PQ12x4fs"
+    assert default_factory(1_000_000, 384) == "IVF512,PQ12x4fs"  # centroids <= 1 byte/vector
+    assert default_factory(5_000_000, 384) == "IVF2048,PQ12x4fs"
+    assert default_factory(1_000_000, 384, keep_vectors=False) == "IVF512,SQ8"
+    assert default_factory(1_000_000, 384, mmap=True) == "IVF512,PQ8"  # fast-scan codes cannot be mapped
+    assert default_factory(3000, 64, trained=True) == "IVF64,PQ8x4fs"
+    assert policy.default_rerank(100_000) == policy.default_rerank(1_600_000) == 50
+    assert policy.default_rerank(5_000_000) == 153  # 1,530 candidates for k = 10: 1/3,277 of the store
+    assert policy.default_params("IVF1024,PQ12x4fs", keep_vectors=True, n=5_000_000) == {"nprobe": 64, "rerank": 153}
+    assert policy.default_params("HNSW32,SQfp16", keep_vectors=True, n=50_000) == {"efSearch": 128}
+    monkeypatch.setattr(policy, "EXACT_MAX", 500)
+    monkeypatch.setattr(policy, "AUTO_TRAIN_MIN", 3000)
+    monkeypatch.setattr(policy, "RERANK_FRACTION", 1 / 5)  # 10 x rerank candidates = 1/5 of the store
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder()) as st:
+        _fill(st, rng, 400)
         st.commit()
         m = st.manifest["index"]
-        assert m["factory"] == "IVF64,SQ8" and m["template"] and m["trained"]["vectors"] == 3000
-        assert m["params"] == {"nprobe": 8}
+        assert m["factory"] == "Flat" and m["target"] == "auto"
+        pending = st.info()["index"]["pending"]
+        assert pending["factory"] == "HNSW32,SQfp16" and pending["at_vectors"] == 500 and pending["train_sample"] == 0
+        _fill(st, rng, 600, start=400)
+        st.commit()  # 1,000 vectors: the graph, built from the stored vectors (nothing trained)
+        m = st.manifest["index"]
+        assert m["factory"] == "HNSW32,SQfp16" and not m["template"] and m["params"] == {"efSearch": 128}
+        pending = st.info()["index"]["pending"]
+        assert pending["factory"] == "IVF64,PQ8x4fs" and pending["at_vectors"] == 3000 and pending["train_sample"] == 3000
+        assert "training 'IVF64,PQ8x4fs'" in st.info()["index"]["hint"]
+        assert st.evaluate(queries=100, k=10)["recall_at_k"] > 0.95
+        _fill(st, rng, 2000, start=1000)
+        st.commit()
+        m = st.manifest["index"]
+        assert m["factory"] == "IVF64,PQ8x4fs" and m["template"] and m["trained"]["vectors"] == 3000
+        assert m["params"] == {"nprobe": 8, "rerank": 60}  # ceil(3000 / 5 / 10)
+        assert st.info()["index"]["pending"] is None and st.info()["index"]["hint"] is None
         assert st.verify() == []
         ev = st.evaluate(queries=100, k=10)
         assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 8
-        _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining
-        st.commit()
-        assert st.manifest["index"]["trained"]["vectors"] == 3000 and st.manifest["index"]["segments"][-1]["count"] == 100
-        assert st.info()["index"]["hint"] is None  # the policy picks this very factory for 3,100 vectors
-        _fill(st, rng, 2900, start=3100)
-        st.commit()  # 6,000: the policy would pick a bigger nlist now, a commit retrains at 12,000
-        assert "would train 'IVF128,SQ8' now" in st.info()["index"]["hint"]
-        _fill(st, rng, 6100, start=6000)  # 4x the trained size: retrained as the store grew
+        _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining, rerank follows the size
         st.commit()
         m = st.manifest["index"]
-        assert m["trained"]["vectors"] == 12100 and m["factory"] == "IVF256,PQ8" and m["params"]["rerank"] > 1
+        assert m["trained"]["vectors"] == 3000 and m["segments"][-1]["count"] == 100 and m["params"]["rerank"] == 62
+        _fill(st, rng, 45_000, start=3100)  # 16x the trained size: never retrained by a commit; inspect says so
+        st.commit()
+        m = st.manifest["index"]
+        assert m["trained"]["vectors"] == 3000 and m["factory"] == "IVF64,PQ8x4fs" and m["params"]["rerank"] == 962
+        assert "would train 'IVF1024,PQ8x4fs' now" in st.info()["index"]["hint"]
 
 
 # -- exact segments at vector_dtype precision (format 3) ----------------------

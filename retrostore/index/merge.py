@@ -19,7 +19,8 @@ from ..storage.faisstypes import is_ivf, with_idmap
 from ..storage.segments import Segment
 from .factory import new_index
 
-__all__ = ["MERGE_FACTOR", "build_segment", "merge_segments", "plan_merge", "owned_copy", "segment_vectors"]
+__all__ = ["MERGE_FACTOR", "build_segment", "merge_segments", "merge_fast_scan", "is_fast_scan", "plan_merge", "owned_copy",
+           "segment_vectors"]
 
 #: Segments per tier before they are merged into one (see module docstring).
 MERGE_FACTOR = 8
@@ -98,6 +99,9 @@ def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index
     """
     first = segments[0].first_id
     base = make_empty()
+    if is_fast_scan(base):
+        merge_fast_scan(base, [(seg.index, seg.first_id - first) for seg in segments if seg.count])
+        return base
     if is_ivf(base):
         for seg in segments:
             if seg.count:
@@ -121,6 +125,62 @@ def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index
         else:
             base.add(part)
     return base
+
+
+def is_fast_scan(index: faiss.Index) -> bool:
+    """True for an IVF fast-scan index (``IVF...,PQ...x4fs``), maybe behind pre-transforms."""
+    if not is_ivf(index):
+        return False
+    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+
+
+def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]]) -> None:
+    """Merge IVF fast-scan indexes (same trained quantizer and PQ) into the empty ``base``, list by
+    list: each source list's packed blocks are unpacked, the lists concatenated (ids + offset) and
+    packed again into ``base``'s blocks.
+
+    Not ``merge_from``: FAISS 1.15's ``BlockInvertedLists::add_entries``, which it calls, copies
+    whole blocks past the end of a list whose length is a multiple of the block's byte size, and the
+    process aborts ("corrupted double-linked list"; 8 IVF64,PQ12x4fs segments of 3,000 vectors
+    suffice). The unpacking and packing are FAISS's own code packer's (32 codes a call).
+    """
+    ivf = faiss.extract_index_ivf(base)
+    dst = faiss.downcast_InvertedLists(ivf.invlists)
+    if ivf.ntotal or not isinstance(dst, faiss.BlockInvertedLists):
+        raise InvalidInputError("merge_fast_scan merges into an empty fast-scan index")
+    packer = dst.packer
+    nvec, code_size, block = int(packer.nvec), int(packer.code_size), int(packer.block_size)
+    srcs = [(faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists), off) for s, off in sources]
+    total = 0
+    for lst in range(ivf.nlist):
+        ids_parts, code_parts = [], []
+        for src, offset in srcs:
+            n = int(src.list_size(lst))
+            if not n:
+                continue
+            ids_parts.append(faiss.rev_swig_ptr(src.get_ids(lst), n).astype(np.int64) + offset)
+            n_blocks = -(-n // nvec)
+            packed = faiss.rev_swig_ptr(src.get_codes(lst), n_blocks * block)
+            flat = np.empty(n_blocks * nvec * code_size, np.uint8)
+            for b in range(n_blocks):
+                packer.unpack_all(faiss.swig_ptr(packed[b * block:]), faiss.swig_ptr(flat[b * nvec * code_size:]))
+            code_parts.append(flat[: n * code_size])
+        if not ids_parts:
+            continue
+        ids = np.concatenate(ids_parts)
+        n = len(ids)
+        n_blocks = -(-n // nvec)
+        flat = np.zeros(n_blocks * nvec * code_size, np.uint8)
+        flat[: n * code_size] = np.concatenate(code_parts)
+        dst.resize(lst, n)
+        out = faiss.rev_swig_ptr(dst.get_codes(lst), n_blocks * block)
+        for b in range(n_blocks):
+            packer.pack_all(faiss.swig_ptr(flat[b * nvec * code_size:]), faiss.swig_ptr(out[b * block:]))
+        faiss.rev_swig_ptr(dst.get_ids(lst), n)[:] = ids
+        total += n
+    ivf.ntotal = total
+    if base is not ivf and hasattr(base, "ntotal"):
+        base.ntotal = total
 
 
 def plan_merge(counts: list[int]) -> int:

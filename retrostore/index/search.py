@@ -8,6 +8,9 @@ OPQ/PCA pre-transforms, ID maps and refine wrappers (:mod:`.params`).
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+from contextlib import contextmanager
 from typing import Any
 
 import faiss
@@ -18,7 +21,78 @@ from ..storage.segments import FP16, Segment
 from ..storage.tombstones import in_sorted
 from .params import RERANK, RWLock, apply_params, current_params, effective_params
 
-__all__ = ["SegmentSet"]
+__all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "share_quantizers"]
+
+#: Searches of at most this many queries run FAISS on one OpenMP thread (batches use the store's
+#: threads). On a shared machine a single query split over threads waits at OpenMP's barriers for
+#: the slowest, descheduled one: an exact search of 51k vectors took 153 ms with 2 threads and 33 ms
+#: with 1 under load (docs/benchmarks.md, "query"), and a single IVF query has one list scan per
+#: probe to share out.
+ONE_THREAD_MAX_QUERIES = 1
+
+#: Coarse quantizers shared between segments, by content (nlist, dim, digest of the centroids).
+_SHARED_QUANTIZERS: dict[tuple, Any] = {}
+
+
+@contextmanager
+def _threads_for(n_queries: int):
+    """FAISS on one thread for a search of few queries (:data:`ONE_THREAD_MAX_QUERIES`), restored after.
+
+    ``omp_set_num_threads`` sets the calling thread's OpenMP setting (GNU
+    OpenMP keeps one per thread), so concurrent searches in other threads keep theirs.
+    """
+    before = faiss.omp_get_max_threads()
+    if n_queries > ONE_THREAD_MAX_QUERIES or before == 1:
+        yield
+        return
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def share_quantizers(segments: list[Segment]) -> int:
+    """Make IVF segments with identical flat coarse quantizers use one copy of it in RAM.
+
+    Every segment cloned from a store's trained template carries its own copy of
+    the template's centroids (``nlist * dim * 4`` bytes: 1.5 MiB for IVF1024 at
+    384-d, 1.5 bytes per vector at 1M vectors for each segment). The copies are
+    replaced by one shared index, kept alive by every segment that uses it
+    (``referenced_objects``); the replaced copies are freed. Quantizers are
+    compared by content, so segments of different trainings never share.
+    Returns the bytes freed.
+    """
+    freed = 0
+    for seg in segments:
+        try:
+            ivf = faiss.extract_index_ivf(seg.index)
+        except RuntimeError:
+            continue
+        q = faiss.downcast_index(ivf.quantizer)
+        if type(q) not in FLAT_TYPES or q.ntotal == 0:
+            continue
+        centroids = q.reconstruct_n(0, q.ntotal)
+        key = (int(ivf.nlist), int(q.d), int(q.metric_type), hashlib.sha1(centroids.tobytes()).hexdigest())
+        ref = _SHARED_QUANTIZERS.get(key)
+        shared = ref() if ref is not None else None
+        if shared is None:
+            shared = faiss.clone_index(q)
+            for dead in [k for k, r in _SHARED_QUANTIZERS.items() if r() is None]:
+                del _SHARED_QUANTIZERS[dead]
+            _SHARED_QUANTIZERS[key] = weakref.ref(shared)
+        if int(q.this) == int(shared.this):
+            continue
+        refs = list(getattr(seg.index, "referenced_objects", None) or [])
+        seg.index.referenced_objects = refs + [shared]
+        owned = bool(ivf.own_fields)
+        ivf.own_fields = False
+        ivf.quantizer = shared
+        if owned:  # the old copy is no one's now: free it (its proxy never owned it)
+            type(q).__swig_destroy__(q)
+            freed += centroids.nbytes
+        del q
+    return freed
 
 class SegmentSet:
     """The segments of one version, searched together.
@@ -47,6 +121,7 @@ class SegmentSet:
         self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
         self.raw = raw
         self._lock = RWLock()
+        share_quantizers(segments)
         for seg in segments:
             apply_params(seg.index, self.params)
 
@@ -95,21 +170,22 @@ class SegmentSet:
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
-        if not changes:
-            with self._lock.shared():
-                D, I = self._search_live(queries, kk)
-        else:
-            with self._lock.exclusive():
-                saved = [current_params(seg.index, changes) for seg in self.segments]
-                try:
-                    for seg in self.segments:
-                        apply_params(seg.index, eff)
+        with _threads_for(len(queries)):
+            if not changes:
+                with self._lock.shared():
                     D, I = self._search_live(queries, kk)
-                finally:
-                    for seg, before in zip(self.segments, saved):
-                        apply_params(seg.index, before)
-        if rerank > 1:
-            D, I = self._rerank(queries, I, k)
+            else:
+                with self._lock.exclusive():
+                    saved = [current_params(seg.index, changes) for seg in self.segments]
+                    try:
+                        for seg in self.segments:
+                            apply_params(seg.index, eff)
+                        D, I = self._search_live(queries, kk)
+                    finally:
+                        for seg, before in zip(self.segments, saved):
+                            apply_params(seg.index, before)
+            if rerank > 1:
+                D, I = self._rerank(queries, I, k)
         if D.shape[1] < k:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]
@@ -122,12 +198,12 @@ class SegmentSet:
             fill = -np.inf if keep_max else np.inf
             return np.full((n, k), fill, np.float32), np.full((n, k), -1, np.int64)
         if len(segs) == 1:
-            D, I = segs[0].index.search(queries, k)
+            D, I = _segment_search(segs[0].index, queries, k, keep_max)
             _offset(I, segs[0].first_id)
             return _clean(D, I, keep_max)
         heap = faiss.ResultHeap(n, k, keep_max=keep_max)
         for seg in segs:
-            D, I = seg.index.search(queries, min(k, seg.index.ntotal))
+            D, I = _segment_search(seg.index, queries, min(k, seg.index.ntotal), keep_max)
             _offset(I, seg.first_id)
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
@@ -165,21 +241,36 @@ class SegmentSet:
         out_d = np.empty((n, min(k, kk)), np.float32)
         out_i = np.empty((n, min(k, kk)), np.int64)
         step = max(1, (1 << 22) // max(1, kk * self.dim))  # <= 16 MiB of float32 candidates per block
+        ip = self.metric == "ip"
         for lo in range(0, n, step):
             I = ids[lo : lo + step]
-            q = queries[lo : lo + step]
-            vecs = self.raw.take(I)  # (rows, kk, dim)
-            if self.metric == "ip":
-                scores = np.einsum("nkd,nd->nk", vecs, q)
-                scores[I < 0] = -np.inf
-                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            else:
-                scores = ((vecs - q[:, None, :]) ** 2).sum(-1)
-                scores[I < 0] = np.inf
-                order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+            scores = self.raw.scores(I, queries[lo : lo + step], self.metric)
+            scores[I < 0] = -np.inf if ip else np.inf
+            order = np.argsort(-scores if ip else scores, axis=1, kind="stable")[:, :k]
             out_d[lo : lo + step] = np.take_along_axis(scores, order, 1)
             out_i[lo : lo + step] = np.take_along_axis(I, order, 1)
         return out_d, out_i
+
+
+def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, except a single query on an exact inner-product ``IndexFlat``: one BLAS
+    matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
+    floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
+    1.6x the BLAS product's time on a quiet 2-core machine (10.4 against 6.5 ms at 100k vectors of
+    384-d, benchmarks/scale.py)."""
+    flat = faiss.downcast_index(index)
+    if len(queries) != 1 or not keep_max or type(flat) not in FLAT_TYPES or not flat.ntotal:
+        return index.search(queries, k)
+    n = int(flat.ntotal)
+    xb = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)
+    scores = xb @ queries[0]
+    kk = min(k, n)
+    top = np.argpartition(-scores, kk - 1)[:kk] if kk < n else np.arange(n)
+    top = top[np.lexsort((top, -scores[top]))]  # best first; equal scores by id
+    D = np.full((1, k), -np.inf, np.float32)
+    I = np.full((1, k), -1, np.int64)
+    D[0, :kk], I[0, :kk] = scores[top], top
+    return D, I
 
 
 def _pad(D: np.ndarray, I: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:

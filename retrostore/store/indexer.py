@@ -21,7 +21,7 @@ import numpy as np
 
 from ..index.factory import new_index
 from ..index.merge import build_segment, merge_segments, plan_merge, segment_vectors
-from ..index.policy import AUTO_TRAIN_MIN, RETRAIN_GROWTH, default_factory, default_params
+from ..index import policy
 from ..index.source import VectorSource, live_ids
 from ..index.training import check_sample, default_train_size, progress_bar, sample_ids, train_template
 from ..errors import IndexTrainingError
@@ -32,7 +32,8 @@ from ..storage.tombstones import Tombstones
 from ..storage.vectors import keeps_files, write_store_vectors
 from .commit import Commit
 
-__all__ = ["commit_index", "fp16_batches", "rebuild", "training_due", "segments_vectors"]
+__all__ = ["commit_index", "fp16_batches", "rebuild", "training_due", "live_count", "refresh_params",
+           "segments_vectors"]
 
 log = logging.getLogger("retrostore")
 _BATCH = 65536
@@ -76,6 +77,8 @@ def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones
         settings = c.new["settings"]
         rebuild(c, segments, factory, tomb, train_size=settings.get("train_size"),
                 seed=int(settings.get("train_seed", 0)), progress=False)
+    else:
+        refresh_params(c.new, live_count(c.new, segments, tomb))
 
 
 def _write_fp16_batch(c: Commit, vectors: np.ndarray, first_id: int) -> tuple[faiss.Index, dict]:
@@ -163,28 +166,32 @@ def segments_vectors(c: Commit, segs: list[Segment]) -> tuple[np.ndarray, np.nda
 
 
 def training_due(new: dict, segments: list[Segment], tomb: Tombstones) -> tuple[str, bool] | None:
-    """(factory, auto) when this commit should (re)train the index, else None.
+    """(factory, auto) when this commit should rebuild or train the index, else None.
 
     Counts live vectors (deleted ones not yet compacted away are not trained on).
-    ``auto``: Flat until :data:`AUTO_TRAIN_MIN` vectors, then retrain each time
-    the store grows :data:`RETRAIN_GROWTH`-fold. An explicit factory that needs
+    ``auto`` (:mod:`retrostore.index.policy`): exact Flat below ``EXACT_MAX``
+    vectors, an HNSW graph (rebuilt from the stored vectors, nothing to train)
+    until ``AUTO_TRAIN_MIN``, then the trained IVF index, trained once on a
+    bounded sample: later growth never retrains in a commit (re-encoding every
+    vector is what stalled ingest, issue 17); ``inspect`` says when a
+    ``reindex`` would pick more lists. An explicit factory that needs
     training: Flat until the sample can train every stage well, then once.
     """
     idx = new["index"]
     target = idx.get("target", idx["factory"])
-    n = sum(s.count for s in segments) - int(tomb.pending()[:, 2].sum())
+    n = live_count(new, segments, tomb)
     keep = bool(new["settings"]["keep_vectors"])
     can_read = (keep and new["vectors"]["files"]) or all(s.exact for s in segments)
     if target == "auto":
-        trained = idx.get("trained")
-        if not idx.get("template"):
-            due = n >= AUTO_TRAIN_MIN
-        else:
-            due = bool(trained) and n >= RETRAIN_GROWTH * int(trained["vectors"])
-        if due and not can_read:
+        if idx.get("template"):
+            return None
+        want = policy.default_factory(n, idx["dim"], keep_vectors=keep, mmap=bool(new["settings"].get("mmap")))
+        if want == idx["factory"]:
+            return None
+        if not can_read:
             log.warning("the store has grown to %s vectors; retraining needs raw vectors (keep_vectors=False)", n)
             return None
-        return (default_factory(n, idx["dim"], keep_vectors=keep, trained=True), True) if due else None
+        return want, True
     if target == idx["factory"] or not can_read:
         return None
     size = min(n, int(new["settings"].get("train_size") or default_train_size(target, n, idx["dim"], new["metric"])))
@@ -193,6 +200,20 @@ def training_due(new: dict, segments: list[Segment], tomb: Tombstones) -> tuple[
     except IndexTrainingError:
         return None
     return target, False
+
+
+def live_count(new: dict, segments: list[Segment], tomb: Tombstones) -> int:
+    """Live vectors of a version in the making (indexed minus deleted, not yet compacted)."""
+    return sum(s.count for s in segments) - int(tomb.pending()[:, 2].sum())
+
+
+def refresh_params(new: dict, n: int) -> None:
+    """The default search parameters for a store of ``n`` vectors (``rerank`` follows the size),
+    under the user's overrides, into ``new["index"]["params"]``."""
+    idx = new["index"]
+    keep = bool(new["settings"]["keep_vectors"])
+    idx["params"] = {**policy.default_params(idx["factory"], keep_vectors=keep, n=n),
+                     **idx.get("param_overrides", {})}
 
 
 def rebuild(c: Commit, segments: list[Segment], factory: str, tomb: Tombstones, *, train_size: int | None,
@@ -242,9 +263,8 @@ def rebuild(c: Commit, segments: list[Segment], factory: str, tomb: Tombstones, 
     entry = c.write_segment(index, "r", 0, int(index.ntotal))
     if holes:
         entry["end_id"] = end
-    keep = bool(new["settings"]["keep_vectors"])
     idx.update(factory=factory, template=template_entry, segments=[entry])
-    idx["params"] = {**default_params(factory, keep_vectors=keep), **idx.get("param_overrides", {})}
+    refresh_params(new, int(len(live)))
     idx["trained"] = {"vectors": int(len(live)), "sample": int(sample_n), "seed": int(seed),
                       "seconds": round(time.perf_counter() - t0, 1), "version": int(new["version"]) + 1}
     log.info("index %s: %s vectors in %.1f s", factory, f"{len(live):,}", time.perf_counter() - t0)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import datetime as _dt
 import os
 
-from ..index.policy import AUTO_TRAIN_MIN, RETRAIN_GROWTH, default_factory
+from ..index import policy
+from ..index.training import default_train_size
 from ..storage import manifest as _manifest
 from ..storage.layout import LMDB_DIR, MANIFEST, retained_versions
 from ..storage.vectors import keeps_files
 from .version import Version
 
-__all__ = ["store_info"]
+__all__ = ["store_info", "RETRAIN_HINT_GROWTH"]
+
+#: ``inspect`` suggests a reindex once the store holds this many times the vectors it was trained
+#: on (the policy's ``nlist`` follows ``sqrt(N)``: 4x the lists by then).
+RETRAIN_HINT_GROWTH = 16
 
 
 def _dir_bytes(path) -> int:
@@ -90,16 +95,43 @@ def index_info(version: Version, index_bytes: int) -> dict:
         "bytes_per_vector": round(index_bytes / n, 2) if n else None,
         "template_bytes": idx["template"]["size"] if idx.get("template") else 0,
     }
-    hint = None
-    if target == "auto" and not idx.get("template") and n < AUTO_TRAIN_MIN:
-        hint = f"exact Flat until {AUTO_TRAIN_MIN:,} vectors; then trained at commit"
-    elif target not in ("auto", idx["factory"]):
-        hint = f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"
-    elif target == "auto" and idx.get("trained"):
-        trained = int(idx["trained"]["vectors"])
-        want = default_factory(n, idx["dim"], keep_vectors=m["settings"]["keep_vectors"], trained=True)
-        if want != idx["factory"]:  # what the policy picks for this size, not merely a bigger store
-            hint = (f"the store has grown from {trained:,} vectors at training to {n:,}; `retrostore reindex` "
-                    f"would train {want!r} now (a commit retrains at {RETRAIN_GROWTH * trained:,})")
-    info["hint"] = hint
+    info["pending"], info["hint"] = _pending(m, n)
     return info
+
+
+def _pending(m: dict, n: int) -> tuple[dict | None, str | None]:
+    """(what the next commits will do to the index and when, a hint about what reindex would do).
+
+    The default index changes structure at fixed sizes (:mod:`retrostore.index.policy`):
+    ``pending`` names the next change, the size at which a commit makes it and
+    the training sample it will use (0 for the graph, which is built, not trained).
+    """
+    idx = m["index"]
+    target = idx.get("target", idx["factory"])
+    dim, keep, mapped = idx["dim"], bool(m["settings"]["keep_vectors"]), bool(m["settings"].get("mmap"))
+    if target not in ("auto", idx["factory"]):
+        return ({"factory": target, "at_vectors": None, "train_sample": None,
+                 "what": f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"},
+                f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)")
+    if target != "auto":
+        return None, None
+    if not idx.get("template"):
+        for at in (policy.EXACT_MAX, policy.AUTO_TRAIN_MIN):
+            if n >= at:
+                continue
+            want = policy.default_factory(at, dim, keep_vectors=keep, mmap=mapped)
+            if want == idx["factory"]:
+                continue
+            trains = policy.policy_stage(at) == "trained"
+            sample = default_train_size(want, at, dim, m["metric"]) if trains else 0
+            what = (f"{'training' if trains else 'building'} {want!r} at the commit that reaches {at:,} vectors "
+                    f"({at - n:,} to go)" + (f", on a sample of {sample:,} stored vectors" if trains
+                                             else ", from the stored vectors (nothing to train)"))
+            return {"factory": want, "at_vectors": at, "train_sample": sample, "what": what}, what
+        return None, None
+    trained = int((idx.get("trained") or {}).get("vectors") or 0)
+    want = policy.default_factory(n, dim, keep_vectors=keep, trained=True, mmap=mapped)
+    if trained and n >= RETRAIN_HINT_GROWTH * trained and want != idx["factory"]:
+        return None, (f"the store has grown from {trained:,} vectors at training to {n:,}; `retrostore reindex` "
+                      f"would train {want!r} now and re-encode every vector (commits never retrain)")
+    return None, None

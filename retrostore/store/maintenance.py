@@ -42,7 +42,8 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
     auto = target == "auto"
     n = sum(s.count for s in c.base.segments)
     keep = bool(new["settings"]["keep_vectors"])
-    factory = default_factory(n, dim, keep_vectors=keep) if auto else target
+    mapped = bool(new["settings"].get("mmap") if mmap is None else mmap)
+    factory = default_factory(n, dim, keep_vectors=keep, mmap=mapped) if auto else target
     probe = new_index(factory, dim, metric)  # refuse a bad factory string before any work
     if probe.is_trained:
         check_small_batches(probe, factory)  # later commits add batches of any size

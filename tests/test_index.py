@@ -143,7 +143,7 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
         st.append([f"d{i}" for i in range(len(x))], embeddings=x)
         st.commit()
         assert st.manifest["index"]["factory"] == "OPQ4,IVF64,Flat"
-        assert st.info()["index"]["params"]["nprobe"] == 8  # retrostore's default: max(8, nlist / 16)
+        assert st.info()["index"]["params"]["nprobe"] == 16  # retrostore's default: nlist / 4 (at least 8)
         q = _vectors(rng, 50, dim, uniform=True)
         truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
 
@@ -154,7 +154,7 @@ def test_nprobe_reaches_the_ivf_through_opq(tmp_path, rng):
         _, i64 = st.search_vectors(q, 10, params={"nprobe": 64})
         assert recall(i64) > 0.99 and recall(i1) < 0.9  # nprobe=64 probes every list: exact
         assert st._head.version.index.effective({"nprobe": 64})["nprobe"] == 64
-        assert st._head.version.index.effective()["nprobe"] == 8  # the per-query value did not stick
+        assert st._head.version.index.effective()["nprobe"] == 16  # the per-query value did not stick
         _, again = st.search_vectors(q, 10)
         assert recall(i1) < recall(again) < recall(i64)
         st.reindex(params={"nprobe": 64}, progress=False)  # the store's parameter
@@ -448,16 +448,18 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
     assert default_factory(4_999, 384) == "Flat"
     assert default_factory(5_000, 384) == "HNSW32,SQfp16"
     assert default_factory(50_000, 384, keep_vectors=False) == "Flat"  # no raw vectors: nothing could train later
-    assert default_factory(51_429, 384, trained=True) == "IVF1024,PQ12x4fs"
-    assert default_factory(100_000, 384) == "IVF1024,PQ12x4fs"
-    assert default_factory(1_000_000, 384) == "IVF512,PQ12x4fs"  # centroids <= 1 byte/vector
-    assert default_factory(5_000_000, 384) == "IVF2048,PQ12x4fs"
+    assert default_factory(51_429, 384, trained=True) == "IVF1024,PQ48x4fs"  # 24-byte codes: one per 8 dims
+    assert default_factory(100_000, 384) == "IVF1024,PQ48x4fs"
+    assert default_factory(1_000_000, 384) == "IVF512,PQ48x4fs"  # centroids <= 1 byte/vector
+    assert default_factory(5_000_000, 384) == "IVF2048,PQ48x4fs"
+    assert default_factory(1_000_000, 768) == "IVF256,PQ96x4fs"
     assert default_factory(1_000_000, 384, keep_vectors=False) == "IVF512,SQ8"
     assert default_factory(1_000_000, 384, mmap=True) == "IVF512,PQ8"  # fast-scan codes cannot be mapped
     assert default_factory(3000, 64, trained=True) == "IVF64,PQ8x4fs"
-    assert policy.default_rerank(100_000) == policy.default_rerank(1_600_000) == 50
+    assert policy.default_rerank(100_000) == policy.default_rerank(3_200_000) == 100
     assert policy.default_rerank(5_000_000) == 153  # 1,530 candidates for k = 10: 1/3,277 of the store
-    assert policy.default_params("IVF1024,PQ12x4fs", keep_vectors=True, n=5_000_000) == {"nprobe": 64, "rerank": 153}
+    assert policy.default_params("IVF1024,PQ48x4fs", keep_vectors=True, n=5_000_000) == {"nprobe": 256, "rerank": 153}
+    assert policy.default_params("IVF64,SQ8", keep_vectors=False) == {"nprobe": 16}  # nlist / 4
     assert policy.default_params("HNSW32,SQfp16", keep_vectors=True, n=50_000) == {"efSearch": 128}
     monkeypatch.setattr(policy, "EXACT_MAX", 500)
     monkeypatch.setattr(policy, "AUTO_TRAIN_MIN", 3000)
@@ -481,15 +483,15 @@ def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
         st.commit()
         m = st.manifest["index"]
         assert m["factory"] == "IVF64,PQ8x4fs" and m["template"] and m["trained"]["vectors"] == 3000
-        assert m["params"] == {"nprobe": 8, "rerank": 60}  # ceil(3000 / 5 / 10)
+        assert m["params"] == {"nprobe": 16, "rerank": 100}  # nlist / 4; max(100, ceil(3000 / 5 / 10))
         assert st.info()["index"]["pending"] is None and st.info()["index"]["hint"] is None
         assert st.verify() == []
         ev = st.evaluate(queries=100, k=10)
-        assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 8
+        assert ev["recall_at_k"] > 0.9 and ev["params"]["nprobe"] == 16
         _fill(st, rng, 100, start=3000)  # small commit: cloned template, no retraining, rerank follows the size
         st.commit()
         m = st.manifest["index"]
-        assert m["trained"]["vectors"] == 3000 and m["segments"][-1]["count"] == 100 and m["params"]["rerank"] == 62
+        assert m["trained"]["vectors"] == 3000 and m["segments"][-1]["count"] == 100 and m["params"]["rerank"] == 100
         _fill(st, rng, 45_000, start=3100)  # 16x the trained size: never retrained by a commit; inspect says so
         st.commit()
         m = st.manifest["index"]

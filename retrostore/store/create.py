@@ -71,9 +71,11 @@ def create(
     metric : {"ip", "l2"}, default "ip"
         Inner product (cosine for normalised vectors) or squared L2.
     index : str, default "auto"
-        ``"auto"``: exact ``Flat`` while the store is small, a trained IVF
-        index once it is large enough to train well, retrained as it grows
-        (docs/index.md). Or any FAISS factory string (``"Flat"``,
+        ``"auto"``: exact ``Flat`` below 5,000 vectors, an HNSW graph
+        (``HNSW32,SQfp16``) to 100,000, then ``IVF{nlist},PQ12x4fs``
+        fast-scan codes re-ranked from the raw vectors, trained once at the
+        commit that crosses 100,000 (:mod:`retrostore.index.policy`;
+        thresholds and their measurements in docs/index.md). Or any FAISS factory string (``"Flat"``,
         ``"HNSW32"``, ``"OPQ16_64,IVF4096,PQ16x4fs"``, ...): one that needs
         training is served by an exact Flat index until the store holds
         enough vectors to train every stage well, then trained at that commit.

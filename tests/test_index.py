@@ -684,3 +684,45 @@ def test_cli_reindex_compact_eval(tmp_path, rng):
     assert out["latency_ms"]["p50"] > 0
     res = runner.invoke(mod.cli, ["eval", str(path), "--queries", "50", "--param", "nprobe=16"])
     assert res.exit_code == 0 and "recall@10" in res.output, res.output
+
+
+_COMPACT_FAST_SCAN = r"""
+import sys
+import numpy as np
+import retrostore
+sys.path.insert(0, sys.argv[2])
+from test_index import FakeEmbedder, _fill
+rng = np.random.default_rng(0)
+with retrostore.create(sys.argv[1], embedder=FakeEmbedder(), index="IVF8,PQ8x4fs",
+                       index_params={"nprobe": 8, "rerank": 100}) as st:
+    parts, start = [], 0
+    for n in (3000, 3072, 1500, 1, 3400, 3072):  # list lengths that fill whole blocks (see the merge test)
+        parts.append(_fill(st, rng, n, start=start))
+        start += n
+        st.commit()
+    x = np.concatenate(parts)
+    st.delete(range(0, 100))
+    st.commit()
+    before = st.search_vectors(x[100::37], 1)[1]
+    st.compact(progress=False)
+    assert len(st.manifest["index"]["segments"]) == 1 and st.info()["vectors"] == len(x) - 100
+    _, ids = st.search_vectors(x[100::37], 1)
+    truth = np.arange(100, len(x), 37)
+    assert (ids[:, 0] >= 100).all() and (ids[:, 0] == truth).mean() >= (before[:, 0] == truth).mean() - 0.02 > 0.88
+    assert st.verify() == []
+print("ok")
+"""
+
+
+def test_compact_of_a_fast_scan_store_never_aborts(tmp_path):
+    """compact merged fast-scan segments with FAISS's merge_from, which aborts the process on lists
+    that fill whole blocks ("corrupted double-linked list", seen on a 700k-chunk default store), and
+    purged with remove_ids: it now merges list by list (merge_fast_scan) and drops purged ids there.
+    In a child process, so that a regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _COMPACT_FAST_SCAN, str(tmp_path / "s"), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])

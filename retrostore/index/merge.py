@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..storage.faisstypes import is_ivf, with_idmap
 from ..storage.segments import Segment
+from ..storage.tombstones import in_sorted
 from .factory import new_index
 
 __all__ = ["MERGE_FACTOR", "build_segment", "merge_segments", "merge_fast_scan", "is_fast_scan", "plan_merge", "owned_copy",
@@ -134,10 +135,12 @@ def is_fast_scan(index: faiss.Index) -> bool:
     return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
 
 
-def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]]) -> None:
+def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]],
+                    drop: np.ndarray | None = None) -> None:
     """Merge IVF fast-scan indexes (same trained quantizer and PQ) into the empty ``base``, list by
     list: each source list's packed blocks are unpacked, the lists concatenated (ids + offset) and
-    packed again into ``base``'s blocks.
+    packed again into ``base``'s blocks. Ids in ``drop`` (sorted int64, after the offsets) are
+    left out: what ``remove_ids`` would do (``compact``'s purge), without FAISS's list code.
 
     Not ``merge_from``: FAISS 1.15's ``BlockInvertedLists::add_entries``, which it calls, copies
     whole blocks past the end of a list whose length is a multiple of the block's byte size, and the
@@ -168,10 +171,16 @@ def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]]) -
         if not ids_parts:
             continue
         ids = np.concatenate(ids_parts)
+        codes = np.concatenate(code_parts)
+        if drop is not None and len(drop):
+            keep = ~in_sorted(ids, drop)
+            ids, codes = ids[keep], codes.reshape(-1, code_size)[keep].reshape(-1)
         n = len(ids)
+        if not n:
+            continue
         n_blocks = -(-n // nvec)
         flat = np.zeros(n_blocks * nvec * code_size, np.uint8)
-        flat[: n * code_size] = np.concatenate(code_parts)
+        flat[: n * code_size] = codes
         dst.resize(lst, n)
         out = faiss.rev_swig_ptr(dst.get_codes(lst), n_blocks * block)
         for b in range(n_blocks):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..index.factory import check_mmap, check_small_batches, new_index
-from ..index.merge import build_segment, owned_copy
+from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
 from ..index.policy import default_factory, default_params
 from ..storage.faisstypes import is_ivf
@@ -125,7 +125,10 @@ def compact(writer: Writer, *, progress: bool = True) -> int:
                                                                                       m["metric"])
 
         base = make_empty()
-        if is_ivf(base):
+        if is_fast_scan(base):  # FAISS's merge_from and remove_ids abort on fast-scan lists (merge_fast_scan)
+            merge_fast_scan(base, [(seg.index, seg.first_id) for seg in segments if seg.count], drop=purge)
+            merged = base
+        elif is_ivf(base):
             for seg in segments:
                 if seg.count:
                     base.merge_from(owned_copy(seg.index), seg.first_id)

@@ -49,7 +49,7 @@ from ..store.maintenance import install_template
 from ..text.models import DEFAULT_MODEL_SHA256
 from . import plan as _plan
 from . import shards as _shards
-from .common import BuildResult, check_same_settings
+from .common import BuildResult, check_same_settings, merge_trained_segments
 from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
 from .records import BUILDS, Records, file_digest
 
@@ -312,6 +312,7 @@ def build_sharded(
                                 refresh=False)
         finally:
             bar.close()
+        merge_trained_segments(st)
         problems = st.verify()
         if problems:
             raise CorruptStoreError(f"{root}: the merged store fails verification: {'; '.join(problems[:5])}")

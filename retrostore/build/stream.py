@@ -20,7 +20,7 @@ from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
 from ..store.create import create, open_store
 from ..text.inputs import expand_named, read_file
-from .common import BuildResult, check_same_settings
+from .common import BuildResult, check_same_settings, merge_trained_segments
 from .records import BUILDS, Records, file_digest
 from .sharded import build_sharded
 
@@ -199,6 +199,7 @@ def build_store(
                 rec["done"] = True  # published by the next commit, with the file's last documents
             if todo:
                 commit()
+                merge_trained_segments(st)
             version = st.version
     except KeyboardInterrupt:
         interrupted = True

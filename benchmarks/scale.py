@@ -472,7 +472,19 @@ def child_verify_pack(spec: dict) -> dict:
     return {"verify_s": t1 - t0, "problems": [str(p) for p in problems], "pack_s": t2 - t1, "pack_bytes": size}
 
 
-CHILDREN = {"ingest-store": child_ingest_store, "ingest-raw": child_ingest_raw, "cold": child_cold,
+def child_compact(spec: dict) -> dict:
+    """``Store.compact()`` after the ingest (``--compact``): what ``retrostore build`` ends with."""
+    import retrostore
+
+    with retrostore.open(spec["path"], mode="a", embedder=PrecomputedOnly()) as st:
+        before = len(st.manifest["index"]["segments"])
+        t0 = time.perf_counter()
+        st.compact(progress=False)
+        seconds = time.perf_counter() - t0
+        return {"compact_s": seconds, "segments_before": before, "segments": len(st.manifest["index"]["segments"])}
+
+
+CHILDREN = {"compact": child_compact, "ingest-store": child_ingest_store, "ingest-raw": child_ingest_raw, "cold": child_cold,
             "queries": child_queries, "paired": child_paired, "exact": child_exact,
             "exact-latency": child_exact_latency,
             "verify-pack": child_verify_pack}
@@ -521,6 +533,12 @@ def run_size(n: int, args, root: Path, log: Path) -> dict:
     res["store_ingest"] = run_child("ingest-store", {**base, "path": str(store)}, d / "ingest-store.json", log)
     s = res["store_ingest"]
     _log(f"  {s['ingest_s']:.1f} s -> {s['factory']} {s['params']}, {s['segments']} segments")
+    if args.compact:
+        _log(f"{n:,}: compact the store (one segment, as a build ends)")
+        res["compact"] = run_child("compact", {"path": str(store)}, d / "compact.json", log)
+        s["segments"] = res["compact"]["segments"]
+        _log(f"  {res['compact']['compact_s']:.1f} s: {res['compact']['segments_before']} -> "
+             f"{res['compact']['segments']} segments")
     trained = s.get("trained") or {}
     train_size = int(trained.get("sample") or 0) or BLOCK
     _log(f"{n:,}: ingest, raw FAISS {s['factory']}")
@@ -642,11 +660,19 @@ def summarize(r: dict) -> dict:
     if "verify_pack" in r:
         out.update(verify_s=r["verify_pack"]["verify_s"], pack_s=r["verify_pack"]["pack_s"],
                    verify_problems=len(r["verify_pack"]["problems"]))
+    if "compact" in r:
+        out["compact_s"] = r["compact"]["compact_s"]
     if "exact_mode" in r:
         for key, v in r["exact_mode"].items():
             lat = v["latency_s"]
             out[f"flat_{key}"] = (float(np.median(lat["store"])), float(np.median(lat["floor"])))
     return out
+
+
+def _record_key(args) -> tuple[str, str]:
+    if args.compact:
+        return "scale-compacted", "scale: the default store, compacted after the ingest, against raw FAISS"
+    return "scale", "scale: the default store against raw FAISS with the same factory"
 
 
 def render(results: list[dict], info: dict, args) -> str:
@@ -665,7 +691,8 @@ def render(results: list[dict], info: dict, args) -> str:
         return [label] + [fn(s) for s in sums]
 
     rows = [
-        row("index (defaults)", lambda s: f"`{s['factory']}` {json.dumps(s['params'])}, {s['segments']} segments"),
+        row("index (defaults)", lambda s: f"`{s['factory']}` {json.dumps(s['params'])}, {s['segments']} segments"
+            + (f" (compacted after the ingest in {s['compact_s']:.1f} s)" if "compact_s" in s else "")),
         row("ingest s: store / raw FAISS", lambda s: f"{s['ingest_s']:.1f} / {s['raw_ingest_s']:.1f} = **{s['ingest_ratio']:.2f}x**"),
         row("commit s per batch: training / first after / last (ratio) / max", lambda s: (
             f"{s['training_commit_s']:.1f} / " + (f"{s['commit_first_after_training']:.2f} / {s['commit_last']:.2f} "
@@ -735,6 +762,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-pair-queries", type=int, default=300, help="queries of the exact-mode comparison")
     ap.add_argument("--cold-rounds", type=int, default=3, help="cold open + first query rounds per system")
     ap.add_argument("--no-pack", action="store_true", help="skip verify and pack")
+    ap.add_argument("--compact", action="store_true",
+                    help="compact the store after the ingest (one segment, as `retrostore build` ends); "
+                         "recorded apart (docs/benchmarks.md, scale-compacted)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=PYDOCS if PYDOCS.is_file() else SAMPLE,
                     help="chunk texts when benchmarks/.cache has none (default pydocs)")
@@ -760,8 +790,7 @@ def main(argv=None) -> int:
         report = render(saved["results"], saved["info"], args)
         print(report)
         if args.record:
-            record("scale", "scale: the default store against raw FAISS with the same factory", report,
-                   saved["info"]["machine"])
+            record(*_record_key(args), report, saved["info"]["machine"])
         return 0
     info = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print_machine(info["machine"])
@@ -777,7 +806,7 @@ def main(argv=None) -> int:
     report = render(results, info, args)
     print(report)
     if args.record:
-        record("scale", "scale: the default store against raw FAISS with the same factory", report, info["machine"])
+        record(*_record_key(args), report, info["machine"])
     return 0
 
 

@@ -87,3 +87,4 @@ def serving(store, *args: str, **kwargs):
         server.log_path.unlink(missing_ok=True)
     # on SIGTERM the server finishes what it was doing and exits normally
     assert status == 0, f"the server exited with {status}:\n{log[-3000:]}"
+

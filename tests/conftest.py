@@ -67,3 +67,34 @@ def workers():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["_workers"])
     return ctx
+
+
+#: The limits of the module-scoped test server (tests/test_serve.py, tests/test_serve_adversarial.py).
+SERVE_LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50", "--max-neighbors", "1000")
+
+
+@pytest.fixture(scope="module")
+def server(built_store):
+    """``retrostore serve`` on the small real store, with :data:`SERVE_LIMITS`, for one test module."""
+    import _serving
+
+    with _serving.serving(built_store, *SERVE_LIMITS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    """``retrostore.connect`` to :func:`server`."""
+    import retrostore
+
+    with retrostore.connect(server.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def local(built_store, embedder):
+    """The same store opened in-process, to compare answers with."""
+    import retrostore
+
+    with retrostore.open(built_store, embedder=embedder) as st:
+        yield st

@@ -31,26 +31,6 @@ QUERIES = [
     "run a function in a pool of threads",
     "the license and copyright of python",
 ]
-#: Limits the module's server runs with, small enough to test cheaply.
-LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50", "--max-neighbors", "1000")
-
-
-@pytest.fixture(scope="module")
-def server(built_store):
-    with _serving.serving(built_store, *LIMITS) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with retrostore.connect(server.url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def local(built_store, embedder):
-    with retrostore.open(built_store, embedder=embedder) as st:
-        yield st
 
 
 def _post(server, path, body=None, *, content=None, headers=None):

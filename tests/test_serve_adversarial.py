@@ -28,26 +28,6 @@ import httpx
 import _serving
 
 QUERY = "decode base64 encoded data back into bytes"
-#: The limits of tests/test_serve.py's server.
-LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50")
-
-
-@pytest.fixture(scope="module")
-def server(built_store):
-    with _serving.serving(built_store, *LIMITS) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def remote(server):
-    with retrostore.connect(server.url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def local(built_store, embedder):
-    with retrostore.open(built_store, embedder=embedder) as st:
-        yield st
 
 
 def _post(server, path, raw: bytes, headers=None):

@@ -64,14 +64,15 @@ def share_quantizers(segments: list[Segment]) -> int:
     Returns the bytes freed.
     """
     freed = 0
+    shared_now = {int(r().this) for r in _SHARED_QUANTIZERS.values() if r() is not None}
     for seg in segments:
         try:
             ivf = faiss.extract_index_ivf(seg.index)
         except RuntimeError:
             continue
         q = faiss.downcast_index(ivf.quantizer)
-        if type(q) not in FLAT_TYPES or q.ntotal == 0:
-            continue
+        if type(q) not in FLAT_TYPES or q.ntotal == 0 or int(q.this) in shared_now:
+            continue  # a segment of an earlier version already shares: no centroids to read and hash again
         centroids = q.reconstruct_n(0, q.ntotal)
         key = (int(ivf.nlist), int(q.d), int(q.metric_type), hashlib.sha1(centroids.tobytes()).hexdigest())
         ref = _SHARED_QUANTIZERS.get(key)
@@ -81,6 +82,7 @@ def share_quantizers(segments: list[Segment]) -> int:
             for dead in [k for k, r in _SHARED_QUANTIZERS.items() if r() is None]:
                 del _SHARED_QUANTIZERS[dead]
             _SHARED_QUANTIZERS[key] = weakref.ref(shared)
+            shared_now.add(int(shared.this))
         if int(q.this) == int(shared.this):
             continue
         refs = list(getattr(seg.index, "referenced_objects", None) or [])

@@ -15,13 +15,13 @@ from ..errors import InvalidInputError
 from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
-from ..index.policy import default_factory, default_params
+from ..index.policy import default_factory
 from ..storage.faisstypes import is_ivf
 from ..storage.fileio import fsync_dir, write_durable
 from ..storage.layout import VERSIONS_DIR, retained_versions, template_name, vectors_name, version_path
 from ..storage.tombstones import Tombstones, write_tombstones
 from ..storage.vectors import load_vectors, write_store_vectors
-from .indexer import rebuild, segments_vectors
+from .indexer import rebuild, refresh_params, segments_vectors
 from .writer import Writer
 
 __all__ = ["reindex", "compact", "install_template"]
@@ -94,10 +94,9 @@ def install_template(writer: Writer, template: bytes, factory: str, *, sample: i
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    keep = bool(new["settings"]["keep_vectors"])
     idx.update(factory=factory, template={"path": rel, "size": size_b, "sha256": sha, "faiss": faiss.__version__},
                segments=[])
-    idx["params"] = {**default_params(factory, keep_vectors=keep), **idx.get("param_overrides", {})}
+    refresh_params(new, 0)  # an empty store
     idx["trained"] = {"vectors": 0, "sample": int(sample), "seed": int(seed), "seconds": round(seconds, 1),
                       "version": c.version}
     return writer.publish(c)

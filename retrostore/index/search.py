@@ -260,9 +260,9 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
     1.6x the BLAS product's time on a quiet 2-core machine (10.4 against 6.5 ms at 100k vectors of
     384-d, benchmarks/scale.py)."""
-    flat = faiss.downcast_index(index)
-    if len(queries) != 1 or not keep_max or type(flat) not in FLAT_TYPES or not flat.ntotal:
-        return index.search(queries, k)
+    if len(queries) != 1 or not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
+        return index.search(queries, k)  # (segments are read and built downcast: no downcast_index per search)
+    flat = index
     n = int(flat.ntotal)
     xb = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)
     scores = xb @ queries[0]

@@ -305,6 +305,26 @@ class ChunkTable:
         return out
 
     @_reads
+    def get_sorted_chunks(self, ids: list[int]) -> list[ChunkRecord]:
+        """Chunk records of committed ids in increasing order.
+
+        One B-tree lookup per run of consecutive ids; the rest of a run is read by
+        stepping the cursor. A neighbour and its continuation (the next id) cost one
+        lookup: half those of :meth:`get_chunks`, which counts at generation time, where
+        each fetch finds the caches cold (~50 us per lookup).
+        """
+        out: list[ChunkRecord] = []
+        with self._begin() as txn:
+            cur = txn.cursor(self._chunks)
+            at = -2  # the id under the cursor
+            for cid in ids:
+                if not ((cid == at + 1 and cur.next() and cur.key() == _key(cid)) or cur.set_key(_key(cid))):
+                    raise MissingRecordError(f"{DATA_MDB}: committed chunk {cid} is missing", "chunks", [cid])
+                out.append(self._unpack_chunk(cid, cur.value()))
+                at = cid
+        return out
+
+    @_reads
     def iter_chunks(self, first: int, end: int) -> list[ChunkRecord]:
         """The chunk records with ids in ``[first, end)``, in order."""
         out = []

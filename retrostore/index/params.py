@@ -146,18 +146,18 @@ class RWLock:
         self._readers = 0
         self._writer = False
 
-    @contextmanager
-    def shared(self):
+    def acquire_shared(self) -> None:
+        """Enter as one of many searches (wait while a search changes the parameters)."""
         with self._cond:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()  # only a waiting exclusive() can be waiting for this
 
     @contextmanager
     def exclusive(self):

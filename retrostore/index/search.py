@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from contextlib import contextmanager
 from typing import Any
 
 import faiss
@@ -34,22 +33,22 @@ ONE_THREAD_MAX_QUERIES = 1
 _SHARED_QUANTIZERS: dict[tuple, Any] = {}
 
 
-@contextmanager
-def _threads_for(n_queries: int):
-    """FAISS on one thread for a search of few queries (:data:`ONE_THREAD_MAX_QUERIES`), restored after.
+def _one_thread(n_queries: int) -> int:
+    """Put FAISS on one OpenMP thread for a search of few queries (:data:`ONE_THREAD_MAX_QUERIES`);
+    the thread count to restore afterwards with ``faiss.omp_set_num_threads``, 0 for none.
 
     ``omp_set_num_threads`` sets the calling thread's OpenMP setting (GNU
     OpenMP keeps one per thread), so concurrent searches in other threads keep theirs.
+    (Plain calls, not a context manager: a generation-time search runs on caches the
+    model left cold, where each Python frame costs tens of microseconds.)
     """
+    if n_queries > ONE_THREAD_MAX_QUERIES:
+        return 0
     before = faiss.omp_get_max_threads()
-    if n_queries > ONE_THREAD_MAX_QUERIES or before == 1:
-        yield
-        return
+    if before == 1:
+        return 0
     faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    return before
 
 
 def share_quantizers(segments: list[Segment]) -> int:
@@ -172,10 +171,14 @@ class SegmentSet:
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
-        with _threads_for(len(queries)):
+        restore = _one_thread(len(queries))
+        try:
             if not changes:
-                with self._lock.shared():
+                self._lock.acquire_shared()
+                try:
                     D, I = self._search_live(queries, kk)
+                finally:
+                    self._lock.release_shared()
             else:
                 with self._lock.exclusive():
                     saved = [current_params(seg.index, changes) for seg in self.segments]
@@ -188,6 +191,9 @@ class SegmentSet:
                             apply_params(seg.index, before)
             if rerank > 1:
                 D, I = self._rerank(queries, I, k)
+        finally:
+            if restore:
+                faiss.omp_set_num_threads(restore)
         if D.shape[1] < k:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]
@@ -195,7 +201,8 @@ class SegmentSet:
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = queries.shape[0]
         keep_max = self.metric == "ip"
-        segs = [s for s in self.segments if s.index.ntotal]
+        # one segment: searched even when empty (FAISS answers -1 ids, cleaned below)
+        segs = self.segments if len(self.segments) == 1 else [s for s in self.segments if s.index.ntotal]
         if not segs or n == 0:
             fill = -np.inf if keep_max else np.inf
             return np.full((n, k), fill, np.float32), np.full((n, k), -1, np.int64)

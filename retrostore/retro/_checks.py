@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..store.reading import id_bounds
 
 __all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "as_id_array", "settings"]
 
@@ -74,7 +75,7 @@ def as_id_array(name: str, ids: Any, *, limit: int, min_ndim: int = 1, allow_mis
         arr = np.asarray(ids)
     except ValueError as exc:  # ragged nested lists
         raise InvalidInputError(f"{name} cannot form an array ({exc}); every row must have the same length") from None
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or (arr.size == 0 and arr.dtype == float)):
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype == float):  # (kind: no bool)
         raise InvalidInputError(
             f"{name} has dtype {arr.dtype}; chunk ids are integers (int32/int64), -1 where there is no neighbour")
     if arr.ndim < min_ndim:
@@ -82,7 +83,7 @@ def as_id_array(name: str, ids: Any, *, limit: int, min_ndim: int = 1, allow_mis
                                 "one the k neighbours of a query chunk: shape (..., k)")
     arr = arr.astype(np.int64, copy=False)
     if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
+        lo, hi = id_bounds(arr)
         floor = -1 if allow_missing else 0
         if lo < floor or hi >= limit:
             bad = lo if lo < floor else hi

@@ -111,15 +111,15 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         ``table`` is of another store version.
     """
     pad = check_pad_id(store, pad_id)
+    if table is None:  # Store.neighbor_tokens checks the ids (once: each check costs at generation time)
+        nb = store.neighbor_tokens(chunk_ids)
+        tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
+        return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
     ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
-    if table is not None:
-        if table.version != store.version or len(table) != len(store):
-            raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
-                                    "read a new one with chunk_table(store)")
-        return _from_table(table, ids, pad)
-    nb = store.neighbor_tokens(ids)
-    tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
-    return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
+    if table.version != store.version or len(table) != len(store):
+        raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
+                                "read a new one with chunk_table(store)")
+    return _from_table(table, ids, pad)
 
 
 class NeighborFile:

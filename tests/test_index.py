@@ -244,6 +244,25 @@ def test_k_larger_than_the_probed_lists_gives_minus_one(tmp_path, rng):
         np.testing.assert_allclose(s[0][ok], stored[i[0][ok]] @ x[0], atol=1e-5)
 
 
+def test_a_graph_returns_k_results_beyond_its_ef_search(tmp_path, rng):
+    """FAISS's HNSW returns at most efSearch results: a search for more raises efSearch to k for
+    that call (found by a helper session: k = 5,000 gave ~3,000 ids of 51,429), then restores it."""
+    x = _vectors(rng, 3000)
+    with retrostore.create(tmp_path / "g", embedder=FakeEmbedder(), index="HNSW16",
+                           index_params={"efSearch": 32}) as st:
+        st.append([f"d{i}" for i in range(3000)], embeddings=x)
+        st.commit()
+        _, ids = st.search_vectors(x[:3], 2500)
+        assert (ids >= 0).all() and all(len(set(r.tolist())) == 2500 for r in ids)
+        _, few = st.search_vectors(x[:3], 10)
+        np.testing.assert_array_equal(few[:, 0], np.arange(3))
+        assert st.info()["index"]["params"]["efSearch"] == 32
+        assert st.search_vectors(x[:1], 10, params={"efSearch": 300})[1].shape == (1, 10)
+    with pytest.raises(InvalidInputError, match="cannot form an array"):
+        with retrostore.open(tmp_path / "g") as st:
+            st.search_vectors([[0.1] * x.shape[1], [0.1] * 3], 5)
+
+
 # -- deletes and compaction ------------------------------------------------
 @pytest.fixture
 def real_store(tmp_path, built_store):

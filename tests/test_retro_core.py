@@ -86,9 +86,18 @@ def test_neighbor_file_reads_row_ranges(store, table, tmp_path):
     ([[0, 10**6]], r"chunk id 1000000,? (is )?outside \[-1, "),
     ([[-2, 0]], "chunk id -2"),
 ])
-def test_neighbor_tokens_bad_input(store, bad, match):
-    with pytest.raises(InvalidInputError, match=match):
-        retro.neighbor_tokens(store, bad)
+def test_neighbor_tokens_bad_input(store, table, bad, match):
+    for tab in (None, table):  # the store's reads and the in-memory table refuse alike
+        with pytest.raises(InvalidInputError, match=match):
+            retro.neighbor_tokens(store, bad, table=tab)
+
+
+def test_neighbor_tokens_refuse_wrapping_ids_and_no_k(store, table):
+    for tab in (None, table):
+        with pytest.raises(InvalidInputError, match="18446744073709551615"):  # not wrapped to -1
+            retro.neighbor_tokens(store, np.array([[2**64 - 1, 5]], np.uint64), table=tab)
+        with pytest.raises(InvalidInputError, match=r"shape \(3, 0\)"):
+            retro.neighbor_tokens(store, np.zeros((3, 0), np.int64), table=tab)
 
 
 def test_bad_pad_and_file(store, tmp_path):

@@ -29,6 +29,10 @@ __all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "share_quantizers"]
 #: probe to share out.
 ONE_THREAD_MAX_QUERIES = 1
 
+#: FAISS's own default ``efSearch`` (``HNSW::efSearch``). A graph search returns at most
+#: ``efSearch`` results, so searches for more (k, or k x rerank) raise it to that many for the call.
+HNSW_DEFAULT_EF = 16
+
 #: Coarse quantizers shared between segments, by content (nlist, dim, digest of the centroids).
 _SHARED_QUANTIZERS: dict[tuple, Any] = {}
 
@@ -170,6 +174,11 @@ class SegmentSet:
         rerank = int(eff.get(RERANK, 0) or 0)
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
+        if kk > HNSW_DEFAULT_EF:
+            ef = self._graph_ef(eff)
+            if ef is not None and ef < kk:  # a graph search returns at most efSearch results
+                params = {**params, "efSearch": kk}
+                eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
         restore = _one_thread(len(queries))
         try:
@@ -197,6 +206,15 @@ class SegmentSet:
         if D.shape[1] < k:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]
+
+    def _graph_ef(self, eff: dict) -> int | None:
+        """The ``efSearch`` a search with parameters ``eff`` would use, where a segment is an
+        HNSW graph (None otherwise)."""
+        for seg in self.segments:
+            inner = unwrap(seg.index)
+            if isinstance(inner, faiss.IndexHNSW):
+                return int(eff.get("efSearch", inner.hnsw.efSearch))
+        return None
 
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = queries.shape[0]

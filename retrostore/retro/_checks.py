@@ -81,9 +81,8 @@ def as_id_array(name: str, ids: Any, *, limit: int, min_ndim: int = 1, allow_mis
     if arr.ndim < min_ndim:
         raise InvalidInputError(f"{name} has shape {arr.shape}; expected at least {min_ndim} dimension(s), the last "
                                 "one the k neighbours of a query chunk: shape (..., k)")
-    arr = arr.astype(np.int64, copy=False)
     if arr.size:
-        lo, hi = id_bounds(arr)
+        lo, hi = id_bounds(arr)  # before the int64 cast: a uint64 above 2**63 must not wrap to -1
         floor = -1 if allow_missing else 0
         if lo < floor or hi >= limit:
             bad = lo if lo < floor else hi
@@ -91,4 +90,4 @@ def as_id_array(name: str, ids: Any, *, limit: int, min_ndim: int = 1, allow_mis
                 f"{name} holds chunk id {bad}, outside [{floor}, {limit}) (the store's committed chunks"
                 + (", -1 for no neighbour" if allow_missing else "")
                 + "); were these ids computed on another store or version? recompute them on this one")
-    return arr
+    return arr.astype(np.int64, copy=False)

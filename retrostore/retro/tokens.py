@@ -116,6 +116,8 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
         return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
     ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
+    if ids.shape[-1] < 1:
+        raise InvalidInputError(f"chunk_ids has shape {ids.shape}; expected (..., k) with k >= 1 neighbours")
     if table.version != store.version or len(table) != len(store):
         raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
                                 "read a new one with chunk_table(store)")

@@ -200,7 +200,11 @@ class Reader:
         """See :meth:`retrostore.Store.search_vectors`."""
         k = check_k(k)
         dim = self.version.manifest["index"]["dim"]
-        q = np.asarray(vectors)
+        try:
+            q = np.asarray(vectors)
+        except ValueError as exc:  # ragged nested lists
+            raise InvalidInputError(f"query vectors cannot form an array ({exc}); give an (n, {dim}) array of "
+                                    "floats, every row of the same length") from None
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != dim or q.dtype.kind not in "fiu":  # real numbers (not bool, complex)

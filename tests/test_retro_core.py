@@ -289,3 +289,26 @@ def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):
         assert not set(seqs.chunk_ids.ravel().tolist()) & set(gone)
         retro.sequence_neighbors(st, seqs, tmp_path / "k.npy", k=2)
         assert not set(np.load(tmp_path / "k.npy").ravel().tolist()) & set(gone)
+
+
+def test_table_path_never_serves_chunks_purged_since_it_was_read(store, tmp_path, embedder):
+    """A reader's chunk_table is a snapshot; a compaction that purges a document (a take-down)
+    must hide its chunks on the table path too, as Store.neighbor_tokens does."""
+    import shutil
+
+    path = tmp_path / "copy.rstore"
+    shutil.copytree(store.path, path)
+    with retrostore.open(path, embedder=embedder) as reader:
+        tab = retro.chunk_table(reader)
+        doc = reader.get_document(1)
+        first = int(doc.chunk_ids[0])
+        ids = np.array([[first, first - 1]])
+        assert (retro.neighbor_tokens(reader, ids, table=tab).chunk_ids == ids).all()
+        with retrostore.open(path, "a", embedder=embedder) as writer:
+            writer.delete([1])
+            writer.commit()
+            writer.compact(progress=False)
+        for t in (None, tab):
+            nt = retro.neighbor_tokens(reader, ids, table=t)
+            assert nt.chunk_ids.tolist() == [[-1, first - 1]]
+            assert not nt.mask[0, 0].any() and not nt.mask[0, 1, T:].any()  # no continuation into doc 1

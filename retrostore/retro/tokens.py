@@ -55,11 +55,11 @@ class NeighborTokens:
     doc_ids: np.ndarray
 
 
-def _from_table(table: ChunkTable, ids: np.ndarray, pad: int) -> NeighborTokens:
+def _from_table(table: ChunkTable, ids: np.ndarray, pad: int, purged: np.ndarray) -> NeighborTokens:
     t = table.chunk_tokens
     ids = np.where(ids >= 0, ids, -1)
-    if ids.size:
-        ids = np.where(table.live[np.maximum(ids, 0)], ids, -1)  # a deleted chunk is not served (Store's rule)
+    if ids.size:  # a deleted chunk is not served (Store's rule), nor one purged since the table was read
+        ids = np.where(table.live[np.maximum(ids, 0)] & ~purged, ids, -1)
     safe = np.maximum(ids, 0)
     have = ids >= 0
     cont = np.where(have & table.next_in_doc[safe], safe + 1, -1)
@@ -121,7 +121,11 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
     if table.version != store.version or len(table) != len(store):
         raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
                                 "read a new one with chunk_table(store)")
-    return _from_table(table, ids, pad)
+    # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
+    # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
+    reader = store._reader
+    reader.follow_purges()
+    return _from_table(table, ids, pad, reader.version.tombstones.chunk_mask(ids))
 
 
 class NeighborFile:

@@ -81,3 +81,24 @@ def test_damaged_checksums_are_refused(store):
         with pytest.raises(retrostore.CorruptStoreError, match="block checksum file differs"):
             st.search_vectors(vecs[0], 1)
         assert any(sums["path"] in line for line in st.verify())
+
+
+@pytest.mark.parametrize("slow_s, prefetches", [(0.0, 3), (10.0, 1)])
+def test_prefetch_only_while_blocks_come_from_the_disk(store, monkeypatch, slow_s, prefetches):
+    """The madvise prefetch runs before the first check, then only while checks are slow (disk
+    reads): at page-cache speed it costs as much as the check and saves nothing."""
+    from retrostore.storage import vectors as V
+
+    path, vecs = store
+    calls = []
+    real = V._Opened.prefetch
+    monkeypatch.setattr(V._Opened, "prefetch", lambda self, rows: (calls.append(len(rows)), real(self, rows)))
+    monkeypatch.setattr(V, "SLOW_BLOCK_S", slow_s)  # 0: every block "slow"; 10 s: none
+    with retrostore.open(path, embedder=Given()) as st:
+        for q in (vecs[:1], vecs[100:101], vecs[2000:2001]):  # each reads unchecked blocks
+            st.search_vectors(q, 20)
+    assert len(calls) == prefetches
+    _flip(path, st.manifest["vectors"]["files"][0], 5)  # with or without prefetch, damage is refused
+    with retrostore.open(path, embedder=Given()) as st:
+        with pytest.raises(retrostore.errors.CorruptStoreError, match="differ from their checksum"):
+            st.search_vectors(vecs[5:6], 20)

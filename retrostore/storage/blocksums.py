@@ -128,9 +128,11 @@ class BlockChecker:
         self.rows = rows
         self.path = entry["path"]
         self.checked = np.zeros(n_blocks, bool)
+        self._view: memoryview | None = None
 
-    def check(self, local_rows: np.ndarray) -> None:
-        """Check every not yet checked block holding one of ``local_rows`` (row numbers in the file).
+    def check(self, local_rows: np.ndarray) -> int:
+        """Check every not yet checked block holding one of ``local_rows`` (row numbers in the file);
+        the number of blocks checked.
 
         Raises
         ------
@@ -138,15 +140,28 @@ class BlockChecker:
             A block's bytes differ from their checksum (naming the file and rows).
         """
         blocks = np.unique(np.asarray(local_rows, np.int64) // self.rpb)
-        for b in blocks[~self.checked[blocks]]:
-            lo = int(b) * self.rpb
-            got = block_crcs(self.rows[lo : lo + self.rpb], self.rpb)[0]
-            if got != self.crcs[b]:
-                hi = min(lo + self.rpb, len(self.rows))
-                raise CorruptStoreError(
-                    f"{self.path}: rows {lo}..{hi - 1} differ from their checksum (block {int(b)}); the raw "
-                    "vectors file is damaged: run `retrostore verify`, and reindex from a good copy")
-            self.checked[b] = True
+        todo = blocks[~self.checked[blocks]]
+        if not len(todo):
+            return 0
+        # One zlib call per block over a byte view of the mapping (no per-block numpy work:
+        # a re-ranking query touches ~1,500 unchecked blocks of a large cold store).
+        view, step = self._bytes()
+        got = np.fromiter((zlib.crc32(view[b * step : (b + 1) * step]) for b in todo.tolist()), np.uint32, len(todo))
+        bad = np.nonzero(got != self.crcs[todo])[0]
+        if len(bad):
+            lo = int(todo[bad[0]]) * self.rpb
+            hi = min(lo + self.rpb, len(self.rows))
+            raise CorruptStoreError(
+                f"{self.path}: rows {lo}..{hi - 1} differ from their checksum (block {int(todo[bad[0]])}); the raw "
+                "vectors file is damaged: run `retrostore verify`, and reindex from a good copy")
+        self.checked[todo] = True
+        return len(todo)
+
+    def _bytes(self) -> tuple[memoryview, int]:
+        """The rows as one byte view (a view of the mapping, not a copy) and the bytes per block."""
+        if self._view is None:
+            self._view = memoryview(np.ascontiguousarray(self.rows)).cast("B")
+        return self._view, self.rpb * self.rows.shape[1] * self.rows.dtype.itemsize
 
     def check_all(self) -> list[int]:
         """Blocks whose bytes differ from their checksum (``verify``), reading the whole file."""

@@ -191,6 +191,10 @@ def test_per_query_params_are_restored_and_ranges_checked(tmp_path, rng):
             for bad in ({"nprobe": 0}, {"nprobe": 2**64}, {"efSearch": 0}):
                 with pytest.raises(InvalidInputError, match="must be a finite number in"):
                     st.search_vectors(q, 5, params=bad)
+            for bad in ({"efSearch": 1.5}, {"nprobe": 2.5}, {"rerank": 3.2}):  # FAISS would truncate them
+                with pytest.raises(InvalidInputError, match="must be a whole number"):
+                    st.search_vectors(q, 5, params=bad)
+            assert st.search_vectors(q, 5, params={"nprobe": 2.0})[1].shape == (5, 5)
     with pytest.raises(InvalidInputError, match="nprobe = 0 would make every search fail"):
         retrostore.create(tmp_path / "z", embedder=FakeEmbedder(), index="IVF4,Flat", index_params={"nprobe": 0})
 

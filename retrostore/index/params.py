@@ -31,6 +31,8 @@ RERANK = "rerank"
 #: (max_codes 0 = unlimited, rerank 0 = off, ht 0 = off).
 _AT_LEAST_ONE = {"nprobe": 1, "efSearch": 1, "k_factor_rf": 1, "k_factor": 1}
 _MAX_PARAM = 2**31 - 1  # FAISS stores these as int
+#: Counts (FAISS truncates a float given for them: efSearch 1.5 would search with 1); k_factors are floats.
+_INTEGER = {"nprobe", "max_codes", "efSearch", "ht", "polysemous_ht", RERANK}
 
 
 def check_params(params: Any, where: str = "params") -> dict:
@@ -40,7 +42,9 @@ def check_params(params: Any, where: str = "params") -> dict:
     ------
     InvalidInputError
         Not a dict, an unknown name, or a value out of range (``nprobe``,
-        ``efSearch``, ``k_factor``: >= 1; others >= 0; all < 2**31).
+        ``efSearch``, ``k_factor``: >= 1; others >= 0; all < 2**31), or a
+        fraction for a count (``nprobe``, ``efSearch``, ``max_codes``, ``ht``,
+        ``rerank``: FAISS would truncate it).
     """
     if params is None:
         return {}
@@ -59,6 +63,9 @@ def check_params(params: Any, where: str = "params") -> dict:
                 or not math.isfinite(value) or not low <= value <= _MAX_PARAM:
             raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number in [{low}, {_MAX_PARAM}]"
                                     + (f" ({base} = 0 would make every search fail)" if low and value == 0 else ""))
+        if base in _INTEGER and not float(value).is_integer():
+            raise InvalidInputError(f"{where}: {name}={value!r} must be a whole number (a count); FAISS would "
+                                    f"truncate it to {int(value)}")
         out[name] = int(value) if float(value).is_integer() else float(value)
     return out
 

@@ -312,3 +312,15 @@ def test_table_path_never_serves_chunks_purged_since_it_was_read(store, tmp_path
             nt = retro.neighbor_tokens(reader, ids, table=t)
             assert nt.chunk_ids.tolist() == [[-1, first - 1]]
             assert not nt.mask[0, 0].any() and not nt.mask[0, 1, T:].any()  # no continuation into doc 1
+
+
+def test_results_larger_than_the_machine_are_refused_before_any_work(store, table):
+    """An output that could not fit in RAM is a clear error naming the size, not a bare MemoryError
+    after seconds of work (or the OOM killer); nothing is allocated for the check."""
+    huge = np.broadcast_to(np.int64(3), (10**7, 100))  # a view: no memory
+    for tab in (None, table):
+        with pytest.raises(InvalidInputError, match=r"would need [\d.]+ GiB, more than half of this machine's"):
+            retro.neighbor_tokens(store, huge, table=tab)
+    queries = np.broadcast_to(np.full(store.embedder.dim, 0.05, np.float32), (10**6, store.embedder.dim))
+    with pytest.raises(InvalidInputError, match="search fewer queries per call or ask for a smaller k"):
+        store.search_vectors(queries, 100_000)

@@ -303,6 +303,10 @@ def test_search_empty_store_and_k(tmp_path, embedder):
             st.search_vectors(np.zeros((1, 10), np.float32), k=1)
         with pytest.raises(InvalidInputError, match="NaN"):
             st.search_vectors(np.full((1, 384), np.nan, np.float32), k=1)
+        with pytest.raises(InvalidInputError, match=r"shape \(383,\)"):  # as given, not as reshaped
+            st.search_vectors(np.zeros(383), k=1)
+        with pytest.raises(InvalidInputError, match="beyond float32's range"):  # finite float64, not "NaN"
+            st.search_vectors(np.full((1, 384), 1e39), k=1)
         scores, ids = st.search_vectors(np.zeros((2, 384), np.float32), k=3)
         assert ids.shape == (2, 3) and (ids == -1).all()
 

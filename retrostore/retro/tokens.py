@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..store.reading import check_output_size
 from ._checks import as_id_array, check_int, check_pad_id, settings
 from .table import ChunkTable
 
@@ -116,6 +117,8 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
         return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
     ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
+    check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * table.chunk_tokens * 9,
+                      "ask for fewer ids per call (rows in batches)")
     if ids.shape[-1] < 1:
         raise InvalidInputError(f"chunk_ids has shape {ids.shape}; expected (..., k) with k >= 1 neighbours")
     if table.version != store.version or len(table) != len(store):

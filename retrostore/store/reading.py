@@ -169,6 +169,8 @@ class Reader:
         ids = _id_array(chunk_ids, self.limit)
         m = self.version.manifest
         t, pad = int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"])
+        check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * t * 9,
+                          "ask for fewer ids per call (rows in batches)")
         flat = ids.reshape(-1).tolist()
         recs = self.records_with_continuations(flat)
         n = len(flat)
@@ -205,12 +207,21 @@ class Reader:
         except ValueError as exc:  # ragged nested lists
             raise InvalidInputError(f"query vectors cannot form an array ({exc}); give an (n, {dim}) array of "
                                     "floats, every row of the same length") from None
+        given = q.shape
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != dim or q.dtype.kind not in "fiu":  # real numbers (not bool, complex)
-            raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) real numbers (floats)")
-        q = np.ascontiguousarray(q, dtype=np.float32)
+            raise InvalidInputError(f"query vectors have shape {given} and dtype {q.dtype}; expected (n, {dim}) "
+                                    f"(or ({dim},) for one) real numbers (floats)")
+        check_output_size(f"{len(q):,} queries x k = {k:,} results", len(q) * k * 12,
+                          "search fewer queries per call or ask for a smaller k")
+        src = q
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: said below
+            q = np.ascontiguousarray(q, dtype=np.float32)
         if not np.isfinite(q).all():
+            if src.dtype != np.float32 and np.isfinite(src).all():
+                raise InvalidInputError("query vectors hold values beyond float32's range (+-3.4e38); the index "
+                                        "searches float32: scale them (embeddings are usually unit length)")
             raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
         self.follow_purges()
         return self.version.index.search(q, k, check_params(params))
@@ -255,6 +266,25 @@ def _manifest_stat(path: str) -> tuple | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def check_output_size(what: str, nbytes: int, fix: str) -> None:
+    """Refuse a call whose result alone would need more than half of this machine's RAM.
+
+    Raises
+    ------
+    InvalidInputError
+        Naming the bytes needed, the RAM and ``fix`` (numpy would otherwise
+        fail with a bare ``MemoryError`` after seconds of work, or the OS kill
+        the process).
+    """
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return
+    if nbytes > ram // 2:
+        raise InvalidInputError(f"{what} would need {nbytes / 2**30:.1f} GiB, more than half of this machine's "
+                                f"{ram / 2**30:.1f} GiB of RAM; {fix}")
 
 
 def id_bounds(ids: np.ndarray) -> tuple[int, int]:

@@ -103,6 +103,9 @@ def test_neighbor_tokens_refuse_wrapping_ids_and_no_k(store, table):
 def test_bad_pad_and_file(store, tmp_path):
     with pytest.raises(InvalidInputError, match=r"pad_id=30522 is outside the store's vocabulary \[0, 30522\)"):
         retro.neighbor_tokens(store, [[0]], pad_id=30522)
+    for bad in (1.0, True, "0"):
+        with pytest.raises(InvalidInputError, match="must be an int token id"):
+            retro.neighbor_tokens(store, [[0]], pad_id=bad)
     (tmp_path / "x.npy").write_bytes(b"not numpy")
     with pytest.raises(InvalidInputError, match="not a readable .npy"):
         retro.NeighborFile(store, tmp_path / "x.npy")

@@ -61,7 +61,10 @@ def check_pad_id(store, pad_id: Any) -> int:
     vocab = settings(store).vocab_size
     if pad_id is None:
         return store_pad_id(store)
-    if not is_int(pad_id) or not 0 <= pad_id < vocab:
+    if not is_int(pad_id):
+        raise InvalidInputError(f"pad_id={pad_id!r} must be an int token id in [0, {vocab}) (the model's pad_id), "
+                                f"or None for the store's own ({store_pad_id(store)})")
+    if not 0 <= pad_id < vocab:
         raise InvalidInputError(
             f"pad_id={pad_id!r} is outside the store's vocabulary [0, {vocab}); give the id of a token of the "
             "store's tokenizer (the model's pad_id), or leave it None for the store's own pad id "

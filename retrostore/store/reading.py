@@ -278,6 +278,8 @@ def check_output_size(what: str, nbytes: int, fix: str) -> None:
         fail with a bare ``MemoryError`` after seconds of work, or the OS kill
         the process).
     """
+    if nbytes < 1 << 30:  # every ordinary call: no system call on the generation-time path
+        return
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: no limit known

@@ -216,8 +216,11 @@ class Reader:
         check_output_size(f"{len(q):,} queries x k = {k:,} results", len(q) * k * 12,
                           "search fewer queries per call or ask for a smaller k")
         src = q
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: said below
-            q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.dtype == np.float32:  # an embedder's output: no errstate context on the generation-time path
+            q = np.ascontiguousarray(q)
+        else:
+            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: said below
+                q = np.ascontiguousarray(q, dtype=np.float32)
         if not np.isfinite(q).all():
             if src.dtype != np.float32 and np.isfinite(src).all():
                 raise InvalidInputError("query vectors hold values beyond float32's range (+-3.4e38); the index "

@@ -129,6 +129,13 @@ class SegmentSet:
         share_quantizers(segments)
         for seg in segments:
             apply_params(seg.index, self.params)
+        # What searches ask of the segments, read once (a version's segments never change).
+        inner = [unwrap(s.index) for s in segments]
+        self._exact = all(type(x) in FLAT_TYPES or s.entry.get("codec") == FP16 for x, s in zip(inner, segments))
+        self._graph = next((x for x in inner if isinstance(x, faiss.IndexHNSW)), None)  # the first HNSW
+        # FAISS's HNSW search of a few queries runs on the calling thread (measured: CPU/wall 1.0 with
+        # 2 OpenMP threads, FAISS 1.15): graphs skip the one-thread switch (three FAISS calls).
+        self._all_graphs = bool(inner) and all(isinstance(x, faiss.IndexHNSW) for x in inner)
 
     @property
     def ntotal(self) -> int:
@@ -136,7 +143,7 @@ class SegmentSet:
 
     @property
     def exact(self) -> bool:
-        return all(type(unwrap(s.index)) in FLAT_TYPES or s.entry.get("codec") == FP16 for s in self.segments)
+        return self._exact
 
     def effective(self, params: dict | None = None) -> dict:
         """Parameter values a search with ``params`` would use (what ``inspect`` shows)."""
@@ -174,16 +181,12 @@ class SegmentSet:
         rerank = int(eff.get(RERANK, 0) or 0)
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
-        if kk > HNSW_DEFAULT_EF:
-            ef = self._graph_ef(eff)
-            if ef is not None and ef < kk:  # a graph search returns at most efSearch results
+        if kk > HNSW_DEFAULT_EF and self._graph is not None:
+            if int(eff.get("efSearch", self._graph.hnsw.efSearch)) < kk:  # a graph returns <= efSearch results
                 params = {**params, "efSearch": kk}
                 eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
-        # FAISS's HNSW search of a few queries runs on the calling thread (measured: CPU/wall 1.0 with
-        # 2 OpenMP threads, FAISS 1.15), so graphs skip the thread switch (three FAISS calls).
-        graphs = all(isinstance(seg.index, faiss.IndexHNSW) for seg in self.segments)
-        restore = 0 if graphs else _one_thread(len(queries))
+        restore = 0 if self._all_graphs else _one_thread(len(queries))
         try:
             if not changes:
                 self._lock.acquire_shared()
@@ -209,15 +212,6 @@ class SegmentSet:
         if D.shape[1] < k:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]
-
-    def _graph_ef(self, eff: dict) -> int | None:
-        """The ``efSearch`` a search with parameters ``eff`` would use, where a segment is an
-        HNSW graph (None otherwise)."""
-        for seg in self.segments:
-            inner = unwrap(seg.index)
-            if isinstance(inner, faiss.IndexHNSW):
-                return int(eff.get("efSearch", inner.hnsw.efSearch))
-        return None
 
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = queries.shape[0]

@@ -8,9 +8,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..store.reading import id_bounds
 
-__all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "as_id_array", "settings"]
+__all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "settings"]
 
 
 class Settings(NamedTuple):
@@ -70,27 +69,3 @@ def check_pad_id(store, pad_id: Any) -> int:
             "store's tokenizer (the model's pad_id), or leave it None for the store's own pad id "
             f"({store_pad_id(store)})")
     return int(pad_id)
-
-
-def as_id_array(name: str, ids: Any, *, limit: int, min_ndim: int = 1, allow_missing: bool = True) -> np.ndarray:
-    """Integer chunk ids as int64, each in ``[-1 or 0, limit)``."""
-    try:
-        arr = np.asarray(ids)
-    except ValueError as exc:  # ragged nested lists
-        raise InvalidInputError(f"{name} cannot form an array ({exc}); every row must have the same length") from None
-    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype == float):  # (kind: no bool)
-        raise InvalidInputError(
-            f"{name} has dtype {arr.dtype}; chunk ids are integers (int32/int64), -1 where there is no neighbour")
-    if arr.ndim < min_ndim:
-        raise InvalidInputError(f"{name} has shape {arr.shape}; expected at least {min_ndim} dimension(s), the last "
-                                "one the k neighbours of a query chunk: shape (..., k)")
-    if arr.size:
-        lo, hi = id_bounds(arr)  # before the int64 cast: a uint64 above 2**63 must not wrap to -1
-        floor = -1 if allow_missing else 0
-        if lo < floor or hi >= limit:
-            bad = lo if lo < floor else hi
-            raise InvalidInputError(
-                f"{name} holds chunk id {bad}, outside [{floor}, {limit}) (the store's committed chunks"
-                + (", -1 for no neighbour" if allow_missing else "")
-                + "); were these ids computed on another store or version? recompute them on this one")
-    return arr.astype(np.int64, copy=False)

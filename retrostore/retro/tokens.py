@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..store.reading import check_output_size
-from ._checks import as_id_array, check_int, check_pad_id, settings
+from ..store.reading import neighbor_id_array
+from ._checks import check_int, check_pad_id, settings
 from .table import ChunkTable
 
 if TYPE_CHECKING:
@@ -116,11 +116,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         nb = store.neighbor_tokens(chunk_ids)
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
         return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
-    ids = as_id_array("chunk_ids", chunk_ids, limit=len(store))
-    check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * table.chunk_tokens * 9,
-                      "ask for fewer ids per call (rows in batches)")
-    if ids.shape[-1] < 1:
-        raise InvalidInputError(f"chunk_ids has shape {ids.shape}; expected (..., k) with k >= 1 neighbours")
+    ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
     if table.version != store.version or len(table) != len(store):
         raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
                                 "read a new one with chunk_table(store)")

@@ -130,19 +130,21 @@ class BlockChecker:
         self.checked = np.zeros(n_blocks, bool)
         self._view: memoryview | None = None
 
-    def check(self, local_rows: np.ndarray) -> int:
-        """Check every not yet checked block holding one of ``local_rows`` (row numbers in the file);
-        the number of blocks checked.
+    def unchecked(self, local_rows: np.ndarray) -> np.ndarray:
+        """The not yet checked blocks holding ``local_rows`` (row numbers in the file), sorted."""
+        blocks = np.unique(np.asarray(local_rows, np.int64) // self.rpb)
+        return blocks[~self.checked[blocks]]
+
+    def check(self, todo: np.ndarray) -> None:
+        """Check blocks ``todo`` (from :meth:`unchecked`) and mark them checked.
 
         Raises
         ------
         CorruptStoreError
             A block's bytes differ from their checksum (naming the file and rows).
         """
-        blocks = np.unique(np.asarray(local_rows, np.int64) // self.rpb)
-        todo = blocks[~self.checked[blocks]]
         if not len(todo):
-            return 0
+            return
         # One zlib call per block over a byte view of the mapping (no per-block numpy work:
         # a re-ranking query touches ~1,500 unchecked blocks of a large cold store).
         view, step = self._bytes()
@@ -155,7 +157,6 @@ class BlockChecker:
                 f"{self.path}: rows {lo}..{hi - 1} differ from their checksum (block {int(todo[bad[0]])}); the raw "
                 "vectors file is damaged: run `retrostore verify`, and reindex from a good copy")
         self.checked[todo] = True
-        return len(todo)
 
     def _bytes(self) -> tuple[memoryview, int]:
         """The rows as one byte view (a view of the mapping, not a copy) and the bytes per block."""

@@ -290,34 +290,21 @@ class ChunkTable:
 
     @_reads
     def get_chunks(self, ids, limit: int) -> list[ChunkRecord | None]:
-        """Chunk records for ``ids`` (None for ids < 0 or >= ``limit``)."""
+        """Chunk records for ``ids`` (None for ids < 0 or >= ``limit``).
+
+        An id right after the one read before is read by stepping the cursor, not by a
+        B-tree lookup: a neighbour and its continuation cost one lookup, which counts at
+        generation time, where each fetch finds the caches cold (~50 us per lookup).
+        """
         out: list[ChunkRecord | None] = []
         with self._begin() as txn:
+            cur = txn.cursor(self._chunks)
+            at = -2  # the id under the cursor
             for cid in ids:
                 cid = int(cid)
                 if cid < 0 or cid >= limit:
                     out.append(None)
                     continue
-                raw = txn.get(_key(cid), db=self._chunks)
-                if raw is None:
-                    raise MissingRecordError(f"{DATA_MDB}: committed chunk {cid} is missing", "chunks", [cid])
-                out.append(self._unpack_chunk(cid, raw))
-        return out
-
-    @_reads
-    def get_sorted_chunks(self, ids: list[int]) -> list[ChunkRecord]:
-        """Chunk records of committed ids in increasing order.
-
-        One B-tree lookup per run of consecutive ids; the rest of a run is read by
-        stepping the cursor. A neighbour and its continuation (the next id) cost one
-        lookup: half those of :meth:`get_chunks`, which counts at generation time, where
-        each fetch finds the caches cold (~50 us per lookup).
-        """
-        out: list[ChunkRecord] = []
-        with self._begin() as txn:
-            cur = txn.cursor(self._chunks)
-            at = -2  # the id under the cursor
-            for cid in ids:
                 if not ((cid == at + 1 and cur.next() and cur.key() == _key(cid)) or cur.set_key(_key(cid))):
                     raise MissingRecordError(f"{DATA_MDB}: committed chunk {cid} is missing", "chunks", [cid])
                 out.append(self._unpack_chunk(cid, cur.value()))

@@ -381,15 +381,17 @@ class _Opened:
         :data:`SLOW_BLOCK_S` means disk reads, and the next check prefetches; a check at
         page-cache speed turns prefetching off until a slow one is seen again.
         """
+        todo = self.checker.unchecked(rows)  # once, for the prefetch and the check
+        if not len(todo):
+            return
         if self.from_disk:
-            self.prefetch(rows)
+            self.prefetch(todo)
         t0 = time.perf_counter()
-        n = self.checker.check(rows)
-        if n:
-            self.from_disk = (time.perf_counter() - t0) / n > SLOW_BLOCK_S
+        self.checker.check(todo)
+        self.from_disk = (time.perf_counter() - t0) / len(todo) > SLOW_BLOCK_S
 
-    def prefetch(self, rows: np.ndarray) -> None:
-        """Ask the OS to read, all at once, the blocks of ``rows`` that no query has read yet.
+    def prefetch(self, blocks: np.ndarray) -> None:
+        """Ask the OS to read, all at once, ``blocks`` (sorted unchecked block numbers).
 
         Re-ranking reads rows at random (the mapping says ``MADV_RANDOM``: no
         read-ahead), and the first read of a row checks its whole block: after
@@ -400,11 +402,7 @@ class _Opened:
         skipped (no system call once a store is warm).
         """
         ch = self.checker
-        if ch is None or self._mm is None or not hasattr(mmap, "MADV_WILLNEED") or len(rows) < 2:
-            return
-        blocks = np.unique(np.asarray(rows, np.int64) // ch.rpb)
-        blocks = blocks[~ch.checked[blocks]]
-        if len(blocks) < 2:
+        if ch is None or self._mm is None or not hasattr(mmap, "MADV_WILLNEED") or len(blocks) < 2:
             return
         row_bytes = self.rows.shape[1] * self.rows.dtype.itemsize
         offset = int(getattr(self.rows, "offset", 0))

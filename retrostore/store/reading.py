@@ -148,13 +148,13 @@ class Reader:
             out.append(rec.metadata)
         return out
 
-    def records_with_continuations(self, ids: np.ndarray) -> dict[int, ChunkRecord]:
-        """Chunk records of the ids >= 0 in ``ids`` (any shape) and of the chunk after each
+    def records_with_continuations(self, ids: Iterable[int]) -> dict[int, ChunkRecord]:
+        """Chunk records of the ids >= 0 in ``ids`` (Python ints) and of the chunk after each
         (its continuation candidate), deleted chunks left out: ``{chunk id: record}``."""
         limit = self.limit
-        flat = {int(i) for i in np.asarray(ids).ravel().tolist() if i >= 0}
+        flat = {i for i in ids if i >= 0}
         wanted = self.version.tombstones.drop(sorted(flat | {i + 1 for i in flat if i + 1 < limit}))
-        return dict(zip(wanted, self.table.get_sorted_chunks(wanted)))
+        return dict(zip(wanted, self.table.get_chunks(wanted, limit)))
 
     def neighbor_tokens(self, chunk_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Tokens of chunks given by id, each followed by its continuation; see ``Store.neighbor_tokens``.
@@ -166,11 +166,9 @@ class Reader:
         chunk_ids : ndarray, ``chunk_ids.shape``, int64 (-1 for none or deleted)
         doc_ids : ndarray, ``chunk_ids.shape``, int64 (-1 with chunk_ids)
         """
-        ids = _id_array(chunk_ids, self.limit)
         m = self.version.manifest
         t, pad = int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"])
-        check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * t * 9,
-                          "ask for fewer ids per call (rows in batches)")
+        ids = neighbor_id_array(chunk_ids, self.limit, t)
         flat = ids.reshape(-1).tolist()
         recs = self.records_with_continuations(flat)
         n = len(flat)
@@ -232,7 +230,7 @@ class Reader:
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as :class:`Hit` rows: each chunk with its score and continuation
         (the next chunk of the same document), ids < 0 left out."""
-        recs = self.records_with_continuations(ids)
+        recs = self.records_with_continuations(np.asarray(ids).ravel().tolist())
         out = []
         for row_s, row_i in zip(scores, ids):
             row = []
@@ -292,7 +290,7 @@ def check_output_size(what: str, nbytes: int, fix: str) -> None:
                                 f"{ram / 2**30:.1f} GiB of RAM; {fix}")
 
 
-def id_bounds(ids: np.ndarray) -> tuple[int, int]:
+def _id_bounds(ids: np.ndarray) -> tuple[int, int]:
     """(smallest, largest) value of an integer array; (0, -1) when it is empty.
 
     A few ids (a generation-time fetch: k of them) are compared in Python: two numpy
@@ -304,6 +302,16 @@ def id_bounds(ids: np.ndarray) -> tuple[int, int]:
         flat = ids.ravel().tolist()
         return min(flat), max(flat)
     return int(ids.min()), int(ids.max())
+
+
+def neighbor_id_array(chunk_ids: Any, limit: int, chunk_tokens: int) -> np.ndarray:
+    """``chunk_ids`` checked as neighbour ids (:func:`_id_array`) whose tokens, ``(..., k, 2 *
+    chunk_tokens)`` int64 + mask, fit in memory (:func:`check_output_size`). The one check of
+    ``Store.neighbor_tokens`` and of ``retro.neighbor_tokens`` reading from a chunk table."""
+    ids = _id_array(chunk_ids, limit)
+    check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * chunk_tokens * 9,
+                      "ask for fewer ids per call (rows in batches)")
+    return ids
 
 
 def _id_array(chunk_ids: Any, limit: int) -> np.ndarray:
@@ -322,7 +330,7 @@ def _id_array(chunk_ids: Any, limit: int) -> np.ndarray:
         raise InvalidInputError(
             f"chunk_ids has shape {arr.shape} and dtype {arr.dtype}; expected integer chunk ids shaped (..., k), "
             "k >= 1, -1 for no neighbour (what precompute_neighbors writes)")
-    lo, hi = id_bounds(arr)
+    lo, hi = _id_bounds(arr)
     if lo < -1 or hi >= limit:
         bad = lo if lo < -1 else hi
         raise InvalidInputError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
@@ -438,6 +439,31 @@ def test_fast_scan_lists_merge_exactly(rng):
         d1, i1 = merged.search(x[:200], 20)
         d2, i2 = ref.search(x[:200], 20)
         assert (i1 == i2).all() and (d1 == d2).all()
+
+
+@pytest.mark.parametrize("factory,dim", [("IVF4,PQ48x4fs", 384), ("IVF4,PQ8x4fs", 64), ("IVF4,PQ5x4fs", 30),
+                                         ("IVF4,PQ3x4fs", 30), ("IVF4,PQ192x4fs", 384)])
+def test_pq4_layout_packs_as_faiss_packer(factory, dim, rng):
+    """PQ4Layout (the merge's whole-list packing) gives FAISS's CodePacker's blocks byte for byte, and
+    unpacks them back, for even and odd sub-quantizer counts and lists that end inside a block."""
+    from retrostore.index.merge import PQ4Layout
+
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    packer = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).packer
+    layout = PQ4Layout.of(packer)
+    nvec, cs, bs = layout.nvec, layout.code_size, layout.block_size
+    m = int(factory.split("PQ")[1].split("x")[0])
+    for n in (1, 31, 32, 33, 100):
+        codes = rng.integers(0, 256, (n, cs), dtype=np.uint8)
+        if m % 2:
+            codes[:, -1] &= 15  # odd M: the last byte's top half is no sub-quantizer's
+        flat = np.zeros(layout.blocks(n) * nvec * cs, np.uint8)
+        flat[: n * cs] = codes.ravel()
+        ref = np.zeros(layout.blocks(n) * bs, np.uint8)
+        for b in range(layout.blocks(n)):
+            packer.pack_all(faiss.swig_ptr(flat[b * nvec * cs:]), faiss.swig_ptr(ref[b * bs:]))
+        assert np.array_equal(layout.pack(codes), ref)
+        assert np.array_equal(layout.unpack(ref, n), codes)
 
 
 def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):

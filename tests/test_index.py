@@ -489,6 +489,64 @@ def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):
         assert st.verify() == []
 
 
+def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
+    """A read-only handle merges a streamed store's fast-scan segments into one in-memory index after
+    its first search (issue 17: per-segment probing cost 1.6x raw FAISS at 1M vectors): the answers
+    stay those of the segments (ids and scores, deleted documents left out, per-query parameters), the
+    next version reuses the merged index, the files never change, a writer never merges, and close()
+    stops a merge in progress."""
+    path = tmp_path / "s"
+    params = {"nprobe": 8, "rerank": 20}
+    with retrostore.create(path, embedder=FakeEmbedder(), index="IVF16,PQ8x4fs", index_params=params) as st:
+        parts = [_fill(st, rng, 1000)]
+        st.commit()
+        for b in range(3):
+            parts.append(_fill(st, rng, 400, start=1000 + 400 * b))
+            st.commit()
+        st.delete([5, 1200, 1700])
+        st.commit()
+        x = np.concatenate(parts)
+        q = x[::37] + 0.05
+        q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        want = st.search_vectors(q, 10)
+        want_np = st.search_vectors(q, 10, params={"nprobe": 2})
+        assert len(st._head.version.segments) == 4 and st._head.version.index.merged.is_set()  # writers keep them
+    files = sorted((p.name, p.stat().st_size) for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb")
+
+    with retrostore.open(path) as rd:
+        index = rd._head.version.index
+        assert not index.merged.is_set()
+        rd.search_vectors(q[:1], 10)  # the first search starts the merge
+        assert index.merged.wait(30)
+        merged = rd._head.version.segments
+        assert len(merged) == 1 and merged[0].count == len(x)  # deleted chunks stay indexed until compact
+        assert rd._head._segments == {}  # the segments are no one's any more: freed
+        got = rd.search_vectors(q, 10)
+        assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
+        got_np = rd.search_vectors(q, 10, params={"nprobe": 2})
+        assert np.array_equal(got_np[1], want_np[1])
+        assert not np.isin(got[1], [5, 1200, 1700]).any()
+
+        with retrostore.open(path, mode="a", embedder=FakeEmbedder()) as st:
+            _fill(st, rng, 400, start=2200)
+            st.commit()
+            want2 = st.search_vectors(q, 10)
+        rd.refresh()
+        segs = rd._head.version.segments
+        assert len(segs) == 2 and segs[0] is merged[0]  # the merged index serves the next version too
+        rd.search_vectors(q[:1], 10)
+        assert rd._head.version.index.merged.wait(30) and len(rd._head.version.segments) == 1
+        assert np.array_equal(rd.search_vectors(q, 10)[1], want2[1])
+    after = sorted((p.name, p.stat().st_size) for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb")
+    assert {f for f in files if f[0].startswith("seg-")} <= set(after)  # merged in memory only
+
+    rd = retrostore.open(path)
+    index = rd._head.version.index
+    rd.search_vectors(q[:1], 10)
+    rd.close()  # stops the merge (or finds it done) and waits for its thread
+    assert index._merge_thread is not None and not index._merge_thread.is_alive()
+
+
 def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
     """Flat, then an HNSW graph, then IVF fast-scan + re-ranking trained once (issue 17); the re-ranking
     depth follows the store's size at every commit (issue 19); inspect says what is pending."""

@@ -143,7 +143,7 @@ class Store:
             self._embedder = None
             self._bind_embedder(embedder, m)
             self._chunker: Chunker | None = None
-            self._head = Head(self.path, mmap_arg=None if mmap is None else bool(mmap))
+            self._head = Head(self.path, mmap_arg=None if mmap is None else bool(mmap), merge=mode == "r")
             self._head.load_newest(m, follow=mode == "r" and version is None)
             self._reader = Reader(self._table, self._head, follow_purges=mode == "r")
             if mode == "a":
@@ -175,6 +175,9 @@ class Store:
 
     def _release(self) -> None:
         self._closed = True
+        head = getattr(self, "_head", None)
+        if head is not None and head.version is not None:
+            head.version.index.stop_merge()
         if self._table is not None:
             self._table.close()
             self._table = None

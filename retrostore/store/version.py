@@ -55,10 +55,15 @@ class Version:
                  tombstones: Tombstones, mmap: bool):
         self.root = root
         self.manifest = manifest
-        self.segments = segments
         self.index = index
         self.tombstones = tombstones
         self.mmap = mmap
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments searched: the manifest's, or (a read-only handle, once merged in memory)
+        one segment that holds them all (:meth:`SegmentSet.merge_in_background`)."""
+        return self.index.segments
 
     @property
     def number(self) -> int:
@@ -95,6 +100,9 @@ class Head:
     mmap_arg : bool or None
         ``open(mmap=...)``: serve segments memory-mapped, or None for the
         manifest's ``mmap`` setting.
+    merge : bool
+        Merge IVF fast-scan segments in memory after the first search (read-only handles:
+        :meth:`SegmentSet.merge_in_background`).
 
     Attributes
     ----------
@@ -102,9 +110,10 @@ class Head:
         The version served (set by :meth:`load`).
     """
 
-    def __init__(self, root: Path, *, mmap_arg: bool | None):
+    def __init__(self, root: Path, *, mmap_arg: bool | None, merge: bool = False):
         self.root = root
         self.mmap_arg = mmap_arg
+        self.merge = merge
         self.version: Version | None = None
         self._segments: dict[str, faiss.Index] = {}  # sha256 -> loaded index, of the version served
         self._template: tuple[str, faiss.Index] | None = None
@@ -157,8 +166,9 @@ class Head:
                 )
         mmap = self.mmap(m)
         cache: dict[str, faiss.Index] = {}
-        segs = []
-        for entry in m["index"]["segments"]:
+        entries = m["index"]["segments"]
+        segs = self._merged_prefix(entries)
+        for entry in entries[len(segs[0].entry["merged_from"]) if segs else 0:]:
             # Cached by content, but each entry gets its own Segment: two segments
             # can be byte-identical (the same vectors committed twice) while
             # covering different chunk ids.
@@ -177,11 +187,54 @@ class Head:
             raw.open_all()  # mapped now: a reader keeps them after a writer's GC (compact retires older versions)
         if segs and mmap:
             check_mmap(m["index"]["factory"], m["index"]["dim"], m["metric"])
+        merge = self.merge and not mmap and m["index"].get("template") is not None
         index = SegmentSet(segs, m["metric"], m["index"]["dim"], params=m["index"]["params"],
-                           deleted=tomb.chunks, raw=raw)
+                           deleted=tomb.chunks, raw=raw,
+                           make_empty=self._empty_index(m["index"]) if merge else None,
+                           on_merged=self._forget_merged)
+        if self.version is not None:
+            self.version.index.stop_merge()
         self._segments = cache
         self.version = Version(self.root, m, segs, index, tomb, mmap)
         return self.version
+
+    def _merged_prefix(self, entries: list[dict]) -> list[Segment]:
+        """``[merged]`` when the served version's segments were merged in memory
+        (:meth:`SegmentSet.merge_in_background`) and ``entries`` begin with those very
+        segments (a newer version of the same index): the next version reuses the merged
+        index instead of reading them again. Else []."""
+        if self.version is None or len(self.version.segments) != 1:
+            return []
+        merged = self.version.segments[0]
+        shas = merged.entry.get("merged_from")
+        if not shas or len(entries) < len(shas):
+            return []
+        head = entries[: len(shas)]
+        if ([e["sha256"] for e in head] != shas or head[0]["first_id"] != merged.first_id
+                or max(int(e.get("end_id", e["first_id"] + e["count"])) for e in head) != merged.end_id):
+            return []
+        return [merged]
+
+    def _empty_index(self, idx: dict):
+        """A function returning the trained empty index of the manifest's ``index`` entry, for the
+        merge thread: a clone of the cached template, else the template file read (and checked)
+        by that thread, so that opening never pays for a merge that may not happen."""
+        entry, cached = idx["template"], self._template
+        root = self.root
+
+        def make() -> faiss.Index:
+            if cached is not None and cached[0] == entry["sha256"]:
+                return faiss.clone_index(cached[1])
+            _manifest.safe_path(root, entry["path"], MANIFEST)
+            return load_segment(root, entry).index
+
+        return make
+
+    def _forget_merged(self, segset: SegmentSet, shas: list[str]) -> None:
+        """After an in-memory merge: the cache drops the merged segments (memory), if still served."""
+        if self.version is not None and self.version.index is segset:
+            for sha in shas:
+                self._segments.pop(sha, None)
 
     def load_newest(self, manifest: dict, *, follow: bool) -> Version:
         """:meth:`load` ``manifest``; with ``follow`` (a reader), when a file is gone because a

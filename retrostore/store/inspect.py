@@ -90,6 +90,7 @@ def index_info(version: Version, index_bytes: int) -> dict:
         "stored_params": idx["params"],
         "param_overrides": idx.get("param_overrides", {}),
         "segments": len(idx["segments"]),
+        "segments_searched": len(version.segments),
         "trained": idx.get("trained"),
         "mmap": version.mmap,
         "bytes_per_vector": round(index_bytes / n, 2) if n else None,

@@ -778,8 +778,10 @@ class Store:
             ``tokenizer`` and ``embedder`` (the manifest's fingerprints);
             ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
             reports them), ``stored_params`` (the manifest's), ``param_overrides``
-            (the user's), ``segments`` (count), ``trained``, ``mmap`` (this
-            handle), ``bytes_per_vector`` (segment bytes / vectors),
+            (the user's), ``segments`` (count), ``segments_searched`` (this
+            handle: 1 once a read-only handle merged IVF fast-scan segments in
+            memory after its first search; docs/index.md, "Segments"),
+            ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),
             ``template_bytes``, ``hint`` (the training policy's advice, or None);
             ``deletes`` (counts, purged included); ``files`` (bytes):
             ``index_bytes``, ``vectors_bytes``, ``vectors_dtype``,

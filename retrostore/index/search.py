@@ -174,8 +174,9 @@ class SegmentSet:
         (docs/index.md, "Segments"). The segments are clones of one trained template, so their
         lists concatenate (:func:`~retrostore.index.merge.merge_fast_scan`: 0.3 s per 1M
         vectors). Searches go on over the segments meanwhile; the merged index replaces them
-        under the exclusive lock, and the segments are then freed (peak memory: the index
-        twice, during the merge). Only read-only handles merge (a writer's commits and
+        under the exclusive lock, and the segments are then freed (while the merge runs the index
+        is in memory about three times: segments, merged lists, their serialised copy). Only
+        read-only handles merge (a writer's commits and
         compactions need the segments as written); the files on disk never change.
         """
         if not self._merge_pending:
@@ -375,8 +376,8 @@ class SegmentSet:
 def _trim_heap() -> None:
     """Give the heap pages freed by the replaced segments back to the system (glibc's
     ``malloc_trim``; elsewhere nothing). FAISS's lists are many small allocations: without it a
-    1M-vector store's freed segments stayed resident (anonymous memory after the merge 89 MiB,
-    with it 48 MiB, against 39 MiB for the segments as opened)."""
+    1M-vector store's freed segments stayed resident (anonymous memory after the merge 89 MiB
+    without it, 46 MiB with it, against 39 MiB for the segments as opened)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

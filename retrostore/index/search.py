@@ -9,7 +9,6 @@ OPQ/PCA pre-transforms, ID maps and refine wrappers (:mod:`.params`).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import hashlib
 import logging
 import threading
@@ -20,6 +19,7 @@ import faiss
 import numpy as np
 
 from ..storage.faisstypes import FLAT_TYPES, unwrap
+from ..storage.memory import trim_heap
 from ..storage.segments import FP16, Segment
 from ..storage.tombstones import in_sorted
 from .merge import is_fast_scan, merge_fast_scan
@@ -206,7 +206,7 @@ class SegmentSet:
             # against 36 MiB read back, for 1M vectors of 24-byte codes.
             buf = faiss.serialize_index(base)
             del base
-            _trim_heap()
+            trim_heap()
             base = faiss.deserialize_index(buf)
             del buf
             shas: list = []  # every segment replaced, in order (a merged one stands for its own)
@@ -225,7 +225,7 @@ class SegmentSet:
             if self._on_merged is not None:
                 self._on_merged(self, [sha for sha in shas if sha])
             del segs
-            _trim_heap()
+            trim_heap()
         except Exception as exc:  # the segments keep serving; the merge is an optimisation
             log.warning("merging the index segments in memory failed (%s: %s); searching them one by one",
                         type(exc).__name__, exc)
@@ -371,17 +371,6 @@ class SegmentSet:
             out_d[lo : lo + step] = np.take_along_axis(scores, order, 1)
             out_i[lo : lo + step] = np.take_along_axis(I, order, 1)
         return out_d, out_i
-
-
-def _trim_heap() -> None:
-    """Give the heap pages freed by the replaced segments back to the system (glibc's
-    ``malloc_trim``; elsewhere nothing). FAISS's lists are many small allocations: without it a
-    1M-vector store's freed segments stayed resident (anonymous memory after the merge 89 MiB
-    without it, 46 MiB with it, against 39 MiB for the segments as opened)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 #: SegmentSets whose background merge runs: stopped before the interpreter exits (a daemon thread

@@ -24,6 +24,7 @@ from ..errors import CorruptStoreError
 from .faisstypes import FLAT_TYPES, is_exact, split_idmap, with_idmap
 from .fileio import DurableWriter, git_lfs_pointer, regular_file, sha256_file
 from .layout import segment_name
+from .memory import huge_pages
 
 __all__ = [
     "FP16", "Segment", "write_index", "write_segment", "load_segment", "check_file", "flat_fp16",
@@ -200,6 +201,9 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
                                 f"{type(inner).__name__} and the manifest gives it no codec")
     if "count" in entry and index.ntotal != entry["count"]:
         raise CorruptStoreError(f"{rel}: index holds {index.ntotal} vectors, the manifest says {entry['count']}")
+    flat_index = split_idmap(index)[0]
+    if not mmap and type(flat_index) in FLAT_TYPES and flat_index.ntotal:  # exact search reads it all per query
+        huge_pages(faiss.rev_swig_ptr(flat_index.get_xb(), flat_index.ntotal * flat_index.d))
     return Segment(entry, index)
 
 

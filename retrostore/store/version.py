@@ -42,7 +42,7 @@ class Version:
     manifest : dict
         The version's manifest body (shared: never modify it; copy to change).
     segments : list of Segment
-        Its index segments, in chunk-id order.
+        Its index segments, in chunk-id order (``index.segments``).
     index : SegmentSet
         The segments searched together, with the version's tombstones and raw vectors.
     tombstones : Tombstones
@@ -51,8 +51,7 @@ class Version:
         Whether the segments are served memory-mapped.
     """
 
-    def __init__(self, root: Path, manifest: dict, segments: list[Segment], index: SegmentSet,
-                 tombstones: Tombstones, mmap: bool):
+    def __init__(self, root: Path, manifest: dict, index: SegmentSet, tombstones: Tombstones, mmap: bool):
         self.root = root
         self.manifest = manifest
         self.index = index
@@ -195,7 +194,7 @@ class Head:
         if self.version is not None:
             self.version.index.stop_merge()
         self._segments = cache
-        self.version = Version(self.root, m, segs, index, tomb, mmap)
+        self.version = Version(self.root, m, index, tomb, mmap)
         return self.version
 
     def _merged_prefix(self, entries: list[dict]) -> list[Segment]:

@@ -18,9 +18,13 @@ documents that are not in the store), k = 5, answered by:
 Both servers run during the whole benchmark. With one client (C = 1), each
 query is asked of the three systems in turn, the order rotating, for 3 x
 ``--seconds``: paired samples, so that the machine's load swings hit all three
-alike. With C = 8 and 32, C client threads, each with its own keep-alive
-``httpx`` connection, send one query after another for ``--seconds`` (after a
-warm-up second), serve and Flask alternating. The levels run in ``--rounds``
+alike; retrostore serve is asked through ``retrostore.connect(url).search(q,
+k=5)`` (the project's client: the same call and return type as in-process),
+the Flask baseline through the same transport (a urllib3 keep-alive
+connection); each latency is timed around the query alone. With C = 8 and 32,
+C client threads, each with its own keep-alive urllib3 connection, send one
+query after another for ``--seconds`` (after a warm-up second), serve and
+Flask alternating. The levels run in ``--rounds``
 rounds; each cell reports the round with the median throughput. Reported per
 cell: throughput (answers/s), p50 and p99 latency (ms), the server's CPU time
 per answer (all its threads; less sensitive to other jobs on the machine than
@@ -237,17 +241,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float, pid: int) -> dict:
-    """``clients`` threads, each on its own keep-alive connection, for 1 s + ``seconds``; the
-    server's CPU time (process ``pid``) over the measured ``seconds`` too."""
-    import httpx
+    """``clients`` threads, each on its own keep-alive connection (urllib3), for 1 s + ``seconds``;
+    the server's CPU time (process ``pid``) over the measured ``seconds`` too."""
+    import urllib3
 
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     barrier = threading.Barrier(clients + 1)
     times: dict[str, float] = {}
 
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+
     def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=120, headers={"Content-Type": "application/json"}) as c:
+        with urllib3.HTTPConnectionPool(host, int(port), maxsize=1, timeout=120, retries=False,
+                                        headers={"Content-Type": "application/json"}) as c:
             j = i * 997
             barrier.wait()
             while True:
@@ -258,8 +265,8 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float,
                 j += 1
                 t0 = time.perf_counter()
                 try:
-                    res = c.post(path, content=body)
-                    ok = res.status_code == 200 and res.json()["results"]
+                    res = c.request("POST", path, body=body)
+                    ok = res.status == 200 and json.loads(res.data)["results"]
                 except Exception:  # noqa: BLE001 - counted as a failed request
                     ok = False
                 t1 = time.perf_counter()
@@ -292,7 +299,8 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float,
 def paired_one_client(systems: list[tuple[str, object]], queries: list[str], seconds: float) -> dict:
     """One client: each query asked of every system in turn (order rotating), for ``seconds`` in
     all, so that the machine's load swings hit every system alike. ``systems``: (name, call)
-    where ``call(q)`` answers one query and returns the CPU seconds it cost."""
+    where ``call(q)`` answers one query and returns (its latency, the CPU seconds it cost), the
+    latency timed around the query alone."""
     lat: dict[str, list[float]] = {name: [] for name, _ in systems}
     cpu: dict[str, list[float]] = {name: [] for name, _ in systems}
     end = time.perf_counter() + seconds
@@ -301,9 +309,8 @@ def paired_one_client(systems: list[tuple[str, object]], queries: list[str], sec
         q = queries[i % len(queries)]
         order = systems[i % len(systems):] + systems[:i % len(systems)]
         for name, call in order:
-            t0 = time.perf_counter()
-            c = call(q)
-            lat[name].append(time.perf_counter() - t0)
+            t, c = call(q)
+            lat[name].append(t)
             cpu[name].append(c)
         i += 1
     return {name: {"qps": len(xs) / sum(xs), "p50": C.pct(xs, 50), "p99": C.pct(xs, 99), "n": len(xs), "errors": 0,
@@ -388,6 +395,7 @@ def main(argv=None) -> int:
 
 def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], args) -> tuple[dict, dict]:
     import httpx
+    import urllib3
 
     import retrostore
 
@@ -400,27 +408,36 @@ def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], ar
     flask = start_server([sys.executable, str(HERE / "_flask_baseline.py"), str(work), str(fp), str(args.threads),
                           baseline], flask_url, work / "flask.log")
     try:
-        with retrostore.open(store_path, threads=args.threads) as st, \
-                httpx.Client(base_url=serve_url, timeout=120) as sc, httpx.Client(base_url=flask_url, timeout=120) as fc:
+        with retrostore.open(store_path, threads=args.threads) as st, retrostore.connect(serve_url) as remote, \
+                urllib3.HTTPConnectionPool("127.0.0.1", fp, maxsize=1, timeout=120, retries=False) as flask_pool:
             st.search(queries[0], k=args.k)
 
-            def http_call(client, path, key, pid):
-                def call(q):
-                    c0 = cpu_seconds(pid)
-                    res = client.post(path, content=json.dumps({"query": q, key: args.k}).encode(),
-                                      headers={"Content-Type": "application/json"})
-                    assert res.status_code == 200 and res.json()["results"], res.text
-                    return cpu_seconds(pid) - c0
-                return call
+            def remote_call(q):  # the project's client: same call and return type as in-process
+                c0 = cpu_seconds(serve.pid)
+                t0 = time.perf_counter()
+                hits = remote.search(q, k=args.k)
+                t = time.perf_counter() - t0
+                assert hits
+                return t, cpu_seconds(serve.pid) - c0
+
+            def flask_call(q):  # the same transport (urllib3, keep-alive), the baseline's request
+                c0 = cpu_seconds(flask.pid)
+                t0 = time.perf_counter()
+                res = flask_pool.request("POST", "/search", body=json.dumps({"query": q, "n_docs": args.k}).encode(),
+                                         headers={"Content-Type": "application/json"})
+                ok = res.status == 200 and json.loads(res.data)["results"]
+                t = time.perf_counter() - t0
+                assert ok, res.data[:200]
+                return t, cpu_seconds(flask.pid) - c0
 
             def local_call(q):
                 c0 = time.process_time()
+                t0 = time.perf_counter()
                 st.search(q, k=args.k)
-                return time.process_time() - c0
+                t = time.perf_counter() - t0
+                return t, time.process_time() - c0
 
-            one = [("retrostore serve", http_call(sc, "/v1/search", "k", serve.pid)),
-                   ("Flask baseline", http_call(fc, "/search", "n_docs", flask.pid)),
-                   ("in-process", local_call)]
+            one = [("retrostore serve", remote_call), ("Flask baseline", flask_call), ("in-process", local_call)]
             print(f"store {store_path}: {len(st)} chunks; {len(queries)} queries", flush=True)
             for rnd in range(args.rounds):
                 for c in args.clients:
@@ -508,7 +525,9 @@ def report(sections: list, args, n_docs: int) -> str:
     if out:
         out.append(f"{args.queries} held-out query sentences (pydocs documents not in the store), k = {args.k}, "
                    f"{args.threads} threads per system; median of {args.rounds} rounds. One client: each query asked "
-                   f"of the three systems in turn (rotating order), {3 * args.seconds:g} s. 8 and 32 clients: "
+                   f"of the three systems in turn (rotating order), {3 * args.seconds:g} s; serve through "
+                   "`retrostore.connect(url).search(q, k)`, the baseline through the same urllib3 transport. "
+                   "8 and 32 clients (urllib3 keep-alive connections): "
                    f"{args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. CPU ms/answer: the "
                    "server process's CPU time (all threads) over the measured time / answers (for in-process, this "
                    "process's). retrostore serve answers full hits (text, token ids, continuation, metadata); the "

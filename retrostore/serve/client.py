@@ -143,7 +143,8 @@ class RemoteStore:
         # connection the server closed meanwhile is noticed before reuse and replaced.
         retries = False
         proxy = _proxy_for(parsed.scheme, parsed.host)
-        common = dict(headers=dict(headers or {}), timeout=timeout, retries=retries, maxsize=16, block=False)
+        # Up to 64 keep-alive connections (threads) per server; more are opened and closed as needed.
+        common = dict(headers=dict(headers or {}), timeout=timeout, retries=retries, maxsize=64, block=False)
         self._client = (urllib3.ProxyManager(proxy, **common) if proxy else urllib3.PoolManager(**common))
         self._closed = False
         self._facts: dict | None = None

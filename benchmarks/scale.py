@@ -21,9 +21,9 @@ disk bytes per chunk by file kind, open time and first-query time after the
 files were evicted from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``
 per file after ``fsync``; median of rounds), single-query p50/p99 (both in one
 process, alternated query by query in random order, each with one FAISS thread
-for a single query as the store uses; k=10 with the chunk texts; the store once
-its read-only handle merged its segments in memory, which its first search
-starts: the seconds that took are reported), recall@10
+for a single query as the store uses; k=10 with the chunk texts; a read-only
+handle's first search merges a streamed store's segments in memory: the first
+query after open is reported apart), recall@10
 (tie-aware, against exact float32 search), the exact search's single-query
 p50 (numpy on the float32 matrix) and the speed-up over it, the index's RAM per
 vector (anonymous memory added by ``open``, in a fresh process), RSS after
@@ -248,21 +248,8 @@ class _StoreSystem:
         import retrostore
 
         self.st = retrostore.open(spec["path"], embedder=PrecomputedOnly())
-        self.first_query_at = None
-
-    def settle(self, timeout_s: float = 300.0) -> float | None:
-        """Wait until a read-only handle has merged its segments in memory (started by the first
-        search): seconds from the first query to the merge, or None if nothing was merged."""
-        if self.st.info()["index"]["segments_searched"] <= 1 or self.first_query_at is None:
-            return None
-        end = time.monotonic() + timeout_s
-        while self.st.info()["index"]["segments_searched"] > 1 and time.monotonic() < end:
-            time.sleep(0.05)
-        return time.perf_counter() - self.first_query_at
 
     def query(self, q):
-        if self.first_query_at is None:
-            self.first_query_at = time.perf_counter()
         _, ids = self.st.search_vectors(q, K)
         row = ids[0]
         texts = [c.text for c in self.st.get_chunks(row[row >= 0])]
@@ -395,15 +382,13 @@ def child_queries(spec: dict) -> dict:
         row, _ = sysm.query(qs[i : i + 1])
         lat.append(time.perf_counter() - t)
         found[i, : len(row)] = row[:K]
-    merged_after_s = sysm.settle() if hasattr(sysm, "settle") else None
     s2 = _status()
     t = time.perf_counter()
     sysm.batch(qs)
     batch_s = time.perf_counter() - t
     sysm.close()
     np.save(spec["found"], found)
-    return {"before": s0, "opened": s1, "after": s2, "latency_s": lat, "batch_s": batch_s,
-            "merged_after_s": merged_after_s}
+    return {"before": s0, "opened": s1, "after": s2, "latency_s": lat, "batch_s": batch_s}
 
 
 def child_paired(spec: dict) -> dict:
@@ -413,7 +398,6 @@ def child_paired(spec: dict) -> dict:
     for sysm in systems.values():
         for i in range(min(20, len(qs))):
             sysm.query(qs[i : i + 1])
-    settled = {name: sysm.settle() for name, sysm in systems.items() if hasattr(sysm, "settle")}
     hog = None
     if spec.get("hog"):
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -433,7 +417,7 @@ def child_paired(spec: dict) -> dict:
             hog.wait()
     for sysm in systems.values():
         sysm.close()
-    return {"latency_s": lat, "load_during": os.getloadavg(), "merged_after_s": settled}
+    return {"latency_s": lat, "load_during": os.getloadavg()}
 
 
 def child_exact(spec: dict) -> dict:
@@ -668,7 +652,7 @@ def summarize(r: dict) -> dict:
         "exact_p50": exact_p50,
         "index_ram_per_vector": anon / n,
         "anon_added_by_queries": q["store"]["after"]["RssAnon"] - q["store"]["opened"]["RssAnon"],
-        "merged_after_s": (r["paired"].get("merged_after_s") or {}).get("store"),
+        "first_query_warm": q["store"]["latency_s"][0], "raw_first_query_warm": q["raw"]["latency_s"][0],
         "rss_after_open": q["store"]["opened"]["VmRSS"], "rss_after_queries": q["store"]["after"]["VmRSS"],
         "file_rss_per_query": file_q / max(1, len(q["store"]["latency_s"])),
         "disk": r["disk"],
@@ -703,8 +687,8 @@ def render(results: list[dict], info: dict, args) -> str:
              f"with their texts. Store: every default (`index=\"auto\"`). raw FAISS: the store's final factory and "
              f"search parameters, trained once on the first batch with the store's sample size, float16 vectors "
              f"file for re-ranking, LMDB texts. Cold: files evicted with `posix_fadvise(DONTNEED)` after "
-             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, alternated per query, after 20 warm-up queries each and (the store, "
-             f"a read-only handle) the in-memory merge of its segments that its first search starts. ",
+             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, alternated per query, after 20 warm-up queries each (the store's "
+             f"first, a read-only handle's, merged its segments in memory). ",
              ""]
     hdr = ["chunks"] + [f"{s['n']:,}" for s in sums]
 
@@ -732,8 +716,8 @@ def render(results: list[dict], info: dict, args) -> str:
         row("recall@10: store / raw", lambda s: f"**{s['recall']:.4f}** / {s['raw_recall']:.4f}"),
         row("index RAM B/vector (anon. memory of open); anon. MiB added by the queries (and merge)", lambda s: (
             f"**{s['index_ram_per_vector']:.1f}**; {s['anon_added_by_queries'] / 2**20:+.1f}")),
-        row("in-memory merge of the segments: s after the first query", lambda s: (
-            f"{s['merged_after_s']:.1f}" if s.get("merged_after_s") is not None else "- (one segment)")),
+        row("first query after open, files cached, s: store (merges the segments in memory) / raw", lambda s: (
+            f"{s['first_query_warm']:.3f} / {s['raw_first_query_warm']:.3f}")),
         row("RSS MiB after open / after queries", lambda s: f"{_mb(s['rss_after_open'])} / {_mb(s['rss_after_queries'])}"),
         row("file-backed RSS added per query KiB (re-ranking reads)", lambda s: f"{s['file_rss_per_query'] / 1024:.0f}"),
         row("batch q/s (all queries, one call): store / raw", lambda s: f"{s['batch_qps']:.0f} / {s['raw_batch_qps']:.0f}"),

@@ -490,11 +490,11 @@ def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):
 
 
 def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
-    """A read-only handle merges a streamed store's fast-scan segments into one in-memory index after
-    its first search (issue 17: per-segment probing cost 1.6x raw FAISS at 1M vectors): the answers
-    stay those of the segments (ids and scores, deleted documents left out, per-query parameters), the
-    next version reuses the merged index, the files never change, a writer never merges, and close()
-    stops a merge in progress."""
+    """A read-only handle's first search merges a streamed store's fast-scan segments into one
+    in-memory index (issue 17: per-segment probing cost 1.6x raw FAISS at 1M vectors): the answers
+    are those of the segments here (ids and scores, deleted documents left out, per-query
+    parameters; ties among equal code scores may order differently on larger stores), the next
+    version reuses the merged index, the files never change, a writer never merges."""
     path = tmp_path / "s"
     params = {"nprobe": 8, "rerank": 20}
     with retrostore.create(path, embedder=FakeEmbedder(), index="IVF16,PQ8x4fs", index_params=params) as st:
@@ -510,16 +510,15 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
         q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
         want = st.search_vectors(q, 10)
         want_np = st.search_vectors(q, 10, params={"nprobe": 2})
-        assert len(st._head.version.segments) == 4 and st._head.version.index.merged.is_set()  # writers keep them
+        assert len(st._head.version.segments) == 4  # a writer keeps its segments
     files = sorted((p.name, p.stat().st_size) for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb")
 
     with retrostore.open(path) as rd:
-        index = rd._head.version.index
-        assert not index.merged.is_set()
-        rd.search_vectors(q[:1], 10)  # the first search starts the merge
-        assert index.merged.wait(30)
+        assert rd.info()["index"]["segments_searched"] == 4  # opening merges nothing
+        rd.search_vectors(q[:1], 10)  # the first search merges
         merged = rd._head.version.segments
         assert len(merged) == 1 and merged[0].count == len(x)  # deleted chunks stay indexed until compact
+        assert rd.info()["index"]["segments_searched"] == 1
         assert rd._head._segments == {}  # the segments are no one's any more: freed
         got = rd.search_vectors(q, 10)
         assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
@@ -535,16 +534,13 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
         segs = rd._head.version.segments
         assert len(segs) == 2 and segs[0] is merged[0]  # the merged index serves the next version too
         rd.search_vectors(q[:1], 10)
-        assert rd._head.version.index.merged.wait(30) and len(rd._head.version.segments) == 1
+        assert len(rd._head.version.segments) == 1
         assert np.array_equal(rd.search_vectors(q, 10)[1], want2[1])
+        with retrostore.open(path) as fresh:  # a follower's lists are a fresh reader's, in the same order
+            a, b = rd.search_vectors(q, 50, params={"rerank": 0}), fresh.search_vectors(q, 50, params={"rerank": 0})
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
     after = sorted((p.name, p.stat().st_size) for p in path.rglob("*") if p.is_file() and p.name != "lock.mdb")
     assert {f for f in files if f[0].startswith("seg-")} <= set(after)  # merged in memory only
-
-    rd = retrostore.open(path)
-    index = rd._head.version.index
-    rd.search_vectors(q[:1], 10)
-    rd.close()  # stops the merge (or finds it done) and waits for its thread
-    assert index._merge_thread is not None and not index._merge_thread.is_alive()
 
 
 def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):

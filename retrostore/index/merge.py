@@ -136,13 +136,12 @@ def is_fast_scan(index: faiss.Index) -> bool:
 
 
 def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]],
-                    drop: np.ndarray | None = None, stop: Callable[[], bool] | None = None) -> bool:
+                    drop: np.ndarray | None = None) -> None:
     """Merge IVF fast-scan indexes (same trained quantizer and PQ) into the empty ``base``, list by
     list: each source list's packed blocks are unpacked, the lists concatenated (ids + offset) and
     packed again into ``base``'s blocks. Ids in ``drop`` (sorted int64, after the offsets) are
     left out: what ``remove_ids`` would do (``compact``'s purge), without FAISS's list code.
-    ``stop``, called between lists, abandons the merge when it returns True (``base`` is then
-    partly filled: discard it). Returns whether the merge completed. Sources are only read.
+    Sources are only read.
 
     Not ``merge_from``: FAISS 1.15's ``BlockInvertedLists::add_entries``, which it calls, copies
     whole blocks past the end of a list whose length is a multiple of the block's byte size, and the
@@ -159,8 +158,6 @@ def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]],
     srcs = [(faiss.downcast_InvertedLists(faiss.extract_index_ivf(s).invlists), off) for s, off in sources]
     total = 0
     for lst in range(ivf.nlist):
-        if stop is not None and stop():
-            return False
         ids_parts, code_parts = [], []
         for src, offset in srcs:
             n = int(src.list_size(lst))
@@ -187,7 +184,6 @@ def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]],
     ivf.ntotal = total
     if base is not ivf and hasattr(base, "ntotal"):
         base.ntotal = total
-    return True
 
 
 class PQ4Layout:

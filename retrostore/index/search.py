@@ -8,10 +8,8 @@ OPQ/PCA pre-transforms, ID maps and refine wrappers (:mod:`.params`).
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
-import threading
 import weakref
 from typing import Any, Callable
 
@@ -124,8 +122,8 @@ class SegmentSet:
         Raw vectors for the ``rerank`` parameter.
     make_empty : callable, optional
         Returns the store's trained empty index (a clone of its template). Given (a read-only
-        handle), IVF fast-scan segments are merged in memory into one index by a background
-        thread that the first search starts (:meth:`merge_in_background`).
+        handle), IVF fast-scan segments are merged in memory into one index by the first
+        search (:meth:`merge_segments`).
     on_merged : callable, optional
         ``on_merged(segment_set, sha256s)`` after the merged index replaced the segments of
         those checksums (the loader drops its references to them).
@@ -157,80 +155,68 @@ class SegmentSet:
         self._on_merged = on_merged
         self._merge_pending = (make_empty is not None and len(mergeable) >= 2
                                and all(is_fast_scan(s.index) for s in mergeable))
-        self._merge_thread: threading.Thread | None = None
-        self._merge_stop = threading.Event()
-        self.merged = threading.Event()
-        """Set once the background merge replaced the segments (or there was nothing to merge)."""
-        if not self._merge_pending:
-            self.merged.set()
 
     # -- the in-memory merge of a read-only handle's segments ---------------------------------
-    def merge_in_background(self) -> None:
-        """Start merging the segments into one in-memory index, on a daemon thread (once).
+    def merge_segments(self) -> bool:
+        """Merge the segments into one in-memory index, once; the first search calls it.
 
         A streamed store holds one IVF fast-scan segment per recent commit and one per merged
         tier; every probed list costs each segment a scan setup, so a query over 3 segments of
         a 1M-vector store took 2.0 ms in FAISS where one index of the same vectors took 1.1 ms
         (docs/index.md, "Segments"). The segments are clones of one trained template, so their
-        lists concatenate (:func:`~retrostore.index.merge.merge_fast_scan`: 0.3 s per 1M
-        vectors). Searches go on over the segments meanwhile; the merged index replaces them
-        under the exclusive lock, and the segments are then freed (while the merge runs the index
-        is in memory about three times: segments, merged lists, their serialised copy). Only
-        read-only handles merge (a writer's commits and
-        compactions need the segments as written); the files on disk never change.
+        lists concatenate in segment order (:func:`~retrostore.index.merge.merge_fast_scan`:
+        0.3 s per 1M vectors), and the segments are freed (while the merge runs the index is
+        in memory about three times: segments, merged lists, their serialised copy). The
+        merge runs inside the first search, under the exclusive lock, so that every answer of
+        a handle comes from the same index: fast-scan codes tie often, and FAISS breaks ties at
+        the candidate cut-off by scan order, which merging changes (answers otherwise differed
+        in 137 of 1,406 queries depending on whether a background merge had finished). Any
+        read-only handle of a version therefore searches the same lists in the same order (a
+        follower's reused merged index plus its new segments concatenate to the same lists).
+        Only read-only handles merge (a writer's commits and compactions need the segments as
+        written); the files on disk never change. Returns whether this call merged.
         """
         if not self._merge_pending:
-            return
-        self._merge_pending = False
-        self._merge_thread = threading.Thread(target=self._merge, name="retrostore-merge", daemon=True)
-        _MERGING.add(self)
-        self._merge_thread.start()
+            return False
+        with self._lock.exclusive():
+            if not self._merge_pending:
+                return False
+            self._merge_pending = False
+            try:
+                shas = self._merge()
+            except Exception as exc:  # the segments keep serving; the merge is an optimisation
+                log.warning("merging the index segments in memory failed (%s: %s); searching them one by one",
+                            type(exc).__name__, exc)
+                return False
+        if self._on_merged is not None:
+            self._on_merged(self, [sha for sha in shas if sha])
+        trim_heap()
+        return True
 
-    def stop_merge(self, timeout_s: float = 10.0) -> None:
-        """Abandon a background merge in progress (the segments keep serving) and wait for its thread."""
-        self._merge_pending = False
-        self._merge_stop.set()
-        thread = self._merge_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout_s)
-
-    def _merge(self) -> None:
-        try:
-            segs = [s for s in self.segments if s.count]
-            first = segs[0].first_id
-            base = self._make_empty()
-            if not merge_fast_scan(base, [(s.index, s.first_id - first) for s in segs], stop=self._merge_stop.is_set):
-                return
-            # A serialise / deserialise round trip sizes every list exactly: lists filled in memory
-            # round their code buffers up to a power of two (FAISS's AlignedTable), 44 MiB
-            # against 36 MiB read back, for 1M vectors of 24-byte codes.
-            buf = faiss.serialize_index(base)
-            del base
-            trim_heap()
-            base = faiss.deserialize_index(buf)
-            del buf
-            shas: list = []  # every segment replaced, in order (a merged one stands for its own)
-            for s in self.segments:
-                shas += s.entry.get("merged_from") or [s.entry.get("sha256")]
-            entry = {"first_id": first, "count": int(base.ntotal), "end_id": max(s.end_id for s in self.segments),
-                     "merged_from": shas}
-            merged = Segment(entry, base)
-            share_quantizers([merged])
-            apply_params(base, self.params)
-            with self._lock.exclusive():
-                if self._merge_stop.is_set():
-                    return
-                self.segments = [merged]
-            self.merged.set()
-            if self._on_merged is not None:
-                self._on_merged(self, [sha for sha in shas if sha])
-            del segs
-            trim_heap()
-        except Exception as exc:  # the segments keep serving; the merge is an optimisation
-            log.warning("merging the index segments in memory failed (%s: %s); searching them one by one",
-                        type(exc).__name__, exc)
-        finally:
-            _MERGING.discard(self)
+    def _merge(self) -> list:
+        """Build the merged index and put it in place of the segments (caller holds the lock)."""
+        segs = [s for s in self.segments if s.count]
+        first = segs[0].first_id
+        base = self._make_empty()
+        merge_fast_scan(base, [(s.index, s.first_id - first) for s in segs])
+        # A serialise / deserialise round trip sizes every list exactly: lists filled in memory
+        # round their code buffers up to a power of two (FAISS's AlignedTable), 44 MiB
+        # against 36 MiB read back, for 1M vectors of 24-byte codes.
+        buf = faiss.serialize_index(base)
+        del base
+        trim_heap()
+        base = faiss.deserialize_index(buf)
+        del buf
+        shas: list = []  # every segment replaced, in order (a merged one stands for its own)
+        for s in self.segments:
+            shas += s.entry.get("merged_from") or [s.entry.get("sha256")]
+        entry = {"first_id": first, "count": int(base.ntotal), "end_id": max(s.end_id for s in self.segments),
+                 "merged_from": shas}
+        merged = Segment(entry, base)
+        share_quantizers([merged])
+        apply_params(base, self.params)
+        self.segments = [merged]
+        return shas
 
     @property
     def ntotal(self) -> int:
@@ -272,7 +258,7 @@ class SegmentSet:
             results exist (or the probed IVF lists hold fewer than k).
         """
         if self._merge_pending:
-            self.merge_in_background()
+            self.merge_segments()
         params = params or {}
         eff = {**self.params, **params}
         rerank = int(eff.get(RERANK, 0) or 0)
@@ -371,17 +357,6 @@ class SegmentSet:
             out_d[lo : lo + step] = np.take_along_axis(scores, order, 1)
             out_i[lo : lo + step] = np.take_along_axis(I, order, 1)
         return out_d, out_i
-
-
-#: SegmentSets whose background merge runs: stopped before the interpreter exits (a daemon thread
-#: copying from an index that finalisation frees would crash the process).
-_MERGING: "weakref.WeakSet[SegmentSet]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_merges() -> None:
-    for segset in list(_MERGING):
-        segset.stop_merge()
 
 
 def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:

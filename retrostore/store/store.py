@@ -175,9 +175,6 @@ class Store:
 
     def _release(self) -> None:
         self._closed = True
-        head = getattr(self, "_head", None)
-        if head is not None and head.version is not None:
-            head.version.index.stop_merge()
         if self._table is not None:
             self._table.close()
             self._table = None
@@ -779,8 +776,8 @@ class Store:
             ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
             reports them), ``stored_params`` (the manifest's), ``param_overrides``
             (the user's), ``segments`` (count), ``segments_searched`` (this
-            handle: 1 once a read-only handle merged IVF fast-scan segments in
-            memory after its first search; docs/index.md, "Segments"),
+            handle: 1 once a read-only handle's first search merged IVF fast-scan
+            segments in memory; docs/index.md, "Segments"),
             ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),
             ``template_bytes``, ``hint`` (the training policy's advice, or None);
             ``deletes`` (counts, purged included); ``files`` (bytes):

@@ -61,7 +61,7 @@ class Version:
     @property
     def segments(self) -> list[Segment]:
         """The segments searched: the manifest's, or (a read-only handle, once merged in memory)
-        one segment that holds them all (:meth:`SegmentSet.merge_in_background`)."""
+        one segment that holds them all (:meth:`SegmentSet.merge_segments`)."""
         return self.index.segments
 
     @property
@@ -100,8 +100,8 @@ class Head:
         ``open(mmap=...)``: serve segments memory-mapped, or None for the
         manifest's ``mmap`` setting.
     merge : bool
-        Merge IVF fast-scan segments in memory after the first search (read-only handles:
-        :meth:`SegmentSet.merge_in_background`).
+        Merge IVF fast-scan segments in memory at the first search (read-only handles:
+        :meth:`SegmentSet.merge_segments`).
 
     Attributes
     ----------
@@ -191,15 +191,13 @@ class Head:
                            deleted=tomb.chunks, raw=raw,
                            make_empty=self._empty_index(m["index"]) if merge else None,
                            on_merged=self._forget_merged)
-        if self.version is not None:
-            self.version.index.stop_merge()
         self._segments = cache
         self.version = Version(self.root, m, index, tomb, mmap)
         return self.version
 
     def _merged_prefix(self, entries: list[dict]) -> list[Segment]:
         """``[merged]`` when the served version's segments were merged in memory
-        (:meth:`SegmentSet.merge_in_background`) and ``entries`` begin with those very
+        (:meth:`SegmentSet.merge_segments`) and ``entries`` begin with those very
         segments (a newer version of the same index): the next version reuses the merged
         index instead of reading them again. Else []."""
         if self.version is None or len(self.version.segments) != 1:
@@ -216,8 +214,8 @@ class Head:
 
     def _empty_index(self, idx: dict):
         """A function returning the trained empty index of the manifest's ``index`` entry, for the
-        merge thread: a clone of the cached template, else the template file read (and checked)
-        by that thread, so that opening never pays for a merge that may not happen."""
+        in-memory merge: a clone of the cached template, else the template file read (and
+        checked) then, so that opening never pays for a merge that may not happen."""
         entry, cached = idx["template"], self._template
         root = self.root
 

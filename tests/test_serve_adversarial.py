@@ -287,3 +287,34 @@ def test_error_values_are_strict_json():
     assert show(10**400) == "an integer of 401 digits"
     assert show("a\ud800") == "a?"
     json.dumps(show({"x": [float("-inf")]}), allow_nan=False)
+
+
+def test_connect_refuses_bad_timeouts_headers_urls_and_proxies(monkeypatch):
+    """retrostore.connect's own arguments and the environment's proxy: every mistake is an
+    InvalidInputError naming the value (helper-9 found ValueError, OverflowError and urllib3's
+    exceptions escaping), credentials in the URL never appear in messages, and a proxy that
+    cannot be reached is named with the variable it came from."""
+    for bad in (0, -1, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(retrostore.InvalidInputError, match="timeout_s="):
+            retrostore.connect("http://127.0.0.1:9", timeout_s=bad)
+    for bad in ({"X": "a\nb"}, {"X Y": "a"}, {"X": 1}, [("X", "a")]):
+        with pytest.raises(retrostore.InvalidInputError, match="header"):
+            retrostore.connect("http://127.0.0.1:9", headers=bad)
+    for url in ("http://127.0.0.1:9/?x=1", "http://127.0.0.1:9#top"):
+        with pytest.raises(retrostore.InvalidInputError, match="query or fragment"):
+            retrostore.connect(url)
+    with pytest.raises(retrostore.RetrostoreError) as info:
+        retrostore.connect("http://user:secret@127.0.0.1:9", timeout_s=5)
+    assert "secret" not in str(info.value)
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", "socks5://127.0.0.1:9")
+    with pytest.raises(retrostore.InvalidInputError, match="http_proxy='socks5://127.0.0.1:9'.*no_proxy"):
+        retrostore.connect("http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    with pytest.raises(retrostore.RetrostoreError, match="through the proxy http://127.0.0.1:9 .from http_proxy"):
+        retrostore.connect("http://127.0.0.1:8", timeout_s=5)
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(retrostore.RetrostoreError, match="through the proxy"):
+        retrostore.connect("http://127.0.0.1:8", timeout_s=5)

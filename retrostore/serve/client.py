@@ -137,15 +137,35 @@ class RemoteStore:
         except (urllib3.exceptions.LocationParseError, ValueError) as exc:
             raise InvalidInputError(f"cannot connect to {url!r}: it is not a valid URL ({exc}); give the server's "
                                     "base URL, e.g. 'http://127.0.0.1:8808'") from None
+        if parsed.query is not None or parsed.fragment is not None:
+            raise InvalidInputError(f"url={url!r} has a query or fragment (?..., #...); give the server's base URL, "
+                                    "e.g. 'http://127.0.0.1:8808' (a path prefix such as http://host/retro is fine)")
+        extra = _check_headers(headers)
+        if parsed.auth:  # user:password@host: sent as HTTP basic auth, never shown in messages
+            extra = {**urllib3.util.make_headers(basic_auth=parsed.auth), **extra}
+            self.url = parsed._replace(auth=None).url.rstrip("/")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not 0 < timeout_s < 1e9):
+            raise InvalidInputError(f"timeout_s={timeout_s!r} must be a positive number of seconds (below 1e9), "
+                                    "or None to wait for ever")
         timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         # No retries (as httpx, which this client used before): a request is sent once, its failure
         # is the caller's to retry; redirects are not followed (the API has none). A keep-alive
         # connection the server closed meanwhile is noticed before reuse and replaced.
         retries = False
-        proxy = _proxy_for(parsed.scheme, parsed.host)
+        self._proxy = _proxy_for(parsed.scheme, parsed.host)
         # Up to 64 keep-alive connections (threads) per server; more are opened and closed as needed.
-        common = dict(headers=dict(headers or {}), timeout=timeout, retries=retries, maxsize=64, block=False)
-        self._client = (urllib3.ProxyManager(proxy, **common) if proxy else urllib3.PoolManager(**common))
+        common = dict(headers=extra, timeout=timeout, retries=retries, maxsize=64, block=False)
+        if self._proxy:
+            var, value = self._proxy
+            try:
+                self._client = urllib3.ProxyManager(value, **common)
+            except (urllib3.exceptions.HTTPError, ValueError) as exc:
+                raise InvalidInputError(f"the proxy {var}={value!r} from the environment is not usable ({exc}): fix "
+                                        f"it (e.g. http://proxyhost:3128), or unset it, or add {parsed.host} to "
+                                        "no_proxy") from None
+        else:
+            self._client = urllib3.PoolManager(**common)
         self._closed = False
         self._facts: dict | None = None
         self.version = -1
@@ -182,6 +202,11 @@ class RemoteStore:
             if isinstance(reason, u3.TimeoutError) and not isinstance(reason, u3.NewConnectionError):
                 raise ServerUnavailableError(f"{self.url}{path} did not answer in time ({reason}); the server may "
                                              "be overloaded: retry, or connect with a larger timeout_s") from None
+            if isinstance(reason, u3.ProxyError) and self._proxy:
+                var, value = self._proxy
+                raise ServerUnavailableError(f"cannot reach {self.url} through the proxy {value} (from {var}): "
+                                             f"{reason}; fix the proxy, or add the server's host to no_proxy "
+                                             "(e.g. no_proxy=127.0.0.1,localhost)") from None
             raise ServerUnavailableError(f"cannot reach {self.url} ({type(reason).__name__}: {reason}); is "
                                          "`retrostore serve STORE` running there?") from None
         res = _Response(res)
@@ -505,10 +530,13 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
     Parameters
     ----------
     url : str
-        The server's base URL, e.g. ``"http://127.0.0.1:8808"``.
-    timeout_s : float, default 60.0
-        Seconds to wait for each answer.
-    headers : dict, optional
+        The server's base URL, e.g. ``"http://127.0.0.1:8808"`` (a path prefix is kept;
+        ``user:password@`` is sent as HTTP basic auth and left out of messages; no query
+        or fragment). The environment's ``http_proxy`` / ``https_proxy`` / ``all_proxy``
+        are used unless ``no_proxy`` names the host.
+    timeout_s : float or None, default 60.0
+        Seconds to wait for a connection and for each answer (> 0), or None for ever.
+    headers : dict of str to str, optional
         Extra HTTP headers sent with every request (e.g. for a proxy in front).
 
     Returns
@@ -524,7 +552,8 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
         ``RetrostoreError`` and ``ConnectionError``
         (``retrostore.serve.ServerUnavailableError``).
     InvalidInputError
-        ``url`` is not a valid URL (e.g. ``http://256.0.0.1:8808``).
+        ``url`` is not a valid URL (e.g. ``http://256.0.0.1:8808``), ``timeout_s`` or
+        ``headers`` cannot be used, or the environment's proxy is not a usable URL.
     MissingDependencyError
         urllib3 is not installed (``pip install '.[serve]'``).
     """
@@ -547,10 +576,28 @@ class _Response:
         return json.loads(self.content)
 
 
-def _proxy_for(scheme: str | None, host: str) -> str | None:
-    """The proxy the environment names for this URL (``http_proxy``, ``https_proxy``, ``no_proxy``),
-    as browsers, requests and httpx read them; None for a direct connection."""
-    proxy = urllib.request.getproxies().get((scheme or "http").lower())
+def _proxy_for(scheme: str | None, host: str) -> tuple[str, str] | None:
+    """(variable, proxy URL) the environment names for this URL (``http_proxy``, ``https_proxy``,
+    else ``all_proxy``; ``no_proxy`` host names and suffixes bypass it, not CIDR ranges), as
+    ``urllib.request`` reads them; None for a direct connection."""
+    proxies = urllib.request.getproxies()
+    key = (scheme or "http").lower()
+    key = key if proxies.get(key) else "all"
+    proxy = proxies.get(key)
     if not proxy or urllib.request.proxy_bypass(host):
         return None
-    return proxy
+    return f"{key}_proxy", proxy
+
+
+def _check_headers(headers: Any) -> dict:
+    """``connect(headers=)``: a dict of str names to str values without line breaks."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        raise InvalidInputError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+    for name, value in headers.items():
+        if (not isinstance(name, str) or not isinstance(value, str) or not name.strip()
+                or any(c in name + value for c in "\r\n\0") or any(c in name for c in ": ")):
+            raise InvalidInputError(f"header {name!r}: {value!r} cannot be sent: names and values must be str, "
+                                    "names without spaces or colons, neither with line breaks or NUL")
+    return dict(headers)

@@ -157,7 +157,7 @@ class SegmentSet:
                                and all(is_fast_scan(s.index) for s in mergeable))
 
     # -- the in-memory merge of a read-only handle's segments ---------------------------------
-    def merge_segments(self) -> bool:
+    def merge_segments(self) -> None:
         """Merge the segments into one in-memory index, once; the first search calls it.
 
         A streamed store holds one IVF fast-scan segment per recent commit and one per merged
@@ -174,24 +174,23 @@ class SegmentSet:
         read-only handle of a version therefore searches the same lists in the same order (a
         follower's reused merged index plus its new segments concatenate to the same lists).
         Only read-only handles merge (a writer's commits and compactions need the segments as
-        written); the files on disk never change. Returns whether this call merged.
+        written); the files on disk never change.
         """
         if not self._merge_pending:
-            return False
+            return
         with self._lock.exclusive():
             if not self._merge_pending:
-                return False
+                return
             self._merge_pending = False
             try:
                 shas = self._merge()
             except Exception as exc:  # the segments keep serving; the merge is an optimisation
                 log.warning("merging the index segments in memory failed (%s: %s); searching them one by one",
                             type(exc).__name__, exc)
-                return False
+                return
         if self._on_merged is not None:
             self._on_merged(self, [sha for sha in shas if sha])
         trim_heap()
-        return True
 
     def _merge(self) -> list:
         """Build the merged index and put it in place of the segments (caller holds the lock)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import urllib.request
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -112,6 +111,8 @@ class RemoteStore:
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -> None:
         try:
+            import urllib.request  # (here, not at import time: it costs `import retrostore` ~9 ms)
+
             import urllib3
         except ImportError as exc:  # pragma: no cover - urllib3 is in the serve extra
             raise MissingDependencyError(
@@ -153,7 +154,7 @@ class RemoteStore:
         # is the caller's to retry; redirects are not followed (the API has none). A keep-alive
         # connection the server closed meanwhile is noticed before reuse and replaced.
         retries = False
-        self._proxy = _proxy_for(parsed.scheme, parsed.host)
+        self._proxy = _proxy_for(urllib.request, parsed.scheme, parsed.host)
         # Up to 64 keep-alive connections (threads) per server; more are opened and closed as needed.
         common = dict(headers=extra, timeout=timeout, retries=retries, maxsize=64, block=False)
         if self._proxy:
@@ -209,23 +210,22 @@ class RemoteStore:
                                              "(e.g. no_proxy=127.0.0.1,localhost)") from None
             raise ServerUnavailableError(f"cannot reach {self.url} ({type(reason).__name__}: {reason}); is "
                                          "`retrostore serve STORE` running there?") from None
-        res = _Response(res)
-        if res.status_code >= 400:
+        if res.status >= 400:
             try:
                 payload = res.json()
             except ValueError:
-                payload = res.text
-            raise _error_from(res.status_code, payload)
+                payload = res.data.decode("utf-8", "replace")
+            raise _error_from(res.status, payload)
         if VERSION_HEADER in res.headers:
             self.version = int(res.headers[VERSION_HEADER])
         kind = res.headers.get("content-type", "")
         if accept == NPY_MEDIA and kind.startswith(NPY_MEDIA):
-            return res.content
+            return res.data
         try:
             return res.json()
         except ValueError:
-            raise ServerError(f"{method} {self.url}{path} answered HTTP {res.status_code} with "
-                              f"{kind or 'no content type'} that is not JSON ({res.text[:80]!r}): is this a "
+            raise ServerError(f"{method} {self.url}{path} answered HTTP {res.status} with "
+                              f"{kind or 'no content type'} that is not JSON ({res.data[:80].decode('utf-8', 'replace')!r}): is this a "
                               "retrostore server (`retrostore serve STORE`), and is the URL's path right?") from None
 
     def _store_facts(self) -> dict:
@@ -560,31 +560,15 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
     return RemoteStore(url, timeout_s=timeout_s, headers=headers)
 
 
-class _Response:
-    """What :meth:`RemoteStore._request` reads of a urllib3 response."""
-
-    def __init__(self, res: Any) -> None:
-        self.status_code = int(res.status)
-        self.headers = res.headers  # case-insensitive
-        self.content = res.data
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-
-def _proxy_for(scheme: str | None, host: str) -> tuple[str, str] | None:
+def _proxy_for(request: Any, scheme: str | None, host: str) -> tuple[str, str] | None:
     """(variable, proxy URL) the environment names for this URL (``http_proxy``, ``https_proxy``,
     else ``all_proxy``; ``no_proxy`` host names and suffixes bypass it, not CIDR ranges), as
-    ``urllib.request`` reads them; None for a direct connection."""
-    proxies = urllib.request.getproxies()
+    ``urllib.request`` (``request``) reads them; None for a direct connection."""
+    proxies = request.getproxies()
     key = (scheme or "http").lower()
     key = key if proxies.get(key) else "all"
     proxy = proxies.get(key)
-    if not proxy or urllib.request.proxy_bypass(host):
+    if not proxy or request.proxy_bypass(host):
         return None
     return f"{key}_proxy", proxy
 

@@ -213,19 +213,10 @@ class Head:
         return [merged]
 
     def _empty_index(self, idx: dict):
-        """A function returning the trained empty index of the manifest's ``index`` entry, for the
-        in-memory merge: a clone of the cached template, else the template file read (and
-        checked) then, so that opening never pays for a merge that may not happen."""
-        entry, cached = idx["template"], self._template
-        root = self.root
-
-        def make() -> faiss.Index:
-            if cached is not None and cached[0] == entry["sha256"]:
-                return faiss.clone_index(cached[1])
-            _manifest.safe_path(root, entry["path"], MANIFEST)
-            return load_segment(root, entry).index
-
-        return make
+        """A function returning a clone of the manifest's trained template (:meth:`template`),
+        called by the in-memory merge: opening never reads the template for a merge that may
+        not happen."""
+        return lambda: faiss.clone_index(self.template(idx))
 
     def _forget_merged(self, segset: SegmentSet, shas: list[str]) -> None:
         """After an in-memory merge: the cache drops the merged segments (memory), if still served."""

@@ -14,12 +14,13 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import lmdb
 
@@ -35,6 +36,7 @@ __all__ = [
     "WriterLock",
     "remove_stale_tmp",
     "sha256_cached",
+    "remember_sha256",
     "readonly_media",
     "git_lfs_pointer",
     "lmdb_writes",
@@ -127,6 +129,13 @@ class DurableWriter:
     ----------
     path : path-like
         File to create; it must not exist.
+    feed : callable, optional
+        Also given each piece of the content, in order, where the sha256 is
+        updated (e.g. a block checksum stream).
+    digest_aside : bool, default False
+        Hash (and ``feed``) on a second thread, while this one writes and
+        fsyncs: for large files, where hashing (~1.5 GB/s) and fsync (~0.9 GB/s
+        here) would otherwise add up (614 MB of raw vectors: 1.47 -> ~0.9 s).
 
     Attributes
     ----------
@@ -141,13 +150,35 @@ class DurableWriter:
         From ``open``, ``write`` or ``fsync`` (ENOSPC, EIO, ...).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, feed: Callable[[memoryview], None] | None = None,
+                 digest_aside: bool = False) -> None:
         self.path = os.fspath(path)
         self.size = 0
         self.sha256 = ""
         self._digest = hashlib.sha256()
+        self._feed = feed
         self._pending = bytearray()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._aside: queue.SimpleQueue | None = None
+        self._aside_error: BaseException | None = None
+        if digest_aside:
+            self._aside = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._digest_loop, name="retrostore-digest", daemon=True)
+            self._thread.start()
+
+    def _digest_piece(self, view: memoryview) -> None:
+        self._digest.update(view)
+        if self._feed is not None:
+            self._feed(view)
+
+    def _digest_loop(self) -> None:
+        assert self._aside is not None
+        while (view := self._aside.get()) is not None:
+            if self._aside_error is None:
+                try:
+                    self._digest_piece(view)
+                except BaseException as exc:  # reported by __exit__
+                    self._aside_error = exc
 
     def write(self, part: bytes | memoryview) -> None:
         """Append ``part`` (any bytes-like object)."""
@@ -166,7 +197,10 @@ class DurableWriter:
             self._pending = bytearray()
 
     def _put(self, view: memoryview) -> None:
-        self._digest.update(view)
+        if self._aside is not None:
+            self._aside.put(view)  # a view, not a copy: it keeps its buffer alive until hashed
+        else:
+            self._digest_piece(view)
         while len(view):
             n = _write(self._fd, view[:_BLOCK])
             view = view[n:]
@@ -179,12 +213,21 @@ class DurableWriter:
         try:
             if exc_type is None:
                 self._flush()
+                if self._aside is not None:
+                    self._aside.put(None)  # the digest thread finishes while the file is fsynced
                 _fsync(self._fd)
+                if self._aside is not None:
+                    self._thread.join()
+                    if self._aside_error is not None:
+                        raise self._aside_error
                 self.sha256 = self._digest.hexdigest()
         except BaseException:
             exc_type = OSError
             raise
         finally:
+            if self._aside is not None and self._thread.is_alive():
+                self._aside.put(None)
+                self._thread.join()
             os.close(self._fd)
             if exc_type is not None:
                 try:
@@ -283,16 +326,31 @@ _sha_cache: dict[tuple, str] = {}
 _sha_lock = threading.Lock()
 
 
+def _file_key(path: str | os.PathLike) -> tuple:
+    """A file's identity and version: resolved path, device, inode, size, mtime_ns."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def sha256_cached(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, hashed once per process per file identity and
     version (resolved path, device, inode, size, mtime_ns): for immutable files
     (the pinned model, a store's raw vectors) checked again on every use."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _file_key(path)
     with _sha_lock:
         if key not in _sha_cache:
             _sha_cache[key] = sha256_file(path)[1]
         return _sha_cache[key]
+
+
+def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
+    """Enter the sha256 of a file this process has just written, hashed as its bytes were
+    written (:class:`DurableWriter`), in :func:`sha256_cached`'s cache: a writer merging the
+    raw vectors files it wrote does not read them back to hash them again (0.4 s per
+    800,000 vectors of 384-d float16)."""
+    key = _file_key(path)
+    with _sha_lock:
+        _sha_cache[key] = sha256
 
 
 _IO_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError, NoRawVectorsError
 from .blocksums import BlockChecker, CrcStream, rows_per_block, sums_name, write_sums
-from .fileio import git_lfs_pointer, regular_file, sha256_cached, write_durable
+from .fileio import DurableWriter, git_lfs_pointer, regular_file, remember_sha256, sha256_cached
 
 __all__ = ["write_vectors", "write_store_vectors", "load_vectors", "RawVectors", "keeps_files", "require_raw_vectors"]
 
@@ -97,16 +97,25 @@ def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: 
     np.lib.format.write_array_header_1_0(
         header, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, dim)})
 
-    def chunks():
-        yield header.getvalue()
-        for p in parts:
-            for i in range(0, len(p), 65536):  # bounded memory for large merged files
-                view = memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B")
-                if crc is not None:
-                    crc.feed(view)
-                yield view
+    head = header.getvalue()
+    skip = len(head)
 
-    return write_durable(path, chunks())
+    def feed(view: memoryview) -> None:  # the block checksums cover the rows, not the .npy header
+        nonlocal skip
+        if skip:
+            view, skip = view[skip:], max(0, skip - len(view))
+        if len(view):
+            crc.feed(view)
+
+    # Hashing runs beside the writes and the fsync (digest_aside). Rows are converted 65,536 at a time;
+    # a merge's parts are already in the stored dtype, so its pieces are views of the mapped files.
+    with DurableWriter(path, feed=feed if crc is not None else None, digest_aside=True) as out:
+        out.write(head)
+        for p in parts:
+            for i in range(0, len(p), 65536):
+                out.write(memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B"))
+    remember_sha256(path, out.sha256)  # a merge of this file by this process need not hash it again
+    return out.size, out.sha256
 
 
 def write_store_vectors(root: Path, rel: str, vectors: np.ndarray | list[np.ndarray], dtype: str,

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 _BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
+#: Blocks written but not yet hashed, at most, when a DurableWriter hashes aside (256 MiB).
+_ASIDE_BLOCKS = 256
 
 
 def _write(fd: int, data: memoryview) -> int:
@@ -159,10 +161,10 @@ class DurableWriter:
         self._feed = feed
         self._pending = bytearray()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._aside: queue.SimpleQueue | None = None
+        self._aside: queue.Queue | None = None
         self._aside_error: BaseException | None = None
         if digest_aside:
-            self._aside = queue.SimpleQueue()
+            self._aside = queue.Queue(maxsize=_ASIDE_BLOCKS)
             self._thread = threading.Thread(target=self._digest_loop, name="retrostore-digest", daemon=True)
             self._thread.start()
 
@@ -197,8 +199,9 @@ class DurableWriter:
             self._pending = bytearray()
 
     def _put(self, view: memoryview) -> None:
-        if self._aside is not None:
-            self._aside.put(view)  # a view, not a copy: it keeps its buffer alive until hashed
+        if self._aside is not None:  # views, not copies: the writes run ahead by at most _ASIDE_BLOCKS blocks
+            for at in range(0, len(view), _BLOCK):
+                self._aside.put(view[at : at + _BLOCK])
         else:
             self._digest_piece(view)
         while len(view):
@@ -347,7 +350,10 @@ def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
     """Enter the sha256 of a file this process has just written, hashed as its bytes were
     written (:class:`DurableWriter`), in :func:`sha256_cached`'s cache: a writer merging the
     raw vectors files it wrote does not read them back to hash them again (0.4 s per
-    800,000 vectors of 384-d float16)."""
+    800,000 vectors of 384-d float16). Reading them back would mostly hash the page cache,
+    which holds what was written, not the disk; a later rewrite of the file is a new key
+    (size, mtime), as for :func:`sha256_cached`, except a same-size rewrite within one tick
+    of the file system's clock (a few ms), which neither function can tell apart."""
     key = _file_key(path)
     with _sha_lock:
         _sha_cache[key] = sha256

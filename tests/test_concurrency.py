@@ -225,3 +225,31 @@ def test_store_replaced_while_a_handle_is_open(tmp_path):
     old.close()
     with retrostore.open(p) as st:
         assert st.verify() == [] and [st.get_document(i).text for i in range(4)] == ["new A", "new B", "new C", "x"]
+
+
+_FORK_AND_EXIT = """
+import os, sys
+import retrostore
+st = retrostore.open(sys.argv[1])
+first = st.get_chunks([0, 1])
+assert "onnxruntime" not in sys.modules, "imported by a store that embeds nothing"
+pid = os.fork()
+if pid == 0:  # a worker that reads its own handle and ends as scripts do: sys.exit, not os._exit
+    with retrostore.open(sys.argv[1]) as mine:
+        assert [c.text for c in mine.get_chunks([0, 1])] == [c.text for c in first]
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_reader_exits_normally(built_store):
+    """onnxruntime is imported when an embedder is made, not with retrostore: once imported, a
+    forked child's normal exit hangs in onnxruntime's exit-time destructors (onnxruntime 1.32), so
+    a process forking workers that only read chunks, tokens or vectors never pays that."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_AND_EXIT, str(built_store)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["child", "0"], proc.stderr[-2000:]

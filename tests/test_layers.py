@@ -41,8 +41,10 @@ LAYERS = [
     {"__main__"},  # python -m retrostore
 ]
 #: Optional dependencies a module may import inside the function that needs them.
-#: (urllib: the client's proxy lookup, whose import costs `import retrostore` ~9 ms.)
-LAZY_OK = {"ray", "torch", "retro_pytorch", "uvicorn", "starlette", "httpx", "urllib3", "urllib", "playwright"}
+#: (urllib: the client's proxy lookup, whose import costs `import retrostore` ~9 ms. onnxruntime, a
+#: required dependency: once imported, a forked child that exits normally hangs; see text/embed.py _ort.)
+LAZY_OK = {"ray", "torch", "retro_pytorch", "uvicorn", "starlette", "httpx", "urllib3", "urllib", "playwright",
+           "onnxruntime"}
 #: What the CLI may import from the package: the public API.
 CLI_OK = {"retrostore", "retrostore.errors", "retrostore.build", "retrostore.retro", "retrostore.serve"}
 

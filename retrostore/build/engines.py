@@ -11,8 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from ..errors import InvalidInputError, RetrostoreError
 from ..text.models import default_embedder
 from . import shards as _shards
@@ -42,6 +40,8 @@ def _active(emb) -> list[str]:
 
 def cuda_providers() -> tuple[tuple[str, ...], str | None]:
     """Providers for ``device="cuda"`` in this process, and why it falls back to CPU (or None)."""
+    import onnxruntime as ort  # lazily, as retrostore.text.embed does (fork safety)
+
     if _CUDA not in ort.get_available_providers():
         return (_CPU,), (f"--device cuda: onnxruntime {ort.__version__} here has no {_CUDA} (available: "
                          f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu matching your "

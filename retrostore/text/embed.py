@@ -13,7 +13,6 @@ import weakref
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError
@@ -48,6 +47,18 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``n`` texts into a C-contiguous float32 array of shape ``(n, dim)``."""
         ...
+
+
+def _ort() -> Any:
+    """onnxruntime, imported when the first embedder is made, not with ``retrostore``: once it is
+    imported, a forked child that exits normally (``sys.exit``, the end of its script) hangs in
+    onnxruntime's exit-time destructors (onnxruntime 1.32: ``import onnxruntime; os.fork()``, the
+    child's ``sys.exit(0)`` never returns; ``os._exit``, which ``multiprocessing`` uses, is fine).
+    A process that forks workers which only read stores (neighbour tokens, chunks, vectors) never
+    needs it."""
+    import onnxruntime
+
+    return onnxruntime
 
 
 #: Embedders with an onnxruntime session, for the fork handler below.
@@ -220,6 +231,7 @@ class OnnxEmbedder:
                                 if i is not None), 0))
 
     def _open_session(self) -> None:
+        ort = _ort()
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
         # Idle intra-op threads sleep instead of spinning unless spin=True: on a shared machine a
@@ -252,7 +264,7 @@ class OnnxEmbedder:
     def _probe_dim(self) -> int:
         """Run one sequence of ``max_tokens`` ids to check the length and read dim."""
         ids = np.full((1, self.max_tokens), self.cls_id, dtype=np.int64)
-        opts = ort.RunOptions()
+        opts = _ort().RunOptions()
         opts.log_severity_level = 4  # a failure is raised below; don't also log it
         try:
             h = self._run(ids, np.ones_like(ids), opts)

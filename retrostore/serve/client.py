@@ -533,7 +533,8 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
         The server's base URL, e.g. ``"http://127.0.0.1:8808"`` (a path prefix is kept;
         ``user:password@`` is sent as HTTP basic auth and left out of messages; no query
         or fragment). The environment's ``http_proxy`` / ``https_proxy`` / ``all_proxy``
-        are used unless ``no_proxy`` names the host.
+        are used unless ``no_proxy`` names the host or holds a CIDR range with its
+        address (``no_proxy=127.0.0.0/8``).
     timeout_s : float or None, default 60.0
         Seconds to wait for a connection and for each answer (> 0), or None for ever.
     headers : dict of str to str, optional
@@ -562,15 +563,34 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
 
 def _proxy_for(request: Any, scheme: str | None, host: str) -> tuple[str, str] | None:
     """(variable, proxy URL) the environment names for this URL (``http_proxy``, ``https_proxy``,
-    else ``all_proxy``; ``no_proxy`` host names and suffixes bypass it, not CIDR ranges), as
-    ``urllib.request`` (``request``) reads them; None for a direct connection."""
+    else ``all_proxy``), as ``urllib.request`` (``request``) reads them; None for a direct
+    connection: ``no_proxy`` names the host (a name, a domain suffix, ``*``), or, as ``requests``
+    and curl read it, holds a CIDR range with the host's address (``127.0.0.0/8``)."""
     proxies = request.getproxies()
     key = (scheme or "http").lower()
     key = key if proxies.get(key) else "all"
     proxy = proxies.get(key)
-    if not proxy or request.proxy_bypass(host):
+    if not proxy or request.proxy_bypass(host) or _in_no_proxy_range(host):
         return None
     return f"{key}_proxy", proxy
+
+
+def _in_no_proxy_range(host: str) -> bool:
+    """Whether ``host`` is an IP address inside a CIDR range of ``no_proxy`` / ``NO_PROXY``."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    for entry in (os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or "").split(","):
+        entry = entry.strip()
+        if "/" not in entry:
+            continue
+        try:
+            if addr in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:  # not a range: urllib.request's own rules have had their say
+            continue
+    return False
 
 
 def _check_headers(headers: Any) -> dict:

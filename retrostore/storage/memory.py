@@ -21,12 +21,16 @@ _libc = None
 
 
 def _c() -> ctypes.CDLL | None:
+    """The C library, loaded once (None where it cannot be), with ``madvise``'s argument types set."""
     global _libc
     if _libc is None:
         try:
             _libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
             _libc = False
+        else:
+            if hasattr(_libc, "madvise"):
+                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return _libc or None
 
 
@@ -53,7 +57,6 @@ def huge_pages(array: np.ndarray) -> bool:
     end = (addr + array.nbytes) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if libc.madvise(ctypes.c_void_p(start), end - start, MADV_HUGEPAGE) != 0:
         return False
     return libc.madvise(ctypes.c_void_p(start), end - start, MADV_COLLAPSE) == 0

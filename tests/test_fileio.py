@@ -16,7 +16,7 @@ import pytest
 from retrostore.errors import CorruptStoreError
 from retrostore.storage import fileio
 from retrostore.storage.blocksums import CrcStream
-from retrostore.storage.fileio import DurableWriter, remember_sha256, sha256_cached
+from retrostore.storage.fileio import DurableWriter, sha256_cached
 from retrostore.storage.vectors import load_vectors, write_store_vectors
 
 
@@ -74,7 +74,24 @@ def test_an_error_in_the_feed_is_raised_and_removes_the_file(tmp_path):
     assert not (tmp_path / "f").exists() and not _digest_threads()
 
 
-def test_raw_vectors_checksums_cover_the_rows_and_are_remembered(tmp_path):
+def test_an_interrupted_start_of_the_digest_thread_leaves_nothing(tmp_path, monkeypatch):
+    """The thread starts inside the with block (helper-11: a Ctrl-C in Thread.start() within
+    __init__ left the file, its descriptor and a thread waiting for ever)."""
+    real = threading.Thread.start
+
+    def start(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        with DurableWriter(tmp_path / "f", digest_aside=True) as out:
+            out.write(b"x" * (3 << 20))
+    monkeypatch.undo()
+    assert not (tmp_path / "f").exists() and not _digest_threads()
+
+
+def test_raw_vectors_checksums_cover_the_rows(tmp_path):
     rng = np.random.default_rng(2)
     a = rng.standard_normal((70_001, 48)).astype(np.float32)  # two conversion chunks of 65,536 rows
     fields = write_store_vectors(tmp_path, "v.npy", a, "float16", [])
@@ -88,16 +105,62 @@ def test_raw_vectors_checksums_cover_the_rows_and_are_remembered(tmp_path):
     sums = np.load(tmp_path / fields["sums"]["path"])
     np.testing.assert_array_equal(sums, crc.finish())  # blocks of rows only, not the .npy header
     assert int(sums[0]) == zlib.crc32(rows[: rpb * 48 * 2])
-    entry = {**fields, "count": len(a)}
-    assert sha256_cached(tmp_path / "v.npy") == fields["sha256"]  # remembered: not hashed again
-    np.testing.assert_array_equal(load_vectors(tmp_path, entry, verify=True), a.astype(np.float16))
-    # a file rewritten later is a new version of it (its mtime moves on): hashed again, and refused
-    raw = bytearray(data)
-    raw[-7] ^= 0x10
-    (tmp_path / "v.npy").write_bytes(bytes(raw))
-    st = os.stat(tmp_path / "v.npy")
-    os.utime(tmp_path / "v.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # not within one clock tick
-    with pytest.raises(CorruptStoreError, match="checksum mismatch"):
-        load_vectors(tmp_path, entry, verify=True)
-    remember_sha256(tmp_path / "v.npy", "0" * 64)
-    assert sha256_cached(tmp_path / "v.npy") == "0" * 64  # what the writer says it wrote is believed
+
+
+def test_a_merge_checks_its_sources_as_it_copies_them(tmp_path):
+    """A merge of vectors files checks each source's sha256 over the bytes it copies (beside its own
+    hashing), so a source damaged where its size and mtime stayed (bit rot, an in-place rewrite with
+    the mtime put back: helper-11) is refused instead of copied under a fresh checksum."""
+    rng = np.random.default_rng(3)
+    entries, parts = [], []
+    for i, n in enumerate((1000, 1, 70_000, 0, 333)):
+        a = rng.standard_normal((n, 32)).astype(np.float32)
+        entries.append({**write_store_vectors(tmp_path, f"v{i}.npy", a, "float16", []), "count": n})
+        parts.append(a.astype(np.float16))
+    loaded = [load_vectors(tmp_path, e) for e in entries]
+    fields = write_store_vectors(tmp_path, "m.npy", loaded, "float16", [], sources=entries)
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.concatenate(parts))
+    assert fields["sha256"] == sha256_cached(tmp_path / "m.npy")
+    victim = tmp_path / entries[2]["path"]
+    st = os.stat(victim)
+    with open(victim, "r+b") as fh:  # one byte of a row, in place; then the mtime put back
+        fh.seek(st.st_size - 1000)
+        byte = fh.read(1)
+        fh.seek(st.st_size - 1000)
+        fh.write(bytes([byte[0] ^ 0x20]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    loaded = [load_vectors(tmp_path, e) for e in entries]
+    with pytest.raises(CorruptStoreError, match=r"v2\.npy: vectors file checksum mismatch.*nothing was merged"):
+        write_store_vectors(tmp_path, "m2.npy", loaded, "float16", [], sources=entries)
+
+
+def test_a_tier_merge_refuses_a_damaged_vectors_file_with_its_mtime_kept(tmp_path):
+    """The store-level case: the 8th commit merges the raw vectors files of 8 segments; one of them
+    was damaged in place with its mtime put back after this very process wrote it. The commit fails
+    naming the file, the committed version stays as it was, and verify reports the damage."""
+    import retrostore
+    from test_index import FakeEmbedder, _fill
+
+    rng = np.random.default_rng(4)
+    st = retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="HNSW32")
+    for i in range(7):
+        _fill(st, rng, 300, start=300 * i)
+        st.commit()
+    files = st.manifest["vectors"]["files"]
+    assert len(files) == 7
+    victim = tmp_path / "s" / files[3]["path"]
+    stat = os.stat(victim)
+    with open(victim, "r+b") as fh:
+        fh.seek(stat.st_size - 5)
+        byte = fh.read(1)
+        fh.seek(stat.st_size - 5)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    version = st.version
+    _fill(st, rng, 300, start=2100)
+    with pytest.raises(retrostore.RetrostoreError, match="checksum mismatch"):
+        st.commit()
+    st.close()
+    with retrostore.open(tmp_path / "s") as again:
+        assert again.version == version
+        assert any("checksum" in p for p in again.verify())

@@ -831,29 +831,47 @@ def test_compact_of_a_fast_scan_store_never_aborts(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
 
 
-_BLAS_PROBE = """
-import faiss
-shipped = faiss.cvar.distance_compute_blas_threshold
-if len(__import__("sys").argv) > 1:
-    faiss.cvar.distance_compute_blas_threshold = 500  # the user's own choice
-import retrostore
-from retrostore.index.search import BLAS_THRESHOLD
-print(shipped, faiss.cvar.distance_compute_blas_threshold, BLAS_THRESHOLD)
-"""
-
-
-def test_small_batches_take_blas_and_a_users_threshold_is_kept():
+def test_batches_of_an_ip_store_take_blas_and_faiss_settings_are_restored(tmp_path, rng, monkeypatch):
     """FAISS 1.15 ships distance_compute_blas_threshold = 128,000 (queries x dim): batches under 333
     queries of 384-d scanned every vector once per query, 3-8x slower than BLAS on 2 cores
-    (benchmarks/flat_batch.py). Importing retrostore lowers that shipped value, never a user's own."""
+    (benchmarks/flat_batch.py). A store lowers it while it searches a batch of an inner-product
+    index, and restores it after; never for L2 (BLAS's |x|^2 + |y|^2 - 2xy loses precision on large
+    norms), never a user's own value, and importing retrostore changes nothing."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _BLAS_PROBE], capture_output=True, text=True, timeout=120)
-    shipped, now, ours = map(int, out.stdout.split())
-    assert now == (ours if shipped == 128_000 else shipped)
-    out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, "user"], capture_output=True, text=True, timeout=120)
-    assert int(out.stdout.split()[1]) == 500
+    import retrostore.index.search as S
+
+    probe = "import faiss; a = faiss.cvar.distance_compute_blas_threshold; import retrostore; " \
+            "print(a, faiss.cvar.distance_compute_blas_threshold)"
+    before, after = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                   timeout=120).stdout.split()
+    assert before == after
+    if faiss.cvar.distance_compute_blas_threshold != 128_000:
+        pytest.skip("this FAISS does not ship 128,000")
+    seen = []
+    real = S._segment_search
+
+    def spy(*args):
+        seen.append(faiss.cvar.distance_compute_blas_threshold)
+        return real(*args)
+
+    monkeypatch.setattr(S, "_segment_search", spy)
+    for metric in ("ip", "l2"):
+        with retrostore.create(tmp_path / metric, embedder=FakeEmbedder(), index="Flat", metric=metric) as st:
+            _fill(st, rng, 500)
+            st.commit()
+            q = _vectors(rng, 64)
+            for batch, lowered in ((q, metric == "ip"), (q[:1], False), (q[:8], False)):  # 8 x 64 < 2,304
+                seen.clear()
+                st.search_vectors(batch, 5)
+                assert seen == [S.BLAS_THRESHOLD if lowered else 128_000], (metric, len(batch), seen)
+                assert faiss.cvar.distance_compute_blas_threshold == 128_000
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 500)  # the user's own choice
+    with retrostore.open(tmp_path / "ip") as st:
+        seen.clear()
+        st.search_vectors(q, 5)
+    assert seen == [500] and faiss.cvar.distance_compute_blas_threshold == 500
 
 
 def test_a_batch_finds_what_single_queries_find(tmp_path, rng):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -43,14 +44,42 @@ HNSW_DEFAULT_EF = 16
 #: scans every vector on its own. FAISS 1.15 ships 128,000 (333 queries of 384-d), which on a 2-core
 #: machine made batches of 8-256 queries several times slower than the product: 56,400 x 384-d
 #: vectors, 32 queries, 2.81 against 0.46 ms per query; a 2,048-centroid quantizer, 256 queries, 37
-#: against 13 us (benchmarks/flat_batch.py, docs/benchmarks.md "flat-batch"). The store sets
-#: :data:`BLAS_THRESHOLD` (batches of >= 6 queries of 384-d, >= 3 of 768-d) when it finds FAISS's
-#: shipped value; a value the user set, or an older FAISS's 20 that counted queries only, is left
-#: alone. Cost: a quantizer's batch of 8 queries, 0.04 -> 0.05 ms per query (from 16, 1.5-3x faster).
+#: against 13 us (benchmarks/flat_batch.py, docs/benchmarks.md "flat-batch"). While a store searches
+#: a batch of an inner-product index, the threshold is :data:`BLAS_THRESHOLD` (batches of >= 6
+#: queries of 384-d, >= 3 of 768-d), when it finds FAISS's shipped value (a value the user set, or an
+#: older FAISS's 20 that counted queries only, is left alone), and restored after. Inner product
+#: only: the product computes L2 as |x|^2 + |y|^2 - 2xy, which loses precision on vectors of large
+#: norm (helper-11: norms ~800, a batch's neighbours differed from single queries' in 38 of 64
+#: rows), and a served L2 store's answers would depend on the requests batched with it. Cost: a
+#: quantizer's batch of 8 queries, 0.04 -> 0.05 ms per query (from 16, 1.5-3x faster).
 BLAS_THRESHOLD = 2304
 _FAISS_BLAS_THRESHOLD = 128_000
-if getattr(faiss.cvar, "distance_compute_blas_threshold", None) == _FAISS_BLAS_THRESHOLD:
-    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_restore: int | None = None
+
+
+def _lower_blas_threshold() -> None:
+    """Enter a batch search that wants :data:`BLAS_THRESHOLD` (nested and concurrent searches
+    count: the first sets it, the last out restores FAISS's value)."""
+    global _blas_users, _blas_restore
+    with _blas_lock:
+        if _blas_users == 0:
+            now = faiss.cvar.distance_compute_blas_threshold
+            _blas_restore = now if now == _FAISS_BLAS_THRESHOLD else None
+            if _blas_restore is not None:
+                faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+        _blas_users += 1
+
+
+def _restore_blas_threshold() -> None:
+    global _blas_users, _blas_restore
+    with _blas_lock:
+        _blas_users -= 1
+        if _blas_users == 0 and _blas_restore is not None:
+            faiss.cvar.distance_compute_blas_threshold = _blas_restore
+            _blas_restore = None
+
 
 #: Coarse quantizers shared between segments, by content (nlist, dim, digest of the centroids).
 _SHARED_QUANTIZERS: dict[tuple, Any] = {}
@@ -283,6 +312,9 @@ class SegmentSet:
                 eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
         restore = 0 if self._all_graphs else _one_thread(len(queries))
+        blas = self.metric == "ip" and BLAS_THRESHOLD <= len(queries) * self.dim < _FAISS_BLAS_THRESHOLD
+        if blas:
+            _lower_blas_threshold()
         try:
             if not changes:
                 self._lock.acquire_shared()
@@ -305,6 +337,8 @@ class SegmentSet:
         finally:
             if restore:
                 faiss.omp_set_num_threads(restore)
+            if blas:
+                _restore_blas_threshold()
         if D.shape[1] < k:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]

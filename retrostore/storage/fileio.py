@@ -36,7 +36,6 @@ __all__ = [
     "WriterLock",
     "remove_stale_tmp",
     "sha256_cached",
-    "remember_sha256",
     "readonly_media",
     "git_lfs_pointer",
     "lmdb_writes",
@@ -44,7 +43,8 @@ __all__ = [
 ]
 
 _BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
-#: Blocks written but not yet hashed, at most, when a DurableWriter hashes aside (256 MiB).
+#: Blocks written but not yet hashed, at most, when a DurableWriter hashes aside (256 MiB; a
+#: block's buffer can be larger, as a block is a view of what was written).
 _ASIDE_BLOCKS = 256
 
 
@@ -160,13 +160,18 @@ class DurableWriter:
         self._digest = hashlib.sha256()
         self._feed = feed
         self._pending = bytearray()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._aside: queue.Queue | None = None
+        # The digest thread starts with the first block, inside the ``with`` block, so that
+        # __exit__ always stops it. No pure-Python lock between the threads (a Ctrl-C inside
+        # queue.Queue's lock left it held, and the cleanup's put() waited for ever): a C
+        # SimpleQueue, and byte counters each written by one thread for the bound.
+        self._aside = digest_aside
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._queued = 0  # bytes handed to the digest thread (written by this thread)
+        self._hashed = 0  # bytes it is done with (written by the digest thread)
+        self._drop = False  # the write failed: the digest thread skips what is left
         self._aside_error: BaseException | None = None
-        if digest_aside:
-            self._aside = queue.Queue(maxsize=_ASIDE_BLOCKS)
-            self._thread = threading.Thread(target=self._digest_loop, name="retrostore-digest", daemon=True)
-            self._thread.start()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _digest_piece(self, view: memoryview) -> None:
         self._digest.update(view)
@@ -174,13 +179,36 @@ class DurableWriter:
             self._feed(view)
 
     def _digest_loop(self) -> None:
-        assert self._aside is not None
-        while (view := self._aside.get()) is not None:
-            if self._aside_error is None:
+        assert self._queue is not None
+        while (view := self._queue.get()) is not None:
+            if self._aside_error is None and not self._drop:
                 try:
                     self._digest_piece(view)
                 except BaseException as exc:  # reported by __exit__
                     self._aside_error = exc
+            self._hashed += len(view)
+
+    def _hand_aside(self, view: memoryview) -> None:
+        """Queue ``view`` for the digest thread, in blocks; wait while it is more than
+        :data:`_ASIDE_BLOCKS` blocks behind (views, not copies: they hold their buffers)."""
+        if self._thread is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._digest_loop, name="retrostore-digest", daemon=True)
+            self._thread.start()
+        assert self._queue is not None
+        for at in range(0, len(view), _BLOCK):
+            piece = view[at : at + _BLOCK]
+            while self._queued - self._hashed > _ASIDE_BLOCKS * _BLOCK and self._thread.is_alive():
+                time.sleep(0.0005)
+            self._queue.put(piece)
+            self._queued += len(piece)
+
+    def _stop_digest(self, drop: bool) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._drop = self._drop or drop
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
 
     def write(self, part: bytes | memoryview) -> None:
         """Append ``part`` (any bytes-like object)."""
@@ -199,9 +227,8 @@ class DurableWriter:
             self._pending = bytearray()
 
     def _put(self, view: memoryview) -> None:
-        if self._aside is not None:  # views, not copies: the writes run ahead by at most _ASIDE_BLOCKS blocks
-            for at in range(0, len(view), _BLOCK):
-                self._aside.put(view[at : at + _BLOCK])
+        if self._aside:
+            self._hand_aside(view)
         else:
             self._digest_piece(view)
         while len(view):
@@ -216,10 +243,10 @@ class DurableWriter:
         try:
             if exc_type is None:
                 self._flush()
-                if self._aside is not None:
-                    self._aside.put(None)  # the digest thread finishes while the file is fsynced
+                if self._queue is not None:
+                    self._queue.put(None)  # the digest thread finishes while the file is fsynced
                 _fsync(self._fd)
-                if self._aside is not None:
+                if self._thread is not None:
                     self._thread.join()
                     if self._aside_error is not None:
                         raise self._aside_error
@@ -228,9 +255,7 @@ class DurableWriter:
             exc_type = OSError
             raise
         finally:
-            if self._aside is not None and self._thread.is_alive():
-                self._aside.put(None)
-                self._thread.join()
+            self._stop_digest(drop=exc_type is not None)
             os.close(self._fd)
             if exc_type is not None:
                 try:
@@ -329,34 +354,16 @@ _sha_cache: dict[tuple, str] = {}
 _sha_lock = threading.Lock()
 
 
-def _file_key(path: str | os.PathLike) -> tuple:
-    """A file's identity and version: resolved path, device, inode, size, mtime_ns."""
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def sha256_cached(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, hashed once per process per file identity and
     version (resolved path, device, inode, size, mtime_ns): for immutable files
     (the pinned model, a store's raw vectors) checked again on every use."""
-    key = _file_key(path)
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     with _sha_lock:
         if key not in _sha_cache:
             _sha_cache[key] = sha256_file(path)[1]
         return _sha_cache[key]
-
-
-def remember_sha256(path: str | os.PathLike, sha256: str) -> None:
-    """Enter the sha256 of a file this process has just written, hashed as its bytes were
-    written (:class:`DurableWriter`), in :func:`sha256_cached`'s cache: a writer merging the
-    raw vectors files it wrote does not read them back to hash them again (0.4 s per
-    800,000 vectors of 384-d float16). Reading them back would mostly hash the page cache,
-    which holds what was written, not the disk; a later rewrite of the file is a new key
-    (size, mtime), as for :func:`sha256_cached`, except a same-size rewrite within one tick
-    of the file system's clock (a few ms), which neither function can tell apart."""
-    key = _file_key(path)
-    with _sha_lock:
-        _sha_cache[key] = sha256
 
 
 _IO_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError, NoRawVectorsError
 from .blocksums import BlockChecker, CrcStream, rows_per_block, sums_name, write_sums
-from .fileio import DurableWriter, git_lfs_pointer, regular_file, remember_sha256, sha256_cached
+from .fileio import DurableWriter, git_lfs_pointer, regular_file, sha256_cached
 
 __all__ = ["write_vectors", "write_store_vectors", "load_vectors", "RawVectors", "keeps_files", "require_raw_vectors"]
 
@@ -88,7 +88,43 @@ def write_vectors(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str
     return _write(path, vectors, dtype, None)
 
 
-def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: CrcStream | None) -> tuple[int, str]:
+class _SourceDigests:
+    """sha256 of each source file of a merged vectors file, from the file's own ``.npy`` header and
+    the rows written from it: a merge checks exactly the bytes it copies, beside its own hashing,
+    instead of reading every source again first (0.45 s per 800,000 vectors of 384-d float16)."""
+
+    def __init__(self, root: Path, entries: list[dict], parts: list[np.ndarray]) -> None:
+        self.entries = entries
+        self.hashers, ends, end = [], [], 0
+        for e, p in zip(entries, parts):
+            rows = p.nbytes
+            with open(root / e["path"], "rb") as fh:
+                self.hashers.append(hashlib.sha256(fh.read(int(e["size"]) - rows)))  # its header
+            end += rows
+            ends.append(end)
+        self.ends, self.pos, self.part = ends, 0, 0
+
+    def feed(self, view: memoryview) -> None:
+        """The next rows written (any piece sizes, in order)."""
+        while len(view):
+            while self.pos >= self.ends[self.part]:
+                self.part += 1
+            take = min(len(view), self.ends[self.part] - self.pos)
+            self.hashers[self.part].update(view[:take])
+            self.pos += take
+            view = view[take:]
+
+    def check(self) -> None:
+        """Raise CorruptStoreError naming the first source whose bytes differ from its manifest sha256."""
+        for e, h in zip(self.entries, self.hashers):
+            if h.hexdigest() != e["sha256"]:
+                raise CorruptStoreError(
+                    f"{e['path']}: vectors file checksum mismatch (manifest {e['sha256'][:16]}..., file "
+                    f"{h.hexdigest()[:16]}...); it is damaged, and nothing was merged from it")
+
+
+def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: CrcStream | None,
+           sources: _SourceDigests | None = None) -> tuple[int, str]:
     parts = vectors if isinstance(vectors, list) else [vectors]
     dt = np.dtype(dtype)
     dim = parts[0].shape[1]
@@ -96,34 +132,46 @@ def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: 
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": (n, dim)})
-
     head = header.getvalue()
     skip = len(head)
 
-    def feed(view: memoryview) -> None:  # the block checksums cover the rows, not the .npy header
+    def feed(view: memoryview) -> None:  # the block checksums and the sources' digests cover the rows
         nonlocal skip
         if skip:
             view, skip = view[skip:], max(0, skip - len(view))
         if len(view):
-            crc.feed(view)
+            if crc is not None:
+                crc.feed(view)
+            if sources is not None:
+                sources.feed(view)
 
     # Hashing runs beside the writes and the fsync (digest_aside). Rows are converted 65,536 at a time;
     # a merge's parts are already in the stored dtype, so its pieces are views of the mapped files.
-    with DurableWriter(path, feed=feed if crc is not None else None, digest_aside=True) as out:
+    with DurableWriter(path, feed=feed if crc is not None or sources is not None else None,
+                       digest_aside=True) as out:
         out.write(head)
         for p in parts:
             for i in range(0, len(p), 65536):
                 out.write(memoryview(np.ascontiguousarray(p[i : i + 65536], dtype=dt)).cast("B"))
-    remember_sha256(path, out.sha256)  # a merge of this file by this process need not hash it again
+    if sources is not None:
+        sources.check()
     return out.size, out.sha256
 
 
 def write_store_vectors(root: Path, rel: str, vectors: np.ndarray | list[np.ndarray], dtype: str,
-                        new_files: list) -> dict:
+                        new_files: list, *, sources: list[dict] | None = None) -> dict:
     """Write a store's raw vectors file ``rel`` and its block checksums (:mod:`.blocksums`).
 
     Both paths go to ``new_files`` before anything is written (a failed
     commit removes them).
+
+    Parameters
+    ----------
+    sources : list of dict, optional
+        For a merge: the manifest entries of the vectors files whose rows ``vectors``
+        are, one per part, in the stored dtype (:func:`load_vectors` without
+        ``verify``). Each file's sha256 is checked over its header and the rows as
+        they are written, beside the write.
 
     Returns
     -------
@@ -135,6 +183,9 @@ def write_store_vectors(root: Path, rel: str, vectors: np.ndarray | list[np.ndar
     ------
     OSError
         From a write or fsync.
+    CorruptStoreError
+        A source file's bytes differ from its manifest sha256 (the file written
+        is left for the caller's ``new_files`` clean-up).
     """
     parts = vectors if isinstance(vectors, list) else [vectors]
     rpb = rows_per_block(parts[0].shape[1] * np.dtype(dtype).itemsize)
@@ -142,8 +193,10 @@ def write_store_vectors(root: Path, rel: str, vectors: np.ndarray | list[np.ndar
     for p in (path, root / sums_rel):
         p.unlink(missing_ok=True)  # left by a failed attempt at this same version: never referenced
         new_files.append(p)
+    if sources is not None and (len(sources) != len(parts) or any(p.dtype != np.dtype(dtype) for p in parts)):
+        raise ValueError("sources name one file per part, each part in the stored dtype")
     crc = CrcStream(rpb * parts[0].shape[1] * np.dtype(dtype).itemsize)
-    size, sha = _write(path, parts, dtype, crc)
+    size, sha = _write(path, parts, dtype, crc, _SourceDigests(root, sources, parts) if sources else None)
     s_size, s_sha = write_sums(root / sums_rel, crc.finish())
     return {"path": rel, "size": size, "sha256": sha,
             "sums": {"path": sums_rel, "size": s_size, "sha256": s_sha, "rows_per_block": rpb}}

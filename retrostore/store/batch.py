@@ -72,8 +72,9 @@ def _align_vectors_files(c: Commit) -> None:
     if len(tail) < 2:
         return
     c.stage = "merging vectors files"
-    parts = [load_vectors(c.root, e, verify=True) for e in tail]
-    fields = write_store_vectors(c.root, vectors_name(c.tag + "m"), parts, c.new["vectors"]["dtype"], c.new_files)
+    parts = [load_vectors(c.root, e) for e in tail]  # each file's sha256 is checked as its rows are copied
+    fields = write_store_vectors(c.root, vectors_name(c.tag + "m"), parts, c.new["vectors"]["dtype"], c.new_files,
+                                 sources=tail)
     count = sum(e["count"] for e in tail)
     c.new["vectors"]["files"] = [e for e in files if e["first_id"] < start] + [
         {**fields, "first_id": start, "count": count}]

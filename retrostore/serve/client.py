@@ -111,8 +111,6 @@ class RemoteStore:
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -> None:
         try:
-            import urllib.request  # (here, not at import time: it costs `import retrostore` ~9 ms)
-
             import urllib3
         except ImportError as exc:  # pragma: no cover - urllib3 is in the serve extra
             raise MissingDependencyError(
@@ -154,7 +152,7 @@ class RemoteStore:
         # is the caller's to retry; redirects are not followed (the API has none). A keep-alive
         # connection the server closed meanwhile is noticed before reuse and replaced.
         retries = False
-        self._proxy = _proxy_for(urllib.request, parsed.scheme, parsed.host)
+        self._proxy = _proxy_for(parsed.scheme, parsed.host)
         # Up to 64 keep-alive connections (threads) per server; more are opened and closed as needed.
         common = dict(headers=extra, timeout=timeout, retries=retries, maxsize=64, block=False)
         if self._proxy:
@@ -561,27 +559,29 @@ def connect(url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -
     return RemoteStore(url, timeout_s=timeout_s, headers=headers)
 
 
-def _proxy_for(request: Any, scheme: str | None, host: str) -> tuple[str, str] | None:
+def _proxy_for(scheme: str | None, host: str) -> tuple[str, str] | None:
     """(variable, proxy URL) the environment names for this URL (``http_proxy``, ``https_proxy``,
-    else ``all_proxy``), as ``urllib.request`` (``request``) reads them; None for a direct
+    else ``all_proxy``), as ``urllib.request.getproxies`` reads them; None for a direct
     connection: ``no_proxy`` names the host (a name, a domain suffix, ``*``), or, as ``requests``
     and curl read it, holds a CIDR range with the host's address (``127.0.0.0/8``)."""
-    proxies = request.getproxies()
+    import urllib.request  # (here, not at import time: it costs `import retrostore` ~9 ms)
+
+    proxies = urllib.request.getproxies()
     key = (scheme or "http").lower()
     key = key if proxies.get(key) else "all"
     proxy = proxies.get(key)
-    if not proxy or request.proxy_bypass(host) or _in_no_proxy_range(host):
+    if not proxy or urllib.request.proxy_bypass(host) or _in_ranges(host, proxies.get("no", "")):
         return None
     return f"{key}_proxy", proxy
 
 
-def _in_no_proxy_range(host: str) -> bool:
-    """Whether ``host`` is an IP address inside a CIDR range of ``no_proxy`` / ``NO_PROXY``."""
+def _in_ranges(host: str, no_proxy: str) -> bool:
+    """Whether ``host`` is an IP address inside a CIDR range of the ``no_proxy`` list."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
-    for entry in (os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or "").split(","):
+    for entry in no_proxy.split(","):
         entry = entry.strip()
         if "/" not in entry:
             continue

@@ -164,3 +164,15 @@ def test_a_tier_merge_refuses_a_damaged_vectors_file_with_its_mtime_kept(tmp_pat
     with retrostore.open(tmp_path / "s") as again:
         assert again.version == version
         assert any("checksum" in p for p in again.verify())
+
+
+def test_a_small_file_is_hashed_without_a_thread(tmp_path, monkeypatch):
+    """Less than one block (a small commit's vectors): hashed inline, no thread started."""
+    def no_thread(self):
+        raise AssertionError("a digest thread was started for a small file")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with DurableWriter(tmp_path / "f", digest_aside=True) as out:
+        out.write(b"a" * 1000)
+        out.write(b"b" * 5000)
+    assert out.sha256 == hashlib.sha256(b"a" * 1000 + b"b" * 5000).hexdigest()

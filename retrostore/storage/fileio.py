@@ -160,7 +160,7 @@ class DurableWriter:
         self._digest = hashlib.sha256()
         self._feed = feed
         self._pending = bytearray()
-        # The digest thread starts with the first block, inside the ``with`` block, so that
+        # The digest thread starts with the first full block, inside the ``with`` block, so that
         # __exit__ always stops it. No pure-Python lock between the threads (a Ctrl-C inside
         # queue.Queue's lock left it held, and the cleanup's put() waited for ever): a C
         # SimpleQueue, and byte counters each written by one thread for the bound.
@@ -227,7 +227,8 @@ class DurableWriter:
             self._pending = bytearray()
 
     def _put(self, view: memoryview) -> None:
-        if self._aside:
+        # A file of less than one block is hashed here: a thread would cost more than it saves.
+        if self._aside and (self._thread is not None or len(view) >= _BLOCK):
             self._hand_aside(view)
         else:
             self._digest_piece(view)

@@ -6,7 +6,9 @@ merge of the vectors files under the newest segment into one.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
+import faiss
 import numpy as np
 
 from ..storage.layout import vectors_name
@@ -18,14 +20,17 @@ from .indexer import commit_index
 __all__ = ["write_batch_files"]
 
 
-def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list) -> None:
+def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list,
+                      encoded: Callable[[], faiss.Index | None] | None = None) -> None:
     """Write the batch's raw vectors file and its index segment into ``c.new``.
 
     The raw vectors file is written in a second thread while this one
     builds and writes the batch's index segment: both are mostly numpy,
     hashlib, write(2) and FAISS calls that release the GIL. Anything that
     may read raw vectors files (tier merges, training) waits for it through
-    ``vectors_ready()``. ``codes``: the batch's parts encoded by a sharded build, or None each.
+    ``vectors_ready()``. ``codes``: the batch's parts encoded by a sharded build, or None each;
+    ``encoded()``: the batch's segment encoded while it was appended (:mod:`.encoding`), once
+    the encoder's thread is done, or None.
     """
     m = c.base.manifest
     keep = keeps_files(m)
@@ -49,7 +54,7 @@ def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombs
 
     try:
         c.stage = "building the index segment"
-        commit_index(c, vectors, first_id, tomb, codes, vectors_ready)
+        commit_index(c, vectors, first_id, tomb, codes, vectors_ready, encoded)
         vectors_ready()
     finally:
         if pool is not None:

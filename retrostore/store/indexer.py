@@ -46,11 +46,14 @@ def fp16_batches(manifest: dict) -> bool:
 
 
 def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list,
-                 vectors_ready: Callable[[], None] = lambda: None) -> None:
+                 vectors_ready: Callable[[], None] = lambda: None,
+                 encoded: Callable[[], faiss.Index | None] | None = None) -> None:
     """The index part of a commit: a segment for the batch, tier merges, training when due.
 
     ``codes``: per appended part, its vectors encoded by the template, or None
-    (:func:`_adopt_codes`). ``vectors_ready()`` returns once the batch's raw
+    (:func:`_adopt_codes`); ``encoded()``: the batch's vectors encoded by the
+    template while they were appended (:class:`~retrostore.store.encoding.BatchEncoder`;
+    it waits for the encoder's thread), or None. ``vectors_ready()`` returns once the batch's raw
     vectors file is written and in ``c.new`` (the commit writes it in another
     thread); it is called before anything that may read raw vectors files.
     """
@@ -60,6 +63,12 @@ def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones
     if len(vectors):
         template = c.head.template(idx)
         index = _adopt_codes(template, codes, vectors)
+        if index is None and encoded is not None and template is not None:
+            c.stage = "encoding the batch"
+            index = encoded()
+            if index is not None and index.ntotal != len(vectors):
+                index = None
+            c.stage = "building the index segment"
         if index is None and fp16_batches(m):
             index, entry = _write_fp16_batch(c, vectors, first_id)
         else:

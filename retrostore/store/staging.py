@@ -36,6 +36,9 @@ class Batch:
         Per appended part, its vectors encoded by the store's template (a
         sharded build's shards), or None: the commit adopts them when every
         part has them (:func:`retrostore.store.indexer.commit_index`).
+    encoder : BatchEncoder or None
+        The parts (given without codes) being encoded by the store's trained IVF
+        template on a second thread as they are staged (:mod:`.encoding`).
     """
 
     def __init__(self) -> None:
@@ -46,6 +49,13 @@ class Batch:
         self.hasher = RecordHasher()
         self.fields: dict[str, Any] = {}
         self.codes: list[Any] = []
+        self.encoder: Any = None
+
+    def close(self) -> None:
+        """Stop the encoder's thread (the batch is committed or dropped)."""
+        if self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
 
     @property
     def empty(self) -> bool:
@@ -108,7 +118,8 @@ def documents(docs: Any, metadata: Any) -> tuple[list[str], list, bool]:
 
 
 def check_embeddings(arr: Any, n_chunks: int, dim: int) -> np.ndarray:
-    """Precomputed embeddings given to ``append`` as C-contiguous float32 (n_chunks, dim).
+    """Precomputed embeddings given to ``append`` as a C-contiguous float32 (n_chunks, dim) copy
+    (the caller may reuse its array once ``append`` returns).
 
     Raises
     ------
@@ -123,4 +134,6 @@ def check_embeddings(arr: Any, n_chunks: int, dim: int) -> np.ndarray:
         )
     if not np.issubdtype(arr.dtype, np.floating):
         raise InvalidEmbeddingsError(f"embeddings have dtype {arr.dtype}; a float dtype is needed")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    # A copy: the batch keeps the rows until commit (and encodes them meanwhile), and a caller
+    # may refill its array for the next append.
+    return np.array(arr, dtype=np.float32, order="C", copy=True)

@@ -327,7 +327,8 @@ class Store:
             converted to their Python equivalents.
         embeddings : ndarray, shape (n_chunks, dim), optional
             Precomputed vectors, one row per chunk in order (for users who embed
-            elsewhere). float64 is converted to float32; NaN/inf rejected.
+            elsewhere). float64 is converted to float32; NaN/inf rejected. Copied:
+            the array may be reused once ``append`` returns.
         chunks : list of list of chunks, optional
             The documents' chunks as ``store.chunker.chunk_many(docs)`` made
             them (see :meth:`Chunker.chunk`), for a caller who chunked already

@@ -30,6 +30,7 @@ from ..storage.layout import DATA_MDB, INDEX_DIR, VECTORS_DIR, version_tag
 from ..storage.tombstones import Tombstones, write_tombstones
 from .commit import Commit, collect_garbage
 from .batch import write_batch_files
+from .encoding import BatchEncoder
 from .indexer import fp16_batches
 from .staging import Batch
 from .version import Head
@@ -90,16 +91,24 @@ class Writer:
         b = self.batch
         next_chunk = m["next_chunk_id"] + b.chunks
         next_doc = m["next_doc_id"] + b.docs
+        encoding = self._encode(vectors, codes)
         chunk_recs: list[tuple[bytes, bytes]] = []
         doc_recs: list[tuple[bytes, bytes]] = []
         ids = list(range(next_doc, next_doc + len(docs)))
-        for doc_id, text, chunks, meta in zip(ids, docs, per_doc, metas):
-            chunk_recs += self.table.pack_chunks(next_chunk, doc_id, text, chunks)
-            doc_recs.append(self.table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
-            next_chunk += len(chunks)
+        try:
+            for doc_id, text, chunks, meta in zip(ids, docs, per_doc, metas):
+                chunk_recs += self.table.pack_chunks(next_chunk, doc_id, text, chunks)
+                doc_recs.append(self.table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
+                next_chunk += len(chunks)
+        except BaseException:
+            if encoding:  # the part is not staged: the commit encodes the batch itself
+                b.close()
+            raise
         try:
             self.table.put_records(chunk_recs, doc_recs)
         except BaseException:  # a full disk part-way: no record of this call stays beyond the staged ones
+            if encoding:  # the part is not staged: the commit encodes the batch itself
+                b.close()
             try:
                 self.table.truncate(m["next_chunk_id"] + b.chunks, m["next_doc_id"] + b.docs, m["version"])
             except Exception:
@@ -112,6 +121,25 @@ class Writer:
         b.chunks += n_chunks
         b.docs += len(docs)
         return ids
+
+    def _encode(self, vectors: np.ndarray, codes: Any) -> bool:
+        """Start encoding a part given without codes, in a store with a trained IVF
+        template, when every part before it was too (:class:`BatchEncoder`); whether it was."""
+        b = self.batch
+        if codes is not None:  # a sharded build's part: the commit adopts codes or encodes the batch
+            b.close()
+            return False
+        if not len(vectors):
+            return False
+        if b.encoder is None:
+            if b.vectors:  # an earlier part was not encoded: the commit encodes the batch
+                return False
+            m = self.manifest
+            b.encoder = BatchEncoder.for_store(self.head.template(m["index"]), m["index"])
+            if b.encoder is None:
+                return False
+        b.encoder.add(vectors)
+        return True
 
     def _check_values(self, arr: np.ndarray) -> None:
         # max/min propagate NaN and reach inf: one pass each, no temporary array
@@ -187,7 +215,11 @@ class Writer:
             tomb = self._write_deletes(c)
             if len(vectors) or b.deletes:
                 if len(vectors):
-                    write_batch_files(c, vectors, first_id, tomb, b.codes)
+                    encoded = None
+                    if b.encoder is not None:
+                        encoder, key, n = b.encoder, (m["index"].get("template") or {}).get("sha256"), len(vectors)
+                        encoded = lambda: encoder.result(key, n)  # noqa: E731
+                    write_batch_files(c, vectors, first_id, tomb, b.codes, encoded)
                 c.stage = "syncing the index and vectors directories"
                 fileio.fsync_dir(self.root / INDEX_DIR)
                 fileio.fsync_dir(self.root / VECTORS_DIR)
@@ -212,6 +244,7 @@ class Writer:
             if isinstance(exc, RuntimeError):  # FAISS failures while building or merging
                 raise RetrostoreError(f"commit failed while {stage}: {exc}") from exc
             raise
+        b.close()
         self.batch = Batch()
         self.head.load(c.new)
         self.collect_garbage()
@@ -323,6 +356,7 @@ class Writer:
     def discard(self) -> None:
         """Remove the staged records (a writer closing without commit); errors are left
         for the next writer, which removes them at start-up."""
+        self.batch.close()
         if not self.batch.chunks and not self.batch.docs:
             return
         m = self.manifest

@@ -1,0 +1,159 @@
+"""A trained store's batches are encoded on a second thread while they are appended
+(retrostore/store/encoding.py): the commit's segment must be the one it would build
+itself, whatever happens to the parts, and what the caller does with its array after
+``append`` must not reach the store."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import retrostore
+from retrostore.store import encoding
+from retrostore.store.encoding import BatchEncoder
+
+from test_index import FakeEmbedder, _vectors
+
+FACTORY = "IVF16,PQ8x4fs"
+
+
+def _parts(seed: int = 0) -> list[list[np.ndarray]]:
+    """Per commit, the parts appended: a first commit that trains, then batches of several parts."""
+    rng = np.random.default_rng(seed)
+    return [[_vectors(rng, 1000)], [_vectors(rng, 300), _vectors(rng, 200)], [_vectors(rng, 400)],
+            [_vectors(rng, 100), _vectors(rng, 250), _vectors(rng, 50)]]
+
+
+def _build(path, commits, on_append=None) -> dict:
+    """A store of one-chunk documents built from ``commits``; its manifest. ``on_append(st, i)``
+    runs after each append (i counts appends)."""
+    n = i = 0
+    with retrostore.create(path, embedder=FakeEmbedder(), index=FACTORY) as st:
+        for parts in commits:
+            for vecs in parts:
+                st.append([f"d{n + j}" for j in range(len(vecs))], embeddings=vecs)
+                n += len(vecs)
+                if on_append:
+                    on_append(st, i)
+                i += 1
+            st.commit()
+        assert st.manifest["index"]["factory"] == FACTORY and st.verify() == []
+        return st.manifest
+
+
+def _segments(manifest: dict) -> list[tuple]:
+    return [(s["sha256"], s["first_id"], s["count"]) for s in manifest["index"]["segments"]]
+
+
+@pytest.fixture
+def reference(tmp_path, monkeypatch):
+    """The manifest of the same store built without the encoder (each commit encodes its batch)."""
+    with monkeypatch.context() as m:
+        m.setattr(BatchEncoder, "for_store", classmethod(lambda cls, *a: None))
+        return _build(tmp_path / "reference", _parts())
+
+
+def test_the_encoded_segment_is_the_one_the_commit_would_build(tmp_path, monkeypatch, reference):
+    """Byte for byte (the segments' checksums), with batches of one and of several parts; and the
+    commits after training really took the encoder's segment."""
+    taken = []
+    result = BatchEncoder.result
+
+    def spy(self, key, count):
+        index = result(self, key, count)
+        taken.append(index is not None and index.ntotal == count)
+        return index
+
+    monkeypatch.setattr(BatchEncoder, "result", spy)
+    manifest = _build(tmp_path / "s", _parts())
+    assert taken == [True, True, True]  # the first commit trains: nothing to encode with before it
+    assert _segments(manifest) == _segments(reference)
+    assert manifest["lmdb"]["chain"] == reference["lmdb"]["chain"]
+
+
+def test_append_copies_the_callers_embeddings(tmp_path, reference):
+    """A caller refilling its array after append (one buffer for every batch) changes nothing stored."""
+    commits = _parts()
+    originals = np.concatenate([p.copy() for parts in commits for p in parts])
+    appended = [p for parts in commits for p in parts]
+
+    def scribble(st, i):  # what a reused buffer does to the rows already given
+        appended[i][:] = -appended[i]
+
+    manifest = _build(tmp_path / "s", commits, scribble)
+    assert _segments(manifest) == _segments(reference)
+    with retrostore.open(tmp_path / "s") as st:
+        _, ids = st.search_vectors(originals[::50], 1, params={"nprobe": 16, "rerank": 100})
+        assert (ids[:, 0] == np.arange(0, len(originals), 50)).mean() > 0.95
+
+
+def test_a_part_that_fails_to_encode_is_encoded_by_the_commit(tmp_path, monkeypatch, reference, caplog):
+    calls = []
+    add = encoding._add
+
+    def flaky(index, vectors):
+        calls.append(len(vectors))
+        if len(calls) == 2:
+            raise RuntimeError("simulated FAISS failure")
+        add(index, vectors)
+
+    monkeypatch.setattr(encoding, "_add", flaky)
+    with caplog.at_level(logging.WARNING, logger="retrostore"):
+        manifest = _build(tmp_path / "s", _parts())
+    assert len(calls) == 6 and "simulated FAISS failure" in caplog.text
+    assert _segments(manifest) == _segments(reference)
+
+
+def test_a_part_refused_by_lmdb_leaves_the_batch_whole(tmp_path, monkeypatch, reference):
+    """A full disk refusing a part's records: the part is not staged, the encoder (which had
+    started on it) is dropped, and the batch committed after the retry is the reference's."""
+    from retrostore.storage.chunktable import ChunkTable
+
+    put = ChunkTable.put_records
+    state = {"fail": False}
+
+    def full(self, chunks, docs):
+        if state["fail"]:  # half the records written, then the disk is full
+            state["fail"] = False
+            put(self, chunks[:len(chunks) // 2], docs[:len(docs) // 2])
+            raise retrostore.StoreIOError("simulated: no space left on device")
+        return put(self, chunks, docs)
+
+    monkeypatch.setattr(ChunkTable, "put_records", full)
+    commits = _parts()
+    n = 0
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY) as st:
+        for c, parts in enumerate(commits):
+            for p, vecs in enumerate(parts):
+                docs = [f"d{n + j}" for j in range(len(vecs))]
+                if c == 3 and p == 1:
+                    state["fail"] = True
+                    with pytest.raises(retrostore.StoreIOError):
+                        st.append(docs, embeddings=vecs)
+                    assert st._writer.batch.encoder is None
+                st.append(docs, embeddings=vecs)
+                n += len(vecs)
+            st.commit()
+        assert _segments(st.manifest) == _segments(reference)
+        assert st.verify() == []
+
+
+def test_no_encoder_thread_outlives_its_batch(tmp_path):
+    import threading
+
+    def encoders():
+        return [t for t in threading.enumerate() if t.name.startswith("retrostore-encode")]
+
+    rng = np.random.default_rng(1)
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY) as st:
+        st.append([f"a{i}" for i in range(1000)], embeddings=_vectors(rng, 1000))
+        st.commit()
+        st.append([f"b{i}" for i in range(100)], embeddings=_vectors(rng, 100))
+        assert st._writer.batch.encoder is not None
+        st.commit()
+        assert not encoders()
+        st.append([f"c{i}" for i in range(100)], embeddings=_vectors(rng, 100))
+        assert encoders()
+    assert not encoders()  # closed without commit: the batch is discarded, its thread stopped

@@ -47,7 +47,8 @@ def fp16_batches(manifest: dict) -> bool:
 
 def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list,
                  vectors_ready: Callable[[], None] = lambda: None,
-                 encoded: Callable[[], faiss.Index | None] | None = None) -> None:
+                 encoded: Callable[[], faiss.Index | None] | None = None,
+                 on_merge: Callable[[int], None] = lambda start: None) -> None:
     """The index part of a commit: a segment for the batch, tier merges, training when due.
 
     ``codes``: per appended part, its vectors encoded by the template, or None
@@ -56,6 +57,8 @@ def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones
     it waits for the encoder's thread), or None. ``vectors_ready()`` returns once the batch's raw
     vectors file is written and in ``c.new`` (the commit writes it in another
     thread); it is called before anything that may read raw vectors files.
+    ``on_merge(start)`` is called before a tier merge of IVF segments (which reads
+    no raw vectors) from id ``start`` on, so that their vectors files can merge meanwhile.
     """
     m = c.base.manifest
     idx = c.new["index"]
@@ -78,7 +81,7 @@ def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones
         idx["segments"].append(entry)
         segments.append(Segment(entry, index))
         vectors_ready()
-        segments = _tier_merge(c, segments, template)
+        segments = _tier_merge(c, segments, template, on_merge)
     vectors_ready()
     due = training_due(c.new, segments, tomb)
     if due:
@@ -129,8 +132,10 @@ def _adopt_codes(template: faiss.Index | None, codes: list, vectors: np.ndarray)
                           lambda _segs: (np.arange(len(vectors), dtype=np.int64), vectors))
 
 
-def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None) -> list[Segment]:
-    """Merge the newest segments when they fill a tier (:func:`retrostore.index.merge.plan_merge`)."""
+def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None,
+                on_merge: Callable[[int], None] = lambda start: None) -> list[Segment]:
+    """Merge the newest segments when they fill a tier (:func:`retrostore.index.merge.plan_merge`);
+    ``on_merge(first_id)`` first when they are IVF segments (merged list by list, no vectors read)."""
     idx = c.new["index"]
     run = 0  # trailing segments that can merge: IVF ones always, others without holes
     for seg in reversed(segments):
@@ -141,6 +146,8 @@ def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None
     if not n_merge:
         return segments
     loaded = segments[-n_merge:]
+    if all(is_ivf(seg.index) for seg in loaded):
+        on_merge(loaded[0].first_id)
     dim, metric = idx["dim"], c.base.manifest["metric"]
 
     def make_empty():

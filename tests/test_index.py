@@ -489,6 +489,40 @@ def test_fast_scan_store_merges_tiers_and_compacts(tmp_path, rng):
         assert st.verify() == []
 
 
+def test_vectors_files_at_their_final_size_are_not_merged(tmp_path, rng, monkeypatch):
+    """A tier merge of IVF segments merges the small vectors files under it and leaves those of
+    FINAL_VECTORS_BYTES or more alone (rewriting them saves nothing; issue 17's ingest): the files
+    still tile the ids, every row reads back, verify and compact pass, a reader opens it."""
+    from retrostore.store import batch
+    from retrostore.storage.vectors import RawVectors
+
+    monkeypatch.setattr(batch, "FINAL_VECTORS_BYTES", 50_000)  # 500 float16 64-d rows: 64.1 KB; 100: 12.9 KB
+    sizes = [1000, 500, 500, 100, 100, 100, 500, 100, 100]  # after the first, eight segments of one tier
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF16,PQ8x4fs",
+                           index_params={"nprobe": 16, "rerank": 200}) as st:
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(_fill(st, rng, n, start=start))
+            start += n
+            st.commit()
+        m = st.manifest
+        assert [s["count"] for s in m["index"]["segments"]] == [1000, 2000]  # the eight newest merged
+        files = [(e["first_id"], e["count"]) for e in m["vectors"]["files"]]
+        assert files == [(0, 1000), (1000, 500), (1500, 500), (2000, 300), (2300, 500), (2800, 200)]
+        x = np.concatenate(parts)
+        raw = RawVectors(st.path, m["vectors"]["files"], 64)
+        assert np.allclose(raw.take(np.arange(len(x))), x, atol=1e-3)
+        _, ids = st.search_vectors(x[::37], 1)
+        assert (ids[:, 0] == np.arange(0, len(x), 37)).mean() > 0.97
+        assert st.verify() == []
+        st.delete([3, 1500])
+        st.commit()
+        st.compact(progress=False)
+        assert st.verify() == []
+    with retrostore.open(tmp_path / "s") as rd:
+        assert rd.verify() == [] and len(rd) == len(x)
+
+
 def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     """A read-only handle's first search merges a streamed store's fast-scan segments into one
     in-memory index (issue 17: per-segment probing cost 1.6x raw FAISS at 1M vectors): the answers

@@ -1,6 +1,6 @@
 """The files of a commit's batch: its raw vectors file, written in a second
 thread while its index segment is built and written (:mod:`.indexer`), and the
-merge of the vectors files under the newest segment into one.
+merge of the small vectors files under the newest segment.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ from ..storage.vectors import keeps_files, load_vectors, write_store_vectors
 from .commit import Commit
 from .indexer import commit_index
 
-__all__ = ["write_batch_files"]
+__all__ = ["write_batch_files", "FINAL_VECTORS_BYTES"]
+
+#: A raw vectors file this large is never merged again. Merging files only saves
+#: file handles and manifest entries (a reader finds a row by its id in any number
+#: of files), and rewrites every byte: streaming 100,000-vector commits of 384-d
+#: float16 (77 MB files) into a 5M store, the merges of eight such files took
+#: ~1.6 s of each eighth commit, most of the store's ingest time over raw FAISS
+#: (issue 17). Smaller files (small commits) still merge with their segments, in
+#: tiers, until they reach this size. (RocksDB's default target file size,
+#: ``target_file_size_base``, is the same 64 MiB.)
+FINAL_VECTORS_BYTES = 64 * 2**20
 
 
 def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones, codes: list,
@@ -71,34 +81,46 @@ def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombs
         if pool is not None:
             pool.shutdown(wait=True)  # after an error too: the abort removes the files once they are closed
     if keep:  # the newest segment's files, when no merge above made them one (training rebuilt the segments)
-        _align_vectors_files(c, "m2" if merges else "m")
+        _align_vectors_files(c, "n" if merges else "m")
 
-def _merge_vectors_tail(c: Commit, start: int, suffix: str) -> tuple[list[dict], dict] | None:
-    """Write one vectors file holding the files from id ``start`` on: (the files merged, the new
-    file's entry), or None when fewer than two files start there. Reads ``c.new`` and writes a new
-    file only, so it may run in a thread beside a merge of IVF segments (which reads no vectors)."""
-    tail = [e for e in c.new["vectors"]["files"] if e["first_id"] >= start]
-    if len(tail) < 2:
-        return None
-    parts = [load_vectors(c.root, e) for e in tail]  # each file's sha256 is checked as its rows are copied
-    fields = write_store_vectors(c.root, vectors_name(c.tag + suffix), parts, c.new["vectors"]["dtype"],
-                                 c.new_files, sources=tail)
-    return tail, {**fields, "first_id": start, "count": sum(e["count"] for e in tail)}
+def _small_runs(files: list[dict]) -> list[list[dict]]:
+    """Runs of two or more consecutive files each under :data:`FINAL_VECTORS_BYTES`."""
+    runs: list[list[dict]] = [[]]
+    for e in files:
+        if e["size"] < FINAL_VECTORS_BYTES:
+            runs[-1].append(e)
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if len(r) >= 2]
 
 
-def _replace_vectors_files(c: Commit, merged: tuple[list[dict], dict] | None) -> None:
-    if merged is None:
-        return
-    tail, entry = merged
+def _merge_vectors_tail(c: Commit, start: int, suffix: str) -> list[tuple[list[dict], dict]]:
+    """Merge each run of small vectors files from id ``start`` on into one file: per run, (the
+    files merged, the new file's entry). Reads ``c.new`` and writes new files only, so it may
+    run in a thread beside a merge of IVF segments (which reads no vectors)."""
+    out = []
+    for i, run in enumerate(_small_runs([e for e in c.new["vectors"]["files"] if e["first_id"] >= start])):
+        parts = [load_vectors(c.root, e) for e in run]  # each file's sha256 is checked as its rows are copied
+        fields = write_store_vectors(c.root, vectors_name(c.tag + suffix + (str(i) if i else "")), parts,
+                                     c.new["vectors"]["dtype"], c.new_files, sources=run)
+        out.append((run, {**fields, "first_id": run[0]["first_id"], "count": sum(e["count"] for e in run)}))
+    return out
+
+
+def _replace_vectors_files(c: Commit, merged: list[tuple[list[dict], dict]]) -> None:
     files = c.new["vectors"]["files"]
-    assert files[len(files) - len(tail):] == tail, "the vectors files changed under their merge"
-    c.new["vectors"]["files"] = files[:len(files) - len(tail)] + [entry]
+    for run, entry in merged:
+        at = files.index(run[0])
+        assert files[at:at + len(run)] == run, "the vectors files changed under their merge"
+        files = files[:at] + [entry] + files[at + len(run):]
+    c.new["vectors"]["files"] = files
 
 
 def _align_vectors_files(c: Commit, suffix: str = "m") -> None:
-    """Merge the vectors files under the newest segment into one, as its segments were.
+    """Merge the small vectors files under the newest segment, as its segments were.
 
-    Keeps vectors files one per segment, so their number (and the manifest's
+    Keeps the files of small commits few: one per segment while they are
+    under :data:`FINAL_VECTORS_BYTES`, so their number (and the manifest's
     size) stays O(log n) instead of growing by one per commit.
     """
     segs = c.new["index"]["segments"]

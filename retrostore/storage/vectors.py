@@ -305,7 +305,7 @@ class RawVectors:
     def _read(self, i: int, local: np.ndarray | slice) -> np.ndarray:
         """Rows ``local`` (sorted row numbers, or a slice) of file ``i``, their blocks checked."""
         opened = self._open(self.entries[i])
-        arr = opened.rows
+        arr = opened.plain
         if opened.checker is not None:
             rows = np.arange(len(arr))[local] if isinstance(local, slice) else local
             if not opened.checker.checked[rows // opened.checker.rpb].all():  # warm: nothing to do
@@ -381,16 +381,20 @@ class RawVectors:
         lo, hi = int(np.searchsorted(sid, 0)), int(np.searchsorted(sid, self.end))
         bounds = np.append(np.searchsorted(sid[lo:hi], self._firsts) + lo, hi)
         out = np.full(flat.size, np.nan, np.float32)
-        for i in range(len(self.entries)):
-            a, b = int(bounds[i]), int(bounds[i + 1])
-            if a == b:
-                continue
-            rows = self._float32(self._read(i, sid[a:b] - self.entries[i]["first_id"]))
-            q = queries[0] if n == 1 else queries[order[a:b] // kk]
-            if metric == "ip":
-                out[order[a:b]] = rows @ q if n == 1 else np.einsum("md,md->m", rows, q)
-            else:
-                out[order[a:b]] = ((rows - q) ** 2).sum(-1)
+        if lo == hi:
+            return out.reshape(n, kk)
+        # Rows gathered file by file (in id order, so they line up with sid[lo:hi]), then decoded
+        # and scored in one call: a 5M store of 100k-chunk commits has 50 files, and decoding
+        # and scoring ~3 candidates per file cost ~0.8 ms of a query's re-ranking.
+        parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
+                 for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
+        rows = self._float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        where = order[lo:hi]
+        q = queries[0] if n == 1 else queries[where // kk]
+        if metric == "ip":
+            out[where] = rows @ q if n == 1 else np.einsum("md,md->m", rows, q)
+        else:
+            out[where] = ((rows - q) ** 2).sum(-1)
         return out.reshape(n, kk)
 
 
@@ -424,6 +428,9 @@ class _Opened:
             except OSError:
                 pass
         self._mm = mm
+        #: The rows as a plain ndarray view of the mapping: indexing np.memmap (a subclass) costs
+        #: ~5 us more per read, paid per file touched by each query's re-ranking.
+        self.plain = np.asarray(self.rows)
         self.checker = BlockChecker(root, entry, self.rows) if "sums" in entry else None
         self.from_disk = True  # until a check shows the pages come from the page cache
         self.hashed = False

@@ -157,3 +157,63 @@ def test_no_encoder_thread_outlives_its_batch(tmp_path):
         st.append([f"c{i}" for i in range(100)], embeddings=_vectors(rng, 100))
         assert encoders()
     assert not encoders()  # closed without commit: the batch is discarded, its thread stopped
+
+
+def test_an_embedder_reusing_its_output_buffer_changes_nothing_stored(tmp_path):
+    """An embedder returning a view of one buffer it refills each call: the segment encoded while
+    the parts were appended and the raw vectors file written at commit hold the same rows."""
+    import faiss
+
+    from retrostore.storage.vectors import RawVectors
+
+    class BufferEmbedder(FakeEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.buf = np.zeros((5000, 64), np.float32)
+            self.rng = np.random.default_rng(1)
+
+        def embed(self, texts):
+            self.buf[:len(texts)] = _vectors(self.rng, len(texts))
+            return self.buf[:len(texts)]
+
+    with retrostore.create(tmp_path / "s", embedder=BufferEmbedder(), index="IVF16,Flat") as st:
+        st.append([f"hello world {i}" for i in range(1000)])
+        st.commit()
+        st.append([f"second batch {i}" for i in range(300)])
+        st.append([f"third part {i}" for i in range(300)])  # refills the rows the first part came in
+        st.commit()
+        raw = RawVectors(st.path, st.manifest["vectors"]["files"], 64).take(np.arange(1000, 1600))
+        inner = faiss.extract_index_ivf(st._head.version.segments[-1].index)
+        inner.make_direct_map()
+        rows = np.stack([inner.reconstruct(i) for i in range(600)])
+        assert np.abs(rows - raw).max() < 1e-2  # float16 raw vectors against float32 Flat codes
+
+
+def test_a_commit_that_loses_the_version_stops_the_encoder(tmp_path, monkeypatch):
+    """A failed commit that cannot tell which version is current closes the handle (on_lost): the
+    staged batch's encoder thread stops with it."""
+    import threading
+
+    from retrostore.storage import manifest as _manifest
+
+    rng = np.random.default_rng(0)
+    st = retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY)
+    st.append([f"a{i}" for i in range(1000)], embeddings=_vectors(rng, 1000))
+    st.commit()
+    st.append([f"b{i}" for i in range(100)], embeddings=_vectors(rng, 100))
+    write = _manifest.write_manifest
+
+    def renamed_then_failed(root, new, *a, **k):
+        write(root, new, *a, **k)
+        raise OSError(5, "simulated: fsync failed after the rename")
+
+    def cannot_restore(*a, **k):
+        raise OSError(5, "simulated: the old manifest cannot be put back")
+
+    monkeypatch.setattr(_manifest, "write_manifest", renamed_then_failed)
+    monkeypatch.setattr(_manifest, "write_current", cannot_restore)
+    with pytest.raises(retrostore.RetrostoreError):
+        st.commit()
+    st.close()
+    assert st._closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("retrostore-encode")]

@@ -548,6 +548,13 @@ def test_raw_vectors_score_candidates_across_files(tmp_path, rng, n_files, metri
         valid = (ids >= 0) & (ids < len(x))
         assert np.isnan(got[~valid]).all()
         assert np.allclose(got[valid], want[valid], rtol=1e-5, atol=1e-4)
+    # files not starting at id 0 (never in a store: verify checks that they tile from 0): ids below
+    # the first file are NaN, as ids beyond the last
+    late = RawVectors(tmp_path, [{**e, "first_id": e["first_id"] + 100} for e in entries], 32)
+    q = rng.standard_normal((1, 32)).astype(np.float32)
+    got = late.scores(np.array([[5, 105, 115, 99]]), q, metric)
+    assert np.isnan(got[0, [0, 3]]).all() and not np.isnan(got[0, [1, 2]]).any()
+    assert np.isnan(late.scores(np.array([[1, 2]]), q, metric)).all()
 
 
 def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):

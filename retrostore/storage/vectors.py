@@ -388,8 +388,10 @@ class RawVectors:
         # and scoring ~3 candidates per file cost ~0.8 ms of a query's re-ranking.
         parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
                  for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
+        if not parts:  # every id below the first file
+            return out.reshape(n, kk)
         rows = self._float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        where = order[lo:hi]
+        where = order[bounds[0]:hi]  # ids below the first file (none in a store: files tile from 0) stay NaN
         q = queries[0] if n == 1 else queries[where // kk]
         if metric == "ip":
             out[where] = rows @ q if n == 1 else np.einsum("md,md->m", rows, q)

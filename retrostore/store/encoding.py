@@ -69,7 +69,8 @@ class BatchEncoder:
     def result(self, key: str | None, count: int) -> faiss.Index | None:
         """The segment holding the ``count`` vectors added, waiting for the thread; None when the
         template is no longer ``key``, a part failed to encode (logged; the commit then encodes
-        the batch itself) or the index no longer holds them (a failed commit merged it away)."""
+        the batch itself) or the index does not hold exactly them (a safeguard: tier merges copy
+        their sources, so a failed commit leaves the index whole for its retry)."""
         ok = True
         for job in self._jobs:
             try:

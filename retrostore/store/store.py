@@ -175,6 +175,8 @@ class Store:
 
     def _release(self) -> None:
         self._closed = True
+        if self._writer is not None:  # also when a failed commit lost the version: stop its encoder
+            self._writer.batch.close()
         if self._table is not None:
             self._table.close()
             self._table = None
@@ -378,7 +380,9 @@ class Store:
         arr = embed_chunks(self.embedder, self._manifest["tokenizer"]["sha256"], docs, per_doc)
         if arr.shape != (n_chunks, dim):
             raise InvalidEmbeddingsError(f"the embedder returned shape {arr.shape}, expected ({n_chunks}, {dim})")
-        return arr
+        # A copy, as of precomputed embeddings: the batch keeps (and encodes) the rows until commit,
+        # and an embedder may return a buffer it reuses for its next call.
+        return np.array(arr, dtype=np.float32, order="C", copy=True)
 
     def commit(self) -> int:
         """Publish everything appended since the last commit as a new version.

@@ -83,6 +83,7 @@ def write_batch_files(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombs
     if keep:  # the newest segment's files, when no merge above made them one (training rebuilt the segments)
         _align_vectors_files(c, "n" if merges else "m")
 
+
 def _small_runs(files: list[dict]) -> list[list[dict]]:
     """Runs of two or more consecutive files each under :data:`FINAL_VECTORS_BYTES`."""
     runs: list[list[dict]] = [[]]

@@ -59,11 +59,12 @@ def test_the_encoded_segment_is_the_one_the_commit_would_build(tmp_path, monkeyp
     """Byte for byte (the segments' checksums), with batches of one and of several parts; and the
     commits after training really took the encoder's segment."""
     taken = []
+    batches = [sum(len(p) for p in parts) for parts in _parts()[1:]]  # the commits after training
     result = BatchEncoder.result
 
-    def spy(self, key, count):
-        index = result(self, key, count)
-        taken.append(index is not None and index.ntotal == count)
+    def spy(self):
+        index = result(self)
+        taken.append(index is not None and index.ntotal == batches.pop(0))
         return index
 
     monkeypatch.setattr(BatchEncoder, "result", spy)
@@ -91,7 +92,7 @@ def test_append_copies_the_callers_embeddings(tmp_path, reference):
 
 def test_a_part_that_fails_to_encode_is_encoded_by_the_commit(tmp_path, monkeypatch, reference, caplog):
     calls = []
-    add = encoding._add
+    add = encoding.add_vectors
 
     def flaky(index, vectors):
         calls.append(len(vectors))
@@ -99,7 +100,7 @@ def test_a_part_that_fails_to_encode_is_encoded_by_the_commit(tmp_path, monkeypa
             raise RuntimeError("simulated FAISS failure")
         add(index, vectors)
 
-    monkeypatch.setattr(encoding, "_add", flaky)
+    monkeypatch.setattr(encoding, "add_vectors", flaky)
     with caplog.at_level(logging.WARNING, logger="retrostore"):
         manifest = _build(tmp_path / "s", _parts())
     assert len(calls) == 6 and "simulated FAISS failure" in caplog.text

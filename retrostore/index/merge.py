@@ -20,7 +20,7 @@ from ..storage.segments import Segment
 from ..storage.tombstones import in_sorted
 from .factory import new_index
 
-__all__ = ["MERGE_FACTOR", "build_segment", "merge_segments", "merge_fast_scan", "PQ4Layout", "is_fast_scan", "plan_merge", "owned_copy",
+__all__ = ["MERGE_FACTOR", "build_segment", "add_vectors", "merge_segments", "merge_fast_scan", "PQ4Layout", "is_fast_scan", "plan_merge", "owned_copy",
            "segment_vectors"]
 
 #: Segments per tier before they are merged into one (see module docstring).
@@ -58,13 +58,19 @@ def build_segment(vectors: np.ndarray, factory: str, metric: str, *, template: f
         )
     if local_ids is not None and not is_ivf(index):
         index = with_idmap(index)
+    add_vectors(index, vectors, local_ids)
+    return index
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
+    """Add ``vectors`` (n, dim) to ``index`` 65,536 rows per FAISS call, as float32 (bounded
+    temporary copies), with ``ids`` when given."""
     for lo in range(0, len(vectors), 65536):
         part = np.ascontiguousarray(vectors[lo : lo + 65536], dtype=np.float32)
-        if local_ids is None:
+        if ids is None:
             index.add(part)
         else:
-            index.add_with_ids(part, np.ascontiguousarray(local_ids[lo : lo + 65536], dtype=np.int64))
-    return index
+            index.add_with_ids(part, np.ascontiguousarray(ids[lo : lo + 65536], dtype=np.int64))
 
 
 def segment_vectors(seg: Segment) -> tuple[np.ndarray, np.ndarray] | None:

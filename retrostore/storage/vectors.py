@@ -381,14 +381,12 @@ class RawVectors:
         lo, hi = int(np.searchsorted(sid, 0)), int(np.searchsorted(sid, self.end))
         bounds = np.append(np.searchsorted(sid[lo:hi], self._firsts) + lo, hi)
         out = np.full(flat.size, np.nan, np.float32)
-        if lo == hi:
-            return out.reshape(n, kk)
         # Rows gathered file by file (in id order, so they line up with sid[lo:hi]), then decoded
         # and scored in one call: a 5M store of 100k-chunk commits has 50 files, and decoding
         # and scoring ~3 candidates per file cost ~0.8 ms of a query's re-ranking.
         parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
                  for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
-        if not parts:  # every id below the first file
+        if not parts:  # no id inside the files
             return out.reshape(n, kk)
         rows = self._float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
         where = order[bounds[0]:hi]  # ids below the first file (none in a store: files tile from 0) stay NaN

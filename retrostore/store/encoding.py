@@ -20,18 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import faiss
 import numpy as np
 
+from ..index.merge import add_vectors
 from ..storage.faisstypes import is_ivf
 
 __all__ = ["BatchEncoder"]
 
 log = logging.getLogger("retrostore")
-
-_BLOCK = 65536  # vectors per FAISS add call, as build_segment
-
-
-def _add(index: faiss.Index, vectors: np.ndarray) -> None:
-    for lo in range(0, len(vectors), _BLOCK):
-        index.add(np.ascontiguousarray(vectors[lo:lo + _BLOCK], dtype=np.float32))
 
 
 class BatchEncoder:
@@ -40,37 +34,29 @@ class BatchEncoder:
     Parameters
     ----------
     template : faiss.Index
-        The store's trained empty IVF index (``Head.template``).
-    key : str
-        The template's checksum (its manifest entry's ``sha256``): the commit
-        adopts the segment only under the same template.
+        The store's trained empty IVF index (``Head.template``). It cannot change
+        while a batch is staged: training happens in commits, and ``reindex`` and
+        ``compact`` refuse a writer with staged appends.
     """
 
-    def __init__(self, template: faiss.Index, key: str) -> None:
-        self.key = key
-        self.count = 0
+    def __init__(self, template: faiss.Index) -> None:
         self._index = faiss.clone_index(template)
         self._jobs: list[Future] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-encode")
 
     @classmethod
-    def for_store(cls, template: faiss.Index | None, index_entry: dict) -> "BatchEncoder | None":
+    def for_store(cls, template: faiss.Index | None) -> "BatchEncoder | None":
         """An encoder when the store's batches are encoded by a trained IVF template, else None."""
-        entry = index_entry.get("template")
-        if template is None or not entry or not is_ivf(template):
-            return None
-        return cls(template, entry["sha256"])
+        return cls(template) if template is not None and is_ivf(template) else None
 
     def add(self, vectors: np.ndarray) -> None:
         """Queue one appended part, ``(n, dim)`` float32 (not modified afterwards: ``append`` copies)."""
-        self._jobs.append(self._pool.submit(_add, self._index, vectors))
-        self.count += len(vectors)
+        self._jobs.append(self._pool.submit(add_vectors, self._index, vectors))
 
-    def result(self, key: str | None, count: int) -> faiss.Index | None:
-        """The segment holding the ``count`` vectors added, waiting for the thread; None when the
-        template is no longer ``key``, a part failed to encode (logged; the commit then encodes
-        the batch itself) or the index does not hold exactly them (a safeguard: tier merges copy
-        their sources, so a failed commit leaves the index whole for its retry)."""
+    def result(self) -> faiss.Index | None:
+        """The segment holding the parts added, waiting for the thread; None when a part failed
+        to encode (logged; the commit then encodes the batch itself, as it does when the segment
+        does not hold exactly the batch: a part that was not staged)."""
         ok = True
         for job in self._jobs:
             try:
@@ -79,9 +65,7 @@ class BatchEncoder:
                 log.warning("encoding an appended part failed (%s: %s); the commit encodes the batch",
                             type(exc).__name__, exc)
                 ok = False
-        if not ok or key != self.key or count != self.count or self._index.ntotal != count:
-            return None
-        return self._index
+        return self._index if ok else None
 
     def close(self) -> None:
         """Stop the thread (parts not started are dropped)."""

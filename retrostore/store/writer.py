@@ -100,19 +100,17 @@ class Writer:
                 chunk_recs += self.table.pack_chunks(next_chunk, doc_id, text, chunks)
                 doc_recs.append(self.table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
                 next_chunk += len(chunks)
+            try:
+                self.table.put_records(chunk_recs, doc_recs)
+            except BaseException:  # a full disk part-way: no record of this call stays beyond the staged ones
+                try:
+                    self.table.truncate(m["next_chunk_id"] + b.chunks, m["next_doc_id"] + b.docs, m["version"])
+                except Exception:
+                    pass  # the next writer removes them at start-up
+                raise
         except BaseException:
             if encoding:  # the part is not staged: the commit encodes the batch itself
                 b.close()
-            raise
-        try:
-            self.table.put_records(chunk_recs, doc_recs)
-        except BaseException:  # a full disk part-way: no record of this call stays beyond the staged ones
-            if encoding:  # the part is not staged: the commit encodes the batch itself
-                b.close()
-            try:
-                self.table.truncate(m["next_chunk_id"] + b.chunks, m["next_doc_id"] + b.docs, m["version"])
-            except Exception:
-                pass  # the next writer removes them at start-up
             raise
         b.hasher.add(chunk_recs, doc_recs)
         if n_chunks:
@@ -135,7 +133,7 @@ class Writer:
             if b.vectors:  # an earlier part was not encoded: the commit encodes the batch
                 return False
             m = self.manifest
-            b.encoder = BatchEncoder.for_store(self.head.template(m["index"]), m["index"])
+            b.encoder = BatchEncoder.for_store(self.head.template(m["index"]))
             if b.encoder is None:
                 return False
         b.encoder.add(vectors)
@@ -215,10 +213,7 @@ class Writer:
             tomb = self._write_deletes(c)
             if len(vectors) or b.deletes:
                 if len(vectors):
-                    encoded = None
-                    if b.encoder is not None:
-                        encoder, key, n = b.encoder, (m["index"].get("template") or {}).get("sha256"), len(vectors)
-                        encoded = lambda: encoder.result(key, n)  # noqa: E731
+                    encoded = b.encoder.result if b.encoder is not None else None
                     write_batch_files(c, vectors, first_id, tomb, b.codes, encoded)
                 c.stage = "syncing the index and vectors directories"
                 fileio.fsync_dir(self.root / INDEX_DIR)

@@ -40,6 +40,8 @@ peak RSS, imports and caches are its own.
     python benchmarks/scale.py                      # 100k, 1M, 5M; about an hour on 2 cores
     python benchmarks/scale.py --sizes 1000000,5000000 --record
     python benchmarks/scale.py --long --record      # also 10M (hours; ~40 GB of disk while it runs)
+    python benchmarks/scale.py --sizes 1000000 --index PQ32x4fs --index-params '{"rerank": 150}'
+                                                    # a chosen index (the 16-byte recipe of docs/index.md)
 
 Stores go to ``bench-out/scale`` (git-ignored) and are deleted after each size
 unless ``--keep``.
@@ -166,6 +168,8 @@ def child_ingest_store(spec: dict) -> dict:
     append_s, commit_s, total = [], [], 0.0
     t0 = time.perf_counter()
     kwargs = {} if spec.get("index") is None else {"index": spec["index"]}
+    if spec.get("index_params"):
+        kwargs["index_params"] = spec["index_params"]
     st = retrostore.create(spec["path"], embedder=PrecomputedOnly(), **kwargs)
     total += time.perf_counter() - t0
     lo = 0
@@ -543,8 +547,10 @@ def run_size(n: int, args, root: Path, log: Path) -> dict:
     store, raw, flat = d / "store.rstore", d / "raw", d / "flat.rstore"
     res: dict = {"n": n}
 
-    _log(f"{n:,}: ingest, store (defaults)")
-    res["store_ingest"] = run_child("ingest-store", {**base, "path": str(store)}, d / "ingest-store.json", log)
+    _log(f"{n:,}: ingest, store ({'defaults' if args.index is None else 'index=' + repr(args.index)})")
+    res["store_ingest"] = run_child("ingest-store", {**base, "path": str(store), "index": args.index,
+                                                     "index_params": args.index_params},
+                                    d / "ingest-store.json", log)
     s = res["store_ingest"]
     _log(f"  {s['ingest_s']:.1f} s -> {s['factory']} {s['params']}, {s['segments']} segments")
     if args.compact:
@@ -701,7 +707,9 @@ def render(results: list[dict], info: dict, args) -> str:
     lines = [f"Data: {ClusteredVectors(seed=args.seed).describe()}; texts: {info['texts']}. "
              f"Commits of whole documents, {args.batch:,} chunks each (the last document may pass it); "
              f"{args.queries} queries (fresh draws, not in the store), k = {K}, "
-             f"with their texts. Store: every default (`index=\"auto\"`). raw FAISS: the store's final factory and "
+             f"with their texts. Store: " + ("every default (`index=\"auto\"`)" if args.index is None else
+                                             f"`index={args.index!r}`, `index_params={args.index_params}` (not the default)")
+             + ". raw FAISS: the store's final factory and "
              f"search parameters, trained once on the first batch with the store's sample size, float16 vectors "
              f"file for re-ranking, LMDB texts. Cold: files evicted with `posix_fadvise(DONTNEED)` after "
              f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, alternated per query, after 20 warm-up queries each (the store's "
@@ -713,7 +721,7 @@ def render(results: list[dict], info: dict, args) -> str:
         return [label] + [fn(s) for s in sums]
 
     rows = [
-        row("index (defaults)", lambda s: f"`{s['factory']}` {json.dumps(s['params'])}, {s['segments']} segments"
+        row("index (defaults)" if args.index is None else "index (chosen)", lambda s: f"`{s['factory']}` {json.dumps(s['params'])}, {s['segments']} segments"
             + (f" (compacted after the ingest in {s['compact_s']:.1f} s)" if "compact_s" in s else "")),
         row("ingest s: store / raw FAISS", lambda s: f"{s['ingest_s']:.1f} / {s['raw_ingest_s']:.1f} = **{s['ingest_ratio']:.2f}x**"),
         row("commit s per batch: training / first after / last (ratio) / max", lambda s: (
@@ -793,6 +801,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compact", action="store_true",
                     help="compact the store after the ingest (one segment, as `retrostore build` ends); "
                          "recorded apart (docs/benchmarks.md, scale-compacted)")
+    ap.add_argument("--index", default=None,
+                    help="a factory string for the store instead of the default (e.g. PQ32x4fs: docs/index.md); "
+                         "not with --record, whose section is the defaults'")
+    ap.add_argument("--index-params", type=json.loads, default=None, metavar="JSON",
+                    help='the store\'s index_params with --index, e.g. \'{"rerank": 150}\'')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=PYDOCS if PYDOCS.is_file() else SAMPLE,
                     help="chunk texts when benchmarks/.cache has none (default pydocs)")
@@ -807,6 +820,8 @@ def main(argv=None) -> int:
         res = CHILDREN[role](json.loads(Path(spec).read_text()))
         Path(out).write_text(json.dumps(res))
         return 0
+    if args.index is not None and args.record:
+        ap.error("--record writes the defaults' section of docs/benchmarks.md; run --index without it")
     if args.quick:
         args.sizes, args.queries, args.cold_rounds = "100000", min(args.queries, 200), 2
     sizes = [int(x) for x in args.sizes.split(",") if x]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import faiss
 import numpy as np
 import pytest
 
@@ -26,11 +27,11 @@ def _parts(seed: int = 0) -> list[list[np.ndarray]]:
             [_vectors(rng, 100), _vectors(rng, 250), _vectors(rng, 50)]]
 
 
-def _build(path, commits, on_append=None) -> dict:
+def _build(path, commits, on_append=None, factory=FACTORY) -> dict:
     """A store of one-chunk documents built from ``commits``; its manifest. ``on_append(st, i)``
     runs after each append (i counts appends)."""
     n = i = 0
-    with retrostore.create(path, embedder=FakeEmbedder(), index=FACTORY) as st:
+    with retrostore.create(path, embedder=FakeEmbedder(), index=factory) as st:
         for parts in commits:
             for vecs in parts:
                 st.append([f"d{n + j}" for j in range(len(vecs))], embeddings=vecs)
@@ -39,7 +40,7 @@ def _build(path, commits, on_append=None) -> dict:
                     on_append(st, i)
                 i += 1
             st.commit()
-        assert st.manifest["index"]["factory"] == FACTORY and st.verify() == []
+        assert st.manifest["index"]["factory"] == factory and st.verify() == []
         return st.manifest
 
 
@@ -72,6 +73,30 @@ def test_the_encoded_segment_is_the_one_the_commit_would_build(tmp_path, monkeyp
     assert taken == [True, True, True]  # the first commit trains: nothing to encode with before it
     assert _segments(manifest) == _segments(reference)
     assert manifest["lmdb"]["chain"] == reference["lmdb"]["chain"]
+
+
+def test_a_flat_fast_scan_store_encodes_while_appending_too(tmp_path, monkeypatch):
+    """The 16-byte-per-vector recipe (docs/index.md: ``PQ...x4fs`` without IVF) gets the same
+    segments from the encoder as from commits that encode their batch; a graph is never encoded
+    part by part (FAISS inserts a whole batch in another order)."""
+    with monkeypatch.context() as m:
+        m.setattr(BatchEncoder, "for_store", classmethod(lambda cls, *a: None))
+        reference = _build(tmp_path / "reference", _parts(), factory="PQ16x4fs")
+    taken = []
+    result = BatchEncoder.result
+
+    def spy(self):
+        index = result(self)
+        taken.append(index is not None)
+        return index
+
+    monkeypatch.setattr(BatchEncoder, "result", spy)
+    manifest = _build(tmp_path / "s", _parts(), factory="PQ16x4fs")
+    assert taken == [True, True, True]
+    assert _segments(manifest) == _segments(reference)
+    graph = faiss.index_factory(64, "HNSW16,SQ8")
+    graph.train(_vectors(np.random.default_rng(1), 500))
+    assert BatchEncoder.for_store(graph) is None
 
 
 def test_append_copies_the_callers_embeddings(tmp_path, reference):

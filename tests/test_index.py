@@ -611,6 +611,39 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     assert {f for f in files if f[0].startswith("seg-")} <= set(after)  # merged in memory only
 
 
+def test_reader_merges_flat_fast_scan_segments_in_memory(tmp_path, rng):
+    """The 16-byte recipe (docs/index.md: a flat fast-scan code, no IVF lists) is merged in memory
+    too: consecutive segments' codes concatenate into one index, which answers as the segments do
+    (ids and scores, deleted documents left out); segments with holes are never concatenated."""
+    from retrostore.index.merge import is_flat_fast_scan
+    from retrostore.index.search import _consecutive_flat_fast_scan
+
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=FakeEmbedder(), index="PQ16x4fs", index_params={"rerank": 20}) as st:
+        parts = [_fill(st, rng, 1000)]
+        st.commit()
+        for b in range(3):
+            parts.append(_fill(st, rng, 400, start=1000 + 400 * b))
+            st.commit()
+        st.delete([5, 1200, 1700])
+        st.commit()
+        assert st.manifest["index"]["factory"] == "PQ16x4fs"
+        x = np.concatenate(parts)
+        q = x[::37] + 0.05
+        q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        want = st.search_vectors(q, 10)
+        assert len(st._head.version.segments) == 4  # a writer keeps its segments
+        segs = st._head.version.segments
+        assert _consecutive_flat_fast_scan(segs) and not _consecutive_flat_fast_scan([segs[0], segs[2]])
+    with retrostore.open(path) as rd:
+        rd.search_vectors(q[:1], 10)  # the first search merges
+        merged = rd._head.version.segments
+        assert len(merged) == 1 and merged[0].count == len(x) and is_flat_fast_scan(merged[0].index)
+        got = rd.search_vectors(q, 10)
+        assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
+        assert not np.isin(got[1], [5, 1200, 1700]).any()
+
+
 def test_default_index_follows_the_store_size(tmp_path, rng, monkeypatch):
     """Flat, then an HNSW graph, then IVF fast-scan + re-ranking trained once (issue 17); the re-ranking
     depth follows the store's size at every commit (issue 19); inspect says what is pending."""

@@ -20,8 +20,8 @@ from ..storage.segments import Segment
 from ..storage.tombstones import in_sorted
 from .factory import new_index
 
-__all__ = ["MERGE_FACTOR", "build_segment", "add_vectors", "merge_segments", "merge_fast_scan", "PQ4Layout", "is_fast_scan", "plan_merge", "owned_copy",
-           "segment_vectors"]
+__all__ = ["MERGE_FACTOR", "build_segment", "add_vectors", "merge_segments", "merge_fast_scan", "PQ4Layout", "is_fast_scan",
+           "is_flat_fast_scan", "plan_merge", "owned_copy", "segment_vectors"]
 
 #: Segments per tier before they are merged into one (see module docstring).
 MERGE_FACTOR = 8
@@ -139,6 +139,12 @@ def is_fast_scan(index: faiss.Index) -> bool:
     if not is_ivf(index):
         return False
     return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
+
+
+def is_flat_fast_scan(index: faiss.Index) -> bool:
+    """True for a flat 4-bit PQ fast-scan index (``PQ...x4fs`` without IVF lists or an ID map): its
+    ids are row positions, so segments of consecutive ids concatenate (``merge_from``)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFastScan)
 
 
 def merge_fast_scan(base: faiss.Index, sources: list[tuple[faiss.Index, int]],

@@ -21,7 +21,7 @@ from ..storage.faisstypes import FLAT_TYPES, unwrap
 from ..storage.memory import trim_heap
 from ..storage.segments import FP16, Segment
 from ..storage.tombstones import in_sorted
-from .merge import is_fast_scan, merge_fast_scan
+from .merge import is_fast_scan, is_flat_fast_scan, merge_fast_scan, owned_copy
 from .params import RERANK, RWLock, apply_params, current_params, effective_params
 
 __all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "BLAS_THRESHOLD", "share_quantizers"]
@@ -101,6 +101,13 @@ def _one_thread(n_queries: int) -> int:
         return 0
     faiss.omp_set_num_threads(1)
     return before
+
+
+def _consecutive_flat_fast_scan(segments: list[Segment]) -> bool:
+    """Flat fast-scan segments whose ids are their positions, each starting where the one before
+    ends: one index concatenating their codes answers with the same ids."""
+    return all(is_flat_fast_scan(s.index) and s.index.ntotal == s.end_id - s.first_id for s in segments) and all(
+        a.end_id == b.first_id for a, b in zip(segments, segments[1:]))
 
 
 def share_quantizers(segments: list[Segment]) -> int:
@@ -196,8 +203,8 @@ class SegmentSet:
         mergeable = [s for s in segments if s.count]
         self._make_empty = make_empty
         self._on_merged = on_merged
-        self._merge_pending = (make_empty is not None and len(mergeable) >= 2
-                               and all(is_fast_scan(s.index) for s in mergeable))
+        self._merge_pending = make_empty is not None and len(mergeable) >= 2 and (
+            all(is_fast_scan(s.index) for s in mergeable) or _consecutive_flat_fast_scan(mergeable))
 
     # -- the in-memory merge of a read-only handle's segments ---------------------------------
     def merge_segments(self) -> None:
@@ -208,7 +215,10 @@ class SegmentSet:
         a 1M-vector store took 2.0 ms in FAISS where one index of the same vectors took 1.1 ms
         (docs/index.md, "Segments"). The segments are clones of one trained template, so their
         lists concatenate in segment order (:func:`~retrostore.index.merge.merge_fast_scan`:
-        0.3 s per 1M vectors), and the segments are freed (while the merge runs the index is
+        0.3 s per 1M vectors); flat fast-scan segments (``PQ...x4fs`` without IVF) of
+        consecutive ids concatenate their codes (FAISS's ``merge_from``, from copies: it empties
+        its source, and a failed merge must leave the segments serving), so that each query
+        keeps one candidate heap of ``k * rerank`` instead of one per segment. The segments are freed (while the merge runs the index is
         in memory about three times: segments, merged lists, their serialised copy). The
         merge runs inside the first search, under the exclusive lock, so that every answer of
         a handle comes from the same index: fast-scan codes tie often, and FAISS breaks ties at
@@ -240,7 +250,11 @@ class SegmentSet:
         segs = [s for s in self.segments if s.count]
         first = segs[0].first_id
         base = self._make_empty()
-        merge_fast_scan(base, [(s.index, s.first_id - first) for s in segs])
+        if is_fast_scan(base):
+            merge_fast_scan(base, [(s.index, s.first_id - first) for s in segs])
+        else:  # consecutive flat fast-scan segments: positions concatenate
+            for s in segs:
+                base.merge_from(owned_copy(s.index), 0)
         # A serialise / deserialise round trip sizes every list exactly: lists filled in memory
         # round their code buffers up to a power of two (FAISS's AlignedTable), 44 MiB
         # against 36 MiB read back, for 1M vectors of 24-byte codes.

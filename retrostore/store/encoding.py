@@ -9,7 +9,11 @@ as soon as the part is staged, so the two overlap and the commit finds the
 batch's segment built (issue 17: streaming 100,000-chunk commits into a 1M
 store, the store's ingest over raw FAISS's). The segment is what the commit
 would build itself: IVF assignment and codes are computed per vector, and
-the lists keep the order the vectors were added in, which is the batch's.
+the lists keep the order the vectors were added in, which is the batch's. The
+same holds for a flat fast-scan template (``PQ...x4fs`` without IVF, the
+16-byte-per-vector recipe of docs/index.md): codes per vector, stored in order.
+Graphs are not encoded this way (FAISS inserts a batch into an HNSW graph in
+another order than part by part).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import faiss
 import numpy as np
 
-from ..index.merge import add_vectors
+from ..index.merge import add_vectors, is_flat_fast_scan
 from ..storage.faisstypes import is_ivf
 
 __all__ = ["BatchEncoder"]
@@ -29,7 +33,7 @@ log = logging.getLogger("retrostore")
 
 
 class BatchEncoder:
-    """The batch's segment of a trained IVF store, encoded part by part on a thread.
+    """The batch's segment of a trained IVF (or flat fast-scan) store, encoded part by part on a thread.
 
     Parameters
     ----------
@@ -46,8 +50,9 @@ class BatchEncoder:
 
     @classmethod
     def for_store(cls, template: faiss.Index | None) -> "BatchEncoder | None":
-        """An encoder when the store's batches are encoded by a trained IVF template, else None."""
-        return cls(template) if template is not None and is_ivf(template) else None
+        """An encoder when the store's batches are encoded by a trained IVF or flat fast-scan
+        template, else None."""
+        return cls(template) if template is not None and (is_ivf(template) or is_flat_fast_scan(template)) else None
 
     def add(self, vectors: np.ndarray) -> None:
         """Queue one appended part, ``(n, dim)`` float32 (not modified afterwards: ``append`` copies)."""

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from ..index.factory import new_index
-from ..index.merge import build_segment, merge_segments, plan_merge, segment_vectors
+from ..index.merge import build_segment, is_flat_fast_scan, merge_segments, plan_merge, segment_vectors
 from ..index import policy
 from ..index.source import VectorSource, live_ids
 from ..index.training import check_sample, default_train_size, progress_bar, sample_ids, train_template
@@ -57,8 +57,8 @@ def commit_index(c: Commit, vectors: np.ndarray, first_id: int, tomb: Tombstones
     it waits for the encoder's thread), or None. ``vectors_ready()`` returns once the batch's raw
     vectors file is written and in ``c.new`` (the commit writes it in another
     thread); it is called before anything that may read raw vectors files.
-    ``on_merge(start)`` is called before a tier merge of IVF segments (which reads
-    no raw vectors) from id ``start`` on, so that their vectors files can merge meanwhile.
+    ``on_merge(start)`` is called before a tier merge of IVF or flat fast-scan segments
+    (which reads no raw vectors) from id ``start`` on, so that their vectors files can merge meanwhile.
     """
     m = c.base.manifest
     idx = c.new["index"]
@@ -135,7 +135,8 @@ def _adopt_codes(template: faiss.Index | None, codes: list, vectors: np.ndarray)
 def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None,
                 on_merge: Callable[[int], None] = lambda start: None) -> list[Segment]:
     """Merge the newest segments when they fill a tier (:func:`retrostore.index.merge.plan_merge`);
-    ``on_merge(first_id)`` first when they are IVF segments (merged list by list, no vectors read)."""
+    ``on_merge(first_id)`` first when they are IVF segments (merged list by list) or flat fast-scan
+    ones (codes concatenated): no raw vectors read."""
     idx = c.new["index"]
     run = 0  # trailing segments that can merge: IVF ones always, others without holes
     for seg in reversed(segments):
@@ -146,7 +147,7 @@ def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None
     if not n_merge:
         return segments
     loaded = segments[-n_merge:]
-    if all(is_ivf(seg.index) for seg in loaded):
+    if all(is_ivf(seg.index) or is_flat_fast_scan(seg.index) for seg in loaded):
         on_merge(loaded[0].first_id)
     dim, metric = idx["dim"], c.base.manifest["metric"]
 

@@ -218,8 +218,9 @@ class SegmentSet:
         0.3 s per 1M vectors); flat fast-scan segments (``PQ...x4fs`` without IVF) of
         consecutive ids concatenate their codes (FAISS's ``merge_from``, from copies: it empties
         its source, and a failed merge must leave the segments serving), so that each query
-        keeps one candidate heap of ``k * rerank`` instead of one per segment. The segments are freed (while the merge runs the index is
-        in memory about three times: segments, merged lists, their serialised copy). The
+        keeps one candidate heap of ``k * rerank`` instead of one per segment. The segments are
+        freed (while the merge runs the index is in memory about three times: segments, merged
+        lists, their serialised copy). The
         merge runs inside the first search, under the exclusive lock, so that every answer of
         a handle comes from the same index: fast-scan codes tie often, and FAISS breaks ties at
         the candidate cut-off by scan order, which merging changes (answers otherwise differed

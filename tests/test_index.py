@@ -611,6 +611,25 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     assert {f for f in files if f[0].startswith("seg-")} <= set(after)  # merged in memory only
 
 
+def test_inspect_says_when_an_explicit_factory_will_train(tmp_path, rng):
+    """A store created with a factory that needs training says how many vectors it takes (39 per
+    centroid of its largest stage: 16 x 39 for 4-bit PQ) and how many are still to go."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="PQ16x4fs") as st:
+        _fill(st, rng, 300)
+        st.commit()
+        pending = st.info()["index"]["pending"]
+        assert pending["at_vectors"] == 624 and pending["train_sample"] == 624
+        assert "reaches 624 vectors" in pending["what"] and "324 to go" in pending["what"]
+        _fill(st, rng, 400, start=300)
+        st.commit()
+        assert st.manifest["index"]["factory"] == "PQ16x4fs" and st.info()["index"]["pending"] is None
+    with retrostore.create(tmp_path / "t", embedder=FakeEmbedder(), index="PQ16x4fs", train_size=500) as st:
+        _fill(st, rng, 300)
+        st.commit()
+        pending = st.info()["index"]["pending"]
+        assert pending["at_vectors"] is None and "train_size 500 is below the 624" in pending["what"]
+
+
 def test_reader_merges_flat_fast_scan_segments_in_memory(tmp_path, rng):
     """The 16-byte recipe (docs/index.md: a flat fast-scan code, no IVF lists) is merged in memory
     too: consecutive segments' codes concatenate into one index, which answers as the segments do

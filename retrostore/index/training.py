@@ -22,7 +22,7 @@ from ..storage.faisstypes import unwrap
 from .factory import new_index
 
 __all__ = [
-    "MIN_POINTS_PER_CENTROID", "MIN_TRAIN_SIZE", "requirements", "suggest_factory", "check_sample",
+    "MIN_POINTS_PER_CENTROID", "MIN_TRAIN_SIZE", "requirements", "vectors_needed", "suggest_factory", "check_sample",
     "default_train_size", "sample_ids", "train_template", "progress_bar",
 ]
 
@@ -100,6 +100,12 @@ def _needed(factory: str, dim: int, metric: str) -> tuple[list[tuple[str, int, i
         return [], 0
     reqs = requirements(index)
     return reqs, max((r[2] for r in reqs), default=1)
+
+
+def vectors_needed(factory: str, dim: int, metric: str) -> int:
+    """The fewest training vectors that train every stage of ``factory`` well (0 when it needs
+    no training): :data:`MIN_POINTS_PER_CENTROID` per centroid of its largest stage."""
+    return _needed(factory, dim, metric)[1]
 
 
 def suggest_factory(factory: str, n: int, dim: int, metric: str) -> str:

@@ -6,7 +6,7 @@ import datetime as _dt
 import os
 
 from ..index import policy
-from ..index.training import default_train_size
+from ..index.training import MIN_POINTS_PER_CENTROID, default_train_size, vectors_needed
 from ..storage import manifest as _manifest
 from ..storage.layout import LMDB_DIR, MANIFEST, retained_versions
 from ..storage.vectors import keeps_files
@@ -111,9 +111,18 @@ def _pending(m: dict, n: int) -> tuple[dict | None, str | None]:
     target = idx.get("target", idx["factory"])
     dim, keep, mapped = idx["dim"], bool(m["settings"]["keep_vectors"]), bool(m["settings"].get("mmap"))
     if target not in ("auto", idx["factory"]):
-        return ({"factory": target, "at_vectors": None, "train_sample": None,
-                 "what": f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)"},
-                f"served by exact Flat until enough vectors exist to train {target!r} (trained at a commit)")
+        need = max(1, vectors_needed(target, dim, m["metric"]))
+        cap = m["settings"].get("train_size")
+        if cap and int(cap) < need:
+            what = (f"served by exact Flat: train_size {int(cap):,} is below the {need:,} vectors {target!r} needs "
+                    "to train well, so no commit will train it; reindex with a larger train_size")
+            return {"factory": target, "at_vectors": None, "train_sample": None, "what": what}, what
+        at = max(need, n)
+        what = (f"served by exact Flat until a commit reaches {need:,} vectors and trains {target!r} "
+                f"({max(0, need - n):,} to go; {MIN_POINTS_PER_CENTROID} training vectors per centroid of its "
+                "largest stage)")
+        sample = min(at, int(cap) if cap else default_train_size(target, at, dim, m["metric"]))
+        return {"factory": target, "at_vectors": need, "train_sample": sample, "what": what}, what
     if target != "auto":
         return None, None
     if not idx.get("template"):

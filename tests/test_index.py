@@ -611,6 +611,56 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     assert {f for f in files if f[0].startswith("seg-")} <= set(after)  # merged in memory only
 
 
+def test_flat_fast_scan_codes_concatenate_as_add_writes_them(rng):
+    """concat_flat_fast_scan gives the bytes that adding every vector to one index gives, also where
+    FAISS's merge_from leaves stale bytes in the last block's unused slots (a base that held more
+    codes: helper-14 found merged segment files that differed from build to build); blocks of 64
+    codes are refused (FAISS's merge_from scrambles them)."""
+    from retrostore.index.merge import concat_flat_fast_scan, is_flat_fast_scan
+
+    x = _vectors(rng, 3000)
+    template = faiss.index_factory(64, "PQ16x4fs", faiss.METRIC_INNER_PRODUCT)
+    template.train(x)
+
+    def built(lo, hi):
+        index = faiss.clone_index(template)
+        index.add(x[lo:hi])
+        return index
+
+    def codes(index):
+        index = faiss.downcast_index(index)
+        return faiss.rev_swig_ptr(index.codes.get(), index.codes.size()).copy()
+
+    for n1, n2 in [(1000, 245), (7, 9), (32, 5), (64, 64)]:
+        base = faiss.clone_index(template)
+        base.add(x)
+        base.reset()  # keeps its buffer: merge_from's new codes land on stale bytes
+        concat_flat_fast_scan(base, [built(0, n1), built(n1, n1 + n2)])
+        assert base.ntotal == n1 + n2 and np.array_equal(codes(base), codes(built(0, n1 + n2)))
+    wide = faiss.index_factory(64, "PQ16x4fs_64", faiss.METRIC_INNER_PRODUCT)
+    assert not is_flat_fast_scan(wide)
+    with pytest.raises(InvalidInputError, match="blocks of 32"):
+        concat_flat_fast_scan(wide, [])
+
+
+def test_fast_scan_in_blocks_of_64_merges_by_re_encoding(tmp_path, rng):
+    """FAISS 1.15's merge_from scrambles fast-scan codes in blocks of 64 (helper-14: recall@10 0.88
+    after a writer's tier merge, 0.54 after a reader's merge in memory, against 0.998): such
+    segments merge by re-encoding the stored vectors, and a reader searches them as written."""
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=FakeEmbedder(), index="PQ16x4fs_64", index_params={"rerank": 20}) as st:
+        _fill(st, rng, 1500)
+        st.commit()
+        for b in range(9):  # eight segments of one tier merge into one
+            _fill(st, rng, 40, start=1500 + 40 * b)
+            st.commit()
+        assert st.manifest["index"]["factory"] == "PQ16x4fs_64" and len(st.manifest["index"]["segments"]) < 10
+        assert st.evaluate(queries=200, k=10)["recall_at_k"] > 0.97
+    with retrostore.open(path) as rd:
+        assert rd.evaluate(queries=200, k=10)["recall_at_k"] > 0.97
+        assert rd.info()["index"]["segments_searched"] == len(rd.manifest["index"]["segments"])  # not merged
+
+
 def test_inspect_says_when_an_explicit_factory_will_train(tmp_path, rng):
     """A store created with a factory that needs training says how many vectors it takes (39 per
     centroid of its largest stage: 16 x 39 for 4-bit PQ) and how many are still to go."""

@@ -21,7 +21,7 @@ from ..storage.tombstones import in_sorted
 from .factory import new_index
 
 __all__ = ["MERGE_FACTOR", "build_segment", "add_vectors", "merge_segments", "merge_fast_scan", "PQ4Layout", "is_fast_scan",
-           "is_flat_fast_scan", "concat_flat_fast_scan", "plan_merge", "owned_copy", "segment_vectors"]
+           "is_flat_fast_scan", "flat_fast_scan_run", "concat_flat_fast_scan", "plan_merge", "owned_copy", "segment_vectors"]
 
 #: Segments per tier before they are merged into one (see module docstring).
 MERGE_FACTOR = 8
@@ -117,7 +117,7 @@ def merge_segments(segments: list[Segment], make_empty: Callable[[], faiss.Index
             if seg.count:
                 base.merge_from(owned_copy(seg.index), seg.first_id - first)
         return base
-    if is_flat_fast_scan(base) and not any(s.holes for s in segments):
+    if is_flat_fast_scan(base) and flat_fast_scan_run(segments):
         concat_flat_fast_scan(base, [seg.index for seg in segments])
         return base
     if not any(s.holes for s in segments) and not _holds_fast_scan(base):  # other fast-scan: re-encoded below
@@ -153,6 +153,13 @@ def is_flat_fast_scan(index: faiss.Index) -> bool:
     concatenate (:func:`concat_flat_fast_scan`)."""
     index = faiss.downcast_index(index)
     return isinstance(index, faiss.IndexFastScan) and int(index.bbs) == 32
+
+
+def flat_fast_scan_run(segments: list[Segment]) -> bool:
+    """Flat fast-scan segments without holes, each starting where the one before ends: their codes
+    concatenate (:func:`concat_flat_fast_scan`) into one index answering with the same ids."""
+    return all(is_flat_fast_scan(s.index) and not s.holes for s in segments) and all(
+        a.end_id == b.first_id for a, b in zip(segments, segments[1:]))
 
 
 def _holds_fast_scan(index: faiss.Index) -> bool:

@@ -21,7 +21,7 @@ from ..storage.faisstypes import FLAT_TYPES, unwrap
 from ..storage.memory import trim_heap
 from ..storage.segments import FP16, Segment
 from ..storage.tombstones import in_sorted
-from .merge import concat_flat_fast_scan, is_fast_scan, is_flat_fast_scan, merge_fast_scan
+from .merge import flat_fast_scan_run, is_fast_scan, merge_segments
 from .params import RERANK, RWLock, apply_params, current_params, effective_params
 
 __all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "BLAS_THRESHOLD", "share_quantizers"]
@@ -103,11 +103,8 @@ def _one_thread(n_queries: int) -> int:
     return before
 
 
-def _consecutive_flat_fast_scan(segments: list[Segment]) -> bool:
-    """Flat fast-scan segments whose ids are their positions, each starting where the one before
-    ends: one index concatenating their codes answers with the same ids."""
-    return all(is_flat_fast_scan(s.index) and s.index.ntotal == s.end_id - s.first_id for s in segments) and all(
-        a.end_id == b.first_id for a, b in zip(segments, segments[1:]))
+def _no_vectors(segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+    raise RuntimeError("an in-memory merge of segments reads no raw vectors")
 
 
 def share_quantizers(segments: list[Segment]) -> int:
@@ -172,8 +169,8 @@ class SegmentSet:
         Raw vectors for the ``rerank`` parameter.
     make_empty : callable, optional
         Returns the store's trained empty index (a clone of its template). Given (a read-only
-        handle), IVF fast-scan segments are merged in memory into one index by the first
-        search (:meth:`merge_segments`).
+        handle), IVF fast-scan segments, or a run of flat fast-scan ones, are merged in memory
+        into one index by the first search (:meth:`merge_segments`).
     on_merged : callable, optional
         ``on_merged(segment_set, sha256s)`` after the merged index replaced the segments of
         those checksums (the loader drops its references to them).
@@ -204,7 +201,7 @@ class SegmentSet:
         self._make_empty = make_empty
         self._on_merged = on_merged
         self._merge_pending = make_empty is not None and len(mergeable) >= 2 and (
-            all(is_fast_scan(s.index) for s in mergeable) or _consecutive_flat_fast_scan(mergeable))
+            all(is_fast_scan(s.index) for s in mergeable) or flat_fast_scan_run(mergeable))
 
     # -- the in-memory merge of a read-only handle's segments ---------------------------------
     def merge_segments(self) -> None:
@@ -250,11 +247,7 @@ class SegmentSet:
         """Build the merged index and put it in place of the segments (caller holds the lock)."""
         segs = [s for s in self.segments if s.count]
         first = segs[0].first_id
-        base = self._make_empty()
-        if is_fast_scan(base):
-            merge_fast_scan(base, [(s.index, s.first_id - first) for s in segs])
-        else:  # consecutive flat fast-scan segments: positions concatenate
-            concat_flat_fast_scan(base, [s.index for s in segs])
+        base = merge_segments(segs, self._make_empty, _no_vectors)  # lists or codes concatenate
         # A serialise / deserialise round trip sizes every list exactly: lists filled in memory
         # round their code buffers up to a power of two (FAISS's AlignedTable), 44 MiB
         # against 36 MiB read back, for 1M vectors of 24-byte codes.

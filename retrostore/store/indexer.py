@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from ..index.factory import new_index
-from ..index.merge import build_segment, is_flat_fast_scan, merge_segments, plan_merge, segment_vectors
+from ..index.merge import build_segment, flat_fast_scan_run, merge_segments, plan_merge, segment_vectors
 from ..index import policy
 from ..index.source import VectorSource, live_ids
 from ..index.training import check_sample, default_train_size, progress_bar, sample_ids, train_template
@@ -147,7 +147,7 @@ def _tier_merge(c: Commit, segments: list[Segment], template: faiss.Index | None
     if not n_merge:
         return segments
     loaded = segments[-n_merge:]
-    if all(is_ivf(seg.index) or is_flat_fast_scan(seg.index) for seg in loaded):
+    if all(is_ivf(seg.index) for seg in loaded) or flat_fast_scan_run(loaded):  # merge_segments reads no vectors
         on_merge(loaded[0].first_id)
     dim, metric = idx["dim"], c.base.manifest["metric"]
 

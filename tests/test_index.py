@@ -557,6 +557,21 @@ def test_raw_vectors_score_candidates_across_files(tmp_path, rng, n_files, metri
     assert np.isnan(late.scores(np.array([[1, 2]]), q, metric)).all()
 
 
+def _four_commits_with_deletes(st, rng) -> tuple[np.ndarray, np.ndarray]:
+    """1,000 vectors (the commit that trains), three commits of 400, then chunks 5, 1200 and 1700
+    deleted; returns the vectors and queries near every 37th of them."""
+    parts = [_fill(st, rng, 1000)]
+    st.commit()
+    for b in range(3):
+        parts.append(_fill(st, rng, 400, start=1000 + 400 * b))
+        st.commit()
+    st.delete([5, 1200, 1700])
+    st.commit()
+    x = np.concatenate(parts)
+    q = x[::37] + 0.05
+    return x, (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
 def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     """A read-only handle's first search merges a streamed store's fast-scan segments into one
     in-memory index (issue 17: per-segment probing cost 1.6x raw FAISS at 1M vectors): the answers
@@ -566,16 +581,7 @@ def test_reader_merges_fast_scan_segments_in_memory(tmp_path, rng):
     path = tmp_path / "s"
     params = {"nprobe": 8, "rerank": 20}
     with retrostore.create(path, embedder=FakeEmbedder(), index="IVF16,PQ8x4fs", index_params=params) as st:
-        parts = [_fill(st, rng, 1000)]
-        st.commit()
-        for b in range(3):
-            parts.append(_fill(st, rng, 400, start=1000 + 400 * b))
-            st.commit()
-        st.delete([5, 1200, 1700])
-        st.commit()
-        x = np.concatenate(parts)
-        q = x[::37] + 0.05
-        q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        x, q = _four_commits_with_deletes(st, rng)
         want = st.search_vectors(q, 10)
         want_np = st.search_vectors(q, 10, params={"nprobe": 2})
         assert len(st._head.version.segments) == 4  # a writer keeps its segments
@@ -684,26 +690,16 @@ def test_reader_merges_flat_fast_scan_segments_in_memory(tmp_path, rng):
     """The 16-byte recipe (docs/index.md: a flat fast-scan code, no IVF lists) is merged in memory
     too: consecutive segments' codes concatenate into one index, which answers as the segments do
     (ids and scores, deleted documents left out); segments with holes are never concatenated."""
-    from retrostore.index.merge import is_flat_fast_scan
-    from retrostore.index.search import _consecutive_flat_fast_scan
+    from retrostore.index.merge import flat_fast_scan_run, is_flat_fast_scan
 
     path = tmp_path / "s"
     with retrostore.create(path, embedder=FakeEmbedder(), index="PQ16x4fs", index_params={"rerank": 20}) as st:
-        parts = [_fill(st, rng, 1000)]
-        st.commit()
-        for b in range(3):
-            parts.append(_fill(st, rng, 400, start=1000 + 400 * b))
-            st.commit()
-        st.delete([5, 1200, 1700])
-        st.commit()
+        x, q = _four_commits_with_deletes(st, rng)
         assert st.manifest["index"]["factory"] == "PQ16x4fs"
-        x = np.concatenate(parts)
-        q = x[::37] + 0.05
-        q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
         want = st.search_vectors(q, 10)
         assert len(st._head.version.segments) == 4  # a writer keeps its segments
         segs = st._head.version.segments
-        assert _consecutive_flat_fast_scan(segs) and not _consecutive_flat_fast_scan([segs[0], segs[2]])
+        assert flat_fast_scan_run(segs) and not flat_fast_scan_run([segs[0], segs[2]])
     with retrostore.open(path) as rd:
         rd.search_vectors(q[:1], 10)  # the first search merges
         merged = rd._head.version.segments

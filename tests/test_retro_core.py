@@ -282,6 +282,9 @@ def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):
         tab = retro.chunk_table(st)
         assert not tab.live[gone].any() and tab.live.sum() == len(st) - len(gone)
         last0 = gone[0] - 1                      # document 0's last chunk: its id + 1 is deleted
+        assert st.deleted_chunks([[gone[-1], last0, -1]]).tolist() == [[True, False, False]]
+        with pytest.raises(InvalidInputError, match=rf"chunk id {len(st)} is outside \[-1, {len(st)}\)"):
+            st.deleted_chunks([len(st)])
         nt = retro.neighbor_tokens(st, [[last0, -1]])
         assert nt.doc_ids[0, 0] == 0 and not nt.mask[0, 0, T:].any()
         np.testing.assert_array_equal(nt.tokens, retro.neighbor_tokens(st, [[last0, -1]], table=tab).tokens)
@@ -307,10 +310,12 @@ def test_table_path_never_serves_chunks_purged_since_it_was_read(store, tmp_path
         first = int(doc.chunk_ids[0])
         ids = np.array([[first, first - 1]])
         assert (retro.neighbor_tokens(reader, ids, table=tab).chunk_ids == ids).all()
+        assert not reader.deleted_chunks(ids).any()
         with retrostore.open(path, "a", embedder=embedder) as writer:
             writer.delete([1])
             writer.commit()
             writer.compact(progress=False)
+        assert reader.deleted_chunks(ids).tolist() == [[True, False]]  # purged since this handle's version
         for t in (None, tab):
             nt = retro.neighbor_tokens(reader, ids, table=t)
             assert nt.chunk_ids.tolist() == [[-1, first - 1]]

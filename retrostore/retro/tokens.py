@@ -122,9 +122,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
                                 "read a new one with chunk_table(store)")
     # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
     # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
-    reader = store._reader
-    reader.follow_purges()
-    return _from_table(table, ids, pad, reader.version.tombstones.chunk_mask(ids))
+    return _from_table(table, ids, pad, store.deleted_chunks(ids))
 
 
 class NeighborFile:

@@ -305,16 +305,16 @@ def _id_bounds(ids: np.ndarray) -> tuple[int, int]:
 
 
 def neighbor_id_array(chunk_ids: Any, limit: int, chunk_tokens: int) -> np.ndarray:
-    """``chunk_ids`` checked as neighbour ids (:func:`_id_array`) whose tokens, ``(..., k, 2 *
+    """``chunk_ids`` checked as neighbour ids (:func:`id_array`) whose tokens, ``(..., k, 2 *
     chunk_tokens)`` int64 + mask, fit in memory (:func:`check_output_size`). The one check of
     ``Store.neighbor_tokens`` and of ``retro.neighbor_tokens`` reading from a chunk table."""
-    ids = _id_array(chunk_ids, limit)
+    ids = id_array(chunk_ids, limit)
     check_output_size(f"neighbour tokens of {ids.size:,} ids", ids.size * 2 * chunk_tokens * 9,
                       "ask for fewer ids per call (rows in batches)")
     return ids
 
 
-def _id_array(chunk_ids: Any, limit: int) -> np.ndarray:
+def id_array(chunk_ids: Any, limit: int) -> np.ndarray:
     """``chunk_ids`` as an int64 array of shape (..., k), k >= 1; -1 allowed.
 
     Raises

@@ -46,7 +46,7 @@ from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
 from .precompute import precompute_neighbors
-from .reading import Reader, check_k, check_queries, int_ids
+from .reading import Reader, check_k, check_queries, id_array, int_ids
 from .retrieval import neighbors
 from .verify import retokenize_problems, verify_version
 from .version import Head
@@ -608,6 +608,34 @@ class Store:
         self._check()
         tokens, mask, ids, doc_ids = self._reader.retrying(lambda: self._reader.neighbor_tokens(chunk_ids))
         return Neighbors(tokens, mask, ids, doc_ids, np.full(ids.shape, np.nan, np.float32))
+
+    def deleted_chunks(self, chunk_ids: Any) -> np.ndarray:
+        """Which of ``chunk_ids`` this handle does not serve: their document was deleted.
+
+        Deleted in this handle's version, or purged by ``compact`` since (take-downs
+        win over an older or pinned version, as in :meth:`neighbor_tokens`). For
+        callers that read tokens from their own snapshot, such as
+        :func:`retrostore.retro.chunk_table`, and must still hide a take-down.
+
+        Parameters
+        ----------
+        chunk_ids : array-like of int, shape (..., k)
+            Committed chunk ids; -1 for none (never deleted).
+
+        Returns
+        -------
+        ndarray of bool, shaped like ``chunk_ids``
+            True where the chunk's document is deleted.
+
+        Raises
+        ------
+        InvalidInputError
+            Not integers, no k axis, or an id below -1 or not committed.
+        """
+        self._check()
+        ids = id_array(chunk_ids, len(self))
+        self._reader.follow_purges()
+        return self._reader.version.tombstones.chunk_mask(ids)
 
     def precompute_neighbors(
         self,

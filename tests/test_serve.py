@@ -346,6 +346,32 @@ def test_concurrent_requests_are_batched_and_counted(server, local):
     assert n_batches < n_requests, "12 concurrent clients never shared a batch"
 
 
+def test_a_client_gone_mid_body_is_no_server_error(server, remote, local):
+    """helper-16: a client that closed its connection before its body arrived was logged as a failure
+    with a traceback and counted as a 500, which alerting on server errors would page for."""
+    import socket
+    from urllib.parse import urlsplit
+
+    def count(status):
+        text = httpx.get(server.url + "/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "retrostore_requests_total" and s.labels == {"endpoint": "neighbors", "status": status})
+
+    before = count("499"), count("500")
+    url = urlsplit(server.url)
+    for _ in range(3):
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(b"POST /v1/neighbors HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"token_ids\"")
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while count("499") < before[0] + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (count("499"), count("500")) == (before[0] + 3, before[1])
+    assert "ClientDisconnect" not in server.log()
+    _same_hits(remote.search(QUERIES[1], k=2), local.search(QUERIES[1], k=2))  # still serving
+
+
 def test_binds_loopback_by_default(server):
     assert "Uvicorn running on http://127.0.0.1:" in server.log()
 

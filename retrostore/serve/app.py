@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -58,6 +58,10 @@ log = logging.getLogger("retrostore.serve")
 
 #: Answers at least this large are JSON-encoded on a worker thread, not on the event loop.
 _BIG_ANSWER_VALUES = 50_000
+
+#: The status counted for a request whose client went away before its body arrived (nginx's "client
+#: closed request"): not the server's failure, so not a 5xx that alerting on errors would page for.
+CLIENT_CLOSED = 499
 
 
 def _error_body(exc: BaseException) -> tuple[int, dict]:
@@ -205,6 +209,9 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
                 start = time.perf_counter()
                 try:
                     response = await handler(request)
+                except ClientDisconnect:  # nobody to answer (helper-16: was logged and counted as a 500)
+                    log.debug("%s: the client disconnected before its request body arrived", name)
+                    response = Response(status_code=CLIENT_CLOSED)
                 except Exception as exc:  # every failure is a JSON answer; the server keeps serving
                     if not isinstance(exc, RetrostoreError):
                         log.exception("%s failed", name)

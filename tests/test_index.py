@@ -401,6 +401,30 @@ def test_reindex_without_re_embedding(tmp_path, rng):
         assert st.manifest["index"]["factory"] == "Flat" and st.verify() == []
 
 
+def test_eval_and_reindex_refuse_a_k_or_seed_they_cannot_honour(tmp_path, rng):
+    """helper-16: k at or above the store's size read padding as the k-th exact score (recall 0.0 on an
+    exact index) or allocated queries x k x dim floats (a bare MemoryError); a negative seed, and a
+    huge thread count (a segmentation fault in OpenMP), crashed instead of saying what to give."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="Flat") as st:
+        _fill(st, rng, 300)
+        st.commit()
+        assert st.evaluate(queries=20, k=299)["recall_at_k"] == 1.0  # every other vector: all found
+        for k in (300, 100_000):
+            with pytest.raises(InvalidInputError, match=rf"k={k} is more than the 299 neighbours .* k <= 299"):
+                st.evaluate(queries=20, k=k)
+        for seed in (-1, 1.5, "a", True):
+            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int >= 0"):
+                st.evaluate(queries=20, seed=seed)
+            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int >= 0"):
+                st.reindex("IVF4,Flat", seed=seed, progress=False)
+        assert st.version == 1 and st.manifest["index"]["factory"] == "Flat" and st.verify() == []
+    for threads in (0, -3, 10**5, "2", 2.0, True, [2]):
+        with pytest.raises(InvalidInputError, match=r"threads=.* must be an int in \[1, \d+\]"):
+            retrostore.open(tmp_path / "s", threads=threads)
+    with retrostore.open(tmp_path / "s", threads=np.int64(1)) as st:
+        assert st.threads == 1
+
+
 def test_reindex_needs_the_vectors(tmp_path, rng):
     with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), keep_vectors=False, index="IVF8,PQ8x4") as st:
         _fill(st, rng, 1000)

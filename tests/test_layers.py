@@ -28,7 +28,7 @@ PKG = ROOT / "retrostore"
 #: The layers, lowest first. A module of layer i may import layers 0..i-1 and its own subpackage.
 LAYERS = [
     {"errors", "types"},
-    {"storage"},
+    {"storage", "threads"},
     {"text"},
     {"index"},
     {"store"},

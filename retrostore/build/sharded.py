@@ -47,6 +47,7 @@ from ..storage.layout import TMP_PREFIX
 from ..store.create import create, open_store
 from ..store.maintenance import install_template
 from ..text.models import DEFAULT_MODEL_SHA256
+from ..threads import check_threads
 from . import plan as _plan
 from . import shards as _shards
 from .common import BuildResult, check_same_settings, merge_trained_segments
@@ -195,6 +196,7 @@ def build_sharded(
         raise InvalidInputError(f"shards={shards!r} must be an int >= 1")
     if address is not None and engine != "ray":
         raise InvalidInputError("address= (--address) needs engine='ray'")
+    threads = check_threads(threads)
     root = Path(store)
     work = Path(work_dir) if work_dir is not None else root.parent / f"{root.name}.build"
     files = _plan.input_files(inputs)  # checks the inputs before anything is created

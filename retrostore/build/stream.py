@@ -20,6 +20,7 @@ from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
 from ..store.create import create, open_store
 from ..text.inputs import expand_named, read_file
+from ..threads import check_threads
 from .common import BuildResult, check_same_settings, merge_trained_segments
 from .records import BUILDS, Records, file_digest
 from .sharded import build_sharded
@@ -105,6 +106,7 @@ def build_store(
     """
     if not isinstance(append, bool):
         raise InvalidInputError(f"append={append!r} must be True or False")
+    threads = check_threads(threads)  # before anything is read or created
     if engine is None and (shards is not None or work_dir is not None or device != "cpu"):
         engine = "local"
     if engine is not None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import time
+from typing import Any
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import IndexTrainingError
+from ..errors import IndexTrainingError, InvalidInputError
 from ..storage.faisstypes import unwrap
 from .factory import new_index
 
@@ -167,9 +169,28 @@ def default_train_size(factory: str, n: int, dim: int, metric: str) -> int:
     return int(min(n, want))
 
 
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int >= 0 (numpy's ``default_rng`` takes no negative seed).
+
+    Raises
+    ------
+    InvalidInputError
+        Not an int (a bool, a float, a string) or negative.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InvalidInputError(f"seed={seed!r} must be an int >= 0 (the seed of the sample; the default is 0)")
+    return int(seed)
+
+
 def sample_ids(live_ids: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample (without replacement) of ``size`` live chunk ids, sorted."""
-    rng = np.random.default_rng(seed)
+    """A seeded uniform sample (without replacement) of ``size`` live chunk ids, sorted.
+
+    Raises
+    ------
+    InvalidInputError
+        ``seed`` is not an int >= 0 (:func:`check_seed`).
+    """
+    rng = np.random.default_rng(check_seed(seed))
     if size >= len(live_ids):
         return np.asarray(live_ids, np.int64)
     return np.sort(rng.choice(np.asarray(live_ids, np.int64), size=size, replace=False))

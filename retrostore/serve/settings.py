@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrostore.errors import InvalidInputError
+from retrostore.threads import check_threads, cpu_count
 
 __all__ = ["ServeSettings", "SETTINGS_ENV"]
 
@@ -107,9 +108,7 @@ class ServeSettings:
         for name in ("follow", "verify", "spin"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name}={getattr(self, name)!r} must be a bool")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise InvalidInputError(f"threads={self.threads!r} must be an int >= 1 (or None: CPUs / workers)")
+        check_threads(self.threads)
         for name in ("refresh_interval_s", "batch_window_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60_000:
@@ -119,11 +118,7 @@ class ServeSettings:
         """FAISS/onnxruntime threads for one worker (``threads``, else CPUs / workers)."""
         if self.threads:
             return self.threads
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cpus = os.cpu_count() or 1
-        return max(1, cpus // self.workers)
+        return max(1, cpu_count() // self.workers)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -18,9 +18,9 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..index.params import check_params
 from ..index.source import live_ids
-from ..index.training import sample_ids
+from ..index.training import check_seed, sample_ids
 from ..storage.faisstypes import METRICS
-from .reading import Reader, check_k
+from .reading import Reader, check_k, check_output_size
 
 __all__ = ["evaluate"]
 
@@ -53,13 +53,15 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
     Raises
     ------
     InvalidInputError
-        ``queries`` or ``k`` out of range, or bad ``params``.
+        ``queries``, ``k`` or ``seed`` out of range (``k`` above the live
+        vectors less one), bad ``params``, or results that would not fit in memory.
     RetrostoreError
         The stored vectors cannot be read (no raw vectors and a compressed index).
     """
     k = check_k(k)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise InvalidInputError(f"queries={queries!r} must be an int >= 1")
+    seed = check_seed(seed)
     params = check_params(params)
     version = reader.version
     m = version.manifest
@@ -67,7 +69,14 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
     live = live_ids(version.n_chunks, version.tombstones)
     if len(live) < 2:
         raise InvalidInputError(f"the store holds {len(live)} live vectors; eval needs at least 2")
-    q_ids = sample_ids(live, min(queries, len(live)), seed)
+    if k > len(live) - 1:  # each query's own chunk is left out: len(live) - 1 neighbours exist
+        raise InvalidInputError(
+            f"k={k} is more than the {len(live) - 1:,} neighbours a query has in this store ({len(live):,} live "
+            f"vectors, less the query's own); ask for k <= {len(live) - 1:,}")
+    n_q = min(queries, len(live))
+    check_output_size(f"eval's {n_q:,} x {k + 1:,} exact and approximate results", n_q * (k + 1) * 24,
+                      "ask for fewer queries or a smaller k")
+    q_ids = sample_ids(live, n_q, seed)
     Q = np.ascontiguousarray(source.take(q_ids), dtype=np.float32)
     kk = min(k + 1, len(live))
     ip = m["metric"] == "ip"
@@ -88,8 +97,7 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
     _, approx_i = _leave_one_out(approx_s, approx_i, q_ids, k)
 
     # tie-aware recall: exact scores of the returned ids against the k-th exact score
-    vec = source.take(np.where(approx_i >= 0, approx_i, 0))
-    scores = np.einsum("nkd,nd->nk", vec, Q) if ip else ((vec - Q[:, None, :]) ** 2).sum(-1)
+    scores = _scores(source, Q, approx_i, ip)
     kth = exact_s[:, k - 1 : k]
     good = (scores >= kth - _TIE_EPS) if ip else (scores <= kth + _TIE_EPS)
     good &= approx_i >= 0
@@ -114,6 +122,19 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
                        "mean": round(float(times_a.mean()), 3)},
         "batch_qps": round(len(Q) / max(batch_s, 1e-9), 1),
     }
+
+
+def _scores(source, Q: np.ndarray, ids: np.ndarray, ip: bool) -> np.ndarray:
+    """Exact scores ``(n, k)`` of stored vectors ``ids`` (-1: any) against their row's query, read in
+    blocks of ~16M floats (a large k over many queries would need ``n x k x dim`` at once)."""
+    out = np.empty(ids.shape, np.float32)
+    rows = max(1, (1 << 24) // max(1, ids.shape[1] * Q.shape[1]))
+    for lo in range(0, len(ids), rows):
+        vec = source.take(np.where(ids[lo:lo + rows] >= 0, ids[lo:lo + rows], 0).ravel()).reshape(
+            *ids[lo:lo + rows].shape, -1).astype(np.float32, copy=False)
+        q = Q[lo:lo + rows]
+        out[lo:lo + rows] = np.einsum("nkd,nd->nk", vec, q) if ip else ((vec - q[:, None, :]) ** 2).sum(-1)
+    return out
 
 
 def _leave_one_out(D: np.ndarray, I: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
 from ..index.policy import default_factory
+from ..index.training import check_seed
 from ..storage.faisstypes import is_ivf
 from ..storage.fileio import fsync_dir, write_durable
 from ..storage.layout import VERSIONS_DIR, retained_versions, template_name, vectors_name, version_path
@@ -39,6 +40,8 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
         idx["param_overrides"] = check_params(params, "params")
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1")
+    if seed is not None:
+        check_seed(seed)  # before any work
     auto = target == "auto"
     n = sum(s.count for s in c.base.segments)
     keep = bool(new["settings"]["keep_vectors"])

@@ -39,6 +39,7 @@ from ..storage.chunktable import ChunkTable
 from ..storage.layout import LOCK, MANIFEST
 from ..storage.segments import check_file
 from ..text.chunking import Chunker
+from ..threads import check_threads, cpu_count
 from ..text.embed import Embedder, check_embedder, json_fingerprint
 from ..text.models import DEFAULT_MODEL_SHA256, default_embedder, embed_chunks
 from ..types import Chunk, Document, Hit, Neighbors
@@ -61,13 +62,6 @@ DEFAULTS: dict[str, Any] = {
     "keep_vectors": True,      # keep raw vectors for reindex and recall measurement
     "vector_dtype": "float16", # dtype of the raw vectors files (half the bytes of float32)
 }
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 #: True in a process forked from one that imported retrostore. GNU OpenMP's
@@ -116,7 +110,7 @@ class Store:
         self._table: ChunkTable | None = None
         self._writer: Writer | None = None
         self._pinned_version = version
-        self.threads = int(threads) if threads else _cpu_count()
+        self.threads = check_threads(threads) or cpu_count()
         faiss.omp_set_num_threads(1 if _forked_child else self.threads)
         if not (self.path / MANIFEST).is_file():
             raise NotAStoreError(
@@ -728,7 +722,8 @@ class Store:
         RetrostoreError
             No raw vectors are kept and the index cannot give its vectors back.
         InvalidInputError
-            Bad factory string or parameters, or uncommitted appends/deletes.
+            Bad factory string or parameters, ``train_size`` below 1, ``seed``
+            not an int >= 0, or uncommitted appends/deletes.
         """
         self._check(write=True)
         try:
@@ -773,9 +768,11 @@ class Store:
         queries : int, default 1000
             Query vectors sampled (seeded) from the live stored vectors.
         k : int, default 10
+            At most the live vectors less one (each query's own chunk is left out).
         params : dict, optional
             Search parameters for the measured searches (over the store's).
         seed : int, default 0
+            Seed of the query sample, >= 0.
 
         Returns
         -------
@@ -789,7 +786,8 @@ class Store:
         Raises
         ------
         InvalidInputError
-            ``queries`` or ``k`` out of range, or bad ``params``.
+            ``queries``, ``k`` or ``seed`` out of range (``k`` above the live
+            vectors less one), bad ``params``, or results that would not fit in memory.
         RetrostoreError
             The stored vectors cannot be read (no raw vectors and a compressed index).
         """

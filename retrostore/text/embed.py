@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError
 from ..storage.fileio import sha256_cached
+from ..threads import check_threads, cpu_count
 
 __all__ = ["Embedder", "OnnxEmbedder", "DEFAULT_MODEL_SHA256", "DEFAULT_TOKENIZER_SHA256", "DEFAULT_NAME",
            "check_embedder", "json_fingerprint"]
@@ -83,12 +84,6 @@ def _abandon_sessions_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_abandon_sessions_in_child)
-
-
-def _default_threads() -> int:
-    """CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
-    getaff = getattr(os, "sched_getaffinity", None)  # absent on macOS and Windows
-    return max(1, len(getaff(0)) if getaff else (os.cpu_count() or 1))
 
 
 def _check_seq(obj: Any, what: str) -> None:
@@ -182,15 +177,14 @@ class OnnxEmbedder:
         if pooling not in ("mean", "cls") or not isinstance(normalize, bool):
             raise InvalidInputError(f"pooling must be 'mean' or 'cls' and normalize a bool, "
                                     f"got {pooling!r}, {normalize!r}")
-        for arg, val, low in (("max_tokens", max_tokens, 3), ("batch_size", batch_size, 1),
-                              ("threads", 1 if threads is None else threads, 1)):
+        for arg, val, low in (("max_tokens", max_tokens, 3), ("batch_size", batch_size, 1)):
             if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < low:
                 raise InvalidInputError(f"{arg} must be an int >= {low}, got {val!r}")
         self.model_path = _check_file(model_path, "model_path")
         self.tokenizer_path = _check_file(tokenizer_path, "tokenizer_path")
         self.pooling, self.normalize = pooling, normalize
         self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
-        self.threads = int(threads) if threads is not None else _default_threads()
+        self.threads = check_threads(threads) or cpu_count()
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.model_sha256 = sha256_cached(self.model_path)
         want = str(expected_sha256 or self.model_sha256).lower()

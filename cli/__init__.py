@@ -499,7 +499,7 @@ def delete(store, doc_ids):
     with retrostore.open(store, "a") as st:
         n = st.delete(list(doc_ids))
         version = st.commit()
-    click.echo(f"deleted {n} documents ({len(doc_ids) - n} already deleted); version {version}")
+    click.echo(f"deleted {n} documents ({len(set(doc_ids)) - n} already deleted); version {version}")
 
 
 @cli.command()

@@ -450,6 +450,18 @@ def test_manifest_naming_file_outside_store(tmp_path, hash_tar):
     _refuse(tmp_path, _edit_manifest(_members(hash_tar), absolute), UnsafeArchiveError, "escapes the store")
 
 
+def test_pack_of_a_store_missing_a_file_blames_the_store(tmp_path, built_store):
+    """helper-16: a missing index file was reported as 'cannot write OUT.tar' (an OSError), blaming
+    the archive; it is the store that is damaged, and nothing is left at the output."""
+    copy = tmp_path / "copy.rstore"
+    shutil.copytree(built_store, copy)
+    seg = sorted((copy / "index").glob("seg-*"))[0]
+    seg.unlink()
+    with pytest.raises(CorruptStoreError, match=rf"index/{seg.name}, a file the manifest names, is missing"):
+        retrostore.pack(copy, tmp_path / "out.tar")
+    assert not list(tmp_path.glob("*out.tar*"))
+
+
 def test_git_lfs_pointer_in_place_of_index(tmp_path, hash_tar):
     members = [(ti, LFS_POINTER if ti.name.startswith("index/") and ti.isreg() else data)
                for ti, data in _members(hash_tar)]

@@ -204,6 +204,9 @@ def test_precompute_store_neighbours_matches_brute_force(store, tmp_path):
     _same_up_to_ties(np.asarray(arr), want, scores)
     assert all(docs[j] != docs[i] for i, row in enumerate(arr) for j in row if j >= 0)
     assert not (tmp_path / "knn.npy.partial").exists() and not (tmp_path / "knn.npy.progress.json").exists()
+    with pytest.raises(InvalidInputError, match=rf"k={len(store) + 1} is more than the {len(store):,} chunks"):
+        store.precompute_neighbors(tmp_path / "big.npy", k=len(store) + 1, progress=False)  # helper-16: 1.7 GB of -1
+    assert not list(tmp_path.glob("big.npy*"))
 
 
 def test_precompute_resumes_after_kill(built_store, tmp_path):

@@ -151,8 +151,9 @@ def test_windows_layout(store, table, mode):
 
 @pytest.mark.parametrize("seq_len", [100, 0, -64, 64.0, "256"])
 def test_window_length_must_be_a_multiple_of_the_chunk(store, table, seq_len):
-    with pytest.raises(InvalidInputError, match="multiple of the store's chunk size 64"):
+    with pytest.raises(InvalidInputError, match="multiple of the store's chunk size 64") as info:
         retro.training_sequences(store, seq_len, table=table)
+    assert "use e.g. 64 or 128" in str(info.value)  # two different lengths (helper-16: "64 or 64" for 0)
 
 
 def test_window_bad_settings(store, table):

@@ -146,6 +146,12 @@ class Sequences:
             yield s, self.tokens(s, min(len(self), s + batch_size))
 
 
+def _near(seq_len: object, t: int) -> tuple[int, int]:
+    """Two valid lengths around ``seq_len``: the multiples of ``t`` below and above it (at least t, 2t)."""
+    low = max(t, (seq_len // t) * t) if is_int(seq_len) and seq_len > 0 else t
+    return low, low + t
+
+
 def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pad_id: int | None = None,
                        eos_id: int | None = None, table: ChunkTable | None = None) -> Sequences:
     """Cut the store's documents into chunk-aligned windows of ``seq_len + 1`` tokens.
@@ -180,8 +186,7 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     if not is_int(seq_len) or seq_len < t or seq_len % t:
         raise InvalidInputError(
             f"seq_len={seq_len!r} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
-            f"into chunks of {t} tokens: use e.g. {max(t, (seq_len // t) * t if is_int(seq_len) else t)} or "
-            f"{max(t, ((seq_len // t) + 1) * t if is_int(seq_len) else 2 * t)}")
+            f"into chunks of {t} tokens: use e.g. {_near(seq_len, t)[0]} or {_near(seq_len, t)[1]}")
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     pad = check_pad_id(store, pad_id)

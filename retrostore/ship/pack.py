@@ -301,6 +301,10 @@ def _write_archive(root: Path, path: Path, members: list, mtime: int, compressed
                     continue
                 entry = src if isinstance(src, dict) else None
                 file_path = _manifest.safe_path(root, entry["path"], MANIFEST) if entry else src
+                if entry is not None and not file_path.is_file():  # the store's fault, not the archive's
+                    raise CorruptStoreError(
+                        f"{root}: {entry['path']}, a file the manifest names, is missing; run `retrostore "
+                        "verify` on the store (if a writer's compact removed it while packing: pack again)")
                 with open(file_path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     if entry is not None and size != entry["size"]:

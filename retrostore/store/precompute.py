@@ -62,6 +62,9 @@ def precompute_neighbors(
         raise InvalidInputError(f"out={str(out)!r} is a directory; give a file name ending in .npy")
     version = reader.version
     t = version.manifest["chunk_tokens"]
+    if k > version.n_chunks:  # a row holds at most every chunk: the rest would be -1 padding on disk
+        raise InvalidInputError(f"k={k} is more than the {version.n_chunks:,} chunks of this store; "
+                                f"ask for k <= {version.n_chunks:,}")
     if queries is not None:
         try:
             qarr = np.load(queries, mmap_mode="r", allow_pickle=False)

@@ -583,6 +583,8 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="Most queries one batch gathers from several requests.")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=8 << 20, show_default=True,
               help="Largest request body accepted (HTTP 413 beyond).")
+@click.option("--body-timeout-s", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
+              help="Longest wait for a request's body once its headers arrived (HTTP 408 beyond).")
 @click.option("--max-queries", type=click.IntRange(1), default=1024, show_default=True,
               help="Most queries (or neighbour query chunks) in one request.")
 @click.option("--max-k", type=click.IntRange(1, 100_000), default=1000, show_default=True,
@@ -601,8 +603,8 @@ def eval_(store, queries, k, params, seed, threads, as_json):
                    "latency for lone queries that arrive while other processes use the CPU, at the price of a "
                    "core kept busy after each answer (docs/serving.md).")
 @_friendly
-def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, max_queries, max_k,
-          max_neighbors, mmap, follow, verify, spin):
+def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, body_timeout_s,
+          max_queries, max_k, max_neighbors, mmap, follow, verify, spin):
     """Serve STORE read-only over HTTP (JSON API under /v1, a page to try it at /,
     Prometheus metrics at /metrics) until interrupted. Concurrent requests are
     embedded and searched in batches; the server follows the writer's commits.
@@ -612,7 +614,7 @@ def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_b
 
     run(ServeSettings(store=store, host=host, port=port, workers=workers, threads=threads,
                       batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                      max_queries=max_queries, max_k=max_k,
+                      body_timeout_s=body_timeout_s, max_queries=max_queries, max_k=max_k,
                       max_neighbors=max_neighbors, mmap=mmap, follow=follow, verify=verify, spin=spin))
 
 

@@ -70,7 +70,7 @@ def workers():
 
 
 #: The limits of the module-scoped test server (tests/test_serve.py, tests/test_serve_adversarial.py).
-SERVE_LIMITS = ("--max-body-bytes", "65536", "--max-queries", "40", "--max-k", "50", "--max-neighbors", "1000")
+SERVE_LIMITS = ("--max-body-bytes", "65536", "--body-timeout-s", "2", "--max-queries", "40", "--max-k", "50", "--max-neighbors", "1000")
 
 
 @pytest.fixture(scope="module")

@@ -372,6 +372,31 @@ def test_a_client_gone_mid_body_is_no_server_error(server, remote, local):
     _same_hits(remote.search(QUERIES[1], k=2), local.search(QUERIES[1], k=2))  # still serving
 
 
+def test_a_body_that_never_arrives_is_a_408_after_body_timeout(server, remote, local):
+    """helper-16: a client that declared a body and sent part of it held its connection (and its place
+    among the requests a batch waits for) for ever; the server answers 408 after --body-timeout-s (2 s)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+    try:
+        conn.putrequest("POST", "/v1/search")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "100")
+        conn.endheaders(b'{"query": ')
+        t0 = time.monotonic()
+        _same_hits(remote.search(QUERIES[2], k=2), local.search(QUERIES[2], k=2))  # others are answered meanwhile
+        res = conn.getresponse()
+        waited = time.monotonic() - t0
+        assert res.status == 408
+        err = json.loads(res.read())["error"]
+    finally:
+        conn.close()
+    assert (err["field"], err["value"], err["limit"]) == ("body", 10, 2.0)
+    assert "did not arrive within 2 s" in err["message"] and 1.5 < waited < 15
+
+
 def test_binds_loopback_by_default(server):
     assert "Uvicorn running on http://127.0.0.1:" in server.log()
 

@@ -148,13 +148,20 @@ class _Server:
                                    limit=limit, status=413)
         parts = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"the request body exceeds the server's limit of {limit} bytes (max_body_bytes): "
-                                   "send fewer queries per request", field="body", value=size, limit=limit,
-                                   status=413)
-            parts.append(chunk)
+        timeout = self.settings.body_timeout_s
+        try:
+            with anyio.fail_after(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"the request body exceeds the server's limit of {limit} bytes "
+                                           "(max_body_bytes): send fewer queries per request", field="body",
+                                           value=size, limit=limit, status=413)
+                    parts.append(chunk)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {timeout:g} s (body_timeout_s; {size} bytes "
+                               "came): send the whole body at once", field="body", value=size, limit=timeout,
+                               status=408) from None
         return parse_json(b"".join(parts))
 
     async def parsed(self, request: Request, parse: Callable[[Any], Any]) -> Any:

@@ -50,6 +50,11 @@ class ServeSettings:
         batch gathers from several requests; one larger request runs alone.
     max_body_bytes : int, default 8 MiB
         Largest request body accepted (HTTP 413 beyond it).
+    body_timeout_s : float, default 30
+        Longest wait for a request's body once its headers arrived (seconds;
+        HTTP 408 beyond it): a client that declares a body and never sends it
+        does not hold its connection and its place among the requests a batch
+        waits for.
     max_queries : int, default 1024
         Most queries in one search request, and most query chunks (B x C) in one
         neighbours request.
@@ -89,6 +94,7 @@ class ServeSettings:
     batch_window_ms: float = 2.0
     max_batch: int = 64
     max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0
     max_queries: int = 1024
     max_k: int = 1000
     max_ids: int = 10_000
@@ -113,6 +119,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60_000:
                 raise InvalidInputError(f"{name}={value!r} must be a number in [0, 60000]")
+        value = self.body_timeout_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            raise InvalidInputError(f"body_timeout_s={value!r} must be a number of seconds in (0, 3600]")
 
     def worker_threads(self) -> int:
         """FAISS/onnxruntime threads for one worker (``threads``, else CPUs / workers)."""

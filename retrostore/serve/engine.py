@@ -131,8 +131,9 @@ class Engine:
         s = self.settings
         return {"pid": os.getpid(), "workers": s.workers, "threads": s.worker_threads(), "mmap": self.mmap,
                 "follow": s.follow, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch,
-                "max_body_bytes": s.max_body_bytes, "body_timeout_s": s.body_timeout_s, "max_queries": s.max_queries, "max_k": s.max_k,
-                "max_ids": s.max_ids, "max_neighbors": s.max_neighbors, "len": self.len, "next_doc_id": self.doc_limit,
+                "max_body_bytes": s.max_body_bytes, "body_timeout_s": s.body_timeout_s,
+                "max_queries": s.max_queries, "max_k": s.max_k, "max_ids": s.max_ids,
+                "max_neighbors": s.max_neighbors, "len": self.len, "next_doc_id": self.doc_limit,
                 "retrostore_version": retrostore.__version__,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))}
 

@@ -130,8 +130,8 @@ def _scores(source, Q: np.ndarray, ids: np.ndarray, ip: bool) -> np.ndarray:
     out = np.empty(ids.shape, np.float32)
     rows = max(1, (1 << 24) // max(1, ids.shape[1] * Q.shape[1]))
     for lo in range(0, len(ids), rows):
-        vec = source.take(np.where(ids[lo:lo + rows] >= 0, ids[lo:lo + rows], 0).ravel()).reshape(
-            *ids[lo:lo + rows].shape, -1).astype(np.float32, copy=False)
+        block = ids[lo:lo + rows]
+        vec = source.take(np.where(block >= 0, block, 0)).astype(np.float32, copy=False)  # (rows, k, dim)
         q = Q[lo:lo + rows]
         out[lo:lo + rows] = np.einsum("nkd,nd->nk", vec, q) if ip else ((vec - q[:, None, :]) ** 2).sum(-1)
     return out

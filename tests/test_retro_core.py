@@ -333,3 +333,31 @@ def test_results_larger_than_the_machine_are_refused_before_any_work(store, tabl
     queries = np.broadcast_to(np.full(store.embedder.dim, 0.05, np.float32), (10**6, store.embedder.dim))
     with pytest.raises(InvalidInputError, match="search fewer queries per call or ask for a smaller k"):
         store.search_vectors(queries, 100_000)
+
+
+def test_a_table_or_candidates_of_another_store_are_never_reused(tmp_path, small_docs, embedder):
+    """helper-17: two stores at the same version with as many chunks (the same documents in another
+    order) took each other's chunk table, and sequence_neighbors reused the other's candidates file
+    (named by the version number only): other neighbours, silently."""
+    texts = [d["text"] for d in small_docs[-4:]]
+    for name, order in (("b", texts), ("c", texts[::-1])):
+        with retrostore.create(tmp_path / name, embedder=embedder) as st:
+            st.append(order)
+            st.commit()
+    with retrostore.open(tmp_path / "b", embedder=embedder) as b, retrostore.open(tmp_path / "c", embedder=embedder) as c:
+        assert (b.version, len(b)) == (c.version, len(c))
+        tb = retro.chunk_table(b)
+        with pytest.raises(InvalidInputError, match="read from another store"):
+            retro.neighbor_tokens(c, [[0, 1]], table=tb)
+        with pytest.raises(InvalidInputError, match="read from another store"):
+            retro.training_sequences(c, 2 * T, table=tb)
+        with pytest.raises(InvalidInputError, match="read from another store"):
+            retro.sequence_neighbors(c, retro.training_sequences(b, 2 * T, table=tb), tmp_path / "x.npy")
+        out = tmp_path / "knn.npy"
+        retro.sequence_neighbors(b, retro.training_sequences(b, 2 * T), out, k=2)
+        seqs_c = retro.training_sequences(c, 2 * T)
+        retro.sequence_neighbors(c, seqs_c, out, k=2)  # the same OUT: b's candidates must not be used
+        (tmp_path / "fresh").mkdir()
+        retro.sequence_neighbors(c, seqs_c, tmp_path / "fresh" / "knn.npy", k=2)
+        np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "fresh" / "knn.npy"))
+        assert len(list(tmp_path.glob("knn.candidates-*-k*.npy"))) == 2

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ..errors import EmbedderMismatchError, InvalidInputError
 from ._checks import check_int, check_pad_id, is_int
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
-from .table import ChunkTable, chunk_table
+from .table import ChunkTable, check_table, chunk_table, store_identity
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -193,9 +193,8 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     eos = _check_eos(store, eos_id, pad)
     if table is None:
         table = chunk_table(store)
-    elif table.version != store.version or len(table) != len(store):
-        raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
-                                "read a new one with chunk_table(store)")
+    else:
+        check_table(store, table)
     c = int(seq_len) // t
     live = np.flatnonzero(table.live)
     if mode == "packed":
@@ -241,8 +240,9 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
 
     Candidates come from ``Store.precompute_neighbors(..., exclude_same_doc=True)``
     (the stored vectors searched, nothing embedded; resumable), written once
-    beside ``out`` as ``OUT.candidates-vVERSION-kM.npy``. Each window slot then keeps the
-    first k candidates that are not from an excluded document, not an exact
+    beside ``out`` as ``OUT.candidates-STORE-kM.npy`` (STORE: the first 16 hex
+    digits of the sha256 of the version's manifest, so that they are never reused
+    for another store or version). Each window slot then keeps the first k candidates that are not from an excluded document, not an exact
     copy of the query chunk, and do not hold ``overlap_threshold`` of its
     n-grams. A slot left with fewer than k (the candidates ran out: boilerplate
     with many near copies) is searched again with the chunk's tokens embedded
@@ -301,9 +301,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     ngram = check_int("ngram", ngram, 1)
     n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
     batch_size = check_int("batch_size", batch_size, 1)
-    if seqs.table.version != store.version or len(seqs.table) != len(store):
-        raise InvalidInputError(f"seqs were cut from store version {seqs.table.version}; the store is at "
-                                f"{store.version}: cut them again with training_sequences(store, ...)")
+    check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")
     if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
         raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
     out = Path(out)
@@ -312,12 +310,14 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     n, c = seqs.chunk_ids.shape
     table = seqs.table
     n_cand = min(n_cand, max(len(store) - 1, 1))
-    # Named by version and width, so a finished file is never reused for another store version.
-    cand_path = out.with_name(f"{out.name[:-4]}.candidates-v{store.version}-k{n_cand}.npy")
+    # Named by the store's identity (its manifest's sha256) and width, so a finished file is never reused
+    # for another store or version (helper-17: one named by the version number only was).
+    ident = store_identity(store)
+    cand_path = out.with_name(f"{out.name[:-4]}.candidates-{ident[:16]}-k{n_cand}.npy")
     if not cand_path.exists():
         store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
     cand_all = np.load(cand_path, mmap_mode="r", allow_pickle=False)
-    params = {"store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
+    params = {"store": ident, "store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
               "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
               "drop_duplicates": drop_duplicates, "candidates": n_cand,
               "windows_sha": _digest(seqs.chunk_ids)}

@@ -9,17 +9,56 @@ of the pydocs corpus, 272 MB for a million).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import InvalidInputError
+from ..storage.manifest import manifest_sha256
 from ._checks import settings
 
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["ChunkTable", "chunk_table"]
+__all__ = ["ChunkTable", "chunk_table", "check_table", "store_identity"]
+
+#: store -> (version, identity) of the last version asked for: the identity hashes the manifest's bytes.
+_IDENTITY: "weakref.WeakKeyDictionary[Store, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def store_identity(store: "Store") -> str:
+    """Which store and version ``store`` serves: the sha256 of that version's manifest.
+
+    Two stores at the same version number differ (their commit times, files and
+    checksums are in the manifest), so a table, training windows or a candidates
+    file made from one are never taken for the other's (helper-17: a store
+    built from the same documents in another order reused another's candidates
+    and got other neighbours).
+    """
+    hit = _IDENTITY.get(store)
+    if hit is None or hit[0] != store.version:
+        hit = (store.version, manifest_sha256(store.path, store.manifest))
+        _IDENTITY[store] = hit
+    return hit[1]
+
+
+def check_table(store: "Store", table: "ChunkTable", what: str = "table") -> None:
+    """Raise unless ``table`` was read from this very store and version.
+
+    Raises
+    ------
+    InvalidInputError
+        Naming both versions (or that the stores differ) and the fix.
+    """
+    if table.version != store.version or len(table) != len(store):
+        raise InvalidInputError(f"{what} is of store version {table.version} ({len(table):,} chunks), the store is "
+                                f"at version {store.version} ({len(store):,} chunks); read a new one with "
+                                "chunk_table(store)")
+    if table.store != store_identity(store):
+        raise InvalidInputError(f"{what} was read from another store (manifest sha256 {table.store[:12]}..., this "
+                                f"store's is {store_identity(store)[:12]}...); read a new one with chunk_table(store)")
 
 
 @dataclass(frozen=True)
@@ -44,6 +83,8 @@ class ChunkTable:
         T.
     version : int
         The store version read.
+    store : str
+        :func:`store_identity` of the store and version read.
     """
 
     tokens: np.ndarray
@@ -53,6 +94,7 @@ class ChunkTable:
     live: np.ndarray
     chunk_tokens: int
     version: int
+    store: str
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -98,4 +140,4 @@ def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:
     next_in_doc = np.zeros(n, bool)
     if n > 1:
         next_in_doc[:-1] = live[:-1] & (doc_ids[:-1] == doc_ids[1:])
-    return ChunkTable(tokens, lengths, doc_ids, next_in_doc, live, t, store.version)
+    return ChunkTable(tokens, lengths, doc_ids, next_in_doc, live, t, store.version, store_identity(store))

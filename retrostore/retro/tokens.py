@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..store.reading import neighbor_id_array
 from ._checks import check_int, check_pad_id, settings
-from .table import ChunkTable
+from .table import ChunkTable, check_table
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -117,9 +117,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
         return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
     ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
-    if table.version != store.version or len(table) != len(store):
-        raise InvalidInputError(f"table is of store version {table.version}, the store is at {store.version}; "
-                                "read a new one with chunk_table(store)")
+    check_table(store, table)
     # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
     # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
     return _from_table(table, ids, pad, store.deleted_chunks(ids))

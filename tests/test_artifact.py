@@ -28,6 +28,7 @@ from retrostore import (
     CorruptStoreError,
     EmbedderMismatchError,
     FormatVersionError,
+    InvalidInputError,
     NoRawVectorsError,
     StoreExistsError,
     UnsafeArchiveError,
@@ -460,6 +461,26 @@ def test_pack_of_a_store_missing_a_file_blames_the_store(tmp_path, built_store):
     with pytest.raises(CorruptStoreError, match=rf"index/{seg.name}, a file the manifest names, is missing"):
         retrostore.pack(copy, tmp_path / "out.tar")
     assert not list(tmp_path.glob("*out.tar*"))
+
+
+def test_pack_refuses_deleted_documents_until_compact_purges_them(tmp_path, built_store, embedder):
+    """helper-17: a store with a delete but no compact shipped the deleted documents' text in the
+    archive's data.mdb, verbatim: a take-down must not travel in an artifact."""
+    copy = tmp_path / "copy.rstore"
+    shutil.copytree(built_store, copy)
+    with retrostore.open(copy, "a", embedder=embedder) as st:
+        gone = st.get_document(1).text
+        st.delete([1])
+        st.commit()
+    with pytest.raises(InvalidInputError, match=r"1 deleted document\(s\) not purged yet \(1\).*retrostore compact"):
+        retrostore.pack(copy, tmp_path / "out.tar")
+    assert not list(tmp_path.glob("*out.tar*"))
+    with retrostore.open(copy, "a", embedder=embedder) as st:
+        st.compact(progress=False)
+    retrostore.pack(copy, tmp_path / "out.tar")
+    needle = max(gone.split("\n"), key=len).encode()  # a long line of the deleted document
+    assert len(needle) > 40 and needle in (built_store / "chunks.lmdb" / "data.mdb").read_bytes()
+    assert needle not in (tmp_path / "out.tar").read_bytes()
 
 
 def test_git_lfs_pointer_in_place_of_index(tmp_path, hash_tar):

@@ -124,7 +124,10 @@ def pack(
     Raises
     ------
     InvalidInputError
-        ``out`` does not end with ``.tar`` or ``.tar.zst``, or a bad ``level``.
+        ``out`` does not end with ``.tar`` or ``.tar.zst``, or a bad ``level``;
+        the version holds deleted documents that ``compact`` has not purged yet
+        (their text, tokens and vectors are still in its files and would ship:
+        a take-down must not travel in an artifact).
     StoreExistsError
         ``out`` exists and ``overwrite`` is False.
     NotAStoreError, CorruptStoreError, FormatVersionError
@@ -152,6 +155,14 @@ def pack(
     tmp_out = out.parent / f"{TMP_PREFIX}{out.name}.{tag}"
     # Not a Store: that would load every index segment into memory just to copy its file.
     body = _manifest.read_manifest(root)
+    tomb = Tombstones.load(root, body)
+    unpurged = tomb.rows[tomb.rows[:, 3] == 0, 0]
+    if len(unpurged):  # helper-17: their text was in the archive's data.mdb, verbatim
+        shown = ", ".join(map(str, unpurged[:10].tolist())) + (", ..." if len(unpurged) > 10 else "")
+        raise InvalidInputError(
+            f"{root} version {body['version']} has {len(unpurged)} deleted document(s) not purged yet ({shown}): "
+            f"their text, tokens and vectors are still in its files and would ship in the archive; run "
+            f"`retrostore compact {root}` first (it purges them from every file), then pack")
     table = ChunkTable(root, body["tokenizer"]["token_dtype"], write=False, readonly_media=fileio.readonly_media(root))
     try:
         version = int(body["version"])

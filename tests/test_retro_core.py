@@ -361,3 +361,20 @@ def test_a_table_or_candidates_of_another_store_are_never_reused(tmp_path, small
         retro.sequence_neighbors(c, seqs_c, tmp_path / "fresh" / "knn.npy", k=2)
         np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "fresh" / "knn.npy"))
         assert len(list(tmp_path.glob("knn.candidates-*-k*.npy"))) == 2
+
+
+def test_k_and_seq_len_beyond_the_store_are_refused_before_any_work(store, table, tmp_path):
+    """helper-17: k = 100,000 on a small store wrote a file of -1 padding, k = 10**9 and a window of
+    6.4e9 tokens ended in MemoryError (6.4e10: the OOM killer)."""
+    n = len(store)
+    seqs = retro.training_sequences(store, 2 * T, table=table)
+    for k in (n + 1, 10**9):
+        with pytest.raises(InvalidInputError, match=rf"k={k} must be an int in \[1, {n}\]; the store holds {n:,}"):
+            retro.sequence_neighbors(store, seqs, tmp_path / "knn.npy", k=k)
+        with pytest.raises(InvalidInputError, match=rf"k={k} must be an int in \[1, {n}\]"):
+            retro.export_retro_pytorch(store, tmp_path / "exp", seq_len=2 * T, k=k)
+    for seq_len in ((n + 1) * T, 6_400_000_000):
+        with pytest.raises(InvalidInputError, match=rf"seq_len={seq_len:,} is more than the store's {n:,} chunks"):
+            retro.training_sequences(store, seq_len, table=table)
+    assert retro.training_sequences(store, n * T, table=table).seq_len == n * T  # the whole store: allowed
+    assert not list(tmp_path.iterdir())

@@ -51,6 +51,17 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = 
     return int(value)
 
 
+def check_k_of(store, k: Any) -> int:
+    """RETRO's neighbour count ``k`` for ``store``: an int in ``[1, max(1, len(store))]``.
+
+    A window chunk has at most every chunk of the store as a neighbour: a larger k
+    only writes -1 padding (helper-17: k = 100,000 on a 60-chunk store wrote
+    6 million -1s; k = 10**9 ended in a MemoryError).
+    """
+    hi = max(1, len(store))
+    return check_int("k", k, 1, hi, fix=f"the store holds {len(store):,} chunks; RETRO uses k = 2")
+
+
 def store_pad_id(store) -> int:
     return settings(store).pad_id
 

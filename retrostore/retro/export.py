@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError, StoreExistsError
-from ._checks import check_int
+from ._checks import check_k_of
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
 from .table import chunk_table
@@ -130,7 +130,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         a chunk; token 0 occurs in a chunk (without ``allow_pad_collision``);
         more rows than int32 holds.
     """
-    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    k = check_k_of(store, k)
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     if not isinstance(out_dir, (str, os.PathLike)):

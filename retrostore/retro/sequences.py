@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import EmbedderMismatchError, InvalidInputError
-from ._checks import check_int, check_pad_id, is_int
+from ._checks import check_int, check_k_of, check_pad_id, is_int
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
 from .table import ChunkTable, check_table, chunk_table, store_identity
 
@@ -187,6 +187,11 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
         raise InvalidInputError(
             f"seq_len={seq_len!r} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
             f"into chunks of {t} tokens: use e.g. {_near(seq_len, t)[0]} or {_near(seq_len, t)[1]}")
+    most = max(1, len(store)) * t  # one window holding every chunk of the store
+    if seq_len > most:  # helper-17: 6.4e9 tokens per window was a MemoryError, 6.4e10 an OOM kill
+        raise InvalidInputError(f"seq_len={seq_len:,} is more than the store's {len(store):,} chunks of {t} tokens "
+                                f"({most:,}): its windows would be padding; ask for seq_len <= {most:,} (RETRO "
+                                "trains on 2,048)")
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     pad = check_pad_id(store, pad_id)
@@ -291,7 +296,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         ``candidates``, ``batch_size`` or ``out``; ``seqs`` of another
         store version.
     """
-    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    k = check_k_of(store, k)
     if exclude not in ("sequence", "chunk"):
         raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
     if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(

@@ -62,7 +62,7 @@ def precompute_neighbors(
         raise InvalidInputError(f"out={str(out)!r} is a directory; give a file name ending in .npy")
     version = reader.version
     t = version.manifest["chunk_tokens"]
-    if k > version.n_chunks:  # a row holds at most every chunk: the rest would be -1 padding on disk
+    if 0 < version.n_chunks < k:  # a row holds at most every chunk: the rest would be -1 padding on disk
         raise InvalidInputError(f"k={k} is more than the {version.n_chunks:,} chunks of this store; "
                                 f"ask for k <= {version.n_chunks:,}")
     if queries is not None:

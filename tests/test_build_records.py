@@ -61,6 +61,34 @@ def test_rerun_adds_nothing_and_append_adds_a_copy(tmp_path, two_files):
     assert build_store(path, [a], progress=False).already_built  # both copies recorded as finished
 
 
+def test_a_repaired_file_is_not_built_again_from_its_first_document(tmp_path, small_docs):
+    """helper-17: a build that failed partway through a file (a truncated download, a bad line) keeps
+    what it committed; building the repaired file (other bytes, the same name) started from document
+    0 again and silently added those documents a second time."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    texts = [f"Document {i} of a download. " * 80 for i in range(5)]  # ~2,000 characters: one batch each
+    good = [json.dumps({"text": t}) + "\n" for t in texts]
+    (inputs / "dl.jsonl").write_text("".join(good[:3]) + "{not json\n" + "".join(good[3:]))
+    path = tmp_path / "s.rstore"
+    build_store(path, [_jsonl(inputs / "first.jsonl", small_docs[5:6])], progress=False)  # document 0
+    with pytest.raises(retrostore.InvalidInputError):
+        build_store(path, [inputs / "dl.jsonl"], commit_every=1, progress=False)
+    with retrostore.open(path) as st:
+        assert st.manifest["next_doc_id"] == 4  # documents 1..3 of dl.jsonl were committed
+    (inputs / "dl.jsonl").write_text("".join(good))  # repaired
+    with pytest.raises(retrostore.InvalidInputError, match=r"dl.jsonl: an earlier build stopped partway .* "
+                                                           r"documents 1..3; .*store.delete\(range\(1, 4\)\)"):
+        build_store(path, [inputs / "dl.jsonl"], progress=False)
+    with retrostore.open(path, "a") as st:  # the fix the message names
+        st.delete(range(1, 4))
+        st.commit()
+    build_store(path, [inputs / "dl.jsonl"], append=True, progress=False)
+    with retrostore.open(path) as st:
+        live = [st.get_document(i).text for i in [0] + list(range(4, st.manifest["next_doc_id"]))]
+    assert live == [small_docs[5]["text"]] + texts
+
+
 def test_new_files_are_built_and_known_ones_skipped(tmp_path, two_files, small_docs):
     a, b = two_files
     path = tmp_path / "s.rstore"

@@ -83,6 +83,16 @@ class Records:
             return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}"
         return None
 
+    def stopped_in_other_bytes(self, digest: dict) -> dict | None:
+        """The record of an unfinished plain build of a file of the same name but other bytes that
+        committed documents, or None: most likely this file before it was repaired (a truncated
+        download completed, a bad line fixed), whose first documents the store holds already."""
+        for r in self.all.values():
+            if (r.get("kind") == "file" and r.get("rel") == digest["rel"] and r.get("sha256") != digest["sha256"]
+                    and not r.get("done") and r.get("documents", 0) > 0):
+                return r
+        return None
+
     def to_build(self, digest: dict, text_field: str, meta_field: str, *, append: bool) -> tuple[str, dict] | None:
         """The record a plain build continues for this file: (id, record) to resume or start,
         or None when the store holds the file's documents already and ``append`` is False.

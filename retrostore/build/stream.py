@@ -102,7 +102,9 @@ def build_store(
     ------
     InvalidInputError
         Bad inputs (see :func:`retrostore.text.inputs.iter_documents`) or settings
-        that contradict an existing store.
+        that contradict an existing store; without ``append``, a file whose name an
+        earlier build stopped partway through with other bytes (most likely its
+        repaired copy: building it would add the documents committed then again).
     """
     if not isinstance(append, bool):
         raise InvalidInputError(f"append={append!r} must be True or False")
@@ -139,6 +141,16 @@ def build_store(
             skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], text_field, meta_field)}")
             continue
         rid, rec = found
+        old = records.stopped_in_other_bytes(digest) if not append and rid not in records.all else None
+        if old is not None:  # helper-17: the repaired file was built from its first document again
+            st.close()
+            first, n = old["first_doc_id"], old["documents"]
+            raise InvalidInputError(
+                f"{digest['rel']}: an earlier build stopped partway through a file of this name with other bytes "
+                f"(sha256 {old['sha256'][:12]}...), after committing documents {first}..{first + n - 1}; if this "
+                "is that file repaired, building it would add those documents a second time. Delete them first "
+                f"(Python: store.delete(range({first}, {first + n})); store.commit()) and build again with "
+                "--append (append=True), or give --append alone to keep both copies")
         records.all[rid] = rec
         todo.append((path, digest, rid, rec))
     resumed = sum(rec["documents"] for _, _, _, rec in todo)

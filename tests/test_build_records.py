@@ -89,6 +89,19 @@ def test_a_repaired_file_is_not_built_again_from_its_first_document(tmp_path, sm
     assert live == [small_docs[5]["text"]] + texts
 
 
+def test_fields_do_not_make_a_txt_file_new(tmp_path, small_docs):
+    """helper-17: --text-field / --meta-field, which a .txt file does not use, re-added it."""
+    txt = tmp_path / "a.txt"
+    txt.write_text(small_docs[0]["text"])
+    path = tmp_path / "s.rstore"
+    assert build_store(path, [txt], progress=False).documents == 1
+    for kw in ({"text_field": "content"}, {"meta_field": "source"}):
+        again = build_store(path, [txt], progress=False, **kw)
+        assert again.already_built and again.documents == 0, kw
+    with retrostore.open(path) as st:
+        assert st.manifest["next_doc_id"] == 1
+
+
 def test_new_files_are_built_and_known_ones_skipped(tmp_path, two_files, small_docs):
     a, b = two_files
     path = tmp_path / "s.rstore"

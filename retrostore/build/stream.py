@@ -136,9 +136,11 @@ def build_store(
         if any(d["sha256"] == digest["sha256"] for _, d, _, _ in todo) and not append:
             skipped.append(f"{digest['rel']}: the same content as an input before it")
             continue
-        found = records.to_build(digest, text_field, meta_field, append=append)
+        # A .txt file is one document whatever the fields (helper-17: --text-field added it again)
+        fields = ("text", "meta") if digest["rel"].endswith(".txt") else (text_field, meta_field)
+        found = records.to_build(digest, *fields, append=append)
         if found is None:
-            skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], text_field, meta_field)}")
+            skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], *fields)}")
             continue
         rid, rec = found
         old = records.stopped_in_other_bytes(digest) if not append and rid not in records.all else None

@@ -136,6 +136,18 @@ def test_attributes_of_the_default_tokenizer(chunker: Chunker) -> None:
     assert chunker.tokenizer.padding is None
 
 
+def test_special_token_strings_in_a_document_are_text(chunker: Chunker) -> None:
+    """helper-17: "[PAD]" in a document became id 0 mid-chunk (masked as padding by RETRO trainers)
+    and "[SEP]" id 102 (refused by the export as the eos id inside a document)."""
+    text = "Tokens like [PAD], [CLS], [SEP], [MASK] and [UNK] appear in NLP code."
+    ids, _ = chunker.encode(text)
+    assert not set(ids.tolist()) & {0, 100, 101, 102, 103}
+    tokens = [chunker.tokenizer.id_to_token(i) for i in ids.tolist()]
+    assert tokens[3:6] == ["[", "pad", "]"] and tokens[7:10] == ["[", "cl", "##s"]
+    (piece,) = chunker.chunk(text)
+    assert (piece.start, piece.end) == (0, len(text)) and list(piece.token_ids) == ids.tolist()
+
+
 def test_pad_id_rules(tmp_path: Path, bpe_path: Path) -> None:
     spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
     spec["padding"]["pad_id"] = 7

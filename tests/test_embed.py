@@ -88,6 +88,14 @@ def test_token_ids_path_equals_text_path(emb, texts):
     assert emb.embed_token_ids([[]]).shape == (1, 384)
 
 
+def test_special_token_strings_in_a_query_are_text(emb):
+    """A query holding "[SEP]" is embedded as its characters, as a chunk holding it is tokenized."""
+    q = "what does [SEP] mean in BERT"
+    assert 102 not in emb._tok.encode(q, add_special_tokens=False).ids
+    ids = emb._tok.encode(q, add_special_tokens=True).ids
+    assert ids[0] == 101 and ids[-1] == 102 and ids.count(102) == 1
+
+
 def test_semantic_sanity(emb):
     q, para, other = emb.embed([
         "The king is dead and the people mourn him.",

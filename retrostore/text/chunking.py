@@ -156,6 +156,10 @@ class Chunker:
         padding = tokenizer.padding
         tokenizer.no_truncation()
         tokenizer.no_padding()
+        # A document's text is text: a literal "[PAD]" or "[SEP]" in it is tokenized as the characters it
+        # is ("[", "pad", "]"), not as the special token (helper-17: id 0 mid-chunk, which RETRO
+        # trainers mask as padding, and [SEP] refused by the export as an eos id inside a document).
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -171,6 +175,9 @@ class Chunker:
 
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize one document, without special tokens.
+
+        Text that spells a special token ("[PAD]", "[SEP]") is tokenized as the
+        characters it is, never as that token (``encode_special_tokens``).
 
         A text longer than ``window_chars`` is encoded in windows: from ``s``,
         take ``text[s:s + window_chars]``, cut it at the start of its last

@@ -214,6 +214,7 @@ class OnnxEmbedder:
                                     ) from e
         tok.no_padding()
         tok.enable_truncation(max_length=self.max_tokens)
+        tok.encode_special_tokens = True  # "[SEP]" in a query is text, as in a chunk (Chunker)
         self._tok, self.vocab_size = tok, tok.get_vocab_size(with_added_tokens=True)
         specials = tok.encode("", add_special_tokens=True).ids  # [CLS] [SEP] / <s> </s>
         if len(specials) != 2:

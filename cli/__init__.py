@@ -419,7 +419,8 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--no-vectors", is_flag=True,
-              help="Leave out the raw vectors (a slim artifact; the manifest records it and reindex will refuse).")
+              help="Leave out the raw vectors (a slim artifact; the manifest records it, and reindex, eval and neighbours "
+                   "then work only from an index that holds its vectors, such as Flat).")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
               help="zstd compression level for .tar.zst.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -241,6 +241,9 @@ def test_ngram_overlap_and_duplicate_detection():
     toks[3, :2] = [5, 6]
     first = retro.duplicate_chunks(toks, np.array([3, 3, 3, 2]))
     np.testing.assert_array_equal(first, [0, 1, 0, 3])
+    for bad in ((toks, np.array([3, 3, 3])), (toks[0], np.array([3])), (toks, np.array([3, 3, 3, 2]), [True])):
+        with pytest.raises(InvalidInputError, match=r"must be shaped \(N, T\), \(N,\) and \(N,\)"):
+            retro.duplicate_chunks(*bad)  # helper-17: a bare numpy ValueError
 
 
 @pytest.mark.parametrize("mode", ["document", "packed"])

@@ -135,7 +135,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise InvalidInputError(f"out_dir={out_dir!r} must be a path")
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # "." has no name to put ".partial" beside (helper-17: a ValueError)
     if out.exists():
         if not force:
             raise StoreExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "
@@ -144,7 +144,8 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
             raise StoreExistsError(f"{out} exists and holds no {KWARGS_FILE}: it is not an export, so it is not "
                                    "replaced even with force; remove it yourself or give another directory")
     if not out.parent.is_dir():
-        raise InvalidInputError(f"out_dir={str(out)!r}: the directory {str(out.parent)!r} does not exist")
+        why = "is a file" if out.parent.exists() else "does not exist"
+        raise InvalidInputError(f"out_dir={str(out)!r}: {str(out.parent)!r} {why}; give a path in a directory")
     table = chunk_table(store)
     seqs = training_sequences(store, seq_len, mode=mode, pad_id=0, eos_id=eos_id, table=table)
     real = np.arange(table.chunk_tokens) < table.lengths[:, None]

@@ -154,6 +154,11 @@ def duplicate_chunks(tokens: np.ndarray, lengths: np.ndarray, live: np.ndarray |
         chunks not ``live``). ``np.sum(first != np.arange(N))`` (live ones)
         counts the redundant copies.
     """
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1] or (live is not None and np.shape(live) != lengths.shape):
+        raise InvalidInputError(
+            f"tokens {tokens.shape}, lengths {lengths.shape} and live {None if live is None else np.shape(live)} must "
+            "be shaped (N, T), (N,) and (N,): one row, length and flag per chunk (ChunkTable's fields)")
     n, t = tokens.shape
     live = np.ones(n, bool) if live is None else np.asarray(live, bool)
     real = np.arange(t) < np.asarray(lengths)[:, None]

@@ -178,3 +178,12 @@ def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):
     build_store(flat, [src], index="Flat", commit_every=20, progress=False)
     with retrostore.open(flat) as st:
         assert len(st.manifest["index"]["segments"]) > 1  # nothing to gain: exact segments are not merged
+
+
+def test_bad_metadata_names_its_file_and_line(tmp_path):
+    """helper-17: a plain build reported bad metadata as "metadata[1]['x']" of an append batch, naming
+    neither the file nor the line (the sharded build named both)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one", "meta": {"x": 1}}\n{"text": "two", "meta": {"x": 1e999}}\n')
+    with pytest.raises(retrostore.InvalidMetadataError, match=r"bad.jsonl:2 metadata\['x'\] = inf is not finite"):
+        build_store(tmp_path / "s.rstore", [bad], progress=False)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..errors import InvalidInputError
 from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
+from ..storage.metadata import clean_metadata
 from ..store.create import create, open_store
 from ..text.inputs import expand_named, read_file
 from ..threads import check_threads
@@ -206,7 +207,9 @@ def build_store(
                 docs = read_file(path, digest["rel"], text_field, meta_field, lambda n: bar.update(n))
                 for doc in itertools.islice(docs, rec["documents"], None):  # resume after the committed ones
                     texts.append(doc.text)
-                    metas.append(doc.metadata)
+                    # checked here, as a sharded build does, so that an error names file:line, not
+                    # "metadata[1]" of a batch (helper-17)
+                    metas.append(clean_metadata(doc.metadata, f"{doc.source} metadata"))
                     owners.append(rid)
                     size += len(doc.text)
                     if size >= batch_chars:

@@ -187,3 +187,8 @@ def test_bad_metadata_names_its_file_and_line(tmp_path):
     bad.write_text('{"text": "one", "meta": {"x": 1}}\n{"text": "two", "meta": {"x": 1e999}}\n')
     with pytest.raises(retrostore.InvalidMetadataError, match=r"bad.jsonl:2 metadata\['x'\] = inf is not finite"):
         build_store(tmp_path / "s.rstore", [bad], progress=False)
+    (tmp_path / "mine.rstore").mkdir()  # helper-17: a failed first build removed the user's own directory
+    with pytest.raises(retrostore.InvalidMetadataError):
+        build_store(tmp_path / "mine.rstore", [bad], progress=False)
+    assert (tmp_path / "mine.rstore").is_dir() and not list((tmp_path / "mine.rstore").iterdir())
+    assert not (tmp_path / "s.rstore").exists()  # one the build made is removed whole

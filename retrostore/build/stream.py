@@ -124,6 +124,7 @@ def build_store(
     files = expand_named(inputs)  # checks the inputs before anything is created
     digests = [file_digest(path, rel) for path, rel in files]
     created = not (root / MANIFEST).exists()
+    made_dir = not root.exists()  # an empty directory the user made for the store stays theirs
     if not created:
         st = open_store(root, "a", threads=threads)
         check_same_settings(st, tokenizer, chunk_tokens, index)
@@ -227,7 +228,14 @@ def build_store(
         # A build that created the store and failed before its first commit leaves
         # nothing behind, so that fixing the input and re-running starts clean.
         if created and _manifest.read_manifest(root)["version"] == 0:
-            shutil.rmtree(root, ignore_errors=True)
+            if made_dir:
+                shutil.rmtree(root, ignore_errors=True)
+            else:  # helper-17: the directory itself was removed
+                for entry in root.iterdir():
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
         raise
     finally:
         bar.close()

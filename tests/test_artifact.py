@@ -535,6 +535,9 @@ def test_dest_must_be_new(tmp_path, hash_tar):
     with pytest.raises(StoreExistsError):
         retrostore.unpack(hash_tar, dest)
     assert _snapshot(tmp_path) == before  # refused before anything, even a temporary directory
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(InvalidInputError, match=r"afile is a file, not a directory"):  # helper-17: bare Errno 17
+        retrostore.unpack(hash_tar, tmp_path / "afile" / "sub" / "s.rstore")
     empty = tmp_path / "out" / "empty.rstore"
     empty.mkdir()
     assert retrostore.unpack(hash_tar, empty).path == empty

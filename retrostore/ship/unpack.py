@@ -200,6 +200,9 @@ def unpack(
             raise InvalidInputError(f"{name}={val!r} must be an int >= 1")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
+    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # helper-17: "[Errno 17] File exists: 'afile'", naming no fix
+        raise InvalidInputError(f"{dest}: {blocker} is a file, not a directory; unpack into a path under a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fileio.remove_stale_tmp(dest.parent, f"unpack-{dest.name}")  # of an unpack killed before its rename
     tmp = dest.parent / f"{TMP_PREFIX}unpack-{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"

@@ -274,6 +274,12 @@ def test_bad_input_is_a_4xx_naming_field_value_and_limit(server, remote, local):
 
 
 def test_client_maps_errors_to_retrostore_errors(remote):
+    for k in (2.0, "2", True):  # refused as Store refuses them (the server takes a whole float from JSON)
+        with pytest.raises(InvalidInputError, match=r"must be an int >= 1"):
+            remote.search("x", k=k)
+        with pytest.raises(InvalidInputError, match=r"must be an int >= 1"):
+            remote.neighbors([[1, 2, 3]], k=k)
+    assert len(remote.search("x", k=np.int64(2))) == 2
     with pytest.raises(InvalidInputError, match=r"k=0 .*\[1, 50\]") as info:
         remote.search("x", k=0)
     assert (info.value.status, info.value.field, info.value.value) == (400, "k", 0)

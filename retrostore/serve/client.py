@@ -72,6 +72,15 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
+def _k_int(k: Any) -> int:
+    """``k`` as an int for the request, refused here when ``Store`` would refuse its type (helper-16: the
+    server takes a whole float such as 2.0 from any JSON client, so ``search(q, k=2.0)`` worked remotely
+    and raised embedded); its range is the server's to check (its ``max_k``, named in the error)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+    return int(k)
+
+
 def _int_list(ids: Any, what: str) -> list[int]:
     if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
         raise InvalidInputError(f"{what} ids must be an iterable of int, not {type(ids).__name__}")
@@ -318,7 +327,7 @@ class RemoteStore:
         if not single and not queries:
             _check_k(k)
             return []
-        body: dict[str, Any] = {"query": queries, "k": k}
+        body: dict[str, Any] = {"query": queries, "k": _k_int(k)}
         if params is not None:
             body["params"] = params
         rows = self._request("POST", "/v1/search", body)["results"]
@@ -361,7 +370,8 @@ class RemoteStore:
                                         "real numbers (floats)")
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         q = q.astype(np.float32)
-        body: dict[str, Any] = {"vectors": q.tolist(), "k": k, "output": "ids", "metadata": False, "tokens": False}
+        body: dict[str, Any] = {"vectors": q.tolist(), "k": _k_int(k), "output": "ids", "metadata": False,
+                                "tokens": False}
         if params is not None:
             body["params"] = params
         res = self._request("POST", "/v1/search", body)
@@ -411,7 +421,7 @@ class RemoteStore:
                                     "length L") from None
         if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
             return self._no_neighbors(arr.shape[1], k, exclude_doc_ids, label_token, tail)
-        body: dict[str, Any] = {"token_ids": arr.tolist(), "k": k}
+        body: dict[str, Any] = {"token_ids": arr.tolist(), "k": _k_int(k)}
         if label_token:
             body["label_token"] = True
         if tail != "query":

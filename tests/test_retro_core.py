@@ -381,3 +381,24 @@ def test_k_and_seq_len_beyond_the_store_are_refused_before_any_work(store, table
             retro.training_sequences(store, seq_len, table=table)
     assert retro.training_sequences(store, n * T, table=table).seq_len == n * T  # the whole store: allowed
     assert not list(tmp_path.iterdir())
+
+
+def _tokens_in_child(store, table, ids, queue):
+    try:
+        queue.put(("ok", retro.neighbor_tokens(store, ids, table=table).tokens.shape))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(("fail", type(exc).__name__))
+
+
+def test_table_path_works_in_a_forked_worker(store, table):
+    """helper-18: DataLoader workers forked after open read neighbour tokens through a chunk table
+    (no LMDB); the take-down check added for it must not refuse the fork as LMDB reads do."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_tokens_in_child, args=(store, table, np.array([[0, 1]]), queue))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(60)
+    assert got == ("ok", (1, 2, 2 * T)), got

@@ -610,6 +610,9 @@ class Store:
         win over an older or pinned version, as in :meth:`neighbor_tokens`). For
         callers that read tokens from their own snapshot, such as
         :func:`retrostore.retro.chunk_table`, and must still hide a take-down.
+        It reads only the manifest and tombstone files, so it also works in a
+        process forked after ``open`` (a data loader's workers), where the
+        LMDB-backed methods raise ``ForkedStoreError``.
 
         Parameters
         ----------
@@ -626,7 +629,8 @@ class Store:
         InvalidInputError
             Not integers, no k axis, or an id below -1 or not committed.
         """
-        self._check()
+        if self._closed:  # no fork check: nothing here touches LMDB or FAISS (helper-18)
+            raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")
         ids = id_array(chunk_ids, len(self))
         self._reader.follow_purges()
         return self._reader.version.tombstones.chunk_mask(ids)

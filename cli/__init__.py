@@ -121,7 +121,8 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
     )
     if result.resumed_documents:
         click.echo(f"resumed: {result.resumed_documents} documents of these inputs were committed by an earlier, "
-                   "interrupted run")
+                   "interrupted run" + (f" (of {', '.join(result.repaired)} before it was repaired: the "
+                                        "same first documents, other bytes)" if result.repaired else ""))
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} input(s) the store holds already (pass --append to add their "
                    f"documents again): {'; '.join(result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''}")

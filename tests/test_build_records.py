@@ -61,10 +61,11 @@ def test_rerun_adds_nothing_and_append_adds_a_copy(tmp_path, two_files):
     assert build_store(path, [a], progress=False).already_built  # both copies recorded as finished
 
 
-def test_a_repaired_file_is_not_built_again_from_its_first_document(tmp_path, small_docs):
+def test_a_repaired_file_resumes_after_what_its_failed_build_committed(tmp_path, small_docs):
     """helper-17: a build that failed partway through a file (a truncated download, a bad line) keeps
     what it committed; building the repaired file (other bytes, the same name) started from document
-    0 again and silently added those documents a second time."""
+    0 again and silently added those documents a second time. helper-18: a refusal instead also hit
+    unrelated files of the same name and came back after its own advice was followed."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     texts = [f"Document {i} of a download. " * 80 for i in range(5)]  # ~2,000 characters: one batch each
@@ -77,16 +78,22 @@ def test_a_repaired_file_is_not_built_again_from_its_first_document(tmp_path, sm
     with retrostore.open(path) as st:
         assert st.manifest["next_doc_id"] == 4  # documents 1..3 of dl.jsonl were committed
     (inputs / "dl.jsonl").write_text("".join(good))  # repaired
-    with pytest.raises(retrostore.InvalidInputError, match=r"dl.jsonl: an earlier build stopped partway .* "
-                                                           r"documents 1..3; .*store.delete\(range\(1, 4\)\)"):
-        build_store(path, [inputs / "dl.jsonl"], progress=False)
-    with retrostore.open(path, "a") as st:  # the fix the message names
-        st.delete(range(1, 4))
-        st.commit()
-    build_store(path, [inputs / "dl.jsonl"], append=True, progress=False)
+    res = build_store(path, [inputs / "dl.jsonl"], progress=False)
+    assert (res.documents, res.resumed_documents, res.repaired) == (2, 3, ("dl.jsonl",))
     with retrostore.open(path) as st:
-        live = [st.get_document(i).text for i in [0] + list(range(4, st.manifest["next_doc_id"]))]
-    assert live == [small_docs[5]["text"]] + texts
+        assert [st.get_document(i).text for i in range(st.manifest["next_doc_id"])] == [small_docs[5]["text"]] + texts
+    again = build_store(path, [inputs / "dl.jsonl"], progress=False)
+    assert again.already_built and "built before as 'dl.jsonl', documents 1..5" in again.skipped[0]
+
+    # another file of the same name, in another directory, is not that file: built as itself
+    (inputs / "other").mkdir()
+    (inputs / "other" / "dl.jsonl").write_text("".join(json.dumps({"text": t[::-1]}) + "\n" for t in texts[:2]))
+    (inputs / "broken").mkdir()
+    (inputs / "broken" / "dl.jsonl").write_text(good[0] + "{not json\n")
+    with pytest.raises(retrostore.InvalidInputError):
+        build_store(path, [inputs / "broken" / "dl.jsonl"], commit_every=1, progress=False)
+    res = build_store(path, [inputs / "other" / "dl.jsonl"], progress=False)
+    assert (res.documents, res.resumed_documents, res.repaired) == (2, 0, ())
 
 
 def test_fields_do_not_make_a_txt_file_new(tmp_path, small_docs):

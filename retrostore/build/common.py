@@ -41,6 +41,10 @@ class BuildResult:
     resumed_documents : int
         Documents of the inputs an interrupted earlier run had committed (not
         read into the store again).
+    repaired : tuple of str
+        Inputs resumed although their bytes changed: an earlier run stopped in a
+        file of that name, and its first documents are the ones it committed
+        (the input repaired after the failure).
     """
 
     version: int
@@ -55,6 +59,7 @@ class BuildResult:
     device: str = "cpu"
     skipped: tuple[str, ...] = ()
     resumed_documents: int = 0
+    repaired: tuple[str, ...] = ()
 
     @property
     def already_built(self) -> bool:

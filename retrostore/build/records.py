@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..storage.fileio import sha256_file
 
-__all__ = ["BUILDS", "file_digest", "Records"]
+__all__ = ["BUILDS", "file_digest", "fields_of", "Records"]
 
 #: The manifest field holding the build records.
 BUILDS = "builds"
@@ -37,6 +37,12 @@ def file_digest(path: Path, rel: str) -> dict:
     """``{"rel", "size", "sha256"}`` of an input file (sha256 of its bytes as stored, compressed or not)."""
     size, sha = sha256_file(path)
     return {"rel": rel, "size": size, "sha256": sha}
+
+
+def fields_of(rel: str, text_field: str, meta_field: str) -> tuple[str | None, str | None]:
+    """The fields a record of input ``rel`` is matched by: ``(None, None)`` (any) for a ``.txt`` file,
+    which is one document whatever they say (helper-17: --text-field re-added it)."""
+    return (None, None) if rel.lower().endswith(".txt") else (text_field, meta_field)
 
 
 class Records:
@@ -58,9 +64,10 @@ class Records:
         return "file-" + hashlib.sha256(key).hexdigest()[:32]
 
     def copies(self, sha256: str, text_field: str, meta_field: str) -> list[tuple[str, dict]]:
-        """The plain builds' records of this file and fields, by copy number."""
+        """The plain builds' records of this file and fields, by copy number. Fields ``None``: any
+        fields (a ``.txt`` file is one document whatever they say, see :func:`fields_of`)."""
         out = [(rid, r) for rid, r in self.all.items() if r.get("kind") == "file" and r.get("sha256") == sha256
-               and r.get("text_field") == text_field and r.get("meta_field") == meta_field]
+               and (text_field is None or (r.get("text_field") == text_field and r.get("meta_field") == meta_field))]
         return sorted(out, key=lambda x: x[1].get("copy", 0))
 
     def sharded_with(self, sha256: str) -> list[tuple[str, dict]]:
@@ -83,14 +90,14 @@ class Records:
             return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}"
         return None
 
-    def stopped_in_other_bytes(self, digest: dict) -> dict | None:
-        """The record of an unfinished plain build of a file of the same name but other bytes that
-        committed documents, or None: most likely this file before it was repaired (a truncated
-        download completed, a bad line fixed), whose first documents the store holds already."""
-        for r in self.all.values():
-            if (r.get("kind") == "file" and r.get("rel") == digest["rel"] and r.get("sha256") != digest["sha256"]
+    def stopped_in_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
+        """An unfinished plain build's record of a file of the same name, of bytes this run does not
+        build, that committed documents; or None. Perhaps this file before it was repaired (a
+        truncated download completed, a bad line fixed): the caller compares the documents."""
+        for rid, r in self.all.items():
+            if (r.get("kind") == "file" and r.get("rel") == digest["rel"] and r.get("sha256") not in run_shas
                     and not r.get("done") and r.get("documents", 0) > 0):
-                return r
+                return rid, r
         return None
 
     def to_build(self, digest: dict, text_field: str, meta_field: str, *, append: bool) -> tuple[str, dict] | None:
@@ -109,7 +116,11 @@ class Records:
         if (copies or self.sharded_with(sha)) and not append:
             return None
         n = len(copies)
-        rid = self.file_id(sha, text_field, meta_field, n)
+        tf, mf = ("text", "meta") if text_field is None else (text_field, meta_field)
+        rid = self.file_id(sha, tf, mf, n)
+        while rid in self.all:  # a .txt copy recorded under other fields holds that number
+            n += 1
+            rid = self.file_id(sha, tf, mf, n)
         return rid, {"kind": "file", "rel": digest["rel"], "size": digest["size"], "sha256": sha,
-                     "text_field": text_field, "meta_field": meta_field, "copy": n, "documents": 0,
+                     "text_field": tf, "meta_field": mf, "copy": n, "documents": 0,
                      "first_doc_id": None, "done": False}

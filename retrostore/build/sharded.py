@@ -52,7 +52,7 @@ from . import plan as _plan
 from . import shards as _shards
 from .common import BuildResult, check_same_settings, merge_trained_segments
 from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
-from .records import BUILDS, Records, file_digest
+from .records import BUILDS, Records, fields_of, file_digest
 
 __all__ = ["build_sharded"]
 
@@ -257,7 +257,8 @@ def build_sharded(
                                engine=engine, device=device)
         if not append:
             records = Records(m)
-            held = [(d["rel"], records.holder(d["sha256"], text_field, meta_field, exclude=build_id))
+            held = [(d["rel"], records.holder(d["sha256"], *fields_of(d["rel"], text_field, meta_field),
+                                              exclude=build_id))
                     for d in digests]
             held = [(rel, how) for rel, how in held if how]
             if held:

@@ -6,6 +6,7 @@ unless asked to, and an interrupted build resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RetrostoreError
 from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
 from ..storage.metadata import clean_metadata
@@ -23,13 +24,26 @@ from ..store.create import create, open_store
 from ..text.inputs import expand_named, read_file
 from ..threads import check_threads
 from .common import BuildResult, check_same_settings, merge_trained_segments
-from .records import BUILDS, Records, file_digest
+from .records import BUILDS, Records, fields_of, file_digest
 from .sharded import build_sharded
 
 __all__ = ["build_store"]
 
 #: Characters handed to one ``Store.append`` call (~1,000 chunks of 64 WordPiece tokens).
 BATCH_CHARS = 250_000
+
+
+def _continues(st, path: Path, digest: dict, prior: dict, text_field: str, meta_field: str) -> bool:
+    """Whether the first documents of ``path`` are the ones an unfinished build of a file of the
+    same name committed (``prior``, its record), text for text: then this file is that one repaired,
+    and resuming after them adds no second copy. A deleted or differing document says no."""
+    first, n = int(prior["first_doc_id"]), int(prior["documents"])
+    try:
+        with contextlib.closing(read_file(path, digest["rel"], text_field, meta_field, None)) as docs:
+            texts = [doc.text for doc in itertools.islice(docs, n)]
+        return len(texts) == n and all(st.get_document(first + i).text == t for i, t in enumerate(texts))
+    except RetrostoreError:  # a document deleted since, or an unreadable file (the build reports it)
+        return False
 
 
 def build_store(
@@ -62,8 +76,11 @@ def build_store(
     An input file a finished build holds already is skipped (a second copy of
     each document would let RETRO retrieve the very text it is trained on); a
     file an interrupted build stopped in is resumed after its last committed
-    document; the rest are built. ``append=True`` adds the documents of files
-    built before once more, as a new copy.
+    document, and so is a file of the same name with other bytes whose first
+    documents are the ones that build committed (the failed input repaired: a
+    truncated download completed, a bad line fixed); the rest are built.
+    ``append=True`` adds the documents of files built before once more, as a new
+    copy. A ``.txt`` file is matched whatever ``text_field``/``meta_field`` say.
 
     With ``engine`` (or any of ``shards``, ``work_dir``, ``device="cuda"``,
     which imply ``engine="local"``) the build runs in stages: plan shards,
@@ -103,9 +120,7 @@ def build_store(
     ------
     InvalidInputError
         Bad inputs (see :func:`retrostore.text.inputs.iter_documents`) or settings
-        that contradict an existing store; without ``append``, a file whose name an
-        earlier build stopped partway through with other bytes (most likely its
-        repaired copy: building it would add the documents committed then again).
+        that contradict an existing store.
     """
     if not isinstance(append, bool):
         raise InvalidInputError(f"append={append!r} must be True or False")
@@ -134,27 +149,25 @@ def build_store(
     records = Records(st.manifest)
     todo: list[tuple[Path, dict, str, dict]] = []  # (path, digest, record id, record)
     skipped: list[str] = []
+    repaired: list[str] = []  # inputs resumed after the documents a build of their earlier bytes committed
+    run_shas = {d["sha256"] for d in digests}
     for (path, _), digest in zip(files, digests):
         if any(d["sha256"] == digest["sha256"] for _, d, _, _ in todo) and not append:
             skipped.append(f"{digest['rel']}: the same content as an input before it")
             continue
-        # A .txt file is one document whatever the fields (helper-17: --text-field added it again)
-        fields = ("text", "meta") if digest["rel"].endswith(".txt") else (text_field, meta_field)
+        fields = fields_of(digest["rel"], text_field, meta_field)
         found = records.to_build(digest, *fields, append=append)
         if found is None:
             skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], *fields)}")
             continue
         rid, rec = found
-        old = records.stopped_in_other_bytes(digest) if not append and rid not in records.all else None
-        if old is not None:  # helper-17: the repaired file was built from its first document again
-            st.close()
-            first, n = old["first_doc_id"], old["documents"]
-            raise InvalidInputError(
-                f"{digest['rel']}: an earlier build stopped partway through a file of this name with other bytes "
-                f"(sha256 {old['sha256'][:12]}...), after committing documents {first}..{first + n - 1}; if this "
-                "is that file repaired, building it would add those documents a second time. Delete them first "
-                f"(Python: store.delete(range({first}, {first + n})); store.commit()) and build again with "
-                "--append (append=True), or give --append alone to keep both copies")
+        prior = records.stopped_in_other_bytes(digest, run_shas) if rid not in records.all else None
+        if prior is not None and _continues(st, path, digest, prior[1], text_field, meta_field):
+            # helper-17: the repaired file (a truncated download completed, a bad line fixed) was built
+            # from its first document again, a second copy of what the failed build committed
+            rid, rec = prior
+            rec.update(sha256=digest["sha256"], size=digest["size"])
+            repaired.append(digest["rel"])
         records.all[rid] = rec
         todo.append((path, digest, rid, rec))
     resumed = sum(rec["documents"] for _, _, _, rec in todo)
@@ -240,4 +253,4 @@ def build_store(
     finally:
         bar.close()
     return BuildResult(version, committed_docs, committed_chunks, time.perf_counter() - t0, interrupted,
-                       skipped=tuple(skipped), resumed_documents=resumed)
+                       skipped=tuple(skipped), resumed_documents=resumed, repaired=tuple(repaired))

@@ -146,6 +146,8 @@ def test_special_token_strings_in_a_document_are_text(chunker: Chunker) -> None:
     assert tokens[3:6] == ["[", "pad", "]"] and tokens[7:10] == ["[", "cl", "##s"]
     (piece,) = chunker.chunk(text)
     assert (piece.start, piece.end) == (0, len(text)) and list(piece.token_ids) == ids.tolist()
+    import pickle  # a Chunker sent to a spawned or Ray worker keeps the rule (helper-18: it was lost)
+    assert pickle.loads(pickle.dumps(chunker)).encode(text)[0].tolist() == ids.tolist()
 
 
 def test_pad_id_rules(tmp_path: Path, bpe_path: Path) -> None:

@@ -168,6 +168,12 @@ class Chunker:
         self.pad_id = check_pad_id(pad_id, self.vocab_size) if pad_id is not None else (found or 0)
         self._windowed = _windowing_is_exact(tokenizer)
 
+    def __setstate__(self, state: dict) -> None:
+        # A pickled tokenizers.Tokenizer comes back without encode_special_tokens (helper-18): a
+        # Chunker sent to a spawned or Ray worker would tokenize "[SEP]" as the special token again.
+        self.__dict__.update(state)
+        self.tokenizer.encode_special_tokens = True
+
     @property
     def pad_token(self) -> str | None:
         """The token string of ``pad_id`` (None if the vocabulary has no such id)."""

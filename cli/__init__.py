@@ -586,7 +586,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
 @click.option("--max-body-bytes", type=click.IntRange(1), default=8 << 20, show_default=True,
               help="Largest request body accepted (HTTP 413 beyond).")
 @click.option("--body-timeout-s", type=click.FloatRange(0, 3600, min_open=True), default=30.0, show_default=True,
-              help="Longest wait for a request's body once its headers arrived (HTTP 408 beyond).")
+              help="Longest pause in a request's body, from its headers on (HTTP 408 beyond).")
 @click.option("--max-queries", type=click.IntRange(1), default=1024, show_default=True,
               help="Most queries (or neighbour query chunks) in one request.")
 @click.option("--max-k", type=click.IntRange(1, 100_000), default=1000, show_default=True,

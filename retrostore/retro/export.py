@@ -135,7 +135,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise InvalidInputError(f"out_dir={out_dir!r} must be a path")
-    out = Path(out_dir).absolute()  # "." has no name to put ".partial" beside (helper-17: a ValueError)
+    out = Path(out_dir).resolve()  # "." and ".." have no name to put ".partial" beside (helper-17: a ValueError)
     if out.exists():
         if not force:
             raise StoreExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "

@@ -149,19 +149,23 @@ class _Server:
         parts = []
         size = 0
         timeout = self.settings.body_timeout_s
-        try:
-            with anyio.fail_after(timeout):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestError(f"the request body exceeds the server's limit of {limit} bytes "
-                                           "(max_body_bytes): send fewer queries per request", field="body",
-                                           value=size, limit=limit, status=413)
-                    parts.append(chunk)
-        except TimeoutError:
-            raise RequestError(f"the request body did not arrive within {timeout:g} s (body_timeout_s; {size} bytes "
-                               "came): send the whole body at once", field="body", value=size, limit=timeout,
-                               status=408) from None
+        stream = request.stream().__aiter__()
+        while True:
+            try:  # an idle limit, per part: a large body that keeps arriving is never cut off (helper-18)
+                with anyio.fail_after(timeout):
+                    chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestError(f"the request body stalled: nothing arrived for {timeout:g} s (body_timeout_s) "
+                                   f"after {size} bytes; send the whole body without pausing", field="body",
+                                   value=size, limit=timeout, status=408) from None
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the request body exceeds the server's limit of {limit} bytes (max_body_bytes): "
+                                   "send fewer queries per request", field="body", value=size, limit=limit,
+                                   status=413)
+            parts.append(chunk)
         return parse_json(b"".join(parts))
 
     async def parsed(self, request: Request, parse: Callable[[Any], Any]) -> Any:

@@ -51,10 +51,10 @@ class ServeSettings:
     max_body_bytes : int, default 8 MiB
         Largest request body accepted (HTTP 413 beyond it).
     body_timeout_s : float, default 30
-        Longest wait for a request's body once its headers arrived (seconds;
-        HTTP 408 beyond it): a client that declares a body and never sends it
-        does not hold its connection and its place among the requests a batch
-        waits for.
+        Longest pause in a request's body, from its headers on (seconds; HTTP
+        408 beyond it): a client that declares a body and stops sending it does
+        not hold its connection and its place among the requests a batch waits
+        for; a large body that keeps arriving is never cut off.
     max_queries : int, default 1024
         Most queries in one search request, and most query chunks (B x C) in one
         neighbours request.

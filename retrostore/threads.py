@@ -19,14 +19,16 @@ def cpu_count() -> int:
 
 
 def max_threads() -> int:
-    """The most threads a caller may ask for: ``max(64, 4 * cpu_count())``.
+    """The most threads a caller may ask for: ``max(256, 4 * cpu_count())``.
 
     More threads than cores only slow FAISS and onnxruntime down, and GNU
     OpenMP fails (``libgomp: Thread creation failed``) or crashes the process
     (exit 139) when asked for tens of thousands (helper-16: ``retrostore eval
-    --threads 100000``).
+    --threads 100000``). The floor of 256 leaves room for settings made on a
+    smaller machine than the one that runs them (a Ray Serve replica's
+    ``num_cpus`` checked on its driver, helper-18).
     """
-    return max(64, 4 * cpu_count())
+    return max(256, 4 * cpu_count())
 
 
 def check_threads(threads: Any, where: str = "threads") -> int | None:
@@ -42,6 +44,6 @@ def check_threads(threads: Any, where: str = "threads") -> int | None:
     limit = max_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= limit:
         raise InvalidInputError(
-            f"{where}={threads!r} must be an int in [1, {limit}] (at most max(64, 4 x the {cpu_count()} CPUs this "
+            f"{where}={threads!r} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
             "process may use)); leave it out for one thread per CPU")
     return int(threads)

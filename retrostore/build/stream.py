@@ -161,7 +161,7 @@ def build_store(
             skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], *fields)}")
             continue
         rid, rec = found
-        prior = records.stopped_in_other_bytes(digest, run_shas) if rid not in records.all else None
+        prior = records.stopped_in_other_bytes(digest, run_shas) if rid not in records.all and not append else None
         if prior is not None and _continues(st, path, digest, prior[1], text_field, meta_field):
             # helper-17: the repaired file (a truncated download completed, a bad line fixed) was built
             # from its first document again, a second copy of what the failed build committed

@@ -628,6 +628,8 @@ class Store:
         ------
         InvalidInputError
             Not integers, no k axis, or an id below -1 or not committed.
+        StoreClosedError
+            The handle was closed.
         """
         if self._closed:  # no fork check: nothing here touches LMDB or FAISS (helper-18)
             raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..storage.manifest import manifest_sha256
 
 __all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "settings"]
 
@@ -17,6 +18,7 @@ class Settings(NamedTuple):
     pad_id: int
     vocab_size: int
     deletes: int
+    identity: str  # the sha256 of the version's manifest: which store and version (retro.table.store_identity)
 
 
 _SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -34,7 +36,7 @@ def settings(store) -> Settings:
         return hit[1]
     m = store.manifest
     s = Settings(int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"]), int(m["tokenizer"]["vocab_size"]),
-                 int((m.get("deletes") or {}).get("documents", 0)))
+                 int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m))
     _SETTINGS[store] = (version, s)
     return s
 

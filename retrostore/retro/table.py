@@ -9,24 +9,18 @@ of the pydocs corpus, 272 MB for a million).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..storage.manifest import manifest_sha256
 from ._checks import settings
 
 if TYPE_CHECKING:
     from retrostore import Store
 
 __all__ = ["ChunkTable", "chunk_table", "check_table", "store_identity"]
-
-#: store -> (version, identity) of the last version asked for: the identity hashes the manifest's bytes.
-_IDENTITY: "weakref.WeakKeyDictionary[Store, tuple[int, str]]" = weakref.WeakKeyDictionary()
-
 
 def store_identity(store: "Store") -> str:
     """Which store and version ``store`` serves: the sha256 of that version's manifest.
@@ -37,11 +31,7 @@ def store_identity(store: "Store") -> str:
     built from the same documents in another order reused another's candidates
     and got other neighbours).
     """
-    hit = _IDENTITY.get(store)
-    if hit is None or hit[0] != store.version:
-        hit = (store.version, manifest_sha256(store.path, store.manifest))
-        _IDENTITY[store] = hit
-    return hit[1]
+    return settings(store).identity  # cached with the other manifest values, per handle and version
 
 
 def check_table(store: "Store", table: "ChunkTable", what: str = "table") -> None:

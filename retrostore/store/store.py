@@ -178,10 +178,12 @@ class Store:
             self._lock.release()
             self._lock = None
 
-    def _check(self, write: bool = False) -> None:
+    def _check(self, write: bool = False, *, fork_ok: bool = False) -> None:
+        """Refuse a closed handle, one used after fork (unless ``fork_ok``: the call touches no LMDB
+        or FAISS handle) and, with ``write``, a read-only one."""
         if self._closed:
             raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")
-        if os.getpid() != self._pid:
+        if not fork_ok and os.getpid() != self._pid:
             raise ForkedStoreError(
                 f"this handle to {self.path} was opened in process {self._pid} and used in process "
                 f"{os.getpid()} after fork(); LMDB and FAISS handles do not survive fork: call "
@@ -631,8 +633,7 @@ class Store:
         StoreClosedError
             The handle was closed.
         """
-        if self._closed:  # no fork check: nothing here touches LMDB or FAISS (helper-18)
-            raise StoreClosedError(f"{self.path} is closed; open it again with retrostore.open()")
+        self._check(fork_ok=True)  # manifest and tombstone files only (helper-18: forked DataLoader workers)
         ids = id_array(chunk_ids, len(self))
         self._reader.follow_purges()
         return self._reader.version.tombstones.chunk_mask(ids)

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..index.params import check_params
 from ..index.source import live_ids
-from ..index.training import check_seed, sample_ids
+from ..index.training import sample_ids
 from ..storage.faisstypes import METRICS
 from .reading import Reader, check_k, check_output_size
 
@@ -61,7 +61,6 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
     k = check_k(k)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise InvalidInputError(f"queries={queries!r} must be an int >= 1")
-    seed = check_seed(seed)
     params = check_params(params)
     version = reader.version
     m = version.manifest

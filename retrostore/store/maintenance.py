@@ -40,8 +40,6 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
         idx["param_overrides"] = check_params(params, "params")
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1")
-    if seed is not None:
-        check_seed(seed)  # before any work
     auto = target == "auto"
     n = sum(s.count for s in c.base.segments)
     keep = bool(new["settings"]["keep_vectors"])
@@ -54,7 +52,7 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
         new["settings"]["mmap"] = bool(mmap)
     if new["settings"].get("mmap"):
         check_mmap(factory, dim, metric)
-    seed = int(new["settings"].get("train_seed", 0) if seed is None else seed)
+    seed = check_seed(new["settings"].get("train_seed", 0) if seed is None else seed)
     new["index"]["target"] = target  # before rebuild: whether the store must now keep vectors files
     try:
         rebuild(c, list(c.base.segments), factory, c.base.tombstones,

@@ -118,9 +118,6 @@ class Records:
         n = len(copies)
         tf, mf = ("text", "meta") if text_field is None else (text_field, meta_field)
         rid = self.file_id(sha, tf, mf, n)
-        while rid in self.all:  # a .txt copy recorded under other fields holds that number
-            n += 1
-            rid = self.file_id(sha, tf, mf, n)
         return rid, {"kind": "file", "rel": digest["rel"], "size": digest["size"], "sha256": sha,
                      "text_field": tf, "meta_field": mf, "copy": n, "documents": 0,
                      "first_doc_id": None, "done": False}

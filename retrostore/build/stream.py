@@ -241,14 +241,9 @@ def build_store(
         # A build that created the store and failed before its first commit leaves
         # nothing behind, so that fixing the input and re-running starts clean.
         if created and _manifest.read_manifest(root)["version"] == 0:
-            if made_dir:
-                shutil.rmtree(root, ignore_errors=True)
-            else:  # helper-17: the directory itself was removed
-                for entry in root.iterdir():
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+            if not made_dir:  # helper-17: the user's own (empty) directory was removed with it
+                root.mkdir(exist_ok=True)
         raise
     finally:
         bar.close()

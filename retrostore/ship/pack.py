@@ -175,7 +175,7 @@ def pack(
         mtime = _epoch(body["committed_at"])
         work.mkdir()
         try:
-            _write_committed_lmdb(root, table, body, work / LMDB_DIR)
+            _write_committed_lmdb(root, table, body, tomb, work / LMDB_DIR)
             members: list[tuple[str, Any]] = [(d, None) for d in STORE_DIRS]
             members.append((DATA_MDB, work / DATA_MDB))
             for entry in _manifest.referenced_files(body):
@@ -204,7 +204,7 @@ def _epoch(stamp: str) -> int:
         return 0
 
 
-def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path) -> None:
+def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, tomb: Tombstones, dest: Path) -> None:
     """Write the committed records of ``table`` as a fresh, compacted LMDB in ``dest``.
 
     Records are copied byte for byte in key order, in transactions of a fixed
@@ -214,7 +214,7 @@ def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, dest: Path)
     (batch sizes, aborted writers, free pages), so equal records give an equal
     file. The content hash chain of the result is checked against the manifest.
     """
-    pending = table.pending_purge(Tombstones.load(root, body).rows, body["version"])  # a compact cut short
+    pending = table.pending_purge(tomb.rows, body["version"])  # a compact cut short
     stage = dest.with_name(dest.name + ".stage")
     stage.mkdir()
     with fileio.lmdb_writes("the archive's copy of the LMDB records"):
@@ -312,11 +312,15 @@ def _write_archive(root: Path, path: Path, members: list, mtime: int, compressed
                     continue
                 entry = src if isinstance(src, dict) else None
                 file_path = _manifest.safe_path(root, entry["path"], MANIFEST) if entry else src
-                if entry is not None and not file_path.is_file():  # the store's fault, not the archive's
-                    raise CorruptStoreError(
-                        f"{root}: {entry['path']}, a file the manifest names, is missing; run `retrostore "
-                        "verify` on the store (if a writer's compact removed it while packing: pack again)")
-                with open(file_path, "rb") as f:
+                try:
+                    f = open(file_path, "rb")
+                except FileNotFoundError:
+                    if entry is None:  # this pack's own staged file
+                        raise
+                    raise CorruptStoreError(  # the store's fault, not the archive's (helper-16)
+                        f"{root}: {entry['path']}, a file the manifest names, is missing; run `retrostore verify` "
+                        "on the store (if a writer's compact removed it while packing: pack again)") from None
+                with f:
                     size = os.fstat(f.fileno()).st_size
                     if entry is not None and size != entry["size"]:
                         lfs = git_lfs_pointer(file_path)

@@ -31,7 +31,7 @@ def max_threads() -> int:
     return max(256, 4 * cpu_count())
 
 
-def check_threads(threads: Any, where: str = "threads") -> int | None:
+def check_threads(threads: Any) -> int | None:
     """``threads`` as an int in ``[1, max_threads()]``, or None (the caller's default).
 
     Raises
@@ -44,6 +44,6 @@ def check_threads(threads: Any, where: str = "threads") -> int | None:
     limit = max_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= limit:
         raise InvalidInputError(
-            f"{where}={threads!r} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
+            f"threads={threads!r} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
             "process may use)); leave it out for one thread per CPU")
     return int(threads)

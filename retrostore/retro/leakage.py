@@ -161,8 +161,8 @@ def duplicate_chunks(tokens: np.ndarray, lengths: np.ndarray, live: np.ndarray |
             "be shaped (N, T), (N,) and (N,): one row, length and flag per chunk (ChunkTable's fields)")
     n, t = tokens.shape
     live = np.ones(n, bool) if live is None else np.asarray(live, bool)
-    real = np.arange(t) < np.asarray(lengths)[:, None]
-    key = np.concatenate([np.where(real, tokens, -1).astype(np.int64), np.asarray(lengths, np.int64)[:, None]], 1)
+    real = np.arange(t) < lengths[:, None]
+    key = np.concatenate([np.where(real, tokens, -1).astype(np.int64), lengths.astype(np.int64)[:, None]], 1)
     first = np.full(n, -1, np.int64)
     idx = np.flatnonzero(live)
     if len(idx) == 0:

@@ -184,9 +184,10 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     """
     t = int(store.manifest["chunk_tokens"])
     if not is_int(seq_len) or seq_len < t or seq_len % t:
+        low, high = _near(seq_len, t)
         raise InvalidInputError(
             f"seq_len={seq_len!r} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
-            f"into chunks of {t} tokens: use e.g. {_near(seq_len, t)[0]} or {_near(seq_len, t)[1]}")
+            f"into chunks of {t} tokens: use e.g. {low} or {high}")
     most = max(1, len(store)) * t  # one window holding every chunk of the store
     if seq_len > most:  # helper-17: 6.4e9 tokens per window was a MemoryError, 6.4e10 an OOM kill
         raise InvalidInputError(f"seq_len={seq_len:,} is more than the store's {len(store):,} chunks of {t} tokens "

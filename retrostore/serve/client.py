@@ -65,18 +65,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} {value!r:.60} is not JSON")
 
 
-def _check_k(k: Any) -> int:
-    """``k`` as ``Store`` takes it: an int or numpy integer >= 1 (bools refused)."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
-    return int(k)
-
-
 def _k_int(k: Any) -> int:
     """``k`` as an int for the request, refused here when ``Store`` would refuse its type (helper-16: the
     server takes a whole float such as 2.0 from any JSON client, so ``search(q, k=2.0)`` worked remotely
     and raised embedded); its range is the server's to check (its ``max_k``, named in the error)."""
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+    return int(k)
+
+
+def _check_k(k: Any) -> int:
+    """``k`` as ``Store`` takes it, range included, for answers made here (no request sent)."""
+    if _k_int(k) < 1:
         raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
     return int(k)
 

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from retrostore.text.embed import DEFAULT_MODEL_SHA256, DEFAULT_TOKENIZER_SHA256, Embedder, OnnxEmbedder
+from retrostore.text.embed import (CALL_COST_TOKENS, DEFAULT_MODEL_SHA256, DEFAULT_TOKENIZER_SHA256, Embedder,
+                                   OnnxEmbedder, length_groups)
 from retrostore.text.models import default_embedder, default_tokenizer_path
 from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
 
@@ -66,6 +67,32 @@ def test_batch_equals_single_and_order_kept(emb, texts):
     small = OnnxEmbedder(emb.model_path, emb.tokenizer_path, batch_size=3, threads=1)
     assert small.fingerprint == emb.fingerprint
     assert _cos(small.embed(texts[::-1])[::-1], batched).min() >= 0.99999
+
+
+def _cost(groups, lengths):
+    return sum(CALL_COST_TOKENS + int(lengths[g].max()) * len(g) for g in groups)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, 64])
+def test_length_groups_cover_every_row_once_and_cost_least(emb, batch_size):
+    """Real query lengths (the embedder's tokens of Shakespeare lines of 1-4 lines): the batches
+    hold every row once, at most batch_size each, in sorted order, and cost no more padded tokens +
+    calls than cutting the sorted rows every batch_size (the former rule)."""
+    lines = [ln for ln in SHAKESPEARE.read_text(encoding="utf-8").splitlines() if ln.strip()][:200]
+    texts = ["\n".join(lines[i:i + 1 + i % 4]) for i in range(0, 200, 2)]
+    lengths = np.array([len(emb._tok.encode(t).ids) for t in texts], dtype=np.int64)
+    assert lengths.min() < lengths.max() / 3  # varied lengths: the case that matters
+    order = np.argsort(lengths, kind="stable")
+    groups = length_groups(lengths, order, batch_size)
+    assert np.array_equal(np.concatenate(groups), order)
+    assert max(map(len, groups)) <= batch_size
+    naive = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    assert _cost(groups, lengths) <= _cost(naive, lengths)
+    one_call = np.argsort(lengths[:16], kind="stable")  # a server's batch: 16 queries, one call before
+    assert _cost(length_groups(lengths[:16], one_call, 16), lengths[:16]) < 0.8 * _cost([one_call], lengths[:16])
+    same = np.full(40, 66, dtype=np.int64)  # a build's full chunks: full batches, as before
+    assert sorted(len(g) for g in length_groups(same, np.arange(40), 16)) == [8, 16, 16]
+    assert length_groups(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 4) == []
 
 
 def test_token_ids_path_equals_text_path(emb, texts):

@@ -86,6 +86,56 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_abandon_sessions_in_child)
 
 
+#: A session call's fixed cost in padded tokens' worth: measured 2026-12-06 on 2 cores (Xeon,
+#: AVX-512), one thread: ~1 ms per call against ~0.2 ms per token at 8-66 tokens, any batch.
+CALL_COST_TOKENS = 5
+
+
+def length_groups(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split sequences, sorted by length, into the batches that cost the least compute.
+
+    A CPU encoder's time is almost linear in the padded tokens of a batch (each
+    row padded to the batch's longest) plus a fixed cost per call, so a batch
+    of 16 queries of 10-43 tokens (mean 19) cut at every 16 rows costs ~1.8x
+    its real tokens, more than embedding them one by one. Dynamic programming
+    over the sorted lengths picks the cut points minimising
+    ``sum(CALL_COST_TOKENS + width * rows)`` with at most ``batch_size`` rows
+    per batch; equal lengths (a build's 64-token chunks) give full batches.
+
+    Parameters
+    ----------
+    lengths : numpy.ndarray
+        int64, shape ``(n,)``: tokens per sequence.
+    order : numpy.ndarray
+        int64, shape ``(n,)``: ``lengths`` argsorted ascending.
+    batch_size : int
+        The most rows per batch (>= 1).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Indexes into ``lengths`` per batch, in ``order``'s order; together
+        they hold every index once.
+    """
+    n = len(order)
+    if n == 0:
+        return []
+    srt = lengths[order]
+    best = np.zeros(n + 1, dtype=np.float64)  # best[j]: cost of the first j sorted rows
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        lo = max(0, j - batch_size)
+        starts = np.arange(lo, j)
+        costs = best[lo:j] + CALL_COST_TOKENS + srt[j - 1] * (j - starts)  # widest row is last
+        k = int(np.argmin(costs))
+        best[j], cut[j] = costs[k], lo + k
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = int(cut[j])
+    return groups[::-1]
+
+
 def _check_seq(obj: Any, what: str) -> None:
     if isinstance(obj, (str, bytes)) or not isinstance(obj, (Sequence, np.ndarray)):
         raise InvalidInputError(f"{what} must be a sequence (a list), got {type(obj).__name__}")
@@ -287,8 +337,7 @@ class OnnxEmbedder:
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
-        for start in range(0, len(seqs), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in length_groups(lengths, order, self.batch_size):
             width = int(lengths[idx].max())
             ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
             mask = (np.arange(width) < lengths[idx][:, None]).astype(np.int64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -208,12 +209,18 @@ def test_bad_inputs(emb):
 def test_close_and_fork(emb, texts):
     e = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=1)
     ref = e.embed(texts[:2])
+    # threads=2 and batches of 2: the parent's calls ran on its pool of threads, which a child lacks
+    par = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=2, batch_size=2)
+    ref_par = par.embed(texts)
+    assert par._pool is not None
     if hasattr(os, "fork"):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: the session must be rebuilt, results identical
             try:
+                signal.alarm(120)  # a hang (threads that exist only in the parent) ends as a failure
                 ok = e._pid != os.getpid() and np.allclose(e.embed(texts[:2]), ref, atol=1e-6)
+                ok = ok and np.allclose(par.embed(texts), ref_par, atol=1e-6) and par._pool[0] == os.getpid()
                 os.write(w, b"1" if ok and e._pid == os.getpid() else b"0")
             finally:
                 os._exit(0)
@@ -222,8 +229,10 @@ def test_close_and_fork(emb, texts):
         os.close(r)
         os.waitpid(pid, 0)
     e.close()
-    with pytest.raises(RetrostoreError, match="closed"):
-        e.embed(["x"])
+    par.close()
+    for closed in (e, par):
+        with pytest.raises(RetrostoreError, match="closed"):
+            closed.embed(texts)
 
 
 def test_create_defers_the_default_model_to_the_first_embedding(emb, tmp_path, monkeypatch):

@@ -71,6 +71,14 @@ def test_manifest_every_flipped_byte_is_refused(store):
         assert st.verify() == []
 
 
+@pytest.mark.parametrize("raw", [b"[]\n", b"42\n", b'"manifest"\n', b"null\n", b"[{}]"])
+def test_manifest_of_another_json_type_is_named(store, raw):
+    """A manifest replaced by JSON that is not an object is refused as such, not called truncated."""
+    (store / "manifest.json").write_bytes(raw)
+    msg = _open_error(store)
+    assert msg.startswith("manifest.json: manifest is a JSON ") and "not an object" in msg, msg
+
+
 def test_manifest_truncation_is_refused(store):
     mpath = store / "manifest.json"
     raw = mpath.read_bytes()

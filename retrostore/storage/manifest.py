@@ -170,14 +170,19 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     FormatVersionError
         Written by a newer, incompatible format.
     """
-    if not raw.endswith(b"}\n"):
-        raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
-                                "the file is damaged")
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptStoreError(f"{where}: manifest is not valid JSON ({exc}); the file is damaged") from exc
-    if not isinstance(doc, dict) or "body" not in doc or "sha256" not in doc:
+        what = "truncated (it does not end with its closing brace and newline)" if not raw.endswith(b"}\n") \
+            else f"not valid JSON ({exc})"
+        raise CorruptStoreError(f"{where}: manifest is {what}; the file is damaged") from exc
+    if not isinstance(doc, dict):
+        raise CorruptStoreError(f"{where}: manifest is a JSON {type(doc).__name__}, not an object with 'body' and "
+                                "'sha256'; the file is damaged or not a retrostore manifest")
+    if not raw.endswith(b"}\n"):
+        raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
+                                "the file is damaged")
+    if "body" not in doc or "sha256" not in doc:
         raise CorruptStoreError(f"{where}: manifest lacks its 'body' and 'sha256' fields; the file is damaged")
     body = doc["body"]
     if not isinstance(body, dict):

@@ -50,6 +50,8 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
     st.close()  # idempotent
     with pytest.raises(StoreClosedError):
         st.search("anything")
+    with pytest.raises(StoreClosedError):
+        len(st)  # a closed handle's count could be stale
     with retrostore.open(path) as st:
         assert st.version == 1
         for i, d in enumerate(docs):

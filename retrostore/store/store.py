@@ -268,7 +268,14 @@ class Store:
         return copy.deepcopy(self._manifest)
 
     def __len__(self) -> int:
-        """Number of committed chunks."""
+        """Number of committed chunks.
+
+        Raises
+        ------
+        StoreClosedError
+            The store is closed (its count could be stale: another process may have committed since).
+        """
+        self._check(fork_ok=True)
         return self._head.version.n_chunks
 
     def _check_committed(self, version: int) -> None:

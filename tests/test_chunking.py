@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -304,6 +305,55 @@ def test_cut_points() -> None:
         assert text[w] == " " and not text[w - 1].isspace()
     assert c._cuts("x" * 50) == [0, 50]  # no cut point: one window
     assert c._cuts("abc") == [0, 3]
+
+
+def _spaceless_texts() -> dict[str, str]:
+    """Documents without a plain space, as real corpora hold them (deterministic)."""
+    rng = random.Random(0)
+    pieces = ["ab", "cd", ",", ".", "(", ")", "\u00e9", "\u03a3", "\u03c2", "x\u0301", "\x01", "\u65e5\u672c",
+              "\u3002", "\u300c", "\u300d", "\u2013", "\u2026", "1", "23", "\t", "\u00a0"]
+    return {
+        "base64": base64.b64encode(rng.randbytes(60_000)).decode(),
+        "mixed": "".join(rng.choice(pieces) for _ in range(40_000)),
+        "chinese": "".join(rng.choice("\u6f22\u5b57\u65e5\u672c\u8a9e\u4e2d\u6587\u3001\u3002\u300c\u300d\uff01\uff1fabc123")
+                           for _ in range(60_000)),
+        "greek": "\u039f\u0394\u039f\u03a3,\u039f\u0394\u039f\u03a3.\u0391\u03a3!\u03a3;" * 4000,
+        "minified": '{"a":[1,2,{"b":"c"}],"dd":null,"e":"f\\u00e9"}' * 1500,
+    }
+
+
+@pytest.mark.parametrize("window", [1, 7, 200, 10_000])
+def test_spaceless_documents_are_cut_before_punctuation_and_cjk(window: int) -> None:
+    """BERT isolates punctuation and CJK characters, so a document with no space is still
+    tokenized in windows of about window_chars (a 3 MB Chinese document took 1.75 GB in one
+    piece), with exactly the one-shot ids and offsets."""
+    c = Chunker(TOKENIZER, chunk_tokens=16, window_chars=window)
+    assert c._isolating
+    for name, text in _spaceless_texts().items():
+        assert " " not in text
+        cuts = c._cuts(text)
+        assert max(b - a for a, b in zip(cuts, cuts[1:])) <= 2 * max(window, 256), name  # bounded windows
+        ids, offsets = c.encode(text)
+        want_ids, want_offsets = one_shot(c, text)
+        np.testing.assert_array_equal(ids, want_ids, err_msg=name)
+        np.testing.assert_array_equal(offsets, want_offsets, err_msg=name)
+        if window == 200:
+            check_chunks(c, text, c.chunk(text))
+
+
+def test_only_bert_with_special_added_tokens_cuts_before_punctuation(tmp_path: Path, bpe_path: Path,
+                                                                    llama3_path: Path) -> None:
+    assert not Chunker(bpe_path)._isolating and not Chunker(llama3_path)._isolating
+    assert Chunker(bpe_path)._cuts("ab,cd." * 50) == [0, 300]  # byte-level BPE: spaces only
+    spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": 30522, "content": "a-b", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": True, "special": False})
+    (tmp_path / "added.json").write_text(json.dumps(spec), encoding="utf-8")
+    c = Chunker(tmp_path / "added.json", window_chars=3)
+    assert c._windowed and not c._isolating  # "a-b" is matched before pre-tokenization
+    text = "a-b" * 20
+    assert c._cuts(text) == [0, len(text)]
+    np.testing.assert_array_equal(c.encode(text)[0], one_shot(c, text)[0])
 
 
 def test_unsafe_tokenizers_are_encoded_in_one_piece(tmp_path: Path, bpe_path: Path) -> None:

@@ -131,3 +131,17 @@ class UnsafeArchiveError(RetrostoreError):
 class NoRawVectorsError(RetrostoreError):
     """An operation (``reindex``) needs raw vectors the store does not keep
     (dropped by ``pack --no-vectors``, or created with ``keep_vectors=False``)."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, safe for any integer a user may pass.
+
+    Python refuses to turn an int of more than 4,300 digits into text (a
+    ``ValueError``, not the ``InvalidInputError`` the message was for), and a
+    shorter huge one would fill the message: an int beyond 30 digits is named by
+    its size instead.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): no conversion to text
+        return f"{'-' if value < 0 else ''}<an integer of about {digits:,} digits>"
+    return repr(value)

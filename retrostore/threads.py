@@ -7,7 +7,7 @@ import numbers
 import os
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, shown
 
 __all__ = ["cpu_count", "max_threads", "check_threads"]
 
@@ -44,6 +44,6 @@ def check_threads(threads: Any) -> int | None:
     limit = max_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= limit:
         raise InvalidInputError(
-            f"threads={threads!r} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
+            f"threads={shown(threads)} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
             "process may use)); leave it out for one thread per CPU")
     return int(threads)

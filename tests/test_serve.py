@@ -205,6 +205,8 @@ def test_massive_serve_compatible_route(server, local):
 BAD = [
     # (path, raw body, status, field, words in the message)
     ("/v1/search", b'{"query": "x", "k": ', 400, "body", "malformed JSON"),
+    ("/v1/search", b'{"query": "x", "k": ' + b"9" * 5000 + b"}", 400, "body", "more than 4,300 digits"),
+    ("/v1/chunks", b'{"ids": [' + b"9" * 5000 + b"]}", 400, "body", "more than 4,300 digits"),
     ("/v1/search", b"", 400, "body", "empty"),
     ("/v1/search", b'["a list"]', 400, "body", "JSON object"),
     ("/v1/search", b'{"query": 5}', 400, "query", "string"),

@@ -399,6 +399,33 @@ def test_get_out_of_range(built_store):
             st.get_document(-1)
 
 
+def test_integers_beyond_pythons_text_limit_get_clear_errors(tmp_path, built_store, embedder):
+    """Python turns no int of more than 4,300 digits into text (a bare ValueError): every message
+    naming such a value names its size instead, so each call raises the retrostore error it meant."""
+    huge = 10 ** 5000
+    with retrostore.open(built_store) as st:
+        calls = [lambda: st.search("lists", k=huge), lambda: st.search("lists", k=-huge),
+                 lambda: st.search_vectors(np.zeros((1, 384), np.float32), k=huge),
+                 lambda: st.search_vectors(np.zeros((1, 384), np.float32), k=2, params={"efSearch": huge}),
+                 lambda: st.get_chunks([huge]), lambda: st.get_chunks([-huge]), lambda: st.get_document(huge),
+                 lambda: st.get_metadata([huge]), lambda: st.neighbors(np.zeros((1, 64), np.int64), k=huge),
+                 lambda: retrostore.open(built_store, threads=huge), lambda: retrostore.open(built_store, version=huge)]
+        for call in calls:
+            with pytest.raises(RetrostoreError, match="an integer of about 5,001 digits"):
+                call()
+    with pytest.raises(InvalidInputError, match="chunk_tokens=<an integer of about 5,001 digits>"):
+        retrostore.create(tmp_path / "a", embedder=embedder, chunk_tokens=huge)
+    with pytest.raises(InvalidInputError, match="pad_id=<an integer"):
+        retrostore.create(tmp_path / "b", embedder=embedder, pad_id=huge)
+    with retrostore.create(tmp_path / "c", embedder=embedder) as st:
+        with pytest.raises(RetrostoreError, match=r"\['n'\] = <an integer of about 5,001 digits>"):
+            st.append(["a document"], metadata=[{"n": huge}])
+        st.append(["a document"])
+        st.commit()
+        with pytest.raises(InvalidInputError, match="document id <an integer"):
+            st.delete([huge])
+
+
 def test_metadata_depth_and_surrogates(tmp_path, embedder):
     deep: dict = {}
     cur = deep

@@ -18,7 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from ..storage.faisstypes import unwrap
 
 __all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "current_params", "effective_params", "RWLock"]
@@ -60,8 +60,9 @@ def check_params(params: Any, where: str = "params") -> dict:
             )
         low = _AT_LEAST_ONE.get(base, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(value) or not low <= value <= _MAX_PARAM:
-            raise InvalidInputError(f"{where}: {name}={value!r} must be a finite number in [{low}, {_MAX_PARAM}]"
+                or (isinstance(value, (float, np.floating)) and not math.isfinite(value)) \
+                or not low <= value <= _MAX_PARAM:  # (an int has no isfinite beyond a float's range)
+            raise InvalidInputError(f"{where}: {name}={shown(value)} must be a finite number in [{low}, {_MAX_PARAM}]"
                                     + (f" ({base} = 0 would make every search fail)" if low and value == 0 else ""))
         if base in _INTEGER and not float(value).is_integer():
             raise InvalidInputError(f"{where}: {name}={value!r} must be a whole number (a count); FAISS would "

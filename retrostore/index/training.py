@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import IndexTrainingError, InvalidInputError
+from ..errors import IndexTrainingError, InvalidInputError, shown
 from ..storage.faisstypes import unwrap
 from .factory import new_index
 
@@ -178,7 +178,7 @@ def check_seed(seed: Any) -> int:
         Not an int (a bool, a float, a string) or negative.
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise InvalidInputError(f"seed={seed!r} must be an int >= 0 (the seed of the sample; the default is 0)")
+        raise InvalidInputError(f"seed={shown(seed)} must be an int >= 0 (the seed of the sample; the default is 0)")
     return int(seed)
 
 

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from ..storage.manifest import manifest_sha256
 
 __all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "settings"]
@@ -49,7 +49,7 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = 
     """``value`` as an int in ``[lo, hi]`` (``hi`` None: no upper limit)."""
     if not is_int(value) or value < lo or (hi is not None and value > hi):
         limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InvalidInputError(f"{name}={value!r} must be an int {limit}" + (f"; {fix}" if fix else ""))
+        raise InvalidInputError(f"{name}={shown(value)} must be an int {limit}" + (f"; {fix}" if fix else ""))
     return int(value)
 
 
@@ -74,7 +74,7 @@ def check_pad_id(store, pad_id: Any) -> int:
     if pad_id is None:
         return store_pad_id(store)
     if not is_int(pad_id):
-        raise InvalidInputError(f"pad_id={pad_id!r} must be an int token id in [0, {vocab}) (the model's pad_id), "
+        raise InvalidInputError(f"pad_id={shown(pad_id)} must be an int token id in [0, {vocab}) (the model's pad_id), "
                                 f"or None for the store's own ({store_pad_id(store)})")
     if not 0 <= pad_id < vocab:
         raise InvalidInputError(

@@ -24,7 +24,7 @@ import numpy as np
 
 import retrostore.errors as _errors
 from retrostore import Chunk, Document, Hit, Neighbors
-from retrostore.errors import InvalidInputError, RetrostoreError
+from retrostore.errors import InvalidInputError, RetrostoreError, shown
 
 from . import errors as _serve_errors
 from .errors import MissingDependencyError, ServerError, ServerUnavailableError
@@ -70,14 +70,14 @@ def _k_int(k: Any) -> int:
     server takes a whole float such as 2.0 from any JSON client, so ``search(q, k=2.0)`` worked remotely
     and raised embedded); its range is the server's to check (its ``max_k``, named in the error)."""
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+        raise InvalidInputError(f"k={shown(k)} must be an int >= 1 (the number of neighbours to return)")
     return int(k)
 
 
 def _check_k(k: Any) -> int:
     """``k`` as ``Store`` takes it, range included, for answers made here (no request sent)."""
     if _k_int(k) < 1:
-        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+        raise InvalidInputError(f"k={shown(k)} must be an int >= 1 (the number of neighbours to return)")
     return int(k)
 
 
@@ -197,7 +197,9 @@ class RemoteStore:
             try:
                 content = json.dumps(body, separators=(",", ":"), default=_json_default).encode("utf-8")
             except (TypeError, ValueError) as exc:  # NaN/inf are sent as JSON's extensions; this is another failure
-                raise InvalidInputError(f"the request to {path} cannot be sent as JSON: {exc}") from None
+                why = "it holds an integer of more than 4,300 digits; no id, k or parameter is that large" \
+                    if "digits" in str(exc) else str(exc)
+                raise InvalidInputError(f"the request to {path} cannot be sent as JSON: {why}") from None
             headers = {**(headers or {}), "Content-Type": "application/json"}
         u3 = self._urllib3.exceptions
         try:

@@ -168,6 +168,10 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestError(f"the request body is not UTF-8 ({exc})", field="body") from None
     except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):  # Python's limit on the digits of an int
+            raise RequestError("the request body holds a number of more than 4,300 digits; no id, k or "
+                               "parameter is that large", field="body", value=body[:80].decode("utf-8", "replace"),
+                               limit=4300) from None
         raise RequestError(f"the request body is malformed JSON: {exc}", field="body",
                            value=body[:80].decode("utf-8", "replace")) from None
     except RecursionError:

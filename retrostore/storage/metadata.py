@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidMetadataError
+from ..errors import InvalidMetadataError, shown
 
 __all__ = ["clean_metadata"]
 
@@ -50,7 +50,7 @@ def clean_metadata(value: Any, where: str, _depth: int = 0) -> Any:
         return clean_metadata(value.tolist(), where, _depth)
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
-            raise InvalidMetadataError(f"{where} = {value} is outside the storable integer range [-2**63, 2**64-1]")
+            raise InvalidMetadataError(f"{where} = {shown(value)} is outside the storable integer range [-2**63, 2**64-1]")
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommitError, InvalidInputError, StoreExistsError
+from ..errors import CommitError, InvalidInputError, StoreExistsError, shown
 from ..index.factory import check_index_arg
 from ..index.params import check_params
 from ..index.policy import default_params
@@ -139,7 +139,7 @@ def create(
         raise StoreExistsError(f"{root} exists and is not a store ({what}); choose a new path for the store, "
                                "or an empty directory")
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= 4096:
-        raise InvalidInputError(f"chunk_tokens={chunk_tokens!r} must be an int in [1, 4096]; RETRO uses 64")
+        raise InvalidInputError(f"chunk_tokens={shown(chunk_tokens)} must be an int in [1, 4096]; RETRO uses 64")
     if metric not in ("ip", "l2"):
         raise InvalidInputError(f"metric={metric!r} must be 'ip' (inner product) or 'l2'")
     if vector_dtype not in ("float16", "float32"):

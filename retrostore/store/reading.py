@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import CorruptStoreError, InvalidInputError
+from ..errors import CorruptStoreError, InvalidInputError, shown
 from ..index.params import check_params
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable, MissingRecordError
@@ -113,7 +113,7 @@ class Reader:
         limit = self.limit
         for i in ids:
             if not 0 <= i < limit:
-                raise InvalidInputError(f"chunk id {i} is outside the committed range [0, {limit})")
+                raise InvalidInputError(f"chunk id {shown(i)} is outside the committed range [0, {limit})")
         self.version.tombstones.check_chunks(ids)
         return [Chunk(r.chunk_id, r.doc_id, r.position, r.start, r.text, r.token_ids)
                 for r in self.table.get_chunks(ids, limit)]
@@ -122,7 +122,7 @@ class Reader:
         """See :meth:`retrostore.Store.get_document`."""
         limit = self.version.n_docs
         if isinstance(doc_id, bool) or not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
-            raise InvalidInputError(f"document id {doc_id!r} is outside the committed range [0, {limit})")
+            raise InvalidInputError(f"document id {shown(doc_id)} is outside the committed range [0, {limit})")
         self.version.tombstones.check_docs([doc_id])
         rec = self.table.get_doc(int(doc_id))
         if rec is None:
@@ -140,7 +140,7 @@ class Reader:
         out = []
         for d in int_ids(doc_ids, "document"):
             if not 0 <= int(d) < limit:
-                raise InvalidInputError(f"document id {d!r} is outside the committed range [0, {limit})")
+                raise InvalidInputError(f"document id {shown(d)} is outside the committed range [0, {limit})")
             self.version.tombstones.check_docs([d])
             rec = self.table.get_doc(int(d))
             if rec is None:
@@ -400,9 +400,9 @@ def check_k(k: Any) -> int:
         Not an int (bools refused), below 1 or above the limit.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InvalidInputError(f"k={k!r} must be an int >= 1 (the number of neighbours to return)")
+        raise InvalidInputError(f"k={shown(k)} must be an int >= 1 (the number of neighbours to return)")
     if k > MAX_K:
-        raise InvalidInputError(f"k={k} exceeds the limit of {MAX_K} results per query; page with a smaller k")
+        raise InvalidInputError(f"k={shown(k)} exceeds the limit of {MAX_K} results per query; page with a smaller k")
     return int(k)
 
 
@@ -425,6 +425,6 @@ def int_ids(ids: Any, what: str) -> list[int]:
             if isinstance(i, (float, np.floating)) and float(i).is_integer():
                 i = int(i)
             else:
-                raise InvalidInputError(f"{what} id {i!r} is not an integer")
+                raise InvalidInputError(f"{what} id {shown(i)} is not an integer")
         out.append(int(i))
     return out

@@ -31,6 +31,7 @@ from ..errors import (
     ReadOnlyStoreError,
     RetrostoreError,
     StoreClosedError,
+    shown,
 )
 from ..index.params import check_params
 from ..storage import fileio
@@ -287,7 +288,7 @@ class Store:
             return  # a damaged manifest.json: retained copies are self-checked and may be opened
         if version > current:
             raise NotAStoreError(
-                f"version {version} of {self.path} was never committed (the newest committed version is "
+                f"version {shown(version)} of {self.path} was never committed (the newest committed version is "
                 f"{current}); open without version= for the newest"
             )
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import lmdb
 import numpy as np
 
-from ..errors import CorruptStoreError, InvalidEmbeddingsError, InvalidInputError, RetrostoreError
+from ..errors import CorruptStoreError, InvalidEmbeddingsError, InvalidInputError, RetrostoreError, shown
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -177,7 +177,7 @@ class Writer:
             if not 0 <= d < limit:
                 extra = " (appended but not committed: commit first, or close() to discard it)" \
                     if limit <= d < limit + self.batch.docs else ""
-                raise InvalidInputError(f"document id {d} is outside the committed range [0, {limit}){extra}")
+                raise InvalidInputError(f"document id {shown(d)} is outside the committed range [0, {limit}){extra}")
             clean.append(d)
         tomb = self.head.version.tombstones
         already = tomb.doc_mask(np.array(clean, np.int64)) if clean else []

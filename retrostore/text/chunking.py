@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from .tokenizer import ISOLATED_REVERSED as _ISOLATED_REVERSED
 from .tokenizer import check_document as _check_document
 from .tokenizer import isolates_punctuation as _isolates_punctuation
@@ -495,7 +495,7 @@ def check_pad_id(pad_id: Any, vocab_size: int) -> int:
     """
     if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab_size:
         raise InvalidInputError(
-            f"pad_id={pad_id!r} is not a token id of the tokenizer's vocabulary [0, {vocab_size}); give the id of "
+            f"pad_id={shown(pad_id)} is not a token id of the tokenizer's vocabulary [0, {vocab_size}); give the id of "
             "a token that never occurs in your text (the padding of neighbour tokens, masked out by "
             "tokens != pad_id)"
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 import tokenizers
 
-from ..errors import InvalidDocumentError, InvalidInputError
+from ..errors import InvalidDocumentError, InvalidInputError, shown
 
 __all__ = ["positive_int", "check_document", "pad_id", "windowing_is_exact", "isolates_punctuation",
            "ISOLATED_REVERSED", "PAD_TOKENS"]
@@ -33,7 +33,7 @@ def positive_int(name: str, value: Any) -> int:
     except TypeError:
         number = -1
     if number < 1:
-        got = f"{type(value).__name__} {value!r}"
+        got = f"{type(value).__name__} {shown(value)}"
         raise InvalidInputError(f"{name} must be an integer >= 1, got {got}")
     return number
 

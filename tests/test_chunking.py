@@ -328,7 +328,7 @@ def test_spaceless_documents_are_cut_before_punctuation_and_cjk(window: int) -> 
     tokenized in windows of about window_chars (a 3 MB Chinese document took 1.75 GB in one
     piece), with exactly the one-shot ids and offsets."""
     c = Chunker(TOKENIZER, chunk_tokens=16, window_chars=window)
-    assert c._isolating
+    assert c._isolated is not None
     for name, text in _spaceless_texts().items():
         assert " " not in text
         cuts = c._cuts(text)
@@ -343,17 +343,29 @@ def test_spaceless_documents_are_cut_before_punctuation_and_cjk(window: int) -> 
 
 def test_only_bert_with_special_added_tokens_cuts_before_punctuation(tmp_path: Path, bpe_path: Path,
                                                                     llama3_path: Path) -> None:
-    assert not Chunker(bpe_path)._isolating and not Chunker(llama3_path)._isolating
+    assert Chunker(bpe_path)._isolated is None and Chunker(llama3_path)._isolated is None
     assert Chunker(bpe_path)._cuts("ab,cd." * 50) == [0, 300]  # byte-level BPE: spaces only
     spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
     spec["added_tokens"].append({"id": 30522, "content": "a-b", "single_word": False, "lstrip": False,
                                  "rstrip": False, "normalized": True, "special": False})
     (tmp_path / "added.json").write_text(json.dumps(spec), encoding="utf-8")
     c = Chunker(tmp_path / "added.json", window_chars=3)
-    assert c._windowed and not c._isolating  # "a-b" is matched before pre-tokenization
+    assert c._windowed and c._isolated is None  # "a-b" is matched before pre-tokenization
     text = "a-b" * 20
     assert c._cuts(text) == [0, len(text)]
     np.testing.assert_array_equal(c.encode(text)[0], one_shot(c, text)[0])
+    # Without handle_chinese_chars, BERT keeps a run of ideographs as one word: cut only at punctuation
+    spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
+    spec["normalizer"]["handle_chinese_chars"] = False
+    (tmp_path / "no_cjk.json").write_text(json.dumps(spec), encoding="utf-8")
+    c = Chunker(tmp_path / "no_cjk.json", window_chars=5)
+    text = _spaceless_texts()["chinese"][:5000]
+    cuts = c._cuts(text)
+    assert len(cuts) > 10 and all(not "\u4e00" <= text[w] <= "\u9fff" for w in cuts[1:-1])
+    ids, offsets = c.encode(text)
+    want_ids, want_offsets = one_shot(c, text)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(offsets, want_offsets)
 
 
 def test_unsafe_tokenizers_are_encoded_in_one_piece(tmp_path: Path, bpe_path: Path) -> None:

@@ -31,9 +31,8 @@ import numpy as np
 import tokenizers
 
 from ..errors import InvalidInputError, shown
-from .tokenizer import ISOLATED_REVERSED as _ISOLATED_REVERSED
 from .tokenizer import check_document as _check_document
-from .tokenizer import isolates_punctuation as _isolates_punctuation
+from .tokenizer import isolated_cut as _isolated_cut
 from .tokenizer import pad_id as _pad_id
 from .tokenizer import positive_int as _positive_int
 from .tokenizer import windowing_is_exact as _windowing_is_exact
@@ -169,7 +168,7 @@ class Chunker:
         self.has_pad_token = found is not None
         self.pad_id = check_pad_id(pad_id, self.vocab_size) if pad_id is not None else (found or 0)
         self._windowed = _windowing_is_exact(tokenizer)
-        self._isolating = _isolates_punctuation(tokenizer)
+        self._isolated = _isolated_cut(tokenizer)  # a regex of other cut points, or None
 
     def __setstate__(self, state: dict) -> None:
         # A pickled tokenizers.Tokenizer comes back without encode_special_tokens (helper-18): a
@@ -197,8 +196,8 @@ class Chunker:
         one encode of the whole text. With BERT's normalizer and
         pre-tokenizer and no ordinary added tokens, a window with no such
         space is cut before its last punctuation or CJK character instead
-        (:func:`retrostore.text.tokenizer.isolates_punctuation`: BERT makes
-        each a pre-token of its own), so text without spaces (Chinese,
+        (:func:`retrostore.text.tokenizer.isolated_cut`: BERT makes each
+        a pre-token of its own), so text without spaces (Chinese,
         minified code, base64) is tokenized in bounded memory too: a 3 MB
         Chinese document took 1.75 GB in one piece, 0.59 GB in windows.
         Tokenizers for which that is not known
@@ -473,8 +472,8 @@ class Chunker:
         while s + size < n:
             window = text[s : s + size]
             match = _REVERSED_CUT.search(window[::-1])
-            if match is None and self._isolating:  # no space: before a character BERT isolates
-                match = _ISOLATED_REVERSED.search(window[:0:-1])  # never the window's first
+            if match is None and self._isolated is not None:  # no space: before a character BERT isolates
+                match = self._isolated.search(window[:0:-1])  # the last one, never the window's first
             if match is None:  # no cut point: grow the window
                 size *= 2
                 continue

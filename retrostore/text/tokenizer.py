@@ -15,8 +15,7 @@ import tokenizers
 
 from ..errors import InvalidDocumentError, InvalidInputError, shown
 
-__all__ = ["positive_int", "check_document", "pad_id", "windowing_is_exact", "isolates_punctuation",
-           "ISOLATED_REVERSED", "PAD_TOKENS"]
+__all__ = ["positive_int", "check_document", "pad_id", "windowing_is_exact", "isolated_cut", "PAD_TOKENS"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Normalizers that act on the ends of the input, so differ window by window.
@@ -81,43 +80,45 @@ def windowing_is_exact(tokenizer: tokenizers.Tokenizer) -> bool:
     return not any(a.rstrip or any(c.isspace() for c in a.content) for a in added)
 
 
-def _isolated_chars() -> str:
-    """A regex character class of characters BERT's normalizer and pre-tokenizer always make a
-    pre-token of their own: ASCII punctuation, CJK ideographs (``handle_chinese_chars`` puts
-    spaces around them) and the Unicode punctuation (category P*) of the general-punctuation,
-    CJK-symbol and full-width blocks. A subset of what BERT isolates is enough: any of them is
-    a cut point."""
+def _isolated_class(cjk: bool) -> str:
+    """A regex character class of characters BERT's pre-tokenizer always makes a pre-token of
+    their own: ASCII punctuation and the Unicode punctuation (category P*) of the
+    general-punctuation, CJK-symbol and full-width blocks, and with ``cjk`` the CJK ideographs
+    (which ``handle_chinese_chars`` surrounds with spaces). A subset of what BERT isolates is
+    enough: any of them is a cut point."""
     chars = [c for c in map(chr, range(0x21, 0x7F)) if not c.isalnum()]
     for lo, hi in ((0x2010, 0x205E), (0x3001, 0x303F), (0xFF01, 0xFF65)):
         chars += [chr(i) for i in range(lo, hi + 1) if unicodedata.category(chr(i)).startswith("P")]
-    cjk = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df"
-    return "[" + "".join(re.escape(c) for c in chars) + cjk + "]"
+    ideographs = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df" if cjk else ""
+    return "[" + "".join(re.escape(c) for c in chars) + ideographs + "]"
 
 
-#: Searched in a reversed window: the last character BERT isolates (see :func:`isolates_punctuation`).
-ISOLATED_REVERSED = re.compile(_isolated_chars())
+_ISOLATED = {cjk: re.compile(_isolated_class(cjk)) for cjk in (False, True)}
 
 
-def isolates_punctuation(tokenizer: tokenizers.Tokenizer) -> bool:
-    """Whether cutting before a punctuation or CJK character also keeps one-shot results.
+def isolated_cut(tokenizer: tokenizers.Tokenizer) -> re.Pattern | None:
+    """The characters before which a window may also be cut, keeping one-shot results; None if none.
 
-    True for BERT's pipeline (``BertNormalizer`` or none, then ``BertPreTokenizer``),
-    which makes each such character a pre-token of its own, so no token spans
-    the cut, when :func:`windowing_is_exact` holds and every added token is
-    special (the chunker tokenizes special tokens as text; an ordinary added
-    token such as ``"a-b"`` is matched before pre-tokenization and could span
-    it). Text with no spaces (Chinese, Japanese, minified code, base64) then
-    needs no window the size of the whole document: a 3 MB Chinese document
-    took 1.75 GB to tokenize in one piece.
+    For BERT's pipeline (``BertNormalizer`` or none, then ``BertPreTokenizer``),
+    which makes each punctuation character a pre-token of its own, and each CJK
+    ideograph too when the normalizer's ``handle_chinese_chars`` is on, so no
+    token spans a cut before one; when :func:`windowing_is_exact` holds and
+    every added token is special (the chunker tokenizes special tokens as text;
+    an ordinary added token such as ``"a-b"`` is matched before
+    pre-tokenization and could span it). Text with no spaces (Chinese,
+    minified code, base64) then needs no window the size of the whole
+    document: a 3 MB Chinese document took 1.75 GB to tokenize in one piece.
     """
     if not windowing_is_exact(tokenizer):
-        return False
-    pre, norm = json.loads(tokenizer.pre_tokenizer.__getstate__()), tokenizer.normalizer
-    if pre.get("type") != "BertPreTokenizer":
-        return False
-    if norm is not None and json.loads(norm.__getstate__()).get("type") != "BertNormalizer":
-        return False
-    return all(a.special for a in tokenizer.get_added_tokens_decoder().values())
+        return None
+    if json.loads(tokenizer.pre_tokenizer.__getstate__()).get("type") != "BertPreTokenizer":
+        return None
+    norm = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer is not None else {}
+    if norm and norm.get("type") != "BertNormalizer":
+        return None
+    if not all(a.special for a in tokenizer.get_added_tokens_decoder().values()):
+        return None
+    return _ISOLATED[bool(norm.get("handle_chinese_chars", False))]
 
 
 def _splits_at_spaces(spec: dict[str, Any]) -> bool:

@@ -6,12 +6,15 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from retrostore.text.embed import (CALL_COST_TOKENS, DEFAULT_MODEL_SHA256, DEFAULT_TOKENIZER_SHA256, Embedder,
                                    OnnxEmbedder, length_groups)
+from retrostore.text import embed as embed_module
 from retrostore.text.models import default_embedder, default_tokenizer_path
 from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
 
@@ -209,10 +212,10 @@ def test_bad_inputs(emb):
 def test_close_and_fork(emb, texts):
     e = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=1)
     ref = e.embed(texts[:2])
-    # threads=2 and batches of 2: the parent's calls ran on its pool of threads, which a child lacks
+    # threads=2 and batches of 2: the parent's calls ran on the pool of call threads, which a child lacks
     par = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=2, batch_size=2)
     ref_par = par.embed(texts)
-    assert par._pool is not None
+    assert embed_module._CALLS is not None and embed_module._CALLS[0] == os.getpid()
     if hasattr(os, "fork"):
         r, w = os.pipe()
         pid = os.fork()
@@ -220,7 +223,7 @@ def test_close_and_fork(emb, texts):
             try:
                 signal.alarm(120)  # a hang (threads that exist only in the parent) ends as a failure
                 ok = e._pid != os.getpid() and np.allclose(e.embed(texts[:2]), ref, atol=1e-6)
-                ok = ok and np.allclose(par.embed(texts), ref_par, atol=1e-6) and par._pool[0] == os.getpid()
+                ok = ok and np.allclose(par.embed(texts), ref_par, atol=1e-6) and embed_module._CALLS[0] == os.getpid()
                 os.write(w, b"1" if ok and e._pid == os.getpid() else b"0")
             finally:
                 os._exit(0)
@@ -233,6 +236,53 @@ def test_close_and_fork(emb, texts):
     for closed in (e, par):
         with pytest.raises(RetrostoreError, match="closed"):
             closed.embed(texts)
+
+
+def test_close_during_a_call_gives_the_closed_error(emb, texts):
+    """helper-19: close() from another thread while groups run side by side gave a bare RuntimeError
+    (the pool shut down) or AttributeError (no session); every group now sees the closed embedder."""
+    e = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=2, batch_size=1)
+    real = e._run
+    calls = []
+
+    def closing_run(ids, mask, opts=None):
+        calls.append(len(ids))
+        if len(calls) == 2:
+            e.close()  # as another thread would, mid-call
+        return real(ids, mask, opts)
+
+    e._run = closing_run
+    with pytest.raises(RetrostoreError, match="closed"):
+        e.embed(texts[:6])
+    with pytest.raises(RetrostoreError, match="closed"):
+        e.embed(texts[:6])
+
+
+def test_long_groups_run_one_after_another(emb, monkeypatch):
+    """Only short groups run side by side: each call in flight holds its activations (helper-19: 256
+    texts of 256 tokens at threads=16 peaked at 4.9 GB side by side, 0.7 GB one after another)."""
+    e = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=2)
+
+    def no_pool():
+        raise AssertionError("long groups went to the pool")
+
+    monkeypatch.setattr(embed_module, "_call_pool", no_pool)
+    chunks = [np.arange(1000, 1064) + i for i in range(40)]  # groups of 16 x 66 tokens > 1024
+    assert e.embed_token_ids(chunks).shape == (40, 384)
+
+
+def test_an_atexit_handler_can_embed(tmp_path):
+    """helper-19: at interpreter exit the pool refuses new work; the call then runs every group itself."""
+    script = tmp_path / "atexit_embed.py"
+    script.write_text(
+        "import atexit\n"
+        "from retrostore.text.models import default_embedder\n"
+        "e = default_embedder(threads=2, batch_size=1)\n"
+        "e.embed(['warm up', 'the pool of call threads exists now'])\n"
+        "atexit.register(lambda: print('shape', e.embed(['a', 'two words', 'and three more words']).shape))\n",
+        encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "shape (3, 384)" in out.stdout, out.stderr[-2000:]
 
 
 def test_create_defers_the_default_model_to_the_first_embedding(emb, tmp_path, monkeypatch):

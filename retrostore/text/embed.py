@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import pathlib
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -83,8 +84,38 @@ def _abandon_sessions_in_child() -> None:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(sess))
 
 
+#: (pid, pool) of the threads that run an embedding call's length groups side by side, shared by
+#: every embedder of the process (so a closed or forgotten embedder holds no threads of its own).
+_CALLS: tuple[int, ThreadPoolExecutor] | None = None
+_CALLS_LOCK = threading.Lock()
+
+
+def _forget_calls_in_child() -> None:
+    """``fork()`` handler: the parent's pool threads do not exist in the child (nor may its lock be held)."""
+    global _CALLS, _CALLS_LOCK
+    _CALLS, _CALLS_LOCK = None, threading.Lock()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_abandon_sessions_in_child)
+    os.register_at_fork(after_in_child=_forget_calls_in_child)
+
+
+def _call_pool() -> ThreadPoolExecutor:
+    """The process's pool of call threads (one per usable CPU), made on first use."""
+    global _CALLS
+    with _CALLS_LOCK:
+        if _CALLS is None or _CALLS[0] != os.getpid():
+            _CALLS = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="retrostore-embed"))
+        return _CALLS[1]
+
+
+#: Length groups run side by side only while each is at most this many padded tokens: short
+#: queries leave onnxruntime's intra-op threads idle, longer calls keep them busy (full 64-token
+#: chunks in groups of 16: 9.2 against 9.4 ms per chunk, no gain), and every call in flight holds
+#: its activations (helper-19: 256 texts of 256 tokens, threads=16, peak RSS 4.9 GB side by side
+#: against 0.7 GB one after another).
+SIDE_BY_SIDE_MAX_TOKENS = 1024
 
 
 #: A session call's fixed cost in padded tokens' worth: measured 2026-12-06 on 2 cores (Xeon,
@@ -248,7 +279,6 @@ class OnnxEmbedder:
         self._load_tokenizer()
         self._session: Any = None  # _open_session sets _session and _pid
         self._pid, self._closed = -1, False
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, threads) of _calls
         self._open_session()
         self.dim = self._probe_dim()
         pinned = self.model_sha256 == DEFAULT_MODEL_SHA256  # keeps its name wherever it lives
@@ -321,31 +351,35 @@ class OnnxEmbedder:
                                     f"{str(e).strip()[:300]}") from e
         return int(h.shape[2])
 
-    def _ready(self) -> None:
-        """Refuse a closed embedder; give a forked child its own session (not fork-safe)."""
-        if self._closed:
-            raise RetrostoreError("this OnnxEmbedder was closed; create a new one")
-        if self._pid != os.getpid():
+    def _ready(self) -> Any:
+        """The session; refuses a closed embedder and gives a forked child its own (not fork-safe)."""
+        if not self._closed and self._pid != os.getpid():
             self._open_session()
+        sess = self._session
+        if self._closed or sess is None:  # (close() may run in another thread meanwhile)
+            raise RetrostoreError("this OnnxEmbedder was closed; create a new one")
+        return sess
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, opts: Any = None) -> np.ndarray:
         """Run the session on ``(b, s)`` ids/mask; returns float32 ``(b, s, dim)``."""
-        self._ready()
+        sess = self._ready()
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._in_dtypes:
             feed["token_type_ids"] = np.zeros_like(ids)
         feed = {k: np.ascontiguousarray(v, dtype=self._in_dtypes[k]) for k, v in feed.items()}
-        (h,) = self._session.run([self._output.name], feed, opts)
+        (h,) = sess.run([self._output.name], feed, opts)
         return np.asarray(h, dtype=np.float32)
 
     def _embed_ids(self, seqs: list[np.ndarray]) -> np.ndarray:
         """Embed sequences that already carry special tokens (each 1 <= len <= max_tokens).
 
-        The batches of :func:`length_groups` run concurrently, up to ``threads``
-        session calls at once (a session's ``run`` is thread-safe): the calls of
-        short batches leave much of the intra-op pool idle. Paired run on 2
-        cores, 256 held-out pydocs sentences in requests of 32: 2.61 against
-        3.16 ms per query (4.9 against 5.6 ms CPU) one batch after another.
+        The batches of :func:`length_groups` run side by side, up to ``threads``
+        session calls at once (a session's ``run`` is thread-safe; this thread
+        and the process's shared pool of call threads) while each is at most
+        :data:`SIDE_BY_SIDE_MAX_TOKENS` padded tokens: the calls of short
+        batches leave much of the intra-op pool idle. Paired run on 2 cores, 256
+        held-out pydocs sentences in requests of 32: 2.51 against 3.33 ms per
+        query (4.7 against 6.2 ms CPU) one batch after another.
         """
         out = np.empty((len(seqs), self.dim), dtype=np.float32)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
@@ -363,9 +397,22 @@ class OnnxEmbedder:
                 out[i] = (h[row, 0] if self.pooling == "cls"
                           else h[row, :lengths[i]].mean(axis=0, dtype=np.float64))
 
-        if len(groups) > 1 and self.threads > 1:
+        side = min(self.threads, cpu_count(), len(groups))
+        if side > 1 and max(len(g) * int(lengths[g].max()) for g in groups) <= SIDE_BY_SIDE_MAX_TOKENS:
             self._ready()  # before the threads: one session in a forked child
-            list(self._calls().map(run, groups))  # list(): raises the first call's error
+            shares = [groups[i::side] for i in range(side)]  # interleaved: similar work per share
+
+            def run_share(share: list) -> None:
+                for idx in share:
+                    run(idx)
+
+            try:
+                futures = [_call_pool().submit(run_share, share) for share in shares[1:]]
+            except RuntimeError:  # the pool is shut down: interpreter exit (an atexit handler embeds)
+                futures, shares = [], [groups]
+            run_share(shares[0])  # this thread runs one share itself
+            for f in futures:
+                f.result()  # raises a call's error
         else:
             for idx in groups:
                 run(idx)
@@ -437,17 +484,9 @@ class OnnxEmbedder:
             seqs.append(np.concatenate(([self.cls_id], a.astype(np.int64), [self.sep_id])))
         return self._embed_ids(seqs)
 
-    def _calls(self) -> ThreadPoolExecutor:
-        """The threads issuing concurrent session calls (made again in a forked child)."""
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.threads, thread_name_prefix="retrostore-embed"))
-        return self._pool[1]
-
     def close(self) -> None:
         """Release the onnxruntime session; later calls raise RetrostoreError."""
-        if self._pool is not None and self._pool[0] == os.getpid():
-            self._pool[1].shutdown(wait=False)
-        self._session, self._closed, self._pool = None, True, None
+        self._session, self._closed = None, True
 
     def __repr__(self) -> str:
         return f"OnnxEmbedder({self.fingerprint}, threads={self.threads})"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -52,6 +54,8 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
         st.search("anything")
     with pytest.raises(StoreClosedError):
         len(st)  # a closed handle's count could be stale
+    with pytest.raises(StoreClosedError):
+        st.embedder  # a closed handle loads no model
     with retrostore.open(path) as st:
         assert st.version == 1
         for i, d in enumerate(docs):
@@ -389,6 +393,20 @@ def test_bad_mode_and_errors_share_a_base(built_store):
         obj = getattr(retrostore, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, RetrostoreError)
+
+
+def test_a_closed_store_lets_go_of_the_model_it_loaded(built_store, embedder):
+    """The default model a store loaded itself (~150 MB) goes with close(); one given to open() stays
+    the caller's and keeps working."""
+    st = retrostore.open(built_store)
+    loaded = weakref.ref(st.embedder)
+    st.search("lists", k=1)
+    st.close()
+    gc.collect()
+    assert loaded() is None
+    with retrostore.open(built_store, embedder=embedder) as st:
+        st.search("lists", k=1)
+    assert embedder.embed(["still usable"]).shape == (1, 384)
 
 
 def test_get_out_of_range(built_store):

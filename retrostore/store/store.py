@@ -102,11 +102,13 @@ class Store:
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
         if version is not None and (mode != "r" or not isinstance(version, int) or version < 0):
-            raise InvalidInputError(f"version={version!r} must be an int >= 0 and needs mode='r'")
+            raise InvalidInputError(f"version={shown(version)} must be an int >= 0 and needs mode='r'")
         self.path = Path(path)
         self.mode = mode
         self._pid = os.getpid()
         self._closed = False
+        self._embedder: Embedder | None = None
+        self._own_embedder = False  # True once the store loaded the default model itself
         self._lock: fileio.WriterLock | None = None
         self._table: ChunkTable | None = None
         self._writer: Writer | None = None
@@ -135,7 +137,6 @@ class Store:
             self._table = ChunkTable(self.path, m["tokenizer"]["token_dtype"], write=mode == "a",
                                      readonly_media=self.readonly_media,
                                      sealed=m["lmdb"].get("record_checksum") == "crc32")
-            self._embedder = None
             self._bind_embedder(embedder, m)
             self._chunker: Chunker | None = None
             self._head = Head(self.path, mmap_arg=None if mmap is None else bool(mmap), merge=mode == "r")
@@ -170,6 +171,8 @@ class Store:
 
     def _release(self) -> None:
         self._closed = True
+        if self._own_embedder:  # the default model this store loaded (~150 MB): not kept by a closed handle
+            self._embedder, self._own_embedder = None, False
         if self._writer is not None:  # also when a failed commit lost the version: stop its encoder
             self._writer.batch.close()
         if self._table is not None:
@@ -220,7 +223,10 @@ class Store:
         ------
         EmbedderMismatchError
             The store was built with another model and none was given to open().
+        StoreClosedError
+            The store is closed (it lets go of a default model it loaded).
         """
+        self._check(fork_ok=True)  # a closed handle loads no model and hands none out
         if self._embedder is None:
             want = self._manifest["embedder"]
             if want.get("model_sha256") != DEFAULT_MODEL_SHA256:
@@ -234,6 +240,7 @@ class Store:
                     "model (Store.search_vectors); the CLI embeds only with the default model"
                 )
             self._bind_embedder(default_embedder(threads=self.threads), self._manifest)
+            self._own_embedder = True
         return self._embedder
 
     @property

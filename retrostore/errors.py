@@ -144,4 +144,7 @@ def shown(value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
         digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): no conversion to text
         return f"{'-' if value < 0 else ''}<an integer of about {digits:,} digits>"
-    return repr(value)
+    try:
+        return repr(value)
+    except ValueError:  # a list or array holding such an int
+        return f"<a {type(value).__name__} holding an integer of more than 4,300 digits>"

@@ -71,12 +71,22 @@ def test_manifest_every_flipped_byte_is_refused(store):
         assert st.verify() == []
 
 
-@pytest.mark.parametrize("raw", [b"[]\n", b"42\n", b'"manifest"\n', b"null\n", b"[{}]"])
-def test_manifest_of_another_json_type_is_named(store, raw):
+@pytest.mark.parametrize("raw,kind", [(b"[]\n", "an array"), (b"42\n", "a number"), (b'"manifest"\n', "a string"),
+                                      (b"null\n", "null"), (b"[{}]", "an array")])
+def test_manifest_of_another_json_type_is_named(store, raw, kind):
     """A manifest replaced by JSON that is not an object is refused as such, not called truncated."""
     (store / "manifest.json").write_bytes(raw)
     msg = _open_error(store)
-    assert msg.startswith("manifest.json: manifest is a JSON ") and "not an object" in msg, msg
+    assert msg.startswith(f"manifest.json: manifest is {kind} in JSON, not an object"), msg
+
+
+@pytest.mark.parametrize("raw", [b"1" + b"0" * 5000, b"[1" + b"0" * 5000 + b"]\n", b"[" * 100_000, b"{" * 100_000,
+                                 b'{"body": {"a": 1' + b"0" * 5000 + b'}, "sha256": "x"}\n'])
+def test_manifest_json_python_cannot_read_is_damage(store, raw):
+    """helper-20: a number of more than 4,300 digits or JSON nested 100,000 deep made open() raise a bare
+    ValueError / RecursionError (and the CLI print a traceback): it is a damaged manifest."""
+    (store / "manifest.json").write_bytes(raw)
+    assert _open_error(store).startswith("manifest.json: manifest is ")
 
 
 def test_manifest_truncation_is_refused(store):

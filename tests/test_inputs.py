@@ -221,6 +221,8 @@ def test_path_errors(tmp_path):
     ('{"text": "a", "meta": "src"}', InvalidMetadataError, "'meta' is a JSON string"),
     (b'{"text": "caf\xe9"}', InvalidDocumentError,
      r"invalid UTF-8 \(invalid continuation byte at byte 14 of the line"),
+    ('{"text": "a", "meta": {"n": 1' + "0" * 5000 + "}}", InvalidDocumentError,
+     "a number of more than 4,300 digits.*store it as a string"),  # helper-20: a traceback
 ])
 def test_line_errors_name_file_and_line(tmp_path, line, exc, match):
     good = '{"text": "fine", "meta": {"a": 1}}'

@@ -207,6 +207,8 @@ BAD = [
     ("/v1/search", b'{"query": "x", "k": ', 400, "body", "malformed JSON"),
     ("/v1/search", b'{"query": "x", "k": ' + b"9" * 5000 + b"}", 400, "body", "more than 4,300 digits"),
     ("/v1/chunks", b'{"ids": [' + b"9" * 5000 + b"]}", 400, "body", "more than 4,300 digits"),
+    ("/v1/search", b'{"query": "x", "params": {"nprobe": 1' + b"0" * 400 + b"}}", 400, "params",
+     "nprobe"),  # helper-20: a 500 (math.isfinite of a 401-digit int)
     ("/v1/search", b"", 400, "body", "empty"),
     ("/v1/search", b'["a list"]', 400, "body", "JSON object"),
     ("/v1/search", b'{"query": 5}', 400, "query", "string"),

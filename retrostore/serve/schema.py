@@ -221,7 +221,8 @@ def _params(body: dict) -> dict:
         raise RequestError("params must be an object of search parameters such as {\"nprobe\": 16}, not "
                            f"{_type_name(params)}", field="params", value=params)
     for name, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not math.isfinite(value)):  # (no isfinite of a 400-digit int)
             raise RequestError(f"params.{name} must be a finite number, not {show(value)!r}", field=f"params.{name}",
                                value=value)
     params = dict(params)

@@ -172,13 +172,14 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     """
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, a 4,300-digit number
         what = "truncated (it does not end with its closing brace and newline)" if not raw.endswith(b"}\n") \
-            else f"not valid JSON ({exc})"
-        raise CorruptStoreError(f"{where}: manifest is {what}; the file is damaged") from exc
+            else "not valid JSON (" + (str(exc) if isinstance(exc, json.JSONDecodeError) else type(exc).__name__) + ")"
+        raise CorruptStoreError(f"{where}: manifest is {what}; the file is damaged") from None
     if not isinstance(doc, dict):
-        raise CorruptStoreError(f"{where}: manifest is a JSON {type(doc).__name__}, not an object with 'body' and "
-                                "'sha256'; the file is damaged or not a retrostore manifest")
+        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(doc), "a number")
+        raise CorruptStoreError(f"{where}: manifest is {kind} in JSON, not an object with 'body' and 'sha256'; "
+                                "the file is damaged or not a retrostore manifest")
     if not raw.endswith(b"}\n"):
         raise CorruptStoreError(f"{where}: manifest is truncated (it does not end with its closing brace and newline); "
                                 "the file is damaged")

@@ -221,6 +221,9 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
     except json.JSONDecodeError as e:
         msg = f"invalid JSON ({e.msg} at column {e.colno})"
         raise InvalidDocumentError(f"{source}: {msg}; each line must be {layout}") from e
+    except ValueError:  # Python reads no number of more than 4,300 digits
+        raise InvalidDocumentError(f"{source}: a number of more than 4,300 digits, which Python cannot read; "
+                                   f"store it as a string; each line must be {layout}") from None
     except RecursionError:
         raise InvalidDocumentError(
             f"{source}: the JSON is nested too deeply to read; each line must be {layout}") from None

@@ -319,6 +319,10 @@ def _spaceless_texts() -> dict[str, str]:
                            for _ in range(60_000)),
         "greek": "\u039f\u0394\u039f\u03a3,\u039f\u0394\u039f\u03a3.\u0391\u03a3!\u03a3;" * 4000,
         "minified": '{"a":[1,2,{"b":"c"}],"dd":null,"e":"f\\u00e9"}' * 1500,
+        "lines": "\n".join(rng.choice(["word", "Wort", "mot", "\u8a9e"]) for _ in range(20_000)),  # helper-20
+        "ideographic spaces": "\u3000".join(rng.choice(["ab", "\u00e9t\u00e9", "x\u00a0y"]) for _ in range(20_000)),
+        "extension c-f": "".join(chr(rng.choice([0x2A700, 0x2B740, 0x2B920, 0x2CEA0, 0x2F800]) + rng.randrange(16))
+                                 for _ in range(20_000)),
     }
 
 
@@ -366,6 +370,19 @@ def test_only_bert_with_special_added_tokens_cuts_before_punctuation(tmp_path: P
     want_ids, want_offsets = one_shot(c, text)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(offsets, want_offsets)
+
+
+def test_a_left_stripping_added_token_turns_windowing_off(tmp_path: Path) -> None:
+    """helper-20: an ordinary added token with lstrip took the space before it, across the cut there:
+    "本 [sep]" lost the token in windows (present at 58aff34, in the space rule)."""
+    spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": 30522, "content": "[sep]", "single_word": False, "lstrip": True,
+                                 "rstrip": False, "normalized": True, "special": False})
+    (tmp_path / "lstrip.json").write_text(json.dumps(spec), encoding="utf-8")
+    c = Chunker(tmp_path / "lstrip.json", window_chars=1)
+    assert not c._windowed
+    text = "\u672c [sep] " * 50
+    np.testing.assert_array_equal(c.encode(text)[0], one_shot(c, text)[0])
 
 
 def test_unsafe_tokenizers_are_encoded_in_one_piece(tmp_path: Path, bpe_path: Path) -> None:

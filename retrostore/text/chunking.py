@@ -195,9 +195,10 @@ class Chunker:
         pre-tokenizer splits there, so ids and offsets are exactly those of
         one encode of the whole text. With BERT's normalizer and
         pre-tokenizer and no ordinary added tokens, a window with no such
-        space is cut before its last punctuation or CJK character instead
-        (:func:`retrostore.text.tokenizer.isolated_cut`: BERT makes each
-        a pre-token of its own), so text without spaces (Chinese,
+        space is cut before its last other whitespace (newline, tab, a
+        Unicode space), punctuation or CJK character instead
+        (:func:`retrostore.text.tokenizer.isolated_cut`: BERT always ends a
+        word there), so text without spaces (Chinese,
         minified code, base64) is tokenized in bounded memory too: a 3 MB
         Chinese document took 1.75 GB in one piece, 0.59 GB in windows.
         Tokenizers for which that is not known

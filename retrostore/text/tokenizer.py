@@ -68,7 +68,8 @@ def windowing_is_exact(tokenizer: tokenizers.Tokenizer) -> bool:
     regex ByteLevel, splitting Metaspace, or a ``Split`` regex, assumed to be
     of the GPT-2 / GPT-4 / Llama-3 kind that never matches across such a
     space), no normalizer acts on the ends of the input (``Prepend``,
-    ``Strip``), and no added token holds whitespace or strips it on its right.
+    ``Strip``), and no added token holds whitespace or strips it on its right
+    (nor, unless special, on its left).
     """
     pre, norm = tokenizer.pre_tokenizer, tokenizer.normalizer
     if pre is None or not _splits_at_spaces(json.loads(pre.__getstate__())):
@@ -77,19 +78,25 @@ def windowing_is_exact(tokenizer: tokenizers.Tokenizer) -> bool:
     if kinds & _UNSAFE_NORMALIZERS:
         return False
     added = tokenizer.get_added_tokens_decoder().values()
-    return not any(a.rstrip or any(c.isspace() for c in a.content) for a in added)
+    # (an ordinary token that strips on its left takes the whitespace before it, across a cut: helper-20)
+    return not any(a.rstrip or (a.lstrip and not a.special) or any(c.isspace() for c in a.content) for a in added)
 
 
 def _isolated_class(cjk: bool) -> str:
-    """A regex character class of characters BERT's pre-tokenizer always makes a pre-token of
-    their own: ASCII punctuation and the Unicode punctuation (category P*) of the
-    general-punctuation, CJK-symbol and full-width blocks, and with ``cjk`` the CJK ideographs
-    (which ``handle_chinese_chars`` surrounds with spaces). A subset of what BERT isolates is
-    enough: any of them is a cut point."""
-    chars = [c for c in map(chr, range(0x21, 0x7F)) if not c.isalnum()]
+    """A regex character class of characters that end a pre-token in BERT's pipeline: whitespace
+    (tab, newline, carriage return and the Unicode space separators, which the normalizer turns
+    into spaces; not the control characters it deletes), ASCII punctuation and the Unicode
+    punctuation (category P*) of the general-punctuation, CJK-symbol and full-width blocks, each a
+    pre-token of its own, and with ``cjk`` the CJK ideographs (which ``handle_chinese_chars``
+    surrounds with spaces: the ranges of tokenizers' ``is_chinese_char``, less the one where its
+    Extension E range differs from BERT's). A subset of them is enough: any is a cut point."""
+    chars = ["\t", "\n", "\r", "\u2028", "\u2029"]
+    chars += [chr(i) for i in range(0x80, 0x3001) if unicodedata.category(chr(i)) == "Zs"]
+    chars += [c for c in map(chr, range(0x21, 0x7F)) if not c.isalnum()]
     for lo, hi in ((0x2010, 0x205E), (0x3001, 0x303F), (0xFF01, 0xFF65)):
         chars += [chr(i) for i in range(lo, hi + 1) if unicodedata.category(chr(i)).startswith("P")]
-    ideographs = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df" if cjk else ""
+    ideographs = ("\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b81f"
+                  "\U0002b920-\U0002ceaf\U0002f800-\U0002fa1f") if cjk else ""
     return "[" + "".join(re.escape(c) for c in chars) + ideographs + "]"
 
 

@@ -133,18 +133,18 @@ class NoRawVectorsError(RetrostoreError):
     (dropped by ``pack --no-vectors``, or created with ``keep_vectors=False``)."""
 
 
-def shown(value: object) -> str:
+def shown(value: object, spec: str = "") -> str:
     """``repr(value)`` for an error message, safe for any integer a user may pass.
 
     Python refuses to turn an int of more than 4,300 digits into text (a
     ``ValueError``, not the ``InvalidInputError`` the message was for), and a
     shorter huge one would fill the message: an int beyond 30 digits is named by
-    its size instead.
+    its size instead. ``spec``: a format spec for other values (``","``), else ``repr``.
     """
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
         digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): no conversion to text
         return f"{'-' if value < 0 else ''}<an integer of about {digits:,} digits>"
     try:
-        return repr(value)
+        return format(value, spec) if spec else repr(value)
     except ValueError:  # a list or array holding such an int
         return f"<a {type(value).__name__} holding an integer of more than 4,300 digits>"

@@ -167,6 +167,21 @@ def test_window_bad_settings(store, table):
 
 # --- neighbours of the windows ---------------------------------------------------------------
 
+def test_huge_and_mistyped_ints_are_clean_errors(store, tmp_path):
+    """helper-20: an int of more than 4,300 digits made these raise a bare ValueError, and chunk_table
+    took batch_size=0 or 2.0 to range()."""
+    huge = 10 ** 5000
+    for call in (lambda: retro.training_sequences(store, huge), lambda: retro.training_sequences(store, 128, pad_id=huge),
+                 lambda: retro.training_sequences(store, 128, eos_id=huge),
+                 lambda: retro.export_retro_pytorch(store, tmp_path / "x", seq_len=128, ngram=huge),
+                 lambda: retro.export_retro_pytorch(store, tmp_path / "y", seq_len=128, overlap_threshold=huge)):
+        with pytest.raises(InvalidInputError, match="<an integer of about 5,001 digits>"):
+            call()
+    for bad in (0, 2.0, "3"):
+        with pytest.raises(InvalidInputError, match="batch_size="):
+            retro.chunk_table(store, batch_size=bad)
+
+
 @pytest.mark.parametrize("mode", ["packed", "document"])
 def test_sequence_neighbors_exclude_every_document_of_the_window(store, table, mode, tmp_path):
     seqs = retro.training_sequences(store, 4 * T, mode=mode, table=table)

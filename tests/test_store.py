@@ -442,6 +442,16 @@ def test_integers_beyond_pythons_text_limit_get_clear_errors(tmp_path, built_sto
         st.commit()
         with pytest.raises(InvalidInputError, match="document id <an integer"):
             st.delete([huge])
+        with pytest.raises(InvalidInputError, match="holding an integer of more than 4,300 digits"):
+            st.delete([[huge]])  # shown() of a list (helper-20)
+        for bad in (dict(train_size=huge), dict(seed=huge)):  # accepted, then the manifest could not be written
+            with pytest.raises(InvalidInputError, match="<an integer of about 5,001 digits>"):
+                st.reindex(**bad)
+    for bad in (dict(retain_versions=huge), dict(retain_versions=-huge), dict(train_size=huge)):
+        with pytest.raises(InvalidInputError, match="integer of about 5,001 digits"):
+            retrostore.create(tmp_path / "d", embedder=embedder, **bad)
+    with pytest.raises(InvalidInputError, match="version=True"):
+        retrostore.open(built_store, version=True)  # not version 1
 
 
 def test_metadata_depth_and_surrogates(tmp_path, embedder):

@@ -175,10 +175,11 @@ def check_seed(seed: Any) -> int:
     Raises
     ------
     InvalidInputError
-        Not an int (a bool, a float, a string) or negative.
+        Not an int (a bool, a float, a string), negative or beyond int64.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise InvalidInputError(f"seed={shown(seed)} must be an int >= 0 (the seed of the sample; the default is 0)")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - 1:
+        raise InvalidInputError(f"seed={shown(seed)} must be an int in [0, 2**63 - 1] (the seed of the sample, kept in "
+                                "the manifest; the default is 0)")
     return int(seed)
 
 

@@ -78,7 +78,7 @@ def check_pad_id(store, pad_id: Any) -> int:
                                 f"or None for the store's own ({store_pad_id(store)})")
     if not 0 <= pad_id < vocab:
         raise InvalidInputError(
-            f"pad_id={pad_id!r} is outside the store's vocabulary [0, {vocab}); give the id of a token of the "
+            f"pad_id={shown(pad_id)} is outside the store's vocabulary [0, {vocab}); give the id of a token of the "
             "store's tokenizer (the model's pad_id), or leave it None for the store's own pad id "
             f"({store_pad_id(store)})")
     return int(pad_id)

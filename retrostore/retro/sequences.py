@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import EmbedderMismatchError, InvalidInputError
+from ..errors import EmbedderMismatchError, InvalidInputError, shown
 from ._checks import check_int, check_k_of, check_pad_id, is_int
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
 from .table import ChunkTable, check_table, chunk_table, store_identity
@@ -77,7 +77,7 @@ def _check_eos(store: "Store", eos_id: Any, pad: int) -> int:
     vocab = int(store.manifest["tokenizer"]["vocab_size"])
     eos = default_eos_id(store) if eos_id is None else eos_id
     if not is_int(eos) or not 0 <= eos < vocab:
-        raise InvalidInputError(f"eos_id={eos!r} is outside the store's vocabulary [0, {vocab}); give a token id of "
+        raise InvalidInputError(f"eos_id={shown(eos)} is outside the store's vocabulary [0, {vocab}); give a token id of "
                                 "the store's tokenizer")
     if eos == pad:
         raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: the label at a document's end would be ignored "
@@ -186,11 +186,11 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     if not is_int(seq_len) or seq_len < t or seq_len % t:
         low, high = _near(seq_len, t)
         raise InvalidInputError(
-            f"seq_len={seq_len!r} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
+            f"seq_len={shown(seq_len)} is not a positive multiple of the store's chunk size {t}; RETRO cuts its input "
             f"into chunks of {t} tokens: use e.g. {low} or {high}")
     most = max(1, len(store)) * t  # one window holding every chunk of the store
     if seq_len > most:  # helper-17: 6.4e9 tokens per window was a MemoryError, 6.4e10 an OOM kill
-        raise InvalidInputError(f"seq_len={seq_len:,} is more than the store's {len(store):,} chunks of {t} tokens "
+        raise InvalidInputError(f"seq_len={shown(seq_len, ',')} is more than the store's {len(store):,} chunks of {t} tokens "
                                 f"({most:,}): its windows would be padding; ask for seq_len <= {most:,} (RETRO "
                                 "trains on 2,048)")
     if mode not in MODES:
@@ -302,9 +302,9 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
     if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(
             overlap_threshold, (int, float, np.floating)) or not 0 < overlap_threshold <= 1):
-        raise InvalidInputError(f"overlap_threshold={overlap_threshold!r} must be a share in (0, 1], or None to "
+        raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
                                 "turn the overlap filter off")
-    ngram = check_int("ngram", ngram, 1)
+    ngram = check_int("ngram", ngram, 1, 2**31 - 1)
     n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
     batch_size = check_int("batch_size", batch_size, 1)
     check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")

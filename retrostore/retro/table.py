@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError
-from ._checks import settings
+from ._checks import check_int, settings
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -114,7 +114,13 @@ def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:
     ChunkTable
         Of ``store.version``; ``len(table) == len(store)``; deleted chunks
         have length 0 and document -1.
+
+    Raises
+    ------
+    InvalidInputError
+        ``batch_size`` is not an int >= 1.
     """
+    batch_size = check_int("batch_size", batch_size, 1)
     n = len(store)
     t = settings(store).chunk_tokens
     tokens = np.zeros((n, t), np.int32)

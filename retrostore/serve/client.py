@@ -92,7 +92,7 @@ def _int_list(ids: Any, what: str) -> list[int]:
             if isinstance(i, (float, np.floating)) and float(i).is_integer():
                 i = int(i)
             else:
-                raise InvalidInputError(f"{what} id {i!r} is not an integer")
+                raise InvalidInputError(f"{what} id {shown(i)} is not an integer")
         out.append(int(i))
     return out
 
@@ -502,9 +502,9 @@ class RemoteStore:
             ``doc_id`` is not an int, negative, not committed or deleted.
         """
         if isinstance(doc_id, (bool, np.bool_)) or not isinstance(doc_id, (int, np.integer)):
-            raise InvalidInputError(f"document id {doc_id!r} is not an int")
+            raise InvalidInputError(f"document id {shown(doc_id)} is not an int")
         if doc_id < 0:
-            raise InvalidInputError(f"document id {doc_id} is negative; ids start at 0")
+            raise InvalidInputError(f"document id {shown(doc_id)} is negative; ids start at 0")
         d = self._request("POST", "/v1/documents", {"ids": [int(doc_id)]})["documents"][0]
         return Document(d["doc_id"], d["text"], d["metadata"], range(*d["chunk_ids"]))
 

@@ -32,7 +32,7 @@ from typing import Any
 import lmdb
 import zstandard
 
-from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError
+from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, shown
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -143,7 +143,7 @@ def pack(
     if not compressed and not out.name.endswith(".tar"):
         raise InvalidInputError(f"{out}: the archive name must end with .tar or .tar.zst (zstd-compressed)")
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
-        raise InvalidInputError(f"level={level!r} must be an int in [1, 22] (zstd compression level)")
+        raise InvalidInputError(f"level={shown(level)} must be an int in [1, 22] (zstd compression level)")
     if out.exists() and not overwrite:
         raise StoreExistsError(
             f"the archive {out} already exists; choose another name, or replace it with "
@@ -158,9 +158,9 @@ def pack(
     tomb = Tombstones.load(root, body)
     unpurged = tomb.rows[tomb.rows[:, 3] == 0, 0]
     if len(unpurged):  # helper-17: their text was in the archive's data.mdb, verbatim
-        shown = ", ".join(map(str, unpurged[:10].tolist())) + (", ..." if len(unpurged) > 10 else "")
+        listed = ", ".join(map(str, unpurged[:10].tolist())) + (", ..." if len(unpurged) > 10 else "")
         raise InvalidInputError(
-            f"{root} version {body['version']} has {len(unpurged)} deleted document(s) not purged yet ({shown}): "
+            f"{root} version {body['version']} has {len(unpurged)} deleted document(s) not purged yet ({listed}): "
             f"their text, tokens and vectors are still in its files and would ship in the archive; run "
             f"`retrostore compact {root}` first (it purges them from every file), then pack")
     table = ChunkTable(root, body["tokenizer"]["token_dtype"], write=False, readonly_media=fileio.readonly_media(root))

@@ -144,8 +144,8 @@ def create(
         raise InvalidInputError(f"metric={metric!r} must be 'ip' (inner product) or 'l2'")
     if vector_dtype not in ("float16", "float32"):
         raise InvalidInputError(f"vector_dtype={vector_dtype!r} must be 'float16' or 'float32'")
-    if not isinstance(retain_versions, int) or retain_versions < 1:
-        raise InvalidInputError(f"retain_versions={retain_versions!r} must be an int >= 1")
+    if isinstance(retain_versions, bool) or not isinstance(retain_versions, int) or not 1 <= retain_versions <= 2**31:
+        raise InvalidInputError(f"retain_versions={shown(retain_versions)} must be an int in [1, 2**31]")
     if not isinstance(index, str) or not index.strip():
         raise InvalidInputError(f"index={index!r} must be a FAISS factory string such as 'Flat'")
     if embedder is not None:
@@ -170,8 +170,10 @@ def create(
     # Refuse a factory string FAISS cannot build now, not at the first commit.
     target, factory = check_index_arg(index, dim, mmap=bool(mmap))
     index_params = check_params(index_params, "index_params")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
-        raise InvalidInputError(f"train_size={train_size!r} must be an int >= 1 (vectors in the training sample)")
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
+                                   or not 1 <= train_size <= 2**63 - 1):
+        raise InvalidInputError(f"train_size={shown(train_size)} must be an int in [1, 2**63 - 1] (vectors in the "
+                                "training sample)")
 
     tmp = root.parent / f"{TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:

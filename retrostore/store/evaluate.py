@@ -15,7 +15,7 @@ import time
 import faiss
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from ..index.params import check_params
 from ..index.source import live_ids
 from ..index.training import sample_ids
@@ -60,7 +60,7 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
     """
     k = check_k(k)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-        raise InvalidInputError(f"queries={queries!r} must be an int >= 1")
+        raise InvalidInputError(f"queries={shown(queries)} must be an int >= 1")
     params = check_params(params)
     version = reader.version
     m = version.manifest

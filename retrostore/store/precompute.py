@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from ..storage.fileio import atomic_write, fsync_dir, sha256_file
 from ..storage.manifest import manifest_sha256
 from ..types import Neighbors
@@ -42,7 +42,8 @@ def precompute_neighbors(
     retrieves for token rows (``Store.neighbors``)."""
     k = check_k(k)
     if not _is_int(batch_size) or batch_size < 1:
-        raise InvalidInputError(f"batch_size={batch_size!r} must be an int >= 1")
+        raise InvalidInputError(f"batch_size={shown(batch_size)} must be an int >= 1")
+    batch_size = int(batch_size)  # (a numpy integer reached FAISS, which refused it: helper-20)
     if not isinstance(exclude_same_doc, bool):
         raise InvalidInputError(f"exclude_same_doc={exclude_same_doc!r} must be True or False")
     if not isinstance(label_token, bool):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, shown
 from ..types import Neighbors
 from .reading import Reader, check_k
 
@@ -72,7 +72,7 @@ def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
             ids = list(r)
             bad = [x for x in ids if not _is_int(x)]
             if bad:
-                raise InvalidInputError(f"exclude_doc_ids[{i}] holds {bad[0]!r}; doc ids are ints")
+                raise InvalidInputError(f"exclude_doc_ids[{i}] holds {shown(bad[0])}; doc ids are ints")
             out.append({int(x) for x in ids})
     return out
 

@@ -101,7 +101,8 @@ class Store:
     def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None, mmap=None):
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
-        if version is not None and (mode != "r" or not isinstance(version, int) or version < 0):
+        if version is not None and (mode != "r" or isinstance(version, bool) or not isinstance(version, int)
+                                    or version < 0):
             raise InvalidInputError(f"version={shown(version)} must be an int >= 0 and needs mode='r'")
         self.path = Path(path)
         self.mode = mode

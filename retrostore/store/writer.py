@@ -172,7 +172,7 @@ class Writer:
         clean = []
         for d in ids:
             if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
-                raise InvalidInputError(f"document id {d!r} is not an int")
+                raise InvalidInputError(f"document id {shown(d)} is not an int")
             d = int(d)
             if not 0 <= d < limit:
                 extra = " (appended but not committed: commit first, or close() to discard it)" \

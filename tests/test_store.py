@@ -43,7 +43,7 @@ class ConstantEmbedder:
 def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
     path = tmp_path / "s.rstore"
     st = retrostore.create(path, embedder=embedder)
-    assert st.version == 0 and len(st) == 0
+    assert st.version == 0 and len(st) == 0 and st  # a handle is truthy, even empty
     docs = [d["text"] for d in small_docs[:5]]
     ids = st.append(docs, metadata=[d["meta"] for d in small_docs[:5]])
     assert ids == [0, 1, 2, 3, 4]
@@ -54,6 +54,7 @@ def test_create_open_close_roundtrip(tmp_path, small_docs, embedder):
         st.search("anything")
     with pytest.raises(StoreClosedError):
         len(st)  # a closed handle's count could be stale
+    assert bool(st) and (st or None) is st  # `if store:` does not call len()
     with pytest.raises(StoreClosedError):
         st.embedder  # a closed handle loads no model
     with retrostore.open(path) as st:

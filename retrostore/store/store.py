@@ -276,6 +276,12 @@ class Store:
         """A copy of the current manifest body."""
         return copy.deepcopy(self._manifest)
 
+    def __bool__(self) -> bool:
+        """Always True, as a file object is: ``if store:`` asks whether there is a handle, not
+        whether it holds chunks (an empty store was falsy) nor whether it is open (a closed one
+        raised, through ``__len__``; helper-20)."""
+        return True
+
     def __len__(self) -> int:
         """Number of committed chunks.
 

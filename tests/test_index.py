@@ -413,9 +413,9 @@ def test_eval_and_reindex_refuse_a_k_or_seed_they_cannot_honour(tmp_path, rng):
             with pytest.raises(InvalidInputError, match=rf"k={k} is more than the 299 neighbours .* k <= 299"):
                 st.evaluate(queries=20, k=k)
         for seed in (-1, 1.5, "a", True):
-            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int >= 0"):
+            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int in \[0, 2\*\*63 - 1\]"):
                 st.evaluate(queries=20, seed=seed)
-            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int >= 0"):
+            with pytest.raises(InvalidInputError, match=r"seed=.* must be an int in \[0, 2\*\*63 - 1\]"):
                 st.reindex("IVF4,Flat", seed=seed, progress=False)
         assert st.version == 1 and st.manifest["index"]["factory"] == "Flat" and st.verify() == []
     for threads in (0, -3, 10**5, "2", 2.0, True, [2]):

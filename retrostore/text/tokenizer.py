@@ -5,6 +5,7 @@ lone surrogates).
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import re
@@ -100,7 +101,10 @@ def _isolated_class(cjk: bool) -> str:
     return "[" + "".join(re.escape(c) for c in chars) + ideographs + "]"
 
 
-_ISOLATED = {cjk: re.compile(_isolated_class(cjk)) for cjk in (False, True)}
+@functools.cache
+def _isolated(cjk: bool) -> re.Pattern:
+    """The compiled class, built on first use (a scan of ~12,000 code points: not at import)."""
+    return re.compile(_isolated_class(cjk))
 
 
 def isolated_cut(tokenizer: tokenizers.Tokenizer) -> re.Pattern | None:
@@ -125,7 +129,7 @@ def isolated_cut(tokenizer: tokenizers.Tokenizer) -> re.Pattern | None:
         return None
     if not all(a.special for a in tokenizer.get_added_tokens_decoder().values()):
         return None
-    return _ISOLATED[bool(norm.get("handle_chinese_chars", False))]
+    return _isolated(bool(norm.get("handle_chinese_chars", False)))
 
 
 def _splits_at_spaces(spec: dict[str, Any]) -> bool:

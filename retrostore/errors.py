@@ -148,3 +148,8 @@ def shown(value: object, spec: str = "") -> str:
         return format(value, spec) if spec else repr(value)
     except ValueError:  # a list or array holding such an int
         return f"<a {type(value).__name__} holding an integer of more than 4,300 digits>"
+
+
+#: Names of the types ``json.loads`` returns, for messages about JSON read from a file.
+JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+                   float: "number", type(None): "null"}

@@ -15,7 +15,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CorruptStoreError, FormatVersionError, NotAStoreError
+from ..errors import JSON_TYPE_NAMES, CorruptStoreError, FormatVersionError, NotAStoreError
 from .fileio import atomic_write
 from .layout import MANIFEST, version_path
 
@@ -177,7 +177,8 @@ def parse_manifest(raw: bytes, where: str) -> dict:
             else "not valid JSON (" + (str(exc) if isinstance(exc, json.JSONDecodeError) else type(exc).__name__) + ")"
         raise CorruptStoreError(f"{where}: manifest is {what}; the file is damaged") from None
     if not isinstance(doc, dict):
-        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(doc), "a number")
+        name = JSON_TYPE_NAMES[type(doc)]
+        kind = name if name == "null" else ("an " if name[0] in "aeiou" else "a ") + name
         raise CorruptStoreError(f"{where}: manifest is {kind} in JSON, not an object with 'body' and 'sha256'; "
                                 "the file is damaged or not a retrostore manifest")
     if not raw.endswith(b"}\n"):

@@ -27,6 +27,7 @@ from ..errors import (
     InvalidDocumentError,
     InvalidInputError,
     InvalidMetadataError,
+    JSON_TYPE_NAMES,
 )
 
 __all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named", "iter_documents",
@@ -36,8 +37,6 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zs
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
 _SUPPORTED = ", ".join(SUPPORTED_SUFFIXES)
 PathArg = str | os.PathLike[str]
-_JSON = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-         float: "number", type(None): "null"}  # names of the types json.loads returns
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,7 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
             f"{source}: the JSON is nested too deeply to read; each line must be {layout}") from None
     if not isinstance(obj, dict):
         raise InvalidDocumentError(
-            f"{source}: the line is a JSON {_JSON[type(obj)]}; each line must be {layout}")
+            f"{source}: the line is a JSON {JSON_TYPE_NAMES[type(obj)]}; each line must be {layout}")
     if text_field not in obj:
         keys = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
         raise InvalidDocumentError(
@@ -237,7 +236,7 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
             "pass --text-field NAME to read the text from another field")
     if not isinstance(text := obj[text_field], str):
         raise InvalidDocumentError(
-            f"{source}: field {text_field!r} is a JSON {_JSON[type(text)]}, not a string; fix "
+            f"{source}: field {text_field!r} is a JSON {JSON_TYPE_NAMES[type(text)]}, not a string; fix "
             "the line, or pass --text-field NAME to read the text from another field")
     if not text.isascii() and (bad := _SURROGATE.search(text)):
         raise InvalidDocumentError(
@@ -245,7 +244,7 @@ def _parse_line(line: bytes, where: str, lineno: int, text_field: str,
             f"at character {bad.start()}, which is not text; fix the escape in the file")
     if (meta := obj.get(meta_field)) is not None and not isinstance(meta, dict):
         raise InvalidMetadataError(
-            f"{source}: field {meta_field!r} is a JSON {_JSON[type(meta)]}; it must be an "
+            f"{source}: field {meta_field!r} is a JSON {JSON_TYPE_NAMES[type(meta)]}; it must be an "
             'object or null: wrap the value in an object, e.g. {"value": ...}')
     return InputDocument(text, meta, source)
 

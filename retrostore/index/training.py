@@ -169,6 +169,22 @@ def default_train_size(factory: str, n: int, dim: int, metric: str) -> int:
     return int(min(n, want))
 
 
+def check_train_size(train_size: Any) -> int | None:
+    """``train_size`` (vectors in the training sample, kept in the manifest) as an int in
+    ``[1, 2**63 - 1]``, or None for the default sample.
+
+    Raises
+    ------
+    InvalidInputError
+        Not an int (a bool, a float, a string), below 1 or beyond int64.
+    """
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, numbers.Integral)
+                                   or not 1 <= train_size <= 2**63 - 1):
+        raise InvalidInputError(f"train_size={shown(train_size)} must be an int in [1, 2**63 - 1] (vectors in the "
+                                "training sample)")
+    return None if train_size is None else int(train_size)
+
+
 def check_seed(seed: Any) -> int:
     """``seed`` as an int >= 0 (numpy's ``default_rng`` takes no negative seed).
 

@@ -17,6 +17,7 @@ from ..errors import CommitError, InvalidInputError, StoreExistsError, shown
 from ..index.factory import check_index_arg
 from ..index.params import check_params
 from ..index.policy import default_params
+from ..index.training import check_train_size
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -170,10 +171,7 @@ def create(
     # Refuse a factory string FAISS cannot build now, not at the first commit.
     target, factory = check_index_arg(index, dim, mmap=bool(mmap))
     index_params = check_params(index_params, "index_params")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
-                                   or not 1 <= train_size <= 2**63 - 1):
-        raise InvalidInputError(f"train_size={shown(train_size)} must be an int in [1, 2**63 - 1] (vectors in the "
-                                "training sample)")
+    train_size = check_train_size(train_size)
 
     tmp = root.parent / f"{TMP_PREFIX}{root.name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:

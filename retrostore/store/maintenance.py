@@ -11,10 +11,11 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError
 from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
+from ..index.training import check_train_size
 from ..index.policy import default_factory
 from ..index.training import check_seed
 from ..storage.faisstypes import is_ivf
@@ -38,9 +39,7 @@ def reindex(writer: Writer, index: str | None = None, *, train_size: int | None 
     target = index if index is not None else idx.get("target", idx["factory"])
     if params is not None:
         idx["param_overrides"] = check_params(params, "params")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
-                                   or not 1 <= train_size <= 2**63 - 1):
-        raise InvalidInputError(f"train_size={shown(train_size)} must be an int in [1, 2**63 - 1]")
+    train_size = check_train_size(train_size)
     auto = target == "auto"
     n = sum(s.count for s in c.base.segments)
     keep = bool(new["settings"]["keep_vectors"])

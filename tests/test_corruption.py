@@ -171,6 +171,14 @@ def test_damaged_raw_vectors_are_refused_before_reranking(tmp_path):
                          lambda: st.reindex("IVF4,Flat", progress=False)):
                 with pytest.raises(CorruptStoreError, match=f"vectors/{vec.name}"):
                     call()
+    # A header that still parses but reads the intact rows wrongly (byte order, Fortran order, a
+    # narrower shape): the block checksums cover rows only, so these served NaN scores before.
+    for old, new in ((b"'<f2'", b"'>f2'"), (b"False", b"True "), (b"(1000, 384)", b"(1000, 383)")):
+        assert old in raw[:128]
+        vec.write_bytes(raw.replace(old, new, 1))
+        with retrostore.open(path) as st:
+            with pytest.raises(CorruptStoreError, match=f"vectors/{vec.name}: .*(header|dimensions)"):
+                st.search_vectors(x[:2], k=3)
     vec.write_bytes(raw)
     with retrostore.open(path) as st:
         assert st.verify() == [] and st.search_vectors(x[:2], k=1)[1][:, 0].tolist() == [0, 1]

@@ -123,10 +123,14 @@ class _SourceDigests:
                     f"{h.hexdigest()[:16]}...); it is damaged, and nothing was merged from it")
 
 
+#: The ``.npy`` dtypes a store writes (``vector_dtype``, little-endian).
+STORED_DTYPES = ("<f2", "<f4")
+
+
 def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: CrcStream | None,
            sources: _SourceDigests | None = None) -> tuple[int, str]:
     parts = vectors if isinstance(vectors, list) else [vectors]
-    dt = np.dtype(dtype)
+    dt = np.dtype(dtype).newbyteorder("<")  # one of STORED_DTYPES
     dim = parts[0].shape[1]
     n = sum(len(p) for p in parts)
     header = io.BytesIO()
@@ -239,6 +243,14 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
         raise CorruptStoreError(f"{rel}: not a readable .npy vectors file ({type(exc).__name__}: {exc})") from exc
     if arr.ndim != 2 or arr.shape[0] != entry["count"]:
         raise CorruptStoreError(f"{rel}: holds shape {arr.shape}, the manifest says {entry['count']} rows")
+    if arr.dtype.str not in STORED_DTYPES or not arr.flags.c_contiguous:
+        # The block checksums cover the rows, not the header: a header that still parses but says
+        # big-endian or Fortran order would serve wrong (NaN) scores from intact rows.
+        raise CorruptStoreError(
+            f"{rel}: the .npy header is damaged (dtype {arr.dtype.str!r}, "
+            f"{'C' if arr.flags.c_contiguous else 'Fortran'} order; a store writes "
+            f"{' or '.join(repr(d) for d in STORED_DTYPES)} rows in C order); restore the file from a "
+            "copy or rebuild the store")
     return arr
 
 
@@ -299,7 +311,11 @@ class RawVectors:
     def _open(self, entry: dict) -> "_Opened":
         opened = self._cache.get(entry["sha256"])
         if opened is None or opened.count != entry["count"]:
-            opened = self._cache[entry["sha256"]] = _Opened(self.root, entry)
+            opened = _Opened(self.root, entry)
+            if opened.rows.shape[1] != self.dim:
+                raise CorruptStoreError(f"{entry['path']}: holds rows of {opened.rows.shape[1]} dimensions, "
+                                        f"the manifest says {self.dim}; the file is damaged or misplaced")
+            self._cache[entry["sha256"]] = opened
         return opened
 
     def _read(self, i: int, local: np.ndarray | slice) -> np.ndarray:

@@ -137,7 +137,11 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object with the hits).")
 @_friendly
 def search(store, query, k, as_json):
-    """Search STORE for the chunks nearest to QUERY text."""
+    """Search STORE for the chunks nearest to QUERY text.
+
+    Each hit's text is shown on one line, its whitespace collapsed and cut at
+    300 characters; --json prints the exact stored text, tokens and continuation.
+    """
     with retrostore.open(store) as st:
         t0 = time.perf_counter()
         hits = st.search(query, k=k)

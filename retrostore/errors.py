@@ -9,6 +9,9 @@ the fix.
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 __all__ = [
     "RetrostoreError",
     "NotAStoreError",
@@ -148,6 +151,27 @@ def shown(value: object, spec: str = "") -> str:
         return format(value, spec) if spec else repr(value)
     except ValueError:  # a list or array holding such an int
         return f"<a {type(value).__name__} holding an integer of more than 4,300 digits>"
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer argument: a Python or numpy int, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = "") -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi`` None: no upper limit), the one check of an
+    integer argument (``name=value must be an int in [lo, hi]; fix``).
+
+    Raises
+    ------
+    InvalidInputError
+        Not an int (a bool, a float, a string) or outside the range; the message names a
+        huge int by its size (:func:`shown`).
+    """
+    if not is_int(value) or value < lo or (hi is not None and value > hi):
+        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidInputError(f"{name}={shown(value)} must be an int {limit}" + (f"; {fix}" if fix else ""))
+    return int(value)
 
 
 #: Names of the types ``json.loads`` returns, for messages about JSON read from a file.

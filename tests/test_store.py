@@ -455,6 +455,36 @@ def test_integers_beyond_pythons_text_limit_get_clear_errors(tmp_path, built_sto
         retrostore.open(built_store, version=True)  # not version 1
 
 
+def test_every_int_argument_has_the_one_check(tmp_path, embedder):
+    """Sites that checked ints by hand let huge ints through (OnnxEmbedder(max_tokens=10**30) raised
+    OverflowError, ServeSettings(port=10**5000) a bare ValueError, build shards had no upper bound)
+    or refused numpy ints; they now share errors.check_int."""
+    from retrostore.build.stream import build_store
+    from retrostore.serve.settings import ServeSettings
+    from retrostore.text.embed import OnnxEmbedder
+
+    huge = 10 ** 5000
+    files = (embedder.model_path, embedder.tokenizer_path)
+    for bad in (dict(max_tokens=10 ** 30), dict(max_tokens=huge), dict(max_tokens=2.0), dict(batch_size=huge)):
+        with pytest.raises(InvalidInputError, match=rf"{next(iter(bad))}=.* must be an int in \["):
+            OnnxEmbedder(*files, **bad)
+    for bad in (dict(port=huge), dict(workers=True), dict(max_k=10 ** 30)):
+        with pytest.raises(InvalidInputError, match=rf"{next(iter(bad))}=.* must be an int in \["):
+            ServeSettings(store=tmp_path, **bad)
+    assert type(ServeSettings(store=tmp_path, port=np.int64(8808)).port) is int
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text('{"text": "a document"}\n')
+    for shards in (huge, 1 << 17, 0, 2.0):
+        with pytest.raises(InvalidInputError, match=r"shards=.* must be an int in \[1, 65536\]"):
+            build_store(tmp_path / "sharded", [corpus], shards=shards, progress=False)
+    assert not (tmp_path / "sharded").exists()
+    with retrostore.create(tmp_path / "np", embedder=embedder, chunk_tokens=np.int32(64),
+                           retain_versions=np.int64(2)) as st:  # numpy ints are ints (they were refused)
+        st.append(["a document"])
+        st.commit()
+        assert st.info()["chunk_tokens"] == 64 and st.commit() == 1
+
+
 def test_metadata_depth_and_surrogates(tmp_path, embedder):
     deep: dict = {}
     cur = deep

@@ -40,7 +40,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import CorruptStoreError, IndexTrainingError, InvalidInputError
+from ..errors import CorruptStoreError, IndexTrainingError, InvalidInputError, check_int
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.layout import TMP_PREFIX
@@ -55,6 +55,9 @@ from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
 from .records import BUILDS, Records, fields_of, file_digest
 
 __all__ = ["build_sharded"]
+
+#: The most shards a build may ask for (each is a task with its own store directory).
+MAX_SHARDS = 1 << 16
 
 log = logging.getLogger("retrostore")
 
@@ -192,8 +195,8 @@ def build_sharded(
         raise InvalidInputError(f"engine={engine!r} must be one of {', '.join(ENGINES)}")
     if device not in DEVICES:
         raise InvalidInputError(f"device={device!r} must be 'cpu' or 'cuda'")
-    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
-        raise InvalidInputError(f"shards={shards!r} must be an int >= 1")
+    if shards is not None:
+        shards = check_int("shards", shards, 1, MAX_SHARDS)
     if address is not None and engine != "ray":
         raise InvalidInputError("address= (--address) needs engine='ray'")
     threads = check_threads(threads)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, NamedTuple
 
-import numpy as np
-
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError, check_int, is_int, shown
 from ..storage.manifest import manifest_sha256
 
 __all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "settings"]
@@ -39,18 +37,6 @@ def settings(store) -> Settings:
                  int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m))
     _SETTINGS[store] = (version, s)
     return s
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = "") -> int:
-    """``value`` as an int in ``[lo, hi]`` (``hi`` None: no upper limit)."""
-    if not is_int(value) or value < lo or (hi is not None and value > hi):
-        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InvalidInputError(f"{name}={shown(value)} must be an int {limit}" + (f"; {fix}" if fix else ""))
-    return int(value)
 
 
 def check_k_of(store, k: Any) -> int:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from retrostore.errors import InvalidInputError
+from retrostore.errors import InvalidInputError, check_int
 from retrostore.threads import check_threads, cpu_count
 
 __all__ = ["ServeSettings", "SETTINGS_ENV"]
@@ -108,9 +108,7 @@ class ServeSettings:
                 "max_queries": (1, 1 << 24), "max_k": (1, 100_000), "max_ids": (1, 1 << 24),
                 "max_neighbors": (1, 1 << 30)}
         for name, (low, high) in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidInputError(f"{name}={value!r} must be an int in [{low}, {high}]")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low, high))
         for name in ("follow", "verify", "spin"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name}={getattr(self, name)!r} must be a bool")

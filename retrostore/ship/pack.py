@@ -32,7 +32,7 @@ from typing import Any
 import lmdb
 import zstandard
 
-from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, shown
+from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, check_int
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -142,8 +142,7 @@ def pack(
     compressed = out.name.endswith(".tar.zst")
     if not compressed and not out.name.endswith(".tar"):
         raise InvalidInputError(f"{out}: the archive name must end with .tar or .tar.zst (zstd-compressed)")
-    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
-        raise InvalidInputError(f"level={shown(level)} must be an int in [1, 22] (zstd compression level)")
+    level = check_int("level", level, 1, 22, fix="the zstd compression level")
     if out.exists() and not overwrite:
         raise StoreExistsError(
             f"the archive {out} already exists; choose another name, or replace it with "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zstandard
 
-from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, UnsafeArchiveError, shown
+from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, UnsafeArchiveError, check_int
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.fileio import git_lfs_pointer
@@ -196,8 +196,7 @@ def unpack(
     dest = Path(dest)
     for name, val in (("max_total_bytes", max_total_bytes), ("max_member_bytes", max_member_bytes),
                       ("max_members", max_members)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise InvalidInputError(f"{name}={shown(val)} must be an int >= 1")
+        check_int(name, val, 1)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
     blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommitError, InvalidInputError, StoreExistsError, shown
+from ..errors import CommitError, InvalidInputError, StoreExistsError, check_int
 from ..index.factory import check_index_arg
 from ..index.params import check_params
 from ..index.policy import default_params
@@ -139,14 +139,12 @@ def create(
         what = "a directory with other files" if root.is_dir() else "a file"
         raise StoreExistsError(f"{root} exists and is not a store ({what}); choose a new path for the store, "
                                "or an empty directory")
-    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= 4096:
-        raise InvalidInputError(f"chunk_tokens={shown(chunk_tokens)} must be an int in [1, 4096]; RETRO uses 64")
+    chunk_tokens = check_int("chunk_tokens", chunk_tokens, 1, 4096, fix="RETRO uses 64")
     if metric not in ("ip", "l2"):
         raise InvalidInputError(f"metric={metric!r} must be 'ip' (inner product) or 'l2'")
     if vector_dtype not in ("float16", "float32"):
         raise InvalidInputError(f"vector_dtype={vector_dtype!r} must be 'float16' or 'float32'")
-    if isinstance(retain_versions, bool) or not isinstance(retain_versions, int) or not 1 <= retain_versions <= 2**31:
-        raise InvalidInputError(f"retain_versions={shown(retain_versions)} must be an int in [1, 2**31]")
+    retain_versions = check_int("retain_versions", retain_versions, 1, 2**31)
     if not isinstance(index, str) or not index.strip():
         raise InvalidInputError(f"index={index!r} must be a FAISS factory string such as 'Flat'")
     if embedder is not None:

@@ -15,7 +15,7 @@ import time
 import faiss
 import numpy as np
 
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError, check_int
 from ..index.params import check_params
 from ..index.source import live_ids
 from ..index.training import sample_ids
@@ -59,8 +59,7 @@ def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict |
         The stored vectors cannot be read (no raw vectors and a compressed index).
     """
     k = check_k(k)
-    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-        raise InvalidInputError(f"queries={shown(queries)} must be an int >= 1")
+    queries = check_int("queries", queries, 1)
     params = check_params(params)
     version = reader.version
     m = version.manifest

@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError, check_int
 from ..storage.fileio import atomic_write, fsync_dir, sha256_file
 from ..storage.manifest import manifest_sha256
 from ..types import Neighbors
 from .reading import Reader, check_k
-from .retrieval import _is_int, search_excluding
+from .retrieval import search_excluding
 
 __all__ = ["precompute_neighbors"]
 
@@ -41,9 +41,7 @@ def precompute_neighbors(
     """See :meth:`retrostore.Store.precompute_neighbors`; ``query_neighbors(rows, k, label_token)``
     retrieves for token rows (``Store.neighbors``)."""
     k = check_k(k)
-    if not _is_int(batch_size) or batch_size < 1:
-        raise InvalidInputError(f"batch_size={shown(batch_size)} must be an int >= 1")
-    batch_size = int(batch_size)  # (a numpy integer reached FAISS, which refused it: helper-20)
+    batch_size = check_int("batch_size", batch_size, 1)  # an int (a numpy integer reached FAISS, which refused it)
     if not isinstance(exclude_same_doc, bool):
         raise InvalidInputError(f"exclude_same_doc={exclude_same_doc!r} must be True or False")
     if not isinstance(label_token, bool):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError, is_int, shown
 from ..types import Neighbors
 from .reading import Reader, check_k
 
@@ -62,7 +62,7 @@ def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
     for i, r in enumerate(rows):
         if r is None:
             out.append(set())
-        elif _is_int(r):
+        elif is_int(r):
             out.append({int(r)})
         elif isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
             raise InvalidInputError(
@@ -70,15 +70,11 @@ def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
             )
         else:
             ids = list(r)
-            bad = [x for x in ids if not _is_int(x)]
+            bad = [x for x in ids if not is_int(x)]
             if bad:
                 raise InvalidInputError(f"exclude_doc_ids[{i}] holds {shown(bad[0])}; doc ids are ints")
             out.append({int(x) for x in ids})
     return out
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list[set[int]] | None,

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError
+from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError, check_int
 from ..storage.fileio import sha256_cached
 from ..threads import check_threads, cpu_count
 
@@ -117,6 +117,9 @@ def _call_pool() -> ThreadPoolExecutor:
 #: against 0.7 GB one after another).
 SIDE_BY_SIDE_MAX_TOKENS = 1024
 
+#: The largest ``max_tokens`` accepted before the probe run: BERT-family models take 512
+#: positions; a larger value the model cannot take is refused by the probe (its own message).
+MAX_TOKENS_LIMIT = 1 << 16
 
 #: A session call's fixed cost in padded tokens' worth: measured 2026-12-06 on 2 cores (Xeon,
 #: AVX-512), one thread: ~1 ms per call against ~0.2 ms per token at 8-66 tokens, any batch.
@@ -259,9 +262,8 @@ class OnnxEmbedder:
         if pooling not in ("mean", "cls") or not isinstance(normalize, bool):
             raise InvalidInputError(f"pooling must be 'mean' or 'cls' and normalize a bool, "
                                     f"got {pooling!r}, {normalize!r}")
-        for arg, val, low in (("max_tokens", max_tokens, 3), ("batch_size", batch_size, 1)):
-            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < low:
-                raise InvalidInputError(f"{arg} must be an int >= {low}, got {val!r}")
+        check_int("max_tokens", max_tokens, 3, MAX_TOKENS_LIMIT, fix="the model's positions decide (512 for MiniLM)")
+        check_int("batch_size", batch_size, 1, 1 << 20)
         self.model_path = _check_file(model_path, "model_path")
         self.tokenizer_path = _check_file(tokenizer_path, "tokenizer_path")
         self.pooling, self.normalize = pooling, normalize

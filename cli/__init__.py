@@ -83,7 +83,8 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
     directories of these.
 
     Running it again is safe: input files whose documents the store holds
-    already (recorded by sha256) are skipped, an interrupted build resumes
+    already (recorded by the sha256 of the file and of its decompressed
+    bytes: the same documents re-compressed count too) are skipped, an interrupted build resumes
     after its last commit, and new files are added; --append adds the same
     documents once more.
 

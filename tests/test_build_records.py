@@ -166,6 +166,42 @@ def test_sharded_and_plain_builds_see_each_other(tmp_path, two_files):
     assert len(_texts(other)) == 10
 
 
+def test_the_same_documents_compressed_another_way_are_the_same_input(tmp_path, two_files):
+    """A dump re-compressed (.jsonl -> .jsonl.zst -> .jsonl.gz) has other bytes but the same documents:
+    it was built again as a new file, a second copy of every document (RETRO would retrieve the text
+    it is trained on). The records now also keep the sha256 of the bytes a build reads."""
+    import gzip
+
+    import zstandard
+
+    a, b = two_files
+    raw = a.read_bytes()
+    zst = tmp_path / "a.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+    gz = tmp_path / "renamed.jsonl.gz"
+    gz.write_bytes(gzip.compress(raw))
+    path = tmp_path / "s.rstore"
+    assert build_store(path, [zst], progress=False).documents == 6
+    for again in ([gz], [a], [gz, a]):
+        res = build_store(path, again, progress=False)
+        assert res.already_built and res.documents == 0, res
+        assert all("built before as 'a.jsonl.zst' (the same documents in another file or compression)" in s
+                   for s in res.skipped), res.skipped
+    assert len(_texts(path)) == 6
+    assert build_store(path, [gz], append=True, progress=False).documents == 6  # on purpose: a second copy
+    assert _texts(path) == _texts(path)[:6] * 2
+    with pytest.raises(retrostore.InvalidInputError, match="another file or compression.*--append"):
+        build_store(path, [gz, b], engine="local", shards=2, progress=False)
+    other = tmp_path / "sharded.rstore"
+    build_store(other, [zst, b], engine="local", shards=2, progress=False)
+    res = build_store(other, [gz], progress=False)
+    assert res.already_built and "sharded build" in res.skipped[0] and "another file" in res.skipped[0]
+    damaged = tmp_path / "damaged.jsonl.zst"
+    damaged.write_bytes(zst.read_bytes()[:-8])  # no content digest: the build's own read names the damage
+    with pytest.raises(retrostore.RetrostoreError, match="damaged.jsonl.zst: cannot read the file"):
+        build_store(tmp_path / "d.rstore", [damaged], progress=False)
+
+
 def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):
     """A build commits every commit_every chunks and the tiered merge leaves several segments, each
     probed per query (7 segments: 5.6 ms, one: 2.9 ms at 700k vectors): a build of a trained IVF index

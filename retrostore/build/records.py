@@ -3,7 +3,9 @@
 Every build records, in the manifest's ``builds`` (published with each of its
 commits), what it has committed of which input file, identified by the
 file's sha256 (not its path or time: a moved or touched file is the same
-input) and the fields its documents were read from. A plain build then
+input) and the sha256 of the bytes read from it (decompressed: the same
+documents compressed another way, ``.jsonl.zst`` re-compressed as
+``.jsonl.gz``, are the same input too), and the fields its documents were read from. A plain build then
 skips input files a finished build holds already, resumes a file an
 interrupted one stopped in after its last committed document, and builds the
 rest; adding the same documents again needs ``append=True`` (``--append``),
@@ -14,8 +16,11 @@ retrieval data). Sharded builds list their files in their own record
 
 A plain build's record of one input file::
 
-    {"kind": "file", "rel": name, "size": bytes, "sha256": hex, "text_field": ..., "meta_field": ...,
-     "copy": 0, "documents": committed so far, "first_doc_id": id of its first document, "done": bool}
+    {"kind": "file", "rel": name, "size": bytes, "sha256": hex, "content_sha256": hex or None,
+     "text_field": ..., "meta_field": ..., "copy": 0, "documents": committed so far,
+     "first_doc_id": id of its first document, "done": bool}
+
+(``content_sha256`` is absent from records written before it existed: those match by ``sha256`` only.)
 """
 
 from __future__ import annotations
@@ -26,17 +31,28 @@ import json
 from pathlib import Path
 
 from ..storage.fileio import sha256_file
+from ..text.inputs import content_sha256
 
-__all__ = ["BUILDS", "file_digest", "fields_of", "Records"]
+__all__ = ["BUILDS", "file_digest", "same_input", "fields_of", "Records"]
 
 #: The manifest field holding the build records.
 BUILDS = "builds"
 
 
 def file_digest(path: Path, rel: str) -> dict:
-    """``{"rel", "size", "sha256"}`` of an input file (sha256 of its bytes as stored, compressed or not)."""
+    """``{"rel", "size", "sha256", "content_sha256"}`` of an input file: the sha256 of its bytes as
+    stored, and of the bytes a build reads from it (decompressed; None when it cannot be read)."""
     size, sha = sha256_file(path)
-    return {"rel": rel, "size": size, "sha256": sha}
+    return {"rel": rel, "size": size, "sha256": sha, "content_sha256": content_sha256(path, sha)}
+
+
+def same_input(a: dict, b: dict) -> bool:
+    """Whether two digests (or records) name the same input: the same bytes, or the same
+    decompressed bytes (a record without ``content_sha256`` matches by its bytes only)."""
+    if a.get("sha256") == b.get("sha256"):
+        return True
+    content = a.get("content_sha256")
+    return content is not None and content == b.get("content_sha256")
 
 
 def fields_of(rel: str, text_field: str, meta_field: str) -> tuple[str | None, str | None]:
@@ -63,31 +79,32 @@ class Records:
         key = json.dumps([sha256, text_field, meta_field, copy_no]).encode()
         return "file-" + hashlib.sha256(key).hexdigest()[:32]
 
-    def copies(self, sha256: str, text_field: str, meta_field: str) -> list[tuple[str, dict]]:
-        """The plain builds' records of this file and fields, by copy number. Fields ``None``: any
-        fields (a ``.txt`` file is one document whatever they say, see :func:`fields_of`)."""
-        out = [(rid, r) for rid, r in self.all.items() if r.get("kind") == "file" and r.get("sha256") == sha256
+    def copies(self, digest: dict, text_field: str, meta_field: str) -> list[tuple[str, dict]]:
+        """The plain builds' records of this input (:func:`same_input`) and fields, by copy number.
+        Fields ``None``: any fields (a ``.txt`` file is one document whatever they say, see :func:`fields_of`)."""
+        out = [(rid, r) for rid, r in self.all.items() if r.get("kind") == "file" and same_input(digest, r)
                and (text_field is None or (r.get("text_field") == text_field and r.get("meta_field") == meta_field))]
         return sorted(out, key=lambda x: x[1].get("copy", 0))
 
-    def sharded_with(self, sha256: str) -> list[tuple[str, dict]]:
-        """Sharded builds' records that list this file (finished or not)."""
+    def sharded_with(self, digest: dict) -> list[tuple[str, dict]]:
+        """Sharded builds' records that list this input (finished or not)."""
         return [(rid, r) for rid, r in self.all.items() if "shards" in r
-                and any(f.get("sha256") == sha256 for f in r.get("files", []))]
+                and any(same_input(digest, f) for f in r.get("files", []))]
 
-    def holder(self, sha256: str, text_field: str, meta_field: str, *, exclude: str | None = None) -> str | None:
-        """How the store holds this file's documents already, in words, or None (the record
+    def holder(self, digest: dict, text_field: str, meta_field: str, *, exclude: str | None = None) -> str | None:
+        """How the store holds this input's documents already, in words, or None (the record
         ``exclude`` left out: a build resuming itself)."""
-        for rid, r in self.copies(sha256, text_field, meta_field):
+        for rid, r in self.copies(digest, text_field, meta_field):
             first, n = r["first_doc_id"], r["documents"]
             ids = f"documents {first}..{first + n - 1}" if n else "no documents"
             state = "built" if r["done"] else "partly built"
-            return f"{state} before as {r['rel']!r}, {ids}"
-        for rid, r in self.sharded_with(sha256):
+            return f"{state} before as {r['rel']!r}{_how(digest, r)}, {ids}"
+        for rid, r in self.sharded_with(digest):
             if rid == exclude:
                 continue
             done = r["merged"] == r["shards"]
-            return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}"
+            how = next(_how(digest, f) for f in r.get("files", []) if same_input(digest, f))
+            return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}{how}"
         return None
 
     def stopped_in_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
@@ -109,15 +126,21 @@ class Records:
         is never built again without ``append``.
         """
         sha = digest["sha256"]
-        copies = self.copies(sha, text_field, meta_field)
+        copies = self.copies(digest, text_field, meta_field)
         open_ = [(rid, r) for rid, r in copies if not r["done"]]
         if open_:
             return open_[0]
-        if (copies or self.sharded_with(sha)) and not append:
+        if (copies or self.sharded_with(digest)) and not append:
             return None
         n = len(copies)
         tf, mf = ("text", "meta") if text_field is None else (text_field, meta_field)
         rid = self.file_id(sha, tf, mf, n)
         return rid, {"kind": "file", "rel": digest["rel"], "size": digest["size"], "sha256": sha,
-                     "text_field": tf, "meta_field": mf, "copy": n, "documents": 0,
+                     "content_sha256": digest.get("content_sha256"), "text_field": tf, "meta_field": mf, "copy": n, "documents": 0,
                      "first_doc_id": None, "done": False}
+
+
+def _how(digest: dict, record: dict) -> str:
+    """What to add to a message when only the bytes a build reads match (another file name, or the
+    same documents compressed another way); nothing when the file's own bytes match."""
+    return "" if digest.get("sha256") == record.get("sha256") else " (the same documents in another file or compression)"

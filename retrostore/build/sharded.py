@@ -260,7 +260,7 @@ def build_sharded(
                                engine=engine, device=device)
         if not append:
             records = Records(m)
-            held = [(d["rel"], records.holder(d["sha256"], *fields_of(d["rel"], text_field, meta_field),
+            held = [(d["rel"], records.holder(d, *fields_of(d["rel"], text_field, meta_field),
                                               exclude=build_id))
                     for d in digests]
             held = [(rel, how) for rel, how in held if how]

@@ -24,7 +24,7 @@ from ..store.create import create, open_store
 from ..text.inputs import expand_named, read_file
 from ..threads import check_threads
 from .common import BuildResult, check_same_settings, merge_trained_segments
-from .records import BUILDS, Records, fields_of, file_digest
+from .records import BUILDS, Records, fields_of, file_digest, same_input
 from .sharded import build_sharded
 
 __all__ = ["build_store"]
@@ -152,13 +152,13 @@ def build_store(
     repaired: list[str] = []  # inputs resumed after the documents a build of their earlier bytes committed
     run_shas = {d["sha256"] for d in digests}
     for (path, _), digest in zip(files, digests):
-        if any(d["sha256"] == digest["sha256"] for _, d, _, _ in todo) and not append:
+        if any(same_input(digest, d) for _, d, _, _ in todo) and not append:
             skipped.append(f"{digest['rel']}: the same content as an input before it")
             continue
         fields = fields_of(digest["rel"], text_field, meta_field)
         found = records.to_build(digest, *fields, append=append)
         if found is None:
-            skipped.append(f"{digest['rel']}: {records.holder(digest['sha256'], *fields)}")
+            skipped.append(f"{digest['rel']}: {records.holder(digest, *fields)}")
             continue
         rid, rec = found
         prior = records.stopped_in_other_bytes(digest, run_shas) if rid not in records.all and not append else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -30,8 +31,8 @@ from ..errors import (
     JSON_TYPE_NAMES,
 )
 
-__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named", "iter_documents",
-           "read_file"]
+__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "content_sha256", "count_input_bytes", "expand_inputs", "expand_named",
+           "iter_documents", "read_file"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
@@ -176,6 +177,23 @@ def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:
         src = gzip.GzipFile(fileobj=fh, mode="rb") if kind == ".jsonl.gz" else fh
         while data := src.read(_CHUNK):
             yield data
+
+
+def content_sha256(path: Path, raw_sha256: str) -> str | None:
+    """sha256 of the bytes a build reads from ``path``: the decompressed stream of a ``.gz`` or
+    ``.zst`` file (``raw_sha256``, the file's own, for an uncompressed one), so that the same
+    documents compressed another way are recognised (``retrostore.build.records``). None when the
+    file cannot be decompressed: the build's own read of it names the damage."""
+    if _kind(path) not in (".jsonl.zst", ".jsonl.gz"):
+        return raw_sha256
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for data in _raw_chunks(path, fh):
+                digest.update(data)
+    except (zstandard.ZstdError, EOFError, zlib.error, OSError):  # incl. BadGzipFile
+        return None
+    return digest.hexdigest()
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -5,7 +5,8 @@ commits), what it has committed of which input file, identified by the
 file's sha256 (not its path or time: a moved or touched file is the same
 input) and the sha256 of the bytes read from it (decompressed: the same
 documents compressed another way, ``.jsonl.zst`` re-compressed as
-``.jsonl.gz``, are the same input too), and the fields its documents were read from. A plain build then
+``.jsonl.gz``, are the same input too), and the fields its documents were
+read from. A plain build then
 skips input files a finished build holds already, resumes a file an
 interrupted one stopped in after its last committed document, and builds the
 rest; adding the same documents again needs ``append=True`` (``--append``),
@@ -136,8 +137,8 @@ class Records:
         tf, mf = ("text", "meta") if text_field is None else (text_field, meta_field)
         rid = self.file_id(sha, tf, mf, n)
         return rid, {"kind": "file", "rel": digest["rel"], "size": digest["size"], "sha256": sha,
-                     "content_sha256": digest.get("content_sha256"), "text_field": tf, "meta_field": mf, "copy": n, "documents": 0,
-                     "first_doc_id": None, "done": False}
+                     "content_sha256": digest.get("content_sha256"), "text_field": tf, "meta_field": mf,
+                     "copy": n, "documents": 0, "first_doc_id": None, "done": False}
 
 
 def _how(digest: dict, record: dict) -> str:

@@ -209,7 +209,8 @@ def inspect(store, as_json):
         ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
         ("embedder", _describe_embedder(emb)),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
-        ("index", f"{idx['factory']} params {json.dumps(idx['params'])} segments {idx['segments']} "
+        ("index", f"{idx['factory']}{' (float16 codes)' if idx.get('codec') == 'float16' else ''} "
+                  f"params {json.dumps(idx['params'])} segments {idx['segments']} "
                   f"({idx['bytes_per_vector']} bytes/vector)"
                   + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
         ("files", f"index {_human(files['index_bytes'])}, "

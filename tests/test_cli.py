@@ -76,8 +76,10 @@ def test_inspect(cli_store):
         assert key in info
     assert info["embedder"]["model_sha256"] == retrostore.DEFAULT_MODEL_SHA256
     assert info["tokenizer"]["sha256"] and info["index"]["factory"] == "Flat"
+    assert info["index"]["codec"] == "float16" and info["index"]["bytes_per_vector"] < 2 * 384 + 8
     human = CliRunner().invoke(cli, ["inspect", str(cli_store)])
     assert human.exit_code == 0 and "documents" in human.output and "20" in human.output
+    assert "Flat (float16 codes)" in human.output  # a fresh user read "Flat" at 768 B/vector as float32
 
 
 def test_verify_ok(cli_store):

@@ -9,6 +9,7 @@ from ..index import policy
 from ..index.training import MIN_POINTS_PER_CENTROID, default_train_size, vectors_needed
 from ..storage import manifest as _manifest
 from ..storage.layout import LMDB_DIR, MANIFEST, retained_versions
+from ..storage.segments import FP16
 from ..storage.vectors import keeps_files
 from .version import Version
 
@@ -90,6 +91,8 @@ def index_info(version: Version, index_bytes: int) -> dict:
         "stored_params": idx["params"],
         "param_overrides": idx.get("param_overrides", {}),
         "segments": len(idx["segments"]),
+        # Flat segments of a float16 store are written as float16 (half the bytes): say so beside "Flat"
+        "codec": "float16" if any(e.get("codec") == FP16 for e in idx["segments"]) else None,
         "segments_searched": len(version.segments),
         "trained": idx.get("trained"),
         "mmap": version.mmap,

@@ -835,7 +835,8 @@ class Store:
             ``tokenizer`` and ``embedder`` (the manifest's fingerprints);
             ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
             reports them), ``stored_params`` (the manifest's), ``param_overrides``
-            (the user's), ``segments`` (count), ``segments_searched`` (this
+            (the user's), ``segments`` (count), ``codec`` (``"float16"`` when Flat
+            segments are stored as float16, the default below 5,000 vectors, else None), ``segments_searched`` (this
             handle: 1 once a read-only handle's first search merged IVF fast-scan
             segments in memory; docs/index.md, "Segments"),
             ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),

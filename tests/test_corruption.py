@@ -179,6 +179,13 @@ def test_damaged_raw_vectors_are_refused_before_reranking(tmp_path):
         with retrostore.open(path) as st:
             with pytest.raises(CorruptStoreError, match=f"vectors/{vec.name}: .*(header|dimensions)"):
                 st.search_vectors(x[:2], k=3)
+    # helper-22: a header length cut into its padding still parses and shifts every row; a store
+    # without block checksums, opened with mmap=True, served those rows. The map must end at the file's end.
+    hlen = int.from_bytes(raw[8:10], "little")
+    vec.write_bytes(raw[:8] + (hlen - 2).to_bytes(2, "little") + raw[10:])
+    entry = json.loads((path / "manifest.json").read_text())["body"]["vectors"]["files"][0]
+    with pytest.raises(CorruptStoreError, match="header is damaged .*describes"):
+        _vectors.load_vectors(path, entry)
     vec.write_bytes(raw)
     with retrostore.open(path) as st:
         assert st.verify() == [] and st.search_vectors(x[:2], k=1)[1][:, 0].tolist() == [0, 1]

@@ -21,7 +21,8 @@ A plain build's record of one input file::
      "text_field": ..., "meta_field": ..., "copy": 0, "documents": committed so far,
      "first_doc_id": id of its first document, "done": bool}
 
-(``content_sha256`` is absent from records written before it existed: those match by ``sha256`` only.)
+(``content_sha256`` is absent from records written before it existed: :func:`content_of` then
+takes the ``sha256`` of an uncompressed file, and a compressed one matches by its bytes only.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from ..storage.fileio import sha256_file
 from ..text.inputs import content_sha256
 
-__all__ = ["BUILDS", "file_digest", "same_input", "fields_of", "Records"]
+__all__ = ["BUILDS", "file_digest", "content_of", "same_input", "fields_of", "Records"]
 
 #: The manifest field holding the build records.
 BUILDS = "builds"
@@ -47,13 +48,23 @@ def file_digest(path: Path, rel: str) -> dict:
     return {"rel": rel, "size": size, "sha256": sha, "content_sha256": content_sha256(path, sha)}
 
 
+def content_of(entry: dict) -> str | None:
+    """The sha256 of the bytes a build reads from the input of a digest or record. A record
+    written before ``content_sha256`` existed has it only when its file was not compressed (its
+    own sha256 then); for a compressed one it is unknown (None)."""
+    if "content_sha256" in entry:
+        return entry["content_sha256"]
+    rel = str(entry.get("rel", "")).lower()
+    return None if rel.endswith((".gz", ".zst")) else entry.get("sha256")
+
+
 def same_input(a: dict, b: dict) -> bool:
     """Whether two digests (or records) name the same input: the same bytes, or the same
-    decompressed bytes (a record without ``content_sha256`` matches by its bytes only)."""
+    decompressed bytes (:func:`content_of`)."""
     if a.get("sha256") == b.get("sha256"):
         return True
-    content = a.get("content_sha256")
-    return content is not None and content == b.get("content_sha256")
+    content = content_of(a)
+    return content is not None and content == content_of(b)
 
 
 def fields_of(rel: str, text_field: str, meta_field: str) -> tuple[str | None, str | None]:
@@ -128,6 +139,9 @@ class Records:
         """
         sha = digest["sha256"]
         copies = self.copies(digest, text_field, meta_field)
+        for _, r in copies:  # a record from before content digests learns this file's (published by the next commit)
+            if "content_sha256" not in r and r.get("sha256") == sha:
+                r["content_sha256"] = digest.get("content_sha256")
         open_ = [(rid, r) for rid, r in copies if not r["done"]]
         if open_:
             return open_[0]

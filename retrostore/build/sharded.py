@@ -52,7 +52,7 @@ from . import plan as _plan
 from . import shards as _shards
 from .common import BuildResult, check_same_settings, merge_trained_segments
 from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
-from .records import BUILDS, Records, fields_of, file_digest
+from .records import BUILDS, Records, fields_of, file_digest, same_input
 
 __all__ = ["build_sharded"]
 
@@ -213,6 +213,7 @@ def build_sharded(
     eng = None
     lock = None
     interrupted = False
+    skipped: tuple[str, ...] = ()
     n_docs = n_chunks = reused = 0
     plan: dict | None = None
     try:
@@ -233,6 +234,11 @@ def build_sharded(
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
         digests = [file_digest(Path(f["path"]), f["rel"]) for f in files]
+        if not append:  # the same documents twice in one run (a copy, or re-compressed): once, as a plain build does
+            keep = [i for i, d in enumerate(digests) if not any(same_input(d, e) for e in digests[:i])]
+            skipped = tuple(f"{digests[i]['rel']}: the same content as an input before it"
+                            for i in range(len(digests)) if i not in keep)
+            files, digests = [files[i] for i in keep], [digests[i] for i in keep]
         own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
         work.mkdir(parents=True, exist_ok=True)
         lock = fileio.WriterLock(work / "LOCK")
@@ -341,7 +347,7 @@ def build_sharded(
     committed = (n_docs, n_chunks) if not interrupted else _committed(root, plan)
     return BuildResult(version, committed[0], committed[1], time.perf_counter() - t0, interrupted,
                        shards=len(plan["body"]["shards"]) if plan else 0, reused_shards=reused,
-                       build_id=plan["build_id"] if plan else None, engine=engine, device=dev)
+                       build_id=plan["build_id"] if plan else None, engine=engine, device=dev, skipped=skipped)
 
 
 def _committed(root: Path, plan: dict | None) -> tuple[int, int]:

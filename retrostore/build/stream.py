@@ -166,7 +166,7 @@ def build_store(
             # helper-17: the repaired file (a truncated download completed, a bad line fixed) was built
             # from its first document again, a second copy of what the failed build committed
             rid, rec = prior
-            rec.update(sha256=digest["sha256"], size=digest["size"])
+            rec.update(sha256=digest["sha256"], size=digest["size"], content_sha256=digest["content_sha256"])
             repaired.append(digest["rel"])
         records.all[rid] = rec
         todo.append((path, digest, rid, rec))

@@ -243,6 +243,10 @@ def load_vectors(root: Path, entry: dict, *, mmap: bool = True, verify: bool = F
         raise CorruptStoreError(f"{rel}: not a readable .npy vectors file ({type(exc).__name__}: {exc})") from exc
     if arr.ndim != 2 or arr.shape[0] != entry["count"]:
         raise CorruptStoreError(f"{rel}: holds shape {arr.shape}, the manifest says {entry['count']} rows")
+    offset = getattr(arr, "offset", None)  # a memory map's header length
+    if offset is not None and offset + arr.nbytes != size:  # a header that misstates its own length or the rows
+        raise CorruptStoreError(f"{rel}: the .npy header is damaged (it describes {offset + arr.nbytes} bytes, the "
+                                f"file holds {size}); restore the file from a copy or rebuild the store")
     if arr.dtype.str not in STORED_DTYPES or not arr.flags.c_contiguous:
         # The block checksums cover the rows, not the header: a header that still parses but says
         # big-endian or Fortran order would serve wrong (NaN) scores from intact rows.

@@ -205,12 +205,15 @@ def test_the_same_documents_compressed_another_way_are_the_same_input(tmp_path, 
     # a store whose records predate content digests: an uncompressed file's sha256 is its content's
     old = tmp_path / "old.rstore"
     build_store(old, [a], progress=False)
-    raw = json.loads((old / "manifest.json").read_text())
-    for rec in raw["body"]["builds"].values():
+    signed = json.loads((old / "manifest.json").read_text())
+    for rec in signed["body"]["builds"].values():
         del rec["content_sha256"]
-    (old / "manifest.json").write_bytes(_manifest.encode_manifest(raw["body"]))
+    (old / "manifest.json").write_bytes(_manifest.encode_manifest(signed["body"]))
     res = build_store(old, [gz], progress=False)
     assert res.already_built and "another file or compression" in res.skipped[0]
+    txt = tmp_path / "same-bytes.txt"  # the same bytes read as one document are other documents
+    txt.write_bytes(raw)
+    assert build_store(path, [txt], progress=False).documents == 1
     damaged = tmp_path / "damaged.jsonl.zst"
     damaged.write_bytes(zst.read_bytes()[:-8])  # no content digest: the build's own read names the damage
     with pytest.raises(retrostore.RetrostoreError, match="damaged.jsonl.zst: cannot read the file"):

@@ -58,9 +58,16 @@ def content_of(entry: dict) -> str | None:
     return None if rel.endswith((".gz", ".zst")) else entry.get("sha256")
 
 
+def _one_document(entry: dict) -> bool:
+    return str(entry.get("rel", "")).lower().endswith(".txt")
+
+
 def same_input(a: dict, b: dict) -> bool:
     """Whether two digests (or records) name the same input: the same bytes, or the same
-    decompressed bytes (:func:`content_of`)."""
+    decompressed bytes (:func:`content_of`), read the same way (a ``.txt`` file is one
+    document, the same bytes as ``.jsonl`` are one per line: helper-22)."""
+    if _one_document(a) != _one_document(b):
+        return False
     if a.get("sha256") == b.get("sha256"):
         return True
     content = content_of(a)

@@ -203,9 +203,9 @@ class OnnxEmbedder:
         L2-normalise each row (unit norm, so dot product = cosine).
     max_tokens : int, default 256
         Tokens per text with the 2 special tokens (256: all-MiniLM-L6-v2's training
-        length); longer texts are truncated. >= 3; a probe run checks the model takes it.
+        length); longer texts are truncated. In [3, 65536]; a probe run checks the model takes it.
     batch_size : int, default 16
-        Texts per onnxruntime call (8-16 measured ~10% faster than 64).
+        Texts per onnxruntime call (8-16 measured ~10% faster than 64); in [1, 2**20].
     threads : int, optional
         onnxruntime ``intra_op_num_threads``; default: the number of CPUs this
         process may use (``os.sched_getaffinity``). ``inter_op`` is 1.

@@ -160,8 +160,15 @@ def test_sharded_and_plain_builds_see_each_other(tmp_path, two_files):
     a, b = two_files
     path = tmp_path / "s.rstore"
     build_store(path, [a], progress=False)
-    with pytest.raises(retrostore.InvalidInputError, match="holds the documents of 1 of these inputs already.*--append"):
-        build_store(path, [a, b], engine="local", progress=False)
+    # an input a finished build holds is skipped and the rest built, as a plain build does (the
+    # whole run was refused: a re-run over a growing list of inputs failed)
+    res = build_store(path, [a, b], engine="local", progress=False)
+    assert res.documents == 4 and res.skipped == ("a.jsonl: built before as 'a.jsonl', documents 0..5",)
+    again = build_store(path, [a, b], engine="local", progress=False)
+    assert again.already_built and again.documents == 0
+    res = CliRunner().invoke(cli, ["build", str(path), str(a), str(b), "--shards", "2", "-q"])
+    assert res.exit_code == 0 and res.output.startswith("already built"), res.output
+    assert sorted(_texts(path)) == sorted(_texts(path)[:6] + _texts(path)[6:]) and len(_texts(path)) == 10
     other = tmp_path / "sharded.rstore"
     build_store(other, [a, b], engine="local", shards=2, progress=False)
     res = build_store(other, [b], progress=False)  # a plain build of a file the sharded build holds
@@ -193,8 +200,8 @@ def test_the_same_documents_compressed_another_way_are_the_same_input(tmp_path, 
     assert len(_texts(path)) == 6
     assert build_store(path, [gz], append=True, progress=False).documents == 6  # on purpose: a second copy
     assert _texts(path) == _texts(path)[:6] * 2
-    with pytest.raises(retrostore.InvalidInputError, match="another file or compression.*--append"):
-        build_store(path, [gz, b], engine="local", shards=2, progress=False)
+    res = build_store(path, [gz, b], engine="local", shards=2, progress=False)
+    assert res.documents == 4 and "another file or compression" in res.skipped[0]
     other = tmp_path / "sharded.rstore"
     build_store(other, [zst, b], engine="local", shards=2, progress=False)
     res = build_store(other, [gz], progress=False)
@@ -218,6 +225,55 @@ def test_the_same_documents_compressed_another_way_are_the_same_input(tmp_path, 
     damaged.write_bytes(zst.read_bytes()[:-8])  # no content digest: the build's own read names the damage
     with pytest.raises(retrostore.RetrostoreError, match="damaged.jsonl.zst: cannot read the file"):
         build_store(tmp_path / "d.rstore", [damaged], progress=False)
+
+
+def test_sharded_skips_only_what_finished_builds_hold(tmp_path, two_files, small_docs, monkeypatch):
+    """helper-23, against a first version that skipped before planning by the plan key: an
+    unfinished build's inputs are refused (not skipped, not built twice), this build's own
+    interrupted run resumes even after its inputs were touched and its work directory deleted,
+    and a work directory's plan from before another build finished one of its inputs is refused
+    (reusing it built that input a second time)."""
+    from retrostore.build import shards as _shards
+
+    a, b = two_files
+    c = _jsonl(tmp_path / "c.jsonl", small_docs[10:14])
+    texts = {p: [json.loads(line)["text"] for line in p.read_text().splitlines()] for p in (a, b, c)}
+    path, work = tmp_path / "s.rstore", tmp_path / "s.rstore.build"
+
+    # X = [a, b] is interrupted after its first merge commit: an unfinished record holds a and b
+    monkeypatch.setenv(_shards.FAULT_ENV, f"1:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        build_store(path, [a, b], engine="local", shards=2, commit_every=1, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    with retrostore.open(path) as st:
+        (rec,) = st.manifest["builds"].values()
+        assert rec["merged"] == 1 and rec["shards"] == 2
+    # another build of [b, c] is refused: b is being built by X
+    with pytest.raises(retrostore.InvalidInputError, match="b.jsonl.*being built by the sharded build"):
+        build_store(path, [b, c], engine="local", shards=2, work_dir=tmp_path / "w2", progress=False)
+    # X's own re-run resumes, also with a touched input and its work directory deleted
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
+    shutil.rmtree(work)
+    res = build_store(path, [a, b], engine="local", shards=2, commit_every=1, progress=False)
+    assert not res.interrupted and sorted(_texts(path)) == sorted(texts[a] + texts[b])
+    # now finished: [b, c] skips b and builds c
+    res = build_store(path, [b, c], engine="local", shards=2, work_dir=tmp_path / "w2", progress=False)
+    assert res.documents == 4 and "b.jsonl" in res.skipped[0]
+    assert sorted(_texts(path)) == sorted(texts[a] + texts[b] + texts[c])
+
+    # a plan from before another build finished one of its inputs is refused, then rebuilt
+    d = _jsonl(tmp_path / "d.jsonl", small_docs[14:16])
+    e = _jsonl(tmp_path / "e.jsonl", small_docs[16:18])
+    monkeypatch.setenv(_shards.FAULT_ENV, f"0:raise:{tmp_path / 'fired2'}")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        build_store(path, [d, e], engine="local", shards=2, progress=False)  # nothing merged: a plan only
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    assert (work / "plan.json").exists()
+    build_store(path, [d], progress=False)  # a plain build finishes d meanwhile
+    res = build_store(path, [d, e], engine="local", shards=2, progress=False)  # plans again: e only
+    assert res.documents == 2 and "d.jsonl" in res.skipped[0] and not work.exists()
+    all_texts = texts[a] + texts[b] + texts[c] + [x["text"] for x in small_docs[14:18]]
+    assert sorted(_texts(path)) == sorted(all_texts)  # every document once
 
 
 def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):

@@ -126,6 +126,17 @@ class Records:
             return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}{how}"
         return None
 
+    def finished_holder(self, digest: dict, text_field: str, meta_field: str) -> str | None:
+        """How finished builds hold this input's documents, in words (:meth:`holder`), or None
+        when none holds it or an unfinished build does too (a plain build's open copy, a sharded
+        build not fully merged, this very build's interrupted run among them): what a sharded
+        build skips before planning, leaving every unfinished case to its check after planning."""
+        copies = self.copies(digest, text_field, meta_field)
+        sharded = self.sharded_with(digest)
+        if any(not r["done"] for _, r in copies) or any(r["merged"] != r["shards"] for _, r in sharded):
+            return None
+        return self.holder(digest, text_field, meta_field) if copies or sharded else None
+
     def stopped_in_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
         """An unfinished plain build's record of a file of the same name, of bytes this run does not
         build, that committed documents; or None. Perhaps this file before it was repaired (a

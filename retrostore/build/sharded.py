@@ -79,12 +79,12 @@ def _finished(m: dict, *, key: str | None = None, build_id: str | None = None) -
     return None
 
 
-def _remove_work(work: Path, own_dir: bool) -> None:
+def _remove_work(work: Path, own_dir: bool, *, keep_lock: bool = False) -> None:
     for p in list(work.glob("shard-*")) + list(work.glob(f"{TMP_PREFIX}*")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for name in (_plan.PLAN, _plan.TOKENIZER, _shards.TEMPLATE, "LOCK"):
+    for name in (_plan.PLAN, _plan.TOKENIZER, _shards.TEMPLATE) + (() if keep_lock else ("LOCK",)):
         (work / name).unlink(missing_ok=True)
-    if own_dir:
+    if own_dir and not keep_lock:
         try:
             work.rmdir()
         except OSError:
@@ -169,9 +169,11 @@ def build_sharded(
     max_retries : int, default 3
         Ray retries of a shard task whose worker died (or raised OSError).
     append : bool, default False
-        Build even when the store holds documents of some inputs already
-        (from another build); a finished build of these very inputs is not
-        repeated (build the copy without an engine, ``append=True``).
+        Build every input even when the store holds its documents already
+        (from another build). Without it, inputs finished builds hold are
+        skipped (``BuildResult.skipped``) and the others built; an input an
+        unfinished build holds is refused. A finished build of these very
+        inputs is not repeated (build the copy without an engine, ``append=True``).
     Other parameters as :func:`retrostore.build.build_store`.
 
     Returns
@@ -182,7 +184,7 @@ def build_sharded(
     ------
     InvalidInputError
         Bad arguments, inputs or settings; a work directory holding another build; inputs
-        the store holds documents of already (without ``append``).
+        an unfinished build holds (without ``append``).
     IndexTrainingError
         The index factory needs training and this store cannot take a template.
     CorruptStoreError
@@ -239,6 +241,17 @@ def build_sharded(
             skipped = tuple(f"{digests[i]['rel']}: the same content as an input before it"
                             for i in range(len(digests)) if i not in keep)
             files, digests = [files[i] for i in keep], [digests[i] for i in keep]
+            # Inputs finished builds hold are skipped, as a plain build skips them (a re-run over a
+            # growing list of inputs builds the new ones); an unfinished build's inputs are not:
+            # the check after planning refuses them unless they are this build's own (same plan).
+            records = Records(m)
+            done_by = [records.finished_holder(d, *fields_of(d["rel"], text_field, meta_field)) for d in digests]
+            skipped += tuple(f"{d['rel']}: {how}" for d, how in zip(digests, done_by) if how)
+            files = [f for f, how in zip(files, done_by) if not how]
+            digests = [d for d, how in zip(digests, done_by) if not how]
+            if not files:
+                return BuildResult(st.version, 0, 0, time.perf_counter() - t0, engine=engine, device=device,
+                                   skipped=skipped)
         own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
         work.mkdir(parents=True, exist_ok=True)
         lock = fileio.WriterLock(work / "LOCK")
@@ -250,6 +263,18 @@ def build_sharded(
             raise InvalidInputError(
                 f"{work} holds an unfinished build of other inputs or settings (plan {plan['build_id'][:12]}); "
                 "finish it with the same command, delete the directory, or pass another --work-dir")
+        if plan is not None and ([[f["rel"], f["size"]] for f in plan["body"]["files"]]
+                                 != [[f["rel"], f["size"]] for f in files]):
+            # This command's plan from before another build finished some of its inputs (reusing it
+            # built them a second time: helper-23). Nothing of it is merged (its record would hold
+            # those inputs, unfinished, and they would not have been skipped): plan again.
+            if plan["build_id"] in m.get(BUILDS, {}):
+                raise InvalidInputError(
+                    f"{work} holds a partly merged plan of these inputs that no longer matches the store; "
+                    "finish it with --append or delete the directory")
+            log.info("%s: the plan predates inputs other builds finished (%s); planning again", work, "; ".join(skipped))
+            _remove_work(work, False, keep_lock=True)  # (this process holds the lock)
+            plan = None
         if engine == "ray":
             eng = RayEngine(None, work, device, address, max_retries, cpus_per_task)
         if plan is None:

@@ -276,6 +276,44 @@ def test_sharded_skips_only_what_finished_builds_hold(tmp_path, two_files, small
     assert sorted(_texts(path)) == sorted(all_texts)  # every document once
 
 
+def test_sharded_build_ids_name_the_inputs_bytes(tmp_path, small_docs, monkeypatch):
+    """helper-24: two inputs of one name and shape (size, documents, characters) but other bytes
+    gave one build id, so the second was taken for the finished first ('already built', its
+    documents never stored); --append after a touch said 'already built' instead of refusing;
+    an all-skipped run left its own unmerged plan behind, blocking the next sharded build."""
+    from retrostore.build import shards as _shards
+
+    first, second = tmp_path / "d1", tmp_path / "d2"
+    first.mkdir(), second.mkdir()
+    docs = small_docs[:4]
+    a1 = _jsonl(first / "B.jsonl", docs)
+    edited = [dict(d) for d in docs]
+    i = edited[0]["text"].index("e")
+    edited[0]["text"] = edited[0]["text"][:i] + "f" + edited[0]["text"][i + 1:]
+    a2 = _jsonl(second / "B.jsonl", edited)
+    assert a1.stat().st_size == a2.stat().st_size
+    path = tmp_path / "s.rstore"
+    assert build_store(path, [a1], engine="local", shards=2, progress=False).documents == 4
+    assert build_store(path, [a2], engine="local", shards=2, progress=False).documents == 4
+    assert edited[0]["text"] in _texts(path)
+    os.utime(a1, ns=(a1.stat().st_atime_ns, a1.stat().st_mtime_ns + 10**9))
+    with pytest.raises(retrostore.InvalidInputError, match="build without --engine and with --append"):
+        build_store(path, [a1], engine="local", shards=2, append=True, progress=False)
+    # a plan-only run of [c, e], then a plain build of both, then the sharded command again
+    c = _jsonl(tmp_path / "c.jsonl", small_docs[10:12])
+    e = _jsonl(tmp_path / "e.jsonl", small_docs[12:14])
+    monkeypatch.setenv(_shards.FAULT_ENV, f"0:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        build_store(path, [c, e], engine="local", shards=2, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    build_store(path, [c, e], progress=False)
+    assert build_store(path, [c, e], engine="local", shards=2, progress=False).already_built
+    assert not (tmp_path / "s.rstore.build").exists()  # its own unmerged plan went with it
+    f = _jsonl(tmp_path / "f.jsonl", small_docs[14:16])
+    assert build_store(path, [f], engine="local", shards=2, progress=False).documents == 2
+    assert len(_texts(path)) == 4 + 4 + 2 + 2 + 2
+
+
 def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):
     """A build commits every commit_every chunks and the tiered merge leaves several segments, each
     probed per query (7 segments: 5.6 ms, one: 2.9 ms at 700k vectors): a build of a trained IVF index

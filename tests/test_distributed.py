@@ -26,6 +26,7 @@ from retrostore.build import shards as _shards
 from retrostore.build.sharded import _settings
 from retrostore.build import build_store
 from retrostore.errors import IndexTrainingError, InvalidInputError
+from retrostore.storage.fileio import sha256_file
 
 QUERIES = ["decode base64 encoded data back into bytes", "what is a tuple", "raise an exception",
            "iterate over a dictionary", "regular expression syntax"]
@@ -124,6 +125,8 @@ def test_plan_is_deterministic(corpus, local_store, tmp_path):
 
     def plan(inputs, shards):
         files = _plan.input_files(inputs)
+        for f in files:  # as the build passes them: each file's sha256 is part of the plan
+            f["sha256"] = sha256_file(f["path"])[1]
         counts = [_plan.count_file(f["path"], f["rel"], "text", "meta") for f in files]
         key = _plan.plan_key(files, settings, shards, _plan.SHARD_CHARS)
         return _plan.make_plan(files, counts, settings, shards=shards, key=key)

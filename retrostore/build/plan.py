@@ -160,7 +160,10 @@ def make_plan(files: list[dict], counts: list[dict], settings: dict, *, shards: 
     body = {
         "format": FORMAT,
         "settings": settings,
-        "files": [{"rel": f["rel"], "size": f["size"], "documents": c["documents"], "chars": c["chars"]}
+        # each file's sha256 where the caller knows it: two inputs of the same name and shape but
+        # other bytes are other builds (helper-24: the second was taken for the first, finished)
+        "files": [{"rel": f["rel"], "size": f["size"], **({"sha256": f["sha256"]} if "sha256" in f else {}),
+                   "documents": c["documents"], "chars": c["chars"]}
                   for f, c in zip(files, counts)],
         "documents": n_docs,
         "chars": n_chars,

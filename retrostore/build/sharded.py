@@ -250,8 +250,13 @@ def build_sharded(
             files = [f for f, how in zip(files, done_by) if not how]
             digests = [d for d, how in zip(digests, done_by) if not how]
             if not files:
+                stale = _plan.read_plan(work) if work.is_dir() else None
+                if stale is not None and stale["key"] == key and stale["build_id"] not in m.get(BUILDS, {}):
+                    _remove_work(work, work_dir is None)  # this command's plan, nothing of it merged (helper-24)
                 return BuildResult(st.version, 0, 0, time.perf_counter() - t0, engine=engine, device=device,
                                    skipped=skipped)
+        for f, d in zip(files, digests):
+            f["sha256"] = d["sha256"]  # into the plan: the build id names the inputs' bytes
         own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
         work.mkdir(parents=True, exist_ok=True)
         lock = fileio.WriterLock(work / "LOCK")
@@ -287,6 +292,10 @@ def build_sharded(
         done = _finished(m, build_id=build_id)
         if done is not None:
             _remove_work(work, own_dir)
+            if append:  # as for a finished build found by its key (helper-24: after a touch)
+                raise InvalidInputError(
+                    f"{root} holds a finished sharded build of these very inputs ({build_id[:12]}); to add "
+                    "a second copy of their documents, build without --engine and with --append")
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=n_shards, build_id=build_id,
                                engine=engine, device=device)
         if not append:

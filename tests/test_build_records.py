@@ -312,6 +312,21 @@ def test_sharded_build_ids_name_the_inputs_bytes(tmp_path, small_docs, monkeypat
     f = _jsonl(tmp_path / "f.jsonl", small_docs[14:16])
     assert build_store(path, [f], engine="local", shards=2, progress=False).documents == 2
     assert len(_texts(path)) == 4 + 4 + 2 + 2 + 2
+    # an interrupted build's input edited (same size), its work directory deleted: resuming mixed
+    # the two versions, building anew stored the merged documents twice; now refused
+    g = _jsonl(tmp_path / "g.jsonl", small_docs[16:20])
+    monkeypatch.setenv(_shards.FAULT_ENV, f"1:raise:{tmp_path / 'fired2'}")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        build_store(path, [g], engine="local", shards=2, commit_every=1, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    n = len(_texts(path))
+    text = g.read_text()
+    j = text.rindex("e")
+    g.write_text(text[:j] + "f" + text[j + 1:])
+    shutil.rmtree(tmp_path / "s.rstore.build")
+    with pytest.raises(retrostore.InvalidInputError, match="'g.jsonl' has other bytes than when the interrupted"):
+        build_store(path, [g], engine="local", shards=2, commit_every=1, progress=False)
+    assert len(_texts(path)) == n
 
 
 def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):

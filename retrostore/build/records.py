@@ -137,6 +137,16 @@ class Records:
             return None
         return self.holder(digest, text_field, meta_field) if copies or sharded else None
 
+    def sharded_stopped_in_other_bytes(self, digest: dict, *, exclude: str | None = None) -> str | None:
+        """The id of an unfinished sharded build (other than ``exclude``) that lists a file of this
+        input's name but other content, or None: it merged documents of this file's earlier bytes
+        (helper-24: building the new bytes then stored those documents twice, or mixed the two)."""
+        for rid, r in self.all.items():
+            if "shards" in r and rid != exclude and r.get("merged") != r.get("shards") and any(
+                    f.get("rel") == digest["rel"] and not same_input(digest, f) for f in r.get("files", [])):
+                return rid
+        return None
+
     def stopped_in_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
         """An unfinished plain build's record of a file of the same name, of bytes this run does not
         build, that committed documents; or None. Perhaps this file before it was repaired (a

@@ -276,7 +276,7 @@ def build_sharded(
             if plan["build_id"] in m.get(BUILDS, {}):
                 raise InvalidInputError(
                     f"{work} holds a partly merged plan of these inputs that no longer matches the store; "
-                    "finish it with --append or delete the directory")
+                    "finish it with the command that started it")
             log.info("%s: the plan predates inputs other builds finished (%s); planning again", work, "; ".join(skipped))
             _remove_work(work, False, keep_lock=True)  # (this process holds the lock)
             plan = None
@@ -304,6 +304,13 @@ def build_sharded(
                                               exclude=build_id))
                     for d in digests]
             held = [(rel, how) for rel, how in held if how]
+            for d in digests:
+                other = records.sharded_stopped_in_other_bytes(d, exclude=build_id)
+                if other is not None:
+                    raise InvalidInputError(
+                        f"{d['rel']!r} has other bytes than when the interrupted sharded build {other[:12]} merged "
+                        "documents of it; restore its earlier bytes and re-run that build to finish it, or pass "
+                        "--append to build these bytes beside the documents it merged")
             if held:
                 raise InvalidInputError(
                     f"{root} holds the documents of {len(held)} of these inputs already (e.g. {held[0][0]!r}: "

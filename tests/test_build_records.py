@@ -251,9 +251,9 @@ def test_sharded_skips_only_what_finished_builds_hold(tmp_path, two_files, small
     # another build of [b, c] is refused: b is being built by X
     with pytest.raises(retrostore.InvalidInputError, match="b.jsonl.*being built by the sharded build"):
         build_store(path, [b, c], engine="local", shards=2, work_dir=tmp_path / "w2", progress=False)
-    # X's own re-run resumes, also with a touched input and its work directory deleted
+    # X's own re-run resumes, also with a touched input (its plan records the bytes: helper-25)
     os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))
-    shutil.rmtree(work)
+    assert work.is_dir()
     res = build_store(path, [a, b], engine="local", shards=2, commit_every=1, progress=False)
     assert not res.interrupted and sorted(_texts(path)) == sorted(texts[a] + texts[b])
     # now finished: [b, c] skips b and builds c
@@ -326,7 +326,11 @@ def test_sharded_build_ids_name_the_inputs_bytes(tmp_path, small_docs, monkeypat
     shutil.rmtree(tmp_path / "s.rstore.build")
     with pytest.raises(retrostore.InvalidInputError, match="'g.jsonl' has other bytes than when the interrupted"):
         build_store(path, [g], engine="local", shards=2, commit_every=1, progress=False)
-    assert len(_texts(path)) == n
+    assert len(_texts(path)) == n and not (tmp_path / "s.rstore.build").exists()  # no plan left to block the fix
+    g.write_text(text)  # as the message says: restore the bytes and re-run
+    res = build_store(path, [g], engine="local", shards=2, commit_every=1, progress=False)
+    assert not res.interrupted and sorted(_texts(path)[-4:]) == sorted(d["text"] for d in small_docs[16:20])
+    assert len(_texts(path)) == n + res.documents and res.documents < 4  # resumed after the merged shard
 
 
 def test_build_ends_with_one_segment_of_a_trained_index(tmp_path, small_docs):

@@ -91,6 +91,17 @@ def _remove_work(work: Path, own_dir: bool, *, keep_lock: bool = False) -> None:
             pass
 
 
+def _same_inputs(plan: dict, files: list[dict], settings: dict, shards: int | None, shard_chars: int) -> bool:
+    """Whether ``plan`` is this build's although its key differs: the same settings and shard
+    request, and the same inputs by name, size and sha256 (plans record the bytes since helper-24),
+    only moved or touched."""
+    body = plan["body"]
+    return (body["settings"] == settings and body["shards_requested"] == shards
+            and body["shard_chars"] == shard_chars and all("sha256" in f for f in body["files"])
+            and [[f["rel"], f["size"], f["sha256"]] for f in body["files"]]
+            == [[f["rel"], f["size"], f.get("sha256")] for f in files])
+
+
 def _stage2_due(m: dict) -> bool:
     """Whether stage 2 trains a template: an empty, untrained store whose index policy is a
     factory string that needs training (``auto`` trains at the commit that crosses its threshold)."""
@@ -251,8 +262,9 @@ def build_sharded(
             digests = [d for d, how in zip(digests, done_by) if not how]
             if not files:
                 stale = _plan.read_plan(work) if work.is_dir() else None
-                if stale is not None and stale["key"] == key and stale["build_id"] not in m.get(BUILDS, {}):
-                    _remove_work(work, work_dir is None)  # this command's plan, nothing of it merged (helper-24)
+                rec = m.get(BUILDS, {}).get(stale["build_id"]) if stale is not None else None
+                if stale is not None and stale["key"] == key and (rec is None or rec["merged"] == rec["shards"]):
+                    _remove_work(work, work_dir is None)  # this command's plan, unmerged or finished (helper-24/25)
                 return BuildResult(st.version, 0, 0, time.perf_counter() - t0, engine=engine, device=device,
                                    skipped=skipped)
         for f, d in zip(files, digests):
@@ -264,6 +276,8 @@ def build_sharded(
 
         # Stage 1: plan (reused from the work directory when it is this build's).
         plan = _plan.read_plan(work)
+        if plan is not None and plan["key"] != key and _same_inputs(plan, files, settings, shards, shard_chars):
+            plan["key"] = key  # this build's plan; only the inputs' paths or times changed (helper-25: a touch)
         if plan is not None and plan["key"] != key:
             raise InvalidInputError(
                 f"{work} holds an unfinished build of other inputs or settings (plan {plan['build_id'][:12]}); "
@@ -304,13 +318,15 @@ def build_sharded(
                                               exclude=build_id))
                     for d in digests]
             held = [(rel, how) for rel, how in held if how]
-            for d in digests:
-                other = records.sharded_stopped_in_other_bytes(d, exclude=build_id)
-                if other is not None:
-                    raise InvalidInputError(
-                        f"{d['rel']!r} has other bytes than when the interrupted sharded build {other[:12]} merged "
-                        "documents of it; restore its earlier bytes and re-run that build to finish it, or pass "
-                        "--append to build these bytes beside the documents it merged")
+            other = next(((d, rid) for d in digests
+                          if (rid := records.sharded_stopped_in_other_bytes(d, exclude=build_id))), None)
+            if (other or held) and build_id not in m.get(BUILDS, {}):
+                _remove_work(work, own_dir)  # a refused run leaves no plan to block the next (helper-25)
+            if other is not None:
+                raise InvalidInputError(
+                    f"{other[0]['rel']!r} has other bytes than when the interrupted sharded build {other[1][:12]} "
+                    "merged documents of it; restore its earlier bytes and re-run that build to finish it, or "
+                    "pass --append to build these bytes beside the documents it merged")
             if held:
                 raise InvalidInputError(
                     f"{root} holds the documents of {len(held)} of these inputs already (e.g. {held[0][0]!r}: "

@@ -169,9 +169,17 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = 
         huge int by its size (:func:`shown`).
     """
     if not is_int(value) or value < lo or (hi is not None and value > hi):
-        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        limit = f">= {_bound(lo)}" if hi is None else f"in [{_bound(lo)}, {_bound(hi)}]"
         raise InvalidInputError(f"{name}={shown(value)} must be an int {limit}" + (f"; {fix}" if fix else ""))
     return int(value)
+
+
+def _bound(n: int) -> str:
+    """A limit as a reader knows it: ``2**31``, ``2**63 - 1`` for the int32/int64 edges, else digits."""
+    for e in (31, 32, 63, 64):
+        if n in (2**e, 2**e - 1):
+            return f"2**{e}" + (" - 1" if n == 2**e - 1 else "")
+    return str(n)
 
 
 #: Names of the types ``json.loads`` returns, for messages about JSON read from a file.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import re
 import time
 from typing import Any
@@ -19,7 +18,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import IndexTrainingError, InvalidInputError, shown
+from ..errors import IndexTrainingError, check_int
 from ..storage.faisstypes import unwrap
 from .factory import new_index
 
@@ -178,25 +177,20 @@ def check_train_size(train_size: Any) -> int | None:
     InvalidInputError
         Not an int (a bool, a float, a string), below 1 or beyond int64.
     """
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, numbers.Integral)
-                                   or not 1 <= train_size <= 2**63 - 1):
-        raise InvalidInputError(f"train_size={shown(train_size)} must be an int in [1, 2**63 - 1] (vectors in the "
-                                "training sample)")
-    return None if train_size is None else int(train_size)
+    return None if train_size is None else check_int("train_size", train_size, 1, 2**63 - 1,
+                                                      fix="vectors in the training sample")
 
 
 def check_seed(seed: Any) -> int:
-    """``seed`` as an int >= 0 (numpy's ``default_rng`` takes no negative seed).
+    """``seed`` as an int in ``[0, 2**63 - 1]`` (numpy's ``default_rng`` takes no negative seed;
+    the manifest keeps it as JSON, read back as int64).
 
     Raises
     ------
     InvalidInputError
         Not an int (a bool, a float, a string), negative or beyond int64.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - 1:
-        raise InvalidInputError(f"seed={shown(seed)} must be an int in [0, 2**63 - 1] (the seed of the sample, kept in "
-                                "the manifest; the default is 0)")
-    return int(seed)
+    return check_int("seed", seed, 0, 2**63 - 1, fix="the seed of the sample, kept in the manifest; the default is 0")
 
 
 def sample_ids(live_ids: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from ..errors import InvalidInputError, check_int, is_int, shown
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["is_int", "check_int", "check_pad_id", "store_pad_id", "settings"]
+__all__ = ["check_k_of", "check_pad_id", "store_pad_id", "settings"]
 
 
 class Settings(NamedTuple):

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ._checks import check_int
+from ..errors import InvalidInputError, check_int
 from .sequences import Sequences
 from .tokens import NeighborFile
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ._checks import check_int, check_pad_id, settings
+from ..errors import InvalidInputError, check_int
+from ._checks import check_pad_id, settings
 
 if TYPE_CHECKING:
     from retrostore import Neighbors, Store

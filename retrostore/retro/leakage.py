@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ._checks import check_int
+from ..errors import InvalidInputError, check_int
 
 __all__ = ["ngram_hashes", "ngram_overlap", "overlap_matrix", "duplicate_chunks", "FilterStats", "filter_neighbors",
            "DEFAULT_NGRAM", "DEFAULT_OVERLAP_THRESHOLD"]

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import EmbedderMismatchError, InvalidInputError, shown
-from ._checks import check_int, check_k_of, check_pad_id, is_int
+from ..errors import EmbedderMismatchError, InvalidInputError, check_int, is_int, shown
+from ._checks import check_k_of, check_pad_id
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
 from .table import ChunkTable, check_table, chunk_table, store_identity
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ._checks import check_int, settings
+from ..errors import InvalidInputError, check_int
+from ._checks import settings
 
 if TYPE_CHECKING:
     from retrostore import Store

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_int
 from ..store.reading import neighbor_id_array
-from ._checks import check_int, check_pad_id, settings
+from ._checks import check_pad_id, settings
 from .table import ChunkTable, check_table
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import numpy as np
 
 import retrostore.errors as _errors
 from retrostore import Chunk, Document, Hit, Neighbors
-from retrostore.errors import InvalidInputError, RetrostoreError, shown
+from retrostore.errors import InvalidInputError, RetrostoreError, is_int, shown
 
 from . import errors as _serve_errors
 from .errors import MissingDependencyError, ServerError, ServerUnavailableError
@@ -69,7 +69,7 @@ def _k_int(k: Any) -> int:
     """``k`` as an int for the request, refused here when ``Store`` would refuse its type (helper-16: the
     server takes a whole float such as 2.0 from any JSON client, so ``search(q, k=2.0)`` worked remotely
     and raised embedded); its range is the server's to check (its ``max_k``, named in the error)."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+    if not is_int(k):
         raise InvalidInputError(f"k={shown(k)} must be an int >= 1 (the number of neighbours to return)")
     return int(k)
 
@@ -88,7 +88,7 @@ def _int_list(ids: Any, what: str) -> list[int]:
         ids = ids.ravel().tolist()
     out = []
     for i in ids:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):
             if isinstance(i, (float, np.floating)) and float(i).is_integer():
                 i = int(i)
             else:
@@ -501,7 +501,7 @@ class RemoteStore:
         InvalidInputError
             ``doc_id`` is not an int, negative, not committed or deleted.
         """
-        if isinstance(doc_id, (bool, np.bool_)) or not isinstance(doc_id, (int, np.integer)):
+        if not is_int(doc_id):
             raise InvalidInputError(f"document id {shown(doc_id)} is not an int")
         if doc_id < 0:
             raise InvalidInputError(f"document id {shown(doc_id)} is negative; ids start at 0")

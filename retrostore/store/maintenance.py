@@ -15,9 +15,8 @@ from ..errors import InvalidInputError
 from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
-from ..index.training import check_train_size
 from ..index.policy import default_factory
-from ..index.training import check_seed
+from ..index.training import check_seed, check_train_size
 from ..storage.faisstypes import is_ivf
 from ..storage.fileio import fsync_dir, write_durable
 from ..storage.layout import VERSIONS_DIR, retained_versions, template_name, vectors_name, version_path

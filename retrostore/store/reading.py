@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import CorruptStoreError, InvalidInputError, shown
+from ..errors import CorruptStoreError, InvalidInputError, is_int, shown
 from ..index.params import check_params
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable, MissingRecordError
@@ -121,7 +121,7 @@ class Reader:
     def get_document(self, doc_id: int) -> Document:
         """See :meth:`retrostore.Store.get_document`."""
         limit = self.version.n_docs
-        if isinstance(doc_id, bool) or not isinstance(doc_id, (int, np.integer)) or not 0 <= int(doc_id) < limit:
+        if not is_int(doc_id) or not 0 <= int(doc_id) < limit:
             raise InvalidInputError(f"document id {shown(doc_id)} is outside the committed range [0, {limit})")
         self.version.tombstones.check_docs([doc_id])
         rec = self.table.get_doc(int(doc_id))
@@ -399,7 +399,7 @@ def check_k(k: Any) -> int:
     InvalidInputError
         Not an int (bools refused), below 1 or above the limit.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not is_int(k) or k < 1:
         raise InvalidInputError(f"k={shown(k)} must be an int >= 1 (the number of neighbours to return)")
     if k > MAX_K:
         raise InvalidInputError(f"k={shown(k)} exceeds the limit of {MAX_K} results per query; page with a smaller k")
@@ -421,7 +421,7 @@ def int_ids(ids: Any, what: str) -> list[int]:
         return ids.ravel().tolist()
     out = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):
             if isinstance(i, (float, np.floating)) and float(i).is_integer():
                 i = int(i)
             else:

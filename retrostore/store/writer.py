@@ -22,7 +22,7 @@ from typing import Any, Callable
 import lmdb
 import numpy as np
 
-from ..errors import CorruptStoreError, InvalidEmbeddingsError, InvalidInputError, RetrostoreError, shown
+from ..errors import CorruptStoreError, InvalidEmbeddingsError, InvalidInputError, RetrostoreError, is_int, shown
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -171,7 +171,7 @@ class Writer:
         limit = int(self.manifest["next_doc_id"])
         clean = []
         for d in ids:
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            if not is_int(d):
                 raise InvalidInputError(f"document id {shown(d)} is not an int")
             d = int(d)
             if not 0 <= d < limit:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from ..errors import InvalidInputError, shown
+from ..errors import InvalidInputError, is_int, shown
 from .tokenizer import check_document as _check_document
 from .tokenizer import isolated_cut as _isolated_cut
 from .tokenizer import pad_id as _pad_id
@@ -493,7 +493,7 @@ def check_pad_id(pad_id: Any, vocab_size: int) -> int:
     InvalidInputError
         Not an int (bools refused) or outside the vocabulary.
     """
-    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab_size:
+    if not is_int(pad_id) or not 0 <= pad_id < vocab_size:
         raise InvalidInputError(
             f"pad_id={shown(pad_id)} is not a token id of the tokenizer's vocabulary [0, {vocab_size}); give the id of "
             "a token that never occurs in your text (the padding of neighbour tokens, masked out by "

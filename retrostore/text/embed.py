@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError, check_int
+from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError, check_int, is_int
 from ..storage.fileio import sha256_cached
 from ..threads import check_threads, cpu_count
 
@@ -509,7 +509,7 @@ def check_embedder(emb: Any) -> None:
                 f"embedder {name} lacks {attr!r}; an Embedder has dim, fingerprint and embed(texts)"
             )
     dim = emb.dim
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= 65536:
+    if not is_int(dim) or not 1 <= dim <= 65536:
         raise InvalidInputError(f"embedder {name}.dim={dim!r} must be an int in [1, 65536] (the vector length)")
     fp = emb.fingerprint
     try:

@@ -32,8 +32,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..storage.fileio import sha256_file
-from ..text.inputs import content_sha256
+from ..text.inputs import COMPRESSED, input_digests, input_kind
 
 __all__ = ["BUILDS", "file_digest", "content_of", "same_input", "fields_of", "Records"]
 
@@ -44,8 +43,8 @@ BUILDS = "builds"
 def file_digest(path: Path, rel: str) -> dict:
     """``{"rel", "size", "sha256", "content_sha256"}`` of an input file: the sha256 of its bytes as
     stored, and of the bytes a build reads from it (decompressed; None when it cannot be read)."""
-    size, sha = sha256_file(path)
-    return {"rel": rel, "size": size, "sha256": sha, "content_sha256": content_sha256(path, sha)}
+    size, sha, content = input_digests(path)
+    return {"rel": rel, "size": size, "sha256": sha, "content_sha256": content}
 
 
 def content_of(entry: dict) -> str | None:
@@ -54,12 +53,11 @@ def content_of(entry: dict) -> str | None:
     own sha256 then); for a compressed one it is unknown (None)."""
     if "content_sha256" in entry:
         return entry["content_sha256"]
-    rel = str(entry.get("rel", "")).lower()
-    return None if rel.endswith((".gz", ".zst")) else entry.get("sha256")
+    return None if input_kind(entry.get("rel", "")) in COMPRESSED else entry.get("sha256")
 
 
 def _one_document(entry: dict) -> bool:
-    return str(entry.get("rel", "")).lower().endswith(".txt")
+    return input_kind(entry.get("rel", "")) == ".txt"
 
 
 def same_input(a: dict, b: dict) -> bool:
@@ -77,7 +75,7 @@ def same_input(a: dict, b: dict) -> bool:
 def fields_of(rel: str, text_field: str, meta_field: str) -> tuple[str | None, str | None]:
     """The fields a record of input ``rel`` is matched by: ``(None, None)`` (any) for a ``.txt`` file,
     which is one document whatever they say (helper-17: --text-field re-added it)."""
-    return (None, None) if rel.lower().endswith(".txt") else (text_field, meta_field)
+    return (None, None) if input_kind(rel) == ".txt" else (text_field, meta_field)
 
 
 class Records:

@@ -31,8 +31,8 @@ from ..errors import (
     JSON_TYPE_NAMES,
 )
 
-__all__ = ["SUPPORTED_SUFFIXES", "InputDocument", "content_sha256", "count_input_bytes", "expand_inputs", "expand_named",
-           "iter_documents", "read_file"]
+__all__ = ["SUPPORTED_SUFFIXES", "COMPRESSED", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named",
+           "input_digests", "input_kind", "iter_documents", "read_file"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
@@ -63,9 +63,14 @@ class InputDocument:
 _log = logging.getLogger("retrostore")
 
 
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
+def input_kind(name: str | os.PathLike[str]) -> str | None:
+    """The supported suffix of an input file's name (``".jsonl.zst"``, ...), or None."""
+    name = os.fspath(name).lower()
     return next((s for s in reversed(SUPPORTED_SUFFIXES) if name.endswith(s)), None)
+
+
+#: Kinds read through a decompressor.
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")
 
 
 def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> list[tuple[Path, str]]:
@@ -93,7 +98,7 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for path in (Path(dirpath, f) for f in filenames if not f.startswith(".")):
-                    if path.is_file() and _kind(path):
+                    if path.is_file() and input_kind(path):
                         found.append((path.relative_to(root).parts, path))
                     elif path.is_file():
                         skipped.append(path.name)
@@ -109,7 +114,7 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
             out.extend((path, "/".join(parts)) for parts, path in sorted(found))
         elif not root.exists():
             raise InputNotFoundError(f"{root}: no such file or directory; check the input path")
-        elif _kind(root) is None:
+        elif input_kind(root) is None:
             raise InvalidInputError(
                 f"{root}: unsupported input file type; supported are {_SUPPORTED} "
                 "(and directories of these); convert the file or rename it")
@@ -161,7 +166,7 @@ def count_input_bytes(inputs: Sequence[PathArg]) -> int:
 
 def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:
     """Yield the decompressed bytes of ``fh`` according to the suffix of ``path``."""
-    kind = _kind(path)
+    kind = input_kind(path)
     if kind == ".jsonl.zst":
         data = fh.read(_CHUNK)
         while data:  # a decompressobj per frame, so that a truncated last frame is detected
@@ -179,21 +184,39 @@ def _raw_chunks(path: Path, fh: IO[bytes]) -> Iterator[bytes]:
             yield data
 
 
-def content_sha256(path: Path, raw_sha256: str) -> str | None:
-    """sha256 of the bytes a build reads from ``path``: the decompressed stream of a ``.gz`` or
-    ``.zst`` file (``raw_sha256``, the file's own, for an uncompressed one), so that the same
-    documents compressed another way are recognised (``retrostore.build.records``). None when the
-    file cannot be decompressed: the build's own read of it names the damage."""
-    if _kind(path) not in (".jsonl.zst", ".jsonl.gz"):
-        return raw_sha256
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for data in _raw_chunks(path, fh):
-                digest.update(data)
-    except (zstandard.ZstdError, EOFError, zlib.error, OSError):  # incl. BadGzipFile
-        return None
-    return digest.hexdigest()
+class _Hashed:
+    """A binary file read through: its bytes and size are hashed as they are read."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+def input_digests(path: Path) -> tuple[int, str, str | None]:
+    """Size, sha256 of the bytes, and sha256 of the bytes a build reads (decompressed for a ``.gz``
+    or ``.zst`` file, so the same documents compressed another way are recognised:
+    ``retrostore.build.records``), in one read of the file. The last is None when the file cannot
+    be decompressed: the build's own read of it names the damage."""
+    with open(path, "rb") as fh:
+        raw = _Hashed(fh)
+        if input_kind(path) not in COMPRESSED:
+            while raw.read(1 << 20):
+                pass
+            return raw.size, raw.sha.hexdigest(), raw.sha.hexdigest()
+        content = hashlib.sha256()
+        try:
+            for data in _raw_chunks(path, raw):
+                content.update(data)
+        except (zstandard.ZstdError, EOFError, zlib.error, OSError):  # incl. BadGzipFile
+            content = None
+        while raw.read(1 << 20):  # bytes the decompressor left (after damage): the file's sha256 covers them
+            pass
+        return raw.size, raw.sha.hexdigest(), None if content is None else content.hexdigest()
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -272,7 +295,7 @@ def _docs(path: Path, rel: str, text_field: str,
     """Yield each document of one file with the file position after it."""
     where = str(path)
     with open(path, "rb") as fh:
-        if _kind(path) == ".txt":
+        if input_kind(path) == ".txt":
             yield InputDocument(_decode(fh.read(), where), {"source": rel}, where), fh.tell()
             return
         for lineno, line in enumerate(_lines(_raw_chunks(path, fh)), 1):

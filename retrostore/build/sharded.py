@@ -247,6 +247,7 @@ def build_sharded(
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
         digests = [file_digest(Path(f["path"]), f["rel"]) for f in files]
+        records = Records(m)  # (read-only here: the merge commits write the sharded build's own record)
         if not append:  # the same documents twice in one run (a copy, or re-compressed): once, as a plain build does
             keep = [i for i, d in enumerate(digests) if not any(same_input(d, e) for e in digests[:i])]
             skipped = tuple(f"{digests[i]['rel']}: the same content as an input before it"
@@ -255,7 +256,6 @@ def build_sharded(
             # Inputs finished builds hold are skipped, as a plain build skips them (a re-run over a
             # growing list of inputs builds the new ones); an unfinished build's inputs are not:
             # the check after planning refuses them unless they are this build's own (same plan).
-            records = Records(m)
             done_by = [records.finished_holder(d, *fields_of(d["rel"], text_field, meta_field)) for d in digests]
             skipped += tuple(f"{d['rel']}: {how}" for d, how in zip(digests, done_by) if how)
             files = [f for f, how in zip(files, done_by) if not how]
@@ -313,7 +313,6 @@ def build_sharded(
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=n_shards, build_id=build_id,
                                engine=engine, device=device)
         if not append:
-            records = Records(m)
             held = [(d["rel"], records.holder(d, *fields_of(d["rel"], text_field, meta_field),
                                               exclude=build_id))
                     for d in digests]

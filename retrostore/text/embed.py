@@ -262,12 +262,13 @@ class OnnxEmbedder:
         if pooling not in ("mean", "cls") or not isinstance(normalize, bool):
             raise InvalidInputError(f"pooling must be 'mean' or 'cls' and normalize a bool, "
                                     f"got {pooling!r}, {normalize!r}")
-        check_int("max_tokens", max_tokens, 3, MAX_TOKENS_LIMIT, fix="the model's positions decide (512 for MiniLM)")
-        check_int("batch_size", batch_size, 1, 1 << 20)
+        max_tokens = check_int("max_tokens", max_tokens, 3, MAX_TOKENS_LIMIT,
+                               fix="the model's positions decide (512 for MiniLM)")
+        batch_size = check_int("batch_size", batch_size, 1, 1 << 20)
         self.model_path = _check_file(model_path, "model_path")
         self.tokenizer_path = _check_file(tokenizer_path, "tokenizer_path")
         self.pooling, self.normalize = pooling, normalize
-        self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
+        self.max_tokens, self.batch_size = max_tokens, batch_size
         self.threads = check_threads(threads) or cpu_count()
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.model_sha256 = sha256_cached(self.model_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,23 @@ def test_directory_walk_order_and_filtering(tmp_path, caplog):
     assert skipped and all("skipped 4 file(s)" in m and "'README.md', 'data.json', 'notes.txt.gz'" in m
                            for m in skipped), skipped
     assert count_input_bytes([root]) == sum(p.stat().st_size for p in expand_inputs([root]))
+
+
+def test_directory_entries_with_an_input_name_that_cannot_be_read_are_refused(tmp_path):
+    # A broken link named like an input was skipped in silence: its documents were never built.
+    root = tmp_path / "corpus"
+    _write(root / "a.jsonl", b'{"text": "t"}\n')
+    (root / "b.jsonl").symlink_to(tmp_path / "moved-away.jsonl")
+    with pytest.raises(InputNotFoundError, match=r"b\.jsonl: a broken symbolic link .*moved-away\.jsonl.*"
+                                                 r"fix the link or remove it"):
+        expand_inputs([root])
+    (root / "b.jsonl").unlink()
+    os.mkfifo(root / "c.txt")
+    with pytest.raises(InvalidInputError, match=r"c\.txt: not a regular file"):
+        expand_inputs([root])
+    (root / "c.txt").unlink()
+    (root / "README.md").symlink_to(tmp_path / "nowhere")  # not an input's name: skipped, as any README
+    assert expand_inputs([root]) == [root / "a.jsonl"]
 
 
 def test_jsonl_details(tmp_path):

@@ -60,6 +60,8 @@ __all__ = ["build_sharded"]
 MAX_SHARDS = 1 << 16
 
 log = logging.getLogger("retrostore")
+# How to ask for a plain build, which the refusals below point to: any of these options makes a build sharded.
+_PLAIN = "without --engine, --shards, --work-dir or --device (in Python: engine, shards and work_dir None, device 'cpu')"
 
 
 def _settings(m: dict, text_field: str, meta_field: str) -> dict:
@@ -233,7 +235,7 @@ def build_sharded(
         m = st.manifest
         if m["embedder"].get("model_sha256") != DEFAULT_MODEL_SHA256:
             raise InvalidInputError(f"{root} uses the embedder {m['embedder'].get('name')!r}; sharded builds run "
-                                    "the default embedder only. Build without --engine")
+                                    "the default embedder only. Build it plainly: " + _PLAIN)
         settings = _settings(m, text_field, meta_field)
         key = _plan.plan_key(files, settings, shards, shard_chars)
         done = _finished(m, key=key)
@@ -243,7 +245,7 @@ def build_sharded(
             if append:
                 raise InvalidInputError(
                     f"{root} holds a finished sharded build of these very inputs ({done['build_id'][:12]}); to add "
-                    "a second copy of their documents, build without --engine and with --append")
+                    "a second copy of their documents, build it plainly with --append: " + _PLAIN)
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
         digests = [file_digest(Path(f["path"]), f["rel"]) for f in files]
@@ -309,7 +311,7 @@ def build_sharded(
             if append:  # as for a finished build found by its key (helper-24: after a touch)
                 raise InvalidInputError(
                     f"{root} holds a finished sharded build of these very inputs ({build_id[:12]}); to add "
-                    "a second copy of their documents, build without --engine and with --append")
+                    "a second copy of their documents, build it plainly with --append: " + _PLAIN)
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=n_shards, build_id=build_id,
                                engine=engine, device=device)
         if not append:

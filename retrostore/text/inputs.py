@@ -100,6 +100,8 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
                 for path in (Path(dirpath, f) for f in filenames if not f.startswith(".")):
                     if path.is_file() and input_kind(path):
                         found.append((path.relative_to(root).parts, path))
+                    elif input_kind(path):  # an input's name, no readable file: never skipped in silence
+                        raise _not_a_file(path, root)
                     elif path.is_file():
                         skipped.append(path.name)
             if not found:
@@ -123,6 +125,16 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
     return out
 
 
+def _not_a_file(path: Path, root: Path) -> InputNotFoundError | InvalidInputError:
+    """The error for an input name in a directory that is no regular file (a broken link, a FIFO)."""
+    if path.is_symlink() and not path.exists():
+        return InputNotFoundError(
+            f"{path}: a broken symbolic link (to {os.readlink(path)!r}) in the input directory {root}; "
+            "its documents cannot be read: fix the link or remove it")
+    return InvalidInputError(f"{path}: not a regular file, in the input directory {root}; "
+                             "move it out of the directory or pass the files themselves")
+
+
 def expand_inputs(inputs: Sequence[PathArg]) -> list[Path]:
     """List the input files, in the order they will be read.
 
@@ -144,9 +156,11 @@ def expand_inputs(inputs: Sequence[PathArg]) -> list[Path]:
     Raises
     ------
     InputNotFoundError
-        A path does not exist.
+        A path does not exist, or a directory holds a broken symbolic link with
+        an input's suffix (its documents would be lost in silence).
     InvalidInputError
-        No inputs, an unsupported suffix, or a directory without supported files.
+        No inputs, an unsupported suffix, a directory without supported files,
+        or an input's name in a directory that is no regular file (a FIFO).
     """
     return [path for path, _ in expand_named(inputs)]
 

@@ -73,8 +73,8 @@ def create(
         Inner product (cosine for normalised vectors) or squared L2.
     index : str, default "auto"
         ``"auto"``: exact ``Flat`` below 5,000 vectors, an HNSW graph
-        (``HNSW32,SQfp16``) to 100,000, then ``IVF{nlist},PQ12x4fs``
-        fast-scan codes re-ranked from the raw vectors, trained once at the
+        (``HNSW32,SQfp16``) to 100,000, then ``IVF{nlist},PQ{dim/8}x4fs``
+        fast-scan codes (``PQ48x4fs``, 24 bytes, at 384-d) re-ranked from the raw vectors, trained once at the
         commit that crosses 100,000 (:mod:`retrostore.index.policy`;
         thresholds and their measurements in docs/index.md). Or any FAISS factory string (``"Flat"``,
         ``"HNSW32"``, ``"OPQ16_64,IVF4096,PQ16x4fs"``, ...): one that needs

@@ -116,10 +116,13 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
     if result.engine:
         sharded = (f" [{result.engine}, {result.shards} shards"
                    f"{f', {result.reused_shards} reused' if result.reused_shards else ''}, {result.device}]")
-    click.echo(
-        f"{verb} {store}: version {result.version}, +{result.documents} documents, +{result.chunks} chunks "
-        f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s){sharded}"
-    )
+    if result.already_built:  # nothing was read or added: no rate to report
+        click.echo(f"{verb} {store}: version {result.version}, nothing to add{sharded}")
+    else:
+        click.echo(
+            f"{verb} {store}: version {result.version}, +{result.documents} documents, +{result.chunks} chunks "
+            f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s){sharded}"
+        )
     if result.resumed_documents:
         click.echo(f"resumed: {result.resumed_documents} documents of these inputs were committed by an earlier, "
                    "interrupted run" + (f" (of {', '.join(result.repaired)} before it was repaired: the "
@@ -160,7 +163,7 @@ def search(store, query, k, as_json):
             click.echo(head + (f"  {source}" if source else ""))
             text = " ".join(h.text.split())
             click.echo(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
-        click.echo(f"({len(hits)} hits in {ms:.1f} ms)", err=True)
+        click.echo(f"({len(hits)} hit{'' if len(hits) == 1 else 's'} in {ms:.1f} ms)", err=True)
 
 
 def _human(n: float) -> str:

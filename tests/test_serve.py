@@ -284,7 +284,7 @@ def test_client_maps_errors_to_retrostore_errors(remote):
         with pytest.raises(InvalidInputError, match=r"must be an int >= 1"):
             remote.neighbors([[1, 2, 3]], k=k)
     assert len(remote.search("x", k=np.int64(2))) == 2
-    with pytest.raises(InvalidInputError, match=r"k=0 .*\[1, 50\]") as info:
+    with pytest.raises(InvalidInputError, match=r"k=0 .*\[1, 50\] \(ask for at least 1\)") as info:
         remote.search("x", k=0)
     assert (info.value.status, info.value.field, info.value.value) == (400, "k", 0)
     with pytest.raises(InvalidInputError, match="outside the committed range") as info:

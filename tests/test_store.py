@@ -301,8 +301,8 @@ def test_search_empty_store_and_k(tmp_path, embedder):
         assert st.search(["a", "b"]) == [[], []]
         with pytest.raises(InvalidInputError, match="k=0"):
             st.search("x", k=0)
-        for empty in ("", "  \n", ["fine", "\t"]):
-            with pytest.raises(InvalidInputError, match="empty or whitespace"):
+        for empty, where in (("", "query is"), ("  \n", "query is"), (["fine", "\t"], "query 1 is")):
+            with pytest.raises(InvalidInputError, match=f"^{where} empty or whitespace"):
                 st.search(empty)
         with pytest.raises(InvalidInputError):
             st.search_vectors(np.zeros((1, 384), np.float32), k=-1)

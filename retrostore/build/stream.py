@@ -171,8 +171,8 @@ def build_store(
         records.all[rid] = rec
         todo.append((path, digest, rid, rec))
     resumed = sum(rec["documents"] for _, _, _, rec in todo)
-    bar = tqdm(total=sum(d["size"] for _, d, _, _ in todo), unit="B", unit_scale=True, disable=not progress,
-               desc="build", dynamic_ncols=True)
+    bar = tqdm(total=sum(d["size"] for _, d, _, _ in todo), unit="B", unit_scale=True, disable=not progress or not todo,
+               desc="build", dynamic_ncols=True)  # (no bar when every input is held already)
     writer = st._writer  # build records ride on the commits (the sanctioned internal interface)
     n_docs = n_chunks = since_commit = 0
     committed_docs = committed_chunks = 0

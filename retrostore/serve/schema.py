@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from retrostore.errors import InvalidInputError
+from retrostore.errors import InvalidInputError, shown
 from retrostore.store.reading import query_text_problem
 
 from .wire import TAILS
@@ -200,8 +200,9 @@ def _int(body: dict, name: str, default: int, low: int, high: int, what: str) ->
         raise RequestError(f"{name} must be an integer ({what}), not {_type_name(value)}", field=name, value=value,
                            limit=[low, high])
     if not low <= value <= high:
-        raise RequestError(f"{name}={value} is out of range: {what} must be in [{low}, {high}]"
-                           + (" (the server's max_k; ask with a smaller k)" if name in ("k", "n_docs") else ""),
+        fix = (f"ask for at least {low}" if value < low
+               else "the server's max_k; ask with a smaller k" if name in ("k", "n_docs") else f"ask for at most {high}")
+        raise RequestError(f"{name}={shown(value)} is out of range: {what} must be in [{low}, {high}] ({fix})",
                            field=name, value=value, limit=[low, high])
     return value
 

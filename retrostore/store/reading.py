@@ -352,11 +352,12 @@ def check_queries(query: Any) -> tuple[list[str], bool]:
         raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
     queries = [query] if single else list(query)
     for i, q in enumerate(queries):
+        where = "query" if single else f"query {i}"
         if not isinstance(q, str):
-            raise InvalidInputError(f"query {i} is a {type(q).__name__}, not a str")
+            raise InvalidInputError(f"{where} is a {type(q).__name__}, not a str")
         problem = query_text_problem(q)
         if problem:
-            raise InvalidInputError(f"query {i} {problem}")
+            raise InvalidInputError(f"{where} {problem}")
     return queries, single
 
 

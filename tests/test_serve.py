@@ -207,7 +207,7 @@ BAD = [
     ("/v1/search", b'{"query": "x", "k": ', 400, "body", "malformed JSON"),
     ("/v1/search", b'{"query": "x", "k": ' + b"9" * 5000 + b"}", 400, "body", "more than 4,300 digits"),
     ("/v1/chunks", b'{"ids": [' + b"9" * 5000 + b"]}", 400, "body", "more than 4,300 digits"),
-    ("/v1/search", b'{"query": "x", "params": {"nprobe": 1' + b"0" * 400 + b"}}", 400, "params",
+    ("/v1/search", b'{"query": "x", "params": {"nprobe": 1' + b"0" * 400 + b"}}", 400, "params.nprobe",
      "nprobe"),  # helper-20: a 500 (math.isfinite of a 401-digit int)
     ("/v1/search", b"", 400, "body", "empty"),
     ("/v1/search", b'["a list"]', 400, "body", "JSON object"),
@@ -221,7 +221,7 @@ BAD = [
     ("/v1/search", b'{"query": "x", "kk": 5}', 400, "kk", "unknown field"),
     ("/v1/search", b'{"query": "x", "token_ids": [1]}', 400, "query", "exactly one"),
     ("/v1/search", b'{"query": "x", "params": {"bogus": 1}}', 400, "params", "unknown search parameter"),
-    ("/v1/search", b'{"query": "x", "params": {"nprobe": 0}}', 400, "params", "nprobe=0"),
+    ("/v1/search", b'{"query": "x", "params": {"nprobe": 0}}', 400, "params.nprobe", "nprobe=0"),
     ("/v1/search", b'{"query": "x", "params": [1]}', 400, "params", "object"),
     ("/v1/search", b'{"vectors": [[0.1, 0.2]]}', 400, "vectors[0]", "384 dimensions"),
     ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'NaN]}', 400, "vectors[383]", "finite"),
@@ -257,6 +257,9 @@ BAD = [
     ("/search", b'{"query": "x", "n_docs": 0}', 400, "n_docs", "[1, 50]"),
     ("/search", b'{"n_docs": 3}', 400, "query", "required"),
     ("/v1/nothing", b"{}", 404, "path", "no such endpoint"),
+    ("/v1/search/", b'{"query": "x"}', 404, "path", "no such endpoint"),  # helper-27: a 307 to the Host header
+    ("/v1/search", b'{"token_ids": [[[2000, 2001], [3000, 3001]]]}', 400, "token_ids[0][0]", "integers"),
+    ("/v1/search", b'{"query": "x", "params": {"rerank": -1}}', 400, "params.rerank", "[0, 2147483647]"),
     ("/v1/search", b"[" * 100_000 + b"]" * 100_000, 413, "body", "65536 bytes"),
     ("/v1/search", b"[" * 30_000 + b"]" * 30_000, 400, "body", "too deeply"),
 ]
@@ -273,6 +276,8 @@ def test_bad_input_is_a_4xx_naming_field_value_and_limit(server, remote, local):
     # limits name the limit; values name the value
     err = _post(server, "/v1/search", {"query": "x", "k": 51}).json()["error"]
     assert (err["value"], err["limit"]) == (51, [1, 50])
+    err = _post(server, "/v1/search", {"query": "x", "params": {"rerank": -1}}).json()["error"]
+    assert (err["field"], err["value"], err["limit"]) == ("params.rerank", -1, [0, 2**31 - 1])
     # the server kept serving throughout
     _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
 
@@ -290,7 +295,7 @@ def test_client_maps_errors_to_retrostore_errors(remote):
     with pytest.raises(InvalidInputError, match="outside the committed range") as info:
         remote.get_chunks([10_000])
     assert info.value.status == 404 and info.value.limit == [0, 89]
-    with pytest.raises(InvalidInputError, match="384 dimensions"):
+    with pytest.raises(InvalidInputError, match=r"expected \(n, 384\)"):  # refused as Store refuses it
         remote.search_vectors(np.zeros((2, 3), np.float32))
     with pytest.raises(InvalidInputError, match="finite"):
         remote.search_vectors(np.full(384, np.nan))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import retrostore
+from retrostore.serve.errors import ServerError
 
 pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
 
@@ -157,15 +158,50 @@ def test_client_neighbors_has_the_store_signature(remote, local):
     assert np.array_equal(got.tokens, want.tokens)
 
 
+def test_client_refuses_what_store_refuses(remote, local):
+    """helper-27: the client sent label_token="yes" as true, tail=None as the default, complex vectors
+    as their real part and 1e39 as inf, and let exclude_doc_ids=1 raise a bare TypeError."""
+    row = local.get_chunks([5])[0].tokens
+    vec = local.embedder.embed([QUERY])
+    calls = [
+        lambda s: s.neighbors(row, k=2, label_token="yes"),
+        lambda s: s.neighbors(row, k=2, label_token=1),
+        lambda s: s.neighbors(row, k=2, tail=None),
+        lambda s: s.neighbors([row], k=2, exclude_doc_ids=1),
+        lambda s: s.neighbors([row], k=2, exclude_doc_ids=[-1]),
+        lambda s: s.search_vectors(vec.astype(complex), k=2),
+        lambda s: s.search_vectors(np.full((1, 384), 1e39), k=2),
+    ]
+    for i, call in enumerate(calls):
+        with pytest.raises(retrostore.InvalidInputError) as want:
+            call(local)
+        with pytest.raises(retrostore.InvalidInputError) as got:
+            call(remote)
+        assert str(got.value) == str(want.value), (i, got.value, want.value)
+
+
 class _NotRetrostore(http.server.BaseHTTPRequestHandler):
     """Some other HTTP service answering 200 to everything."""
 
     def do_GET(self):
         body, kind = {"/json/healthz": (b'{"status": "ok"}', "application/json"),
+                      "/bool/healthz": (b'{"status": "ok", "version": true, "len": 5}', "application/json"),
+                      "/fake/healthz": (b'{"status": "ok", "version": 1, "len": 5}', "application/json"),
                       "/list/healthz": (b"[1, 2]", "application/json")}.get(self.path, (b"<html>hi</html>",
                                                                                        "text/html"))
         self.send_response(200)
+        self.send_header("X-Retrostore-Version", "1")
         self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # "/fake": passes the health check, then answers nonsense (another program, a proxy)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = {"/fake/v1/chunks": b'{"chunks": "zzz"}', "/fake/v1/search": b'{"results": 5}'}.get(self.path, b"{}")
+        self.send_response(200)
+        self.send_header("X-Retrostore-Version", "abc" if self.path == "/fake/v1/documents" else "1")
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -180,9 +216,14 @@ def test_connect_to_something_else_raises_a_retrostore_error():
     thread.start()
     try:
         base = f"http://127.0.0.1:{httpd.server_address[1]}"
-        for url in (base + "/html", base + "/json", base + "/list", "http://256.0.0.1:8808"):
+        for url in (base + "/html", base + "/json", base + "/list", base + "/bool", "http://256.0.0.1:8808"):
             with pytest.raises(retrostore.RetrostoreError):
                 retrostore.connect(url, timeout_s=5)
+        fake = retrostore.connect(base + "/fake", timeout_s=5)  # helper-27: raw TypeError / ValueError
+        for call in (lambda: fake.get_chunks([1]), lambda: fake.search("x"), lambda: fake.get_document(0),
+                     lambda: fake.neighbors([1, 2, 3])):
+            with pytest.raises(ServerError, match="cannot read|not a version number"):
+                call()
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -284,7 +325,7 @@ def test_error_values_are_strict_json():
     from retrostore.serve.schema import show
 
     assert show([float("nan"), {"a": float("inf")}]) == ["nan", {"a": "inf"}]
-    assert show(10**400) == "an integer of 401 digits"
+    assert show(10**400) == "<an integer of about 401 digits>"  # as errors.shown words it in messages
     assert show("a\ud800") == "a?"
     json.dumps(show({"x": [float("-inf")]}), allow_nan=False)
 
@@ -297,7 +338,7 @@ def test_connect_refuses_bad_timeouts_headers_urls_and_proxies(monkeypatch):
     for bad in (0, -1, float("nan"), float("inf"), True, "5"):
         with pytest.raises(retrostore.InvalidInputError, match="timeout_s="):
             retrostore.connect("http://127.0.0.1:9", timeout_s=bad)
-    for bad in ({"X": "a\nb"}, {"X Y": "a"}, {"X": 1}, [("X", "a")]):
+    for bad in ({"X": "a\nb"}, {"X Y": "a"}, {"X": 1}, [("X", "a")], {"X-A": "é☃"}, {"X-é": "a"}):  # (helper-27)
         with pytest.raises(retrostore.InvalidInputError, match="header"):
             retrostore.connect("http://127.0.0.1:9", headers=bad)
     for url in ("http://127.0.0.1:9/?x=1", "http://127.0.0.1:9#top"):

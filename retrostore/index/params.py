@@ -35,6 +35,12 @@ _MAX_PARAM = 2**31 - 1  # FAISS stores these as int
 _INTEGER = {"nprobe", "max_codes", "efSearch", "ht", "polysemous_ht", RERANK}
 
 
+def param_limits(name: str) -> list[int]:
+    """``[low, high]``: the values :func:`check_params` accepts for the parameter ``name``."""
+    base = name[len("quantizer_"):] if name.startswith("quantizer_") else name
+    return [_AT_LEAST_ONE.get(base, 0), _MAX_PARAM]
+
+
 def check_params(params: Any, where: str = "params") -> dict:
     """Validate a search-parameter dict; returns a clean copy.
 

@@ -334,6 +334,9 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=server.lifespan,
                     exception_handlers={HTTPException: not_found, Exception: internal_error})
+    # A trailing slash is an unknown path (JSON 404, counted), not Starlette's 307 to a URL built from the
+    # client's Host header (helper-27).
+    app.router.redirect_slashes = False
     app.state.server = server
     return app
 

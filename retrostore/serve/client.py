@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import functools
 import os
+import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -25,10 +27,13 @@ import numpy as np
 import retrostore.errors as _errors
 from retrostore import Chunk, Document, Hit, Neighbors
 from retrostore.errors import InvalidInputError, RetrostoreError, is_int, shown
+from retrostore.store.reading import query_vectors as _query_vectors
+from retrostore.store.retrieval import check_label_tail as _check_label_tail
+from retrostore.store.retrieval import exclusion_sets as _exclusion_sets
 
 from . import errors as _serve_errors
 from .errors import MissingDependencyError, ServerError, ServerUnavailableError
-from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, TAILS, VERSION_HEADER, scores_from_json, unpack_arrays
+from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, VERSION_HEADER, scores_from_json, unpack_arrays
 
 __all__ = ["connect", "RemoteStore", "ServerError", "ServerUnavailableError"]
 
@@ -95,6 +100,27 @@ def _int_list(ids: Any, what: str) -> list[int]:
                 raise InvalidInputError(f"{what} id {shown(i)} is not an integer")
         out.append(int(i))
     return out
+
+
+def _reads_answer(method):
+    """Turn a failure to read a server's answer (a malformed body from a proxy, another program or
+    another version: KeyError, TypeError, ValueError...) into a :class:`ServerError` naming it (helper-27:
+    raw TypeErrors). Failures before any answer came back are raised as they are."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._local.answered = None
+        try:
+            return method(self, *args, **kwargs)
+        except RetrostoreError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            path = getattr(self._local, "answered", None)
+            if path is None:
+                raise
+            raise ServerError(f"{self.url}{path} sent an answer this client cannot read ({type(exc).__name__}: "
+                              f"{str(exc)[:120]}): is this a retrostore server (`retrostore serve STORE`) of the "
+                              "same version as the client?") from None
+    return wrapper
 
 
 def _hit(d: dict) -> Hit:
@@ -175,6 +201,7 @@ class RemoteStore:
         else:
             self._client = urllib3.PoolManager(**common)
         self._closed = False
+        self._local = threading.local()  # the path whose answer this thread reads (see _reads_answer)
         self._facts: dict | None = None
         self.version = -1
         self._len = 0
@@ -226,7 +253,12 @@ class RemoteStore:
                 payload = res.data.decode("utf-8", "replace")
             raise _error_from(res.status, payload)
         if VERSION_HEADER in res.headers:
-            self.version = int(res.headers[VERSION_HEADER])
+            got = res.headers[VERSION_HEADER]
+            if not got.isdigit() or len(got) > 18:
+                raise ServerError(f"{method} {self.url}{path} answered with {VERSION_HEADER}: {got[:40]!r}, not a "
+                                  "version number: is this a retrostore server (`retrostore serve STORE`)?")
+            self.version = int(got)
+        self._local.answered = path
         kind = res.headers.get("content-type", "")
         if accept == NPY_MEDIA and kind.startswith(NPY_MEDIA):
             return res.data
@@ -269,6 +301,7 @@ class RemoteStore:
         self.refresh()
         return self._len
 
+    @_reads_answer
     def refresh(self) -> int:
         """The version the server now serves (it follows commits by itself).
 
@@ -277,8 +310,7 @@ class RemoteStore:
         int
         """
         health = self._request("GET", "/healthz")
-        if not (isinstance(health, dict) and isinstance(health.get("version"), int)
-                and isinstance(health.get("len"), int)):
+        if not (isinstance(health, dict) and is_int(health.get("version")) and is_int(health.get("len"))):
             raise ServerUnavailableError(
                 f"{self.url}/healthz answered {str(health)[:80]!r}, not a retrostore server's health "
                 "({\"status\": \"ok\", \"version\": V, \"len\": N}): is `retrostore serve STORE` running at that "
@@ -287,6 +319,7 @@ class RemoteStore:
         return self.version
 
     # -- the Store API ---------------------------------------------------------------
+    @_reads_answer
     def info(self) -> dict:
         """``Store.info()`` of the version served, plus a ``server`` section (settings, pid, ``len``).
 
@@ -296,6 +329,7 @@ class RemoteStore:
         """
         return self._request("GET", "/v1/info")
 
+    @_reads_answer
     def search(self, query: str | Sequence[str], k: int = 5, *,
                params: dict | None = None) -> list[Hit] | list[list[Hit]]:
         """Embed query text on the server and return the k nearest chunks with continuations.
@@ -336,6 +370,7 @@ class RemoteStore:
         hits = [[_hit(h) for h in row] for row in rows]
         return hits[0] if single else hits
 
+    @_reads_answer
     def search_vectors(self, vectors: np.ndarray, k: int = 5, *,
                        params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest committed chunks of query vectors, as :meth:`retrostore.Store.search_vectors`.
@@ -359,19 +394,12 @@ class RemoteStore:
             Wrong width, non-finite values, ``k`` out of range.
         ServerUnavailableError, ServerError
         """
-        q = np.asarray(vectors)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or not np.issubdtype(q.dtype, np.number):
-            raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, dim) floats")
-        if len(q) == 0 and q.shape[1] > 0:  # as Store: no queries, no search (the width is still checked)
+        # Store's own checks (helper-27: complex was sent as its real part, 1e39 as inf); k's range is the
+        # server's (its max_k), and the output check takes its lower bound, 1.
+        q = _query_vectors(vectors, self._store_facts()["dim"], max(1, _k_int(k)))
+        if len(q) == 0:  # as Store: no queries, no search (the width is still checked)
             k = _check_k(k)
-            dim = self._store_facts()["dim"]
-            if q.shape[1] != dim:
-                raise InvalidInputError(f"query vectors have shape {q.shape} and dtype {q.dtype}; expected (n, {dim}) "
-                                        "real numbers (floats)")
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        q = q.astype(np.float32)
         body: dict[str, Any] = {"vectors": q.tolist(), "k": _k_int(k), "output": "ids", "metadata": False,
                                 "tokens": False}
         if params is not None:
@@ -381,6 +409,7 @@ class RemoteStore:
         scores = scores_from_json(res["scores"], self._missing_score()).reshape(len(q), -1)
         return scores, ids
 
+    @_reads_answer
     def neighbors(self, token_ids: Any, k: int = 2, *, exclude_doc_ids: Any = None, label_token: bool = False,
                   tail: str = "query") -> Neighbors:
         """RETRO neighbours with continuations, as :meth:`retrostore.Store.neighbors`.
@@ -423,23 +452,20 @@ class RemoteStore:
                                     "length L") from None
         if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] > 0:
             return self._no_neighbors(arr.shape[1], k, exclude_doc_ids, label_token, tail)
+        label_token = _check_label_tail(label_token, tail)  # as Store checks them (helper-27: "yes" was sent as true)
         body: dict[str, Any] = {"token_ids": arr.tolist(), "k": _k_int(k)}
         if label_token:
             body["label_token"] = True
         if tail != "query":
             body["tail"] = tail
         if exclude_doc_ids is not None:
-            rows = []
-            for entry in list(exclude_doc_ids):
-                if entry is None or isinstance(entry, (bool, np.bool_)):
-                    rows.append(entry)
-                elif isinstance(entry, (int, np.integer)):
-                    rows.append(int(entry))
-                elif isinstance(entry, (str, bytes)) or not isinstance(entry, Iterable):
-                    rows.append(entry)  # the server names what is wrong with it
-                else:
-                    rows.append([int(x) if isinstance(x, np.integer) else x for x in entry])
-            body["exclude_doc_ids"] = rows
+            batch = len(arr) if arr.ndim == 2 else 1
+            sets = _exclusion_sets(exclude_doc_ids, batch) if arr.ndim in (1, 2) else None
+            if sets is not None:  # Store's own check; None rows stay None (the server: "excludes nothing")
+                body["exclude_doc_ids"] = [None if entry is None else sorted(ids)
+                                           for entry, ids in zip(list(exclude_doc_ids), sets)]
+            else:
+                body["exclude_doc_ids"] = exclude_doc_ids  # a bad token_ids shape: the server names it first
         data = self._request("POST", "/v1/neighbors", body, accept=NPY_MEDIA)
         if isinstance(data, bytes):
             return Neighbors(*unpack_arrays(data, len(NEIGHBOR_FIELDS)))
@@ -452,14 +478,8 @@ class RemoteStore:
         """What ``Store.neighbors`` returns for B = 0 rows of L tokens (JSON cannot carry a (0, L) shape),
         after the checks it makes."""
         k = _check_k(k)
-        if not isinstance(label_token, (bool, np.bool_)):
-            raise InvalidInputError(f"label_token={label_token!r} must be True or False")
-        if tail not in TAILS:
-            raise InvalidInputError(f"tail={tail!r} must be one of {', '.join(map(repr, TAILS))}: query the last "
-                                    "ragged chunk, drop it, or give it an empty (padded) slot")
-        label_token = bool(label_token)
-        if exclude_doc_ids is not None and len(list(exclude_doc_ids)) != 0:
-            raise InvalidInputError("exclude_doc_ids must have one entry per row of token_ids (0 rows)")
+        label_token = _check_label_tail(label_token, tail)
+        _exclusion_sets(exclude_doc_ids, 0)
         if label_token and length < 2:
             raise InvalidInputError(f"rows of {length} token with label_token=True hold no input token; a training "
                                     "row is L + 1 tokens (inputs, then the last label)")
@@ -470,6 +490,7 @@ class RemoteStore:
         tokens = np.zeros((0, c, k, 2 * t), np.int64)
         return Neighbors(tokens, np.zeros(tokens.shape, bool), ids, ids.copy(), np.zeros((0, c, k), np.float32))
 
+    @_reads_answer
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:
         """Committed chunks by id, as :meth:`retrostore.Store.get_chunks`.
 
@@ -493,6 +514,7 @@ class RemoteStore:
         return [Chunk(c["chunk_id"], c["doc_id"], c["position"], c["start"], c["text"],
                       np.asarray(c["tokens"], dtype=np.int64)) for c in res["chunks"]]
 
+    @_reads_answer
     def get_document(self, doc_id: int) -> Document:
         """A committed document (exact text and metadata), as :meth:`retrostore.Store.get_document`.
 
@@ -508,6 +530,7 @@ class RemoteStore:
         d = self._request("POST", "/v1/documents", {"ids": [int(doc_id)]})["documents"][0]
         return Document(d["doc_id"], d["text"], d["metadata"], range(*d["chunk_ids"]))
 
+    @_reads_answer
     def get_metadata(self, doc_ids: Iterable[int]) -> list[Any]:
         """Metadata of committed documents, as :meth:`retrostore.Store.get_metadata`.
 
@@ -613,7 +636,9 @@ def _check_headers(headers: Any) -> dict:
         raise InvalidInputError(f"headers must be a dict of str to str, not {type(headers).__name__}")
     for name, value in headers.items():
         if (not isinstance(name, str) or not isinstance(value, str) or not name.strip()
-                or any(c in name + value for c in "\r\n\0") or any(c in name for c in ": ")):
+                or any(c in name + value for c in "\r\n\0") or any(c in name for c in ": ")
+                or not name.isascii() or any(ord(c) > 255 for c in value)):
             raise InvalidInputError(f"header {name!r}: {value!r} cannot be sent: names and values must be str, "
-                                    "names without spaces or colons, neither with line breaks or NUL")
+                                    "names of ASCII without spaces or colons, values of Latin-1 (HTTP's), neither "
+                                    "with line breaks or NUL")
     return dict(headers)

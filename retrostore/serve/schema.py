@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from retrostore.errors import InvalidInputError, shown
+from retrostore.index.params import FAISS_PARAMS, RERANK, check_params, param_limits
 from retrostore.store.reading import query_text_problem
 
 from .wire import TAILS
@@ -114,7 +115,7 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return value if abs(value) < 10**20 else f"an integer of {len(str(abs(value)))} digits"
+        return value if abs(value) < 10**20 else shown(value)  # (the message's own wording of a huge int)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
@@ -221,11 +222,14 @@ def _params(body: dict) -> dict:
     if not isinstance(params, dict):
         raise RequestError("params must be an object of search parameters such as {\"nprobe\": 16}, not "
                            f"{_type_name(params)}", field="params", value=params)
-    for name, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (isinstance(value, float) and not math.isfinite(value)):  # (no isfinite of a 400-digit int)
-            raise RequestError(f"params.{name} must be a finite number, not {show(value)!r}", field=f"params.{name}",
-                               value=value)
+    for name, value in params.items():  # the store's own check, one parameter at a time: the field names it
+        try:
+            check_params({name: value})
+        except InvalidInputError as exc:
+            known = name == RERANK or (name[len("quantizer_"):] if name.startswith("quantizer_") else name) \
+                in FAISS_PARAMS
+            raise RequestError(str(exc), field=f"params.{name}" if known else "params", value=value if known else name,
+                               limit=param_limits(name) if known else list(FAISS_PARAMS + (RERANK,))) from None
     params = dict(params)
     if body.get("nprobe") is not None:
         nprobe = _int(body, "nprobe", 1, 1, 2**31 - 1, "IVF lists probed per query")
@@ -257,9 +261,10 @@ def _texts(value: Any, name: str, max_queries: int) -> tuple[list[str], bool]:
     return texts, single
 
 
-def _int_matrix(value: Any, name: str) -> np.ndarray:
-    """A list (one row) or list of equal-length lists of JSON integers as (B, L) int64."""
-    nested = bool(value) and isinstance(value[0], list)
+def _int_matrix(value: Any, name: str, *, flat: bool = False) -> np.ndarray:
+    """A list (one row) or list of equal-length lists of JSON integers as (B, L) int64; with ``flat``, one
+    row only (a list in it is refused, never read as rows: helper-27 had rows after the first dropped)."""
+    nested = not flat and bool(value) and isinstance(value[0], list)
     rows = value if nested else [value]
     for i, row in enumerate(rows):
         if not isinstance(row, list):
@@ -411,7 +416,7 @@ def _parse_search(body: Any, facts: StoreFacts, *, max_queries: int, max_k: int,
             raise RequestError(f"{where} has {got}; a query chunk holds 1 to {facts.chunk_tokens} token ids "
                                "(chunk_tokens); for longer sequences use /v1/neighbors", field=where,
                                value=len(row) if isinstance(row, list) else row, limit=[1, facts.chunk_tokens])
-        arr = _int_matrix(row, where)[0]
+        arr = _int_matrix(row, where, flat=True)[0]
         _check_vocab(arr, where, facts.vocab_size)
         out.append(arr)
     return SearchRequest(single=single, token_rows=out, **common)

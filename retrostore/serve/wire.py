@@ -1,8 +1,8 @@
 """What travels between a retrostore server and its clients: JSON shapes and ``.npy`` bodies.
 
 Shared by the server (``retrostore.serve.app``) and the client
-(``retrostore.serve.client``), so both read and write the same shapes. Needs
-numpy only.
+(``retrostore.serve.client``), so both read and write the same shapes (and
+take ``Store.neighbors``' own ``tail`` choices).
 
 Neighbours in binary form (``Accept: application/x-npy``) are the five arrays of
 :class:`retrostore.Neighbors`, each written by ``numpy.save`` one after the other
@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from retrostore.store.retrieval import TAILS  # what ``tail`` may be: ``Store.neighbors``' own choices
+
 __all__ = ["NPY_MEDIA", "JSON_MEDIA", "NEIGHBOR_FIELDS", "VERSION_HEADER", "pack_arrays", "unpack_arrays",
            "finite_or_none", "scores_to_json", "scores_from_json", "wants_npy", "TAILS"]
 
@@ -27,8 +29,6 @@ JSON_MEDIA = "application/json"
 VERSION_HEADER = "X-Retrostore-Version"
 #: The arrays of a binary neighbours answer, in body order.
 NEIGHBOR_FIELDS = ("tokens", "mask", "chunk_ids", "doc_ids", "scores")
-#: What ``tail`` may be in a neighbours request (``Store.neighbors``' choices).
-TAILS = ("query", "drop", "pad")
 
 
 def pack_arrays(arrays: Sequence[np.ndarray]) -> bytes:

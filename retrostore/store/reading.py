@@ -199,31 +199,7 @@ class Reader:
     def search_vectors(self, vectors: Any, k: Any, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`retrostore.Store.search_vectors`."""
         k = check_k(k)
-        dim = self.version.manifest["index"]["dim"]
-        try:
-            q = np.asarray(vectors)
-        except ValueError as exc:  # ragged nested lists
-            raise InvalidInputError(f"query vectors cannot form an array ({exc}); give an (n, {dim}) array of "
-                                    "floats, every row of the same length") from None
-        given = q.shape
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != dim or q.dtype.kind not in "fiu":  # real numbers (not bool, complex)
-            raise InvalidInputError(f"query vectors have shape {given} and dtype {q.dtype}; expected (n, {dim}) "
-                                    f"(or ({dim},) for one) real numbers (floats)")
-        check_output_size(f"{len(q):,} queries x k = {k:,} results", len(q) * k * 12,
-                          "search fewer queries per call or ask for a smaller k")
-        src = q
-        if q.dtype == np.float32:  # an embedder's output: no errstate context on the generation-time path
-            q = np.ascontiguousarray(q)
-        else:
-            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: said below
-                q = np.ascontiguousarray(q, dtype=np.float32)
-        if not np.isfinite(q).all():
-            if src.dtype != np.float32 and np.isfinite(src).all():
-                raise InvalidInputError("query vectors hold values beyond float32's range (+-3.4e38); the index "
-                                        "searches float32: scale them (embeddings are usually unit length)")
-            raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
+        q = query_vectors(vectors, self.version.manifest["index"]["dim"], k)
         self.follow_purges()
         return self.version.index.search(q, k, check_params(params))
 
@@ -390,6 +366,44 @@ def query_text_problem(text: str) -> str | None:
         return (f"is empty or whitespace ({text[:40]!r}: no visible character); its embedding would match "
                 "arbitrary chunks: give the text to look up")
     return None
+
+
+def query_vectors(vectors: Any, dim: int, k: int) -> np.ndarray:
+    """``search_vectors``' query vectors checked, as a C-contiguous (n, dim) float32 array (shared with
+    the client, ``retrostore.connect``, which refuses what ``Store`` refuses).
+
+    Raises
+    ------
+    InvalidInputError
+        Ragged rows, a shape other than (n, dim) / (dim,), a dtype other than real
+        numbers (bool and complex refused), NaN or inf, values beyond float32's
+        range, or an answer of n x k results over the output limit.
+    """
+    try:
+        q = np.asarray(vectors)
+    except ValueError as exc:  # ragged nested lists
+        raise InvalidInputError(f"query vectors cannot form an array ({exc}); give an (n, {dim}) array of "
+                                "floats, every row of the same length") from None
+    given = q.shape
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim or q.dtype.kind not in "fiu":  # real numbers (not bool, complex)
+        raise InvalidInputError(f"query vectors have shape {given} and dtype {q.dtype}; expected (n, {dim}) "
+                                f"(or ({dim},) for one) real numbers (floats)")
+    check_output_size(f"{len(q):,} queries x k = {k:,} results", len(q) * k * 12,
+                      "search fewer queries per call or ask for a smaller k")
+    src = q
+    if q.dtype == np.float32:  # an embedder's output: no errstate context on the generation-time path
+        q = np.ascontiguousarray(q)
+    else:
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: said below
+            q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        if src.dtype != np.float32 and np.isfinite(src).all():
+            raise InvalidInputError("query vectors hold values beyond float32's range (+-3.4e38); the index "
+                                    "searches float32: scale them (embeddings are usually unit length)")
+        raise InvalidInputError("query vectors hold NaN or inf; every value must be finite")
+    return q
 
 
 def check_k(k: Any) -> int:

@@ -49,9 +49,15 @@ def _split_chunks(arr: np.ndarray, t: int) -> tuple[list[np.ndarray], int]:
     return [arr[i, j * t : (j + 1) * t] for i in range(b) for j in range(c)], c
 
 
-def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
+def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
+    """``neighbors``' ``exclude_doc_ids`` checked, as one set of doc ids per row (None: no exclusions).
+    Shared with the client (``retrostore.connect``), which refuses what ``Store`` refuses."""
     if exclude_doc_ids is None:
         return None
+    if isinstance(exclude_doc_ids, (str, bytes)) or not hasattr(exclude_doc_ids, "__iter__"):
+        raise InvalidInputError(
+            f"exclude_doc_ids is {shown(exclude_doc_ids)}; give a sequence with one entry per row of token_ids "
+            f"({batch} rows), e.g. [{shown(exclude_doc_ids)}] for one row")
     rows = list(exclude_doc_ids)
     if len(rows) != batch:
         raise InvalidInputError(
@@ -74,6 +80,8 @@ def _exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
             if bad:
                 raise InvalidInputError(f"exclude_doc_ids[{i}] holds {shown(bad[0])}; doc ids are ints")
             out.append({int(x) for x in ids})
+        if any(x < 0 for x in out[-1]):  # no document has one (the server refuses them too)
+            raise InvalidInputError(f"exclude_doc_ids[{i}] holds {min(out[-1])}; doc ids are ints >= 0")
     return out
 
 
@@ -127,15 +135,21 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
 TAILS = ("query", "drop", "pad")
 
 
+def check_label_tail(label_token: Any, tail: Any) -> bool:
+    """``neighbors``' ``label_token`` (a bool) and ``tail`` (one of :data:`TAILS`) checked (shared with the client)."""
+    if not isinstance(label_token, (bool, np.bool_)):  # (numpy's bools as numpy's ints elsewhere)
+        raise InvalidInputError(f"label_token={shown(label_token)} must be True or False")
+    if not isinstance(tail, str) or tail not in TAILS:
+        raise InvalidInputError(f"tail={shown(tail)} must be one of {', '.join(map(repr, TAILS))}: query the last "
+                                "ragged chunk, drop it, or give it an empty (padded) slot")
+    return bool(label_token)
+
+
 def neighbors(reader: Reader, query_vectors: Callable[[list[np.ndarray]], np.ndarray], token_ids: Any,
               k: Any = 2, *, exclude_doc_ids: Any = None, label_token: bool = False, tail: str = "query") -> Neighbors:
     """See :meth:`retrostore.Store.neighbors`; ``query_vectors`` embeds a list of token-id chunks."""
     k = check_k(k)
-    if not isinstance(label_token, bool):
-        raise InvalidInputError(f"label_token={label_token!r} must be True or False")
-    if tail not in TAILS:
-        raise InvalidInputError(f"tail={tail!r} must be one of {', '.join(map(repr, TAILS))}: query the last "
-                                "ragged chunk, drop it, or give it an empty (padded) slot")
+    label_token = check_label_tail(label_token, tail)
     m = reader.version.manifest
     t = m["chunk_tokens"]
     arr = _as_token_array(token_ids, int(m["tokenizer"]["vocab_size"]))
@@ -149,7 +163,7 @@ def neighbors(reader: Reader, query_vectors: Callable[[list[np.ndarray]], np.nda
     padded_tail = tail == "pad" and length % t
     if tail != "query":
         arr = arr[:, : full * t]
-    excluded = _exclusion_sets(exclude_doc_ids, b)
+    excluded = exclusion_sets(exclude_doc_ids, b)
     chunks, c = _split_chunks(arr, t)
     if reader.limit == 0 or not chunks:
         vec_s = np.full((b * c, k), -np.inf if m["metric"] == "ip" else np.inf, np.float32)

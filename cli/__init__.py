@@ -293,8 +293,9 @@ def _leakage_options(fn, seq_len_required: bool = False):
                      help="Never retrieve from any document of the window (sequence) or the chunk's own (chunk)."),
         click.option("--overlap-threshold", type=float, default=retro.DEFAULT_OVERLAP_THRESHOLD, show_default=True,
                      help="Drop neighbours holding this share of the query chunk's 13-grams (RETRO's leakage "
-                          "measure, Borgeaud et al. 2021); exact copies are always dropped."),
-        click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filter off."),
+                          "measure, Borgeaud et al. 2021), or, with their continuation, of a chunk of the window "
+                          "from the query's on; exact copies are always dropped."),
+        click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filters off."),
     ]):
         fn = opt(fn)
     return fn
@@ -328,7 +329,10 @@ def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tupl
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .npy (int64, -1 padded).")
 @click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
-@click.option("--exclude-same-doc", is_flag=True, help="Skip neighbours from the query chunk's own document.")
+@click.option("--exclude-same-doc/--include-same-doc", default=None,
+              help="Skip neighbours from the query chunk's own document: the default for the store's own chunks "
+                   "(RETRO, Borgeaud et al. 2021, §2.4: else each chunk's nearest is itself, its continuation the "
+                   "text to predict); --include-same-doc keeps them.")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
 @click.option("--queries", type=click.Path(exists=True, dir_okay=False),
               help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
@@ -350,9 +354,10 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
     """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
     file, or of training windows) into a .npy array for RETRO training.
     Interrupt and re-run to resume."""
-    if exclude_same_doc and queries:
-        raise click.UsageError("--exclude-same-doc applies to the store's own chunks, not to --queries")
-    if sequences and (queries or exclude_same_doc or label_token):
+    if exclude_same_doc is not None and queries:
+        raise click.UsageError("--exclude-same-doc/--include-same-doc apply to the store's own chunks, not to "
+                               "--queries")
+    if sequences and (queries or exclude_same_doc is not None or label_token):
         raise click.UsageError("--sequences cuts the store's own windows and always excludes their documents "
                                "(--exclude); it takes no --queries, --label-token or --exclude-same-doc")
     if sequences and seq_len is None:
@@ -378,11 +383,13 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             click.echo(f"wrote {stem}.windows.npy: {len(seqs)} windows of {seq_len} + 1 tokens ({mode})")
             d = summary["dropped"]
             click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
-                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold; "
+                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold, "
+                       f"{d.get('window', 0)} holding the window's own later text; "
                        f"{summary['research']} searched again, {summary['short']} with fewer than k")
             path = out
         else:
-            path = st.precompute_neighbors(out, k=k, exclude_same_doc=exclude_same_doc, batch_size=batch_size,
+            own = not queries and exclude_same_doc is not False  # (helper-28: each chunk was its own neighbour)
+            path = st.precompute_neighbors(out, k=k, exclude_same_doc=own, batch_size=batch_size,
                                            queries=queries, label_token=label_token, progress=not quiet)
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         click.echo(f"wrote {path}: shape {arr.shape} int64")
@@ -419,8 +426,8 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     nb = info["neighbors"]
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
                f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
-               f"{nb['dropped']['duplicates']} exact copies and {nb['dropped']['overlap']} overlapping neighbours "
-               f"dropped")
+               f"dropped: {nb['dropped']['duplicates']} exact copies of the query chunk, {nb['dropped']['overlap']} "
+               f"near copies, {nb['dropped'].get('window', 0)} holding the window's own later text")
     click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
                f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")
 

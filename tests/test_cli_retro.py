@@ -4,6 +4,8 @@ CliRunner on real pydocs stores (issue 15)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,6 +77,17 @@ def test_neighbors_tokens_of_store_chunks(sliced, tmp_path):
     assert np.array_equal(np.load(toks), nb.tokens) and np.array_equal(np.load(tmp_path / "tok.mask.npy"), nb.mask)
 
 
+def test_neighbors_of_store_chunks_exclude_their_own_document_by_default(sliced, tmp_path):
+    """helper-28: `retrostore neighbors STORE --out` gave every chunk itself as a neighbour."""
+    assert _run("neighbors", sliced, "--out", tmp_path / "a.npy", "-q").exit_code == 0
+    assert _run("neighbors", sliced, "--out", tmp_path / "b.npy", "--include-same-doc", "-q").exit_code == 0
+    with retrostore.open(sliced) as st:
+        docs = retro.chunk_table(st).doc_ids
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert (docs[a] != docs[:, None]).all()
+    assert (b[:, 0] == np.arange(len(b))).mean() > 0.9  # its own chunk first, when asked for
+
+
 def test_neighbors_usage_errors(sliced, tmp_path):
     out = tmp_path / "k.npy"
     for args, msg in [(["--sequences"], "--seq-len"), (["--seq-len", 128], "with --sequences"),
@@ -103,3 +116,21 @@ def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp
     assert _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q").exit_code == 0
     res = _run("export", sliced, tmp_path / "e2")
     assert res.exit_code == 2 and "Missing option '--seq-len'" in res.output
+
+
+def test_two_exports_to_one_directory_never_mix(sliced, tmp_path):
+    """helper-28: two `retrostore export` processes into one directory (two ranks of a job) shared
+    OUT.partial; one exited 0 with 148 of 151 windows' neighbours all chunk 0. Now one wins, the other
+    is refused (another process holds OUT.lock, or OUT exists by then), and the files are a solo export's."""
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "retrostore", "export", str(sliced), str(out), "--seq-len", str(2 * T), "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    lost = next(text for rc, text in results if rc == 1)
+    assert "another process is writing the export" in lost or "exists" in lost, lost
+    solo = tmp_path / "solo"
+    assert _run("export", sliced, solo, "--seq-len", 2 * T, "-q").exit_code == 0
+    for name in ("seq_knn.npy", "rows.npy"):
+        assert np.array_equal(np.load(out / name), np.load(solo / name)), name
+    assert not (tmp_path / "exp.partial").exists()

@@ -10,7 +10,8 @@ import pytest
 
 import retrostore
 from retrostore import retro
-from retrostore.errors import InvalidInputError
+from retrostore.errors import InvalidInputError, WriterLockedError
+from retrostore.storage import fileio
 
 from _retro_stores import duplicated_store, retro_store
 
@@ -236,6 +237,42 @@ def test_sequence_neighbors_bad_input(store, table, tmp_path):
         retro.sequence_neighbors(store, seqs, tmp_path / "k.bin")
     with pytest.raises(InvalidInputError, match="does not exist"):
         retro.sequence_neighbors(store, seqs, tmp_path / "no" / "k.npy")
+    # helper-28: an n-gram longer than a chunk silently turned the overlap filters off; seqs=None was an
+    # AttributeError; eos_id=1.0 was "outside the vocabulary"; k beyond the store was accepted by model_neighbors
+    with pytest.raises(InvalidInputError, match=r"ngram=65 must be an int in \[1, 64\].*turns the overlap filters off"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", ngram=65)
+    with pytest.raises(InvalidInputError, match="seqs is NoneType; pass the windows"):
+        retro.sequence_neighbors(store, None, tmp_path / "k.npy")
+    for eos in (1.0, True):
+        with pytest.raises(InvalidInputError, match=r"eos_id=.* must be an int token id"):
+            retro.training_sequences(store, 2 * T, eos_id=eos, table=table)
+    with pytest.raises(InvalidInputError, match=rf"k={len(store) + 1} must be an int in \[1, {len(store)}\]"):
+        retro.model_neighbors(store, np.arange(1000, 1000 + T)[None], len(store) + 1)
+    with pytest.raises(InvalidInputError, match=rf"k={len(store) + 1} "):
+        retro.fetch_fn(store, len(store) + 1)
+    held = fileio.WriterLock(tmp_path / "k.npy.lock")  # as another process writing the same output holds it
+    try:
+        with pytest.raises(WriterLockedError, match="another process is writing neighbours"):
+            retro.sequence_neighbors(store, seqs, tmp_path / "k.npy")
+    finally:
+        held.release()
+
+
+def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
+    """helper-28: exporting an empty store was an IndexError that left OUT.partial behind; a store whose
+    documents were all deleted exported 0 windows with exit 0."""
+    with retrostore.create(tmp_path / "e.rstore", embedder=embedder) as st:
+        with pytest.raises(InvalidInputError, match="no live chunk"):
+            retro.export_retro_pytorch(st, tmp_path / "exp", seq_len=T)
+        st.append([small_docs[0]["text"]])
+        st.commit()
+        st.delete([0])
+        st.commit()
+        with pytest.raises(InvalidInputError, match="no live chunk"):
+            retro.export_retro_pytorch(st, tmp_path / "exp", seq_len=T, k=1)
+        with pytest.raises(InvalidInputError, match="seqs holds no window"):
+            retro.sequence_neighbors(st, retro.training_sequences(st, T), tmp_path / "k.npy", k=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.rstore"]
 
 
 # --- leakage: duplicates and n-gram overlap ----------------------------------------------------
@@ -288,6 +325,77 @@ def test_duplicates_never_leak_the_query(tmp_path_factory, tmp_path, pydocs, emb
                  for a, b in zip(qa, na)]
         assert max(overl) < retro.DEFAULT_OVERLAP_THRESHOLD
         assert summary["dropped"]["duplicates"] >= 30 and summary["dropped"]["overlap"] > 0
+
+
+def _grams(tokens, n: int = 13) -> set:
+    tokens = [int(x) for x in tokens]
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+@pytest.mark.parametrize("mode", ["document", "packed"])
+def test_copies_never_hand_a_window_its_own_future(tmp_path_factory, tmp_path, pydocs, embedder, mode):
+    """helper-28: with a page stored twice, a slot's neighbour was the copy of the window's *next*
+    chunk (not of the query chunk, so no filter saw it), and neighbour + continuation held the text the
+    window predicts (69 of 568 slots). Checked here by brute force on the retrieved tokens: no slot's
+    neighbour + continuation holds half a chunk's worth of 13-grams of its window from its chunk on."""
+    with retrostore.open(duplicated_store(tmp_path_factory, pydocs, embedder), embedder=embedder) as st:
+        tab = retro.chunk_table(st)
+        seqs = retro.training_sequences(st, 4 * T, mode=mode, table=tab)
+        summary = retro.sequence_neighbors(st, seqs, tmp_path / "knn.npy", k=2)
+        knn = np.load(tmp_path / "knn.npy")
+        nt = retro.neighbor_tokens(st, knn, table=tab)
+        worst = 0
+        for i in range(len(seqs)):
+            window = seqs[i]
+            for u in np.flatnonzero(seqs.chunk_ids[i] >= 0):
+                ahead = _grams(window[u * T:])
+                for j in np.flatnonzero(knn[i, u] >= 0):
+                    worst = max(worst, len(ahead & _grams(nt.tokens[i, u, j][nt.mask[i, u, j]])))
+        assert worst < retro.DEFAULT_OVERLAP_THRESHOLD * (T - 13 + 1), worst
+        assert summary["dropped"]["window"] > 0  # the copies of later chunks were there, and dropped
+        assert (knn >= 0).sum() >= 0.9 * 2 * (seqs.chunk_ids >= 0).sum()  # and slots were still filled
+
+
+def test_model_neighbors_pass_over_copies_of_the_row(tmp_path_factory, pydocs, embedder):
+    """helper-28: on a store holding a page twice, a held-out row of that page (its own document
+    excluded) retrieved the copy of each of its chunks, whose continuation is the row's next chunk;
+    generation's fetch_fn the same for a prompt chunk."""
+    with retrostore.open(duplicated_store(tmp_path_factory, pydocs, embedder), embedder=embedder) as st:
+        ids, _ = st.chunker.encode(st.get_document(0).text)  # document 3 is its copy
+        row = ids[None, :3 * T]
+        plain = retro.model_neighbors(st, row, 2, exclude_doc_ids=[[0]], overlap_threshold=None)
+        assert (plain.doc_ids[0, :, 0] == 3).all()  # the copy of each chunk comes first without the rules
+        nb = retro.model_neighbors(st, row, 2, exclude_doc_ids=[[0]])
+        assert nb.tokens.shape == plain.tokens.shape and nb.mask[..., :T].any(-1).all()
+        for u in range(3):
+            ahead = _grams(row[0, u * T:])
+            for j in range(2):
+                got = nb.tokens[0, u, j][nb.mask[0, u, j]]
+                assert len(ahead & _grams(got)) < retro.DEFAULT_OVERLAP_THRESHOLD * (T - 13 + 1), (u, j)
+                assert not np.array_equal(nb.tokens[0, u, j, :T], row[0, u * T:(u + 1) * T])
+        chunk = row[:, :T]
+        fetched = retro.fetch_fn(st, 2, exclude_doc_ids=[0])(chunk)
+        assert not (fetched[:, :, :T] == chunk[:, None, :]).all(-1).any()
+        assert (retro.fetch_fn(st, 2, exclude_doc_ids=[0], overlap_threshold=None)(chunk)[:, 0, :T] == chunk).all()
+        with pytest.raises(InvalidInputError, match=r"overlap_threshold=2 must be a share in \(0, 1\]"):
+            retro.model_neighbors(st, row, 2, overlap_threshold=2)
+
+
+def test_future_overlap_counts_chunks_and_spans_across_them():
+    rng = np.random.default_rng(0)
+    win = rng.integers(1_000, 30_000, (1, 4 * T + 1))
+    spans = np.zeros((1, 4, 3, 2 * T), np.int64)
+    spans[0, :, 0] = win[0, T:3 * T]                         # a copy of chunks 1 and 2
+    spans[0, :, 1] = rng.integers(1_000, 30_000, 2 * T)       # unrelated text
+    spans[0, :, 2] = win[0, 2 * T - 40:4 * T - 40]            # a copy across chunk boundaries
+    share = retro.future_overlap(win, np.ones_like(win, bool), T, spans, np.full((1, 4, 3), 2 * T))[0]
+    # In chunks' worth of n-grams (T - 13 + 1 = 52 per chunk): 1 and more is a whole chunk or more.
+    assert share[0, 0] > 2 and share[1, 0] > 2 and share[2, 0] == 1  # chunks 1-2 / chunk 2 (52 n-grams)
+    assert share[3, 0] == 0 and (share[:, 1] == 0).all()                  # slot 3: chunks 1-2 are its past
+    assert share[2, 2] > 1 and 0.2 < share[3, 2] < 0.5                     # 88 tokens from chunk 2 on / 24 of 3
+    padded = np.ones_like(win, bool)
+    padded[0, T:] = False  # padding from chunk 1 on: nothing there to protect
+    assert (retro.future_overlap(win, padded, T, spans, np.full((1, 4, 3), 2 * T))[0][:, 0] == 0).all()
 
 
 def test_deleted_documents_are_left_out(tmp_path, small_docs, embedder):

@@ -13,7 +13,7 @@ from .dataset import TrainingSet
 from .export import FILES, export_retro_pytorch, retro_dataset_kwargs
 from .generation import fetch_fn, model_neighbors
 from .leakage import (DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, FilterStats, duplicate_chunks, filter_neighbors,
-                      ngram_overlap)
+                      future_overlap, ngram_overlap)
 from .sequences import Sequences, default_eos_id, sequence_neighbors, training_sequences
 from .table import ChunkTable, chunk_table
 from .tokens import NeighborFile, NeighborTokens, neighbor_tokens
@@ -23,7 +23,7 @@ __all__ = [
     "training_sequences", "Sequences", "default_eos_id", "sequence_neighbors",
     "TrainingSet",
     "chunk_table", "ChunkTable",
-    "ngram_overlap", "duplicate_chunks", "filter_neighbors", "FilterStats",
+    "ngram_overlap", "future_overlap", "duplicate_chunks", "filter_neighbors", "FilterStats",
     "DEFAULT_NGRAM", "DEFAULT_OVERLAP_THRESHOLD",
     "export_retro_pytorch", "retro_dataset_kwargs", "FILES",
     "model_neighbors", "fetch_fn",

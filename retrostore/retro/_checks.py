@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import InvalidInputError, check_int, is_int, shown
+import numpy as np
+
+from ..errors import InvalidInputError, WriterLockedError, check_int, is_int, shown
+from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["check_k_of", "check_pad_id", "store_pad_id", "settings"]
+__all__ = ["check_k_of", "check_pad_id", "check_threshold", "output_lock", "store_pad_id", "settings"]
 
 
 class Settings(NamedTuple):
@@ -17,6 +21,7 @@ class Settings(NamedTuple):
     vocab_size: int
     deletes: int
     identity: str  # the sha256 of the version's manifest: which store and version (retro.table.store_identity)
+    metric: str  # "ip" or "l2" (the score of a missing neighbour: -inf or inf)
 
 
 _SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -34,7 +39,7 @@ def settings(store) -> Settings:
         return hit[1]
     m = store.manifest
     s = Settings(int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"]), int(m["tokenizer"]["vocab_size"]),
-                 int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m))
+                 int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m), str(m["metric"]))
     _SETTINGS[store] = (version, s)
     return s
 
@@ -46,8 +51,38 @@ def check_k_of(store, k: Any) -> int:
     only writes -1 padding (helper-17: k = 100,000 on a 60-chunk store wrote
     6 million -1s; k = 10**9 ended in a MemoryError).
     """
-    hi = max(1, len(store))
-    return check_int("k", k, 1, hi, fix=f"the store holds {len(store):,} chunks; RETRO uses k = 2")
+    if len(store) == 0:
+        raise InvalidInputError(f"version {store.version} of the store has no live chunk (0 chunks): nothing to "
+                                "retrieve or train on; append documents and commit")
+    return check_int("k", k, 1, len(store), fix=f"the store holds {len(store):,} chunk{'' if len(store) == 1 else 's'}; "
+                     "RETRO uses k = 2")
+
+
+def check_threshold(overlap_threshold: Any) -> float | None:
+    """The leakage filters' ``overlap_threshold``: a share in (0, 1], or None (the 13-gram rules off)."""
+    if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(
+            overlap_threshold, (int, float, np.floating)) or not 0 < overlap_threshold <= 1):
+        raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
+                                "turn the overlap filters off")
+    return None if overlap_threshold is None else float(overlap_threshold)
+
+
+def output_lock(out: Path, what: str) -> WriterLock:
+    """Hold ``OUT.lock`` (kept beside ``out``) while writing ``out``: a second process writing the same
+    output (two ranks of one job) is refused at once instead of sharing its partial files (helper-28:
+    one finished with exit 0 and neighbour files of chunk 0, the other with a raw FileNotFoundError).
+
+    Raises
+    ------
+    WriterLockedError
+        Another process holds the lock.
+    """
+    lock = out.with_name(out.name + ".lock")
+    try:
+        return WriterLock(lock)
+    except WriterLockedError:
+        raise WriterLockedError(f"another process is writing {what} {str(out)!r} (it holds {str(lock)!r}); let it "
+                                "finish (then run again to reuse its result), or write to another path") from None
 
 
 def store_pad_id(store) -> int:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError, StoreExistsError
-from ._checks import check_k_of
+from ._checks import check_k_of, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
 from .table import chunk_table
@@ -128,7 +128,10 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     InvalidInputError
         Bad ``seq_len`` / ``k`` / ``mode`` / ``eos_id``; ``eos_id`` occurs in
         a chunk; token 0 occurs in a chunk (without ``allow_pad_collision``);
-        more rows than int32 holds.
+        more rows than int32 holds; a store version without a live chunk.
+    WriterLockedError
+        Another process is exporting to ``out_dir`` (it holds ``OUT.lock``,
+        a file left beside ``out_dir``).
     """
     k = check_k_of(store, k)
     if mode not in MODES:
@@ -148,6 +151,9 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"out_dir={str(out)!r}: {str(out.parent)!r} {why}; give a path in a directory")
     table = chunk_table(store)
     seqs = training_sequences(store, seq_len, mode=mode, pad_id=0, eos_id=eos_id, table=table)
+    if len(seqs) == 0:  # (helper-28: an IndexError and a .partial left behind, or "0 windows" and exit 0)
+        raise InvalidInputError(f"version {store.version} of the store has no live chunk ({len(store):,} chunks, of "
+                                "deleted or empty documents): nothing to train on; append documents and commit")
     real = np.arange(table.chunk_tokens) < table.lengths[:, None]
     n_eos = int(((table.tokens == seqs.eos_id) & real).sum())
     if n_eos:
@@ -168,6 +174,17 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     rows = np.concatenate([seqs.chunk_ids.ravel(), np.full(c, -1, np.int64)])
     if len(rows) >= 2 ** 31:
         raise InvalidInputError(f"{len(rows)} rows do not fit retro-pytorch's int32 row numbers")
+    lock = output_lock(out, "the export")
+    try:
+        return _export(store, out, table, seqs, k, exclude, overlap_threshold, ngram, progress, rows, n_zero)
+    finally:
+        lock.release()
+
+
+def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, ngram, progress, rows: np.ndarray,
+            n_zero: int) -> dict:
+    n, c = seqs.chunk_ids.shape
+    seq_len, mode = seqs.seq_len, seqs.mode
     work = out.with_name(out.name + ".partial")
     work.mkdir(exist_ok=True)
     summary = sequence_neighbors(store, seqs, work / "seq_knn.npy", k=k, exclude=exclude,
@@ -205,8 +222,8 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     }
     (work / KWARGS_FILE).write_text(json.dumps(kwargs, indent=1) + "\n")
     (work / INFO_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
-    for p in work.glob("seq_knn.candidates-*"):
-        p.unlink()
+    for p in [*work.glob("seq_knn.candidates-*"), work / "seq_knn.npy.lock"]:
+        p.unlink(missing_ok=True)  # (the neighbours' lock: this export's own lock keeps others out)
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError, check_int
-from ._checks import check_pad_id, settings
+from ..errors import InvalidInputError
+from ..types import Neighbors
+from ._checks import check_k_of, check_pad_id, check_threshold, settings
+from .leakage import DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 
 if TYPE_CHECKING:
-    from retrostore import Neighbors, Store
+    from retrostore import Store
 
 __all__ = ["model_neighbors", "fetch_fn", "RAGGED"]
 
@@ -30,7 +32,8 @@ RAGGED = ("drop", "query")
 
 
 def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str = "drop",
-                    exclude_doc_ids: Any = None, pad_id: int | None = None) -> "Neighbors":
+                    exclude_doc_ids: Any = None, pad_id: int | None = None,
+                    overlap_threshold: float | None = DEFAULT_OVERLAP_THRESHOLD) -> "Neighbors":
     """``Store.neighbors(tail=ragged)`` with the model's pad id: RETRO's chunk count for L + 1 rows and prompts.
 
     Parameters
@@ -48,6 +51,16 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
         As in ``Store.neighbors``.
     pad_id : int, optional
         Pad the tokens with this id (default: the store's).
+    overlap_threshold : float or None, default 0.5
+        The leakage rules of :func:`~retrostore.retro.sequence_neighbors`, on
+        each row: a neighbour that is an exact copy of its query chunk, holds
+        this share of its 13-grams, or, with its continuation, this share of
+        a chunk of the row from the query's on, is passed over for the next
+        nearest (of ``2k + 8`` searched; a slot left short is masked). A
+        held-out row then never retrieves a copy of itself stored in another
+        document (helper-28: a page stored twice handed every prompt chunk
+        its own next chunk). None retrieves copies too (generation that
+        should quote the store).
 
     Returns
     -------
@@ -58,20 +71,66 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
     Raises
     ------
     InvalidInputError
-        Bad ``ragged``, ``k``, ``pad_id`` or ``token_ids`` (as ``Store.neighbors``).
+        Bad ``ragged``, ``k``, ``pad_id``, ``overlap_threshold`` or
+        ``token_ids`` (as ``Store.neighbors``).
     """
     if ragged not in RAGGED:
         raise InvalidInputError(f"ragged={ragged!r}; expected one of {RAGGED}")
-    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    k = check_k_of(store, k)  # (helper-28: k beyond the store's chunks was -1 padding, as export refuses)
     pad = check_pad_id(store, pad_id)
-    nb = store.neighbors(token_ids, k, exclude_doc_ids=exclude_doc_ids, tail=ragged)
+    threshold = check_threshold(overlap_threshold)
+    if threshold is None:
+        nb = store.neighbors(token_ids, k, exclude_doc_ids=exclude_doc_ids, tail=ragged)
+    else:
+        wide = store.neighbors(token_ids, max(k, min(2 * k + 8, len(store))), exclude_doc_ids=exclude_doc_ids,
+                               tail=ragged)
+        nb = _without_copies(store, np.asarray(token_ids), wide, k, threshold)
     if pad != settings(store).pad_id:
         nb = dataclasses.replace(nb, tokens=np.where(nb.mask, nb.tokens, pad))
     return nb
 
 
+def _without_copies(store: "Store", rows: np.ndarray, wide: "Neighbors", k: int, threshold: float) -> "Neighbors":
+    """The first k neighbours of each slot of ``wide`` that pass the leakage rules for their row."""
+    b, c, m, two_t = wide.tokens.shape
+    t = two_t // 2
+    rows = rows.reshape(b, -1).astype(np.int64) if rows.size else np.zeros((b, 0), np.int64)
+    if c == 0 or b == 0:
+        return Neighbors(wide.tokens[:, :, :k], wide.mask[:, :, :k], wide.chunk_ids[:, :, :k],
+                         wide.doc_ids[:, :, :k], wide.scores[:, :, :k])
+    q = np.full((b, c, t), settings(store).pad_id, np.int64)  # each slot's query chunk (a ragged one shorter)
+    q_len = np.zeros((b, c), np.int64)
+    for u in range(c):
+        part = rows[:, u * t:(u + 1) * t]
+        q[:, u, :part.shape[1]] = part
+        q_len[:, u] = part.shape[1]
+    real = rows != settings(store).pad_id
+    span_len = wide.mask.sum(-1)
+    share = future_overlap(rows, real, t, wide.tokens, span_len)
+    cand = wide.chunk_ids.reshape(b * c, m)
+    kept, _ = filter_neighbors(cand, k, q_tokens=q.reshape(b * c, t), q_len=q_len.ravel(),
+                               c_tokens=wide.tokens[..., :t].reshape(b * c, m, t),
+                               c_len=wide.mask[..., :t].sum(-1).reshape(b * c, m),
+                               c_docs=wide.doc_ids.reshape(b * c, m), threshold=threshold,
+                               window_share=share.reshape(b * c, m))
+    # Where each kept id sits among the candidates (ids are distinct within a slot), to gather every array.
+    at = np.argmax(cand[:, None, :] == kept[:, :, None], axis=-1)
+    found = kept >= 0
+
+    def take(a, fill):
+        flat = a.reshape(b * c, m, *a.shape[3:])
+        got = np.take_along_axis(flat, at.reshape(b * c, k, *([1] * (a.ndim - 3))), axis=1)
+        mask = found.reshape(b * c, k, *([1] * (a.ndim - 3)))
+        return np.where(mask, got, fill).reshape(b, c, k, *a.shape[3:])
+
+    missing = -np.inf if settings(store).metric == "ip" else np.inf
+    return Neighbors(take(wide.tokens, settings(store).pad_id), take(wide.mask, False), take(wide.chunk_ids, -1),
+                     take(wide.doc_ids, -1), take(wide.scores, missing).astype(np.float32))
+
+
 def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
-             exclude_doc_ids: Any = None) -> Callable:
+             exclude_doc_ids: Any = None,
+             overlap_threshold: float | None = DEFAULT_OVERLAP_THRESHOLD) -> Callable:
     """A retrieval function for retro-pytorch's ``TrainingWrapper.fetch_knn_chunks_fn``.
 
     ``TrainingWrapper.generate`` calls it with the chunks to retrieve for:
@@ -88,6 +147,9 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
         default: the store's pad id. RETRO masks ``retrieved != pad_id``.
     exclude_doc_ids : iterable of int, optional
         Documents never retrieved (e.g. a held-out prompt's source).
+    overlap_threshold : float or None, default 0.5
+        As in :func:`model_neighbors`: copies of a chunk (in another
+        document) are passed over; None retrieves them.
 
     Returns
     -------
@@ -102,8 +164,9 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
     InvalidInputError
         When called with chunks not shaped ``(m, T)``.
     """
-    k = check_int("k", k, 1, fix="RETRO uses k = 2")
+    k = check_k_of(store, k)
     pad = check_pad_id(store, pad_id)
+    threshold = check_threshold(overlap_threshold)
     t = settings(store).chunk_tokens
     excl = None if exclude_doc_ids is None else [int(d) for d in exclude_doc_ids]
 
@@ -112,7 +175,7 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
         arr = seq_chunks.detach().cpu().numpy() if hasattr(seq_chunks, "detach") else np.asarray(seq_chunks)
         if arr.ndim != 2 or arr.shape[1] != t:
             raise InvalidInputError(f"seq_chunks has shape {tuple(arr.shape)}; expected (b * n, {t}) complete chunks")
-        nb = model_neighbors(store, arr, k, pad_id=pad,
+        nb = model_neighbors(store, arr, k, pad_id=pad, overlap_threshold=threshold,
                              exclude_doc_ids=None if excl is None else [excl] * len(arr))
         out = nb.tokens[:, 0]
         try:

@@ -18,6 +18,21 @@ into the retrieval input. Excluding the query's own document (Borgeaud et al.
   the query's n-gram positions. It is not symmetric on purpose: a neighbour
   that holds the whole query plus other text still leaks it, where Jaccard
   would dilute it.
+
+Both compare a neighbour with its own query chunk only. A training window
+also holds the text after that chunk, which the model predicts next; a copy
+of *that* text (the same page stored twice, its chunks shifted by a few
+tokens) passes both checks, and the neighbour plus its continuation hands
+the window its own future (helper-28 found 69 of 568 slots doing so after
+``build --append``). A third check covers it:
+
+* **window overlap** -- a candidate whose neighbour + continuation tokens
+  hold at least ``threshold`` of the n-grams of the slot's own chunk or of
+  any later chunk of the window (the label token included), or that many
+  chunks' worth of n-grams from the slot's chunk on in all, is dropped
+  (:func:`future_overlap`). Retrieval for chunk u serves the prediction of
+  the tokens after it (chunked cross-attention, §2.4), so only text from u
+  on is protected; earlier chunks are context the model has already seen.
 """
 
 from __future__ import annotations
@@ -28,7 +43,8 @@ import numpy as np
 
 from ..errors import InvalidInputError, check_int
 
-__all__ = ["ngram_hashes", "ngram_overlap", "overlap_matrix", "duplicate_chunks", "FilterStats", "filter_neighbors",
+__all__ = ["ngram_hashes", "ngram_overlap", "overlap_matrix", "future_overlap", "duplicate_chunks", "FilterStats",
+           "filter_neighbors",
            "DEFAULT_NGRAM", "DEFAULT_OVERLAP_THRESHOLD"]
 
 #: RETRO's n-gram length for leakage (Borgeaud et al. 2021: 13-gram Jaccard similarity).
@@ -97,6 +113,65 @@ def overlap_matrix(q_tokens: np.ndarray, q_len: np.ndarray, nb_tokens: np.ndarra
     real = np.arange(t) < q_len[:, None]
     same = ((q_tokens[:, None, :] == nb_tokens) | ~real[:, None, :]).all(axis=-1) & (nb_len == q_len[:, None])
     return overlap, same
+
+
+def future_overlap(win_tokens: np.ndarray, win_real: np.ndarray, t: int, r_tokens: np.ndarray, r_len: np.ndarray,
+                   n: int = DEFAULT_NGRAM) -> np.ndarray:
+    """How much of a window's text from each slot on each candidate's neighbour + continuation holds.
+
+    Parameters
+    ----------
+    win_tokens : ndarray, shape (b, W), integer
+        The windows' tokens (a training window's L + 1, label included).
+    win_real : ndarray, shape (b, W), bool
+        Which positions are text (False: padding); n-grams with padding are ignored.
+    t : int
+        Chunk length T: slot u is positions ``[u*T, (u+1)*T)``.
+    r_tokens : ndarray, shape (b, C, m, R), integer
+        Per slot, its m candidates' neighbour then continuation tokens (one
+        contiguous span of their document, padded).
+    r_len : ndarray, shape (b, C, m)
+        Real tokens of each span (0 for a missing candidate).
+    n : int, default 13
+
+    Returns
+    -------
+    ndarray, shape (b, C, m), float64
+        For slot u and a candidate: the largest share, over the window's
+        chunks f >= u (positions ``[f*T, (f+1)*T)``, a last partial one
+        included), of f's n-grams (those starting in f, all of their tokens
+        text) found in the candidate's span; or, when larger, the n-grams
+        found from u on in all, over ``T - n + 1`` (a full chunk's n-grams:
+        a copy across a chunk boundary counts whole; above 1 for more than
+        a chunk's worth). 0 where no chunk from u on has an n-gram.
+    """
+    b, c, m, r = r_tokens.shape
+    out = np.zeros((b, c, m))
+    if win_tokens.shape[1] < n or r < n:
+        return out
+    rh, rv = ngram_hashes(r_tokens, r_len, n)  # (b, C, m, G)
+    slot_start = (np.arange(c) * t)[:, None, None]
+    rows = np.arange(c * m).reshape(c, m, 1)
+    for w in range(b):
+        wh, _ = ngram_hashes(win_tokens[w], np.array(win_tokens.shape[1]), n)
+        pos = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(np.asarray(win_real[w], bool), n).all(-1))
+        if len(pos) == 0:
+            continue
+        # Every occurrence counts for its own chunk (text often repeats an n-gram: code, refrains).
+        uh, uid = np.unique(wh[pos], return_inverse=True)
+        idx = np.minimum(np.searchsorted(uh, rh[w]), len(uh) - 1)  # (C, m, G)
+        hit = (uh[idx] == rh[w]) & rv[w]
+        found = np.zeros((c * m, len(uh)), bool)
+        found[np.broadcast_to(rows, hit.shape)[hit], idx[hit]] = True
+        at = found[:, uid.ravel()].reshape(c, m, len(pos))  # window position matched, per slot and candidate
+        at &= (pos[None, :] >= slot_start[:, :, 0])[:, None, :]  # only text from the slot's own chunk on
+        _, first = np.unique(pos // t, return_index=True)  # (pos ascending: chunks in runs)
+        per_chunk = np.diff(np.r_[first, len(pos)])
+        counts = np.add.reduceat(at.astype(np.int32), first, axis=-1)  # (C, m, chunks with an n-gram)
+        # A chunk's share, or, for a copy straddling chunk boundaries (helper-28's shifted copies), all the
+        # text it holds from u on counted in chunks' worth of n-grams (T - n + 1 per full chunk).
+        out[w] = np.maximum((counts / per_chunk).max(-1), counts.sum(-1) / max(t - n + 1, 1))
+    return out
 
 
 def ngram_overlap(query, neighbor, n: int = DEFAULT_NGRAM) -> float:
@@ -184,6 +259,9 @@ class FilterStats:
         Exact copies of the query chunk.
     overlap : int
         Holding at least ``threshold`` of the query's n-grams (not identical).
+    window : int
+        With its continuation, holding at least ``threshold`` of a chunk of
+        the window from the query's on (:func:`future_overlap`; not counted above).
     short_rows : int
         Query chunks left with fewer than k neighbours after filtering.
     """
@@ -191,13 +269,15 @@ class FilterStats:
     excluded_docs: int = 0
     duplicates: int = 0
     overlap: int = 0
+    window: int = 0
     short_rows: int = 0
 
 
 def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: np.ndarray,
                      c_tokens: np.ndarray, c_len: np.ndarray, c_docs: np.ndarray,
                      excluded: np.ndarray | None = None, threshold: float | None = DEFAULT_OVERLAP_THRESHOLD,
-                     n: int = DEFAULT_NGRAM, drop_duplicates: bool = True) -> tuple[np.ndarray, FilterStats]:
+                     n: int = DEFAULT_NGRAM, drop_duplicates: bool = True,
+                     window_share: np.ndarray | None = None) -> tuple[np.ndarray, FilterStats]:
     """Keep the first k admissible candidates of each query chunk.
 
     Parameters
@@ -217,6 +297,8 @@ def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: n
     n : int, default 13
     drop_duplicates : bool, default True
         Drop candidates whose tokens equal the query's.
+    window_share : ndarray, shape (B, m), optional
+        :func:`future_overlap` of each candidate: dropped from ``threshold`` on.
 
     Returns
     -------
@@ -240,6 +322,10 @@ def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: n
             high = (overlap >= threshold) & ok
             stats.overlap = int(high.sum())
             ok &= ~high
+    if window_share is not None and threshold is not None:
+        ahead = (window_share >= threshold) & ok
+        stats.window = int(ahead.sum())
+        ok &= ~ahead
     # Stable: admissible candidates first, in their original (nearest-first) order.
     order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
     kept = np.take_along_axis(np.where(ok, cand, -1), order, axis=1)

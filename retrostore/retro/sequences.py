@@ -41,8 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import EmbedderMismatchError, InvalidInputError, check_int, is_int, shown
-from ._checks import check_k_of, check_pad_id
-from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors
+from ._checks import check_k_of, check_pad_id, check_threshold, output_lock
+from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 from .table import ChunkTable, check_table, chunk_table, store_identity
 
 if TYPE_CHECKING:
@@ -76,7 +76,10 @@ def default_eos_id(store: "Store") -> int:
 def _check_eos(store: "Store", eos_id: Any, pad: int) -> int:
     vocab = int(store.manifest["tokenizer"]["vocab_size"])
     eos = default_eos_id(store) if eos_id is None else eos_id
-    if not is_int(eos) or not 0 <= eos < vocab:
+    if not is_int(eos):  # (helper-28: 1.0 and True were called "outside the vocabulary")
+        raise InvalidInputError(f"eos_id={shown(eos)} must be an int token id in [0, {vocab}) of the store's "
+                                "tokenizer, or None for its document-end token")
+    if not 0 <= eos < vocab:
         raise InvalidInputError(f"eos_id={shown(eos)} is outside the store's vocabulary [0, {vocab}); give a token id of "
                                 "the store's tokenizer")
     if eos == pad:
@@ -249,8 +252,10 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     beside ``out`` as ``OUT.candidates-STORE-kM.npy`` (STORE: the first 16 hex
     digits of the sha256 of the version's manifest, so that they are never reused
     for another store or version). Each window slot then keeps the first k candidates that are not from an excluded document, not an exact
-    copy of the query chunk, and do not hold ``overlap_threshold`` of its
-    n-grams. A slot left with fewer than k (the candidates ran out: boilerplate
+    copy of the query chunk, do not hold ``overlap_threshold`` of its
+    n-grams, and, with their continuation, do not hold ``overlap_threshold``
+    of a chunk of the window from the slot's own on (a copy of the text the
+    window predicts, stored in another document: :func:`~retrostore.retro.leakage.future_overlap`). A slot left with fewer than k (the candidates ran out: boilerplate
     with many near copies) is searched again with the chunk's tokens embedded
     once more (the stored vectors are not public), widening until k are found
     or the store is exhausted; the summary counts these (``research``).
@@ -271,7 +276,8 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         excludes the training sequence's own document, §2.4; a packed window
         has several). ``"chunk"``: only the slot's own document.
     overlap_threshold : float or None, default 0.5
-        See :mod:`retrostore.retro.leakage`; None turns it off.
+        See :mod:`retrostore.retro.leakage` (the near-copy and the window
+        filters); None turns both off.
     ngram : int, default 13
     drop_duplicates : bool, default True
     candidates : int, optional
@@ -287,24 +293,29 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         The summary, also written beside ``out`` (``knn.npy``: ``knn.summary.json``): ``rows``,
         ``chunks`` (non-empty slots), ``k``, ``exclude``,
         ``overlap_threshold``, ``ngram``, ``dropped`` (``excluded_docs``,
-        ``duplicates``, ``overlap``: candidates dropped), ``research`` (slots
+        ``duplicates``, ``overlap``, ``window``: candidates dropped), ``research`` (slots
         searched again), ``short`` (slots still with fewer than k).
 
     Raises
     ------
     InvalidInputError
-        Bad ``k``, ``exclude``, ``overlap_threshold``, ``ngram``,
-        ``candidates``, ``batch_size`` or ``out``; ``seqs`` of another
-        store version.
+        Bad ``k``, ``exclude``, ``overlap_threshold``, ``ngram`` (1 to
+        ``chunk_tokens``), ``candidates``, ``batch_size`` or ``out``; ``seqs``
+        of another store version, or no window at all.
+    WriterLockedError
+        Another process is writing ``out`` (it holds ``OUT.lock``, a file
+        left beside ``out``).
     """
     k = check_k_of(store, k)
     if exclude not in ("sequence", "chunk"):
         raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
-    if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(
-            overlap_threshold, (int, float, np.floating)) or not 0 < overlap_threshold <= 1):
-        raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
-                                "turn the overlap filter off")
-    ngram = check_int("ngram", ngram, 1, 2**31 - 1)
+    overlap_threshold = check_threshold(overlap_threshold)
+    if not isinstance(seqs, Sequences):
+        raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
+                                "retrostore.retro.training_sequences(store, seq_len)")
+    ngram = check_int("ngram", ngram, 1, seqs.table.chunk_tokens,
+                      fix="a longer n-gram than a chunk matches nothing and turns the overlap filters off "
+                          "(RETRO uses 13; overlap_threshold=None turns them off on purpose)")
     n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
     batch_size = check_int("batch_size", batch_size, 1)
     check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")
@@ -314,8 +325,22 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     if not out.parent.is_dir():
         raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
     n, c = seqs.chunk_ids.shape
-    table = seqs.table
+    if n == 0:
+        raise InvalidInputError(f"seqs holds no window: version {store.version} of the store has no live chunk "
+                                f"({len(store):,} chunks, of deleted or empty documents); append documents and commit")
     n_cand = min(n_cand, max(len(store) - 1, 1))
+    lock = output_lock(out, "neighbours")
+    try:
+        return _sequence_neighbors(store, seqs, out, k, exclude, overlap_threshold, ngram, drop_duplicates, n_cand,
+                                   batch_size, progress)
+    finally:
+        lock.release()
+
+
+def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str, overlap_threshold, ngram: int,
+                        drop_duplicates: bool, n_cand: int, batch_size: int, progress: bool) -> dict:
+    n, c = seqs.chunk_ids.shape
+    table = seqs.table
     # Named by the store's identity (its manifest's sha256) and width, so a finished file is never reused
     # for another store or version (helper-17: one named by the version number only was).
     ident = store_identity(store)
@@ -326,10 +351,11 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     params = {"store": ident, "store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
               "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
               "drop_duplicates": drop_duplicates, "candidates": n_cand,
-              "windows_sha": _digest(seqs.chunk_ids)}
+              "windows_sha": _digest(seqs.chunk_ids),
+              "window_filter": 1}  # (a run of the code before the window filter is not resumed: mixed rows)
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".progress.json")
-    done, totals = 0, {"excluded_docs": 0, "duplicates": 0, "overlap": 0, "research": 0, "short": 0}
+    done, totals = 0, {"excluded_docs": 0, "duplicates": 0, "overlap": 0, "window": 0, "research": 0, "short": 0}
     if partial.exists() and state_path.exists():
         try:
             state = json.loads(state_path.read_text())
@@ -349,20 +375,33 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
             qi = q[have]
             cand = np.asarray(cand_all[qi], np.int64)
             safe = np.maximum(cand, 0)
+            win, real = _window_text(seqs, done, end)
+            share = None
+            if overlap_threshold is not None:
+                full = np.full((len(q), cand.shape[1]), -1, np.int64)
+                full[have] = cand
+                spans, span_len = _spans(table, full)
+                share = future_overlap(win, real, table.chunk_tokens, spans.reshape(end - done, c, *spans.shape[1:]),
+                                       span_len.reshape(end - done, c, -1), ngram).reshape(len(q), -1)[have]
             kept, st = filter_neighbors(
                 cand, k, q_tokens=table.tokens[qi], q_len=table.lengths[qi],
                 c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
                 c_docs=np.where(cand >= 0, table.doc_ids[safe], -1),
                 excluded=excl_all[done:end].reshape(-1, excl_all.shape[-1])[have],
-                threshold=overlap_threshold, n=ngram, drop_duplicates=drop_duplicates)
+                threshold=overlap_threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
             totals["excluded_docs"] += st.excluded_docs
             totals["duplicates"] += st.duplicates
             totals["overlap"] += st.overlap
+            totals["window"] = totals.get("window", 0) + st.window
             # Slots short of k although their candidate list was full: search again, wider.
             short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
             if len(short):
+                slot = np.flatnonzero(have)[short]  # (window - done) * C + u of each short slot
+                ahead = [(win[i // c, (i % c) * table.chunk_tokens:], real[i // c, (i % c) * table.chunk_tokens:])
+                         for i in slot]  # each slot's text from its own chunk on: what it may not retrieve
                 kept[short] = _research(store, table, qi[short], excl_all[done:end].reshape(
-                    -1, excl_all.shape[-1])[have][short], k, n_cand, overlap_threshold, ngram, drop_duplicates)
+                    -1, excl_all.shape[-1])[have][short], k, n_cand, overlap_threshold, ngram, drop_duplicates,
+                    ahead)
                 totals["research"] += len(short)
             totals["short"] += int((kept < 0).any(1).sum())
             block = np.full((len(q), k), -1, np.int64)
@@ -380,7 +419,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     summary = {"rows": n, "chunks": int((seqs.chunk_ids >= 0).sum()), "k": k, "exclude": exclude,
                "mode": seqs.mode, "seq_len": seqs.seq_len, "overlap_threshold": overlap_threshold, "ngram": ngram,
                "drop_duplicates": drop_duplicates, "candidates": n_cand, "store_version": store.version,
-               "dropped": {key: totals[key] for key in ("excluded_docs", "duplicates", "overlap")},
+               "dropped": {key: totals.get(key, 0) for key in ("excluded_docs", "duplicates", "overlap", "window")},
                "research": totals["research"], "short": totals["short"]}
     _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
     return summary
@@ -396,8 +435,30 @@ def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:
     return emb.embed([store.chunker.decode(t) for t in toks])
 
 
+def _window_text(seqs: Sequences, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``[start, stop)``' tokens (b, L + 1) and which of them are text (not slot padding)."""
+    tokens = seqs.tokens(start, stop)
+    ids = seqs.chunk_ids[start:stop]
+    t = seqs.table.chunk_tokens
+    lengths = np.where(ids >= 0, seqs.table.lengths[np.maximum(ids, 0)], 0)
+    real = (np.arange(t) < lengths[:, :, None]).reshape(len(ids), -1)
+    return tokens, np.concatenate([real, (seqs.labels[start:stop] != seqs.pad_id)[:, None]], axis=1)
+
+
+def _spans(table: ChunkTable, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each candidate's neighbour then continuation tokens, ``(..., 2T)``, and their real lengths
+    (0 for -1): the text a retrieved slot hands the model."""
+    safe = np.maximum(cand, 0)
+    nxt = np.minimum(safe + 1, len(table.lengths) - 1)
+    cont = (cand >= 0) & table.next_in_doc[safe]
+    spans = np.concatenate([table.tokens[safe], table.tokens[nxt]], axis=-1)
+    lengths = np.where(cand >= 0, table.lengths[safe] + np.where(cont, table.lengths[nxt], 0), 0)
+    return spans, lengths
+
+
 def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndarray, k: int, start: int,
-              threshold, ngram: int, drop_duplicates: bool) -> np.ndarray:
+              threshold, ngram: int, drop_duplicates: bool,
+              ahead: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """k admissible neighbours of chunks whose candidates ran out: their tokens embedded once
     more (the stored vectors are not public) and searched ever wider (8x the candidates, then
     doubling) until k pass the filters or the store is exhausted.
@@ -417,11 +478,17 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
         ids = chunk_ids[todo]
         _, cand = store.search_vectors(vecs[todo], want)
         safe = np.maximum(cand, 0)
+        share = None
+        if ahead is not None and threshold is not None:  # each slot as a window of its text from its chunk on
+            spans, span_len = _spans(table, cand)
+            share = np.concatenate([future_overlap(ahead[i][0][None], ahead[i][1][None], table.chunk_tokens,
+                                                   spans[j][None, None], span_len[j][None, None], ngram)[0]
+                                    for j, i in enumerate(todo)]) if len(todo) else None
         got, _ = filter_neighbors(
             cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
             c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
             c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=excluded[todo],
-            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates)
+            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
         kept[todo] = got
         if want >= len(store):
             break

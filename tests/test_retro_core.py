@@ -258,6 +258,40 @@ def test_sequence_neighbors_bad_input(store, table, tmp_path):
         held.release()
 
 
+def test_neighbours_of_other_windows_and_purged_candidates_are_never_used(tmp_path, small_docs, embedder):
+    """helper-28: TrainingSet took a neighbour file of another version's windows (same shape: a document
+    deleted and appended again), and a pinned handle reused candidates searched before a compaction,
+    keeping chunks purged since (read back as padding, counted as neither dropped nor short)."""
+    texts = [d["text"] for d in small_docs[:4]]
+    path = tmp_path / "s.rstore"
+    with retrostore.create(path, embedder=embedder) as st:
+        st.append(texts)
+        first = st.commit()
+    with retrostore.open(path, "a", embedder=embedder) as st:
+        seqs = retro.training_sequences(st, 2 * T)
+        retro.sequence_neighbors(st, seqs, tmp_path / "knn.npy", k=1)
+        retro.TrainingSet(st, seqs, tmp_path / "knn.npy")  # its own windows: accepted
+        st.delete([0])
+        st.append([texts[0]])
+        st.commit()
+        again = retro.training_sequences(st, 2 * T)
+        assert again.chunk_ids.shape == seqs.chunk_ids.shape  # the shape check alone let it through
+        with pytest.raises(InvalidInputError, match=r"neighbours of other windows \(store version 1\)"):
+            retro.TrainingSet(st, again, tmp_path / "knn.npy")
+    with retrostore.open(path, version=first, embedder=embedder) as pinned:
+        retro.sequence_neighbors(pinned, retro.training_sequences(pinned, 2 * T), tmp_path / "p.npy", k=2)
+        with retrostore.open(path, "a", embedder=embedder) as writer:
+            writer.delete([1])
+            writer.commit()
+            writer.compact(progress=False)
+        seqs = retro.training_sequences(pinned, 2 * T)
+        summary = retro.sequence_neighbors(pinned, seqs, tmp_path / "p.npy", k=2)  # the candidates file is reused
+        assert summary["dropped"]["purged"] > 0
+        knn = np.load(tmp_path / "p.npy")
+        assert len(list(tmp_path.glob("p.candidates-*"))) == 1
+        assert seqs.table.live[knn[knn >= 0]].all() and (seqs.table.doc_ids[knn[knn >= 0]] != 1).all()
+
+
 def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
     """helper-28: exporting an empty store was an IndexError that left OUT.partial behind; a store whose
     documents were all deleted exported 0 windows with exit 0."""

@@ -9,13 +9,14 @@ it as it is (``default_collate`` turns the arrays into tensors).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidInputError, check_int
-from .sequences import Sequences
+from .sequences import Sequences, window_digest
 from .tokens import NeighborFile
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ class TrainingSet:
     Raises
     ------
     InvalidInputError
-        The neighbour file's shape does not fit ``seqs``.
+        The neighbour file's shape does not fit ``seqs``, or its summary
+        (``KNN.summary.json`` beside it, when there) names other windows.
     """
 
     def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike):
@@ -50,6 +52,14 @@ class TrainingSet:
         if self.knn.ids.ndim != 3 or self.knn.shape[:2] != (n, c):
             raise InvalidInputError(f"{neighbors} has shape {self.knn.shape}; these {n} windows of {c} chunks need "
                                     f"({n}, {c}, k): compute it with sequence_neighbors(store, seqs, ...)")
+        # The same shape is not the same windows (helper-28: a file of another version, after a delete and
+        # re-append, was taken: 51 of 1,208 neighbours from the window's own documents).
+        summary = _summary(neighbors)
+        if summary.get("windows_sha") not in (None, window_digest(seqs)):
+            raise InvalidInputError(
+                f"{neighbors} holds the neighbours of other windows (store version {summary.get('store_version')}), "
+                f"not of these (cut from version {store.version}): their documents would not be excluded; compute "
+                "it again with sequence_neighbors(store, seqs, ...)")
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -63,3 +73,15 @@ class TrainingSet:
         """Rows ``[start, stop)``: ``seq (b, L + 1)``, ``retrieved (b, C, k, 2T)`` and its mask."""
         nt = self.knn.tokens(start, stop)
         return self.seqs.tokens(start, stop), nt.tokens, nt.mask
+
+
+def _summary(neighbors: str | os.PathLike) -> dict:
+    """``KNN.summary.json`` beside a neighbour file (``{}`` when absent or unreadable: nothing to check)."""
+    path = str(neighbors)
+    path = (path[:-4] if path.endswith(".npy") else path) + ".summary.json"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

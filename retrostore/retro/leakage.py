@@ -262,6 +262,8 @@ class FilterStats:
     window : int
         With its continuation, holding at least ``threshold`` of a chunk of
         the window from the query's on (:func:`future_overlap`; not counted above).
+    purged : int
+        Deleted or purged since the candidates were searched (no document).
     short_rows : int
         Query chunks left with fewer than k neighbours after filtering.
     """
@@ -270,6 +272,7 @@ class FilterStats:
     duplicates: int = 0
     overlap: int = 0
     window: int = 0
+    purged: int = 0
     short_rows: int = 0
 
 
@@ -288,7 +291,8 @@ def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: n
     q_tokens, q_len : ndarray, shapes (B, T), (B,)
         The query chunks' padded tokens and lengths.
     c_tokens, c_len, c_docs : ndarray, shapes (B, m, T), (B, m), (B, m)
-        The candidates' padded tokens, lengths and documents.
+        The candidates' padded tokens, lengths and documents (-1: a chunk
+        deleted or purged since the candidates were searched, never kept).
     excluded : ndarray, shape (B, e), int64, optional
         Per query, documents whose chunks are dropped (-1 padded).
     threshold : float or None, default 0.5
@@ -307,7 +311,8 @@ def filter_neighbors(cand: np.ndarray, k: int, *, q_tokens: np.ndarray, q_len: n
     stats : FilterStats
     """
     stats = FilterStats()
-    ok = cand >= 0
+    ok = (cand >= 0) & (c_docs >= 0)  # (c_docs -1: no document any more, a chunk purged since the search)
+    stats.purged = int(((cand >= 0) & (c_docs < 0)).sum())
     if excluded is not None and excluded.size:
         ex = (c_docs[:, :, None] == excluded[:, None, :]).any(-1) & ok
         stats.excluded_docs = int(ex.sum())

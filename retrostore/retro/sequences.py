@@ -293,7 +293,9 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         The summary, also written beside ``out`` (``knn.npy``: ``knn.summary.json``): ``rows``,
         ``chunks`` (non-empty slots), ``k``, ``exclude``,
         ``overlap_threshold``, ``ngram``, ``dropped`` (``excluded_docs``,
-        ``duplicates``, ``overlap``, ``window``: candidates dropped), ``research`` (slots
+        ``duplicates``, ``overlap``, ``window``, ``purged``: candidates dropped),
+        ``store`` (the version's identity), ``windows_sha`` (which windows:
+        :class:`TrainingSet` checks it), ``research`` (slots
         searched again), ``short`` (slots still with fewer than k).
 
     Raises
@@ -351,7 +353,7 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
     params = {"store": ident, "store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
               "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
               "drop_duplicates": drop_duplicates, "candidates": n_cand,
-              "windows_sha": _digest(seqs.chunk_ids),
+              "windows_sha": window_digest(seqs),
               "window_filter": 1}  # (a run of the code before the window filter is not resumed: mixed rows)
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".progress.json")
@@ -386,13 +388,14 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
             kept, st = filter_neighbors(
                 cand, k, q_tokens=table.tokens[qi], q_len=table.lengths[qi],
                 c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-                c_docs=np.where(cand >= 0, table.doc_ids[safe], -1),
+                c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1),
                 excluded=excl_all[done:end].reshape(-1, excl_all.shape[-1])[have],
                 threshold=overlap_threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
             totals["excluded_docs"] += st.excluded_docs
             totals["duplicates"] += st.duplicates
             totals["overlap"] += st.overlap
             totals["window"] = totals.get("window", 0) + st.window
+            totals["purged"] = totals.get("purged", 0) + st.purged
             # Slots short of k although their candidate list was full: search again, wider.
             short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
             if len(short):
@@ -419,7 +422,9 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
     summary = {"rows": n, "chunks": int((seqs.chunk_ids >= 0).sum()), "k": k, "exclude": exclude,
                "mode": seqs.mode, "seq_len": seqs.seq_len, "overlap_threshold": overlap_threshold, "ngram": ngram,
                "drop_duplicates": drop_duplicates, "candidates": n_cand, "store_version": store.version,
-               "dropped": {key: totals.get(key, 0) for key in ("excluded_docs", "duplicates", "overlap", "window")},
+               "store": params["store"], "windows_sha": params["windows_sha"],
+               "dropped": {key: totals.get(key, 0)
+                           for key in ("excluded_docs", "duplicates", "overlap", "window", "purged")},
                "research": totals["research"], "short": totals["short"]}
     _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
     return summary
@@ -487,7 +492,7 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
         got, _ = filter_neighbors(
             cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
             c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-            c_docs=np.where(cand >= 0, table.doc_ids[safe], -1), excluded=excluded[todo],
+            c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1), excluded=excluded[todo],
             threshold=threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
         kept[todo] = got
         if want >= len(store):
@@ -495,6 +500,11 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
         todo = todo[(got < 0).any(1) & (cand >= 0).all(1)]
         want = min(len(store), want * 2)
     return kept
+
+
+def window_digest(seqs: Sequences) -> str:
+    """Which windows: a digest of their chunk ids (in a neighbour file's summary, ``windows_sha``)."""
+    return _digest(seqs.chunk_ids)
 
 
 def _digest(a: np.ndarray) -> str:

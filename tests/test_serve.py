@@ -588,3 +588,44 @@ def test_engine_with_spinning_threads_answers_as_the_store(built_store, tmp_path
         assert eng.search([vreq])[0]["results"][0]
     finally:
         eng.close()
+
+
+def test_a_large_request_is_answered_in_slices_while_others_are_served(built_store, local):
+    """helper-27: one search of 128 long queries held a one-query search for 20 s. A request larger
+    than a batch (here --max-batch 4) is answered a slice at a time, requests arriving meanwhile between
+    its slices, and its answer is the embedded Store's, for text, vectors and neighbours."""
+    text = " ".join(local.get_document(d).text for d in range(3))
+    text = text * (1 + 130_000 // len(text))
+    long_texts = [text[997 * i:997 * i + 1200] for i in range(120)]  # ~256 tokens each: ~10 s of embedding
+    assert min(map(len, long_texts)) > 1000
+    with _serving.serving(built_store, "--max-batch", "4", "--max-queries", "200") as srv:
+        done = {}
+
+        def big():
+            res = _post(srv, "/v1/search", {"query": long_texts, "k": 3, "tokens": False})
+            done["big"] = (time.monotonic(), res)
+
+        thread = threading.Thread(target=big)
+        thread.start()
+        time.sleep(0.5)
+        asked = time.monotonic()
+        small = _post(srv, "/v1/search", {"query": QUERIES[0], "k": 2})
+        done["small"] = time.monotonic()
+        thread.join(300)
+        assert small.status_code == 200 and done["big"][1].status_code == 200
+        # Not held until the large request was done: answered within about one slice of it.
+        assert done["small"] < done["big"][0] and done["small"] - asked < (done["big"][0] - asked) / 3, \
+            (done["small"] - asked, done["big"][0] - asked)
+        rows = done["big"][1].json()["results"]
+        assert [[h["chunk_id"] for h in r] for r in rows] == [[h.chunk_id for h in r]
+                                                              for r in local.search(long_texts, k=3)]
+        vecs = local.embedder.embed(QUERIES * 3)
+        body = _post(srv, "/v1/search", {"vectors": vecs.tolist(), "k": 5, "output": "ids"}).json()
+        assert body["chunk_ids"] == local.search_vectors(vecs, k=5)[1].tolist()
+        tokens = np.asarray(local.chunker.encode(text)[0][:6 * 128]).reshape(6, 128)  # 6 rows x 2 chunks
+        with retrostore.connect(srv.url) as client:
+            got = client.neighbors(tokens, k=2)
+        want = local.neighbors(tokens, k=2)
+        assert np.array_equal(got.chunk_ids, want.chunk_ids) and np.array_equal(got.tokens, want.tokens)
+        metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+        assert "retrostore_batch_requests" in metrics

@@ -262,7 +262,7 @@ def create_app(settings: ServeSettings, *, embedder: Any = None) -> Starlette:
         req = await server.parsed(request, lambda body: parse_neighbors(
             body, facts(), max_queries=s.max_queries, max_k=s.max_k, max_ids=s.max_ids,
             max_neighbors=s.max_neighbors))
-        nb, version = await server.submit("neighbors", req, len(req.tokens) * req.chunks)
+        nb, version = await server.submit("neighbors", req, req.n)
         headers = {VERSION_HEADER: str(version), "X-Retrostore-Shape": ",".join(map(str, nb.tokens.shape))}
         if wants_npy(request.headers.get("accept")):
             body = await anyio.to_thread.run_sync(pack_arrays, [getattr(nb, f) for f in NEIGHBOR_FIELDS])

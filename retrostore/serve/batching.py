@@ -5,7 +5,10 @@ await their futures. The batcher thread takes every job waiting, and, while
 more requests are known to be on their way (handlers still reading or checking
 a body, or the previous batch held several requests), waits up to
 ``batch_window_ms`` for more, up to ``max_batch`` queries. A lone client never
-waits: with nothing else in flight the batch runs at once. Between batches the
+waits: with nothing else in flight the batch runs at once. A request of more
+than ``max_batch`` queries (or, for text, more than ``max_batch * 256``
+characters) is answered a slice at a time, the requests that arrive meanwhile
+answered between its slices (from the same version). Between batches the
 thread moves the store to the newest committed version, so a batch is answered
 from one version, never from a half-switched one.
 
@@ -43,6 +46,7 @@ class Job:
     n: int
     done: Callable[[Any, BaseException | None, int], None]
     queued_at: float = field(default_factory=time.monotonic)
+    parts: list | None = None  # its slices when too large for one batch ([] when not; see Batcher._parts)
 
 
 class Batcher:
@@ -132,6 +136,8 @@ class Batcher:
             if not self._queue:
                 return []
             batch = [self._queue.popleft()]
+            if self._parts(batch[0]):
+                return batch  # answered alone, a slice at a time
             n = batch[0].n
             n = self._drain(batch, n)
             if self.window_s > 0 and n < self.max_batch and (self.arriving > 0 or last_requests > 1):
@@ -145,8 +151,17 @@ class Batcher:
                     n = self._drain(batch, n)
             return batch
 
+    def _parts(self, job: Job) -> list | None:
+        """The slices of a request too large for one batch (None for the others), worked out once."""
+        if job.parts is None:
+            sliceable = job.kind in ("search", "neighbors") and hasattr(type(job.payload), "merge")
+            job.parts = job.payload.split(self.max_batch) if sliceable else []
+            if len(job.parts) == 1:
+                job.parts = []
+        return job.parts or None
+
     def _drain(self, batch: list[Job], n: int) -> int:
-        while self._queue and n + self._queue[0].n <= self.max_batch:
+        while self._queue and n + self._queue[0].n <= self.max_batch and not self._parts(self._queue[0]):
             job = self._queue.popleft()
             batch.append(job)
             n += job.n
@@ -180,9 +195,48 @@ class Batcher:
                 results.append(exc)
         return results
 
+    def _take_waiting(self) -> list[Job]:
+        """The requests waiting now that fit one batch (never one that needs slicing), without waiting."""
+        batch: list[Job] = []
+        with self._cond:
+            n = 0
+            while (self._queue and n + self._queue[0].n <= self.max_batch and not self._parts(self._queue[0])
+                   and not self._stop):
+                job = self._queue.popleft()
+                batch.append(job)
+                n += job.n
+        return batch
+
+    def _execute_sliced(self, job: Job, parts: list) -> None:
+        """A request of more than ``max_batch`` queries, answered ``max_batch`` at a time; between
+        slices the requests that came meanwhile are answered too, from the same version (no refresh
+        until the request is done), so one large request never holds every other client for its whole
+        run (helper-27: 128 long queries held a one-query search for 20 s)."""
+        run = self.engine.search if job.kind == "search" else self.engine.neighbors
+        version = self.engine.version
+        answers = []
+        for part in parts:
+            result = self._run_isolated(run, [Job(job.kind, part, part.n, job.done)])[0]
+            self.metrics.batch(job.kind, requests=1, queries=part.n)
+            if isinstance(result, BaseException):
+                job.done(None, result, version)
+                return
+            answers.append(result)
+            others = self._take_waiting()
+            if others:
+                self._execute(others)
+        job.done(job.payload.merge(answers), None, version)
+
     def _execute(self, batch: list[Job]) -> None:
         engine = self.engine
         version = engine.version
+        if len(batch) == 1 and (parts := self._parts(batch[0])):
+            try:
+                self._execute_sliced(batch[0], parts)
+            except Exception as exc:  # a bug or an unexpected library failure: answer 500, keep serving
+                log.exception("sliced request failed")
+                batch[0].done(None, exc, version)
+            return
         pending = list(batch)
         try:
             for job in [j for j in batch if j.kind == "call"]:

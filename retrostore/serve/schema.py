@@ -8,6 +8,7 @@ the engine, which raises the store's own errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -79,6 +80,33 @@ class SearchRequest:
             return len(self.token_rows)
         return len(self.vectors)
 
+    def split(self, size: int) -> list["SearchRequest"]:
+        """The same request over consecutive runs of its queries, for sliced answering: at most ``size``
+        queries a part and, for text, at most ``size * 256`` characters (about ``size`` chunks of 64
+        tokens: long texts cost the embedder in proportion to their tokens), at least one query."""
+        def part(a: int, b: int) -> "SearchRequest":
+            return dataclasses.replace(
+                self, single=False, texts=None if self.texts is None else self.texts[a:b],
+                token_rows=None if self.token_rows is None else self.token_rows[a:b],
+                vectors=None if self.vectors is None else self.vectors[a:b])
+        cuts, start, chars = [], 0, 0
+        for i in range(self.n):
+            cost = len(self.texts[i]) if self.texts is not None else 0
+            if i > start and (i - start >= size or chars + cost > size * 256):
+                cuts.append((start, i))
+                start, chars = i, 0
+            chars += cost
+        cuts.append((start, self.n))
+        return [part(a, b) for a, b in cuts]
+
+    @staticmethod
+    def merge(answers: list[dict]) -> dict:
+        """One answer from the answers of :meth:`split`'s parts, in order."""
+        if "results" in answers[0]:
+            return {"results": [row for a in answers for row in a["results"]]}
+        return {"scores": [row for a in answers for row in a["scores"]],
+                "chunk_ids": [row for a in answers for row in a["chunk_ids"]]}
+
 
 @dataclass
 class NeighborsRequest:
@@ -88,6 +116,25 @@ class NeighborsRequest:
     chunks: int  # C of the answer (after the label token is dropped and the tail handled)
     label_token: bool = False
     tail: str = "query"
+
+    @property
+    def n(self) -> int:
+        """Query chunks: what the batcher counts."""
+        return len(self.tokens) * self.chunks
+
+    def split(self, size: int) -> list["NeighborsRequest"]:
+        """The same request over row ranges of about ``size`` query chunks each (at least one row)."""
+        rows = max(1, size // max(self.chunks, 1))
+        return [dataclasses.replace(self, tokens=self.tokens[a:a + rows],
+                                    exclude=None if self.exclude is None else self.exclude[a:a + rows])
+                for a in range(0, len(self.tokens), rows)]
+
+    @staticmethod
+    def merge(answers: list) -> Any:
+        """One :class:`retrostore.Neighbors` from the parts' answers, rows in order."""
+        first = answers[0]
+        return type(first)(*(np.concatenate([getattr(a, f) for a in answers]) for f in
+                             ("tokens", "mask", "chunk_ids", "doc_ids", "scores")))
 
 
 @dataclass

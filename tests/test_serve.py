@@ -430,6 +430,29 @@ def test_a_body_that_never_arrives_is_a_408_after_body_timeout(server, remote, l
     assert got == [h.chunk_id for h in local.search(QUERIES[3], k=2)]
 
 
+def test_headers_that_never_arrive_close_the_connection(server, remote, local):
+    """helper-27: half a request line, then nothing, held the connection open for ever (uvicorn bounds
+    idle keep-alive connections and the app bounds bodies, nothing bounded headers). The server closes
+    it after --body-timeout-s (2 s here), on a new connection and on a kept-alive one, and serves on."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    for first in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):  # a new, then a kept-alive connection
+        with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+            if first:
+                sock.sendall(first)
+                answer = b""
+                while not answer.endswith(b"}"):  # headers and body may come in two reads
+                    answer += sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\n")  # and the rest never comes
+            t0 = time.monotonic()
+            _same_hits(remote.search(QUERIES[1], k=2), local.search(QUERIES[1], k=2))  # others are answered
+            assert sock.recv(65536) == b""  # closed by the server
+            assert 1.5 < time.monotonic() - t0 < 15
+
+
 def test_binds_loopback_by_default(server):
     assert "Uvicorn running on http://127.0.0.1:" in server.log()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import importlib.util
 import logging
 import os
@@ -96,6 +97,9 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
         raise MissingDependencyError(f"retrostore serve needs the serve extra ({', '.join(missing)} missing): "
                                      "pip install '.[serve]' in the retrostore checkout")
     import uvicorn
+    # Our h11 protocol with a deadline on headers; its module imports uvicorn (optional), so it is
+    # loaded here, with uvicorn, and not at import (retrostore.serve.protocol).
+    protocol = importlib.import_module("retrostore.serve.protocol").HeaderDeadlineH11
     check_port(settings.host, settings.port)
     info = check_store(settings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
@@ -114,7 +118,7 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
                 stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
             uvicorn.run("retrostore.serve.app:app_from_environ", factory=True, host=settings.host,
                         port=settings.port, workers=settings.workers, log_level=log_level, access_log=False,
-                        timeout_graceful_shutdown=10)
+                        timeout_graceful_shutdown=10, http=protocol)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -139,11 +139,12 @@ def future_overlap(win_tokens: np.ndarray, win_real: np.ndarray, t: int, r_token
     ndarray, shape (b, C, m), float64
         For slot u and a candidate: the largest share, over the window's
         chunks f >= u (positions ``[f*T, (f+1)*T)``, a last partial one
-        included), of f's n-grams (those starting in f, all of their tokens
-        text) found in the candidate's span; or, when larger, the n-grams
-        found from u on in all, over ``T - n + 1`` (a full chunk's n-grams:
-        a copy across a chunk boundary counts whole; above 1 for more than
-        a chunk's worth). 0 where no chunk from u on has an n-gram.
+        included), of f's distinct n-grams (those starting in f, all of
+        their tokens text) found in the candidate's span; or, when larger,
+        the distinct n-grams found from u on in all, over ``T - n + 1`` (a
+        full chunk's n-grams: a copy across a chunk boundary counts whole;
+        above 1 for more than a chunk's worth). 0 where no chunk from u on
+        has an n-gram.
     """
     b, c, m, r = r_tokens.shape
     out = np.zeros((b, c, m))
@@ -157,20 +158,30 @@ def future_overlap(win_tokens: np.ndarray, win_real: np.ndarray, t: int, r_token
         pos = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(np.asarray(win_real[w], bool), n).all(-1))
         if len(pos) == 0:
             continue
-        # Every occurrence counts for its own chunk (text often repeats an n-gram: code, refrains).
+        # Distinct n-grams, per chunk and in all: a run of one repeated token (an rst table border, a
+        # heading underline) is one n-gram, not one per position (else every window with such a run
+        # dropped every candidate holding a short piece of it).
         uh, uid = np.unique(wh[pos], return_inverse=True)
+        uid = uid.ravel()
+        f = pos // t
+        pairs = np.unique(f * len(uh) + uid)  # distinct (chunk, n-gram), chunks ascending
+        pf, pu = pairs // len(uh), pairs % len(uh)
         idx = np.minimum(np.searchsorted(uh, rh[w]), len(uh) - 1)  # (C, m, G)
         hit = (uh[idx] == rh[w]) & rv[w]
         found = np.zeros((c * m, len(uh)), bool)
         found[np.broadcast_to(rows, hit.shape)[hit], idx[hit]] = True
-        at = found[:, uid.ravel()].reshape(c, m, len(pos))  # window position matched, per slot and candidate
-        at &= (pos[None, :] >= slot_start[:, :, 0])[:, None, :]  # only text from the slot's own chunk on
-        _, first = np.unique(pos // t, return_index=True)  # (pos ascending: chunks in runs)
-        per_chunk = np.diff(np.r_[first, len(pos)])
+        at = found[:, pu].reshape(c, m, len(pu))  # per distinct (chunk, n-gram): held by the candidate
+        at &= (pf[None, :] * t >= slot_start[:, :, 0])[:, None, :]  # only chunks from the slot's own on
+        _, first = np.unique(pf, return_index=True)
+        per_chunk = np.diff(np.r_[first, len(pf)])
         counts = np.add.reduceat(at.astype(np.int32), first, axis=-1)  # (C, m, chunks with an n-gram)
+        last_chunk = np.zeros(len(uh), np.int64)
+        np.maximum.at(last_chunk, uid, f)  # the last chunk each n-gram occurs in
+        ahead = last_chunk[None, :] * t >= slot_start[:, 0, :]  # (C, U): occurs from the slot's chunk on
+        total = (found.reshape(c, m, -1) & ahead[:, None, :]).sum(-1)
         # A chunk's share, or, for a copy straddling chunk boundaries (helper-28's shifted copies), all the
-        # text it holds from u on counted in chunks' worth of n-grams (T - n + 1 per full chunk).
-        out[w] = np.maximum((counts / per_chunk).max(-1), counts.sum(-1) / max(t - n + 1, 1))
+        # distinct n-grams it holds from u on counted in chunks' worth (T - n + 1 per full chunk).
+        out[w] = np.maximum((counts / per_chunk).max(-1), total / max(t - n + 1, 1))
     return out
 
 

@@ -377,9 +377,9 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
             qi = q[have]
             cand = np.asarray(cand_all[qi], np.int64)
             safe = np.maximum(cand, 0)
-            win, real = _window_text(seqs, done, end)
-            share = None
+            share = win = real = None
             if overlap_threshold is not None:
+                win, real = _window_text(seqs, done, end)
                 full = np.full((len(q), cand.shape[1]), -1, np.int64)
                 full[have] = cand
                 spans, span_len = _spans(table, full)
@@ -400,8 +400,9 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
             short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
             if len(short):
                 slot = np.flatnonzero(have)[short]  # (window - done) * C + u of each short slot
-                ahead = [(win[i // c, (i % c) * table.chunk_tokens:], real[i // c, (i % c) * table.chunk_tokens:])
-                         for i in slot]  # each slot's text from its own chunk on: what it may not retrieve
+                ahead = None if win is None else [  # each slot's text from its own chunk on: what it may not retrieve
+                    (win[i // c, (i % c) * table.chunk_tokens:], real[i // c, (i % c) * table.chunk_tokens:])
+                    for i in slot]
                 kept[short] = _research(store, table, qi[short], excl_all[done:end].reshape(
                     -1, excl_all.shape[-1])[have][short], k, n_cand, overlap_threshold, ngram, drop_duplicates,
                     ahead)

@@ -513,6 +513,11 @@ def _load_table(n_chunks: int, results: dict, batches: dict, args) -> list[str]:
         ratio = one["p50"] / floor["p50"]
         out.append(f"* at 1 client: retrostore serve p50 {C.ms(one['p50'])} ms = **{ratio:.2f}x** in-process "
                    f"{C.ms(floor['p50'])} ms (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'})")
+        flask_one = cell.get(("Flask baseline", 1))
+        if flask_one:  # what one HTTP hop costs a minimal server on this machine, for scale
+            out.append(f"* at 1 client the minimal Flask baseline's p50 {C.ms(flask_one['p50'])} ms is "
+                       f"{flask_one['p50'] / floor['p50']:.2f}x in-process (lighter answers, no batcher): for "
+                       "scale, the same loopback HTTP hop to a minimal Python server, in the same run")
     if batches.get("retrostore_batch_requests_count"):
         mean = batches["retrostore_batch_requests_sum"] / batches["retrostore_batch_requests_count"]
         out.append(f"* the server answered {batches['retrostore_batch_requests_sum']:.0f} search requests in "

@@ -296,6 +296,8 @@ def _leakage_options(fn, seq_len_required: bool = False):
                           "measure, Borgeaud et al. 2021), or, with their continuation, of a chunk of the window "
                           "from the query's on; exact copies are always dropped."),
         click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filters off."),
+        click.option("--ngram", type=int, default=retro.DEFAULT_NGRAM, show_default=True,
+                     help="N-gram length of the overlap filters (RETRO: 13; at most the chunk size)."),
     ]):
         fn = opt(fn)
     return fn
@@ -350,7 +352,7 @@ def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tupl
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
 def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, sequences, seq_len, mode, eos_id,
-              exclude, overlap_threshold, no_overlap_filter, tokens_out, quiet):
+              exclude, overlap_threshold, no_overlap_filter, ngram, tokens_out, quiet):
     """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
     file, or of training windows) into a .npy array for RETRO training.
     Interrupt and re-run to resume."""
@@ -371,6 +373,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
             summary = retro.sequence_neighbors(st, seqs, out, k=k, exclude=exclude,
                                                overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                               ngram=ngram,
                                                progress=not quiet)
             stem = out[:-4] if out.endswith(".npy") else out
             windows = np.lib.format.open_memmap(stem + ".windows.npy", mode="w+", dtype=np.int32,
@@ -414,7 +417,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly
-def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold, no_overlap_filter,
+def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold, no_overlap_filter, ngram,
            allow_pad_collision, force, quiet):
     """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
     the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
@@ -422,7 +425,8 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     with retrostore.open(store) as st:
         info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
                                           overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
-                                          allow_pad_collision=allow_pad_collision, force=force, progress=not quiet)
+                                          ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
+                                          progress=not quiet)
     nb = info["neighbors"]
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
                f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "

@@ -10,7 +10,7 @@ import pytest
 
 import retrostore
 from retrostore import retro
-from retrostore.errors import InvalidInputError, WriterLockedError
+from retrostore.errors import InvalidInputError, StoreExistsError, WriterLockedError
 from retrostore.storage import fileio
 
 from _retro_stores import duplicated_store, retro_store
@@ -239,8 +239,14 @@ def test_sequence_neighbors_bad_input(store, table, tmp_path):
         retro.sequence_neighbors(store, seqs, tmp_path / "no" / "k.npy")
     # helper-28: an n-gram longer than a chunk silently turned the overlap filters off; seqs=None was an
     # AttributeError; eos_id=1.0 was "outside the vocabulary"; k beyond the store was accepted by model_neighbors
-    with pytest.raises(InvalidInputError, match=r"ngram=65 must be an int in \[1, 64\].*turns the overlap filters off"):
+    with pytest.raises(InvalidInputError, match=r"ngram=65 is longer than a chunk \(64 tokens\).*filters would be off"):
         retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", ngram=65)
+    with pytest.raises(InvalidInputError, match=r"ngram=0 must be an int in \[1, 64\]; RETRO uses 13"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "k.npy", ngram=0)
+    for bad in ({"ngram": 65}, {"overlap_threshold": 2}, {"exclude": "doc"}):  # (helper-29: files were left behind)
+        with pytest.raises(InvalidInputError):
+            retro.export_retro_pytorch(store, tmp_path / "exp", seq_len=2 * T, **bad)
+        assert not list(tmp_path.glob("exp*"))
     with pytest.raises(InvalidInputError, match="seqs is NoneType; pass the windows"):
         retro.sequence_neighbors(store, None, tmp_path / "k.npy")
     for eos in (1.0, True):
@@ -276,8 +282,20 @@ def test_neighbours_of_other_windows_and_purged_candidates_are_never_used(tmp_pa
         st.commit()
         again = retro.training_sequences(st, 2 * T)
         assert again.chunk_ids.shape == seqs.chunk_ids.shape  # the shape check alone let it through
-        with pytest.raises(InvalidInputError, match=r"neighbours of other windows \(store version 1\)"):
+        with pytest.raises(InvalidInputError, match=r"neighbours of other windows or of another store \(store version 1\)"):
             retro.TrainingSet(st, again, tmp_path / "knn.npy")
+    # helper-29: another store of as many chunks has the same packed chunk ids: its identity tells them apart
+    with retrostore.create(tmp_path / "q.rstore", embedder=embedder) as q:
+        q.append(texts[::-1])
+        q.commit()
+        q_seqs = retro.training_sequences(q, 2 * T)
+        assert np.array_equal(q_seqs.chunk_ids, seqs.chunk_ids)
+        with pytest.raises(InvalidInputError, match="or of another store"):
+            retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy")
+        (tmp_path / "knn.summary.json").unlink()
+        with pytest.raises(InvalidInputError, match="no readable summary beside it"):
+            retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy")
+        assert len(retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy", verify=False)) == len(q_seqs)
     with retrostore.open(path, version=first, embedder=embedder) as pinned:
         retro.sequence_neighbors(pinned, retro.training_sequences(pinned, 2 * T), tmp_path / "p.npy", k=2)
         with retrostore.open(path, "a", embedder=embedder) as writer:
@@ -292,6 +310,29 @@ def test_neighbours_of_other_windows_and_purged_candidates_are_never_used(tmp_pa
         assert seqs.table.live[knn[knn >= 0]].all() and (seqs.table.doc_ids[knn[knn >= 0]] != 1).all()
 
 
+def test_an_export_finished_meanwhile_is_not_replaced(store, tmp_path, monkeypatch):
+    """helper-29: the exists/force check ran before OUT.lock was taken, so an export (without force)
+    that found no OUT, then waited, replaced the export another process finished meanwhile."""
+    import retrostore.retro.export as export_module
+
+    out = tmp_path / "exp"
+    cut = export_module.training_sequences
+
+    other = []
+
+    def slow_cut(*args, **kwargs):  # another process's export finishes while this one reads its windows
+        seqs = cut(*args, **kwargs)
+        if not other:
+            other.append(True)
+            retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1)
+        return seqs
+
+    monkeypatch.setattr(export_module, "training_sequences", slow_cut)
+    with pytest.raises(StoreExistsError, match="another export finished it meanwhile"):
+        retro.export_retro_pytorch(store, out, seq_len=2 * T, k=2)
+    assert json.loads((out / "export.json").read_text())["retro_dataset"]["num_neighbors"] == 1  # kept
+
+
 def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
     """helper-28: exporting an empty store was an IndexError that left OUT.partial behind; a store whose
     documents were all deleted exported 0 windows with exit 0."""
@@ -304,7 +345,9 @@ def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
         st.commit()
         with pytest.raises(InvalidInputError, match="no live chunk"):
             retro.export_retro_pytorch(st, tmp_path / "exp", seq_len=T, k=1)
-        with pytest.raises(InvalidInputError, match="seqs holds no window"):
+        with pytest.raises(InvalidInputError, match="no live chunk"):  # (helper-29: all -1, no error)
+            retro.model_neighbors(st, np.arange(1000, 1000 + T)[None], 1)
+        with pytest.raises(InvalidInputError, match="no live chunk"):
             retro.sequence_neighbors(st, retro.training_sequences(st, T), tmp_path / "k.npy", k=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.rstore"]
 

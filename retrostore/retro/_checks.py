@@ -12,7 +12,8 @@ from ..errors import InvalidInputError, WriterLockedError, check_int, is_int, sh
 from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["check_k_of", "check_pad_id", "check_threshold", "output_lock", "store_pad_id", "settings"]
+__all__ = ["check_k_of", "check_ngram", "check_pad_id", "check_threshold", "output_lock", "store_pad_id",
+           "settings"]
 
 
 class Settings(NamedTuple):
@@ -22,6 +23,7 @@ class Settings(NamedTuple):
     deletes: int
     identity: str  # the sha256 of the version's manifest: which store and version (retro.table.store_identity)
     metric: str  # "ip" or "l2" (the score of a missing neighbour: -inf or inf)
+    deleted_chunks: int  # chunks of deleted documents in this version (purged or not)
 
 
 _SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -39,7 +41,8 @@ def settings(store) -> Settings:
         return hit[1]
     m = store.manifest
     s = Settings(int(m["chunk_tokens"]), int(m["tokenizer"]["pad_id"]), int(m["tokenizer"]["vocab_size"]),
-                 int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m), str(m["metric"]))
+                 int((m.get("deletes") or {}).get("documents", 0)), manifest_sha256(store.path, m), str(m["metric"]),
+                 int((m.get("deletes") or {}).get("chunks", 0)))
     _SETTINGS[store] = (version, s)
     return s
 
@@ -51,10 +54,12 @@ def check_k_of(store, k: Any) -> int:
     only writes -1 padding (helper-17: k = 100,000 on a 60-chunk store wrote
     6 million -1s; k = 10**9 ended in a MemoryError).
     """
-    if len(store) == 0:
-        raise InvalidInputError(f"version {store.version} of the store has no live chunk (0 chunks): nothing to "
-                                "retrieve or train on; append documents and commit")
-    return check_int("k", k, 1, len(store), fix=f"the store holds {len(store):,} chunk{'' if len(store) == 1 else 's'}; "
+    live = len(store) - settings(store).deleted_chunks  # (helper-29: deleted chunks counted as neighbours)
+    if live <= 0:
+        raise InvalidInputError(f"version {store.version} of the store has no live chunk ({len(store):,} "
+                                f"chunk{'' if len(store) == 1 else 's'}, all of deleted documents, or none): nothing "
+                                "to retrieve or train on; append documents and commit")
+    return check_int("k", k, 1, live, fix=f"the store holds {live:,} live chunk{'' if live == 1 else 's'}; "
                      "RETRO uses k = 2")
 
 
@@ -65,6 +70,15 @@ def check_threshold(overlap_threshold: Any) -> float | None:
         raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
                                 "turn the overlap filters off")
     return None if overlap_threshold is None else float(overlap_threshold)
+
+
+def check_ngram(ngram: Any, chunk_tokens: int) -> int:
+    """The leakage filters' n-gram length: an int in [1, chunk_tokens]."""
+    if is_int(ngram) and ngram > chunk_tokens:  # (helper-28: it matched nothing, the filters silently off)
+        raise InvalidInputError(f"ngram={shown(ngram)} is longer than a chunk ({chunk_tokens} tokens): no n-gram "
+                                "would match and the overlap filters would be off; RETRO uses 13 (pass "
+                                "overlap_threshold=None to turn the filters off on purpose)")
+    return check_int("ngram", ngram, 1, chunk_tokens, fix="RETRO uses 13")
 
 
 def output_lock(out: Path, what: str) -> WriterLock:

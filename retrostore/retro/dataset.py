@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, check_int
 from .sequences import Sequences, window_digest
+from .table import store_identity
 from .tokens import NeighborFile
 
 if TYPE_CHECKING:
@@ -36,16 +37,23 @@ class TrainingSet:
         tokens too.
     neighbors : path-like
         The ``.npy`` :func:`sequence_neighbors` wrote for ``seqs``: shape
-        ``(len(seqs), C, k)``.
+        ``(len(seqs), C, k)``, with its summary ``KNN.summary.json`` beside it.
+    verify : bool, default True
+        Check with the summary that the file holds the neighbours of these
+        windows of this store version (False: the shape only, for a file
+        made otherwise).
 
     Raises
     ------
     InvalidInputError
-        The neighbour file's shape does not fit ``seqs``, or its summary
-        (``KNN.summary.json`` beside it, when there) names other windows.
+        The neighbour file's shape does not fit ``seqs``; or, with
+        ``verify``, its summary is missing or names other windows or
+        another store (version).
     """
 
-    def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike):
+    def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike, *, verify: bool = True):
+        if not isinstance(verify, bool):
+            raise InvalidInputError(f"verify={verify!r} must be True or False")
         self.seqs = seqs
         self.knn = NeighborFile(store, neighbors, pad_id=seqs.pad_id, table=seqs.table)
         n, c = seqs.chunk_ids.shape
@@ -54,12 +62,20 @@ class TrainingSet:
                                     f"({n}, {c}, k): compute it with sequence_neighbors(store, seqs, ...)")
         # The same shape is not the same windows (helper-28: a file of another version, after a delete and
         # re-append, was taken: 51 of 1,208 neighbours from the window's own documents).
+        if not verify:
+            return
         summary = _summary(neighbors)
-        if summary.get("windows_sha") not in (None, window_digest(seqs)):
+        if not summary:
             raise InvalidInputError(
-                f"{neighbors} holds the neighbours of other windows (store version {summary.get('store_version')}), "
-                f"not of these (cut from version {store.version}): their documents would not be excluded; compute "
-                "it again with sequence_neighbors(store, seqs, ...)")
+                f"{neighbors} has no readable summary beside it ({_summary_path(neighbors)}, written by "
+                "sequence_neighbors): nothing tells which windows and store it was computed for; compute it "
+                "with sequence_neighbors(store, seqs, ...), or pass verify=False if you made it yourself")
+        if summary.get("windows_sha") != window_digest(seqs) or summary.get("store") != store_identity(store):
+            # (helper-29: same chunk count, same packed ids, another store: the ids alone matched)
+            raise InvalidInputError(
+                f"{neighbors} holds the neighbours of other windows or of another store (store version "
+                f"{summary.get('store_version')}), not of these windows of this store (version {store.version}): "
+                "their documents would not be excluded; compute it again with sequence_neighbors(store, seqs, ...)")
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -75,10 +91,14 @@ class TrainingSet:
         return self.seqs.tokens(start, stop), nt.tokens, nt.mask
 
 
-def _summary(neighbors: str | os.PathLike) -> dict:
-    """``KNN.summary.json`` beside a neighbour file (``{}`` when absent or unreadable: nothing to check)."""
+def _summary_path(neighbors: str | os.PathLike) -> str:
     path = str(neighbors)
-    path = (path[:-4] if path.endswith(".npy") else path) + ".summary.json"
+    return (path[:-4] if path.endswith(".npy") else path) + ".summary.json"
+
+
+def _summary(neighbors: str | os.PathLike) -> dict:
+    """``KNN.summary.json`` beside a neighbour file (``{}`` when absent or unreadable)."""
+    path = _summary_path(neighbors)
     try:
         with open(path) as f:
             data = json.load(f)

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError, StoreExistsError
-from ._checks import check_k_of, output_lock
+from ._checks import check_k_of, check_ngram, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
 from .table import chunk_table
@@ -134,6 +134,12 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         a file left beside ``out_dir``).
     """
     k = check_k_of(store, k)
+    # The neighbours' own arguments, before anything is written (helper-29: a refused ngram left
+    # OUT.partial and OUT.lock behind).
+    overlap_threshold = check_threshold(overlap_threshold)
+    ngram = check_ngram(ngram, int(store.manifest["chunk_tokens"]))
+    if exclude not in ("sequence", "chunk"):
+        raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     if not isinstance(out_dir, (str, os.PathLike)):
@@ -176,13 +182,16 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"{len(rows)} rows do not fit retro-pytorch's int32 row numbers")
     lock = output_lock(out, "the export")
     try:
-        return _export(store, out, table, seqs, k, exclude, overlap_threshold, ngram, progress, rows, n_zero)
+        return _export(store, out, table, seqs, k, exclude, overlap_threshold, ngram, progress, rows, n_zero, force)
     finally:
         lock.release()
 
 
 def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, ngram, progress, rows: np.ndarray,
-            n_zero: int) -> dict:
+            n_zero: int, force: bool) -> dict:
+    if out.exists() and not force:  # again, under the lock (helper-29: an export that finished meanwhile was replaced)
+        raise StoreExistsError(f"{out} exists (another export finished it meanwhile); pass force=True (retrostore "
+                               "export --force) to replace it, or give another directory")
     n, c = seqs.chunk_ids.shape
     seq_len, mode = seqs.seq_len, seqs.mode
     work = out.with_name(out.name + ".partial")

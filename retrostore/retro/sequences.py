@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import EmbedderMismatchError, InvalidInputError, check_int, is_int, shown
-from ._checks import check_k_of, check_pad_id, check_threshold, output_lock
+from ._checks import check_k_of, check_ngram, check_pad_id, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 from .table import ChunkTable, check_table, chunk_table, store_identity
 
@@ -315,9 +315,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     if not isinstance(seqs, Sequences):
         raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
                                 "retrostore.retro.training_sequences(store, seq_len)")
-    ngram = check_int("ngram", ngram, 1, seqs.table.chunk_tokens,
-                      fix="a longer n-gram than a chunk matches nothing and turns the overlap filters off "
-                          "(RETRO uses 13; overlap_threshold=None turns them off on purpose)")
+    ngram = check_ngram(ngram, seqs.table.chunk_tokens)
     n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
     batch_size = check_int("batch_size", batch_size, 1)
     check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")

@@ -248,6 +248,7 @@ BAD = [
     ("/v1/search", b'{"query": ["ok", "\\ud83d"]}', 400, "query[1]", "surrogate U+D83D"),
     ("/v1/search", b'{"query": "x", "exclude_doc_ids": 0}', 400, "exclude_doc_ids", "a list of document ids"),
     ("/v1/search", b'{"vectors": [' + b"0.1, " * 383 + b'1e39]}', 400, "vectors[383]", "float32"),
+    ("/v1/search", b'{"vectors": [' + b"3.4e38, " * 383 + b'3.4e38]}', 400, "vectors", "would overflow float32"),
     ("/v1/search", json.dumps({"query": ["q"] * 40, "k": 26}).encode(), 400, "k", "40 x 26 = 1040 hits"),
     ("/search", json.dumps({"query": ["q"] * 40, "n_docs": 26}).encode(), 400, "n_docs", "n_docs <= 25"),
     ("/v1/chunks", b'{"ids": [1, 90]}', 404, "ids", "[0, 90)"),
@@ -451,6 +452,21 @@ def test_headers_that_never_arrive_close_the_connection(server, remote, local):
             _same_hits(remote.search(QUERIES[1], k=2), local.search(QUERIES[1], k=2))  # others are answered
             assert sock.recv(65536) == b""  # closed by the server
             assert 1.5 < time.monotonic() - t0 < 15
+    # Pipelined: the deadline for the next headers counts from the last answer, not the first (helper-30:
+    # a stale one closed a connection idle for less than the deadline after a long second request).
+    slow = json.dumps({"query": [(QUERIES[i % 4] + " ") * 40 for i in range(40)], "k": 1, "tokens": False})
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + f"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(slow)}\r\n\r\n{slow}".encode())
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"]}"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, answers[-200:]
+            answers += chunk
+        time.sleep(1.0)  # idle, within the 2 s deadline counted from the second answer
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_binds_loopback_by_default(server):
@@ -628,15 +644,22 @@ def test_a_large_request_is_answered_in_slices_while_others_are_served(built_sto
             res = _post(srv, "/v1/search", {"query": long_texts, "k": 3, "tokens": False})
             done["big"] = (time.monotonic(), res)
 
-        thread = threading.Thread(target=big)
+        def second():  # another large request queued behind the first (helper-30: small ones waited for both)
+            done["second"] = _post(srv, "/v1/search", {"query": long_texts[::-1], "k": 3, "tokens": False})
+
+        thread, other = threading.Thread(target=big), threading.Thread(target=second)
         thread.start()
-        time.sleep(0.5)
+        time.sleep(0.3)
+        other.start()
+        time.sleep(0.3)
         asked = time.monotonic()
         small = _post(srv, "/v1/search", {"query": QUERIES[0], "k": 2})
         done["small"] = time.monotonic()
         thread.join(300)
+        other.join(300)
         assert small.status_code == 200 and done["big"][1].status_code == 200
-        # Not held until the large request was done: answered within about one slice of it.
+        assert done["second"].status_code == 200
+        # Not held until the large requests were done: answered within about one slice of them.
         assert done["small"] < done["big"][0] and done["small"] - asked < (done["big"][0] - asked) / 3, \
             (done["small"] - asked, done["big"][0] - asked)
         rows = done["big"][1].json()["results"]

@@ -172,6 +172,8 @@ def test_client_refuses_what_store_refuses(remote, local):
         lambda s: s.search_vectors(vec.astype(complex), k=2),
         lambda s: s.search_vectors(np.full((1, 384), 1e39), k=2),
     ]
+    gen = [s.neighbors([row], k=2, exclude_doc_ids=(d for d in [0])).chunk_ids for s in (local, remote)]
+    assert np.array_equal(*gen)  # a generator is read once (helper-30: the client used it up, then sent [])
     for i, call in enumerate(calls):
         with pytest.raises(retrostore.InvalidInputError) as want:
             call(local)

@@ -196,15 +196,23 @@ class Batcher:
         return results
 
     def _take_waiting(self) -> list[Job]:
-        """The requests waiting now that fit one batch (never one that needs slicing), without waiting."""
+        """The requests waiting now that fit one batch, in order, passing over those that need slicing
+        (helper-30: stopping at a second large request kept every small one behind it waiting for
+        the whole first), without waiting."""
         batch: list[Job] = []
         with self._cond:
+            if self._stop:
+                return batch
             n = 0
-            while (self._queue and n + self._queue[0].n <= self.max_batch and not self._parts(self._queue[0])
-                   and not self._stop):
+            left: deque[Job] = deque()
+            while self._queue:
                 job = self._queue.popleft()
-                batch.append(job)
-                n += job.n
+                if not self._parts(job) and n + job.n <= self.max_batch:
+                    batch.append(job)
+                    n += job.n
+                else:
+                    left.append(job)
+            self._queue = left
         return batch
 
     def _execute_sliced(self, job: Job, parts: list) -> None:

@@ -113,7 +113,7 @@ def _reads_answer(method):
             return method(self, *args, **kwargs)
         except RetrostoreError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError, EOFError) as exc:
             path = getattr(self._local, "answered", None)
             if path is None:
                 raise
@@ -459,6 +459,8 @@ class RemoteStore:
         if tail != "query":
             body["tail"] = tail
         if exclude_doc_ids is not None:
+            if not isinstance(exclude_doc_ids, (str, bytes)) and hasattr(exclude_doc_ids, "__iter__"):
+                exclude_doc_ids = list(exclude_doc_ids)  # read once (helper-30: a generator was used up)
             batch = len(arr) if arr.ndim == 2 else 1
             sets = _exclusion_sets(exclude_doc_ids, batch) if arr.ndim in (1, 2) else None
             if sets is not None:  # Store's own check; None rows stay None (the server: "excludes nothing")

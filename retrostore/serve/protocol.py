@@ -65,8 +65,9 @@ class HeaderDeadlineH11(H11Protocol):
             self._disarm()  # a request began: its body has the app's own deadline
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        super().on_response_complete()  # (starts a pipelined request's cycle at once, when one is buffered)
+        self._disarm()  # a fresh deadline for the next headers (helper-30: a stale one cut a pipelined connection)
+        if not self.transport.is_closing() and self._waiting_for_headers():
             self._arm()  # the next request's headers on this keep-alive connection
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -372,7 +372,19 @@ def _vectors(value: Any, facts: StoreFacts, max_queries: int) -> tuple[np.ndarra
     if big.any():
         i, j = (int(v) for v in np.argwhere(big)[0])
         _beyond_float32(f"vectors[{j}]" if single else f"vectors[{i}][{j}]", float(arr[i, j]))
+    norms = np.sqrt((arr ** 2).sum(axis=1)) if arr.size else np.zeros(0)
+    if (norms > MAX_NORM).any():  # (helper-30: 3.4e38 per value made inf scores, then a 500 writing them)
+        i = int(np.argmax(norms > MAX_NORM))
+        where = "vectors" if single else f"vectors[{i}]"
+        raise RequestError(f"{where} has a length of {float(norms[i]):.3g}; its scores (inner products or squared "
+                           f"distances with the store's vectors) would overflow float32 beyond a length of "
+                           f"{MAX_NORM:g}: scale it (embeddings are usually unit length)", field=where,
+                           value=float(norms[i]), limit=MAX_NORM)
     return arr.astype(np.float32), single
+
+
+#: The longest query vector the server takes: its squared distance to a unit vector stays far within float32.
+MAX_NORM = 1e18
 
 
 def _beyond_float32(where: str, value: Any) -> None:

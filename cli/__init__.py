@@ -332,9 +332,10 @@ def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tupl
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Destination .npy (int64, -1 padded).")
 @click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
 @click.option("--exclude-same-doc/--include-same-doc", default=None,
-              help="Skip neighbours from the query chunk's own document: the default for the store's own chunks "
-                   "(RETRO, Borgeaud et al. 2021, §2.4: else each chunk's nearest is itself, its continuation the "
-                   "text to predict); --include-same-doc keeps them.")
+              help="For the store's own chunks: skip neighbours from the chunk's own document and copies of the "
+                   "chunk in others (the leakage filters, --overlap-threshold; the default: RETRO, Borgeaud et al. "
+                   "2021, §2.4, else each chunk's nearest is itself, its continuation the text to predict); "
+                   "--include-same-doc gives the nearest chunks unfiltered.")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
 @click.option("--queries", type=click.Path(exists=True, dir_okay=False),
               help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
@@ -390,10 +391,20 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                        f"{d.get('window', 0)} holding the window's own later text; "
                        f"{summary['research']} searched again, {summary['short']} with fewer than k")
             path = out
+        elif not queries and exclude_same_doc is not False:
+            # The store's own chunks, leakage-filtered (helper-28: each chunk was its own neighbour; helper-29:
+            # then, on a store built twice, its copy in the other document).
+            summary = retro.chunk_neighbors(st, out, k=k, overlap_threshold=_threshold(overlap_threshold,
+                                                                                      no_overlap_filter),
+                                            ngram=ngram, progress=not quiet)
+            d = summary["dropped"]
+            click.echo(f"neighbours: {summary['chunks']} chunks, dropped {d['excluded_docs']} from their own "
+                       f"documents, {d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} "
+                       f"holding the chunk with their continuation; {summary['short']} with fewer than k")
+            path = out
         else:
-            own = not queries and exclude_same_doc is not False  # (helper-28: each chunk was its own neighbour)
-            path = st.precompute_neighbors(out, k=k, exclude_same_doc=own, batch_size=batch_size,
-                                           queries=queries, label_token=label_token, progress=not quiet)
+            path = st.precompute_neighbors(out, k=k, batch_size=batch_size, queries=queries,
+                                           label_token=label_token, progress=not quiet)
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         click.echo(f"wrote {path}: shape {arr.shape} int64")
         if tokens_out:

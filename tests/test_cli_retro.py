@@ -88,6 +88,22 @@ def test_neighbors_of_store_chunks_exclude_their_own_document_by_default(sliced,
     assert (b[:, 0] == np.arange(len(b))).mean() > 0.9  # its own chunk first, when asked for
 
 
+def test_neighbors_of_store_chunks_pass_over_their_copies(dup, tmp_path):
+    """helper-29: on a store holding pages twice, the default left each chunk's copy (in the other
+    document) as its neighbour, whose continuation is the chunk's own next chunk."""
+    res = _run("neighbors", dup, "--out", tmp_path / "n.npy", "-q")
+    assert res.exit_code == 0 and "exact copies" in res.output, res.output
+    knn = np.load(tmp_path / "n.npy")
+    with retrostore.open(dup) as st:
+        tab = retro.chunk_table(st)
+        assert knn.shape == (len(st), 2)
+    copies = [q for q in range(len(knn)) for n in knn[q] if n >= 0 and tab.lengths[n] == tab.lengths[q]
+              and np.array_equal(tab.tokens[n], tab.tokens[q])]
+    assert not copies and (knn >= 0).mean() > 0.95
+    assert json.loads((tmp_path / "n.summary.json").read_text())["dropped"]["duplicates"] > 0
+    assert not (tmp_path / "n.chunks.npy").exists()
+
+
 def test_neighbors_usage_errors(sliced, tmp_path):
     out = tmp_path / "k.npy"
     for args, msg in [(["--sequences"], "--seq-len"), (["--seq-len", 128], "with --sequences"),

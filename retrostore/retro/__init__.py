@@ -14,13 +14,13 @@ from .export import FILES, export_retro_pytorch, retro_dataset_kwargs
 from .generation import fetch_fn, model_neighbors
 from .leakage import (DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, FilterStats, duplicate_chunks, filter_neighbors,
                       future_overlap, ngram_overlap)
-from .sequences import Sequences, default_eos_id, sequence_neighbors, training_sequences
+from .sequences import Sequences, chunk_neighbors, default_eos_id, sequence_neighbors, training_sequences
 from .table import ChunkTable, chunk_table
 from .tokens import NeighborFile, NeighborTokens, neighbor_tokens
 
 __all__ = [
     "neighbor_tokens", "NeighborTokens", "NeighborFile",
-    "training_sequences", "Sequences", "default_eos_id", "sequence_neighbors",
+    "training_sequences", "Sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors",
     "TrainingSet",
     "chunk_table", "ChunkTable",
     "ngram_overlap", "future_overlap", "duplicate_chunks", "filter_neighbors", "FilterStats",

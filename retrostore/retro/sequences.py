@@ -48,7 +48,7 @@ from .table import ChunkTable, check_table, chunk_table, store_identity
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "MODES"]
+__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors", "MODES"]
 
 MODES = ("document", "packed")
 _EOS_NAMES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -426,6 +426,67 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
                            for key in ("excluded_docs", "duplicates", "overlap", "window", "purged")},
                "research": totals["research"], "short": totals["short"]}
     _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
+    return summary
+
+
+def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
+                    overlap_threshold: float | None = DEFAULT_OVERLAP_THRESHOLD, ngram: int = DEFAULT_NGRAM,
+                    progress: bool = False) -> dict:
+    """The k neighbours of every stored chunk, leakage-filtered, by chunk id (``retrostore neighbors STORE``).
+
+    Each live chunk is a window of its own (``training_sequences(store,
+    chunk_tokens)``) given to :func:`sequence_neighbors` with
+    ``exclude="chunk"``: no neighbour from the chunk's own document (RETRO,
+    Borgeaud et al. 2021, §2.4), no exact or near copy of it from another
+    (a page stored twice: helper-29 found half the neighbours of such a
+    store were copies of their query chunk, whose continuation is the
+    chunk's own next one), none holding it with their continuation.
+    ``Store.precompute_neighbors`` gives them unfiltered.
+
+    Parameters
+    ----------
+    store : Store
+    out : path-like
+        Destination ``.npy``: int64, shape ``(len(store), k)``, row i the
+        neighbours of chunk i, -1 for a deleted chunk or a missing neighbour.
+        Its summary goes to ``OUT.summary.json``. Resumable: the windows'
+        neighbours are computed beside it (``OUT.chunks.npy``, removed at the
+        end) as :func:`sequence_neighbors` computes them.
+    k : int, default 2
+    overlap_threshold : float or None, default 0.5
+    ngram : int, default 13
+    progress : bool, default False
+
+    Returns
+    -------
+    dict
+        :func:`sequence_neighbors`' summary, ``rows`` the store's chunks.
+
+    Raises
+    ------
+    InvalidInputError, WriterLockedError
+        As :func:`sequence_neighbors`.
+    """
+    if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
+        raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
+    out = Path(out)
+    seqs = training_sequences(store, int(store.manifest["chunk_tokens"]))  # one live chunk per window
+    work = out.with_name(out.name[:-4] + ".chunks.npy")
+    summary = sequence_neighbors(store, seqs, work, k=k, exclude="chunk", overlap_threshold=overlap_threshold,
+                                 ngram=ngram, progress=progress)
+    knn = np.load(work, allow_pickle=False)
+    ids = np.full((len(store), knn.shape[-1]), -1, np.int64)
+    ids[seqs.chunk_ids[:, 0]] = knn[:, 0]
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "wb") as fh:
+        np.save(fh, ids)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    summary = {**summary, "rows": len(store), "by": "chunk id"}
+    _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
+    for p in (work, work.with_name(work.name[:-4] + ".summary.json")):
+        p.unlink(missing_ok=True)
     return summary
 
 

@@ -15,7 +15,7 @@ into the retrieval input. Excluding the query's own document (Borgeaud et al.
   (deduplication at >= 0.8) and, per chunk, as the share of the query chunk
   found verbatim in its neighbours (§2.6). The measure here is that
   query-relative share counted in 13-grams: ``|G(q) & G(n)| / |G(q)|`` over
-  the query's n-gram positions. It is not symmetric on purpose: a neighbour
+  the query's distinct n-grams. It is not symmetric on purpose: a neighbour
   that holds the whole query plus other text still leaks it, where Jaccard
   would dilute it.
 
@@ -97,13 +97,18 @@ def overlap_matrix(q_tokens: np.ndarray, q_len: np.ndarray, nb_tokens: np.ndarra
     Returns
     -------
     overlap : ndarray, shape (B, m), float64
-        Share of the query's n-grams found in the neighbour (0 where the
-        query has fewer than ``n`` tokens).
+        Share of the query's distinct n-grams found in the neighbour (0
+        where the query has fewer than ``n`` tokens).
     identical : ndarray, shape (B, m), bool
         The neighbour's tokens equal the query's (an exact duplicate).
     """
     qh, qv = ngram_hashes(q_tokens, q_len, n)
     nh, nv = ngram_hashes(nb_tokens, nb_len, n)
+    # Each distinct query n-gram once, as future_overlap counts (helper-29: a run of one repeated token
+    # counted at every position made a neighbour holding a short piece of it "overlap").
+    gq = qh.shape[-1]
+    earlier = (qh[:, :, None] == qh[:, None, :]) & qv[:, None, :] & np.tri(gq, k=-1, dtype=bool)[None]
+    qv = qv & ~earlier.any(-1)
     # (B, m, Gq, Gn): every query n-gram against every neighbour n-gram.
     eq = (qh[:, None, :, None] == nh[:, :, None, :]) & nv[:, :, None, :]
     found = eq.any(axis=-1) & qv[:, None, :]

@@ -161,10 +161,17 @@ class Batcher:
         return job.parts or None
 
     def _drain(self, batch: list[Job], n: int) -> int:
-        while self._queue and n + self._queue[0].n <= self.max_batch and not self._parts(self._queue[0]):
+        """Move the queued requests that fit into ``batch``, in order, passing over those that need
+        slicing (they run alone, next); the caller holds the lock. Returns the batch's queries."""
+        left: deque[Job] = deque()
+        while self._queue:
             job = self._queue.popleft()
-            batch.append(job)
-            n += job.n
+            if not self._parts(job) and n + job.n <= self.max_batch:
+                batch.append(job)
+                n += job.n
+            else:
+                left.append(job)
+        self._queue = left
         return n
 
     def _refresh(self) -> None:
@@ -201,18 +208,8 @@ class Batcher:
         the whole first), without waiting."""
         batch: list[Job] = []
         with self._cond:
-            if self._stop:
-                return batch
-            n = 0
-            left: deque[Job] = deque()
-            while self._queue:
-                job = self._queue.popleft()
-                if not self._parts(job) and n + job.n <= self.max_batch:
-                    batch.append(job)
-                    n += job.n
-                else:
-                    left.append(job)
-            self._queue = left
+            if not self._stop:
+                self._drain(batch, 0)
         return batch
 
     def _execute_sliced(self, job: Job, parts: list) -> None:

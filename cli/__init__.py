@@ -398,9 +398,10 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                                                                                       no_overlap_filter),
                                             ngram=ngram, progress=not quiet)
             d = summary["dropped"]
-            click.echo(f"neighbours: {summary['chunks']} chunks, dropped {d['excluded_docs']} from their own "
-                       f"documents, {d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} "
-                       f"holding the chunk with their continuation; {summary['short']} with fewer than k")
+            click.echo(f"neighbours: {summary['chunks']} chunks (own documents excluded), dropped "
+                       f"{d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} holding the chunk "
+                       f"or the next {summary['ahead']} with their continuation; {summary['short']} chunks with "
+                       "fewer than k")
             path = out
         else:
             path = st.precompute_neighbors(out, k=k, batch_size=batch_size, queries=queries,

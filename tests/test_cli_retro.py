@@ -99,9 +99,22 @@ def test_neighbors_of_store_chunks_pass_over_their_copies(dup, tmp_path):
         assert knn.shape == (len(st), 2)
     copies = [q for q in range(len(knn)) for n in knn[q] if n >= 0 and tab.lengths[n] == tab.lengths[q]
               and np.array_equal(tab.tokens[n], tab.tokens[q])]
-    assert not copies and (knn >= 0).mean() > 0.95
-    assert json.loads((tmp_path / "n.summary.json").read_text())["dropped"]["duplicates"] > 0
-    assert not (tmp_path / "n.chunks.npy").exists()
+    assert not copies and (knn >= 0).mean() > 0.9
+    summary = json.loads((tmp_path / "n.summary.json").read_text())
+    assert summary["dropped"]["duplicates"] > 0 and summary["dropped"]["window"] > 0
+
+    # helper-31: nor the copy of the chunk's next chunk, whose continuation is the one after
+    def grams(tokens):
+        tokens = [int(x) for x in tokens]
+        return {tuple(tokens[i:i + 13]) for i in range(len(tokens) - 12)}
+
+    with retrostore.open(dup) as st:
+        nt = retro.neighbor_tokens(st, knn, table=tab)
+    for q in range(len(knn)):
+        after = [q] + [q + j for j in (1, 2) if q + j < len(tab) and (tab.doc_ids[q:q + j + 1] == tab.doc_ids[q]).all()]
+        ahead = grams(np.concatenate([tab.tokens[c, :tab.lengths[c]] for c in after]))
+        for j in np.flatnonzero(knn[q] >= 0):
+            assert len(ahead & grams(nt.tokens[q, j][nt.mask[q, j]])) < 26, (q, j)
 
 
 def test_neighbors_usage_errors(sliced, tmp_path):

@@ -282,7 +282,8 @@ def test_neighbours_of_other_windows_and_purged_candidates_are_never_used(tmp_pa
         st.commit()
         again = retro.training_sequences(st, 2 * T)
         assert again.chunk_ids.shape == seqs.chunk_ids.shape  # the shape check alone let it through
-        with pytest.raises(InvalidInputError, match=r"neighbours of other windows or of another store \(store version 1\)"):
+        with pytest.raises(InvalidInputError, match=r"another store or store version \(its summary names version 1; "
+                                                    r"this is version 2\)"):
             retro.TrainingSet(st, again, tmp_path / "knn.npy")
     # helper-29: another store of as many chunks has the same packed chunk ids: its identity tells them apart
     with retrostore.create(tmp_path / "q.rstore", embedder=embedder) as q:
@@ -290,12 +291,19 @@ def test_neighbours_of_other_windows_and_purged_candidates_are_never_used(tmp_pa
         q.commit()
         q_seqs = retro.training_sequences(q, 2 * T)
         assert np.array_equal(q_seqs.chunk_ids, seqs.chunk_ids)
-        with pytest.raises(InvalidInputError, match="or of another store"):
+        with pytest.raises(InvalidInputError, match="another store or store version"):
             retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy")
         (tmp_path / "knn.summary.json").unlink()
         with pytest.raises(InvalidInputError, match="no readable summary beside it"):
             retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy")
         assert len(retro.TrainingSet(q, q_seqs, tmp_path / "knn.npy", verify=False)) == len(q_seqs)
+    with retrostore.open(path, version=first, embedder=embedder) as st:  # helper-31: a file written over it
+        seqs = retro.training_sequences(st, 2 * T)
+        retro.sequence_neighbors(st, seqs, tmp_path / "v1.npy", k=1)
+        retro.TrainingSet(st, seqs, tmp_path / "v1.npy")
+        np.save(tmp_path / "v1.npy", np.zeros_like(np.load(tmp_path / "v1.npy")))  # same shape, other ids
+        with pytest.raises(InvalidInputError, match="has changed since its summary was written"):
+            retro.TrainingSet(st, seqs, tmp_path / "v1.npy")
     with retrostore.open(path, version=first, embedder=embedder) as pinned:
         retro.sequence_neighbors(pinned, retro.training_sequences(pinned, 2 * T), tmp_path / "p.npy", k=2)
         with retrostore.open(path, "a", embedder=embedder) as writer:

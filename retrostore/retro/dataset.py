@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidInputError, check_int
-from .sequences import Sequences, window_digest
-from .table import store_identity
+from .sequences import Sequences, file_sha256, window_digest
+from .table import check_table, store_identity
 from .tokens import NeighborFile
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class TrainingSet:
     def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike, *, verify: bool = True):
         if not isinstance(verify, bool):
             raise InvalidInputError(f"verify={verify!r} must be True or False")
+        if not isinstance(seqs, Sequences):
+            raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
+                                    "retrostore.retro.training_sequences(store, seq_len)")
+        check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")
         self.seqs = seqs
         self.knn = NeighborFile(store, neighbors, pad_id=seqs.pad_id, table=seqs.table)
         n, c = seqs.chunk_ids.shape
@@ -70,12 +75,17 @@ class TrainingSet:
                 f"{neighbors} has no readable summary beside it ({_summary_path(neighbors)}, written by "
                 "sequence_neighbors): nothing tells which windows and store it was computed for; compute it "
                 "with sequence_neighbors(store, seqs, ...), or pass verify=False if you made it yourself")
-        if summary.get("windows_sha") != window_digest(seqs) or summary.get("store") != store_identity(store):
-            # (helper-29: same chunk count, same packed ids, another store: the ids alone matched)
+        why = ("was computed for another store or store version (its summary names version "
+               f"{summary.get('store_version')}; this is version {store.version})"
+               if summary.get("store") != store_identity(store)  # (helper-29: same packed ids, another store)
+               else "was computed for other windows" if summary.get("windows_sha") != window_digest(seqs)
+               # (helper-31: an unfiltered file written over it, beside the old summary)
+               else "has changed since its summary was written (another writer replaced it)"
+               if summary.get("ids_sha256") != file_sha256(Path(neighbors)) else None)
+        if why:
             raise InvalidInputError(
-                f"{neighbors} holds the neighbours of other windows or of another store (store version "
-                f"{summary.get('store_version')}), not of these windows of this store (version {store.version}): "
-                "their documents would not be excluded; compute it again with sequence_neighbors(store, seqs, ...)")
+                f"{neighbors} {why}: these windows' documents and copies would not be excluded; compute it again "
+                "with sequence_neighbors(store, seqs, ...)")
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -14,8 +14,8 @@ into the retrieval input. Excluding the query's own document (Borgeaud et al.
   between evaluation and training data with 13-gram Jaccard similarity
   (deduplication at >= 0.8) and, per chunk, as the share of the query chunk
   found verbatim in its neighbours (§2.6). The measure here is that
-  query-relative share counted in 13-grams: ``|G(q) & G(n)| / |G(q)|`` over
-  the query's distinct n-grams. It is not symmetric on purpose: a neighbour
+  query-relative share counted in 13-grams: the query's distinct n-grams
+  found in the neighbour over its n-gram positions. It is not symmetric on purpose: a neighbour
   that holds the whole query plus other text still leaks it, where Jaccard
   would dilute it.
 
@@ -97,8 +97,10 @@ def overlap_matrix(q_tokens: np.ndarray, q_len: np.ndarray, nb_tokens: np.ndarra
     Returns
     -------
     overlap : ndarray, shape (B, m), float64
-        Share of the query's distinct n-grams found in the neighbour (0
-        where the query has fewer than ``n`` tokens).
+        The query's distinct n-grams found in the neighbour, over the
+        query's n-gram positions (0 where the query has fewer than ``n``
+        tokens): a copy scores ~1, a query that is one repeated run and a
+        neighbour holding a piece of it ~0.
     identical : ndarray, shape (B, m), bool
         The neighbour's tokens equal the query's (an exact duplicate).
     """
@@ -107,12 +109,12 @@ def overlap_matrix(q_tokens: np.ndarray, q_len: np.ndarray, nb_tokens: np.ndarra
     # Each distinct query n-gram once, as future_overlap counts (helper-29: a run of one repeated token
     # counted at every position made a neighbour holding a short piece of it "overlap").
     gq = qh.shape[-1]
+    count = qv.sum(axis=-1)  # over positions: a query that is one repeated run is not copied by 13 of it
     earlier = (qh[:, :, None] == qh[:, None, :]) & qv[:, None, :] & np.tri(gq, k=-1, dtype=bool)[None]
     qv = qv & ~earlier.any(-1)
     # (B, m, Gq, Gn): every query n-gram against every neighbour n-gram.
     eq = (qh[:, None, :, None] == nh[:, :, None, :]) & nv[:, :, None, :]
     found = eq.any(axis=-1) & qv[:, None, :]
-    count = qv.sum(axis=-1)
     overlap = found.sum(axis=-1) / np.maximum(count, 1)[:, None]
     t = q_tokens.shape[-1]
     real = np.arange(t) < q_len[:, None]
@@ -145,7 +147,8 @@ def future_overlap(win_tokens: np.ndarray, win_real: np.ndarray, t: int, r_token
         For slot u and a candidate: the largest share, over the window's
         chunks f >= u (positions ``[f*T, (f+1)*T)``, a last partial one
         included), of f's distinct n-grams (those starting in f, all of
-        their tokens text) found in the candidate's span; or, when larger,
+        their tokens text) found in the candidate's span, over f's n-gram
+        positions; or, when larger,
         the distinct n-grams found from u on in all, over ``T - n + 1`` (a
         full chunk's n-grams: a copy across a chunk boundary counts whole;
         above 1 for more than a chunk's worth). 0 where no chunk from u on
@@ -177,8 +180,10 @@ def future_overlap(win_tokens: np.ndarray, win_real: np.ndarray, t: int, r_token
         found[np.broadcast_to(rows, hit.shape)[hit], idx[hit]] = True
         at = found[:, pu].reshape(c, m, len(pu))  # per distinct (chunk, n-gram): held by the candidate
         at &= (pf[None, :] * t >= slot_start[:, :, 0])[:, None, :]  # only chunks from the slot's own on
-        _, first = np.unique(pf, return_index=True)
-        per_chunk = np.diff(np.r_[first, len(pf)])
+        chunks, first = np.unique(pf, return_index=True)
+        # Over the chunk's n-gram positions: a chunk that is mostly one repeated run (14 distinct n-grams
+        # of 52) is not "copied" by a neighbour holding 13 tokens of the run (helper-31).
+        per_chunk = np.bincount(f, minlength=int(chunks[-1]) + 1)[chunks]
         counts = np.add.reduceat(at.astype(np.int32), first, axis=-1)  # (C, m, chunks with an n-gram)
         last_chunk = np.zeros(len(uh), np.int64)
         np.maximum.at(last_chunk, uid, f)  # the last chunk each n-gram occurs in

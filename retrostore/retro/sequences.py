@@ -294,8 +294,8 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         ``chunks`` (non-empty slots), ``k``, ``exclude``,
         ``overlap_threshold``, ``ngram``, ``dropped`` (``excluded_docs``,
         ``duplicates``, ``overlap``, ``window``, ``purged``: candidates dropped),
-        ``store`` (the version's identity), ``windows_sha`` (which windows:
-        :class:`TrainingSet` checks it), ``research`` (slots
+        ``store`` (the version's identity), ``windows_sha`` (which windows),
+        ``ids_sha256`` (the file's bytes: :class:`TrainingSet` checks all three), ``research`` (slots
         searched again), ``short`` (slots still with fewer than k).
 
     Raises
@@ -421,7 +421,7 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
     summary = {"rows": n, "chunks": int((seqs.chunk_ids >= 0).sum()), "k": k, "exclude": exclude,
                "mode": seqs.mode, "seq_len": seqs.seq_len, "overlap_threshold": overlap_threshold, "ngram": ngram,
                "drop_duplicates": drop_duplicates, "candidates": n_cand, "store_version": store.version,
-               "store": params["store"], "windows_sha": params["windows_sha"],
+               "store": params["store"], "windows_sha": params["windows_sha"], "ids_sha256": file_sha256(out),
                "dropped": {key: totals.get(key, 0)
                            for key in ("excluded_docs", "duplicates", "overlap", "window", "purged")},
                "research": totals["research"], "short": totals["short"]}
@@ -434,60 +434,137 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
                     progress: bool = False) -> dict:
     """The k neighbours of every stored chunk, leakage-filtered, by chunk id (``retrostore neighbors STORE``).
 
-    Each live chunk is a window of its own (``training_sequences(store,
-    chunk_tokens)``) given to :func:`sequence_neighbors` with
-    ``exclude="chunk"``: no neighbour from the chunk's own document (RETRO,
-    Borgeaud et al. 2021, §2.4), no exact or near copy of it from another
-    (a page stored twice: helper-29 found half the neighbours of such a
-    store were copies of their query chunk, whose continuation is the
-    chunk's own next one), none holding it with their continuation.
-    ``Store.precompute_neighbors`` gives them unfiltered.
+    RETRO's per-chunk neighbours (retro-pytorch's ``chunks.knn.dat``): chunk
+    i's serve the prediction of the text after it. So none comes from i's
+    own document (Borgeaud et al. 2021, §2.4), none is an exact or near copy
+    of i, and none holds, with its continuation, ``overlap_threshold`` of i
+    or of the :data:`AHEAD` chunks after it in its document (a page stored
+    twice: helper-29 found half the neighbours were copies of their chunk;
+    helper-31 then a copy of the *next* chunk, whose continuation is the one
+    after). ``Store.precompute_neighbors`` gives them unfiltered.
 
     Parameters
     ----------
     store : Store
     out : path-like
         Destination ``.npy``: int64, shape ``(len(store), k)``, row i the
-        neighbours of chunk i, -1 for a deleted chunk or a missing neighbour.
-        Its summary goes to ``OUT.summary.json``. Resumable: the windows'
-        neighbours are computed beside it (``OUT.chunks.npy``, removed at the
-        end) as :func:`sequence_neighbors` computes them.
+        neighbours of chunk i, -1 for a deleted chunk or one left short of
+        k (counted in the summary, ``OUT.summary.json``). Candidates
+        (``2k + 8`` a chunk, from the stored vectors) are cached beside it
+        (``OUT.candidates-STORE-kM.npy``): a run interrupted during their
+        search resumes it.
     k : int, default 2
     overlap_threshold : float or None, default 0.5
+        None: only the own-document rule.
     ngram : int, default 13
     progress : bool, default False
 
     Returns
     -------
     dict
-        :func:`sequence_neighbors`' summary, ``rows`` the store's chunks.
+        The summary: ``rows``, ``chunks`` (live), ``k``, ``dropped``
+        (``duplicates``, ``overlap``, ``window``, ``purged``), ``short``,
+        ``store``, ``ids_sha256``.
 
     Raises
     ------
-    InvalidInputError, WriterLockedError
-        As :func:`sequence_neighbors`.
+    InvalidInputError
+        Bad ``k`` / ``overlap_threshold`` / ``ngram`` / ``out``, or a store
+        whose live chunks are all in one document (none could have a
+        neighbour).
+    WriterLockedError
+        Another process is writing ``out``.
     """
+    k = check_k_of(store, k)
+    threshold = check_threshold(overlap_threshold)
+    t = int(store.manifest["chunk_tokens"])
+    ngram = check_ngram(ngram, t)
     if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
         raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
     out = Path(out)
-    seqs = training_sequences(store, int(store.manifest["chunk_tokens"]))  # one live chunk per window
-    work = out.with_name(out.name[:-4] + ".chunks.npy")
-    summary = sequence_neighbors(store, seqs, work, k=k, exclude="chunk", overlap_threshold=overlap_threshold,
-                                 ngram=ngram, progress=progress)
-    knn = np.load(work, allow_pickle=False)
-    ids = np.full((len(store), knn.shape[-1]), -1, np.int64)
-    ids[seqs.chunk_ids[:, 0]] = knn[:, 0]
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "wb") as fh:
-        np.save(fh, ids)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    summary = {**summary, "rows": len(store), "by": "chunk id"}
-    _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
-    for p in (work, work.with_name(work.name[:-4] + ".summary.json")):
-        p.unlink(missing_ok=True)
-    return summary
+    if not out.parent.is_dir():
+        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
+    table = chunk_table(store)
+    live = np.flatnonzero(table.live)
+    if len(np.unique(table.doc_ids[live])) < 2:  # (helper-31: all -1 and exit 0)
+        raise InvalidInputError(f"version {store.version} of the store has its live chunks in one document: every "
+                                "candidate is in the chunk's own document, which RETRO excludes; append other "
+                                "documents, or use Store.precompute_neighbors for unfiltered neighbours")
+    lock = output_lock(out, "neighbours")
+    try:
+        n_cand = min(2 * k + 8, max(len(store) - 1, 1))
+        ident = store_identity(store)
+        cand_path = out.with_name(f"{out.name[:-4]}.candidates-{ident[:16]}-k{n_cand}.npy")
+        if not cand_path.exists():
+            store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
+        cand_all = np.load(cand_path, mmap_mode="r", allow_pickle=False)
+        ids = np.full((len(store), k), -1, np.int64)
+        totals = {"duplicates": 0, "overlap": 0, "window": 0, "purged": 0, "short": 0}
+        bar = _bar(len(live), 0, progress)
+        try:
+            for start in range(0, len(live), 2048):
+                q = live[start:start + 2048]
+                cand = np.asarray(cand_all[q], np.int64)
+                safe = np.maximum(cand, 0)
+                share = None
+                if threshold is not None:
+                    win, real = _chunk_and_after(table, q)
+                    spans, span_len = _spans(table, cand)
+                    share = future_overlap(win, real, t, spans[:, None], span_len[:, None], ngram)[:, 0]
+                kept, st = filter_neighbors(
+                    cand, k, q_tokens=table.tokens[q], q_len=table.lengths[q], c_tokens=table.tokens[safe],
+                    c_len=np.where(cand >= 0, table.lengths[safe], 0),
+                    c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1),
+                    excluded=table.doc_ids[q][:, None], threshold=threshold, n=ngram, window_share=share)
+                ids[q] = kept
+                for key in ("duplicates", "overlap", "window", "purged"):
+                    totals[key] += getattr(st, key)
+                totals["short"] += st.short_rows
+                bar.update(len(q))
+        finally:
+            bar.close()
+        tmp = out.with_name(out.name + ".partial")
+        with open(tmp, "wb") as fh:
+            np.save(fh, ids)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        summary = {"rows": len(store), "chunks": int(len(live)), "k": k, "by": "chunk id",
+                   "overlap_threshold": threshold, "ngram": ngram, "ahead": AHEAD, "candidates": n_cand,
+                   "store_version": store.version, "store": ident,
+                   "dropped": {key: totals[key] for key in ("duplicates", "overlap", "window", "purged")},
+                   "short": totals["short"], "ids_sha256": file_sha256(out)}
+        _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
+        return summary
+    finally:
+        lock.release()
+
+
+#: Chunks after a chunk (in its document) that its neighbours, with their continuations, may not copy.
+AHEAD = 2
+
+
+def _chunk_and_after(table: ChunkTable, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk of ``q`` followed by up to :data:`AHEAD` next chunks of its document: tokens
+    ``(b, (1 + AHEAD) * T)`` and which are text."""
+    cols = [q]
+    for _ in range(AHEAD):
+        prev = cols[-1]
+        ok = (prev >= 0) & table.next_in_doc[np.maximum(prev, 0)]
+        cols.append(np.where(ok, prev + 1, -1))
+    ids = np.stack(cols, axis=1)
+    lengths = np.where(ids >= 0, table.lengths[np.maximum(ids, 0)], 0)
+    real = (np.arange(table.chunk_tokens) < lengths[:, :, None]).reshape(len(q), -1)
+    return table.padded(ids, 0).reshape(len(q), -1), real
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (a neighbour file's, in its summary: TrainingSet checks it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:

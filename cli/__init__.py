@@ -367,6 +367,24 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         raise click.UsageError("--sequences needs --seq-len L (e.g. 512 for 8 chunks of 64 tokens)")
     if not sequences and seq_len is not None:
         raise click.UsageError("--seq-len applies with --sequences")
+    # Options that do not apply to the mode asked for are refused, not ignored (helper-31).
+    given = {name for name in ("batch_size", "label_token", "mode", "eos_id", "exclude", "overlap_threshold",
+                               "no_overlap_filter", "ngram")
+             if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if sequences:
+        mode_name, unused = "--sequences", given & {"batch_size"}
+    elif queries:
+        mode_name, unused = "--queries", given - {"batch_size", "label_token"}
+    elif exclude_same_doc is False:
+        mode_name, unused = "--include-same-doc", given - {"batch_size"}
+    else:
+        mode_name, unused = "the store's chunks (the default)", given & {"batch_size", "label_token", "mode",
+                                                                          "eos_id", "exclude"}
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
+        raise click.UsageError(f"{names} do(es) not apply to {mode_name}; drop it (the leakage options apply to "
+                               "--sequences and to the store's chunks, --batch-size and --label-token to --queries "
+                               "and --include-same-doc)")
     if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
         raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
     with retrostore.open(store) as st:

@@ -124,6 +124,14 @@ def test_neighbors_usage_errors(sliced, tmp_path):
                       (["--tokens", out], "would overwrite")]:
         res = _run("neighbors", sliced, "--out", out, *args)
         assert res.exit_code == 2 and msg in res.output, res.output
+    np.save(tmp_path / "q.npy", np.ones((2, 64), np.int64))
+    for args, msg in [(["--queries", tmp_path / "q.npy", "--ngram", 5], "--ngram do(es) not apply to --queries"),
+                      (["--include-same-doc", "--overlap-threshold", 0.1], "--overlap-threshold do(es) not apply"),
+                      (["--mode", "document"], "--mode do(es) not apply to the store's chunks"),
+                      (["--label-token"], "--label-token do(es) not apply"),
+                      (["--sequences", "--seq-len", 128, "--batch-size", 5], "--batch-size do(es) not apply")]:
+        res = _run("neighbors", sliced, "--out", tmp_path / "o.npy", *args)  # (helper-31: ignored, exit 0)
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
     res = _run("neighbors", sliced, "--out", out, "--sequences", "--seq-len", 100, "-q")
     assert res.exit_code == 1 and "seq_len=100" in res.output and "64" in res.output
     res = _run("neighbors", sliced, "--out", out, "--tokens", tmp_path / "no" / "dir" / "t.npy", "-q")

@@ -41,15 +41,16 @@ class TrainingSet:
         ``(len(seqs), C, k)``, with its summary ``KNN.summary.json`` beside it.
     verify : bool, default True
         Check with the summary that the file holds the neighbours of these
-        windows of this store version (False: the shape only, for a file
-        made otherwise).
+        windows of this store version, and is the file the summary was
+        written for (its sha256: the file is read once). False: the shape
+        only, for a file made otherwise.
 
     Raises
     ------
     InvalidInputError
-        The neighbour file's shape does not fit ``seqs``; or, with
-        ``verify``, its summary is missing or names other windows or
-        another store (version).
+        ``seqs`` not cut from ``store``; the neighbour file's shape does
+        not fit them; or, with ``verify``, its summary is missing or names
+        other windows, another store (version) or other file bytes.
     """
 
     def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike, *, verify: bool = True):

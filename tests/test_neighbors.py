@@ -9,11 +9,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import retrostore
 from retrostore import InvalidInputError
-from retrostore.cli import cli
 
 from conftest import SHAKESPEARE
 
@@ -233,10 +231,9 @@ def test_precompute_resumes_after_kill(built_store, tmp_path):
     assert proc.returncode == -9, proc.stderr.decode()
     state = (tmp_path / "resumed.npy.progress.json").read_text()
     assert '"done": 48' in state
-    runner = CliRunner()
-    res = runner.invoke(cli, ["neighbors", str(built_store), "--out", str(out), "--k", "2", "--exclude-same-doc",
-                              "--batch-size", "16", "-q"])
-    assert res.exit_code == 0, res.output
+    # (the CLI's store-chunks mode is now retro.chunk_neighbors, leakage-filtered; this resumes the store's own)
+    with retrostore.open(built_store) as st:
+        st.precompute_neighbors(out, k=2, exclude_same_doc=True, batch_size=16, progress=False)
     assert np.array_equal(np.load(out), np.load(full))
 
 

@@ -12,7 +12,7 @@ from ..errors import InvalidInputError, WriterLockedError, check_int, is_int, sh
 from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["check_k_of", "check_ngram", "check_pad_id", "check_threshold", "output_lock", "store_pad_id",
+__all__ = ["check_exclude", "check_k_of", "check_ngram", "check_pad_id", "check_threshold", "output_lock", "store_pad_id",
            "settings"]
 
 
@@ -70,6 +70,17 @@ def check_threshold(overlap_threshold: Any) -> float | None:
         raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
                                 "turn the overlap filters off")
     return None if overlap_threshold is None else float(overlap_threshold)
+
+
+#: Whose documents a window slot's neighbours may not come from (``sequence_neighbors(exclude=...)``).
+EXCLUDES = ("sequence", "chunk")
+
+
+def check_exclude(exclude: Any) -> str:
+    """``exclude``: one of :data:`EXCLUDES`."""
+    if exclude not in EXCLUDES:
+        raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
+    return exclude
 
 
 def check_ngram(ngram: Any, chunk_tokens: int) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidInputError, check_int
-from .sequences import Sequences, file_sha256, window_digest
+from ..storage.fileio import sha256_file
+from .sequences import Sequences, window_digest
 from .table import check_table, store_identity
 from .tokens import NeighborFile
 
@@ -82,7 +82,7 @@ class TrainingSet:
                else "was computed for other windows" if summary.get("windows_sha") != window_digest(seqs)
                # (helper-31: an unfiltered file written over it, beside the old summary)
                else "has changed since its summary was written (another writer replaced it)"
-               if summary.get("ids_sha256") != file_sha256(Path(neighbors)) else None)
+               if summary.get("ids_sha256") != sha256_file(neighbors)[1] else None)
         if why:
             raise InvalidInputError(
                 f"{neighbors} {why}: these windows' documents and copies would not be excluded; compute it again "

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError, StoreExistsError
-from ._checks import check_k_of, check_ngram, check_threshold, output_lock
+from ._checks import check_exclude, check_k_of, check_ngram, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
 from .table import chunk_table
@@ -138,8 +138,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     # OUT.partial and OUT.lock behind).
     overlap_threshold = check_threshold(overlap_threshold)
     ngram = check_ngram(ngram, int(store.manifest["chunk_tokens"]))
-    if exclude not in ("sequence", "chunk"):
-        raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
+    exclude = check_exclude(exclude)
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
     if not isinstance(out_dir, (str, os.PathLike)):

@@ -31,6 +31,7 @@ can feed the same training loop.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import EmbedderMismatchError, InvalidInputError, check_int, is_int, shown
-from ._checks import check_k_of, check_ngram, check_pad_id, check_threshold, output_lock
+from ..storage.fileio import atomic_write, sha256_file
+from ._checks import check_exclude, check_k_of, check_ngram, check_pad_id, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 from .table import ChunkTable, check_table, chunk_table, store_identity
 
@@ -309,8 +311,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         left beside ``out``).
     """
     k = check_k_of(store, k)
-    if exclude not in ("sequence", "chunk"):
-        raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
+    exclude = check_exclude(exclude)
     overlap_threshold = check_threshold(overlap_threshold)
     if not isinstance(seqs, Sequences):
         raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
@@ -341,13 +342,8 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
                         drop_duplicates: bool, n_cand: int, batch_size: int, progress: bool) -> dict:
     n, c = seqs.chunk_ids.shape
     table = seqs.table
-    # Named by the store's identity (its manifest's sha256) and width, so a finished file is never reused
-    # for another store or version (helper-17: one named by the version number only was).
     ident = store_identity(store)
-    cand_path = out.with_name(f"{out.name[:-4]}.candidates-{ident[:16]}-k{n_cand}.npy")
-    if not cand_path.exists():
-        store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
-    cand_all = np.load(cand_path, mmap_mode="r", allow_pickle=False)
+    cand_all = _candidates(store, out, ident, n_cand, progress)
     params = {"store": ident, "store_version": store.version, "k": k, "exclude": exclude, "mode": seqs.mode,
               "seq_len": seqs.seq_len, "rows": n, "overlap_threshold": overlap_threshold, "ngram": ngram,
               "drop_duplicates": drop_duplicates, "candidates": n_cand,
@@ -355,7 +351,8 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
               "window_filter": 1}  # (a run of the code before the window filter is not resumed: mixed rows)
     partial = out.with_name(out.name + ".partial")
     state_path = out.with_name(out.name + ".progress.json")
-    done, totals = 0, {"excluded_docs": 0, "duplicates": 0, "overlap": 0, "window": 0, "research": 0, "short": 0}
+    done, totals = 0, {"excluded_docs": 0, "duplicates": 0, "overlap": 0, "window": 0, "purged": 0, "research": 0,
+                       "short": 0}
     if partial.exists() and state_path.exists():
         try:
             state = json.loads(state_path.read_text())
@@ -374,7 +371,6 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
             have = q >= 0
             qi = q[have]
             cand = np.asarray(cand_all[qi], np.int64)
-            safe = np.maximum(cand, 0)
             share = win = real = None
             if overlap_threshold is not None:
                 win, real = _window_text(seqs, done, end)
@@ -383,17 +379,10 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
                 spans, span_len = _spans(table, full)
                 share = future_overlap(win, real, table.chunk_tokens, spans.reshape(end - done, c, *spans.shape[1:]),
                                        span_len.reshape(end - done, c, -1), ngram).reshape(len(q), -1)[have]
-            kept, st = filter_neighbors(
-                cand, k, q_tokens=table.tokens[qi], q_len=table.lengths[qi],
-                c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-                c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1),
-                excluded=excl_all[done:end].reshape(-1, excl_all.shape[-1])[have],
-                threshold=overlap_threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
-            totals["excluded_docs"] += st.excluded_docs
-            totals["duplicates"] += st.duplicates
-            totals["overlap"] += st.overlap
-            totals["window"] = totals.get("window", 0) + st.window
-            totals["purged"] = totals.get("purged", 0) + st.purged
+            kept, st = _filter(table, qi, cand, excl_all[done:end].reshape(-1, excl_all.shape[-1])[have], k,
+                               overlap_threshold, ngram, drop_duplicates, share)
+            for key in ("excluded_docs", "duplicates", "overlap", "window", "purged"):
+                totals[key] += getattr(st, key)
             # Slots short of k although their candidate list was full: search again, wider.
             short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
             if len(short):
@@ -421,9 +410,8 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
     summary = {"rows": n, "chunks": int((seqs.chunk_ids >= 0).sum()), "k": k, "exclude": exclude,
                "mode": seqs.mode, "seq_len": seqs.seq_len, "overlap_threshold": overlap_threshold, "ngram": ngram,
                "drop_duplicates": drop_duplicates, "candidates": n_cand, "store_version": store.version,
-               "store": params["store"], "windows_sha": params["windows_sha"], "ids_sha256": file_sha256(out),
-               "dropped": {key: totals.get(key, 0)
-                           for key in ("excluded_docs", "duplicates", "overlap", "window", "purged")},
+               "store": params["store"], "windows_sha": params["windows_sha"], "ids_sha256": sha256_file(out)[1],
+               "dropped": {key: totals[key] for key in ("excluded_docs", "duplicates", "overlap", "window", "purged")},
                "research": totals["research"], "short": totals["short"]}
     _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
     return summary
@@ -494,10 +482,7 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
     try:
         n_cand = min(2 * k + 8, max(len(store) - 1, 1))
         ident = store_identity(store)
-        cand_path = out.with_name(f"{out.name[:-4]}.candidates-{ident[:16]}-k{n_cand}.npy")
-        if not cand_path.exists():
-            store.precompute_neighbors(cand_path, k=n_cand, exclude_same_doc=True, progress=progress)
-        cand_all = np.load(cand_path, mmap_mode="r", allow_pickle=False)
+        cand_all = _candidates(store, out, ident, n_cand, progress)
         ids = np.full((len(store), k), -1, np.int64)
         totals = {"duplicates": 0, "overlap": 0, "window": 0, "purged": 0, "short": 0}
         bar = _bar(len(live), 0, progress)
@@ -505,17 +490,12 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
             for start in range(0, len(live), 2048):
                 q = live[start:start + 2048]
                 cand = np.asarray(cand_all[q], np.int64)
-                safe = np.maximum(cand, 0)
                 share = None
                 if threshold is not None:
                     win, real = _chunk_and_after(table, q)
                     spans, span_len = _spans(table, cand)
                     share = future_overlap(win, real, t, spans[:, None], span_len[:, None], ngram)[:, 0]
-                kept, st = filter_neighbors(
-                    cand, k, q_tokens=table.tokens[q], q_len=table.lengths[q], c_tokens=table.tokens[safe],
-                    c_len=np.where(cand >= 0, table.lengths[safe], 0),
-                    c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1),
-                    excluded=table.doc_ids[q][:, None], threshold=threshold, n=ngram, window_share=share)
+                kept, st = _filter(table, q, cand, table.doc_ids[q][:, None], k, threshold, ngram, True, share)
                 ids[q] = kept
                 for key in ("duplicates", "overlap", "window", "purged"):
                     totals[key] += getattr(st, key)
@@ -523,17 +503,14 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
                 bar.update(len(q))
         finally:
             bar.close()
-        tmp = out.with_name(out.name + ".partial")
-        with open(tmp, "wb") as fh:
-            np.save(fh, ids)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(ids))
+        _, ids_sha = atomic_write(out, [header.getvalue(), memoryview(ids).cast("B")])  # hashed as written
         summary = {"rows": len(store), "chunks": int(len(live)), "k": k, "by": "chunk id",
                    "overlap_threshold": threshold, "ngram": ngram, "ahead": AHEAD, "candidates": n_cand,
                    "store_version": store.version, "store": ident,
                    "dropped": {key: totals[key] for key in ("duplicates", "overlap", "window", "purged")},
-                   "short": totals["short"], "ids_sha256": file_sha256(out)}
+                   "short": totals["short"], "ids_sha256": ids_sha}
         _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
         return summary
     finally:
@@ -553,18 +530,29 @@ def _chunk_and_after(table: ChunkTable, q: np.ndarray) -> tuple[np.ndarray, np.n
         ok = (prev >= 0) & table.next_in_doc[np.maximum(prev, 0)]
         cols.append(np.where(ok, prev + 1, -1))
     ids = np.stack(cols, axis=1)
-    lengths = np.where(ids >= 0, table.lengths[np.maximum(ids, 0)], 0)
-    real = (np.arange(table.chunk_tokens) < lengths[:, :, None]).reshape(len(q), -1)
-    return table.padded(ids, 0).reshape(len(q), -1), real
+    return table.padded(ids, 0).reshape(len(q), -1), table.text_mask(ids).reshape(len(q), -1)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (a neighbour file's, in its summary: TrainingSet checks it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _candidates(store: "Store", out: Path, ident: str, n_cand: int, progress: bool) -> np.ndarray:
+    """The ``n_cand`` nearest chunks of every stored chunk outside its document (memory-mapped), searched
+    once into ``OUT.candidates-STORE-kM.npy``: named by the store's identity (its manifest's sha256) and
+    width, so never reused for another store or version (helper-17: one named by the version number was)."""
+    path = out.with_name(f"{out.name[:-4]}.candidates-{ident[:16]}-k{n_cand}.npy")
+    if not path.exists():
+        store.precompute_neighbors(path, k=n_cand, exclude_same_doc=True, progress=progress)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _filter(table: ChunkTable, q: np.ndarray, cand: np.ndarray, excluded: np.ndarray, k: int, threshold,
+            ngram: int, drop_duplicates: bool, share: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    """:func:`filter_neighbors` for query chunks ``q`` and their candidates, read from ``table``
+    (a candidate no longer live counts as purged)."""
+    safe = np.maximum(cand, 0)
+    return filter_neighbors(
+        cand, k, q_tokens=table.tokens[q], q_len=table.lengths[q], c_tokens=table.tokens[safe],
+        c_len=np.where(cand >= 0, table.lengths[safe], 0),
+        c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1), excluded=excluded,
+        threshold=threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
 
 
 def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:
@@ -579,12 +567,9 @@ def _query_vectors(store, toks: list[np.ndarray]) -> np.ndarray:
 
 def _window_text(seqs: Sequences, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Windows ``[start, stop)``' tokens (b, L + 1) and which of them are text (not slot padding)."""
-    tokens = seqs.tokens(start, stop)
     ids = seqs.chunk_ids[start:stop]
-    t = seqs.table.chunk_tokens
-    lengths = np.where(ids >= 0, seqs.table.lengths[np.maximum(ids, 0)], 0)
-    real = (np.arange(t) < lengths[:, :, None]).reshape(len(ids), -1)
-    return tokens, np.concatenate([real, (seqs.labels[start:stop] != seqs.pad_id)[:, None]], axis=1)
+    real = seqs.table.text_mask(ids).reshape(len(ids), -1)
+    return seqs.tokens(start, stop), np.concatenate([real, (seqs.labels[start:stop] != seqs.pad_id)[:, None]], 1)
 
 
 def _spans(table: ChunkTable, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -619,18 +604,13 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
     while len(todo):
         ids = chunk_ids[todo]
         _, cand = store.search_vectors(vecs[todo], want)
-        safe = np.maximum(cand, 0)
         share = None
         if ahead is not None and threshold is not None:  # each slot as a window of its text from its chunk on
             spans, span_len = _spans(table, cand)
             share = np.concatenate([future_overlap(ahead[i][0][None], ahead[i][1][None], table.chunk_tokens,
                                                    spans[j][None, None], span_len[j][None, None], ngram)[0]
                                     for j, i in enumerate(todo)]) if len(todo) else None
-        got, _ = filter_neighbors(
-            cand, k, q_tokens=table.tokens[ids], q_len=table.lengths[ids],
-            c_tokens=table.tokens[safe], c_len=np.where(cand >= 0, table.lengths[safe], 0),
-            c_docs=np.where((cand >= 0) & table.live[safe], table.doc_ids[safe], -1), excluded=excluded[todo],
-            threshold=threshold, n=ngram, drop_duplicates=drop_duplicates, window_share=share)
+        got, _ = _filter(table, ids, cand, excluded[todo], k, threshold, ngram, drop_duplicates, share)
         kept[todo] = got
         if want >= len(store):
             break
@@ -641,11 +621,7 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
 
 def window_digest(seqs: Sequences) -> str:
     """Which windows: a digest of their chunk ids (in a neighbour file's summary, ``windows_sha``)."""
-    return _digest(seqs.chunk_ids)
-
-
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(np.ascontiguousarray(seqs.chunk_ids).tobytes()).hexdigest()[:16]
 
 
 def _atomic_json(path: Path, obj: dict) -> None:

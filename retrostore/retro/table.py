@@ -92,12 +92,16 @@ class ChunkTable:
     def padded(self, ids: np.ndarray, pad_id: int) -> np.ndarray:
         """Tokens of chunk ids (any shape, -1 allowed) padded with ``pad_id``: shape ``ids.shape + (T,)``, int64."""
         ids = np.asarray(ids, np.int64)
-        safe = np.maximum(ids, 0)
-        out = self.tokens[safe].astype(np.int64)
-        real = np.arange(self.chunk_tokens) < self.lengths[safe][..., None]
-        real &= (ids >= 0)[..., None]
-        out[~real] = pad_id
+        out = self.tokens[np.maximum(ids, 0)].astype(np.int64)
+        out[~self.text_mask(ids)] = pad_id
         return out
+
+    def text_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the ``T`` token slots of chunk ids (any shape, -1 allowed: none) hold text: shape
+        ``ids.shape + (T,)``, bool."""
+        ids = np.asarray(ids, np.int64)
+        lengths = np.where(ids >= 0, self.lengths[np.maximum(ids, 0)], 0)
+        return np.arange(self.chunk_tokens) < lengths[..., None]
 
 
 def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:

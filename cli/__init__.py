@@ -406,7 +406,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             d = summary["dropped"]
             click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
                        f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold, "
-                       f"{d.get('window', 0)} holding the window's own later text; "
+                       f"{d['window']} holding the window's own later text; "
                        f"{summary['research']} searched again, {summary['short']} with fewer than k")
             path = out
         elif not queries and exclude_same_doc is not False:
@@ -461,7 +461,7 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
                f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
                f"dropped: {nb['dropped']['duplicates']} exact copies of the query chunk, {nb['dropped']['overlap']} "
-               f"near copies, {nb['dropped'].get('window', 0)} holding the window's own later text")
+               f"near copies, {nb['dropped']['window']} holding the window's own later text")
     click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
                f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")
 

@@ -35,9 +35,12 @@ _MAX_PARAM = 2**31 - 1  # FAISS stores these as int
 _INTEGER = {"nprobe", "max_codes", "efSearch", "ht", "polysemous_ht", RERANK}
 
 
-def param_limits(name: str) -> list[int]:
-    """``[low, high]``: the values :func:`check_params` accepts for the parameter ``name``."""
+def param_limits(name: str) -> list[int] | None:
+    """``[low, high]``: the values :func:`check_params` accepts for the parameter ``name``; None
+    for a name it does not know."""
     base = name[len("quantizer_"):] if name.startswith("quantizer_") else name
+    if name != RERANK and base not in FAISS_PARAMS:
+        return None
     return [_AT_LEAST_ONE.get(base, 0), _MAX_PARAM]
 
 

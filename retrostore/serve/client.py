@@ -465,7 +465,7 @@ class RemoteStore:
             sets = _exclusion_sets(exclude_doc_ids, batch) if arr.ndim in (1, 2) else None
             if sets is not None:  # Store's own check; None rows stay None (the server: "excludes nothing")
                 body["exclude_doc_ids"] = [None if entry is None else sorted(ids)
-                                           for entry, ids in zip(list(exclude_doc_ids), sets)]
+                                           for entry, ids in zip(exclude_doc_ids, sets)]
             else:
                 body["exclude_doc_ids"] = exclude_doc_ids  # a bad token_ids shape: the server names it first
         data = self._request("POST", "/v1/neighbors", body, accept=NPY_MEDIA)

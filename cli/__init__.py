@@ -418,8 +418,8 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             d = summary["dropped"]
             click.echo(f"neighbours: {summary['chunks']} chunks (own documents excluded), dropped "
                        f"{d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} holding the chunk "
-                       f"or the next {summary['ahead']} with their continuation; {summary['short']} chunks with "
-                       "fewer than k")
+                       f"or the next {summary['ahead']} with their continuation; {summary['research']} searched again, "
+                       f"{summary['short']} with fewer than k")
             path = out
         else:
             path = st.precompute_neighbors(out, k=k, batch_size=batch_size, queries=queries,

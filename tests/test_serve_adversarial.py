@@ -381,3 +381,15 @@ def test_no_proxy_ranges_bypass_the_proxy(monkeypatch):
     with pytest.raises(retrostore.RetrostoreError) as info:  # tried directly: nothing listens on port 9
         retrostore.connect("http://127.0.0.1:9", timeout_s=5)
     assert "proxy" not in str(info.value), info.value
+
+
+def test_header_deadline_without_the_servers_settings_takes_their_default(monkeypatch):
+    """The protocol given to a uvicorn the user runs (no RETROSTORE_SERVE_SETTINGS in its
+    environment) raised TypeError at every connection and every response: ServeSettings() needs a
+    store. It takes the settings' default body_timeout_s instead."""
+    from retrostore.serve import protocol
+    from retrostore.serve.settings import SETTINGS_ENV, ServeSettings
+
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    monkeypatch.setattr(protocol, "_TIMEOUT", [])
+    assert protocol.header_timeout_s() == ServeSettings(store="x").body_timeout_s == 30.0

@@ -27,7 +27,9 @@ def header_timeout_s() -> float:
     """The deadline for a request's headers, in seconds: ``body_timeout_s`` of the worker's settings."""
     if not _TIMEOUT:
         text = os.environ.get(SETTINGS_ENV)
-        _TIMEOUT.append(ServeSettings.from_json(text).body_timeout_s if text else ServeSettings().body_timeout_s)
+        # Without them (the protocol given to a uvicorn the app's user runs): the settings' default.
+        default = ServeSettings.__dataclass_fields__["body_timeout_s"].default
+        _TIMEOUT.append(ServeSettings.from_json(text).body_timeout_s if text else default)
     return _TIMEOUT[0]
 
 

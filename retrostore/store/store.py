@@ -722,7 +722,7 @@ class Store:
         :meth:`precompute_neighbors` reads them (never embedded again): for ``retro``'s
         searches of chunks whose precomputed candidates ran out. Private: not a stable API."""
         self._check()
-        return self._reader.version.vectors_of(chunk_ids)
+        return self._reader.version.vector_source("searching chunks again").take(np.asarray(chunk_ids, np.int64))
 
     # -- maintenance -------------------------------------------------------
     def delete(self, doc_ids: int | Iterable[int]) -> int:

@@ -88,22 +88,6 @@ class Version:
         (see :func:`retrostore.index.source.stored_vectors`)."""
         return stored_vectors(self.manifest, self.segments, self.index.raw, first, end)
 
-    def vectors_of(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """Vectors of the chunks ``chunk_ids`` (any order, committed ids) as indexed, shape
-        (n, dim), float32: :meth:`stored_vectors` of each run of consecutive ids, so that ids
-        scattered over a large store read only their own rows."""
-        ids = np.asarray(chunk_ids, np.int64).ravel()
-        out = np.zeros((len(ids), self.manifest["index"]["dim"]), np.float32)
-        if not len(ids):
-            return out
-        order = np.argsort(ids, kind="stable")
-        srt = ids[order]
-        cuts = np.flatnonzero(np.diff(srt) > 1) + 1
-        for run, pos in zip(np.split(srt, cuts), np.split(order, cuts)):
-            lo = int(run[0])
-            out[pos] = self.stored_vectors(lo, int(run[-1]) + 1)[run - lo]
-        return out
-
 
 class Head:
     """The version one handle serves, and the caches that make loading the next one cheap.

@@ -4,6 +4,8 @@ neighbours (exclusion, duplicates, n-gram overlap, resume) and bad input."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -494,6 +496,26 @@ def test_chunks_whose_candidates_all_fell_are_searched_again(tmp_path, pydocs, e
         for j in range(2):
             assert tab.doc_ids[knn[q, j]] != tab.doc_ids[q]
             assert len(ahead & _grams(nt.tokens[q, j][nt.mask[q, j]])) < retro.DEFAULT_OVERLAP_THRESHOLD * (T - 12), (q, j)
+
+
+def test_a_reader_searches_again_after_another_process_compacts(tmp_path, pydocs, embedder):
+    """helper-32: the search again read the raw vectors files afresh, which another process's
+    compact had retired: CorruptStoreError "vectors file ... missing" on a handle whose own mapped
+    files (what the candidates' search read) were intact."""
+    pages = [d["text"] for d in pydocs_slice(pydocs, n=2, lo=1_500, hi=4_000)]
+    path = tmp_path / "c.rstore"
+    with retrostore.create(path, embedder=embedder, index="HNSW32,SQfp16") as st:
+        for _ in range(4):
+            st.append(pages)
+            st.commit()
+    with retrostore.open(path, embedder=embedder) as reader:
+        seqs = retro.training_sequences(reader, 4 * T)
+        subprocess.run([sys.executable, "-c", "import retrostore, sys\n"
+                        "with retrostore.open(sys.argv[1], mode='a') as w:\n"
+                        "    w.delete([0]); w.commit(); w.compact(progress=False)", str(path)], check=True)
+        summary = retro.sequence_neighbors(reader, seqs, tmp_path / "knn.npy", k=2, candidates=2)
+        assert summary["research"] > 0  # (slots left short: every other page is a copy of the window's)
+        assert retro.chunk_neighbors(reader, tmp_path / "c.npy", k=2)["rows"] == len(reader)
 
 
 def test_model_neighbors_pass_over_copies_of_the_row(tmp_path_factory, pydocs, embedder):

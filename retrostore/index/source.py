@@ -31,7 +31,8 @@ class VectorSource:
         Neither is available (explaining why, for reindex and eval).
     """
 
-    def __init__(self, root: Path, manifest: dict, segments: list[Segment], what: str):
+    def __init__(self, root: Path, manifest: dict, segments: list[Segment], what: str,
+                 raw: RawVectors | None = None):
         self.dim = manifest["index"]["dim"]
         files = manifest["vectors"]["files"]
         self.segments = [s for s in segments if s.count]
@@ -46,7 +47,8 @@ class VectorSource:
                     f"and its index ({manifest['index']['factory']!r}) is compressed, so they cannot be read "
                     "back; rebuild the store from its documents with keep_vectors=True"
                 )
-            self.raw = RawVectors(root, files, self.dim)
+            # A reader's own mapped files (``raw``) outlive a writer's GC; files opened afresh may be gone.
+            self.raw = raw if raw is not None else RawVectors(root, files, self.dim)
         self._firsts = np.array([s.first_id for s in self.segments], np.int64)
         self._maps: dict[int, np.ndarray] = {}
 

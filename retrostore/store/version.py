@@ -81,7 +81,8 @@ class Version:
 
     def vector_source(self, what: str, manifest: dict | None = None) -> VectorSource:
         """Reads this version's stored vectors back (``what`` names the caller in errors)."""
-        return VectorSource(self.root, manifest or self.manifest, self.segments, what)
+        return VectorSource(self.root, manifest or self.manifest, self.segments, what,
+                            raw=self.index.raw if manifest is None else None)
 
     def stored_vectors(self, first: int, end: int) -> np.ndarray:
         """Vectors of chunks ``[first, end)`` as indexed, shape (end - first, dim), float32

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InvalidInputError, shown
 from ..storage.faisstypes import unwrap
 
-__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "current_params", "effective_params", "RWLock"]
+__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "bounded", "current_params", "effective_params", "RWLock"]
 
 #: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
 #: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
@@ -80,20 +80,46 @@ def check_params(params: Any, where: str = "params") -> dict:
     return out
 
 
-def apply_params(index: faiss.Index, params: dict) -> None:
+def apply_params(index: faiss.Index, params: dict, k: int | None = None) -> None:
     """Set FAISS search parameters on ``index`` (through any wrappers).
 
     Names that do not apply to this index (``nprobe`` on a Flat index) are
     skipped: the store's parameters outlive a reindex to another family.
+    Counts FAISS allocates per query are bounded by what the index can give
+    (:func:`bounded`); ``k`` is the search's, for the refine factors.
     """
     ps = faiss.ParameterSpace()
     for name, value in params.items():
         if name == RERANK:
             continue
         try:
-            ps.set_index_parameter(index, name, float(value))
+            ps.set_index_parameter(index, name, float(bounded(index, name, value, k)))
         except RuntimeError:
             pass
+
+
+def bounded(index: faiss.Index, name: str, value: float, k: int | None = None) -> float:
+    """``value`` for ``name``, at most what searching ``index`` can use: ``nprobe`` and
+    ``quantizer_efSearch`` the IVF's lists, ``efSearch`` the vectors indexed, the refine
+    factors (``k_factor_rf``, ``k_factor``) the vectors indexed over ``k``.
+
+    FAISS allocates per query what these ask for before it looks at the index: one search with
+    ``nprobe`` = 10**8 aborted the process (std::bad_alloc in an IVF fast-scan search; a server
+    worker died with it), ``efSearch`` = 2**31 - 1 raised MemoryError. Larger values than
+    these bounds find nothing more.
+    """
+    ntotal = max(int(index.ntotal), 1)
+    if name in ("nprobe", "quantizer_efSearch"):
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            return value  # no IVF inside: the name does not apply (set_index_parameter skips it)
+        return min(value, max(int(ivf.nlist), 1))
+    if name == "efSearch":
+        return min(value, ntotal)
+    if name in ("k_factor_rf", "k_factor"):
+        return min(value, max(1.0, ntotal / max(k or 1, 1)))
+    return value
 
 
 def current_params(index: faiss.Index, names: dict) -> dict:

@@ -334,7 +334,7 @@ class SegmentSet:
                     saved = [current_params(seg.index, changes) for seg in self.segments]
                     try:
                         for seg in self.segments:
-                            apply_params(seg.index, eff)
+                            apply_params(seg.index, eff, kk)
                         D, I = self._search_live(queries, kk)
                     finally:
                         for seg, before in zip(self.segments, saved):

@@ -44,6 +44,7 @@ from .errors import (
     StoreClosedError,
     StoreExistsError,
     StoreIOError,
+    StoreReplacedError,
     UnsafeArchiveError,
     WriterLockedError,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "StoreClosedError",
     "ForkedStoreError",
+    "StoreReplacedError",
     "IndexTrainingError",
     "CommitError",
     "StoreIOError",

@@ -28,6 +28,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "StoreClosedError",
     "ForkedStoreError",
+    "StoreReplacedError",
     "IndexTrainingError",
     "CommitError",
     "StoreIOError",
@@ -97,6 +98,12 @@ class StoreClosedError(RetrostoreError):
 
 class ForkedStoreError(RetrostoreError):
     """A store handle opened in a parent process was used after ``fork()``."""
+
+
+class StoreReplacedError(RetrostoreError):
+    """The store directory was replaced since this handle opened it (another store unpacked or
+    synced over it, a rebuild): its chunk table is another file. The handle keeps the version it
+    serves, from the files it holds open; open the store again to read the new one."""
 
 
 class IndexTrainingError(RetrostoreError):

@@ -253,3 +253,47 @@ def test_a_forked_reader_exits_normally(built_store):
     proc = subprocess.run([sys.executable, "-c", _FORK_AND_EXIT, str(built_store)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["child", "0"], proc.stderr[-2000:]
+
+
+def _sync_over(src, dst) -> None:
+    """What ``rsync -a SRC/ DST/`` does: each file of SRC written beside its name and renamed over
+    it, in sorted order (chunks.lmdb before manifest.json); files only DST has stay."""
+    import shutil
+
+    for dirpath, _, files in sorted(os.walk(src)):
+        rel = os.path.relpath(dirpath, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for name in sorted(files):
+            tmp = os.path.join(dst, rel, f".{name}.sync")
+            shutil.copy2(os.path.join(dirpath, name), tmp)
+            os.replace(tmp, os.path.join(dst, rel, name))
+
+
+def test_a_store_synced_over_an_open_one_is_refused_not_mixed(tmp_path):
+    """helper-33: rsync of another store over an open one, then refresh(): the handle served the new
+    manifest and index with the old chunk table (the old texts at the new ids, no error). refresh()
+    now refuses (StoreReplacedError) and the handle keeps answering from the store it opened; closed
+    and opened again, it reads the new one."""
+    rng = np.random.default_rng(0)
+
+    def unit(n):
+        v = rng.standard_normal((n, 384)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    a, b = tmp_path / "a.rstore", tmp_path / "b.rstore"
+    with retrostore.create(a) as st:
+        st.append(["OLD doc zero", "OLD doc one"], embeddings=unit(2))
+        st.commit()
+    with retrostore.create(b) as st:
+        st.append(["new A", "new B"], embeddings=unit(2))
+        st.commit()
+        st.append(["new C"], embeddings=unit(1))
+        st.commit()
+    old = retrostore.open(a)
+    _sync_over(b, a)
+    with pytest.raises(retrostore.StoreReplacedError, match="was replaced since this handle opened it.*close it"):
+        old.refresh()
+    assert old.version == 1 and [old.get_document(i).text for i in range(2)] == ["OLD doc zero", "OLD doc one"]
+    old.close()
+    with retrostore.open(a) as st:
+        assert st.version == 2 and st.get_document(2).text == "new C" and st.verify() == []

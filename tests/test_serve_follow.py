@@ -115,3 +115,52 @@ def test_load_while_a_writer_commits(growing_store, tmp_path, embedder, seconds)
         with retrostore.open(path, version=v, embedder=embedder) as st:
             for q, ids in items:
                 assert [h.chunk_id for h in st.search(q, k=3)] == ids, (v, q)
+
+
+def test_a_store_synced_over_the_served_one_is_taken_over_whole(tmp_path, small_docs, embedder):
+    """helper-33: with `rsync -a NEW/ SERVED/` the server moved to the new manifest and index but
+    kept the old chunk table: wrong passages and metadata labelled with the new version, 500s for
+    ids the old table lacks, until a restart. Now it opens the new store whole once its copy is
+    complete (the chunk table's commit records chain to the manifest's) and serves the old one
+    until then: every answer equals one of the two stores' own."""
+    from test_concurrency import _sync_over
+
+    old, new = tmp_path / "served.rstore", tmp_path / "new.rstore"
+    texts = [d["text"] for d in small_docs]
+    with retrostore.create(old, embedder=embedder) as st:
+        st.append(texts[:8])
+        st.commit()
+    with retrostore.create(new, embedder=embedder) as st:
+        st.append(texts[8:] + texts[:8])  # another store: other documents at the same ids
+        st.commit()
+    want = {}
+    for name, path in (("old", old), ("new", new)):
+        with retrostore.open(path, embedder=embedder) as st:
+            want[name] = {q: [(h.chunk_id, h.text) for h in st.search(q, k=3)] for q in QUERIES}
+    with _serving.serving(old) as server:
+        client = retrostore.connect(server.url)
+        seen, stop = [], threading.Event()
+
+        def ask():
+            while not stop.is_set():
+                for q in QUERIES:
+                    got = [(h.chunk_id, h.text) for h in client.search(q, k=3)]
+                    seen.append("old" if got == want["old"][q] else "new" if got == want["new"][q] else "mixed")
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        _sync_over(new, old)
+        with retrostore.open(new, embedder=embedder) as st:
+            chunks = len(st)
+        deadline = time.monotonic() + 30
+        while client.info()["chunks"] != chunks and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        log = server.log()
+    assert "mixed" not in seen and seen[0] == "old" and seen[-1] == "new", (seen.count("mixed"), log[-3000:])
+    assert "the store directory was replaced: now serving version 1" in log

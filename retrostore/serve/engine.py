@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import retrostore
-from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError
+from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError, StoreReplacedError
 
 from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
 from .settings import ServeSettings
@@ -30,6 +30,8 @@ log = logging.getLogger("retrostore.serve")
 
 #: Store.search_vectors' own ceiling on k (candidates fetched when excluding documents).
 _MAX_FETCH = 100_000
+#: Seconds between attempts to open a store that replaced the one served, while they fail.
+_REOPEN_RETRY_S = 1.0
 
 
 class Engine:
@@ -50,6 +52,8 @@ class Engine:
         self.started_at = time.time()
         self._info: dict | None = None
         self._last_refresh = 0.0
+        self._refresh_error: str | None = None
+        self._reopen_after = 0.0
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -116,15 +120,55 @@ class Engine:
         self._last_refresh = now
         before = self.version
         try:
-            self.store.refresh()
+            try:
+                self.store.refresh()
+            except StoreReplacedError:
+                if now < self._reopen_after:
+                    return False
+                self._reopen_after = now + _REOPEN_RETRY_S  # opening loads the index: not at every interval
+                self._reopen()
+                log.info("the store directory was replaced: now serving version %d (%d chunks) of the new store",
+                         self.version, self.len)
+                self._refresh_error = None
+                return True
         except RetrostoreError as exc:
-            log.error("staying at version %d: moving to the newest version failed: %s", before, exc)
+            if str(exc) != self._refresh_error:  # once per cause, not at every interval
+                log.error("staying at version %d: moving to the newest version failed: %s", before, exc)
+                self._refresh_error = str(exc)
             raise
+        self._refresh_error = None
         if self.store.version == before:
             return False
         self._on_version()
         log.info("now serving version %d (%d chunks)", self.version, self.len)
         return True
+
+    def _reopen(self) -> None:
+        """Serve the store that replaced the one opened (a newer copy synced or unpacked over its
+        directory, helper-33): opened afresh as at start; until that succeeds (a copy still under way
+        fails its checks) the old one, whose files stay open, keeps serving."""
+        old, facts, mmap = self.store, self.facts, self.mmap
+        try:
+            try:
+                self.open()
+            except StoreReplacedError as exc:  # its lock file is the old store's: LMDB allows one per process
+                raise StoreReplacedError(
+                    f"the store directory {self.settings.store} was replaced by copying a store over it; this server "
+                    f"keeps serving version {old.version} of the store it opened (whose files it holds) and cannot "
+                    "open the new one beside it: restart the server to serve the new store (a directory replaced "
+                    "whole, rm -rf then unpack or rename, is taken over without a restart)") from exc
+            if not self.store._table_matches_manifest():  # (rsync replaces chunks.lmdb before manifest.json)
+                raise StoreReplacedError(
+                    f"the store directory {self.settings.store} was replaced and its new copy is not complete yet "
+                    f"(its chunk table and manifest are of different commits); staying at version {old.version} of "
+                    "the store opened before until it is")
+        except BaseException:
+            if self.store is not None and self.store is not old:
+                self.store.close()
+            self.store, self.facts, self.mmap = old, facts, mmap
+            self._on_version()
+            raise
+        old.close()
 
     # -- facts -----------------------------------------------------------------
     def server_facts(self) -> dict:

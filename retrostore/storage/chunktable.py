@@ -35,7 +35,7 @@ import lmdb
 import msgpack
 import numpy as np
 
-from ..errors import CorruptStoreError, RetrostoreError
+from ..errors import CorruptStoreError, RetrostoreError, StoreReplacedError
 from .fileio import lmdb_writes
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file
@@ -149,6 +149,12 @@ class ChunkTable:
                         readahead=False, create=False, map_async=False,
                     )
                 except lmdb.Error as exc:
+                    if "already open in this process" in str(exc):  # py-lmdb: same data or lock file
+                        raise StoreReplacedError(
+                            f"{root}: this process still holds the store that was in this directory before it was "
+                            f"replaced ({LMDB_DIR}/lock.mdb is still the old store's file, which LMDB allows once per "
+                            "process): close the old handle first (Store.close), then open the store again"
+                        ) from exc
                     raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
                 entry = [env, 0, os.getpid(), readonly_media]
                 _registry[real] = entry
@@ -511,6 +517,33 @@ class ChunkTable:
         self._write_txn(fn)
         self.sync()
         return result[0]
+
+    def commit_chain(self, version: int) -> str | None:
+        """Head of the content hash chain of the commit records up to ``version``, from their
+        recorded digests (no record is hashed: milliseconds), as the manifest of that version
+        holds it; None when a commit record cannot be read. A chunk table and a manifest of two
+        different stores, or of one store's different commits, disagree."""
+        chain = hashlib.sha256(GENESIS.encode()).hexdigest()
+        with self._begin() as txn:
+            for k, v in txn.cursor(self._commits):
+                if int.from_bytes(k, "big") > version:
+                    break
+                try:
+                    recorded = parse_commit(v)[4]
+                except ValueError:
+                    return None
+                chain = hashlib.sha256((chain + recorded).encode()).hexdigest()
+        return chain
+
+    def replaced(self) -> bool:
+        """Whether ``data.mdb`` on disk is no longer the file this table has open (its store
+        directory was replaced: another copy unpacked or synced over it, a rebuild); a commit
+        writes into the same file."""
+        try:
+            st = os.stat(os.path.join(self._real[0], "data.mdb"))
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._real[1:]
 
     def close(self) -> None:
         """Drop this handle; the environment closes when its last user in this process goes."""

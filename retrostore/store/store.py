@@ -31,13 +31,14 @@ from ..errors import (
     ReadOnlyStoreError,
     RetrostoreError,
     StoreClosedError,
+    StoreReplacedError,
     shown,
 )
 from ..index.params import check_params
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
-from ..storage.layout import LOCK, MANIFEST
+from ..storage.layout import LMDB_DIR, LOCK, MANIFEST
 from ..storage.segments import check_file
 from ..text.chunking import Chunker
 from ..threads import check_threads, cpu_count
@@ -318,11 +319,37 @@ class Store:
         ------
         CorruptStoreError
             The new manifest or a file it references is damaged.
+        StoreReplacedError
+            The store directory was replaced since this handle opened it (helper-33: after
+            ``rsync`` of a newer store over it, a refresh served the new index with the old
+            chunk table: wrong texts, no error); the handle stays at its version.
         """
         self._check()
         if self.mode == "a" or self._pinned_version is not None:
             return self.version
-        return self._head.refresh().number
+        before = self._head.version
+        self._check_not_replaced()
+        number = self._head.refresh().number
+        if self._table.replaced():  # replaced while the new manifest was read: never serve it with this table
+            self._head.version = before
+            self._check_not_replaced()
+        return number
+
+    def _table_matches_manifest(self) -> bool:
+        """Whether the chunk table's commit records chain to the served manifest's (helper-33: a
+        store copied over another, a copy taken mid-way, pairs one store's manifest with another's
+        chunk table; ``verify`` finds it by hashing every record, this by the commit records alone)."""
+        self._check()
+        m = self._head.version.manifest
+        return self._table.commit_chain(m["version"]) == m["lmdb"]["chain"]
+
+    def _check_not_replaced(self) -> None:
+        if self._table.replaced():
+            raise StoreReplacedError(
+                f"{self.path}: the store directory was replaced since this handle opened it ({LMDB_DIR}/data.mdb is "
+                f"another file now: a copy unpacked or synced over it, or a rebuild); this handle stays at version "
+                f"{self.version} of the store it opened; close it and open the store again (retrostore.open) to read "
+                "the new one")
 
     # -- writing -----------------------------------------------------------
     def append(

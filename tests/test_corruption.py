@@ -399,3 +399,37 @@ def test_resigned_manifest_with_huge_counters_is_refused(store):
     _manifest.write_manifest(store, m)
     with retrostore.open(store) as st:
         assert st.verify() == []
+
+
+def test_files_the_os_refuses_to_read_name_the_file_and_the_fix(store, monkeypatch):
+    """helper-33 (a store downloaded with lost permissions, read by a user without them): open and
+    verify ended in a bare PermissionError traceback for the manifest, an index segment and
+    data.mdb. Each is a CorruptStoreError naming the file and the fix. (The OS refusal is
+    simulated: tests may run as root, whom permission bits do not stop.)"""
+    import builtins
+
+    from retrostore.storage import lmdbfile, segments
+
+    def refuse(name):
+        real = builtins.open
+
+        def fake_open(file, *args, **kwargs):
+            if os.fspath(file).endswith(name):
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real(file, *args, **kwargs)
+        return fake_open
+
+    fix = r"cannot be read \(Permission denied\); give the user running this read access"
+    with monkeypatch.context() as m:  # the manifest (Path.read_bytes opens it with io.open)
+        m.setattr("io.open", refuse("manifest.json"))
+        with pytest.raises(CorruptStoreError, match="manifest.json: " + fix):
+            retrostore.open(store)
+    with monkeypatch.context() as m:
+        m.setattr(segments, "sha256_file", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        with pytest.raises(CorruptStoreError, match=r"index/seg-\d+\.faiss: " + fix):
+            retrostore.open(store)
+    with monkeypatch.context() as m:
+        m.setattr(lmdbfile, "open", refuse("data.mdb"), raising=False)
+        with pytest.raises(CorruptStoreError, match="data.mdb: " + fix):
+            retrostore.open(store)
+    retrostore.open(store).close()  # and the store itself is fine

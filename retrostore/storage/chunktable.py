@@ -36,7 +36,7 @@ import msgpack
 import numpy as np
 
 from ..errors import CorruptStoreError, RetrostoreError, StoreReplacedError
-from .fileio import lmdb_writes
+from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file
 from .lmdbscan import key as _key
@@ -124,7 +124,7 @@ class ChunkTable:
         try:
             st = os.stat(root / DATA_MDB)
         except OSError as exc:
-            raise CorruptStoreError(f"{DATA_MDB}: cannot be read ({exc.strerror or exc})") from exc
+            raise unreadable(DATA_MDB, exc) from exc
         real = (os.path.realpath(self.path), st.st_dev, st.st_ino)
         with _registry_lock:
             entry = _registry.get(real)
@@ -155,6 +155,8 @@ class ChunkTable:
                             f"replaced ({LMDB_DIR}/lock.mdb is still the old store's file, which LMDB allows once per "
                             "process): close the old handle first (Store.close), then open the store again"
                         ) from exc
+                    if "Permission denied" in str(exc):  # (lock.mdb, or the directory: not damage)
+                        raise unreadable(LMDB_DIR, PermissionError(13, "Permission denied")) from exc
                     raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
                 entry = [env, 0, os.getpid(), readonly_media]
                 _registry[real] = entry

@@ -68,6 +68,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def unreadable(rel: str, exc: OSError) -> CorruptStoreError:
+    """The error for a store file the OS refuses to read: names the file and why, and for a
+    permission the fix (helper-33: verify, open and serve ended in a bare PermissionError traceback)."""
+    fix = ("; give the user running this read access to the store's files (e.g. chmod -R a+rX STORE)"
+           if isinstance(exc, PermissionError) else "")
+    return CorruptStoreError(f"{rel}: cannot be read ({exc.strerror or exc}){fix}")
+
+
 def regular_file(path: str | os.PathLike, rel: str) -> os.stat_result | None:
     """``stat`` of a store file, None when it does not exist; checked before anything opens it
     (opening a FIFO blocks, a directory fails with a bare IsADirectoryError).
@@ -82,7 +90,7 @@ def regular_file(path: str | os.PathLike, rel: str) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise CorruptStoreError(f"{rel}: cannot be read ({exc.strerror or exc})") from exc
+        raise unreadable(rel, exc) from exc
     if not stat.S_ISREG(st.st_mode):
         raise CorruptStoreError(f"{rel}: is {_kind(st.st_mode)}, not a regular file; the store is damaged "
                                 "(restore the file from a copy of the store)")

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from ..errors import CorruptStoreError
-from .fileio import git_lfs_pointer, regular_file
+from .fileio import git_lfs_pointer, regular_file, unreadable
 from .layout import DATA_MDB
 
 __all__ = ["check_lmdb_file"]
@@ -89,6 +89,8 @@ def check_lmdb_file(path: Path) -> None:
                     raise CorruptStoreError(f"{name}: the {what} B-tree root page {root} is damaged ({problem})")
     except FileNotFoundError:
         raise CorruptStoreError(f"{name}: the LMDB data file is missing") from None
+    except OSError as exc:
+        raise unreadable(name, exc) from exc
 
 
 def _page_problem(page: bytes, pgno: int, psize: int, last_pg: int) -> str | None:

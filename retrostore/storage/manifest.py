@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import JSON_TYPE_NAMES, CorruptStoreError, FormatVersionError, NotAStoreError
-from .fileio import atomic_write
+from .fileio import atomic_write, unreadable
 from .layout import MANIFEST, version_path
 
 __all__ = [
@@ -233,6 +233,8 @@ def read_manifest(root: Path, version: int | None = None) -> dict:
         ) from None
     except (NotADirectoryError, IsADirectoryError):
         raise NotAStoreError(f"{root} is not a retrostore store (not a directory with a {MANIFEST})") from None
+    except OSError as exc:
+        raise unreadable(os.fspath(path.relative_to(root)), exc) from exc
     return parse_manifest(raw, os.fspath(path.relative_to(root)) if version is not None else MANIFEST)
 
 

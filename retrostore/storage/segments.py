@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError
 from .faisstypes import FLAT_TYPES, is_exact, split_idmap, with_idmap
-from .fileio import DurableWriter, git_lfs_pointer, regular_file, sha256_file
+from .fileio import DurableWriter, git_lfs_pointer, regular_file, sha256_file, unreadable
 from .layout import segment_name
 from .memory import huge_pages
 
@@ -171,7 +171,10 @@ def load_segment(root: Path, entry: dict, *, verify: bool = True, mmap: bool = F
                                 f"{git_lfs_pointer(path) or 'it is damaged'}")
     # Hash block by block, then let FAISS read (or map) the file itself: one copy of the
     # index in memory, where reading it into numpy and deserializing held three.
-    actual = sha256_file(path)[1] if verify else entry["sha256"]
+    try:
+        actual = sha256_file(path)[1] if verify else entry["sha256"]
+    except OSError as exc:
+        raise unreadable(rel, exc) from exc
     if actual != entry["sha256"]:
         raise CorruptStoreError(
             f"{rel}: index file checksum mismatch (manifest {entry['sha256'][:16]}..., "
@@ -218,7 +221,7 @@ def check_file(root: Path, entry: dict) -> str | None:
     except CorruptStoreError as exc:
         return str(exc)
     except OSError as exc:
-        return f"{rel}: cannot be read ({exc})"
+        return str(unreadable(rel, exc))
     if size != entry["size"]:
         lfs = git_lfs_pointer(path)
         return f"{rel}: {size} bytes, the manifest says {entry['size']}" + (f"; {lfs}" if lfs else "")

@@ -117,7 +117,11 @@ class Store:
         self._pinned_version = version
         self.threads = check_threads(threads) or cpu_count()
         faiss.omp_set_num_threads(1 if _forked_child else self.threads)
-        if not (self.path / MANIFEST).is_file():
+        try:
+            is_store = (self.path / MANIFEST).is_file()
+        except OSError as exc:  # (a directory this user may not enter)
+            raise fileio.unreadable(os.fspath(self.path / MANIFEST), exc) from exc
+        if not is_store:
             raise NotAStoreError(
                 f"{self.path} is not a retrostore store (no {MANIFEST}); create one with "
                 "retrostore.create() or `retrostore build`"

@@ -476,6 +476,30 @@ def test_slots_searched_again_use_the_stored_vectors(tmp_path_factory, tmp_path,
     np.testing.assert_array_equal(np.load(tmp_path / "own.npy"), np.load(tmp_path / "ref.npy"))
 
 
+def test_an_ivf_index_is_searched_again_in_more_lists(tmp_path, pydocs, embedder):
+    """helper-32: on an IVF store (nprobe 1 of 16 lists) slots and rows were left with no
+    neighbour although other lists held admissible chunks: the search again stopped when the
+    probed lists ran out, and a slot whose candidates were fewer than asked was never searched
+    again. It probes more lists as it widens, all of them at the last step."""
+    pages = [d["text"] for d in pydocs_slice(pydocs, n=6, lo=1_500, hi=6_000)]
+    with retrostore.create(tmp_path / "base.rstore", embedder=embedder) as st:
+        st.append(pages)
+        st.commit()
+        vecs = st._stored_vectors(np.arange(len(st)))
+    copies = -(-700 // len(vecs))  # stored that many times: enough vectors to train IVF16
+    with retrostore.create(tmp_path / "ivf.rstore", embedder=_OwnVectors(), tokenizer=retrostore.default_tokenizer_path(),
+                           index="IVF16,PQ16x4fs", index_params={"nprobe": 1}) as st:
+        chunks = st.chunker.chunk_many(pages)
+        for _ in range(copies):
+            st.append(pages, embeddings=vecs, chunks=chunks)
+            st.commit()
+        assert st.info()["index"]["factory"] == "IVF16,PQ16x4fs"
+        seq = retro.sequence_neighbors(st, retro.training_sequences(st, 8 * T), tmp_path / "s.npy", k=2)
+        per_chunk = retro.chunk_neighbors(st, tmp_path / "c.npy", k=2)
+    assert seq["research"] > 0 and seq["short"] == 0
+    assert per_chunk["research"] > 0 and per_chunk["short"] == 0 and (np.load(tmp_path / "c.npy") >= 0).all()
+
+
 def test_chunks_whose_candidates_all_fell_are_searched_again(tmp_path, pydocs, embedder):
     """A page stored eight times: each chunk's candidates are its copies and their neighbours'
     copies, all dropped; ``chunk_neighbors`` left those chunks with no neighbour (134 of 6,116 on a

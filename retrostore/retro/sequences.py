@@ -383,8 +383,9 @@ def _sequence_neighbors(store, seqs: Sequences, out: Path, k: int, exclude: str,
                                overlap_threshold, ngram, drop_duplicates, share)
             for key in ("excluded_docs", "duplicates", "overlap", "window", "purged"):
                 totals[key] += getattr(st, key)
-            # Slots short of k although their candidate list was full: search again, wider.
-            short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
+            # Slots short of k: search again, wider (also where the candidates were fewer than asked:
+            # an IVF index's probed lists ran out, helper-32).
+            short = np.flatnonzero((kept < 0).any(1))
             if len(short):
                 slot = np.flatnonzero(have)[short]  # (window - done) * C + u of each short slot
                 ahead = None if win is None else [  # each slot's text from its own chunk on: what it may not retrieve
@@ -501,9 +502,9 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
                 kept, st = _filter(table, q, cand, own, k, threshold, ngram, True, share)
                 for key in ("duplicates", "overlap", "window", "purged"):
                     totals[key] += getattr(st, key)
-                # Rows short of k although their candidate list was full: searched again, wider, as
-                # sequence_neighbors does (134 of 6,116 chunks of a store built twice were left short).
-                short = np.flatnonzero((kept < 0).any(1) & (cand >= 0).all(1))
+                # Rows short of k: searched again, wider, as sequence_neighbors does (134 of 6,116 chunks
+                # of a store built twice were left short).
+                short = np.flatnonzero((kept < 0).any(1))
                 if len(short):
                     ahead = None if win is None else [(win[i], real[i]) for i in short]
                     kept[short] = _research(store, table, q[short], own[short], k, n_cand, threshold, ngram, True,
@@ -599,11 +600,17 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
     # Read back, not embedded again (5 ms per chunk on one core: 36% of a filtered run's time on a
     # store built twice); a store fed its own vectors is searched again too.
     vecs = store._stored_vectors(chunk_ids)
+    index = store.info()["index"]["params"]
+    nlist, nprobe = int(index.get("nlist", 0)), int(index.get("nprobe", 0))
     todo = np.arange(len(chunk_ids))
     want = min(len(store), start * 8)
     while len(todo):
         ids = chunk_ids[todo]
-        _, cand = store.search_vectors(vecs[todo], want)
+        # An IVF index answers from the lists it probes: as many more as the search is wider (4x the
+        # lists `want` vectors fill on average), all of them at the last step (helper-32: slots were
+        # left short with admissible chunks in lists never probed).
+        probe = nlist if want >= len(store) else min(nlist, max(nprobe, -(-4 * want * nlist // max(len(store), 1))))
+        _, cand = store.search_vectors(vecs[todo], want, params={"nprobe": probe} if nlist else None)
         share = None
         if ahead is not None and threshold is not None:  # each slot as a window of its text from its chunk on
             spans, span_len = _spans(table, cand)
@@ -614,7 +621,8 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
         kept[todo] = got
         if want >= len(store):
             break
-        todo = todo[(got < 0).any(1) & (cand >= 0).all(1)]
+        exhausted = (cand < 0).any(1) & (not nlist or probe == nlist)  # fewer than asked: none left to find
+        todo = todo[(got < 0).any(1) & ~exhausted]
         want = min(len(store), want * 2)
     return kept
 

@@ -67,8 +67,8 @@ def check_threshold(overlap_threshold: Any) -> float | None:
     """The leakage filters' ``overlap_threshold``: a share in (0, 1], or None (the 13-gram rules off)."""
     if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(
             overlap_threshold, (int, float, np.floating)) or not 0 < overlap_threshold <= 1):
-        raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1], or None to "
-                                "turn the overlap filters off")
+        raise InvalidInputError(f"overlap_threshold={shown(overlap_threshold)} must be a share in (0, 1] (RETRO: 0.5), "
+                                "or None to turn the overlap filters off (--no-overlap-filter on the command line)")
     return None if overlap_threshold is None else float(overlap_threshold)
 
 
@@ -88,7 +88,7 @@ def check_ngram(ngram: Any, chunk_tokens: int) -> int:
     if is_int(ngram) and ngram > chunk_tokens:  # (helper-28: it matched nothing, the filters silently off)
         raise InvalidInputError(f"ngram={shown(ngram)} is longer than a chunk ({chunk_tokens} tokens): no n-gram "
                                 "would match and the overlap filters would be off; RETRO uses 13 (pass "
-                                "overlap_threshold=None to turn the filters off on purpose)")
+                                "overlap_threshold=None, or --no-overlap-filter, to turn the filters off on purpose)")
     return check_int("ngram", ngram, 1, chunk_tokens, fix="RETRO uses 13")
 
 

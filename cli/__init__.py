@@ -20,6 +20,7 @@ import numpy as np
 import retrostore
 from retrostore import RetrostoreError, retro
 from retrostore.build import build_store
+from retrostore.store.verify import file_problems
 
 __all__ = ["main", "cli"]
 
@@ -266,8 +267,10 @@ def verify(store, as_json, retokenize):
         with retrostore.open(store) as st:
             problems = st.verify(retokenize=retokenize)
             version = st.version
-    except retrostore.CorruptStoreError as exc:
-        problems, version = [str(exc)], None
+    except retrostore.CorruptStoreError as exc:  # and every other file's problem, not only the first
+        first = " ".join(str(exc).split())
+        named = first.split(":")[0]  # (the file open stopped at, worded its own way)
+        problems, version = [first] + [p for p in file_problems(store) if p.split(":")[0] != named], None
     if as_json:
         click.echo(json.dumps({"ok": not problems, "version": version, "problems": problems}, indent=2))
     else:
@@ -275,6 +278,9 @@ def verify(store, as_json, retokenize):
             click.echo(p)
         if not problems:
             click.echo(f"ok: {store} version {version} is intact")
+        elif not all("Permission denied" in p for p in problems):
+            click.echo(f"{store} is damaged or incomplete: copy or download it again from its source, or restore "
+                       "it from a backup (a file the manifest names cannot be rebuilt from the others)", err=True)
     if problems:
         sys.exit(1)
 

@@ -111,3 +111,19 @@ def test_not_a_store(tmp_path):
     assert code == 2  # click: the path does not exist
     result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
     assert result.exit_code == 1 and "not a retrostore store" in result.output
+
+
+def test_every_damaged_file_is_reported_when_open_fails(store):
+    """helper-33: a partial download was revealed one file per run (verify stopped where open
+    stopped). Every file the manifest names is checked, and the fix is said once."""
+    tok = store / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:100])
+    seg = next(p for p in (store / "index").iterdir() if p.suffix == ".faiss")
+    _flip(seg, 100)
+    result = CliRunner().invoke(cli, ["verify", str(store)])
+    lines = result.stdout.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 2, result.stdout
+    assert {line.split(":")[0] for line in lines} == {"tokenizer.json", f"index/{seg.name}"}
+    assert "copy or download it again" in result.stderr
+    doc = json.loads(CliRunner().invoke(cli, ["verify", str(store), "--json"]).stdout)
+    assert doc["ok"] is False and len(doc["problems"]) == 2

@@ -21,7 +21,7 @@ from ..storage.vectors import keeps_files
 from ..text.chunking import Chunker
 from .version import Version
 
-__all__ = ["verify_version", "retokenize_problems"]
+__all__ = ["verify_version", "retokenize_problems", "file_problems"]
 
 
 def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool, isolate: bool = True) -> list[str]:
@@ -196,6 +196,39 @@ def retokenize_problems(version: Version, table: ChunkTable, chunker: Chunker) -
         problems.append(f"{DATA_MDB}: {bad - _RETOKENIZE_REPORTED} more documents whose chunks differ "
                         "from what their text makes")
     return problems
+
+
+def file_problems(root: os.PathLike) -> list[str]:
+    """The problems of a store's files against its manifest, found without opening it: for a
+    store that fails to open (``retrostore verify`` then reports every missing or damaged file at
+    once, not the first open stopped at; helper-33: a partial download revealed one file per run).
+
+    Checks the manifest (readable, schema), every referenced file's presence, size and sha256,
+    and the LMDB data file's structure; one line each.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    try:
+        m = _manifest.read_manifest(root)
+    except RetrostoreError as exc:
+        return _one_line([str(exc)])
+    problems: list[str] = []
+    for entry in _manifest.referenced_files(m):
+        try:
+            _manifest.safe_path(root, entry["path"], MANIFEST)
+        except CorruptStoreError as exc:
+            problems.append(str(exc))
+            continue
+        problem = check_file(root, entry)
+        if problem:
+            problems.append(problem)
+    try:
+        _manifest.safe_path(root, LMDB_DIR, LMDB_DIR)
+        check_lmdb_file(root / LMDB_DIR / "data.mdb")
+    except CorruptStoreError as exc:
+        problems.append(str(exc))
+    return _one_line(problems)
 
 
 def _one_line(problems: list[str]) -> list[str]:

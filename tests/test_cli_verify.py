@@ -127,3 +127,17 @@ def test_every_damaged_file_is_reported_when_open_fails(store):
     assert "copy or download it again" in result.stderr
     doc = json.loads(CliRunner().invoke(cli, ["verify", str(store), "--json"]).stdout)
     assert doc["ok"] is False and len(doc["problems"]) == 2
+
+
+def test_a_damaged_retained_version_is_a_problem(store):
+    """helper-33: a flipped byte in versions/manifest-*.json passed verify ("intact", exit 0) while
+    open(version=V) then raised CorruptStoreError."""
+    import retrostore
+
+    with retrostore.open(store, mode="a") as st:  # a second version: the first is retained
+        st.append(["one more document"])
+        st.commit()
+    old = store / "versions" / "manifest-000000000001.json"
+    _flip(old, 40)
+    code, out = _verify(store)
+    assert code == 1 and out.startswith("versions/manifest-000000000001.json: ") and "open(version=1) fails" in out, out

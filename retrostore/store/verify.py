@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import CorruptStoreError, RetrostoreError
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
-from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, retained_versions
 from ..storage.lmdbfile import check_lmdb_file
 from ..storage.lmdbscan import scan, scan_in_child
 from ..storage.segments import check_file
@@ -102,6 +102,13 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
     if not n_chunks - int(deletes.get("chunks", 0)) <= n_vec <= n_chunks:
         problems.append(f"index: {n_vec} vectors for {n_chunks} chunks of which {deletes.get('chunks', 0)} are "
                         "deleted; every chunk that is not deleted must be indexed")
+    for number in retained_versions(root):  # (helper-33: a damaged copy passed, open(version=V) then failed)
+        if number != m["version"]:
+            try:
+                _manifest.read_manifest(root, number)
+            except RetrostoreError as exc:
+                problems.append(f"{exc} (retained version {number}: open(version={number}) fails; the current "
+                                "version is not affected)")
     return _one_line(problems)
 
 

@@ -398,6 +398,9 @@ def test_resigned_manifest_with_huge_counters_is_refused(store):
         assert _open_error(store).startswith("manifest.json: manifest field " + repr(key))
     _manifest.write_manifest(store, m)
     with retrostore.open(store) as st:
+        hostile = store / "versions" / f"manifest-{10**30:012d}.json"  # (write_manifest kept a copy of each)
+        assert [p for p in st.verify() if p.startswith(f"versions/{hostile.name}: manifest field 'version'")]
+        hostile.unlink()
         assert st.verify() == []
 
 

@@ -7,6 +7,7 @@ it runs as a script in a child process and imports nothing from the package.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = [
@@ -45,8 +46,8 @@ def version_path(root: Path, version: int) -> Path:
 
 def retained_versions(root: Path) -> list[int]:
     """Version numbers of the manifest copies in ``versions/``, sorted."""
-    return sorted(int(p.name[9:21]) for p in (root / VERSIONS_DIR).glob("manifest-*.json")
-                  if p.name[9:21].isdigit())
+    names = (re.fullmatch(r"manifest-(\d{12,})\.json", p.name) for p in (root / VERSIONS_DIR).glob("manifest-*.json"))
+    return sorted(int(m.group(1)) for m in names if m)  # (a name of 31 digits was read as its first 12)
 
 
 def version_tag(version: int) -> str:

@@ -17,6 +17,7 @@ from .ship.pack import pack
 from .ship.unpack import unpack
 from .store.create import create
 from .store.create import open_store as open
+from .store.create import verify_store as verify
 from .store.store import Store
 from .text.chunking import Chunker
 from .text.embed import DEFAULT_MODEL_SHA256, Embedder, OnnxEmbedder
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "verify",
     "connect",
     "pack",
     "unpack",

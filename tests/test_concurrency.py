@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -198,8 +199,6 @@ def test_store_replaced_while_a_handle_is_open(tmp_path):
     """rm -rf + a new store at the same path (a redeploy) while this process holds a handle on
     the old one: new handles read the new files, a writer commits into them, and the old handle
     keeps reading its own (deleted) files until closed."""
-    import shutil
-
     rng = np.random.default_rng(0)
 
     def unit(n):
@@ -257,9 +256,7 @@ def test_a_forked_reader_exits_normally(built_store):
 
 def _sync_over(src, dst) -> None:
     """What ``rsync -a SRC/ DST/`` does: each file of SRC written beside its name and renamed over
-    it, in sorted order (chunks.lmdb before manifest.json); files only DST has stay."""
-    import shutil
-
+    it, directory by directory (manifest.json before chunks.lmdb/); files only DST has stay."""
     for dirpath, _, files in sorted(os.walk(src)):
         rel = os.path.relpath(dirpath, src)
         os.makedirs(os.path.join(dst, rel), exist_ok=True)
@@ -290,6 +287,10 @@ def test_a_store_synced_over_an_open_one_is_refused_not_mixed(tmp_path):
         st.append(["new C"], embeddings=unit(1))
         st.commit()
     old = retrostore.open(a)
+    shutil.copy2(b / "manifest.json", a / "manifest.json.new")  # rsync's first file: b's manifest over a's
+    os.replace(a / "manifest.json.new", a / "manifest.json")
+    assert old.refresh() == 1  # (helper-34: it took version 2 of b over a's chunk table: chunks missing)
+    assert [old.get_document(i).text for i in range(2)] == ["OLD doc zero", "OLD doc one"]
     _sync_over(b, a)
     with pytest.raises(retrostore.StoreReplacedError, match="was replaced since this handle opened it.*close it"):
         old.refresh()

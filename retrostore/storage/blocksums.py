@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CorruptStoreError
-from .fileio import regular_file, sha256_file, write_durable
+from .fileio import regular_file, sha256_file, unreadable, write_durable
 
 __all__ = ["BLOCK_BYTES", "rows_per_block", "sums_name", "block_crcs", "CrcStream", "write_sums", "BlockChecker"]
 
@@ -112,7 +112,10 @@ class BlockChecker:
         rel = sums["path"]
         if regular_file(root / rel, rel) is None:
             raise CorruptStoreError(f"{rel}: block checksums of {entry['path']} are missing")
-        size, sha = sha256_file(root / rel)
+        try:
+            size, sha = sha256_file(root / rel)
+        except OSError as exc:  # (helper-34: a bare PermissionError)
+            raise unreadable(rel, exc) from exc
         if (size, sha) != (sums["size"], sums["sha256"]):
             raise CorruptStoreError(f"{rel}: block checksum file differs from the manifest (size or sha256); "
                                     "it is damaged")

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommitError, InvalidInputError, StoreExistsError, check_int
+from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreExistsError, check_int
 from ..index.factory import check_index_arg
 from ..index.params import check_params
 from ..index.policy import default_params
@@ -27,6 +27,7 @@ from ..text.embed import DEFAULT_MODEL_SHA256, Embedder, check_embedder, json_fi
 from ..text.models import DEFAULT_DIM, default_fingerprint, default_tokenizer_path
 from .commit import now
 from .store import DEFAULTS, Store
+from .verify import file_problems
 
 __all__ = ["create", "open_store"]
 
@@ -315,3 +316,40 @@ def open_store(
     """
     return Store(_store_path(path), mode=mode, embedder=embedder, version=version, timeout_s=timeout_s, threads=threads,
                  mmap=mmap)
+
+
+def verify_store(path: str | os.PathLike, *, retokenize: bool = False) -> dict:
+    """Check a store's integrity without trusting it (``retrostore verify``; ``retrostore.verify``).
+
+    Opens the store read-only and runs :meth:`Store.verify`; a store that does not open is
+    reported with every file its manifest names that is missing or damaged, not only the first
+    (a partial download, helper-33).
+
+    Parameters
+    ----------
+    path : path-like
+        The store directory.
+    retokenize : bool, default False
+        Also check every chunk against its document's text (slow).
+
+    Returns
+    -------
+    dict
+        ``{"ok": bool, "version": int or None (None: the store did not open), "problems":
+        [one line per problem]}``.
+
+    Raises
+    ------
+    NotAStoreError
+        ``path`` holds no store.
+    InvalidInputError
+        Bad ``path``.
+    """
+    try:
+        with open_store(path) as st:
+            problems, version = st.verify(retokenize=retokenize), st.version
+    except CorruptStoreError as exc:
+        first = " ".join(str(exc).split())
+        named = first.split(":")[0]  # (the file open stopped at, worded its own way)
+        problems, version = [first] + [p for p in file_problems(_store_path(path)) if p.split(":")[0] != named], None
+    return {"ok": not problems, "version": version, "problems": problems}

@@ -326,18 +326,28 @@ class Store:
         StoreReplacedError
             The store directory was replaced since this handle opened it (helper-33: after
             ``rsync`` of a newer store over it, a refresh served the new index with the old
-            chunk table: wrong texts, no error); the handle stays at its version.
+            chunk table: wrong texts, no error); the handle stays at its version. A new
+            manifest whose commits are not in the chunk table (such a copy under way) is not
+            taken: the version stays.
         """
         self._check()
         if self.mode == "a" or self._pinned_version is not None:
             return self.version
         before = self._head.version
         self._check_not_replaced()
-        number = self._head.refresh().number
-        if self._table.replaced():  # replaced while the new manifest was read: never serve it with this table
+        m = _manifest.read_manifest(self.path)
+        if m["version"] != before.number and self._table.commit_chain(m["version"]) != m["lmdb"]["chain"]:
+            self._check_not_replaced()
+            return before.number  # (its files are not loaded: a copy under way is not damage)
+        new = self._head.refresh()
+        if new is not before and (self._table.replaced() or not self._table_matches_manifest()):
+            # The new manifest's commits are not in the chunk table this handle reads: a store being copied
+            # over this one, its manifest first (helper-34: rsync writes manifest.json before chunks.lmdb/;
+            # the handle then read the new ids in the old table), or a compaction between its two steps.
+            # Never serve them together: stay, and say so once the table itself is another file.
             self._head.version = before
             self._check_not_replaced()
-        return number
+        return self._head.version.number
 
     def _table_matches_manifest(self) -> bool:
         """Whether the chunk table's commit records chain to the served manifest's (helper-33: a

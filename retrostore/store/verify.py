@@ -6,6 +6,7 @@ against the chunk ids, and, with ``retokenize``, every chunk against its text.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -213,8 +214,6 @@ def file_problems(root: os.PathLike) -> list[str]:
     Checks the manifest (readable, schema), every referenced file's presence, size and sha256,
     and the LMDB data file's structure; one line each.
     """
-    from pathlib import Path
-
     root = Path(root)
     try:
         m = _manifest.read_manifest(root)

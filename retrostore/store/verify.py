@@ -13,7 +13,8 @@ import numpy as np
 from ..errors import CorruptStoreError, RetrostoreError
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
-from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, retained_versions
+from ..storage.fileio import unreadable
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, VERSIONS_DIR, retained_versions
 from ..storage.lmdbfile import check_lmdb_file
 from ..storage.lmdbscan import scan, scan_in_child
 from ..storage.segments import check_file
@@ -103,14 +104,27 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
     if not n_chunks - int(deletes.get("chunks", 0)) <= n_vec <= n_chunks:
         problems.append(f"index: {n_vec} vectors for {n_chunks} chunks of which {deletes.get('chunks', 0)} are "
                         "deleted; every chunk that is not deleted must be indexed")
-    for number in retained_versions(root):  # (helper-33: a damaged copy passed, open(version=V) then failed)
-        if number != m["version"]:
-            try:
-                _manifest.read_manifest(root, number)
-            except RetrostoreError as exc:
-                problems.append(f"{exc} (retained version {number}: open(version={number}) fails; the current "
-                                "version is not affected)")
+    problems += _retained_problems(root)
     return _one_line(problems)
+
+
+def _retained_problems(root: Path) -> list[str]:
+    """The retained manifest copies (``versions/``) that ``open(version=V)`` could not read
+    (helper-33, helper-34: a damaged or unreadable copy passed as intact)."""
+    try:
+        os.listdir(root / VERSIONS_DIR)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        return [str(unreadable(VERSIONS_DIR, exc))]
+    problems = []
+    for number in retained_versions(root):
+        try:
+            _manifest.read_manifest(root, number)
+        except RetrostoreError as exc:
+            problems.append(f"{exc} (retained version {number}: open(version={number}) fails; the current version "
+                            "is not affected)")
+    return problems
 
 
 def _lmdb_problems_with_holes(m: dict, table: ChunkTable, n_chunks: int, n_docs: int, holes: dict,
@@ -234,7 +248,7 @@ def file_problems(root: os.PathLike) -> list[str]:
         check_lmdb_file(root / LMDB_DIR / "data.mdb")
     except CorruptStoreError as exc:
         problems.append(str(exc))
-    return _one_line(problems)
+    return _one_line(problems + _retained_problems(root))
 
 
 def _one_line(problems: list[str]) -> list[str]:

@@ -216,8 +216,23 @@ for params in ({"nprobe": 2**31 - 1}, {"nprobe": 10**8}, {"efSearch": 2**31 - 1}
                {"k_factor_rf": 2.0**31 - 1}):
     assert st.search_vectors(q, 5, params=params)[1].shape == (4, 5), params
 assert (st.search_vectors(q, 5)[1] == base).all()  # (and nothing stuck)
+assert st.search_vectors(np.ones((500, 64), np.float32) / 8, 1000)[1].shape == (500, 1000)
 print("ok")
 """
+
+
+def test_an_ivf_quantizers_efsearch_given_for_one_search_does_not_stick(tmp_path, rng):
+    """helper-35: FAISS gives an IVF's HNSW quantizer a plain efSearch too, which was never read
+    back: one search with efSearch 1 changed every later answer of the handle (and of a server)."""
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index="IVF64_HNSW4,Flat",
+                           index_params={"nprobe": 1}) as st:
+        _fill(st, rng, 3000)
+        st.commit()
+        q = _vectors(rng, 200)
+        before = st.search_vectors(q, 5)[1]
+        st.search_vectors(q, 5, params={"efSearch": 1})
+        assert (st.search_vectors(q, 5)[1] == before).all()
+        assert st.info()["index"]["params"]["quantizer_efSearch"] == 16
 
 
 @pytest.mark.parametrize("factory", ["IVF16,PQ16x4fs", "HNSW16,Flat", "IVF16,Flat,RFlat"])
@@ -227,7 +242,8 @@ def test_search_parameters_past_what_the_index_holds_are_bounded(tmp_path, rng, 
     raised MemoryError: FAISS allocates what they ask for per query. They are bounded by what the
     index holds (params.bounded), which finds all it can."""
     path = tmp_path / "s"
-    with retrostore.create(path, embedder=FakeEmbedder(), index=factory) as st:
+    stored = {"k_factor_rf": 2.0**31 - 1} if "RFlat" in factory else None  # (bounded for k = 1 at open, helper-35)
+    with retrostore.create(path, embedder=FakeEmbedder(), index=factory, index_params=stored) as st:
         _fill(st, rng, 1000)
         st.commit()
     done = subprocess.run([sys.executable, "-c", _HUGE_PARAMS, str(path), str(Path(__file__).parent)],

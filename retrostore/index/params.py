@@ -21,12 +21,14 @@ import numpy as np
 from ..errors import InvalidInputError, shown
 from ..storage.faisstypes import unwrap
 
-__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "bounded", "current_params", "effective_params", "RWLock"]
+__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "bounded", "REFINE_FACTORS", "current_params", "effective_params", "RWLock"]
 
 #: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
 #: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.
 FAISS_PARAMS = ("nprobe", "max_codes", "efSearch", "k_factor_rf", "k_factor", "ht", "polysemous_ht")
 RERANK = "rerank"
+#: Parameters that multiply k: the candidates a refine step asks of its base index.
+REFINE_FACTORS = ("k_factor_rf", "k_factor")
 #: Parameters FAISS needs >= 1 (nprobe 0 fails every IVF search); the rest may be 0
 #: (max_codes 0 = unlimited, rerank 0 = off, ht 0 = off).
 _AT_LEAST_ONE = {"nprobe": 1, "efSearch": 1, "k_factor_rf": 1, "k_factor": 1}
@@ -116,8 +118,13 @@ def bounded(index: faiss.Index, name: str, value: float, k: int | None = None) -
             return value  # no IVF inside: the name does not apply (set_index_parameter skips it)
         return min(value, max(int(ivf.nlist), 1))
     if name == "efSearch":
+        if not isinstance(unwrap(index), faiss.IndexHNSW):  # an IVF's HNSW quantizer takes it: its lists
+            try:
+                return min(value, max(int(faiss.extract_index_ivf(index).nlist), 1))
+            except RuntimeError:
+                pass
         return min(value, ntotal)
-    if name in ("k_factor_rf", "k_factor"):
+    if name in REFINE_FACTORS:
         return min(value, max(1.0, ntotal / max(k or 1, 1)))
     return value
 
@@ -154,6 +161,8 @@ def _read_param(index: faiss.Index, name: str) -> Any:
         elif hasattr(node, attr):
             return getattr(node, attr)
         node = getattr(node, "index", None) or getattr(node, "base_index", None)
+    if name == "efSearch":  # ParameterSpace gives an IVF's HNSW quantizer a plain efSearch too (helper-35:
+        return _read_param(index, "quantizer_efSearch")  # never read back, a per-query one stuck for good)
     return None
 
 

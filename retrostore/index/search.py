@@ -22,7 +22,7 @@ from ..storage.memory import trim_heap
 from ..storage.segments import FP16, Segment
 from ..storage.tombstones import in_sorted
 from .merge import flat_fast_scan_run, is_fast_scan, merge_segments
-from .params import RERANK, RWLock, apply_params, current_params, effective_params
+from .params import REFINE_FACTORS, RERANK, RWLock, apply_params, current_params, effective_params
 
 __all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "BLAS_THRESHOLD", "share_quantizers"]
 
@@ -318,6 +318,9 @@ class SegmentSet:
                 params = {**params, "efSearch": kk}
                 eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
+        # A stored refine factor was bounded for k = 1 at open: bound it for this search's k (helper-35:
+        # k_factor_rf = 2**31 - 1 in index_params made the base search ask for k x ntotal results).
+        changes.update({n: eff[n] for n in REFINE_FACTORS if n in eff and kk > 1})
         restore = 0 if self._all_graphs else _one_thread(len(queries))
         blas = self.metric == "ip" and BLAS_THRESHOLD <= len(queries) * self.dim < _FAISS_BLAS_THRESHOLD
         if blas:

@@ -259,8 +259,8 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     of a chunk of the window from the slot's own on (a copy of the text the
     window predicts, stored in another document: :func:`~retrostore.retro.leakage.future_overlap`). A slot left with fewer than k (the candidates ran out: boilerplate
     with many near copies) is searched again with the chunk's stored vector
-    (read back, not embedded), widening until k are found
-    or the store is exhausted; the summary counts these (``research``).
+    (read back, not embedded), widening until k are found,
+    the store is exhausted or 16,384 candidates were searched; the summary counts these (``research``).
 
     Parameters
     ----------
@@ -440,7 +440,7 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
         neighbours of chunk i, -1 for a deleted chunk or one left short of
         k (counted in the summary, ``OUT.summary.json``): a chunk whose
         candidates all fell is searched again with its stored vector, wider,
-        until k pass or the store is exhausted. Candidates
+        until k pass, the store is exhausted or 16,384 candidates were searched. Candidates
         (``2k + 8`` a chunk, from the stored vectors) are cached beside it
         (``OUT.candidates-STORE-kM.npy``): a run interrupted during their
         search resumes it.
@@ -585,12 +585,22 @@ def _spans(table: ChunkTable, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return spans, lengths
 
 
+#: Most candidates a slot whose candidates all fell is searched for (``_research``): a chunk copied
+#: thousands of times (boilerplate) stays short rather than scanning the store once per slot
+#: (helper-35: 4x the chunks took 34x as long with every short slot searched to the end).
+RESEARCH_LIMIT = 16_384
+#: (slot, candidate) pairs filtered at a time when searching again (the n-gram comparison holds
+#: ~6 KB per pair: 400 slots x 1,600 candidates at once took 3.8 GB, helper-35's store).
+_RESEARCH_PAIRS = 8_192
+
+
 def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndarray, k: int, start: int,
               threshold, ngram: int, drop_duplicates: bool,
               ahead: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """k admissible neighbours of chunks whose candidates ran out: their stored vectors (those
     the candidates were searched with) searched ever wider (8x the candidates, then doubling)
-    until k pass the filters or the store is exhausted.
+    until k pass the filters, the store is exhausted or :data:`RESEARCH_LIMIT` candidates were
+    searched.
 
     Returns
     -------
@@ -603,27 +613,36 @@ def _research(store, table: ChunkTable, chunk_ids: np.ndarray, excluded: np.ndar
     index = store.info()["index"]["params"]
     nlist, nprobe = int(index.get("nlist", 0)), int(index.get("nprobe", 0))
     todo = np.arange(len(chunk_ids))
-    want = min(len(store), start * 8)
+    limit = min(len(store), RESEARCH_LIMIT)
+    want = min(limit, start * 8)
     while len(todo):
-        ids = chunk_ids[todo]
         # An IVF index answers from the lists it probes: as many more as the search is wider (4x the
-        # lists `want` vectors fill on average), all of them at the last step (helper-32: slots were
-        # left short with admissible chunks in lists never probed).
-        probe = nlist if want >= len(store) else min(nlist, max(nprobe, -(-4 * want * nlist // max(len(store), 1))))
-        _, cand = store.search_vectors(vecs[todo], want, params={"nprobe": probe} if nlist else None)
-        share = None
-        if ahead is not None and threshold is not None:  # each slot as a window of its text from its chunk on
-            spans, span_len = _spans(table, cand)
-            share = np.concatenate([future_overlap(ahead[i][0][None], ahead[i][1][None], table.chunk_tokens,
-                                                   spans[j][None, None], span_len[j][None, None], ngram)[0]
-                                    for j, i in enumerate(todo)]) if len(todo) else None
-        got, _ = _filter(table, ids, cand, excluded[todo], k, threshold, ngram, drop_duplicates, share)
-        kept[todo] = got
-        if want >= len(store):
+        # lists `want` vectors fill on average), all of them at the last step, with no cap on the codes
+        # scanned (helper-32, helper-35: slots were left short with admissible chunks in lists never probed).
+        probe = nlist if want >= limit else min(nlist, max(nprobe, -(-4 * want * nlist // max(len(store), 1))))
+        params = {"nprobe": probe, "max_codes": 0} if nlist else None
+        again = np.zeros(len(todo), bool)
+        step = max(1, _RESEARCH_PAIRS // want)  # slots at a time: the filters' arrays grow with slots x want
+        for lo in range(0, len(todo), step):
+            part = todo[lo:lo + step]
+            _, cand = store.search_vectors(vecs[part], want, params=params)
+            share = None
+            if ahead is not None and threshold is not None:  # each slot as a window of its text from its chunk on
+                spans, span_len = _spans(table, cand)
+                width = max(len(ahead[i][0]) for i in part)  # (padding is not text: it holds no n-gram)
+                win = np.zeros((len(part), width), np.int64)
+                real = np.zeros((len(part), width), bool)
+                for j, i in enumerate(part):
+                    win[j, :len(ahead[i][0])], real[j, :len(ahead[i][1])] = ahead[i]
+                share = future_overlap(win, real, table.chunk_tokens, spans[:, None], span_len[:, None], ngram)[:, 0]
+            got, _ = _filter(table, chunk_ids[part], cand, excluded[part], k, threshold, ngram, drop_duplicates, share)
+            kept[part] = got
+            exhausted = (cand < 0).any(1) & (not nlist or probe == nlist)  # fewer than asked: none left to find
+            again[lo:lo + step] = (got < 0).any(1) & ~exhausted
+        if want >= limit:
             break
-        exhausted = (cand < 0).any(1) & (not nlist or probe == nlist)  # fewer than asked: none left to find
-        todo = todo[(got < 0).any(1) & ~exhausted]
-        want = min(len(store), want * 2)
+        todo = todo[again]
+        want = min(limit, want * 2)
     return kept
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import InvalidInputError, shown
 from ..storage.faisstypes import unwrap
 
-__all__ = ["FAISS_PARAMS", "RERANK", "check_params", "apply_params", "bounded", "REFINE_FACTORS", "current_params", "effective_params", "RWLock"]
+__all__ = ["FAISS_PARAMS", "RERANK", "REFINE_FACTORS", "check_params", "apply_params", "bounded", "current_params",
+           "effective_params", "RWLock"]
 
 #: Search parameters FAISS's ParameterSpace understands (a ``quantizer_`` prefix
 #: reaches an IVF's coarse quantizer), plus retrostore's own ``rerank``.

@@ -48,21 +48,10 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
         _manifest.check_schema(m, MANIFEST)
     except CorruptStoreError as exc:
         problems.append(str(exc))
-    for entry in _manifest.referenced_files(m):
-        try:
-            _manifest.safe_path(root, entry["path"], MANIFEST)
-        except CorruptStoreError as exc:
-            problems.append(str(exc))
-            continue
-        problem = check_file(root, entry)
-        if problem:
-            problems.append(problem)
-    try:
-        _manifest.safe_path(root, LMDB_DIR, LMDB_DIR)
-        check_lmdb_file(root / LMDB_DIR / "data.mdb")
-    except CorruptStoreError as exc:
-        problems.append(str(exc))
-        return _one_line(problems)
+    problems += _referenced_problems(root, m)
+    lmdb_problem = _lmdb_file_problem(root)
+    if lmdb_problem:
+        return _one_line(problems + [lmdb_problem] + _retained_problems(root))
     n_chunks, n_docs = m["next_chunk_id"], m["next_doc_id"]
     deletes = m.get("deletes") or {}
     holes = {"chunks": int(deletes.get("purged_chunks", 0)), "docs": int(deletes.get("purged_documents", 0))}
@@ -233,7 +222,14 @@ def file_problems(root: os.PathLike) -> list[str]:
         m = _manifest.read_manifest(root)
     except RetrostoreError as exc:
         return _one_line([str(exc)])
-    problems: list[str] = []
+    lmdb_problem = _lmdb_file_problem(root)
+    return _one_line(_referenced_problems(root, m) + ([lmdb_problem] if lmdb_problem else []) + _retained_problems(root))
+
+
+def _referenced_problems(root: Path, m: dict) -> list[str]:
+    """Each file the manifest names that escapes the store, is missing, or differs from its size
+    and sha256."""
+    problems = []
     for entry in _manifest.referenced_files(m):
         try:
             _manifest.safe_path(root, entry["path"], MANIFEST)
@@ -243,12 +239,17 @@ def file_problems(root: os.PathLike) -> list[str]:
         problem = check_file(root, entry)
         if problem:
             problems.append(problem)
+    return problems
+
+
+def _lmdb_file_problem(root: Path) -> str | None:
+    """Why the LMDB data file cannot be opened (its place, meta and root pages, size), or None."""
     try:
         _manifest.safe_path(root, LMDB_DIR, LMDB_DIR)
         check_lmdb_file(root / LMDB_DIR / "data.mdb")
     except CorruptStoreError as exc:
-        problems.append(str(exc))
-    return _one_line(problems + _retained_problems(root))
+        return str(exc)
+    return None
 
 
 def _one_line(problems: list[str]) -> list[str]:

@@ -141,3 +141,17 @@ def test_a_damaged_retained_version_is_a_problem(store):
     _flip(old, 40)
     code, out = _verify(store)
     assert code == 1 and out.startswith("versions/manifest-000000000001.json: ") and "open(version=1) fails" in out, out
+
+
+def test_a_store_that_lost_its_manifest_says_how_to_get_it_back(store):
+    """helper-36: 'not a retrostore store ... create one' for a store whose manifest.json was lost,
+    and create then refused the directory: the newest retained copy brings it back."""
+    import retrostore
+
+    (store / "manifest.json").unlink()
+    with pytest.raises(retrostore.NotAStoreError, match=r"holds a store's files .* the manifest was lost; copy its "
+                                                         r"newest retained copy back \(cp .*versions/manifest-0+1\.json"):
+        retrostore.open(store)
+    newest = sorted((store / "versions").iterdir())[-1]
+    shutil.copy(newest, store / "manifest.json")
+    assert _verify(store)[0] == 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import JSON_TYPE_NAMES, CorruptStoreError, FormatVersionError, NotAStoreError
 from .fileio import atomic_write, unreadable
-from .layout import MANIFEST, version_path
+from .layout import INDEX_DIR, LMDB_DIR, MANIFEST, VERSIONS_DIR, retained_versions, version_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -206,6 +206,21 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     return body
 
 
+def missing_manifest(root: Path) -> NotAStoreError:
+    """The error for a directory without ``manifest.json``: not a store, or (helper-36) a store
+    whose manifest was lost, which ``create`` then refuses as a non-empty directory: the message
+    says how to get the manifest back."""
+    held = [name for name in (LMDB_DIR, INDEX_DIR, VERSIONS_DIR) if (root / name).exists()]
+    if not held:
+        return NotAStoreError(f"{root} is not a retrostore store (no {MANIFEST}); create one with "
+                              "retrostore.create() or `retrostore build`")
+    newest = retained_versions(root)
+    fix = (f"copy its newest retained copy back (cp {version_path(root, newest[-1])} {root / MANIFEST}), then run "
+           "`retrostore verify`" if newest else "restore it from a backup, or copy or download the store again")
+    return NotAStoreError(f"{root} holds a store's files ({', '.join(held)}) but no {MANIFEST}: the manifest was "
+                          f"lost; {fix}")
+
+
 def read_manifest(root: Path, version: int | None = None) -> dict:
     """Read and check the current manifest, or a retained version's.
 
@@ -227,10 +242,7 @@ def read_manifest(root: Path, version: int | None = None) -> dict:
                 f"version {version} of {root} is not retained (no {path.relative_to(root)}); "
                 "open without version= for the newest, or see Store.info()['retained_versions']"
             ) from None
-        raise NotAStoreError(
-            f"{root} is not a retrostore store (no {MANIFEST}); create one with "
-            "retrostore.create() or `retrostore build`"
-        ) from None
+        raise missing_manifest(root) from None
     except (NotADirectoryError, IsADirectoryError):
         raise NotAStoreError(f"{root} is not a retrostore store (not a directory with a {MANIFEST})") from None
     except OSError as exc:

@@ -122,10 +122,7 @@ class Store:
         except OSError as exc:  # (a directory this user may not enter)
             raise fileio.unreadable(os.fspath(self.path / MANIFEST), exc) from exc
         if not is_store:
-            raise NotAStoreError(
-                f"{self.path} is not a retrostore store (no {MANIFEST}); create one with "
-                "retrostore.create() or `retrostore build`"
-            )
+            raise _manifest.missing_manifest(self.path)
         self.readonly_media = fileio.readonly_media(self.path)
         try:
             if mode == "a":

@@ -184,7 +184,8 @@ def inspect(store, as_json):
     \b
     format     the store's format version (readers >= the oldest reader format that can read it)
     version    the current version (retained: versions open(path, version=V) can still read)
-    documents, chunks, vectors   counts of the current version (vectors: indexed chunks)
+    documents, chunks, vectors   counts of the current version (ids ever committed, the deleted
+                                 ones counted and said; vectors: indexed chunks)
     embedder, tokenizer          the fingerprints a store opened later must match; the tokenizer's
                                  vocabulary (a RETRO model's num_tokens must cover it) and the id
                                  that pads neighbour tokens
@@ -207,8 +208,8 @@ def inspect(store, as_json):
         ("path", info["path"]),
         ("format", f"{info['format_version']} (readers >= {info['min_reader_version']})"),
         ("version", f"{info['version']} (retained: {', '.join(map(str, info['retained_versions']))})"),
-        ("documents", f"{info['documents']:,}"),
-        ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens"),
+        ("documents", f"{info['documents']:,}" + _deleted(info["deletes"], "documents")),
+        ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens" + _deleted(info["deletes"], "chunks")),
         ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
         ("embedder", _describe_embedder(emb)),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
@@ -227,6 +228,15 @@ def inspect(store, as_json):
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _deleted(deletes: dict, what: str) -> str:
+    """``" (N deleted, M of them purged)"``: ids count every document and chunk ever committed
+    (helper-36: after delete + compact, nothing in the text said so)."""
+    n, purged = int(deletes.get(what, 0)), int(deletes.get(f"purged_{what}", 0))
+    if not n:
+        return ""
+    return f" ({n:,} deleted" + (f", {purged:,} of them purged by compact)" if purged else "; compact purges them)")
 
 
 def _describe_pad(tok: dict) -> str:

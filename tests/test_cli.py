@@ -82,6 +82,19 @@ def test_inspect(cli_store):
     assert "Flat (float16 codes)" in human.output  # a fresh user read "Flat" at 768 B/vector as float32
 
 
+def test_inspect_says_what_is_deleted(cli_store, tmp_path):
+    """helper-36: after delete + compact, the text said 30 documents and 1,215 chunks, nothing more."""
+    import shutil
+
+    path = tmp_path / "d.rstore"
+    shutil.copytree(cli_store, path)
+    assert CliRunner().invoke(cli, ["delete", str(path), "0"]).exit_code == 0
+    out = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert "documents  20 (1 deleted; compact purges them)" in out, out
+    assert CliRunner().invoke(cli, ["compact", str(path)]).exit_code == 0
+    assert "(1 deleted, 1 of them purged by compact)" in CliRunner().invoke(cli, ["inspect", str(path)]).output
+
+
 def test_verify_ok(cli_store):
     res = CliRunner().invoke(cli, ["verify", str(cli_store), "--json"])
     assert res.exit_code == 0, res.output

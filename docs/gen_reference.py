@@ -10,6 +10,7 @@ script writes, so the references never fall behind the code.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import inspect
@@ -149,6 +150,7 @@ def cli_markdown() -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     (DOCS / "api.md").write_text(api_markdown())
     (DOCS / "cli.md").write_text(cli_markdown())
     print(f"wrote {DOCS / 'api.md'} and {DOCS / 'cli.md'}")

@@ -330,29 +330,26 @@ class Store:
         self._check()
         if self.mode == "a" or self._pinned_version is not None:
             return self.version
-        before = self._head.version
+        # A manifest whose commits are not in the chunk table this handle reads is not taken: a store
+        # copied over this one, manifest first (helper-34: rsync writes manifest.json before chunks.lmdb/;
+        # the handle then read the new ids in the old table), or a compaction between its two steps.
         self._check_not_replaced()
-        m = _manifest.read_manifest(self.path)
-        if m["version"] != before.number and self._table.commit_chain(m["version"]) != m["lmdb"]["chain"]:
-            self._check_not_replaced()
-            return before.number  # (its files are not loaded: a copy under way is not damage)
-        new = self._head.refresh()
-        if new is not before and (self._table.replaced() or not self._table_matches_manifest()):
-            # The new manifest's commits are not in the chunk table this handle reads: a store being copied
-            # over this one, its manifest first (helper-34: rsync writes manifest.json before chunks.lmdb/;
-            # the handle then read the new ids in the old table), or a compaction between its two steps.
-            # Never serve them together: stay, and say so once the table itself is another file.
-            self._head.version = before
-            self._check_not_replaced()
-        return self._head.version.number
+        number = self._head.refresh(self._holds).number
+        self._check_not_replaced()  # (say so once the table itself is another file)
+        return number
+
+    def _holds(self, m: dict) -> bool:
+        """Whether this handle's chunk table holds manifest ``m``'s commits (its commit records chain
+        to ``m``'s content hash chain; recorded digests only, no record hashed) and is still the file
+        in the store directory."""
+        return not self._table.replaced() and self._table.commit_chain(m["version"]) == m["lmdb"]["chain"]
 
     def _table_matches_manifest(self) -> bool:
         """Whether the chunk table's commit records chain to the served manifest's (helper-33: a
         store copied over another, a copy taken mid-way, pairs one store's manifest with another's
         chunk table; ``verify`` finds it by hashing every record, this by the commit records alone)."""
         self._check()
-        m = self._head.version.manifest
-        return self._table.commit_chain(m["version"]) == m["lmdb"]["chain"]
+        return self._holds(self._head.version.manifest)
 
     def _check_not_replaced(self) -> None:
         if self._table.replaced():

@@ -11,6 +11,7 @@ next version cost only its new files.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -246,8 +247,12 @@ class Head:
                 manifest = newer
         raise AssertionError("unreachable")
 
-    def refresh(self) -> Version:
+    def refresh(self, holds: Callable[[dict], bool] | None = None) -> Version:
         """Move to the newest committed version (a reader's ``Store.refresh``).
+
+        ``holds(manifest)``: whether the chunk table this handle reads holds that manifest's
+        commits; a manifest it does not hold (a store being copied over this one, manifest first)
+        is not taken, before or after its files are loaded: the version stays.
 
         Raises
         ------
@@ -256,10 +261,14 @@ class Head:
         """
         for attempt in range(_ATTEMPTS):
             m = _manifest.read_manifest(self.root)
-            if m["version"] == self.version.number:
+            if m["version"] == self.version.number or (holds is not None and not holds(m)):
                 return self.version
+            before = self.version
             try:
-                return self.load(m)
+                self.load(m)
+                if holds is not None and not holds(m):  # (replaced while its files were loaded)
+                    self.version = before
+                return self.version
             except CorruptStoreError:
                 # A writer may have garbage-collected files of a version that was
                 # current when we read the manifest; read it again.

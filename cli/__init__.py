@@ -6,35 +6,22 @@ one-line message and a non-zero exit status, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import sys
 import time
 import warnings
 
 import click
-import numpy as np
 
 import retrostore
-from retrostore import RetrostoreError, retro
+from retrostore import RetrostoreError
 from retrostore.build import build_store
 
+from .common import friendly
+from .retro_commands import export, neighbors
+
 __all__ = ["main", "cli"]
-
-
-def _friendly(fn):
-    """Turn RetrostoreError into click's one-line ``Error: ...`` (exit 1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RetrostoreError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +62,7 @@ def cli() -> None:
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where shards wait to be merged (default STORE.build; shared storage on a cluster).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_friendly
+@friendly
 def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factory, commit_every, threads,
           append, engine, address, shards, device, work_dir, quiet):
     """Build (or append to) STORE from INPUT files: .txt (one document per file),
@@ -139,7 +126,7 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
 @click.argument("query")
 @click.option("-k", "--k", "k", type=int, default=5, show_default=True, help="Number of neighbours.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object with the hits).")
-@_friendly
+@friendly
 def search(store, query, k, as_json):
     """Search STORE for the chunks nearest to QUERY text.
 
@@ -177,7 +164,7 @@ def _human(n: float) -> str:
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_friendly
+@friendly
 def inspect(store, as_json):
     """Show what STORE holds: versions, counts, fingerprints, index, files.
 
@@ -267,7 +254,7 @@ def _describe_embedder(emb: dict) -> str:
 @click.option("--retokenize", is_flag=True,
               help="Also cut every document again with the store's tokenizer and compare each chunk's token ids "
                    "and span (as long as tokenizing the corpus).")
-@_friendly
+@friendly
 def verify(store, as_json, retokenize):
     """Check STORE's integrity: manifest, checksums, LMDB records, index counts.
 
@@ -288,196 +275,6 @@ def verify(store, as_json, retokenize):
         sys.exit(1)
 
 
-def _leakage_options(fn, seq_len_required: bool = False):
-    """Options shared by ``neighbors --sequences`` and ``export`` (retrostore.retro.sequence_neighbors)."""
-    for opt in reversed([
-        # no default at all when required: click 8.3+ takes an explicit default=None as a value
-        click.option("--seq-len", type=int, **({"required": True} if seq_len_required else {"default": None}),
-                     help="Training window length L (a multiple of the chunk size); windows are L + 1 tokens."),
-        click.option("--mode", type=click.Choice(["packed", "document"]), default="packed", show_default=True,
-                     help="Windows packed across documents, or each within one document (padded)."),
-        click.option("--eos-id", type=int, default=None,
-                     help="Label after a document's last token (default: the tokenizer's [SEP] / </s> / ...)."),
-        click.option("--exclude", type=click.Choice(["sequence", "chunk"]), default="sequence", show_default=True,
-                     help="Never retrieve from any document of the window (sequence) or the chunk's own (chunk)."),
-        click.option("--overlap-threshold", type=float, default=retro.DEFAULT_OVERLAP_THRESHOLD, show_default=True,
-                     help="Drop neighbours holding this share of the query chunk's 13-grams (RETRO's leakage "
-                          "measure, Borgeaud et al. 2021), or, with their continuation, of a chunk of the window "
-                          "from the query's on; exact copies are always dropped."),
-        click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filters off."),
-        click.option("--ngram", type=int, default=retro.DEFAULT_NGRAM, show_default=True,
-                     help="N-gram length of the overlap filters (RETRO: 13; at most the chunk size)."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _threshold(overlap_threshold, no_overlap_filter):
-    return None if no_overlap_filter else overlap_threshold
-
-
-def _mask_path(path: str) -> str:
-    return (path[:-4] if path.endswith(".npy") else path) + ".mask.npy"
-
-
-def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tuple:
-    """RETRO tokens of a neighbour-id file, by row range: TOKENS (int32) and TOKENS.mask.npy (bool)."""
-    knn = retro.NeighborFile(st, ids_path)
-    t = int(st.manifest["chunk_tokens"])
-    shape = knn.shape + (2 * t,)
-    toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
-    mask = np.lib.format.open_memmap(_mask_path(tokens_path), mode="w+", dtype=bool, shape=shape)
-    for start in range(0, len(knn), rows):
-        nt = knn.tokens(start, min(len(knn), start + rows))
-        toks[start:start + len(nt.tokens)] = nt.tokens
-        mask[start:start + len(nt.tokens)] = nt.mask
-    toks.flush()
-    mask.flush()
-    return shape
-
-
-@cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Destination .npy (int64, -1 padded). Beside it, filtered modes write OUT's stem + "
-                   ".summary.json and keep OUT's stem + .candidates-*.npy (the candidates searched, reused by a "
-                   "rerun) and OUT.lock (held while writing; safe to delete once done).")
-@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
-@click.option("--exclude-same-doc/--include-same-doc", default=None,
-              help="For the store's own chunks: skip neighbours from the chunk's own document and copies of the "
-                   "chunk in others (the leakage filters, --overlap-threshold; the default: RETRO, Borgeaud et al. "
-                   "2021, §2.4, else each chunk's nearest is itself, its continuation the text to predict); "
-                   "--include-same-doc gives the nearest chunks unfiltered.")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
-@click.option("--queries", type=click.Path(exists=True, dir_okay=False),
-              help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
-@click.option("--label-token", is_flag=True,
-              help="--queries rows are L + 1 tokens (training rows: inputs, then the label); the last is dropped.")
-@click.option("--sequences", is_flag=True,
-              help="Neighbours of the store's training windows (--seq-len): OUT is (windows, L/chunk_tokens, k), "
-                   "leakage-filtered; the windows go to OUT's stem + .windows.npy (int32, (n, L + 1)), "
-                   ".window_chunks.npy and .window_docs.npy (int64, (n, C)); and a summary to .summary.json.")
-@_leakage_options
-@click.option("--tokens", "tokens_out", type=click.Path(dir_okay=False),
-              help="Also write the neighbours as RETRO tokens, read from the ids (nothing embedded): TOKENS "
-                   "(.npy, int32, OUT's shape + (2 * chunk_tokens,), neighbour then continuation, padded with the "
-                   "store's pad id) and TOKENS's stem + .mask.npy (bool).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_friendly
-def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, sequences, seq_len, mode, eos_id,
-              exclude, overlap_threshold, no_overlap_filter, ngram, tokens_out, quiet):
-    """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
-    file, or of training windows) into a .npy array for RETRO training.
-    Interrupt and re-run to resume."""
-    if exclude_same_doc is not None and queries:
-        raise click.UsageError("--exclude-same-doc/--include-same-doc apply to the store's own chunks, not to "
-                               "--queries")
-    if sequences and (queries or exclude_same_doc is not None or label_token):
-        raise click.UsageError("--sequences cuts the store's own windows and always excludes their documents "
-                               "(--exclude); it takes no --queries, --label-token or --exclude-same-doc")
-    if sequences and seq_len is None:
-        raise click.UsageError("--sequences needs --seq-len L (e.g. 512 for 8 chunks of 64 tokens)")
-    if not sequences and seq_len is not None:
-        raise click.UsageError("--seq-len applies with --sequences")
-    # Options that do not apply to the mode asked for are refused, not ignored (helper-31).
-    given = {name for name in ("batch_size", "label_token", "mode", "eos_id", "exclude", "overlap_threshold",
-                               "no_overlap_filter", "ngram")
-             if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    if sequences:
-        mode_name, unused = "--sequences", given & {"batch_size"}
-    elif queries:
-        mode_name, unused = "--queries", given - {"batch_size", "label_token"}
-    elif exclude_same_doc is False:
-        mode_name, unused = "--include-same-doc", given - {"batch_size"}
-    else:
-        mode_name, unused = "the store's chunks (the default)", given & {"batch_size", "label_token", "mode",
-                                                                          "eos_id", "exclude"}
-    if unused:
-        names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
-        raise click.UsageError(f"{names} do(es) not apply to {mode_name}; drop it (the leakage options apply to "
-                               "--sequences and to the store's chunks, --batch-size and --label-token to --queries "
-                               "and --include-same-doc)")
-    if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
-        raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
-    with retrostore.open(store) as st:
-        if sequences:
-            seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
-            summary = retro.sequence_neighbors(st, seqs, out, k=k, exclude=exclude,
-                                               overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
-                                               ngram=ngram,
-                                               progress=not quiet)
-            stem = out[:-4] if out.endswith(".npy") else out
-            windows = np.lib.format.open_memmap(stem + ".windows.npy", mode="w+", dtype=np.int32,
-                                                shape=(len(seqs), seq_len + 1))
-            for start, rows in seqs.batches(1024):
-                windows[start:start + len(rows)] = rows
-            windows.flush()
-            np.save(stem + ".window_chunks.npy", seqs.chunk_ids)
-            np.save(stem + ".window_docs.npy", seqs.doc_ids)
-            click.echo(f"wrote {stem}.windows.npy: {len(seqs)} windows of {seq_len} + 1 tokens ({mode})")
-            d = summary["dropped"]
-            click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
-                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold, "
-                       f"{d['window']} holding the window's own later text; "
-                       f"{summary['research']} searched again, {summary['short']} with fewer than k")
-            path = out
-        elif not queries and exclude_same_doc is not False:
-            # The store's own chunks, leakage-filtered (helper-28: each chunk was its own neighbour; helper-29:
-            # then, on a store built twice, its copy in the other document).
-            summary = retro.chunk_neighbors(st, out, k=k, overlap_threshold=_threshold(overlap_threshold,
-                                                                                      no_overlap_filter),
-                                            ngram=ngram, progress=not quiet)
-            d = summary["dropped"]
-            click.echo(f"neighbours: {summary['chunks']} chunks (own documents excluded), dropped "
-                       f"{d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} holding the chunk "
-                       f"or the next {summary['ahead']} with their continuation; {summary['research']} searched again, "
-                       f"{summary['short']} with fewer than k")
-            path = out
-        else:
-            path = st.precompute_neighbors(out, k=k, batch_size=batch_size, queries=queries,
-                                           label_token=label_token, progress=not quiet)
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        click.echo(f"wrote {path}: shape {arr.shape} int64")
-        if tokens_out:
-            try:
-                shape = _write_tokens(st, str(path), tokens_out)
-            except OSError as exc:
-                raise click.ClickException(f"cannot write --tokens {tokens_out}: {exc.strerror or exc}; give a path "
-                                           "in a writable directory") from None
-            click.echo(f"wrote {tokens_out}: shape {shape} int32, and {_mask_path(tokens_out)} (bool)")
-
-
-@cli.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,
-              help="The trainer whose files are written (retro-pytorch 0.3.9's RETRODataset).")
-@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
-@functools.partial(_leakage_options, seq_len_required=True)
-@click.option("--allow-pad-collision", is_flag=True,
-              help="Export although token id 0 is real text in this store (retro-pytorch pads with 0).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_friendly
-def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold, no_overlap_filter, ngram,
-           allow_pad_collision, force, quiet):
-    """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
-    the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
-    keyword arguments (docs/retro-training.md)."""
-    with retrostore.open(store) as st:
-        info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
-                                          overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
-                                          ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
-                                          progress=not quiet)
-    nb = info["neighbors"]
-    click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
-               f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
-               f"dropped: {nb['dropped']['duplicates']} exact copies of the query chunk, {nb['dropped']['overlap']} "
-               f"near copies, {nb['dropped']['window']} holding the window's own later text")
-    click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
-               f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")
-
-
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -487,7 +284,7 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
               help="zstd compression level for .tar.zst.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@_friendly
+@friendly
 def pack(store, out, no_vectors, level, force):
     """Pack the current version of STORE into one archive OUT (.tar, or .tar.zst
     for zstd): compacted LMDB with only committed records, the referenced index
@@ -513,7 +310,7 @@ def pack(store, out, no_vectors, level, force):
               help="Refuse archives that extract to more bytes than this (default 1 TiB).")
 @click.option("--max-member-bytes", type=click.IntRange(min=1), default=None,
               help="Refuse archives with a member larger than this (default 256 GiB).")
-@_friendly
+@friendly
 def unpack(archive, dest, expected, max_bytes, max_member_bytes):
     """Safely extract a store ARCHIVE (made by `retrostore pack`) into the new
     directory DEST and verify every checksum before reporting success. Hostile
@@ -555,7 +352,7 @@ _PARAM_HELP = "Search parameter name=value (nprobe, efSearch, quantizer_efSearch
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("doc_ids", nargs=-1, required=True, type=int)
-@_friendly
+@friendly
 def delete(store, doc_ids):
     """Delete documents DOC_IDS from STORE (a take-down): from the committed
     version on, their chunks are never returned; `retrostore compact` purges them
@@ -575,7 +372,7 @@ def delete(store, doc_ids):
 @click.option("--param", "params", multiple=True, help=_PARAM_HELP + " Stored as the store's parameters.")
 @click.option("--mmap/--no-mmap", default=None, help="Record whether readers memory-map the index files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_friendly
+@friendly
 def reindex(store, factory, train_size, seed, params, mmap, quiet):
     """Retrain and rebuild STORE's index from its stored vectors (no re-embedding)."""
     if not quiet:
@@ -592,7 +389,7 @@ def reindex(store, factory, train_size, seed, params, mmap, quiet):
 @cli.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@_friendly
+@friendly
 def compact(store, quiet):
     """Merge STORE's index segments into one and purge deleted documents from
     every file (index, raw vectors, LMDB records). Chunk ids stay stable."""
@@ -615,7 +412,7 @@ def compact(store, quiet):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query sample.")
 @click.option("--threads", type=int, default=None, help="FAISS threads (default: CPUs available; 1 for serving-style latency).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_friendly
+@friendly
 def eval_(store, queries, k, params, seed, threads, as_json):
     """Recall@k of STORE's index against exact search over its stored vectors,
     and single-query latency p50/p99."""
@@ -666,7 +463,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="onnxruntime's idle threads spin between the model's operations instead of sleeping: lower "
                    "latency for lone queries that arrive while other processes use the CPU, at the price of a "
                    "core kept busy after each answer (docs/serving.md).")
-@_friendly
+@friendly
 def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, body_timeout_s,
           max_queries, max_k, max_neighbors, mmap, follow, verify, spin):
     """Serve STORE read-only over HTTP (JSON API under /v1, a page to try it at /,
@@ -680,6 +477,10 @@ def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_b
                       batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
                       body_timeout_s=body_timeout_s, max_queries=max_queries, max_k=max_k,
                       max_neighbors=max_neighbors, mmap=mmap, follow=follow, verify=verify, spin=spin))
+
+
+cli.add_command(neighbors)
+cli.add_command(export)
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ except ModuleNotFoundError:  # source checkout: cli/ sits beside retrostore/
     import sys
     from pathlib import Path
 
-    _init = Path(__file__).resolve().parents[1] / "cli" / "__init__.py"
-    _spec = importlib.util.spec_from_file_location("retrostore.cli", _init)
+    _dir = Path(__file__).resolve().parents[1] / "cli"
+    _spec = importlib.util.spec_from_file_location("retrostore.cli", _dir / "__init__.py",
+                                                   submodule_search_locations=[str(_dir)])
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["retrostore.cli"] = _mod
     _spec.loader.exec_module(_mod)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import copy
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -24,6 +23,7 @@ import zstandard
 from click.testing import CliRunner
 
 import retrostore
+from _checkout import checkout_cli
 from retrostore import (
     CorruptStoreError,
     EmbedderMismatchError,
@@ -44,15 +44,7 @@ LFS_POINTER = (
 )
 
 
-def _load_cli():
-    """This checkout's click group (retrostore.cli may resolve to another checkout)."""
-    spec = importlib.util.spec_from_file_location("_artifact_cli", ROOT / "cli" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cli
-
-
-cli = _load_cli()
+cli = checkout_cli()
 
 
 class HashEmbedder:

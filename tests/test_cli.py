@@ -11,20 +11,10 @@ import zstandard
 from click.testing import CliRunner
 
 import retrostore
+from _checkout import checkout_cli
 
 
-def _checkout_cli():
-    """This checkout's click group (an editable install may map retrostore.cli to another checkout)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("_checkout_cli", Path(__file__).resolve().parents[1] / "cli" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cli
-
-
-cli = _checkout_cli()
+cli = checkout_cli()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ half-written shards. Ray tests skip when Ray is not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import zstandard
 from click.testing import CliRunner
 
 import retrostore
+from _checkout import checkout_cli
 from retrostore.build import plan as _plan
 from retrostore.build import shards as _shards
 from retrostore.build.sharded import _settings
@@ -30,15 +30,6 @@ from retrostore.storage.fileio import sha256_file
 
 QUERIES = ["decode base64 encoded data back into bytes", "what is a tuple", "raise an exception",
            "iterate over a dictionary", "regular expression syntax"]
-
-
-def _load_cli():
-    """This checkout's click group (``retrostore.cli`` may resolve to another checkout)."""
-    path = Path(__file__).resolve().parents[1] / "cli" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("_retrostore_cli_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cli
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +345,7 @@ def test_work_dir_of_another_build_is_refused(tmp_path, corpus, monkeypatch):
 
 
 def test_cli_build_with_shards(tmp_path, corpus, local_store, local_snap):
-    cli = _load_cli()
+    cli = checkout_cli()
     path = tmp_path / "cli.rstore"
     runner = CliRunner()
     res = runner.invoke(cli, ["build", str(path), str(corpus), "--engine", "local", "--shards", "3", "-q"])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import retrostore
+from _checkout import checkout_cli_module
 from retrostore import IndexTrainingError, InvalidInputError, RetrostoreError
 from retrostore.index.policy import default_factory
 from retrostore.index.training import check_sample, suggest_factory, train_template
@@ -1000,14 +1001,9 @@ def test_mmap_search_matches_and_is_recorded(tmp_path, rng):
 
 
 def test_cli_reindex_compact_eval(tmp_path, rng):
-    import importlib.util
-    from pathlib import Path
-
     from click.testing import CliRunner
 
-    spec = importlib.util.spec_from_file_location("wt_cli", Path(__file__).resolve().parents[1] / "cli" / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = checkout_cli_module()
     path = tmp_path / "s"
     with retrostore.create(path, embedder=FakeEmbedder()) as st:
         _fill(st, rng, 2000)

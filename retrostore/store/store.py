@@ -6,8 +6,10 @@ The Store composes the parts and owns their lifetimes: the LMDB chunk table
 (:class:`~retrostore.store.reading.Reader`), the writer's staging and commits
 (:class:`~retrostore.store.writer.Writer`), the chunker and the embedder. Its
 methods check the handle and delegate; docs/architecture.md names the module
-that implements each. See docs/format.md for the on-disk layout and the
-commit protocol.
+that implements each. Its maintenance and diagnostics methods (delete,
+reindex, compact, evaluate, info, verify) come from its base class
+:class:`~retrostore.store.upkeep.Upkeep`. See docs/format.md for the on-disk
+layout and the commit protocol.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from ..errors import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyStoreError,
-    RetrostoreError,
     StoreClosedError,
     StoreReplacedError,
     shown,
@@ -45,15 +46,12 @@ from ..threads import check_threads, cpu_count
 from ..text.embed import Embedder, check_embedder, json_fingerprint
 from ..text.models import DEFAULT_MODEL_SHA256, default_embedder, embed_chunks
 from ..types import Chunk, Document, Hit, Neighbors
-from . import maintenance
-from .evaluate import evaluate
-from .inspect import store_info
 from .precompute import precompute_neighbors
 from .reading import Reader, check_k, check_queries, id_array, int_ids
 from .retrieval import neighbors
-from .verify import retokenize_problems, verify_version
 from .version import Head
 from .staging import check_embeddings, documents
+from .upkeep import Upkeep
 from .writer import Writer
 
 __all__ = ["Store", "DEFAULTS"]
@@ -88,7 +86,7 @@ def _fingerprint_diff(a: dict, b: dict) -> str:
     return "; ".join(f"{k}: store {a.get(k)!r} vs given {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
 
 
-class Store:
+class Store(Upkeep):
     """An open retrostore store. Create with :func:`retrostore.create` or
     :func:`retrostore.open`; use as a context manager; ``close()`` is
     idempotent.
@@ -758,179 +756,3 @@ class Store:
         searches of chunks whose precomputed candidates ran out. Private: not a stable API."""
         self._check()
         return self._reader.version.vector_source("searching chunks again").take(np.asarray(chunk_ids, np.int64))
-
-    # -- maintenance -------------------------------------------------------
-    def delete(self, doc_ids: int | Iterable[int]) -> int:
-        """Stage a take-down of committed documents; it takes effect at :meth:`commit`.
-
-        From that version on their chunks are never returned by search,
-        neighbours or precomputed neighbours, and reading them by id raises;
-        :meth:`compact` then purges them from every file. Returns the number
-        of documents newly staged (already deleted ones are skipped).
-
-        Raises
-        ------
-        InvalidInputError
-            An id is not an int or not committed.
-        ReadOnlyStoreError, StoreClosedError
-        """
-        self._check(write=True)
-        return self._writer.delete(doc_ids)
-
-    def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
-                params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
-        """Retrain and rebuild the index from the stored vectors (no re-embedding); commits a new version.
-
-        ``index`` is a FAISS factory string or ``"auto"`` (default: the
-        store's current target). Training uses a seeded random sample of
-        ``train_size`` live vectors. ``params`` become the store's search
-        parameters; ``mmap`` changes the store's setting. Returns the version.
-
-        Raises
-        ------
-        IndexTrainingError
-            Too few vectors to train a stage (the message names a factory that fits).
-        RetrostoreError
-            No raw vectors are kept and the index cannot give its vectors back.
-        InvalidInputError
-            Bad factory string or parameters, ``train_size`` below 1, ``seed``
-            not an int >= 0, or uncommitted appends/deletes.
-        """
-        self._check(write=True)
-        try:
-            return maintenance.reindex(self._writer, index, train_size=train_size, seed=seed, params=params,
-                                       mmap=mmap, progress=progress)
-        except RuntimeError as exc:  # FAISS: nothing was published
-            raise RetrostoreError(f"reindex failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
-                                  "unchanged") from exc
-
-    def compact(self, *, progress: bool = True) -> int:
-        """Merge the index segments into one and purge deleted documents from every file.
-
-        Chunk ids stay stable (purged ids become documented holes). After a
-        purge, earlier versions are retired: they name files holding the
-        purged data. Returns the new version (the current one when there is
-        nothing to do).
-
-        Raises
-        ------
-        InvalidInputError
-            Uncommitted appends or deletes.
-        """
-        self._check(write=True)
-        try:
-            return maintenance.compact(self._writer, progress=progress)
-        except RuntimeError as exc:  # FAISS: nothing was published
-            raise RetrostoreError(f"compact failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
-                                  "unchanged") from exc
-
-    def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
-        """Recall@k of the index against exact search over the stored vectors, and latency
-        (``retrostore eval``).
-
-        Queries are a seeded sample of the store's own live vectors (the RETRO
-        workload: neighbours of stored chunks); each query's own chunk is left
-        out of both result lists, and recall is tie-aware (a result counts when
-        its exact score reaches the k-th exact score, so duplicate chunks are
-        no misses).
-
-        Parameters
-        ----------
-        queries : int, default 1000
-            Query vectors sampled (seeded) from the live stored vectors.
-        k : int, default 10
-            At most the live vectors less one (each query's own chunk is left out).
-        params : dict, optional
-            Search parameters for the measured searches (over the store's).
-        seed : int, default 0
-            Seed of the query sample, >= 0.
-
-        Returns
-        -------
-        dict
-            ``recall_at_k`` (tie-aware k-recall@k), ``nn_in_top_k`` (share of
-            queries whose exact nearest neighbour is found), ``latency_ms``
-            (``p50``, ``p99``, ``mean`` of single-query searches, up to 1,000
-            of them), ``batch_qps``, ``queries``, ``k``, ``vectors``,
-            ``factory``, ``params`` (effective).
-
-        Raises
-        ------
-        InvalidInputError
-            ``queries``, ``k`` or ``seed`` out of range (``k`` above the live
-            vectors less one), bad ``params``, or results that would not fit in memory.
-        RetrostoreError
-            The stored vectors cannot be read (no raw vectors and a compressed index).
-        """
-        self._check()
-        return evaluate(self._reader, queries=queries, k=k, params=params, seed=seed)
-
-    def info(self) -> dict:
-        """Everything ``retrostore inspect`` shows, as a JSON-ready dict.
-
-        Returns
-        -------
-        dict
-            ``path``; ``format_version``, ``min_reader_version`` (docs/format.md);
-            ``version``, ``retained_versions``; counts ``documents``, ``chunks``,
-            ``vectors`` (indexed chunks); ``dim``, ``metric``, ``chunk_tokens``;
-            ``tokenizer`` and ``embedder`` (the manifest's fingerprints);
-            ``index``: ``factory``, ``target``, ``params`` (in force, as FAISS
-            reports them), ``stored_params`` (the manifest's), ``param_overrides``
-            (the user's), ``segments`` (count), ``codec`` (``"float16"`` when Flat
-            segments are stored as float16, the default below 5,000 vectors, else None), ``segments_searched`` (this
-            handle: 1 once a read-only handle's first search merged IVF fast-scan
-            segments in memory; docs/index.md, "Segments"),
-            ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),
-            ``template_bytes``, ``hint`` (the training policy's advice, or None);
-            ``deletes`` (counts, purged included); ``files`` (bytes):
-            ``index_bytes``, ``vectors_bytes``, ``vectors_dtype``,
-            ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
-            vectors in its segments), ``lmdb_bytes``, ``tokenizer_bytes``,
-            ``referenced_files`` (files the current manifest names),
-            ``total_bytes`` (the whole directory, retained versions included);
-            ``settings``; ``manifest_sha256`` (of ``manifest.json``, as
-            ``sha256sum`` prints it); ``created_at``, ``committed_at`` (manifest,
-            UTC ISO-8601), ``modified_at`` (``manifest.json``'s mtime);
-            ``readonly_media`` (the directory cannot or must not be written:
-            LMDB is read without its lock file and a writer is refused).
-        """
-        self._check()
-        return store_info(self._head.version, readonly_media=self.readonly_media)
-
-    def verify(self, *, retokenize: bool = False) -> list[str]:
-        """Check the store's integrity (what ``retrostore verify`` runs).
-
-        Checks the manifest schema and paths, every referenced file's size and
-        sha256, the LMDB file's structure and every committed record (ids,
-        crc32 seals, documents tiling the chunks, commit records and the
-        content hash chain against the manifest), and that the index holds one
-        vector per chunk. The LMDB records are scanned in a short-lived child
-        process, so a damaged page that makes LMDB crash is reported as a
-        problem instead of ending this process. Writes nothing.
-
-        Checksums prove the files are those that were committed, not that
-        each chunk's token ids are those of its text: with ``retokenize``,
-        every document is also cut again by the store's tokenizer and its
-        chunks compared (token ids and spans), for stores fed
-        ``append(chunks=...)`` (checked only in part there) or received from
-        elsewhere. That costs what tokenizing the corpus costs (about 3 s for
-        11 M characters on 2 cores).
-
-        Parameters
-        ----------
-        retokenize : bool, default False
-            Also re-tokenize every document and compare its chunks (once
-            every other check holds: damaged records are reported first).
-
-        Returns
-        -------
-        list of str
-            One precise line per problem, starting with the file it concerns;
-            empty when the store is intact.
-        """
-        self._check()
-        problems = verify_version(self._head.version, self._table, readonly_media=self.readonly_media)
-        if retokenize and not problems:  # records known to be intact first
-            problems += retokenize_problems(self._head.version, self._table, self.chunker)
-        return problems

@@ -1,0 +1,208 @@
+"""``retrostore neighbors`` and ``retrostore export``: RETRO training data from a
+store (precomputed neighbour ids, training windows, a trainer's files), over
+:mod:`retrostore.retro` and ``Store.precompute_neighbors``."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+import numpy as np
+
+import retrostore
+from retrostore import retro
+
+from .common import friendly
+
+__all__ = ["neighbors", "export"]
+
+
+def _leakage_options(fn, seq_len_required: bool = False):
+    """Options shared by ``neighbors --sequences`` and ``export`` (retrostore.retro.sequence_neighbors)."""
+    for opt in reversed([
+        # no default at all when required: click 8.3+ takes an explicit default=None as a value
+        click.option("--seq-len", type=int, **({"required": True} if seq_len_required else {"default": None}),
+                     help="Training window length L (a multiple of the chunk size); windows are L + 1 tokens."),
+        click.option("--mode", type=click.Choice(["packed", "document"]), default="packed", show_default=True,
+                     help="Windows packed across documents, or each within one document (padded)."),
+        click.option("--eos-id", type=int, default=None,
+                     help="Label after a document's last token (default: the tokenizer's [SEP] / </s> / ...)."),
+        click.option("--exclude", type=click.Choice(["sequence", "chunk"]), default="sequence", show_default=True,
+                     help="Never retrieve from any document of the window (sequence) or the chunk's own (chunk)."),
+        click.option("--overlap-threshold", type=float, default=retro.DEFAULT_OVERLAP_THRESHOLD, show_default=True,
+                     help="Drop neighbours holding this share of the query chunk's 13-grams (RETRO's leakage "
+                          "measure, Borgeaud et al. 2021), or, with their continuation, of a chunk of the window "
+                          "from the query's on; exact copies are always dropped."),
+        click.option("--no-overlap-filter", is_flag=True, help="Turn the n-gram overlap filters off."),
+        click.option("--ngram", type=int, default=retro.DEFAULT_NGRAM, show_default=True,
+                     help="N-gram length of the overlap filters (RETRO: 13; at most the chunk size)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _threshold(overlap_threshold, no_overlap_filter):
+    return None if no_overlap_filter else overlap_threshold
+
+
+def _mask_path(path: str) -> str:
+    return (path[:-4] if path.endswith(".npy") else path) + ".mask.npy"
+
+
+def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tuple:
+    """RETRO tokens of a neighbour-id file, by row range: TOKENS (int32) and TOKENS.mask.npy (bool)."""
+    knn = retro.NeighborFile(st, ids_path)
+    t = int(st.manifest["chunk_tokens"])
+    shape = knn.shape + (2 * t,)
+    toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
+    mask = np.lib.format.open_memmap(_mask_path(tokens_path), mode="w+", dtype=bool, shape=shape)
+    for start in range(0, len(knn), rows):
+        nt = knn.tokens(start, min(len(knn), start + rows))
+        toks[start:start + len(nt.tokens)] = nt.tokens
+        mask[start:start + len(nt.tokens)] = nt.mask
+    toks.flush()
+    mask.flush()
+    return shape
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Destination .npy (int64, -1 padded). Beside it, filtered modes write OUT's stem + "
+                   ".summary.json and keep OUT's stem + .candidates-*.npy (the candidates searched, reused by a "
+                   "rerun) and OUT.lock (held while writing; safe to delete once done).")
+@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
+@click.option("--exclude-same-doc/--include-same-doc", default=None,
+              help="For the store's own chunks: skip neighbours from the chunk's own document and copies of the "
+                   "chunk in others (the leakage filters, --overlap-threshold; the default: RETRO, Borgeaud et al. "
+                   "2021, §2.4, else each chunk's nearest is itself, its continuation the text to predict); "
+                   "--include-same-doc gives the nearest chunks unfiltered.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False),
+              help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
+@click.option("--label-token", is_flag=True,
+              help="--queries rows are L + 1 tokens (training rows: inputs, then the label); the last is dropped.")
+@click.option("--sequences", is_flag=True,
+              help="Neighbours of the store's training windows (--seq-len): OUT is (windows, L/chunk_tokens, k), "
+                   "leakage-filtered; the windows go to OUT's stem + .windows.npy (int32, (n, L + 1)), "
+                   ".window_chunks.npy and .window_docs.npy (int64, (n, C)); and a summary to .summary.json.")
+@_leakage_options
+@click.option("--tokens", "tokens_out", type=click.Path(dir_okay=False),
+              help="Also write the neighbours as RETRO tokens, read from the ids (nothing embedded): TOKENS "
+                   "(.npy, int32, OUT's shape + (2 * chunk_tokens,), neighbour then continuation, padded with the "
+                   "store's pad id) and TOKENS's stem + .mask.npy (bool).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly
+def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token, sequences, seq_len, mode, eos_id,
+              exclude, overlap_threshold, no_overlap_filter, ngram, tokens_out, quiet):
+    """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
+    file, or of training windows) into a .npy array for RETRO training.
+    Interrupt and re-run to resume."""
+    if exclude_same_doc is not None and queries:
+        raise click.UsageError("--exclude-same-doc/--include-same-doc apply to the store's own chunks, not to "
+                               "--queries")
+    if sequences and (queries or exclude_same_doc is not None or label_token):
+        raise click.UsageError("--sequences cuts the store's own windows and always excludes their documents "
+                               "(--exclude); it takes no --queries, --label-token or --exclude-same-doc")
+    if sequences and seq_len is None:
+        raise click.UsageError("--sequences needs --seq-len L (e.g. 512 for 8 chunks of 64 tokens)")
+    if not sequences and seq_len is not None:
+        raise click.UsageError("--seq-len applies with --sequences")
+    # Options that do not apply to the mode asked for are refused, not ignored (helper-31).
+    given = {name for name in ("batch_size", "label_token", "mode", "eos_id", "exclude", "overlap_threshold",
+                               "no_overlap_filter", "ngram")
+             if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if sequences:
+        mode_name, unused = "--sequences", given & {"batch_size"}
+    elif queries:
+        mode_name, unused = "--queries", given - {"batch_size", "label_token"}
+    elif exclude_same_doc is False:
+        mode_name, unused = "--include-same-doc", given - {"batch_size"}
+    else:
+        mode_name, unused = "the store's chunks (the default)", given & {"batch_size", "label_token", "mode",
+                                                                          "eos_id", "exclude"}
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
+        raise click.UsageError(f"{names} do(es) not apply to {mode_name}; drop it (the leakage options apply to "
+                               "--sequences and to the store's chunks, --batch-size and --label-token to --queries "
+                               "and --include-same-doc)")
+    if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
+        raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
+    with retrostore.open(store) as st:
+        if sequences:
+            seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
+            summary = retro.sequence_neighbors(st, seqs, out, k=k, exclude=exclude,
+                                               overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                               ngram=ngram,
+                                               progress=not quiet)
+            stem = out[:-4] if out.endswith(".npy") else out
+            windows = np.lib.format.open_memmap(stem + ".windows.npy", mode="w+", dtype=np.int32,
+                                                shape=(len(seqs), seq_len + 1))
+            for start, rows in seqs.batches(1024):
+                windows[start:start + len(rows)] = rows
+            windows.flush()
+            np.save(stem + ".window_chunks.npy", seqs.chunk_ids)
+            np.save(stem + ".window_docs.npy", seqs.doc_ids)
+            click.echo(f"wrote {stem}.windows.npy: {len(seqs)} windows of {seq_len} + 1 tokens ({mode})")
+            d = summary["dropped"]
+            click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
+                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold, "
+                       f"{d['window']} holding the window's own later text; "
+                       f"{summary['research']} searched again, {summary['short']} with fewer than k")
+            path = out
+        elif not queries and exclude_same_doc is not False:
+            # The store's own chunks, leakage-filtered (helper-28: each chunk was its own neighbour; helper-29:
+            # then, on a store built twice, its copy in the other document).
+            summary = retro.chunk_neighbors(st, out, k=k, overlap_threshold=_threshold(overlap_threshold,
+                                                                                      no_overlap_filter),
+                                            ngram=ngram, progress=not quiet)
+            d = summary["dropped"]
+            click.echo(f"neighbours: {summary['chunks']} chunks (own documents excluded), dropped "
+                       f"{d['duplicates']} exact copies, {d['overlap']} near copies, {d['window']} holding the chunk "
+                       f"or the next {summary['ahead']} with their continuation; {summary['research']} searched again, "
+                       f"{summary['short']} with fewer than k")
+            path = out
+        else:
+            path = st.precompute_neighbors(out, k=k, batch_size=batch_size, queries=queries,
+                                           label_token=label_token, progress=not quiet)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        click.echo(f"wrote {path}: shape {arr.shape} int64")
+        if tokens_out:
+            try:
+                shape = _write_tokens(st, str(path), tokens_out)
+            except OSError as exc:
+                raise click.ClickException(f"cannot write --tokens {tokens_out}: {exc.strerror or exc}; give a path "
+                                           "in a writable directory") from None
+            click.echo(f"wrote {tokens_out}: shape {shape} int32, and {_mask_path(tokens_out)} (bool)")
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,
+              help="The trainer whose files are written (retro-pytorch 0.3.9's RETRODataset).")
+@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
+@functools.partial(_leakage_options, seq_len_required=True)
+@click.option("--allow-pad-collision", is_flag=True,
+              help="Export although token id 0 is real text in this store (retro-pytorch pads with 0).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly
+def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold, no_overlap_filter, ngram,
+           allow_pad_collision, force, quiet):
+    """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
+    the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
+    keyword arguments (docs/retro-training.md)."""
+    with retrostore.open(store) as st:
+        info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
+                                          overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                          ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
+                                          progress=not quiet)
+    nb = info["neighbors"]
+    click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
+               f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
+               f"dropped: {nb['dropped']['duplicates']} exact copies of the query chunk, {nb['dropped']['overlap']} "
+               f"near copies, {nb['dropped']['window']} holding the window's own later text")
+    click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
+               f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import retrostore
-from retrostore import CommitError, NotAStoreError, StoreClosedError
+from retrostore import CommitError, NotAStoreError, StoreClosedError, StoreIOError
 from retrostore.storage import fileio as _fileio
 
 ERRNOS = [errno.ENOSPC, errno.EIO]
@@ -244,6 +244,57 @@ def test_create_failing_at_each_step(tmp_path, embedder, faults):
             if i == n_calls - 1:
                 assert st.verify() == []
         shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("what", ["compact", "reindex"])
+def test_maintenance_failing_at_each_step(tmp_path, small_docs, embedder, faults, what):
+    """compact (with a purge) and reindex fail at each write, fsync and rename in turn (ENOSPC
+    and EIO alternately): a StoreIOError, a RetrostoreError that names the errno and says
+    whether the version was published (helper-37: a bare OSError traceback on a full disk);
+    unpublished, the previous version is intact with no file left behind; run again, it works."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "s"
+    texts = [d["text"] for d in small_docs]
+    with retrostore.create(path, embedder=embedder) as st:
+        for i in range(3):
+            _append(st, texts[3 * i:3 * i + 3], rng)
+            st.commit()
+        st.delete([1, 4])
+        st.commit()
+        run = (lambda: st.compact(progress=False)) if what == "compact" else \
+            (lambda: st.reindex("HNSW16", progress=False))
+        i = 0
+        while True:
+            version, listing = st.version, _listing(path)
+            manifest_bytes = (path / "manifest.json").read_bytes()
+            code = ERRNOS[i % 2]
+            faults.arm(i, code)
+            try:
+                run()
+            except StoreIOError as exc:
+                faults.disarm()
+                assert isinstance(exc, retrostore.RetrostoreError) and exc.errno == code
+                msg = str(exc)
+                assert f"{what} failed: " in msg, msg
+                if st.version == version:
+                    assert "is unchanged" in msg and f"version {version} is intact" in msg, msg
+                    _intact(path, version, listing, manifest_bytes, full=code == errno.ENOSPC)
+                else:  # failed after the manifest was published (syncing or cleaning up)
+                    assert f"Version {st.version} was published" in msg, msg
+                    break
+            else:
+                faults.disarm()
+                break
+            i += 1
+        assert i >= 4, i
+        assert faults.calls and st.version >= version
+    with retrostore.open(path, mode="a") as st:  # the next writer finishes what was left
+        if what == "compact":
+            st.compact(progress=False)
+            assert st.info()["deletes"]["purged_documents"] == 2
+        else:
+            assert st.info()["index"]["factory"].startswith("HNSW16")
+        assert st.verify() == []
 
 
 def test_lmdb_append_mode_only_past_the_last_key(tmp_path):

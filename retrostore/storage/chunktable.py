@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import CorruptStoreError, RetrostoreError, StoreReplacedError
 from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
-from .lmdbfile import check_lmdb_file
+from .lmdbfile import check_lmdb_file, reserve_lock_file
 from .lmdbscan import key as _key
 from .lmdbscan import parse_commit, records_digest, seal, unseal
 from .records import ChunkRecord, DocRecord, encode_chunks, encode_doc
@@ -142,6 +142,8 @@ class ChunkTable:
                 del _registry[real]
                 entry = None
             if entry is None:
+                if not readonly_media:
+                    reserve_lock_file(self.path)
                 try:
                     env = lmdb.open(
                         os.fspath(self.path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
@@ -189,14 +191,16 @@ class ChunkTable:
         """Create an empty LMDB environment with its three tables (for ``create``)."""
         path = root / LMDB_DIR
         path.mkdir()
-        env = lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS, sync=True)
-        try:
-            with env.begin(write=True) as txn:
-                for name in (b"chunks", b"docs", b"commits"):
-                    env.open_db(name, txn=txn)
-            env.sync(True)
-        finally:
-            env.close()
+        reserve_lock_file(path)
+        with lmdb_writes(LMDB_DIR):
+            env = lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS, sync=True)
+            try:
+                with env.begin(write=True) as txn:
+                    for name in (b"chunks", b"docs", b"commits"):
+                        env.open_db(name, txn=txn)
+                env.sync(True)
+            finally:
+                env.close()
 
     # -- transactions -----------------------------------------------------
     def _begin(self, write: bool = False) -> lmdb.Transaction:

@@ -387,10 +387,14 @@ def lmdb_writes(what: str):
         yield
     except lmdb.Error as exc:
         code = getattr(exc, "errno", None)
+        if code is None:  # py-lmdb names the errno only in the message ("mdb_txn_commit: Input/output error")
+            code = next((c for c in _IO_ERRNOS if str(exc).endswith(os.strerror(c))), None)
         if not isinstance(exc, (lmdb.DiskError, lmdb.PanicError)) and code not in _IO_ERRNOS:
             raise
         code = code if code in _IO_ERRNOS else (errno.ENOSPC if isinstance(exc, lmdb.DiskError) else errno.EIO)
-        hint = " The disk is full: free space and try again." if code == errno.ENOSPC else ""
+        hint = {errno.ENOSPC: " The disk is full: free space and try again.",
+                errno.EIO: " LMDB reports a short write this way too, as on a nearly full disk: check the free "
+                           "space and the device, then try again."}.get(code, "")
         raise StoreIOError(code, f"writing {what} failed: {' '.join(str(exc).split())}.{hint} What was "
                                  "committed is intact.") from exc
 
@@ -407,6 +411,28 @@ def commit_error(exc: Exception, what: str) -> CommitError:
            "The previous version is intact; the appended data is kept and a later "
            "commit() retries it.")
     return CommitError(code, msg) if code is not None else CommitError(msg)
+
+
+def maintenance_error(exc: Exception, what: str, before: int, after: int) -> StoreIOError:
+    """A :class:`StoreIOError` for an OSError or ``lmdb.Error`` that stopped a maintenance
+    version (``what``: reindex, compact), from version ``before``; ``after`` is the version
+    the handle serves now (another when the new manifest was published before the failure)."""
+    code = getattr(exc, "errno", None)
+    if code is None:  # py-lmdb names the errno only in its message
+        code = next((c for c in _IO_ERRNOS if str(exc).endswith(os.strerror(c))), errno.EIO)
+    detail = " ".join(str(getattr(exc, "strerror", None) or exc).split()).rstrip(". ")
+    name = getattr(exc, "filename", None)
+    where = f" ({name})" if name else ""
+    hint = {errno.ENOSPC: " The disk is full: free space, then run it again.",
+            errno.EDQUOT: " The disk quota is used up: free space, then run it again.",
+            errno.EIO: " The device reported an I/O error (LMDB also reports a short write on a nearly full "
+                       "disk so): check the free space and the device, then run it again."}.get(code, "")
+    if after == before:
+        state = f" The store is unchanged: version {before} is intact and the files written were removed."
+    else:
+        state = (f" Version {after} was published before the failure and is served; the next writer finishes "
+                 "its clean-up.")
+    return StoreIOError(code, f"{what} failed: {detail}{where}.{hint}{state}")
 
 
 class WriterLock:

@@ -1,23 +1,36 @@
-"""A cheap structural check of LMDB's ``data.mdb`` before LMDB maps it.
+"""A cheap structural check of LMDB's ``data.mdb`` before LMDB maps it, and
+its lock file allocated before LMDB maps that.
 
 LMDB trusts its file: a truncated file makes the first access past its end
 crash the process with SIGBUS, and a damaged root page makes ``open_db`` read
 outside the page. :func:`check_lmdb_file` reads the meta pages and root pages
 itself first. Deeper pages are checked by ``verify``, in a child process
 (:mod:`.lmdbscan`).
+
+LMDB also creates ``lock.mdb`` (its reader table) at its first open by
+extending an empty file and mapping it: on a full disk (tmpfs) the first
+write through that mapping kills the process with SIGBUS (helper-37: every
+open, ``inspect`` and ``verify`` of a copied store). :func:`reserve_lock_file`
+writes the file whole first, so a full disk is a :class:`StoreIOError`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
 
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, StoreIOError
 from .fileio import git_lfs_pointer, regular_file, unreadable
 from .layout import DATA_MDB
 
-__all__ = ["check_lmdb_file"]
+__all__ = ["check_lmdb_file", "reserve_lock_file", "LOCK_FILE_BYTES"]
+
+#: Bytes written into a new ``lock.mdb``: LMDB's reader table for its default 126 readers
+#: is 8 KiB on x86-64 (64-byte slots); twice that leaves room for larger cache lines.
+#: LMDB takes an existing lock file at its size (254 reader slots here).
+LOCK_FILE_BYTES = 16384
 
 _MAGIC = 0xBEEFC0DE
 _P_BRANCH, _P_LEAF, _P_META = 0x01, 0x02, 0x08
@@ -121,3 +134,55 @@ def _page_problem(page: bytes, pgno: int, psize: int, last_pg: int) -> str | Non
         if end > psize:
             return f"node {i} overruns the page"
     return None
+
+
+def reserve_lock_file(lmdb_dir: Path) -> None:
+    """Create ``lmdb_dir/lock.mdb`` with its blocks allocated, if it does not exist.
+
+    The file is written under a temporary name and linked into place, so an
+    LMDB that opened the file meanwhile (and initialised its header) is never
+    written over. Directories that cannot be written (read-only media, no
+    permission) are left to LMDB and the caller's handling of its error.
+
+    Raises
+    ------
+    StoreIOError
+        ``errno.ENOSPC`` (or the errno of the failed write): the disk is full;
+        nothing was changed.
+    """
+    lock = Path(lmdb_dir) / "lock.mdb"
+    if lock.exists():
+        return
+    tmp = Path(lmdb_dir) / f".lock.mdb.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _full(lock, exc) from exc
+        return  # read-only media or no permission: LMDB says so
+    try:
+        try:
+            view = memoryview(bytes(LOCK_FILE_BYTES))
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            pass  # another process created it first
+    except OSError as exc:
+        raise _full(lock, exc) from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _full(lock: Path, exc: OSError) -> StoreIOError:
+    code = exc.errno or errno.EIO
+    why = "the disk is full" if code in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return StoreIOError(code, f"creating {lock.parent.name}/{lock.name} (LMDB's reader table, {LOCK_FILE_BYTES:,} "
+                              f"bytes) failed: {why}; free space on the disk holding {lock.parent.parent} and try "
+                              "again (nothing of the store was changed)")

@@ -97,6 +97,16 @@ class Commit:
             except OSError:
                 pass
 
+    def _put_back(self) -> bool:
+        """After a failure while publishing: whether the base version is current, its manifest put
+        back when the new one had been renamed into place (a failed fsync of the directory)."""
+        try:
+            if (self.root / MANIFEST).read_bytes() == _manifest.encode_manifest(self.new):
+                _manifest.write_current(self.root, self.base.manifest)
+            return True
+        except OSError:
+            return False
+
     def abort(self, exc: BaseException, on_lost) -> None:
         """Undo a commit that failed while ``stage``, so that the base version stays current.
 
@@ -111,16 +121,7 @@ class Commit:
             Only when it is unknown which version is current.
         """
         publishing = self.stage == "publishing the manifest"
-        published: bool | None = False
-        if publishing:
-            try:
-                published = (self.root / MANIFEST).read_bytes() == _manifest.encode_manifest(self.new)
-                if published:
-                    _manifest.write_current(self.root, self.base.manifest)
-                    published = False
-            except OSError:
-                published = None
-        if published is None:
+        if publishing and not self._put_back():
             on_lost()
             code = getattr(exc, "errno", None)
             raise CommitError(

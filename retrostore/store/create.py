@@ -239,9 +239,11 @@ def create(
                 f"retrostore.open({str(root)!r}, mode='a') to add to it (re-running a build appends)"
             ) from exc
         if isinstance(exc, OSError):
-            raise CommitError(
-                exc.errno, f"create failed while {stage}: {exc.strerror or exc}; nothing was created at {root}"
-            ) from exc
+            detail = str(exc.strerror or exc).rstrip(". ")
+            if exc.errno == errno.ENOSPC and "free space" not in detail:
+                detail += " (the disk is full: free space and try again)"
+            raise CommitError(exc.errno, f"create failed while {stage}: {detail}; nothing was created at {root}") \
+                from exc
         raise
     store = Store(root, mode="a", embedder=embedder, threads=threads)
     chunker.path = root / TOKENIZER  # the bytes just written from tok_path: not parsed a second time

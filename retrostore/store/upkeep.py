@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import lmdb
+
 from ..errors import RetrostoreError
+from ..storage.fileio import maintenance_error
 from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
@@ -61,12 +64,8 @@ class Upkeep:
             not an int >= 0, or uncommitted appends/deletes.
         """
         self._check(write=True)
-        try:
-            return maintenance.reindex(self._writer, index, train_size=train_size, seed=seed, params=params,
-                                       mmap=mmap, progress=progress)
-        except RuntimeError as exc:  # FAISS: nothing was published
-            raise RetrostoreError(f"reindex failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
-                                  "unchanged") from exc
+        return self._maintain("reindex", lambda: maintenance.reindex(
+            self._writer, index, train_size=train_size, seed=seed, params=params, mmap=mmap, progress=progress))
 
     def compact(self, *, progress: bool = True) -> int:
         """Merge the index segments into one and purge deleted documents from every file.
@@ -82,11 +81,21 @@ class Upkeep:
             Uncommitted appends or deletes.
         """
         self._check(write=True)
+        return self._maintain("compact", lambda: maintenance.compact(self._writer, progress=progress))
+
+    def _maintain(self, what: str, run) -> int:
+        """``run()``, a maintenance version, with FAISS's and the disk's failures as RetrostoreErrors
+        (helper-37: a full disk gave a bare OSError traceback)."""
+        before = self._head.version.number
         try:
-            return maintenance.compact(self._writer, progress=progress)
+            return run()
         except RuntimeError as exc:  # FAISS: nothing was published
-            raise RetrostoreError(f"compact failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
+            raise RetrostoreError(f"{what} failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
                                   "unchanged") from exc
+        except (OSError, lmdb.Error) as exc:
+            if isinstance(exc, RetrostoreError):
+                raise
+            raise maintenance_error(exc, what, before, self._head.version.number) from exc
 
     def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
         """Recall@k of the index against exact search over the stored vectors, and latency

@@ -296,13 +296,17 @@ class Writer:
         try:
             fileio.fsync_dir(self.root / INDEX_DIR)
             fileio.fsync_dir(self.root / VECTORS_DIR)
+            c.stage = "publishing the manifest"
             if before is None:
                 publish()
             else:
                 before(publish)
-        except BaseException:
+        except BaseException as exc:
             if not published:
-                c.remove_files()
+                # manifest.json may have been renamed into place before its directory's fsync
+                # failed: put the base one back (or close this writer when that fails too), then
+                # remove the files and the version's retained copy (helper-37's full disk).
+                c.abort(exc, self._on_lost)
                 raise
             self.head.load(c.new)
             raise

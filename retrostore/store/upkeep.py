@@ -62,6 +62,9 @@ class Upkeep:
         InvalidInputError
             Bad factory string or parameters, ``train_size`` below 1, ``seed``
             not an int >= 0, or uncommitted appends/deletes.
+        StoreIOError
+            A write failed (``errno.ENOSPC``: a full disk); the message says
+            whether the new version was published (else the store is unchanged).
         """
         self._check(write=True)
         return self._maintain("reindex", lambda: maintenance.reindex(
@@ -79,6 +82,9 @@ class Upkeep:
         ------
         InvalidInputError
             Uncommitted appends or deletes.
+        StoreIOError
+            A write failed (``errno.ENOSPC``: a full disk); the message says
+            whether the new version was published (else the store is unchanged).
         """
         self._check(write=True)
         return self._maintain("compact", lambda: maintenance.compact(self._writer, progress=progress))

@@ -165,6 +165,23 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_bool(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """``value`` when it is a bool (or None, when ``optional``): a flag given as a string or a
+    number ("no" is truthy) is refused, not taken as True (helper-37).
+
+    Raises
+    ------
+    InvalidInputError
+        Not a bool (``numpy.bool_`` counts as one).
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)
+    allowed = "True, False or None" if optional else "True or False"
+    raise InvalidInputError(f"{name}={shown(value)} must be {allowed}")
+
+
 def check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = "") -> int:
     """``value`` as an int in ``[lo, hi]`` (``hi`` None: no upper limit), the one check of an
     integer argument (``name=value must be an int in [lo, hi]; fix``).

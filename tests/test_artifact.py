@@ -624,3 +624,42 @@ def test_unpack_removes_the_temporary_directory_of_a_killed_unpack(tmp_path, has
     assert not dead.exists() and live.exists()
     with retrostore.open(tmp_path / "dest") as st:
         assert st.verify() == []
+
+
+def test_pack_removes_the_leftovers_of_a_killed_pack(tmp_path, hash_store):
+    """A SIGKILLed pack leaves .tmp-<out>.<pid>.<hex> (the archive so far) and
+    .tmp-pack-<out>.<pid>.<hex>/ (a copy of every record: all the text) beside OUT; the next
+    pack there removes those of dead processes and keeps a live one's (helper-37)."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(gone.stdout)
+    dead_file = tmp_path / f".tmp-a.tar.zst.{pid}.deadbeef"
+    dead_dir = tmp_path / f".tmp-pack-a.tar.zst.{pid}.deadbeef"
+    live = tmp_path / f".tmp-a.tar.zst.{os.getppid()}.cafe0000"
+    dead_file.write_bytes(b"partial archive")
+    (dead_dir / "chunks.lmdb").mkdir(parents=True)
+    live.write_bytes(b"another pack in flight")
+    retrostore.pack(hash_store, tmp_path / "a.tar.zst")
+    assert not dead_file.exists() and not dead_dir.exists() and live.exists()
+
+
+def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_tar):
+    """Flags are bools (vectors="no" shipped the vectors; overwrite="no" overwrote), OUT is not a
+    directory, the archive exists: InvalidInputError naming the value, never an OSError (helper-37)."""
+    out = tmp_path / "a.tar"
+    for kwargs, match in [({"vectors": "no"}, r"vectors='no' must be True or False"),
+                          ({"overwrite": 1}, r"overwrite=1 must be True or False")]:
+        with pytest.raises(InvalidInputError, match=match):
+            retrostore.pack(hash_store, out, **kwargs)
+    assert not out.exists()
+    (tmp_path / "d.tar").mkdir()
+    with pytest.raises(InvalidInputError, match=r"d.tar is a directory; give the archive's file name"):
+        retrostore.pack(hash_store, tmp_path / "d.tar", overwrite=True)
+    with pytest.raises(InvalidInputError, match=r"missing.tar does not exist"):
+        retrostore.unpack(tmp_path / "missing.tar", tmp_path / "x")
+    with pytest.raises(InvalidInputError, match=r"is a directory; give the .tar or .tar.zst file"):
+        retrostore.unpack(tmp_path / "d.tar", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -133,6 +133,32 @@ def test_bad_create_settings(tmp_path, embedder):
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_flags_factories_and_delete_ids_are_checked(tmp_path, built_store, embedder):
+    """helper-37: reindex(mmap="no") set mmap, a factory string with a NUL was stored (FAISS read
+    'Flat'), delete(b"3") deleted document 51: each is now an InvalidInputError naming the value."""
+    with pytest.raises(InvalidInputError, match=r"mmap='no' must be True, False or None"):
+        retrostore.open(built_store, mmap="no")
+    with pytest.raises(InvalidInputError, match=r"keep_vectors='yes' must be True or False"):
+        retrostore.create(tmp_path / "k", embedder=embedder, keep_vectors="yes")
+    with pytest.raises(InvalidInputError, match=r"not printable ASCII"):
+        retrostore.create(tmp_path / "n", embedder=embedder, index="Flat\x00junk")
+    assert not (tmp_path / "k").exists() and not (tmp_path / "n").exists()
+    path = tmp_path / "s"
+    with retrostore.create(path, embedder=embedder) as st:
+        st.append(["one document", "another document"])
+        st.commit()
+        before = st.manifest
+        for bad, match in [((b"1",), r"doc_ids=b'1' must be an int or an iterable of ints, not bytes"),
+                           (("1",), r"doc_ids='1' must be an int or an iterable of ints, not str")]:
+            with pytest.raises(InvalidInputError, match=match):
+                st.delete(*bad)
+        with pytest.raises(InvalidInputError, match=r"mmap='no' must be True, False or None"):
+            st.reindex("Flat", mmap="no", progress=False)
+        with pytest.raises(InvalidInputError, match=r"not printable ASCII"):
+            st.reindex("Flat\x00junk", progress=False)
+        assert st.manifest == before and st.commit() == before["version"]
+
+
 def test_append_invisible_until_commit(tmp_path, small_docs, embedder):
     path = tmp_path / "s"
     with retrostore.create(path, embedder=embedder) as w:

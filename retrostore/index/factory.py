@@ -25,6 +25,9 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """
     if not isinstance(factory, str) or not factory.strip():
         raise InvalidInputError(f"index={factory!r} must be a FAISS factory string such as 'Flat'")
+    if not (factory.isascii() and factory.isprintable()):  # FAISS reads a C string: "Flat\x00junk" is "Flat"
+        raise InvalidInputError(f"index={factory!r} holds a character that is not printable ASCII; a FAISS factory "
+                                "string is letters, digits and punctuation such as 'IVF1024,PQ48x4fs'")
     if "IDMap" in factory:
         raise InvalidInputError(
             f"factory string {factory!r} asks for an ID map; retrostore assigns chunk ids itself "

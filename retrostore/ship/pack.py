@@ -19,6 +19,7 @@ The way back, with its checks against hostile archives, is
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import io
 import os
@@ -32,7 +33,15 @@ from typing import Any
 import lmdb
 import zstandard
 
-from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, check_int
+from ..errors import (
+    CorruptStoreError,
+    InvalidInputError,
+    RetrostoreError,
+    StoreExistsError,
+    StoreIOError,
+    check_bool,
+    check_int,
+)
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
@@ -133,9 +142,9 @@ def pack(
     NotAStoreError, CorruptStoreError, FormatVersionError
         The store cannot be opened, or a file differs from its manifest entry
         (damaged, or removed by a writer while packing: pack again).
-    OSError
-        Writing the archive failed (``StoreIOError``, an OSError, for its copy
-        of the LMDB records on a full disk); nothing is left at ``out``.
+    StoreIOError
+        Writing the archive failed (an OSError: ``errno.ENOSPC`` on a full
+        disk); nothing is left at ``out`` or beside it.
     """
     root = Path(store_path)
     out = Path(out)
@@ -143,12 +152,18 @@ def pack(
     if not compressed and not out.name.endswith(".tar"):
         raise InvalidInputError(f"{out}: the archive name must end with .tar or .tar.zst (zstd-compressed)")
     level = check_int("level", level, 1, 22, fix="the zstd compression level")
+    vectors = check_bool("vectors", vectors)
+    overwrite = check_bool("overwrite", overwrite)
+    if out.is_dir():  # helper-37: os.replace's IsADirectoryError, naming a temporary file
+        raise InvalidInputError(f"{out} is a directory; give the archive's file name, e.g. {out / 'store.tar.zst'}")
     if out.exists() and not overwrite:
         raise StoreExistsError(
             f"the archive {out} already exists; choose another name, or replace it with "
             "`retrostore pack --force` (overwrite=True in Python)"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stem in (f"pack-{out.name}", out.name):  # of a pack killed before its rename (helper-37)
+        fileio.remove_stale_tmp(out.parent, stem)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}"
     work = out.parent / f"{TMP_PREFIX}pack-{out.name}.{tag}"
     tmp_out = out.parent / f"{TMP_PREFIX}{out.name}.{tag}"
@@ -185,8 +200,13 @@ def pack(
             n_files = _write_archive(root, tmp_out, members, mtime, compressed, level)
             os.replace(tmp_out, out)
             fileio.fsync_dir(out.parent)
-        except BaseException:
+        except BaseException as exc:
             tmp_out.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, RetrostoreError):
+                hint = " The disk is full: free space and pack again." if exc.errno == errno.ENOSPC else ""
+                raise StoreIOError(exc.errno, f"writing the archive {out} failed: {exc.strerror or exc}"
+                                              f"{f' ({exc.filename})' if exc.filename else ''}.{hint} Nothing was "
+                                              f"left at {out} or beside it; the store is unchanged.") from exc
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -194,6 +194,10 @@ def unpack(
     """
     archive = Path(archive)
     dest = Path(dest)
+    if archive.is_dir() or not archive.exists():  # helper-37: IsADirectoryError / FileNotFoundError from open()
+        what = "is a directory" if archive.is_dir() else "does not exist"
+        raise InvalidInputError(f"the archive {archive} {what}; give the .tar or .tar.zst file `retrostore pack` "
+                                "wrote")
     for name, val in (("max_total_bytes", max_total_bytes), ("max_member_bytes", max_member_bytes),
                       ("max_members", max_members)):
         check_int(name, val, 1)

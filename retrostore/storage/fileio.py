@@ -486,8 +486,9 @@ class WriterLock:
 
 
 def remove_stale_tmp(parent: Path, stem: str) -> int:
-    """Remove ``parent/.tmp-{stem}.{pid}.{hex}`` directories whose process is gone (a create or
-    unpack killed before its rename); returns how many. Another live process's are kept."""
+    """Remove ``parent/.tmp-{stem}.{pid}.{hex}`` directories and files whose process is gone (a
+    create, unpack or pack killed before its rename); returns how many. Another live process's
+    are kept."""
     removed = 0
     for p in parent.glob(f"{TMP_PREFIX}{stem}.*.*"):
         pid = p.name[len(TMP_PREFIX) + len(stem) + 1 :].split(".")[0]
@@ -496,7 +497,10 @@ def remove_stale_tmp(parent: Path, stem: str) -> int:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed += 1
         except OSError:
             pass

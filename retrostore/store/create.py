@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreExistsError, check_int
+from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreExistsError, check_bool, check_int
 from ..index.factory import check_index_arg
 from ..index.params import check_params
 from ..index.policy import default_params
@@ -168,7 +168,9 @@ def create(
             "chunk_tokens=%d exceeds what the embedder reads (max_tokens %d, less [CLS] and [SEP]): each chunk "
             "is embedded from its first %d tokens only; RETRO uses 64", chunk_tokens, window, window - 2)
     # Refuse a factory string FAISS cannot build now, not at the first commit.
-    target, factory = check_index_arg(index, dim, mmap=bool(mmap))
+    mmap = check_bool("mmap", mmap)
+    keep_vectors = check_bool("keep_vectors", keep_vectors)
+    target, factory = check_index_arg(index, dim, mmap=mmap)
     index_params = check_params(index_params, "index_params")
     train_size = check_train_size(train_size)
 

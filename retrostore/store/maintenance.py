@@ -11,7 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_bool
 from ..index.factory import check_mmap, check_small_batches, new_index
 from ..index.merge import build_segment, is_fast_scan, merge_fast_scan, owned_copy
 from ..index.params import check_params
@@ -31,6 +31,7 @@ __all__ = ["reindex", "compact", "install_template"]
 def reindex(writer: Writer, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
             params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
     """See :meth:`retrostore.Store.reindex`."""
+    mmap = check_bool("mmap", mmap, optional=True)
     c = writer.begin("reindex")
     new = c.new
     idx = new["index"]

@@ -33,6 +33,7 @@ from ..errors import (
     ReadOnlyStoreError,
     StoreClosedError,
     StoreReplacedError,
+    check_bool,
     shown,
 )
 from ..index.params import check_params
@@ -100,6 +101,7 @@ class Store(Upkeep):
     def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None, mmap=None):
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode={mode!r} must be 'r' (read) or 'a' (append; the one writer)")
+        mmap = check_bool("mmap", mmap, optional=True)
         if version is not None and (mode != "r" or isinstance(version, bool) or not isinstance(version, int)
                                     or version < 0):
             raise InvalidInputError(f"version={shown(version)} must be an int >= 0 and needs mode='r'")

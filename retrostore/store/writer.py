@@ -164,6 +164,9 @@ class Writer:
         """
         if isinstance(doc_ids, (int, np.integer)) and not isinstance(doc_ids, bool):
             doc_ids = [doc_ids]
+        if isinstance(doc_ids, (str, bytes, bytearray, memoryview)):  # b"3" iterates as [51] (helper-37)
+            raise InvalidInputError(f"doc_ids={shown(doc_ids)} must be an int or an iterable of ints, not "
+                                    f"{type(doc_ids).__name__}")
         try:
             ids = [d for d in doc_ids]
         except TypeError:

@@ -111,9 +111,13 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
             f"in {result.seconds:.1f} s ({result.chunks / max(result.seconds, 1e-9):.0f} chunks/s){sharded}"
         )
     if result.resumed_documents:
-        click.echo(f"resumed: {result.resumed_documents} documents of these inputs were committed by an earlier, "
-                   "interrupted run" + (f" (of {', '.join(result.repaired)} before it was repaired: the "
-                                        "same first documents, other bytes)" if result.repaired else ""))
+        click.echo(f"resumed: {result.resumed_documents} documents of these inputs were committed by an earlier "
+                   "run" + (f" (of {', '.join(result.repaired)} before it was repaired: the same first documents, "
+                            "other bytes)" if result.repaired else "")
+                   + (f"; {', '.join(result.grown)} grew since it was built: only its documents after those were "
+                      "added" if result.grown else ""))
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} input(s) the store holds already (pass --append to add their "
                    f"documents again): {'; '.join(result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''}")

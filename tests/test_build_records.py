@@ -99,6 +99,35 @@ def test_a_repaired_file_resumes_after_what_its_failed_build_committed(tmp_path,
     assert (res.documents, res.resumed_documents, res.repaired) == (2, 0, ())
 
 
+def test_a_grown_file_adds_only_its_new_documents(tmp_path):
+    """helper-38: a file that grew after its build finished (lines appended: a crawl, a dump
+    extended) was added again in full, its first documents stored twice with no notice. Its new
+    documents are added now; a same-named file of other documents is added beside the earlier
+    ones with a warning naming their ids."""
+    texts = [f"Grown document {i}. " + "some words here " * 15 for i in range(6)]
+    lines = [json.dumps({"text": t, "meta": {"i": i}}) + "\n" for i, t in enumerate(texts)]
+    src = tmp_path / "grow.jsonl"
+    src.write_text("".join(lines[:3]))
+    path = tmp_path / "s.rstore"
+    assert build_store(path, [src], progress=False).documents == 3
+    src.write_text("".join(lines))  # grown
+    res = build_store(path, [src], progress=False)
+    assert (res.documents, res.resumed_documents, res.grown, res.notes) == (3, 3, ("grow.jsonl",), ())
+    assert _texts(path) == texts
+    assert build_store(path, [src], progress=False).already_built
+    out = CliRunner().invoke(cli, ["build", str(path), str(src), "-q"])
+    assert out.exit_code == 0 and out.output.startswith("already built")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "grow.jsonl").write_text(json.dumps({"text": "Another file, another document."}) + "\n")
+    res = CliRunner().invoke(cli, ["build", str(path), str(other / "grow.jsonl"), "-q"])
+    assert res.exit_code == 0 and "+1 documents" in res.stdout, res.output
+    assert "warning: grow.jsonl: a finished build of a file of this name stored documents 0..5" in res.stderr
+    assert "retrostore delete STORE" in res.stderr
+    assert len(_texts(path)) == 7
+
+
 def test_fields_do_not_make_a_txt_file_new(tmp_path, small_docs):
     """helper-17: --text-field / --meta-field, which a .txt file does not use, re-added it."""
     txt = tmp_path / "a.txt"

@@ -307,6 +307,28 @@ def test_cut_points() -> None:
     assert c._cuts("abc") == [0, 3]
 
 
+@pytest.mark.parametrize("which", ["wordpiece", "bpe"])
+def test_a_stretch_with_no_cut_point_is_cut_at_max_stretch(which: str, bpe_path: Path) -> None:
+    """helper-38: one 200 MB "word" (or Thai without spaces) was tokenized in one piece, 12.4 GB
+    for one [UNK]. Windows now stop growing at max_stretch characters and are cut there; for
+    WordPiece the ids are still those of one encode (a word over 100 characters is one [UNK]),
+    and for every tokenizer the spans tile the document."""
+    path = {"wordpiece": TOKENIZER, "bpe": bpe_path}[which]
+    c = Chunker(path, chunk_tokens=16)
+    assert c.max_stretch == 1_000_000
+    text = "intro text " + "x" * 2_300_000 + "\u0e2a\u0e27\u0e31\u0e2a" * 200_000 + " outro"
+    cuts = c._cuts(text)
+    assert cuts[0] == 0 and cuts[-1] == len(text)
+    assert max(b - a for a, b in zip(cuts, cuts[1:])) <= c.max_stretch
+    ids, offsets = c.encode(text)
+    if which == "wordpiece":
+        want_ids, want_offsets = one_shot(c, text)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(offsets[:, 0], want_offsets[:, 0])
+    assert (np.diff(offsets[:, 0]) >= 0).all()
+    check_chunks(c, text, c.chunk(text))
+
+
 def _spaceless_texts() -> dict[str, str]:
     """Documents without a plain space, as real corpora hold them (deterministic)."""
     rng = random.Random(0)

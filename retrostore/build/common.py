@@ -45,6 +45,13 @@ class BuildResult:
         Inputs resumed although their bytes changed: an earlier run stopped in a
         file of that name, and its first documents are the ones it committed
         (the input repaired after the failure).
+    grown : tuple of str
+        Inputs of which a finished build of a file of that name stored the
+        first documents (the file has grown since): only the documents after
+        those were added (counted in ``resumed_documents``).
+    notes : tuple of str
+        Warnings for the user, one line each: an input named as one built
+        before, of other documents, added in full beside them.
     """
 
     version: int
@@ -60,6 +67,8 @@ class BuildResult:
     skipped: tuple[str, ...] = ()
     resumed_documents: int = 0
     repaired: tuple[str, ...] = ()
+    grown: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def already_built(self) -> bool:

@@ -145,15 +145,15 @@ class Records:
                 return rid
         return None
 
-    def stopped_in_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
-        """An unfinished plain build's record of a file of the same name, of bytes this run does not
-        build, that committed documents; or None. Perhaps this file before it was repaired (a
-        truncated download completed, a bad line fixed): the caller compares the documents."""
-        for rid, r in self.all.items():
-            if (r.get("kind") == "file" and r.get("rel") == digest["rel"] and r.get("sha256") not in run_shas
-                    and not r.get("done") and r.get("documents", 0) > 0):
-                return rid, r
-        return None
+    def same_name_other_bytes(self, digest: dict, run_shas: set[str]) -> tuple[str, dict] | None:
+        """A plain build's record of a file of the same name, of bytes this run does not build, that
+        committed documents; or None. An unfinished one first (perhaps this file before it was
+        repaired: a truncated download completed, a bad line fixed), else the last finished one
+        (perhaps this file before it grew, helper-38): the caller compares the documents."""
+        found = [(rid, r) for rid, r in self.all.items()
+                 if r.get("kind") == "file" and r.get("rel") == digest["rel"] and r.get("sha256") not in run_shas
+                 and r.get("documents", 0) > 0]
+        return min(found, key=lambda x: (bool(x[1].get("done")), -int(x[1]["first_doc_id"])), default=None)
 
     def to_build(self, digest: dict, text_field: str, meta_field: str, *, append: bool) -> tuple[str, dict] | None:
         """The record a plain build continues for this file: (id, record) to resume or start,

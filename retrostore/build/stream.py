@@ -150,6 +150,8 @@ def build_store(
     todo: list[tuple[Path, dict, str, dict]] = []  # (path, digest, record id, record)
     skipped: list[str] = []
     repaired: list[str] = []  # inputs resumed after the documents a build of their earlier bytes committed
+    grown: list[str] = []  # inputs of which a finished build stored the first documents: only the rest added
+    notes: list[str] = []  # what the user must know (a same-named file of other documents added beside)
     run_shas = {d["sha256"] for d in digests}
     for (path, _), digest in zip(files, digests):
         if any(same_input(digest, d) for _, d, _, _ in todo) and not append:
@@ -161,13 +163,22 @@ def build_store(
             skipped.append(f"{digest['rel']}: {records.holder(digest, *fields)}")
             continue
         rid, rec = found
-        prior = records.stopped_in_other_bytes(digest, run_shas) if rid not in records.all and not append else None
+        prior = records.same_name_other_bytes(digest, run_shas) if rid not in records.all and not append else None
         if prior is not None and _continues(st, path, digest, prior[1], text_field, meta_field):
             # helper-17: the repaired file (a truncated download completed, a bad line fixed) was built
-            # from its first document again, a second copy of what the failed build committed
+            # from its first document again, a second copy of what the failed build committed;
+            # helper-38: so was a file that grew after its build finished
             rid, rec = prior
-            rec.update(sha256=digest["sha256"], size=digest["size"], content_sha256=digest["content_sha256"])
-            repaired.append(digest["rel"])
+            (grown if rec["done"] else repaired).append(digest["rel"])
+            rec.update(sha256=digest["sha256"], size=digest["size"], content_sha256=digest["content_sha256"],
+                       done=False)
+        elif prior is not None:  # helper-38: its documents were stored beside the earlier ones, silently
+            first, n = int(prior[1]["first_doc_id"]), int(prior[1]["documents"])
+            notes.append(
+                f"{digest['rel']}: a {'finished' if prior[1]['done'] else 'stopped'} build of a file of this name "
+                f"stored documents {first}..{first + n - 1} from other bytes, and this file's first documents "
+                f"differ from those; all of its documents are added beside them (if it replaces that file, "
+                f"`retrostore delete STORE` those ids, then `retrostore compact STORE`)")
         records.all[rid] = rec
         todo.append((path, digest, rid, rec))
     resumed = sum(rec["documents"] for _, _, _, rec in todo)
@@ -248,4 +259,5 @@ def build_store(
     finally:
         bar.close()
     return BuildResult(version, committed_docs, committed_chunks, time.perf_counter() - t0, interrupted,
-                       skipped=tuple(skipped), resumed_documents=resumed, repaired=tuple(repaired))
+                       skipped=tuple(skipped), resumed_documents=resumed, repaired=tuple(repaired),
+                       grown=tuple(grown), notes=tuple(notes))

@@ -11,7 +11,8 @@ offset of its first token, each ends where the next starts and the last at
 ``len(text)``, so ``"".join(text[c.start:c.end] for c in chunks) == text``.
 
 Documents longer than ``window_chars`` characters are tokenized in bounded
-windows, with exactly the ids and offsets of a one-shot encode, in
+windows, with exactly the ids and offsets of a one-shot encode (except
+inside a stretch of over a million characters with no place to cut), in
 near-linear time and bounded memory (see :meth:`Chunker.encode`).
 """
 
@@ -22,6 +23,7 @@ import itertools
 import operator
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,10 @@ DEFAULT_CHUNK_TOKENS = 64  # RETRO's chunk length (Borgeaud et al. 2021, section
 _REVERSED_CUT = re.compile(r" \S")
 # Characters per encode_batch call: bounds the memory of Encoding objects.
 _BATCH_CHARS = 4_000_000
+#: A stretch with no cut point longer than this many characters (or 10 windows, if more) is cut
+#: where the limit falls: tokenizing 20 MB of one "word" in one piece took 1.3 GB, of Thai
+#: without spaces 4.5 GB (helper-38; the tokenizers library keeps ~65-225 bytes per character).
+MAX_STRETCH_CHARS = 1_000_000
 _CHUNK_FIELDS = operator.attrgetter("position", "start", "end", "token_ids")
 _NDIM = operator.attrgetter("ndim")
 _DTYPE_KIND = operator.attrgetter("dtype.kind")
@@ -106,6 +112,9 @@ class Chunker:
         The loaded tokenizer, truncation and padding turned off.
     chunk_tokens, window_chars : int
         As given.
+    max_stretch : int
+        The longest window (characters) when no cut point is found:
+        ``max(1_000_000, 10 * window_chars)`` (see :meth:`encode`).
     path : pathlib.Path
         The tokenizer file.
     sha256 : str
@@ -139,6 +148,7 @@ class Chunker:
     ) -> None:
         self.chunk_tokens = _positive_int("chunk_tokens", chunk_tokens)
         self.window_chars = _positive_int("window_chars", window_chars)
+        self.max_stretch = max(MAX_STRETCH_CHARS, 10 * self.window_chars)
         if not isinstance(tokenizer_path, (str, os.PathLike)):
             kind = type(tokenizer_path).__name__
             raise InvalidInputError(f"tokenizer_path must be a str or os.PathLike, got {kind}")
@@ -201,6 +211,15 @@ class Chunker:
         word there), so text without spaces (Chinese,
         minified code, base64) is tokenized in bounded memory too: a 3 MB
         Chinese document took 1.75 GB in one piece, 0.59 GB in windows.
+        A window grows to at most ``max(1_000_000, 10 * window_chars)``
+        characters (``max_stretch``): a longer stretch without any cut
+        point (one 200 MB "word", Thai without spaces) is cut there anyway
+        (20 MB of one word took 1.3 GB in one piece, 0.28 GB so). The next
+        window starts one character early and drops the tokens that begin
+        in that character, so BERT's WordPiece still gives the one
+        ``[UNK]`` of a word over 100 characters, as one encode would; a BPE
+        tokenizer may lose the tokens that straddle such a cut. Spans still
+        tile the document.
         Tokenizers for which that is not known
         (a pre-tokenizer other than BERT's, Whitespace, regex ByteLevel,
         splitting Metaspace or a Split regex; a normalizer acting on the
@@ -475,14 +494,30 @@ class Chunker:
             match = _REVERSED_CUT.search(window[::-1])
             if match is None and self._isolated is not None:  # no space: before a character BERT isolates
                 match = self._isolated.search(window[:0:-1])  # the last one, never the window's first
-            if match is None:  # no cut point: grow the window
-                size *= 2
+            if match is None and size < self.max_stretch:  # no cut point: grow the window
+                size = min(2 * size, self.max_stretch)
+                continue
+            if match is None:  # a stretch with no cut point at all: cut it anyway, memory stays bounded
+                s = _hard_cut(text, s + size, s + 1)
+                cuts.append(s)
+                size = self.window_chars
                 continue
             s += size - 1 - match.start()  # read forwards: a space after non-space, or that character
             cuts.append(s)
             size = self.window_chars
         cuts.append(n)
         return cuts
+
+
+def _hard_cut(text: str, at: int, low: int) -> int:
+    """A cut at or before ``at`` (not before ``low``) whose previous character a normalizer keeps:
+    the next window drops the tokens that begin in that character, and a combining mark or a
+    control character (stripped by BERT's normalizer) would leave them to begin after it."""
+    for w in range(at, max(low, at - 1000) - 1, -1):
+        ch = text[w - 1]
+        if ch not in "\ufffd" and unicodedata.category(ch)[0] not in "MCZ":
+            return w
+    return at
 
 
 def check_pad_id(pad_id: Any, vocab_size: int) -> int:

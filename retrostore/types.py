@@ -89,11 +89,13 @@ class Document:
     ----------
     doc_id : int
     text : str
-        The document exactly as appended (the concatenation of its chunk spans).
+        The document exactly as appended (the concatenation of its chunk spans, when it has chunks).
     metadata : Any
         JSON-like metadata given at append (``None`` if none).
     chunk_ids : range
-        Its chunks' ids, consecutive; empty for empty or whitespace-only documents.
+        Its chunks' ids, consecutive; empty for an empty or whitespace-only document, or one
+        that yields no tokens (only control, zero-width or combining characters: its text is
+        kept, but no chunk holds it and search never finds it).
     """
 
     doc_id: int

@@ -128,6 +128,35 @@ def test_a_grown_file_adds_only_its_new_documents(tmp_path):
     assert len(_texts(path)) == 7
 
 
+def test_inputs_and_fields_that_cannot_work_are_refused_first(tmp_path):
+    """helper-38: --text-field ""/--meta-field equal to it reached the first line's parser (a
+    metadata error), a mistyped --meta-field dropped every document's metadata in silence, a FIFO
+    blocked then failed with "Illegal seek ... re-download it", "-" was "no such file"."""
+    src = tmp_path / "fields.jsonl"
+    src.write_text("".join(json.dumps({"body": f"Text {i} here.", "info": {"i": i}}) + "\n" for i in range(3)))
+    path = tmp_path / "s.rstore"
+    run = CliRunner().invoke
+    for args, match in [(["--text-field", "body", "--meta-field", "body"], "meta_field must be a string other than"),
+                        (["--text-field", ""], "text_field must be a non-empty string")]:
+        res = run(cli, ["build", str(path), str(src), "-q", *args])
+        assert res.exit_code == 1 and match in res.output, res.output
+        assert not path.exists()
+    res = run(cli, ["build", str(path), str(src), "-q", "--text-field", "body", "--meta-field", "inof"])
+    assert res.exit_code == 0, res.output
+    assert "warning: fields.jsonl: none of its 3 documents has a 'inof' field (--meta-field)" in res.stderr
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for arg, match in [(str(fifo), r"fifo.jsonl: not a regular file \(a pipe or a device\)"),
+                       ("-", "reading documents from standard input is not supported")]:
+        with pytest.raises(retrostore.InvalidInputError, match=match):
+            build_store(tmp_path / "t.rstore", [arg], progress=False)
+    with retrostore.create(tmp_path / "d.rstore") as st:
+        with pytest.raises(retrostore.InvalidDocumentError, match="docs is a dict; pass a str or a list of str"):
+            st.append({"a": 1})
+        with pytest.raises(retrostore.InvalidInputError, match="when several documents are given"):
+            st.append((t for t in ["x", "y"]), metadata=(m for m in [1, 2]))
+
+
 def test_fields_do_not_make_a_txt_file_new(tmp_path, small_docs):
     """helper-17: --text-field / --meta-field, which a .txt file does not use, re-added it."""
     txt = tmp_path / "a.txt"

@@ -51,7 +51,8 @@ class BuildResult:
         those were added (counted in ``resumed_documents``).
     notes : tuple of str
         Warnings for the user, one line each: an input named as one built
-        before, of other documents, added in full beside them.
+        before, of other documents, added in full beside them; an input none
+        of whose documents has the ``meta_field`` given (a mistyped name).
     """
 
     version: int

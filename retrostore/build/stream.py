@@ -21,7 +21,7 @@ from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
 from ..storage.metadata import clean_metadata
 from ..store.create import create, open_store
-from ..text.inputs import expand_named, read_file
+from ..text.inputs import check_fields, expand_named, read_file
 from ..threads import check_threads
 from .common import BuildResult, check_same_settings, merge_trained_segments
 from .records import BUILDS, Records, fields_of, file_digest, same_input
@@ -124,6 +124,7 @@ def build_store(
     """
     if not isinstance(append, bool):
         raise InvalidInputError(f"append={append!r} must be True or False")
+    check_fields(text_field, meta_field)  # helper-38: else a per-line error of the first input, or none
     threads = check_threads(threads)  # before anything is read or created
     if engine is None and (shards is not None or work_dir is not None or device != "cpu"):
         engine = "local"
@@ -230,7 +231,10 @@ def build_store(
         with st:
             for path, digest, rid, rec in todo:
                 docs = read_file(path, digest["rel"], text_field, meta_field, lambda n: bar.update(n))
+                read = with_meta = 0
                 for doc in itertools.islice(docs, rec["documents"], None):  # resume after the committed ones
+                    read += 1
+                    with_meta += doc.metadata is not None
                     texts.append(doc.text)
                     # checked here, as a sharded build does, so that an error names file:line, not
                     # "metadata[1]" of a batch (helper-17)
@@ -241,6 +245,10 @@ def build_store(
                         flush()
                 flush()
                 rec["done"] = True  # published by the next commit, with the file's last documents
+                if read and not with_meta and meta_field != "meta" and fields_of(digest["rel"], text_field,
+                                                                                  meta_field)[1] is not None:
+                    notes.append(f"{digest['rel']}: none of its {read} documents has a {meta_field!r} field "
+                                 "(--meta-field), so none has metadata; check the field's name")
             if todo:
                 commit()
                 merge_trained_segments(st)

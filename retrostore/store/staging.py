@@ -5,7 +5,7 @@ precomputed embeddings) made before anything is staged.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -97,14 +97,19 @@ def documents(docs: Any, metadata: Any) -> tuple[list[str], list, bool]:
             raise InvalidDocumentError(
                 f"docs is a {type(docs).__name__}; pass a str or an iterable of str (decode bytes first)"
             )
+        if isinstance(docs, Mapping):  # helper-38: {"a": 1} stored the key "a" as a document
+            raise InvalidDocumentError(
+                f"docs is a {type(docs).__name__}; pass a str or a list of str, with the metadata as "
+                "metadata=[...] (one value per document)"
+            )
         docs = list(docs)
         if metadata is None:
             metas = [None] * len(docs)
         else:
             if isinstance(metadata, (dict, str)) or not isinstance(metadata, Sequence):
                 raise InvalidInputError(
-                    "metadata must be a sequence with one value per document when docs is a list "
-                    f"(got a {type(metadata).__name__})"
+                    "metadata must be a sequence (a list) with one value per document when several documents "
+                    f"are given (got a {type(metadata).__name__})"
                 )
             metas = list(metadata)
             if len(metas) != len(docs):

@@ -373,7 +373,9 @@ class Store(Upkeep):
         Parameters
         ----------
         docs : str or iterable of str
-            Documents. Empty or whitespace-only documents get an id and no chunks.
+            Documents. Empty or whitespace-only documents, and those that yield no
+            tokens (only control, zero-width or combining characters), get an id and no
+            chunks (their text is kept: ``get_document``).
         metadata : JSON-like or sequence of JSON-like, optional
             One value per document (a single value when ``docs`` is one string).
             Accepted: ``None``, ``bool``, ``int`` (int64/uint64 range), finite

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import zstandard
 
@@ -32,7 +32,7 @@ from ..errors import (
 )
 
 __all__ = ["SUPPORTED_SUFFIXES", "COMPRESSED", "InputDocument", "count_input_bytes", "expand_inputs", "expand_named",
-           "input_digests", "input_kind", "iter_documents", "read_file"]
+           "input_digests", "input_kind", "iter_documents", "read_file", "check_fields"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 _CHUNK = 1 << 14  # compressed bytes fed per step: bounds memory on highly compressible input
@@ -115,8 +115,14 @@ def expand_named(inputs: Sequence[PathArg] | PathArg, *, warn: bool = True) -> l
                              "convert them, or pass them directly to get an error", root, len(skipped), _SUPPORTED,
                              ", ".join(repr(n) for n in sorted(skipped)[:3]))
             out.extend((path, "/".join(parts)) for parts, path in sorted(found))
+        elif str(root) == "-":  # helper-38: "-: no such file or directory"
+            raise InvalidInputError("-: reading documents from standard input is not supported (a build reads "
+                                    "each input twice: its digest, then its documents); write them to a file")
         elif not root.exists():
             raise InputNotFoundError(f"{root}: no such file or directory; check the input path")
+        elif not root.is_file():  # helper-38: a FIFO blocked, then failed with "Illegal seek"
+            raise InvalidInputError(f"{root}: not a regular file (a pipe or a device); a build reads each input "
+                                    "twice (its digest, then its documents): write it to a file first")
         elif input_kind(root) is None:
             raise InvalidInputError(
                 f"{root}: unsupported input file type; supported are {_SUPPORTED} "
@@ -348,6 +354,21 @@ def read_file(path: Path, rel: str, text_field: str, meta_field: str,
         on_progress(size - done)
 
 
+def check_fields(text_field: Any, meta_field: Any) -> None:
+    """Check the JSON field names a build reads (``--text-field``, ``--meta-field``) before any input.
+
+    Raises
+    ------
+    InvalidInputError
+        An empty or non-string ``text_field``, or ``meta_field`` not a string or equal to it.
+    """
+    if not isinstance(text_field, str) or not text_field:
+        raise InvalidInputError(f"text_field must be a non-empty string, got {text_field!r}")
+    if not isinstance(meta_field, str) or meta_field == text_field:
+        raise InvalidInputError(f"meta_field must be a string other than text_field "
+                                f"({text_field!r}), got {meta_field!r}")
+
+
 def iter_documents(inputs: Sequence[PathArg], *, text_field: str = "text", meta_field: str = "meta",
                    on_progress: Callable[[int], None] | None = None) -> Iterator[InputDocument]:
     """Read the documents of all inputs, in a deterministic order.
@@ -384,11 +405,7 @@ def iter_documents(inputs: Sequence[PathArg], *, text_field: str = "text", meta_
     InputReadError
         While iterating: an I/O error, or a truncated or corrupt ``.gz``/``.zst`` stream.
     """
-    if not isinstance(text_field, str) or not text_field:
-        raise InvalidInputError(f"text_field must be a non-empty string, got {text_field!r}")
-    if not isinstance(meta_field, str) or meta_field == text_field:
-        raise InvalidInputError(f"meta_field must be a string other than text_field "
-                                f"({text_field!r}), got {meta_field!r}")
+    check_fields(text_field, meta_field)
     files = expand_named(inputs)
     return (doc for path, rel in files
             for doc in read_file(path, rel, text_field, meta_field, on_progress))

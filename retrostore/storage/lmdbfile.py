@@ -139,16 +139,16 @@ def _page_problem(page: bytes, pgno: int, psize: int, last_pg: int) -> str | Non
 def reserve_lock_file(lmdb_dir: Path) -> None:
     """Create ``lmdb_dir/lock.mdb`` with its blocks allocated, if it does not exist.
 
-    The file is written under a temporary name and linked into place, so an
-    LMDB that opened the file meanwhile (and initialised its header) is never
-    written over. Directories that cannot be written (read-only media, no
-    permission) are left to LMDB and the caller's handling of its error.
+    The file is written under a temporary name and hard-linked into place, so
+    an LMDB that opened the file meanwhile (and initialised its header) is
+    never written over. Where that cannot be done (read-only media, no
+    permission, a file system without hard links such as some FUSE mounts)
+    nothing is reserved and LMDB creates the file itself, as before.
 
     Raises
     ------
     StoreIOError
-        ``errno.ENOSPC`` (or the errno of the failed write): the disk is full;
-        nothing was changed.
+        ``errno.ENOSPC`` / ``EDQUOT``: the disk is full; nothing was changed.
     """
     lock = Path(lmdb_dir) / "lock.mdb"
     if lock.exists():
@@ -156,23 +156,19 @@ def reserve_lock_file(lmdb_dir: Path) -> None:
     tmp = Path(lmdb_dir) / f".lock.mdb.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _full(lock, exc) from exc
-        return  # read-only media or no permission: LMDB says so
-    try:
         try:
             view = memoryview(bytes(LOCK_FILE_BYTES))
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, lock)
-        except FileExistsError:
-            pass  # another process created it first
+        os.link(tmp, lock)
+    except FileExistsError:
+        pass  # another process created it first
     except OSError as exc:
-        raise _full(lock, exc) from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _full(lock, exc) from exc
+        # no permission, read-only media, no hard links: LMDB creates it (and says what fails)
     finally:
         try:
             os.unlink(tmp)

@@ -72,8 +72,9 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
     Running it again is safe: input files whose documents the store holds
     already (recorded by the sha256 of the file and of its decompressed
     bytes: the same documents re-compressed count too) are skipped, an interrupted build resumes
-    after its last commit, and new files are added; --append adds the same
-    documents once more.
+    after its last commit, a file that grew since its build adds only its new
+    documents, and new files are added; --append adds the same documents once
+    more.
 
     With --engine (or --shards/--work-dir/--device cuda) the build runs in
     stages that give the same store: plan shards, train the index if needed,

@@ -78,7 +78,11 @@ def build_store(
     file an interrupted build stopped in is resumed after its last committed
     document, and so is a file of the same name with other bytes whose first
     documents are the ones that build committed (the failed input repaired: a
-    truncated download completed, a bad line fixed); the rest are built.
+    truncated download completed, a bad line fixed), or the ones a finished
+    build of that name stored (the file grew: only its new documents are
+    added); the rest are built, a file of the same name with other first
+    documents in full and with a warning in ``BuildResult.notes`` naming the
+    earlier documents' ids.
     ``append=True`` adds the documents of files built before once more, as a new
     copy. A ``.txt`` file is matched whatever ``text_field``/``meta_field`` say.
 

@@ -378,6 +378,15 @@ def sha256_cached(path: str | os.PathLike) -> str:
 _IO_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
 
+def _errno_of(exc: Exception) -> int | None:
+    """An OSError's errno; for an ``lmdb.Error``, which names it only in its message
+    ("mdb_txn_commit: Input/output error"), the I/O errno that message ends with."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        code = next((c for c in _IO_ERRNOS if str(exc).endswith(os.strerror(c))), None)
+    return code
+
+
 @contextlib.contextmanager
 def lmdb_writes(what: str):
     """Turn LMDB's write errors of the I/O kind (``lmdb.DiskError`` on a full disk, a panic after
@@ -386,9 +395,7 @@ def lmdb_writes(what: str):
     try:
         yield
     except lmdb.Error as exc:
-        code = getattr(exc, "errno", None)
-        if code is None:  # py-lmdb names the errno only in the message ("mdb_txn_commit: Input/output error")
-            code = next((c for c in _IO_ERRNOS if str(exc).endswith(os.strerror(c))), None)
+        code = _errno_of(exc)
         if not isinstance(exc, (lmdb.DiskError, lmdb.PanicError)) and code not in _IO_ERRNOS:
             raise
         code = code if code in _IO_ERRNOS else (errno.ENOSPC if isinstance(exc, lmdb.DiskError) else errno.EIO)
@@ -417,9 +424,7 @@ def maintenance_error(exc: Exception, what: str, before: int, after: int) -> Sto
     """A :class:`StoreIOError` for an OSError or ``lmdb.Error`` that stopped a maintenance
     version (``what``: reindex, compact), from version ``before``; ``after`` is the version
     the handle serves now (another when the new manifest was published before the failure)."""
-    code = getattr(exc, "errno", None)
-    if code is None:  # py-lmdb names the errno only in its message
-        code = next((c for c in _IO_ERRNOS if str(exc).endswith(os.strerror(c))), errno.EIO)
+    code = _errno_of(exc) or errno.EIO
     detail = " ".join(str(getattr(exc, "strerror", None) or exc).split()).rstrip(". ")
     name = getattr(exc, "filename", None)
     where = f" ({name})" if name else ""

@@ -156,8 +156,7 @@ def test_interrupted_build_reuses_finished_shards(tmp_path, corpus, local_store,
     assert (tmp_path / "fired").exists()
     # Shard 0 is finished; shard 1 left nothing (not even a temporary directory); nothing is committed.
     assert sorted(p.name for p in work.iterdir()) == ["LOCK", "plan.json", "shard-00000", "tokenizer.json"]
-    with retrostore.open(path) as st:
-        assert len(st) == 0 and st.version == 0
+    assert not path.exists()  # a store this build created and never committed to is removed, as a plain build's
     res = build_store(path, [corpus], engine="local", shards=3, progress=False)
     assert (res.reused_shards, res.documents) == (1, 30)
     _assert_same(_snapshot(path), local_snap)
@@ -336,12 +335,67 @@ def test_work_dir_of_another_build_is_refused(tmp_path, corpus, monkeypatch):
     with pytest.raises(RuntimeError):
         build_store(tmp_path / "a.rstore", [corpus], shards=2, work_dir=work, progress=False)
     monkeypatch.delenv(_shards.FAULT_ENV)
-    with pytest.raises(InvalidInputError, match="unfinished build of other inputs"):
+    with pytest.raises(InvalidInputError, match=r"holds an unfinished build \(plan \w+\) of other --shards; to "
+                                                r"finish it, run its own command again \(the same inputs, --shards 2\)"):
         build_store(tmp_path / "a.rstore", [corpus], shards=3, work_dir=work, progress=False)
     with pytest.raises(InvalidInputError, match="engine"):
         build_store(tmp_path / "b.rstore", [corpus], engine="spark", progress=False)
     with pytest.raises(InvalidInputError, match="address"):
         build_store(tmp_path / "b.rstore", [corpus], address="auto", progress=False)
+
+
+def test_bad_sharded_build_arguments_fail_first_and_leave_nothing(tmp_path, corpus):
+    """helper-39: an --address nothing answers at hung ray.init without end (deaf to Ctrl-C and
+    SIGTERM); a malformed one, or an unusable --work-dir, gave a traceback; --append was refused
+    or made a second copy depending on --shards; each left an empty store behind."""
+    import time
+
+    from retrostore.build import engines
+
+    path = tmp_path / "s.rstore"
+    (tmp_path / "afile").write_text("x")
+    t0 = time.monotonic()
+    for kwargs, match in [
+        ({"engine": "ray", "address": "127.0.0.1:1"}, r"cannot reach the Ray cluster at --address '127.0.0.1:1'"),
+        ({"engine": "ray", "address": "not an address"}, r"is not a Ray cluster address: give HOST:PORT"),
+        ({"shards": 2, "work_dir": tmp_path / "afile" / "sub"}, r"cannot be made: .*afile is a file"),
+        ({"shards": 2, "append": True}, r"--append .* works with a plain build only"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            build_store(path, [corpus], progress=False, **kwargs)
+        assert not path.exists() and not (tmp_path / "s.rstore.build").exists(), kwargs
+    assert time.monotonic() - t0 < 2 * engines.CONNECT_TIMEOUT_S
+    engines.check_ray_address("auto")  # Ray finds (or says it cannot find) a local instance itself
+    engines.check_ray_address(None)
+
+
+def test_inputs_of_an_unfinished_sharded_build(tmp_path, corpus, slice30, monkeypatch):
+    """helper-39: a plain build of an input an interrupted sharded build is merging said "already
+    built ... nothing to add" (exit 0) with most documents missing; an input fixed after a sharded
+    build failed on it was refused for good (the old plan could never be finished)."""
+    path = tmp_path / "s.rstore"
+    monkeypatch.setenv(_shards.FAULT_ENV, f"2:raise:{tmp_path / 'fired'}")
+    with pytest.raises(RuntimeError):
+        build_store(path, [corpus], engine="local", shards=3, commit_every=1, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    with pytest.raises(InvalidInputError, match=r"being built by the sharded build \w+, 2 of its 3 shards merged: "
+                                                r"finish it by running its own command again"):
+        build_store(path, [corpus], progress=False)
+    assert build_store(path, [corpus], engine="local", shards=3, commit_every=1, progress=False).documents > 0
+    with retrostore.open(path) as st:
+        assert st.manifest["next_doc_id"] == 30 and st.verify() == []
+
+    src = tmp_path / "fixed.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in slice30[:12]))
+    fixed = tmp_path / "f.rstore"
+    monkeypatch.setenv(_shards.FAULT_ENV, f"0:raise:{tmp_path / 'fired2'}")
+    with pytest.raises(RuntimeError):
+        build_store(fixed, [src], engine="local", shards=2, progress=False)
+    monkeypatch.delenv(_shards.FAULT_ENV)
+    assert (tmp_path / "f.rstore.build" / "plan.json").exists()
+    src.write_text("".join(json.dumps(d) + "\n" for d in slice30[:11]))  # the input fixed: other bytes
+    res = build_store(fixed, [src], engine="local", shards=2, progress=False)
+    assert res.documents == 11 and not (tmp_path / "f.rstore.build").exists()
 
 
 def test_cli_build_with_shards(tmp_path, corpus, local_store, local_snap):

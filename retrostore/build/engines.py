@@ -7,6 +7,7 @@ a Ray engine starts.
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ from ..errors import InvalidInputError, RetrostoreError
 from ..text.models import default_embedder
 from . import shards as _shards
 
-__all__ = ["ENGINES", "DEVICES", "LocalEngine", "RayEngine", "cuda_providers"]
+__all__ = ["ENGINES", "DEVICES", "LocalEngine", "RayEngine", "cuda_providers", "check_ray_address"]
+
+#: Seconds to wait for a TCP connection to a given Ray cluster address before giving up.
+#: ``ray.init`` itself retries an unreachable GCS without end and ignores Ctrl-C and SIGTERM
+#: meanwhile (helper-39: still waiting after 287 s).
+CONNECT_TIMEOUT_S = 10.0
 
 ENGINES = ("local", "ray")
 DEVICES = ("cpu", "cuda")
@@ -116,6 +122,39 @@ class _GpuShardWorker:
         return _shards.run_shard(self.plan, index, self.work, self.emb)
 
 
+def check_ray_address(address: str | None) -> None:
+    """Check that the Ray cluster ``address`` (else ``RAY_ADDRESS``) answers, before ``ray.init``.
+
+    ``None``/``"auto"``/``"local"`` pass (Ray starts or finds a local instance and says when it
+    cannot). ``host:port`` and ``ray://host:port`` must accept a TCP connection within
+    :data:`CONNECT_TIMEOUT_S` seconds.
+
+    Raises
+    ------
+    InvalidInputError
+        A malformed address, or one nothing answers at (refused, unknown host, timed out).
+    """
+    given = address is not None
+    address = address if given else os.environ.get("RAY_ADDRESS")
+    if address is None or address.strip() in ("", "auto", "local"):
+        return
+    source = "--address" if given else "RAY_ADDRESS"
+    rest = address.strip()
+    rest = rest.split("://", 1)[1] if "://" in rest else rest
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"{source} {address!r} is not a Ray cluster address: give HOST:PORT of its head "
+                                "node (e.g. 10.0.0.5:6379, as `ray start --head` prints), ray://HOST:10001, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise InvalidInputError(
+            f"cannot reach the Ray cluster at {source} {address!r} ({why}, within {CONNECT_TIMEOUT_S:.0f} s); check "
+            "the address and that the cluster is up (`ray status` on its head node), or leave --address out to "
+            "start a local Ray") from None
+
+
 class RayEngine:
     """Stage 1 counting and stage 3 shards as Ray tasks (CPU) or actor calls (GPU)."""
 
@@ -132,7 +171,13 @@ class RayEngine:
         self.max_retries, self.cpus = max_retries, cpus_per_task
         self.started = False
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            except (ConnectionError, ValueError, RuntimeError) as exc:  # helper-39: tracebacks from ray.init
+                where = f"at --address {address!r}" if address is not None else "(RAY_ADDRESS, or a new local one)"
+                raise InvalidInputError(
+                    f"Ray could not start or connect {where}: {' '.join(str(exc).split())[:300]}; check the address, "
+                    "or leave --address out to start a local Ray") from exc
             self.started = True
         self._refs: dict[int, Any] = {}
         self._actors: list = []

@@ -121,8 +121,16 @@ class Records:
                 continue
             done = r["merged"] == r["shards"]
             how = next(_how(digest, f) for f in r.get("files", []) if same_input(digest, f))
-            return f"{'built' if done else 'being built'} by the sharded build {rid[:12]}{how}"
+            if done:
+                return f"built by the sharded build {rid[:12]}{how}"
+            return (f"being built by the sharded build {rid[:12]}{how}, {r['merged']} of its {r['shards']} shards "
+                    "merged: finish it by running its own command again (the same inputs and --shards, "
+                    "--engine local or ray)")
         return None
+
+    def unfinished_sharded(self, digest: dict) -> bool:
+        """Whether an unfinished sharded build lists this input."""
+        return any(r["merged"] != r["shards"] for _, r in self.sharded_with(digest))
 
     def finished_holder(self, digest: dict, text_field: str, meta_field: str) -> str | None:
         """How finished builds hold this input's documents, in words (:meth:`holder`), or None

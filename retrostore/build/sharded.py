@@ -40,7 +40,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import CorruptStoreError, IndexTrainingError, InvalidInputError, check_int
+from ..errors import CorruptStoreError, IndexTrainingError, InvalidInputError, WriterLockedError, check_int
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.layout import TMP_PREFIX
@@ -51,7 +51,7 @@ from ..threads import check_threads
 from . import plan as _plan
 from . import shards as _shards
 from .common import BuildResult, check_same_settings, merge_trained_segments
-from .engines import DEVICES, ENGINES, LocalEngine, RayEngine
+from .engines import DEVICES, ENGINES, LocalEngine, RayEngine, check_ray_address
 from .records import BUILDS, Records, fields_of, file_digest, same_input
 
 __all__ = ["build_sharded"]
@@ -87,6 +87,51 @@ def _remove_work(work: Path, own_dir: bool, *, keep_lock: bool = False) -> None:
     for name in (_plan.PLAN, _plan.TOKENIZER, _shards.TEMPLATE) + (() if keep_lock else ("LOCK",)):
         (work / name).unlink(missing_ok=True)
     if own_dir and not keep_lock:
+        try:
+            work.rmdir()
+        except OSError:
+            pass
+
+
+def _check_work_dir(work: Path) -> None:
+    """Refuse a work directory that cannot be made, before the store is created (helper-39: a
+    traceback from mkdir, and an empty store left behind)."""
+    existing = next((p for p in (work, *work.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InvalidInputError(f"the work directory {work} cannot be made: {existing} is a file; pass --work-dir "
+                                "with a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"the work directory {work} cannot be made or written: {existing} is not writable; "
+                                "pass --work-dir with a writable directory")
+
+
+def _plan_difference(plan: dict, files: list[dict], settings: dict, shards: int | None, shard_chars: int) -> list[str]:
+    """What differs between ``plan`` and this build, in words: "inputs", "settings", "--shards"."""
+    body = plan["body"]
+    out = []
+    if ([[f["rel"], f["size"], f.get("sha256")] for f in body["files"]]
+            != [[f["rel"], f["size"], f.get("sha256")] for f in files]):
+        out.append("inputs")
+    if body["settings"] != settings:
+        out.append("settings (tokenizer, chunk size, fields)")
+    if body["shards_requested"] != shards or body["shard_chars"] != shard_chars:
+        out.append("--shards")
+    return out or ["inputs"]
+
+
+def _clean_after_failure(root: Path, work: Path, created: bool, made_dir: bool, own_dir: bool) -> None:
+    """After a failed build: remove a store this call created that holds no commit (as a plain
+    build does), and a work directory of ours that holds no plan (helper-39: an empty store and a
+    STORE.build holding only its LOCK were left)."""
+    try:
+        if created and _manifest.read_manifest(root)["version"] == 0:
+            shutil.rmtree(root, ignore_errors=True)
+            if not made_dir:  # the user's own (empty) directory stays theirs
+                root.mkdir(exist_ok=True)
+    except Exception:  # noqa: BLE001 - cleaning up must not hide the build's own error
+        pass
+    if own_dir and work.is_dir() and not (work / _plan.PLAN).exists():
+        (work / "LOCK").unlink(missing_ok=True)
         try:
             work.rmdir()
         except OSError:
@@ -182,11 +227,11 @@ def build_sharded(
     max_retries : int, default 3
         Ray retries of a shard task whose worker died (or raised OSError).
     append : bool, default False
-        Build every input even when the store holds its documents already
-        (from another build). Without it, inputs finished builds hold are
-        skipped (``BuildResult.skipped``) and the others built; an input an
-        unfinished build holds is refused. A finished build of these very
-        inputs is not repeated (build the copy without an engine, ``append=True``).
+        Refused (``InvalidInputError``): a second copy of held inputs is built
+        plainly (:func:`retrostore.build.build_store` without an engine). A
+        sharded build skips the inputs finished builds hold
+        (``BuildResult.skipped``) and builds the others; an input an
+        unfinished build holds is refused until that build is finished.
     Other parameters as :func:`retrostore.build.build_store`.
 
     Returns
@@ -196,8 +241,11 @@ def build_sharded(
     Raises
     ------
     InvalidInputError
-        Bad arguments, inputs or settings; a work directory holding another build; inputs
-        an unfinished build holds (without ``append``).
+        Bad arguments, inputs or settings; ``append``; a work directory that cannot be made or
+        holds another build (the message says what differs); inputs an unfinished build holds;
+        a Ray ``address`` nothing answers at (within ``engines.CONNECT_TIMEOUT_S``).
+    WriterLockedError
+        Another build uses the work directory.
     IndexTrainingError
         The index factory needs training and this store cannot take a template.
     CorruptStoreError
@@ -214,17 +262,29 @@ def build_sharded(
         shards = check_int("shards", shards, 1, MAX_SHARDS)
     if address is not None and engine != "ray":
         raise InvalidInputError("address= (--address) needs engine='ray'")
+    if append:  # helper-39: refused or a second copy depending on whether --shards was given
+        raise InvalidInputError(
+            "--append (add the documents of inputs the store holds already once more) works with a plain build "
+            "only: drop --engine, --shards, --work-dir and --device. New inputs need no --append: a sharded "
+            "build adds them and skips the inputs the store holds")
     threads = check_threads(threads)
     root = Path(store)
     work = Path(work_dir) if work_dir is not None else root.parent / f"{root.name}.build"
     files = _plan.input_files(inputs)  # checks the inputs before anything is created
-    if (root / _manifest.MANIFEST).exists():
+    _check_work_dir(work)
+    if engine == "ray":
+        check_ray_address(address)  # ray.init waits without end for an address nothing answers at
+    created = not (root / _manifest.MANIFEST).exists()
+    made_dir = False
+    if not created:
         st = open_store(root, "a", threads=threads)
         check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
+        made_dir = not root.exists()
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
                     index=index or "auto", threads=threads)
     writer = st._writer  # the sanctioned internal interface: the merge stages shards directly
+    failed = False
     eng = None
     lock = None
     interrupted = False
@@ -242,38 +302,42 @@ def build_sharded(
         if done is not None:
             if work.is_dir() and (_plan.read_plan(work) or {}).get("build_id") == done["build_id"]:
                 _remove_work(work, work_dir is None)  # left over from a crash after the last commit
-            if append:
-                raise InvalidInputError(
-                    f"{root} holds a finished sharded build of these very inputs ({done['build_id'][:12]}); to add "
-                    "a second copy of their documents, build it plainly with --append: " + _PLAIN)
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=done["shards"],
                                build_id=done["build_id"], engine=engine, device=device)
         digests = [file_digest(Path(f["path"]), f["rel"]) for f in files]
         records = Records(m)  # (read-only here: the merge commits write the sharded build's own record)
-        if not append:  # the same documents twice in one run (a copy, or re-compressed): once, as a plain build does
-            keep = [i for i, d in enumerate(digests) if not any(same_input(d, e) for e in digests[:i])]
-            skipped = tuple(f"{digests[i]['rel']}: the same content as an input before it"
-                            for i in range(len(digests)) if i not in keep)
-            files, digests = [files[i] for i in keep], [digests[i] for i in keep]
-            # Inputs finished builds hold are skipped, as a plain build skips them (a re-run over a
-            # growing list of inputs builds the new ones); an unfinished build's inputs are not:
-            # the check after planning refuses them unless they are this build's own (same plan).
-            done_by = [records.finished_holder(d, *fields_of(d["rel"], text_field, meta_field)) for d in digests]
-            skipped += tuple(f"{d['rel']}: {how}" for d, how in zip(digests, done_by) if how)
-            files = [f for f, how in zip(files, done_by) if not how]
-            digests = [d for d, how in zip(digests, done_by) if not how]
-            if not files:
-                stale = _plan.read_plan(work) if work.is_dir() else None
-                rec = m.get(BUILDS, {}).get(stale["build_id"]) if stale is not None else None
-                if stale is not None and stale["key"] == key and (rec is None or rec["merged"] == rec["shards"]):
-                    _remove_work(work, work_dir is None)  # this command's plan, unmerged or finished (helper-24/25)
-                return BuildResult(st.version, 0, 0, time.perf_counter() - t0, engine=engine, device=device,
-                                   skipped=skipped)
+        # the same documents twice in one run (a copy, or re-compressed): once, as a plain build does
+        keep = [i for i, d in enumerate(digests) if not any(same_input(d, e) for e in digests[:i])]
+        skipped = tuple(f"{digests[i]['rel']}: the same content as an input before it"
+                        for i in range(len(digests)) if i not in keep)
+        files, digests = [files[i] for i in keep], [digests[i] for i in keep]
+        # Inputs finished builds hold are skipped, as a plain build skips them (a re-run over a
+        # growing list of inputs builds the new ones); an unfinished build's inputs are not:
+        # the check after planning refuses them unless they are this build's own (same plan).
+        done_by = [records.finished_holder(d, *fields_of(d["rel"], text_field, meta_field)) for d in digests]
+        skipped += tuple(f"{d['rel']}: {how}" for d, how in zip(digests, done_by) if how)
+        files = [f for f, how in zip(files, done_by) if not how]
+        digests = [d for d, how in zip(digests, done_by) if not how]
+        if not files:
+            stale = _plan.read_plan(work) if work.is_dir() else None
+            rec = m.get(BUILDS, {}).get(stale["build_id"]) if stale is not None else None
+            if stale is not None and stale["key"] == key and (rec is None or rec["merged"] == rec["shards"]):
+                _remove_work(work, work_dir is None)  # this command's plan, unmerged or finished (helper-24/25)
+            return BuildResult(st.version, 0, 0, time.perf_counter() - t0, engine=engine, device=device,
+                               skipped=skipped)
         for f, d in zip(files, digests):
             f["sha256"] = d["sha256"]  # into the plan: the build id names the inputs' bytes
         own_dir = work_dir is None  # STORE.build is ours to remove; a given --work-dir is emptied, not removed
-        work.mkdir(parents=True, exist_ok=True)
-        lock = fileio.WriterLock(work / "LOCK")
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(f"the work directory {work} cannot be made ({exc.strerror or exc}); pass "
+                                    "--work-dir with a writable directory") from exc
+        try:
+            lock = fileio.WriterLock(work / "LOCK")
+        except WriterLockedError as exc:  # helper-39: the message spoke of a store and a Python option
+            raise WriterLockedError(f"another build is using the work directory {work} (it holds {work / 'LOCK'}); "
+                                    "wait for it to finish, or pass another --work-dir") from exc
         _shards.clean_temporaries(work)
 
         # Stage 1: plan (reused from the work directory when it is this build's).
@@ -281,9 +345,20 @@ def build_sharded(
         if plan is not None and plan["key"] != key and _same_inputs(plan, files, settings, shards, shard_chars):
             plan["key"] = key  # this build's plan; only the inputs' paths or times changed (helper-25: a touch)
         if plan is not None and plan["key"] != key:
-            raise InvalidInputError(
-                f"{work} holds an unfinished build of other inputs or settings (plan {plan['build_id'][:12]}); "
-                "finish it with the same command, delete the directory, or pass another --work-dir")
+            differs = _plan_difference(plan, files, settings, shards, shard_chars)
+            if differs == ["inputs"] and own_dir and plan["build_id"] not in m.get(BUILDS, {}):
+                # helper-39: an input fixed after the build failed on it (nothing of that plan was merged,
+                # and STORE.build serves this store only): the old plan cannot be finished, plan again
+                log.info("%s: the inputs changed since its plan was made and nothing of it was merged; planning "
+                         "again", work)
+                _remove_work(work, False, keep_lock=True)
+                plan = None
+            else:
+                raise InvalidInputError(
+                    f"{work} holds an unfinished build (plan {plan['build_id'][:12]}) of other "
+                    f"{' and '.join(differs)}; to finish it, run its own command again (the same inputs"
+                    f"{', --shards ' + str(plan['body']['shards_requested']) if plan['body']['shards_requested'] else ', no --shards'}"
+                    "); if nothing of it was merged into a store, delete the directory or pass another --work-dir")
         if plan is not None and ([[f["rel"], f["size"]] for f in plan["body"]["files"]]
                                  != [[f["rel"], f["size"]] for f in files]):
             # This command's plan from before another build finished some of its inputs (reusing it
@@ -308,31 +383,27 @@ def build_sharded(
         done = _finished(m, build_id=build_id)
         if done is not None:
             _remove_work(work, own_dir)
-            if append:  # as for a finished build found by its key (helper-24: after a touch)
-                raise InvalidInputError(
-                    f"{root} holds a finished sharded build of these very inputs ({build_id[:12]}); to add "
-                    "a second copy of their documents, build it plainly with --append: " + _PLAIN)
             return BuildResult(st.version, 0, 0, time.perf_counter() - t0, shards=n_shards, build_id=build_id,
                                engine=engine, device=device)
-        if not append:
-            held = [(d["rel"], records.holder(d, *fields_of(d["rel"], text_field, meta_field),
-                                              exclude=build_id))
-                    for d in digests]
-            held = [(rel, how) for rel, how in held if how]
-            other = next(((d, rid) for d in digests
-                          if (rid := records.sharded_stopped_in_other_bytes(d, exclude=build_id))), None)
-            if (other or held) and build_id not in m.get(BUILDS, {}):
-                _remove_work(work, own_dir)  # a refused run leaves no plan to block the next (helper-25)
-            if other is not None:
-                raise InvalidInputError(
-                    f"{other[0]['rel']!r} has other bytes than when the interrupted sharded build {other[1][:12]} "
-                    "merged documents of it; restore its earlier bytes and re-run that build to finish it, or "
-                    "pass --append to build these bytes beside the documents it merged")
-            if held:
-                raise InvalidInputError(
-                    f"{root} holds the documents of {len(held)} of these inputs already (e.g. {held[0][0]!r}: "
-                    f"{held[0][1]}); building them again would store a second copy of each (RETRO would "
-                    "retrieve the text it is trained on): build only the new inputs, or pass --append")
+        held = [(d["rel"], records.holder(d, *fields_of(d["rel"], text_field, meta_field),
+                                          exclude=build_id))
+                for d in digests]
+        held = [(rel, how) for rel, how in held if how]
+        other = next(((d, rid) for d in digests
+                      if (rid := records.sharded_stopped_in_other_bytes(d, exclude=build_id))), None)
+        if (other or held) and build_id not in m.get(BUILDS, {}):
+            _remove_work(work, own_dir)  # a refused run leaves no plan to block the next (helper-25)
+        if other is not None:
+            raise InvalidInputError(
+                f"{other[0]['rel']!r} has other bytes than when the interrupted sharded build {other[1][:12]} "
+                "merged documents of it; restore its earlier bytes and re-run that build to finish it, or build "
+                "these bytes plainly with --append beside the documents it merged")
+        if held:
+            raise InvalidInputError(
+                f"{root} holds the documents of {len(held)} of these inputs already (e.g. {held[0][0]!r}: "
+                f"{held[0][1]}); building them again would store a second copy of each (RETRO would "
+                "retrieve the text it is trained on): build only the new inputs (a second copy: a plain build "
+                "with --append)")
         if eng is None:
             eng = LocalEngine(plan, work, device, threads)
         else:
@@ -396,12 +467,17 @@ def build_sharded(
         interrupted = True
         version = _manifest.read_manifest(root)["version"]
         dev = device
+    except BaseException:
+        failed = True
+        raise
     finally:
         if eng is not None:
             eng.close()
         if lock is not None:
             lock.release()
         st.close()
+        if failed:
+            _clean_after_failure(root, work, created, made_dir, work_dir is None)
     committed = (n_docs, n_chunks) if not interrupted else _committed(root, plan)
     return BuildResult(version, committed[0], committed[1], time.perf_counter() - t0, interrupted,
                        shards=len(plan["body"]["shards"]) if plan else 0, reused_shards=reused,

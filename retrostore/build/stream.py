@@ -164,6 +164,11 @@ def build_store(
             continue
         fields = fields_of(digest["rel"], text_field, meta_field)
         found = records.to_build(digest, *fields, append=append)
+        if found is None and records.unfinished_sharded(digest) and not records.copies(digest, *fields):
+            # helper-39: "already built ... nothing to add", exit 0, with most documents missing
+            st.close()
+            raise InvalidInputError(f"{digest['rel']}: {records.holder(digest, *fields)}; a plain build would "
+                                    "leave it unfinished (or, with --append, store its documents twice)")
         if found is None:
             skipped.append(f"{digest['rel']}: {records.holder(digest, *fields)}")
             continue

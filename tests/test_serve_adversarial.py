@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
 import retrostore
-from retrostore.serve.errors import ServerError
+from retrostore.serve.errors import ServerError, ServerUnavailableError
 
 pytest.importorskip("starlette", reason="retrostore serve needs the serve extra: pip install '.[test,serve]'")
 
@@ -186,10 +187,32 @@ class _NotRetrostore(http.server.BaseHTTPRequestHandler):
     """Some other HTTP service answering 200 to everything."""
 
     def do_GET(self):
+        if self.path == "/trickle/healthz":  # helper-40: a body a byte a second held the client for ever
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(30):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+            return
+        if self.path == "/huge/healthz":  # a huge Content-Length made http.client raise MemoryError
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(10**11))
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
         body, kind = {"/json/healthz": (b'{"status": "ok"}', "application/json"),
                       "/bool/healthz": (b'{"status": "ok", "version": true, "len": 5}', "application/json"),
                       "/fake/healthz": (b'{"status": "ok", "version": 1, "len": 5}', "application/json"),
-                      "/list/healthz": (b"[1, 2]", "application/json")}.get(self.path, (b"<html>hi</html>",
+                      "/list/healthz": (b"[1, 2]", "application/json"),
+                      "/deep/healthz": (b"[" * 100_000 + b"]" * 100_000, "application/json")}.get(
+                          self.path, (b"<html>hi</html>",
                                                                                        "text/html"))
         self.send_response(200)
         self.send_header("X-Retrostore-Version", "1")
@@ -221,6 +244,13 @@ def test_connect_to_something_else_raises_a_retrostore_error():
         for url in (base + "/html", base + "/json", base + "/list", base + "/bool", "http://256.0.0.1:8808"):
             with pytest.raises(retrostore.RetrostoreError):
                 retrostore.connect(url, timeout_s=5)
+        # helper-40: a raw RecursionError; MemoryError; a wait without end despite timeout_s
+        for path, match in [("/deep", "nested too deeply"), ("/huge", "announced an answer of 100,000,000,000 bytes"),
+                            ("/trickle", r"did not finish its answer within timeout_s=1 s")]:
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailableError, match=match) as got:
+                retrostore.connect(base + path, timeout_s=1)
+            assert base + path in str(got.value) and time.monotonic() - t0 < 4, path
         fake = retrostore.connect(base + "/fake", timeout_s=5)  # helper-27: raw TypeError / ValueError
         for call in (lambda: fake.get_chunks([1]), lambda: fake.search("x"), lambda: fake.get_document(0),
                      lambda: fake.neighbors([1, 2, 3])):

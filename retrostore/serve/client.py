@@ -20,6 +20,7 @@ import json
 import functools
 import os
 import threading
+import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 import retrostore.errors as _errors
 from retrostore import Chunk, Document, Hit, Neighbors
 from retrostore.errors import InvalidInputError, RetrostoreError, is_int, shown
+from retrostore.store.reading import check_queries as _check_queries
 from retrostore.store.reading import query_vectors as _query_vectors
 from retrostore.store.retrieval import check_label_tail as _check_label_tail
 from retrostore.store.retrieval import exclusion_sets as _exclusion_sets
@@ -38,12 +40,18 @@ from .wire import NEIGHBOR_FIELDS, NPY_MEDIA, VERSION_HEADER, scores_from_json, 
 __all__ = ["connect", "RemoteStore", "ServerError", "ServerUnavailableError"]
 
 
-def _error_from(status: int, payload: Any) -> RetrostoreError:
-    """The RetrostoreError subclass a server's JSON error names (4xx), with its details attached."""
+#: The largest answer body the client reads (bytes, 256 MiB): the server's own answers are bounded far
+#: below (at most 1,024 queries or rows a request); a larger one is not a retrostore server's.
+MAX_ANSWER_BYTES = 1 << 28
+
+
+def _error_from(status: int, payload: Any, where: str = "the server") -> RetrostoreError:
+    """The RetrostoreError subclass a server's JSON error names (4xx), with its details attached;
+    a server-side failure (5xx) names ``where`` (the method and URL) too."""
     err = payload.get("error") if isinstance(payload, dict) else None
     if not isinstance(err, dict):
         cls = InvalidInputError if 400 <= status < 500 else ServerError
-        exc = cls(f"the server answered HTTP {status}: {str(payload)[:300]}")
+        exc = cls(f"{where} answered HTTP {status}: {str(payload)[:300]}")
     else:
         name = str(err.get("type"))
         cls = getattr(_errors, name, None) or getattr(_serve_errors, name, None)
@@ -51,7 +59,8 @@ def _error_from(status: int, payload: Any) -> RetrostoreError:
             cls = InvalidInputError if 400 <= status < 500 else ServerError
         elif status >= 500 and issubclass(cls, InvalidInputError):
             cls = ServerError
-        exc = cls(err.get("message") or f"HTTP {status}")
+        message = str(err.get("message") or f"HTTP {status}")
+        exc = cls(f"{where} answered HTTP {status}: {message}" if status >= 500 else message)
         exc.field, exc.value, exc.limit = err.get("field"), err.get("value"), err.get("limit")
     exc.status = status
     return exc
@@ -183,6 +192,7 @@ class RemoteStore:
             raise InvalidInputError(f"timeout_s={timeout_s!r} must be a positive number of seconds (below 1e9), "
                                     "or None to wait for ever")
         timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        self._timeout_s = timeout_s
         # No retries (as httpx, which this client used before): a request is sent once, its failure
         # is the caller's to retry; redirects are not followed (the API has none). A keep-alive
         # connection the server closed meanwhile is noticed before reuse and replaced.
@@ -229,8 +239,13 @@ class RemoteStore:
                 raise InvalidInputError(f"the request to {path} cannot be sent as JSON: {why}") from None
             headers = {**(headers or {}), "Content-Type": "application/json"}
         u3 = self._urllib3.exceptions
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
         try:
-            res = self._client.request(method, self.url + path, body=content, headers=headers)
+            res = self._client.request(method, self.url + path, body=content, headers=headers,
+                                       preload_content=False)
+            data = self._read_body(res, method, path, deadline)
+        except RetrostoreError:
+            raise
         except u3.LocationValueError as exc:
             raise InvalidInputError(f"cannot send a request to {self.url}{path}: invalid URL ({exc})") from None
         except (u3.HTTPError, OSError) as exc:
@@ -248,10 +263,10 @@ class RemoteStore:
                                          "`retrostore serve STORE` running there?") from None
         if res.status >= 400:
             try:
-                payload = res.json()
-            except ValueError:
-                payload = res.data.decode("utf-8", "replace")
-            raise _error_from(res.status, payload)
+                payload = json.loads(data)
+            except (ValueError, RecursionError):
+                payload = data.decode("utf-8", "replace")
+            raise _error_from(res.status, payload, f"{method} {self.url}{path}")
         if VERSION_HEADER in res.headers:
             got = res.headers[VERSION_HEADER]
             if not got.isdigit() or len(got) > 18:
@@ -261,13 +276,47 @@ class RemoteStore:
         self._local.answered = path
         kind = res.headers.get("content-type", "")
         if accept == NPY_MEDIA and kind.startswith(NPY_MEDIA):
-            return res.data
+            return data
         try:
-            return res.json()
+            return json.loads(data)
+        except RecursionError:  # helper-40: a raw RecursionError from every method
+            raise ServerError(f"{method} {self.url}{path} answered JSON nested too deeply to read: is this a "
+                              "retrostore server (`retrostore serve STORE`)?") from None
         except ValueError:
             raise ServerError(f"{method} {self.url}{path} answered HTTP {res.status} with "
-                              f"{kind or 'no content type'} that is not JSON ({res.data[:80].decode('utf-8', 'replace')!r}): is this a "
+                              f"{kind or 'no content type'} that is not JSON ({data[:80].decode('utf-8', 'replace')!r}): is this a "
                               "retrostore server (`retrostore serve STORE`), and is the URL's path right?") from None
+
+    def _read_body(self, res, method: str, path: str, deadline: float | None) -> bytes:
+        """The answer's body, read by pieces: at most :data:`MAX_ANSWER_BYTES` and, with a
+        ``timeout_s``, done by ``deadline`` (helper-40: urllib3's read timeout applies to each
+        socket read, so a server sending a byte a second held the client for ever, and a huge
+        Content-Length made http.client allocate it at once: MemoryError)."""
+        where = f"{method} {self.url}{path}"
+        length = res.headers.get("content-length", "")
+        ok = False
+        try:
+            if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+                raise ServerError(f"{where} announced an answer of {int(length):,} bytes, over the client's limit of "
+                                  f"{MAX_ANSWER_BYTES:,}: is this a retrostore server (`retrostore serve STORE`)?")
+            parts, size = [], 0
+            while part := res.read1(1 << 16):  # what one socket read gives: the deadline is checked between
+                size += len(part)
+                if size > MAX_ANSWER_BYTES:
+                    raise ServerError(f"{where} sent more than {MAX_ANSWER_BYTES:,} bytes, the client's limit for "
+                                      "one answer: is this a retrostore server (`retrostore serve STORE`)?")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ServerUnavailableError(
+                        f"{where} did not finish its answer within timeout_s={self._timeout_s:g} s; the server may be "
+                        "overloaded: retry, or connect with a larger timeout_s")
+                parts.append(part)
+            ok = True
+            return b"".join(parts)
+        finally:
+            if ok:
+                res.release_conn()
+            else:  # a connection with unread data is never reused
+                res.close()
 
     def _store_facts(self) -> dict:
         """The store's metric, dim and chunk_tokens (fixed for its lifetime), read once from ``/v1/info``."""
@@ -356,10 +405,8 @@ class RemoteStore:
             The server cannot embed text for this store.
         ServerUnavailableError, ServerError
         """
-        single = isinstance(query, str)
-        if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)):
-            raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
-        queries = query if single else list(query)
+        queries, single = _check_queries(query)  # the checks Store.search makes, the same messages
+        queries = queries[0] if single else queries
         if not single and not queries:
             _check_k(k)
             return []

@@ -326,8 +326,10 @@ def check_queries(query: Any) -> tuple[list[str], bool]:
         Not a str or a sequence of str, or an empty (whitespace) query.
     """
     single = isinstance(query, str)
-    if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)):
-        raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}")
+    if not single and (isinstance(query, (bytes, bytearray)) or not isinstance(query, Iterable)
+                       or (isinstance(query, np.ndarray) and query.ndim != 1)):  # a 0-d array cannot be iterated
+        shape = f" of shape {query.shape}" if isinstance(query, np.ndarray) else ""
+        raise InvalidInputError(f"query must be a str or a sequence of str, not {type(query).__name__}{shape}")
     queries = [query] if single else list(query)
     for i, q in enumerate(queries):
         where = "query" if single else f"query {i}"

@@ -210,6 +210,7 @@ class _NotRetrostore(http.server.BaseHTTPRequestHandler):
         body, kind = {"/json/healthz": (b'{"status": "ok"}', "application/json"),
                       "/bool/healthz": (b'{"status": "ok", "version": true, "len": 5}', "application/json"),
                       "/fake/healthz": (b'{"status": "ok", "version": 1, "len": 5}', "application/json"),
+                      "/typed/healthz": (b'{"status": "ok", "version": 1, "len": 5}', "application/json"),
                       "/list/healthz": (b"[1, 2]", "application/json"),
                       "/deep/healthz": (b"[" * 100_000 + b"]" * 100_000, "application/json")}.get(
                           self.path, (b"<html>hi</html>",
@@ -223,7 +224,10 @@ class _NotRetrostore(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):  # "/fake": passes the health check, then answers nonsense (another program, a proxy)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = {"/fake/v1/chunks": b'{"chunks": "zzz"}', "/fake/v1/search": b'{"results": 5}'}.get(self.path, b"{}")
+        body = {"/fake/v1/chunks": b'{"chunks": "zzz"}', "/fake/v1/search": b'{"results": 5}',
+                "/typed/v1/search": b'{"results": [[{"chunk_id": "a", "doc_id": null, "position": [], "score": "x", '
+                                    b'"text": 5}]]}',
+                "/typed/v1/documents": b'{"documents": []}'}.get(self.path, b"{}")
         self.send_response(200)
         self.send_header("X-Retrostore-Version", "abc" if self.path == "/fake/v1/documents" else "1")
         self.send_header("Content-Type", "application/json")
@@ -256,6 +260,11 @@ def test_connect_to_something_else_raises_a_retrostore_error():
                      lambda: fake.neighbors([1, 2, 3])):
             with pytest.raises(ServerError, match="cannot read|not a version number"):
                 call()
+        typed = retrostore.connect(base + "/typed", timeout_s=5)  # helper-40: wrong types came back as they were
+        with pytest.raises(ServerError, match="a hit of the wrong types"):
+            typed.search("x")
+        with pytest.raises(ServerError, match="0 documents for 1 ids"):
+            typed.get_metadata([0])
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -132,10 +132,27 @@ def _reads_answer(method):
     return wrapper
 
 
+def _expect(ok: bool, what: str) -> None:
+    """A server's answer is what the API says, or a TypeError that :func:`_reads_answer` turns into a
+    ServerError (helper-40: ``Hit(chunk_id='a', score='x', text=5)`` came back without a word)."""
+    if not ok:
+        raise TypeError(what)
+
+
 def _hit(d: dict) -> Hit:
+    _expect(all(is_int(d[f]) for f in ("chunk_id", "doc_id", "position")) and isinstance(d["text"], str)
+            and (d["score"] is None or (isinstance(d["score"], (int, float)) and not isinstance(d["score"], bool))),
+            f"a hit of the wrong types: {str(d)[:80]}")
     return Hit(d["chunk_id"], d["doc_id"], d["position"], d["score"], d["text"],
                np.asarray(d.get("tokens", []), dtype=np.int64), d.get("continuation_text", ""),
                np.asarray(d.get("continuation_tokens", []), dtype=np.int64))
+
+
+def _chunk(c: dict) -> Chunk:
+    _expect(all(is_int(c[f]) for f in ("chunk_id", "doc_id", "position", "start")) and isinstance(c["text"], str),
+            f"a chunk of the wrong types: {str(c)[:80]}")
+    return Chunk(c["chunk_id"], c["doc_id"], c["position"], c["start"], c["text"],
+                 np.asarray(c["tokens"], dtype=np.int64))
 
 
 class RemoteStore:
@@ -364,6 +381,8 @@ class RemoteStore:
                 f"{self.url}/healthz answered {str(health)[:80]!r}, not a retrostore server's health "
                 "({\"status\": \"ok\", \"version\": V, \"len\": N}): is `retrostore serve STORE` running at that "
                 "URL (and is its path right)?")
+        if (health["version"], health["len"]) != (self.version, self._len):
+            self._facts = None  # read again: the server may now serve another store (helper-40: a restart)
         self.version, self._len = health["version"], health["len"]
         return self.version
 
@@ -414,6 +433,9 @@ class RemoteStore:
         if params is not None:
             body["params"] = params
         rows = self._request("POST", "/v1/search", body)["results"]
+        _expect(isinstance(rows, list) and len(rows) == (1 if single else len(queries))
+                and all(isinstance(row, list) and len(row) <= int(k) for row in rows),
+                f"{len(rows)} result rows for {1 if single else len(queries)} queries at k={int(k)}")
         hits = [[_hit(h) for h in row] for row in rows]
         return hits[0] if single else hits
 
@@ -454,6 +476,8 @@ class RemoteStore:
         res = self._request("POST", "/v1/search", body)
         ids = np.asarray(res["chunk_ids"], dtype=np.int64).reshape(len(q), -1)
         scores = scores_from_json(res["scores"], self._missing_score()).reshape(len(q), -1)
+        _expect(ids.shape == scores.shape == (len(q), int(k)), f"ids {ids.shape} and scores {scores.shape} for "
+                f"{len(q)} queries at k={int(k)}")
         return scores, ids
 
     @_reads_answer
@@ -560,8 +584,9 @@ class RemoteStore:
         if not ids:
             return []
         res = self._request("POST", "/v1/chunks", {"ids": ids})
-        return [Chunk(c["chunk_id"], c["doc_id"], c["position"], c["start"], c["text"],
-                      np.asarray(c["tokens"], dtype=np.int64)) for c in res["chunks"]]
+        _expect(isinstance(res["chunks"], list) and len(res["chunks"]) == len(ids),
+                f"{len(res['chunks'])} chunks for {len(ids)} ids")
+        return [_chunk(c) for c in res["chunks"]]
 
     @_reads_answer
     def get_document(self, doc_id: int) -> Document:
@@ -577,6 +602,7 @@ class RemoteStore:
         if doc_id < 0:
             raise InvalidInputError(f"document id {shown(doc_id)} is negative; ids start at 0")
         d = self._request("POST", "/v1/documents", {"ids": [int(doc_id)]})["documents"][0]
+        _expect(is_int(d["doc_id"]) and isinstance(d["text"], str), f"a document of the wrong types: {str(d)[:80]}")
         return Document(d["doc_id"], d["text"], d["metadata"], range(*d["chunk_ids"]))
 
     @_reads_answer
@@ -592,6 +618,8 @@ class RemoteStore:
         if not ids:
             return []
         res = self._request("POST", "/v1/documents", {"ids": ids, "text": False})
+        _expect(isinstance(res["documents"], list) and len(res["documents"]) == len(ids),
+                f"{len(res['documents'])} documents for {len(ids)} ids")
         return [d["metadata"] for d in res["documents"]]
 
 

@@ -29,35 +29,9 @@ _TIE_EPS = 1e-5
 
 def evaluate(reader: Reader, *, queries: int = 1000, k: int = 10, params: dict | None = None,
              seed: int = 0, latency_queries: int | None = None) -> dict:
-    """Measure the index against exact search.
-
-    Parameters
-    ----------
-    queries : int, default 1000
-        Query vectors sampled (seeded) from the live stored vectors.
-    k : int, default 10
-    params : dict, optional
-        Search parameters for the measured searches (over the store's).
-    seed : int, default 0
-    latency_queries : int, optional
-        Single-vector searches timed for p50/p99 (default: all ``queries``, at most 1000).
-
-    Returns
-    -------
-    dict
-        ``recall_at_k`` (tie-aware k-recall@k), ``nn_in_top_k`` (share of
-        queries whose exact nearest neighbour is found), ``latency_ms``
-        (``p50``, ``p99``, ``mean`` of single-query searches), ``batch_qps``,
-        ``queries``, ``k``, ``vectors``, ``factory``, ``params`` (effective).
-
-    Raises
-    ------
-    InvalidInputError
-        ``queries``, ``k`` or ``seed`` out of range (``k`` above the live
-        vectors less one), bad ``params``, or results that would not fit in memory.
-    RetrostoreError
-        The stored vectors cannot be read (no raw vectors and a compressed index).
-    """
+    """Measure the index against exact search: :meth:`retrostore.Store.evaluate` (its
+    parameters, result and errors), with ``latency_queries``, the single-vector searches timed
+    for p50/p99 (default: all ``queries``, at most 1000)."""
     k = check_k(k)
     queries = check_int("queries", queries, 1)
     params = check_params(params)

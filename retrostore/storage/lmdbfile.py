@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import struct
 from pathlib import Path
 
@@ -153,9 +154,10 @@ def reserve_lock_file(lmdb_dir: Path) -> None:
     lock = Path(lmdb_dir) / "lock.mdb"
     if lock.exists():
         return
-    tmp = Path(lmdb_dir) / f".lock.mdb.{os.getpid()}.tmp"
+    # A name of its own (O_EXCL, never O_TRUNC): once linked, the name and lock.mdb are one file.
+    tmp = Path(lmdb_dir) / f".lock.mdb.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(bytes(LOCK_FILE_BYTES))
             while view:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import InvalidInputError, RetrostoreError
+from ..errors import InvalidInputError, RetrostoreError, check_bool
 from ..storage import manifest as _manifest
 from ..storage.layout import MANIFEST
 from ..storage.metadata import clean_metadata
@@ -126,8 +126,7 @@ def build_store(
         Bad inputs (see :func:`retrostore.text.inputs.iter_documents`) or settings
         that contradict an existing store.
     """
-    if not isinstance(append, bool):
-        raise InvalidInputError(f"append={append!r} must be True or False")
+    append = check_bool("append", append)
     check_fields(text_field, meta_field)  # helper-38: else a per-line error of the first input, or none
     threads = check_threads(threads)  # before anything is read or created
     if engine is None and (shards is not None or work_dir is not None or device != "cpu"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, check_int
+from ..errors import InvalidInputError, check_bool, check_int
 from ..storage.fileio import sha256_file
 from .sequences import Sequences, window_digest
 from .table import check_table, store_identity
@@ -54,8 +54,7 @@ class TrainingSet:
     """
 
     def __init__(self, store: "Store", seqs: Sequences, neighbors: str | os.PathLike, *, verify: bool = True):
-        if not isinstance(verify, bool):
-            raise InvalidInputError(f"verify={verify!r} must be True or False")
+        verify = check_bool("verify", verify)
         if not isinstance(seqs, Sequences):
             raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
                                     "retrostore.retro.training_sequences(store, seq_len)")

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InvalidInputError, check_int
+from ..errors import InvalidInputError, check_bool, check_int
 from ..storage.fileio import atomic_write, fsync_dir, sha256_file
 from ..storage.manifest import manifest_sha256
 from ..types import Neighbors
@@ -42,10 +42,8 @@ def precompute_neighbors(
     retrieves for token rows (``Store.neighbors``)."""
     k = check_k(k)
     batch_size = check_int("batch_size", batch_size, 1)  # an int (a numpy integer reached FAISS, which refused it)
-    if not isinstance(exclude_same_doc, bool):
-        raise InvalidInputError(f"exclude_same_doc={exclude_same_doc!r} must be True or False")
-    if not isinstance(label_token, bool):
-        raise InvalidInputError(f"label_token={label_token!r} must be True or False")
+    exclude_same_doc = check_bool("exclude_same_doc", exclude_same_doc)
+    label_token = check_bool("label_token", label_token)
     if label_token and queries is None:
         raise InvalidInputError("label_token applies to token rows given as queries=, not to the store's chunks")
     if exclude_same_doc and queries is not None:

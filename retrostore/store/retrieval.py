@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError, is_int, shown
+from ..errors import InvalidInputError, check_bool, is_int, shown
 from ..types import Neighbors
 from .reading import Reader, check_k
 
@@ -137,12 +137,11 @@ TAILS = ("query", "drop", "pad")
 
 def check_label_tail(label_token: Any, tail: Any) -> bool:
     """``neighbors``' ``label_token`` (a bool) and ``tail`` (one of :data:`TAILS`) checked (shared with the client)."""
-    if not isinstance(label_token, (bool, np.bool_)):  # (numpy's bools as numpy's ints elsewhere)
-        raise InvalidInputError(f"label_token={shown(label_token)} must be True or False")
+    label_token = check_bool("label_token", label_token)  # (numpy's bools as numpy's ints elsewhere)
     if not isinstance(tail, str) or tail not in TAILS:
         raise InvalidInputError(f"tail={shown(tail)} must be one of {', '.join(map(repr, TAILS))}: query the last "
                                 "ragged chunk, drop it, or give it an empty (padded) slot")
-    return bool(label_token)
+    return label_token
 
 
 def neighbors(reader: Reader, query_vectors: Callable[[list[np.ndarray]], np.ndarray], token_ids: Any,

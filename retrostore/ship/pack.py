@@ -19,7 +19,6 @@ The way back, with its checks against hostile archives, is
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import io
 import os
@@ -203,7 +202,7 @@ def pack(
         except BaseException as exc:
             tmp_out.unlink(missing_ok=True)
             if isinstance(exc, OSError) and not isinstance(exc, RetrostoreError):
-                hint = " The disk is full: free space and pack again." if exc.errno == errno.ENOSPC else ""
+                hint = fileio.io_hint(exc.errno, "pack again")
                 raise StoreIOError(exc.errno, f"writing the archive {out} failed: {exc.strerror or exc}"
                                               f"{f' ({exc.filename})' if exc.filename else ''}.{hint} Nothing was "
                                               f"left at {out} or beside it; the store is unchanged.") from exc

@@ -35,6 +35,7 @@ __all__ = [
     "sha256_file",
     "WriterLock",
     "remove_stale_tmp",
+    "io_hint",
     "sha256_cached",
     "readonly_media",
     "git_lfs_pointer",
@@ -387,6 +388,15 @@ def _errno_of(exc: Exception) -> int | None:
     return code
 
 
+def io_hint(code: int | None, again: str = "try again") -> str:
+    """What to do about a failed write with errno ``code``, as a sentence (empty for other errnos):
+    the one wording of the store's I/O errors (``again``: "commit again", "pack again", ...)."""
+    return {errno.ENOSPC: f" The disk is full: free space and {again}.",
+            errno.EDQUOT: f" The disk quota is used up: free space and {again}.",
+            errno.EIO: " The device reported an I/O error (LMDB also reports a short write on a nearly full disk "
+                       f"so): check the free space and the device, then {again}."}.get(code, "")
+
+
 @contextlib.contextmanager
 def lmdb_writes(what: str):
     """Turn LMDB's write errors of the I/O kind (``lmdb.DiskError`` on a full disk, a panic after
@@ -399,21 +409,15 @@ def lmdb_writes(what: str):
         if not isinstance(exc, (lmdb.DiskError, lmdb.PanicError)) and code not in _IO_ERRNOS:
             raise
         code = code if code in _IO_ERRNOS else (errno.ENOSPC if isinstance(exc, lmdb.DiskError) else errno.EIO)
-        hint = {errno.ENOSPC: " The disk is full: free space and try again.",
-                errno.EIO: " LMDB reports a short write this way too, as on a nearly full disk: check the free "
-                           "space and the device, then try again."}.get(code, "")
+        hint = io_hint(code)
         raise StoreIOError(code, f"writing {what} failed: {' '.join(str(exc).split())}.{hint} What was "
                                  "committed is intact.") from exc
 
 
 def commit_error(exc: Exception, what: str) -> CommitError:
     """Wrap an OSError from the commit path in a :class:`CommitError`."""
-    hint = ""
     code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC:
-        hint = " The disk is full: free space and commit again."
-    elif code == errno.EIO:
-        hint = " The device reported an I/O error: check it and commit again."
+    hint = io_hint(code, "commit again")
     msg = (f"commit failed while {what}: {getattr(exc, 'strerror', None) or exc}.{hint} "
            "The previous version is intact; the appended data is kept and a later "
            "commit() retries it.")
@@ -428,10 +432,7 @@ def maintenance_error(exc: Exception, what: str, before: int, after: int) -> Sto
     detail = " ".join(str(getattr(exc, "strerror", None) or exc).split()).rstrip(". ")
     name = getattr(exc, "filename", None)
     where = f" ({name})" if name else ""
-    hint = {errno.ENOSPC: " The disk is full: free space, then run it again.",
-            errno.EDQUOT: " The disk quota is used up: free space, then run it again.",
-            errno.EIO: " The device reported an I/O error (LMDB also reports a short write on a nearly full "
-                       "disk so): check the free space and the device, then run it again."}.get(code, "")
+    hint = io_hint(code, "run it again")
     if after == before:
         state = f" The store is unchanged: version {before} is intact and the files written were removed."
     else:

@@ -242,10 +242,9 @@ def create(
             ) from exc
         if isinstance(exc, OSError):
             detail = str(exc.strerror or exc).rstrip(". ")
-            if exc.errno == errno.ENOSPC and "free space" not in detail:
-                detail += " (the disk is full: free space and try again)"
-            raise CommitError(exc.errno, f"create failed while {stage}: {detail}; nothing was created at {root}") \
-                from exc
+            hint = "" if "free space" in detail else fileio.io_hint(exc.errno)
+            raise CommitError(exc.errno, f"create failed while {stage}: {detail}; nothing was created at {root}."
+                                         f"{hint}") from exc
         raise
     store = Store(root, mode="a", embedder=embedder, threads=threads)
     chunker.path = root / TOKENIZER  # the bytes just written from tok_path: not parsed a second time

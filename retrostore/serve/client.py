@@ -289,6 +289,8 @@ class RemoteStore:
             if not got.isdigit() or len(got) > 18:
                 raise ServerError(f"{method} {self.url}{path} answered with {VERSION_HEADER}: {got[:40]!r}, not a "
                                   "version number: is this a retrostore server (`retrostore serve STORE`)?")
+            if int(got) != self.version:
+                self._facts = None  # read again: the server may now serve another store (helper-40: a restart)
             self.version = int(got)
         self._local.answered = path
         kind = res.headers.get("content-type", "")
@@ -336,7 +338,8 @@ class RemoteStore:
                 res.close()
 
     def _store_facts(self) -> dict:
-        """The store's metric, dim and chunk_tokens (fixed for its lifetime), read once from ``/v1/info``."""
+        """The store's metric, dim and chunk_tokens (fixed for a store's lifetime), read from ``/v1/info``
+        again only after the server's version or length changed (it may serve another store since)."""
         if self._facts is None:
             info = self.info()
             self._facts = {"metric": info["metric"], "dim": int(info["dim"]),
@@ -375,14 +378,14 @@ class RemoteStore:
         -------
         int
         """
-        health = self._request("GET", "/healthz")
+        health = self._request("GET", "/healthz")  # (a new version in its header drops the facts)
         if not (isinstance(health, dict) and is_int(health.get("version")) and is_int(health.get("len"))):
             raise ServerUnavailableError(
                 f"{self.url}/healthz answered {str(health)[:80]!r}, not a retrostore server's health "
                 "({\"status\": \"ok\", \"version\": V, \"len\": N}): is `retrostore serve STORE` running at that "
                 "URL (and is its path right)?")
-        if (health["version"], health["len"]) != (self.version, self._len):
-            self._facts = None  # read again: the server may now serve another store (helper-40: a restart)
+        if health["len"] != self._len:
+            self._facts = None
         self.version, self._len = health["version"], health["len"]
         return self.version
 

@@ -3,9 +3,12 @@ store's settings are the ones asked for."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..storage import manifest as _manifest
 from ..storage.fileio import sha256_file
 from ..store.store import Store
 
@@ -115,3 +118,17 @@ def merge_trained_segments(st: Store) -> bool:
         return False
     st.compact(progress=False)
     return True
+
+
+def remove_uncommitted_store(root: Path, made_dir: bool) -> None:
+    """After a build that created ``root`` failed before its first commit: remove the store, so
+    that fixing the input and re-running starts clean; a directory the user made for it stays
+    (helper-17: the user's own empty directory was removed with it). A store with a commit stays."""
+    try:
+        if _manifest.read_manifest(root)["version"] != 0:
+            return
+    except Exception:  # noqa: BLE001 - no readable manifest: nothing of ours to judge; cleaning must not hide the error
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    if not made_dir:
+        root.mkdir(exist_ok=True)

@@ -50,7 +50,7 @@ from ..text.models import DEFAULT_MODEL_SHA256
 from ..threads import check_threads
 from . import plan as _plan
 from . import shards as _shards
-from .common import BuildResult, check_same_settings, merge_trained_segments
+from .common import BuildResult, check_same_settings, merge_trained_segments, remove_uncommitted_store
 from .engines import DEVICES, ENGINES, LocalEngine, RayEngine, check_ray_address
 from .records import BUILDS, Records, fields_of, file_digest, same_input
 
@@ -123,13 +123,8 @@ def _clean_after_failure(root: Path, work: Path, created: bool, made_dir: bool, 
     """After a failed build: remove a store this call created that holds no commit (as a plain
     build does), and a work directory of ours that holds no plan (helper-39: an empty store and a
     STORE.build holding only its LOCK were left)."""
-    try:
-        if created and _manifest.read_manifest(root)["version"] == 0:
-            shutil.rmtree(root, ignore_errors=True)
-            if not made_dir:  # the user's own (empty) directory stays theirs
-                root.mkdir(exist_ok=True)
-    except Exception:  # noqa: BLE001 - cleaning up must not hide the build's own error
-        pass
+    if created:
+        remove_uncommitted_store(root, made_dir)
     if own_dir and work.is_dir() and not (work / _plan.PLAN).exists():
         (work / "LOCK").unlink(missing_ok=True)
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ from ..storage.metadata import clean_metadata
 from ..store.create import create, open_store
 from ..text.inputs import check_fields, expand_named, read_file
 from ..threads import check_threads
-from .common import BuildResult, check_same_settings, merge_trained_segments
+from .common import BuildResult, check_same_settings, merge_trained_segments, remove_uncommitted_store
 from .records import BUILDS, Records, fields_of, file_digest, same_input
 from .sharded import build_sharded
 
@@ -267,10 +266,8 @@ def build_store(
     except BaseException:
         # A build that created the store and failed before its first commit leaves
         # nothing behind, so that fixing the input and re-running starts clean.
-        if created and _manifest.read_manifest(root)["version"] == 0:
-            shutil.rmtree(root, ignore_errors=True)
-            if not made_dir:  # helper-17: the user's own (empty) directory was removed with it
-                root.mkdir(exist_ok=True)
+        if created:
+            remove_uncommitted_store(root, made_dir)
         raise
     finally:
         bar.close()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..store.retrieval import doc_id_set
 from ..types import Neighbors
 from ._checks import check_k_of, check_pad_id, check_threshold, settings
 from .leakage import DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
@@ -168,7 +169,7 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
     pad = check_pad_id(store, pad_id)
     threshold = check_threshold(overlap_threshold)
     t = settings(store).chunk_tokens
-    excl = None if exclude_doc_ids is None else [int(d) for d in exclude_doc_ids]
+    excl = None if exclude_doc_ids is None else sorted(doc_id_set("exclude_doc_ids", exclude_doc_ids))
 
     def fetch_knn_chunks(seq_chunks):
         device = getattr(seq_chunks, "device", None)

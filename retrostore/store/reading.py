@@ -205,6 +205,13 @@ class Reader:
         self.follow_purges()
         return self.version.index.search(q, k, check_params(params))
 
+    def candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` nearest chunk ids of checked queries ((n, dim) C-contiguous float32), with
+        no :data:`MAX_K` limit on ``fetch`` (:func:`~retrostore.store.retrieval.search_excluding`
+        widens its search up to the whole store)."""
+        self.follow_purges()
+        return self.version.index.search(queries, int(fetch))
+
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as :class:`Hit` rows: each chunk with its score and continuation
         (the next chunk of the same document), ids < 0 left out."""

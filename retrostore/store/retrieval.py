@@ -16,9 +16,9 @@ import numpy as np
 
 from ..errors import InvalidInputError, check_bool, is_int, shown
 from ..types import Neighbors
-from .reading import Reader, check_k
+from .reading import Reader, check_k, query_vectors
 
-__all__ = ["neighbors", "search_excluding", "TAILS"]
+__all__ = ["neighbors", "search_excluding", "doc_id_set", "TAILS"]
 
 
 def _as_token_array(token_ids: Any, vocab_size: int) -> np.ndarray:
@@ -49,6 +49,26 @@ def _split_chunks(arr: np.ndarray, t: int) -> tuple[list[np.ndarray], int]:
     return [arr[i, j * t : (j + 1) * t] for i in range(b) for j in range(c)], c
 
 
+def doc_id_set(name: str, ids: Any) -> set[int]:
+    """An iterable of doc ids (ints >= 0) checked, as a set; ``name`` names it in errors.
+
+    Raises
+    ------
+    InvalidInputError
+        ``ids`` is a string, not iterable, or holds a non-int or a negative int.
+    """
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InvalidInputError(f"{name} is {shown(ids)}; give an iterable of doc ids (ints >= 0)")
+    ids = list(ids)
+    bad = [x for x in ids if not is_int(x)]
+    if bad:
+        raise InvalidInputError(f"{name} holds {shown(bad[0])}; doc ids are ints")
+    out = {int(x) for x in ids}
+    if any(x < 0 for x in out):  # no document has one (the server refuses them too)
+        raise InvalidInputError(f"{name} holds {min(out)}; doc ids are ints >= 0")
+    return out
+
+
 def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
     """``neighbors``' ``exclude_doc_ids`` checked, as one set of doc ids per row (None: no exclusions).
     Shared with the client (``retrostore.connect``), which refuses what ``Store`` refuses."""
@@ -68,21 +88,19 @@ def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
     for i, r in enumerate(rows):
         if r is None:
             out.append(set())
-        elif is_int(r):
-            out.append({int(r)})
-        elif isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
+        elif not is_int(r) and (isinstance(r, (str, bytes)) or not hasattr(r, "__iter__")):
             raise InvalidInputError(
                 f"exclude_doc_ids[{i}] is {r!r}; give a doc id (int), an iterable of doc ids, or None per row"
             )
         else:
-            ids = list(r)
-            bad = [x for x in ids if not is_int(x)]
-            if bad:
-                raise InvalidInputError(f"exclude_doc_ids[{i}] holds {shown(bad[0])}; doc ids are ints")
-            out.append({int(x) for x in ids})
-        if any(x < 0 for x in out[-1]):  # no document has one (the server refuses them too)
-            raise InvalidInputError(f"exclude_doc_ids[{i}] holds {min(out[-1])}; doc ids are ints >= 0")
+            out.append(doc_id_set(f"exclude_doc_ids[{i}]", [r] if is_int(r) else r))
     return out
+
+
+#: Candidates (rows x fetched) per index call while :func:`search_excluding` widens its search: ~80 MB
+#: of scores, ids and doc ids (a row whose nearest region is one excluded document fetches up to
+#: every chunk of the store).
+EXCLUDE_FETCH_ENTRIES = 1 << 22
 
 
 def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list[set[int]] | None,
@@ -90,7 +108,9 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     """k nearest chunks per row whose document is not in that row's excluded set.
 
     Fetches ``k + extra`` candidates and doubles ``extra`` for rows that still
-    lack k admissible neighbours, up to every chunk of the store.
+    lack k admissible neighbours, up to every chunk of the store (past
+    ``MAX_K``, the limit of one caller's ``k``: helper-42 excluded a document of
+    144,360 chunks), :data:`EXCLUDE_FETCH_ENTRIES` candidates per index call.
 
     Parameters
     ----------
@@ -108,24 +128,31 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     total = reader.limit
     if excluded is None or not any(excluded):
         return reader.search_vectors(vectors, k) if n else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+    queries = query_vectors(vectors, reader.version.manifest["index"]["dim"], check_k(k))
     fill = -np.inf if reader.version.manifest["metric"] == "ip" else np.inf
     out_s = np.full((n, k), fill, np.float32)
     out_i = np.full((n, k), -1, np.int64)
     todo = np.arange(n)
     fetch = min(total, k + max(8, k))
     while len(todo):
-        s, ids = reader.search_vectors(vectors[todo], fetch)
-        valid = ids >= 0
-        docs = np.full(ids.shape, -1, np.int64)
-        docs[valid] = doc_of(ids[valid])
         still = []
-        for row, q in enumerate(todo):
-            keep = [j for j in range(fetch) if valid[row, j] and int(docs[row, j]) not in excluded[q]][:k]
-            if len(keep) < k and fetch < total:
-                still.append(q)
-                continue
-            out_s[q, : len(keep)] = s[row, keep]
-            out_i[q, : len(keep)] = ids[row, keep]
+        step = max(1, EXCLUDE_FETCH_ENTRIES // fetch)
+        for lo in range(0, len(todo), step):
+            rows = todo[lo : lo + step]
+            s, ids = reader.candidates(queries[rows], fetch)
+            valid = ids >= 0
+            docs = np.full(ids.shape, -1, np.int64)
+            docs[valid] = doc_of(ids[valid])
+            for row, q in enumerate(rows):
+                ok = valid[row]
+                if excluded[q]:
+                    ok = ok & ~np.isin(docs[row], np.fromiter(excluded[q], np.int64, len(excluded[q])))
+                keep = np.flatnonzero(ok)[:k]
+                if len(keep) < k and fetch < total:
+                    still.append(q)
+                    continue
+                out_s[q, : len(keep)] = s[row, keep]
+                out_i[q, : len(keep)] = ids[row, keep]
         todo = np.array(still, dtype=np.int64)
         fetch = min(total, fetch * 2)
     return out_s, out_i

@@ -14,6 +14,7 @@ import retrostore
 from retrostore import retro
 from retrostore.errors import InvalidInputError, StoreExistsError, WriterLockedError
 from retrostore.storage import fileio
+from retrostore.store import reading
 
 from _retro_stores import duplicated_store, pydocs_slice, retro_store
 
@@ -711,3 +712,60 @@ def test_table_path_works_in_a_forked_worker(store, table):
     got = queue.get(timeout=60)
     proc.join(60)
     assert got == ("ok", (1, 2, 2 * T)), got
+
+
+def test_outputs_flags_and_tables_checked_before_work(store, table, tmp_path):
+    """helper-42: an unwritable output directory was a "writer lock file" CorruptStoreError (or a raw
+    PermissionError) after the work; a directory named *.npy a raw IsADirectoryError at the end;
+    force="no" replaced an export; table="x" an AttributeError; fetch_fn("31") excluded docs 3 and 1."""
+    seqs = retro.training_sequences(store, 2 * T, table=table)
+    if sys.platform.startswith("linux"):  # no file can be created in /proc, not even by root
+        for call in (lambda: retro.sequence_neighbors(store, seqs, "/proc/x.npy"),
+                     lambda: retro.chunk_neighbors(store, "/proc/x.npy"),
+                     lambda: store.precompute_neighbors("/proc/x.npy"),
+                     lambda: retro.export_retro_pytorch(store, "/proc/exp", seq_len=2 * T)):
+            with pytest.raises(InvalidInputError, match=r"no file can be created in '/proc'.*choose a writable"):
+                call()
+    (tmp_path / "d.npy").mkdir()
+    for call in (lambda: retro.sequence_neighbors(store, seqs, tmp_path / "d.npy"),
+                 lambda: retro.chunk_neighbors(store, tmp_path / "d.npy")):
+        with pytest.raises(InvalidInputError, match=r"d.npy' is a directory; give a file name ending in .npy"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy"]  # nothing written beside it
+    for bad in ({"force": "no"}, {"allow_pad_collision": "no"}, {"progress": 1}):
+        with pytest.raises(InvalidInputError, match=r"must be True or False"):
+            retro.export_retro_pytorch(store, tmp_path / "exp", seq_len=2 * T, **bad)
+    with pytest.raises(InvalidInputError, match=r"drop_duplicates='no' must be True or False"):
+        retro.sequence_neighbors(store, seqs, tmp_path / "s.npy", drop_duplicates="no")
+    with pytest.raises(InvalidInputError, match=r"table is 'x' \(str\); pass the ChunkTable"):
+        retro.neighbor_tokens(store, np.array([[0, 1]]), table="x")
+    with pytest.raises(InvalidInputError, match=r"table is 'x' \(str\)"):
+        retro.training_sequences(store, 2 * T, table="x")
+    with pytest.raises(InvalidInputError, match=r"path=5 must be the path of an export"):
+        retro.retro_dataset_kwargs(5)
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(InvalidInputError, match=r"it lacks one of chunk_memmap_path"):
+        retro.retro_dataset_kwargs(tmp_path / "list.json")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 2), np.int64))
+    with pytest.raises(InvalidInputError, match=r"holds no row \(shape \(0, 2\)\)"):
+        retro.NeighborFile(store, tmp_path / "empty.npy")[0]
+    for bad, msg in (("31", r"exclude_doc_ids is '31'; give an iterable"), ([3.9], r"holds 3.9; doc ids are ints"),
+                     (3, r"exclude_doc_ids is 3"), ([-1], r"holds -1; doc ids are ints >= 0")):
+        with pytest.raises(InvalidInputError, match=msg):
+            retro.fetch_fn(store, 2, exclude_doc_ids=bad)
+
+
+def test_exclusion_searches_past_the_k_limit(store, table, monkeypatch):
+    """helper-42: excluding a document that holds more than MAX_K (100,000) of a query's nearest chunks
+    failed with "k=144367 exceeds the limit" (the widening search passed its fetch as a caller's k).
+    Here the limit is lowered to 8 so that a real document outgrows it."""
+    doc = int(np.bincount(table.doc_ids[table.doc_ids >= 0]).argmax())
+    assert len(store.get_document(doc).chunk_ids) > 12
+    rows = np.stack([_row_of_tokens(store, doc, 1)[:T]])
+    want = store.neighbors(rows, k=3, exclude_doc_ids=[[doc]])
+    monkeypatch.setattr(reading, "MAX_K", 8)
+    with pytest.raises(InvalidInputError, match="k=9 exceeds the limit of 8"):
+        store.search_vectors(np.full((1, store.manifest["index"]["dim"]), 0.05, np.float32), 9)
+    got = store.neighbors(rows, k=3, exclude_doc_ids=[[doc]])
+    np.testing.assert_array_equal(got.chunk_ids, want.chunk_ids)
+    assert (got.doc_ids != doc).all() and (got.chunk_ids >= 0).all()

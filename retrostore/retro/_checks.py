@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import InvalidInputError, WriterLockedError, check_int, is_int, shown
+from ..errors import CorruptStoreError, InvalidInputError, WriterLockedError, check_int, is_int, shown
 from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
@@ -101,6 +101,8 @@ def output_lock(out: Path, what: str) -> WriterLock:
     ------
     WriterLockedError
         Another process holds the lock.
+    InvalidInputError
+        The lock file cannot be created (a directory without write access).
     """
     lock = out.with_name(out.name + ".lock")
     try:
@@ -108,6 +110,10 @@ def output_lock(out: Path, what: str) -> WriterLock:
     except WriterLockedError:
         raise WriterLockedError(f"another process is writing {what} {str(out)!r} (it holds {str(lock)!r}); let it "
                                 "finish (then run again to reuse its result), or write to another path") from None
+    except CorruptStoreError as exc:  # (the store's lock wording: "remove it if no writer runs"; helper-42)
+        why = getattr(exc.__cause__, "strerror", None) or exc.__cause__ or exc
+        raise InvalidInputError(f"cannot write {what} {str(out)!r}: its lock file {str(lock)!r} cannot be opened "
+                                f"({why}); write to a directory where you can create files") from None
 
 
 def store_pad_id(store) -> int:

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, StoreExistsError
+from ..errors import InvalidInputError, StoreExistsError, check_bool
+from ..storage.fileio import writable_dir
 from ._checks import check_exclude, check_k_of, check_ngram, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
@@ -141,6 +142,9 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     exclude = check_exclude(exclude)
     if mode not in MODES:
         raise InvalidInputError(f"mode={mode!r}; expected one of {MODES}")
+    force = check_bool("force", force)
+    allow_pad_collision = check_bool("allow_pad_collision", allow_pad_collision)
+    progress = check_bool("progress", progress)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise InvalidInputError(f"out_dir={out_dir!r} must be a path")
     out = Path(out_dir).resolve()  # "." and ".." have no name to put ".partial" beside (helper-17: a ValueError)
@@ -154,6 +158,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     if not out.parent.is_dir():
         why = "is a file" if out.parent.exists() else "does not exist"
         raise InvalidInputError(f"out_dir={str(out)!r}: {str(out.parent)!r} {why}; give a path in a directory")
+    writable_dir(out.parent, f"out_dir={str(out)!r}")
     table = chunk_table(store)
     seqs = training_sequences(store, seq_len, mode=mode, pad_id=0, eos_id=eos_id, table=table)
     if len(seqs) == 0:  # (helper-28: an IndexError and a .partial left behind, or "0 windows" and exit 0)
@@ -257,14 +262,20 @@ def retro_dataset_kwargs(path: str | os.PathLike) -> dict:
     InvalidInputError
         No readable ``retro_pytorch.json`` there.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError(f"path={path!r} must be the path of an export directory or of its {KWARGS_FILE}")
     p = Path(path)
     if p.is_dir():
         p = p / KWARGS_FILE
+    keys = ("chunk_memmap_path", "chunk_nn_memmap_path", "seq_memmap_path")
     try:
         kwargs = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{p}: not a readable {KWARGS_FILE} ({exc}); write it with "
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        kwargs = exc
+    if not isinstance(kwargs, dict) or not all(isinstance(kwargs.get(key), str) for key in keys):
+        why = kwargs if isinstance(kwargs, Exception) else f"it lacks one of {', '.join(keys)}"
+        raise InvalidInputError(f"{p}: not a readable {KWARGS_FILE} ({why}); write it with "
                                 "retrostore.retro.export_retro_pytorch or `retrostore export`") from None
-    for key in ("chunk_memmap_path", "chunk_nn_memmap_path", "seq_memmap_path"):
+    for key in keys:
         kwargs[key] = str((p.parent / kwargs[key]).resolve())
     return kwargs

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InvalidInputError, check_int, is_int, shown
-from ..storage.fileio import atomic_write, sha256_file
+from ..errors import InvalidInputError, check_bool, check_int, is_int, shown
+from ..storage.fileio import atomic_write, check_output_file, sha256_file
 from ._checks import check_exclude, check_k_of, check_ngram, check_pad_id, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 from .table import ChunkTable, check_table, chunk_table, store_identity
@@ -313,6 +313,8 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     k = check_k_of(store, k)
     exclude = check_exclude(exclude)
     overlap_threshold = check_threshold(overlap_threshold)
+    drop_duplicates = check_bool("drop_duplicates", drop_duplicates)
+    progress = check_bool("progress", progress)
     if not isinstance(seqs, Sequences):
         raise InvalidInputError(f"seqs is {type(seqs).__name__}; pass the windows of "
                                 "retrostore.retro.training_sequences(store, seq_len)")
@@ -320,11 +322,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     n_cand = check_int("candidates", 2 * k + 8 if candidates is None else candidates, k)
     batch_size = check_int("batch_size", batch_size, 1)
     check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")
-    if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
-        raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
+    out = check_output_file(out)
     n, c = seqs.chunk_ids.shape
     if n == 0:
         raise InvalidInputError(f"seqs holds no window: version {store.version} of the store has no live chunk "
@@ -470,11 +468,8 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
     threshold = check_threshold(overlap_threshold)
     t = int(store.manifest["chunk_tokens"])
     ngram = check_ngram(ngram, t)
-    if not isinstance(out, (str, os.PathLike)) or not str(out).endswith(".npy"):
-        raise InvalidInputError(f"out={out!r} must be a path ending in .npy")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
+    progress = check_bool("progress", progress)
+    out = check_output_file(out)
     table = chunk_table(store)
     live = np.flatnonzero(table.live)
     if len(np.unique(table.doc_ids[live])) < 2:  # (helper-31: all -1 and exit 0)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, check_int
+from ..errors import InvalidInputError, check_int, shown
 from ._checks import settings
 
 if TYPE_CHECKING:
@@ -40,8 +40,12 @@ def check_table(store: "Store", table: "ChunkTable", what: str = "table") -> Non
     Raises
     ------
     InvalidInputError
-        Naming both versions (or that the stores differ) and the fix.
+        Naming both versions (or that the stores differ) and the fix; ``table`` not a
+        :class:`ChunkTable`.
     """
+    if not isinstance(table, ChunkTable):
+        raise InvalidInputError(f"{what} is {shown(table)} ({type(table).__name__}); pass the ChunkTable of "
+                                "chunk_table(store), or None to read it")
     if table.version != store.version or len(table) != len(store):
         raise InvalidInputError(f"{what} is of store version {table.version} ({len(table):,} chunks), the store is "
                                 f"at version {store.version} ({len(store):,} chunks); read a new one with "

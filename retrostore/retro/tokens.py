@@ -116,8 +116,8 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         nb = store.neighbor_tokens(chunk_ids)
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
         return NeighborTokens(tokens, nb.mask, nb.chunk_ids, nb.doc_ids)
-    ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
     check_table(store, table)
+    ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
     # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
     # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
     return _from_table(table, ids, pad, store.deleted_chunks(ids))
@@ -157,9 +157,13 @@ class NeighborFile:
 
     def __init__(self, store: "Store", path: str | os.PathLike, *, pad_id: int | None = None,
                  table: ChunkTable | None = None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"path={path!r} must be the path of a .npy file of neighbour ids")
         self.store = store
         self.path = Path(path)
         self.pad_id = check_pad_id(store, pad_id)
+        if table is not None:
+            check_table(store, table)
         self.table = table
         try:
             self.ids = np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -189,6 +193,8 @@ class NeighborFile:
             ``start <= stop``.
         """
         n = len(self)
+        if n == 0:
+            raise InvalidInputError(f"{self.path} holds no row (shape {self.shape}); there is no row {start!r} to read")
         start = check_int("start", start, 0, n - 1 if stop is None else n)
         stop = start + 1 if stop is None else check_int("stop", stop, start, n, fix=f"rows are [0, {n})")
         return neighbor_tokens(self.store, np.asarray(self.ids[start:stop]), pad_id=self.pad_id, table=self.table)

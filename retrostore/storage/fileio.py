@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable, Iterable
 
 import lmdb
 
-from ..errors import CommitError, CorruptStoreError, StoreIOError, WriterLockedError
+from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreIOError, WriterLockedError
 from .layout import TMP_PREFIX
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "git_lfs_pointer",
     "lmdb_writes",
     "regular_file",
+    "writable_dir",
+    "check_output_file",
 ]
 
 _BLOCK = 1 << 20  # 1 MiB per write(2) / read(2) call
@@ -511,6 +514,46 @@ def remove_stale_tmp(parent: Path, stem: str) -> int:
         except OSError:
             pass
     return removed
+
+
+def writable_dir(parent: str | os.PathLike, what: str) -> None:
+    """Check that files can be created in ``parent`` (a probe file, removed at once) before any work
+    is done for ``what`` (helper-42: an output in a read-only directory failed after the work, as a
+    "writer lock file" CorruptStoreError or a raw PermissionError).
+
+    Raises
+    ------
+    InvalidInputError
+        No file can be created there (permissions, a read-only or full file system).
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe-", dir=parent)
+    except OSError as exc:
+        raise InvalidInputError(f"{what}: no file can be created in {os.fspath(parent)!r} ({exc.strerror or exc}); "
+                                "choose a writable directory") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> Path:
+    """``out`` checked as a file to write: a path ending in ``suffix``, not a directory, in an existing
+    directory where files can be created (:func:`writable_dir`). Returns it as a Path.
+
+    Raises
+    ------
+    InvalidInputError
+        Any of these does not hold (the message names the path and the fix).
+    """
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).endswith(suffix):
+        raise InvalidInputError(f"{name}={out!r} must be a path ending in {suffix}")
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"{name}={str(path)!r}: the directory {str(path.parent)!r} does not exist; "
+                                "create it first")
+    if path.is_dir():
+        raise InvalidInputError(f"{name}={str(path)!r} is a directory; give a file name ending in {suffix}")
+    writable_dir(path.parent, f"{name}={str(path)!r}")
+    return path
 
 
 def readonly_media(root: Path) -> bool:

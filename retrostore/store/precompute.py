@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InvalidInputError, check_bool, check_int
-from ..storage.fileio import atomic_write, fsync_dir, sha256_file
+from ..storage.fileio import atomic_write, check_output_file, fsync_dir, sha256_file
 from ..storage.manifest import manifest_sha256
 from ..types import Neighbors
 from .reading import Reader, check_k
@@ -48,15 +48,7 @@ def precompute_neighbors(
         raise InvalidInputError("label_token applies to token rows given as queries=, not to the store's chunks")
     if exclude_same_doc and queries is not None:
         raise InvalidInputError("exclude_same_doc applies to the store's own chunks, not to queries=; drop one")
-    if not isinstance(out, (str, os.PathLike)):
-        raise InvalidInputError(f"out={out!r} must be a path to a .npy file")
-    out = Path(out)
-    if out.suffix != ".npy":
-        raise InvalidInputError(f"out={str(out)!r} must end in .npy (the file is a NumPy array)")
-    if not out.parent.is_dir():
-        raise InvalidInputError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist; create it first")
-    if out.is_dir():
-        raise InvalidInputError(f"out={str(out)!r} is a directory; give a file name ending in .npy")
+    out = check_output_file(out)
     version = reader.version
     t = version.manifest["chunk_tokens"]
     if 0 < version.n_chunks < k:  # a row holds at most every chunk: the rest would be -1 padding on disk

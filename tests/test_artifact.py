@@ -540,8 +540,12 @@ def test_cli_unpack_refuses_hostile_archive(tmp_path, hash_tar):
     res = CliRunner().invoke(cli, ["unpack", str(archive), str(tmp_path / "dest")])
     assert res.exit_code == 1 and "UnsafeArchiveError" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "dest").exists()
-    res = CliRunner().invoke(cli, ["unpack", str(hash_tar), str(tmp_path / "d2"), "--expect-manifest-sha256", "00"])
+    res = CliRunner().invoke(cli, ["unpack", str(hash_tar), str(tmp_path / "d2"), "--expect-manifest-sha256", "0" * 64])
     assert res.exit_code == 1 and "not the published store" in res.output
+    # helper-41: a shortened digest (as docs show them, "58a14950...") was "not the published store"
+    res = CliRunner().invoke(cli, ["unpack", str(hash_tar), str(tmp_path / "d2"), "--expect-manifest-sha256", "58a14950"])
+    assert res.exit_code == 1 and "'58a14950' is not a sha256: give all 64 hex digits" in res.output
+    assert not (tmp_path / "d2").exists()
 
 
 # -- Git LFS pointers in a checked-out store --------------------------------------

@@ -189,9 +189,17 @@ def unpack(
         The store needs a newer retrostore (both version numbers are named).
     StoreExistsError
         ``dest`` exists and is not empty.
+    InvalidInputError
+        ``expected_manifest_sha256`` is not 64 hex digits; ``archive`` is a directory or missing.
     OSError
         Reading the archive or writing the files failed; nothing is left behind.
     """
+    if expected_manifest_sha256 is not None:  # (helper-41: a shortened digest was "not the published store")
+        if not isinstance(expected_manifest_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}",
+                                                                              expected_manifest_sha256.strip()):
+            raise InvalidInputError(
+                f"expected_manifest_sha256={expected_manifest_sha256!r} is not a sha256: give all 64 hex digits "
+                "(`sha256sum STORE/manifest.json`, or the `manifest sha256` line `retrostore pack` printed)")
     archive = Path(archive)
     dest = Path(dest)
     if archive.is_dir() or not archive.exists():  # helper-37: IsADirectoryError / FileNotFoundError from open()

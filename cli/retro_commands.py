@@ -71,7 +71,7 @@ def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tupl
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Destination .npy (int64, -1 padded). Beside it, filtered modes write OUT's stem + "
                    ".summary.json and keep OUT's stem + .candidates-*.npy (the candidates searched, reused by a "
-                   "rerun) and OUT.lock (held while writing; safe to delete once done).")
+                   "rerun) and OUT.lock (held while writing, removed when done; safe to delete after a killed run).")
 @click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
 @click.option("--exclude-same-doc/--include-same-doc", default=None,
               help="For the store's own chunks: skip neighbours from the chunk's own document and copies of the "

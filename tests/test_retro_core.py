@@ -732,6 +732,10 @@ def test_outputs_flags_and_tables_checked_before_work(store, table, tmp_path):
         with pytest.raises(InvalidInputError, match=r"d.npy' is a directory; give a file name ending in .npy"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy"]  # nothing written beside it
+    summary = retro.sequence_neighbors(store, seqs, tmp_path / "s.npy", k=1)  # helper-41: OUT.lock stayed behind
+    assert summary["rows"] == len(seqs) and not (tmp_path / "s.npy.lock").exists()
+    retro.chunk_neighbors(store, tmp_path / "c.npy", k=1)
+    assert (tmp_path / "c.npy").exists() and not (tmp_path / "c.npy.lock").exists()
     for bad in ({"force": "no"}, {"allow_pad_collision": "no"}, {"progress": 1}):
         with pytest.raises(InvalidInputError, match=r"must be True or False"):
             retro.export_retro_pytorch(store, tmp_path / "exp", seq_len=2 * T, **bad)

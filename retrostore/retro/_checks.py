@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -92,7 +94,18 @@ def check_ngram(ngram: Any, chunk_tokens: int) -> int:
     return check_int("ngram", ngram, 1, chunk_tokens, fix="RETRO uses 13")
 
 
-def output_lock(out: Path, what: str) -> WriterLock:
+class OutputLock(WriterLock):
+    """:class:`WriterLock` on ``OUT.lock``; :meth:`done` removes the file once the output is complete."""
+
+    def done(self) -> None:
+        """Remove the lock file, still holding the lock (helper-41: every finished run left one behind).
+        A process that opened the file before is refused by the held lock; one that locks it after the
+        release holds a removed file, and finds the output complete."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def output_lock(out: Path, what: str) -> OutputLock:
     """Hold ``OUT.lock`` (kept beside ``out``) while writing ``out``: a second process writing the same
     output (two ranks of one job) is refused at once instead of sharing its partial files (helper-28:
     one finished with exit 0 and neighbour files of chunk 0, the other with a raw FileNotFoundError).
@@ -106,7 +119,7 @@ def output_lock(out: Path, what: str) -> WriterLock:
     """
     lock = out.with_name(out.name + ".lock")
     try:
-        return WriterLock(lock)
+        return OutputLock(lock)
     except WriterLockedError:
         raise WriterLockedError(f"another process is writing {what} {str(out)!r} (it holds {str(lock)!r}); let it "
                                 "finish (then run again to reuse its result), or write to another path") from None

@@ -132,7 +132,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         more rows than int32 holds; a store version without a live chunk.
     WriterLockedError
         Another process is exporting to ``out_dir`` (it holds ``OUT.lock``,
-        a file left beside ``out_dir``).
+        a file beside ``out_dir``, removed when the export completes).
     """
     k = check_k_of(store, k)
     # The neighbours' own arguments, before anything is written (helper-29: a refused ngram left
@@ -186,7 +186,9 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"{len(rows)} rows do not fit retro-pytorch's int32 row numbers")
     lock = output_lock(out, "the export")
     try:
-        return _export(store, out, table, seqs, k, exclude, overlap_threshold, ngram, progress, rows, n_zero, force)
+        summary = _export(store, out, table, seqs, k, exclude, overlap_threshold, ngram, progress, rows, n_zero, force)
+        lock.done()
+        return summary
     finally:
         lock.release()
 

@@ -308,7 +308,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
         of another store version, or no window at all.
     WriterLockedError
         Another process is writing ``out`` (it holds ``OUT.lock``, a file
-        left beside ``out``).
+        beside ``out``, removed when the run completes).
     """
     k = check_k_of(store, k)
     exclude = check_exclude(exclude)
@@ -330,8 +330,10 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     n_cand = min(n_cand, max(len(store) - 1, 1))
     lock = output_lock(out, "neighbours")
     try:
-        return _sequence_neighbors(store, seqs, out, k, exclude, overlap_threshold, ngram, drop_duplicates, n_cand,
-                                   batch_size, progress)
+        summary = _sequence_neighbors(store, seqs, out, k, exclude, overlap_threshold, ngram, drop_duplicates, n_cand,
+                                      batch_size, progress)
+        lock.done()
+        return summary
     finally:
         lock.release()
 
@@ -519,6 +521,7 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
                    "dropped": {key: totals[key] for key in ("duplicates", "overlap", "window", "purged")},
                    "research": totals["research"], "short": totals["short"], "ids_sha256": ids_sha}
         _atomic_json(out.with_name(out.name[:-4] + ".summary.json"), summary)
+        lock.done()
         return summary
     finally:
         lock.release()

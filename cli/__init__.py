@@ -272,7 +272,8 @@ def verify(store, as_json, retokenize):
         for p in problems:
             click.echo(p)
         if not problems:
-            click.echo(f"ok: {store} version {version} is intact")
+            click.echo(f"ok: {store} version {version} is intact"
+                       + (" (every document cut again: token ids and spans match)" if retokenize else ""))
         elif not all("Permission denied" in p for p in problems):
             click.echo(f"{store} is damaged or incomplete: copy or download it again from its source, or restore "
                        "it from a backup (a file the manifest names cannot be rebuilt from the others)", err=True)
@@ -423,6 +424,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
     and single-query latency p50/p99."""
     with retrostore.open(store, threads=threads) as st:
         res = st.evaluate(queries=queries, k=k, params=_params(params), seed=seed)
+        threads = st.threads
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -431,7 +433,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
     click.echo(f"recall@{res['k']:<3} {res['recall_at_k']:.4f}  ({res['queries']} stored vectors as queries, "
                f"own chunk left out; exact nearest found in {res['nn_in_top_k']:.1%})")
     click.echo(f"latency    p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms (one query per call); "
-               f"batch {res['batch_qps']:,.0f} queries/s")
+               f"batch {res['batch_qps']:,.0f} queries/s ({threads} threads; a busy machine slows both)")
 
 
 @cli.command()

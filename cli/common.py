@@ -19,6 +19,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except RetrostoreError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+            # (errors that are also OSErrors print their message without the "[Errno 11] " prefix)
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise click.ClickException(f"{type(exc).__name__}: {message}") from None
 
     return wrapper

@@ -137,7 +137,9 @@ def cli_markdown() -> str:
         "# Command-line reference",
         "",
         "Generated from the click help by `python docs/gen_reference.py`. Every command is also",
-        "`python -m retrostore COMMAND`. Library errors print one line `Error: ...` and exit 1.",
+        "`python -m retrostore COMMAND`. Library errors print one line `Error: ...` and exit 1; usage errors "
+        "(an unknown option, a bad option value, a STORE or input path that does not exist) print click's usage "
+        "line and `Error: ...` and exit 2.",
         "",
     ]
     opts = dict(terminal_width=100, max_content_width=100, help_option_names=["-h", "--help"])

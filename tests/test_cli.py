@@ -125,6 +125,14 @@ def test_errors_are_one_line(tmp_path):
     assert res.exit_code == 1 and "missing.jsonl" in res.output
 
 
+def test_os_level_errors_print_without_errno(cli_store):
+    """helper-41: "WriterLockedError: [Errno 11] another writer holds ..." (the OSError prefix)."""
+    with retrostore.open(cli_store, mode="a"):  # this process holds the writer lock
+        res = CliRunner().invoke(cli, ["delete", str(cli_store), "0"])
+    assert res.exit_code == 1 and res.output.startswith("Error: WriterLockedError: another writer holds "), res.output
+    assert "Errno" not in res.output
+
+
 def test_k_must_be_positive(cli_store):
     res = CliRunner().invoke(cli, ["search", str(cli_store), "q", "-k", "0"])
     assert res.exit_code == 1 and "k=0" in res.output

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import traceback
 
@@ -298,3 +299,77 @@ def test_a_store_synced_over_an_open_one_is_refused_not_mixed(tmp_path):
     old.close()
     with retrostore.open(a) as st:
         assert st.version == 2 and st.get_document(2).text == "new C" and st.verify() == []
+
+
+# -- threads of one handle ------------------------------------------------------------
+def _clustered(n, seed, dim=384):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((50, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 50, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_per_query_params_hold_while_the_same_handle_commits(tmp_path, embedder):
+    """helper-43: a handle's versions share the FAISS objects of common segments, each version with
+    its own lock; a commit (or a reader's refresh) set the store's nprobe=1 on them under a search
+    with params={"nprobe": 64}: 7,653 of 14,400 rows inexact, and FAISS failing "Invalid key"."""
+    st = retrostore.create(tmp_path / "s.rstore", embedder=embedder, index="IVF64,Flat", index_params={"nprobe": 1})
+    xs = [_clustered(6000, 0)]
+    st.append([f"document {i}" for i in range(6000)], embeddings=xs[0])
+    st.commit()
+    queries = _clustered(50, 99)
+    stop = time.monotonic() + 4.0
+    bad, rows, errors, commits = [0], [0], [], [0]
+    seen = threading.Lock()
+
+    def search():
+        while time.monotonic() < stop:
+            try:
+                _, ids = st.search_vectors(queries, k=10, params={"nprobe": 64})  # all 64 lists: exact
+                with seen:
+                    x = np.concatenate(xs)
+                exact = queries @ x[: ids.max() + 1].T
+                kth = np.sort(exact, axis=1)[:, -10]
+                got = np.take_along_axis(exact, np.maximum(ids, 0), 1)
+                bad[0] += int(((got < kth[:, None] - 1e-3) | (ids < 0)).any(1).sum())
+                rows[0] += len(queries)
+            except Exception as exc:  # noqa: BLE001 (any failure of a search is the finding)
+                errors.append(repr(exc))
+
+    def commit():
+        seed = 1000
+        while time.monotonic() < stop:
+            x = _clustered(20, seed)
+            st.append([f"extra {seed} {j}" for j in range(20)], embeddings=x)
+            st.commit()
+            with seen:
+                xs.append(x)
+            seed += 1
+            commits[0] += 1
+
+    threads = [threading.Thread(target=search), threading.Thread(target=commit)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st.close()
+    assert commits[0] >= 5 and rows[0] >= 500, (commits, rows)
+    assert not errors and bad[0] == 0, (bad, rows, errors[:2])
+
+
+def test_graph_search_returns_k_live_chunks_among_many_deleted(tmp_path, embedder):
+    """helper-43: HNSW, 2,700 of 3,000 documents deleted: k=100 came back with as few as 63 (the
+    tombstone filter's wider fetches went past efSearch, whose -1s read as "no more"); a per-query
+    efSearch=1 with k=16 gave -1s with no delete at all."""
+    st = retrostore.create(tmp_path / "g.rstore", embedder=embedder, index="HNSW32,SQfp16")
+    st.append([f"d {i}" for i in range(3000)], embeddings=_clustered(3000, 3))
+    st.commit()
+    queries = _clustered(20, 8)
+    _, ids = st.search_vectors(queries, k=16, params={"efSearch": 1})
+    assert (ids >= 0).all()
+    st.delete([i for i in range(3000) if i % 10])
+    st.commit()
+    for k, params in ((100, None), (300, None), (10, {"efSearch": 8})):
+        _, ids = st.search_vectors(queries, k=k, params=params)
+        assert (ids >= 0).all() and (ids % 10 == 0).all(), (k, params)  # k live chunks, none deleted
+    st.close()

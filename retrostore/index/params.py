@@ -192,17 +192,23 @@ def effective_params(index: faiss.Index) -> dict:
 
 
 class RWLock:
-    """Many searches at once, or one search that changes the parameters."""
+    """Many searches at once, or one holder that changes the parameters (a search with its own,
+    or a new version setting the store's on the segments it shares with the one before).
+
+    Writer-preferring: while an exclusive holder waits, new searches wait behind it, so a
+    stream of overlapping searches from several threads cannot hold off a commit or a
+    refresh for ever. Not reentrant."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     def acquire_shared(self) -> None:
-        """Enter as one of many searches (wait while a search changes the parameters)."""
+        """Enter as one of many searches (wait while a holder changes the parameters, or waits to)."""
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
@@ -215,8 +221,12 @@ class RWLock:
     @contextmanager
     def exclusive(self):
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield

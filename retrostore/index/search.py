@@ -35,10 +35,6 @@ log = logging.getLogger("retrostore")
 #: probe to share out.
 ONE_THREAD_MAX_QUERIES = 1
 
-#: FAISS's own default ``efSearch`` (``HNSW::efSearch``). A graph search returns at most
-#: ``efSearch`` results, so searches for more (k, or k x rerank) raise it to that many for the call.
-HNSW_DEFAULT_EF = 16
-
 #: FAISS's exact search (``IndexFlat``, and every IVF coarse quantizer) takes BLAS's matrix product
 #: only when queries x dim >= ``faiss.cvar.distance_compute_blas_threshold``; below it each query
 #: scans every vector on its own. FAISS 1.15 ships 128,000 (333 queries of 384-d), which on a 2-core
@@ -174,22 +170,31 @@ class SegmentSet:
     on_merged : callable, optional
         ``on_merged(segment_set, sha256s)`` after the merged index replaced the segments of
         those checksums (the loader drops its references to them).
+    lock : RWLock, optional
+        The lock of every SegmentSet that shares these segments' FAISS objects: a handle's
+        versions share the segments they have in common, so a search of the version before,
+        with its own parameters, and the next version setting the store's on them must
+        exclude each other (helper-43: a refresh during ``params={"nprobe": 64}`` searches
+        made 5,637 of 12,800 rows inexact, and FAISS failed "Invalid key" when nprobe fell
+        mid-search). Default: a lock of its own.
     """
 
     def __init__(self, segments: list[Segment], metric: str, dim: int, *, params: dict | None = None,
                  deleted: np.ndarray | None = None, raw: Any = None,
                  make_empty: Callable[[], faiss.Index] | None = None,
-                 on_merged: Callable[["SegmentSet", list[str]], None] | None = None):
+                 on_merged: Callable[["SegmentSet", list[str]], None] | None = None,
+                 lock: RWLock | None = None):
         self.segments = segments
         self.metric = metric
         self.dim = dim
         self.params = dict(params or {})
         self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
         self.raw = raw
-        self._lock = RWLock()
-        share_quantizers(segments)
-        for seg in segments:
-            apply_params(seg.index, self.params)
+        self._lock = lock if lock is not None else RWLock()
+        with self._lock.exclusive():
+            share_quantizers(segments)
+            for seg in segments:
+                apply_params(seg.index, self.params)
         # What searches ask of the segments, read once (a version's segments never change).
         inner = [unwrap(s.index) for s in segments]
         self._exact = all(type(x) in FLAT_TYPES or s.entry.get("codec") == FP16 for x, s in zip(inner, segments))
@@ -313,10 +318,9 @@ class SegmentSet:
         rerank = int(eff.get(RERANK, 0) or 0)
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
-        if kk > HNSW_DEFAULT_EF and self._graph is not None:
-            if int(eff.get("efSearch", self._graph.hnsw.efSearch)) < kk:  # a graph returns <= efSearch results
-                params = {**params, "efSearch": kk}
-                eff["efSearch"] = kk
+        if self._graph is not None and int(eff.get("efSearch", self._graph.hnsw.efSearch)) < kk:
+            params = {**params, "efSearch": kk}  # a graph returns <= efSearch results (helper-43: efSearch=1, k=16)
+            eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}
         # A stored refine factor was bounded for k = 1 at open: bound it for this search's k (helper-35:
         # k_factor_rf = 2**31 - 1 in index_params made the base search ask for k x ntotal results).
@@ -421,7 +425,13 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
     floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
     1.6x the BLAS product's time on a quiet 2-core machine (10.4 against 6.5 ms at 100k vectors of
-    384-d, benchmarks/scale.py)."""
+    384-d, benchmarks/scale.py). A graph asked for more than its ``efSearch`` results (the
+    tombstone filter's wider fetches) gets ``efSearch = k`` for this call only (FAISS's per-call
+    ``SearchParametersHNSW``; the index is not changed): it returns at most ``efSearch``, and
+    the missing ones read as "no more" (helper-43: k=100 of 300 live chunks, 2,700 deleted, came
+    back with 63)."""
+    if isinstance(index, faiss.IndexHNSW) and k > index.hnsw.efSearch:
+        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
     if len(queries) != 1 or not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
         return index.search(queries, k)  # (segments are read and built downcast: no downcast_index per search)
     flat = index

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError
 from ..index.factory import check_mmap
+from ..index.params import RWLock
 from ..index.search import SegmentSet
 from ..index.source import VectorSource, stored_vectors
 from ..storage import manifest as _manifest
@@ -119,6 +120,8 @@ class Head:
         self._segments: dict[str, faiss.Index] = {}  # sha256 -> loaded index, of the version served
         self._template: tuple[str, faiss.Index] | None = None
         self._raw: dict = {}  # sha256 -> a mapped raw vectors file (RawVectors' cache)
+        #: One lock for every version's SegmentSet: they share the FAISS objects of common segments.
+        self._search_lock = RWLock()
 
     def mmap(self, manifest: dict) -> bool:
         """Whether segments of ``manifest`` are served memory-mapped (``open(mmap=)`` over the setting)."""
@@ -192,7 +195,7 @@ class Head:
         index = SegmentSet(segs, m["metric"], m["index"]["dim"], params=m["index"]["params"],
                            deleted=tomb.chunks, raw=raw,
                            make_empty=self._empty_index(m["index"]) if merge else None,
-                           on_merged=self._forget_merged)
+                           on_merged=self._forget_merged, lock=self._search_lock)
         self._segments = cache
         self.version = Version(self.root, m, index, tomb, mmap)
         return self.version

@@ -90,6 +90,8 @@ def test_reindex_with_too_few_vectors_leaves_the_store_intact(tmp_path, rng):
 def test_factory_strings_that_cannot_take_ids(tmp_path, rng):
     with pytest.raises(InvalidInputError, match="IDMap"):
         retrostore.create(tmp_path / "idmap", embedder=FakeEmbedder(), index="IDMap,Flat")
+    with pytest.raises(InvalidInputError, match="drop the IDMap component: 'IVF64,Flat'"):  # (helper-43: the
+        retrostore.create(tmp_path / "idmap", embedder=FakeEmbedder(), index="IVF64,Flat,IDMap")  # input repeated)
     with pytest.raises(InvalidInputError, match="cannot build"):
         retrostore.create(tmp_path / "bad", embedder=FakeEmbedder(), index="IVF,NoSuchCodec")
     # HNSW cannot take ids: segments use sequential ids, holes go through an ID map.

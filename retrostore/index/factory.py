@@ -31,7 +31,8 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     if "IDMap" in factory:
         raise InvalidInputError(
             f"factory string {factory!r} asks for an ID map; retrostore assigns chunk ids itself "
-            f"(sequential ids per segment), so drop the IDMap prefix: {factory.replace('IDMap2,', '').replace('IDMap,', '')!r}"
+            f"(sequential ids per segment), so drop the IDMap component: "
+            f"{','.join(p for p in factory.split(',') if p.strip() not in ('IDMap', 'IDMap2'))!r}"
         )
     for name, low, high, what in _FACTORY_LIMITS:
         for m in re.finditer(name + r"(\d+)", factory):

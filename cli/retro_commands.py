@@ -66,6 +66,15 @@ def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tupl
     return shape
 
 
+def _window_counts(summary: dict) -> str:
+    """What ``sequence_neighbors``' leakage rules dropped, as ``neighbors --sequences`` and ``export``
+    print it (helper-44: export left out the excluded documents and the searches again)."""
+    d = summary["dropped"]
+    return (f"dropped {d['excluded_docs']} from excluded documents, {d['duplicates']} exact copies, "
+            f"{d['overlap']} over the overlap threshold, {d['window']} holding the window's own later text; "
+            f"{summary['research']} searched again, {summary['short']} with fewer than k")
+
+
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -145,11 +154,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             np.save(stem + ".window_chunks.npy", seqs.chunk_ids)
             np.save(stem + ".window_docs.npy", seqs.doc_ids)
             click.echo(f"wrote {stem}.windows.npy: {len(seqs)} windows of {seq_len} + 1 tokens ({mode})")
-            d = summary["dropped"]
-            click.echo(f"neighbours: {summary['chunks']} window chunks, dropped {d['excluded_docs']} from excluded "
-                       f"documents, {d['duplicates']} exact copies, {d['overlap']} over the overlap threshold, "
-                       f"{d['window']} holding the window's own later text; "
-                       f"{summary['research']} searched again, {summary['short']} with fewer than k")
+            click.echo(f"neighbours: {summary['chunks']} window chunks, {_window_counts(summary)}")
             path = out
         elif not queries and exclude_same_doc is not False:
             # The store's own chunks, leakage-filtered (helper-28: each chunk was its own neighbour; helper-29:
@@ -199,10 +204,7 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
                                           overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
                                           ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
                                           progress=not quiet)
-    nb = info["neighbors"]
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
-               f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; "
-               f"dropped: {nb['dropped']['duplicates']} exact copies of the query chunk, {nb['dropped']['overlap']} "
-               f"near copies, {nb['dropped']['window']} holding the window's own later text")
+               f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; {_window_counts(info['neighbors'])}")
     click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "
                f"model: RETRO(num_tokens={info['retro_model']['num_tokens']}, ...)")

@@ -129,22 +129,42 @@ def test_windows_layout(store, table, mode):
     assert toks.shape == (len(seqs), 4 * T + 1)
     used = seqs.chunk_ids[seqs.chunk_ids >= 0]
     np.testing.assert_array_equal(np.sort(used), np.arange(len(store)))   # every chunk once
+    ends = 0
     for i in range(len(seqs)):
+        after_end = None  # document mode: where the [SEP] after a document's text stands (helper-44)
         for j, cid in enumerate(seqs.chunk_ids[i]):
             slot = toks[i, j * T:(j + 1) * T]
             if cid < 0:
-                assert (slot == 0).all() and seqs.doc_ids[i, j] == -1
+                if after_end == j * T:  # the first token after a full last chunk
+                    assert slot[0] == 102 and (slot[1:] == 0).all()
+                else:
+                    assert (slot == 0).all()
+                assert seqs.doc_ids[i, j] == -1
                 continue
             ch = store.get_chunks([int(cid)])[0]
             np.testing.assert_array_equal(slot[: len(ch.tokens)], ch.tokens)
-            assert (slot[len(ch.tokens):] == 0).all() and seqs.doc_ids[i, j] == ch.doc_id
+            rest = slot[len(ch.tokens):]
+            ends_doc = not table.next_in_doc[cid]
+            if mode == "document" and ends_doc and len(ch.tokens) < T:
+                assert rest[0] == 102 and (rest[1:] == 0).all()             # the text's end: [SEP]
+                ends += 1
+            else:
+                assert (rest == 0).all()
+            if mode == "document" and ends_doc and len(ch.tokens) == T:
+                after_end = (j + 1) * T
+            assert seqs.doc_ids[i, j] == ch.doc_id
         last = int(seqs.chunk_ids[i, -1])
+        last_len = len(store.get_chunks([last])[0].tokens) if last >= 0 else 0
         if last < 0:
             assert toks[i, -1] == 0
         elif table.next_in_doc[last]:
             assert toks[i, -1] == store.get_chunks([last + 1])[0].tokens[0]   # the label shift
+        elif mode == "document" and last_len < T:
+            assert toks[i, -1] == 0                  # [SEP] is inside the window: RETRODataset zeroes after it
         else:
             assert toks[i, -1] == 102                                        # document end: [SEP]
+    if mode == "document":
+        assert ends > 0 and (toks == 102).sum() == len(set(table.doc_ids[table.live].tolist()))  # one per document
     if mode == "document":
         assert all(len(set(d[d >= 0].tolist())) == 1 for d in seqs.doc_ids)  # never crosses documents
         assert all(seqs.chunk_ids[i, 0] >= 0 for i in range(len(seqs)))
@@ -773,3 +793,28 @@ def test_exclusion_searches_past_the_k_limit(store, table, monkeypatch):
     got = store.neighbors(rows, k=3, exclude_doc_ids=[[doc]])
     np.testing.assert_array_equal(got.chunk_ids, want.chunk_ids)
     assert (got.doc_ids != doc).all() and (got.chunk_ids >= 0).all()
+
+
+def test_document_mode_neighbours_end_their_documents_with_eos(store, table, tmp_path):
+    """helper-44: in document mode the windows now hold [SEP] right after each document's text (as
+    retro-pytorch's preprocessing does); the neighbours and continuations that end a document carry it
+    too, as the export's rows that RETRODataset reads (tests/test_retro_pytorch.py checks every row)."""
+    seqs = retro.training_sequences(store, 2 * T, mode="document", table=table)
+    retro.sequence_neighbors(store, seqs, tmp_path / "knn.npy", k=2)
+    seq, retrieved, mask = retro.TrainingSet(store, seqs, tmp_path / "knn.npy").batch(0, len(seqs))
+    ids = np.load(tmp_path / "knn.npy")
+    checked = 0
+    for (w, j, n), cid in np.ndenumerate(ids):
+        if cid < 0:
+            continue
+        length = int(table.lengths[cid])
+        if not table.next_in_doc[cid] and length < T:
+            assert retrieved[w, j, n, length] == 102 and mask[w, j, n, length]
+            assert (retrieved[w, j, n, length + 1:] == 0).all()              # no continuation
+            checked += 1
+        elif table.next_in_doc[cid]:
+            nxt = int(table.lengths[cid + 1])
+            np.testing.assert_array_equal(retrieved[w, j, n, T:T + nxt], table.tokens[cid + 1, :nxt])
+            if not table.next_in_doc[cid + 1] and nxt < T:
+                assert retrieved[w, j, n, T + nxt] == 102                    # the continuation ends its document
+    assert checked > 0

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, check_bool, check_int
 from ..storage.fileio import sha256_file
-from .sequences import Sequences, window_digest
+from .sequences import Sequences, mark_document_ends, window_digest
 from .table import check_table, store_identity
 from .tokens import NeighborFile
 
@@ -93,12 +93,26 @@ class TrainingSet:
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(seq, retrieved)``: int64 ``(L + 1,)`` and ``(C, k, 2 * T)``."""
         i = check_int("index", i, 0, len(self) - 1)
-        return self.seqs[i], self.knn[i].tokens
+        seq, retrieved, _ = self.batch(i, i + 1)
+        return seq[0], retrieved[0]
 
     def batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``[start, stop)``: ``seq (b, L + 1)``, ``retrieved (b, C, k, 2T)`` and its mask."""
+        """Rows ``[start, stop)``: ``seq (b, L + 1)``, ``retrieved (b, C, k, 2T)`` and its mask.
+
+        In document mode a neighbour, or a continuation, that ends its document with fewer
+        than T tokens holds ``eos_id`` right after them, as its window row does (and the
+        export's row that ``RETRODataset`` reads)."""
         nt = self.knn.tokens(start, stop)
-        return self.seqs.tokens(start, stop), nt.tokens, nt.mask
+        tokens, mask = nt.tokens, nt.mask
+        if self.seqs.mode == "document":
+            table, t = self.seqs.table, self.seqs.table.chunk_tokens
+            ids = nt.chunk_ids
+            nxt = np.where((ids >= 0) & table.next_in_doc[np.maximum(ids, 0)], ids + 1, -1)
+            before = tokens.copy()
+            mark_document_ends(tokens[..., :t], ids[..., None], table, self.seqs.eos_id)
+            mark_document_ends(tokens[..., t:], nxt[..., None], table, self.seqs.eos_id)
+            mask |= tokens != before
+        return self.seqs.tokens(start, stop), tokens, mask
 
 
 def _summary_path(neighbors: str | os.PathLike) -> str:

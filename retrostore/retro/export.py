@@ -4,7 +4,9 @@ retro-pytorch (lucidrains, PyPI ``retro-pytorch==0.3.9``) reads three raw
 ``int32`` memory maps (``np.memmap``, no header, C order; ``data.py``)::
 
     train.chunks.dat      (num_chunks + C, T + 1)  one row per chunk: its T
-                          tokens padded with 0, then one extra column: the
+                          tokens padded with 0 (in document mode eos_id
+                          right after a document's text), then one extra
+                          column: the
                           first token of the next chunk of the same document,
                           or eos_id where the chunk ends its document
                           (0 in a padding row)
@@ -26,9 +28,11 @@ real text unless asked.
 Here rows are the windows of :func:`training_sequences` laid end to end (a
 window's empty slots are all-0 rows), followed by the C all-0 rows
 ``RETRODataset`` expects past ``num_chunks``; ``train.seq.dat`` is
-``0, C, 2C, ...``. With ``eos_id`` never inside a chunk, ``RETRODataset``
-then yields exactly :class:`TrainingSet`'s ``(seq, retrieved)`` for every
-row, pad id 0.
+``0, C, 2C, ...``. With ``eos_id`` never inside a chunk's text,
+``RETRODataset`` then yields exactly :class:`TrainingSet`'s ``(seq,
+retrieved)`` for every row, pad id 0; in document mode both carry ``eos_id``
+after each document's text, in the windows and in the neighbours that end
+their document (:func:`~retrostore.retro.sequences.mark_document_ends`).
 
 Beside them: ``train.doc_ids.dat`` (int32 ``(num_chunks + C,)``, each row's
 document, -1 for padding rows; retro-pytorch's own preprocessing writes it),
@@ -208,10 +212,14 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
     row_of = np.full(len(store), -1, np.int64)
     have = rows >= 0
     row_of[rows[have]] = np.flatnonzero(have)
-    # Chunk rows: T tokens padded with 0, then the continuation's first token or the document-end marker.
+    # Chunk rows: the windows' T-token slots (padded with 0; in document mode eos_id after each document's
+    # text, Sequences.tokens), then the continuation's first token or the document-end marker.
     safe = np.maximum(rows, 0)
     extra = np.where(table.next_in_doc[safe], table.tokens[np.minimum(safe + 1, len(table) - 1), 0], seqs.eos_id)
-    chunks = np.concatenate([table.padded(rows, 0), np.where(have, extra, 0)[:, None]], axis=1)
+    body = np.zeros((len(rows), table.chunk_tokens), np.int64)
+    for start, window in seqs.batches(4096):
+        body[start * c : (start + len(window)) * c] = window[:, :seq_len].reshape(-1, table.chunk_tokens)
+    chunks = np.concatenate([body, np.where(have, extra, 0)[:, None]], axis=1)
     knn = np.full((len(rows), k), -1, np.int64)
     flat = seq_knn.reshape(n * c, k)
     knn[: n * c] = np.where(flat >= 0, row_of[np.maximum(flat, 0)], -1)

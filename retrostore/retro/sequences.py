@@ -18,7 +18,13 @@ Layout of one window (T = ``chunk_tokens``)::
                             document; pad_id after an empty slot
 
 ``mode="document"``: windows never cross documents; each document gives
-``ceil(n_chunks / C)`` windows, the last padded with empty slots.
+``ceil(n_chunks / C)`` windows, the last padded with empty slots, and
+``eos_id`` stands right after the document's last token (the first pad slot
+of its last chunk, the first token of the empty slot after a full one, or the
+label), as retro-pytorch's own preprocessing puts ``[SEP]`` after each text:
+a model trained on these windows learns to end a document (helper-44). The
+label is then pad_id when that eos_id is already inside the window
+(``RETRODataset`` zeroes everything after a window's first ``eos_id``).
 ``mode="packed"``: the chunks of all documents, in id order, cut every C
 chunks; a window may hold the end of one document and the start of the next
 (``doc_ids`` per slot says which), and only the store's last window is padded.
@@ -50,7 +56,8 @@ from .table import ChunkTable, check_table, chunk_table, store_identity
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors", "MODES"]
+__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors", "MODES",
+           "mark_document_ends"]
 
 MODES = ("document", "packed")
 _EOS_NAMES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -133,6 +140,8 @@ class Sequences:
         start = check_int("start", start, 0, stop)
         ids = self.chunk_ids[start:stop]
         body = self.table.padded(ids, self.pad_id).reshape(len(ids), self.seq_len)
+        if self.mode == "document":
+            mark_document_ends(body, ids, self.table, self.eos_id)
         return np.concatenate([body, self.labels[start:stop, None]], axis=1)
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -149,6 +158,25 @@ class Sequences:
         batch_size = check_int("batch_size", batch_size, 1)
         for s in range(0, len(self), batch_size):
             yield s, self.tokens(s, min(len(self), s + batch_size))
+
+
+def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, eos_id: int) -> None:
+    """Put ``eos_id`` right after the last token of every document that ends in ``ids`` (in place).
+
+    ``tokens`` holds the chunks of ``ids`` (shape ``(..., S)``, -1 allowed) laid end to end on its
+    last axis, ``T`` tokens each, padded: a chunk that ends its document with ``n < T`` tokens gets
+    ``eos_id`` at its own slot ``n``; a full one at the first slot of the chunk after it, when
+    ``tokens`` has room (a document-mode window's next slot is empty). Document-mode windows
+    (:class:`Sequences`), their export rows, and neighbours in ``TrainingSet`` (``S = T``).
+    """
+    t = table.chunk_tokens
+    ids = np.asarray(ids, np.int64)
+    safe = np.maximum(ids, 0)
+    ends = (ids >= 0) & ~table.next_in_doc[safe]
+    where = np.nonzero(ends)
+    pos = where[-1] * t + table.lengths[safe[where]].astype(np.int64)
+    room = pos < tokens.shape[-1]
+    tokens[(*[w[room] for w in where[:-1]], pos[room])] = eos_id
 
 
 def _near(seq_len: object, t: int) -> tuple[int, int]:
@@ -173,7 +201,9 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     pad_id : int, optional
         Default: the store's pad id.
     eos_id : int, optional
-        Label after a document's last token. Default: :func:`default_eos_id`.
+        The token after a document's last one: the label of a window whose last slot ends its
+        document; in ``"document"`` mode right after the text, inside the window. Default:
+        :func:`default_eos_id`.
     table : ChunkTable, optional
         A :func:`chunk_table` of this version (read when not given).
 
@@ -229,6 +259,8 @@ def training_sequences(store: "Store", seq_len: int, *, mode: str = "packed", pa
     safe = np.maximum(last, 0)
     nxt = np.minimum(safe + 1, max(len(table) - 1, 0))
     labels = np.where(last < 0, pad, np.where(table.next_in_doc[safe], table.tokens[nxt, 0], eos)).astype(np.int64)
+    if mode == "document":  # a short last chunk holds its document's eos_id itself (mark_document_ends)
+        labels[(last >= 0) & ~table.next_in_doc[safe] & (table.lengths[safe] < t)] = pad
     return Sequences(chunk_ids, doc_ids, labels, int(seq_len), mode, pad, eos, table)
 
 

@@ -39,4 +39,4 @@ def test_retro_training_page_runs(tmp_path, monkeypatch):
                 ran_python += 1
     finally:
         torch.set_num_threads(before)
-    assert ran_shell == 3 and ran_python == 8
+    assert ran_shell == 3 and ran_python == 9

@@ -202,15 +202,14 @@ class Reader:
         """See :meth:`retrostore.Store.search_vectors`."""
         k = check_k(k)
         q = query_vectors(vectors, self.version.manifest["index"]["dim"], k)
-        self.follow_purges()
-        return self.version.index.search(q, k, check_params(params))
+        return self.candidates(q, k, check_params(params))
 
-    def candidates(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``fetch`` nearest chunk ids of checked queries ((n, dim) C-contiguous float32), with
-        no :data:`MAX_K` limit on ``fetch`` (:func:`~retrostore.store.retrieval.search_excluding`
-        widens its search up to the whole store)."""
+    def candidates(self, queries: np.ndarray, fetch: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` nearest chunk ids of checked queries ((n, dim) C-contiguous float32) and
+        parameters, with no :data:`MAX_K` limit on ``fetch`` (:meth:`search_vectors` checks its
+        ``k``; :func:`~retrostore.store.retrieval.search_excluding` widens up to the whole store)."""
         self.follow_purges()
-        return self.version.index.search(queries, int(fetch))
+        return self.version.index.search(queries, int(fetch), params)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as :class:`Hit` rows: each chunk with its score and continuation

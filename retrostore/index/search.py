@@ -318,7 +318,8 @@ class SegmentSet:
         rerank = int(eff.get(RERANK, 0) or 0)
         rerank = rerank if rerank > 1 and self.raw is not None and not self.exact else 1
         kk = min(k * rerank, max(self.ntotal, 1)) if rerank > 1 else k
-        if self._graph is not None and int(eff.get("efSearch", self._graph.hnsw.efSearch)) < kk:
+        ef = eff.get("efSearch") if self._graph is not None else None
+        if self._graph is not None and int(self._graph.hnsw.efSearch if ef is None else ef) < kk:
             params = {**params, "efSearch": kk}  # a graph returns <= efSearch results (helper-43: efSearch=1, k=16)
             eff["efSearch"] = kk
         changes = {n: v for n, v in params.items() if n != RERANK and self.params.get(n) != v}

@@ -108,10 +108,8 @@ class TrainingSet:
             table, t = self.seqs.table, self.seqs.table.chunk_tokens
             ids = nt.chunk_ids
             nxt = np.where((ids >= 0) & table.next_in_doc[np.maximum(ids, 0)], ids + 1, -1)
-            before = tokens.copy()
-            mark_document_ends(tokens[..., :t], ids[..., None], table, self.seqs.eos_id)
-            mark_document_ends(tokens[..., t:], nxt[..., None], table, self.seqs.eos_id)
-            mask |= tokens != before
+            for part, chunk in ((slice(None, t), ids), (slice(t, None), nxt)):  # neighbour, continuation
+                mask[..., part][mark_document_ends(tokens[..., part], chunk[..., None], table, self.seqs.eos_id)] = True
         return self.seqs.tokens(start, stop), tokens, mask
 
 

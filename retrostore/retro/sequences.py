@@ -160,8 +160,9 @@ class Sequences:
             yield s, self.tokens(s, min(len(self), s + batch_size))
 
 
-def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, eos_id: int) -> None:
-    """Put ``eos_id`` right after the last token of every document that ends in ``ids`` (in place).
+def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, eos_id: int) -> tuple:
+    """Put ``eos_id`` right after the last token of every document that ends in ``ids`` (in place);
+    returns the index of the tokens set (for a mask of real tokens).
 
     ``tokens`` holds the chunks of ``ids`` (shape ``(..., S)``, -1 allowed) laid end to end on its
     last axis, ``T`` tokens each, padded: a chunk that ends its document with ``n < T`` tokens gets
@@ -176,7 +177,9 @@ def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, e
     where = np.nonzero(ends)
     pos = where[-1] * t + table.lengths[safe[where]].astype(np.int64)
     room = pos < tokens.shape[-1]
-    tokens[(*[w[room] for w in where[:-1]], pos[room])] = eos_id
+    at = (*[w[room] for w in where[:-1]], pos[room])
+    tokens[at] = eos_id
+    return at
 
 
 def _near(seq_len: object, t: int) -> tuple[int, int]:

@@ -341,9 +341,9 @@ def test_per_query_params_hold_while_the_same_handle_commits(tmp_path, embedder)
         while time.monotonic() < stop:
             x = _clustered(20, seed)
             st.append([f"extra {seed} {j}" for j in range(20)], embeddings=x)
-            st.commit()
-            with seen:
+            with seen:  # recorded before the commit makes it searchable (ids only reach committed rows)
                 xs.append(x)
+            st.commit()
             seed += 1
             commits[0] += 1
 

@@ -373,3 +373,19 @@ def test_graph_search_returns_k_live_chunks_among_many_deleted(tmp_path, embedde
         _, ids = st.search_vectors(queries, k=k, params=params)
         assert (ids >= 0).all() and (ids % 10 == 0).all(), (k, params)  # k live chunks, none deleted
     st.close()
+
+
+@pytest.mark.parametrize("factory", ["PCA64,HNSW32,Flat", "HNSW32,Flat,RFlat"])
+def test_wrapped_graph_search_returns_k_live_chunks_among_many_deleted(tmp_path, embedder, factory):
+    """review: the per-call efSearch reached only a bare IndexHNSW; a graph behind a pre-transform or a
+    refine wrapper still answered k=100 of 300 live chunks with 31 (PCA) or 63 (RFlat)."""
+    st = retrostore.create(tmp_path / "g.rstore", embedder=embedder, index=factory)
+    st.append([f"d {i}" for i in range(3000)], embeddings=_clustered(3000, 3))
+    st.commit()
+    st.delete([i for i in range(3000) if i % 10])
+    st.commit()
+    queries = _clustered(20, 8)
+    for k, params in ((100, None), (300, None), (10, {"efSearch": 8})):
+        _, ids = st.search_vectors(queries, k=k, params=params)
+        assert (ids >= 0).all() and (ids % 10 == 0).all(), (factory, k, params)
+    st.close()

@@ -431,8 +431,15 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     ``SearchParametersHNSW``; the index is not changed): it returns at most ``efSearch``, and
     the missing ones read as "no more" (helper-43: k=100 of 300 live chunks, 2,700 deleted, came
     back with 63)."""
-    if isinstance(index, faiss.IndexHNSW) and k > index.hnsw.efSearch:
-        return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
+    if isinstance(index, faiss.IndexHNSW):
+        if k > index.hnsw.efSearch:
+            return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
+    elif isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):
+        # A graph behind a pre-transform or a refine wrapper too (review: PCA64,HNSW32,Flat gave 31 of
+        # k=100 live chunks, HNSW32,Flat,RFlat 63, with 2,700 of 3,000 chunks deleted).
+        params = _graph_params(index, k)
+        if params is not None:
+            return index.search(queries, k, params=params)
     if len(queries) != 1 or not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
         return index.search(queries, k)  # (segments are read and built downcast: no downcast_index per search)
     flat = index
@@ -446,6 +453,31 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     I = np.full((1, k), -1, np.int64)
     D[0, :kk], I[0, :kk] = scores[top], top
     return D, I
+
+
+def _graph_params(index: faiss.Index, k: int):
+    """Per-call search parameters giving the graph inside ``index`` (behind pre-transforms and refine
+    wrappers) ``efSearch`` >= the results it is asked for; None when it has that already, or no graph."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=int(k)) if k > index.hnsw.efSearch else None
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = _graph_params(index.index, k)
+        if inner is None:
+            return None
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner
+    elif isinstance(index, faiss.IndexRefine):
+        inner = _graph_params(index.base_index, int(k * index.k_factor))  # the base is asked for k x k_factor
+        if inner is None:
+            return None
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = index.k_factor
+        params.base_index_params = inner
+    else:
+        return None
+    params.referenced_objects = [inner]  # SWIG holds a bare pointer: keep the inner parameters alive
+    return params
 
 
 def _pad(D: np.ndarray, I: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -119,6 +119,9 @@ def test_exclusion_honoured_and_k_still_returned(store, small_docs, embedder):
     _same_up_to_ties(nb.chunk_ids.reshape(-1, 5), want, scores)
     with pytest.raises(InvalidInputError, match="one entry per row"):
         store.neighbors(toks, k=2, exclude_doc_ids=[own, own])
+    # review: a doc id past int64 (no document has one) raised a raw OverflowError; it excludes nothing
+    big = store.neighbors(toks, k=5, exclude_doc_ids=[[own, 2**63, 2**70]])
+    np.testing.assert_array_equal(big.chunk_ids, nb.chunk_ids)
 
 
 def test_fewer_than_k_gives_minus_one(tmp_path, small_docs, embedder):

@@ -97,6 +97,13 @@ def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
     return out
 
 
+def _int64_ids(ids: set[int]) -> np.ndarray:
+    """A set of doc ids as int64, leaving out those past int64 (no document has one; review: 2**63
+    in exclude_doc_ids raised a raw OverflowError from np.fromiter)."""
+    top = np.iinfo(np.int64).max
+    return np.fromiter((x for x in ids if x <= top), np.int64)
+
+
 #: Candidates (rows x fetched) per index call while :func:`search_excluding` widens its search: ~80 MB
 #: of scores, ids and doc ids (a row whose nearest region is one excluded document fetches up to
 #: every chunk of the store).
@@ -146,7 +153,7 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
             for row, q in enumerate(rows):
                 ok = valid[row]
                 if excluded[q]:
-                    ok = ok & ~np.isin(docs[row], np.fromiter(excluded[q], np.int64, len(excluded[q])))
+                    ok = ok & ~np.isin(docs[row], _int64_ids(excluded[q]))
                 keep = np.flatnonzero(ok)[:k]
                 if len(keep) < k and fetch < total:
                     still.append(q)

@@ -264,7 +264,8 @@ def test_example_retro_model_input_runs(built_store):
 
 def test_bad_exclusions_and_ragged_rows(store):
     toks = np.ones((1, 64), np.int64)
-    for bad in (["a"], [1.5], [[1.5]], [[None]], [b"x"]):
+    # (review: a 0-d array, iterable by type only, raised a raw TypeError, as a row or as the whole)
+    for bad in (["a"], [1.5], [[1.5]], [[None]], [b"x"], [np.array(5)], np.array(5)):
         with pytest.raises(InvalidInputError, match="exclude_doc_ids"):
             store.neighbors(toks, k=1, exclude_doc_ids=bad)
     with pytest.raises(InvalidInputError, match="same length"):

@@ -59,7 +59,11 @@ def doc_id_set(name: str, ids: Any) -> set[int]:
     """
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise InvalidInputError(f"{name} is {shown(ids)}; give an iterable of doc ids (ints >= 0)")
-    ids = list(ids)
+    try:
+        ids = list(ids)
+    except TypeError as exc:  # a 0-d array or tensor: iterable by type only (review: a raw TypeError)
+        raise InvalidInputError(f"{name} is {shown(ids)}, which cannot be iterated ({exc}); give an iterable of "
+                                "doc ids (ints >= 0), e.g. [int(x)] for one") from None
     bad = [x for x in ids if not is_int(x)]
     if bad:
         raise InvalidInputError(f"{name} holds {shown(bad[0])}; doc ids are ints")
@@ -74,11 +78,16 @@ def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
     Shared with the client (``retrostore.connect``), which refuses what ``Store`` refuses."""
     if exclude_doc_ids is None:
         return None
-    if isinstance(exclude_doc_ids, (str, bytes)) or not hasattr(exclude_doc_ids, "__iter__"):
+    rows = None
+    if not isinstance(exclude_doc_ids, (str, bytes)) and hasattr(exclude_doc_ids, "__iter__"):
+        try:
+            rows = list(exclude_doc_ids)
+        except TypeError:  # a 0-d array or tensor: iterable by type only
+            pass
+    if rows is None:
         raise InvalidInputError(
             f"exclude_doc_ids is {shown(exclude_doc_ids)}; give a sequence with one entry per row of token_ids "
             f"({batch} rows), e.g. [{shown(exclude_doc_ids)}] for one row")
-    rows = list(exclude_doc_ids)
     if len(rows) != batch:
         raise InvalidInputError(
             f"exclude_doc_ids has {len(rows)} rows for a batch of {batch}; give one entry per row "

@@ -818,3 +818,30 @@ def test_document_mode_neighbours_end_their_documents_with_eos(store, table, tmp
             if not table.next_in_doc[cid + 1] and nxt < T:
                 assert retrieved[w, j, n, T + nxt] == 102                    # the continuation ends its document
     assert checked > 0
+
+
+def test_output_lock_opened_before_a_finished_run_removed_it_is_not_held_twice(tmp_path, monkeypatch):
+    """review: a process that opened OUT.lock, then locked it after the run holding it had finished
+    (done() removed the file, then release), held a lock on a removed file; a third process then
+    locked a new OUT.lock: two writers of one output."""
+    import os
+
+    from retrostore.retro._checks import output_lock
+
+    out = tmp_path / "knn.npy"
+    first = output_lock(out, "neighbours")
+    real_open = os.open
+
+    def open_then_first_finishes(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        monkeypatch.setattr(os, "open", real_open)
+        first.done()
+        first.release()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_first_finishes)
+    second = output_lock(out, "neighbours")
+    assert os.path.exists(second.path)  # it holds the OUT.lock that is there, not the removed one
+    with pytest.raises(WriterLockedError, match="another process is writing neighbours"):
+        output_lock(out, "neighbours")
+    second.release()

@@ -97,10 +97,20 @@ def check_ngram(ngram: Any, chunk_tokens: int) -> int:
 class OutputLock(WriterLock):
     """:class:`WriterLock` on ``OUT.lock``; :meth:`done` removes the file once the output is complete."""
 
+    def __init__(self, path: str | os.PathLike) -> None:
+        while True:
+            super().__init__(path)
+            try:  # the file locked is still the one at ``path``: not one a finished run removed (done)
+                if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                    return
+            except FileNotFoundError:
+                pass
+            self.release()  # (review: it was then held beside the holder of the new OUT.lock)
+
     def done(self) -> None:
         """Remove the lock file, still holding the lock (helper-41: every finished run left one behind).
         A process that opened the file before is refused by the held lock; one that locks it after the
-        release holds a removed file, and finds the output complete."""
+        release finds it removed, and locks the path again (:meth:`__init__`)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

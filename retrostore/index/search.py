@@ -367,12 +367,12 @@ class SegmentSet:
             fill = -np.inf if keep_max else np.inf
             return np.full((n, k), fill, np.float32), np.full((n, k), -1, np.int64)
         if len(segs) == 1:
-            D, I = _segment_search(segs[0].index, queries, k, keep_max)
+            D, I = _segment_search(segs[0].index, queries, k, keep_max, self._graph is not None)
             _offset(I, segs[0].first_id)
             return _clean(D, I, keep_max)
         heap = faiss.ResultHeap(n, k, keep_max=keep_max)
         for seg in segs:
-            D, I = _segment_search(seg.index, queries, min(k, seg.index.ntotal), keep_max)
+            D, I = _segment_search(seg.index, queries, min(k, seg.index.ntotal), keep_max, self._graph is not None)
             _offset(I, seg.first_id)
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
@@ -421,7 +421,8 @@ class SegmentSet:
         return out_d, out_i
 
 
-def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:
+def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool,
+                    graph: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, except a single query on an exact inner-product ``IndexFlat``: one BLAS
     matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
     floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
@@ -434,7 +435,7 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     if isinstance(index, faiss.IndexHNSW):
         if k > index.hnsw.efSearch:
             return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
-    elif isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):
+    elif graph and isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):  # (graph: the set holds one)
         # A graph behind a pre-transform or a refine wrapper too (review: PCA64,HNSW32,Flat gave 31 of
         # k=100 live chunks, HNSW32,Flat,RFlat 63, with 2,700 of 3,000 chunks deleted).
         params = _graph_params(index, k)

@@ -294,7 +294,15 @@ class SegmentSet:
         out[RERANK] = rerank if rerank > 1 and self.raw is not None and not self.exact else 0
         return out
 
-    def search(self, queries: np.ndarray, k: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def selectable(self) -> bool:
+        """Whether :meth:`search` can leave chunk-id ranges out inside FAISS (``outside``): every
+        segment an exact or IVF index (maybe behind an ID map). Not a graph: FAISS's filtered HNSW
+        search keeps walking the left-out chunks around the query (retrieval._search_outside)."""
+        return all(_selectable(seg.index) for seg in self.segments)
+
+    def search(self, queries: np.ndarray, k: int, params: dict | None = None, *,
+               outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k nearest live chunk ids of each query row.
 
         Parameters
@@ -303,6 +311,11 @@ class SegmentSet:
         k : int, >= 1
         params : dict, optional
             Per-query search parameters, over the store's.
+        outside : list of (int, int), optional
+            Chunk-id ranges ``[lo, hi)`` no row may return (excluded documents' chunks), left
+            out by FAISS while it searches (an ``IDSelectorNot`` in its per-call parameters), so
+            that k admissible chunks come back from one search however many of the nearest are
+            left out. Only when :attr:`selectable`.
 
         Returns
         -------
@@ -334,7 +347,7 @@ class SegmentSet:
             if not changes:
                 self._lock.acquire_shared()
                 try:
-                    D, I = self._search_live(queries, kk)
+                    D, I = self._search_live(queries, kk, outside)
                 finally:
                     self._lock.release_shared()
             else:
@@ -343,7 +356,7 @@ class SegmentSet:
                     try:
                         for seg in self.segments:
                             apply_params(seg.index, eff, kk)
-                        D, I = self._search_live(queries, kk)
+                        D, I = self._search_live(queries, kk, outside)
                     finally:
                         for seg, before in zip(self.segments, saved):
                             apply_params(seg.index, before)
@@ -358,7 +371,8 @@ class SegmentSet:
             D, I = _pad(D, I, k, self.metric == "ip")
         return D[:, :k], I[:, :k]
 
-    def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_all(self, queries: np.ndarray, k: int,
+                    outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         n = queries.shape[0]
         keep_max = self.metric == "ip"
         # one segment: searched even when empty (FAISS answers -1 ids, cleaned below)
@@ -367,21 +381,24 @@ class SegmentSet:
             fill = -np.inf if keep_max else np.inf
             return np.full((n, k), fill, np.float32), np.full((n, k), -1, np.int64)
         if len(segs) == 1:
-            D, I = _segment_search(segs[0].index, queries, k, keep_max, self._graph is not None)
+            D, I = _segment_search(segs[0].index, queries, k, keep_max, self._graph is not None,
+                                   _local(outside, segs[0]))
             _offset(I, segs[0].first_id)
             return _clean(D, I, keep_max)
         heap = faiss.ResultHeap(n, k, keep_max=keep_max)
         for seg in segs:
-            D, I = _segment_search(seg.index, queries, min(k, seg.index.ntotal), keep_max, self._graph is not None)
+            D, I = _segment_search(seg.index, queries, min(k, seg.index.ntotal), keep_max, self._graph is not None,
+                                   _local(outside, seg))
             _offset(I, seg.first_id)
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
         return _clean(heap.D, heap.I, keep_max)
 
-    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_live(self, queries: np.ndarray, k: int,
+                     outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_search_all` without tombstoned ids: fetch more candidates for rows that lose some."""
         if not len(self.deleted):
-            return self._search_all(queries, k)
+            return self._search_all(queries, k, outside)
         n, total = len(queries), max(self.ntotal, 1)
         keep_max = self.metric == "ip"
         out_d = np.full((n, k), -np.inf if keep_max else np.inf, np.float32)
@@ -389,7 +406,7 @@ class SegmentSet:
         todo = np.arange(n)
         fetch = min(total, k + max(8, k))
         while len(todo):
-            D, I = self._search_all(queries[todo], fetch)
+            D, I = self._search_all(queries[todo], fetch, outside)
             missing = I < 0  # FAISS had no more (probed lists exhausted)
             dead = in_sorted(I, self.deleted) & ~missing
             I[dead] = -1
@@ -422,7 +439,7 @@ class SegmentSet:
 
 
 def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool,
-                    graph: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    graph: bool = False, outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, except a single query on an exact inner-product ``IndexFlat``: one BLAS
     matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
     floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
@@ -431,7 +448,10 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     tombstone filter's wider fetches) gets ``efSearch = k`` for this call only (FAISS's per-call
     ``SearchParametersHNSW``; the index is not changed): it returns at most ``efSearch``, and
     the missing ones read as "no more" (helper-43: k=100 of 300 live chunks, 2,700 deleted, came
-    back with 63)."""
+    back with 63). ``outside``: the segment's own ids ``[lo, hi)`` to leave out (FAISS's ID
+    selector, :func:`_selector_params`)."""
+    if outside:
+        return index.search(queries, k, params=_selector_params(index, outside))
     if isinstance(index, faiss.IndexHNSW):
         if k > index.hnsw.efSearch:
             return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
@@ -479,6 +499,46 @@ def _graph_params(index: faiss.Index, k: int):
         return None
     params.referenced_objects = [inner]  # SWIG holds a bare pointer: keep the inner parameters alive
     return params
+
+
+def _selectable(index: faiss.Index) -> bool:
+    """Whether FAISS can search ``index`` with an ID selector built by :func:`_selector_params`."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    return type(index) in FLAT_TYPES or isinstance(index, faiss.IndexIVF)
+
+
+def _selector_params(index: faiss.Index, outside: list[tuple[int, int]]) -> faiss.SearchParameters:
+    """FAISS per-call search parameters that leave out the ids in the ranges ``outside`` and
+    otherwise search as ``index`` is set now (per-call parameters replace the index's own:
+    ``nprobe`` and ``max_codes`` of an IVF index). Only for :func:`_selectable` indexes; an ID
+    map translates the selector to its own ids (FAISS)."""
+    keep: list = [faiss.IDSelectorRange(int(lo), int(hi)) for lo, hi in outside]
+    sel = keep[0]
+    for other in keep[1:]:
+        sel = faiss.IDSelectorOr(sel, other)
+        keep.append(sel)
+    sel = faiss.IDSelectorNot(sel)
+    keep.append(sel)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=int(inner.nprobe), max_codes=int(inner.max_codes))
+    else:
+        params = faiss.SearchParameters(sel=sel)
+    params.referenced_objects = keep  # SWIG holds bare pointers: keep the selectors alive
+    return params
+
+
+def _local(outside: list[tuple[int, int]] | None, seg: Segment) -> list[tuple[int, int]] | None:
+    """The ranges of ``outside`` (chunk ids) that meet ``seg``, in its own ids (chunk id - first_id)."""
+    if not outside:
+        return None
+    first, end = seg.first_id, seg.end_id
+    out = [(max(lo, first) - first, min(hi, end) - first) for lo, hi in outside if lo < end and hi > first]
+    return out or None
 
 
 def _pad(D: np.ndarray, I: np.ndarray, k: int, keep_max: bool) -> tuple[np.ndarray, np.ndarray]:

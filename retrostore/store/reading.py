@@ -204,12 +204,32 @@ class Reader:
         q = query_vectors(vectors, self.version.manifest["index"]["dim"], k)
         return self.candidates(q, k, check_params(params))
 
-    def candidates(self, queries: np.ndarray, fetch: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, queries: np.ndarray, fetch: int, params: dict | None = None, *,
+                   outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``fetch`` nearest chunk ids of checked queries ((n, dim) C-contiguous float32) and
         parameters, with no :data:`MAX_K` limit on ``fetch`` (:meth:`search_vectors` checks its
-        ``k``; :func:`~retrostore.store.retrieval.search_excluding` widens up to the whole store)."""
+        ``k``; :func:`~retrostore.store.retrieval.search_excluding` widens up to the whole store);
+        none in the chunk-id ranges ``outside`` (``[lo, hi)``; only where :meth:`can_leave_out`)."""
         self.follow_purges()
-        return self.version.index.search(queries, int(fetch), params)
+        return self.version.index.search(queries, int(fetch), params, outside=outside)
+
+    def can_leave_out(self) -> bool:
+        """Whether :meth:`candidates` can leave chunk-id ranges out inside the index search (an
+        exact or IVF index, not a graph), and :meth:`doc_ranges` holds (every document's chunks
+        consecutive, documents in id order)."""
+        if not self.version.index.selectable:
+            return False
+        docs = self.all_doc_ids()
+        return bool(len(docs) < 2 or (docs[1:] >= docs[:-1]).all())
+
+    def doc_ranges(self, doc_ids: np.ndarray) -> list[tuple[int, int]]:
+        """The committed chunk ids ``[lo, hi)`` of each of ``doc_ids`` (int64) that has chunks (a
+        document's chunks have consecutive ids: :meth:`can_leave_out`), in id order."""
+        docs = self.all_doc_ids()
+        want = np.asarray(doc_ids, dtype=np.int64)
+        lo = np.searchsorted(docs, want, "left")
+        hi = np.searchsorted(docs, want, "right")
+        return sorted((int(a), int(b)) for a, b in zip(lo, hi) if b > a)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as :class:`Hit` rows: each chunk with its score and continuation

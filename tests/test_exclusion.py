@@ -71,28 +71,47 @@ def test_a_documents_own_chunks_excluded_in_few_searches(tmp_path, embedder, mon
     st.close()
 
 
-def test_ivf_probes_more_lists_when_the_excluded_document_fills_them(tmp_path, embedder):
+def test_ivf_probes_more_lists_when_the_excluded_document_fills_them(tmp_path, embedder, monkeypatch):
     """IVF at nprobe 1: the lists probed around the big document's chunks hold little else, so
     widening the candidates left slots empty (-1); the selector search probes more lists."""
     st, big, small, n_big = _store(tmp_path, embedder, "IVF8,Flat", params={"nprobe": 1})
     reader = st._reader
     s, ids = retrieval.search_excluding(reader, big, 3, [{0}] * n_big, reader.doc_ids_of)
     assert (ids >= 0).all() and (reader.doc_ids_of(ids) != 0).all()
-    reader.can_leave_out = lambda: False  # the former path: more candidates from the same lists
+    monkeypatch.setattr(reader, "can_leave_out", lambda: False)  # the former path: more candidates
+    monkeypatch.setattr(retrieval, "EXACT_OUTSIDE_MAX", 0)  # from the same lists
     _, before = retrieval.search_excluding(reader, big, 3, [{0}] * n_big, reader.doc_ids_of)
     assert (before < 0).any(1).mean() > 0.5
     st.close()
 
 
-def test_a_graph_widens_instead(tmp_path, embedder):
+def test_a_graph_scans_the_stored_vectors_instead(tmp_path, embedder, monkeypatch):
     """HNSW: FAISS's filtered graph search keeps to the left-out chunks around the query (recall@2 of
-    4% on a real 4,512-chunk document), so a graph widens the candidates as before: every slot
-    filled, none from the excluded document."""
+    4% on a real 4,512-chunk document), and widening a graph's candidates costs up to the document's
+    size per row (138.6 s for that store's precompute_neighbors): a store of at most
+    EXACT_OUTSIDE_MAX chunks answers those rows by an exact scan of its stored vectors, deleted
+    chunks left out too."""
     st, big, small, n_big = _store(tmp_path, embedder, "HNSW32,SQfp16")
+    st.delete([3])  # a small document near the big one's chunks
+    st.commit()
     reader = st._reader
     assert not reader.can_leave_out()
-    s, ids = retrieval.search_excluding(reader, big[:40], 3, [{0}] * 40, reader.doc_ids_of)
-    assert (ids >= 0).all() and (reader.doc_ids_of(ids) != 0).all()
+    calls = _calls(reader, monkeypatch)
+    k = 3
+    s, ids = retrieval.search_excluding(reader, big[:40], k, [{0}] * 40, reader.doc_ids_of)
+    assert len(calls) == 1, calls  # the first candidates only
+    stored = reader.version.stored_vectors(0, reader.limit)
+    exact = big[:40] @ stored.T
+    exact[:, :n_big] = -np.inf
+    exact[:, reader.doc_ids_of(np.arange(reader.limit)) == 3] = -np.inf
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    assert (ids == want).all()
+    assert np.allclose(s, np.take_along_axis(exact, want, 1), atol=1e-4)
+    monkeypatch.setattr(retrieval, "EXACT_OUTSIDE_MAX", 10)  # a larger graph: widened as before
+    calls.clear()
+    _, wide = retrieval.search_excluding(reader, big[:40], k, [{0}] * 40, reader.doc_ids_of)
+    assert len(calls) > 2 and (wide >= 0).all() and (reader.doc_ids_of(wide) != 0).all()
+    assert not np.isin(reader.doc_ids_of(wide), [0, 3]).any()
     st.close()
 
 
@@ -107,6 +126,7 @@ def test_exclusion_over_segments_and_deletes_matches_widening(tmp_path, embedder
     excluded = [{0}] * 10 + [{0, 2}, {0}, set()]
     got_s, got_i = retrieval.search_excluding(reader, queries, 4, excluded, reader.doc_ids_of)
     monkeypatch.setattr(reader, "can_leave_out", lambda: False)  # the former path: candidates doubled
+    monkeypatch.setattr(retrieval, "EXACT_OUTSIDE_MAX", 0)
     old_s, old_i = retrieval.search_excluding(reader, queries, 4, excluded, reader.doc_ids_of)
     assert (got_i == old_i).all() and np.allclose(got_s, old_s)
     docs = reader.doc_ids_of(got_i)

@@ -46,6 +46,7 @@ class Reader:
         self.table = table
         self._head = head
         self._doc_ids: tuple[tuple[int, int], np.ndarray] | None = None
+        self._in_order: tuple[tuple[int, int], bool] | None = None
         self._follow = follow_purges
         self._manifest_path = os.fspath(head.root / MANIFEST)  # a str: no pathlib work per search
         self._seen = _manifest_stat(self._manifest_path)
@@ -217,10 +218,16 @@ class Reader:
         """Whether :meth:`candidates` can leave chunk-id ranges out inside the index search (an
         exact or IVF index, not a graph), and :meth:`doc_ranges` holds (every document's chunks
         consecutive, documents in id order)."""
-        if not self.version.index.selectable:
-            return False
+        return self.version.index.selectable and self.documents_in_order()
+
+    def documents_in_order(self) -> bool:
+        """Whether every document's chunks have consecutive ids, documents in id order (what
+        :meth:`doc_ranges` assumes)."""
         docs = self.all_doc_ids()
-        return bool(len(docs) < 2 or (docs[1:] >= docs[:-1]).all())
+        key = self._doc_ids[0]  # (cached per version, as the doc ids)
+        if self._in_order is None or self._in_order[0] != key:
+            self._in_order = (key, bool(len(docs) < 2 or (docs[1:] >= docs[:-1]).all()))
+        return self._in_order[1]
 
     def doc_ranges(self, doc_ids: np.ndarray) -> list[tuple[int, int]]:
         """The committed chunk ids ``[lo, hi)`` of each of ``doc_ids`` (int64) that has chunks (a

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError, check_bool, is_int, shown
+from ..errors import InvalidInputError, RetrostoreError, check_bool, is_int, shown
 from ..types import Neighbors
 from .reading import Reader, check_k, query_vectors
 
@@ -127,10 +127,12 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     among them (their nearest region is an excluded document: a book's own
     chunks) are searched once more with the excluded documents' chunks left
     out inside the index (FAISS's ID selector, :func:`_search_outside`; an
-    exact or IVF index), so that their cost does not grow with the excluded
-    documents' size. Elsewhere (a graph, a flat fast-scan index, rows
-    excluding many documents) ``extra`` doubles for those rows up to every
-    chunk of the store (past
+    exact or IVF index), or, on a graph or flat fast-scan index of at most
+    :data:`EXACT_OUTSIDE_MAX` chunks, rows excluding large documents by an
+    exact scan of the stored vectors (:func:`_exact_outside`), so that their
+    cost does not grow with the excluded documents' size. Elsewhere (a
+    larger graph, an L2 store, rows excluding many or small documents)
+    ``extra`` doubles for those rows up to every chunk of the store (past
     ``MAX_K``, the limit of one caller's ``k``: helper-42 excluded a document
     of 144,360 chunks), :data:`EXCLUDE_FETCH_ENTRIES` candidates per index call.
 
@@ -177,11 +179,85 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
                 out_s[q, : len(keep)] = s[row, keep]
                 out_i[q, : len(keep)] = ids[row, keep]
         todo = np.array(still, dtype=np.int64)
-        if first and len(todo) and reader.can_leave_out():
-            todo = _search_outside(reader, queries, k, excluded, todo, out_s, out_i)
+        if first and len(todo):
+            if reader.can_leave_out():
+                todo = _search_outside(reader, queries, k, excluded, todo, out_s, out_i)
+            else:
+                todo = _exact_outside(reader, queries, k, excluded, todo, out_s, out_i)
         first = False
         fetch = min(total, fetch * 2)
     return out_s, out_i
+
+
+#: Largest store whose rows :func:`search_excluding` could not settle from their first candidates may
+#: be answered by an exact scan of the stored vectors where the index cannot leave documents out (a
+#: graph, the default below 100,000 chunks; a flat fast-scan index). Widening a graph's candidates costs
+#: a row about its excluded documents' size: 1.4-3.4 ms per row for documents of 150-1,063 chunks in
+#: the 51,429-chunk pydocs store (HNSW32,SQfp16), 30 ms for a 4,512-chunk one in a 7,570-chunk store;
+#: a scan reads every stored vector once (~1.7 us each: 86 ms for pydocs) and multiplies them with
+#: each row. So rows whose excluded documents hold at least 1/:data:`EXACT_OUTSIDE_SHARE` of the store
+#: are scanned, when together they exclude at least the store's size (the widening a scan saves pays
+#: for its read); the others widen.
+EXACT_OUTSIDE_MAX = 1 << 18
+EXACT_OUTSIDE_SHARE = 64
+#: Stored vectors (chunks) and query rows per block of :func:`_exact_outside` (a 64 MiB score block).
+_EXACT_CHUNKS, _EXACT_ROWS = 16_384, 1_024
+
+
+def _exact_outside(reader: Reader, queries: np.ndarray, k: int, excluded: list[set[int]], todo: np.ndarray,
+                   out_s: np.ndarray, out_i: np.ndarray) -> np.ndarray:
+    """Rows of ``todo`` whose excluded documents are large (:data:`EXACT_OUTSIDE_SHARE`) answered by
+    an exact inner-product scan of the stored vectors, those documents' chunks and deleted chunks
+    left out, written to ``out_s``/``out_i``. Returns the rows left to widen: all of them where a
+    scan does not apply or would cost more (an L2 store: the matrix product's L2 loses precision on
+    vectors of large norm; more than :data:`EXACT_OUTSIDE_MAX` chunks; chunks not in document order;
+    no stored vectors to read)."""
+    version = reader.version
+    n = reader.limit
+    if version.manifest["metric"] != "ip" or n > EXACT_OUTSIDE_MAX or not reader.documents_in_order():
+        return todo
+    ranges: dict[frozenset, list[tuple[int, int]]] = {}
+    rows_ranges = []
+    for q in todo.tolist():
+        key = frozenset(excluded[q])
+        if key not in ranges:
+            ranges[key] = reader.doc_ranges(_int64_ids(key))
+        rows_ranges.append(ranges[key])
+    size = np.array([sum(b - a for a, b in rr) for rr in rows_ranges], dtype=np.int64)
+    big = size * EXACT_OUTSIDE_SHARE >= n
+    if size[big].sum() < n:
+        return todo
+    left, todo = todo[~big], todo[big]
+    rows_ranges = [rr for rr, b in zip(rows_ranges, big) if b]
+    reader.follow_purges()
+    best_s = np.full((len(todo), k), -np.inf, np.float32)
+    best_i = np.full((len(todo), k), -1, np.int64)
+    for lo in range(0, n, _EXACT_CHUNKS):
+        hi = min(n, lo + _EXACT_CHUNKS)
+        try:
+            x = version.stored_vectors(lo, hi)
+        except RetrostoreError:  # no raw vectors kept: widened instead
+            return np.sort(np.concatenate([left, todo]))
+        dead = version.tombstones.chunk_mask(np.arange(lo, hi))
+        kk = min(k, hi - lo)
+        for r0 in range(0, len(todo), _EXACT_ROWS):
+            r1 = min(len(todo), r0 + _EXACT_ROWS)
+            scores = queries[todo[r0:r1]] @ x.T
+            scores[:, dead] = -np.inf
+            for j in range(r0, r1):
+                for a, b in rows_ranges[j]:
+                    if a < hi and b > lo:
+                        scores[j - r0, max(a, lo) - lo : min(b, hi) - lo] = -np.inf
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < hi - lo else \
+                np.broadcast_to(np.arange(hi - lo), (r1 - r0, hi - lo))
+            cand_s = np.concatenate([best_s[r0:r1], np.take_along_axis(scores, top, 1)], axis=1)
+            cand_i = np.concatenate([best_i[r0:r1], top + lo], axis=1)
+            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+            best_s[r0:r1] = np.take_along_axis(cand_s, order, 1)
+            best_i[r0:r1] = np.take_along_axis(cand_i, order, 1)
+    best_i[~np.isfinite(best_s)] = -1
+    out_s[todo], out_i[todo] = best_s, best_i
+    return left
 
 
 #: Most chunk-id ranges (excluded documents) one selector search leaves out: FAISS checks a chain

@@ -265,9 +265,13 @@ def test_example_retro_model_input_runs(built_store):
 def test_bad_exclusions_and_ragged_rows(store):
     toks = np.ones((1, 64), np.int64)
     # (review: a 0-d array, iterable by type only, raised a raw TypeError, as a row or as the whole)
-    for bad in (["a"], [1.5], [[1.5]], [[None]], [b"x"], [np.array(5)], np.array(5)):
+    for bad in (["a"], [1.5], [[1.5]], [[None]], [b"x"], [np.array(5.0)], np.array(5)):
         with pytest.raises(InvalidInputError, match="exclude_doc_ids"):
             store.neighbors(toks, k=1, exclude_doc_ids=bad)
+    # A 0-d integer array (or tensor: what iterating a 1-D torch tensor of a batch's doc ids gives) is one id.
+    for one in ([np.array(0)], [[np.array(0)]], np.array([0]), [np.int64(0)]):
+        nb = store.neighbors(toks, k=1, exclude_doc_ids=one)
+        assert (nb.doc_ids != 0).all()
     with pytest.raises(InvalidInputError, match="same length"):
         store.neighbors([[1] * 64, [1] * 3], k=1)
     with pytest.raises(InvalidInputError, match="exclude_same_doc"):

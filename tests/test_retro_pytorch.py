@@ -152,6 +152,12 @@ def test_model_neighbors_rule_for_training_rows_and_ragged_prompts(store):
         retro.model_neighbors(store, prompt, K, ragged="pad")
     with pytest.raises(InvalidInputError, match=r"expected \(b \* n, 64\)"):
         retro.fetch_fn(store, K)(torch.zeros((2, 10), dtype=torch.long))
+    # A batch's doc ids as a tensor: its rows are 0-d tensors, each one document to exclude.
+    own = torch.tensor([4])
+    nb = retro.model_neighbors(store, row, K, exclude_doc_ids=own, overlap_threshold=None)
+    assert (nb.doc_ids >= 0).any() and (nb.doc_ids != 4).all()
+    got = retro.fetch_fn(store, K, pad_id=0, exclude_doc_ids=own)(torch.from_numpy(ids[None, :T].astype(np.int64)))
+    assert got.shape == (1, K, 2 * T)
 
 
 def test_export_refuses_existing_target_and_bad_ids(store, exports, tmp_path):

@@ -49,8 +49,24 @@ def _split_chunks(arr: np.ndarray, t: int) -> tuple[list[np.ndarray], int]:
     return [arr[i, j * t : (j + 1) * t] for i in range(b) for j in range(c)], c
 
 
+def _doc_id(x: Any) -> int | None:
+    """``x`` as a doc id when it is one integer: a Python or numpy int, or a 0-d integer array or
+    tensor (what iterating a 1-D ``torch`` tensor of a batch's doc ids gives); else None."""
+    if is_int(x):
+        return int(x)
+    if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+        try:
+            a = np.asarray(x)
+        except Exception:  # noqa: BLE001 (e.g. a tensor on a GPU: refused by the caller's message)
+            return None
+        if a.ndim == 0 and a.dtype.kind in "iu":
+            return int(a)
+    return None
+
+
 def doc_id_set(name: str, ids: Any) -> set[int]:
-    """An iterable of doc ids (ints >= 0) checked, as a set; ``name`` names it in errors.
+    """An iterable of doc ids (ints >= 0: Python, numpy or 0-d integer tensors) checked, as a set;
+    ``name`` names it in errors.
 
     Raises
     ------
@@ -64,10 +80,11 @@ def doc_id_set(name: str, ids: Any) -> set[int]:
     except TypeError as exc:  # a 0-d array or tensor: iterable by type only (review: a raw TypeError)
         raise InvalidInputError(f"{name} is {shown(ids)}, which cannot be iterated ({exc}); give an iterable of "
                                 "doc ids (ints >= 0), e.g. [int(x)] for one") from None
-    bad = [x for x in ids if not is_int(x)]
+    as_ids = [_doc_id(x) for x in ids]
+    bad = [x for x, d in zip(ids, as_ids) if d is None]
     if bad:
         raise InvalidInputError(f"{name} holds {shown(bad[0])}; doc ids are ints")
-    out = {int(x) for x in ids}
+    out = set(as_ids)
     if any(x < 0 for x in out):  # no document has one (the server refuses them too)
         raise InvalidInputError(f"{name} holds {min(out)}; doc ids are ints >= 0")
     return out
@@ -95,14 +112,15 @@ def exclusion_sets(exclude_doc_ids: Any, batch: int) -> list[set[int]] | None:
         )
     out = []
     for i, r in enumerate(rows):
+        one = None if r is None else _doc_id(r)
         if r is None:
             out.append(set())
-        elif not is_int(r) and (isinstance(r, (str, bytes)) or not hasattr(r, "__iter__")):
+        elif one is None and (isinstance(r, (str, bytes)) or not hasattr(r, "__iter__")):
             raise InvalidInputError(
                 f"exclude_doc_ids[{i}] is {r!r}; give a doc id (int), an iterable of doc ids, or None per row"
             )
         else:
-            out.append(doc_id_set(f"exclude_doc_ids[{i}]", [r] if is_int(r) else r))
+            out.append(doc_id_set(f"exclude_doc_ids[{i}]", [one] if one is not None else r))
     return out
 
 

@@ -27,7 +27,8 @@ def _leakage_options(fn, seq_len_required: bool = False):
         click.option("--mode", type=click.Choice(["packed", "document"]), default="packed", show_default=True,
                      help="Windows packed across documents, or each within one document (padded)."),
         click.option("--eos-id", type=int, default=None,
-                     help="Label after a document's last token (default: the tokenizer's [SEP] / </s> / ...)."),
+                     help="Token after a document's last one: the label that ends it, and in document mode the "
+                          "token right after its text (default: the tokenizer's [SEP] / </s> / ...)."),
         click.option("--exclude", type=click.Choice(["sequence", "chunk"]), default="sequence", show_default=True,
                      help="Never retrieve from any document of the window (sequence) or the chunk's own (chunk)."),
         click.option("--overlap-threshold", type=float, default=retro.DEFAULT_OVERLAP_THRESHOLD, show_default=True,

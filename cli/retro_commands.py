@@ -139,6 +139,13 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                                "and --include-same-doc)")
     if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
         raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
+    if tokens_out:  # checked before the work, not after it (review: a missing directory failed at the end)
+        parent = os.path.dirname(os.path.abspath(tokens_out))
+        if not os.path.isdir(parent):
+            raise click.UsageError(f"--tokens {tokens_out}: the directory {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise click.UsageError(f"--tokens {tokens_out}: the directory {parent} is not writable; give a path in a "
+                                   "directory you can write to")
     with retrostore.open(store) as st:
         if sequences:
             seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)

@@ -136,7 +136,8 @@ def test_neighbors_usage_errors(sliced, tmp_path):
     res = _run("neighbors", sliced, "--out", out, "--sequences", "--seq-len", 100, "-q")
     assert res.exit_code == 1 and "seq_len=100" in res.output and "64" in res.output
     res = _run("neighbors", sliced, "--out", out, "--tokens", tmp_path / "no" / "dir" / "t.npy", "-q")
-    assert res.exit_code == 1 and "cannot write --tokens" in res.output
+    assert res.exit_code == 2 and "does not exist; create it first" in res.output
+    assert not out.exists()  # refused before the work (review: the neighbours were computed, then it failed)
 
 
 def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp_path):

@@ -179,3 +179,16 @@ def test_ivf_probes_until_the_first_searchs_width_is_found(tmp_path, embedder):
         recall = np.mean([len(set(g) & set(w)) / k for g, w in zip(ids.tolist(), want.tolist())])
         assert recall > 0.9, (k, recall)
     st.close()
+
+
+@pytest.mark.parametrize("index", ["IVF8,RQ2x4", "IVF8,RQ2x4fs"])
+def test_ivf_indexes_faiss_cannot_filter_widen_instead(tmp_path, embedder, index):
+    """IVF indexes whose search FAISS cannot restrict with an ID selector (additive quantizers and
+    their fast-scan forms; also spectral hashing and IVFPQR) are not searched with one: Store.neighbors raised FAISS's
+    RuntimeError ("id selector not supported for this index") for a row excluding its own document."""
+    st, big, small, n_big = _store(tmp_path, embedder, index, params={"nprobe": 8})
+    reader = st._reader
+    assert not reader.can_leave_out()
+    _, ids = retrieval.search_excluding(reader, big[:20], 3, [{0}] * 20, reader.doc_ids_of)
+    assert (ids >= 0).all() and (reader.doc_ids_of(ids) != 0).all()
+    st.close()

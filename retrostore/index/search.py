@@ -501,12 +501,21 @@ def _graph_params(index: faiss.Index, k: int):
     return params
 
 
+#: IVF index types (exact types, not their subclasses) whose search FAISS restricts with an ID selector.
+#: Not every IndexIVF: FAISS 1.15 refuses one for additive quantizers ("IVF,RQ..", "LSQ", "PRQ", "PLSQ":
+#: "id selector not supported"; their fast-scan forms refuse per-call parameters), spectral hashing
+#: ("IVF,ITQ,SH..") and IndexIVFPQR ("IVF,PQ..+.."), and Store.neighbors raised FAISS's RuntimeError.
+_SELECTOR_IVF_TYPES = tuple(getattr(faiss, name) for name in (
+    "IndexIVFFlat", "IndexIVFFlatDedup", "IndexIVFScalarQuantizer", "IndexIVFPQ", "IndexIVFPQFastScan",
+    "IndexIVFRaBitQ", "IndexIVFRaBitQFastScan") if hasattr(faiss, name))
+
+
 def _selectable(index: faiss.Index) -> bool:
     """Whether FAISS can search ``index`` with an ID selector built by :func:`_selector_params`."""
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         index = faiss.downcast_index(index.index)
-    return type(index) in FLAT_TYPES or isinstance(index, faiss.IndexIVF)
+    return type(index) in FLAT_TYPES or type(index) in _SELECTOR_IVF_TYPES
 
 
 def _selector_params(index: faiss.Index, outside: list[tuple[int, int]]) -> faiss.SearchParameters:

@@ -192,3 +192,17 @@ def test_ivf_indexes_faiss_cannot_filter_widen_instead(tmp_path, embedder, index
     _, ids = retrieval.search_excluding(reader, big[:20], 3, [{0}] * 20, reader.doc_ids_of)
     assert (ids >= 0).all() and (reader.doc_ids_of(ids) != 0).all()
     st.close()
+
+
+def test_excluding_every_document_but_one_is_two_ranges(tmp_path, embedder):
+    """Documents next to each other are left out as one chunk-id range: a row excluding all 301
+    documents but one was 300 ranges, past MAX_LEFT_OUT_RANGES, so it widened its candidates, and on
+    IVF (nprobe 1) found nothing outside the probed lists: its slot stayed empty."""
+    st, big, small, n_big = _store(tmp_path, embedder, "IVF8,Flat", params={"nprobe": 1})
+    reader = st._reader
+    keep = 150  # a small document: chunk n_big + 149
+    excluded = set(range(301)) - {keep}
+    assert reader.doc_ranges(np.array(sorted(excluded))) == [(0, n_big + 149), (n_big + 150, n_big + 300)]
+    _, ids = retrieval.search_excluding(reader, big[:10], 2, [excluded] * 10, reader.doc_ids_of)
+    assert (ids[:, 0] == n_big + 149).all() and (ids[:, 1] == -1).all()
+    st.close()

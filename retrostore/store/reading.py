@@ -230,13 +230,20 @@ class Reader:
         return self._in_order[1]
 
     def doc_ranges(self, doc_ids: np.ndarray) -> list[tuple[int, int]]:
-        """The committed chunk ids ``[lo, hi)`` of each of ``doc_ids`` (int64) that has chunks (a
-        document's chunks have consecutive ids: :meth:`can_leave_out`), in id order."""
+        """The committed chunk ids ``[lo, hi)`` of ``doc_ids`` (int64) that have chunks (a document's
+        chunks have consecutive ids: :meth:`can_leave_out`), in id order, the ranges of documents
+        next to each other as one (a row excluding every document but one is 2 ranges, not one per
+        document: past retrieval.MAX_LEFT_OUT_RANGES an IVF row widened and left its slots empty)."""
         docs = self.all_doc_ids()
-        want = np.asarray(doc_ids, dtype=np.int64)
+        want = np.unique(np.asarray(doc_ids, dtype=np.int64))
         lo = np.searchsorted(docs, want, "left")
         hi = np.searchsorted(docs, want, "right")
-        return sorted((int(a), int(b)) for a, b in zip(lo, hi) if b > a)
+        lo, hi = lo[hi > lo], hi[hi > lo]  # (sorted: docs in id order, want sorted)
+        if not len(lo):
+            return []
+        start = np.flatnonzero(np.r_[True, lo[1:] != hi[:-1]])
+        end = np.r_[start[1:], len(lo)] - 1
+        return [(int(a), int(b)) for a, b in zip(lo[start], hi[end])]
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as :class:`Hit` rows: each chunk with its score and continuation

@@ -206,3 +206,32 @@ def test_excluding_every_document_but_one_is_two_ranges(tmp_path, embedder):
     _, ids = retrieval.search_excluding(reader, big[:10], 2, [excluded] * 10, reader.doc_ids_of)
     assert (ids[:, 0] == n_big + 149).all() and (ids[:, 1] == -1).all()
     st.close()
+
+
+@pytest.mark.parametrize("index", ["IVF8,Flat", "HNSW32"])
+def test_a_purge_in_the_middle_keeps_the_documents_left_out(tmp_path, embedder, index):
+    """compact purges a deleted document's records, so its chunks read as document -1 between the
+    others: the store no longer looked "in document order" and every row widened as before (IVF at
+    nprobe 1: empty slots). The purged chunks count with the document before them (they are
+    tombstoned, never returned)."""
+    st, big, small, n_big = _store(tmp_path, embedder, index, params={"nprobe": 1} if "IVF" in index else None,
+                                   commits=3)
+    st.delete([5, 200])
+    st.commit()
+    st.compact(progress=False)
+    reader = st._reader
+    docs = reader.all_doc_ids()
+    assert (docs == -1).sum() == 2 and reader.documents_in_order()
+    assert reader.can_leave_out() == ("IVF" in index)
+    assert reader.doc_ranges(np.array([4, 6])) == [(n_big + 3, n_big + 6)]  # 4, purged 5, 6: one range
+    k = 3
+    s, ids = retrieval.search_excluding(reader, big, k, [{0}] * n_big, reader.doc_ids_of)
+    assert (ids >= 0).all() and not np.isin(reader.doc_ids_of(ids), [0, -1]).any()
+    stored = reader.version.stored_vectors(0, reader.limit)
+    exact = big @ stored.T
+    exact[:, :n_big] = -np.inf
+    exact[:, docs < 0] = -np.inf
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    recall = np.mean([len(set(g) & set(w)) / k for g, w in zip(ids.tolist(), want.tolist())])
+    assert recall > 0.95, recall
+    st.close()

@@ -46,7 +46,7 @@ class Reader:
         self.table = table
         self._head = head
         self._doc_ids: tuple[tuple[int, int], np.ndarray] | None = None
-        self._in_order: tuple[tuple[int, int], bool] | None = None
+        self._in_order: tuple[tuple[int, int], np.ndarray | None] | None = None
         self._follow = follow_purges
         self._manifest_path = os.fspath(head.root / MANIFEST)  # a str: no pathlib work per search
         self._seen = _manifest_stat(self._manifest_path)
@@ -222,11 +222,21 @@ class Reader:
 
     def documents_in_order(self) -> bool:
         """Whether every document's chunks have consecutive ids, documents in id order (what
-        :meth:`doc_ranges` assumes)."""
+        :meth:`doc_ranges` assumes), leaving out the chunks of documents ``compact`` purged."""
+        return self._ordered_doc_ids() is not None
+
+    def _ordered_doc_ids(self) -> np.ndarray | None:
+        """:meth:`all_doc_ids` with each purged chunk (-1: its document's record is gone) given the
+        document id before it, so that they stay sorted (a purged chunk is tombstoned and never
+        returned, so leaving it out with that document changes nothing); None when the documents
+        are not in order. A purge in the middle of the store made every search take the widening
+        path (on IVF: empty slots). Cached per version, as the doc ids."""
         docs = self.all_doc_ids()
-        key = self._doc_ids[0]  # (cached per version, as the doc ids)
+        key = self._doc_ids[0]
         if self._in_order is None or self._in_order[0] != key:
-            self._in_order = (key, bool(len(docs) < 2 or (docs[1:] >= docs[:-1]).all()))
+            live = docs[docs >= 0]
+            ok = len(live) < 2 or bool((live[1:] >= live[:-1]).all())
+            self._in_order = (key, (np.maximum.accumulate(docs) if len(docs) else docs) if ok else None)
         return self._in_order[1]
 
     def doc_ranges(self, doc_ids: np.ndarray) -> list[tuple[int, int]]:
@@ -234,7 +244,8 @@ class Reader:
         chunks have consecutive ids: :meth:`can_leave_out`), in id order, the ranges of documents
         next to each other as one (a row excluding every document but one is 2 ranges, not one per
         document: past retrieval.MAX_LEFT_OUT_RANGES an IVF row widened and left its slots empty)."""
-        docs = self.all_doc_ids()
+        docs = self._ordered_doc_ids()
+        docs = self.all_doc_ids() if docs is None else docs  # (callers check documents_in_order first)
         want = np.unique(np.asarray(doc_ids, dtype=np.int64))
         lo = np.searchsorted(docs, want, "left")
         hi = np.searchsorted(docs, want, "right")

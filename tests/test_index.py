@@ -94,6 +94,9 @@ def test_factory_strings_that_cannot_take_ids(tmp_path, rng):
         retrostore.create(tmp_path / "idmap", embedder=FakeEmbedder(), index="IVF64,Flat,IDMap")  # input repeated)
     with pytest.raises(InvalidInputError, match="cannot build"):
         retrostore.create(tmp_path / "bad", embedder=FakeEmbedder(), index="IVF,NoSuchCodec")
+    # helper-46: a store of IVF8,ITQ,SH64 segfaulted (FAISS 1.15 frees a cloned spectral hash's transform twice)
+    with pytest.raises(InvalidInputError, match="spectral hash"):
+        retrostore.create(tmp_path / "sh", embedder=FakeEmbedder(), index="IVF8,ITQ,SH64")
     # HNSW cannot take ids: segments use sequential ids, holes go through an ID map.
     with retrostore.create(tmp_path / "hnsw", embedder=FakeEmbedder(), index="HNSW16",
                            index_params={"efSearch": 64}) as st:

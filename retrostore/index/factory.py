@@ -21,7 +21,8 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     Raises
     ------
     InvalidInputError
-        FAISS rejects the string, or it asks for an ID map (retrostore assigns ids).
+        FAISS rejects the string, it asks for an ID map (retrostore assigns ids), or for FAISS's
+        spectral hash (its copies crash the process when destroyed, FAISS 1.15).
     """
     if not isinstance(factory, str) or not factory.strip():
         raise InvalidInputError(f"index={factory!r} must be a FAISS factory string such as 'Flat'")
@@ -34,6 +35,12 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
             f"(sequential ids per segment), so drop the IDMap component: "
             f"{','.join(p for p in factory.split(',') if p.strip() not in ('IDMap', 'IDMap2'))!r}"
         )
+    if any(re.fullmatch(r"SH\d.*", part.strip()) for part in factory.split(",")):
+        raise InvalidInputError(
+            f"factory string {factory!r} asks for FAISS's spectral hash (IndexIVFSpectralHash), which a store "
+            "cannot keep: FAISS 1.15 frees its transform twice when a copy of the index is destroyed (a "
+            "segmentation fault that kills the process; the store copies its trained index for every segment); "
+            "use another compact code, e.g. 'IVF1024,PQ16x4fs' or 'IVF1024,SQ4'")
     for name, low, high, what in _FACTORY_LIMITS:
         for m in re.finditer(name + r"(\d+)", factory):
             if not low <= int(m.group(1)) <= high:

@@ -235,3 +235,26 @@ def test_a_purge_in_the_middle_keeps_the_documents_left_out(tmp_path, embedder, 
     recall = np.mean([len(set(g) & set(w)) / k for g, w in zip(ids.tolist(), want.tolist())])
     assert recall > 0.95, recall
     st.close()
+
+
+def test_the_server_excludes_as_the_store_does(tmp_path, embedder):
+    """/v1/search with exclude_doc_ids went through the server's own widening (100,000 candidates at
+    most, from the request's probed lists only): on IVF at nprobe 1 the big document's chunks got no
+    neighbour. The engine now calls search_excluding with the request's parameters."""
+    pytest.importorskip("starlette")
+    from retrostore.serve.engine import Engine
+    from retrostore.serve.schema import parse_search
+    from retrostore.serve.settings import ServeSettings
+
+    st, big, small, n_big = _store(tmp_path, embedder, "IVF8,Flat", params={"nprobe": 8})
+    st.close()
+    engine = Engine(ServeSettings(store=str(tmp_path / "x.rstore"), verify=False))
+    engine.open()
+    try:
+        body = {"vectors": big[:20].tolist(), "k": 3, "exclude_doc_ids": [0], "output": "ids", "params": {"nprobe": 1}}
+        req = parse_search(body, engine.facts, max_queries=64, max_k=100, max_ids=100)
+        got = engine.search([req])[0]
+        ids = np.asarray(got["chunk_ids"])
+        assert ids.shape == (20, 3) and (ids >= n_big).all()  # all filled, none from the big document
+    finally:
+        engine.close()

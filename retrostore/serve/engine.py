@@ -19,6 +19,7 @@ import numpy as np
 
 import retrostore
 from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError, StoreReplacedError
+from retrostore.store.retrieval import search_excluding
 
 from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
 from .settings import ServeSettings
@@ -28,8 +29,6 @@ __all__ = ["Engine"]
 
 log = logging.getLogger("retrostore.serve")
 
-#: Store.search_vectors' own ceiling on k (candidates fetched when excluding documents).
-_MAX_FETCH = 100_000
 #: Seconds between attempts to open a store that replaced the one served, while they fail.
 _REOPEN_RETRY_S = 1.0
 
@@ -223,7 +222,7 @@ class Engine:
         for i in todo:
             if out[i] is None and reqs[i].exclude:
                 try:
-                    found[i] = self._search_excluding(vecs[i], reqs[i], records)
+                    found[i] = self._search_excluding(vecs[i], reqs[i])
                 except RetrostoreError as exc:
                     out[i] = _as_request_error(exc, "params", reqs[i].params)
         live = [i for i in todo if out[i] is None]
@@ -271,32 +270,13 @@ class Engine:
             found[i] = (scores[start:start + n], ids[start:start + n])
             start += n
 
-    def _search_excluding(self, vectors: np.ndarray, r: SearchRequest, records: dict) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest chunks per query outside ``r.exclude``: ``k + max(8, k)`` candidates,
-        doubled for the queries still short of k (what ``Store.neighbors`` does)."""
-        store = self.store
-        n, k = len(vectors), r.k
-        total = min(self.len, _MAX_FETCH)
-        fill = -np.inf if self.facts.metric == "ip" else np.inf
-        out_s = np.full((n, k), fill, np.float32)
-        out_i = np.full((n, k), -1, np.int64)
-        todo = np.arange(n)
-        fetch = min(total, k + max(8, k))
-        while len(todo) and fetch > 0:
-            s, ids = store.search_vectors(vectors[todo], fetch, params=r.params)
-            self._fetch_chunks({int(i) for i in ids.ravel() if i >= 0}, records)
-            still = []
-            for row, q in enumerate(todo):
-                keep = [j for j in range(ids.shape[1])
-                        if ids[row, j] >= 0 and records[int(ids[row, j])].doc_id not in r.exclude][:k]
-                if len(keep) < k and fetch < total:
-                    still.append(q)
-                    continue
-                out_s[q, :len(keep)] = s[row, keep]
-                out_i[q, :len(keep)] = ids[row, keep]
-            todo = np.array(still, dtype=np.int64)
-            fetch = min(total, fetch * 2)
-        return out_s, out_i
+    def _search_excluding(self, vectors: np.ndarray, r: SearchRequest) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest chunks per query outside ``r.exclude``, with the request's search parameters:
+        what ``Store.neighbors`` does (:func:`retrostore.store.retrieval.search_excluding`: the
+        excluded documents left out inside the index, or widened up to the whole store)."""
+        reader = self.store._reader
+        return search_excluding(reader, vectors, r.k, [set(r.exclude)] * len(vectors), reader.doc_ids_of,
+                                params=r.params)
 
     def _fetch_chunks(self, ids: set, records: dict, *, missing_ok: bool = False) -> None:
         """Read the chunks ``ids`` not yet in ``records`` (one LMDB pass). With

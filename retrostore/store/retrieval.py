@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, RetrostoreError, check_bool, is_int, shown
 from ..types import Neighbors
+from ..index.params import check_params
 from .reading import Reader, check_k, query_vectors
 
 __all__ = ["neighbors", "search_excluding", "doc_id_set", "TAILS"]
@@ -138,7 +139,8 @@ EXCLUDE_FETCH_ENTRIES = 1 << 22
 
 
 def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list[set[int]] | None,
-                     doc_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                     doc_of: Callable[[np.ndarray], np.ndarray], *,
+                     params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest chunks per row whose document is not in that row's excluded set.
 
     Fetches ``k + extra`` candidates; rows that lack k admissible neighbours
@@ -160,6 +162,9 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     excluded : list of set of int, length n, or None
     doc_of : callable
         Maps an int64 array of chunk ids (all >= 0) to their doc ids.
+    params : dict, optional
+        Search parameters over the store's, as ``Store.search_vectors`` (the server's per-request
+        ``nprobe``...); an exact scan (:func:`_exact_outside`) has none to take.
 
     Returns
     -------
@@ -169,7 +174,9 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
     n = len(vectors)
     total = reader.limit
     if excluded is None or not any(excluded):
-        return reader.search_vectors(vectors, k) if n else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        return reader.search_vectors(vectors, k, params) if n else (np.zeros((0, k), np.float32),
+                                                                    np.zeros((0, k), np.int64))
+    params = check_params(params)
     queries = query_vectors(vectors, reader.version.manifest["index"]["dim"], check_k(k))
     fill = -np.inf if reader.version.manifest["metric"] == "ip" else np.inf
     out_s = np.full((n, k), fill, np.float32)
@@ -182,7 +189,7 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
         step = max(1, EXCLUDE_FETCH_ENTRIES // fetch)
         for lo in range(0, len(todo), step):
             rows = todo[lo : lo + step]
-            s, ids = reader.candidates(queries[rows], fetch)
+            s, ids = reader.candidates(queries[rows], fetch, params)
             valid = ids >= 0
             docs = np.full(ids.shape, -1, np.int64)
             docs[valid] = doc_of(ids[valid])
@@ -199,7 +206,7 @@ def search_excluding(reader: Reader, vectors: np.ndarray, k: int, excluded: list
         todo = np.array(still, dtype=np.int64)
         if first and len(todo):
             if reader.can_leave_out():
-                todo = _search_outside(reader, queries, k, excluded, todo, out_s, out_i)
+                todo = _search_outside(reader, queries, k, excluded, todo, out_s, out_i, params)
             else:
                 todo = _exact_outside(reader, queries, k, excluded, todo, out_s, out_i)
         first = False
@@ -284,7 +291,7 @@ MAX_LEFT_OUT_RANGES = 64
 
 
 def _search_outside(reader: Reader, queries: np.ndarray, k: int, excluded: list[set[int]], todo: np.ndarray,
-                    out_s: np.ndarray, out_i: np.ndarray) -> np.ndarray:
+                    out_s: np.ndarray, out_i: np.ndarray, params: dict | None = None) -> np.ndarray:
     """Rows ``todo`` searched with their excluded documents' chunks left out inside the index (rows
     excluding the same documents together); their k results are written to ``out_s``/``out_i``.
 
@@ -304,7 +311,7 @@ def _search_outside(reader: Reader, queries: np.ndarray, k: int, excluded: list[
     groups: dict[frozenset, list[int]] = {}
     for q in todo.tolist():
         groups.setdefault(frozenset(excluded[q]), []).append(q)
-    eff = reader.version.index.effective()
+    eff = reader.version.index.effective(params)
     probes0, nlist = int(eff.get("nprobe", 0)), int(eff.get("nlist", 0))
     left: list[int] = []
     # IVF: probe until the first search's width of admissible chunks is found, not just k. The first
@@ -322,8 +329,8 @@ def _search_outside(reader: Reader, queries: np.ndarray, k: int, excluded: list[
         for lo in range(0, len(rows), step):
             part, probes = rows[lo : lo + step], probes0
             while len(part):
-                params = {"nprobe": probes, "max_codes": 0} if probes != probes0 else None
-                s, ids = reader.candidates(queries[part], want, params, outside=ranges or None)
+                wider = {**(params or {}), "nprobe": probes, "max_codes": 0} if probes != probes0 else params
+                s, ids = reader.candidates(queries[part], want, wider, outside=ranges or None)
                 done = ~(ids < 0).any(1) if probes < nlist else np.ones(len(part), bool)
                 out_s[part[done]], out_i[part[done]] = s[done, :k], ids[done, :k]
                 part = part[~done]

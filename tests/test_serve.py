@@ -3,6 +3,7 @@ HTTP; every answer is compared with the embedded Store on the same store."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ pytest.importorskip("starlette", reason="retrostore serve needs the serve extra:
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from retrostore.serve import ServerUnavailableError
+from retrostore.serve import client as client_module
 
 import _serving
 
@@ -60,6 +62,26 @@ def test_client_search_equals_embedded(remote, local):
             _same_hits(g, w)
     assert remote.search([], k=3) == local.search([], k=3) == []
     assert remote.version == local.version
+
+
+def test_client_sends_a_request_in_one_write(server, local, monkeypatch):
+    """Headers and body leave in one send (urllib3 2 writes them in two); a body over the limit is
+    sent as urllib3 sends it, and both are answered as the embedded store answers."""
+    sends = []
+    real = http.client.HTTPConnection.send
+    monkeypatch.setattr(http.client.HTTPConnection, "send", lambda self, data: (sends.append(bytes(data)),
+                                                                                 real(self, data))[1])
+    with retrostore.connect(server.url) as remote:
+        sends.clear()
+        _same_hits(remote.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
+        assert len(sends) == 1 and sends[0].startswith(b"POST /v1/search ") and QUERIES[0].encode() in sends[0]
+        sends.clear()
+        assert remote.info()["version"] == local.version  # no body: the headers alone
+        assert len(sends) == 1 and sends[0].startswith(b"GET /v1/info ")
+        monkeypatch.setattr(client_module, "ONE_WRITE_MAX", 16)
+        sends.clear()
+        _same_hits(remote.search(QUERIES[1], k=3), local.search(QUERIES[1], k=3))
+        assert len(sends) == 2 and sends[0].endswith(b"\r\n\r\n") and QUERIES[1].encode() in sends[1]
 
 
 def test_raw_http_search_by_text_tokens_and_vectors(server, local):

@@ -240,6 +240,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def transport(urllib3):
+    """The urllib3 pool class ``retrostore.connect`` uses (headers and body written in one send): the
+    baseline and the load clients are asked through the same transport as the project's client."""
+    from retrostore.serve.client import _one_write_pools
+
+    return _one_write_pools(urllib3)["http"]
+
+
 def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float, pid: int) -> dict:
     """``clients`` threads, each on its own keep-alive connection (urllib3), for 1 s + ``seconds``;
     the server's CPU time (process ``pid``) over the measured ``seconds`` too."""
@@ -253,7 +261,7 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float,
     host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
 
     def client(i: int) -> None:
-        with urllib3.HTTPConnectionPool(host, int(port), maxsize=1, timeout=120, retries=False,
+        with transport(urllib3)(host, int(port), maxsize=1, timeout=120, retries=False,
                                         headers={"Content-Type": "application/json"}) as c:
             j = i * 997
             barrier.wait()
@@ -419,7 +427,7 @@ def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], ar
                           baseline], flask_url, work / "flask.log")
     try:
         with retrostore.open(store_path, threads=args.threads) as st, retrostore.connect(serve_url) as remote, \
-                urllib3.HTTPConnectionPool("127.0.0.1", fp, maxsize=1, timeout=120, retries=False) as flask_pool:
+                transport(urllib3)("127.0.0.1", fp, maxsize=1, timeout=120, retries=False) as flask_pool:
             st.search(queries[0], k=args.k)
 
             def remote_call(q):  # the project's client: same call and return type as in-process

@@ -622,10 +622,12 @@ def test_unpack_removes_the_temporary_directory_of_a_killed_unpack(tmp_path, has
                           text=True, check=True)
     dead = tmp_path / f".tmp-unpack-dest.{int(gone.stdout)}.deadbeef"
     live = tmp_path / f".tmp-unpack-dest.{os.getppid()}.cafe0000"
-    for d in (dead, live):
+    # helper-48: a running unpack into dest.20241201 (a longer name) was read as process 20241201's
+    other = tmp_path / f".tmp-unpack-dest.20241201.{os.getppid()}.cafe0001"
+    for d in (dead, live, other):
         (d / "index").mkdir(parents=True)
     retrostore.unpack(hash_tar, tmp_path / "dest")
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and other.exists()
     with retrostore.open(tmp_path / "dest") as st:
         assert st.verify() == []
 

@@ -497,12 +497,15 @@ class WriterLock:
 def remove_stale_tmp(parent: Path, stem: str) -> int:
     """Remove ``parent/.tmp-{stem}.{pid}.{hex}`` directories and files whose process is gone (a
     create, unpack or pack killed before its rename); returns how many. Another live process's
-    are kept."""
+    are kept, and so are those of another stem that starts with this one and a dot (helper-48: an
+    unpack into ``wiki`` read ``.tmp-unpack-wiki.20241201.<pid>.<hex>``, a running unpack's into
+    ``wiki.20241201``, as process 20241201's, and deleted it)."""
     removed = 0
     for p in parent.glob(f"{TMP_PREFIX}{stem}.*.*"):
-        pid = p.name[len(TMP_PREFIX) + len(stem) + 1 :].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        rest = p.name[len(TMP_PREFIX) + len(stem) + 1 :].split(".")
+        if len(rest) != 2 or not rest[0].isdigit() or not rest[1].isalnum() or int(rest[0]) == os.getpid():
             continue
+        pid = rest[0]
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

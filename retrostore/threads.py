@@ -1,15 +1,18 @@
-"""Thread counts: the CPUs this process may use, and the check of every ``threads`` argument
-(``open``, ``create``, the builds, ``OnnxEmbedder``, ``retrostore serve``)."""
+"""Thread counts: the CPUs this process may use, the check of every ``threads`` argument
+(``open``, ``create``, the builds, ``OnnxEmbedder``, ``retrostore serve``), and the process's
+pool of call threads."""
 
 from __future__ import annotations
 
 import numbers
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import InvalidInputError, shown
 
-__all__ = ["cpu_count", "max_threads", "check_threads"]
+__all__ = ["cpu_count", "max_threads", "check_threads", "call_pool"]
 
 
 def cpu_count() -> int:
@@ -47,3 +50,31 @@ def check_threads(threads: Any) -> int | None:
             f"threads={shown(threads)} must be an int in [1, {limit}] (at most max(256, 4 x the {cpu_count()} CPUs this "
             "process may use)); leave it out for one thread per CPU")
     return int(threads)
+
+
+#: (pid, pool) of the threads that run parts of one call side by side (an embedding call's length
+#: groups, an exact search's database ranges), shared by the whole process (so a closed or forgotten
+#: embedder or store holds no threads of its own).
+_CALLS: tuple[int, ThreadPoolExecutor] | None = None
+_CALLS_LOCK = threading.Lock()
+
+
+def _forget_calls_in_child() -> None:
+    """``fork()`` handler: the parent's pool threads do not exist in the child (nor may its lock be held)."""
+    global _CALLS, _CALLS_LOCK
+    _CALLS, _CALLS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_calls_in_child)
+
+
+def call_pool() -> ThreadPoolExecutor:
+    """The process's pool of call threads (one per usable CPU), made on first use. Its tasks are
+    native calls that release the GIL (onnxruntime's ``run``, FAISS's searches); a task never waits
+    on another task of the pool."""
+    global _CALLS
+    with _CALLS_LOCK:
+        if _CALLS is None or _CALLS[0] != os.getpid():
+            _CALLS = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="retrostore-call"))
+        return _CALLS[1]

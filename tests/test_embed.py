@@ -15,6 +15,7 @@ import pytest
 from retrostore.text.embed import (CALL_COST_TOKENS, DEFAULT_MODEL_SHA256, DEFAULT_TOKENIZER_SHA256, Embedder,
                                    OnnxEmbedder, length_groups)
 from retrostore.text import embed as embed_module
+from retrostore import threads as threads_module
 from retrostore.text.models import default_embedder, default_tokenizer_path
 from retrostore.errors import InvalidInputError, ModelChecksumError, RetrostoreError
 
@@ -215,7 +216,7 @@ def test_close_and_fork(emb, texts):
     # threads=2 and batches of 2: the parent's calls ran on the pool of call threads, which a child lacks
     par = OnnxEmbedder(emb.model_path, emb.tokenizer_path, threads=2, batch_size=2)
     ref_par = par.embed(texts)
-    assert embed_module._CALLS is not None and embed_module._CALLS[0] == os.getpid()
+    assert threads_module._CALLS is not None and threads_module._CALLS[0] == os.getpid()
     if hasattr(os, "fork"):
         r, w = os.pipe()
         pid = os.fork()
@@ -223,7 +224,7 @@ def test_close_and_fork(emb, texts):
             try:
                 signal.alarm(120)  # a hang (threads that exist only in the parent) ends as a failure
                 ok = e._pid != os.getpid() and np.allclose(e.embed(texts[:2]), ref, atol=1e-6)
-                ok = ok and np.allclose(par.embed(texts), ref_par, atol=1e-6) and embed_module._CALLS[0] == os.getpid()
+                ok = ok and np.allclose(par.embed(texts), ref_par, atol=1e-6) and threads_module._CALLS[0] == os.getpid()
                 os.write(w, b"1" if ok and e._pid == os.getpid() else b"0")
             finally:
                 os._exit(0)
@@ -266,7 +267,7 @@ def test_long_groups_run_one_after_another(emb, monkeypatch):
     def no_pool():
         raise AssertionError("long groups went to the pool")
 
-    monkeypatch.setattr(embed_module, "_call_pool", no_pool)
+    monkeypatch.setattr(embed_module, "call_pool", no_pool)
     chunks = [np.arange(1000, 1064) + i for i in range(40)]  # groups of 16 x 66 tokens > 1024
     assert e.embed_token_ids(chunks).shape == (40, 384)
 

@@ -9,9 +9,7 @@ import ctypes
 import json
 import os
 import pathlib
-import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -19,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError, check_int, is_int
 from ..storage.fileio import sha256_cached
-from ..threads import check_threads, cpu_count
+from ..threads import call_pool, check_threads, cpu_count
 
 __all__ = ["Embedder", "OnnxEmbedder", "DEFAULT_MODEL_SHA256", "DEFAULT_TOKENIZER_SHA256", "DEFAULT_NAME",
            "check_embedder", "json_fingerprint"]
@@ -84,30 +82,8 @@ def _abandon_sessions_in_child() -> None:
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(sess))
 
 
-#: (pid, pool) of the threads that run an embedding call's length groups side by side, shared by
-#: every embedder of the process (so a closed or forgotten embedder holds no threads of its own).
-_CALLS: tuple[int, ThreadPoolExecutor] | None = None
-_CALLS_LOCK = threading.Lock()
-
-
-def _forget_calls_in_child() -> None:
-    """``fork()`` handler: the parent's pool threads do not exist in the child (nor may its lock be held)."""
-    global _CALLS, _CALLS_LOCK
-    _CALLS, _CALLS_LOCK = None, threading.Lock()
-
-
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_abandon_sessions_in_child)
-    os.register_at_fork(after_in_child=_forget_calls_in_child)
-
-
-def _call_pool() -> ThreadPoolExecutor:
-    """The process's pool of call threads (one per usable CPU), made on first use."""
-    global _CALLS
-    with _CALLS_LOCK:
-        if _CALLS is None or _CALLS[0] != os.getpid():
-            _CALLS = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="retrostore-embed"))
-        return _CALLS[1]
 
 
 #: Length groups run side by side only while each is at most this many padded tokens: short
@@ -410,7 +386,7 @@ class OnnxEmbedder:
                     run(idx)
 
             try:
-                futures = [_call_pool().submit(run_share, share) for share in shares[1:]]
+                futures = [call_pool().submit(run_share, share) for share in shares[1:]]
             except RuntimeError:  # the pool is shut down: interpreter exit (an atexit handler embeds)
                 futures, shares = [], [groups]
             run_share(shares[0])  # this thread runs one share itself

@@ -325,6 +325,38 @@ def test_a_graph_returns_k_results_beyond_its_ef_search(tmp_path, rng):
             st.search_vectors([[0.1] * x.shape[1], [0.1] * 3], 5)
 
 
+def test_exact_batches_split_by_range_equal_brute_force(tmp_path, rng, monkeypatch):
+    """A batch on an exact store of >= SPLIT_FLAT_MIN_VECTORS runs as ranges side by side, each on one
+    OpenMP thread (FAISS's own threads spin at ~400 barriers on a shared machine): the answers are
+    brute force's, deleted chunks stay out, and the caller's OpenMP setting is kept."""
+    from retrostore.index import search as search_module
+
+    splits = []
+    real = search_module._split_flat_search
+    monkeypatch.setattr(search_module, "_split_flat_search", lambda *a: splits.append(a[3]) or real(*a))
+    n = search_module.SPLIT_FLAT_MIN_VECTORS + 3_001
+    x = _vectors(rng, n, uniform=True)
+    with retrostore.create(tmp_path / "f", embedder=FakeEmbedder(), index="Flat", threads=2) as st:
+        st.append([f"d{i}" for i in range(n)], embeddings=x)
+        st.commit()
+        stored = st._stored_vectors(np.arange(n)).astype(np.float32)  # (float16: the index's own values)
+        q = _vectors(rng, 64, uniform=True)
+        for batch in (q[:8], q):  # below and above the store's BLAS threshold (36 queries of 64-d)
+            before = faiss.omp_get_max_threads()
+            scores, ids = st.search_vectors(batch, 10)
+            assert faiss.omp_get_max_threads() == before
+            full = batch @ stored.T  # brute force: the same k best scores (ids may differ only at ties)
+            np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :10], atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(full, ids, 1), scores, atol=1e-5)
+            assert all(len(set(row)) == 10 for row in ids.tolist())
+        assert splits == [2, 2]
+        best = ids[:, 0]
+        st.delete(best.tolist())
+        st.commit()
+        _, ids = st.search_vectors(q, 10)
+        assert not np.isin(ids, best).any() and (ids >= 0).all()
+
+
 # -- deletes and compaction ------------------------------------------------
 @pytest.fixture
 def real_store(tmp_path, built_store):

@@ -44,6 +44,12 @@ def _leakage_options(fn, seq_len_required: bool = False):
 
 
 def _threshold(overlap_threshold, no_overlap_filter):
+    """The overlap threshold asked for; None with --no-overlap-filter, which refuses an --overlap-threshold
+    given beside it (helper-47: the threshold was silently ignored)."""
+    if no_overlap_filter and click.get_current_context().get_parameter_source(
+            "overlap_threshold") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--no-overlap-filter turns the overlap filters off, so --overlap-threshold "
+                               f"{overlap_threshold} would be ignored; give one of the two")
     return None if no_overlap_filter else overlap_threshold
 
 
@@ -88,7 +94,8 @@ def _window_counts(summary: dict) -> str:
                    "chunk in others (the leakage filters, --overlap-threshold; the default: RETRO, Borgeaud et al. "
                    "2021, §2.4, else each chunk's nearest is itself, its continuation the text to predict); "
                    "--include-same-doc gives the nearest chunks unfiltered.")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Query chunks per search call.")
+@click.option("--batch-size", type=int, default=1024, show_default=True,
+              help="Query chunks per search call (with --queries or --include-same-doc).")
 @click.option("--queries", type=click.Path(exists=True, dir_okay=False),
               help="External token file (.npy, (n, L) ints); output is (n, L/chunk_tokens, k).")
 @click.option("--label-token", is_flag=True,
@@ -109,12 +116,17 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
     """Precompute the k nearest chunk ids of every chunk of STORE (or of a token
     file, or of training windows) into a .npy array for RETRO training.
     Interrupt and re-run to resume."""
-    if exclude_same_doc is not None and queries:
-        raise click.UsageError("--exclude-same-doc/--include-same-doc apply to the store's own chunks, not to "
-                               "--queries")
-    if sequences and (queries or exclude_same_doc is not None or label_token):
+    same_doc = None if exclude_same_doc is None else ("--exclude-same-doc" if exclude_same_doc
+                                                       else "--include-same-doc")
+    if same_doc and queries:
+        raise click.UsageError(f"{same_doc} applies to the store's own chunks, not to --queries (a token file's "
+                               "rows are not stored chunks: their neighbours are the nearest chunks, unfiltered; "
+                               "Store.neighbors(exclude_doc_ids=) leaves documents out in Python)")
+    if sequences and (queries or same_doc or label_token):
+        given = [name for name, on in (("--queries", queries), (same_doc, same_doc), ("--label-token", label_token))
+                 if on]
         raise click.UsageError("--sequences cuts the store's own windows and always excludes their documents "
-                               "(--exclude); it takes no --queries, --label-token or --exclude-same-doc")
+                               f"(--exclude); drop {', '.join(given)}")
     if sequences and seq_len is None:
         raise click.UsageError("--sequences needs --seq-len L (e.g. 512 for 8 chunks of 64 tokens)")
     if not sequences and seq_len is not None:
@@ -134,9 +146,11 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                                                                           "eos_id", "exclude"}
     if unused:
         names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
-        raise click.UsageError(f"{names} do(es) not apply to {mode_name}; drop it (the leakage options apply to "
-                               "--sequences and to the store's chunks, --batch-size and --label-token to --queries "
-                               "and --include-same-doc)")
+        verb, it = ("does", "it") if len(unused) == 1 else ("do", "them")
+        raise click.UsageError(f"{names} {verb} not apply to {mode_name}; drop {it} (the leakage options apply to "
+                               "--sequences and to the store's chunks, --batch-size to --queries and "
+                               "--include-same-doc, --label-token to --queries)")
+    threshold = _threshold(overlap_threshold, no_overlap_filter)
     if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
         raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
     if tokens_out:  # checked before the work, not after it (review: a missing directory failed at the end)
@@ -150,7 +164,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         if sequences:
             seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
             summary = retro.sequence_neighbors(st, seqs, out, k=k, exclude=exclude,
-                                               overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                               overlap_threshold=threshold,
                                                ngram=ngram,
                                                progress=not quiet)
             stem = out[:-4] if out.endswith(".npy") else out
@@ -167,8 +181,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         elif not queries and exclude_same_doc is not False:
             # The store's own chunks, leakage-filtered (helper-28: each chunk was its own neighbour; helper-29:
             # then, on a store built twice, its copy in the other document).
-            summary = retro.chunk_neighbors(st, out, k=k, overlap_threshold=_threshold(overlap_threshold,
-                                                                                      no_overlap_filter),
+            summary = retro.chunk_neighbors(st, out, k=k, overlap_threshold=threshold,
                                             ngram=ngram, progress=not quiet)
             d = summary["dropped"]
             click.echo(f"neighbours: {summary['chunks']} chunks (own documents excluded), dropped "
@@ -207,9 +220,10 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     """Export STORE's training windows and neighbours for a RETRO trainer: OUT holds
     the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
     keyword arguments (docs/retro-training.md)."""
+    threshold = _threshold(overlap_threshold, no_overlap_filter)
     with retrostore.open(store) as st:
         info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
-                                          overlap_threshold=_threshold(overlap_threshold, no_overlap_filter),
+                                          overlap_threshold=threshold,
                                           ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
                                           progress=not quiet)
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "

@@ -121,16 +121,21 @@ def test_neighbors_of_store_chunks_pass_over_their_copies(dup, tmp_path):
 def test_neighbors_usage_errors(sliced, tmp_path):
     out = tmp_path / "k.npy"
     for args, msg in [(["--sequences"], "--seq-len"), (["--seq-len", 128], "with --sequences"),
-                      (["--sequences", "--seq-len", 128, "--exclude-same-doc"], "--exclude-same-doc"),
+                      (["--sequences", "--seq-len", 128, "--exclude-same-doc"], "drop --exclude-same-doc"),
+                      (["--sequences", "--seq-len", 128, "--include-same-doc"], "drop --include-same-doc"),
+                      (["--no-overlap-filter", "--overlap-threshold", 0.3], "--overlap-threshold 0.3 would be ignored"),
                       (["--tokens", out], "would overwrite")]:
         res = _run("neighbors", sliced, "--out", out, *args)
         assert res.exit_code == 2 and msg in res.output, res.output
     np.save(tmp_path / "q.npy", np.ones((2, 64), np.int64))
-    for args, msg in [(["--queries", tmp_path / "q.npy", "--ngram", 5], "--ngram do(es) not apply to --queries"),
-                      (["--include-same-doc", "--overlap-threshold", 0.1], "--overlap-threshold do(es) not apply"),
-                      (["--mode", "document"], "--mode do(es) not apply to the store's chunks"),
-                      (["--label-token"], "--label-token do(es) not apply"),
-                      (["--sequences", "--seq-len", 128, "--batch-size", 5], "--batch-size do(es) not apply")]:
+    for args, msg in [(["--queries", tmp_path / "q.npy", "--ngram", 5], "--ngram does not apply to --queries"),
+                      (["--include-same-doc", "--overlap-threshold", 0.1], "--overlap-threshold does not apply"),
+                      (["--mode", "document", "--exclude", "chunk"], "--exclude, --mode do not apply to the store's "
+                                                                     "chunks (the default); drop them"),
+                      (["--label-token"], "--label-token does not apply"),
+                      (["--queries", tmp_path / "q.npy", "--include-same-doc"], "--include-same-doc applies to the "
+                                                                                "store's own chunks"),
+                      (["--sequences", "--seq-len", 128, "--batch-size", 5], "--batch-size does not apply")]:
         res = _run("neighbors", sliced, "--out", tmp_path / "o.npy", *args)  # (helper-31: ignored, exit 0)
         assert res.exit_code == 2 and msg in res.output, (args, res.output)
     res = _run("neighbors", sliced, "--out", out, "--sequences", "--seq-len", 100, "-q")
@@ -142,6 +147,8 @@ def test_neighbors_usage_errors(sliced, tmp_path):
 
 def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp_path):
     out = tmp_path / "exp"
+    res = _run("export", sliced, out, "--seq-len", 2 * T, "--no-overlap-filter", "--overlap-threshold", 0.3, "-q")
+    assert res.exit_code == 2 and "would be ignored" in res.output and not out.exists()  # (helper-47: exit 0)
     res = _run("export", sliced, out, "--seq-len", 2 * T, "--mode", "document", "-q")
     assert res.exit_code == 0, res.output
     kwargs = retro.retro_dataset_kwargs(out)

@@ -49,7 +49,10 @@ def model_neighbors(store: "Store", token_ids: Any, k: int = 2, *, ragged: str =
         retro-pytorch's ``RETRO`` requires. ``"query"``: C = ceil(n / T),
         the tail is queried as a shorter chunk (``Store.neighbors``' rule).
     exclude_doc_ids : sequence of length B, optional
-        As in ``Store.neighbors``.
+        One entry per row, as in ``Store.neighbors``: a doc id, an iterable of
+        doc ids, or None. ``[[155, 488]] * B`` leaves both documents out of
+        every row; a flat ``[155, 488]`` for B = 2 leaves 155 out of row 0 and
+        488 out of row 1 only (:func:`fetch_fn` takes one set for every chunk).
     pad_id : int, optional
         Pad the tokens with this id (default: the store's).
     overlap_threshold : float or None, default 0.5
@@ -147,7 +150,9 @@ def fetch_fn(store: "Store", k: int = 2, *, pad_id: int | None = None,
         The model's ``pad_id`` (``RETRO(pad_id=...)``, default 0 there);
         default: the store's pad id. RETRO masks ``retrieved != pad_id``.
     exclude_doc_ids : iterable of int, optional
-        Documents never retrieved (e.g. a held-out prompt's source).
+        Documents never retrieved, for every chunk it is called with (e.g. a
+        held-out prompt's source): one set, not one entry per row as in
+        :func:`model_neighbors` (the rows are ``b * n`` chunks).
     overlap_threshold : float or None, default 0.5
         As in :func:`model_neighbors`: copies of a chunk (in another
         document) are passed over; None retrieves them.

@@ -664,6 +664,19 @@ def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_t
     (tmp_path / "d.tar").mkdir()
     with pytest.raises(InvalidInputError, match=r"d.tar is a directory; give the archive's file name"):
         retrostore.pack(hash_store, tmp_path / "d.tar", overwrite=True)
+    for args, match in [((None, out), r"store_path=None must be a non-empty str or os.PathLike naming the store"),
+                        ((hash_store, None), r"out=None must be a non-empty str or os.PathLike naming the archive"),
+                        ((hash_store, b"a.tar"), r"out=b'a.tar' must be")]:
+        with pytest.raises(InvalidInputError, match=match):  # (helper-48: a bare TypeError)
+            retrostore.pack(*args)
+    for args, match in [((5, tmp_path / "x"), r"archive=5 must be a non-empty str or os.PathLike"),
+                        ((b"a.tar", b"d"), r"archive=b'a.tar' must be"),
+                        ((hash_tar, None), r"dest=None must be a non-empty str or os.PathLike naming the store")]:
+        with pytest.raises(InvalidInputError, match=match):
+            retrostore.unpack(*args)
+    (tmp_path / "one.jsonl").write_text("{}")
+    with pytest.raises(InvalidInputError, match=r"one.jsonl is a file, not a directory"):  # (a FileExistsError)
+        retrostore.pack(hash_store, tmp_path / "one.jsonl" / "x.tar")
     with pytest.raises(InvalidInputError, match=r"missing.tar does not exist"):
         retrostore.unpack(tmp_path / "missing.tar", tmp_path / "x")
     with pytest.raises(InvalidInputError, match=r"is a directory; give the .tar or .tar.zst file"):

@@ -137,3 +137,22 @@ attempt(lambda: st.compact(progress=False))
         assert st.get_document(0).text == texts[0]
         st.compact(progress=False)
         assert st.info()["deletes"]["purged_documents"] == 1
+
+
+def test_unpack_on_a_full_disk_is_a_store_io_error(tmp_path, tmpfs, small_docs):
+    """Unpacking onto a full disk: a StoreIOError naming the errno's fix, nothing left behind
+    (helper-48: a bare OSError, "[Errno 28] No space left on device", no file, no fix)."""
+    _store(tmp_path / "s", small_docs)
+    with retrostore.open(tmp_path / "s", mode="a") as st:
+        st.compact()  # (purges the deleted document: pack refuses to ship it)
+    retrostore.pack(tmp_path / "s", tmp_path / "a.tar")
+    _fill(tmpfs, 64 * 1024)
+    out = _run(CHILD + f"attempt(lambda: str(retrostore.unpack({str(tmp_path / 'a.tar')!r}, "
+                       f"{str(tmpfs / 'u')!r}).path))")
+    assert out.get("signal") is None, out
+    assert not out["ok"] and out["type"] == "StoreIOError" and out["retrostore"] and out["errno"] == 28, out
+    assert "free space and unpack again" in out["msg"] and "Nothing was left" in out["msg"], out
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+    (tmpfs / "filler").unlink()
+    with retrostore.open(retrostore.unpack(tmp_path / "a.tar", tmpfs / "u").path) as st:
+        assert st.verify() == []

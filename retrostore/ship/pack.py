@@ -132,7 +132,8 @@ def pack(
     Raises
     ------
     InvalidInputError
-        ``out`` does not end with ``.tar`` or ``.tar.zst``, or a bad ``level``;
+        ``store_path`` or ``out`` is not a path, or a file stands where a directory of
+        ``out`` should be; ``out`` does not end with ``.tar`` or ``.tar.zst``, or a bad ``level``;
         the version holds deleted documents that ``compact`` has not purged yet
         (their text, tokens and vectors are still in its files and would ship:
         a take-down must not travel in an artifact).
@@ -145,8 +146,8 @@ def pack(
         Writing the archive failed (an OSError: ``errno.ENOSPC`` on a full
         disk); nothing is left at ``out`` or beside it.
     """
-    root = Path(store_path)
-    out = Path(out)
+    root = fileio.check_path("store_path", store_path, "the store directory")
+    out = fileio.check_path("out", out, "the archive to write (.tar or .tar.zst)")
     compressed = out.name.endswith(".tar.zst")
     if not compressed and not out.name.endswith(".tar"):
         raise InvalidInputError(f"{out}: the archive name must end with .tar or .tar.zst (zstd-compressed)")
@@ -160,7 +161,14 @@ def pack(
             f"the archive {out} already exists; choose another name, or replace it with "
             "`retrostore pack --force` (overwrite=True in Python)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    blocker = fileio.file_in_the_way(out)
+    if blocker is not None:  # helper-48: "[Errno 17] File exists: 'one.jsonl'", naming no fix
+        raise InvalidInputError(f"{out}: {blocker} is a file, not a directory; write the archive under a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreIOError(exc.errno, f"cannot create the directory {out.parent} for the archive: "
+                                      f"{exc.strerror or exc}.{fileio.io_hint(exc.errno, 'pack again')}") from exc
     for stem in (f"pack-{out.name}", out.name):  # of a pack killed before its rename (helper-37)
         fileio.remove_stale_tmp(out.parent, stem)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import zstandard
 
-from ..errors import CorruptStoreError, InvalidInputError, StoreExistsError, UnsafeArchiveError, check_int
+from ..errors import (CorruptStoreError, InvalidInputError, RetrostoreError, StoreExistsError, StoreIOError,
+                      UnsafeArchiveError, check_int)
 from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.fileio import git_lfs_pointer
@@ -190,9 +191,11 @@ def unpack(
     StoreExistsError
         ``dest`` exists and is not empty.
     InvalidInputError
-        ``expected_manifest_sha256`` is not 64 hex digits; ``archive`` is a directory or missing.
-    OSError
-        Reading the archive or writing the files failed; nothing is left behind.
+        ``expected_manifest_sha256`` is not 64 hex digits; ``archive`` is a directory or missing;
+        ``archive`` or ``dest`` is not a path.
+    StoreIOError
+        Reading the archive or writing the files failed (an OSError: ``errno.ENOSPC`` on a full
+        disk, ``errno.EROFS`` on a read-only one); nothing is left behind.
     """
     if expected_manifest_sha256 is not None:  # (helper-41: a shortened digest was "not the published store")
         if not isinstance(expected_manifest_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}",
@@ -200,8 +203,8 @@ def unpack(
             raise InvalidInputError(
                 f"expected_manifest_sha256={expected_manifest_sha256!r} is not a sha256: give all 64 hex digits "
                 "(`sha256sum STORE/manifest.json`, or the `manifest sha256` line `retrostore pack` printed)")
-    archive = Path(archive)
-    dest = Path(dest)
+    archive = fileio.check_path("archive", archive, "the .tar or .tar.zst file to unpack")
+    dest = fileio.check_path("dest", dest, "the store directory to create")
     if archive.is_dir() or not archive.exists():  # helper-37: IsADirectoryError / FileNotFoundError from open()
         what = "is a directory" if archive.is_dir() else "does not exist"
         raise InvalidInputError(f"the archive {archive} {what}; give the .tar or .tar.zst file `retrostore pack` "
@@ -211,9 +214,24 @@ def unpack(
         check_int(name, val, 1)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
-    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    blocker = fileio.file_in_the_way(dest)
     if blocker is not None:  # helper-17: "[Errno 17] File exists: 'afile'", naming no fix
         raise InvalidInputError(f"{dest}: {blocker} is a file, not a directory; unpack into a path under a directory")
+    try:
+        return _unpack(archive, dest, max_total_bytes, max_member_bytes, max_members, expected_manifest_sha256)
+    except OSError as exc:
+        if isinstance(exc, RetrostoreError):
+            raise
+        # helper-48: a full or read-only disk raised a bare OSError naming no file and no fix
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StoreIOError(exc.errno, f"unpacking {archive} into {dest} failed: {exc.strerror or exc}{where}."
+                                      f"{fileio.io_hint(exc.errno, 'unpack again')} Nothing was left at {dest} or "
+                                      "beside it.") from exc
+
+
+def _unpack(archive: Path, dest: Path, max_total_bytes: int, max_member_bytes: int, max_members: int,
+            expected_manifest_sha256: str | None) -> ArtifactInfo:
+    """:func:`unpack` once its arguments are checked."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fileio.remove_stale_tmp(dest.parent, f"unpack-{dest.name}")  # of an unpack killed before its rename
     tmp = dest.parent / f"{TMP_PREFIX}unpack-{dest.name}.{os.getpid()}.{secrets.token_hex(4)}"

@@ -538,6 +538,25 @@ def writable_dir(parent: str | os.PathLike, what: str) -> None:
     os.unlink(probe)
 
 
+def check_path(name: str, value: object, what: str) -> Path:
+    """``value`` as a Path, refusing what is not a non-empty str or os.PathLike of str (helper-48: None,
+    5 or bytes made pack and unpack raise a bare TypeError); ``what`` says what the path names.
+
+    Raises
+    ------
+    InvalidInputError
+        Not a non-empty str or os.PathLike naming a str path.
+    """
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not os.fspath(value):
+        raise InvalidInputError(f"{name}={value!r} must be a non-empty str or os.PathLike naming {what}")
+    return Path(value)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first existing parent of ``path`` that is not a directory (so ``path`` cannot be made), or None."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> Path:
     """``out`` checked as a file to write: a path ending in ``suffix``, not a directory, in an existing
     directory where files can be created (:func:`writable_dir`). Returns it as a Path.

@@ -491,6 +491,25 @@ def test_newer_format_refused_with_both_versions(tmp_path, hash_tar):
     assert f"format_version {FORMAT_VERSION + 7}" in str(err) and f"format version {FORMAT_VERSION}" in str(err)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("chain", None, r"lmdb.chain is None, expected the sha256"),
+    ("chain", "drop", r"lmdb.chain is None"),
+    ("token_dtype", "x", r"tokenizer.token_dtype is 'x', expected '<u2'"),
+    ("token_dtype", "<u4", r"tokenizer.token_dtype is '<u4', expected '<u2' for a vocabulary of 30,522 ids"),
+])
+def test_re_signed_manifest_with_a_bad_token_layout_or_chain(tmp_path, hash_tar, field, value, match):
+    """helper-48: a manifest re-signed with lmdb.chain null / absent, or token_dtype "x", crashed unpack
+    with a TypeError / KeyError; "<u4" for "<u2" unpacked "verified intact" with every chunk's ids wrong."""
+    def edit(body):
+        part = body["lmdb"] if field == "chain" else body["tokenizer"]
+        if value == "drop":
+            del part[field]
+        else:
+            part[field] = value
+
+    _refuse(tmp_path, _edit_manifest(_members(hash_tar), edit), CorruptStoreError, match)
+
+
 def test_size_limits(tmp_path, hash_tar):
     members = _members(hash_tar)
     _refuse(tmp_path, members, UnsafeArchiveError, "over the limit", max_member_bytes=10_000)

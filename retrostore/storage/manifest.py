@@ -145,6 +145,7 @@ def check_schema(body: dict, where: str) -> None:
     for name in ("documents", "chunks", "vectors"):
         if not _is_int(body["counts"].get(name)):
             raise CorruptStoreError(f"{where}: manifest count {name!r} is {body['counts'].get(name)!r}, expected an int >= 0")
+    _check_tokens_and_chain(body, where)
     for entry in referenced_files(body):
         if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
             raise CorruptStoreError(f"{where}: file entry {entry!r} lacks path, size or sha256")
@@ -158,6 +159,27 @@ def check_schema(body: dict, where: str) -> None:
     for entry in body["vectors"]["files"]:
         if "sums" in entry and not _is_int(entry["sums"].get("rows_per_block"), 1):
             raise CorruptStoreError(f"{where}: the block checksums of {entry['path']!r} lack an int rows_per_block")
+
+
+def _is_sha256(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+
+def _check_tokens_and_chain(body: dict, where: str) -> None:
+    """The token layout and the LMDB commit chain (helper-48: a re-signed manifest with ``lmdb.chain``
+    null or absent raised a TypeError / KeyError, ``token_dtype`` "x" a TypeError, and "<u4" in place of
+    "<u2" verified intact while every chunk read back as 32 ids such as 132,515,792)."""
+    tok, chain = body["tokenizer"], body["lmdb"].get("chain")
+    vocab = tok.get("vocab_size")
+    if not _is_int(vocab, 1):
+        raise CorruptStoreError(f"{where}: manifest field tokenizer.vocab_size is {vocab!r}, expected an int >= 1")
+    want = "<u2" if vocab <= 65536 else "<u4"  # as create writes it
+    if tok.get("token_dtype") != want:
+        raise CorruptStoreError(f"{where}: manifest field tokenizer.token_dtype is {tok.get('token_dtype')!r}, "
+                                f"expected {want!r} for a vocabulary of {vocab:,} ids; the manifest is damaged")
+    if not _is_sha256(chain):
+        raise CorruptStoreError(f"{where}: manifest field lmdb.chain is {chain!r}, expected the sha256 (64 hex "
+                                "digits) of the chunk table's commits; the manifest is damaged")
 
 
 def parse_manifest(raw: bytes, where: str) -> dict:

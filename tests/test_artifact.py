@@ -671,6 +671,26 @@ def test_pack_removes_the_leftovers_of_a_killed_pack(tmp_path, hash_store):
     assert not dead_file.exists() and not dead_dir.exists() and live.exists()
 
 
+def test_outputs_inside_a_stores_own_directories_are_refused(tmp_path, hash_store):
+    """helper-48: an archive packed into index/ and neighbour files into vectors/ were deleted by the
+    next commit without a word; outputs there are refused, beside the store they are written."""
+    from retrostore import retro
+
+    copy_ = tmp_path / "s.rstore"
+    shutil.copytree(hash_store, copy_)
+    with retrostore.open(copy_) as st:
+        for fn, where in [(lambda: retrostore.pack(copy_, copy_ / "index" / "b.tar"), "index/"),
+                          (lambda: st.precompute_neighbors(copy_ / "vectors" / "knn.npy", k=1), "vectors/"),
+                          (lambda: retro.export_retro_pytorch(st, copy_ / "versions" / "exp", seq_len=128),
+                           "versions/")]:
+            with pytest.raises(InvalidInputError, match=rf"is inside the store .* \({where}\), whose files the "
+                                                        "store manages"):
+                fn()
+        st.precompute_neighbors(copy_ / "knn.npy", k=1)  # the store's root is the user's
+    assert sorted(p.name for p in (copy_ / "index").iterdir()) == sorted(
+        p.name for p in (hash_store / "index").iterdir())
+
+
 def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_tar):
     """Flags are bools (vectors="no" shipped the vectors; overwrite="no" overwrote), OUT is not a
     directory, the archive exists: InvalidInputError naming the value, never an OSError (helper-37)."""

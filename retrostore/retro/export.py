@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidInputError, StoreExistsError, check_bool
-from ..storage.fileio import writable_dir
+from ..storage.fileio import check_outside_store, writable_dir
 from ._checks import check_exclude, check_k_of, check_ngram, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
@@ -159,6 +159,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         if not (out / KWARGS_FILE).is_file():
             raise StoreExistsError(f"{out} exists and holds no {KWARGS_FILE}: it is not an export, so it is not "
                                    "replaced even with force; remove it yourself or give another directory")
+    check_outside_store(out, "out_dir")
     if not out.parent.is_dir():
         why = "is a file" if out.parent.exists() else "does not exist"
         raise InvalidInputError(f"out_dir={str(out)!r}: {str(out.parent)!r} {why}; give a path in a directory")

@@ -161,6 +161,7 @@ def pack(
             f"the archive {out} already exists; choose another name, or replace it with "
             "`retrostore pack --force` (overwrite=True in Python)"
         )
+    fileio.check_outside_store(out, "out")
     blocker = fileio.file_in_the_way(out)
     if blocker is not None:  # helper-48: "[Errno 17] File exists: 'one.jsonl'", naming no fix
         raise InvalidInputError(f"{out}: {blocker} is a file, not a directory; write the archive under a directory")

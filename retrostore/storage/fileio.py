@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import lmdb
 
 from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreIOError, WriterLockedError
-from .layout import TMP_PREFIX
+from .layout import MANIFEST, STORE_DIRS, TMP_PREFIX
 
 __all__ = [
     "write_durable",
@@ -557,6 +557,28 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
 
 
+def check_outside_store(path: Path, name: str) -> None:
+    """Refuse an output path inside a store's own directories (``index/``, ``vectors/``,
+    ``chunks.lmdb/``, ``versions/``): a commit or compact deletes the files there that its manifest
+    does not name (helper-48: a ``pack`` archive and ``neighbors`` files written into ``index/`` and
+    ``vectors/`` were deleted by the next commit, without a word).
+
+    Raises
+    ------
+    InvalidInputError
+        ``path`` is under one of those directories of a store (a directory holding ``manifest.json``).
+    """
+    full = Path(os.path.abspath(path))
+    for top in full.parents:
+        if (top / MANIFEST).is_file():
+            rel = full.relative_to(top).parts
+            if rel and rel[0] in STORE_DIRS:
+                raise InvalidInputError(f"{name}={str(path)!r} is inside the store {str(top)!r} ({rel[0]}/), whose "
+                                        "files the store manages: a commit or compact deletes files there that its "
+                                        f"manifest does not name; write it outside the store, e.g. {str(top.parent)!r}")
+            return
+
+
 def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> Path:
     """``out`` checked as a file to write: a path ending in ``suffix``, not a directory, in an existing
     directory where files can be created (:func:`writable_dir`). Returns it as a Path.
@@ -574,6 +596,7 @@ def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> P
                                 "create it first")
     if path.is_dir():
         raise InvalidInputError(f"{name}={str(path)!r} is a directory; give a file name ending in {suffix}")
+    check_outside_store(path, name)
     writable_dir(path.parent, f"{name}={str(path)!r}")
     return path
 

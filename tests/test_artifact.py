@@ -510,6 +510,52 @@ def test_re_signed_manifest_with_a_bad_token_layout_or_chain(tmp_path, hash_tar,
     _refuse(tmp_path, _edit_manifest(_members(hash_tar), edit), CorruptStoreError, match)
 
 
+def _edit_lmdb(members, tmp_path, fn):
+    """The archive's members with its data.mdb rewritten by ``fn(env)`` (then copied compacted, as pack does)."""
+    work = tmp_path / "lmdb-edit"
+    (work / "src").mkdir(parents=True)
+    out = []
+    for ti, data in members:
+        if ti.name == "chunks.lmdb/data.mdb":
+            (work / "src" / "data.mdb").write_bytes(data)
+            env = lmdb.open(str(work / "src"), max_dbs=8, lock=False)
+            fn(env)
+            (work / "dst").mkdir()
+            env.copy(str(work / "dst"), compact=True)
+            env.close()
+            data = (work / "dst" / "data.mdb").read_bytes()
+        out.append((ti, data))
+    return out
+
+
+def _extra_database(env):
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b"hidden", db=env.open_db(b"evil", txn=txn))
+
+
+def _record_past_the_high_water_mark(env):
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"chunks", txn=txn)
+        last = txn.cursor(db)
+        last.last()
+        txn.put((int.from_bytes(last.key(), "big") + 1).to_bytes(8, "big"), b"hidden", db=db)
+
+
+def test_data_mdb_holds_only_the_committed_records(tmp_path, hash_tar):
+    """helper-48: the manifest names no size or checksum for data.mdb, and bytes appended to it (2 GiB
+    from a 328 KB .tar.zst), a named database of its own, or a record past the committed ones all
+    unpacked "verified intact"; each is refused now, with nothing left behind."""
+    members = _members(hash_tar)
+    padded = [(ti, data + bytes(1 << 16) if ti.name == "chunks.lmdb/data.mdb" else data) for ti, data in members]
+    _refuse(tmp_path, padded, CorruptStoreError, r"data.mdb is .* bytes, and LMDB's last page ends at .* holds bytes "
+                                                 "no record uses")
+    _refuse(tmp_path, _edit_lmdb(members, tmp_path / "a", _extra_database), CorruptStoreError,
+            r"holds the databases \['chunks', 'commits', 'docs', 'evil'\]")
+    _refuse(tmp_path, _edit_lmdb(members, tmp_path / "b", _record_past_the_high_water_mark), CorruptStoreError,
+            r"its chunks table holds .* records past the committed ones")
+    retrostore.unpack(hash_tar, tmp_path / "ok")  # the archive as pack wrote it
+
+
 def test_size_limits(tmp_path, hash_tar):
     members = _members(hash_tar)
     _refuse(tmp_path, members, UnsafeArchiveError, "over the limit", max_member_bytes=10_000)

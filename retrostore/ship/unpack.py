@@ -20,6 +20,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import lmdb
 import zstandard
 
 from ..errors import (CorruptStoreError, InvalidInputError, RetrostoreError, StoreExistsError, StoreIOError,
@@ -185,7 +186,9 @@ def unpack(
     CorruptStoreError
         Not a (complete) tar archive, a missing file, a size or checksum
         mismatch, a Git LFS pointer file in place of a store file (the message
-        says so), or ``Store.verify`` found problems.
+        says so), a ``data.mdb`` holding more than the committed records (bytes
+        past LMDB's last page, another database, records past the manifest's),
+        or ``Store.verify`` found problems.
     FormatVersionError
         The store needs a newer retrostore (both version numbers are named).
     StoreExistsError
@@ -246,6 +249,7 @@ def _unpack(archive: Path, dest: Path, max_total_bytes: int, max_member_bytes: i
                     f"{expected_manifest_sha256.strip()}; this is not the published store"
                 )
             _check_extracted(tmp, archive, body, manifest_raw, files)
+            _check_lmdb_holds_only_the_records(tmp, archive, body)
             _verify_unpacked(tmp, archive)
             for sub in STORE_DIRS:
                 fileio.fsync_dir(tmp / sub)
@@ -439,6 +443,57 @@ def _check_extracted(tmp: Path, archive: Path, body: dict, manifest_raw: bytes, 
         raise CorruptStoreError(f"{where}: " + "; ".join(problems))
     for sub in STORE_DIRS:
         (tmp / sub).mkdir(mode=0o755, exist_ok=True)
+
+
+#: The named databases of a store's LMDB environment (its main database holds only these names).
+_LMDB_TABLES = (b"chunks", b"commits", b"docs")
+
+
+def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> None:
+    """The archive's ``data.mdb`` is what :func:`pack` writes: its committed records and nothing else.
+
+    The manifest names no size or checksum for ``data.mdb`` (its records are checked one by one by
+    ``verify``, and chained into ``lmdb.chain``); helper-48 appended 2 GiB to it (a 328 KB
+    ``.tar.zst``), added a named database, and a record past the high-water mark, and each unpacked
+    "verified intact". Refused: bytes past LMDB's last page, databases other than the store's three,
+    records past the manifest's ids or versions, and entry counts other than the manifest's.
+    """
+    where = f"{archive}: {DATA_MDB}"
+    data = tmp / DATA_MDB
+    try:
+        env = lmdb.open(os.fspath(tmp / LMDB_DIR), subdir=True, readonly=True, lock=False, max_dbs=len(_LMDB_TABLES) + 1,
+                        create=False, readahead=False)
+    except lmdb.Error as exc:
+        raise CorruptStoreError(f"{where}: LMDB cannot open it ({exc})") from None
+    try:
+        end = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if data.stat().st_size != end:
+            raise CorruptStoreError(f"{where} is {data.stat().st_size:,} bytes, and LMDB's last page ends at {end:,}: "
+                                    "it holds bytes no record uses, which `retrostore pack` never writes; refusing "
+                                    "the archive")
+        deletes = body.get("deletes") or {}
+        want = {b"chunks": (body["next_chunk_id"], body["next_chunk_id"] - int(deletes.get("purged_chunks", 0))),
+                b"docs": (body["next_doc_id"], body["next_doc_id"] - int(deletes.get("purged_documents", 0))),
+                b"commits": (body["version"] + 1, None)}
+        with env.begin() as txn:
+            names = [k for k, _ in txn.cursor()]
+            if sorted(names) != list(_LMDB_TABLES):
+                raise CorruptStoreError(f"{where} holds the databases {sorted(n.decode('utf-8', 'replace') for n in names)}, "
+                                        "not the store's chunks, commits and docs; refusing the archive")
+            for name, (ids_end, entries) in want.items():
+                db = env.open_db(name, txn=txn, create=False)
+                cur = txn.cursor(db)
+                last = int.from_bytes(cur.key(), "big") if cur.last() else -1
+                count = txn.stat(db)["entries"]
+                if last >= ids_end or (entries is not None and count != entries):
+                    raise CorruptStoreError(
+                        f"{where}: its {name.decode()} table holds {count:,} records up to id {last:,}; the manifest "
+                        f"has {'' if entries is None else f'{entries:,} records, '}ids below {ids_end:,}: records "
+                        "past the committed ones, which `retrostore pack` never writes; refusing the archive")
+    except lmdb.Error as exc:
+        raise CorruptStoreError(f"{where}: LMDB cannot read it ({exc})") from None
+    finally:
+        env.close()
 
 
 def _verify_unpacked(tmp: Path, archive: Path) -> None:

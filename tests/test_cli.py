@@ -94,6 +94,8 @@ def test_verify_ok(cli_store):
 def test_build_is_idempotent_appends_when_asked_and_refuses_other_settings(tmp_path, corpus):
     path = tmp_path / "s"
     runner = CliRunner()
+    res = runner.invoke(cli, ["build", str(path), str(corpus), "-q", "--index", ""])  # (helper-48: became auto)
+    assert res.exit_code == 1 and "index='' must be a FAISS factory string" in res.output and not path.exists()
     assert runner.invoke(cli, ["build", str(path), str(corpus), "-q", "--commit-every", "1"]).exit_code == 0
     with retrostore.open(path) as st:
         n, v = len(st), st.version

@@ -277,7 +277,7 @@ def build_sharded(
     else:
         made_dir = not root.exists()
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
-                    index=index or "auto", threads=threads)
+                    index="auto" if index is None else index, threads=threads)
     writer = st._writer  # the sanctioned internal interface: the merge stages shards directly
     failed = False
     eng = None

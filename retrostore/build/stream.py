@@ -148,7 +148,7 @@ def build_store(
         check_same_settings(st, tokenizer, chunk_tokens, index)
     else:
         st = create(root, tokenizer=tokenizer, chunk_tokens=64 if chunk_tokens is None else chunk_tokens,
-                    index=index or "auto", threads=threads)
+                    index="auto" if index is None else index, threads=threads)
     records = Records(st.manifest)
     todo: list[tuple[Path, dict, str, dict]] = []  # (path, digest, record id, record)
     skipped: list[str] = []

@@ -190,7 +190,7 @@ def check_seed(seed: Any) -> int:
     InvalidInputError
         Not an int (a bool, a float, a string), negative or beyond int64.
     """
-    return check_int("seed", seed, 0, 2**63 - 1, fix="the seed of the sample, kept in the manifest; the default is 0")
+    return check_int("seed", seed, 0, 2**63 - 1, fix="the seed of the random sample (a reindex keeps it in the manifest); the default is 0")
 
 
 def sample_ids(live_ids: np.ndarray, size: int, seed: int) -> np.ndarray:

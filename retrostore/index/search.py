@@ -451,10 +451,11 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     this one), the ranges' k best merged. FAISS's own threads share every database block of 1,024
     vectors (a BLAS product, then an OpenMP loop over the queries): ~400 OpenMP barriers for
     200,000 vectors, where on a shared machine a thread spins waiting for a descheduled one. With
-    one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 4.0 s p50
-    with FAISS's 2 threads against 51 ms split (61 ms on one thread); on the machine as it was,
-    32 queries 39 against 36 ms, 128 queries 106 against 104 ms (benchmarks/flat_threads.py,
-    docs/benchmarks.md "flat-threads"). Same results as ``index.search`` (ties aside)."""
+    one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 324 ms p50
+    on FAISS's 2 threads against 28 ms split (28 ms on one thread), 128 queries 508 against 176
+    ms; on the quiet machine split was within noise of FAISS's threads from 16 queries on and
+    1.5-1.8x faster for 6-8 (benchmarks/flat_threads.py, docs/benchmarks.md "flat-threads").
+    Same results as ``index.search`` (ties aside)."""
     n, d = int(index.ntotal), int(index.d)
     xb = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
     bounds = np.linspace(0, n, parts + 1).astype(np.int64)

@@ -262,7 +262,7 @@ def load(url: str, path: str, bodies: list[bytes], clients: int, seconds: float,
 
     def client(i: int) -> None:
         with transport(urllib3)(host, int(port), maxsize=1, timeout=120, retries=False,
-                                        headers={"Content-Type": "application/json"}) as c:
+                                headers={"Content-Type": "application/json"}) as c:
             j = i * 997
             barrier.wait()
             while True:

@@ -759,6 +759,11 @@ def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_t
                         ((hash_tar, None), r"dest=None must be a non-empty str or os.PathLike naming the store")]:
         with pytest.raises(InvalidInputError, match=match):
             retrostore.unpack(*args)
+    (tmp_path / "empty").mkdir()
+    for name, target in (("link", tmp_path / "empty"), ("dangling", tmp_path / "nowhere")):
+        (tmp_path / name).symlink_to(target)
+        with pytest.raises(InvalidInputError, match=rf"{name} is a symbolic link .*; unpack into a path that is not"):
+            retrostore.unpack(hash_tar, tmp_path / name)  # (helper-48: "appeared while unpacking", ENOTDIR)
     (tmp_path / "one.jsonl").write_text("{}")
     with pytest.raises(InvalidInputError, match=r"one.jsonl is a file, not a directory"):  # (a FileExistsError)
         retrostore.pack(hash_store, tmp_path / "one.jsonl" / "x.tar")

@@ -215,6 +215,9 @@ def unpack(
     for name, val in (("max_total_bytes", max_total_bytes), ("max_member_bytes", max_member_bytes),
                       ("max_members", max_members)):
         check_int(name, val, 1)
+    if dest.is_symlink():  # helper-48: "appeared while unpacking" (a link to an empty directory), or ENOTDIR
+        raise InvalidInputError(f"{dest} is a symbolic link (to {os.readlink(dest)!r}); unpack into a path that is "
+                                "not a link, e.g. the link's target, or remove the link first")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreExistsError(f"{dest} already exists and is not empty; unpack into a new directory")
     blocker = fileio.file_in_the_way(dest)

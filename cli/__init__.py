@@ -152,7 +152,10 @@ def search(store, query, k, as_json):
         for rank, (h, meta) in enumerate(zip(hits, metas), 1):
             source = meta.get("source") if isinstance(meta, dict) else None
             head = f"#{rank}  score {h.score:.4f}  chunk {h.chunk_id}  doc {h.doc_id}"
-            click.echo(head + (f"  {source}" if source else ""))
+            # one line per hit: a source (a file name, a URL) with a line break or a control character is
+            # shown escaped, as Python writes it (helper-48: a newline in a name split the hit's line)
+            shown_source = str(source) if str(source).isprintable() else repr(str(source))
+            click.echo(head + (f"  {shown_source}" if source else ""))
             text = " ".join(h.text.split())
             click.echo(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
         click.echo(f"({len(hits)} hit{'' if len(hits) == 1 else 's'} in {ms:.1f} ms)", err=True)

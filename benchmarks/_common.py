@@ -8,6 +8,7 @@ this module as ``_common``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -27,6 +28,22 @@ DOCS_MD = REPO / "docs" / "benchmarks.md"
 PYDOCS = Path(os.environ.get("RETROSTORE_PYDOCS", "/work/shared/data/pydocs.jsonl.zst"))
 #: 16 pydocs pages shipped with the repository (fallback when PYDOCS is absent).
 SAMPLE = REPO / "examples" / "pydocs-sample.jsonl.zst"
+
+
+# -- a busy machine ----------------------------------------------------------------
+@contextlib.contextmanager
+def busy_processes(n: int = 1, settle_s: float = 1.0):
+    """Run ``n`` CPU-bound processes (a pure-Python loop each) for the ``with`` block, then kill
+    them: the benchmark's own shared machine."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(settle_s)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 # -- synthetic vectors -----------------------------------------------------------

@@ -21,7 +21,6 @@ Run ``python benchmarks/embed_spin.py --help``; ``--record`` writes docs/benchma
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 
@@ -40,12 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     return p.parse_args(argv)
 
-
-def _burn(stop) -> None:
-    x = 0
-    while not stop.is_set():
-        for _ in range(100_000):
-            x += 1
 
 
 def _session(threads: int, spin: str):
@@ -97,16 +90,8 @@ def main(argv=None) -> int:
     info, docs = C.start(args.corpus)
     queries = C.sample_sentences([t for t, _ in docs], args.queries)
     quiet = measure(queries, args.rounds)
-    stop = mp.Event()
-    procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(args.busy)]
-    for p in procs:
-        p.start()
-    try:
+    with C.busy_processes(args.busy):
         busy = measure(queries, args.rounds)
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(10)
     body = "\n".join([
         f"{len(queries)} query sentences from the corpus, {args.rounds} rounds; 'single': one query a call, "
         f"'batch': all {len(queries)} in one call; medians.", "",

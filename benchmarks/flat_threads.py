@@ -7,7 +7,8 @@ An exact batch search (``IndexFlatIP`` of random unit vectors, the store's BLAS 
 of ``--batches`` queries three ways, interleaved (``--repeats`` rounds): FAISS on 1 OpenMP
 thread; FAISS on the usable CPUs (what a store did before 2026-12-06); and the store's search,
 the vectors cut into one range per usable CPU, each searched on one thread side by side
-(``retrostore.index.search._split_flat_search``). The report gives the median and the 90th
+(``retrostore.index.search._split_flat_search``; a store splits from ``SPLIT_FLAT_MIN_WORK``
+multiply-adds and runs smaller batches on one thread). The report gives the median and the 90th
 percentile of each, and the ratios of the medians. Each search starts 50 ms after the one before: GNU OpenMP's idle workers
 spin after a region of several threads (``GOMP_SPINCOUNT``), and would slow whichever way came
 next. FAISS computes such a batch one database block
@@ -26,7 +27,6 @@ processes started by the benchmark (a pure-Python loop each) and stopped at the 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import time
 
 import faiss
@@ -46,12 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     return p.parse_args(argv)
 
-
-def _burn(stop) -> None:
-    x = 0
-    while not stop.is_set():
-        for _ in range(100_000):
-            x += 1
 
 
 def measure(indexes: dict, batches: list[int], repeats: int, threads: int, rng: np.random.Generator) -> list:
@@ -109,17 +103,9 @@ def main(argv=None) -> int:
               "than 1 thread by"]
     print("the machine as it is")
     quiet = measure(indexes, batches, args.repeats, threads, rng)
-    stop = mp.Event()
-    procs = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(args.busy)]
-    for p in procs:
-        p.start()
-    try:
+    with C.busy_processes(args.busy):
         print(f"with {args.busy} CPU-bound process(es)")
         busy = measure(indexes, batches, args.repeats, threads, rng)
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(10)
     body = "\n".join([
         "**The machine as it is:**", "", C.table(header, quiet), "",
         f"**With {args.busy} CPU-bound process(es) started by the benchmark:**", "", C.table(header, busy), "",

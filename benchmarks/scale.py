@@ -50,6 +50,7 @@ unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -64,7 +65,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # retrostore itself: as installed, or a snapshot on PYTHONPATH
 
-from _common import PYDOCS, SAMPLE, PrecomputedOnly, machine, print_machine, record, table  # noqa: E402
+from _common import PYDOCS, SAMPLE, PrecomputedOnly, busy_processes, machine, print_machine, record, table  # noqa: E402
 from scale_data import BLOCK, ClusteredVectors, TextPool  # noqa: E402
 
 K = 10
@@ -410,24 +411,16 @@ def child_paired(spec: dict) -> dict:
     for sysm in systems.values():
         for i in range(min(20, len(qs))):
             sysm.query(qs[i : i + 1])
-    hog = None
-    if spec.get("hog"):
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(1.0)
     passes = [{name: [] for name in systems} for _ in range(int(spec.get("passes", 1)))]
     rng = np.random.default_rng(0)
     names = list(systems)
-    try:
+    with busy_processes(1) if spec.get("hog") else contextlib.nullcontext():
         for lat in passes:
             for i in range(len(qs)):
                 for j in rng.permutation(len(names)):
                     t = time.perf_counter()
                     systems[names[j]].query(qs[i : i + 1])
                     lat[names[j]].append(time.perf_counter() - t)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
     for sysm in systems.values():
         sysm.close()
     out = {"latency_s": passes[0], "load_during": os.getloadavg()}

@@ -326,15 +326,15 @@ def test_a_graph_returns_k_results_beyond_its_ef_search(tmp_path, rng):
 
 
 def test_exact_batches_split_by_range_equal_brute_force(tmp_path, rng, monkeypatch):
-    """A batch on an exact store of >= SPLIT_FLAT_MIN_VECTORS runs as ranges side by side, each on one
-    OpenMP thread (FAISS's own threads spin at ~400 barriers on a shared machine): the answers are
-    brute force's, deleted chunks stay out, and the caller's OpenMP setting is kept."""
+    """A batch on an exact store runs on one OpenMP thread, from SPLIT_FLAT_MIN_WORK as ranges side by
+    side, each on one thread (FAISS's own threads spin at ~400 barriers on a shared machine): the
+    answers are brute force's, deleted chunks stay out, and the caller's OpenMP setting is kept."""
     from retrostore.index import search as search_module
 
     splits = []
     real = search_module._split_flat_search
     monkeypatch.setattr(search_module, "_split_flat_search", lambda *a: splits.append(a[3]) or real(*a))
-    n = search_module.SPLIT_FLAT_MIN_VECTORS + 3_001
+    n = 19_385
     x = _vectors(rng, n, uniform=True)
     with retrostore.create(tmp_path / "f", embedder=FakeEmbedder(), index="Flat", threads=2) as st:
         st.append([f"d{i}" for i in range(n)], embeddings=x)
@@ -349,7 +349,14 @@ def test_exact_batches_split_by_range_equal_brute_force(tmp_path, rng, monkeypat
             np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :10], atol=1e-5)
             np.testing.assert_allclose(np.take_along_axis(full, ids, 1), scores, atol=1e-5)
             assert all(len(set(row)) == 10 for row in ids.tolist())
-        assert splits == [2, 2]
+        assert splits == [1, 1]  # 8 and 64 queries x 19,385 x 64-d: below SPLIT_FLAT_MIN_WORK, one thread
+        monkeypatch.setattr(search_module, "SPLIT_FLAT_MIN_WORK", 1_000_000)
+        for batch in (q[:8], q):
+            scores, ids = st.search_vectors(batch, 10)
+            full = batch @ stored.T
+            np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :10], atol=1e-5)
+            np.testing.assert_allclose(np.take_along_axis(full, ids, 1), scores, atol=1e-5)
+        assert splits == [1, 1, 2, 2] and faiss.omp_get_max_threads() == before
         best = ids[:, 0]
         st.delete(best.tolist())
         st.commit()

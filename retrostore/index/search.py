@@ -439,16 +439,20 @@ class SegmentSet:
         return out_d, out_i
 
 
-#: Exact inner-product batch searches of a Flat segment of at least this many vectors are split by
-#: database range over the caller's OpenMP threads, each range searched on one thread of the
-#: process's call pool (:func:`_split_flat_search`).
-SPLIT_FLAT_MIN_VECTORS = 16_384
+#: Exact inner-product batch searches of a Flat segment run on one OpenMP thread, never FAISS's
+#: several (:func:`_split_flat_search`); from this much work (queries x vectors x dimensions,
+#: multiply-adds: ~5 ms on one core) a search is split by database range over the caller's threads,
+#: one part per 200,000,000. Measured (benchmarks/flat_threads.py): 56,400 vectors of 384-d, 8-16
+#: queries (<= 0.35 G) one thread 7.9-11.6 ms, split 8.3-11.6 (FAISS's 2 threads 10.3-16.0); 32
+#: queries (0.69 G) split 1.18x faster than one thread, 64: 1.87x; 204,450 vectors, 6 queries (0.47
+#: G): 2.0x.
+SPLIT_FLAT_MIN_WORK = 200_000_000
 
 
 def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     """An exact inner-product search of a batch on an ``IndexFlat``, its vectors cut into ``parts``
     ranges searched side by side, each by FAISS on one OpenMP thread (the call pool's threads and
-    this one), the ranges' k best merged. FAISS's own threads share every database block of 1,024
+    this one), the ranges' k best merged (``parts`` = 1: FAISS on this thread alone). FAISS's own threads share every database block of 1,024
     vectors (a BLAS product, then an OpenMP loop over the queries): ~400 OpenMP barriers for
     200,000 vectors, where on a shared machine a thread spins waiting for a descheduled one. With
     one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 324 ms p50
@@ -457,6 +461,13 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     1.5-1.8x faster for 6-8 (benchmarks/flat_threads.py, docs/benchmarks.md "flat-threads").
     Same results as ``index.search`` (ties aside)."""
     n, d = int(index.ntotal), int(index.d)
+    if parts == 1:  # too little work to share: one thread, no pool
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return index.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(before)
     xb = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
     bounds = np.linspace(0, n, parts + 1).astype(np.int64)
 
@@ -516,8 +527,9 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     if not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
         return index.search(queries, k)  # (segments are read and built downcast: no downcast_index per search)
     if len(queries) != 1:
-        parts = min(faiss.omp_get_max_threads(), cpu_count(), int(index.ntotal) * 2 // SPLIT_FLAT_MIN_VECTORS)
-        return _split_flat_search(index, queries, k, parts) if parts > 1 else index.search(queries, k)
+        work = len(queries) * int(index.ntotal) * int(index.d)
+        parts = min(faiss.omp_get_max_threads(), cpu_count(), work // SPLIT_FLAT_MIN_WORK)
+        return _split_flat_search(index, queries, k, max(parts, 1))
     flat = index
     n = int(flat.ntotal)
     xb = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)

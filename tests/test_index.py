@@ -364,6 +364,33 @@ def test_exact_batches_split_by_range_equal_brute_force(tmp_path, rng, monkeypat
         assert not np.isin(ids, best).any() and (ids >= 0).all()
 
 
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,Flat"])
+def test_batches_split_by_queries_equal_single_queries(tmp_path, rng, monkeypatch, factory):
+    """Graph and IVF batches run as parts of >= SPLIT_MIN_QUERIES queries side by side, each on one
+    OpenMP thread (FAISS's threads spin at each region's end beside other jobs): every row equals
+    the same query searched alone, and the caller's OpenMP setting is kept."""
+    from retrostore.index import search as search_module
+
+    parts = []
+    real = search_module._split_by_queries
+    monkeypatch.setattr(search_module, "_split_by_queries",
+                        lambda fn, q: parts.append(min(2, len(q) // search_module.SPLIT_MIN_QUERIES)) or real(fn, q))
+    x = _vectors(rng, 3000)
+    with retrostore.create(tmp_path / "g", embedder=FakeEmbedder(), index=factory, threads=2) as st:
+        st.append([f"d{i}" for i in range(3000)], embeddings=x)
+        st.commit()
+        q = x[:37] + 0.01
+        before = faiss.omp_get_max_threads()
+        scores, ids = st.search_vectors(q, 10)
+        assert faiss.omp_get_max_threads() == before and parts[-1] == 2
+        for i in range(len(q)):
+            s1, i1 = st.search_vectors(q[i : i + 1], 10)
+            np.testing.assert_array_equal(ids[i], i1[0])
+            np.testing.assert_allclose(scores[i], s1[0], rtol=1e-6)
+        _, few = st.search_vectors(q[:9], 10)  # one part: on one thread
+        np.testing.assert_array_equal(few, ids[:9])
+
+
 # -- deletes and compaction ------------------------------------------------
 @pytest.fixture
 def real_store(tmp_path, built_store):

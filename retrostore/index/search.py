@@ -442,7 +442,7 @@ class SegmentSet:
 #: Exact inner-product batch searches of a Flat segment run on one OpenMP thread, never FAISS's
 #: several (:func:`_split_flat_search`); from this much work (queries x vectors x dimensions,
 #: multiply-adds: ~5 ms on one core) a search is split by database range over the caller's threads,
-#: one part per 200,000,000. Measured (benchmarks/flat_threads.py): 56,400 vectors of 384-d, 8-16
+#: one part per 200,000,000. Measured (benchmarks/batch_threads.py): 56,400 vectors of 384-d, 8-16
 #: queries (<= 0.35 G) one thread 7.9-11.6 ms, split 8.3-11.6 (FAISS's 2 threads 10.3-16.0); 32
 #: queries (0.69 G) split 1.18x faster than one thread, 64: 1.87x; 204,450 vectors, 6 queries (0.47
 #: G): 2.0x.
@@ -458,7 +458,7 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 324 ms p50
     on FAISS's 2 threads against 28 ms split (28 ms on one thread), 128 queries 508 against 176
     ms; on the quiet machine split was within noise of FAISS's threads from 16 queries on and
-    1.5-1.8x faster for 6-8 (benchmarks/flat_threads.py, docs/benchmarks.md "flat-threads").
+    1.5-1.8x faster for 6-8 (benchmarks/batch_threads.py, docs/benchmarks.md "batch-threads").
     Same results as ``index.search`` (ties aside)."""
     n, d = int(index.ntotal), int(index.d)
     if parts == 1:  # too little work to share: one thread, no pool
@@ -501,9 +501,53 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     return heap.D, heap.I
 
 
+#: Fewest queries per part when a batch on a graph, an IVF index or an L2 Flat segment is split by
+#: queries (:func:`_split_by_queries`): smaller batches run on one OpenMP thread.
+SPLIT_MIN_QUERIES = 8
+
+
+def _split_by_queries(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                      queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``search(queries)`` for a batch, without FAISS's OpenMP threads: on one thread, or, from
+    ``2 * SPLIT_MIN_QUERIES`` queries, cut into one part per thread (at most the caller's OpenMP
+    threads, at least :data:`SPLIT_MIN_QUERIES` queries each) searched side by side, each by FAISS on
+    one thread (the call pool's threads and this one). FAISS's threads wait for each other at the
+    end of every OpenMP region, spinning while a partner is descheduled: an HNSW batch of 8 queries
+    took 6.7 ms p50 on 2 threads against 1.8 ms on one beside other jobs (8,903 chunks,
+    ``HNSW32,SQfp16``), 32 queries 14.3 against 5.0 ms, split 4.7. A single query keeps the caller's
+    setting (:data:`ONE_THREAD_MAX_QUERIES` decides it)."""
+    n = len(queries)
+    if n < 2:
+        return search(queries)
+    parts = min(faiss.omp_get_max_threads(), cpu_count(), n // SPLIT_MIN_QUERIES)
+    bounds = np.linspace(0, n, max(parts, 1) + 1).astype(np.int64)
+
+    def on_one_thread(i: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
+        return search(queries[bounds[i]:bounds[i + 1]])
+
+    futures = []
+    if parts > 1:
+        try:
+            futures = [call_pool().submit(on_one_thread, i) for i in range(1, parts)]
+        except RuntimeError:  # the pool is shut down (interpreter exit): all on this thread
+            bounds = np.array([0, n])
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        results = [search(queries[bounds[0]:bounds[1]])] + [f.result() for f in futures]
+    finally:
+        faiss.omp_set_num_threads(before)
+    if len(results) == 1:
+        return results[0]
+    return np.vstack([D for D, _ in results]), np.vstack([I for _, I in results])
+
+
 def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool,
                     graph: bool = False, outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search``, except a single query on an exact inner-product ``IndexFlat``: one BLAS
+    """``index.search``, a batch without FAISS's OpenMP threads (:func:`_split_by_queries`, on an
+    exact inner-product ``IndexFlat`` :func:`_split_flat_search`), except a single query on an exact
+    inner-product ``IndexFlat``: one BLAS
     matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
     floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
     1.6x the BLAS product's time on a quiet 2-core machine (10.4 against 6.5 ms at 100k vectors of
@@ -513,19 +557,19 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     the missing ones read as "no more" (helper-43: k=100 of 300 live chunks, 2,700 deleted, came
     back with 63). ``outside``: the segment's own ids ``[lo, hi)`` to leave out (FAISS's ID
     selector, :func:`_selector_params`)."""
+    params = None
     if outside:
-        return index.search(queries, k, params=_selector_params(index, outside))
-    if isinstance(index, faiss.IndexHNSW):
+        params = _selector_params(index, outside)
+    elif isinstance(index, faiss.IndexHNSW):
         if k > index.hnsw.efSearch:
-            return index.search(queries, k, params=faiss.SearchParametersHNSW(efSearch=int(k)))
+            params = faiss.SearchParametersHNSW(efSearch=int(k))
     elif graph and isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):  # (graph: the set holds one)
         # A graph behind a pre-transform or a refine wrapper too (review: PCA64,HNSW32,Flat gave 31 of
         # k=100 live chunks, HNSW32,Flat,RFlat 63, with 2,700 of 3,000 chunks deleted).
         params = _graph_params(index, k)
-        if params is not None:
-            return index.search(queries, k, params=params)
-    if not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
-        return index.search(queries, k)  # (segments are read and built downcast: no downcast_index per search)
+    if params is not None or not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
+        # (segments are read and built downcast: no downcast_index per search)
+        return _split_by_queries(lambda x: index.search(x, k, params=params), queries)
     if len(queries) != 1:
         work = len(queries) * int(index.ntotal) * int(index.d)
         parts = min(faiss.omp_get_max_threads(), cpu_count(), work // SPLIT_FLAT_MIN_WORK)

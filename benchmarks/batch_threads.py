@@ -1,27 +1,30 @@
-"""Exact search of batches: FAISS's OpenMP threads against the store's split by database range, on
-a quiet and on a busy machine.
+"""Batch searches: FAISS's OpenMP threads against the store's split, on a quiet and on a busy machine.
 
 What is measured
 ----------------
-An exact batch search (``IndexFlatIP`` of random unit vectors, the store's BLAS threshold, k = 5)
-of ``--batches`` queries three ways, interleaved (``--repeats`` rounds): FAISS on 1 OpenMP
-thread; FAISS on the usable CPUs (what a store did before 2026-12-06); and the store's search,
-the vectors cut into one range per usable CPU, each searched on one thread side by side
+A batch search (k = 5) three ways, interleaved (``--repeats`` rounds): FAISS on 1 OpenMP thread;
+FAISS on the usable CPUs (what a store did before 2026-12-06); and the store's split, each part
+searched by FAISS on one thread side by side, one part per usable CPU: an exact ``IndexFlatIP``
+of random unit vectors (the store's BLAS threshold) cut by database range
 (``retrostore.index.search._split_flat_search``; a store splits from ``SPLIT_FLAT_MIN_WORK``
-multiply-adds and runs smaller batches on one thread). The report gives the median and the 90th
-percentile of each, and the ratios of the medians. Each search starts 50 ms after the one before: GNU OpenMP's idle workers
-spin after a region of several threads (``GOMP_SPINCOUNT``), and would slow whichever way came
-next. FAISS computes such a batch one database block
-of 1,024 vectors at a time (``faiss.cvar.distance_compute_blas_database_bs``): a BLAS product and
-an OpenMP loop over the queries per block, so a search of 200,000 vectors meets ~400 OpenMP
-barriers. On a shared machine a thread waiting at a barrier for a descheduled one spins (GNU
-OpenMP's default), and a batch of 8 took up to a second (retrostore serve at 8 clients on a
-204,450-chunk store answered nothing in 3 s while other jobs ran).
+multiply-adds and runs smaller batches on one thread), and an ``HNSW32,SQfp16`` graph (the
+default below 100,000 chunks, ``efSearch`` 128) cut by queries (``_split_by_queries``; parts of
+at least ``SPLIT_MIN_QUERIES``). The report gives the median and the 90th percentile of each,
+and the ratios of the medians. Each search starts 50 ms after the one before: GNU OpenMP's idle
+workers spin after a region of several threads (``GOMP_SPINCOUNT``), and would slow whichever
+way came next.
+
+Why: FAISS computes an exact batch one database block of 1,024 vectors at a time
+(``faiss.cvar.distance_compute_blas_database_bs``), a BLAS product and an OpenMP loop over the
+queries per block, so a search of 200,000 vectors meets ~400 OpenMP barriers; a graph batch
+meets one per search. On a shared machine a thread waiting at a barrier for a descheduled one
+spins (GNU OpenMP's default): a batch of 8 took up to a second, and retrostore serve at 8
+clients on a 204,450-chunk store answered nothing in 3 s while other jobs ran.
 
 The whole is run twice: on the machine as it is, then with ``--busy`` (default 1) CPU-bound
 processes started by the benchmark (a pure-Python loop each) and stopped at the end.
 
-``python benchmarks/flat_threads.py [--record]``.
+``python benchmarks/batch_threads.py [--record]``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=C.SYNTH_DIM, help="vector dimension (default 384)")
     p.add_argument("--vectors", default="56400,204450", help="database sizes (default 56,400 and 204,450)")
     p.add_argument("--batches", default="6,8,16,32,64,128", help="queries per search (default 6..128)")
+    p.add_argument("--graph-vectors", type=int, default=20_000,
+                   help="an HNSW32,SQfp16 graph of this many vectors too, split by queries (default 20,000; 0: none)")
+    p.add_argument("--graph-batches", default="8,16,32,128", help="queries per graph search (default 8..128)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--busy", type=int, default=1, help="CPU-bound processes in the busy part (default 1)")
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
@@ -48,8 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 
-def measure(indexes: dict, batches: list[int], repeats: int, threads: int, rng: np.random.Generator) -> list:
-    from retrostore.index.search import _split_flat_search
+def measure(indexes: dict, batches: list[int], graph_batches: list[int], repeats: int, threads: int,
+            rng: np.random.Generator) -> list:
+    from retrostore.index.search import _split_by_queries, _split_flat_search
+
+    def split(index, q):
+        faiss.omp_set_num_threads(threads)  # the caller's setting, which the store's split reads
+        if isinstance(index, faiss.IndexFlat):
+            return _split_flat_search(index, q, 5, threads)
+        return _split_by_queries(lambda x: index.search(x, 5), q)
 
     def faiss_on(t: int):
         def run(index, q):
@@ -57,12 +70,11 @@ def measure(indexes: dict, batches: list[int], repeats: int, threads: int, rng: 
             return index.search(q, 5)
         return run
 
-    ways = {"one": faiss_on(1), "faiss": faiss_on(threads),
-            "split": lambda index, q: _split_flat_search(index, q, 5, threads)}
+    ways = {"one": faiss_on(1), "faiss": faiss_on(threads), "split": split}
     names = list(ways)
     rows = []
-    for n, index in indexes.items():
-        for nq in batches:
+    for name, index in indexes.items():
+        for nq in (batches if isinstance(index, faiss.IndexFlat) else graph_batches):
             q = rng.standard_normal((nq, index.d), dtype=np.float32)
             q /= np.linalg.norm(q, axis=1, keepdims=True)
             faiss.omp_set_num_threads(1)
@@ -75,7 +87,7 @@ def measure(indexes: dict, batches: list[int], repeats: int, threads: int, rng: 
                     if r:
                         times[w].append(seconds)
             p50 = {w: C.median(times[w]) for w in names}
-            rows.append([f"{n:,}", nq] + [f"{p50[w] * 1e3:.1f} / {C.pct(times[w], 90) * 1e3:.1f}" for w in names]
+            rows.append([name, nq] + [f"{p50[w] * 1e3:.1f} / {C.pct(times[w], 90) * 1e3:.1f}" for w in names]
                         + [f"{p50['faiss'] / p50['split']:.2f}x", f"{p50['one'] / p50['split']:.2f}x"])
             print(" | ".join(map(str, rows[-1])), flush=True)
     faiss.omp_set_num_threads(threads)
@@ -94,28 +106,38 @@ def main(argv=None) -> int:
     for n in (int(x) for x in args.vectors.split(",")):
         xb = rng.standard_normal((n, args.dim), dtype=np.float32)
         xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-        indexes[n] = faiss.IndexFlatIP(args.dim)
-        indexes[n].add(xb)
+        indexes[f"Flat, {n:,}"] = faiss.IndexFlatIP(args.dim)
+        indexes[f"Flat, {n:,}"].add(xb)
+    if args.graph_vectors:  # the default below 100,000 chunks (docs/index.md)
+        xb = rng.standard_normal((args.graph_vectors, args.dim), dtype=np.float32)
+        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+        graph = faiss.index_factory(args.dim, "HNSW32,SQfp16", faiss.METRIC_INNER_PRODUCT)
+        graph.train(xb)
+        graph.add(xb)
+        faiss.downcast_index(graph).hnsw.efSearch = 128
+        indexes[f"HNSW32,SQfp16, {args.graph_vectors:,}"] = faiss.downcast_index(graph)
     batches = [int(x) for x in args.batches.split(",")]
+    graph_batches = [int(x) for x in args.graph_batches.split(",")]
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
-    header = ["vectors", "queries", "1 thread p50 / p90 ms", f"FAISS, {threads} threads p50 / p90 ms",
-              f"split, {threads} ranges (the store's) p50 / p90 ms", "split faster than FAISS's threads by",
+    header = ["index, vectors", "queries", "1 thread p50 / p90 ms", f"FAISS, {threads} threads p50 / p90 ms",
+              f"the store's split, {threads} threads p50 / p90 ms", "split faster than FAISS's threads by",
               "than 1 thread by"]
     print("the machine as it is")
-    quiet = measure(indexes, batches, args.repeats, threads, rng)
+    quiet = measure(indexes, batches, graph_batches, args.repeats, threads, rng)
     with C.busy_processes(args.busy):
         print(f"with {args.busy} CPU-bound process(es)")
-        busy = measure(indexes, batches, args.repeats, threads, rng)
+        busy = measure(indexes, batches, graph_batches, args.repeats, threads, rng)
     body = "\n".join([
         "**The machine as it is:**", "", C.table(header, quiet), "",
         f"**With {args.busy} CPU-bound process(es) started by the benchmark:**", "", C.table(header, busy), "",
-        f"{args.dim}-d random unit vectors, IndexFlatIP, k = 5, BLAS threshold {BLAS_THRESHOLD:,} (the store's: "
-        f"batches of >= {-(-BLAS_THRESHOLD // args.dim)} queries take the matrix product); {args.repeats} "
-        "interleaved rounds per cell; times per search (the whole batch)."])
+        f"{args.dim}-d random unit vectors, k = 5. Flat: IndexFlatIP, BLAS threshold {BLAS_THRESHOLD:,} (the "
+        f"store's: batches of >= {-(-BLAS_THRESHOLD // args.dim)} queries take the matrix product), split by "
+        "database range. HNSW32,SQfp16: efSearch 128, split by queries. "
+        f"{args.repeats} interleaved rounds per cell; times per search (the whole batch)."])
     print()
     print(body)
     if args.record:
-        C.record("flat-threads", "exact batches: FAISS's OpenMP threads against the store's split by range",
+        C.record("batch-threads", "batch searches: FAISS's OpenMP threads against the store's split",
                  body, info)
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import InvalidInputError, shown
 
-__all__ = ["cpu_count", "max_threads", "check_threads", "call_pool"]
+__all__ = ["cpu_count", "max_threads", "check_threads", "call_pool", "in_call_pool", "wait_all"]
 
 
 def cpu_count() -> int:
@@ -69,12 +69,45 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_calls_in_child)
 
 
+_IN_POOL = threading.local()
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.yes = True
+
+
+def in_call_pool() -> bool:
+    """Whether this thread is one of :func:`call_pool`'s: work split over the pool runs whole on such
+    a thread instead (a task waiting for other tasks of a full pool waits for ever; helper-49: two
+    tasks each searching a batch hung)."""
+    return getattr(_IN_POOL, "yes", False)
+
+
 def call_pool() -> ThreadPoolExecutor:
     """The process's pool of call threads (one per usable CPU), made on first use. Its tasks are
     native calls that release the GIL (onnxruntime's ``run``, FAISS's searches); a task never waits
-    on another task of the pool."""
+    on another task of the pool (callers check :func:`in_call_pool`)."""
     global _CALLS
     with _CALLS_LOCK:
         if _CALLS is None or _CALLS[0] != os.getpid():
-            _CALLS = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="retrostore-call"))
+            _CALLS = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="retrostore-call",
+                                                      initializer=_mark_pool_thread))
         return _CALLS[1]
+
+
+def wait_all(futures: list) -> None:
+    """Wait until every future is done, even through a KeyboardInterrupt (raised again once they
+    are): their tasks read memory the caller may free as soon as it returns (helper-49: a search
+    interrupted while a pool thread still scanned the index, then the store closed: a segfault)."""
+    interrupted = None
+    pending = [f for f in futures if not f.done()]
+    while pending:
+        try:
+            pending[0].exception()  # waits; never raises the task's own exception
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+        except BaseException:  # noqa: BLE001 - a cancelled future: done
+            pass
+        pending = [f for f in pending if not f.done()]
+    if interrupted is not None:
+        raise interrupted

@@ -391,6 +391,67 @@ def test_batches_split_by_queries_equal_single_queries(tmp_path, rng, monkeypatc
         np.testing.assert_array_equal(few, ids[:9])
 
 
+INTERRUPTED_SPLIT = """
+import gc, signal, sys, time
+import numpy as np, retrostore
+from retrostore.threads import call_pool
+sys.path.insert(0, {tests!r})
+from test_index import FakeEmbedder
+x = np.random.default_rng(0).standard_normal((40_000, 384)).astype(np.float32)
+with retrostore.create({path!r}, embedder=FakeEmbedder(384), index="Flat", threads=2) as st:
+    st.append([f"d{{i}}" for i in range(len(x))], embeddings=x)
+    st.commit()
+st = retrostore.open({path!r}, threads=2, embedder=FakeEmbedder(384))
+for _ in range(2):  # the pool busy (another thread embedding): the search's other range waits, then runs
+    call_pool().submit(time.sleep, 1.5)
+signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+signal.setitimer(signal.ITIMER_REAL, 0.7)
+t0 = time.monotonic()
+try:
+    st.search_vectors(x[:1000], 10)
+except KeyboardInterrupt:  # raised once the other range has run (it waited 1.5 s for a pool thread)
+    print("interrupted", "after-its-parts" if time.monotonic() - t0 > 1.4 else "before-its-parts-ended")
+st.close()
+gc.collect()
+junk = [np.ones(1 << 20) for _ in range(50)]
+time.sleep(2.5)
+print("alive")
+"""
+
+
+def test_an_interrupted_split_search_waits_for_its_parts(tmp_path):
+    """helper-49: a search interrupted while a pool thread still scanned its range returned, the store
+    was closed and the index freed under that thread: a segfault (exit 139)."""
+    script = INTERRUPTED_SPLIT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "s"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["interrupted", "after-its-parts", "alive"], (
+        out.returncode, out.stdout, out.stderr[-2000:])
+
+
+SEARCH_IN_POOL = """
+import sys
+import numpy as np, retrostore
+from retrostore.threads import call_pool
+sys.path.insert(0, {tests!r})
+from test_index import FakeEmbedder, _vectors
+x = _vectors(np.random.default_rng(0), 3000)
+with retrostore.create({path!r}, embedder=FakeEmbedder(), index="HNSW16", threads=2) as st:
+    st.append([f"d{{i}}" for i in range(3000)], embeddings=x)
+    st.commit()
+    futures = [call_pool().submit(st.search_vectors, x[:32], 5) for _ in range(4)]  # fresh pool threads
+    got = [f.result(timeout=60)[1] for f in futures]
+    want = np.concatenate([st.search_vectors(x[i:i + 1], 5)[1] for i in range(32)])
+    print(all((g == want).all() for g in got))
+"""
+
+
+def test_a_search_inside_a_pool_task_runs_whole(tmp_path):
+    """helper-49: two call-pool tasks each searching a batch waited for each other's parts for ever."""
+    script = SEARCH_IN_POOL.format(tests=str(Path(__file__).parent), path=str(tmp_path / "g"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["True"], (out.returncode, out.stderr[-2000:])
+
+
 # -- deletes and compaction ------------------------------------------------
 @pytest.fixture
 def real_store(tmp_path, built_store):

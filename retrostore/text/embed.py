@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ..errors import InvalidInputError, ModelChecksumError, RetrostoreError, check_int, is_int
 from ..storage.fileio import sha256_cached
-from ..threads import call_pool, check_threads, cpu_count
+from ..threads import call_pool, check_threads, cpu_count, in_call_pool, wait_all
 
 __all__ = ["Embedder", "OnnxEmbedder", "DEFAULT_MODEL_SHA256", "DEFAULT_TOKENIZER_SHA256", "DEFAULT_NAME",
            "check_embedder", "json_fingerprint"]
@@ -376,7 +376,8 @@ class OnnxEmbedder:
                 out[i] = (h[row, 0] if self.pooling == "cls"
                           else h[row, :lengths[i]].mean(axis=0, dtype=np.float64))
 
-        side = min(self.threads, cpu_count(), len(groups))
+        # (on a pool thread, one after another: a pool task never waits on other tasks)
+        side = 1 if in_call_pool() else min(self.threads, cpu_count(), len(groups))
         if side > 1 and max(len(g) * int(lengths[g].max()) for g in groups) <= SIDE_BY_SIDE_MAX_TOKENS:
             self._ready()  # before the threads: one session in a forked child
             shares = [groups[i::side] for i in range(side)]  # interleaved: similar work per share
@@ -389,7 +390,10 @@ class OnnxEmbedder:
                 futures = [call_pool().submit(run_share, share) for share in shares[1:]]
             except RuntimeError:  # the pool is shut down: interpreter exit (an atexit handler embeds)
                 futures, shares = [], [groups]
-            run_share(shares[0])  # this thread runs one share itself
+            try:
+                run_share(shares[0])  # this thread runs one share itself
+            finally:
+                wait_all(futures)  # no share still running once this call has returned or raised
             for f in futures:
                 f.result()  # raises a call's error
         else:

@@ -717,24 +717,37 @@ def test_pack_removes_the_leftovers_of_a_killed_pack(tmp_path, hash_store):
     assert not dead_file.exists() and not dead_dir.exists() and live.exists()
 
 
-def test_outputs_inside_a_stores_own_directories_are_refused(tmp_path, hash_store):
+def test_outputs_inside_a_store_are_refused(tmp_path, hash_store, hash_tar):
     """helper-48: an archive packed into index/ and neighbour files into vectors/ were deleted by the
-    next commit without a word; outputs there are refused, beside the store they are written."""
+    next commit without a word; helper-49: through a symbolic link too, a pack into the store's root
+    lost its temporary file to a commit, and a store unpacked or created inside index/ kept every
+    writer out. Outputs anywhere in a store are refused; a directory that only holds a file named
+    manifest.json is not a store."""
     from retrostore import retro
 
     copy_ = tmp_path / "s.rstore"
     shutil.copytree(hash_store, copy_)
+    (tmp_path / "lnk").symlink_to(copy_ / "vectors")
     with retrostore.open(copy_) as st:
-        for fn, where in [(lambda: retrostore.pack(copy_, copy_ / "index" / "b.tar"), "index/"),
-                          (lambda: st.precompute_neighbors(copy_ / "vectors" / "knn.npy", k=1), "vectors/"),
-                          (lambda: retro.export_retro_pytorch(st, copy_ / "versions" / "exp", seq_len=128),
-                           "versions/")]:
-            with pytest.raises(InvalidInputError, match=rf"is inside the store .* \({where}\), whose files the "
+        for fn in [lambda: retrostore.pack(copy_, copy_ / "index" / "b.tar"),
+                   lambda: retrostore.pack(copy_, copy_ / "s.tar"),
+                   lambda: st.precompute_neighbors(copy_ / "vectors" / "knn.npy", k=1),
+                   lambda: st.precompute_neighbors(tmp_path / "lnk" / "knn.npy", k=1),
+                   lambda: st.precompute_neighbors(copy_ / "knn.npy", k=1),
+                   lambda: retro.export_retro_pytorch(st, copy_ / "versions" / "exp", seq_len=128),
+                   lambda: retrostore.unpack(hash_tar, copy_ / "index" / "inner"),
+                   lambda: retrostore.create(copy_ / "vectors" / "inner")]:
+            with pytest.raises(InvalidInputError, match=r"is inside the store .*s.rstore', whose directory the "
                                                         "store manages"):
                 fn()
-        st.precompute_neighbors(copy_ / "knn.npy", k=1)  # the store's root is the user's
+        other = tmp_path / "webapp"
+        (other / "index").mkdir(parents=True)
+        (other / "manifest.json").write_text('{"name": "my-webapp"}')
+        st.precompute_neighbors(other / "index" / "knn.npy", k=1)  # (helper-49: refused as a store)
     assert sorted(p.name for p in (copy_ / "index").iterdir()) == sorted(
         p.name for p in (hash_store / "index").iterdir())
+    with retrostore.open(copy_, mode="a") as st:  # a writer still opens it
+        assert st.verify() == []
 
 
 def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_tar):

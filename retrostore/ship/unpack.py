@@ -208,6 +208,7 @@ def unpack(
                 "(`sha256sum STORE/manifest.json`, or the `manifest sha256` line `retrostore pack` printed)")
     archive = fileio.check_path("archive", archive, "the .tar or .tar.zst file to unpack")
     dest = fileio.check_path("dest", dest, "the store directory to create")
+    fileio.check_outside_store(dest, "dest")  # (helper-49: one unpacked in another's index/ kept its writers out)
     if archive.is_dir() or not archive.exists():  # helper-37: IsADirectoryError / FileNotFoundError from open()
         what = "is a directory" if archive.is_dir() else "does not exist"
         raise InvalidInputError(f"the archive {archive} {what}; give the .tar or .tar.zst file `retrostore pack` "

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import lmdb
 
 from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreIOError, WriterLockedError
-from .layout import MANIFEST, STORE_DIRS, TMP_PREFIX
+from .layout import LMDB_DIR, MANIFEST, TMP_PREFIX
 
 __all__ = [
     "write_durable",
@@ -558,25 +558,25 @@ def file_in_the_way(path: Path) -> Path | None:
 
 
 def check_outside_store(path: Path, name: str) -> None:
-    """Refuse an output path inside a store's own directories (``index/``, ``vectors/``,
-    ``chunks.lmdb/``, ``versions/``): a commit or compact deletes the files there that its manifest
-    does not name (helper-48: a ``pack`` archive and ``neighbors`` files written into ``index/`` and
-    ``vectors/`` were deleted by the next commit, without a word).
+    """Refuse an output path inside a store's directory (a directory holding ``manifest.json`` and
+    ``chunks.lmdb/``), symbolic links followed: a commit or compact deletes the files of ``index/``
+    and ``vectors/`` that its manifest does not name, and every ``.tmp-*`` file (helper-48: a
+    ``pack`` archive and ``neighbors`` files written into ``index/`` and ``vectors/`` were deleted
+    by the next commit, without a word; helper-49: through a symbolic link too, a pack into the
+    store's root lost its temporary file to a commit, a store unpacked or created inside ``index/``
+    kept every writer out).
 
     Raises
     ------
     InvalidInputError
-        ``path`` is under one of those directories of a store (a directory holding ``manifest.json``).
+        ``path`` is inside a store's directory.
     """
-    full = Path(os.path.abspath(path))
+    full = Path(os.path.realpath(path))
     for top in full.parents:
-        if (top / MANIFEST).is_file():
-            rel = full.relative_to(top).parts
-            if rel and rel[0] in STORE_DIRS:
-                raise InvalidInputError(f"{name}={str(path)!r} is inside the store {str(top)!r} ({rel[0]}/), whose "
-                                        "files the store manages: a commit or compact deletes files there that its "
-                                        f"manifest does not name; write it outside the store, e.g. {str(top.parent)!r}")
-            return
+        if (top / MANIFEST).is_file() and (top / LMDB_DIR).is_dir():
+            raise InvalidInputError(f"{name}={str(path)!r} is inside the store {str(top)!r}, whose directory the store "
+                                    "manages: a commit or compact deletes files there that its manifest does not "
+                                    f"name; write it outside the store, e.g. in {str(top.parent)!r}")
 
 
 def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> Path:

@@ -132,6 +132,7 @@ def create(
         The chunk tokenizer has no padding token and no ``pad_id`` was given.
     """
     root = _store_path(path)
+    fileio.check_outside_store(root, "path")  # (helper-49: a store made in another's index/ kept its writers out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         if (root / MANIFEST).exists():
             raise StoreExistsError(

@@ -496,12 +496,14 @@ def test_newer_format_refused_with_both_versions(tmp_path, hash_tar):
     ("chain", "drop", r"lmdb.chain is None"),
     ("token_dtype", "x", r"tokenizer.token_dtype is 'x', expected '<u2'"),
     ("token_dtype", "<u4", r"tokenizer.token_dtype is '<u4', expected '<u2' for a vocabulary of 30,522 ids"),
+    ("purged_chunks", "x", r"deletes.purged_chunks is 'x', expected an int >= 0"),
 ])
 def test_re_signed_manifest_with_a_bad_token_layout_or_chain(tmp_path, hash_tar, field, value, match):
     """helper-48: a manifest re-signed with lmdb.chain null / absent, or token_dtype "x", crashed unpack
     with a TypeError / KeyError; "<u4" for "<u2" unpacked "verified intact" with every chunk's ids wrong."""
     def edit(body):
-        part = body["lmdb"] if field == "chain" else body["tokenizer"]
+        part = body["lmdb"] if field == "chain" else body.setdefault("deletes", {}) if field == "purged_chunks" \
+            else body["tokenizer"]
         if value == "drop":
             del part[field]
         else:
@@ -769,6 +771,7 @@ def test_pack_and_unpack_arguments_are_clear_errors(tmp_path, hash_store, hash_t
             retrostore.pack(*args)
     for args, match in [((5, tmp_path / "x"), r"archive=5 must be a non-empty str or os.PathLike"),
                         ((b"a.tar", b"d"), r"archive=b'a.tar' must be"),
+                        ((hash_tar, "de\0st"), r"without NUL characters"),
                         ((hash_tar, None), r"dest=None must be a non-empty str or os.PathLike naming the store")]:
         with pytest.raises(InvalidInputError, match=match):
             retrostore.unpack(*args)

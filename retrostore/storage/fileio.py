@@ -547,8 +547,10 @@ def check_path(name: str, value: object, what: str) -> Path:
     InvalidInputError
         Not a non-empty str or os.PathLike naming a str path.
     """
-    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not os.fspath(value):
-        raise InvalidInputError(f"{name}={value!r} must be a non-empty str or os.PathLike naming {what}")
+    if (not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not os.fspath(value)
+            or "\0" in os.fspath(value)):
+        raise InvalidInputError(f"{name}={value!r} must be a non-empty str or os.PathLike naming {what} "
+                                "(without NUL characters)")
     return Path(value)
 
 

@@ -146,6 +146,14 @@ def check_schema(body: dict, where: str) -> None:
         if not _is_int(body["counts"].get(name)):
             raise CorruptStoreError(f"{where}: manifest count {name!r} is {body['counts'].get(name)!r}, expected an int >= 0")
     _check_tokens_and_chain(body, where)
+    deletes = body.get("deletes")
+    if deletes is not None:  # (helper-49: purged_chunks "x" in a re-signed manifest: a bare ValueError)
+        bad = next((k for k in ("documents", "chunks", "purged_documents", "purged_chunks")
+                    if isinstance(deletes, dict) and k in deletes and not _is_int(deletes[k])), None)
+        if not isinstance(deletes, dict) or bad is not None:
+            what = f"deletes.{bad} is {deletes[bad]!r}" if bad else f"deletes is {deletes!r}"
+            raise CorruptStoreError(f"{where}: manifest field {what}, expected an int >= 0 (an object of counts); "
+                                    "the manifest is damaged")
     for entry in referenced_files(body):
         if not isinstance(entry, dict) or not {"path", "size", "sha256"} <= set(entry):
             raise CorruptStoreError(f"{where}: file entry {entry!r} lacks path, size or sha256")

@@ -442,10 +442,10 @@ class SegmentSet:
 #: Exact inner-product batch searches of a Flat segment run on one OpenMP thread, never FAISS's
 #: several (:func:`_split_flat_search`); from this much work (queries x vectors x dimensions,
 #: multiply-adds: ~5 ms on one core) a search is split by database range over the caller's threads,
-#: one part per 200,000,000. Measured (benchmarks/batch_threads.py): 56,400 vectors of 384-d, 8-16
-#: queries (<= 0.35 G) one thread 7.9-11.6 ms, split 8.3-11.6 (FAISS's 2 threads 10.3-16.0); 32
-#: queries (0.69 G) split 1.18x faster than one thread, 64: 1.87x; 204,450 vectors, 6 queries (0.47
-#: G): 2.0x.
+#: one part per 200,000,000. Measured (benchmarks/batch_threads.py, quiet): 56,400 vectors of 384-d,
+#: 6-16 queries (<= 0.35 G) one thread 7.7-10.9 ms, split 8.3-11.2 (FAISS's 2 threads 15.2-16.7); 32
+#: queries (0.69 G) split 1.14x faster than one thread, 64: 1.79x; 204,450 vectors, 6 queries (0.47
+#: G): 1.84x.
 SPLIT_FLAT_MIN_WORK = 200_000_000
 
 
@@ -455,10 +455,11 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     this one), the ranges' k best merged (``parts`` = 1: FAISS on this thread alone). FAISS's own threads share every database block of 1,024
     vectors (a BLAS product, then an OpenMP loop over the queries): ~400 OpenMP barriers for
     200,000 vectors, where on a shared machine a thread spins waiting for a descheduled one. With
-    one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 324 ms p50
-    on FAISS's 2 threads against 28 ms split (28 ms on one thread), 128 queries 508 against 176
-    ms; on the quiet machine split was within noise of FAISS's threads from 16 queries on and
-    1.5-1.8x faster for 6-8 (benchmarks/batch_threads.py, docs/benchmarks.md "batch-threads").
+    one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 301 ms p50
+    on FAISS's 2 threads against 28 ms split (28 ms on one thread), 128 queries 497 against 176
+    ms; on the quiet machine split was 1.0-1.06x FAISS's threads from 16 queries on and 1.6-1.8x
+    faster for 6-8, 0.77x at 56,400 x 32 (benchmarks/batch_threads.py, docs/benchmarks.md
+    "batch-threads").
     Same results as ``index.search`` (ties aside)."""
     n, d = int(index.ntotal), int(index.d)
     if parts == 1:  # too little work to share: one thread, no pool
@@ -518,10 +519,11 @@ def _split_by_queries(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
     ``2 * SPLIT_MIN_QUERIES`` queries, cut into one part per thread (at most the caller's OpenMP
     threads, at least :data:`SPLIT_MIN_QUERIES` queries each) searched side by side, each by FAISS on
     one thread (the call pool's threads and this one). FAISS's threads wait for each other at the
-    end of every OpenMP region, spinning while a partner is descheduled: an HNSW batch of 8 queries
-    took 6.7 ms p50 on 2 threads against 1.8 ms on one beside other jobs (8,903 chunks,
-    ``HNSW32,SQfp16``), 32 queries 14.3 against 5.0 ms, split 4.7. A single query keeps the caller's
-    setting (:data:`ONE_THREAD_MAX_QUERIES` decides it)."""
+    end of every OpenMP region, spinning while a partner is descheduled: on an ``HNSW32,SQfp16``
+    graph of 20,000 vectors beside a CPU-bound process, 8 queries took 13.0 ms p50 on 2 threads
+    against 4.3 split (3.9 on one), 128 queries 44.2 against 37.5; quiet, split was 2.84x / 1.45x /
+    1.06x faster at 8 / 16 / 32 queries and 0.85x at 128 (benchmarks/batch_threads.py). A single
+    query keeps the caller's setting (:data:`ONE_THREAD_MAX_QUERIES` decides it)."""
     n = len(queries)
     if n < 2:
         return search(queries)

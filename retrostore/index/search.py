@@ -452,9 +452,10 @@ SPLIT_FLAT_MIN_WORK = 200_000_000
 def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     """An exact inner-product search of a batch on an ``IndexFlat``, its vectors cut into ``parts``
     ranges searched side by side, each by FAISS on one OpenMP thread (the call pool's threads and
-    this one), the ranges' k best merged (``parts`` = 1: FAISS on this thread alone). FAISS's own threads share every database block of 1,024
-    vectors (a BLAS product, then an OpenMP loop over the queries): ~400 OpenMP barriers for
-    200,000 vectors, where on a shared machine a thread spins waiting for a descheduled one. With
+    this one), the ranges' k best merged (``parts`` = 1: FAISS on this thread alone). FAISS's own
+    threads share every database block of 1,024 vectors (a BLAS product, then an OpenMP loop over
+    the queries): ~400 OpenMP barriers for 200,000 vectors, where on a shared machine a thread
+    spins waiting for a descheduled one. With
     one CPU-bound process beside it on 2 cores, a batch of 8 over 204,450 vectors took 301 ms p50
     on FAISS's 2 threads against 28 ms split (28 ms on one thread), 128 queries 497 against 176
     ms; on the quiet machine split was 1.0-1.06x FAISS's threads from 16 queries on and 1.6-1.8x
@@ -561,9 +562,8 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
                     graph: bool = False, outside: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``, a batch without FAISS's OpenMP threads (:func:`_split_by_queries`, on an
     exact inner-product ``IndexFlat`` :func:`_split_flat_search`), except a single query on an exact
-    inner-product ``IndexFlat``: one BLAS
-    matrix-vector product over its float32 vectors (numpy's; threaded by BLAS), the exact search's
-    floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
+    inner-product ``IndexFlat``: one BLAS matrix-vector product over its float32 vectors (numpy's;
+    threaded by BLAS), the exact search's floor. FAISS's own scan of one query runs on one thread (:data:`ONE_THREAD_MAX_QUERIES`):
     1.6x the BLAS product's time on a quiet 2-core machine (10.4 against 6.5 ms at 100k vectors of
     384-d, benchmarks/scale.py). A graph asked for more than its ``efSearch`` results (the
     tombstone filter's wider fetches) gets ``efSearch = k`` for this call only (FAISS's per-call

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numbers
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 from .errors import InvalidInputError, shown
@@ -96,18 +96,18 @@ def call_pool() -> ThreadPoolExecutor:
 
 
 def wait_all(futures: list) -> None:
-    """Wait until every future is done, even through a KeyboardInterrupt (raised again once they
-    are): their tasks read memory the caller may free as soon as it returns (helper-49: a search
+    """Wait until every future is done, even through a KeyboardInterrupt or a signal handler's
+    SystemExit (raised again once they are): their tasks read memory the caller may free as soon as it returns (helper-49: a search
     interrupted while a pool thread still scanned the index, then the store closed: a segfault)."""
     interrupted = None
     pending = [f for f in futures if not f.done()]
     while pending:
         try:
             pending[0].exception()  # waits; never raises the task's own exception
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-        except BaseException:  # noqa: BLE001 - a cancelled future: done
+        except CancelledError:  # done, never run
             pass
+        except BaseException as exc:  # KeyboardInterrupt, or SystemExit from a signal handler: after the wait
+            interrupted = interrupted or exc
         pending = [f for f in pending if not f.done()]
     if interrupted is not None:
         raise interrupted

@@ -8,6 +8,7 @@ OPQ/PCA pre-transforms, ID maps and refine wrappers (:mod:`.params`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -449,6 +450,38 @@ class SegmentSet:
 SPLIT_FLAT_MIN_WORK = 200_000_000
 
 
+def _side_by_side(tasks: list[Callable[[], Any]], merge: Callable[[list], Any]) -> Any:
+    """``merge([task() for task in tasks])``, the tasks run side by side, each with FAISS on one
+    OpenMP thread: the first on this thread, the others on the process's call pool (all on this
+    thread when it is a pool thread: a pool task waiting for other tasks could wait for ever,
+    helper-49; or when the pool is shut down at interpreter exit). Waits for every task before it
+    returns or raises, even through a KeyboardInterrupt: they read the index, which the caller may
+    free (helper-49: a segfault). This thread stays on one OpenMP thread until the merge is done,
+    then gets its setting back: a region of its several threads leaves GNU OpenMP's worker
+    spinning beside the next search's parts (56,400 vectors, 32 queries: 16.5 against 9.1 ms back
+    to back)."""
+    def on_one_thread(task: Callable[[], Any]) -> Any:
+        faiss.omp_set_num_threads(1)  # a pool thread's own OpenMP setting
+        return task()
+
+    futures = []
+    if len(tasks) > 1 and not in_call_pool():
+        try:
+            futures = [call_pool().submit(on_one_thread, t) for t in tasks[1:]]
+        except RuntimeError:  # the pool is shut down
+            futures = []
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        try:
+            mine = [t() for t in (tasks[:1] if futures else tasks)]
+        finally:
+            wait_all(futures)
+        return merge(mine + [f.result() for f in futures])
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     """An exact inner-product search of a batch on an ``IndexFlat``, its vectors cut into ``parts``
     ranges searched side by side, each by FAISS on one OpenMP thread (the call pool's threads and
@@ -462,51 +495,26 @@ def _split_flat_search(index: faiss.Index, queries: np.ndarray, k: int, parts: i
     faster for 6-8, 0.77x at 56,400 x 32 (benchmarks/batch_threads.py, docs/benchmarks.md
     "batch-threads").
     Same results as ``index.search`` (ties aside)."""
+    if parts == 1:  # too little work to share
+        return _side_by_side([lambda: index.search(queries, k)], lambda r: r[0])
     n, d = int(index.ntotal), int(index.d)
-    if parts == 1:  # too little work to share: one thread, no pool
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return index.search(queries, k)
-        finally:
-            faiss.omp_set_num_threads(before)
     xb = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
     bounds = np.linspace(0, n, parts + 1).astype(np.int64)
 
-    def search_range(i: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
+    def search_range(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         D, I = faiss.knn(queries, xb[lo:hi], min(k, hi - lo), faiss.METRIC_INNER_PRODUCT)
         I[I >= 0] += lo
         return D, I
 
-    def on_one_thread(i: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
-        return search_range(i)
-
-    if in_call_pool():  # (a pool task waiting for other tasks could wait for ever)
-        return _split_flat_search(index, queries, k, 1)
-    try:
-        futures = [call_pool().submit(on_one_thread, i) for i in range(1, parts)]
-    except RuntimeError:  # the pool is shut down (interpreter exit): on this thread alone
-        return _split_flat_search(index, queries, k, 1)
-    before = faiss.omp_get_max_threads()
-    # This thread stays on one OpenMP thread until the merge is done: a region of the caller's threads
-    # (the merge's heap) leaves GNU OpenMP's worker spinning beside the next search's ranges (measured:
-    # 56,400 vectors, 32 queries, 16.5 against 9.1 ms back to back).
-    faiss.omp_set_num_threads(1)
-    try:
-        try:
-            first = search_range(0)
-        finally:
-            wait_all(futures)  # the ranges read the index: never return (and let it be freed) before they end
-        results = [first] + [f.result() for f in futures]
+    def merge(results: list) -> tuple[np.ndarray, np.ndarray]:
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)
         for D, I in results:
             heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
         heap.finalize()
-    finally:
-        faiss.omp_set_num_threads(before)
-    return heap.D, heap.I
+        return heap.D, heap.I
+
+    return _side_by_side([functools.partial(search_range, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:])],
+                         merge)
 
 
 #: Fewest queries per part when a batch on a graph, an IVF index or an L2 Flat segment is split by
@@ -528,34 +536,11 @@ def _split_by_queries(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
     n = len(queries)
     if n < 2:
         return search(queries)
-    parts = min(faiss.omp_get_max_threads(), cpu_count(), n // SPLIT_MIN_QUERIES)
-    bounds = np.linspace(0, n, max(parts, 1) + 1).astype(np.int64)
-
-    def on_one_thread(i: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
-        return search(queries[bounds[i]:bounds[i + 1]])
-
-    futures = []
-    if parts > 1 and in_call_pool():  # (a pool task waiting for other tasks could wait for ever)
-        bounds = np.array([0, n])
-    elif parts > 1:
-        try:
-            futures = [call_pool().submit(on_one_thread, i) for i in range(1, parts)]
-        except RuntimeError:  # the pool is shut down (interpreter exit): all on this thread
-            bounds = np.array([0, n])
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        try:
-            first = search(queries[bounds[0]:bounds[1]])
-        finally:
-            wait_all(futures)  # the parts read the index: never return (and let it be freed) before they end
-        results = [first] + [f.result() for f in futures]
-    finally:
-        faiss.omp_set_num_threads(before)
-    if len(results) == 1:
-        return results[0]
-    return np.vstack([D for D, _ in results]), np.vstack([I for _, I in results])
+    parts = max(1, min(faiss.omp_get_max_threads(), cpu_count(), n // SPLIT_MIN_QUERIES))
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    return _side_by_side([functools.partial(search, queries[lo:hi]) for lo, hi in zip(bounds, bounds[1:])],
+                         lambda r: r[0] if len(r) == 1 else (np.vstack([D for D, _ in r]),
+                                                             np.vstack([I for _, I in r])))
 
 
 def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: bool,

@@ -257,13 +257,11 @@ def _write_committed_lmdb(root: Path, table: ChunkTable, body: dict, tomb: Tombs
             f"{root}: the committed LMDB records do not match the manifest's content hash chain "
             f"({'; '.join(problems) or 'chain differs'}); run `retrostore verify` on the store"
         )
-    deletes = body.get("deletes") or {}
-    for name, end, purged in (("chunks", body["next_chunk_id"], int(deletes.get("purged_chunks", 0))),
-                              ("docs", body["next_doc_id"], int(deletes.get("purged_documents", 0)))):
-        if stats[name]["entries"] != end - purged:  # compact removed the purged documents' records
+    for name, want in _manifest.committed_record_counts(body).items():  # (compact removed the purged ones)
+        if stats[name]["entries"] != want:
             raise CorruptStoreError(
-                f"{root}: {stats[name]['entries']} committed {name} records, the manifest says {end - purged} "
-                f"({end} ids, {purged} purged by deletes); run `retrostore verify` on the store"
+                f"{root}: {stats[name]['entries']} committed {name} records, the manifest says {want} (its ids "
+                "less those purged by deletes); run `retrostore verify` on the store"
             )
 
 

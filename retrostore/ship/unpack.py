@@ -27,6 +27,7 @@ from ..errors import (CorruptStoreError, InvalidInputError, RetrostoreError, Sto
                       UnsafeArchiveError, check_int)
 from ..storage import fileio
 from ..storage import manifest as _manifest
+from ..storage.chunktable import ChunkTable
 from ..storage.fileio import git_lfs_pointer
 from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
 from ..store.store import Store
@@ -449,10 +450,6 @@ def _check_extracted(tmp: Path, archive: Path, body: dict, manifest_raw: bytes, 
         (tmp / sub).mkdir(mode=0o755, exist_ok=True)
 
 
-#: The named databases of a store's LMDB environment (its main database holds only these names).
-_LMDB_TABLES = (b"chunks", b"commits", b"docs")
-
-
 def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> None:
     """The archive's ``data.mdb`` is what :func:`pack` writes: its committed records and nothing else.
 
@@ -463,41 +460,32 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     records past the manifest's ids or versions, and entry counts other than the manifest's.
     """
     where = f"{archive}: {DATA_MDB}"
-    data = tmp / DATA_MDB
+    table = ChunkTable(tmp, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
     try:
-        env = lmdb.open(os.fspath(tmp / LMDB_DIR), subdir=True, readonly=True, lock=False, max_dbs=len(_LMDB_TABLES) + 1,
-                        create=False, readahead=False)
-    except lmdb.Error as exc:
-        raise CorruptStoreError(f"{where}: LMDB cannot open it ({exc})") from None
-    try:
-        end = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        if data.stat().st_size != end:
-            raise CorruptStoreError(f"{where} is {data.stat().st_size:,} bytes, and LMDB's last page ends at {end:,}: "
-                                    "it holds bytes no record uses, which `retrostore pack` never writes; refusing "
-                                    "the archive")
-        deletes = body.get("deletes") or {}
-        want = {b"chunks": (body["next_chunk_id"], body["next_chunk_id"] - int(deletes.get("purged_chunks", 0))),
-                b"docs": (body["next_doc_id"], body["next_doc_id"] - int(deletes.get("purged_documents", 0))),
-                b"commits": (body["version"] + 1, None)}
-        with env.begin() as txn:
-            names = [k for k, _ in txn.cursor()]
-            if sorted(names) != list(_LMDB_TABLES):
-                raise CorruptStoreError(f"{where} holds the databases {sorted(n.decode('utf-8', 'replace') for n in names)}, "
-                                        "not the store's chunks, commits and docs; refusing the archive")
-            for name, (ids_end, entries) in want.items():
-                db = env.open_db(name, txn=txn, create=False)
-                cur = txn.cursor(db)
-                last = int.from_bytes(cur.key(), "big") if cur.last() else -1
-                count = txn.stat(db)["entries"]
-                if last >= ids_end or (entries is not None and count != entries):
-                    raise CorruptStoreError(
-                        f"{where}: its {name.decode()} table holds {count:,} records up to id {last:,}; the manifest "
-                        f"has {'' if entries is None else f'{entries:,} records, '}ids below {ids_end:,}: records "
-                        "past the committed ones, which `retrostore pack` never writes; refusing the archive")
+        end = (table.env.info()["last_pgno"] + 1) * table.env.stat()["psize"]
+        with table.env.begin() as txn:
+            names = sorted(k.decode("utf-8", "replace") for k, _ in txn.cursor())
+        stats = table.stats()
     except lmdb.Error as exc:
         raise CorruptStoreError(f"{where}: LMDB cannot read it ({exc})") from None
     finally:
-        env.close()
+        table.close()
+    size = (tmp / DATA_MDB).stat().st_size
+    if size != end:
+        raise CorruptStoreError(f"{where} is {size:,} bytes, and LMDB's last page ends at {end:,}: it holds bytes no "
+                                "record uses, which `retrostore pack` never writes; refusing the archive")
+    if names != ["chunks", "commits", "docs"]:
+        raise CorruptStoreError(f"{where} holds the databases {names}, not the store's chunks, commits and docs; "
+                                "refusing the archive")
+    want = _manifest.committed_record_counts(body)
+    for name, ids_end in (("chunks", body["next_chunk_id"]), ("docs", body["next_doc_id"]),
+                          ("commits", body["version"] + 1)):
+        count, last = stats[name]["entries"], stats[name]["last"]
+        if (last is not None and last >= ids_end) or (name in want and count != want[name]):
+            raise CorruptStoreError(
+                f"{where}: its {name} table holds {count:,} records up to id {last}; the manifest has "
+                f"{f'{want[name]:,} records, ' if name in want else ''}ids below {ids_end:,}: records past the "
+                "committed ones, which `retrostore pack` never writes; refusing the archive")
 
 
 def _verify_unpacked(tmp: Path, archive: Path) -> None:

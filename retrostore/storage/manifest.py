@@ -169,6 +169,15 @@ def check_schema(body: dict, where: str) -> None:
             raise CorruptStoreError(f"{where}: the block checksums of {entry['path']!r} lack an int rows_per_block")
 
 
+def committed_record_counts(body: dict) -> dict[str, int]:
+    """The records a version's chunk table holds after ``compact``: ``{"chunks", "docs"}``, the ids
+    below the high-water marks less those purged by deletes (what ``pack`` writes and ``unpack``
+    accepts)."""
+    deletes = body.get("deletes") or {}
+    return {"chunks": body["next_chunk_id"] - int(deletes.get("purged_chunks", 0)),
+            "docs": body["next_doc_id"] - int(deletes.get("purged_documents", 0))}
+
+
 def _is_sha256(x: Any) -> bool:
     return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 

@@ -255,7 +255,10 @@ def create(
 
 def _store_path(path: Any) -> Path:
     """``path`` as a Path, refusing what is not a non-empty str or os.PathLike (create and open)."""
-    return fileio.check_path("path", path, "the store directory")
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str) or not os.fspath(path):
+        raise InvalidInputError(f"path must be a non-empty str or os.PathLike naming the store directory, "
+                                f"not {path!r}")
+    return Path(path)
 
 
 def _embedder_tokenizer_path(emb: Any) -> Path:

@@ -471,8 +471,8 @@ def eval_(store, queries, k, params, seed, threads, as_json):
               help="Verify the store before serving it; a store that fails is refused with the problems.")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="onnxruntime's idle threads spin between the model's operations instead of sleeping: lower "
-                   "latency for lone queries that arrive while other processes use the CPU, at the price of a "
-                   "core kept busy after each answer (docs/serving.md).")
+                   "latency for a lone client on a machine the server has to itself, at the price of a core kept "
+                   "busy after each answer and of throughput under load (docs/serving.md).")
 @friendly
 def serve(store, host, port, workers, threads, batch_window_ms, max_batch, max_body_bytes, body_timeout_s,
           max_queries, max_k, max_neighbors, mmap, follow, verify, spin):

@@ -75,12 +75,13 @@ class ServeSettings:
     spin : bool, default False
         The default embedder's idle onnxruntime threads spin between the model's
         operations (``OnnxEmbedder(spin=True)``, onnxruntime's own default) rather
-        than sleep. It helps a server that sits idle between single queries while
-        other processes use the CPU (each operation otherwise wakes the sleeping
-        threads: one client, other processes running between its queries, embedding
-        8.3 ms sleeping and 4.9 ms spinning), at the price of a core kept busy up to
-        ~50 ms after every answer; with queries in a steady stream it bought nothing
-        at one client and cost throughput at 32 (docs/serving.md, "Performance").
+        than sleep. It helps a server that sits idle between single queries (each
+        operation otherwise wakes the sleeping threads): one client's p50 was 1.22x
+        the in-process floor with it and 1.42x without (benchmarks/serve.py, quick
+        runs of 2026-12-06), at the price of a core kept busy up to ~50 ms after
+        every answer and of throughput at 32 clients (1.99x against 2.31x the Flask
+        baseline's); on a machine shared with CPU-bound work it is slower
+        (docs/serving.md, "Performance"; docs/benchmarks.md, "embed-spin").
     """
 
     store: str

@@ -195,11 +195,12 @@ class OnnxEmbedder:
         Whether onnxruntime's idle intra-op threads spin waiting for the next operation
         (onnxruntime's own default) instead of sleeping (``session.intra_op.allow_spinning``).
         Sleeping is the default: on a shared machine a spinning thread holds a core others
-        need (one query beside a CPU-bound process, threads=2: 18.2 ms spinning, 7.6 ms
-        sleeping; docs/benchmarks.md, "embed-spin"). Spinning suits a process that owns its
-        cores and waits between calls, such as a server: each of the model's operations
-        otherwise wakes the sleeping threads (one query at a time to a server, other
-        processes running between queries: 8.3 ms of embedding sleeping, 4.9 ms spinning).
+        need (one query at a time beside a CPU-bound process, threads=2: 6.95 ms spinning,
+        4.96 ms sleeping; docs/benchmarks.md, "embed-spin", 2026-12-06). Spinning suits a
+        process that owns its cores and waits between calls, such as a server: each of the
+        model's operations otherwise wakes the sleeping threads (one query after each 5 ms
+        pause, quiet machine: 3.11 ms spinning, 4.65 ms sleeping, at 11.3 against 5.0 ms of
+        CPU: the threads spin on after the call).
 
     Attributes
     ----------

@@ -161,6 +161,12 @@ def search(store, query, k, as_json):
         click.echo(f"({len(hits)} hit{'' if len(hits) == 1 else 's'} in {ms:.1f} ms)", err=True)
 
 
+def _on_disk(files: dict) -> str:
+    """", 1.3 MiB on disk" where the vectors files take much less disk than their size (compact's holes)."""
+    disk, size = files.get("vectors_disk_bytes"), files["vectors_bytes"]
+    return f", {_human(disk)} on disk" if disk is not None and disk < 0.9 * size else ""
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -215,7 +221,8 @@ def inspect(store, as_json):
         ("files", f"index {_human(files['index_bytes'])}, "
                   + ("vectors in the Flat segments " if files.get("vectors_in_index")
                      else f"vectors {_human(files['vectors_bytes'])} ")
-                  + f"({files['vectors_dtype']}), lmdb {_human(files['lmdb_bytes'])}, total {_human(files['total_bytes'])}"),
+                  + f"({files['vectors_dtype']}{_on_disk(files)}), lmdb {_human(files['lmdb_bytes'])}, "
+                  f"total {_human(files['total_bytes'])}"),
         ("manifest", f"sha256 {info['manifest_sha256']}"),
         ("created", info["created_at"]),
         ("committed", info["committed_at"]),

@@ -176,3 +176,69 @@ def test_a_small_file_is_hashed_without_a_thread(tmp_path, monkeypatch):
         out.write(b"a" * 1000)
         out.write(b"b" * 5000)
     assert out.sha256 == hashlib.sha256(b"a" * 1000 + b"b" * 5000).hexdigest()
+
+
+@pytest.mark.parametrize("aside", [False, True])
+def test_a_sparse_writer_leaves_zero_pages_as_holes(tmp_path, aside):
+    rng = np.random.default_rng(1)
+    # zero runs of every alignment: inside a block, across blocks, shorter than a page, at the end
+    pieces = [rng.bytes(10_000), bytes(50_000), rng.bytes(3), bytes(3 << 20), rng.bytes(5_000), bytes(2_000),
+              rng.bytes(1), bytes((1 << 20) + 123)]
+    fed = []
+    with DurableWriter(tmp_path / "f", feed=lambda v: fed.append(bytes(v)), digest_aside=aside,
+                       sparse=True) as out:
+        for p in pieces:
+            out.write(p)
+    data = (tmp_path / "f").read_bytes()
+    assert data == b"".join(pieces) and out.size == len(data)  # the size holds the trailing hole too
+    assert out.sha256 == hashlib.sha256(data).hexdigest() and b"".join(fed) == data
+    disk = os.stat(tmp_path / "f").st_blocks * 512
+    assert disk <= len(data) - (4 << 20) + (64 << 10), (disk, len(data))  # ~4 MiB of zeros not on disk
+    with DurableWriter(tmp_path / "dense", sparse=False) as dense:
+        for p in pieces:
+            dense.write(p)
+    assert dense.sha256 == out.sha256 and os.stat(tmp_path / "dense").st_blocks * 512 >= len(data)
+
+
+def test_a_failed_truncate_of_a_sparse_file_leaves_no_file(tmp_path, monkeypatch):
+    def failing(fd, size):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fileio, "_truncate", failing)
+    with pytest.raises(OSError):
+        with DurableWriter(tmp_path / "f", sparse=True) as out:
+            out.write(b"x" * 4096 + bytes(1 << 20))  # ends in a hole: the size is set by a truncate
+    assert not (tmp_path / "f").exists()
+
+
+def test_compact_gives_back_the_disk_of_purged_vectors(tmp_path, pydocs, embedder):
+    import retrostore
+
+    docs = sorted((d for d in pydocs if 12_000 < len(d["text"]) < 20_000), key=lambda d: d["meta"]["source"])[:3]
+    path = tmp_path / "s.rstore"
+    with retrostore.create(path, embedder=embedder) as st:
+        st.append([d["text"] for d in docs], metadata=[d["meta"] for d in docs])
+        st.commit()
+        (entry,) = st.manifest["vectors"]["files"]
+        before = np.array(load_vectors(path, entry))
+        doc_ids = np.asarray(st._reader.all_doc_ids())
+        gone = np.flatnonzero(doc_ids == 1)
+        assert len(gone) * before.shape[1] * before.itemsize > 4 * 4096  # whole pages of the document's rows
+        st.delete([1])
+        st.commit()
+        st.compact()
+        (entry,) = st.manifest["vectors"]["files"]
+        after = np.array(load_vectors(path, entry, verify=True))
+        keep = np.setdiff1d(np.arange(len(before)), gone)
+        assert not after[gone].any() and np.array_equal(after[keep], before[keep])
+        files = st.info()["files"]
+        row_bytes = before.shape[1] * before.itemsize
+        assert files["vectors_disk_bytes"] <= files["vectors_bytes"] - len(gone) * row_bytes + 2 * 4096 + 4096
+        assert st.verify() == []
+    archive = tmp_path / "s.tar.zst"
+    retrostore.pack(path, archive)
+    retrostore.unpack(archive, tmp_path / "copy.rstore")  # the holes read back as the zeros they stand for
+    with retrostore.open(tmp_path / "copy.rstore") as copy:
+        assert copy.verify() == []
+        (entry,) = copy.manifest["vectors"]["files"]
+        assert np.array_equal(np.array(load_vectors(tmp_path / "copy.rstore", entry)), after)

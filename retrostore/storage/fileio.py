@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import lmdb
+import numpy as np
 
 from ..errors import CommitError, CorruptStoreError, InvalidInputError, StoreIOError, WriterLockedError
 from .layout import LMDB_DIR, MANIFEST, TMP_PREFIX
@@ -58,6 +59,18 @@ def _write(fd: int, data: memoryview) -> int:
 
 def _fsync(fd: int) -> None:
     os.fsync(fd)
+
+
+def _skip(fd: int, n: int) -> None:
+    os.lseek(fd, n, os.SEEK_CUR)
+
+
+def _truncate(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+
+
+#: The unit of a sparse DurableWriter's holes: a file system block of the usual size.
+_PAGE = 4096
 
 
 def _rename(src: str, dst: str) -> None:
@@ -150,6 +163,12 @@ class DurableWriter:
         Hash (and ``feed``) on a second thread, while this one writes and
         fsyncs: for large files, where hashing (~1.5 GB/s) and fsync (~0.9 GB/s
         here) would otherwise add up (614 MB of raw vectors: 1.47 -> ~0.9 s).
+    sparse : bool, default False
+        Leave the content's zero-filled pages (4 KiB, aligned in the file) as
+        holes, which take no disk blocks on file systems that support them
+        (ext4, XFS, btrfs, tmpfs; elsewhere the file system writes the zeros).
+        The bytes read back, the size and the sha256 are the same: for raw
+        vectors files, whose rows of purged chunks ``compact`` zeroes.
 
     Attributes
     ----------
@@ -165,9 +184,11 @@ class DurableWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, feed: Callable[[memoryview], None] | None = None,
-                 digest_aside: bool = False) -> None:
+                 digest_aside: bool = False, sparse: bool = False) -> None:
         self.path = os.fspath(path)
         self.size = 0
+        self._sparse = sparse
+        self._hole_at_end = False  # the content so far ends in a hole: the size is set at the end
         self.sha256 = ""
         self._digest = hashlib.sha256()
         self._feed = feed
@@ -244,10 +265,45 @@ class DurableWriter:
             self._hand_aside(view)
         else:
             self._digest_piece(view)
+        if self._sparse:
+            self._put_sparse(view)
+            return
+        self._put_dense(view)
+
+    def _put_dense(self, view: memoryview) -> None:
+        if len(view):
+            self._hole_at_end = False
         while len(view):
             n = _write(self._fd, view[:_BLOCK])
             view = view[n:]
             self.size += n
+
+    def _put_sparse(self, view: memoryview) -> None:
+        """Write ``view``, skipping its whole zero pages (aligned to the file's offsets)."""
+        for at in range(0, len(view), _BLOCK):
+            piece = view[at : at + _BLOCK]
+            head = min(len(piece), -self.size % _PAGE)  # bytes before the next page boundary
+            pages = (len(piece) - head) // _PAGE
+            if not pages:
+                self._put_dense(piece)
+                continue
+            body = np.frombuffer(piece[head : head + pages * _PAGE], np.uint8).reshape(pages, _PAGE)
+            zero = ~body.any(axis=1)
+            if not zero.any():
+                self._put_dense(piece)
+                continue
+            self._put_dense(piece[:head])
+            # runs of pages alike: (start, end) page numbers where zero/non-zero changes
+            edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
+            for lo, hi in zip(np.r_[0, edges], np.r_[edges, pages]):
+                run = piece[head + int(lo) * _PAGE : head + int(hi) * _PAGE]
+                if zero[lo]:
+                    _skip(self._fd, len(run))
+                    self.size += len(run)
+                    self._hole_at_end = True
+                else:
+                    self._put_dense(run)
+            self._put_dense(piece[head + pages * _PAGE :])
 
     def __enter__(self) -> "DurableWriter":
         return self
@@ -258,6 +314,8 @@ class DurableWriter:
                 self._flush()
                 if self._queue is not None:
                     self._queue.put(None)  # the digest thread finishes while the file is fsynced
+                if self._hole_at_end:  # a hole past the last byte written: the file's size says it
+                    _truncate(self._fd, self.size)
                 _fsync(self._fd)
                 if self._thread is not None:
                     self._thread.join()

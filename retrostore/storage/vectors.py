@@ -151,8 +151,9 @@ def _write(path: Path, vectors: np.ndarray | list[np.ndarray], dtype: str, crc: 
 
     # Hashing runs beside the writes and the fsync (digest_aside). Rows are converted 65,536 at a time;
     # a merge's parts are already in the stored dtype, so its pieces are views of the mapped files.
+    # Zero pages (the rows of chunks compact purged) are left as holes: a take-down gives back the disk.
     with DurableWriter(path, feed=feed if crc is not None or sources is not None else None,
-                       digest_aside=True) as out:
+                       digest_aside=True, sparse=True) as out:
         out.write(head)
         for p in parts:
             for i in range(0, len(p), 65536):

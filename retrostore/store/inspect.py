@@ -31,6 +31,18 @@ def _dir_bytes(path) -> int:
     return total
 
 
+def _disk_bytes(root, entries: list[dict]) -> int:
+    """Disk blocks the files ``entries`` occupy, in bytes (less than their sizes where a
+    ``compact`` left the rows of purged chunks as holes; docs/format.md, "Raw vectors")."""
+    total = 0
+    for e in entries:
+        try:
+            total += os.stat(root / e["path"]).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
 def store_info(version: Version, *, readonly_media: bool) -> dict:
     """A JSON-ready description of ``version`` (what ``Store.info`` documents)."""
     m = version.manifest
@@ -62,6 +74,7 @@ def store_info(version: Version, *, readonly_media: bool) -> dict:
         "files": {
             "index_bytes": index_bytes,
             "vectors_bytes": vectors_bytes,
+            "vectors_disk_bytes": _disk_bytes(root, m["vectors"]["files"]),
             "vectors_dtype": m["vectors"]["dtype"],
             "vectors_in_index": bool(m["settings"]["keep_vectors"]) and not keeps_files(m),
             "lmdb_bytes": lmdb_bytes,

@@ -163,8 +163,9 @@ class Upkeep:
             ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),
             ``template_bytes``, ``hint`` (the training policy's advice, or None);
             ``deletes`` (counts, purged included); ``files`` (bytes):
-            ``index_bytes``, ``vectors_bytes``, ``vectors_dtype``,
-            ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
+            ``index_bytes``, ``vectors_bytes``, ``vectors_disk_bytes`` (the disk
+            blocks they occupy: less where ``compact`` left purged rows as holes),
+            ``vectors_dtype``, ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
             vectors in its segments), ``lmdb_bytes``, ``tokenizer_bytes``,
             ``referenced_files`` (files the current manifest names),
             ``total_bytes`` (the whole directory, retained versions included);

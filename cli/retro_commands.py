@@ -53,26 +53,6 @@ def _threshold(overlap_threshold, no_overlap_filter):
     return None if no_overlap_filter else overlap_threshold
 
 
-def _mask_path(path: str) -> str:
-    return (path[:-4] if path.endswith(".npy") else path) + ".mask.npy"
-
-
-def _write_tokens(st, ids_path: str, tokens_path: str, rows: int = 1024) -> tuple:
-    """RETRO tokens of a neighbour-id file, by row range: TOKENS (int32) and TOKENS.mask.npy (bool)."""
-    knn = retro.NeighborFile(st, ids_path)
-    t = int(st.manifest["chunk_tokens"])
-    shape = knn.shape + (2 * t,)
-    toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
-    mask = np.lib.format.open_memmap(_mask_path(tokens_path), mode="w+", dtype=bool, shape=shape)
-    for start in range(0, len(knn), rows):
-        nt = knn.tokens(start, min(len(knn), start + rows))
-        toks[start:start + len(nt.tokens)] = nt.tokens
-        mask[start:start + len(nt.tokens)] = nt.mask
-    toks.flush()
-    mask.flush()
-    return shape
-
-
 def _window_counts(summary: dict) -> str:
     """What ``sequence_neighbors``' leakage rules dropped, as ``neighbors --sequences`` and ``export``
     print it (helper-44: export left out the excluded documents and the searches again)."""
@@ -151,7 +131,8 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                                "--sequences and to the store's chunks, --batch-size to --queries and "
                                "--include-same-doc, --label-token to --queries)")
     threshold = _threshold(overlap_threshold, no_overlap_filter)
-    if tokens_out and os.path.abspath(tokens_out) in (os.path.abspath(out), os.path.abspath(_mask_path(out))):
+    if tokens_out and os.path.abspath(out) in (os.path.abspath(tokens_out),
+                                               os.path.abspath(retro.NeighborFile.mask_path(tokens_out))):
         raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
     if tokens_out:  # checked before the work, not after it (review: a missing directory failed at the end)
         parent = os.path.dirname(os.path.abspath(tokens_out))
@@ -160,6 +141,9 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         if not os.access(parent, os.W_OK):
             raise click.UsageError(f"--tokens {tokens_out}: the directory {parent} is not writable; give a path in a "
                                    "directory you can write to")
+        if (os.path.realpath(tokens_out) + os.sep).startswith(os.path.realpath(store) + os.sep):
+            raise click.UsageError(f"--tokens {tokens_out} is inside the store {store}, whose next commit would "
+                                   "delete it; give a path outside the store")
     with retrostore.open(store) as st:
         if sequences:
             seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)
@@ -195,12 +179,10 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         click.echo(f"wrote {path}: shape {arr.shape} int64")
         if tokens_out:
-            try:
-                shape = _write_tokens(st, str(path), tokens_out)
-            except OSError as exc:
-                raise click.ClickException(f"cannot write --tokens {tokens_out}: {exc.strerror or exc}; give a path "
-                                           "in a writable directory") from None
-            click.echo(f"wrote {tokens_out}: shape {shape} int32, and {_mask_path(tokens_out)} (bool)")
+            knn = retro.NeighborFile(st, path)
+            written, mask = knn.write_tokens(tokens_out)
+            shape = knn.shape + (2 * int(st.manifest["chunk_tokens"]),)
+            click.echo(f"wrote {written}: shape {shape} int32, and {mask} (bool)")
 
 
 @click.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,26 @@ def test_neighbors_usage_errors(sliced, tmp_path):
     res = _run("neighbors", sliced, "--out", out, "--tokens", tmp_path / "no" / "dir" / "t.npy", "-q")
     assert res.exit_code == 2 and "does not exist; create it first" in res.output
     assert not out.exists()  # refused before the work (review: the neighbours were computed, then it failed)
+    res = _run("neighbors", sliced, "--out", out, "--tokens", Path(sliced) / "t.npy", "-q")
+    assert res.exit_code == 2 and "inside the store" in res.output and not out.exists(), res.output
+
+
+def test_neighbor_tokens_are_written_outside_stores_only(sliced, tmp_path):
+    """NeighborFile.write_tokens (``neighbors --tokens``): the rows' tokens and masks, and no file
+    inside a store (helper-48: the next commit deleted it), nor over the ids being read."""
+    knn_path = tmp_path / "k.npy"
+    np.save(knn_path, np.array([[0, 1], [2, -1], [3, 4]], np.int64))
+    with retrostore.open(sliced) as st:
+        knn = retro.NeighborFile(st, knn_path)
+        toks, mask = knn.write_tokens(tmp_path / "t.npy", rows=2)
+        assert mask == tmp_path / "t.mask.npy"
+        want = knn.tokens(0, 3)
+        assert np.array_equal(np.load(toks), want.tokens) and np.array_equal(np.load(mask), want.mask)
+        for bad, msg in [(Path(sliced) / "t.npy", "inside the store"), (knn_path, "would overwrite"),
+                         (tmp_path / "no" / "t.npy", "does not exist")]:
+            with pytest.raises(retrostore.InvalidInputError, match=msg):
+                knn.write_tokens(bad)
+        assert not (Path(sliced) / "t.npy").exists()
 
 
 def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp_path):

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, check_int
+from ..errors import InvalidInputError, StoreIOError, check_int
+from ..storage.fileio import check_output_file
 from ..store.reading import neighbor_id_array
 from ._checks import check_pad_id, settings
 from .table import ChunkTable, check_table
@@ -202,3 +203,58 @@ class NeighborFile:
     def __getitem__(self, row: int) -> NeighborTokens:
         nt = self.tokens(row)
         return NeighborTokens(nt.tokens[0], nt.mask[0], nt.chunk_ids[0], nt.doc_ids[0])
+
+    def write_tokens(self, path: str | os.PathLike, *, rows: int = 1024) -> tuple[Path, Path]:
+        """Write every row's neighbour tokens to ``.npy`` files, ``rows`` rows at a time
+        (what ``retrostore neighbors --tokens`` writes).
+
+        Parameters
+        ----------
+        path : path-like
+            Destination of the tokens: int32, shape ``self.shape + (2 * chunk_tokens,)``
+            (neighbour then continuation, padded with ``pad_id``). Beside it, ``path``'s
+            stem + ``.mask.npy``: bool, the same shape (True where a token is real).
+            Both are refused inside a store (its next commit would delete them).
+        rows : int, default 1024
+            Rows read and written per step (memory: ``rows * k * 2T`` tokens).
+
+        Returns
+        -------
+        (Path, Path)
+            The tokens file and the mask file.
+
+        Raises
+        ------
+        InvalidInputError
+            ``path`` or the mask path is the ids file, inside a store, in a missing or
+            unwritable directory, or a directory.
+        StoreIOError
+            Writing failed (a full disk): the message names the file.
+        """
+        rows = check_int("rows", rows, 1)
+        tokens_path = check_output_file(path, "path", suffix="")
+        mask = check_output_file(self.mask_path(tokens_path), "path's mask", suffix="")
+        for p in (tokens_path, mask):
+            if p.resolve() == self.path.resolve():
+                raise InvalidInputError(f"path={str(path)!r} would overwrite the neighbour ids {str(self.path)!r} "
+                                        "being read; give another path")
+        shape = self.shape + (2 * int(self.store.manifest["chunk_tokens"]),)
+        try:
+            toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
+            mk = np.lib.format.open_memmap(mask, mode="w+", dtype=bool, shape=shape)
+            for start in range(0, len(self), rows):
+                nt = self.tokens(start, min(len(self), start + rows))
+                toks[start : start + len(nt.tokens)] = nt.tokens
+                mk[start : start + len(nt.tokens)] = nt.mask
+            toks.flush()
+            mk.flush()
+        except OSError as exc:
+            raise StoreIOError(f"cannot write the neighbour tokens {tokens_path} / {mask}: {exc.strerror or exc}; "
+                               "free space or give a path on another disk") from None
+        return tokens_path, mask
+
+    @staticmethod
+    def mask_path(path: str | os.PathLike) -> Path:
+        """The mask file :meth:`write_tokens` writes beside tokens file ``path``: its stem + ``.mask.npy``."""
+        text = os.fspath(path)
+        return Path((text[:-4] if text.endswith(".npy") else text) + ".mask.npy")

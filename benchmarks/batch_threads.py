@@ -8,8 +8,9 @@ searched by FAISS on one thread side by side, one part per usable CPU: an exact 
 of random unit vectors (the store's BLAS threshold) cut by database range
 (``retrostore.index.search._split_flat_search``; a store splits from ``SPLIT_FLAT_MIN_WORK``
 multiply-adds and runs smaller batches on one thread), and an ``HNSW32,SQfp16`` graph (the
-default below 100,000 chunks, ``efSearch`` 128) cut by queries (``_split_by_queries``; parts of
-at least ``SPLIT_MIN_QUERIES``). The report gives the median and the 90th percentile of each,
+default below 100,000 chunks, ``efSearch`` 128) and an ``IVF1024,PQ48x4fs`` index (the
+default's codes beyond, ``nprobe`` 256; no re-ranking, which the store does after the search)
+cut by queries (``_split_by_queries``; parts of at least ``SPLIT_MIN_QUERIES``). The report gives the median and the 90th percentile of each,
 and the ratios of the medians. Each search starts 50 ms after the one before: GNU OpenMP's idle
 workers spin after a region of several threads (``GOMP_SPINCOUNT``), and would slow whichever
 way came next.
@@ -46,7 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="6,8,16,32,64,128", help="queries per search (default 6..128)")
     p.add_argument("--graph-vectors", type=int, default=20_000,
                    help="an HNSW32,SQfp16 graph of this many vectors too, split by queries (default 20,000; 0: none)")
-    p.add_argument("--graph-batches", default="8,16,32,128", help="queries per graph search (default 8..128)")
+    p.add_argument("--graph-batches", default="8,16,32,128", help="queries per graph and IVF search (default 8..128)")
+    p.add_argument("--ivf-vectors", type=int, default=200_000,
+                   help="an IVF1024,PQ48x4fs index of this many vectors too, split by queries (default 200,000; "
+                        "0: none)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--busy", type=int, default=1, help="CPU-bound processes in the busy part (default 1)")
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
@@ -116,6 +120,14 @@ def main(argv=None) -> int:
         graph.add(xb)
         faiss.downcast_index(graph).hnsw.efSearch = 128
         indexes[f"HNSW32,SQfp16, {args.graph_vectors:,}"] = faiss.downcast_index(graph)
+    if args.ivf_vectors:  # the default's codes from 100,000 chunks (docs/index.md), its nprobe
+        xb = rng.standard_normal((args.ivf_vectors, args.dim), dtype=np.float32)
+        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+        ivf = faiss.index_factory(args.dim, "IVF1024,PQ48x4fs", faiss.METRIC_INNER_PRODUCT)
+        ivf.train(xb[:1024 * 39])
+        ivf.add(xb)
+        faiss.extract_index_ivf(ivf).nprobe = 256
+        indexes[f"IVF1024,PQ48x4fs, {args.ivf_vectors:,}"] = ivf
     batches = [int(x) for x in args.batches.split(",")]
     graph_batches = [int(x) for x in args.graph_batches.split(",")]
     faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
@@ -132,7 +144,7 @@ def main(argv=None) -> int:
         f"**With {args.busy} CPU-bound process(es) started by the benchmark:**", "", C.table(header, busy), "",
         f"{args.dim}-d random unit vectors, k = 5. Flat: IndexFlatIP, BLAS threshold {BLAS_THRESHOLD:,} (the "
         f"store's: batches of >= {-(-BLAS_THRESHOLD // args.dim)} queries take the matrix product), split by "
-        "database range. HNSW32,SQfp16: efSearch 128, split by queries. "
+        "database range. HNSW32,SQfp16: efSearch 128; IVF1024,PQ48x4fs: nprobe 256; both split by queries. "
         f"{args.repeats} interleaved rounds per cell; times per search (the whole batch)."])
     print()
     print(body)

@@ -738,7 +738,12 @@ class Store(Upkeep):
             of it into RETRO's tokens.
         k : int, default 2
         exclude_same_doc : bool, default False
-            Store chunks only.
+            Store chunks only. With the default each chunk's nearest neighbour is
+            itself, and its continuation is the chunk's next one, the very text a
+            model trained on these rows would have to predict. For training rows
+            use :func:`retrostore.retro.chunk_neighbors` (own documents, copies and
+            near copies left out; what ``retrostore neighbors`` writes) or
+            :func:`retrostore.retro.sequence_neighbors`.
         batch_size : int, default 1024
             Query chunks per search call.
         queries : path-like, optional

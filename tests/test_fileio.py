@@ -242,3 +242,4 @@ def test_compact_gives_back_the_disk_of_purged_vectors(tmp_path, pydocs, embedde
         assert copy.verify() == []
         (entry,) = copy.manifest["vectors"]["files"]
         assert np.array_equal(np.array(load_vectors(tmp_path / "copy.rstore", entry)), after)
+        assert copy.info()["files"]["vectors_disk_bytes"] == files["vectors_disk_bytes"]  # unpacked with holes too

@@ -29,7 +29,7 @@ from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
 from ..storage.fileio import git_lfs_pointer
-from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, VECTORS_DIR, version_path
 from ..store.store import Store
 from .pack import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, ArtifactInfo
 
@@ -335,7 +335,7 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
                 (tmp / rel.split("/")[0]).mkdir(mode=0o755, exist_ok=True)
             reader.limit = m.offset_data + m.size + _HEADER_ALLOWANCE
             keep = rel == MANIFEST
-            size, sha, kept = _copy_member(tf, m, target, keep)
+            size, sha, kept = _copy_member(tf, m, target, keep, sparse=rel.startswith(VECTORS_DIR + "/"))
             files[rel] = (size, sha)
             if keep:
                 manifest_raw = kept
@@ -357,28 +357,22 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
     return manifest_raw, body, files
 
 
-def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bool):
+def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bool, sparse: bool):
+    """Write member ``m`` to ``target`` (new, fsynced; zero pages left as holes when ``sparse``, as a
+    store writes its vectors files). Returns (size, sha256, the bytes when ``keep``)."""
     src = tf.extractfile(m)
-    sha = hashlib.sha256()
     kept = bytearray() if keep else None
     size = 0
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
+    with fileio.DurableWriter(target, sparse=sparse) as out:
         while size < m.size:
             block = src.read(min(_BLOCK, m.size - size))
             if not block:
                 raise tarfile.ReadError(f"unexpected end of data in member {m.name!r}")
-            sha.update(block)
             if kept is not None:
                 kept += block
-            view = memoryview(block)
-            while len(view):
-                view = view[os.write(fd, view):]
+            out.write(block)
             size += len(block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return (size, sha.hexdigest(), bytes(kept) if kept is not None else None)
+    return (size, out.sha256, bytes(kept) if kept is not None else None)
 
 
 def _read_manifest(raw: bytes, where: str, tmp: Path) -> dict:

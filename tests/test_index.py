@@ -452,6 +452,28 @@ def test_a_search_inside_a_pool_task_runs_whole(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == ["True"], (out.returncode, out.stderr[-2000:])
 
 
+SHARED_SELECTOR = """
+import faiss, numpy as np
+from retrostore.index.search import _segment_search
+rng = np.random.default_rng(0)
+xb = rng.standard_normal((3000, 64)).astype(np.float32)
+index = faiss.IndexIDMap(faiss.IndexFlatIP(64))  # what compact makes of a Flat segment with holes
+index.add_with_ids(xb, np.arange(0, 6000, 2))
+q = rng.standard_normal((64, 64)).astype(np.float32)
+faiss.omp_set_num_threads(2)
+want = np.concatenate([_segment_search(index, q[i:i + 1], 10, True, outside=[(100, 200)])[1] for i in range(64)])
+ok = all((_segment_search(index, q, 10, True, outside=[(100, 200)])[1] == want).all() for _ in range(300))
+print(ok, bool(((want >= 100) & (want < 200)).any()))
+"""
+
+
+def test_split_parts_never_share_a_selector(tmp_path):
+    """helper-50: the parts of a batch split by queries shared one FAISS parameters object, into which
+    IndexIDMap (a compacted segment) swaps its own selector during each search: a segfault."""
+    out = subprocess.run([sys.executable, "-c", SHARED_SELECTOR], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False"], (out.returncode, out.stderr[-2000:])
+
+
 # -- deletes and compaction ------------------------------------------------
 @pytest.fixture
 def real_store(tmp_path, built_store):

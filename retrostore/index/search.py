@@ -556,19 +556,28 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     the missing ones read as "no more" (helper-43: k=100 of 300 live chunks, 2,700 deleted, came
     back with 63). ``outside``: the segment's own ids ``[lo, hi)`` to leave out (FAISS's ID
     selector, :func:`_selector_params`)."""
-    params = None
-    if outside:
-        params = _selector_params(index, outside)
-    elif isinstance(index, faiss.IndexHNSW):
-        if k > index.hnsw.efSearch:
-            params = faiss.SearchParametersHNSW(efSearch=int(k))
-    elif graph and isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):  # (graph: the set holds one)
-        # A graph behind a pre-transform or a refine wrapper too (review: PCA64,HNSW32,Flat gave 31 of
-        # k=100 live chunks, HNSW32,Flat,RFlat 63, with 2,700 of 3,000 chunks deleted).
-        params = _graph_params(index, k)
-    if params is not None or not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
+    def call_params():
+        if outside:
+            return _selector_params(index, outside)
+        if isinstance(index, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(efSearch=int(k)) if k > index.hnsw.efSearch else None
+        if graph and isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)):  # (graph: the set holds one)
+            # A graph behind a pre-transform or a refine wrapper too (review: PCA64,HNSW32,Flat gave 31 of
+            # k=100 live chunks, HNSW32,Flat,RFlat 63, with 2,700 of 3,000 chunks deleted).
+            return _graph_params(index, k)
+        return None
+
+    params = call_params()
+    if params is not None:
+        # Each part of a split gets parameters of its own: FAISS's IndexIDMap puts a selector of its
+        # own into the parameters it is given for the length of a search (helper-50: two parts of a
+        # compacted segment's search sharing one object crashed `retrostore neighbors`, 4 runs in 10).
+        parts = [params]
+        return _split_by_queries(lambda x: index.search(x, k, params=parts.pop() if parts else call_params()),
+                                 queries)
+    if not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
         # (segments are read and built downcast: no downcast_index per search)
-        return _split_by_queries(lambda x: index.search(x, k, params=params), queries)
+        return _split_by_queries(lambda x: index.search(x, k), queries)
     if len(queries) != 1:
         work = len(queries) * int(index.ntotal) * int(index.d)
         parts = min(faiss.omp_get_max_threads(), cpu_count(), work // SPLIT_FLAT_MIN_WORK)

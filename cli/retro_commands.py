@@ -5,7 +5,6 @@ store (precomputed neighbour ids, training windows, a trainer's files), over
 from __future__ import annotations
 
 import functools
-import os
 
 import click
 import numpy as np
@@ -131,19 +130,11 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
                                "--sequences and to the store's chunks, --batch-size to --queries and "
                                "--include-same-doc, --label-token to --queries)")
     threshold = _threshold(overlap_threshold, no_overlap_filter)
-    if tokens_out and os.path.abspath(out) in (os.path.abspath(tokens_out),
-                                               os.path.abspath(retro.NeighborFile.mask_path(tokens_out))):
-        raise click.UsageError(f"--tokens {tokens_out} would overwrite the neighbour ids --out {out}; give another path")
     if tokens_out:  # checked before the work, not after it (review: a missing directory failed at the end)
-        parent = os.path.dirname(os.path.abspath(tokens_out))
-        if not os.path.isdir(parent):
-            raise click.UsageError(f"--tokens {tokens_out}: the directory {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise click.UsageError(f"--tokens {tokens_out}: the directory {parent} is not writable; give a path in a "
-                                   "directory you can write to")
-        if (os.path.realpath(tokens_out) + os.sep).startswith(os.path.realpath(store) + os.sep):
-            raise click.UsageError(f"--tokens {tokens_out} is inside the store {store}, whose next commit would "
-                                   "delete it; give a path outside the store")
+        try:
+            retro.NeighborFile.check_tokens_path(tokens_out, out, name="--tokens")
+        except retrostore.InvalidInputError as exc:
+            raise click.UsageError(str(exc)) from None
     with retrostore.open(store) as st:
         if sequences:
             seqs = retro.training_sequences(st, seq_len, mode=mode, eos_id=eos_id)

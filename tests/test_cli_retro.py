@@ -4,6 +4,7 @@ CliRunner on real pydocs stores (issue 15)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,10 @@ def test_neighbors_usage_errors(sliced, tmp_path):
     assert not out.exists()  # refused before the work (review: the neighbours were computed, then it failed)
     res = _run("neighbors", sliced, "--out", out, "--tokens", Path(sliced) / "t.npy", "-q")
     assert res.exit_code == 2 and "inside the store" in res.output and not out.exists(), res.output
+    (tmp_path / "sl.npy").symlink_to(out)  # (helper-50: refused only after the work, naming path=)
+    res = _run("neighbors", sliced, "--out", out, "--tokens", tmp_path / "sl.npy", "-q")
+    assert res.exit_code == 2 and "--tokens=" in res.output and "would overwrite" in res.output, res.output
+    assert not out.exists()
 
 
 def test_neighbor_tokens_are_written_outside_stores_only(sliced, tmp_path):
@@ -159,11 +164,20 @@ def test_neighbor_tokens_are_written_outside_stores_only(sliced, tmp_path):
         assert mask == tmp_path / "t.mask.npy"
         want = knn.tokens(0, 3)
         assert np.array_equal(np.load(toks), want.tokens) and np.array_equal(np.load(mask), want.mask)
+        (tmp_path / "own.npy").symlink_to(tmp_path / "own.mask.npy")  # helper-50: a bus error, a file left
+        os.link(knn_path, tmp_path / "hard.npy")  # helper-50: the ids were overwritten with tokens
+        (tmp_path / "m.mask.npy").symlink_to(Path(sliced) / "m.mask.npy")  # the mask inside the store
         for bad, msg in [(Path(sliced) / "t.npy", "inside the store"), (knn_path, "would overwrite"),
-                         (tmp_path / "no" / "t.npy", "does not exist")]:
+                         (tmp_path / "no" / "t.npy", "does not exist"), (tmp_path / "own.npy", "are the same file"),
+                         (tmp_path / "hard.npy", "would overwrite"), (tmp_path / "m.npy", "mask.*inside the store"),
+                         (str(tmp_path / "a\0b.npy"), "without NUL"), (str(tmp_path / "newdir") + "/", "is a directory"),
+                         (5, "must be a non-empty str")]:
             with pytest.raises(retrostore.InvalidInputError, match=msg):
                 knn.write_tokens(bad)
-        assert not (Path(sliced) / "t.npy").exists()
+        assert not (Path(sliced) / "t.npy").exists() and not (tmp_path / "own.mask.npy").exists()
+        assert np.array_equal(np.load(knn_path), [[0, 1], [2, -1], [3, 4]])
+        with pytest.raises(retrostore.InvalidInputError, match="must be a non-empty str"):
+            retro.NeighborFile.mask_path(5)
 
 
 def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp_path):

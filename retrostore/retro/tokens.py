@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidInputError, StoreIOError, check_int
-from ..storage.fileio import check_output_file
+from ..storage.fileio import check_output_file, check_path
 from ..store.reading import neighbor_id_array
 from ._checks import check_pad_id, settings
 from .table import ChunkTable, check_table
@@ -232,12 +232,7 @@ class NeighborFile:
             Writing failed (a full disk): the message names the file.
         """
         rows = check_int("rows", rows, 1)
-        tokens_path = check_output_file(path, "path", suffix="")
-        mask = check_output_file(self.mask_path(tokens_path), "path's mask", suffix="")
-        for p in (tokens_path, mask):
-            if p.resolve() == self.path.resolve():
-                raise InvalidInputError(f"path={str(path)!r} would overwrite the neighbour ids {str(self.path)!r} "
-                                        "being read; give another path")
+        tokens_path, mask = self.check_tokens_path(path, self.path)
         shape = self.shape + (2 * int(self.store.manifest["chunk_tokens"]),)
         try:
             toks = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.int32, shape=shape)
@@ -255,6 +250,54 @@ class NeighborFile:
 
     @staticmethod
     def mask_path(path: str | os.PathLike) -> Path:
-        """The mask file :meth:`write_tokens` writes beside tokens file ``path``: its stem + ``.mask.npy``."""
-        text = os.fspath(path)
+        """The mask file :meth:`write_tokens` writes beside tokens file ``path``: its stem + ``.mask.npy``.
+
+        Raises
+        ------
+        InvalidInputError
+            ``path`` is not a str or os.PathLike path.
+        """
+        text = os.fspath(check_path("path", path, "a tokens file"))
         return Path((text[:-4] if text.endswith(".npy") else text) + ".mask.npy")
+
+    @staticmethod
+    def check_tokens_path(path: str | os.PathLike, ids: str | os.PathLike | None = None, *,
+                          name: str = "path") -> tuple[Path, Path]:
+        """Check ``path`` as :meth:`write_tokens`' destination before any work: the tokens file and
+        its mask (:meth:`mask_path`) are files to write outside every store, two different files
+        (symbolic and hard links followed), neither of them the ids file ``ids`` (which need not
+        exist yet). ``name`` names ``path`` in the messages (``retrostore neighbors``: ``--tokens``).
+
+        Returns
+        -------
+        (Path, Path)
+            The tokens file and the mask file.
+
+        Raises
+        ------
+        InvalidInputError
+            Any of these does not hold (the message names the path and the fix).
+        """
+        tokens_path = check_output_file(path, name, suffix="")
+        mask = check_output_file(NeighborFile.mask_path(tokens_path), f"{name}'s mask", suffix="")
+        if _same_file(tokens_path, mask):
+            raise InvalidInputError(f"{name}={str(path)!r} and its mask {str(mask)!r} are the same file (a link); "
+                                    "give a path whose mask file is another one")
+        if ids is not None:
+            check_path("ids", ids, "the neighbour ids file")
+            for p in (tokens_path, mask):
+                if _same_file(p, Path(ids)):
+                    raise InvalidInputError(f"{name}={str(path)!r} would overwrite the neighbour ids {str(ids)!r} "
+                                            f"({str(p)!r} is that file); give another path")
+        return tokens_path, mask
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once links are resolved, or, both
+    existing, the same inode (a hard link; helper-50: tokens written over the ids being read)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False

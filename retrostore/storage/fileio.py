@@ -648,14 +648,16 @@ def check_output_file(out: object, name: str = "out", suffix: str = ".npy") -> P
     InvalidInputError
         Any of these does not hold (the message names the path and the fix).
     """
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).endswith(suffix):
-        raise InvalidInputError(f"{name}={out!r} must be a path ending in {suffix}")
-    path = Path(out)
+    ending = f" ending in {suffix}" if suffix else ""
+    path = check_path(name, out, f"a file to write{ending}")
+    text = os.fspath(out)
+    if not text.endswith(suffix):
+        raise InvalidInputError(f"{name}={out!r} must be a path{ending}")
+    if text.endswith(("/", os.sep)) or path.is_dir():  # (Path() drops a trailing slash: 'newdir/' wrote 'newdir')
+        raise InvalidInputError(f"{name}={text!r} is a directory; give a file name{ending}")
     if not path.parent.is_dir():
         raise InvalidInputError(f"{name}={str(path)!r}: the directory {str(path.parent)!r} does not exist; "
                                 "create it first")
-    if path.is_dir():
-        raise InvalidInputError(f"{name}={str(path)!r} is a directory; give a file name ending in {suffix}")
     check_outside_store(path, name)
     writable_dir(path.parent, f"{name}={str(path)!r}")
     return path

@@ -56,7 +56,8 @@ def cli() -> None:
                    "(the ray extra: pip install \".[ray]\" in the retrostore checkout). Re-running resumes; see docs/scaling.md.")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
 @click.option("--shards", type=int, default=None,
-              help="Number of shards (default: one per 64 M characters of input). Implies --engine local.")
+              help="Number of shards (default: one per 64 M characters of input). Without --engine, implies "
+                   "--engine local.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Embed shards on GPUs with onnxruntime's CUDA provider (one model per GPU); falls back to CPU.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,

@@ -58,6 +58,10 @@ def test_typing_a_query_shows_the_hits(built_store, embedder, tmp_path):
             page.locator("#query").fill("   ")
             page.locator("#go").click()
             expect(page.locator("#error")).to_contain_text("Type something")
+            expect(hits).to_have_count(0)  # (helper-51: the previous query's hits stayed)
+            expect(page.locator("#status")).to_have_text("")
+            # the page names an empty icon inline: browsers ask for no /favicon.ico (a 404 in /metrics)
+            assert page.evaluate("document.querySelector('link[rel=icon]').href") == "data:,"
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -478,7 +478,8 @@ class RemoteStore:
         if not single and not queries:
             _check_k(k)
             return []
-        body: dict[str, Any] = {"query": queries, "k": _k_int(k)}
+        # Hit has no metadata: not asked for (helper-51: the server read and sent it, the client dropped it)
+        body: dict[str, Any] = {"query": queries, "k": _k_int(k), "metadata": False}
         if params is not None:
             body["params"] = params
         rows = self._request("POST", "/v1/search", body)["results"]

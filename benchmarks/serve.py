@@ -417,7 +417,8 @@ def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], ar
 
     import retrostore
 
-    serve_bodies = [json.dumps({"query": q, "k": args.k}).encode() for q in queries]
+    # what retrostore.connect(url).search(q, k) sends (it asks for no metadata: Hit has none)
+    serve_bodies = [json.dumps({"query": q, "k": args.k, "metadata": False}).encode() for q in queries]
     flask_bodies = [json.dumps({"query": q, "n_docs": args.k}).encode() for q in queries]
     results: dict[tuple[str, int], list[dict]] = {}
     sp, fp = free_port(), free_port()
@@ -555,7 +556,7 @@ def report(sections: list, args, n_docs: int) -> str:
                    "8 and 32 clients (urllib3 keep-alive connections): "
                    f"{args.seconds:g} s per cell after a 1 s warm-up, serve and Flask alternating. CPU ms/answer: the "
                    "server process's CPU time (all threads) over the measured time / answers (for in-process, this "
-                   "process's). retrostore serve answers full hits (text, token ids, continuation, metadata); the "
+                   "process's). retrostore serve answers full hits (text, token ids, continuation; no metadata, as the client asks); the "
                    "baseline answers passages and scores.")
     mem = [m for _, _, _, ms, _ in sections for m in ms]
     if mem:

@@ -697,3 +697,34 @@ def test_a_large_request_is_answered_in_slices_while_others_are_served(built_sto
         assert np.array_equal(got.chunk_ids, want.chunk_ids) and np.array_equal(got.tokens, want.tokens)
         metrics = httpx.get(srv.url + "/metrics", timeout=30).text
         assert "retrostore_batch_requests" in metrics
+
+
+def test_npy_answers_are_parsed_one_thread_at_a_time(monkeypatch):
+    """numpy parses .npy headers with ast.literal_eval; on CPython 3.11 two threads building ASTs at
+    once can raise SystemError (AST recursion depth mismatch: 1 of 32 clients in test_serve_follow's
+    30 s run). A client's threads read neighbour answers one at a time."""
+    from retrostore.serve import wire
+
+    arrays = [np.arange(6).reshape(2, 3), np.ones((2, 2), bool)]
+    data = wire.pack_arrays(arrays)
+    real_load = np.load
+    inside, most = [0], [0]
+
+    def slow_load(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.002)  # a thread switch in the middle of a parse
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(wire.np, "load", slow_load)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(wire.unpack_arrays(data, 2))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and len(got) == 8
+    assert all(np.array_equal(a, b) for g in got for a, b in zip(g, arrays))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,10 +40,18 @@ def pack_arrays(arrays: Sequence[np.ndarray]) -> bytes:
     return out.getvalue()
 
 
+#: numpy parses a ``.npy`` header with ``ast.literal_eval``, and CPython 3.11 builds ASTs with
+#: one recursion counter per interpreter: two threads parsing at once can fail with "SystemError:
+#: AST constructor recursion depth mismatch" (python/cpython#106905; 1 of 32 clients asking for
+#: neighbours in test_serve_follow's 30 s run). A client's threads take turns here.
+_NPY_PARSE = threading.Lock()
+
+
 def unpack_arrays(data: bytes, count: int) -> list[np.ndarray]:
-    """Read ``count`` arrays written by :func:`pack_arrays` (never unpickles)."""
+    """Read ``count`` arrays written by :func:`pack_arrays` (never unpickles; one thread at a time)."""
     buf = io.BytesIO(data)
-    return [np.load(buf, allow_pickle=False) for _ in range(count)]
+    with _NPY_PARSE:
+        return [np.load(buf, allow_pickle=False) for _ in range(count)]
 
 
 def finite_or_none(value: float) -> float | None:

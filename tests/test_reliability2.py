@@ -419,3 +419,31 @@ def test_manifest_records_the_faiss_version(built_store):
 
     m = retrostore.open(built_store).manifest
     assert faiss.__version__ in json.dumps(m["index"])
+
+
+OPEN_TOGETHER = """
+import faulthandler, sys, threading
+import retrostore
+faulthandler.dump_traceback_later(90, exit=True)  # a hang prints every thread's stack and fails
+store = sys.argv[1]
+for _ in range(150):
+    start = threading.Barrier(4)
+    def work():
+        start.wait()
+        retrostore.open(store).close()  # one handle per thread, none shared
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print("done")
+"""
+
+
+def test_threads_opening_one_store_together_do_not_hang(built_store):
+    """helper-52: handles of one store share one LMDB environment per process, and LMDB's table open
+    (mdb_dbi_open) must not run in two transactions at once: 2-4 threads each opening a handle hung
+    the process within a few rounds (no CPU used)."""
+    out = subprocess.run([sys.executable, "-c", OPEN_TOGETHER, str(built_store)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["done"], (out.returncode, out.stderr[-3000:])

@@ -40,7 +40,7 @@ from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file, reserve_lock_file
 from .lmdbscan import key as _key
-from .lmdbscan import parse_commit, records_digest, seal, unseal
+from .lmdbscan import open_tables, parse_commit, records_digest, seal, unseal
 from .records import ChunkRecord, DocRecord, encode_chunks, encode_doc
 
 __all__ = ["ChunkTable", "MissingRecordError", "pending_keys"]
@@ -172,9 +172,7 @@ class ChunkTable:
             # read txn would be closed again).
             for attempt in range(100):
                 try:
-                    self._chunks = self.env.open_db(b"chunks", create=False)
-                    self._docs = self.env.open_db(b"docs", create=False)
-                    self._commits = self.env.open_db(b"commits", create=False)
+                    self._chunks, self._docs, self._commits = open_tables(self.env)
                     break
                 except lmdb.MapResizedError:
                     # a writer grew the map since lmdb.open() read the meta page

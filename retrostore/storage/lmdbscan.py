@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 
 import lmdb
@@ -31,6 +32,20 @@ LMDB_DIR = "chunks.lmdb"
 DATA = f"{LMDB_DIR}/data.mdb"
 GENESIS = "retrostore"  # seed of the per-commit content hash chain
 MAX_DBS = 8
+
+
+#: LMDB: ``mdb_dbi_open`` must not run in two transactions of one process at once. A process's
+#: handles on one store share one environment (``ChunkTable``'s registry), so threads opening
+#: handles together hung in it (helper-52: 2-4 threads, ``retrostore.open`` each, no CPU used).
+_DBI_LOCK = threading.Lock()
+
+
+def open_tables(env: lmdb.Environment) -> tuple:
+    """The ``chunks``, ``docs`` and ``commits`` tables of ``env`` (not created), opened one
+    process-wide call at a time (:data:`_DBI_LOCK`). Raises what ``env.open_db`` raises."""
+    with _DBI_LOCK:
+        return (env.open_db(b"chunks", create=False), env.open_db(b"docs", create=False),
+                env.open_db(b"commits", create=False))
 
 
 def key(i: int) -> bytes:
@@ -115,9 +130,7 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
         env = lmdb.open(os.path.join(root, LMDB_DIR), subdir=True, readonly=True, lock=not readonly,
                         max_dbs=MAX_DBS, create=False, readahead=False)
     try:
-        chunks_db = env.open_db(b"chunks", create=False)
-        docs_db = env.open_db(b"docs", create=False)
-        commits_db = env.open_db(b"commits", create=False)
+        chunks_db, docs_db, commits_db = open_tables(env)
         with env.begin(buffers=False) as txn:
             # Iteration walks the leaves in order; reads look ids up through the
             # branch pages. A damaged separator key in a branch page breaks the

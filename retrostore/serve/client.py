@@ -212,7 +212,10 @@ class RemoteStore:
         The server's base URL.
     version : int
         The committed version that gave the latest answer (the server moves to
-        each new commit by itself).
+        each new commit by itself). One client shared by threads: the version of
+        whichever answer arrived last, not necessarily the calling thread's
+        (helper-52); a thread that must know which version answered it uses a
+        client of its own.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, headers: dict | None = None) -> None:
@@ -386,11 +389,12 @@ class RemoteStore:
     def _store_facts(self) -> dict:
         """The store's metric, dim and chunk_tokens (fixed for a store's lifetime), read from ``/v1/info``
         again only after the server's version or length changed (it may serve another store since)."""
-        if self._facts is None:
+        facts = self._facts  # one read: another thread's answer may reset it meanwhile
+        if facts is None:
             info = self.info()
-            self._facts = {"metric": info["metric"], "dim": int(info["dim"]),
-                           "chunk_tokens": int(info["chunk_tokens"])}
-        return self._facts
+            facts = {"metric": info["metric"], "dim": int(info["dim"]), "chunk_tokens": int(info["chunk_tokens"])}
+            self._facts = facts
+        return facts
 
     def _missing_score(self) -> float:
         return -np.inf if self._store_facts()["metric"] == "ip" else np.inf

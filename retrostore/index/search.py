@@ -567,14 +567,12 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
             return _graph_params(index, k)
         return None
 
-    params = call_params()
-    if params is not None:
-        # Each part of a split gets parameters of its own: FAISS's IndexIDMap puts a selector of its
-        # own into the parameters it is given for the length of a search (helper-50: two parts of a
-        # compacted segment's search sharing one object crashed `retrostore neighbors`, 4 runs in 10).
-        parts = [params]
-        return _split_by_queries(lambda x: index.search(x, k, params=parts.pop() if parts else call_params()),
-                                 queries)
+    if call_params() is not None:
+        # Each part of a split builds parameters of its own (microseconds): FAISS's IndexIDMap puts a
+        # selector of its own into the parameters it is given for the length of a search (helper-50:
+        # two parts of a compacted segment's search sharing one object crashed `retrostore neighbors`,
+        # 4 runs in 10).
+        return _split_by_queries(lambda x: index.search(x, k, params=call_params()), queries)
     if not keep_max or type(index) not in FLAT_TYPES or not index.ntotal:
         # (segments are read and built downcast: no downcast_index per search)
         return _split_by_queries(lambda x: index.search(x, k), queries)

@@ -443,3 +443,51 @@ def test_search_lock_lets_waiting_searches_in_before_the_next_exclusive_holder()
     writer.join(10)
     reader.join(10)
     assert order == ["commit", "later search"]
+
+
+def test_map_growth_by_another_process_waits_for_open_reads(tmp_path, pydocs, embedder, workers, monkeypatch):
+    """A process's handles on one store share one LMDB environment. When another process grows
+    the map, the first thread to read adopts the new size (``mdb_env_set_mapsize``), which
+    remaps the file under every transaction open in the process: threads reading through their
+    own handles failed with "Attempt to operate on closed/deleted/dropped object" (reported as a
+    damaged file). The resize now waits for the open transaction to end."""
+    from retrostore.storage import chunktable as _chunks
+
+    monkeypatch.setattr(_chunks, "_INITIAL_MAP_BYTES", 64 << 10)
+    path = tmp_path / "s"
+    retrostore.create(path, embedder=embedder).close()
+    texts = [d["text"] for d in pydocs if 1000 <= len(d["text"]) <= 4000][:30]
+    first = workers.Process(target=_workers.conc_writer, args=(str(path), texts[:3], 1, str(tmp_path / "w1.json"),
+                                                               64 << 10))
+    first.start()
+    first.join(120)
+    holder, reader = retrostore.open(path), retrostore.open(path)
+    held, entered, release = [], threading.Event(), threading.Event()
+
+    def hold():  # a transaction open across the other process's growth, read after it
+        with holder._table._begin() as txn:
+            entered.set()
+            release.wait(60)
+            held.extend(bytes(k) for k, _ in txn.cursor(holder._table._chunks))
+
+    t = threading.Thread(target=hold)
+    t.start()
+    entered.wait(10)
+    grow = workers.Process(target=_workers.conc_writer, args=(str(path), texts, 40, str(tmp_path / "w2.json"),
+                                                              64 << 10))
+    grow.start()
+    grow.join(300)
+    w = json.loads(_result(tmp_path / "w2.json"))
+    assert w["errors"] == [] and w["map_size"] > 64 << 10
+    got = []
+    other = threading.Thread(target=lambda: (reader.refresh(), got.append(reader.get_chunks(range(len(reader))))))
+    other.start()
+    other.join(1.0)
+    assert other.is_alive()  # it waits for the open transaction rather than remapping under it
+    release.set()
+    t.join(30)
+    other.join(30)
+    assert len(held) == len(holder) > 0  # the held transaction read its snapshot intact
+    assert got and [c.chunk_id for c in got[0]] == list(range(len(reader))) and reader.version == 41
+    holder.close()
+    reader.close()

@@ -457,7 +457,7 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     table = ChunkTable(tmp, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
     try:
         end = (table.env.info()["last_pgno"] + 1) * table.env.stat()["psize"]
-        with table.env.begin() as txn:
+        with table.read() as txn:
             names = sorted(k.decode("utf-8", "replace") for k, _ in txn.cursor())
         stats = table.stats()
     except lmdb.Error as exc:

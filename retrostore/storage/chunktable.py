@@ -39,6 +39,7 @@ from ..errors import CorruptStoreError, RetrostoreError, StoreReplacedError
 from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file, reserve_lock_file
+from .lmdbgate import EnvGate
 from .lmdbscan import key as _key
 from .lmdbscan import open_tables, parse_commit, records_digest, seal, unseal
 from .records import ChunkRecord, DocRecord, encode_chunks, encode_doc
@@ -49,7 +50,7 @@ _INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
 _MAX_DBS = 8
 _TXN_RECORDS = 20_000  # records per LMDB write transaction during append
 
-# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly]: py-lmdb allows one
+# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly, gate]: py-lmdb allows one
 # env per file per process. The inode is part of the key because a store directory can be
 # replaced (rm -rf + unpack, rebuild) while a handle on the old one is open: new handles must
 # open the new file, never be served from the old, deleted one.
@@ -160,25 +161,27 @@ class ChunkTable:
                     if "Permission denied" in str(exc):  # (lock.mdb, or the directory: not damage)
                         raise unreadable(LMDB_DIR, PermissionError(13, "Permission denied")) from exc
                     raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
-                entry = [env, 0, os.getpid(), readonly_media]
+                entry = [env, 0, os.getpid(), readonly_media, EnvGate(env)]
                 _registry[real] = entry
             elif write and entry[3]:
                 raise RetrostoreError(f"{self.path} is open read-only in this process; close it before writing")
             entry[1] += 1
             self._real = real
             self.env: lmdb.Environment = entry[0]
+            self.gate: EnvGate = entry[4]
         try:
             # open_db without a txn commits its own (handles opened in an aborted
             # read txn would be closed again).
             for attempt in range(100):
                 try:
-                    self._chunks, self._docs, self._commits = open_tables(self.env)
+                    with self.gate.using():
+                        self._chunks, self._docs, self._commits = open_tables(self.env)
                     break
                 except lmdb.MapResizedError:
                     # a writer grew the map since lmdb.open() read the meta page
                     if attempt == 99:
                         raise
-                    self.env.set_mapsize(0)
+                    self.gate.resize(0)
         except lmdb.Error as exc:
             self.close()
             raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
@@ -201,13 +204,15 @@ class ChunkTable:
                 env.close()
 
     # -- transactions -----------------------------------------------------
-    def _begin(self, write: bool = False) -> lmdb.Transaction:
-        for _attempt in range(99):
-            try:
-                return self.env.begin(write=write)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # another process grew the map: adopt its size
-        return self.env.begin(write=write)
+    def _begin(self, write: bool = False):
+        """A transaction, as a context manager, counted by this environment's :class:`EnvGate`
+        (map resizes wait for it: threads of this process share the environment)."""
+        return self.gate.txn(write=write)
+
+    def read(self):
+        """A read transaction of this table's environment, as a context manager (for callers
+        outside this class: verify's in-process scan, unpack's checks)."""
+        return self._begin()
 
     def _write_txn(self, fn) -> None:
         """Run ``fn(txn)`` in a write transaction, growing the map when full.
@@ -223,7 +228,7 @@ class ChunkTable:
                     fn(txn)
                 return
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self.gate.resize(self.env.info()["map_size"] * 2)
 
     def sync(self) -> None:
         """Force LMDB's data to disk (``mdb_env_sync(force=1)``)."""

@@ -110,7 +110,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool, env=None) -> dict:
+def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool, env=None,
+         begin=None) -> dict:
     """Check every committed LMDB record of a store.
 
     Returns ``{"chain": head of the content hash chain of commits <= version,
@@ -121,7 +122,9 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
     the high-water marks and match their content digests.
 
     ``env``: an environment already open on the store in this process (LMDB
-    and py-lmdb forbid opening one twice in a process); default: open one.
+    and py-lmdb forbid opening one twice in a process); default: open one. ``begin``: with
+    ``env``, what starts its read transaction (``ChunkTable.read``: counted by the environment's
+    gate, which the map resizes of other threads wait for); default ``env.begin``.
     """
     problems: list[str] = []
     chain = hashlib.sha256(GENESIS.encode()).hexdigest()
@@ -131,7 +134,7 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
                         max_dbs=MAX_DBS, create=False, readahead=False)
     try:
         chunks_db, docs_db, commits_db = open_tables(env)
-        with env.begin(buffers=False) as txn:
+        with (begin or env.begin)() as txn:
             # Iteration walks the leaves in order; reads look ids up through the
             # branch pages. A damaged separator key in a branch page breaks the
             # lookups only, so every record is also looked up by its key.

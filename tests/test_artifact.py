@@ -409,11 +409,16 @@ def test_hostile_zstd_archive_refused(tmp_path, hash_tar):
 
 def test_member_data_bigger_than_its_header(tmp_path, hash_tar):
     """A header that understates its member's size: the surplus would be read as
-    the next header (smuggled members); it is refused, not silently dropped."""
+    the next header (smuggled members); it is refused, not silently dropped. (Not data.mdb, whose
+    size unpack checks against its meta pages before the rest of it is read.)"""
+    members = _members(hash_tar)
+    victim = max((ti for ti, data in members if data is not None and ti.name != "chunks.lmdb/data.mdb"),
+                 key=lambda ti: ti.size)
+    assert victim.size > 2048, victim  # a vectors file
     buf = io.BytesIO()
-    for ti, data in _members(hash_tar):
+    for ti, data in members:
         ti = copy.copy(ti)
-        if ti.name == "chunks.lmdb/data.mdb":  # tens of KiB (this store's index segments are < 1 KiB)
+        if ti.name == victim.name:
             ti.size = len(data) - 1024  # understated by two blocks
         buf.write(ti.tobuf(tarfile.PAX_FORMAT))
         if data is not None:
@@ -543,14 +548,27 @@ def _record_past_the_high_water_mark(env):
         txn.put((int.from_bytes(last.key(), "big") + 1).to_bytes(8, "big"), b"hidden", db=db)
 
 
-def test_data_mdb_holds_only_the_committed_records(tmp_path, hash_tar):
+def test_data_mdb_holds_only_the_committed_records(tmp_path, hash_tar, monkeypatch):
     """helper-48: the manifest names no size or checksum for data.mdb, and bytes appended to it (2 GiB
     from a 328 KB .tar.zst), a named database of its own, or a record past the committed ones all
-    unpacked "verified intact"; each is refused now, with nothing left behind."""
+    unpacked "verified intact"; each is refused now, with nothing left behind. Bytes appended are
+    refused before data.mdb is written (its meta pages say where it ends): the 2 GiB were written out
+    first, and the default limits allowed 256 GiB."""
+    from retrostore.ship import unpack as _unpack
+
     members = _members(hash_tar)
     padded = [(ti, data + bytes(1 << 16) if ti.name == "chunks.lmdb/data.mdb" else data) for ti, data in members]
+    opened = []
+    real_writer = _unpack.fileio.DurableWriter
+    monkeypatch.setattr(_unpack.fileio, "DurableWriter", lambda path, **kw: (opened.append(path.name),
+                                                                           real_writer(path, **kw))[1])
     _refuse(tmp_path, padded, CorruptStoreError, r"data.mdb is .* bytes, and LMDB's last page ends at .* holds bytes "
                                                  "no record uses")
+    assert "manifest.json" in opened and "data.mdb" not in opened
+    short = [(ti, data[:-4096] if ti.name == "chunks.lmdb/data.mdb" else data) for ti, data in members]
+    _refuse(tmp_path, short, CorruptStoreError, r"data.mdb is .* bytes, and LMDB's last page ends at .*: it is "
+                                                "truncated")
+    monkeypatch.undo()
     _refuse(tmp_path, _edit_lmdb(members, tmp_path / "a", _extra_database), CorruptStoreError,
             r"holds the databases \['chunks', 'commits', 'docs', 'evil'\]")
     _refuse(tmp_path, _edit_lmdb(members, tmp_path / "b", _record_past_the_high_water_mark), CorruptStoreError,

@@ -30,6 +30,7 @@ from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
 from ..storage.fileio import git_lfs_pointer
 from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, VECTORS_DIR, version_path
+from ..storage.lmdbfile import META_BYTES, meta_end
 from ..store.store import Store
 from .pack import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, ArtifactInfo
 
@@ -335,7 +336,8 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
                 (tmp / rel.split("/")[0]).mkdir(mode=0o755, exist_ok=True)
             reader.limit = m.offset_data + m.size + _HEADER_ALLOWANCE
             keep = rel == MANIFEST
-            size, sha, kept = _copy_member(tf, m, target, keep, sparse=rel.startswith(VECTORS_DIR + "/"))
+            size, sha, kept = _copy_member(tf, m, target, keep, sparse=rel.startswith(VECTORS_DIR + "/"),
+                                           lmdb_data=where if rel == DATA_MDB else None)
             files[rel] = (size, sha)
             if keep:
                 manifest_raw = kept
@@ -357,15 +359,21 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
     return manifest_raw, body, files
 
 
-def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bool, sparse: bool):
+def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bool, sparse: bool,
+                 lmdb_data: str | None = None):
     """Write member ``m`` to ``target`` (new, fsynced; zero pages left as holes when ``sparse``, as a
-    store writes its vectors files). Returns (size, sha256, the bytes when ``keep``)."""
+    store writes its vectors files). Returns (size, sha256, the bytes when ``keep``).
+
+    ``lmdb_data``: the member is LMDB's ``data.mdb`` of this archive (named in messages): its size
+    must be what its meta pages reference (:func:`_lmdb_head`), checked before anything is written."""
     src = tf.extractfile(m)
     kept = bytearray() if keep else None
     size = 0
+    head = _lmdb_head(src, m.size, lmdb_data) if lmdb_data else b""
     with fileio.DurableWriter(target, sparse=sparse) as out:
         while size < m.size:
-            block = src.read(min(_BLOCK, m.size - size))
+            block = head or src.read(min(_BLOCK, m.size - size))
+            head = b""
             if not block:
                 raise tarfile.ReadError(f"unexpected end of data in member {m.name!r}")
             if kept is not None:
@@ -373,6 +381,28 @@ def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bo
             out.write(block)
             size += len(block)
     return (size, out.sha256, bytes(kept) if kept is not None else None)
+
+
+def _lmdb_head(src, size: int, archive: str) -> bytes:
+    """The first bytes of a ``data.mdb`` member, once its size is found to be what its newest meta
+    page references: ``pack`` writes it compact, so a member of another size is refused before a
+    byte is written (helper-48: 2 GiB of zeros appended, a 328 KB .tar.zst, were written out in
+    full before the refusal; with the default limits a few MB could have filled 256 GiB). A Git
+    LFS pointer in its place is left to :func:`_check_extracted`, whose message says what it is."""
+    head = src.read(min(META_BYTES, size))
+    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
+        return head
+    where = f"{archive}: {DATA_MDB}"
+    try:
+        end = meta_end(head, size)[0]
+    except CorruptStoreError as exc:
+        raise CorruptStoreError(f"{archive}: {exc}; refusing the archive") from None
+    if size != end:
+        how = ("it holds bytes no record uses, which `retrostore pack` never writes" if size > end
+               else "it is truncated")
+        raise CorruptStoreError(f"{where} is {size:,} bytes, and LMDB's last page ends at {end:,}: {how}; "
+                                "refusing the archive")
+    return head
 
 
 def _read_manifest(raw: bytes, where: str, tmp: Path) -> dict:
@@ -450,13 +480,13 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     The manifest names no size or checksum for ``data.mdb`` (its records are checked one by one by
     ``verify``, and chained into ``lmdb.chain``); helper-48 appended 2 GiB to it (a 328 KB
     ``.tar.zst``), added a named database, and a record past the high-water mark, and each unpacked
-    "verified intact". Refused: bytes past LMDB's last page, databases other than the store's three,
+    "verified intact". Refused: bytes past LMDB's last page (before writing: :func:`_lmdb_head`),
+    databases other than the store's three,
     records past the manifest's ids or versions, and entry counts other than the manifest's.
     """
     where = f"{archive}: {DATA_MDB}"
     table = ChunkTable(tmp, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
     try:
-        end = (table.env.info()["last_pgno"] + 1) * table.env.stat()["psize"]
         with table.read() as txn:
             names = sorted(k.decode("utf-8", "replace") for k, _ in txn.cursor())
         stats = table.stats()
@@ -464,10 +494,6 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
         raise CorruptStoreError(f"{where}: LMDB cannot read it ({exc})") from None
     finally:
         table.close()
-    size = (tmp / DATA_MDB).stat().st_size
-    if size != end:
-        raise CorruptStoreError(f"{where} is {size:,} bytes, and LMDB's last page ends at {end:,}: it holds bytes no "
-                                "record uses, which `retrostore pack` never writes; refusing the archive")
     if names != ["chunks", "commits", "docs"]:
         raise CorruptStoreError(f"{where} holds the databases {names}, not the store's chunks, commits and docs; "
                                 "refusing the archive")

@@ -26,12 +26,15 @@ from ..errors import CorruptStoreError, StoreIOError
 from .fileio import git_lfs_pointer, regular_file, unreadable
 from .layout import DATA_MDB
 
-__all__ = ["check_lmdb_file", "reserve_lock_file", "LOCK_FILE_BYTES"]
+__all__ = ["check_lmdb_file", "meta_end", "reserve_lock_file", "LOCK_FILE_BYTES", "META_BYTES"]
 
 #: Bytes written into a new ``lock.mdb``: LMDB's reader table for its default 126 readers
 #: is 8 KiB on x86-64 (64-byte slots); twice that leaves room for larger cache lines.
 #: LMDB takes an existing lock file at its size (254 reader slots here).
 LOCK_FILE_BYTES = 16384
+
+#: Bytes that hold both meta pages at LMDB's largest page size.
+META_BYTES = 2 * 65536
 
 _MAGIC = 0xBEEFC0DE
 _P_BRANCH, _P_LEAF, _P_META = 0x01, 0x02, 0x08
@@ -65,29 +68,12 @@ def check_lmdb_file(path: Path) -> None:
         # writes the meta page naming the new pages, so in this order a
         # concurrent commit can never look like a truncation.
         with open(path, "rb") as fh:
-            head = fh.read(2 * 65536)
+            head = fh.read(META_BYTES)
             size = os.fstat(fh.fileno()).st_size
             if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
                 raise CorruptStoreError(f"{name}: {git_lfs_pointer(path) or 'it is a Git LFS pointer file'}")
-            if len(head) < 160:
-                raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
-            psize = struct.unpack_from("<I", head, 40)[0]
-            if psize < 512 or psize > 65536 or psize & (psize - 1):
-                raise CorruptStoreError(f"{name}: not an LMDB data file (bad meta page: page size {psize})")
-            metas = []
-            for off in (0, psize):
-                if off + 152 > len(head):
-                    raise CorruptStoreError(f"{name}: truncated to {size} bytes; the second meta page is missing")
-                flags = struct.unpack_from("<H", head, off + 10)[0]
-                magic, version = struct.unpack_from("<II", head, off + 16)
-                if not flags & _P_META or magic != _MAGIC or version != 1:
-                    raise CorruptStoreError(
-                        f"{name}: LMDB meta page {off // psize} is damaged (magic {magic:#x}, version {version})")
-                free_root, main_root = struct.unpack_from("<Q", head, off + 80)[0], struct.unpack_from("<Q", head, off + 128)[0]
-                last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
-                metas.append((txnid, last_pg, free_root, main_root))
-            _txn, last_pg, free_root, main_root = max(metas)
-            need = (last_pg + 1) * psize
+            need, psize, free_root, main_root = meta_end(head, size)
+            last_pg = need // psize - 1
             if size < need:
                 raise CorruptStoreError(
                     f"{name}: truncated to {size} bytes but its meta page references {need} bytes; the file is damaged"
@@ -105,6 +91,49 @@ def check_lmdb_file(path: Path) -> None:
         raise CorruptStoreError(f"{name}: the LMDB data file is missing") from None
     except OSError as exc:
         raise unreadable(name, exc) from exc
+
+
+def meta_end(head: bytes, size: int) -> tuple[int, int, int, int]:
+    """What the newest of LMDB's two meta pages says, from the file's first bytes.
+
+    Parameters
+    ----------
+    head : bytes
+        The file's first :data:`META_BYTES` bytes (fewer when the file is shorter).
+    size : int
+        The file's size in bytes (named in messages).
+
+    Returns
+    -------
+    (end, psize, free_root, main_root)
+        ``end``: the bytes the newest meta page references, ``(last page + 1) * psize``: a file
+        written by LMDB (or ``retrostore pack``) is exactly that long.
+
+    Raises
+    ------
+    CorruptStoreError
+        A meta page is damaged or missing.
+    """
+    name = DATA_MDB
+    if len(head) < 160:
+        raise CorruptStoreError(f"{name}: truncated to {size} bytes; an LMDB data file has at least 2 pages")
+    psize = struct.unpack_from("<I", head, 40)[0]
+    if psize < 512 or psize > 65536 or psize & (psize - 1):
+        raise CorruptStoreError(f"{name}: not an LMDB data file (bad meta page: page size {psize})")
+    metas = []
+    for off in (0, psize):
+        if off + 152 > len(head):
+            raise CorruptStoreError(f"{name}: truncated to {size} bytes; the second meta page is missing")
+        flags = struct.unpack_from("<H", head, off + 10)[0]
+        magic, version = struct.unpack_from("<II", head, off + 16)
+        if not flags & _P_META or magic != _MAGIC or version != 1:
+            raise CorruptStoreError(
+                f"{name}: LMDB meta page {off // psize} is damaged (magic {magic:#x}, version {version})")
+        free_root, main_root = struct.unpack_from("<Q", head, off + 80)[0], struct.unpack_from("<Q", head, off + 128)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        metas.append((txnid, last_pg, free_root, main_root))
+    _txn, last_pg, free_root, main_root = max(metas)
+    return (last_pg + 1) * psize, psize, free_root, main_root
 
 
 def _page_problem(page: bytes, pgno: int, psize: int, last_pg: int) -> str | None:

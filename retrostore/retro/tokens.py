@@ -154,6 +154,15 @@ class NeighborFile:
     InvalidInputError
         The file is missing, not a ``.npy`` array of integers, or names a
         chunk id outside ``[-1, len(store))``.
+
+    Notes
+    -----
+    In a data loader's forked worker processes (PyTorch's ``DataLoader`` with
+    ``num_workers > 0`` on Linux), give ``table=``: the table is in memory and
+    the mapped file is re-read, so the object works in the workers as it is.
+    Without it, rows are read through ``store``, and a store handle opened
+    before ``fork()`` raises :class:`~retrostore.ForkedStoreError` in the child
+    (open the store in each worker instead).
     """
 
     def __init__(self, store: "Store", path: str | os.PathLike, *, pad_id: int | None = None,

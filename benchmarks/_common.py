@@ -296,6 +296,15 @@ def command_line() -> str:
     return " ".join(["python", str(script)] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def finish(args, key: str, title: str, body: str, info: dict[str, str]) -> int:
+    """Print ``body`` and, with ``--record``, :func:`record` it; the exit status (0)."""
+    print()
+    print(body)
+    if args.record:
+        record(key, title, body, info)
+    return 0
+
+
 def record(key: str, title: str, body: str, info: dict[str, str], path: Path = DOCS_MD) -> None:
     """Replace (or append) the block ``key`` of ``docs/benchmarks.md``.
 

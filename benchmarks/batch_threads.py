@@ -146,12 +146,8 @@ def main(argv=None) -> int:
         f"store's: batches of >= {-(-BLAS_THRESHOLD // args.dim)} queries take the matrix product), split by "
         "database range. HNSW32,SQfp16: efSearch 128; IVF1024,PQ48x4fs: nprobe 256; both split by queries. "
         f"{args.repeats} interleaved rounds per cell; times per search (the whole batch)."])
-    print()
-    print(body)
-    if args.record:
-        C.record("batch-threads", "batch searches: FAISS's OpenMP threads against the store's split",
-                 body, info)
-    return 0
+    return C.finish(args, "batch-threads", "batch searches: FAISS's OpenMP threads against the store's split",
+                    body, info)
 
 
 if __name__ == "__main__":

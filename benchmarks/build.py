@@ -259,12 +259,8 @@ def main(argv=None) -> int:
         "",
         parts_md,
     ])
-    print()
-    print(body)
-    if args.record:
-        label = "quick" if args.quick else f"{n} chunks"
-        C.record("build" + ("-quick" if args.quick else ""), f"build vs embedder ({label})", body, info)
-    return 0
+    label = "quick" if args.quick else f"{n} chunks"
+    return C.finish(args, "build" + ("-quick" if args.quick else ""), f"build vs embedder ({label})", body, info)
 
 
 if __name__ == "__main__":

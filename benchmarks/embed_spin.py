@@ -121,10 +121,7 @@ def main(argv=None) -> int:
         "a call only (`session.force_spinning_stop`, not a retrostore setting); medians.", "",
         "**The machine as it is:**", "", report_part(quiet), "",
         f"**With {args.busy} CPU-bound process(es) started by the benchmark:**", "", report_part(busy)])
-    print(body)
-    if args.record:
-        C.record("embed-spin", "onnxruntime idle threads: spin, spin during calls only, sleep", body, info)
-    return 0
+    return C.finish(args, "embed-spin", "onnxruntime idle threads: spin, spin during calls only, sleep", body, info)
 
 
 if __name__ == "__main__":

@@ -184,11 +184,7 @@ def main(argv=None) -> int:
         results = [run_variant(path, tmp, label, factory, params, args.k)
                    for label, factory, params in variants(args.indexes)]
     body = report(results, args.k)
-    print()
-    print(body)
-    if args.record:
-        C.record("exclusion", "same-document exclusion with a book-length document", body, info)
-    return 0
+    return C.finish(args, "exclusion", "same-document exclusion with a book-length document", body, info)
 
 
 if __name__ == "__main__":

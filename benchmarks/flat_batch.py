@@ -87,12 +87,8 @@ def main(argv=None) -> int:
         "indexes only: BLAS computes L2 as |x|^2 + |y|^2 - 2xy, which loses precision on vectors of large norm "
         "(the l2 rows show what the speed would be).",
     ])
-    print()
-    print(body)
-    if args.record:
-        C.record("flat-batch", "exact search of small batches: FAISS's BLAS threshold against the store's",
-                 body, info)
-    return 0
+    return C.finish(args, "flat-batch", "exact search of small batches: FAISS's BLAS threshold against the store's",
+                    body, info)
 
 
 if __name__ == "__main__":

@@ -316,12 +316,9 @@ def main(argv=None) -> int:
                 ns = argparse.Namespace(k=args.k, rows=args.token_rows, batch=1024, gen=args.gen)
                 part3 = retro_report(retro_bench.part1(st, ns, tmp), retro_bench.part2(st, ns), args.k, ns.batch)
     body = report(res, pre, args, meta) + ("\n\n" + part3 if part3 else "")
-    print()
-    print(body)
-    if args.record:
-        key = "neighbors-quick" if args.quick else ("neighbors-full" if meta["n_docs"] >= len(docs) else "neighbors")
-        C.record(key, f"RETRO neighbours ({meta['n_docs']} documents, {meta['n_chunks']} chunks)", body, info)
-    return 0
+    key = "neighbors-quick" if args.quick else ("neighbors-full" if meta["n_docs"] >= len(docs) else "neighbors")
+    return C.finish(args, key, f"RETRO neighbours ({meta['n_docs']} documents, {meta['n_chunks']} chunks)", body,
+                    info)
 
 
 if __name__ == "__main__":

@@ -93,13 +93,9 @@ def main(argv=None) -> int:
                   f"{len(queries)} query sentences from {source}", flush=True)
             result = run(st, queries, args)
     body = report(result, args, path if args.store else None, source)
-    print()
-    print(body)
-    if args.record:
-        key = "query-quick" if args.quick else ("query-full" if result["n_docs"] >= len(docs) else "query")
-        title = f"query latency ({result['n_docs']} documents, {result['n_chunks']} chunks)"
-        C.record(key, title, body, info)
-    return 0
+    key = "query-quick" if args.quick else ("query-full" if result["n_docs"] >= len(docs) else "query")
+    return C.finish(args, key, f"query latency ({result['n_docs']} documents, {result['n_chunks']} chunks)", body,
+                    info)
 
 
 def run(st, queries: list[str], args) -> dict:

@@ -402,13 +402,9 @@ def main(argv=None) -> int:
         mem = memory(path, work, queries, args) if args.memory else []
         sections.append((n_chunks, results, batches, mem, factory))
     body = report(sections, args, n_docs)
-    print()
-    print(body)
-    if args.record:
-        key = "serve-quick" if args.quick else "serve" if args.threads == 2 else f"serve-threads{args.threads}"
-        C.record(key, f"serving ({n_docs} pydocs documents, k = {args.k}, {args.threads} threads per system)",
-                 body, info)
-    return 0
+    key = "serve-quick" if args.quick else "serve" if args.threads == 2 else f"serve-threads{args.threads}"
+    return C.finish(args, key, f"serving ({n_docs} pydocs documents, k = {args.k}, {args.threads} threads per system)",
+                    body, info)
 
 
 def run_load(store_path: Path, baseline: str, work: Path, queries: list[str], args) -> tuple[dict, dict]:

@@ -409,16 +409,23 @@ def reindex(store, factory, train_size, seed, params, mmap, quiet):
 @friendly
 def compact(store, quiet):
     """Merge STORE's index segments into one and purge deleted documents from
-    every file (index, raw vectors, LMDB records). Chunk ids stay stable."""
+    the index, the raw vectors (zeroed) and the LMDB records. Chunk ids stay
+    stable. LMDB does not overwrite the pages it frees: purged text can stay in
+    free pages of chunks.lmdb/data.mdb until LMDB reuses them; `retrostore pack`
+    writes a copy without them (docs/index.md, "Deletes and compaction")."""
     with retrostore.open(store, "a") as st:
-        before = st.version
+        before, purged_before = st.version, st.info()["deletes"].get("purged_documents", 0)
         version = st.compact(progress=not quiet)
         info = st.info()
     if version == before:
         click.echo(f"nothing to compact in {store} (version {version})")
     else:
+        purged = info["deletes"].get("purged_documents", 0)
         click.echo(f"compacted {store}: version {version}, {info['index']['segments']} segment(s), "
-                   f"{info['deletes'].get('purged_documents', 0)} documents purged in all")
+                   f"{purged} documents purged in all")
+        if purged > purged_before:
+            click.echo("note: their text can stay in free pages of chunks.lmdb/data.mdb until LMDB reuses them; "
+                       "`retrostore pack` writes a copy that holds none of it")
 
 
 @cli.command(name="eval")

@@ -85,6 +85,34 @@ def test_inspect_says_what_is_deleted(cli_store, tmp_path):
     assert "(1 deleted, 1 of them purged by compact)" in CliRunner().invoke(cli, ["inspect", str(path)]).output
 
 
+def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
+    """helper-54: after delete + compact, `grep` found most lines of the taken-down page in
+    chunks.lmdb/data.mdb (LMDB's free pages), while the README said "purged from every file".
+    compact says so now, and the packed copy (a new LMDB file) holds none of them."""
+    import shutil
+
+    path = tmp_path / "d.rstore"
+    shutil.copytree(cli_store, path)
+    with retrostore.open(path) as st:
+        texts = [st.get_document(i).text for i in range(st.info()["documents"])]
+
+    def unique_lines(d):
+        others = "\n".join(t for i, t in enumerate(texts) if i != d)
+        return [ln.strip() for ln in texts[d].splitlines() if len(ln.strip()) > 20 and ln.strip() not in others]
+
+    doc = max(range(len(texts)), key=lambda d: len(unique_lines(d)))
+    unique = unique_lines(doc)
+    assert len(unique) > 5
+    assert CliRunner().invoke(cli, ["delete", str(path), str(doc)]).exit_code == 0
+    res = CliRunner().invoke(cli, ["compact", str(path), "-q"])
+    assert res.exit_code == 0 and "free pages of chunks.lmdb/data.mdb" in res.output, res.output
+    assert CliRunner().invoke(cli, ["pack", str(path), str(tmp_path / "d.tar")]).exit_code == 0
+    assert CliRunner().invoke(cli, ["unpack", str(tmp_path / "d.tar"), str(tmp_path / "u")]).exit_code == 0
+    for f in [tmp_path / "d.tar"] + [p for p in (tmp_path / "u").rglob("*") if p.is_file()]:
+        data = f.read_bytes()
+        assert not [ln for ln in unique if ln.encode() in data], f
+
+
 def test_verify_ok(cli_store):
     res = CliRunner().invoke(cli, ["verify", str(cli_store), "--json"])
     assert res.exit_code == 0, res.output

@@ -32,7 +32,8 @@ class Upkeep:
 
         From that version on their chunks are never returned by search,
         neighbours or precomputed neighbours, and reading them by id raises;
-        :meth:`compact` then purges them from every file. Returns the number
+        :meth:`compact` then purges them from the index, the raw vectors and the
+        LMDB records (see :meth:`compact` for LMDB's free pages). Returns the number
         of documents newly staged (already deleted ones are skipped).
 
         Raises
@@ -71,7 +72,13 @@ class Upkeep:
             self._writer, index, train_size=train_size, seed=seed, params=params, mmap=mmap, progress=progress))
 
     def compact(self, *, progress: bool = True) -> int:
-        """Merge the index segments into one and purge deleted documents from every file.
+        """Merge the index segments into one and purge deleted documents from the index, the
+        raw vectors (rows zeroed) and the LMDB records (deleted).
+
+        LMDB does not overwrite the pages it frees: the purged records' bytes can stay in free
+        pages of ``chunks.lmdb/data.mdb`` until later writes reuse them (no read returns them).
+        :func:`retrostore.pack` writes the records into a new file, so a packed (and unpacked)
+        copy holds none of them: ship that (docs/index.md, "Deletes and compaction").
 
         Chunk ids stay stable (purged ids become documented holes). After a
         purge, earlier versions are retired: they name files holding the

@@ -366,18 +366,22 @@ def _params(pairs) -> dict | None:
 _PARAM_HELP = "Search parameter name=value (nprobe, efSearch, quantizer_efSearch, max_codes, rerank, ...); repeatable."
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})  # (`delete S -1`: an id error, not an option's)
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("doc_ids", nargs=-1, required=True, type=int)
 @friendly
 def delete(store, doc_ids):
-    """Delete documents DOC_IDS from STORE (a take-down): from the committed
-    version on, their chunks are never returned; `retrostore compact` purges them
-    from every file."""
+    """Delete documents DOC_IDS (document ids, as `search` prints them after
+    `doc`) from STORE, a take-down: from the committed version on, their chunks
+    are never returned; retained older versions and servers pinned to one still
+    hold them until `retrostore compact` purges them from the index, vectors
+    and records."""
     with retrostore.open(store, "a") as st:
         n = st.delete(list(doc_ids))
         version = st.commit()
     click.echo(f"deleted {n} documents ({len(set(doc_ids)) - n} already deleted); version {version}")
+    if n:
+        click.echo("note: retained versions before it still hold them; `retrostore compact` purges them")
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from ..storage.tombstones import in_sorted
 from ..threads import call_pool, cpu_count, in_call_pool, wait_all
 from .merge import flat_fast_scan_run, is_fast_scan, merge_segments
 from .params import REFINE_FACTORS, RERANK, RWLock, apply_params, current_params, effective_params
+from .scan import inner_products
 
 __all__ = ["SegmentSet", "ONE_THREAD_MAX_QUERIES", "BLAS_THRESHOLD", "share_quantizers"]
 
@@ -583,7 +584,7 @@ def _segment_search(index: faiss.Index, queries: np.ndarray, k: int, keep_max: b
     flat = index
     n = int(flat.ntotal)
     xb = faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d)
-    scores = xb @ queries[0]
+    scores = inner_products(xb, queries[0])  # (numpy's OpenBLAS product waits on busy cores)
     kk = min(k, n)
     top = np.argpartition(-scores, kk - 1)[:kk] if kk < n else np.arange(n)
     top = top[np.lexsort((top, -scores[top]))]  # best first; equal scores by id

@@ -411,11 +411,16 @@ class RawVectors:
             return out.reshape(n, kk)
         rows = self._float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
         where = order[bounds[0]:hi]  # ids below the first file (none in a store: files tile from 0) stay NaN
-        q = queries[0] if n == 1 else queries[where // kk]
-        if metric == "ip":
-            out[where] = rows @ q if n == 1 else np.einsum("md,md->m", rows, q)
+        if n == 1:  # FAISS's one-thread kernel: numpy's product waits on OpenBLAS's threads (index/scan.py)
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+            q = np.ascontiguousarray(queries[0], dtype=np.float32)
+            part = np.empty(len(rows), np.float32)
+            kernel = faiss.fvec_inner_products_ny if metric == "ip" else faiss.fvec_L2sqr_ny
+            kernel(faiss.swig_ptr(part), faiss.swig_ptr(q), faiss.swig_ptr(rows), self.dim, len(rows))
+            out[where] = part
         else:
-            out[where] = ((rows - q) ** 2).sum(-1)
+            q = queries[where // kk]
+            out[where] = np.einsum("md,md->m", rows, q) if metric == "ip" else ((rows - q) ** 2).sum(-1)
         return out.reshape(n, kk)
 
 

@@ -72,3 +72,31 @@ def test_an_exact_store_answers_single_queries_with_the_scan(tmp_path):
             exact = np.argsort(-(x @ q), kind="stable")[:10]
             assert list(i[0]) == list(exact) == list(batch_i[j])
             np.testing.assert_allclose(d[0], batch_d[j], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_single_query_rerank_keeps_the_scores_and_order_of_scoring_all(tmp_path, dtype, metric):
+    """RawVectors.best (one FAISS search over the candidates' rows, a heap of k) against scoring every
+    candidate and sorting, over three vectors files, with -1 and ids beyond the files among them."""
+    rng = np.random.default_rng(3)
+    with retrostore.create(tmp_path / "s", index="PQ16x4fs", vector_dtype=dtype, metric=metric) as st:
+        for c in range(3):
+            x = rng.standard_normal((700, 384), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            st.append([f"chunk {c} {i}" for i in range(700)], embeddings=x)
+            st.commit()
+        raw = st._head.version.index.raw
+        assert len(raw.entries) == 3
+        for trial in range(30):
+            ids = rng.choice(2100, 60, replace=False).astype(np.int64)
+            ids[rng.integers(0, 60, 5)] = -1
+            ids[0] = 5000  # beyond the files
+            q = rng.standard_normal(384, dtype=np.float32)
+            k = int(rng.integers(1, 80))
+            d, i = raw.best(ids, q, k, metric)
+            s = raw.scores(ids[None, :], q[None, :], metric)[0]
+            ok = ~np.isnan(s) & (ids >= 0)
+            order = np.lexsort((ids[ok], -s[ok] if metric == "ip" else s[ok]))[:k]
+            assert list(i) == list(ids[ok][order])
+            np.testing.assert_array_equal(d, s[ok][order])

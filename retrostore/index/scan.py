@@ -9,14 +9,16 @@ for threads that wait on busy cores.
 :func:`inner_products` cuts the rows into pieces of :data:`PIECE_ROWS`. This thread takes pieces
 from the front and one thread of the process's call pool takes them from the back, each with
 FAISS's single-threaded SIMD kernel (``fvec_inner_products_ny``, which releases the GIL). This
-thread never waits for the other: when it runs out of pieces, a piece the pool thread holds but
-has not finished is computed again here, and the pool thread's copy is dropped. A free core makes
-the scan about as fast as the product on 2 threads; a busy one costs about one thread's time.
+thread waits for the other at most one piece's time: when it runs out of pieces, a piece the pool
+thread holds but has not finished by then is computed again here, and the pool thread's copy is
+dropped. A free core makes the scan about as fast as the product on 2 threads; a busy one costs
+about one thread's time and a piece.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import faiss
 import numpy as np
@@ -25,10 +27,11 @@ from ..threads import call_pool, cpu_count, in_call_pool
 
 __all__ = ["inner_products", "PIECE_ROWS", "SPLIT_MIN_ROWS"]
 
-#: Rows per piece: 4,096 rows of 384-d float32 are 6 MiB, ~0.2 ms on one core.
-PIECE_ROWS = 4096
-#: Fewer rows are scanned on this thread alone (handing a piece over costs ~20-50 us).
-SPLIT_MIN_ROWS = 4 * PIECE_ROWS
+#: Rows per piece: 8,192 rows of 384-d float32 are 12 MiB, ~0.4 ms on one core (what a stalled
+#: pool thread can cost: one piece's wait, one piece computed again).
+PIECE_ROWS = 8192
+#: Fewer rows are scanned on this thread alone (handing work over costs ~20-50 us).
+SPLIT_MIN_ROWS = 16384
 
 _FREE, _POOL, _DONE = 0, 1, 2
 
@@ -61,32 +64,44 @@ def inner_products(xb: np.ndarray, q: np.ndarray) -> np.ndarray:
         return out
     pieces = [(lo, min(n, lo + PIECE_ROWS)) for lo in range(0, n, PIECE_ROWS)]
     state = [_FREE] * len(pieces)
-    lock = threading.Lock()
+    done = threading.Condition()
 
     def pool_share() -> None:  # from the back; its result is kept only if this thread did not take over
         for i in range(len(pieces) - 1, -1, -1):
-            with lock:
+            with done:
                 if state[i] != _FREE:
                     return  # the two threads met
                 state[i] = _POOL
             lo, hi = pieces[i]
             part = np.empty(hi - lo, np.float32)
             _kernel(part, q, xb[lo:hi])
-            with lock:
+            with done:
                 if state[i] != _POOL:
                     return  # taken over
                 out[lo:hi] = part
                 state[i] = _DONE
+                done.notify()
 
     try:
         call_pool().submit(pool_share)
     except RuntimeError:  # the pool is shut down (interpreter exit): this thread does it all
         pass
-    for take_over in (False, True):
-        for i, (lo, hi) in enumerate(pieces):
-            with lock:
-                if state[i] == _DONE or (state[i] == _POOL and not take_over):
-                    continue
-                state[i] = _DONE
-            _kernel(out[lo:hi], q, xb[lo:hi])
+    took = 0.0
+    for i, (lo, hi) in enumerate(pieces):
+        with done:
+            if state[i] != _FREE:
+                break  # the pool thread's share starts here
+            state[i] = _DONE
+        t0 = time.perf_counter()
+        _kernel(out[lo:hi], q, xb[lo:hi])
+        took = max(took, time.perf_counter() - t0)
+    for i, (lo, hi) in enumerate(pieces):
+        with done:
+            # A piece the pool thread is on: give it the time this thread took for one piece, then
+            # compute it here (the pool thread's copy is dropped).
+            done.wait_for(lambda: state[i] != _POOL, timeout=took or 1e-3)
+            if state[i] == _DONE:
+                continue
+            state[i] = _DONE
+        _kernel(out[lo:hi], q, xb[lo:hi])
     return out

@@ -20,7 +20,7 @@ batch (the series, first after training and last), peak RSS of the ingest,
 disk bytes per chunk by file kind, open time and first-query time after the
 files were evicted from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``
 per file after ``fsync``; median of rounds), single-query p50/p99 (both in one
-process, alternated query by query in random order, each with one FAISS thread
+process, taking turns in blocks of queries after a pause (``PAIR_BLOCKS``), each with one FAISS thread
 for a single query as the store uses; k=10 with the chunk texts; a read-only
 handle's first search merges a streamed store's segments in memory: the first
 query after open is reported apart; the queries then run a second time: the first
@@ -398,8 +398,16 @@ def child_queries(spec: dict) -> dict:
     return {"before": s0, "opened": s1, "after": s2, "latency_s": lat, "batch_s": batch_s}
 
 
+#: Paired runs: the systems take turns in this many blocks of queries (random order per block),
+#: each block after this pause. numpy's OpenBLAS threads spin on after a product (up to ~0.1 s):
+#: in turns of one query, the numpy floor's and the raw baseline's re-ranking products slowed the
+#: system that ran next (benchmarks/scan.py).
+PAIR_BLOCKS = 10
+PAIR_PAUSE_S = 0.3
+
+
 def child_paired(spec: dict) -> dict:
-    """Several systems in one process, alternated query by query in random order (after a warm-up).
+    """Several systems in one process, taking turns in blocks of queries (after a warm-up).
 
     With ``passes`` 2 the queries run twice: the first pass is what a process sees after ``open``
     (the store checks each raw-vectors block's CRC-32 the first time a query reads it), the
@@ -416,11 +424,13 @@ def child_paired(spec: dict) -> dict:
     names = list(systems)
     with busy_processes(1) if spec.get("hog") else contextlib.nullcontext():
         for lat in passes:
-            for i in range(len(qs)):
+            for block in np.array_split(np.arange(len(qs)), PAIR_BLOCKS):
                 for j in rng.permutation(len(names)):
-                    t = time.perf_counter()
-                    systems[names[j]].query(qs[i : i + 1])
-                    lat[names[j]].append(time.perf_counter() - t)
+                    time.sleep(PAIR_PAUSE_S)
+                    for i in block:
+                        t = time.perf_counter()
+                        systems[names[j]].query(qs[i : i + 1])
+                        lat[names[j]].append(time.perf_counter() - t)
     for sysm in systems.values():
         sysm.close()
     out = {"latency_s": passes[0], "load_during": os.getloadavg()}
@@ -705,7 +715,7 @@ def render(results: list[dict], info: dict, args) -> str:
              + ". raw FAISS: the store's final factory and "
              f"search parameters, trained once on the first batch with the store's sample size, float16 vectors "
              f"file for re-ranking, LMDB texts. Cold: files evicted with `posix_fadvise(DONTNEED)` after "
-             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, alternated per query, after 20 warm-up queries each (the store's "
+             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, taking turns in {PAIR_BLOCKS} blocks of queries (random order), each after a {PAIR_PAUSE_S:g} s pause, after 20 warm-up queries each (the store's "
              f"first, a read-only handle's, merged its segments in memory). ",
              ""]
     hdr = ["chunks"] + [f"{s['n']:,}" for s in sums]

@@ -447,3 +447,50 @@ def test_threads_opening_one_store_together_do_not_hang(built_store):
     out = subprocess.run([sys.executable, "-c", OPEN_TOGETHER, str(built_store)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ["done"], (out.returncode, out.stderr[-3000:])
+
+
+OPEN_BESIDE_WRITER = """
+import sys, threading
+import numpy as np
+import retrostore
+path = sys.argv[1]
+w = retrostore.open(path, "a")
+rng = np.random.default_rng(0)
+stop, opens, errors = threading.Event(), [0], []
+def opener():
+    while not stop.is_set():
+        try:
+            with retrostore.open(path) as r:  # a reader thread (or pack, verify) opening a handle
+                r.get_chunks([0])
+                opens[0] += 1
+        except Exception as exc:
+            errors.append(repr(exc))
+t = threading.Thread(target=opener, daemon=True)
+t.start()
+try:
+    for i in range(12):
+        texts = [f"commit {i} document {j} word " * 1500 for j in range(6)]
+        n = sum(len(c) for c in w.chunker.chunk_many(texts))
+        x = rng.standard_normal((n, 384)).astype(np.float32)
+        w.append(texts, embeddings=x / np.linalg.norm(x, axis=1, keepdims=True))
+        w.commit()
+finally:
+    stop.set()
+t.join(30)
+w.close()
+print("done", opens[0] > 0, errors)
+"""
+
+
+def test_opening_a_handle_beside_this_process_writer_does_not_hang(built_store, tmp_path):
+    """helper-53: a second handle's table open ran LMDB's write transaction, which waits for the
+    writer lock holding the GIL: opened while this process's writer thread was inside a commit, it
+    hung the process for good (at the first commit). Tables are opened once per environment now."""
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(built_store, path)
+    out = subprocess.run([sys.executable, "-c", OPEN_BESIDE_WRITER, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["done", "True", "[]"], (out.returncode, out.stdout,
+                                                                                 out.stderr[-3000:])

@@ -50,7 +50,7 @@ _INITIAL_MAP_BYTES = 32 << 20  # 32 MiB; doubled whenever a write needs more
 _MAX_DBS = 8
 _TXN_RECORDS = 20_000  # records per LMDB write transaction during append
 
-# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly, gate]: py-lmdb allows one
+# (realpath, st_dev, st_ino of data.mdb) -> [env, refcount, pid, readonly, gate, tables]: py-lmdb allows one
 # env per file per process. The inode is part of the key because a store directory can be
 # replaced (rm -rf + unpack, rebuild) while a handle on the old one is open: new handles must
 # open the new file, never be served from the old, deleted one.
@@ -66,6 +66,27 @@ class MissingRecordError(CorruptStoreError):
         super().__init__(message)
         self.table = table
         self.ids = ids
+
+
+def _open_tables(env: lmdb.Environment) -> tuple:
+    """The three tables of a newly opened environment, opened once for every handle of it in this
+    process. ``open_db`` runs a write transaction of its own (a read transaction's handles would
+    not outlive it), and LMDB waits for the writer lock holding the GIL: opened by a second handle
+    while this process's writer thread was inside a commit, it hung the process for good
+    (helper-53; a reader thread, ``pack`` or ``verify`` opening the store beside a writer)."""
+    try:
+        for attempt in range(100):
+            try:
+                return open_tables(env)
+            except lmdb.MapResizedError:
+                # a writer (in another process: this environment is new here) grew the map since
+                # lmdb.open() read the meta page; nothing of this process uses it yet
+                if attempt == 99:
+                    raise
+                env.set_mapsize(0)
+    except lmdb.Error as exc:
+        env.close()
+        raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
 
 
 def _reads(fn):
@@ -161,7 +182,7 @@ class ChunkTable:
                     if "Permission denied" in str(exc):  # (lock.mdb, or the directory: not damage)
                         raise unreadable(LMDB_DIR, PermissionError(13, "Permission denied")) from exc
                     raise CorruptStoreError(f"{LMDB_DIR}: LMDB cannot open it ({exc})") from exc
-                entry = [env, 0, os.getpid(), readonly_media, EnvGate(env)]
+                entry = [env, 0, os.getpid(), readonly_media, EnvGate(env), _open_tables(env)]
                 _registry[real] = entry
             elif write and entry[3]:
                 raise RetrostoreError(f"{self.path} is open read-only in this process; close it before writing")
@@ -169,22 +190,7 @@ class ChunkTable:
             self._real = real
             self.env: lmdb.Environment = entry[0]
             self.gate: EnvGate = entry[4]
-        try:
-            # open_db without a txn commits its own (handles opened in an aborted
-            # read txn would be closed again).
-            for attempt in range(100):
-                try:
-                    with self.gate.using():
-                        self._chunks, self._docs, self._commits = open_tables(self.env)
-                    break
-                except lmdb.MapResizedError:
-                    # a writer grew the map since lmdb.open() read the meta page
-                    if attempt == 99:
-                        raise
-                    self.gate.resize(0)
-        except lmdb.Error as exc:
-            self.close()
-            raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc
+            self._chunks, self._docs, self._commits = entry[5]
 
     # -- creation ---------------------------------------------------------
     @staticmethod
@@ -208,6 +214,11 @@ class ChunkTable:
         """A transaction, as a context manager, counted by this environment's :class:`EnvGate`
         (map resizes wait for it: threads of this process share the environment)."""
         return self.gate.txn(write=write)
+
+    @property
+    def tables(self) -> tuple:
+        """The LMDB handles of the ``chunks``, ``docs`` and ``commits`` tables."""
+        return self._chunks, self._docs, self._commits
 
     def read(self):
         """A read transaction of this table's environment, as a context manager (for callers

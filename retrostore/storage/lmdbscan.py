@@ -111,7 +111,7 @@ def _is_int(v) -> bool:
 
 
 def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, readonly: bool, env=None,
-         begin=None) -> dict:
+         begin=None, tables=None) -> dict:
     """Check every committed LMDB record of a store.
 
     Returns ``{"chain": head of the content hash chain of commits <= version,
@@ -124,7 +124,9 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
     ``env``: an environment already open on the store in this process (LMDB
     and py-lmdb forbid opening one twice in a process); default: open one. ``begin``: with
     ``env``, what starts its read transaction (``ChunkTable.read``: counted by the environment's
-    gate, which the map resizes of other threads wait for); default ``env.begin``.
+    gate, which the map resizes of other threads wait for); default ``env.begin``. ``tables``:
+    with ``env``, its (chunks, docs, commits) tables already open (``ChunkTable.tables``: opening
+    them again runs a write transaction, which waits for this process's writer).
     """
     problems: list[str] = []
     chain = hashlib.sha256(GENESIS.encode()).hexdigest()
@@ -133,7 +135,7 @@ def scan(root: str, n_chunks: int, n_docs: int, version: int, sealed: bool, read
         env = lmdb.open(os.path.join(root, LMDB_DIR), subdir=True, readonly=True, lock=not readonly,
                         max_dbs=MAX_DBS, create=False, readahead=False)
     try:
-        chunks_db, docs_db, commits_db = open_tables(env)
+        chunks_db, docs_db, commits_db = tables or open_tables(env)
         with (begin or env.begin)() as txn:
             # Iteration walks the leaves in order; reads look ids up through the
             # branch pages. A damaged separator key in a branch page breaks the

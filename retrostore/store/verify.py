@@ -67,7 +67,7 @@ def verify_version(version: Version, table: ChunkTable, *, readonly_media: bool,
         found = scan_in_child(*args) if isolate else None
         if found is None:
             try:
-                found = scan(*args, env=table.env, begin=table.read)
+                found = scan(*args, env=table.env, begin=table.read, tables=table.tables)
             except Exception as exc:  # as _lmdbscan._main reports it from the child
                 found = {"chain": None, "problems": [f"{DATA_MDB}: LMDB cannot read it "
                                                      f"({type(exc).__name__}: {exc})"]}

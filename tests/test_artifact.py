@@ -565,6 +565,11 @@ def test_data_mdb_holds_only_the_committed_records(tmp_path, hash_tar, monkeypat
     _refuse(tmp_path, padded, CorruptStoreError, r"data.mdb is .* bytes, and LMDB's last page ends at .* holds bytes "
                                                  "no record uses")
     assert "manifest.json" in opened and "data.mdb" not in opened
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 12345\n"
+    opened.clear()
+    _refuse(tmp_path, [(ti, lfs + bytes(1 << 16) if ti.name == "chunks.lmdb/data.mdb" else data)
+                       for ti, data in members], CorruptStoreError, "data.mdb: not an LMDB data file")
+    assert "data.mdb" not in opened  # (helper-53: a 1 GiB member starting like a pointer was written out)
     short = [(ti, data[:-4096] if ti.name == "chunks.lmdb/data.mdb" else data) for ti, data in members]
     _refuse(tmp_path, short, CorruptStoreError, r"data.mdb is .* bytes, and LMDB's last page ends at .*: it is "
                                                 "truncated")
@@ -573,7 +578,23 @@ def test_data_mdb_holds_only_the_committed_records(tmp_path, hash_tar, monkeypat
             r"holds the databases \['chunks', 'commits', 'docs', 'evil'\]")
     _refuse(tmp_path, _edit_lmdb(members, tmp_path / "b", _record_past_the_high_water_mark), CorruptStoreError,
             r"its chunks table holds .* records past the committed ones")
+    _refuse(tmp_path, [(ti, _raise_last_page(data, 64) if ti.name == "chunks.lmdb/data.mdb" else data)
+                       for ti, data in members], CorruptStoreError, r"data.mdb has .* pages and its tables use .*: "
+                                                                   "pages no table reaches")
     retrostore.unpack(hash_tar, tmp_path / "ok")  # the archive as pack wrote it
+
+
+def _raise_last_page(data: bytes, extra: int) -> bytes:
+    """data.mdb with its newest meta page naming ``extra`` more pages, and those pages appended as
+    zeros (helper-53: the size then matched what the meta page says)."""
+    import struct
+
+    psize = struct.unpack_from("<I", data, 40)[0]
+    buf = bytearray(data)
+    newest = max((0, psize), key=lambda off: struct.unpack_from("<Q", buf, off + 144)[0])
+    last_pg = struct.unpack_from("<Q", buf, newest + 136)[0]
+    struct.pack_into("<Q", buf, newest + 136, last_pg + extra)
+    return bytes(buf) + bytes(extra * psize)
 
 
 def test_size_limits(tmp_path, hash_tar):

@@ -336,7 +336,8 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
                 (tmp / rel.split("/")[0]).mkdir(mode=0o755, exist_ok=True)
             reader.limit = m.offset_data + m.size + _HEADER_ALLOWANCE
             keep = rel == MANIFEST
-            size, sha, kept = _copy_member(tf, m, target, keep, sparse=rel.startswith(VECTORS_DIR + "/"),
+            size, sha, kept = _copy_member(tf, m, target, keep,
+                                           sparse=rel.startswith(VECTORS_DIR + "/") or rel == DATA_MDB,
                                            lmdb_data=where if rel == DATA_MDB else None)
             files[rel] = (size, sha)
             if keep:
@@ -383,14 +384,21 @@ def _copy_member(tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path, keep: bo
     return (size, out.sha256, bytes(kept) if kept is not None else None)
 
 
+#: A Git LFS pointer file is ~130 bytes (helper-53: a 1 GiB member starting like one was written out).
+_LFS_POINTER_MAX = 1024
+
+
 def _lmdb_head(src, size: int, archive: str) -> bytes:
     """The first bytes of a ``data.mdb`` member, once its size is found to be what its newest meta
     page references: ``pack`` writes it compact, so a member of another size is refused before a
     byte is written (helper-48: 2 GiB of zeros appended, a 328 KB .tar.zst, were written out in
     full before the refusal; with the default limits a few MB could have filled 256 GiB). A Git
-    LFS pointer in its place is left to :func:`_check_extracted`, whose message says what it is."""
+    LFS pointer in its place is left to :func:`_check_extracted`, whose message says what it is.
+    A meta page can name more pages than the tables use (helper-53: ``last_pg`` raised, zeros
+    appended); those pages are written as holes (zeros) and refused by
+    :func:`_check_lmdb_holds_only_the_records`."""
     head = src.read(min(META_BYTES, size))
-    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
+    if head.startswith(b"version https://git-lfs.github.com/spec/v1") and size <= _LFS_POINTER_MAX:
         return head
     where = f"{archive}: {DATA_MDB}"
     try:
@@ -489,6 +497,9 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     try:
         with table.read() as txn:
             names = sorted(k.decode("utf-8", "replace") for k, _ in txn.cursor())
+            pages = [table.env.stat()] + [txn.stat(db) for db in table.tables]
+        used = 2 + sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"] for s in pages)  # + 2 meta
+        last = table.env.info()["last_pgno"] + 1
         stats = table.stats()
     except lmdb.Error as exc:
         raise CorruptStoreError(f"{where}: LMDB cannot read it ({exc})") from None
@@ -497,6 +508,9 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     if names != ["chunks", "commits", "docs"]:
         raise CorruptStoreError(f"{where} holds the databases {names}, not the store's chunks, commits and docs; "
                                 "refusing the archive")
+    if used != last:
+        raise CorruptStoreError(f"{where} has {last:,} pages and its tables use {used:,}: pages no table reaches, "
+                                "which `retrostore pack` (a compacted copy) never writes; refusing the archive")
     want = _manifest.committed_record_counts(body)
     for name, ids_end in (("chunks", body["next_chunk_id"]), ("docs", body["next_doc_id"]),
                           ("commits", body["version"] + 1)):

@@ -132,7 +132,8 @@ def meta_end(head: bytes, size: int) -> tuple[int, int, int, int]:
         free_root, main_root = struct.unpack_from("<Q", head, off + 80)[0], struct.unpack_from("<Q", head, off + 128)[0]
         last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
         metas.append((txnid, last_pg, free_root, main_root))
-    _txn, last_pg, free_root, main_root = max(metas)
+    # LMDB's choice (mdb_env_pick_meta): meta page 1 only when its transaction id is larger
+    _txn, last_pg, free_root, main_root = metas[1] if metas[1][0] > metas[0][0] else metas[0]
     return (last_pg + 1) * psize, psize, free_root, main_root
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "WriterLockedError",
     "ReadOnlyStoreError",
     "StoreClosedError",
+    "ReadersFullError",
     "ForkedStoreError",
     "StoreReplacedError",
     "IndexTrainingError",
@@ -94,6 +95,12 @@ class ReadOnlyStoreError(RetrostoreError, PermissionError):
 
 class StoreClosedError(RetrostoreError):
     """The store was used after ``close()``."""
+
+
+class ReadersFullError(RetrostoreError):
+    """LMDB's reader table is full: more read transactions are open at once, in all the processes
+    using the store, than it has slots (254 for a store's ``lock.mdb``); the call can be retried once
+    others finish."""
 
 
 class ForkedStoreError(RetrostoreError):

@@ -491,3 +491,52 @@ def test_map_growth_by_another_process_waits_for_open_reads(tmp_path, pydocs, em
     assert got and [c.chunk_id for c in got[0]] == list(range(len(reader))) and reader.version == 41
     holder.close()
     reader.close()
+
+
+def test_a_full_reader_table_and_a_close_during_a_read_are_named_not_damage(tmp_path, embedder):
+    """helper-53: 300 threads reading at once (LMDB's 126 reader slots) and ``close()`` while another
+    thread read through the handle were both reported as a damaged file."""
+    path = tmp_path / "s"
+    rng = np.random.default_rng(0)
+    with retrostore.create(path, embedder=embedder) as st:
+        st.append(["some text " * 50], embeddings=_workers._unit(rng, len(st.chunker.chunk_many(["some text " * 50])[0])))
+        st.commit()
+    st = retrostore.open(path)
+    slots = st._table.env.max_readers()
+    entered, release = threading.Barrier(slots + 1), threading.Event()
+
+    def holder():
+        with st._table._begin():  # one reader slot each, as a thread inside a long read holds one
+            entered.wait(30)
+            release.wait(30)
+
+    threads = [threading.Thread(target=holder) for _ in range(slots)]
+    for t in threads:
+        t.start()
+    entered.wait(30)
+    try:
+        with pytest.raises(retrostore.ReadersFullError, match="reader table is full"):
+            st.get_chunks([0])
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert st.get_chunks([0])[0].chunk_id == 0  # the slots are free again
+    outcomes = []
+
+    def reader():
+        try:
+            for _ in range(200):
+                st.get_chunks(range(len(st)))
+            outcomes.append("finished")
+        except retrostore.StoreClosedError:
+            outcomes.append("closed")
+        except Exception as exc:  # pragma: no cover - the defect
+            outcomes.append(repr(exc))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.005)
+    st.close()
+    t.join(30)
+    assert outcomes in (["closed"], ["finished"]), outcomes

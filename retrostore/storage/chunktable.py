@@ -35,7 +35,7 @@ import lmdb
 import msgpack
 import numpy as np
 
-from ..errors import CorruptStoreError, RetrostoreError, StoreReplacedError
+from ..errors import CorruptStoreError, ReadersFullError, RetrostoreError, StoreClosedError, StoreReplacedError
 from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file, reserve_lock_file
@@ -94,10 +94,18 @@ def _reads(fn):
     MDB_PAGE_NOTFOUND, ...) as :class:`CorruptStoreError` naming the file."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return fn(self, *args, **kwargs)
+        except lmdb.ReadersFullError as exc:
+            raise ReadersFullError(
+                f"{DATA_MDB}: LMDB's reader table is full ({self.env.max_readers()} read transactions open at once "
+                "in the processes using this store, each thread's read holding one): read from fewer threads at a "
+                "time, or retry once others finish") from exc
         except lmdb.Error as exc:
+            if self.env is None:  # (helper-53: Store.close() while another thread read through the handle)
+                raise StoreClosedError("the store was closed while this call read it; open it again "
+                                       "(retrostore.open) to go on reading") from exc
             raise CorruptStoreError(
                 f"{DATA_MDB}: LMDB cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())}); "
                 "the file is damaged: run `retrostore verify`"
@@ -213,6 +221,8 @@ class ChunkTable:
     def _begin(self, write: bool = False):
         """A transaction, as a context manager, counted by this environment's :class:`EnvGate`
         (map resizes wait for it: threads of this process share the environment)."""
+        if self.env is None:
+            raise StoreClosedError("the store was closed; open it again (retrostore.open) to go on reading")
         return self.gate.txn(write=write)
 
     @property
@@ -578,7 +588,7 @@ class ChunkTable:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _registry[self._real]
-                    env.close()
+                    entry[4].close()
 
 
 def pending_keys(docs) -> tuple[set, set]:

@@ -86,6 +86,15 @@ class EnvGate:
         finally:
             self._exit()
 
+    def close(self) -> None:
+        """Close the environment once the transactions other threads have open in it end (helper-53:
+        ``Store.close()`` while another thread read through the handle pulled the map from under the
+        read, which failed as "damaged")."""
+        with self._cond:
+            mine = getattr(self._mine, "n", 0)
+            self._cond.wait_for(lambda: self._active <= mine)
+            self.env.close()
+
     def resize(self, size: int) -> None:
         """``env.set_mapsize(size)`` (0: the size another process set) once no transaction of
         this environment is open in this process; new ones wait until it is done. When

@@ -540,3 +540,44 @@ def test_a_full_reader_table_and_a_close_during_a_read_are_named_not_damage(tmp_
     st.close()
     t.join(30)
     assert outcomes in (["closed"], ["finished"]), outcomes
+
+
+def test_a_fork_during_another_threads_read_never_ends_the_parents_read(built_store, tmp_path):
+    """helper-53: the child's open closed LMDB's inherited copy, which aborted the copy of a read the
+    parent's other thread had open and cleared the parent's reader slot (shared memory): a writer
+    could then reuse the pages under the parent's read. The child now gets ForkedStoreError, and the
+    parent's slot stays."""
+    path = tmp_path / "s"
+    shutil.copytree(built_store, path)
+    st = retrostore.open(path)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with st._table._begin():
+            entered.set()
+            release.wait(60)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert entered.wait(10)
+    mine = f" {os.getpid()} "
+    try:
+        assert mine in st._table.env.readers()
+
+        def child():
+            with pytest.raises(ForkedStoreError, match="forked while another thread of the parent was reading"):
+                retrostore.open(path)
+
+        _in_child(child, tmp_path / "child.log")
+        assert mine in st._table.env.readers()  # the parent's read still holds its slot
+    finally:
+        release.set()
+        t.join(30)
+    assert st.get_chunks([0])[0].chunk_id == 0
+
+    def child_after():  # with no read open at the fork, the child opens the store
+        with retrostore.open(path) as again:
+            assert again.get_chunks([0])[0].chunk_id == 0
+
+    _in_child(child_after, tmp_path / "child2.log")
+    st.close()

@@ -35,7 +35,8 @@ import lmdb
 import msgpack
 import numpy as np
 
-from ..errors import CorruptStoreError, ReadersFullError, RetrostoreError, StoreClosedError, StoreReplacedError
+from ..errors import (CorruptStoreError, ForkedStoreError, ReadersFullError, RetrostoreError, StoreClosedError,
+                      StoreReplacedError)
 from .fileio import lmdb_writes, unreadable
 from .layout import DATA_MDB, GENESIS, LMDB_DIR
 from .lmdbfile import check_lmdb_file, reserve_lock_file
@@ -56,6 +57,9 @@ _TXN_RECORDS = 20_000  # records per LMDB write transaction during append
 # open the new file, never be served from the old, deleted one.
 _registry: dict[tuple, list] = {}
 _registry_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # (helper-53: a child copied it held by an opening thread and hung)
+    os.register_at_fork(before=_registry_lock.acquire, after_in_parent=_registry_lock.release,
+                        after_in_child=_registry_lock.release)
 
 
 class MissingRecordError(CorruptStoreError):
@@ -158,13 +162,22 @@ class ChunkTable:
         real = (os.path.realpath(self.path), st.st_dev, st.st_ino)
         with _registry_lock:
             entry = _registry.get(real)
+            if entry is not None and entry[2] != os.getpid() and entry[4].open_at_fork:
+                # Closing LMDB's copy aborts the copies of the parent's open read transactions, which
+                # clears the parent's reader slots in lock.mdb (shared memory): a writer could then
+                # reuse the pages of the parent's read (helper-53: 2,148 of 2,148 records gone).
+                raise ForkedStoreError(
+                    f"{root}: this process was forked while another thread of the parent was reading the store "
+                    f"({entry[4].open_at_fork} read transaction(s) open); closing LMDB's copy of them here would end "
+                    "the parent's reads, so the store cannot be opened in this child. Fork when no thread reads "
+                    "the store, or start workers with the 'spawn' or 'forkserver' start method")
             if entry is not None and entry[2] != os.getpid():
                 # Inherited across fork(): never reuse the parent's handle. py-lmdb
                 # refuses a second open of files it has open, so close this
                 # process's copy first. That is safe for the parent: it unmaps
                 # the child's mapping and closes the child's descriptors; the
-                # parent's fcntl locks and reader slots belong to its own pid
-                # (retrostore never keeps a transaction open across calls).
+                # parent's fcntl locks and reader slots belong to its own pid, and no
+                # transaction was open at the fork (above).
                 try:
                     entry[0].close()
                 except lmdb.Error:

@@ -15,7 +15,9 @@ transactions open in this process and resizes only when none is.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import weakref
 from typing import Iterator
 
 import lmdb
@@ -23,6 +25,8 @@ import lmdb
 from ..errors import RetrostoreError
 
 __all__ = ["EnvGate"]
+
+_GATES: "weakref.WeakSet[EnvGate]" = weakref.WeakSet()
 
 
 class EnvGate:
@@ -40,6 +44,10 @@ class EnvGate:
         self._active = 0  # transactions (or open_db calls) in progress, all threads
         self._resizing = False  # a resize waits for them: new ones wait for it (no starving)
         self._mine = threading.local()  # .n: those of the calling thread
+        #: In a forked child: transactions the parent had open at the fork (their copies here must
+        #: never be aborted: that would clear the parent's reader slots, see ChunkTable).
+        self.open_at_fork = 0
+        _GATES.add(self)
 
     def _enter(self) -> None:
         mine = getattr(self._mine, "n", 0)
@@ -123,3 +131,26 @@ class EnvGate:
             finally:
                 self._resizing = False
                 self._cond.notify_all()
+
+
+def _before_fork() -> None:
+    """Take every gate's lock (held briefly by its users), so that a child copies consistent counts."""
+    for gate in list(_GATES):
+        gate._cond.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for gate in list(_GATES):
+        gate._cond.release()
+
+
+def _after_fork_in_child() -> None:
+    for gate in list(_GATES):
+        gate.open_at_fork = gate._active
+        gate._cond = threading.Condition()  # (the copy of the parent's lock is held: a fresh one)
+        gate._active, gate._resizing, gate._mine = 0, False, threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

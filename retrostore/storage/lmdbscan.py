@@ -38,6 +38,9 @@ MAX_DBS = 8
 #: handles on one store share one environment (``ChunkTable``'s registry), so threads opening
 #: handles together hung in it (helper-52: 2-4 threads, ``retrostore.open`` each, no CPU used).
 _DBI_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # (a child must not copy it held by another thread: helper-53)
+    os.register_at_fork(before=_DBI_LOCK.acquire, after_in_parent=_DBI_LOCK.release,
+                        after_in_child=_DBI_LOCK.release)
 
 
 def open_tables(env: lmdb.Environment) -> tuple:

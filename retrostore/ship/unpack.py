@@ -29,7 +29,7 @@ from ..storage import fileio
 from ..storage import manifest as _manifest
 from ..storage.chunktable import ChunkTable
 from ..storage.fileio import git_lfs_pointer
-from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, VECTORS_DIR, version_path
+from ..storage.layout import DATA_MDB, LMDB_DIR, MANIFEST, STORE_DIRS, TMP_PREFIX, version_path
 from ..storage.lmdbfile import META_BYTES, meta_end
 from ..store.store import Store
 from .pack import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, ArtifactInfo
@@ -336,8 +336,9 @@ def _extract(fh, archive: Path, tmp: Path, max_total: int, max_member: int, max_
                 (tmp / rel.split("/")[0]).mkdir(mode=0o755, exist_ok=True)
             reader.limit = m.offset_data + m.size + _HEADER_ALLOWANCE
             keep = rel == MANIFEST
-            size, sha, kept = _copy_member(tf, m, target, keep,
-                                           sparse=rel.startswith(VECTORS_DIR + "/") or rel == DATA_MDB,
+            # every member sparse: a store's vectors keep their holes, and zeros padding any member (helper-53:
+            # 1 GiB each before the manifest, or beyond its declared size) cost no disk before the refusal
+            size, sha, kept = _copy_member(tf, m, target, keep, sparse=True,
                                            lmdb_data=where if rel == DATA_MDB else None)
             files[rel] = (size, sha)
             if keep:

@@ -41,7 +41,7 @@ class EnvGate:
     def __init__(self, env: lmdb.Environment):
         self.env = env
         self._cond = threading.Condition()
-        self._active = 0  # transactions (or open_db calls) in progress, all threads
+        self._active = 0  # transactions open, all threads
         self._resizing = False  # a resize waits for them: new ones wait for it (no starving)
         self._mine = threading.local()  # .n: those of the calling thread
         #: In a forked child: transactions the parent had open at the fork (their copies here must
@@ -63,15 +63,6 @@ class EnvGate:
             self._active -= 1
             if not self._active:
                 self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def using(self) -> Iterator[None]:
-        """Count a call that runs a transaction of its own (``env.open_db``, ``env.info``)."""
-        self._enter()
-        try:
-            yield
-        finally:
-            self._exit()
 
     @contextlib.contextmanager
     def txn(self, write: bool = False) -> Iterator[lmdb.Transaction]:
@@ -133,22 +124,28 @@ class EnvGate:
                 self._cond.notify_all()
 
 
+_held: list[EnvGate] = []  # the gates whose locks a fork took
+
+
 def _before_fork() -> None:
     """Take every gate's lock (held briefly by its users), so that a child copies consistent counts."""
-    for gate in list(_GATES):
+    _held[:] = list(_GATES)
+    for gate in _held:
         gate._cond.acquire()
 
 
 def _after_fork_in_parent() -> None:
-    for gate in list(_GATES):
+    for gate in _held:
         gate._cond.release()
+    _held.clear()
 
 
 def _after_fork_in_child() -> None:
-    for gate in list(_GATES):
+    for gate in _held:
         gate.open_at_fork = gate._active
         gate._cond = threading.Condition()  # (the copy of the parent's lock is held: a fresh one)
         gate._active, gate._resizing, gate._mine = 0, False, threading.local()
+    _held.clear()
 
 
 if hasattr(os, "register_at_fork"):

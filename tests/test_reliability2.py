@@ -494,3 +494,27 @@ def test_opening_a_handle_beside_this_process_writer_does_not_hang(built_store, 
                          timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["done", "True", "[]"], (out.returncode, out.stdout,
                                                                                  out.stderr[-3000:])
+
+
+def test_a_reader_that_did_not_refresh_verifies_the_store_not_its_retired_version(tmp_path, built_store):
+    """helper-53: verify() on a reader handle while another process compacted reported files
+    "missing" from an intact store (the handle's version was retired). It now checks the newest
+    version; a handle pinned to a version still checks that version."""
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(built_store, path)
+    reader = retrostore.open(path)
+    with retrostore.open(path, "a") as w:
+        w.delete([1])
+        w.commit()
+        w.compact(progress=False)
+        newest = w.version
+    assert reader.version < newest
+    assert reader.verify() == []
+    assert reader.version < newest  # verify does not move the handle
+    with retrostore.open(path, version=newest) as pinned:
+        assert pinned.verify() == []
+    (path / "vectors").joinpath(sorted(p.name for p in (path / "vectors").iterdir())[0]).write_bytes(b"x")
+    assert reader.verify()  # real damage in the newest version is still reported
+    reader.close()

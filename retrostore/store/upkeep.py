@@ -12,12 +12,13 @@ from typing import Iterable
 
 import lmdb
 
-from ..errors import RetrostoreError
+from ..errors import CorruptStoreError, RetrostoreError
 from ..storage.fileio import maintenance_error
+from ..storage.manifest import read_manifest
 from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
-from .verify import retokenize_problems, verify_version
+from .verify import file_problems, retokenize_problems, verify_version
 
 __all__ = ["Upkeep"]
 
@@ -185,6 +186,13 @@ class Upkeep:
         self._check()
         return store_info(self._head.version, readonly_media=self.readonly_media)
 
+    def _moved_on(self) -> bool:
+        """Whether the store's manifest names another version than this handle serves."""
+        try:
+            return read_manifest(self.path)["version"] != self._head.version.number
+        except RetrostoreError:  # (a damaged manifest: the problems found say what they say)
+            return False
+
     def verify(self, *, retokenize: bool = False) -> list[str]:
         """Check the store's integrity (what ``retrostore verify`` runs).
 
@@ -215,8 +223,29 @@ class Upkeep:
         list of str
             One precise line per problem, starting with the file it concerns;
             empty when the store is intact.
+
+        Notes
+        -----
+        A reader checks the version it serves. When that version was retired
+        since (a later commit or ``compact`` in another process deleted files
+        it names) and problems are found, the store's newest version is checked
+        instead, by a new read-only handle: a reader that had not refreshed
+        reported files "missing" from an intact store (helper-53). A handle
+        opened at a given ``version`` checks that version as it is.
         """
         self._check()
+        problems = self._verify_this_version(retokenize)
+        if problems and self.mode == "r" and self._pinned_version is None and self._moved_on():
+            try:
+                newest = type(self)(self.path, mode="r")
+            except CorruptStoreError as exc:  # (as verify_store reports a store that does not open)
+                first = " ".join(str(exc).split())
+                return [first] + [p for p in file_problems(self.path) if p.split(":")[0] != first.split(":")[0]]
+            with newest:
+                return newest._verify_this_version(retokenize)
+        return problems
+
+    def _verify_this_version(self, retokenize: bool) -> list[str]:
         problems = verify_version(self._head.version, self._table, readonly_media=self.readonly_media)
         if retokenize and not problems:  # records known to be intact first
             problems += retokenize_problems(self._head.version, self._table, self.chunker)

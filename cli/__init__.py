@@ -212,6 +212,8 @@ def inspect(store, as_json):
         ("version", f"{info['version']} (retained: {', '.join(map(str, info['retained_versions']))})"),
         ("documents", f"{info['documents']:,}" + _deleted(info["deletes"], "documents")),
         ("chunks", f"{info['chunks']:,} of {info['chunk_tokens']} tokens" + _deleted(info["deletes"], "chunks")),
+        *([("deleted", _deleted_ids(info["deletes"]["deleted_documents"]))]
+          if info["deletes"].get("deleted_documents") else []),
         ("vectors", f"{info['vectors']:,} x {info['dim']} ({info['metric']})"),
         ("embedder", _describe_embedder(emb)),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
@@ -240,6 +242,15 @@ def _deleted(deletes: dict, what: str) -> str:
     if not n:
         return ""
     return f" ({n:,} deleted" + (f", {purged:,} of them purged by compact)" if purged else "; compact purges them)")
+
+
+def _deleted_ids(docs: list[dict], shown: int = 20) -> str:
+    """``"documents 6, 9 (purged at version 3)"``; the first ``shown`` ids (all: ``inspect --json``)."""
+    ids = ", ".join(str(d["doc_id"]) for d in docs[:shown]) + (f", ... ({len(docs):,} in all)" if len(docs) > shown else "")
+    at = sorted({d["purged_at_version"] for d in docs if d["purged_at_version"] is not None})
+    pending = sum(d["purged_at_version"] is None for d in docs)
+    when = ([f"purged at version {', '.join(map(str, at))}"] if at else []) + ([f"{pending:,} not purged yet"] if pending else [])
+    return f"documents {ids} ({'; '.join(when)})"
 
 
 def _describe_pad(tok: dict) -> str:

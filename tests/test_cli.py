@@ -81,8 +81,13 @@ def test_inspect_says_what_is_deleted(cli_store, tmp_path):
     assert CliRunner().invoke(cli, ["delete", str(path), "0"]).exit_code == 0
     out = CliRunner().invoke(cli, ["inspect", str(path)]).output
     assert "documents  20 (1 deleted; compact purges them)" in out, out
+    assert "deleted    documents 0 (1 not purged yet)" in out, out  # (helper-54: which ones, too)
     assert CliRunner().invoke(cli, ["compact", str(path)]).exit_code == 0
-    assert "(1 deleted, 1 of them purged by compact)" in CliRunner().invoke(cli, ["inspect", str(path)]).output
+    out = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert "(1 deleted, 1 of them purged by compact)" in out and "deleted    documents 0 (purged at version" in out
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).output)
+    [gone] = info["deletes"]["deleted_documents"]
+    assert gone["doc_id"] == 0 and gone["purged_at_version"] == info["version"] and gone["chunks"][0] == 0
 
 
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):

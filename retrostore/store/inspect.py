@@ -70,7 +70,11 @@ def store_info(version: Version, *, readonly_media: bool) -> dict:
         "tokenizer": {k: v for k, v in m["tokenizer"].items() if k != "path"},
         "embedder": m["embedder"],
         "index": index_info(version, index_bytes),
-        "deletes": {k: v for k, v in (m.get("deletes") or {}).items() if k != "file"},
+        "deletes": {**{k: v for k, v in (m.get("deletes") or {}).items() if k != "file"},
+                    # which documents (helper-54: a take-down's proof needed numpy on index/del-*.npy)
+                    "deleted_documents": [{"doc_id": int(d), "chunks": [int(c), int(c + n)],
+                                           "purged_at_version": int(p) if p > 0 else None}
+                                          for d, c, n, p in version.tombstones.rows]},
         "files": {
             "index_bytes": index_bytes,
             "vectors_bytes": vectors_bytes,

@@ -170,7 +170,9 @@ class Upkeep:
             segments in memory; docs/index.md, "Segments"),
             ``trained``, ``mmap`` (this handle), ``bytes_per_vector`` (segment bytes / vectors),
             ``template_bytes``, ``hint`` (the training policy's advice, or None);
-            ``deletes`` (counts, purged included); ``files`` (bytes):
+            ``deletes`` (counts, purged included, and ``deleted_documents``: one
+            ``{"doc_id", "chunks": [first, end), "purged_at_version"}`` per deleted
+            document, ``purged_at_version`` None until ``compact``); ``files`` (bytes):
             ``index_bytes``, ``vectors_bytes``, ``vectors_disk_bytes`` (the disk
             blocks they occupy: less where ``compact`` left purged rows as holes),
             ``vectors_dtype``, ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw

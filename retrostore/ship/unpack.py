@@ -494,7 +494,10 @@ def _check_lmdb_holds_only_the_records(tmp: Path, archive: Path, body: dict) -> 
     records past the manifest's ids or versions, and entry counts other than the manifest's.
     """
     where = f"{archive}: {DATA_MDB}"
-    table = ChunkTable(tmp, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
+    try:
+        table = ChunkTable(tmp, body["tokenizer"]["token_dtype"], write=False, readonly_media=True)
+    except CorruptStoreError as exc:  # (helper-53: "chunks.lmdb: its tables cannot be opened", no archive named)
+        raise CorruptStoreError(f"{archive}: {exc}; refusing the archive") from None
     try:
         with table.read() as txn:
             names = sorted(k.decode("utf-8", "replace") for k, _ in txn.cursor())
@@ -529,6 +532,8 @@ def _verify_unpacked(tmp: Path, archive: Path) -> None:
     try:
         with Store(tmp, mode="r") as st:
             problems = st.verify()
+    except CorruptStoreError as exc:  # (a file the open stopped at: name the archive too)
+        raise CorruptStoreError(f"{archive}: the unpacked store does not open: {exc}") from None
     finally:
         lock.unlink(missing_ok=True)
     if problems:

@@ -72,6 +72,21 @@ class MissingRecordError(CorruptStoreError):
         self.ids = ids
 
 
+def _open_env(path: Path, readonly_media: bool) -> lmdb.Environment:
+    """``lmdb.open`` of a store's environment. py-lmdb begins a transaction inside the open, which
+    fails with MDB_MAP_RESIZED when a writer in another process grew the map after LMDB read the
+    meta page (CI: a reader process opening the store beside a committing writer): opened again."""
+    for attempt in range(100):
+        try:
+            return lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
+                             readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
+                             readahead=False, create=False, map_async=False)
+        except lmdb.MapResizedError:
+            if attempt == 99:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _open_tables(env: lmdb.Environment) -> tuple:
     """The three tables of a newly opened environment, opened once for every handle of it in this
     process. ``open_db`` runs a write transaction of its own (a read transaction's handles would
@@ -188,11 +203,7 @@ class ChunkTable:
                 if not readonly_media:
                     reserve_lock_file(self.path)
                 try:
-                    env = lmdb.open(
-                        os.fspath(self.path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
-                        readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
-                        readahead=False, create=False, map_async=False,
-                    )
+                    env = _open_env(self.path, readonly_media)
                 except lmdb.Error as exc:
                     if "already open in this process" in str(exc):  # py-lmdb: same data or lock file
                         raise StoreReplacedError(

@@ -301,6 +301,7 @@ class RawVectors:
         self._firsts = np.array([e["first_id"] for e in self.entries], dtype=np.int64)
         self._cache = {} if cache is None else cache
         self.end = int(self.entries[-1]["first_id"] + self.entries[-1]["count"]) if self.entries else 0
+        self._first = int(self._firsts[0]) if self.entries else 0  # (0 in a store: files tile the ids)
         self._fp16 = None  # float16 decoder (:meth:`_float32`)
 
     def open_all(self) -> None:
@@ -399,18 +400,13 @@ class RawVectors:
         flat = ids.ravel()
         order = np.argsort(flat, kind="stable")  # sorted reads are sequential on disk
         sid = flat[order]
-        lo, hi = int(np.searchsorted(sid, 0)), int(np.searchsorted(sid, self.end))
-        bounds = np.append(np.searchsorted(sid[lo:hi], self._firsts) + lo, hi)
+        lo, hi = np.searchsorted(sid, [self._first, self.end])
         out = np.full(flat.size, np.nan, np.float32)
-        # Rows gathered file by file (in id order, so they line up with sid[lo:hi]), then decoded
-        # and scored in one call: a 5M store of 100k-chunk commits has 50 files, and decoding
-        # and scoring ~3 candidates per file cost ~0.8 ms of a query's re-ranking.
-        parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
-                 for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
-        if not parts:  # no id inside the files
+        stored = self._gather(sid[lo:hi])
+        if stored is None:  # no id inside the files
             return out.reshape(n, kk)
-        rows = self._float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        where = order[bounds[0]:hi]  # ids below the first file (none in a store: files tile from 0) stay NaN
+        rows = self._float32(stored)
+        where = order[lo:hi]  # ids outside the files stay NaN
         if n == 1:  # FAISS's one-thread kernel: numpy's product waits on OpenBLAS's threads (index/scan.py)
             rows = np.ascontiguousarray(rows, dtype=np.float32)
             q = np.ascontiguousarray(queries[0], dtype=np.float32)
@@ -423,6 +419,19 @@ class RawVectors:
             out[where] = np.einsum("md,md->m", rows, q) if metric == "ip" else ((rows - q) ** 2).sum(-1)
         return out.reshape(n, kk)
 
+
+    def _gather(self, sid: np.ndarray) -> np.ndarray | None:
+        """Rows of the sorted chunk ids ``sid`` (all inside the files) as stored, read file by file
+        (blocks checked, :meth:`_read`) into one C-contiguous array; None when ``sid`` is empty.
+        One array, so that the caller decodes and scores in one call: a 5M store of 100k-chunk
+        commits has 50 files, and decoding and scoring ~3 candidates per file cost ~0.8 ms of a
+        query's re-ranking."""
+        bounds = np.searchsorted(sid, np.append(self._firsts, self.end))
+        parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
+                 for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
+        if not parts:
+            return None
+        return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def best(self, ids: np.ndarray, query: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best of one query's candidate chunk ids, scored exactly from the raw vectors.
@@ -451,13 +460,10 @@ class RawVectors:
             As :meth:`scores`.
         """
         flat = np.asarray(ids, np.int64).ravel()
-        sid = np.unique(flat[(flat >= 0) & (flat < self.end)])  # sorted reads are sequential on disk
-        bounds = np.searchsorted(sid, np.append(self._firsts, self.end))
-        parts = [self._read(int(i), sid[bounds[i]:bounds[i + 1]] - self.entries[i]["first_id"])
-                 for i in np.flatnonzero(bounds[1:] > bounds[:-1])]
-        if not parts:
+        sid = np.unique(flat[(flat >= self._first) & (flat < self.end)])  # sorted reads are sequential on disk
+        rows = self._gather(sid)
+        if rows is None:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        rows = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
         measure = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         if rows.dtype == np.float16:
             index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, measure)

@@ -427,13 +427,10 @@ class SegmentSet:
     def _rerank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates exactly with the raw vectors; keep the best k (blocks of rows bound the memory)."""
         n, kk = ids.shape
-        ip = self.metric == "ip"
-        if n == 1:  # one FAISS search over the candidates' rows, a heap of k (RawVectors.best)
+        if n == 1:  # one FAISS search over the candidates' rows, a heap of k (the caller pads to k)
             d, i = self.raw.best(ids[0], queries[0], k, self.metric)
-            out_d = np.full((1, min(k, kk)), -np.inf if ip else np.inf, np.float32)
-            out_i = np.full((1, min(k, kk)), -1, np.int64)
-            out_d[0, :len(d)], out_i[0, :len(i)] = d, i
-            return out_d, out_i
+            return d[None, :], i[None, :]
+        ip = self.metric == "ip"
         out_d = np.empty((n, min(k, kk)), np.float32)
         out_i = np.empty((n, min(k, kk)), np.int64)
         step = max(1, (1 << 22) // max(1, kk * self.dim))  # <= 16 MiB of float32 candidates per block

@@ -27,7 +27,7 @@ from ..text.embed import DEFAULT_MODEL_SHA256, Embedder, check_embedder, json_fi
 from ..text.models import DEFAULT_DIM, default_fingerprint, default_tokenizer_path
 from .commit import now
 from .store import DEFAULTS, Store
-from .verify import file_problems
+from .verify import unopened_problems
 
 __all__ = ["create", "open_store"]
 
@@ -353,7 +353,5 @@ def verify_store(path: str | os.PathLike, *, retokenize: bool = False) -> dict:
         with open_store(path) as st:
             problems, version = st.verify(retokenize=retokenize), st.version
     except CorruptStoreError as exc:
-        first = " ".join(str(exc).split())
-        named = first.split(":")[0]  # (the file open stopped at, worded its own way)
-        problems, version = [first] + [p for p in file_problems(_store_path(path)) if p.split(":")[0] != named], None
+        problems, version = unopened_problems(_store_path(path), exc), None
     return {"ok": not problems, "version": version, "problems": problems}

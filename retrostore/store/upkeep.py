@@ -18,7 +18,7 @@ from ..storage.manifest import read_manifest
 from . import maintenance
 from .evaluate import evaluate
 from .inspect import store_info
-from .verify import file_problems, retokenize_problems, verify_version
+from .verify import retokenize_problems, unopened_problems, verify_version
 
 __all__ = ["Upkeep"]
 
@@ -241,8 +241,7 @@ class Upkeep:
             try:
                 newest = type(self)(self.path, mode="r")
             except CorruptStoreError as exc:  # (as verify_store reports a store that does not open)
-                first = " ".join(str(exc).split())
-                return [first] + [p for p in file_problems(self.path) if p.split(":")[0] != first.split(":")[0]]
+                return unopened_problems(self.path, exc)
             with newest:
                 return newest._verify_this_version(retokenize)
         return problems

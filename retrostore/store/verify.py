@@ -209,6 +209,14 @@ def retokenize_problems(version: Version, table: ChunkTable, chunker: Chunker) -
     return problems
 
 
+def unopened_problems(root: os.PathLike, exc: Exception) -> list[str]:
+    """The problems of a store that did not open with ``exc``: its message first (the file the
+    open stopped at, worded its own way), then :func:`file_problems` of the other files."""
+    first = " ".join(str(exc).split())
+    named = first.split(":")[0]
+    return [first] + [p for p in file_problems(root) if p.split(":")[0] != named]
+
+
 def file_problems(root: os.PathLike) -> list[str]:
     """The problems of a store's files against its manifest, found without opening it: for a
     store that fails to open (``retrostore verify`` then reports every missing or damaged file at

@@ -429,16 +429,16 @@ def compact(store, quiet):
     free pages of chunks.lmdb/data.mdb until LMDB reuses them; `retrostore pack`
     writes a copy without them (docs/index.md, "Deletes and compaction")."""
     with retrostore.open(store, "a") as st:
-        before, purged_before = st.version, st.info()["deletes"].get("purged_documents", 0)
+        before, deletes = st.version, st.manifest.get("deletes") or {}
+        pending = deletes.get("documents", 0) - deletes.get("purged_documents", 0)  # what this compact purges
         version = st.compact(progress=not quiet)
         info = st.info()
     if version == before:
         click.echo(f"nothing to compact in {store} (version {version})")
     else:
-        purged = info["deletes"].get("purged_documents", 0)
         click.echo(f"compacted {store}: version {version}, {info['index']['segments']} segment(s), "
-                   f"{purged} documents purged in all")
-        if purged > purged_before:
+                   f"{info['deletes'].get('purged_documents', 0)} documents purged in all")
+        if pending:
             click.echo("note: their text can stay in free pages of chunks.lmdb/data.mdb until LMDB reuses them; "
                        "`retrostore pack` writes a copy that holds none of it")
 

@@ -76,15 +76,17 @@ def _open_env(path: Path, readonly_media: bool) -> lmdb.Environment:
     """``lmdb.open`` of a store's environment. py-lmdb begins a transaction inside the open, which
     fails with MDB_MAP_RESIZED when a writer in another process grew the map after LMDB read the
     meta page (CI: a reader process opening the store beside a committing writer): opened again."""
-    for attempt in range(100):
+    def open_env() -> lmdb.Environment:
+        return lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
+                         readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
+                         readahead=False, create=False, map_async=False)
+
+    for _attempt in range(99):
         try:
-            return lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
-                             readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
-                             readahead=False, create=False, map_async=False)
+            return open_env()
         except lmdb.MapResizedError:
-            if attempt == 99:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return open_env()
 
 
 def _open_tables(env: lmdb.Environment) -> tuple:
@@ -94,15 +96,14 @@ def _open_tables(env: lmdb.Environment) -> tuple:
     while this process's writer thread was inside a commit, it hung the process for good
     (helper-53; a reader thread, ``pack`` or ``verify`` opening the store beside a writer)."""
     try:
-        for attempt in range(100):
+        for _attempt in range(99):
             try:
                 return open_tables(env)
             except lmdb.MapResizedError:
                 # a writer (in another process: this environment is new here) grew the map since
                 # lmdb.open() read the meta page; nothing of this process uses it yet
-                if attempt == 99:
-                    raise
                 env.set_mapsize(0)
+        return open_tables(env)
     except lmdb.Error as exc:
         env.close()
         raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc

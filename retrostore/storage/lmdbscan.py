@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import zlib
 
 import lmdb
@@ -34,21 +33,16 @@ GENESIS = "retrostore"  # seed of the per-commit content hash chain
 MAX_DBS = 8
 
 
-#: LMDB: ``mdb_dbi_open`` must not run in two transactions of one process at once. A process's
-#: handles on one store share one environment (``ChunkTable``'s registry), so threads opening
-#: handles together hung in it (helper-52: 2-4 threads, ``retrostore.open`` each, no CPU used).
-_DBI_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):  # (a child must not copy it held by another thread: helper-53)
-    os.register_at_fork(before=_DBI_LOCK.acquire, after_in_parent=_DBI_LOCK.release,
-                        after_in_child=_DBI_LOCK.release)
-
-
 def open_tables(env: lmdb.Environment) -> tuple:
-    """The ``chunks``, ``docs`` and ``commits`` tables of ``env`` (not created), opened one
-    process-wide call at a time (:data:`_DBI_LOCK`). Raises what ``env.open_db`` raises."""
-    with _DBI_LOCK:
-        return (env.open_db(b"chunks", create=False), env.open_db(b"docs", create=False),
-                env.open_db(b"commits", create=False))
+    """The ``chunks``, ``docs`` and ``commits`` tables of ``env`` (not created). Raises what
+    ``env.open_db`` raises.
+
+    LMDB: ``mdb_dbi_open`` must not run in two transactions of one process at once (helper-52:
+    threads opening handles together hung). Callers open an environment's tables once, before
+    anyone else uses it: ``ChunkTable`` under its registry lock, :func:`scan` on its own
+    environment."""
+    return (env.open_db(b"chunks", create=False), env.open_db(b"docs", create=False),
+            env.open_db(b"commits", create=False))
 
 
 def key(i: int) -> bytes:

@@ -99,6 +99,52 @@ def test_a_flat_fast_scan_store_encodes_while_appending_too(tmp_path, monkeypatc
     assert BatchEncoder.for_store(graph) is None
 
 
+def test_pieces_run_on_one_thread_while_appending_then_on_the_stores_threads(tmp_path, monkeypatch, reference):
+    """A part is encoded in pieces of PIECE_ROWS rows: on one FAISS thread while ``append`` still
+    needs its core, on ``Store.threads`` once the commit waits; the segments stay the reference's
+    byte for byte (pieces added in order are what one FAISS call gives)."""
+    import threading
+
+    monkeypatch.setattr(encoding, "PIECE_ROWS", 64)
+    add, result = encoding.add_vectors, BatchEncoder.result
+    waiting, started = threading.Event(), threading.Event()
+    used: list[tuple[int, int, bool]] = []  # (rows, FAISS threads, after the commit started waiting)
+
+    def piece(index, vectors):
+        used.append((len(vectors), faiss.omp_get_max_threads(), waiting.is_set()))
+        if not waiting.is_set():
+            started.set()
+            waiting.wait(10)  # hold the thread until the commit asks: the later pieces run after it
+        add(index, vectors)
+
+    def commit_waits(self):
+        waiting.set()
+        try:
+            return result(self)
+        finally:
+            waiting.clear()
+
+    monkeypatch.setattr(encoding, "add_vectors", piece)
+    monkeypatch.setattr(BatchEncoder, "result", commit_waits)
+    n = 0
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY, threads=3) as st:
+        for c, parts in enumerate(_parts()):
+            for vecs in parts:
+                st.append([f"d{n + j}" for j in range(len(vecs))], embeddings=vecs)
+                n += len(vecs)
+            if c:  # trained: the batch's first piece has started (on one thread) before the commit
+                assert started.wait(10)
+                started.clear()
+            st.commit()
+        manifest = st.manifest
+    assert _segments(manifest) == _segments(reference)
+    batches = [sum(len(p) for p in parts) for parts in _parts()[1:]]
+    assert sum(rows for rows, _, _ in used) == sum(batches)
+    assert max(rows for rows, _, _ in used) == 64
+    assert {(threads, after) for _, threads, after in used} == {(1, False), (3, True)}
+    assert [threads for _, threads, after in used if not after] == [1] * len(batches)  # one held per batch
+
+
 def test_append_copies_the_callers_embeddings(tmp_path, reference):
     """A caller refilling its array after append (one buffer for every batch) changes nothing stored."""
     commits = _parts()

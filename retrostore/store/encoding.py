@@ -14,6 +14,15 @@ same holds for a flat fast-scan template (``PQ...x4fs`` without IVF, the
 16-byte-per-vector recipe of docs/index.md): codes per vector, stored in order.
 Graphs are not encoded this way (FAISS inserts a batch into an HNSW graph in
 another order than part by part).
+
+The thread encodes a part in pieces of :data:`PIECE_ROWS` rows, on one FAISS
+(OpenMP) thread while ``append`` still works, and on as many as the caller's
+FAISS setting (``Store.threads``) once the commit waits for the segment. Two
+OpenMP threads beside ``append``'s busy core shared that core with it: each
+parallel loop waited for its slower half, and the ingest of 100,000-chunk
+batches took 0.95 s a batch against raw FAISS's 0.70 (2026-12-07, 2 cores).
+Pieces added in order give the segment one call would (the same bytes:
+FAISS adds vector by vector to the end of each list, whatever its thread count).
 """
 
 from __future__ import annotations
@@ -27,7 +36,12 @@ import numpy as np
 from ..index.merge import add_vectors, is_flat_fast_scan
 from ..storage.faisstypes import is_ivf
 
-__all__ = ["BatchEncoder"]
+__all__ = ["BatchEncoder", "PIECE_ROWS"]
+
+#: Rows the encoding thread adds per FAISS call: at most one piece (~0.15 s on one
+#: thread for a 384-dim ``IVF1024,PQ48x4fs``) runs single-threaded after the commit
+#: starts waiting.
+PIECE_ROWS = 16384
 
 log = logging.getLogger("retrostore")
 
@@ -46,6 +60,8 @@ class BatchEncoder:
     def __init__(self, template: faiss.Index) -> None:
         self._index = faiss.clone_index(template)
         self._jobs: list[Future] = []
+        self._threads = max(1, faiss.omp_get_max_threads())  # the caller's setting (Store.threads)
+        self._waiting = False  # set by result(): the caller no longer needs its core
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="retrostore-encode")
 
     @classmethod
@@ -56,12 +72,20 @@ class BatchEncoder:
 
     def add(self, vectors: np.ndarray) -> None:
         """Queue one appended part, ``(n, dim)`` float32 (not modified afterwards: ``append`` copies)."""
-        self._jobs.append(self._pool.submit(add_vectors, self._index, vectors))
+        for lo in range(0, len(vectors), PIECE_ROWS):
+            self._jobs.append(self._pool.submit(self._add_piece, vectors[lo : lo + PIECE_ROWS]))
+
+    def _add_piece(self, piece: np.ndarray) -> None:
+        # omp_set_num_threads sets this thread's own OpenMP setting (GNU OpenMP keeps one per thread)
+        faiss.omp_set_num_threads(self._threads if self._waiting else 1)
+        add_vectors(self._index, piece)
 
     def result(self) -> faiss.Index | None:
         """The segment holding the parts added, waiting for the thread; None when a part failed
         to encode (logged; the commit then encodes the batch itself, as it does when the segment
-        does not hold exactly the batch: a part that was not staged)."""
+        does not hold exactly the batch: a part that was not staged). Pieces not yet started
+        run on the caller's FAISS thread count from now on."""
+        self._waiting = True
         ok = True
         for job in self._jobs:
             try:

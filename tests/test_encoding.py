@@ -145,6 +145,26 @@ def test_pieces_run_on_one_thread_while_appending_then_on_the_stores_threads(tmp
     assert [threads for _, threads, after in used if not after] == [1] * len(batches)  # one held per batch
 
 
+def test_append_hands_the_gil_to_the_encoder_while_it_packs(tmp_path, monkeypatch, reference):
+    """``append``'s packing loop calls ``let_run`` every YIELD_CHUNKS chunks while the encoder has
+    pieces queued or running (FAISS's Ctrl-C check waits for the GIL otherwise); nothing stored changes."""
+    from retrostore.store import writer
+
+    monkeypatch.setattr(writer, "YIELD_CHUNKS", 16)
+    calls = []
+    let_run = BatchEncoder.let_run
+
+    def spy(self):
+        calls.append(self)
+        let_run(self)
+
+    monkeypatch.setattr(BatchEncoder, "let_run", spy)
+    manifest = _build(tmp_path / "s", _parts())
+    parts_after_training = sum(len(p) for parts in _parts()[1:] for p in parts)
+    assert len(calls) >= parts_after_training // 16 - 6  # every 16 one-chunk documents, per part
+    assert _segments(manifest) == _segments(reference)
+
+
 def test_append_copies_the_callers_embeddings(tmp_path, reference):
     """A caller refilling its array after append (one buffer for every batch) changes nothing stored."""
     commits = _parts()

@@ -30,7 +30,7 @@ from ..storage.layout import DATA_MDB, INDEX_DIR, VECTORS_DIR, version_tag
 from ..storage.tombstones import Tombstones, write_tombstones
 from .commit import Commit, collect_garbage
 from .batch import write_batch_files
-from .encoding import BatchEncoder
+from .encoding import YIELD_CHUNKS, BatchEncoder
 from .indexer import fp16_batches
 from .staging import Batch
 from .version import Head
@@ -96,7 +96,12 @@ class Writer:
         doc_recs: list[tuple[bytes, bytes]] = []
         ids = list(range(next_doc, next_doc + len(docs)))
         try:
+            packed = 0  # chunks packed since the encoder last got the GIL
             for doc_id, text, chunks, meta in zip(ids, docs, per_doc, metas):
+                if encoding and packed >= YIELD_CHUNKS:
+                    b.encoder.let_run()
+                    packed = 0
+                packed += len(chunks)
                 chunk_recs += self.table.pack_chunks(next_chunk, doc_id, text, chunks)
                 doc_recs.append(self.table.pack_doc(doc_id, next_chunk, len(chunks), meta, None if chunks else text))
                 next_chunk += len(chunks)

@@ -101,7 +101,8 @@ def test_a_flat_fast_scan_store_encodes_while_appending_too(tmp_path, monkeypatc
 
 def test_pieces_run_on_one_thread_while_appending_then_on_the_stores_threads(tmp_path, monkeypatch, reference):
     """A part is encoded in pieces of PIECE_ROWS rows: on one FAISS thread while ``append`` still
-    needs its core, on ``Store.threads`` once the commit waits; the segments stay the reference's
+    needs its core, on ``Store.threads`` once the commit waits (also when another thread than the
+    store's opener appends); the segments stay the reference's
     byte for byte (pieces added in order are what one FAISS call gives)."""
     import threading
 
@@ -126,8 +127,8 @@ def test_pieces_run_on_one_thread_while_appending_then_on_the_stores_threads(tmp
 
     monkeypatch.setattr(encoding, "add_vectors", piece)
     monkeypatch.setattr(BatchEncoder, "result", commit_waits)
-    n = 0
-    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY, threads=3) as st:
+    def ingest(st):  # on another thread than the store's opener: Store.threads still holds
+        n = 0
         for c, parts in enumerate(_parts()):
             for vecs in parts:
                 st.append([f"d{n + j}" for j in range(len(vecs))], embeddings=vecs)
@@ -136,6 +137,12 @@ def test_pieces_run_on_one_thread_while_appending_then_on_the_stores_threads(tmp
                 assert started.wait(10)
                 started.clear()
             st.commit()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with retrostore.create(tmp_path / "s", embedder=FakeEmbedder(), index=FACTORY, threads=3) as st:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(ingest, st).result()
         manifest = st.manifest
     assert _segments(manifest) == _segments(reference)
     batches = [sum(len(p) for p in parts) for parts in _parts()[1:]]

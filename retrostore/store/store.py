@@ -146,7 +146,8 @@ class Store(Upkeep):
             self._head.load_newest(m, follow=mode == "r" and version is None)
             self._reader = Reader(self._table, self._head, follow_purges=mode == "r")
             if mode == "a":
-                self._writer = Writer(self.path, self._table, self._head, on_lost=self._release)
+                self._writer = Writer(self.path, self._table, self._head, on_lost=self._release,
+                                      threads=1 if _forked_child else self.threads)
                 self._writer.recover()
         except BaseException:
             self._release()

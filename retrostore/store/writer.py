@@ -54,10 +54,14 @@ class Writer:
     on_lost : callable
         Called when a failed commit leaves it unknown which version is current:
         it closes the handle.
+    threads : int
+        FAISS threads of the batch encoder once a commit waits for it
+        (:class:`~retrostore.store.encoding.BatchEncoder`): ``Store.threads``.
     """
 
-    def __init__(self, root: Path, table: ChunkTable, head: Head, on_lost: Callable[[], None]):
+    def __init__(self, root: Path, table: ChunkTable, head: Head, on_lost: Callable[[], None], threads: int = 1):
         self.root = root
+        self.threads = threads  # FAISS threads of the batch encoder once a commit waits for it
         self.table = table
         self.head = head
         self._on_lost = on_lost
@@ -138,7 +142,7 @@ class Writer:
             if b.vectors:  # an earlier part was not encoded: the commit encodes the batch
                 return False
             m = self.manifest
-            b.encoder = BatchEncoder.for_store(self.head.template(m["index"]))
+            b.encoder = BatchEncoder.for_store(self.head.template(m["index"]), self.threads)
             if b.encoder is None:
                 return False
         b.encoder.add(vectors)

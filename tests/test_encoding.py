@@ -316,3 +316,29 @@ def test_a_commit_that_loses_the_version_stops_the_encoder(tmp_path, monkeypatch
     st.close()
     assert st._closed
     assert not [t for t in threading.enumerate() if t.name.startswith("retrostore-encode")]
+
+
+def test_after_the_commit_waited_pieces_run_on_one_thread_again(monkeypatch):
+    """A failed commit keeps the batch staged with its encoder: later appended pieces run on one
+    FAISS thread again, beside ``append`` (helper-55: they ran on every thread after it)."""
+    rng = np.random.default_rng(5)
+    template = faiss.index_factory(64, FACTORY, faiss.METRIC_INNER_PRODUCT)
+    template.train(_vectors(rng, 1000))
+    used = []
+    add = encoding.add_vectors
+
+    def piece(index, vectors):
+        used.append(faiss.omp_get_max_threads())
+        add(index, vectors)
+
+    monkeypatch.setattr(encoding, "add_vectors", piece)
+    enc = BatchEncoder(template, threads=2)
+    try:
+        enc.add(_vectors(rng, 100))
+        assert enc.result().ntotal == 100  # what a commit that then fails took
+        enc.add(_vectors(rng, 100))  # the retried batch's next part, appended
+        enc._jobs[-1].result()
+        assert used[-1] == 1
+        assert enc.result().ntotal == 200
+    finally:
+        enc.close()

@@ -350,9 +350,10 @@ def app_from_environ() -> Starlette:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     # FAISS's Python build takes the GIL every few thousand rows of a search to check for Ctrl-C
     # (PythonInterruptCallback); the batcher's searches then wait for the event loop's Python work
-    # to let go of it, up to sys.getswitchinterval() (5 ms) each time. This process is the server's
-    # own, uvicorn handles its signals and a search lasts milliseconds: no callback. Paired quick runs
-    # of benchmarks/serve.py (2026-12-07, 7,050 chunks): 32 clients 410-420 answers/s against
+    # to let go of it, up to sys.getswitchinterval() (5 ms) each time. uvicorn handles this process's
+    # signals while it serves and a search lasts milliseconds: no callback until the server stops
+    # (retrostore.serve.runner.run puts it back when uvicorn ran in the caller's process). Paired quick
+    # runs of benchmarks/serve.py (2026-12-07, 7,050 chunks): 32 clients 410-420 answers/s against
     # 378-398, server CPU per answer 3.67-3.74 ms against 3.91-4.10.
     faiss.InterruptCallback.clear_instance()
     return create_app(ServeSettings.from_json(text))

@@ -121,6 +121,10 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
                         timeout_graceful_shutdown=10, http=protocol)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if settings.workers == 1:  # the app ran here: FAISS's Ctrl-C check back (app_from_environ)
+            import faiss
+
+            faiss.PythonInterruptCallback.reset()
 
 
 def _exit_quietly(signum, frame) -> None:

@@ -107,9 +107,16 @@ class BatchEncoder:
     def result(self) -> faiss.Index | None:
         """The segment holding the parts added, waiting for the thread; None when a part failed
         to encode (logged; the commit then encodes the batch itself, as it does when the segment
-        does not hold exactly the batch: a part that was not staged). Pieces not yet started
-        run on the caller's FAISS thread count from now on."""
+        does not hold exactly the batch: a part that was not staged). Pieces that start
+        meanwhile run on the store's ``threads``; after it (a failed commit keeps the batch
+        staged, and ``append`` may go on) on one again."""
         self._waiting = True
+        try:
+            return self._wait_all()
+        finally:
+            self._waiting = False
+
+    def _wait_all(self) -> faiss.Index | None:
         ok = True
         for job in self._jobs:
             try:

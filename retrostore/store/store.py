@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -95,7 +96,10 @@ class Store(Upkeep):
     A reader sees one committed version (``Store.version``) until
     :meth:`refresh`. The writer (``mode="a"``) appends with :meth:`append`
     and publishes with :meth:`commit`; appended data is invisible to every
-    reader, including the writer's own searches, until then.
+    reader, including the writer's own searches, until then. Threads may
+    share a handle: its writes (``append``'s staging, ``commit``, ``delete``,
+    ``reindex``, ``compact``, ``close``) take turns; chunking and embedding
+    in ``append`` run side by side.
     """
 
     def __init__(self, path, *, mode="r", embedder=None, version=None, timeout_s=None, threads=None, mmap=None):
@@ -108,6 +112,10 @@ class Store(Upkeep):
         self.path = Path(path)
         self.mode = mode
         self._pid = os.getpid()
+        # One write at a time through this handle (append's staging, commit, delete, reindex,
+        # compact, close): two threads staging at once gave both the same ids (helper-55: a
+        # committed version missing 500 document records).
+        self._write_lock = threading.RLock()
         self._closed = False
         self._embedder: Embedder | None = None
         self._own_embedder = False  # True once the store loaded the default model itself
@@ -169,9 +177,15 @@ class Store(Upkeep):
         discarded (their LMDB records are removed)."""
         if self._closed:
             return
-        if self._writer is not None and os.getpid() == self._pid and self._table is not None:
-            self._writer.discard()
-        self._release()
+        if os.getpid() != self._pid:  # a forked child: another thread may have held the lock at fork
+            self._release()
+            return
+        with self._write_lock:  # after a write running in another thread
+            if self._closed:
+                return
+            if self._writer is not None and self._table is not None:
+                self._writer.discard()
+            self._release()
 
     def _release(self) -> None:
         self._closed = True
@@ -423,7 +437,10 @@ class Store(Upkeep):
             per_doc = self.chunker.chunk_many(docs)
         else:
             per_doc = self.chunker.check_chunks(docs, [chunks] if single else chunks)
-        return self._writer.stage(docs, per_doc, metas, self._vectors_for(docs, per_doc, embeddings))
+        vectors = self._vectors_for(docs, per_doc, embeddings)
+        with self._write_lock:  # chunking and embedding above run side by side; staging takes turns
+            self._check(write=True)
+            return self._writer.stage(docs, per_doc, metas, vectors)
 
     def _vectors_for(self, docs: list[str], per_doc: list, embeddings: Any) -> np.ndarray:
         """The chunks' vectors: ``embeddings`` checked, or computed by the store's embedder."""
@@ -462,8 +479,9 @@ class Store(Upkeep):
             case where the failure left it unknown which version is current,
             the message says so and this handle is closed: open the store again.
         """
-        self._check(write=True)
-        return self._writer.commit()
+        with self._write_lock:
+            self._check(write=True)
+            return self._writer.commit()
 
     # -- reading -----------------------------------------------------------
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[Chunk]:

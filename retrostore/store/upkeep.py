@@ -43,8 +43,9 @@ class Upkeep:
             An id is not an int or not committed.
         ReadOnlyStoreError, StoreClosedError
         """
-        self._check(write=True)
-        return self._writer.delete(doc_ids)
+        with self._write_lock:
+            self._check(write=True)
+            return self._writer.delete(doc_ids)
 
     def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
                 params: dict | None = None, mmap: bool | None = None, progress: bool = True) -> int:
@@ -100,6 +101,11 @@ class Upkeep:
     def _maintain(self, what: str, run) -> int:
         """``run()``, a maintenance version, with FAISS's and the disk's failures as RetrostoreErrors
         (helper-37: a full disk gave a bare OSError traceback)."""
+        with self._write_lock:
+            self._check(write=True)
+            return self._maintain_locked(what, run)
+
+    def _maintain_locked(self, what: str, run) -> int:
         before = self._head.version.number
         try:
             return run()

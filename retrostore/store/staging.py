@@ -53,9 +53,9 @@ class Batch:
 
     def close(self) -> None:
         """Stop the encoder's thread (the batch is committed or dropped)."""
-        if self.encoder is not None:
-            self.encoder.close()
-            self.encoder = None
+        encoder, self.encoder = self.encoder, None  # forgotten first: a Ctrl-C in the wait below
+        if encoder is not None:                     # must not leave a shut-down pool to the next append
+            encoder.close()
 
     @property
     def empty(self) -> bool:

@@ -20,6 +20,8 @@ import signal
 import socket
 import tempfile
 
+import faiss
+
 import retrostore
 from retrostore.errors import CorruptStoreError, FormatVersionError, InvalidInputError
 
@@ -122,8 +124,6 @@ def run(settings: ServeSettings, *, log_level: str = "info") -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         if settings.workers == 1:  # the app ran here: FAISS's Ctrl-C check back (app_from_environ)
-            import faiss
-
             faiss.PythonInterruptCallback.reset()
 
 

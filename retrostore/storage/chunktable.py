@@ -72,21 +72,24 @@ class MissingRecordError(CorruptStoreError):
         self.ids = ids
 
 
-def _open_env(path: Path, readonly_media: bool) -> lmdb.Environment:
-    """``lmdb.open`` of a store's environment. py-lmdb begins a transaction inside the open, which
-    fails with MDB_MAP_RESIZED when a writer in another process grew the map after LMDB read the
-    meta page (CI: a reader process opening the store beside a committing writer): opened again."""
-    def open_env() -> lmdb.Environment:
-        return lmdb.open(os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS,
-                         readonly=readonly_media, lock=not readonly_media, metasync=False, sync=True,
-                         readahead=False, create=False, map_async=False)
-
+def _retry_map_resized(fn, between=lambda: None):
+    """``fn()``, tried again (up to 99 times, ``between()`` before each retry) while it fails with
+    MDB_MAP_RESIZED: a writer in another process grew the map after LMDB read the meta page."""
     for _attempt in range(99):
         try:
-            return open_env()
+            return fn()
         except lmdb.MapResizedError:
-            pass
-    return open_env()
+            between()
+    return fn()
+
+
+def _open_env(path: Path, readonly_media: bool) -> lmdb.Environment:
+    """``lmdb.open`` of a store's environment. py-lmdb begins a transaction inside the open, which
+    fails with MDB_MAP_RESIZED beside a writer process growing the map (CI: a reader process opening
+    the store beside a committing writer): opened again."""
+    return _retry_map_resized(lambda: lmdb.open(
+        os.fspath(path), subdir=True, map_size=_INITIAL_MAP_BYTES, max_dbs=_MAX_DBS, readonly=readonly_media,
+        lock=not readonly_media, metasync=False, sync=True, readahead=False, create=False, map_async=False))
 
 
 def _open_tables(env: lmdb.Environment) -> tuple:
@@ -94,16 +97,11 @@ def _open_tables(env: lmdb.Environment) -> tuple:
     process. ``open_db`` runs a write transaction of its own (a read transaction's handles would
     not outlive it), and LMDB waits for the writer lock holding the GIL: opened by a second handle
     while this process's writer thread was inside a commit, it hung the process for good
-    (helper-53; a reader thread, ``pack`` or ``verify`` opening the store beside a writer)."""
+    (helper-53; a reader thread, ``pack`` or ``verify`` opening the store beside a writer). After
+    MDB_MAP_RESIZED the environment (new here: nothing of this process uses it yet) adopts the map
+    size the writer set, then tries again."""
     try:
-        for _attempt in range(99):
-            try:
-                return open_tables(env)
-            except lmdb.MapResizedError:
-                # a writer (in another process: this environment is new here) grew the map since
-                # lmdb.open() read the meta page; nothing of this process uses it yet
-                env.set_mapsize(0)
-        return open_tables(env)
+        return _retry_map_resized(lambda: open_tables(env), between=lambda: env.set_mapsize(0))
     except lmdb.Error as exc:
         env.close()
         raise CorruptStoreError(f"{LMDB_DIR}: its tables cannot be opened ({exc}); the file is damaged") from exc

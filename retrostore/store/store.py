@@ -14,11 +14,12 @@ layout and the commit protocol.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -199,6 +200,14 @@ class Store(Upkeep):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write through this handle (``_write_lock``: writes of other threads take turns), after
+        :meth:`_check` (the handle may have closed while this thread waited)."""
+        with self._write_lock:
+            self._check(write=True)
+            yield
 
     def _check(self, write: bool = False, *, fork_ok: bool = False) -> None:
         """Refuse a closed handle, one used after fork (unless ``fork_ok``: the call touches no LMDB
@@ -438,8 +447,7 @@ class Store(Upkeep):
         else:
             per_doc = self.chunker.check_chunks(docs, [chunks] if single else chunks)
         vectors = self._vectors_for(docs, per_doc, embeddings)
-        with self._write_lock:  # chunking and embedding above run side by side; staging takes turns
-            self._check(write=True)
+        with self._writing():  # chunking and embedding above run side by side; staging takes turns
             return self._writer.stage(docs, per_doc, metas, vectors)
 
     def _vectors_for(self, docs: list[str], per_doc: list, embeddings: Any) -> np.ndarray:
@@ -479,8 +487,7 @@ class Store(Upkeep):
             case where the failure left it unknown which version is current,
             the message says so and this handle is closed: open the store again.
         """
-        with self._write_lock:
-            self._check(write=True)
+        with self._writing():
             return self._writer.commit()
 
     # -- reading -----------------------------------------------------------

@@ -43,8 +43,7 @@ class Upkeep:
             An id is not an int or not committed.
         ReadOnlyStoreError, StoreClosedError
         """
-        with self._write_lock:
-            self._check(write=True)
+        with self._writing():
             return self._writer.delete(doc_ids)
 
     def reindex(self, index: str | None = None, *, train_size: int | None = None, seed: int | None = None,
@@ -69,7 +68,6 @@ class Upkeep:
             A write failed (``errno.ENOSPC``: a full disk); the message says
             whether the new version was published (else the store is unchanged).
         """
-        self._check(write=True)
         return self._maintain("reindex", lambda: maintenance.reindex(
             self._writer, index, train_size=train_size, seed=seed, params=params, mmap=mmap, progress=progress))
 
@@ -95,27 +93,22 @@ class Upkeep:
             A write failed (``errno.ENOSPC``: a full disk); the message says
             whether the new version was published (else the store is unchanged).
         """
-        self._check(write=True)
         return self._maintain("compact", lambda: maintenance.compact(self._writer, progress=progress))
 
     def _maintain(self, what: str, run) -> int:
-        """``run()``, a maintenance version, with FAISS's and the disk's failures as RetrostoreErrors
-        (helper-37: a full disk gave a bare OSError traceback)."""
-        with self._write_lock:
-            self._check(write=True)
-            return self._maintain_locked(what, run)
-
-    def _maintain_locked(self, what: str, run) -> int:
-        before = self._head.version.number
-        try:
-            return run()
-        except RuntimeError as exc:  # FAISS: nothing was published
-            raise RetrostoreError(f"{what} failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
-                                  "unchanged") from exc
-        except (OSError, lmdb.Error) as exc:
-            if isinstance(exc, RetrostoreError):
-                raise
-            raise maintenance_error(exc, what, before, self._head.version.number) from exc
+        """``run()``, a maintenance version (a write: :meth:`_writing`), with FAISS's and the disk's
+        failures as RetrostoreErrors (helper-37: a full disk gave a bare OSError traceback)."""
+        with self._writing():
+            before = self._head.version.number
+            try:
+                return run()
+            except RuntimeError as exc:  # FAISS: nothing was published
+                raise RetrostoreError(f"{what} failed in FAISS ({' '.join(str(exc).split())[:300]}); the store is "
+                                      "unchanged") from exc
+            except (OSError, lmdb.Error) as exc:
+                if isinstance(exc, RetrostoreError):
+                    raise
+                raise maintenance_error(exc, what, before, self._head.version.number) from exc
 
     def evaluate(self, queries: int = 1000, k: int = 10, *, params: dict | None = None, seed: int = 0) -> dict:
         """Recall@k of the index against exact search over the stored vectors, and latency

@@ -419,7 +419,6 @@ class RawVectors:
             out[where] = np.einsum("md,md->m", rows, q) if metric == "ip" else ((rows - q) ** 2).sum(-1)
         return out.reshape(n, kk)
 
-
     def _gather(self, sid: np.ndarray) -> np.ndarray | None:
         """Rows of the sorted chunk ids ``sid`` (all inside the files) as stored, read file by file
         (blocks checked, :meth:`_read`) into one C-contiguous array; None when ``sid`` is empty.

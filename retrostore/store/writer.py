@@ -61,7 +61,7 @@ class Writer:
 
     def __init__(self, root: Path, table: ChunkTable, head: Head, on_lost: Callable[[], None], threads: int = 1):
         self.root = root
-        self.threads = threads  # FAISS threads of the batch encoder once a commit waits for it
+        self.threads = threads
         self.table = table
         self.head = head
         self._on_lost = on_lost

@@ -65,7 +65,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # retrostore itself: as installed, or a snapshot on PYTHONPATH
 
-from _common import PYDOCS, SAMPLE, PrecomputedOnly, busy_processes, machine, print_machine, record, table  # noqa: E402
+from _common import (PYDOCS, SAMPLE, TURN_PAUSE_S, PrecomputedOnly, busy_processes, machine,  # noqa: E402
+                     print_machine, record, table, take_turns)
 from scale_data import BLOCK, ClusteredVectors, TextPool  # noqa: E402
 
 K = 10
@@ -399,11 +400,9 @@ def child_queries(spec: dict) -> dict:
 
 
 #: Paired runs: the systems take turns in this many blocks of queries (random order per block),
-#: each block after this pause. numpy's OpenBLAS threads spin on after a product (up to ~0.1 s):
-#: in turns of one query, the numpy floor's and the raw baseline's re-ranking products slowed the
-#: system that ran next (benchmarks/scan.py).
+#: each block after a pause (``_common.take_turns``: the numpy floor's and the raw baseline's
+#: re-ranking products leave OpenBLAS's threads spinning).
 PAIR_BLOCKS = 10
-PAIR_PAUSE_S = 0.3
 
 
 def child_paired(spec: dict) -> dict:
@@ -419,18 +418,11 @@ def child_paired(spec: dict) -> dict:
     for sysm in systems.values():
         for i in range(min(20, len(qs))):
             sysm.query(qs[i : i + 1])
-    passes = [{name: [] for name in systems} for _ in range(int(spec.get("passes", 1)))]
     rng = np.random.default_rng(0)
-    names = list(systems)
+    calls = {name: sysm.query for name, sysm in systems.items()}
+    rows = [qs[i : i + 1] for i in range(len(qs))]
     with busy_processes(1) if spec.get("hog") else contextlib.nullcontext():
-        for lat in passes:
-            for block in np.array_split(np.arange(len(qs)), PAIR_BLOCKS):
-                for j in rng.permutation(len(names)):
-                    time.sleep(PAIR_PAUSE_S)
-                    for i in block:
-                        t = time.perf_counter()
-                        systems[names[j]].query(qs[i : i + 1])
-                        lat[names[j]].append(time.perf_counter() - t)
+        passes = [take_turns(calls, rows, PAIR_BLOCKS, rng=rng) for _ in range(int(spec.get("passes", 1)))]
     for sysm in systems.values():
         sysm.close()
     out = {"latency_s": passes[0], "load_during": os.getloadavg()}
@@ -715,7 +707,7 @@ def render(results: list[dict], info: dict, args) -> str:
              + ". raw FAISS: the store's final factory and "
              f"search parameters, trained once on the first batch with the store's sample size, float16 vectors "
              f"file for re-ranking, LMDB texts. Cold: files evicted with `posix_fadvise(DONTNEED)` after "
-             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, taking turns in {PAIR_BLOCKS} blocks of queries (random order), each after a {PAIR_PAUSE_S:g} s pause, after 20 warm-up queries each (the store's "
+             f"`fsync`, median of {args.cold_rounds} rounds. Latency: both in one process, taking turns in {PAIR_BLOCKS} blocks of queries (random order), each after a {TURN_PAUSE_S:g} s pause, after 20 warm-up queries each (the store's "
              f"first, a read-only handle's, merged its segments in memory). ",
              ""]
     hdr = ["chunks"] + [f"{s['n']:,}" for s in sums]

@@ -29,17 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 import _common as C
-
-#: Seconds before each block of calls (OpenBLAS's threads go back to sleep).
-PAUSE_S = 0.3
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -74,21 +69,12 @@ def store_paths(st, X: np.ndarray, k: int = 10):
             "store.search_vectors (Flat)": lambda q: st.search_vectors(q[None, :], k=k)}
 
 
-def in_blocks(paths: dict, queries: np.ndarray, rounds: int = 4, pause_s: float = PAUSE_S) -> dict[str, float]:
-    """Median seconds per call of each path, the paths taking turns in ``rounds`` blocks of queries,
-    each block after a pause: OpenBLAS's threads spin on after a numpy product (for up to ~0.1 s),
-    and in turns of one query they slowed whatever ran next (the store's scan: 2.35 against 1.6 ms
-    at 51,429 vectors)."""
-    times: dict[str, list[float]] = {name: [] for name in paths}
+def in_blocks(paths: dict, queries: np.ndarray, rounds: int = 4) -> dict[str, float]:
+    """Median seconds per call of each path (after one warm call each), the paths taking turns in
+    ``rounds`` blocks of queries, each block after a pause (``_common.take_turns``)."""
     for fn in paths.values():  # warm
         fn(queries[0])
-    for block in np.array_split(queries, rounds):
-        for name, fn in paths.items():
-            time.sleep(pause_s)
-            for q in block:
-                t0 = time.perf_counter()
-                fn(q)
-                times[name].append(time.perf_counter() - t0)
+    times = C.take_turns(paths, queries, rounds)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
@@ -128,7 +114,7 @@ def main(argv=None) -> int:
         C.table(["vectors", "part", "busy processes", "path", "median ms", "vs the first row of its group"], rows),
         "",
         f"{C.SYNTH_DIM}-d random unit vectors, one query per call, {args.calls} calls per path in 4 blocks taking "
-        f"turns, each after a {PAUSE_S:g} s pause; "
+        f"turns, each after a {C.TURN_PAUSE_S:g} s pause; "
         f"FAISS {faiss.__version__}; numpy's BLAS on its default threads. 'busy': CPU-bound processes started "
         "by the benchmark. Below 1.00x is faster than the first row of its group.",
     ])

@@ -444,7 +444,7 @@ def build_sharded(
                         shutil.rmtree(d, ignore_errors=True)
                     merged_dirs = []
                 bar.update(1)
-                bar.set_postfix(chunks=n_chunks, chunks_per_s=f"{n_chunks / (time.perf_counter() - t0):.0f}",
+                bar.set_postfix(chunks=f"{n_chunks:,}", chunks_per_s=f"{n_chunks / (time.perf_counter() - t0):.0f}",
                                 refresh=False)
         finally:
             bar.close()

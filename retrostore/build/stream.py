@@ -232,7 +232,8 @@ def build_store(
         if since_commit >= commit_every:
             commit()
         rate = n_chunks / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(docs=n_docs, chunks=n_chunks, chunks_per_s=f"{rate:.0f}", refresh=False)
+        # strings: tqdm shows a number in its shortest form (30,000 chunks as "3e+4")
+        bar.set_postfix(docs=f"{n_docs:,}", chunks=f"{n_chunks:,}", chunks_per_s=f"{rate:.0f}", refresh=False)
 
     try:
         with st:

@@ -380,19 +380,45 @@ _PARAM_HELP = "Search parameter name=value (nprobe, efSearch, quantizer_efSearch
 @cli.command(context_settings={"ignore_unknown_options": True})  # (`delete S -1`: an id error, not an option's)
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("doc_ids", nargs=-1, required=True, type=int)
+@click.option("--dry-run", is_flag=True,
+              help="Show each document that would be deleted (chunks, characters, metadata, first words); change nothing.")
 @friendly
-def delete(store, doc_ids):
+def delete(store, doc_ids, dry_run):
     """Delete documents DOC_IDS (document ids, as `search` prints them after
     `doc`) from STORE, a take-down: from the committed version on, their chunks
     are never returned; retained older versions and servers pinned to one still
     hold them until `retrostore compact` purges them from the index, vectors
-    and records."""
+    and records. Try it with --dry-run first: a chunk id pasted as a document
+    id names another document."""
+    if dry_run:
+        _delete_dry_run(store, list(dict.fromkeys(doc_ids)))
+        return
     with retrostore.open(store, "a") as st:
         n = st.delete(list(doc_ids))
         version = st.commit()
     click.echo(f"deleted {n} documents ({len(set(doc_ids)) - n} already deleted); version {version}")
     if n:
         click.echo("note: retained versions before it still hold them; `retrostore compact` purges them")
+
+
+def _delete_dry_run(store, doc_ids: list[int]) -> None:
+    """``delete --dry-run``: what the delete would remove, read from the committed version."""
+    with retrostore.open(store) as st:
+        deleted = {d["doc_id"] for d in st.info()["deletes"]["deleted_documents"]}
+        n = chunks = 0
+        for doc_id in doc_ids:
+            if doc_id in deleted:
+                click.echo(f"doc {doc_id}: already deleted")
+                continue
+            doc = st.get_document(doc_id)
+            n += 1
+            chunks += len(doc.chunk_ids)
+            start = " ".join(doc.text[:120].split())
+            ids = doc.chunk_ids
+            span = f" (ids {ids.start}..{ids.stop - 1})" if ids else ""
+            click.echo(f"doc {doc_id}: {len(ids)} chunks{span}, {len(doc.text):,} characters, metadata "
+                       f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)[:200]}\n    {start!r}")
+    click.echo(f"would delete {n} documents ({chunks} chunks); nothing changed (dry run)")
 
 
 @cli.command()

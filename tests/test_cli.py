@@ -90,6 +90,29 @@ def test_inspect_says_what_is_deleted(cli_store, tmp_path):
     assert gone["doc_id"] == 0 and gone["purged_at_version"] == info["version"] and gone["chunks"][0] == 0
 
 
+def test_delete_dry_run_shows_the_documents_and_changes_nothing(cli_store, tmp_path):
+    """A chunk id pasted as a document id deletes another document: --dry-run shows which one
+    (its chunks, size, metadata and first words) before anything is committed."""
+    import shutil
+
+    path = tmp_path / "d.rstore"
+    shutil.copytree(cli_store, path)
+    with retrostore.open(path) as st:
+        before, doc = st.version, st.get_document(3)
+    assert CliRunner().invoke(cli, ["delete", str(path), "0"]).exit_code == 0
+    res = CliRunner().invoke(cli, ["delete", str(path), "3", "0", "3", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    first_words = " ".join(doc.text[:120].split())
+    assert f"doc 3: {len(doc.chunk_ids)} chunks (ids {doc.chunk_ids.start}..{doc.chunk_ids.stop - 1}), " \
+           f"{len(doc.text):,} characters" in res.output and repr(first_words) in res.output, res.output
+    assert "doc 0: already deleted" in res.output and res.output.count("doc 3:") == 1
+    assert f"would delete 1 documents ({len(doc.chunk_ids)} chunks); nothing changed (dry run)" in res.output
+    with retrostore.open(path) as st:
+        assert st.version == before + 1 and st.get_document(3).text == doc.text  # only the real delete committed
+    bad = CliRunner().invoke(cli, ["delete", str(path), "999999", "--dry-run"])
+    assert bad.exit_code != 0 and "999999" in bad.output and "outside the committed range" in bad.output
+
+
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
     """helper-54: after delete + compact, `grep` found most lines of the taken-down page in
     chunks.lmdb/data.mdb (LMDB's free pages), while the README said "purged from every file".

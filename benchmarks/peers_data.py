@@ -68,7 +68,7 @@ def cache_from_store(cache_dir: Path, store_path: Path, corpus: Path) -> dict:
     """Fill the cache from a complete store built from ``corpus`` with the default model.
 
     Reads only through the store's read API (``retrostore.open(path)`` in mode
-    "r"): the vectors of its Flat index (``Version.stored_vectors``; float32 as
+    "r"): its stored vectors (``Version.stored_vectors``; float32 as
     embedded for a store with ``vector_dtype="float32"`` or of format 2, their
     float16 values otherwise: the cache's source line says which), its chunk
     texts and document texts. The store is never written.
@@ -100,12 +100,15 @@ def cache_from_store(cache_dir: Path, store_path: Path, corpus: Path) -> dict:
                 chunk_text.append(c.text)
         doc_texts = [st.get_document(d).text for d in range(len(docs))]
         factory = m["index"]["factory"]
-        precision = ("float16 values" if any(e.get("codec") == "fp16" for e in m["index"]["segments"])
-                     else "exact float32 vectors")
+        # float16 where the store keeps float16 raw vectors (the default) or float16 Flat segments
+        # (the 2026-12-07 run, an HNSW store with float16 raw vectors, was labelled float32)
+        fp16 = (m["vectors"].get("dtype") == "float16" and m["settings"]["keep_vectors"]
+                or any(e.get("codec") == "fp16" for e in m["index"]["segments"]))
+        precision = "float16 values" if fp16 else "exact float32 vectors"
     if doc_texts != docs:
         bad = next(i for i, (a, b) in enumerate(zip(doc_texts, docs)) if a != b)
         raise SystemExit(f"{store_path}: document {bad} differs from the corpus {corpus}")
-    meta = {"source": f"store {store_path} (index {factory}, {precision} of its Flat index)",
+    meta = {"source": f"store {store_path} (index {factory}, {precision} of its stored vectors)",
             "corpus": str(corpus), "corpus_sha256": _sha256(corpus),
             "model_sha256": retrostore.DEFAULT_MODEL_SHA256, "chunk_tokens": 64,
             "documents": len(docs), "chunks": int(n), "seconds": round(time.perf_counter() - t0, 1)}

@@ -168,6 +168,12 @@ def _on_disk(files: dict) -> str:
     return f", {_human(disk)} on disk" if disk is not None and disk < 0.9 * size else ""
 
 
+def _total_on_disk(files: dict) -> str:
+    """" (0.8 GiB on disk)" where the store's files take much less disk than their sizes (compact's holes)."""
+    disk, size = files.get("total_disk_bytes"), files["total_bytes"]
+    return f" ({_human(disk)} on disk)" if disk is not None and disk < 0.9 * size else ""
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -225,7 +231,7 @@ def inspect(store, as_json):
                   + ("vectors in the Flat segments " if files.get("vectors_in_index")
                      else f"vectors {_human(files['vectors_bytes'])} ")
                   + f"({files['vectors_dtype']}{_on_disk(files)}), lmdb {_human(files['lmdb_bytes'])}, "
-                  f"total {_human(files['total_bytes'])}"),
+                  f"total {_human(files['total_bytes'])}{_total_on_disk(files)}"),
         ("manifest", f"sha256 {info['manifest_sha256']}"),
         ("created", info["created_at"]),
         ("committed", info["committed_at"]),

@@ -234,6 +234,12 @@ def test_compact_gives_back_the_disk_of_purged_vectors(tmp_path, pydocs, embedde
         files = st.info()["files"]
         row_bytes = before.shape[1] * before.itemsize
         assert files["vectors_disk_bytes"] <= files["vectors_bytes"] - len(gone) * row_bytes + 2 * 4096 + 4096
+        # the whole directory as du counts it: the holes are missing there too
+        on_disk = [q.stat() for q in path.rglob("*") if q.is_file()]
+        assert files["total_disk_bytes"] == sum(s.st_blocks * 512 for s in on_disk)
+        assert files["total_bytes"] == sum(s.st_size for s in on_disk)
+        holes = files["vectors_bytes"] - files["vectors_disk_bytes"]
+        assert files["total_bytes"] - files["total_disk_bytes"] >= holes - 4096 * len(on_disk)
         assert st.verify() == []
     archive = tmp_path / "s.tar.zst"
     retrostore.pack(path, archive)

@@ -20,14 +20,16 @@ __all__ = ["store_info", "RETRAIN_HINT_GROWTH"]
 RETRAIN_HINT_GROWTH = 16
 
 
-def _dir_bytes(path) -> int:
+def _dir_bytes(path, disk: bool = False) -> int:
+    """Bytes of the files under ``path``: their sizes, or (``disk``) the disk blocks they occupy."""
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
             try:
-                total += os.path.getsize(os.path.join(dirpath, f))
+                st = os.stat(os.path.join(dirpath, f))
             except OSError:
-                pass
+                continue
+            total += st.st_blocks * 512 if disk else st.st_size
     return total
 
 
@@ -85,6 +87,7 @@ def store_info(version: Version, *, readonly_media: bool) -> dict:
             "tokenizer_bytes": m["tokenizer"]["size"],
             "referenced_files": len(files),
             "total_bytes": _dir_bytes(root),
+            "total_disk_bytes": _dir_bytes(root, disk=True),
         },
         "settings": m["settings"],
         "manifest_sha256": _manifest.manifest_sha256(root, m),

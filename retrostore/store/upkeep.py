@@ -177,7 +177,9 @@ class Upkeep:
             ``vectors_dtype``, ``vectors_in_index`` (an ``index="Flat"`` store keeping its raw
             vectors in its segments), ``lmdb_bytes``, ``tokenizer_bytes``,
             ``referenced_files`` (files the current manifest names),
-            ``total_bytes`` (the whole directory, retained versions included);
+            ``total_bytes`` (the whole directory, retained versions included),
+            ``total_disk_bytes`` (the disk blocks it occupies: less than ``total_bytes``
+            where ``compact`` left holes, as ``du`` counts);
             ``settings``; ``manifest_sha256`` (of ``manifest.json``, as
             ``sha256sum`` prints it); ``created_at``, ``committed_at`` (manifest,
             UTC ISO-8601), ``modified_at`` (``manifest.json``'s mtime);

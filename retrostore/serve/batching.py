@@ -9,8 +9,9 @@ waits: with nothing else in flight the batch runs at once. A request of more
 than ``max_batch`` queries (or, for text, more than ``max_batch * 256``
 characters) is answered a slice at a time, the requests that arrive meanwhile
 answered between its slices (from the same version). Between batches the
-thread moves the store to the newest committed version, so a batch is answered
-from one version, never from a half-switched one.
+thread moves to the newest committed version (the handle the engine's follower
+thread opened and warmed for it), so a batch is answered from one version,
+never from a half-switched one.
 
 FAISS and onnxruntime run their own thread pools inside each call, so one
 thread issuing the calls keeps the CPUs busy; it also means the store is never

@@ -3,8 +3,11 @@
 :class:`Engine` opens the store, answers batches of search and neighbours
 requests with as few embedder and FAISS calls as the requests allow, looks
 chunks and documents up by id, and moves to each newly committed version
-between batches. It uses the public API only (``retrostore.open`` and
-``Store`` methods); every answer is built from one committed version.
+between batches: a follower thread opens and warms that version's handle
+(:mod:`retrostore.serve.follow`), and the batcher swaps it in. It uses
+``retrostore.open`` and ``Store`` methods, and three internals named where
+they are used (the exclusion search's reader, the chunk table's commit chain
+and file identity); every answer is built from one committed version.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import retrostore
 from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError, StoreReplacedError
 from retrostore.store.retrieval import search_excluding
 
+from .follow import Follower, manifest_stamp
 from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
 from .settings import ServeSettings
 from .wire import scores_to_json
@@ -28,10 +32,6 @@ from .wire import scores_to_json
 __all__ = ["Engine"]
 
 log = logging.getLogger("retrostore.serve")
-
-#: Seconds between attempts to open a store that replaced the one served, while they fail.
-_REOPEN_RETRY_S = 1.0
-
 
 class Engine:
     """A read-only store and the batch operations a server runs on it.
@@ -50,14 +50,15 @@ class Engine:
         self.mmap = False
         self.started_at = time.time()
         self._info: dict | None = None
-        self._last_refresh = 0.0
-        self._refresh_error: str | None = None
-        self._reopen_after = 0.0
+        self._manifest: dict = {}
+        self._follower: Follower | None = None
+        self._shared_embedder: Any = None  # the served handle's, given to each next version's handle
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
         """Open the store read-only (memory-mapped when asked, or by default with several workers)."""
         s = self.settings
+        stamp = manifest_stamp(s.store)  # before the open: a commit after it is the follower's to see
         embedder = self._embedder
         if embedder is None and s.spin:
             try:  # the default model with spinning threads (ServeSettings.spin)
@@ -72,11 +73,18 @@ class Engine:
         self.facts = StoreFacts(dim=int(info["dim"]), chunk_tokens=int(info["chunk_tokens"]),
                                 vocab_size=int(info["tokenizer"]["vocab_size"]), metric=str(info["metric"]))
         self._on_version()
+        _warm(self.store)
         try:  # load the model now, not on the first request
             self.store.embedder.embed(["warm up"])
+            self._shared_embedder = self.store.embedder
         except EmbedderMismatchError:
+            self._shared_embedder = self._embedder
             log.warning("%s was built with an embedder this server does not have: text queries will be refused; "
                         "search with vectors, or serve it from Python with create_app(..., embedder=...)", s.store)
+        if s.follow:
+            self._follower = Follower(s.store, self._open_next, lambda: (self.version, self._manifest),
+                                      s.refresh_interval_s, stamp)
+            self._follower.start()
 
     def _open(self, embedder: Any) -> "retrostore.Store | None":
         """The store opened read-only (memory-mapped when asked, or by default with several
@@ -96,78 +104,79 @@ class Engine:
             return None
 
     def close(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
         if self.store is not None:
             self.store.close()
 
     def _on_version(self) -> None:
         store = self.store
+        self._manifest = store.manifest
         self.version = store.version
         self.len = len(store)
         self.doc_limit = int(store.manifest["next_doc_id"])
         self._info = None
 
-    def maybe_refresh(self, force: bool = False) -> bool:
-        """Move to the newest committed version when ``follow`` and the interval has passed.
+    def maybe_refresh(self) -> bool:
+        """Serve the newest committed version when the follower has prepared it (between batches,
+        on the batcher thread; :mod:`retrostore.serve.follow`): the handle it opened and warmed
+        replaces the served one, which is closed.
 
-        Returns True when the version changed. A failing refresh (a damaged new
-        version) is logged and the current version keeps serving.
+        Returns True when the version changed.
+
+        Raises
+        ------
+        RetrostoreError
+            Opening a newer version failed since the last call (logged by the follower; the
+            served version stays): for the caller's metrics.
         """
-        s = self.settings
-        now = time.monotonic()
-        if not s.follow or (not force and now - self._last_refresh < s.refresh_interval_s):
+        follower = self._follower
+        if follower is None:
             return False
-        self._last_refresh = now
-        before = self.version
-        try:
-            try:
-                self.store.refresh()
-            except StoreReplacedError:
-                if now < self._reopen_after:
-                    return False
-                self._reopen_after = now + _REOPEN_RETRY_S  # opening loads the index: not at every interval
-                self._reopen()
-                log.info("the store directory was replaced: now serving version %d (%d chunks) of the new store",
-                         self.version, self.len)
-                self._refresh_error = None
-                return True
-        except RetrostoreError as exc:
-            if str(exc) != self._refresh_error:  # once per cause, not at every interval
-                log.error("staying at version %d: moving to the newest version failed: %s", before, exc)
-                self._refresh_error = str(exc)
-            raise
-        self._refresh_error = None
-        if self.store.version == before:
+        failures = follower.failures()
+        new = follower.take()
+        if new is None:
+            if failures:
+                raise RetrostoreError(failures[-1])
             return False
+        old = self.store
+        replaced = old._table.replaced()  # (the directory now holds another store)
+        self.store = new
         self._on_version()
-        log.info("now serving version %d (%d chunks)", self.version, self.len)
+        old.close()
+        if replaced:
+            log.info("the store directory was replaced: now serving version %d (%d chunks) of the new store",
+                     self.version, self.len)
+        else:
+            log.info("now serving version %d (%d chunks)", self.version, self.len)
         return True
 
-    def _reopen(self) -> None:
-        """Serve the store that replaced the one opened (a newer copy synced or unpacked over its
-        directory, helper-33): opened afresh as at start; until that succeeds (a copy still under way
-        fails its checks) the old one, whose files stay open, keeps serving."""
-        old, facts, mmap = self.store, self.facts, self.mmap
+    def _open_next(self) -> "retrostore.Store":
+        """The follower's work (its thread): the store opened again as at start, with the served
+        handle's embedder, checked and warmed; the served handle is not touched."""
+        s = self.settings
         try:
-            try:
-                self.open()
-            except StoreReplacedError as exc:  # its lock file is the old store's: LMDB allows one per process
+            store = self._open(self._shared_embedder)
+        except StoreReplacedError as exc:  # its lock file is the old store's: LMDB allows one per process
+            raise StoreReplacedError(
+                f"the store directory {s.store} was replaced by copying a store over it; this server "
+                f"keeps serving version {self.version} of the store it opened (whose files it holds) and cannot "
+                "open the new one beside it: restart the server to serve the new store (a directory replaced "
+                "whole, rm -rf then unpack or rename, is taken over without a restart)") from exc
+        if store is None:
+            store = self._open(self._embedder)
+        try:
+            if not store._table_matches_manifest():  # (rsync replaces chunks.lmdb before manifest.json)
                 raise StoreReplacedError(
-                    f"the store directory {self.settings.store} was replaced by copying a store over it; this server "
-                    f"keeps serving version {old.version} of the store it opened (whose files it holds) and cannot "
-                    "open the new one beside it: restart the server to serve the new store (a directory replaced "
-                    "whole, rm -rf then unpack or rename, is taken over without a restart)") from exc
-            if not self.store._table_matches_manifest():  # (rsync replaces chunks.lmdb before manifest.json)
-                raise StoreReplacedError(
-                    f"the store directory {self.settings.store} was replaced and its new copy is not complete yet "
-                    f"(its chunk table and manifest are of different commits); staying at version {old.version} of "
-                    "the store opened before until it is")
+                    f"the store directory {s.store} was replaced and its new copy is not complete yet "
+                    f"(its chunk table and manifest are of different commits); staying at version {self.version} "
+                    "of the store opened before until it is")
+            _warm(store)
         except BaseException:
-            if self.store is not None and self.store is not old:
-                self.store.close()
-            self.store, self.facts, self.mmap = old, facts, mmap
-            self._on_version()
+            store.close()
             raise
-        old.close()
+        return store
 
     # -- facts -----------------------------------------------------------------
     def server_facts(self) -> dict:
@@ -399,6 +408,15 @@ class Engine:
             raise _as_request_error(exc, "ids", None, status=404) from None
         return {"documents": [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata,
                                "chunk_ids": [d.chunk_ids.start, d.chunk_ids.stop]} for d in docs]}
+
+
+def _warm(store: "retrostore.Store") -> None:
+    """Run what a handle's first requests would otherwise pay: its first search (a read-only handle
+    of a streamed store merges the index segments in memory then: 0.2 s for 600k vectors) and the
+    chunker's tokenizer."""
+    if len(store):
+        store.search_vectors(np.zeros((1, store.manifest["index"]["dim"]), np.float32), 1)
+    store.chunker  # noqa: B018
 
 
 def _empty_answer(r: SearchRequest) -> dict:

@@ -39,9 +39,11 @@ class ServeSettings:
         pages. Default: on when ``workers > 1`` (falling back to reading the index
         when its factory cannot be mapped), else the store's own setting.
     follow : bool, default True
-        Move to each newly committed version (``Store.refresh``) between batches.
+        Move to each newly committed version between batches: a follower thread
+        opens it and runs its first search (a streamed store's in-memory merge) off
+        the batcher thread, which then swaps handles (:mod:`retrostore.serve.follow`).
     refresh_interval_s : float, default 0.05
-        How often, at most, the batcher looks for a new committed version (seconds).
+        How often the follower looks at ``manifest.json`` for a new commit (seconds).
     batch_window_ms : float, default 2.0
         How long a batch waits for more requests once one arrived, and only while
         other requests are known to be on their way (milliseconds; 0 = never wait).

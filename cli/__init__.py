@@ -225,7 +225,7 @@ def inspect(store, as_json):
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
         ("index", f"{idx['factory']}{' (float16 codes)' if idx.get('codec') == 'float16' else ''} "
                   f"params {json.dumps(idx['params'])} segments {idx['segments']} "
-                  f"({idx['bytes_per_vector']} bytes/vector)"
+                  + (f" ({idx['bytes_per_vector']} bytes/vector)" if idx["bytes_per_vector"] is not None else "")
                   + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
         ("files", f"index {_human(files['index_bytes'])}, "
                   + ("vectors in the Flat segments " if files.get("vectors_in_index")
@@ -396,35 +396,68 @@ def delete(store, doc_ids, dry_run):
     hold them until `retrostore compact` purges them from the index, vectors
     and records. Try it with --dry-run first: a chunk id pasted as a document
     id names another document."""
+    doc_ids = list(dict.fromkeys(doc_ids))
     if dry_run:
-        _delete_dry_run(store, list(dict.fromkeys(doc_ids)))
+        _delete_dry_run(store, doc_ids)
         return
     with retrostore.open(store, "a") as st:
-        n = st.delete(list(doc_ids))
+        _check_doc_ids(st, doc_ids)
+        n = st.delete(doc_ids)
         version = st.commit()
-    click.echo(f"deleted {n} documents ({len(set(doc_ids)) - n} already deleted); version {version}")
+    click.echo(f"deleted {_count(n, 'document')} ({len(doc_ids) - n} already deleted); version {version}")
     if n:
         click.echo("note: retained versions before it still hold them; `retrostore compact` purges them")
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 document``, ``2,048 documents``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_doc_ids(st, doc_ids: list[int]) -> None:
+    """Every id is a committed document's, or a ClickException that says what the id may be
+    (helper-56: "outside the committed range [0, 16)" left a user who pasted chunk id 47 guessing)."""
+    limit = int(st.manifest["next_doc_id"])
+    bad = [d for d in doc_ids if not 0 <= d < limit]
+    if not bad:
+        return
+    if not limit:
+        raise click.ClickException(f"{st.path} holds no documents, so there is no document {bad[0]} to delete")
+    d = bad[0]
+    hint = ""
+    if 0 <= d < len(st):
+        try:
+            hint = f"; {d} is the id of a chunk of document {st.get_chunks([d])[0].doc_id}"
+        except retrostore.RetrostoreError:  # (a chunk of a deleted document)
+            hint = f"; {d} is a chunk id"
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise click.ClickException(
+        f"document id {d}{more} is not in {st.path}: its document ids are 0 to {limit - 1}{hint}. "
+        "Document ids are the numbers after `doc` in `retrostore search` output; nothing was deleted")
+
+
 def _delete_dry_run(store, doc_ids: list[int]) -> None:
-    """``delete --dry-run``: what the delete would remove, read from the committed version."""
+    """``delete --dry-run``: what the delete would remove, read from the committed version; every
+    id is checked before anything is printed."""
     with retrostore.open(store) as st:
+        _check_doc_ids(st, doc_ids)
         deleted = {d["doc_id"] for d in st.info()["deletes"]["deleted_documents"]}
-        n = chunks = 0
+        lines, n, chunks = [], 0, 0
         for doc_id in doc_ids:
             if doc_id in deleted:
-                click.echo(f"doc {doc_id}: already deleted")
+                lines.append(f"doc {doc_id}: already deleted")
                 continue
             doc = st.get_document(doc_id)
             n += 1
             chunks += len(doc.chunk_ids)
             start = " ".join(doc.text[:120].split())
             ids = doc.chunk_ids
-            span = f" (ids {ids.start}..{ids.stop - 1})" if ids else ""
-            click.echo(f"doc {doc_id}: {len(ids)} chunks{span}, {len(doc.text):,} characters, metadata "
-                       f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)[:200]}\n    {start!r}")
-    click.echo(f"would delete {n} documents ({chunks} chunks); nothing changed (dry run)")
+            span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
+            lines.append(f"doc {doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata "
+                         f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)[:200]}\n    {start!r}")
+    for line in lines:
+        click.echo(line)
+    click.echo(f"would delete {_count(n, 'document')} ({_count(chunks, 'chunk')}); nothing changed (dry run)")
 
 
 @cli.command()

@@ -98,19 +98,30 @@ def test_delete_dry_run_shows_the_documents_and_changes_nothing(cli_store, tmp_p
     path = tmp_path / "d.rstore"
     shutil.copytree(cli_store, path)
     with retrostore.open(path) as st:
-        before, doc = st.version, st.get_document(3)
+        before = st.version
+        d = max(range(1, 20), key=lambda i: len(st.get_document(i).chunk_ids))  # the longest
+        doc = st.get_document(d)
+    ids = doc.chunk_ids
     assert CliRunner().invoke(cli, ["delete", str(path), "0"]).exit_code == 0
-    res = CliRunner().invoke(cli, ["delete", str(path), "3", "0", "3", "--dry-run"])
+    res = CliRunner().invoke(cli, ["delete", str(path), str(d), "0", str(d), "--dry-run"])
     assert res.exit_code == 0, res.output
     first_words = " ".join(doc.text[:120].split())
-    assert f"doc 3: {len(doc.chunk_ids)} chunks (ids {doc.chunk_ids.start}..{doc.chunk_ids.stop - 1}), " \
-           f"{len(doc.text):,} characters" in res.output and repr(first_words) in res.output, res.output
-    assert "doc 0: already deleted" in res.output and res.output.count("doc 3:") == 1
-    assert f"would delete 1 documents ({len(doc.chunk_ids)} chunks); nothing changed (dry run)" in res.output
+    assert f"doc {d}: {len(ids)} chunks (ids {ids.start:,}..{ids.stop - 1:,}), {len(doc.text):,} characters" \
+        in res.output and repr(first_words) in res.output, res.output
+    assert "doc 0: already deleted" in res.output and res.output.count(f"doc {d}:") == 1
+    assert f"would delete 1 document ({len(ids)} chunks); nothing changed (dry run)" in res.output
     with retrostore.open(path) as st:
-        assert st.version == before + 1 and st.get_document(3).text == doc.text  # only the real delete committed
-    bad = CliRunner().invoke(cli, ["delete", str(path), "999999", "--dry-run"])
-    assert bad.exit_code != 0 and "999999" in bad.output and "outside the committed range" in bad.output
+        assert st.version == before + 1 and st.get_document(d).text == doc.text  # only the real delete committed
+    # every id is checked before anything is printed (helper-56: docs 1 and 2 were shown, then 99 failed)
+    bad = CliRunner().invoke(cli, ["delete", str(path), str(d), "999999", "--dry-run"])
+    assert bad.exit_code == 1 and f"doc {d}:" not in bad.output, bad.output
+    assert "document id 999999 is not in" in bad.output and "document ids are 0 to 19" in bad.output
+    # a chunk id pasted as a document id: said so, and the real delete refuses it before committing
+    assert ids.stop - 1 >= 20  # (beyond the document ids)
+    res = CliRunner().invoke(cli, ["delete", str(path), str(ids.stop - 1)])
+    assert res.exit_code == 1 and f"is the id of a chunk of document {d}" in res.output, res.output
+    with retrostore.open(path) as st:
+        assert st.version == before + 1
 
 
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
@@ -189,6 +200,8 @@ def test_os_level_errors_print_without_errno(cli_store):
         res = CliRunner().invoke(cli, ["delete", str(cli_store), "0"])
     assert res.exit_code == 1 and res.output.startswith("Error: WriterLockedError: another writer holds "), res.output
     assert "Errno" not in res.output
+    # helper-56: the library's advice (mode='r', timeout_s=...) names no option of the command line
+    assert "(from the command line: wait until the other writer" in res.output, res.output
 
 
 def test_k_must_be_positive(cli_store):

@@ -136,7 +136,9 @@ class Store(Upkeep):
         try:
             if mode == "a":
                 if self.readonly_media:
-                    raise ReadOnlyStoreError(f"{self.path} is on read-only media; open it with mode='r'")
+                    raise ReadOnlyStoreError(f"{self.path} cannot be written (read-only media, or no write permission "
+                                             "for this user); open it with mode='r' to read it, or write to a "
+                                             "writable copy")
                 self._lock = fileio.WriterLock(self.path / LOCK, timeout_s)
             if version is not None:
                 self._check_committed(version)

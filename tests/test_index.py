@@ -1170,7 +1170,7 @@ def test_cli_reindex_compact_eval(tmp_path, rng):
     res = runner.invoke(mod.cli, ["delete", str(path), "1", "2", "2"])
     assert res.exit_code == 0 and "deleted 2 documents (0 already deleted)" in res.output, res.output
     res = runner.invoke(mod.cli, ["delete", str(path), "2", "3"])
-    assert res.exit_code == 0 and "deleted 1 documents (1 already deleted)" in res.output, res.output
+    assert res.exit_code == 0 and "deleted 1 document (1 already deleted)" in res.output, res.output
     res = runner.invoke(mod.cli, ["compact", str(path), "-q"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(mod.cli, ["eval", str(path), "--queries", "50", "--k", "5", "--json"])

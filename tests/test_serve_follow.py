@@ -220,6 +220,7 @@ def test_a_new_version_is_opened_and_warmed_off_the_batcher_thread(tmp_path, sma
         gate.set()
         _until(eng.maybe_refresh)
         assert eng.version == v2 and eng.len == total and eng.store is not old
+        assert eng.info()["version"] == v2 and eng.info()["chunks"] == total  # (read by the follower)
         with pytest.raises(StoreClosedError):
             old.search(QUERIES[0], k=3)  # the replaced handle is closed, not leaked
         with retrostore.open(path, embedder=embedder) as fresh:
@@ -231,15 +232,21 @@ def test_a_new_version_is_opened_and_warmed_off_the_batcher_thread(tmp_path, sma
         eng.close()
 
 
-def test_a_damaged_new_version_leaves_the_served_one_serving(tmp_path, small_docs, embedder, caplog):
+def test_a_damaged_new_version_leaves_the_served_one_serving(tmp_path, small_docs, embedder, caplog, monkeypatch):
     """A new version whose index segment is damaged fails to open in the follower: the served
     version stays, the failure reaches the batcher (for the refresh-error metric) and the log,
     once per cause."""
+    from retrostore.serve import follow
+
     path = tmp_path / "s.rstore"
     texts = [d["text"] for d in small_docs]
     with retrostore.create(path, embedder=embedder) as st:
         st.append(texts[:10])
         v1 = st.commit()
+    damaged = threading.Event()  # the follower sees the commit only once its segment is damaged
+    real_stamp = follow.manifest_stamp
+    first = real_stamp(path)
+    monkeypatch.setattr(follow, "manifest_stamp", lambda p: real_stamp(p) if damaged.is_set() else first)
     eng = _engine(path, embedder)
     try:
         want = [h.chunk_id for h in eng.store.search(QUERIES[0], k=3)]
@@ -249,6 +256,7 @@ def test_a_damaged_new_version_leaves_the_served_one_serving(tmp_path, small_doc
             newest = w.manifest["index"]["segments"][-1]["path"]
         seg = path / newest
         seg.write_bytes(b"\0" * seg.stat().st_size)  # same size, wrong checksum
+        damaged.set()
         errors = []
 
         def failed():

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,11 +69,7 @@ class Engine:
         self.store = self._open(embedder)
         if self.store is None:  # the store was built with another model: as without spin
             self.store = self._open(self._embedder)
-        info = self.store.info()
-        self.mmap = bool(info["index"]["mmap"])
-        self.facts = StoreFacts(dim=int(info["dim"]), chunk_tokens=int(info["chunk_tokens"]),
-                                vocab_size=int(info["tokenizer"]["vocab_size"]), metric=str(info["metric"]))
-        self._on_version()
+        self._on_version(self.store.info())
         _warm(self.store)
         try:  # load the model now, not on the first request
             self.store.embedder.embed(["warm up"])
@@ -110,13 +107,19 @@ class Engine:
         if self.store is not None:
             self.store.close()
 
-    def _on_version(self) -> None:
+    def _on_version(self, info: dict) -> None:
+        """Take the facts of the handle now served (``info``: its ``Store.info()``; a replaced store
+        directory can hold a store of another width, metric or tokenizer, and a ``reindex --mmap``
+        changes ``mmap``)."""
         store = self.store
         self._manifest = store.manifest
         self.version = store.version
         self.len = len(store)
         self.doc_limit = int(store.manifest["next_doc_id"])
-        self._info = None
+        self._info = info
+        self.mmap = bool(info["index"]["mmap"])
+        self.facts = StoreFacts(dim=int(info["dim"]), chunk_tokens=int(info["chunk_tokens"]),
+                                vocab_size=int(info["tokenizer"]["vocab_size"]), metric=str(info["metric"]))
 
     def maybe_refresh(self) -> bool:
         """Serve the newest committed version when the follower has prepared it (between batches,
@@ -142,8 +145,8 @@ class Engine:
             return False
         old = self.store
         replaced = old._table.replaced()  # (the directory now holds another store)
-        self.store = new
-        self._on_version()
+        self.store = new.store
+        self._on_version(new.info)
         old.close()
         if replaced:
             log.info("the store directory was replaced: now serving version %d (%d chunks) of the new store",
@@ -152,9 +155,9 @@ class Engine:
             log.info("now serving version %d (%d chunks)", self.version, self.len)
         return True
 
-    def _open_next(self) -> "retrostore.Store":
+    def _open_next(self) -> "_Prepared":
         """The follower's work (its thread): the store opened again as at start, with the served
-        handle's embedder, checked and warmed; the served handle is not touched."""
+        handle's embedder, checked, warmed and its ``info()`` read; the served handle is not touched."""
         s = self.settings
         try:
             store = self._open(self._shared_embedder)
@@ -173,10 +176,10 @@ class Engine:
                     f"(its chunk table and manifest are of different commits); staying at version {self.version} "
                     "of the store opened before until it is")
             _warm(store)
+            return _Prepared(store, store.info())
         except BaseException:
             store.close()
             raise
-        return store
 
     # -- facts -----------------------------------------------------------------
     def server_facts(self) -> dict:
@@ -408,6 +411,21 @@ class Engine:
             raise _as_request_error(exc, "ids", None, status=404) from None
         return {"documents": [{"doc_id": d.doc_id, "text": d.text, "metadata": d.metadata,
                                "chunk_ids": [d.chunk_ids.start, d.chunk_ids.stop]} for d in docs]}
+
+
+@dataclass
+class _Prepared:
+    """A newly opened handle and its ``info()``, read in the follower's thread."""
+
+    store: "retrostore.Store"
+    info: dict
+
+    @property
+    def manifest(self) -> dict:
+        return self.store.manifest
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def _warm(store: "retrostore.Store") -> None:

@@ -112,26 +112,34 @@ class Follower:
     # -- the thread --------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            stamp = manifest_stamp(self.store)
-            if stamp == self._seen or time.monotonic() < self._retry_at:
-                continue
             try:
-                handle = self._open()
-            except Exception as exc:  # a damaged new version, a copy under way: the served one stays
-                self._failed(exc)
-                continue
-            if self._stop.is_set():  # (stopped while it opened: nobody will take it)
-                handle.close()
-                return
-            self._last_error = None
-            self._seen = stamp
-            if handle.manifest == self._served()[1]:
-                handle.close()  # (the commit the served handle already has)
-                continue
-            with self._lock:
-                superseded, self._ready = self._ready, handle
-            if superseded is not None:  # a newer version came before the batcher took this one
-                superseded.close()
+                self._look()
+            except Exception:  # a bug must not end the following silently: logged, tried again
+                log.exception("the follower failed; it looks for new versions again in %g s", RETRY_S)
+                self._retry_at = time.monotonic() + RETRY_S
+
+    def _look(self) -> None:
+        """One look at ``manifest.json``; on a change, the new version's handle is prepared."""
+        stamp = manifest_stamp(self.store)
+        if stamp == self._seen or time.monotonic() < self._retry_at:
+            return
+        try:
+            handle = self._open()
+        except Exception as exc:  # a damaged new version, a copy under way: the served one stays
+            self._failed(exc)
+            return
+        if self._stop.is_set():  # (stopped while it opened: nobody will take it)
+            handle.close()
+            return
+        self._last_error = None
+        self._seen = stamp
+        if handle.manifest == self._served()[1]:
+            handle.close()  # (the commit the served handle already has)
+            return
+        with self._lock:
+            superseded, self._ready = self._ready, handle
+        if superseded is not None:  # a newer version came before the batcher took this one
+            superseded.close()
 
     def _failed(self, exc: Exception) -> None:
         self._retry_at = time.monotonic() + RETRY_S

@@ -202,6 +202,9 @@ class Store(Upkeep):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        head = getattr(self, "_head", None)  # (absent when opening failed before it)
+        if head is not None:
+            head.release()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

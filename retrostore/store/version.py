@@ -10,6 +10,7 @@ next version cost only its new files.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -92,6 +93,22 @@ class Version:
         return stored_vectors(self.manifest, self.segments, self.index.raw, first, end)
 
 
+def _weak_method(method: Callable) -> Callable:
+    """``method`` of an object, called through a weak reference to it: the SegmentSet a Head
+    builds keeps its callbacks, and a bound method would make Head -> Version -> SegmentSet ->
+    Head a cycle, which kept a closed handle's index, mapped vector files and their descriptors
+    until Python's cyclic garbage collector ran (helper-57: a server opening a handle per commit
+    held 1,807 descriptors of the store after 650 commits, and ran out at ``ulimit -n 1024``).
+    Called after the object is gone, it does nothing (returns None)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
+
+
 class Head:
     """The version one handle serves, and the caches that make loading the next one cheap.
 
@@ -122,6 +139,16 @@ class Head:
         self._raw: dict = {}  # sha256 -> a mapped raw vectors file (RawVectors' cache)
         #: One lock for every version's SegmentSet: they share the FAISS objects of common segments.
         self._search_lock = RWLock()
+
+    def release(self) -> None:
+        """Drop what the served version holds (index, mapped raw vectors, cached segments and
+        template): the handle closed. Its number and manifest stay readable (``Store.version``,
+        ``repr``); searching it is refused before it gets here (``Store._check``). A closed handle
+        that its caller still refers to (``with retrostore.open(...) as st:`` keeps ``st``) held
+        its mapped vector files and their descriptors (helper-57)."""
+        self._segments, self._raw, self._template = {}, {}, None
+        if self.version is not None:
+            self.version.index = None
 
     def mmap(self, manifest: dict) -> bool:
         """Whether segments of ``manifest`` are served memory-mapped (``open(mmap=)`` over the setting)."""
@@ -195,7 +222,7 @@ class Head:
         index = SegmentSet(segs, m["metric"], m["index"]["dim"], params=m["index"]["params"],
                            deleted=tomb.chunks, raw=raw,
                            make_empty=self._empty_index(m["index"]) if merge else None,
-                           on_merged=self._forget_merged, lock=self._search_lock)
+                           on_merged=_weak_method(self._forget_merged), lock=self._search_lock)
         self._segments = cache
         self.version = Version(self.root, m, index, tomb, mmap)
         return self.version
@@ -220,8 +247,9 @@ class Head:
     def _empty_index(self, idx: dict):
         """A function returning a clone of the manifest's trained template (:meth:`template`),
         called by the in-memory merge: opening never reads the template for a merge that may
-        not happen."""
-        return lambda: faiss.clone_index(self.template(idx))
+        not happen. It refers to this head weakly (see :func:`_weak_method`)."""
+        template = _weak_method(self.template)
+        return lambda: faiss.clone_index(template(idx))
 
     def _forget_merged(self, segset: SegmentSet, shas: list[str]) -> None:
         """After an in-memory merge: the cache drops the merged segments (memory), if still served."""

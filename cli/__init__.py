@@ -162,6 +162,42 @@ def search(store, query, k, as_json):
         click.echo(f"({len(hits)} hit{'' if len(hits) == 1 else 's'} in {ms:.1f} ms)", err=True)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})  # (`show S -1`: an id error, not an option's)
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("ident", metavar="ID", type=int)
+@click.option("--chunk", "is_chunk", is_flag=True, help="ID is a chunk id (as `search` prints after `chunk`).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the exact text, metadata, ids and offsets).")
+@friendly
+def show(store, ident, is_chunk, as_json):
+    """Show document ID of STORE: its metadata, chunk ids and exact text (as
+    `search` prints document ids after `doc`); with --chunk, chunk ID: its
+    document, position, character offset, tokens and exact text. What to look
+    at before `retrostore delete`."""
+    with retrostore.open(store) as st:
+        if is_chunk:
+            [c] = st.get_chunks([ident])
+            if as_json:
+                click.echo(json.dumps({"chunk_id": c.chunk_id, "doc_id": c.doc_id, "position": c.position,
+                                       "start": c.start, "text": c.text, "tokens": c.tokens.tolist(),
+                                       "version": st.version}, ensure_ascii=False))
+                return
+            click.echo(f"chunk {c.chunk_id}: doc {c.doc_id}, chunk {c.position} of the document, characters "
+                       f"{c.start:,}..{c.start + len(c.text):,}, {_count(len(c.tokens), 'token')}")
+            click.echo(c.text)
+            return
+        _check_doc_ids(st, [ident], "add --chunk to show a chunk")
+        doc = st.get_document(ident)
+        ids = doc.chunk_ids
+        if as_json:
+            click.echo(json.dumps({"doc_id": doc.doc_id, "metadata": doc.metadata, "chunk_ids": [ids.start, ids.stop],
+                                   "text": doc.text, "version": st.version}, ensure_ascii=False, default=str))
+            return
+        span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
+        click.echo(f"doc {doc.doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata "
+                   f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)}")
+        click.echo(doc.text)
+
+
 def _on_disk(files: dict) -> str:
     """", 1.3 MiB on disk" where the vectors files take much less disk than their size (compact's holes)."""
     disk, size = files.get("vectors_disk_bytes"), files["vectors_bytes"]
@@ -394,8 +430,8 @@ def delete(store, doc_ids, dry_run):
     `doc`) from STORE, a take-down: from the committed version on, their chunks
     are never returned; retained older versions and servers pinned to one still
     hold them until `retrostore compact` purges them from the index, vectors
-    and records. Try it with --dry-run first: a chunk id pasted as a document
-    id names another document."""
+    and records. Try it with --dry-run first (or `retrostore show STORE DOC_ID`):
+    a chunk id pasted as a document id names another document."""
     doc_ids = list(dict.fromkeys(doc_ids))
     if dry_run:
         _delete_dry_run(store, doc_ids)
@@ -414,7 +450,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-def _check_doc_ids(st, doc_ids: list[int]) -> None:
+def _check_doc_ids(st, doc_ids: list[int], then: str = "nothing was deleted") -> None:
     """Every id is a committed document's, or a ClickException that says what the id may be
     (helper-56: "outside the committed range [0, 16)" left a user who pasted chunk id 47 guessing)."""
     limit = int(st.manifest["next_doc_id"])
@@ -422,7 +458,7 @@ def _check_doc_ids(st, doc_ids: list[int]) -> None:
     if not bad:
         return
     if not limit:
-        raise click.ClickException(f"{st.path} holds no documents, so there is no document {bad[0]} to delete")
+        raise click.ClickException(f"{st.path} holds no documents, so there is no document {bad[0]}")
     d = bad[0]
     hint = ""
     if 0 <= d < len(st):
@@ -433,7 +469,7 @@ def _check_doc_ids(st, doc_ids: list[int]) -> None:
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     raise click.ClickException(
         f"document id {d}{more} is not in {st.path}: its document ids are 0 to {limit - 1}{hint}. "
-        "Document ids are the numbers after `doc` in `retrostore search` output; nothing was deleted")
+        f"Document ids are the numbers after `doc` in `retrostore search` output; {then}")
 
 
 def _delete_dry_run(store, doc_ids: list[int]) -> None:

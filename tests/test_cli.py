@@ -124,6 +124,32 @@ def test_delete_dry_run_shows_the_documents_and_changes_nothing(cli_store, tmp_p
         assert st.version == before + 1
 
 
+def test_show_prints_a_document_or_a_chunk_exactly(cli_store):
+    """helper-56: checking a document before a take-down needed Python's get_document."""
+    with retrostore.open(cli_store) as st:
+        d = max(range(20), key=lambda i: len(st.get_document(i).chunk_ids))
+        doc = st.get_document(d)
+        chunk = st.get_chunks([doc.chunk_ids.start + 1])[0]
+    res = CliRunner().invoke(cli, ["show", str(cli_store), str(d)])
+    assert res.exit_code == 0, res.output
+    head, text = res.output.split("\n", 1)
+    assert head.startswith(f"doc {d}: {len(doc.chunk_ids)} chunks (ids {doc.chunk_ids.start:,}..")
+    assert text == doc.text + "\n"  # the exact text, not a decode of tokens
+    got = json.loads(CliRunner().invoke(cli, ["show", str(cli_store), str(d), "--json"]).output)
+    assert got["text"] == doc.text and got["metadata"] == doc.metadata
+    assert got["chunk_ids"] == [doc.chunk_ids.start, doc.chunk_ids.stop]
+    res = CliRunner().invoke(cli, ["show", str(cli_store), str(chunk.chunk_id), "--chunk"])
+    assert res.exit_code == 0 and res.output.startswith(f"chunk {chunk.chunk_id}: doc {d}, chunk 1 of the document")
+    assert res.output.split("\n", 1)[1] == chunk.text + "\n"
+    got = json.loads(CliRunner().invoke(cli, ["show", str(cli_store), str(chunk.chunk_id), "--chunk", "--json"]).output)
+    assert got["tokens"] == chunk.tokens.tolist() and got["start"] == chunk.start and got["doc_id"] == d
+    assert doc.chunk_ids.stop - 1 >= 20  # (beyond the document ids)
+    res = CliRunner().invoke(cli, ["show", str(cli_store), str(doc.chunk_ids.stop - 1)])  # a chunk id as a doc id
+    assert res.exit_code == 1 and f"is the id of a chunk of document {d}" in res.output and "add --chunk" in res.output
+    res = CliRunner().invoke(cli, ["show", str(cli_store), "-1", "--chunk"])
+    assert res.exit_code == 1 and "chunk id -1 is outside" in res.output and "Traceback" not in res.output
+
+
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
     """helper-54: after delete + compact, `grep` found most lines of the taken-down page in
     chunks.lmdb/data.mdb (LMDB's free pages), while the README said "purged from every file".

@@ -120,6 +120,10 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
                       "added" if result.grown else ""))
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
+    if not result.already_built and not result.interrupted and not result.documents and not result.skipped \
+            and not result.resumed_documents:
+        click.echo("warning: the inputs held no documents (empty files, or no text in their records); "
+                   "nothing was added", err=True)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} input(s) the store holds already (pass --append to add their "
                    f"documents again): {'; '.join(result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''}")

@@ -150,6 +150,14 @@ def test_show_prints_a_document_or_a_chunk_exactly(cli_store):
     assert res.exit_code == 1 and "chunk id -1 is outside" in res.output and "Traceback" not in res.output
 
 
+def test_a_build_of_empty_inputs_says_so(tmp_path):
+    """helper-56: a build of an empty file succeeded with "+0 documents" and nothing else."""
+    (tmp_path / "empty.jsonl").write_text("")
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "e.rstore"), str(tmp_path / "empty.jsonl"), "-q"])
+    assert res.exit_code == 0 and "+0 documents" in res.output, res.output
+    assert "warning: the inputs held no documents" in res.output
+
+
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
     """helper-54: after delete + compact, `grep` found most lines of the taken-down page in
     chunks.lmdb/data.mdb (LMDB's free pages), while the README said "purged from every file".

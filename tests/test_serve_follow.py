@@ -245,7 +245,7 @@ def test_a_damaged_new_version_leaves_the_served_one_serving(tmp_path, small_doc
         v1 = st.commit()
     damaged = threading.Event()  # the follower sees the commit only once its segment is damaged
     real_stamp = follow.manifest_stamp
-    first = real_stamp(path)
+    first = real_stamp(follow.manifest_path(path))
     monkeypatch.setattr(follow, "manifest_stamp", lambda p: real_stamp(p) if damaged.is_set() else first)
     eng = _engine(path, embedder)
     try:

@@ -25,7 +25,9 @@ import retrostore
 from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError, StoreReplacedError
 from retrostore.store.retrieval import search_excluding
 
-from .follow import Follower, manifest_stamp
+from retrostore.storage.manifest import manifest_stamp
+
+from .follow import Follower, manifest_path
 from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
 from .settings import ServeSettings
 from .wire import scores_to_json
@@ -59,7 +61,7 @@ class Engine:
     def open(self) -> None:
         """Open the store read-only (memory-mapped when asked, or by default with several workers)."""
         s = self.settings
-        stamp = manifest_stamp(s.store)  # before the open: a commit after it is the follower's to see
+        stamp = manifest_stamp(manifest_path(s.store))  # before the open: a commit after it is the follower's to see
         embedder = self._embedder
         if embedder is None and s.spin:
             try:  # the default model with spinning threads (ServeSettings.spin)

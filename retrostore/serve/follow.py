@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retrostore.storage.layout import MANIFEST
+from retrostore.storage.manifest import manifest_stamp
 
-__all__ = ["Follower", "RETRY_S"]
+__all__ = ["Follower", "RETRY_S", "manifest_path"]
 
 log = logging.getLogger("retrostore.serve")
 
@@ -39,15 +40,9 @@ log = logging.getLogger("retrostore.serve")
 RETRY_S = 1.0
 
 
-def manifest_stamp(store: str | os.PathLike) -> tuple | None:
-    """``manifest.json``'s identity (inode, size, mtime): it changes at every commit (the manifest
-    is written to a temporary file and renamed into place) and when the directory is replaced;
-    None while it is missing."""
-    try:
-        st = os.stat(Path(store) / MANIFEST)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def manifest_path(store: str | os.PathLike) -> str:
+    """The path the follower stats (:func:`retrostore.storage.manifest.manifest_stamp`)."""
+    return os.fspath(Path(store) / MANIFEST)
 
 
 class Follower:
@@ -72,6 +67,7 @@ class Follower:
     def __init__(self, store: str | os.PathLike, open_handle: Callable[[], Any], served: Callable[[], Any],
                  interval_s: float, stamp: tuple | None) -> None:
         self.store = store
+        self._manifest = manifest_path(store)
         self._open = open_handle
         self._served = served
         self.interval_s = max(0.005, float(interval_s))
@@ -120,7 +116,7 @@ class Follower:
 
     def _look(self) -> None:
         """One look at ``manifest.json``; on a change, the new version's handle is prepared."""
-        stamp = manifest_stamp(self.store)
+        stamp = manifest_stamp(self._manifest)
         if stamp == self._seen or time.monotonic() < self._retry_at:
             return
         try:

@@ -245,6 +245,17 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     return body
 
 
+def manifest_stamp(path: str) -> tuple | None:
+    """What changes when the ``manifest.json`` at ``path`` (a str: callers stat it per search) is
+    replaced, as every commit and compaction does (written aside, renamed into place): its inode,
+    mtime and size; None while it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def missing_manifest(root: Path) -> NotAStoreError:
     """The error for a directory without ``manifest.json``: not a store, or (helper-36) a store
     whose manifest was lost, which ``create`` then refuses as a non-empty directory: the message

@@ -49,7 +49,7 @@ class Reader:
         self._in_order: tuple[tuple[int, int], np.ndarray | None] | None = None
         self._follow = follow_purges
         self._manifest_path = os.fspath(head.root / MANIFEST)  # a str: no pathlib work per search
-        self._seen = _manifest_stat(self._manifest_path)
+        self._seen = _manifest.manifest_stamp(self._manifest_path)
 
     @property
     def version(self) -> Version:
@@ -89,7 +89,7 @@ class Reader:
         """
         if not self._follow and not force:
             return None
-        seen = _manifest_stat(self._manifest_path)
+        seen = _manifest.manifest_stamp(self._manifest_path)
         if seen == self._seen and not force:
             return None
         if self.table.replaced():  # another store's purges are not this one's (helper-33)
@@ -287,15 +287,6 @@ class Reader:
     def doc_ids_of(self, chunk_ids: np.ndarray) -> np.ndarray:
         """Document ids of committed chunk ids (an int64 array of any shape, all >= 0)."""
         return self.all_doc_ids()[np.asarray(chunk_ids, dtype=np.int64)]
-
-
-def _manifest_stat(path: str) -> tuple | None:
-    """What changes when ``manifest.json`` (at ``path``) is replaced (a commit, a compaction)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def check_output_size(what: str, nbytes: int, fix: str) -> None:

@@ -20,17 +20,18 @@ __all__ = ["store_info", "RETRAIN_HINT_GROWTH"]
 RETRAIN_HINT_GROWTH = 16
 
 
-def _dir_bytes(path, disk: bool = False) -> int:
-    """Bytes of the files under ``path``: their sizes, or (``disk``) the disk blocks they occupy."""
-    total = 0
+def _dir_bytes(path) -> tuple[int, int]:
+    """Bytes of the files under ``path``: (their sizes, the disk blocks they occupy), one walk."""
+    size = disk = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
             try:
                 st = os.stat(os.path.join(dirpath, f))
             except OSError:
                 continue
-            total += st.st_blocks * 512 if disk else st.st_size
-    return total
+            size += st.st_size
+            disk += st.st_blocks * 512
+    return size, disk
 
 
 def _disk_bytes(root, entries: list[dict]) -> int:
@@ -53,7 +54,8 @@ def store_info(version: Version, *, readonly_media: bool) -> dict:
     files = _manifest.referenced_files(m)
     index_bytes = sum(e["size"] for e in idx["segments"])
     vectors_bytes = sum(e["size"] for e in m["vectors"]["files"])
-    lmdb_bytes = _dir_bytes(root / LMDB_DIR)
+    lmdb_bytes = _dir_bytes(root / LMDB_DIR)[0]
+    total_bytes, total_disk_bytes = _dir_bytes(root)
     manifest_mtime = (root / MANIFEST).stat().st_mtime
     versions = retained_versions(root)
     n_vectors = m["counts"]["vectors"]
@@ -86,8 +88,8 @@ def store_info(version: Version, *, readonly_media: bool) -> dict:
             "lmdb_bytes": lmdb_bytes,
             "tokenizer_bytes": m["tokenizer"]["size"],
             "referenced_files": len(files),
-            "total_bytes": _dir_bytes(root),
-            "total_disk_bytes": _dir_bytes(root, disk=True),
+            "total_bytes": total_bytes,
+            "total_disk_bytes": total_disk_bytes,
         },
         "settings": m["settings"],
         "manifest_sha256": _manifest.manifest_sha256(root, m),

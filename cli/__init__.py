@@ -196,9 +196,7 @@ def show(store, ident, is_chunk, as_json):
             click.echo(json.dumps({"doc_id": doc.doc_id, "metadata": doc.metadata, "chunk_ids": [ids.start, ids.stop],
                                    "text": doc.text, "version": st.version}, ensure_ascii=False, default=str))
             return
-        span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
-        click.echo(f"doc {doc.doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata "
-                   f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)}")
+        click.echo(_doc_line(doc))
         click.echo(doc.text)
 
 
@@ -449,6 +447,15 @@ def delete(store, doc_ids, dry_run):
         click.echo("note: retained versions before it still hold them; `retrostore compact` purges them")
 
 
+def _doc_line(doc, meta_chars: int | None = None) -> str:
+    """``doc 7: 41 chunks (ids 282..322), 9,277 characters, metadata {...}`` (``show``, ``delete
+    --dry-run``); the metadata's JSON cut at ``meta_chars``."""
+    ids = doc.chunk_ids
+    span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
+    meta = json.dumps(doc.metadata, ensure_ascii=False, default=str)[:meta_chars]
+    return f"doc {doc.doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata {meta}"
+
+
 def _count(n: int, noun: str) -> str:
     """``1 document``, ``2,048 documents``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
@@ -491,10 +498,7 @@ def _delete_dry_run(store, doc_ids: list[int]) -> None:
             n += 1
             chunks += len(doc.chunk_ids)
             start = " ".join(doc.text[:120].split())
-            ids = doc.chunk_ids
-            span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
-            lines.append(f"doc {doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata "
-                         f"{json.dumps(doc.metadata, ensure_ascii=False, default=str)[:200]}\n    {start!r}")
+            lines.append(f"{_doc_line(doc, meta_chars=200)}\n    {start!r}")
     for line in lines:
         click.echo(line)
     click.echo(f"would delete {_count(n, 'document')} ({_count(chunks, 'chunk')}); nothing changed (dry run)")

@@ -53,7 +53,6 @@ class Engine:
         self.mmap = False
         self.started_at = time.time()
         self._info: dict | None = None
-        self._manifest: dict = {}
         self._follower: Follower | None = None
         self._shared_embedder: Any = None  # the served handle's, given to each next version's handle
 
@@ -81,8 +80,8 @@ class Engine:
             log.warning("%s was built with an embedder this server does not have: text queries will be refused; "
                         "search with vectors, or serve it from Python with create_app(..., embedder=...)", s.store)
         if s.follow:
-            self._follower = Follower(s.store, self._open_next, lambda: (self.version, self._manifest),
-                                      s.refresh_interval_s, stamp)
+            self._follower = Follower(s.store, self._open_next,
+                                      lambda: (self.version, self._info["manifest_sha256"]), s.refresh_interval_s, stamp)
             self._follower.start()
 
     def _open(self, embedder: Any) -> "retrostore.Store | None":
@@ -114,7 +113,6 @@ class Engine:
         directory can hold a store of another width, metric or tokenizer, and a ``reindex --mmap``
         changes ``mmap``)."""
         store = self.store
-        self._manifest = store.manifest
         self.version = store.version
         self.len = len(store)
         self.doc_limit = int(store.manifest["next_doc_id"])
@@ -423,8 +421,8 @@ class _Prepared:
     info: dict
 
     @property
-    def manifest(self) -> dict:
-        return self.store.manifest
+    def manifest_sha256(self) -> str:
+        return self.info["manifest_sha256"]
 
     def close(self) -> None:
         self.store.close()

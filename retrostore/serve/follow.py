@@ -53,11 +53,11 @@ class Follower:
     store : path
         The served store directory.
     open_handle : callable
-        Opens the store read-only and warms the handle (its first search); returns the handle,
-        or raises (the served version stays).
+        Opens the store read-only and warms the handle (its first search); returns it (an object
+        with ``manifest_sha256`` and ``close()``), or raises (the served version stays).
     served : callable
-        ``(version, manifest)`` of the version served (to skip a manifest of the same commit,
-        and for the log).
+        ``(version, manifest_sha256)`` of the version served (to skip a manifest of the same
+        commit, and for the log).
     interval_s : float
         Seconds between looks at ``manifest.json``.
     stamp : tuple or None
@@ -129,7 +129,7 @@ class Follower:
             return
         self._last_error = None
         self._seen = stamp
-        if handle.manifest == self._served()[1]:
+        if handle.manifest_sha256 == self._served()[1]:
             handle.close()  # (the commit the served handle already has)
             return
         with self._lock:

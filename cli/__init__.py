@@ -200,16 +200,11 @@ def show(store, ident, is_chunk, as_json):
         click.echo(doc.text)
 
 
-def _on_disk(files: dict) -> str:
-    """", 1.3 MiB on disk" where the vectors files take much less disk than their size (compact's holes)."""
-    disk, size = files.get("vectors_disk_bytes"), files["vectors_bytes"]
-    return f", {_human(disk)} on disk" if disk is not None and disk < 0.9 * size else ""
-
-
-def _total_on_disk(files: dict) -> str:
-    """" (0.8 GiB on disk)" where the store's files take much less disk than their sizes (compact's holes)."""
-    disk, size = files.get("total_disk_bytes"), files["total_bytes"]
-    return f" ({_human(disk)} on disk)" if disk is not None and disk < 0.9 * size else ""
+def _on_disk(files: dict, what: str, form: str) -> str:
+    """``form`` with the disk blocks (e.g. ", 1.3 MiB on disk") where ``what``'s files
+    (``vectors``, ``total``) take much less disk than their sizes (compact's holes), else ""."""
+    disk, size = files.get(f"{what}_disk_bytes"), files[f"{what}_bytes"]
+    return form.format(_human(disk)) if disk is not None and disk < 0.9 * size else ""
 
 
 def _human(n: float) -> str:
@@ -268,8 +263,8 @@ def inspect(store, as_json):
         ("files", f"index {_human(files['index_bytes'])}, "
                   + ("vectors in the Flat segments " if files.get("vectors_in_index")
                      else f"vectors {_human(files['vectors_bytes'])} ")
-                  + f"({files['vectors_dtype']}{_on_disk(files)}), lmdb {_human(files['lmdb_bytes'])}, "
-                  f"total {_human(files['total_bytes'])}{_total_on_disk(files)}"),
+                  + f"({files['vectors_dtype']}{_on_disk(files, 'vectors', ', {} on disk')}), lmdb {_human(files['lmdb_bytes'])}, "
+                  f"total {_human(files['total_bytes'])}{_on_disk(files, 'total', ' ({} on disk)')}"),
         ("manifest", f"sha256 {info['manifest_sha256']}"),
         ("created", info["created_at"]),
         ("committed", info["committed_at"]),

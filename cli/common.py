@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from retrostore import RetrostoreError
+from retrostore import ReadOnlyStoreError, RetrostoreError, WriterLockedError
 
 __all__ = ["friendly"]
 
@@ -14,9 +14,9 @@ __all__ = ["friendly"]
 #: What a command-line user does where the library's message advises Python arguments
 #: (``mode='r'``, ``timeout_s=``) that no command has (helper-56).
 CLI_HINTS = {
-    "WriterLockedError": "from the command line: wait until the other writer (a build, delete, reindex or "
+    WriterLockedError: "from the command line: wait until the other writer (a build, delete, reindex or "
                          "compact still running) has finished, then run this command again",
-    "ReadOnlyStoreError": "from the command line: this command writes to the store; run it on a writable copy "
+    ReadOnlyStoreError: "from the command line: this command writes to the store; run it on a writable copy "
                           "(search, inspect and verify only read)",
 }
 
@@ -31,8 +31,7 @@ def friendly(fn):
         except RetrostoreError as exc:
             # (errors that are also OSErrors print their message without the "[Errno 11] " prefix)
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            name = type(exc).__name__
-            hint = f" ({CLI_HINTS[name]})" if name in CLI_HINTS else ""
-            raise click.ClickException(f"{name}: {message}{hint}") from None
+            hint = next((f" ({h})" for cls, h in CLI_HINTS.items() if isinstance(exc, cls)), "")
+            raise click.ClickException(f"{type(exc).__name__}: {message}{hint}") from None
 
     return wrapper

@@ -193,9 +193,7 @@ class Engine:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))}
 
     def info(self) -> dict:
-        """``Store.info()`` of the version served, with a ``server`` section (cached per version)."""
-        if self._info is None:
-            self._info = self.store.info()
+        """``Store.info()`` of the version served (read when it was opened), with a ``server`` section."""
         return {**self._info, "server": self.server_facts()}
 
     # -- search ----------------------------------------------------------------

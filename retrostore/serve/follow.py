@@ -66,7 +66,6 @@ class Follower:
 
     def __init__(self, store: str | os.PathLike, open_handle: Callable[[], Any], served: Callable[[], Any],
                  interval_s: float, stamp: tuple | None) -> None:
-        self.store = store
         self._manifest = manifest_path(store)
         self._open = open_handle
         self._served = served

@@ -257,8 +257,8 @@ def inspect(store, as_json):
         ("embedder", _describe_embedder(emb)),
         ("tokenizer", f"sha256 {tok['sha256'][:16]}... vocab {tok['vocab_size']:,} {_describe_pad(tok)}"),
         ("index", f"{idx['factory']}{' (float16 codes)' if idx.get('codec') == 'float16' else ''} "
-                  f"params {json.dumps(idx['params'])} segments {idx['segments']} "
-                  + (f"({idx['bytes_per_vector']} bytes/vector)" if idx["bytes_per_vector"] is not None else "")
+                  f"params {json.dumps(idx['params'])} segments {idx['segments']}"
+                  + (f" ({idx['bytes_per_vector']} bytes/vector)" if idx["bytes_per_vector"] is not None else "")
                   + (f"; policy {idx['target']!r}: {idx['hint']}" if idx.get("hint") else "")),
         ("files", f"index {_human(files['index_bytes'])}, "
                   + ("vectors in the Flat segments " if files.get("vectors_in_index")

@@ -33,7 +33,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(short_help="Build or append to a store from text, jsonl and jsonl.zst files.")
 @click.argument("store", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
@@ -131,7 +131,7 @@ def build(store, inputs, tokenizer, chunk_tokens, text_field, meta_field, factor
         sys.exit(130)
 
 
-@cli.command()
+@cli.command(short_help="Search for the chunks nearest to a query text.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("query")
 @click.option("-k", "--k", "k", type=int, default=5, show_default=True, help="Number of neighbours.")
@@ -152,8 +152,10 @@ def search(store, query, k, as_json):
             out = [dict(h.to_dict(), metadata=m) for h, m in zip(hits, metas)]
             click.echo(json.dumps({"query": query, "k": k, "version": st.version, "hits": out}, ensure_ascii=False))
             return
-        if not hits:
-            click.echo("no hits (the store is empty)")
+        if not hits:  # one line, no "(0 hits in 0.0 ms)" after it (helper-56)
+            why = "the store is empty" if len(st) == 0 else "every document is deleted"
+            click.echo(f"no hits: {why} (version {st.version})")
+            return
         for rank, (h, meta) in enumerate(zip(hits, metas), 1):
             source = meta.get("source") if isinstance(meta, dict) else None
             head = f"#{rank}  score {h.score:.4f}  chunk {h.chunk_id}  doc {h.doc_id}"
@@ -166,7 +168,7 @@ def search(store, query, k, as_json):
         click.echo(f"({len(hits)} hit{'' if len(hits) == 1 else 's'} in {ms:.1f} ms)", err=True)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})  # (`show S -1`: an id error, not an option's)
+@cli.command(context_settings={"ignore_unknown_options": True}, short_help="Show a document (or, with --chunk, a chunk) by id.")  # (`show S -1`: an id error, not an option's)
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("ident", metavar="ID", type=int)
 @click.option("--chunk", "is_chunk", is_flag=True, help="ID is a chunk id (as `search` prints after `chunk`).")
@@ -215,7 +217,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@cli.command()
+@cli.command(short_help="Show versions, counts, fingerprints, index and files.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly
@@ -314,7 +316,7 @@ def _describe_embedder(emb: dict) -> str:
     return f"{name} (a user's embedder: {rest})"
 
 
-@cli.command()
+@cli.command(short_help="Check the manifest, checksums, records and index counts.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {ok, version, problems}.")
 @click.option("--retokenize", is_flag=True,
@@ -342,7 +344,7 @@ def verify(store, as_json, retokenize):
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Pack the current version into one .tar or .tar.zst archive.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--no-vectors", is_flag=True,
@@ -368,7 +370,7 @@ def pack(store, out, no_vectors, level, force):
     click.echo(f"manifest sha256 {res.manifest_sha256}")
 
 
-@cli.command()
+@cli.command(short_help="Safely extract and verify a packed store archive.")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--expect-manifest-sha256", "expected", default=None, metavar="HEX",
@@ -416,7 +418,7 @@ def _params(pairs) -> dict | None:
 _PARAM_HELP = "Search parameter name=value (nprobe, efSearch, quantizer_efSearch, max_codes, rerank, ...); repeatable."
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})  # (`delete S -1`: an id error, not an option's)
+@cli.command(context_settings={"ignore_unknown_options": True}, short_help="Delete documents (a take-down); try --dry-run first.")  # (`delete S -1`: an id error, not an option's)
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("doc_ids", nargs=-1, required=True, type=int)
 @click.option("--dry-run", is_flag=True,
@@ -499,7 +501,7 @@ def _delete_dry_run(store, doc_ids: list[int]) -> None:
     click.echo(f"would delete {_count(n, 'document')} ({_count(chunks, 'chunk')}); nothing changed (dry run)")
 
 
-@cli.command()
+@cli.command(short_help="Retrain and rebuild the index from the stored vectors.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--index", "factory", default=None,
               help="FAISS factory string, or 'auto' (size-following default). Default: the store's current choice.")
@@ -522,7 +524,7 @@ def reindex(store, factory, train_size, seed, params, mmap, quiet):
                f"({idx['bytes_per_vector']} bytes/vector) in {time.perf_counter() - t0:.1f} s")
 
 
-@cli.command()
+@cli.command(short_help="Merge index segments and purge deleted documents.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @friendly
@@ -547,7 +549,7 @@ def compact(store, quiet):
                        "`retrostore pack` writes a copy that holds none of it")
 
 
-@cli.command(name="eval")
+@cli.command(name="eval", short_help="Recall@k and latency of the index against exact search.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--queries", type=int, default=1000, show_default=True, help="Stored vectors sampled as queries.")
 @click.option("--k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
@@ -573,7 +575,7 @@ def eval_(store, queries, k, params, seed, threads, as_json):
                f"batch {res['batch_qps']:,.0f} queries/s ({threads} threads; a busy machine slows both)")
 
 
-@cli.command()
+@cli.command(short_help="Serve the store read-only over HTTP (JSON API, web page).")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; only this machine can connect unless told otherwise (e.g. 0.0.0.0).")

@@ -61,7 +61,7 @@ def _window_counts(summary: dict) -> str:
             f"{summary['research']} searched again, {summary['short']} with fewer than k")
 
 
-@click.command()
+@click.command(short_help="Precompute every chunk's k nearest chunk ids (.npy).")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Destination .npy (int64, -1 padded). Beside it, filtered modes write OUT's stem + "
@@ -176,7 +176,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
             click.echo(f"wrote {written}: shape {shape} int32, and {mask} (bool)")
 
 
-@click.command()
+@click.command(short_help="Export training windows and neighbours for retro-pytorch.")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,

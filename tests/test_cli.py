@@ -156,6 +156,20 @@ def test_a_build_of_empty_inputs_says_so(tmp_path):
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "e.rstore"), str(tmp_path / "empty.jsonl"), "-q"])
     assert res.exit_code == 0 and "+0 documents" in res.output, res.output
     assert "warning: the inputs held no documents" in res.output
+    # helper-56: a search of it printed "no hits (the store is empty)" and then "(0 hits in 0.0 ms)"
+    res = CliRunner().invoke(cli, ["search", str(tmp_path / "e.rstore"), "anything"])
+    assert res.exit_code == 0 and res.stdout == "no hits: the store is empty (version 1)\n" and res.stderr == ""
+
+
+def test_a_search_with_every_document_deleted_says_so(cli_store, tmp_path):
+    import shutil
+
+    path = tmp_path / "d.rstore"
+    shutil.copytree(cli_store, path)
+    res = CliRunner().invoke(cli, ["delete", str(path)] + [str(i) for i in range(20)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["search", str(path), "decode base64 data"])
+    assert res.exit_code == 0 and res.output.startswith("no hits: every document is deleted (version "), res.output
 
 
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):
@@ -249,6 +263,15 @@ def test_every_command_has_help():
         for param in cmd.params:
             if param.param_type_name == "option":
                 assert param.help, f"{name} {param.name}"
+
+
+def test_the_command_list_shows_whole_descriptions():
+    # helper-56: click cut each docstring's first sentence at the terminal's width ("STORE from INPUT files: .txt (one...")
+    res = CliRunner().invoke(cli, ["--help"], terminal_width=80)
+    listed = res.output.split("Commands:")[1].strip().splitlines()
+    assert len(listed) == len(cli.commands), listed
+    for line in listed:
+        assert not line.endswith("...") and line.endswith(".") and len(line) <= 80, line
 
 
 def test_python_dash_m_and_no_top_level_cli():

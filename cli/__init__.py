@@ -225,7 +225,8 @@ def inspect(store, as_json):
     """Show what STORE holds: versions, counts, fingerprints, index, files.
 
     \b
-    format     the store's format version (readers >= the oldest reader format that can read it)
+    format     the store's format version (readers >= the oldest reader format that can read it:
+               1, or 2 once documents are deleted, 3 once a Flat index is stored as float16)
     version    the current version (retained: versions open(path, version=V) can still read)
     documents, chunks, vectors   counts of the current version (ids ever committed, the deleted
                                  ones counted and said; vectors: indexed chunks)

@@ -131,3 +131,27 @@ def test_readme_first_screen_has_the_two_commands(page):
     assert "pytest" in head
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pytest -q" in ci and 'pip install' in ci
+
+
+def test_one_command_runs_every_benchmark():
+    """DESIGN.md: one command runs the benchmarks (README). Every script in benchmarks/ is in
+    ``run_all.py``'s suite or named there as needing an argument, and its short-run options exist."""
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["run_all"] = run_all  # its dataclass looks its module up there
+    try:
+        spec.loader.exec_module(run_all)
+    finally:
+        del sys.modules["run_all"]
+    helpers = {"run_all", "peers_data", "peers_report", "peers_systems", "peers_worker", "scale_data"}
+    needing_an_argument = {"recall", "revisions"}
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")} - helpers
+    suite = {b.name for b in run_all.SUITE}
+    assert scripts - needing_an_argument == suite, scripts ^ suite
+    assert all(f"``{n}.py" in run_all.__doc__ for n in needing_an_argument)
+    for b in run_all.SUITE:
+        source = (ROOT / "benchmarks" / f"{b.name}.py").read_text()
+        for arg in b.short + (b.record or []):
+            if arg.startswith("--"):
+                assert f'"{arg}"' in source, f"{b.name}.py has no option {arg}"
+    assert "python benchmarks/run_all.py" in (ROOT / "README.md").read_text()

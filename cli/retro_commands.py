@@ -67,7 +67,7 @@ def _window_counts(summary: dict) -> str:
               help="Destination .npy (int64, -1 padded). Beside it, filtered modes write OUT's stem + "
                    ".summary.json and keep OUT's stem + .candidates-*.npy (the candidates searched, reused by a "
                    "rerun) and OUT.lock (held while writing, removed when done; safe to delete after a killed run).")
-@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
 @click.option("--exclude-same-doc/--include-same-doc", default=None,
               help="For the store's own chunks: skip neighbours from the chunk's own document and copies of the "
                    "chunk in others (the leakage filters, --overlap-threshold; the default: RETRO, Borgeaud et al. "
@@ -181,7 +181,7 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["retro-pytorch"]), default="retro-pytorch", show_default=True,
               help="The trainer whose files are written (retro-pytorch 0.3.9's RETRODataset).")
-@click.option("--k", "k", type=int, default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=2, show_default=True, help="Neighbours per chunk (num_neighbors).")
 @functools.partial(_leakage_options, seq_len_required=True)
 @click.option("--allow-pad-collision", is_flag=True,
               help="Export although token id 0 is real text in this store (retro-pytorch pads with 0).")

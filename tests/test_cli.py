@@ -146,8 +146,19 @@ def test_show_prints_a_document_or_a_chunk_exactly(cli_store):
     assert doc.chunk_ids.stop - 1 >= 20  # (beyond the document ids)
     res = CliRunner().invoke(cli, ["show", str(cli_store), str(doc.chunk_ids.stop - 1)])  # a chunk id as a doc id
     assert res.exit_code == 1 and f"is the id of a chunk of document {d}" in res.output and "add --chunk" in res.output
-    res = CliRunner().invoke(cli, ["show", str(cli_store), "-1", "--chunk"])
-    assert res.exit_code == 1 and "chunk id -1 is outside" in res.output and "Traceback" not in res.output
+    # helper-58: ids were first..last, characters first..end; both first..last now, and the count
+    end = chunk.start + len(chunk.text)
+    res = CliRunner().invoke(cli, ["show", str(cli_store), str(chunk.chunk_id), "--chunk"])
+    assert f"characters {chunk.start:,}..{end - 1:,} ({len(chunk.text):,}), " in res.output
+    assert f"(ids {doc.chunk_ids.start:,}..{doc.chunk_ids.stop - 1:,})" in CliRunner().invoke(
+        cli, ["show", str(cli_store), str(d)]).output
+    with retrostore.open(cli_store) as st:
+        n = len(st)
+    for bad in ("-1", str(n)):  # helper-58: "InvalidInputError: chunk id 51429 is outside the committed range"
+        res = CliRunner().invoke(cli, ["show", str(cli_store), bad, "--chunk"])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert res.output == (f"Error: chunk id {bad} is not in {cli_store}: its chunk ids are 0 to {n - 1:,}. "
+                              "Chunk ids are the numbers after `chunk` in `retrostore search` output\n"), res.output
 
 
 def test_a_build_of_empty_inputs_says_so(tmp_path):
@@ -253,8 +264,10 @@ def test_os_level_errors_print_without_errno(cli_store):
 
 
 def test_k_must_be_positive(cli_store):
-    res = CliRunner().invoke(cli, ["search", str(cli_store), "q", "-k", "0"])
-    assert res.exit_code == 1 and "k=0" in res.output
+    # a bad option value is a usage error (exit 2, docs/cli.md), as helper-58 expected from the docs
+    for args in (["search", str(cli_store), "q", "-k", "0"], ["eval", str(cli_store), "--k", "0"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and "'--k': 0 is not in the range x>=1" in res.output, res.output
 
 
 def test_every_command_has_help():

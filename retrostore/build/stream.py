@@ -234,7 +234,9 @@ def build_store(
             commit()
         rate = n_chunks / max(time.perf_counter() - t0, 1e-9)
         # strings: tqdm shows a number in its shortest form (30,000 chunks as "3e+4")
-        bar.set_postfix(docs=f"{n_docs:,}", chunks=f"{n_chunks:,}", chunks_per_s=f"{rate:.0f}", refresh=False)
+        # committed: the version an interruption keeps (helper-58: nothing said when the build committed)
+        bar.set_postfix(docs=f"{n_docs:,}", chunks=f"{n_chunks:,}", chunks_per_s=f"{rate:.0f}",
+                        committed=f"{committed_chunks:,} chunks, version {st.version}", refresh=False)
 
     try:
         with st:

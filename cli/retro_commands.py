@@ -170,7 +170,10 @@ def neighbors(store, out, k, exclude_same_doc, batch_size, queries, label_token,
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         click.echo(f"wrote {path}: shape {arr.shape} int64")
         if tokens_out:
-            knn = retro.NeighborFile(st, path)
+            # document-mode windows: their neighbours end documents with the windows' eos_id, as TrainingSet and
+            # the export's rows do (helper-59: these tokens had no eos where TrainingSet's had one)
+            marks = {"table": seqs.table, "eos_id": seqs.eos_id} if sequences and mode == "document" else {}
+            knn = retro.NeighborFile(st, path, **marks)
             written, mask = knn.write_tokens(tokens_out)
             shape = knn.shape + (2 * int(st.manifest["chunk_tokens"]),)
             click.echo(f"wrote {written}: shape {shape} int32, and {mask} (bool)")

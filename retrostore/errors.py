@@ -16,6 +16,7 @@ __all__ = [
     "RetrostoreError",
     "NotAStoreError",
     "StoreExistsError",
+    "OutputExistsError",
     "InvalidInputError",
     "InvalidDocumentError",
     "InvalidEmbeddingsError",
@@ -51,6 +52,11 @@ class NotAStoreError(RetrostoreError, FileNotFoundError):
 
 class StoreExistsError(RetrostoreError, FileExistsError):
     """``create`` was asked to create a store where something already exists."""
+
+
+class OutputExistsError(StoreExistsError):
+    """An output that is not a store (an export directory, an archive) already exists and was not
+    to be replaced (helper-59: an export folder was reported as a "StoreExistsError")."""
 
 
 class InvalidInputError(RetrostoreError, ValueError):

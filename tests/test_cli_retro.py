@@ -70,6 +70,25 @@ def test_neighbors_sequences_writes_windows_filtered_ids_and_tokens(dup, tmp_pat
                         assert seqs.table.doc_ids[n] not in set(seqs.doc_ids[row].tolist())
 
 
+def test_document_mode_neighbor_tokens_equal_what_training_reads(sliced, tmp_path):
+    """helper-59: in document mode the tokens `neighbors --tokens` wrote (and NeighborFile read) had no eos
+    after a neighbour that ends its document, where TrainingSet and the export's rows have one."""
+    out, toks = tmp_path / "dk.npy", tmp_path / "dtok.npy"
+    res = _run("neighbors", sliced, "--out", out, "--sequences", "--seq-len", 2 * T, "--mode", "document",
+               "--tokens", toks, "-q")
+    assert res.exit_code == 0, res.output
+    with retrostore.open(sliced) as st:
+        seqs = retro.training_sequences(st, 2 * T, mode="document")
+        _, retrieved, mask = retro.TrainingSet(st, seqs, out).batch(0, len(seqs))
+        nf = retro.NeighborFile(st, out, table=seqs.table, eos_id=seqs.eos_id).tokens(0, len(seqs))
+        with pytest.raises(retrostore.InvalidInputError, match="eos_id needs table="):
+            retro.NeighborFile(st, out, eos_id=seqs.eos_id)
+    written = np.load(toks)
+    assert (written == seqs.eos_id).sum() > 0 and (written == seqs.eos_id).sum() == (retrieved == seqs.eos_id).sum()
+    assert np.array_equal(written, retrieved) and np.array_equal(np.load(tmp_path / "dtok.mask.npy"), mask)
+    assert np.array_equal(nf.tokens, retrieved) and np.array_equal(nf.mask, mask)
+
+
 def test_neighbors_tokens_of_store_chunks(sliced, tmp_path):
     out, toks = tmp_path / "knn.npy", tmp_path / "tok.npy"
     res = _run("neighbors", sliced, "--out", out, "--exclude-same-doc", "--tokens", toks, "-q")
@@ -193,8 +212,15 @@ def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp
     for key in ("chunk_memmap_path", "chunk_nn_memmap_path", "seq_memmap_path"):
         assert (out / kwargs[key]).stat().st_size > 0
     again = _run("export", sliced, out, "--seq-len", 2 * T, "-q")
-    assert again.exit_code == 1 and "StoreExistsError" in again.output and "--force" in again.output
+    # helper-59: named "StoreExistsError" (an export is not a store); OutputExistsError is one, for old excepts
+    assert again.exit_code == 1 and "OutputExistsError" in again.output and "--force" in again.output
+    assert issubclass(retrostore.OutputExistsError, retrostore.StoreExistsError)
     assert _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q").exit_code == 0
+    # helper-59: --force removed a file the user had put in the export directory, without a word
+    (out / "my_notes.txt").write_text("mine")
+    res = _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q")
+    assert res.exit_code == 1 and "holds my_notes.txt, which an export does not write" in res.output, res.output
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "retro_pytorch.json").is_file()
     res = _run("export", sliced, tmp_path / "e2")
     assert res.exit_code == 2 and "Missing option '--seq-len'" in res.output
 

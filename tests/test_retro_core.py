@@ -383,6 +383,24 @@ def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.rstore"]
 
 
+def test_a_store_of_one_document_is_refused_by_every_neighbour_path(tmp_path, small_docs, embedder):
+    """helper-59: a one-file .txt corpus (one document) exported windows whose neighbours were all -1, exit 0:
+    RETRO excludes the window's own document. chunk_neighbors refused it already (helper-31)."""
+    text = max((d["text"] for d in small_docs), key=len)
+    with retrostore.create(tmp_path / "one.rstore", embedder=embedder) as st:
+        st.append([text])
+        st.commit()
+        assert len(st) > 8
+        for run in (lambda: retro.chunk_neighbors(st, tmp_path / "c.npy", k=1),
+                    lambda: retro.sequence_neighbors(st, retro.training_sequences(st, 2 * T), tmp_path / "k.npy", k=1),
+                    lambda: retro.sequence_neighbors(st, retro.training_sequences(st, 2 * T), tmp_path / "k.npy", k=1,
+                                                     exclude="chunk"),
+                    lambda: retro.export_retro_pytorch(st, tmp_path / "exp", seq_len=2 * T, k=1)):
+            with pytest.raises(InvalidInputError, match="live chunks in one document.*a .txt input is one document"):
+                run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.rstore"]
+
+
 # --- leakage: duplicates and n-gram overlap ----------------------------------------------------
 
 def test_ngram_overlap_and_duplicate_detection():

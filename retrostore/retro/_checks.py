@@ -14,8 +14,8 @@ from ..errors import CorruptStoreError, InvalidInputError, WriterLockedError, ch
 from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["check_exclude", "check_k_of", "check_ngram", "check_pad_id", "check_threshold", "output_lock", "store_pad_id",
-           "settings"]
+__all__ = ["check_exclude", "check_k_of", "check_ngram", "check_pad_id", "check_several_documents", "check_threshold",
+           "output_lock", "store_pad_id", "settings"]
 
 
 class Settings(NamedTuple):
@@ -83,6 +83,18 @@ def check_exclude(exclude: Any) -> str:
     if exclude not in EXCLUDES:
         raise InvalidInputError(f"exclude={exclude!r}; expected 'sequence' or 'chunk'")
     return exclude
+
+
+def check_several_documents(store: Any, table: Any) -> None:
+    """Refuse a version whose live chunks (``table``: its :class:`~retrostore.retro.table.ChunkTable`) are all in
+    one document: RETRO excludes a chunk's own document (and a window's), so none could have a neighbour
+    (helper-31: chunk neighbours all -1 and exit 0; helper-59: the same from ``sequence_neighbors`` and the
+    export of a one-file ``.txt`` corpus)."""
+    if len(np.unique(table.doc_ids[table.live])) < 2:
+        raise InvalidInputError(f"version {store.version} of the store has its live chunks in one document: every "
+                                "candidate is in the chunk's own document, which RETRO excludes; append other "
+                                "documents (a .txt input is one document: split a book into several files or jsonl "
+                                "lines), or use Store.precompute_neighbors for unfiltered neighbours")
 
 
 def check_ngram(ngram: Any, chunk_tokens: int) -> int:

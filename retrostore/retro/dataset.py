@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, check_bool, check_int
 from ..storage.fileio import sha256_file
-from .sequences import Sequences, mark_document_ends, window_digest
+from .sequences import Sequences, window_digest
 from .table import check_table, store_identity
 from .tokens import NeighborFile
 
@@ -60,7 +60,8 @@ class TrainingSet:
                                     "retrostore.retro.training_sequences(store, seq_len)")
         check_table(store, seqs.table, "seqs' table (cut them again with training_sequences(store, ...))")
         self.seqs = seqs
-        self.knn = NeighborFile(store, neighbors, pad_id=seqs.pad_id, table=seqs.table)
+        self.knn = NeighborFile(store, neighbors, pad_id=seqs.pad_id, table=seqs.table,
+                                eos_id=seqs.eos_id if seqs.mode == "document" else None)
         n, c = seqs.chunk_ids.shape
         if self.knn.ids.ndim != 3 or self.knn.shape[:2] != (n, c):
             raise InvalidInputError(f"{neighbors} has shape {self.knn.shape}; these {n} windows of {c} chunks need "
@@ -102,15 +103,8 @@ class TrainingSet:
         In document mode a neighbour, or a continuation, that ends its document with fewer
         than T tokens holds ``eos_id`` right after them, as its window row does (and the
         export's row that ``RETRODataset`` reads)."""
-        nt = self.knn.tokens(start, stop)
-        tokens, mask = nt.tokens, nt.mask
-        if self.seqs.mode == "document":
-            table, t = self.seqs.table, self.seqs.table.chunk_tokens
-            ids = nt.chunk_ids
-            nxt = np.where((ids >= 0) & table.next_in_doc[np.maximum(ids, 0)], ids + 1, -1)
-            for part, chunk in ((slice(None, t), ids), (slice(t, None), nxt)):  # neighbour, continuation
-                mask[..., part][mark_document_ends(tokens[..., part], chunk[..., None], table, self.seqs.eos_id)] = True
-        return self.seqs.tokens(start, stop), tokens, mask
+        nt = self.knn.tokens(start, stop)  # (document mode: the knn file marks ends with the windows' eos_id)
+        return self.seqs.tokens(start, stop), nt.tokens, nt.mask
 
 
 def _summary_path(neighbors: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ window's empty slots are all-0 rows), followed by the C all-0 rows
 ``RETRODataset`` then yields exactly :class:`TrainingSet`'s ``(seq,
 retrieved)`` for every row, pad id 0; in document mode both carry ``eos_id``
 after each document's text, in the windows and in the neighbours that end
-their document (:func:`~retrostore.retro.sequences.mark_document_ends`).
+their document (:func:`~retrostore.retro.table.mark_document_ends`).
 
 Beside them: ``train.doc_ids.dat`` (int32 ``(num_chunks + C,)``, each row's
 document, -1 for padding rows; retro-pytorch's own preprocessing writes it),
@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, StoreExistsError, check_bool
+from ..errors import InvalidInputError, OutputExistsError, check_bool
 from ..storage.fileio import check_outside_store, writable_dir
-from ._checks import check_exclude, check_k_of, check_ngram, check_threshold, output_lock
+from ._checks import check_exclude, check_k_of, check_ngram, check_several_documents, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
 from .sequences import MODES, sequence_neighbors, training_sequences
 from .table import chunk_table
@@ -71,6 +71,18 @@ FILES = {"chunks": "train.chunks.dat", "knn": "train.chunks.knn.dat", "seqs": "t
          "doc_ids": "train.doc_ids.dat"}
 KWARGS_FILE = "retro_pytorch.json"
 INFO_FILE = "export.json"
+
+
+def _check_only_export_files(out: Path) -> None:
+    """Refuse to replace an export directory that holds anything an export does not write (helper-59:
+    ``--force`` removed a file the user had put there, without a word)."""
+    ours = {*FILES.values(), "rows.npy", "seq_knn.npy", "seq_knn.summary.json", KWARGS_FILE, INFO_FILE}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        shown_names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputExistsError(f"{out} holds {shown_names}, which an export does not write: force replaces the "
+                                "whole directory, so it is not replaced; move them out of it, or give another "
+                                "directory")
 
 
 def _write_memmap(path: Path, arr: np.ndarray) -> None:
@@ -127,9 +139,10 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
 
     Raises
     ------
-    StoreExistsError
+    OutputExistsError
         ``out_dir`` exists and ``force`` is False, or it exists and is not an
-        export.
+        export, or it holds files an export does not write (``force``
+        replaces the whole directory).
     InvalidInputError
         Bad ``seq_len`` / ``k`` / ``mode`` / ``eos_id``; ``eos_id`` occurs in
         a chunk; token 0 occurs in a chunk (without ``allow_pad_collision``);
@@ -154,11 +167,12 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     out = Path(out_dir).resolve()  # "." and ".." have no name to put ".partial" beside (helper-17: a ValueError)
     if out.exists():
         if not force:
-            raise StoreExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "
+            raise OutputExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "
                                    "give another directory")
         if not (out / KWARGS_FILE).is_file():
-            raise StoreExistsError(f"{out} exists and holds no {KWARGS_FILE}: it is not an export, so it is not "
-                                   "replaced even with force; remove it yourself or give another directory")
+            raise OutputExistsError(f"{out} exists and holds no {KWARGS_FILE}: it is not an export, so it is not "
+                                    "replaced even with force; remove it yourself or give another directory")
+        _check_only_export_files(out)
     check_outside_store(out, "out_dir")
     if not out.parent.is_dir():
         why = "is a file" if out.parent.exists() else "does not exist"
@@ -169,6 +183,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     if len(seqs) == 0:  # (helper-28: an IndexError and a .partial left behind, or "0 windows" and exit 0)
         raise InvalidInputError(f"version {store.version} of the store has no live chunk ({len(store):,} chunks, of "
                                 "deleted or empty documents): nothing to train on; append documents and commit")
+    check_several_documents(store, table)
     real = np.arange(table.chunk_tokens) < table.lengths[:, None]
     n_eos = int(((table.tokens == seqs.eos_id) & real).sum())
     if n_eos:
@@ -201,7 +216,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
 def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, ngram, progress, rows: np.ndarray,
             n_zero: int, force: bool) -> dict:
     if out.exists() and not force:  # again, under the lock (helper-29: an export that finished meanwhile was replaced)
-        raise StoreExistsError(f"{out} exists (another export finished it meanwhile); pass force=True (retrostore "
+        raise OutputExistsError(f"{out} exists (another export finished it meanwhile); pass force=True (retrostore "
                                "export --force) to replace it, or give another directory")
     n, c = seqs.chunk_ids.shape
     seq_len, mode = seqs.seq_len, seqs.mode

@@ -49,15 +49,15 @@ from tqdm import tqdm
 
 from ..errors import InvalidInputError, check_bool, check_int, is_int, shown
 from ..storage.fileio import atomic_write, check_output_file, sha256_file
-from ._checks import check_exclude, check_k_of, check_ngram, check_pad_id, check_threshold, output_lock
+from ._checks import (check_exclude, check_k_of, check_ngram, check_pad_id, check_several_documents, check_threshold,
+                      output_lock)
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
-from .table import ChunkTable, check_table, chunk_table, store_identity
+from .table import ChunkTable, check_table, chunk_table, mark_document_ends, store_identity
 
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors", "MODES",
-           "mark_document_ends"]
+__all__ = ["Sequences", "training_sequences", "default_eos_id", "sequence_neighbors", "chunk_neighbors", "MODES"]
 
 MODES = ("document", "packed")
 _EOS_NAMES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -158,28 +158,6 @@ class Sequences:
         batch_size = check_int("batch_size", batch_size, 1)
         for s in range(0, len(self), batch_size):
             yield s, self.tokens(s, min(len(self), s + batch_size))
-
-
-def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, eos_id: int) -> tuple:
-    """Put ``eos_id`` right after the last token of every document that ends in ``ids`` (in place);
-    returns the index of the tokens set (for a mask of real tokens).
-
-    ``tokens`` holds the chunks of ``ids`` (shape ``(..., S)``, -1 allowed) laid end to end on its
-    last axis, ``T`` tokens each, padded: a chunk that ends its document with ``n < T`` tokens gets
-    ``eos_id`` at its own slot ``n``; a full one at the first slot of the chunk after it, when
-    ``tokens`` has room (a document-mode window's next slot is empty). Document-mode windows
-    (:class:`Sequences`), their export rows, and neighbours in ``TrainingSet`` (``S = T``).
-    """
-    t = table.chunk_tokens
-    ids = np.asarray(ids, np.int64)
-    safe = np.maximum(ids, 0)
-    ends = (ids >= 0) & ~table.next_in_doc[safe]
-    where = np.nonzero(ends)
-    pos = where[-1] * t + table.lengths[safe[where]].astype(np.int64)
-    room = pos < tokens.shape[-1]
-    at = (*[w[room] for w in where[:-1]], pos[room])
-    tokens[at] = eos_id
-    return at
 
 
 def _near(seq_len: object, t: int) -> tuple[int, int]:
@@ -340,7 +318,8 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     InvalidInputError
         Bad ``k``, ``exclude``, ``overlap_threshold``, ``ngram`` (1 to
         ``chunk_tokens``), ``candidates``, ``batch_size`` or ``out``; ``seqs``
-        of another store version, or no window at all.
+        of another store version, or no window at all; a store whose live
+        chunks are all in one document (none could have a neighbour).
     WriterLockedError
         Another process is writing ``out`` (it holds ``OUT.lock``, a file
         beside ``out``, removed when the run completes).
@@ -362,6 +341,7 @@ def sequence_neighbors(store: "Store", seqs: Sequences, out: str | os.PathLike, 
     if n == 0:
         raise InvalidInputError(f"seqs holds no window: version {store.version} of the store has no live chunk "
                                 f"({len(store):,} chunks, of deleted or empty documents); append documents and commit")
+    check_several_documents(store, seqs.table)
     n_cand = min(n_cand, max(len(store) - 1, 1))
     lock = output_lock(out, "neighbours")
     try:
@@ -509,10 +489,7 @@ def chunk_neighbors(store: "Store", out: str | os.PathLike, *, k: int = 2,
     out = check_output_file(out)
     table = chunk_table(store)
     live = np.flatnonzero(table.live)
-    if len(np.unique(table.doc_ids[live])) < 2:  # (helper-31: all -1 and exit 0)
-        raise InvalidInputError(f"version {store.version} of the store has its live chunks in one document: every "
-                                "candidate is in the chunk's own document, which RETRO excludes; append other "
-                                "documents, or use Store.precompute_neighbors for unfiltered neighbours")
+    check_several_documents(store, table)
     lock = output_lock(out, "neighbours")
     try:
         n_cand = min(2 * k + 8, max(len(store) - 1, 1))

@@ -21,7 +21,7 @@ from ._checks import settings
 if TYPE_CHECKING:
     from retrostore import Store
 
-__all__ = ["ChunkTable", "chunk_table", "check_table", "store_identity"]
+__all__ = ["ChunkTable", "chunk_table", "check_table", "mark_document_ends", "store_identity"]
 
 def store_identity(store: "Store") -> str:
     """Which store and version ``store`` serves: the sha256 of that version's manifest.
@@ -146,3 +146,25 @@ def chunk_table(store: "Store", *, batch_size: int = 8192) -> ChunkTable:
     if n > 1:
         next_in_doc[:-1] = live[:-1] & (doc_ids[:-1] == doc_ids[1:])
     return ChunkTable(tokens, lengths, doc_ids, next_in_doc, live, t, store.version, store_identity(store))
+
+
+def mark_document_ends(tokens: np.ndarray, ids: np.ndarray, table: ChunkTable, eos_id: int) -> tuple:
+    """Put ``eos_id`` right after the last token of every document that ends in ``ids`` (in place);
+    returns the index of the tokens set (for a mask of real tokens).
+
+    ``tokens`` holds the chunks of ``ids`` (shape ``(..., S)``, -1 allowed) laid end to end on its
+    last axis, ``T`` tokens each, padded: a chunk that ends its document with ``n < T`` tokens gets
+    ``eos_id`` at its own slot ``n``; a full one at the first slot of the chunk after it, when
+    ``tokens`` has room (a document-mode window's next slot is empty). Document-mode windows
+    (:class:`Sequences`), their export rows, and neighbours in ``TrainingSet`` (``S = T``).
+    """
+    t = table.chunk_tokens
+    ids = np.asarray(ids, np.int64)
+    safe = np.maximum(ids, 0)
+    ends = (ids >= 0) & ~table.next_in_doc[safe]
+    where = np.nonzero(ends)
+    pos = where[-1] * t + table.lengths[safe[where]].astype(np.int64)
+    room = pos < tokens.shape[-1]
+    at = (*[w[room] for w in where[:-1]], pos[room])
+    tokens[at] = eos_id
+    return at

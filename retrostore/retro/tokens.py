@@ -24,7 +24,7 @@ from ..errors import InvalidInputError, StoreIOError, check_int
 from ..storage.fileio import check_output_file, check_path
 from ..store.reading import neighbor_id_array
 from ._checks import check_pad_id, settings
-from .table import ChunkTable, check_table
+from .table import ChunkTable, check_table, mark_document_ends
 
 if TYPE_CHECKING:
     from retrostore import Store
@@ -73,8 +73,28 @@ def _from_table(table: ChunkTable, ids: np.ndarray, pad: int, purged: np.ndarray
     return NeighborTokens(tokens, mask, ids, doc_ids)
 
 
+def _mark_ends(nt: NeighborTokens, table: ChunkTable, eos_id: int) -> NeighborTokens:
+    """``eos_id`` (and a True mask) right after the last token of every neighbour and continuation that
+    ends its document with fewer than T tokens, in place: document mode's rule for the windows."""
+    t = table.chunk_tokens
+    ids = nt.chunk_ids
+    nxt = np.where((ids >= 0) & table.next_in_doc[np.maximum(ids, 0)], ids + 1, -1)
+    for part, chunk in ((slice(None, t), ids), (slice(t, None), nxt)):  # neighbour, continuation
+        nt.mask[..., part][mark_document_ends(nt.tokens[..., part], chunk[..., None], table, eos_id)] = True
+    return nt
+
+
+def _check_eos_table(store: "Store", eos_id: Any, table: ChunkTable | None) -> int | None:
+    if eos_id is None:
+        return None
+    if table is None:
+        raise InvalidInputError("eos_id needs table= (retrostore.retro.chunk_table(store), or the windows' "
+                                "seqs.table): whether a neighbour ends its document is read from it")
+    return check_int("eos_id", eos_id, 0, settings(store).vocab_size - 1, fix="a token id of the store's tokenizer")
+
+
 def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None,
-                    table: ChunkTable | None = None) -> NeighborTokens:
+                    table: ChunkTable | None = None, eos_id: int | None = None) -> NeighborTokens:
     """Tokens, mask and documents of neighbour chunk ids, with continuations.
 
     ``Store.neighbor_tokens`` with the model's pad id, or read from an
@@ -95,6 +115,12 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
     table : ChunkTable, optional
         A :func:`chunk_table` of this store version: read from memory
         instead of the store.
+    eos_id : int, optional
+        Document mode's end mark (``Sequences.eos_id`` of windows cut with
+        ``mode="document"``): a neighbour or continuation that ends its
+        document with fewer than T tokens holds it right after them, as the
+        windows, ``TrainingSet`` and the export's rows do. Needs ``table``.
+        Default: none (packed mode).
 
     Returns
     -------
@@ -109,10 +135,12 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
     ------
     InvalidInputError
         ``chunk_ids`` are not integers, have no dimension or hold an id
-        outside ``[-1, len(store))``; ``pad_id`` is outside the vocabulary;
-        ``table`` is of another store version.
+        outside ``[-1, len(store))``; ``pad_id`` or ``eos_id`` is outside the
+        vocabulary; ``table`` is of another store version; ``eos_id`` without
+        ``table``.
     """
     pad = check_pad_id(store, pad_id)
+    eos = _check_eos_table(store, eos_id, table)
     if table is None:  # Store.neighbor_tokens checks the ids (once: each check costs at generation time)
         nb = store.neighbor_tokens(chunk_ids)
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
@@ -121,7 +149,8 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
     ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
     # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
     # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
-    return _from_table(table, ids, pad, store.deleted_chunks(ids))
+    nt = _from_table(table, ids, pad, store.deleted_chunks(ids))
+    return nt if eos is None else _mark_ends(nt, table, eos)
 
 
 class NeighborFile:
@@ -143,6 +172,9 @@ class NeighborFile:
         As in :func:`neighbor_tokens`.
     table : ChunkTable, optional
         As in :func:`neighbor_tokens`.
+    eos_id : int, optional
+        As in :func:`neighbor_tokens`: give the windows' ``eos_id`` (and their
+        ``table``) for neighbours of document-mode windows.
 
     Attributes
     ----------
@@ -166,7 +198,7 @@ class NeighborFile:
     """
 
     def __init__(self, store: "Store", path: str | os.PathLike, *, pad_id: int | None = None,
-                 table: ChunkTable | None = None):
+                 table: ChunkTable | None = None, eos_id: int | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"path={path!r} must be the path of a .npy file of neighbour ids")
         self.store = store
@@ -175,6 +207,7 @@ class NeighborFile:
         if table is not None:
             check_table(store, table)
         self.table = table
+        self.eos_id = _check_eos_table(store, eos_id, table)
         try:
             self.ids = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -207,7 +240,8 @@ class NeighborFile:
             raise InvalidInputError(f"{self.path} holds no row (shape {self.shape}); there is no row {start!r} to read")
         start = check_int("start", start, 0, n - 1 if stop is None else n)
         stop = start + 1 if stop is None else check_int("stop", stop, start, n, fix=f"rows are [0, {n})")
-        return neighbor_tokens(self.store, np.asarray(self.ids[start:stop]), pad_id=self.pad_id, table=self.table)
+        return neighbor_tokens(self.store, np.asarray(self.ids[start:stop]), pad_id=self.pad_id, table=self.table,
+                               eos_id=self.eos_id)
 
     def __getitem__(self, row: int) -> NeighborTokens:
         nt = self.tokens(row)

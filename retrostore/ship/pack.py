@@ -36,7 +36,7 @@ from ..errors import (
     CorruptStoreError,
     InvalidInputError,
     RetrostoreError,
-    StoreExistsError,
+    OutputExistsError,
     StoreIOError,
     check_bool,
     check_int,
@@ -137,7 +137,7 @@ def pack(
         the version holds deleted documents that ``compact`` has not purged yet
         (their text, tokens and vectors are still in its files and would ship:
         a take-down must not travel in an artifact).
-    StoreExistsError
+    OutputExistsError
         ``out`` exists and ``overwrite`` is False.
     NotAStoreError, CorruptStoreError, FormatVersionError
         The store cannot be opened, or a file differs from its manifest entry
@@ -157,7 +157,7 @@ def pack(
     if out.is_dir():  # helper-37: os.replace's IsADirectoryError, naming a temporary file
         raise InvalidInputError(f"{out} is a directory; give the archive's file name, e.g. {out / 'store.tar.zst'}")
     if out.exists() and not overwrite:
-        raise StoreExistsError(
+        raise OutputExistsError(
             f"the archive {out} already exists; choose another name, or replace it with "
             "`retrostore pack --force` (overwrite=True in Python)"
         )

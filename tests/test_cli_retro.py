@@ -83,6 +83,9 @@ def test_document_mode_neighbor_tokens_equal_what_training_reads(sliced, tmp_pat
         nf = retro.NeighborFile(st, out, table=seqs.table, eos_id=seqs.eos_id).tokens(0, len(seqs))
         with pytest.raises(retrostore.InvalidInputError, match="eos_id needs table="):
             retro.NeighborFile(st, out, eos_id=seqs.eos_id)
+        for bad, match in ((seqs.pad_id, "equals pad_id"), (-1, "eos_id"), (10**9, "eos_id"), (1.5, "eos_id")):
+            with pytest.raises(retrostore.InvalidInputError, match=match):
+                retro.NeighborFile(st, out, table=seqs.table, eos_id=bad)
     written = np.load(toks)
     assert (written == seqs.eos_id).sum() > 0 and (written == seqs.eos_id).sum() == (retrieved == seqs.eos_id).sum()
     assert np.array_equal(written, retrieved) and np.array_equal(np.load(tmp_path / "dtok.mask.npy"), mask)

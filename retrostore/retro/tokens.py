@@ -84,13 +84,17 @@ def _mark_ends(nt: NeighborTokens, table: ChunkTable, eos_id: int) -> NeighborTo
     return nt
 
 
-def _check_eos_table(store: "Store", eos_id: Any, table: ChunkTable | None) -> int | None:
+def _check_eos_table(store: "Store", eos_id: Any, table: ChunkTable | None, pad: int) -> int | None:
     if eos_id is None:
         return None
     if table is None:
         raise InvalidInputError("eos_id needs table= (retrostore.retro.chunk_table(store), or the windows' "
                                 "seqs.table): whether a neighbour ends its document is read from it")
-    return check_int("eos_id", eos_id, 0, settings(store).vocab_size - 1, fix="a token id of the store's tokenizer")
+    eos = check_int("eos_id", eos_id, 0, settings(store).vocab_size - 1, fix="a token id of the store's tokenizer")
+    if eos == pad:  # (as training_sequences refuses it: the mark would read as padding)
+        raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: a document's end would read as padding; "
+                                "give the windows' eos_id (seqs.eos_id)")
+    return eos
 
 
 def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None,
@@ -140,7 +144,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
         ``table``.
     """
     pad = check_pad_id(store, pad_id)
-    eos = _check_eos_table(store, eos_id, table)
+    eos = _check_eos_table(store, eos_id, table, pad)
     if table is None:  # Store.neighbor_tokens checks the ids (once: each check costs at generation time)
         nb = store.neighbor_tokens(chunk_ids)
         tokens = nb.tokens if pad == settings(store).pad_id else np.where(nb.mask, nb.tokens, pad)
@@ -207,7 +211,7 @@ class NeighborFile:
         if table is not None:
             check_table(store, table)
         self.table = table
-        self.eos_id = _check_eos_table(store, eos_id, table)
+        self.eos_id = _check_eos_table(store, eos_id, table, self.pad_id)
         try:
             self.ids = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -222,7 +222,7 @@ def test_export_writes_retro_dataset_kwargs_and_refuses_to_overwrite(sliced, tmp
     # helper-59: --force removed a file the user had put in the export directory, without a word
     (out / "my_notes.txt").write_text("mine")
     res = _run("export", sliced, out, "--seq-len", 2 * T, "--force", "-q")
-    assert res.exit_code == 1 and "holds my_notes.txt, which an export does not write" in res.output, res.output
+    assert res.exit_code == 1 and "holds 'my_notes.txt', which an export does not write" in res.output, res.output
     assert (out / "my_notes.txt").read_text() == "mine" and (out / "retro_pytorch.json").is_file()
     res = _run("export", sliced, tmp_path / "e2")
     assert res.exit_code == 2 and "Missing option '--seq-len'" in res.output

@@ -364,6 +364,61 @@ def test_an_export_finished_meanwhile_is_not_replaced(store, tmp_path, monkeypat
     assert json.loads((out / "export.json").read_text())["retro_dataset"]["num_neighbors"] == 1  # kept
 
 
+def test_force_never_removes_what_the_user_put_in_an_export(store, tmp_path, monkeypatch):
+    """helper-60: --force removed a directory named like an export file with its contents, and files put
+    into the directory while the export ran (the check ran once, before minutes of neighbour search)."""
+    from retrostore.retro import export as export_module
+
+    out = tmp_path / "exp"
+    retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1)
+    (out / "train.seq.dat").unlink()
+    (out / "train.seq.dat" / "mydata").mkdir(parents=True)
+    (out / "train.seq.dat" / "mydata" / "results.csv").write_text("user results")
+    with pytest.raises(retrostore.OutputExistsError, match="holds 'train.seq.dat', which an export does not write"):
+        retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1, force=True)
+    assert (out / "train.seq.dat" / "mydata" / "results.csv").read_text() == "user results"
+
+    out2 = tmp_path / "exp2"
+    retro.export_retro_pytorch(store, out2, seq_len=2 * T, k=1)
+    before = {p.name: p.read_bytes() for p in out2.iterdir()}
+    run = export_module.sequence_neighbors
+
+    def meanwhile(*args, **kwargs):
+        (out2 / "notes.txt").write_text("user notes")  # written while the export searches
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "sequence_neighbors", meanwhile)
+    with pytest.raises(retrostore.OutputExistsError, match="holds 'notes.txt'"):
+        retro.export_retro_pytorch(store, out2, seq_len=2 * T, k=2, force=True)
+    assert (out2 / "notes.txt").read_text() == "user notes"  # kept, and the earlier export with it
+    assert {p.name: p.read_bytes() for p in out2.iterdir() if p.name != "notes.txt"} == before
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+    monkeypatch.setattr(export_module, "sequence_neighbors", run)
+    (out2 / "notes.txt").unlink()
+    retro.export_retro_pytorch(store, out2, seq_len=2 * T, k=2, force=True)  # a clean export is replaced
+    assert json.loads((out2 / "export.json").read_text())["retro_dataset"]["num_neighbors"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp2"]
+
+
+def test_odd_export_paths_are_clean_errors(store, tmp_path):
+    """helper-60: a symlink loop and a file at OUT.partial were tracebacks; a file at OUT was told to use force."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    with pytest.raises(InvalidInputError, match="cannot be resolved"):
+        retro.export_retro_pytorch(store, tmp_path / "loop1", seq_len=2 * T)
+    (tmp_path / "p.partial").write_text("junk")
+    with pytest.raises(InvalidInputError, match="is a file or a link"):
+        retro.export_retro_pytorch(store, tmp_path / "p", seq_len=2 * T)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "q.partial").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InvalidInputError, match="is a file or a link"):
+        retro.export_retro_pytorch(store, tmp_path / "q", seq_len=2 * T)
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(InvalidInputError, match="is a file; an export is a directory"):
+        retro.export_retro_pytorch(store, tmp_path / "f", seq_len=2 * T, force=True)
+    assert (tmp_path / "f").read_text() == "mine" and not any((tmp_path / "elsewhere").iterdir())
+
+
 def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
     """helper-28: exporting an empty store was an IndexError that left OUT.partial behind; a store whose
     documents were all deleted exported 0 windows with exit 0."""

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,16 +73,53 @@ KWARGS_FILE = "retro_pytorch.json"
 INFO_FILE = "export.json"
 
 
+#: The names an export writes in its directory (each a plain file).
+_OURS = frozenset({*FILES.values(), "rows.npy", "seq_knn.npy", "seq_knn.summary.json", KWARGS_FILE, INFO_FILE})
+
+
+def _foreign(out: Path) -> list[str]:
+    """What ``out`` holds that an export does not write: other names, and directories under an export's name
+    (helper-60: a user's directory named ``train.seq.dat`` was removed with its contents)."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in _OURS or (p.is_dir() and not p.is_symlink()))
+
+
 def _check_only_export_files(out: Path) -> None:
     """Refuse to replace an export directory that holds anything an export does not write (helper-59:
     ``--force`` removed a file the user had put there, without a word)."""
-    ours = {*FILES.values(), "rows.npy", "seq_knn.npy", "seq_knn.summary.json", KWARGS_FILE, INFO_FILE}
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    others = _foreign(out)
     if others:
-        shown_names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        shown_names = ", ".join(map(repr, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise OutputExistsError(f"{out} holds {shown_names}, which an export does not write: force replaces the "
                                 "whole directory, so it is not replaced; move them out of it, or give another "
                                 "directory")
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Put the finished export ``work`` at ``out``. An earlier export there is first renamed aside and checked
+    again, so a file put into it while this export ran is never removed (helper-60); then only the names an
+    export writes are removed from it."""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{out.name}.replaced-", dir=out.parent))
+    os.replace(out, aside)  # (onto the new empty directory: a rename, never a copy)
+    try:
+        _check_only_export_files(aside)
+    except OutputExistsError:
+        os.replace(aside, out)  # (back as it was; the new export stays in OUT.partial)
+        _check_only_export_files(out)  # (raises, naming out)
+        raise
+    os.replace(work, out)
+    for name in _OURS:
+        p = aside / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    try:
+        aside.rmdir()
+    except OSError:  # something was put there in the last instant: kept, and said
+        raise OutputExistsError(f"the export is written to {out}; files put into the earlier export while it was "
+                                f"replaced are kept in {aside}") from None
 
 
 def _write_memmap(path: Path, arr: np.ndarray) -> None:
@@ -164,7 +201,17 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     progress = check_bool("progress", progress)
     if not isinstance(out_dir, (str, os.PathLike)):
         raise InvalidInputError(f"out_dir={out_dir!r} must be a path")
-    out = Path(out_dir).resolve()  # "." and ".." have no name to put ".partial" beside (helper-17: a ValueError)
+    try:
+        out = Path(out_dir).resolve()  # "." and ".." have no name to put ".partial" beside (helper-17: a ValueError)
+    except (RuntimeError, OSError) as exc:  # (helper-60: a symlink loop was a RuntimeError traceback)
+        raise InvalidInputError(f"out_dir={str(out_dir)!r} cannot be resolved ({exc}); give another path") from None
+    if out.exists() and not out.is_dir():  # (helper-60: "pass force=True", which never replaces a file)
+        raise InvalidInputError(f"out_dir={str(out)!r} is a file; an export is a directory: give another path")
+    work = out.with_name(out.name + ".partial")
+    if work.is_symlink() or (work.exists() and not work.is_dir()):  # (helper-60: a FileExistsError traceback,
+        # or the export written into the directory a link named)
+        raise InvalidInputError(f"{work} (where the export is assembled) is a file or a link; remove it, or give "
+                                "another out_dir")
     if out.exists():
         if not force:
             raise OutputExistsError(f"{out} exists; pass force=True (retrostore export --force) to replace it, or "
@@ -263,9 +310,7 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
     (work / INFO_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")
     for p in [*work.glob("seq_knn.candidates-*"), work / "seq_knn.npy.lock"]:
         p.unlink(missing_ok=True)  # (the neighbours' lock: this export's own lock keeps others out)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
+    _replace(work, out)
     return info
 
 

@@ -87,6 +87,8 @@ def main() -> int:
     for b in chosen:
         cmd = command(b, args.record)
         if cmd is None:
+            if args.list:  # (helper-60: --list --record left these out without a word)
+                print(f"# {b.name}: records nothing (its short run: python benchmarks/{b.name}.py {' '.join(b.short)})")
             rows.append((b.name, "not run: records nothing (run it without --record)", 0.0))
             continue
         shown = " ".join(["python", *cmd[1:]]).replace(str(HERE.parent) + "/", "")

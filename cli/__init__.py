@@ -153,7 +153,8 @@ def search(store, query, k, as_json):
             click.echo(json.dumps({"query": query, "k": k, "version": st.version, "hits": out}, ensure_ascii=False))
             return
         if not hits:  # one line, no "(0 hits in 0.0 ms)" after it (helper-56)
-            why = "the store is empty" if len(st) == 0 else "every document is deleted"
+            # (helper-60: "every document is deleted" where empty documents were live)
+            why = "the store holds no chunks" if len(st) == 0 else "every chunk is of a deleted document"
             click.echo(f"no hits: {why} (version {st.version})")
             return
         for rank, (h, meta) in enumerate(zip(hits, metas), 1):
@@ -202,7 +203,10 @@ def show(store, ident, is_chunk, as_json):
         doc = st.get_document(ident)
         ids = doc.chunk_ids
         if as_json:
-            click.echo(json.dumps({"doc_id": doc.doc_id, "metadata": doc.metadata, "chunk_ids": [ids.start, ids.stop],
+            # first and last, as the text line (helper-60: [start, stop) under the name chunk_ids read as two ids)
+            click.echo(json.dumps({"doc_id": doc.doc_id, "metadata": doc.metadata, "chunks": len(ids),
+                                   "first_chunk_id": ids.start if ids else None,
+                                   "last_chunk_id": ids.stop - 1 if ids else None,
                                    "text": doc.text, "version": st.version}, ensure_ascii=False, default=str))
             return
         click.echo(_doc_line(doc))
@@ -456,9 +460,9 @@ def _doc_line(doc, meta_chars: int | None = None) -> str:
     """``doc 7: 41 chunks (ids 282..322), 9,277 characters, metadata {...}`` (``show``, ``delete
     --dry-run``); the metadata's JSON cut at ``meta_chars``."""
     ids = doc.chunk_ids
-    span = f" (ids {ids.start:,}..{ids.stop - 1:,})" if ids else ""
+    span = (f" (id {ids.start:,})" if len(ids) == 1 else f" (ids {ids.start:,}..{ids.stop - 1:,})") if ids else ""
     meta = json.dumps(doc.metadata, ensure_ascii=False, default=str)[:meta_chars]
-    return f"doc {doc.doc_id}: {_count(len(ids), 'chunk')}{span}, {len(doc.text):,} characters, metadata {meta}"
+    return f"doc {doc.doc_id}: {_count(len(ids), 'chunk')}{span}, {_count(len(doc.text), 'character')}, metadata {meta}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -561,8 +565,8 @@ def compact(store, quiet):
     if version == before:
         click.echo(f"nothing to compact in {store} (version {version})")
     else:
-        click.echo(f"compacted {store}: version {version}, {info['index']['segments']} segment(s), "
-                   f"{info['deletes'].get('purged_documents', 0)} documents purged in all")
+        click.echo(f"compacted {store}: version {version}, {_count(info['index']['segments'], 'segment')}, "
+                   f"{_count(info['deletes'].get('purged_documents', 0), 'document')} purged in all")
         if pending:
             click.echo("note: their text can stay in free pages of chunks.lmdb/data.mdb until LMDB reuses them; "
                        "`retrostore pack` writes a copy that holds none of it")

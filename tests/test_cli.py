@@ -137,7 +137,8 @@ def test_show_prints_a_document_or_a_chunk_exactly(cli_store):
     assert text == doc.text + "\n"  # the exact text, not a decode of tokens
     got = json.loads(CliRunner().invoke(cli, ["show", str(cli_store), str(d), "--json"]).output)
     assert got["text"] == doc.text and got["metadata"] == doc.metadata
-    assert got["chunk_ids"] == [doc.chunk_ids.start, doc.chunk_ids.stop]
+    assert (got["chunks"], got["first_chunk_id"], got["last_chunk_id"]) == (
+        len(doc.chunk_ids), doc.chunk_ids.start, doc.chunk_ids.stop - 1)
     res = CliRunner().invoke(cli, ["show", str(cli_store), str(chunk.chunk_id), "--chunk"])
     assert res.exit_code == 0 and res.output.startswith(f"chunk {chunk.chunk_id}: doc {d}, chunk 1 of the document")
     assert res.output.split("\n", 1)[1] == chunk.text + "\n"
@@ -169,7 +170,7 @@ def test_a_build_of_empty_inputs_says_so(tmp_path):
     assert "warning: the inputs held no documents" in res.output
     # helper-56: a search of it printed "no hits (the store is empty)" and then "(0 hits in 0.0 ms)"
     res = CliRunner().invoke(cli, ["search", str(tmp_path / "e.rstore"), "anything"])
-    assert res.exit_code == 0 and res.stdout == "no hits: the store is empty (version 1)\n" and res.stderr == ""
+    assert res.exit_code == 0 and res.stdout == "no hits: the store holds no chunks (version 1)\n" and res.stderr == ""
 
 
 def test_a_search_with_every_document_deleted_says_so(cli_store, tmp_path):
@@ -180,7 +181,7 @@ def test_a_search_with_every_document_deleted_says_so(cli_store, tmp_path):
     res = CliRunner().invoke(cli, ["delete", str(path)] + [str(i) for i in range(20)])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["search", str(path), "decode base64 data"])
-    assert res.exit_code == 0 and res.output.startswith("no hits: every document is deleted (version "), res.output
+    assert res.exit_code == 0 and res.output.startswith("no hits: every chunk is of a deleted document (version "), res.output
 
 
 def test_a_packed_copy_keeps_no_byte_of_a_take_down(cli_store, tmp_path):

@@ -232,11 +232,14 @@ def build_store(
         texts, metas, owners, size = [], [], [], 0
         if since_commit >= commit_every:
             commit()
+        show(refresh=False)
+
+    def show(refresh: bool) -> None:
         rate = n_chunks / max(time.perf_counter() - t0, 1e-9)
         # strings: tqdm shows a number in its shortest form (30,000 chunks as "3e+4")
         # committed: the version an interruption keeps (helper-58: nothing said when the build committed)
         bar.set_postfix(docs=f"{n_docs:,}", chunks=f"{n_chunks:,}", chunks_per_s=f"{rate:.0f}",
-                        committed=f"{committed_chunks:,} chunks, version {st.version}", refresh=False)
+                        committed=f"{committed_chunks:,} chunks, version {st.version}", refresh=refresh)
 
     try:
         with st:
@@ -262,6 +265,7 @@ def build_store(
                                  "(--meta-field), so none has metadata; check the field's name")
             if todo:
                 commit()
+                show(refresh=True)  # (helper-60: the bar ended at the commit before the last)
                 merge_trained_segments(st)
             version = st.version
     except KeyboardInterrupt:

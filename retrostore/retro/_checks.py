@@ -94,7 +94,8 @@ def check_several_documents(store: Any, table: Any) -> None:
         raise InvalidInputError(f"version {store.version} of the store has its live chunks in one document: every "
                                 "candidate is in the chunk's own document, which RETRO excludes; append other "
                                 "documents (a .txt input is one document: split a book into several files or jsonl "
-                                "lines), or use Store.precompute_neighbors for unfiltered neighbours")
+                                "lines), or use Store.precompute_neighbors (retrostore neighbors --include-same-doc) "
+                                "for unfiltered neighbours")
 
 
 def check_ngram(ngram: Any, chunk_tokens: int) -> int:

@@ -47,7 +47,7 @@ def check_table(store: "Store", table: "ChunkTable", what: str = "table") -> Non
     if not isinstance(table, ChunkTable):
         raise InvalidInputError(f"{what} is {shown(table)} ({type(table).__name__}); pass the ChunkTable of "
                                 "chunk_table(store), or None to read it")
-    if table.version != store.version or len(table) != len(store):
+    if table.version != store.version:  # (same version, other store: the next check; helper-60)
         raise InvalidInputError(f"{what} is of store version {table.version} ({len(table):,} chunks), the store is "
                                 f"at version {store.version} ({len(store):,} chunks); read a new one with "
                                 "chunk_table(store)")

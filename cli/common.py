@@ -31,7 +31,9 @@ def friendly(fn):
         except RetrostoreError as exc:
             # (errors that are also OSErrors print their message without the "[Errno 11] " prefix)
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            hint = next((f" ({h})" for cls, h in CLI_HINTS.items() if isinstance(exc, cls)), "")
+            # only where the library's fix names Python arguments (helper-61: an export's own lock got the store's hint)
+            python_args = "mode=" in str(message) or "timeout_s=" in str(message)
+            hint = next((f" ({h})" for cls, h in CLI_HINTS.items() if isinstance(exc, cls)), "") if python_args else ""
             raise click.ClickException(f"{type(exc).__name__}: {message}{hint}") from None
 
     return wrapper

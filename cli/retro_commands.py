@@ -5,6 +5,7 @@ store (precomputed neighbour ids, training windows, a trainer's files), over
 from __future__ import annotations
 
 import functools
+import warnings
 
 import click
 import numpy as np
@@ -197,11 +198,16 @@ def export(store, out, fmt, k, seq_len, mode, eos_id, exclude, overlap_threshold
     the files retro-pytorch's RETRODataset reads and retro_pytorch.json with its
     keyword arguments (docs/retro-training.md)."""
     threshold = _threshold(overlap_threshold, no_overlap_filter)
-    with retrostore.open(store) as st:
-        info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id, exclude=exclude,
-                                          overlap_threshold=threshold,
-                                          ngram=ngram, allow_pad_collision=allow_pad_collision, force=force,
-                                          progress=not quiet)
+    with retrostore.open(store) as st, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            info = retro.export_retro_pytorch(st, out, seq_len=seq_len, k=k, mode=mode, eos_id=eos_id,
+                                              exclude=exclude, overlap_threshold=threshold, ngram=ngram,
+                                              allow_pad_collision=allow_pad_collision, force=force,
+                                              progress=not quiet)
+        finally:
+            for w in caught:  # (an earlier interrupted export's leftovers)
+                click.echo(f"warning: {w.message}", err=True)
     click.echo(f"wrote {out}: {info['retro_dataset']['num_sequences']} windows of {seq_len} + 1 tokens ({mode}), "
                f"{info['retro_dataset']['num_chunks']} chunk rows, k={k}; {_window_counts(info['neighbors'])}")
     click.echo(f"open it with RETRODataset(**retrostore.retro.retro_dataset_kwargs({out!r})); "

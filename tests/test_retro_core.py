@@ -419,6 +419,68 @@ def test_odd_export_paths_are_clean_errors(store, tmp_path):
     assert (tmp_path / "f").read_text() == "mine" and not any((tmp_path / "elsewhere").iterdir())
 
 
+def test_export_replacement_edge_cases(store, tmp_path):
+    """helper-61: a link in a leftover OUT.partial overwrote a file outside; a FIFO under an export's name passed
+    as ours; a name too long for OUT.replaced-* failed after the work; leftovers of an interrupted replacement were
+    never mentioned; a private export came back world-readable."""
+    import os
+    import warnings
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "L.partial").mkdir()
+    (tmp_path / "L.partial" / "train.chunks.dat").symlink_to(victim)
+    retro.export_retro_pytorch(store, tmp_path / "L", seq_len=2 * T, k=1)
+    assert victim.read_text() == "precious" and not (tmp_path / "L" / "train.chunks.dat").is_symlink()
+
+    out = tmp_path / "E"
+    retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1)
+    os.chmod(out, 0o700)
+    (out / "export.json").unlink()
+    os.mkfifo(out / "export.json")
+    with pytest.raises(retrostore.OutputExistsError, match="holds 'export.json'"):
+        retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1, force=True)
+    (out / "export.json").unlink()
+    (tmp_path / "E.replaced-abcd1234").mkdir()  # as an export killed while replacing E leaves it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        retro.export_retro_pytorch(store, out, seq_len=2 * T, k=2, force=True)
+    assert any("E.replaced-abcd1234 is an earlier export of E" in str(w.message) for w in caught)
+    assert oct(out.stat().st_mode & 0o777) == "0o700"
+    assert json.loads((out / "export.json").read_text())["retro_dataset"]["num_neighbors"] == 2
+
+    long = tmp_path / ("x" * 240)
+    with pytest.raises(InvalidInputError, match="give a shorter name"):
+        retro.export_retro_pytorch(store, long, seq_len=2 * T, k=1)
+    assert not long.exists()
+
+
+def test_an_export_that_cannot_replace_out_says_where_it_is(store, tmp_path, monkeypatch):
+    """helper-61: an immutable or mounted OUT (EPERM, EBUSY at the rename) was a traceback after all the work."""
+    import errno
+    import os
+
+    from retrostore.retro import export as export_module
+
+    out = tmp_path / "E"
+    retro.export_retro_pytorch(store, out, seq_len=2 * T, k=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = os.replace
+
+    def busy(src, dst):
+        if str(src) == str(out):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return rename(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", busy)
+    with pytest.raises(retrostore.StoreIOError, match=r"the export is finished in .*E\.partial, but .*E cannot be "
+                                                      r"replaced: Device or resource busy"):
+        retro.export_retro_pytorch(store, out, seq_len=2 * T, k=2, force=True)
+    monkeypatch.setattr(export_module.os, "replace", rename)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert (tmp_path / "E.partial" / "export.json").is_file() and not list(tmp_path.glob("E.replaced-*"))
+
+
 def test_a_store_without_live_chunks_is_refused(tmp_path, small_docs, embedder):
     """helper-28: exporting an empty store was an IndexError that left OUT.partial behind; a store whose
     documents were all deleted exported 0 windows with exit 0."""

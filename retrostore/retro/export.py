@@ -48,13 +48,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, OutputExistsError, check_bool
+from ..errors import InvalidInputError, OutputExistsError, StoreIOError, check_bool
 from ..storage.fileio import check_outside_store, writable_dir
 from ._checks import check_exclude, check_k_of, check_ngram, check_several_documents, check_threshold, output_lock
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD
@@ -73,15 +76,24 @@ KWARGS_FILE = "retro_pytorch.json"
 INFO_FILE = "export.json"
 
 
+#: Where an earlier export is renamed while a new one replaces it (``OUT`` + this + 8 random characters).
+ASIDE = ".replaced-"
 #: The names an export writes in its directory (each a plain file).
 _OURS = frozenset({*FILES.values(), "rows.npy", "seq_knn.npy", "seq_knn.summary.json", KWARGS_FILE, INFO_FILE})
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (not POSIX, or no such directory: checked after this)
+        return 255
 
 
 def _foreign(out: Path) -> list[str]:
     """What ``out`` holds that an export does not write: other names, and directories under an export's name
     (helper-60: a user's directory named ``train.seq.dat`` was removed with its contents)."""
-    return sorted(p.name for p in out.iterdir()
-                  if p.name not in _OURS or (p.is_dir() and not p.is_symlink()))
+    return sorted(p.name for p in out.iterdir()  # (helper-61: a FIFO under an export's name is not ours either)
+                  if p.name not in _OURS or not (p.is_symlink() or p.is_file()))
 
 
 def _check_only_export_files(out: Path) -> None:
@@ -99,18 +111,31 @@ def _replace(work: Path, out: Path) -> None:
     """Put the finished export ``work`` at ``out``. An earlier export there is first renamed aside and checked
     again, so a file put into it while this export ran is never removed (helper-60); then only the names an
     export writes are removed from it."""
-    if not out.exists():
-        os.replace(work, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f"{out.name}.replaced-", dir=out.parent))
-    os.replace(out, aside)  # (onto the new empty directory: a rename, never a copy)
+    try:
+        if not out.exists():
+            os.replace(work, out)
+            return
+        mode = stat.S_IMODE(out.stat().st_mode)  # (helper-61: a private export came back world-readable)
+        aside = Path(tempfile.mkdtemp(prefix=f"{out.name}{ASIDE}", dir=out.parent))
+        try:
+            os.replace(out, aside)  # (onto the new empty directory: a rename, never a copy)
+        except OSError:
+            aside.rmdir()
+            raise
+    except OSError as exc:  # (helper-61: an immutable or mounted OUT was a traceback after all the work)
+        raise StoreIOError(f"the export is finished in {work}, but {out} cannot be replaced: {exc.strerror or exc}; "
+                           f"replace {out} with it yourself (mv), or export to another directory") from None
     try:
         _check_only_export_files(aside)
     except OutputExistsError:
         os.replace(aside, out)  # (back as it was; the new export stays in OUT.partial)
-        _check_only_export_files(out)  # (raises, naming out)
+        try:
+            _check_only_export_files(out)  # (raises, naming out)
+        except OutputExistsError as exc:
+            raise OutputExistsError(f"{exc} (the new export is kept in {work})") from None
         raise
     os.replace(work, out)
+    os.chmod(out, mode)
     for name in _OURS:
         p = aside / name
         if p.is_symlink() or p.is_file():
@@ -207,6 +232,14 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
         raise InvalidInputError(f"out_dir={str(out_dir)!r} cannot be resolved ({exc}); give another path") from None
     if out.exists() and not out.is_dir():  # (helper-60: "pass force=True", which never replaces a file)
         raise InvalidInputError(f"out_dir={str(out)!r} is a file; an export is a directory: give another path")
+    limit = _name_max(out.parent)
+    if len(out.name) + len(ASIDE) + 8 > limit:  # (helper-61: --force could never replace such a name)
+        raise InvalidInputError(f"out_dir's name is {len(out.name)} characters; the export needs {len(ASIDE) + 8} more "
+                                f"beside it ({out.name}{ASIDE}xxxxxxxx) within this file system's {limit}: give a "
+                                "shorter name")
+    for left in sorted(out.parent.glob(glob_escape(out.name) + ASIDE + "*")):  # (helper-61: never explained)
+        warnings.warn(f"{left} is an earlier export of {out.name} left by an export that was interrupted while "
+                      f"replacing it; remove it once {out} is as you want", RuntimeWarning, stacklevel=2)
     work = out.with_name(out.name + ".partial")
     if work.is_symlink() or (work.exists() and not work.is_dir()):  # (helper-60: a FileExistsError traceback,
         # or the export written into the directory a link named)
@@ -269,6 +302,13 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
     seq_len, mode = seqs.seq_len, seqs.mode
     work = out.with_name(out.name + ".partial")
     work.mkdir(exist_ok=True)
+    for name in _OURS:  # a leftover OUT.partial (a killed run) is reused; what it holds under our names is
+        p = work / name  # replaced, never written through (helper-61: a link there overwrote a file outside)
+        if p.is_symlink():
+            p.unlink()
+        elif p.exists() and not p.is_file():
+            raise InvalidInputError(f"{p} is not a file; remove {work} (an earlier export's unfinished copy) and "
+                                    "export again")
     summary = sequence_neighbors(store, seqs, work / "seq_knn.npy", k=k, exclude=exclude,
                                  overlap_threshold=overlap_threshold, ngram=ngram, progress=progress)
     seq_knn = np.load(work / "seq_knn.npy", allow_pickle=False)

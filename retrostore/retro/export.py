@@ -208,10 +208,21 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     InvalidInputError
         Bad ``seq_len`` / ``k`` / ``mode`` / ``eos_id``; ``eos_id`` occurs in
         a chunk; token 0 occurs in a chunk (without ``allow_pad_collision``);
-        more rows than int32 holds; a store version without a live chunk.
+        more rows than int32 holds; a store version without a live chunk, or
+        whose live chunks are all in one document; ``out_dir`` a file, a
+        symlink loop, or a name too long for ``OUT.replaced-*`` beside it.
     WriterLockedError
         Another process is exporting to ``out_dir`` (it holds ``OUT.lock``,
         a file beside ``out_dir``, removed when the export completes).
+    StoreIOError
+        The finished export (in ``OUT.partial``) cannot be renamed into
+        place (``out_dir`` immutable, or a mount point).
+
+    Warns
+    -----
+    RuntimeWarning
+        An ``OUT.replaced-*`` directory is there: an earlier export that an
+        interrupted replacement left (the export before it).
     """
     k = check_k_of(store, k)
     # The neighbours' own arguments, before anything is written (helper-29: a refused ngram left

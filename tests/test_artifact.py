@@ -247,6 +247,10 @@ def test_archive_layout_and_reproducible_bytes(tmp_path, hash_store, hash_tar):
     with pytest.raises(StoreExistsError, match="overwrite"):
         retrostore.pack(hash_store, tmp_path / "again.tar")
     retrostore.pack(hash_store, tmp_path / "again.tar", overwrite=True)
+    (tmp_path / "dangling.tar").symlink_to(tmp_path / "nowhere" / "x.tar")  # (helper-60: replaced without force)
+    with pytest.raises(retrostore.OutputExistsError, match="overwrite"):
+        retrostore.pack(hash_store, tmp_path / "dangling.tar")
+    assert (tmp_path / "dangling.tar").is_symlink()
     with pytest.raises(retrostore.InvalidInputError, match=r"\.tar\.zst"):
         retrostore.pack(hash_store, tmp_path / "x.zip")
 

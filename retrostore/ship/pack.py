@@ -156,7 +156,7 @@ def pack(
     overwrite = check_bool("overwrite", overwrite)
     if out.is_dir():  # helper-37: os.replace's IsADirectoryError, naming a temporary file
         raise InvalidInputError(f"{out} is a directory; give the archive's file name, e.g. {out / 'store.tar.zst'}")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:  # (helper-60: a dangling link was replaced)
         raise OutputExistsError(
             f"the archive {out} already exists; choose another name, or replace it with "
             "`retrostore pack --force` (overwrite=True in Python)"

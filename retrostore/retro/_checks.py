@@ -14,7 +14,7 @@ from ..errors import CorruptStoreError, InvalidInputError, WriterLockedError, ch
 from ..storage.fileio import WriterLock
 from ..storage.manifest import manifest_sha256
 
-__all__ = ["check_exclude", "check_k_of", "check_ngram", "check_pad_id", "check_several_documents", "check_threshold",
+__all__ = ["check_eos_id", "check_exclude", "check_k_of", "check_ngram", "check_pad_id", "check_several_documents", "check_threshold",
            "output_lock", "store_pad_id", "settings"]
 
 
@@ -76,6 +76,21 @@ def check_threshold(overlap_threshold: Any) -> float | None:
 
 #: Whose documents a window slot's neighbours may not come from (``sequence_neighbors(exclude=...)``).
 EXCLUDES = ("sequence", "chunk")
+
+
+def check_eos_id(store: Any, eos: Any, pad: int) -> int:
+    """A document-end token id: an int of the store's vocabulary, not the pad id (windows, neighbour tokens)."""
+    vocab = int(store.manifest["tokenizer"]["vocab_size"])
+    if not is_int(eos):  # (helper-28: 1.0 and True were called "outside the vocabulary")
+        raise InvalidInputError(f"eos_id={shown(eos)} must be an int token id in [0, {vocab}) of the store's "
+                                "tokenizer, or None for its document-end token")
+    if not 0 <= eos < vocab:
+        raise InvalidInputError(f"eos_id={shown(eos)} is outside the store's vocabulary [0, {vocab}); give a token id of "
+                                "the store's tokenizer")
+    if eos == pad:
+        raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: the label at a document's end would be ignored "
+                                "as padding; give another eos_id or pad_id")
+    return int(eos)
 
 
 def check_exclude(exclude: Any) -> str:

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from ..errors import InvalidInputError, check_bool, check_int, is_int, shown
 from ..storage.fileio import atomic_write, check_output_file, sha256_file
-from ._checks import (check_exclude, check_k_of, check_ngram, check_pad_id, check_several_documents, check_threshold,
-                      output_lock)
+from ._checks import (check_eos_id, check_exclude, check_k_of, check_ngram, check_pad_id, check_several_documents,
+                      check_threshold, output_lock)
 from .leakage import DEFAULT_NGRAM, DEFAULT_OVERLAP_THRESHOLD, filter_neighbors, future_overlap
 from .table import ChunkTable, check_table, chunk_table, mark_document_ends, store_identity
 
@@ -83,18 +83,8 @@ def default_eos_id(store: "Store") -> int:
 
 
 def _check_eos(store: "Store", eos_id: Any, pad: int) -> int:
-    vocab = int(store.manifest["tokenizer"]["vocab_size"])
-    eos = default_eos_id(store) if eos_id is None else eos_id
-    if not is_int(eos):  # (helper-28: 1.0 and True were called "outside the vocabulary")
-        raise InvalidInputError(f"eos_id={shown(eos)} must be an int token id in [0, {vocab}) of the store's "
-                                "tokenizer, or None for its document-end token")
-    if not 0 <= eos < vocab:
-        raise InvalidInputError(f"eos_id={shown(eos)} is outside the store's vocabulary [0, {vocab}); give a token id of "
-                                "the store's tokenizer")
-    if eos == pad:
-        raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: the label at a document's end would be ignored "
-                                "as padding; give another eos_id or pad_id")
-    return int(eos)
+    """``eos_id`` checked, or the tokenizer's document-end token when None."""
+    return check_eos_id(store, default_eos_id(store) if eos_id is None else eos_id, pad)
 
 
 @dataclass(frozen=True)

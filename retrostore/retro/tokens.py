@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InvalidInputError, StoreIOError, check_int
 from ..storage.fileio import check_output_file, check_path
 from ..store.reading import neighbor_id_array
-from ._checks import check_pad_id, settings
+from ._checks import check_eos_id, check_pad_id, settings
 from .table import ChunkTable, check_table, mark_document_ends
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class NeighborTokens:
     doc_ids: np.ndarray
 
 
-def _from_table(table: ChunkTable, ids: np.ndarray, pad: int, purged: np.ndarray) -> NeighborTokens:
+def _from_table(table: ChunkTable, ids: np.ndarray, pad: int, purged: np.ndarray,
+                eos: int | None = None) -> NeighborTokens:
     t = table.chunk_tokens
     ids = np.where(ids >= 0, ids, -1)
     if ids.size:  # a deleted chunk is not served (Store's rule), nor one purged since the table was read
@@ -69,19 +70,11 @@ def _from_table(table: ChunkTable, ids: np.ndarray, pad: int, purged: np.ndarray
     pos = np.arange(t)
     mask = np.concatenate([(pos < table.lengths[safe][..., None]) & have[..., None],
                            (pos < table.lengths[np.maximum(cont, 0)][..., None]) & (cont >= 0)[..., None]], axis=-1)
+    if eos is not None:  # document mode: eos right after a neighbour or continuation that ends its document
+        for part, chunk in ((slice(None, t), ids), (slice(t, None), cont)):
+            mask[..., part][mark_document_ends(tokens[..., part], chunk[..., None], table, eos)] = True
     doc_ids = np.where(have, table.doc_ids[safe], -1)
     return NeighborTokens(tokens, mask, ids, doc_ids)
-
-
-def _mark_ends(nt: NeighborTokens, table: ChunkTable, eos_id: int) -> NeighborTokens:
-    """``eos_id`` (and a True mask) right after the last token of every neighbour and continuation that
-    ends its document with fewer than T tokens, in place: document mode's rule for the windows."""
-    t = table.chunk_tokens
-    ids = nt.chunk_ids
-    nxt = np.where((ids >= 0) & table.next_in_doc[np.maximum(ids, 0)], ids + 1, -1)
-    for part, chunk in ((slice(None, t), ids), (slice(t, None), nxt)):  # neighbour, continuation
-        nt.mask[..., part][mark_document_ends(nt.tokens[..., part], chunk[..., None], table, eos_id)] = True
-    return nt
 
 
 def _check_eos_table(store: "Store", eos_id: Any, table: ChunkTable | None, pad: int) -> int | None:
@@ -90,11 +83,7 @@ def _check_eos_table(store: "Store", eos_id: Any, table: ChunkTable | None, pad:
     if table is None:
         raise InvalidInputError("eos_id needs table= (retrostore.retro.chunk_table(store), or the windows' "
                                 "seqs.table): whether a neighbour ends its document is read from it")
-    eos = check_int("eos_id", eos_id, 0, settings(store).vocab_size - 1, fix="a token id of the store's tokenizer")
-    if eos == pad:  # (as training_sequences refuses it: the mark would read as padding)
-        raise InvalidInputError(f"eos_id={eos} equals pad_id={pad}: a document's end would read as padding; "
-                                "give the windows' eos_id (seqs.eos_id)")
-    return eos
+    return check_eos_id(store, eos_id, pad)
 
 
 def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None,
@@ -153,8 +142,7 @@ def neighbor_tokens(store: "Store", chunk_ids: Any, *, pad_id: int | None = None
     ids = neighbor_id_array(chunk_ids, len(store), table.chunk_tokens)  # the store's own check
     # Take-downs win over a table's snapshot: the documents ``compact`` purged since this handle's
     # version (which the store adopts, ``Store.neighbor_tokens`` does not serve them) are masked too.
-    nt = _from_table(table, ids, pad, store.deleted_chunks(ids))
-    return nt if eos is None else _mark_ends(nt, table, eos)
+    return _from_table(table, ids, pad, store.deleted_chunks(ids), eos)
 
 
 class NeighborFile:

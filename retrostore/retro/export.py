@@ -78,8 +78,15 @@ INFO_FILE = "export.json"
 
 #: Where an earlier export is renamed while a new one replaces it (``OUT`` + this + 8 random characters).
 ASIDE = ".replaced-"
+#: The files an export writes beside retro-pytorch's (``export.json``'s ``files``).
+_FILES_ALL = {**FILES, "rows": "rows.npy", "seq_knn": "seq_knn.npy", "kwargs": KWARGS_FILE}
 #: The names an export writes in its directory (each a plain file).
-_OURS = frozenset({*FILES.values(), "rows.npy", "seq_knn.npy", "seq_knn.summary.json", KWARGS_FILE, INFO_FILE})
+_OURS = frozenset({*_FILES_ALL.values(), "seq_knn.summary.json", INFO_FILE})
+
+
+def _partial(out: Path) -> Path:
+    """Where the export is assembled: ``OUT.partial`` beside ``out``."""
+    return out.with_name(out.name + ".partial")
 
 
 def _name_max(directory: Path) -> int:
@@ -251,7 +258,7 @@ def export_retro_pytorch(store: "Store", out_dir: str | os.PathLike, *, seq_len:
     for left in sorted(out.parent.glob(glob_escape(out.name) + ASIDE + "*")):  # (helper-61: never explained)
         warnings.warn(f"{left} is an earlier export of {out.name} left by an export that was interrupted while "
                       f"replacing it; remove it once {out} is as you want", RuntimeWarning, stacklevel=2)
-    work = out.with_name(out.name + ".partial")
+    work = _partial(out)
     if work.is_symlink() or (work.exists() and not work.is_dir()):  # (helper-60: a FileExistsError traceback,
         # or the export written into the directory a link named)
         raise InvalidInputError(f"{work} (where the export is assembled) is a file or a link; remove it, or give "
@@ -311,7 +318,7 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
                                "export --force) to replace it, or give another directory")
     n, c = seqs.chunk_ids.shape
     seq_len, mode = seqs.seq_len, seqs.mode
-    work = out.with_name(out.name + ".partial")
+    work = _partial(out)
     work.mkdir(exist_ok=True)
     for name in _OURS:  # a leftover OUT.partial (a killed run) is reused; what it holds under our names is
         p = work / name  # replaced, never written through (helper-61: a link there overwrote a file outside)
@@ -320,9 +327,9 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
         elif p.exists() and not p.is_file():
             raise InvalidInputError(f"{p} is not a file; remove {work} (an earlier export's unfinished copy) and "
                                     "export again")
-    summary = sequence_neighbors(store, seqs, work / "seq_knn.npy", k=k, exclude=exclude,
+    summary = sequence_neighbors(store, seqs, work / _FILES_ALL["seq_knn"], k=k, exclude=exclude,
                                  overlap_threshold=overlap_threshold, ngram=ngram, progress=progress)
-    seq_knn = np.load(work / "seq_knn.npy", allow_pickle=False)
+    seq_knn = np.load(work / _FILES_ALL["seq_knn"], allow_pickle=False)
     row_of = np.full(len(store), -1, np.int64)
     have = rows >= 0
     row_of[rows[have]] = np.flatnonzero(have)
@@ -341,7 +348,7 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
     _write_memmap(work / FILES["knn"], knn)
     _write_memmap(work / FILES["seqs"], np.arange(n, dtype=np.int64) * c)
     _write_memmap(work / FILES["doc_ids"], np.where(have, table.doc_ids[safe], -1))
-    np.save(work / "rows.npy", rows)
+    np.save(work / _FILES_ALL["rows"], rows)
     kwargs = {"num_chunks": n * c, "chunk_size": table.chunk_tokens, "seq_len": int(seq_len), "num_sequences": n,
               "num_neighbors": k, "chunk_memmap_path": FILES["chunks"], "chunk_nn_memmap_path": FILES["knn"],
               "seq_memmap_path": FILES["seqs"], "pad_id": 0, "eos_id": seqs.eos_id}
@@ -355,7 +362,7 @@ def _export(store, out: Path, table, seqs, k: int, exclude, overlap_threshold, n
                   "store_pad_id": int(store.manifest["tokenizer"]["pad_id"])},
         "mode": mode, "rows": len(rows), "pad_collisions": n_zero,
         "neighbors": summary,
-        "files": {**FILES, "rows": "rows.npy", "seq_knn": "seq_knn.npy", "kwargs": KWARGS_FILE},
+        "files": dict(_FILES_ALL),
     }
     (work / KWARGS_FILE).write_text(json.dumps(kwargs, indent=1) + "\n")
     (work / INFO_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n")

@@ -23,9 +23,8 @@ import numpy as np
 
 import retrostore
 from retrostore.errors import EmbedderMismatchError, InvalidInputError, RetrostoreError, StoreReplacedError
-from retrostore.store.retrieval import search_excluding
-
 from retrostore.storage.manifest import manifest_stamp
+from retrostore.store.retrieval import search_excluding
 
 from .follow import Follower, manifest_path
 from .schema import IdsRequest, NeighborsRequest, RequestError, SearchRequest, StoreFacts
